@@ -1,0 +1,39 @@
+"""rpo_jax.data: preference records -> validated, tokenized, fixed-shape batches [B, K, T].
+
+Read:      ``records, report = read_records(paths, format=None, on_error="raise")``
+Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``
+Iterate:   ``make_train_iterator(dataset, batch_size, seed=...)`` (resumable), ``make_eval_batches(dataset, B)``
+TFDS:      ``build_tfds(data_dir, sources=... | splits=...)``; ``load_tfds_records(data_dir, split)``.
+Demo:      ``demo_paths()``, ``judge(prompt, response)``, ``to_pairs(records)``.
+
+Names are imported lazily (``rpo_jax.data.records`` alone needs neither JAX nor grain nor tfds).
+"""
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "records": ("FORMATS", "PreferenceRecord", "Problem", "ReadReport", "RecordError", "detect_format",
+                "expand_sources", "parse_record", "read_records", "require_rewards", "to_pairs"),
+    "tokenize": ("TRUNCATION_POLICIES", "TokenizedDataset", "TokenizedExample", "TokenizeReport", "bucket_for",
+                 "collate_examples", "default_buckets", "encode_record", "tokenize_records"),
+    "pipeline": ("TrainIterator", "epoch_permutation", "make_eval_batches", "make_train_iterator",
+                 "num_eval_batches"),
+    "tfds_builder": ("RpoPreferences", "build_tfds", "holdout_split", "load_tfds_records",
+                     "records_from_data_source", "tfds_data_source"),
+    "demo": ("DEMO_DIR", "demo_paths", "judge"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"rpo_jax.data.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rpo_jax.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

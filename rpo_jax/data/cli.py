@@ -1,0 +1,102 @@
+"""``rpo-data validate FILE... [--tokenizer NAME_OR_DIR] [--max-length N] [--format F]``.
+
+Reads every file (or directory of shards), prints the number of records, the K distribution, reward
+statistics, and with a tokenizer the token-length percentiles and truncation counts, then every problem as
+``file:line: field: message``. Exit status 1 when any record has a problem, 2 for bad usage, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import numpy as np
+
+from rpo_jax.data.records import FORMATS, read_records
+from rpo_jax.data.tokenize import TRUNCATION_POLICIES
+
+
+def _percentiles(values: Sequence[float], qs: Sequence[int] = (0, 50, 90, 99, 100)) -> str:
+    arr = np.asarray(values, np.float64)
+    return "  ".join(f"p{q}={np.percentile(arr, q):g}" for q in qs)
+
+
+def validate(paths: Sequence[str], *, tokenizer: str | None = None, max_length: int | None = None,
+             max_prompt_length: int | None = None, truncation: str = "drop", format: str | None = None,
+             out: TextIO | None = None) -> int:
+    """Validate files and print a report to ``out`` (stdout); returns the exit status (0 clean, 1 problems)."""
+    out = sys.stdout if out is None else out
+    records, report = read_records(paths, format=format, on_error="skip")
+    problems = list(report.problems)
+    print(f"files: {len(report.files)}", file=out)
+    for f in report.files:
+        print(f"  {f}  [{report.formats.get(f, 'no valid record')}]", file=out)
+    print(f"records: {len(records)} valid, {report.num_skipped} with problems", file=out)
+    ks = collections.Counter(r.num_responses for r in records)
+    print("K distribution: " + (", ".join(f"K={k}: {n}" for k, n in sorted(ks.items())) or "-"), file=out)
+    conv = sum(r.conversational for r in records)
+    print(f"conversational: {conv}, plain strings: {len(records) - conv}", file=out)
+    with_rewards = [r for r in records if r.rewards is not None]
+    print(f"rewards: {len(with_rewards)} of {len(records)} records carry rewards", file=out)
+    if with_rewards:
+        flat = [x for r in with_rewards for x in r.rewards]
+        gap = [max(r.rewards) - min(r.rewards) for r in with_rewards]
+        ties = sum(len(set(r.rewards)) < len(r.rewards) for r in with_rewards)
+        print(f"  reward mean={np.mean(flat):.4g} std={np.std(flat):.4g} min={min(flat):.4g} "
+              f"max={max(flat):.4g}", file=out)
+        print(f"  best-worst gap: {_percentiles(gap)}; records with tied rewards: {ties}", file=out)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        from rpo_jax.data.tokenize import tokenize_records
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        limit = max_length if max_length is not None else int(min(getattr(tok, "model_max_length", 4096), 1 << 20))
+        ds = tokenize_records(records, tok, max_length=limit, max_prompt_length=max_prompt_length,
+                              truncation=truncation, on_error="skip",
+                              pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        rep = ds.report
+        problems += rep.problems
+        print(f"tokens ({tokenizer}, max_length={limit}, truncation={truncation}):", file=out)
+        if rep.prompt_lengths:
+            print(f"  prompt length:             {_percentiles(rep.prompt_lengths)}", file=out)
+            print(f"  prompt + response length:  {_percentiles(rep.sequence_lengths)}", file=out)
+        print(f"  {rep.summary()}", file=out)
+    elif max_length is not None:
+        print("(--max-length needs --tokenizer; token checks skipped)", file=out)
+    if problems:
+        print(f"problems: {len(problems)}", file=out)
+        for p in problems:
+            print(f"  {p}", file=out)
+        return 1
+    print("problems: none", file=out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``rpo-data``."""
+    parser = argparse.ArgumentParser(prog="rpo-data", description="rpo_jax preference data tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check records (and token lengths with --tokenizer)")
+    v.add_argument("files", nargs="+", help=".jsonl, .jsonl.gz, .parquet files or directories of shards")
+    v.add_argument("--tokenizer", help="Hugging Face tokenizer name or directory")
+    v.add_argument("--max-length", type=int, help="longest prompt + response in tokens")
+    v.add_argument("--max-prompt-length", type=int, help="longest prompt in tokens")
+    v.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="drop")
+    v.add_argument("--format", choices=FORMATS + ("trl",), help="declare the format instead of detecting it")
+    args = parser.parse_args(argv)
+    try:
+        status = validate(args.files, tokenizer=args.tokenizer, max_length=args.max_length,
+                          max_prompt_length=args.max_prompt_length, truncation=args.truncation,
+                          format=args.format)
+    except ValueError as e:  # missing file, unsupported suffix, bad option values
+        print(f"rpo-data: error: {e}", file=sys.stderr)
+        return 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,607 @@
+"""Preference records: one canonical schema, every common on-disk format, validation with file/line/field.
+
+A *record* is one prompt with K >= 2 responses and (optionally) one explicit reward per response:
+
+    PreferenceRecord(prompt=({"role": "user", "content": "..."},),
+                     responses=(({"role": "assistant", "content": "..."},), ...),   # K responses
+                     rewards=(r_1, ..., r_K) | None,
+                     conversational=True | False,
+                     source=("file.jsonl", line))
+
+Formats (auto-detected per file from the keys of its first JSON object, or declared with ``format=``):
+
+* ``trl_standard``       ``{"prompt": str, "chosen": str, "rejected": str}``
+* ``trl_conversational`` ``{"prompt": [msg...], "chosen": [msg...], "rejected": [msg...]}``
+* ``trl_implicit``       ``{"chosen": [msg...], "rejected": [msg...]}``; prompt = longest common message prefix
+* ``nemo``               ``{"prompt": str, "chosen_response": str, "rejected_response": str,
+                           "chosen_reward": float, "rejected_reward": float}`` (rewards optional, both or none)
+* ``k_responses``        ``{"prompt": str | [msg...], "responses": [str | [msg...], ...], "rewards": [float, ...]}``
+
+TRL formats may carry UltraFeedback-style ``score_chosen`` / ``score_rejected`` (both or none) as rewards.
+For pairs, response 0 is *chosen* and response 1 *rejected*. Rewards are never invented: a record without
+rewards has ``rewards=None`` and :func:`require_rewards` refuses it before a reward-aware loss trains on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+Message = dict[str, str]
+Messages = tuple[Message, ...]
+
+FORMATS = ("trl_standard", "trl_conversational", "trl_implicit", "nemo", "k_responses")
+_FORMAT_ALIASES = {"trl": "trl", "standard": "trl_standard", "conversational": "trl_conversational",
+                   "implicit": "trl_implicit", "implicit_prompt": "trl_implicit", "nemo_aligner": "nemo",
+                   "k": "k_responses", "responses": "k_responses"}
+_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+
+OnError = Literal["raise", "skip"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Canonical record and problems
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceRecord:
+    """One prompt with K >= 2 responses.
+
+    Attributes:
+      prompt: the prompt as chat messages ``({"role", "content"}, ...)``; a plain-string prompt becomes one
+        user message.
+      responses: K responses, each a tuple of (assistant) messages; plain strings become one assistant message.
+      rewards: K explicit rewards (finite floats), or None when the source has none. Never invented.
+      conversational: True when the source used message lists (tokenize with the chat template); False for
+        plain strings (tokenize ``prompt + response + EOS``).
+      source: ``(file, line)`` the record came from (line is 1-based; the row number for Parquet).
+    """
+
+    prompt: Messages
+    responses: tuple[Messages, ...]
+    rewards: tuple[float, ...] | None
+    conversational: bool
+    source: tuple[str, int] = ("<memory>", 0)
+
+    @property
+    def num_responses(self) -> int:
+        """K, the number of responses."""
+        return len(self.responses)
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt's text: the content of its messages joined by newlines (its only message, usually)."""
+        return "\n".join(m["content"] for m in self.prompt)
+
+    def response_text(self, k: int) -> str:
+        """The text of response ``k`` (its messages' contents joined by newlines)."""
+        return "\n".join(m["content"] for m in self.responses[k])
+
+    def content_key(self) -> tuple:
+        """Everything but ``source``: equal for the same content read from different formats or files."""
+        return (_freeze(self.prompt), _freeze(self.responses), self.rewards, self.conversational)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (the TFDS builder stores this as text); inverse of :meth:`from_json`."""
+        return {"prompt": [dict(m) for m in self.prompt],
+                "responses": [[dict(m) for m in r] for r in self.responses],
+                "rewards": None if self.rewards is None else list(self.rewards),
+                "conversational": self.conversational,
+                "source": [self.source[0], self.source[1]]}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "PreferenceRecord":
+        """Rebuild a record written by :meth:`to_json` (trusted input: no validation beyond types)."""
+        return cls(prompt=tuple(dict(m) for m in obj["prompt"]),
+                   responses=tuple(tuple(dict(m) for m in r) for r in obj["responses"]),
+                   rewards=None if obj["rewards"] is None else tuple(float(x) for x in obj["rewards"]),
+                   conversational=bool(obj["conversational"]),
+                   source=(str(obj["source"][0]), int(obj["source"][1])))
+
+
+def _freeze(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One validation problem, printed as ``file:line: field: message``."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+class RecordError(ValueError):
+    """A bad input record; ``.problem`` names the file, line and field."""
+
+    def __init__(self, problem: Problem):
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+@dataclasses.dataclass
+class ReadReport:
+    """What :func:`read_records` saw: per-file format, counts, and every problem (never silent)."""
+
+    files: list[str] = dataclasses.field(default_factory=list)
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)
+    num_lines: int = 0
+    num_records: int = 0
+    num_skipped: int = 0
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    def summary(self) -> str:
+        """One line: records kept, records skipped, problems."""
+        return (f"{self.num_records} records from {len(self.files)} file(s); {self.num_skipped} skipped; "
+                f"{len(self.problems)} problem(s)")
+
+
+class _RecordProblems(Exception):
+    """Internal: the problems of one record (raised by the parsers)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__(problems)
+        self.problems = problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field parsers (each raises _RecordProblems with (field, message))
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _type_name(x: Any) -> str:
+    return "null" if x is None else type(x).__name__
+
+
+def _get(obj: Mapping[str, Any], field: str) -> Any:
+    if field not in obj:
+        raise _RecordProblems([(field, "missing field")])
+    return obj[field]
+
+
+def _is_empty_text(s: str) -> bool:
+    return not s.strip()
+
+
+def _parse_messages(value: Any, field: str, *, default_role: str | None, require_str: bool = False
+                    ) -> tuple[Messages, bool]:
+    """A string (-> one message of ``default_role``) or a list of ``{"role", "content"}`` dicts.
+
+    Returns (messages, was_conversational). Empty strings / lists / all-blank contents are problems.
+    """
+    if require_str and not isinstance(value, str):
+        raise _RecordProblems([(field, f"expected str (the prompt is a string), got {_type_name(value)}")])
+    if isinstance(value, str):
+        if default_role is None:
+            raise _RecordProblems([(field, "expected a list of messages, got str")])
+        if _is_empty_text(value):
+            raise _RecordProblems([(field, "empty")])
+        return ({"role": default_role, "content": value},), False
+    if not isinstance(value, (list, tuple)):
+        raise _RecordProblems([(field, f"expected a string or a list of messages, got {_type_name(value)}")])
+    if not value:
+        raise _RecordProblems([(field, "empty")])
+    messages = []
+    for i, m in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(m, Mapping):
+            raise _RecordProblems([(where, f"expected a message {{role, content}}, got {_type_name(m)}")])
+        for key in ("role", "content"):
+            if key not in m:
+                raise _RecordProblems([(f"{where}.{key}", "missing field")])
+            if not isinstance(m[key], str):
+                raise _RecordProblems([(f"{where}.{key}", f"expected str, got {_type_name(m[key])}")])
+        if not m["role"].strip():
+            raise _RecordProblems([(f"{where}.role", "empty")])
+        messages.append({"role": m["role"], "content": m["content"]})
+    if all(_is_empty_text(m["content"]) for m in messages):
+        raise _RecordProblems([(field, "empty")])
+    return tuple(messages), True
+
+
+def _parse_reward(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _RecordProblems([(field, f"expected a number, got {_type_name(value)}")])
+    value = float(value)
+    if not math.isfinite(value):
+        raise _RecordProblems([(field, f"reward is not finite ({value})")])
+    return value
+
+
+def _optional_reward_pair(obj: Mapping[str, Any], chosen_key: str, rejected_key: str) -> tuple[float, float] | None:
+    has = [k in obj and obj[k] is not None for k in (chosen_key, rejected_key)]
+    if not any(has):
+        return None
+    if not all(has):
+        missing = rejected_key if has[0] else chosen_key
+        raise _RecordProblems([(missing, f"missing field (both {chosen_key} and {rejected_key}, or neither)")])
+    problems, values = [], []
+    for key in (chosen_key, rejected_key):
+        try:
+            values.append(_parse_reward(obj[key], key))
+        except _RecordProblems as e:
+            problems += e.problems
+    if problems:
+        raise _RecordProblems(problems)
+    return values[0], values[1]
+
+
+def _check_distinct(responses: Sequence[Messages], field: str, names: Sequence[str] | None = None) -> None:
+    seen: dict[Any, int] = {}
+    for k, r in enumerate(responses):
+        key = _freeze(r)
+        if key in seen:
+            if names is not None:
+                raise _RecordProblems([(field, f"{names[seen[key]]} and {names[k]} are identical")])
+            raise _RecordProblems([(field, f"responses {seen[key]} and {k} are identical")])
+        seen[key] = k
+
+
+def _collect(parsers: Sequence[tuple[str, Any]]) -> list[Any]:
+    """Run each parser thunk, collecting every problem rather than stopping at the first."""
+    out, problems = [], []
+    for _, thunk in parsers:
+        try:
+            out.append(thunk())
+        except _RecordProblems as e:
+            problems += e.problems
+            out.append(None)
+    if problems:
+        raise _RecordProblems(problems)
+    return out
+
+
+def _parse_trl(obj: Mapping[str, Any], *, want: str | None) -> tuple:
+    """TRL standard (strings) or conversational (message lists) with an explicit prompt."""
+    prompt_raw = _get(obj, "prompt")
+    if not isinstance(prompt_raw, (str, list, tuple)):
+        raise _RecordProblems([("prompt", f"expected a string or a list of messages, got {_type_name(prompt_raw)}")])
+    conv = not isinstance(prompt_raw, str)
+    if want == "trl_standard" and conv:
+        raise _RecordProblems([("prompt", f"expected str (trl_standard), got {_type_name(prompt_raw)}")])
+    if want == "trl_conversational" and not conv:
+        raise _RecordProblems([("prompt", "expected a list of messages (trl_conversational), got str")])
+    role = "assistant" if not conv else None
+    std = not conv
+    (prompt, _), (chosen, _), (rejected, _), rewards = _collect([
+        ("prompt", lambda: _parse_messages(prompt_raw, "prompt", default_role="user")),
+        ("chosen", lambda: _parse_messages(_get(obj, "chosen"), "chosen", default_role=role,
+                                                  require_str=std)),
+        ("rejected", lambda: _parse_messages(_get(obj, "rejected"), "rejected", default_role=role,
+                                             require_str=std)),
+        ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
+    ])
+    _check_distinct([chosen, rejected], "rejected", names=("chosen", "rejected"))
+    return prompt, (chosen, rejected), rewards, conv
+
+
+def _parse_trl_implicit(obj: Mapping[str, Any]) -> tuple:
+    """TRL implicit prompt: ``chosen``/``rejected`` conversations; prompt = their longest common prefix."""
+    if "prompt" in obj:
+        raise _RecordProblems([("prompt", "implicit-prompt records carry no prompt field")])
+    (chosen, _), (rejected, _), rewards = _collect([
+        ("chosen", lambda: _parse_messages(_get(obj, "chosen"), "chosen", default_role=None)),
+        ("rejected", lambda: _parse_messages(_get(obj, "rejected"), "rejected", default_role=None)),
+        ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
+    ])
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise _RecordProblems([("chosen", "chosen and rejected share no prompt prefix (implicit prompt)")])
+    if n == len(chosen) and n == len(rejected):
+        raise _RecordProblems([("rejected", "chosen and rejected are identical")])
+    if n == len(chosen) or n == len(rejected):
+        field = "chosen" if n == len(chosen) else "rejected"
+        raise _RecordProblems([(field, "empty (the whole conversation is the shared prompt)")])
+    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
+    for field, msgs in (("chosen", c), ("rejected", r)):
+        if all(_is_empty_text(m["content"]) for m in msgs):
+            raise _RecordProblems([(field, "empty")])
+    return prompt, (c, r), rewards, True
+
+
+def _parse_nemo(obj: Mapping[str, Any]) -> tuple:
+    """NeMo-Aligner DPO/RPO: prompt, chosen_response, rejected_response (+ both rewards, or neither)."""
+    (prompt, conv), (chosen, _), (rejected, _), rewards = _collect([
+        ("prompt", lambda: _parse_messages(_get(obj, "prompt"), "prompt", default_role="user")),
+        ("chosen_response", lambda: _parse_messages(_get(obj, "chosen_response"), "chosen_response",
+                                                    default_role="assistant")),
+        ("rejected_response", lambda: _parse_messages(_get(obj, "rejected_response"), "rejected_response",
+                                                      default_role="assistant")),
+        ("reward", lambda: _optional_reward_pair(obj, "chosen_reward", "rejected_reward")),
+    ])
+    _check_distinct([chosen, rejected], "rejected_response", names=("chosen_response", "rejected_response"))
+    return prompt, (chosen, rejected), rewards, conv
+
+
+def _parse_k(obj: Mapping[str, Any]) -> tuple:
+    """K responses: prompt, responses (list, K >= 2), rewards (list of K numbers, optional)."""
+    prompt_raw = _get(obj, "prompt")
+    responses_raw = _get(obj, "responses")
+    problems: list[tuple[str, str]] = []
+    prompt, conv = None, False
+    try:
+        prompt, conv = _parse_messages(prompt_raw, "prompt", default_role="user")
+    except _RecordProblems as e:
+        problems += e.problems
+    responses: list[Messages] = []
+    if not isinstance(responses_raw, (list, tuple)):
+        problems.append(("responses", f"expected a list, got {_type_name(responses_raw)}"))
+    else:
+        if len(responses_raw) < 2:
+            problems.append(("responses", f"fewer than 2 responses ({len(responses_raw)})"))
+        for k, r in enumerate(responses_raw):
+            try:
+                responses.append(_parse_messages(r, f"responses[{k}]", default_role="assistant")[0])
+            except _RecordProblems as e:
+                problems += e.problems
+    rewards = None
+    if obj.get("rewards") is not None:
+        rewards_raw = obj["rewards"]
+        if not isinstance(rewards_raw, (list, tuple)):
+            problems.append(("rewards", f"expected a list of numbers, got {_type_name(rewards_raw)}"))
+        else:
+            values = []
+            for k, v in enumerate(rewards_raw):
+                try:
+                    values.append(_parse_reward(v, f"rewards[{k}]"))
+                except _RecordProblems as e:
+                    problems += e.problems
+            if isinstance(responses_raw, (list, tuple)) and len(rewards_raw) != len(responses_raw):
+                problems.append(("rewards", f"{len(rewards_raw)} rewards for {len(responses_raw)} responses"))
+            rewards = tuple(values)
+    if problems:
+        raise _RecordProblems(problems)
+    _check_distinct(responses, "responses")
+    return prompt, tuple(responses), rewards, conv
+
+
+def detect_format(obj: Mapping[str, Any]) -> str:
+    """The format of one JSON object from its keys (see the module docstring). Raises ValueError if none fits."""
+    if "responses" in obj:
+        return "k_responses"
+    if "chosen_response" in obj or "rejected_response" in obj:
+        return "nemo"
+    if "chosen" in obj or "rejected" in obj:
+        if "prompt" not in obj:
+            return "trl_implicit"
+        return "trl_standard" if isinstance(obj["prompt"], str) else "trl_conversational"
+    raise ValueError(f"unknown record format (keys {sorted(obj)}); expected one of {FORMATS}")
+
+
+def _normalise_format(format: str | None) -> str | None:
+    if format is None:
+        return None
+    f = _FORMAT_ALIASES.get(format, format)
+    if f != "trl" and f not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS} (or 'trl', or None to detect)")
+    return f
+
+
+def parse_record(obj: Any, format: str, source: tuple[str, int]) -> PreferenceRecord:
+    """Parse one decoded JSON object in ``format`` into a :class:`PreferenceRecord`.
+
+    Raises:
+      RecordError: naming ``source`` (file, line) and the field, for the first problem found.
+    """
+    problems = record_problems(obj, format, source)
+    if isinstance(problems, PreferenceRecord):
+        return problems
+    raise RecordError(problems[0])
+
+
+def record_problems(obj: Any, format: str, source: tuple[str, int]) -> PreferenceRecord | list[Problem]:
+    """The parsed record, or every problem found in it (as :class:`Problem` naming file, line, field)."""
+    file, line = source
+    if not isinstance(obj, Mapping):
+        return [Problem(file, line, "<record>", f"expected a JSON object, got {_type_name(obj)}")]
+    try:
+        if format in ("trl", "trl_standard", "trl_conversational"):
+            prompt, responses, rewards, conv = _parse_trl(obj, want=None if format == "trl" else format)
+        elif format == "trl_implicit":
+            prompt, responses, rewards, conv = _parse_trl_implicit(obj)
+        elif format == "nemo":
+            prompt, responses, rewards, conv = _parse_nemo(obj)
+        elif format == "k_responses":
+            prompt, responses, rewards, conv = _parse_k(obj)
+        else:
+            raise ValueError(f"unknown format {format!r}")
+    except _RecordProblems as e:
+        return [Problem(file, line, field, msg) for field, msg in e.problems]
+    return PreferenceRecord(prompt=prompt, responses=tuple(responses),
+                            rewards=None if rewards is None else tuple(rewards),
+                            conversational=conv, source=(file, line))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources: .jsonl, .jsonl.gz, .parquet, directories of shards
+# ----------------------------------------------------------------------------------------------------------
+
+
+def expand_sources(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Files to read: each path itself, or a directory's ``*.jsonl``, ``*.jsonl.gz``, ``*.parquet`` (sorted).
+
+    Raises ValueError for a missing path, an unsupported suffix, or a directory without shards.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[str] = []
+    for p in paths:
+        path = pathlib.Path(p)
+        if path.is_dir():
+            shards = sorted(str(f) for f in path.rglob("*") if f.is_file() and str(f).endswith(_SUFFIXES))
+            if not shards:
+                raise ValueError(f"{path}: directory holds no {', '.join(_SUFFIXES)} shards")
+            files += shards
+        elif path.is_file():
+            if not str(path).endswith(_SUFFIXES):
+                raise ValueError(f"{path}: unsupported file type (expected {', '.join(_SUFFIXES)})")
+            files.append(str(path))
+        else:
+            raise ValueError(f"{path}: no such file or directory")
+    return files
+
+
+def _iter_raw(file: str) -> Iterator[tuple[int, Any, Problem | None]]:
+    """Yield ``(line, decoded_object, problem)`` for each non-blank line/row of a source file."""
+    if file.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(file).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            yield 0, None, Problem(file, 0, "<file>", f"cannot read parquet: {e}")
+            return
+        for i, row in enumerate(rows, start=1):
+            yield i, row, None
+        return
+    opener = gzip.open if file.endswith(".gz") else open
+    with opener(file, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield i, None, Problem(file, i, "<bytes>", f"invalid UTF-8 at byte {e.start} of the line")
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield i, None, Problem(file, i, "<json>", f"malformed JSON: {e.msg} (column {e.colno})")
+                continue
+            yield i, obj, None
+
+
+def iter_file_records(file: str, *, format: str | None = None
+                      ) -> Iterator[tuple[str | None, PreferenceRecord | list[Problem]]]:
+    """``(format, record_or_problems)`` for each line/row of one file; the format is detected from the first
+    JSON object (None until then)."""
+    fmt = _normalise_format(format)
+    for line, obj, problem in _iter_raw(file):
+        if problem is not None:
+            yield fmt, [problem]
+            continue
+        if fmt is None:
+            if not isinstance(obj, Mapping):
+                yield fmt, [Problem(file, line, "<record>", f"expected a JSON object, got {_type_name(obj)}")]
+                continue
+            try:
+                fmt = detect_format(obj)
+            except ValueError as e:
+                yield fmt, [Problem(file, line, "<record>", str(e))]
+                continue
+            if fmt in ("trl_standard", "trl_conversational"):
+                fmt = "trl"  # a TRL file may mix string and conversational lines; each line is typed itself
+        yield fmt, record_problems(obj, fmt, (file, line))
+
+
+def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, format: str | None = None,
+                 on_error: OnError = "raise") -> tuple[list[PreferenceRecord], ReadReport]:
+    """Read, validate and normalise preference records from files.
+
+    Args:
+      paths: a file (``.jsonl``, ``.jsonl.gz``, ``.parquet``), a directory of such shards, or a list of them.
+      format: None to detect per file, or one of ``FORMATS`` (also ``"trl"``: standard or conversational).
+      on_error: ``"raise"``: the first problem raises :class:`RecordError` (a ValueError naming file, line and
+        field). ``"skip"``: records with problems are left out, counted in ``report.num_skipped`` and every
+        problem listed in ``report.problems``.
+
+    Returns:
+      ``(records, report)``, records in file order.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    report = ReadReport()
+    records: list[PreferenceRecord] = []
+    for file in expand_sources(paths):
+        report.files.append(file)
+        for fmt, item in iter_file_records(file, format=format):
+            report.num_lines += 1
+            if fmt is not None:
+                report.formats[file] = fmt
+            if isinstance(item, PreferenceRecord):
+                records.append(item)
+                continue
+            if on_error == "raise":
+                raise RecordError(item[0])
+            report.num_skipped += 1
+            report.problems += item
+    report.num_records = len(records)
+    return records, report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers used by the trainer and the demo
+# ----------------------------------------------------------------------------------------------------------
+
+
+def require_rewards(records: Any) -> None:
+    """Refuse data without explicit rewards before a reward-aware loss trains on it.
+
+    Args:
+      records: a sequence of :class:`PreferenceRecord`, or any object with a ``records`` attribute holding
+        one (e.g. :class:`rpo_jax.data.TokenizedDataset`).
+
+    Raises:
+      ValueError: naming every file (and the first line in each) whose records carry no rewards.
+    """
+    recs = getattr(records, "records", records)
+    lacking: dict[str, list[int]] = {}
+    for r in recs:
+        if r.rewards is None:
+            lacking.setdefault(r.source[0], []).append(r.source[1])
+    if not recs:
+        raise ValueError("no records: a reward-aware loss needs records with explicit rewards")
+    if lacking:
+        parts = [f"{f} ({len(v)} record(s), first at line {v[0]})" for f, v in lacking.items()]
+        raise ValueError("this loss needs explicit rewards, but these files have records without rewards "
+                         "(rewards are never invented): " + "; ".join(parts))
+
+
+def to_pairs(records: Sequence[PreferenceRecord], *, mode: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
+             ) -> list[PreferenceRecord]:
+    """K-response records with rewards -> K = 2 records (response 0 chosen, 1 rejected), rewards kept.
+
+    ``best_vs_worst``: one pair per record (highest vs lowest reward; first index wins ties).
+    ``all_pairs``: every (i, j) with ``rewards[i] > rewards[j]`` (tied pairs are left out), chosen first.
+    Records whose rewards are all equal give no pair. Raises ValueError for a record without rewards.
+    """
+    out = []
+    for r in records:
+        if r.rewards is None:
+            raise ValueError(f"{r.source[0]}:{r.source[1]}: rewards: to_pairs needs rewards")
+        rw = r.rewards
+        if mode == "best_vs_worst":
+            best = max(range(len(rw)), key=lambda k: (rw[k], -k))
+            worst = min(range(len(rw)), key=lambda k: (rw[k], k))
+            pairs = [(best, worst)] if rw[best] > rw[worst] else []
+        elif mode == "all_pairs":
+            pairs = [(i, j) for i in range(len(rw)) for j in range(len(rw)) if rw[i] > rw[j]]
+        else:
+            raise ValueError(f"mode must be 'best_vs_worst' or 'all_pairs', got {mode!r}")
+        for i, j in pairs:
+            out.append(dataclasses.replace(r, responses=(r.responses[i], r.responses[j]), rewards=(rw[i], rw[j])))
+    return out

@@ -1,0 +1,168 @@
+"""Shared decoder building blocks as pure functions: RMSNorm, RoPE, masks, attention, gated MLPs.
+
+Shapes: N batch, T query length, S key length, D hidden, H query heads, K key/value heads (H = K·G),
+hd head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rpo_jax.models.config import RopeSpec
+
+# Large finite negative used for masked attention logits (finite so fully masked rows give no NaN).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, plus_one: bool) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32.
+
+    y = x / sqrt(mean(x²) + eps), then
+      Llama (plus_one=False): w · y.astype(dtype)        (transformers LlamaRMSNorm)
+      Gemma (plus_one=True):  (y · (1 + w)).astype(dtype) (transformers GemmaRMSNorm, all in float32)
+    """
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (y * (1.0 + weight.astype(jnp.float32))).astype(dtype)
+    return weight.astype(dtype) * y.astype(dtype)
+
+
+def rope_inv_freq(spec: RopeSpec, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [hd/2] float32, as transformers' `modeling_rope_utils` computes them.
+
+    default: inv_freq_i = 1 / theta^(2i/hd)
+    linear:  inv_freq_i / factor
+    llama3:  wavelen = 2π/inv_freq; wavelen > L/low → /factor; wavelen < L/high → unchanged; in between
+             (1 - s)·inv/factor + s·inv with s = (L/wavelen - low) / (high - low), L = original max positions.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(spec.theta) ** exponents)).astype(np.float32)
+    if spec.rope_type == "linear":
+        inv_freq = (inv_freq / np.float32(spec.factor)).astype(np.float32)
+    elif spec.rope_type == "llama3":
+        factor, low, high = np.float32(spec.factor), spec.low_freq_factor, spec.high_freq_factor
+        old_len = spec.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+        smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif spec.rope_type != "default":
+        raise ValueError(f"unsupported rope_type {spec.rope_type!r}")
+    return inv_freq
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., T, hd] (split-half layout: the hd/2 frequencies repeated twice), cast to `dtype`.
+
+    angle[t, i] = positions[t] · inv_freq[i mod hd/2], computed in float32.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [N,T,heads,hd] rotated: x·cos + rotate_half(x)·sin, rotate_half([a, b]) = [-b, a]; cos/sin [N,T,hd]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
+    """Positions [N,T] int32: count of real tokens before t within t's segment.
+
+    positions = cumsum(mask) - 1 - (real tokens before the start of t's segment), clipped at 0 for pads. With no
+    mask and no segments this is arange(T); with a left-padded mask the first real token gets position 0.
+    """
+    n, t = shape
+    mask = jnp.ones((n, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    counts = jnp.cumsum(mask, axis=1)
+    if segment_ids is None:
+        return jnp.maximum(counts - 1, 0).astype(jnp.int32)
+    before = counts - mask  # real tokens strictly before t
+    starts = jnp.concatenate(
+        [jnp.ones((n, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    offset = jax.lax.cummax(jnp.where(starts, before, 0), axis=1)
+    return jnp.maximum(counts - 1 - offset, 0).astype(jnp.int32)
+
+
+def attention_mask_bool(
+    q_index: jax.Array,
+    kv_index: jax.Array,
+    kv_valid: jax.Array | None,
+    q_segment: jax.Array | None,
+    kv_segment: jax.Array | None,
+) -> jax.Array:
+    """Boolean [N,T,S] mask: causal (kv_index ≤ q_index), key not padding, same segment.
+
+    q_index [N,T] / kv_index [N,S] are token slots (array indices, or cache slots when decoding).
+    """
+    mask = kv_index[:, None, :] <= q_index[:, :, None]
+    if kv_valid is not None:
+        mask = mask & kv_valid[:, None, :].astype(bool)
+    if q_segment is not None and kv_segment is not None:
+        mask = mask & (q_segment[:, :, None] == kv_segment[:, None, :])
+    return mask
+
+
+def sliding_window_mask(q_index: jax.Array, kv_index: jax.Array, window: int) -> jax.Array:
+    """[N,T,S] bool: q_index - kv_index < window (transformers' sliding_window_overlay)."""
+    return (q_index[:, :, None] - kv_index[:, None, :]) < window
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None,
+) -> jax.Array:
+    """Grouped-query attention. q [N,T,H,hd], k/v [N,S,K,hd], mask [N,T,S] bool → [N,T,H,hd].
+
+    scores = (q·k)·scale, optionally softcap·tanh(scores/softcap), masked, softmax in float32 over S.
+    Query head h uses key/value head h // (H/K) (transformers' repeat_kv order).
+    """
+    n, t, h, hd = q.shape
+    kv_heads = k.shape[2]
+    groups = h // kv_heads
+    qg = q.reshape(n, t, kv_heads, groups, hd)
+    scores = jnp.einsum("ntkgd,nskd->nkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("nkgts,nskd->ntkgd", probs, v)
+    return out.reshape(n, t, h, hd)
+
+
+def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, activation: str) -> jax.Array:
+    """down(act(x·gate) ⊙ (x·up)); SwiGLU (silu) for Llama, GeGLU with tanh-approximated gelu for Gemma.
+
+    x [N,T,D], gate/up [D,F], down [F,D].
+    """
+    g = jnp.einsum("ntd,df->ntf", x, gate)
+    u = jnp.einsum("ntd,df->ntf", x, up)
+    if activation == "silu":
+        a = jax.nn.silu(g)
+    elif activation == "gelu_tanh":
+        a = jax.nn.gelu(g, approximate=True)
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return jnp.einsum("ntf,fd->ntd", a * u, down)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap · tanh(x / cap) (identity when cap is None)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)

@@ -1,0 +1,245 @@
+"""`Decoder`: one generic Flax NNX decoder-only transformer driven by `ModelConfig` (Llama, Gemma 1/2/3).
+
+Layer parameters are stacked along a leading `layers` axis and run with `jax.lax.scan`, so compile time does
+not grow with depth; per-layer differences (sliding vs global attention, rope base) are scanned arrays, not
+Python branches. An optional `jax.checkpoint` policy (config.remat) wraps the scanned layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rpo_jax.models import layers as L
+from rpo_jax.models.config import SLIDING_ATTENTION, ModelConfig, embedding_scale
+from rpo_jax.models.sharding import Rules, state_shardings
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str) -> nnx.Param:
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=tuple(axes))
+
+
+class DecoderLayers(nnx.Module):
+    """Stacked per-layer parameters, leading axis = layer.
+
+    q_proj [L,D,H,hd], k_proj/v_proj [L,D,K,hd], o_proj [L,H,hd,D], gate_proj/up_proj [L,D,F], down_proj [L,F,D],
+    attn_in_norm/mlp_in_norm [L,D] (+ attn_out_norm/mlp_out_norm for sandwich norms, q_norm/k_norm [L,hd]).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+        c = config
+        nl, d, h, k, hd, f = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        norm_init = "zeros" if c.norm_plus_one else "ones"
+        p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)  # noqa: E731
+        self.q_proj = p((nl, d, h, hd), ("layers", "embed", "heads", "head_dim"))
+        self.k_proj = p((nl, d, k, hd), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v_proj = p((nl, d, k, hd), ("layers", "embed", "kv_heads", "head_dim"))
+        self.o_proj = p((nl, h, hd, d), ("layers", "heads", "head_dim", "embed"))
+        self.gate_proj = p((nl, d, f), ("layers", "embed", "mlp"))
+        self.up_proj = p((nl, d, f), ("layers", "embed", "mlp"))
+        self.down_proj = p((nl, f, d), ("layers", "mlp", "embed"))
+        self.attn_in_norm = p((nl, d), ("layers", "norm"), norm_init)
+        self.mlp_in_norm = p((nl, d), ("layers", "norm"), norm_init)
+        if c.sandwich_norms:
+            self.attn_out_norm = p((nl, d), ("layers", "norm"), norm_init)
+            self.mlp_out_norm = p((nl, d), ("layers", "norm"), norm_init)
+        if c.qk_norm:
+            self.q_norm = p((nl, hd), ("layers", "norm"), norm_init)
+            self.k_norm = p((nl, hd), ("layers", "norm"), norm_init)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """name → stacked array, for scanning."""
+        return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def decoder_layer(
+    config: ModelConfig,
+    x: jax.Array,
+    p: dict[str, jax.Array],
+    mask: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    kv_cache: tuple[jax.Array, jax.Array] | None = None,
+    cache_slots: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm block: x + attn(norm(x)) then + mlp(norm(x)) (Gemma 2/3: norms on both sides).
+
+    x [N,T,D]; p: this layer's parameters; mask [N,T,S] bool; cos/sin [N,T,hd]. With `kv_cache` (k, v
+    [N,S,K,hd]) the new keys/values are written at `cache_slots` [N,T] and attention runs over the cache.
+    Returns (x, updated cache or None).
+    """
+    c, dtype = config, x.dtype
+    norm = lambda y, w: L.rms_norm(y, w, c.rms_norm_eps, plus_one=c.norm_plus_one)  # noqa: E731
+    w = {name: a.astype(dtype) if a.ndim > 1 else a for name, a in p.items()}
+
+    h = norm(x, w["attn_in_norm"])
+    q = jnp.einsum("ntd,dhk->nthk", h, w["q_proj"])
+    k = jnp.einsum("ntd,dhk->nthk", h, w["k_proj"])
+    v = jnp.einsum("ntd,dhk->nthk", h, w["v_proj"])
+    if c.qk_norm:
+        q, k = norm(q, w["q_norm"]), norm(k, w["k_norm"])
+    q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+    new_cache = None
+    if kv_cache is not None:
+        k_all, v_all = kv_cache
+        rows = jnp.arange(x.shape[0])[:, None]
+        k_all = k_all.at[rows, cache_slots].set(k.astype(k_all.dtype))
+        v_all = v_all.at[rows, cache_slots].set(v.astype(v_all.dtype))
+        new_cache, k, v = (k_all, v_all), k_all.astype(dtype), v_all.astype(dtype)
+    attn = L.dot_product_attention(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
+    attn = jnp.einsum("nthk,hkd->ntd", attn, w["o_proj"])
+    if c.sandwich_norms:
+        attn = norm(attn, w["attn_out_norm"])
+    x = x + attn
+
+    h = norm(x, w["mlp_in_norm"])
+    mlp = L.gated_mlp(h, w["gate_proj"], w["up_proj"], w["down_proj"], c.activation)
+    if c.sandwich_norms:
+        mlp = norm(mlp, w["mlp_out_norm"])
+    return x + mlp, new_cache
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer. `model(tokens, attention_mask, positions, segment_ids)` → logits [N,T,V] f32.
+
+    Attention: causal; keys masked where `attention_mask` is False; with `segment_ids` a token only attends to
+    its own segment (packing). Default positions: per segment, counting only real tokens (cumsum(mask) - 1), so
+    left padding, right padding and packing give the same per-token results as the sequence alone.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=None):
+        c = config
+        self.config = c
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype or dtype)
+        pd = self.param_dtype
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd, "normal")
+        self.layers = DecoderLayers(c, rngs=rngs, param_dtype=pd)
+        self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), pd, "zeros" if c.norm_plus_one else "ones")
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd, "normal")
+        self._rope_types = tuple(sorted(set(c.layer_types)))
+
+    # ----------------------------------------------------------------- pieces reused by generation / log-probs
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """[N,T] → [N,T,D] in the compute dtype (× sqrt(D) cast to dtype for Gemma)."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        if self.config.scale_embeddings:
+            x = x * jnp.asarray(embedding_scale(self.config), self.dtype)
+        return x
+
+    def unembedding(self) -> jax.Array:
+        """The output projection [D,V] (the transposed embedding when tied), in the compute dtype."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].astype(self.dtype).T
+        return self.lm_head[...].astype(self.dtype)
+
+    def unembed(self, hidden: jax.Array) -> jax.Array:
+        """hidden [...,D] → logits [...,V] float32 (final soft-cap applied)."""
+        logits = jnp.einsum("...d,dv->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
+        return L.softcap(logits, self.config.final_logit_softcap)
+
+    def _layer_constants(self):
+        c = self.config
+        sliding = jnp.asarray([t == SLIDING_ATTENTION for t in c.layer_types])
+        rope_index = jnp.asarray([self._rope_types.index(t) for t in c.layer_types], jnp.int32)
+        return sliding, rope_index
+
+    def run_layers(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        window_mask: jax.Array | None,
+        kv_caches: tuple[jax.Array, jax.Array] | None = None,
+        cache_slots: jax.Array | None = None,
+    ):
+        """Scans all layers. x [N,T,D]; mask/window_mask [N,T,S] bool (window_mask = mask ∧ sliding window).
+
+        kv_caches: stacked (k, v) [L,N,S,K,hd] or None. Returns (x after the final norm, updated caches).
+        """
+        c = self.config
+        inv_freqs = [L.rope_inv_freq(c.rope_by_type[t], c.head_dim) for t in self._rope_types]
+        tables = [L.rope_tables(positions, jnp.asarray(f), self.dtype) for f in inv_freqs]
+        cos_tab = jnp.stack([t[0] for t in tables])
+        sin_tab = jnp.stack([t[1] for t in tables])
+        sliding, rope_index = self._layer_constants()
+
+        def body(h, xs):
+            p, is_sliding, r, cache = xs
+            m = mask if window_mask is None else jnp.where(is_sliding, window_mask, mask)
+            h, new_cache = decoder_layer(c, h, p, m, cos_tab[r], sin_tab[r], cache, cache_slots)
+            return h, new_cache
+
+        if c.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        x, new_caches = jax.lax.scan(body, x, (self.layers.arrays(), sliding, rope_index, kv_caches))
+        x = L.rms_norm(x, self.final_norm[...], c.rms_norm_eps, plus_one=c.norm_plus_one)
+        return x, new_caches
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [N,T,D] (compute dtype)."""
+        n, t = tokens.shape
+        if positions is None:
+            positions = L.default_positions(attention_mask, segment_ids, (n, t))
+        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+        mask = L.attention_mask_bool(index, index, attention_mask, segment_ids, segment_ids)
+        window_mask = None
+        if SLIDING_ATTENTION in self.config.layer_types:
+            window_mask = mask & L.sliding_window_mask(index, index, self.config.sliding_window)
+        x, _ = self.run_layers(self.embed_tokens(tokens), positions, mask, window_mask)
+        return x
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens [N,T] int32 → logits [N,T,V] float32."""
+        return self.unembed(self.hidden_states(tokens, attention_mask, positions, segment_ids))
+
+
+def create_model(
+    config: ModelConfig,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
+) -> Decoder:
+    """Randomly initialised `Decoder` (normal(0.02) weights, identity norms).
+
+    With `mesh`, parameters are created directly in their rule-given shardings (jit with out_shardings), never
+    materialised whole on one device.
+    """
+    key = rngs.params()
+    build = lambda k: Decoder(config, rngs=nnx.Rngs(params=k), dtype=dtype, param_dtype=param_dtype)  # noqa: E731
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: build(key))
+        graphdef, abstract_state = nnx.split(abstract)
+        shardings = None if mesh is None else state_shardings(abstract_state, mesh, rules)
+        state = jax.jit(lambda k: nnx.state(build(k)), out_shardings=shardings)(key)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,59 @@
+"""Command lines: `rpo-train` (train, or `--precompute` the reference cache) and `rpo-export WORKDIR OUT_DIR`.
+
+    rpo-train                                        # the quickstart: bundled demo data, tiny Llama, CPU
+    rpo-train --config configs/smollm2.py --workdir runs/smollm2 --config.loss.name=rpo_bwd_kl
+    rpo-train --config configs/mrpo.py --precompute  # reference log-probs only
+    rpo-export runs/smollm2 exported/                # Hugging Face directory with the tokenizer
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rpo_jax.train.distributed import initialize_from_environment
+
+_QUICKSTART = pathlib.Path(__file__).with_name("quickstart.py")
+
+
+def _define_train_flags():
+    config_flags.DEFINE_config_file("config", str(_QUICKSTART), "Recipe file (configs/NAME.py); default: quickstart.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "runs/quickstart", "Run directory: checkpoints, metrics, reference cache, export.")
+    flags.DEFINE_bool("precompute", False, "Only compute (or reuse) the reference log-prob cache, then exit.")
+
+
+def _train(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    initialize_from_environment()
+    from rpo_jax.train.loop import train  # after jax.distributed.initialize
+    result = train(flags.FLAGS.config, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
+    logging.info("done: %s", result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`rpo-train`."""
+    _define_train_flags()
+    app.run(_train, argv=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """`rpo-export WORKDIR OUT_DIR`: the latest checkpoint of a run as a Hugging Face directory."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="rpo-export", description=export_main.__doc__)
+    parser.add_argument("workdir")
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    initialize_from_environment()
+    from rpo_jax.train.loop import export_workdir
+    print(export_workdir(args.workdir, args.out_dir))
+
+
+if __name__ == "__main__":
+    main()

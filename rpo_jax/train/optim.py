@@ -1,0 +1,84 @@
+"""Optimizer and learning-rate schedule from the config (optax).
+
+Config (`config.optimizer`):
+  name            "adamw" (default), or any optax optimizer by name ("adam", "sgd", "lion", "adafactor", ...)
+  learning_rate   peak learning rate
+  schedule        "cosine" | "linear" | "constant" (after a linear warm-up of `warmup_steps` from 0)
+  end_lr_factor   final learning rate as a fraction of the peak (cosine/linear)
+  weight_decay    decoupled weight decay (adamw, lion, ...), applied only where `weight_decay_mask` allows
+  weight_decay_mask  "matrices" (default: decay ≥2-D weights, not norms/biases/scalars) | "all" | "none"
+  grad_clip_norm  global-norm clipping threshold (0 or None: off)
+  kwargs          extra keyword arguments for the optax optimizer (b1, b2, eps, momentum, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+import re
+
+import jax
+import optax
+
+
+def make_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+                  end_lr_factor: float = 0.0) -> optax.Schedule:
+    """Linear warm-up 0 → lr over `warmup_steps`, then cosine/linear decay to lr·end_lr_factor, or constant."""
+    warmup_steps = max(0, min(int(warmup_steps), total_steps))
+    decay_steps = max(1, total_steps - warmup_steps)
+    end = learning_rate * end_lr_factor
+    if schedule == "cosine":
+        decay = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_lr_factor)
+    elif schedule == "linear":
+        decay = optax.linear_schedule(learning_rate, end, decay_steps)
+    elif schedule == "constant":
+        decay = optax.constant_schedule(learning_rate)
+    else:
+        raise ValueError(f"optimizer.schedule={schedule!r}: expected 'cosine', 'linear' or 'constant'")
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def weight_decay_mask(kind: str):
+    """A mask function for optax weight decay (True = decays).
+
+    "matrices": weights with ≥ 2 dimensions whose path names no norm, scale or bias (stacked layers make norm
+    scales 2-D, so the path decides, not the shape); "all"; "none".
+    """
+    if kind == "all":
+        return None
+    if kind == "none":
+        return lambda params: jax.tree.map(lambda _: False, params)
+    if kind == "matrices":
+        def is_matrix(path, p) -> bool:
+            names = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path).lower()
+            return getattr(p, "ndim", 0) >= 2 and not re.search(r"norm|scale|bias", names)
+        return lambda params: jax.tree_util.tree_map_with_path(is_matrix, params)
+    raise ValueError(f"optimizer.weight_decay_mask={kind!r}: expected 'matrices', 'all' or 'none'")
+
+
+def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, learning-rate schedule) from `config.optimizer` (keys in the module docstring)."""
+    cfg = dict(cfg)
+    name = cfg.get("name", "adamw")
+    lr = make_schedule(float(cfg.get("learning_rate", 1e-6)), total_steps, int(cfg.get("warmup_steps", 0)),
+                       cfg.get("schedule", "cosine"), float(cfg.get("end_lr_factor", 0.0)))
+    kwargs = dict(cfg.get("kwargs") or {})
+    wd = float(cfg.get("weight_decay", 0.0))
+    mask = weight_decay_mask(cfg.get("weight_decay_mask", "matrices"))
+    factory = getattr(optax, name, None)
+    if factory is None or not callable(factory):
+        raise ValueError(f"optimizer.name={name!r} is not an optax optimizer")
+    if name in ("adamw", "lion", "adafactor", "lamb", "novograd", "adamaxw", "nadamw"):
+        tx = factory(learning_rate=lr, weight_decay=wd, mask=mask, **kwargs) if name != "adafactor" else \
+            factory(learning_rate=lr, weight_decay_rate=wd or None, weight_decay_mask=mask, **kwargs)
+    else:
+        if wd:
+            raise ValueError(f"optimizer.weight_decay={wd} is not supported by optax.{name}; use 'adamw' or set 0")
+        tx = factory(learning_rate=lr, **kwargs)
+    clip = cfg.get("grad_clip_norm")
+    if clip:
+        tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+    return tx, lr

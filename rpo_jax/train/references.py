@@ -1,0 +1,114 @@
+"""Reference models and the reference log-prob cache.
+
+References are frozen. Their sequence log-probs of every response, `[N, K, R]` for N records of a split, are
+computed once by a precompute pass and stored beside the run under `WORKDIR/ref_cache/`, keyed by a
+fingerprint of (reference checkpoint, tokenizer, tokenized data, max lengths); a later run with the same key
+reuses them. A reference with its own tokenizer scores the response *text* tokenized with that tokenizer and
+its chat template (sequence log-probs of the same text are comparable across tokenizers; tokens are not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rpo_jax.data import TokenizedDataset, make_eval_batches, num_eval_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Reference:
+    """A frozen model that scores responses: its split nnx graph, parameters and tokenized data per split."""
+
+    name: str                      # checkpoint path, or "initial-policy"
+    fingerprint: str               # identifies the weights (checkpoint hash, or the policy's init config+seed)
+    graphdef: Any
+    params: Any
+    rest: Any
+    datasets: dict[str, TokenizedDataset]  # split → the split tokenized with this reference's tokenizer
+    tokenizer_name: str
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over config.json and the bytes of every safetensors file of a checkpoint directory."""
+    h = hashlib.sha256()
+    root = pathlib.Path(path)
+    for f in sorted(root.glob("config.json")) + sorted(root.glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset: TokenizedDataset) -> str:
+    """sha256 over the tokenized examples (ids, prompt lengths, record indices), K, buckets and max length."""
+    h = hashlib.sha256(json.dumps({"k_max": dataset.k_max, "max_length": dataset.max_length,
+                                   "num_records": dataset.num_records, "pad": dataset.pad_id}).encode())
+    for e in dataset.examples:
+        h.update(np.int64(e.index).tobytes())
+        h.update(np.asarray(e.prompt_lengths, np.int64).tobytes())
+        for s in e.sequences:
+            h.update(np.asarray(s, np.int32).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def cache_key(reference: Reference, split: str) -> dict[str, Any]:
+    ds = reference.datasets[split]
+    return {"reference": reference.name, "checkpoint": reference.fingerprint, "tokenizer": reference.tokenizer_name,
+            "data": dataset_fingerprint(ds), "max_length": ds.max_length, "split": split}
+
+
+def compute_logps(logps_fn: Callable, params: Any, dataset: TokenizedDataset, batch_size: int,
+                  to_global: Callable) -> np.ndarray:
+    """`[N, K]` float32 sequence log-probs of every record's responses (NaN where absent or dropped).
+
+    `logps_fn(params, batch) -> [B, K]` (jitted); batches cover the split once over all processes.
+    """
+    out = np.full((dataset.num_records, dataset.k_max), np.nan, np.float32)
+    for batch in make_eval_batches(dataset, batch_size):
+        index = batch.pop("index")
+        values = logps_fn(params, to_global(batch))
+        values = np.asarray(multihost_utils.process_allgather(values, tiled=True))
+        index = np.asarray(multihost_utils.process_allgather(index, tiled=True))
+        valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
+        rows = index >= 0
+        out[index[rows]] = np.where(valid[rows], values[rows], np.nan)
+    return out
+
+
+def cached_logps(workdir: str | os.PathLike, reference: Reference, split: str, compute: Callable[[], np.ndarray]
+                 ) -> np.ndarray:
+    """The `[N, K]` log-probs of `reference` on `split`, from the cache or computed (then stored)."""
+    key = cache_key(reference, split)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    directory = pathlib.Path(workdir) / "ref_cache"
+    path = directory / f"{split}-{digest}.npy"
+    if path.exists():
+        log.info("reference cache hit: %s", path)
+        return np.load(path)
+    values = compute()
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, values)
+        tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps(key, indent=1))
+    multihost_utils.sync_global_devices(f"ref_cache_{digest}")
+    return values
+
+
+def num_batches(dataset: TokenizedDataset, batch_size: int) -> int:
+    return num_eval_batches(dataset, batch_size, jax.process_count())

@@ -1,0 +1,280 @@
+"""Model behaviour beyond parity: padding / packing invariance, sharding, sequence log-probs (chunked and not,
+values and gradients), remat, random init and clear errors."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_fixtures import make_tiny_gemma, make_tiny_llama
+
+from rpo_jax.models import (
+    DEFAULT_RULES,
+    ModelConfig,
+    create_model,
+    load_hf,
+    logical_to_spec,
+    make_mesh,
+    token_logps_from_hidden,
+)
+from rpo_jax.models import sequence_logps as _sequence_logps
+from rpo_jax.models import token_logps as _token_logps
+
+# jit once per shape (eager op-by-op dispatch of a whole model is slow on CPU)
+token_logps = nnx.jit(_token_logps)
+sequence_logps = nnx.jit(_sequence_logps, static_argnames=("vocab_chunk_size",))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    # vocab 250 and 3 kv heads: not divisible by tensor=2 (replicated fallback); hidden 48 divisible by 8.
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("llama"), vocab_size=250, hidden_size=48, num_attention_heads=6,
+        num_key_value_heads=3, intermediate_size=96,
+    )
+
+
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory):
+    return make_tiny_gemma(
+        tmp_path_factory.mktemp("gemma3"), version=3, num_hidden_layers=6, sliding_window=3, final_logit_softcapping=4.0
+    )
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return load_hf(llama_dir)
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_dir):
+    return load_hf(gemma3_dir)
+
+
+def _seq(seed, n):
+    return np.random.RandomState(seed).randint(3, 240, size=n).astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------- padding and packing
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma3"])
+def test_left_right_padding_and_packing_match_unpadded(which, llama, gemma3):
+    """Two sequences of 6 tokens: alone (unpadded), right-padded, left-padded and packed (+ padding) to 12 give
+    the same per-token log-probs (each call passes mask and segment ids so one compiled function serves all)."""
+    model, _ = llama if which == "llama" else gemma3
+    a, b = _seq(1, 6), _seq(2, 6)
+
+    def run(tokens, mask, segments):
+        return np.asarray(token_logps(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
+                                      segment_ids=jnp.asarray(segments)))
+
+    alone = run(np.stack([a, b]), np.ones((2, 6), bool), np.ones((2, 6), np.int32))
+    pad = np.zeros(6, np.int32)
+    ones, zeros = np.ones(6, bool), np.zeros(6, bool)
+    seg1 = np.ones((2, 12), np.int32)
+
+    right = run(np.stack([np.r_[a, pad], np.r_[b, pad]]), np.stack([np.r_[ones, zeros]] * 2), seg1)
+    np.testing.assert_allclose(right[:, :6], alone, atol=1e-5)
+
+    left = run(np.stack([np.r_[pad, a], np.r_[pad, b]]), np.stack([np.r_[zeros, ones]] * 2), seg1)
+    np.testing.assert_allclose(left[:, 7:], alone[:, 1:], atol=1e-5)  # token 0 of a sequence has no score
+
+    # row 0: [a | b] packed; row 1: [b[:3] | a[:3] | pad*6] packed then padded (segment 0 = padding)
+    packed = np.stack([np.r_[a, b], np.r_[b[:3], a[:3], pad]])
+    mask = np.stack([np.r_[ones, ones], np.r_[ones, zeros]])
+    segments = np.stack([np.r_[[1] * 6, [2] * 6], np.r_[[1] * 3, [2] * 3, [0] * 6]])
+    lp = run(packed, mask, segments)
+    np.testing.assert_allclose(lp[0, :6], alone[0], atol=1e-5)
+    np.testing.assert_allclose(lp[0, 7:], alone[1, 1:], atol=1e-5)
+    np.testing.assert_allclose(lp[1, :3], alone[1, :3], atol=1e-5)
+    np.testing.assert_allclose(lp[1, 4:6], alone[0, 1:3], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- sharding
+
+
+def test_partition_rules_and_non_divisible_fallback(llama):
+    model, config = llama
+    mesh = make_mesh((1, 4, 2))
+    assert dict(DEFAULT_RULES)["embed"] == "fsdp" and dict(DEFAULT_RULES)["heads"] == "tensor"
+    spec = logical_to_spec(("layers", "embed", "heads", "head_dim"), (2, 48, 6, 8), mesh)
+    assert tuple(spec) == (None, "fsdp", "tensor", None)
+    # 3 kv heads on tensor=2 and vocab 250 on tensor=2: replicated on that dimension only
+    assert tuple(logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 48, 3, 8), mesh)) == (None, "fsdp", None, None)
+    assert tuple(logical_to_spec(("vocab", "embed"), (250, 48), make_mesh((1, 2, 4)))) == (None, "fsdp")
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)])
+def test_sharded_load_matches_unsharded(shape, llama, llama_dir):
+    model, _ = llama
+    tokens = jnp.asarray(np.stack([_seq(3, 10), _seq(4, 10)] * 4))
+    expected = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+    mesh = make_mesh(shape)
+    sharded, _ = load_hf(llama_dir, mesh=mesh)
+    q = sharded.layers.q_proj[...]
+    assert q.sharding.mesh.shape == mesh.shape
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[1] == 48 // shape[1]
+    with jax.set_mesh(mesh):
+        logits = nnx.jit(lambda m, t: m(t))(sharded, tokens)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
+
+
+def test_create_model_sharded_equals_unsharded():
+    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8)
+    plain = create_model(config, rngs=nnx.Rngs(3))
+    sharded = create_model(config, rngs=nnx.Rngs(3), mesh=make_mesh((2, 2, 2)))
+    assert sharded.layers.gate_proj[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    for a, b in zip(jax.tree.leaves(nnx.state(plain)), jax.tree.leaves(nnx.state(sharded))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert config.num_params() == sum(x.size for x in jax.tree.leaves(nnx.state(plain)))
+
+
+# --------------------------------------------------------------------------------------- log-probs
+
+
+def _direct_logps(model, tokens, loss_mask, attention_mask=None):
+    """Σ mask · log_softmax(logits[t-1])[tokens[t]] with numpy from the model's logits."""
+    logits = np.asarray(nnx.jit(lambda m, t, a: m(t, attention_mask=a))(model, jnp.asarray(tokens), attention_mask), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    lp = np.take_along_axis(logits[:, :-1], tokens[:, 1:, None], -1)[..., 0] - logz[:, :-1]
+    return (lp * loss_mask[:, 1:]).sum(-1), loss_mask[:, 1:].sum(-1)
+
+
+@pytest.mark.parametrize(("which", "chunk"), [("llama", None), ("llama", 100), ("gemma3", None), ("gemma3", 64)])
+def test_sequence_logps_equals_log_softmax_gather(which, chunk, llama, gemma3):
+    """V=250 with C=100 (zero-padded last chunk) and V=256 with C=64 (Gemma 3 final soft-cap per chunk)."""
+    model, _ = llama if which == "llama" else gemma3
+    tokens = np.stack([_seq(5, 11), _seq(6, 11)])
+    loss_mask = np.zeros_like(tokens, bool)
+    loss_mask[0, 4:9], loss_mask[1, 2:] = True, True
+    attn = np.ones_like(tokens, bool)
+    attn[0, 9:] = False
+    expected, count = _direct_logps(model, tokens, loss_mask, jnp.asarray(attn))
+    got, got_count = sequence_logps(model, jnp.asarray(tokens), jnp.asarray(loss_mask),
+                                    attention_mask=jnp.asarray(attn), vocab_chunk_size=chunk)
+    assert got.dtype == jnp.float32 and got_count.dtype == jnp.int32
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(got_count), count)
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma3"])
+def test_chunked_gradients_equal_unchunked(which, llama, gemma3):
+    model, _ = llama if which == "llama" else gemma3
+    tokens = jnp.asarray(np.stack([_seq(7, 9), _seq(8, 9)]))
+    loss_mask = jnp.ones(tokens.shape, bool)
+    weights = jnp.asarray([0.7, -1.3])
+
+    def loss(m, chunk):
+        s, _ = sequence_logps(m, tokens, loss_mask, vocab_chunk_size=chunk)
+        return jnp.sum(weights * s)
+
+    g_full = nnx.grad(lambda m: loss(m, None))(model)
+    g_chunk = nnx.grad(lambda m: loss(m, 48))(model)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_chunk)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_chunked_logps_gradients_numerically(cap):
+    """check_grads (finite differences) on the chunked log-softmax w.r.t. hidden states and the matrix."""
+    rng = np.random.RandomState(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 3, 5)))
+    w = jnp.asarray(rng.normal(size=(5, 11)))
+    targets = jnp.asarray(rng.randint(0, 11, size=(2, 3)))
+    with jax.enable_x64(True):
+        hidden, w = hidden.astype(jnp.float64), w.astype(jnp.float64)
+        f = lambda h, w: token_logps_from_hidden(h, w, targets, final_logit_softcap=cap, vocab_chunk_size=4)  # noqa
+        jax.test_util.check_grads(f, (hidden, w), order=1, modes=("rev",), atol=1e-4, rtol=1e-4)
+        full = token_logps_from_hidden(hidden, w, targets, final_logit_softcap=cap)
+        np.testing.assert_allclose(np.asarray(f(hidden, w)), np.asarray(full), rtol=1e-6)
+        # closed form: z_target - log Σ exp z
+        z = np.asarray(hidden) @ np.asarray(w)
+        z = z if cap is None else cap * np.tanh(z / cap)
+        closed = np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0] - np.log(np.exp(z).sum(-1))
+        np.testing.assert_allclose(np.asarray(full), closed, rtol=1e-6)
+
+
+def test_remat_policies_keep_values_and_gradients(llama_dir):
+    tokens = jnp.asarray(np.stack([_seq(9, 8)]))
+    mask = jnp.ones(tokens.shape, bool)
+    grads = {}
+    for policy in ["none", "full", "dots"]:
+        model, config = load_hf(llama_dir, remat=policy)
+        assert config.remat == policy
+        grads[policy] = nnx.grad(lambda m: sequence_logps(m, tokens, mask)[0].sum())(model)
+    for policy in ["full", "dots"]:
+        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unknown_model_type(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "x")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mistral_x"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json.*model_type='mistral_x' is not supported"):
+        load_hf(d)
+
+
+def test_missing_and_unexpected_tensors_are_named(llama_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    d = _copy(llama_dir, tmp_path / "missing")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensors \['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
+        load_hf(d)
+    d = _copy(llama_dir, tmp_path / "extra")
+    save_file({**tensors, "model.layers.0.extra.weight": np.zeros(3, np.float32)}, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['model\.layers\.0\.extra\.weight'\]"):
+        load_hf(d)
+
+
+def test_shape_mismatch(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "shape")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \[96, 48\], expected \[64, 48\]"):
+        load_hf(d)
+
+
+def test_pickle_checkpoints_refused(llama_dir, tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(llama_dir / "config.json", d)
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"only safetensors.*pytorch_model\.bin"):
+        load_hf(d)
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_hf(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_hf("./relative/nope")
+
+
+def test_unsupported_config_values(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "yarn")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        load_hf(d)
+    with pytest.raises(ValueError, match="remat"):
+        ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=4, remat="sometimes")
