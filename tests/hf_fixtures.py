@@ -3,7 +3,7 @@
 Every builder returns the checkpoint directory. All weights (norms included) are random so that each feature
 (e.g. Gemma's (1 + w) norms, QK-norm) changes the logits. Usable by any test module:
 
-    from hf_fixtures import make_tiny_llama, hf_logits   # tests/ is on sys.path via tests/conftest.py
+    from tests.hf_fixtures import make_tiny_llama, hf_logits
     path = make_tiny_llama(tmp_path / "llama", num_key_value_heads=1)
 """
 

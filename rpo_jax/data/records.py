@@ -282,14 +282,15 @@ def _parse_trl(obj: Mapping[str, Any], *, want: str | None) -> tuple:
         raise _RecordProblems([("prompt", f"expected str (trl_standard), got {_type_name(prompt_raw)}")])
     if want == "trl_conversational" and not conv:
         raise _RecordProblems([("prompt", "expected a list of messages (trl_conversational), got str")])
-    role = "assistant" if not conv else None
-    std = not conv
+    role = None if conv else "assistant"  # standard: responses must be strings, like the prompt
+
+    def response(field: str) -> tuple[Messages, bool]:
+        return _parse_messages(_get(obj, field), field, default_role=role, require_str=not conv)
+
     (prompt, _), (chosen, _), (rejected, _), rewards = _collect([
         ("prompt", lambda: _parse_messages(prompt_raw, "prompt", default_role="user")),
-        ("chosen", lambda: _parse_messages(_get(obj, "chosen"), "chosen", default_role=role,
-                                                  require_str=std)),
-        ("rejected", lambda: _parse_messages(_get(obj, "rejected"), "rejected", default_role=role,
-                                             require_str=std)),
+        ("chosen", lambda: response("chosen")),
+        ("rejected", lambda: response("rejected")),
         ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
     ])
     _check_distinct([chosen, rejected], "rejected", names=("chosen", "rejected"))
@@ -478,21 +479,25 @@ def _iter_raw(file: str) -> Iterator[tuple[int, Any, Problem | None]]:
             yield i, row, None
         return
     opener = gzip.open if file.endswith(".gz") else open
-    with opener(file, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield i, None, Problem(file, i, "<bytes>", f"invalid UTF-8 at byte {e.start} of the line")
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield i, None, Problem(file, i, "<json>", f"malformed JSON: {e.msg} (column {e.colno})")
-                continue
-            yield i, obj, None
+    i = 0
+    try:
+        with opener(file, "rb") as f:
+            for i, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield i, None, Problem(file, i, "<bytes>", f"invalid UTF-8 at byte {e.start} of the line")
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    yield i, None, Problem(file, i, "<json>", f"malformed JSON: {e.msg} (column {e.colno})")
+                    continue
+                yield i, obj, None
+    except (OSError, EOFError) as e:  # a corrupt or truncated .gz
+        yield i + 1, None, Problem(file, i + 1, "<file>", f"cannot read: {e}")
 
 
 def iter_file_records(file: str, *, format: str | None = None
@@ -538,6 +543,7 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, form
     records: list[PreferenceRecord] = []
     for file in expand_sources(paths):
         report.files.append(file)
+        lines_before = report.num_lines
         for fmt, item in iter_file_records(file, format=format):
             report.num_lines += 1
             if fmt is not None:
@@ -549,6 +555,11 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, form
                 raise RecordError(item[0])
             report.num_skipped += 1
             report.problems += item
+        if report.num_lines == lines_before:
+            empty = Problem(file, 0, "<file>", "no records (the file is empty)")
+            if on_error == "raise":
+                raise RecordError(empty)
+            report.problems.append(empty)
     report.num_records = len(records)
     return records, report
 

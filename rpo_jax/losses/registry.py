@@ -136,7 +136,6 @@ class LossDefinition:
         return resolved
 
 
-BETA = ("beta", _positive)
 MRPO_OPTIONS = {
     "alpha": (None, _alpha),
     "epsilon": (0.1, _epsilon),
@@ -318,7 +317,7 @@ def _build() -> dict[str, LossDefinition]:
         "sppo_hard": ("(c − 1/(2β))² + (r + 1/(2β))²", "Wu et al. 2024, arXiv:2405.00675", {}),
         "apo_zero": ("1 − σ(βc) + σ(βr)", "D'Oosterlinck et al. 2024, arXiv:2408.06266", {}),
         "apo_down": ("σ(βc) + 1 − σ(βδ)", "D'Oosterlinck et al. 2024, arXiv:2408.06266", {}),
-        "discopop": ("−log σ(βδ)(1 − σ(βδ/τ)) + e^{−βδ} σ(βδ/τ)", "Chris Lu et al. 2024, arXiv:2406.08414",
+        "discopop": ("−log σ(βδ)(1 − σ(βδ/τ)) + e^{−βδ} σ(βδ/τ)", "Lu et al. 2024, arXiv:2406.08414",
                      {"discopop_tau": (0.05, _positive)}),
     }
     for name, (formula, paper, extra) in trl_papers.items():
@@ -332,7 +331,7 @@ def _build() -> dict[str, LossDefinition]:
     add("sft", {}, trl.sft_loss, lambda hp: _needs("sft", reference=False, lengths=True),
         "−Σ ℓ_θ(y_w) / Σ |y_w| (global token mean)", "—")
     add("sigmoid_norm", _hp(0.1), trl.sigmoid_norm_loss, lambda hp: _needs("sigmoid_norm", lengths=True),
-        "−log σ(β (c/|y_w| − r/|y_l|))", "TRL PR #5406 (length-normalised DPO)")
+        "−log σ(β (c/|y_w| − r/|y_l|))", "TRL `loss_type=\"sigmoid_norm\"` (length-normalised DPO)")
     return d
 
 
@@ -415,6 +414,16 @@ def _merge_metrics(per_component: list[tuple[str, jax.Array, dict]]) -> dict[str
     return merged
 
 
+def _num_references(reqs: list[Requirements], min_references: int) -> int | None:
+    """The number R of references the loss needs: None when reference-free or not fixed (ARWC MRPO)."""
+    fixed = sorted({r.num_references for r in reqs if r.reference and r.num_references is not None})
+    if len(fixed) > 1:
+        raise ValueError(f"the combined losses need different numbers of references (alpha lengths {fixed})")
+    if fixed:
+        return fixed[0]
+    return 1 if min_references == 1 else None
+
+
 def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = None, **hparams: Any):
     """Build a loss: ``loss_fn(PreferenceLogps) -> LossOutput``.
 
@@ -451,11 +460,11 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
     loss_fn.requires_rewards = any(r.rewards for r in reqs)
     loss_fn.requires_lengths = any(r.lengths for r in reqs)
     loss_fn.min_references = max((r.min_references for r in reqs if r.reference), default=0)
-    fixed = [r.num_references for r in reqs if r.reference and r.num_references is not None]
-    loss_fn.num_references = (
-        None if not loss_fn.requires_reference else (fixed[0] if fixed else (1 if loss_fn.min_references == 1 else None))
-    )
-    loss_fn.name = "+".join(f"{c.weight:g}*{c.definition.name}" for c in components) if len(components) > 1 else components[0].definition.name
+    loss_fn.num_references = _num_references(reqs, loss_fn.min_references)
+    if len(components) == 1:
+        loss_fn.name = components[0].definition.name
+    else:
+        loss_fn.name = "+".join(f"{c.weight:g}*{c.definition.name}" for c in components)
     loss_fn.hparams = {c.definition.name: dict(c.hparams) for c in components}
     loss_fn.__name__ = f"loss_{loss_fn.name}"
     return loss_fn

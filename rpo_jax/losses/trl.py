@@ -1,8 +1,9 @@
 """TRL's other ``DPOTrainer`` loss types, on the same ``PreferenceLogps``.
 
-Semantics and hyperparameter names mirror ``trl.DPOTrainer._compute_loss`` on TRL's main branch of the 1.x line
-(the version that has ``sigmoid_norm``, added in TRL PR #5406; read through the search tool in Nov 2026), with
-``f_divergence_type="reverse_kl"``, no WPO weighting and no ``ld_alpha``. In TRL's notation, with
+Semantics and hyperparameter names mirror ``trl.DPOTrainer._compute_loss`` of TRL's current (1.x) trainer — the
+one with ``loss_type`` lists, ``loss_weights``, ``completion_mask``, ``ld_alpha`` and ``f_divergence_type`` — as
+read in November 2026 (through a vendored copy of that file; ``sigmoid_norm`` from TRL main-branch code quoted for
+TRL 1.7.0), with ``f_divergence_type="reverse_kl"``, no WPO weighting and no ``ld_alpha``. In TRL's notation, with
 ``c = ℓ_θ(y_w) − ℓ_ref(y_w)`` (``chosen_scores``), ``r = ℓ_θ(y_l) − ℓ_ref(y_l)`` and ``δ = c − r``:
 
 ================  ===========================================================================  ======================
@@ -188,17 +189,22 @@ def aot_loss(prep: PreparedBatch, hp: dict, axis_name: str | None = None, *, unp
 
 
 def sft_loss(prep: PreparedBatch, hp: dict, axis_name: str | None = None) -> ComponentResult:
-    """TRL ``sft``: token-mean negative log-likelihood of the chosen responses over the (global) batch."""
+    """TRL ``sft``: token-mean negative log-likelihood of the chosen responses over the (global) batch.
+
+    The chosen response is response 0 without rewards, else the valid response with the highest reward (even
+    when it is the only valid one). Examples without a valid chosen response get weight 0.
+    """
     del hp
-    mask = best_worst_pair_mask(prep)
-    chosen_slot = jnp.any(mask, axis=2)
-    # Chosen = the best valid response; an example with a single valid response still has a chosen one.
-    single = (jnp.sum(prep.valid, axis=-1) == 1)[:, None] & prep.valid
-    chosen_slot = jnp.where(jnp.any(chosen_slot, axis=-1, keepdims=True), chosen_slot, single)
+    num_k = prep.num_responses
+    if prep.rewards is None:
+        chosen_slot = prep.valid & (jnp.arange(num_k) == 0)[None, :]
+    else:
+        best = jnp.argmax(jnp.where(prep.valid, prep.rewards, -jnp.finfo(jnp.float32).max), axis=-1)
+        chosen_slot = prep.valid & (jnp.arange(num_k)[None, :] == best[:, None])
     has_chosen = jnp.any(chosen_slot, axis=-1)
     nll = -jnp.sum(_select(prep.policy, chosen_slot))
     tokens = jnp.sum(_select(prep.lengths, chosen_slot))
     nll, tokens = global_sum((nll, tokens), axis_name)
     mean_nll = nll / jnp.maximum(tokens, 1.0)
     weight = has_chosen.astype(jnp.float32)
-    return ComponentResult(weight * mean_nll, weight, implicit=None, pair_mask=mask)
+    return ComponentResult(weight * mean_nll, weight, implicit=None, pair_mask=preference_pair_mask(prep))

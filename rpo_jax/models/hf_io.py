@@ -79,7 +79,7 @@ def key_table(config: ModelConfig) -> list[KeyRule]:
     return rules
 
 
-LM_HEAD_RULE = KeyRule(("lm_head",), "lm_head.weight", "transpose")
+LM_HEAD_RULE = KeyRule(("lm_head",), "lm_head.weight", "identity")
 
 # Decoder prefixes, in order of preference: causal LM, multimodal Gemma 3 (transformers 5), (transformers 4).
 _DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")

@@ -1,6 +1,6 @@
 """Sequence log-probabilities Σ_t mask[t]·log p(tokens[t] | tokens[<t]), optionally chunked over the vocabulary.
 
-The chunked path scans over vocabulary chunks of the unembedding matrix with a running (max, sum-exp) pair, so
+The chunked path scans over vocabulary chunks (row slices) of the unembedding matrix with a running (max, sum-exp) pair, so
 only [N,T,C] logits exist at a time; the scan body is rematerialised (`jax.checkpoint`), so the backward pass
 also keeps only O(N·T·C) per chunk instead of the [N,T,V] float32 log-probs.
 """
@@ -21,45 +21,48 @@ def token_logps_from_hidden(
     final_logit_softcap: float | None = None,
     vocab_chunk_size: int | None = None,
 ) -> jax.Array:
-    """log softmax(softcap(hidden · W))[target] in float32.
+    """log softmax(softcap(hidden · Wᵀ))[target] in float32 (float64 for float64 inputs).
 
-    hidden [N,T,D], unembedding W [D,V], targets [N,T] int → [N,T] float32.
-    logp = z_target - logsumexp_v z_v with z = softcap(hidden·W) (computed with float32 accumulation).
-    With `vocab_chunk_size` = C the logsumexp is accumulated over ⌈V/C⌉ chunks (W zero-padded, padded logits
-    excluded), never forming [N,T,V].
+    hidden [N,T,D], unembedding rows W [V,D], targets [N,T] int → [N,T].
+    logp = z_target - logsumexp_v z_v with z = softcap(hidden·Wᵀ), accumulated in float32.
+    With `vocab_chunk_size` = C the logsumexp is accumulated over ⌊V/C⌋ row slices of W (lax.scan with a
+    running max and sum of exponentials; the body is rematerialised in the backward pass) plus one remainder
+    slice, so at most [N,T,C] logits exist at a time and W is never copied or padded.
     """
-    d, v = unembedding.shape
+    v, d = unembedding.shape
     hidden = hidden.astype(unembedding.dtype)
-    w_target = jnp.take(unembedding, targets, axis=1)  # [D,N,T]
-    z_target = jnp.einsum("ntd,dnt->nt", hidden, w_target, preferred_element_type=jnp.float32)
-    z_target = L.softcap(z_target, final_logit_softcap)
+    acc = jnp.promote_types(unembedding.dtype, jnp.float32)  # float32 (float64 when given float64)
+
+    def logits(w_rows):
+        z = jnp.einsum("ntd,cd->ntc", hidden, w_rows, preferred_element_type=acc)
+        return L.softcap(z, final_logit_softcap)
+
+    w_target = jnp.take(unembedding, targets, axis=0)  # [N,T,D]
+    z_target = L.softcap(jnp.einsum("ntd,ntd->nt", hidden, w_target, preferred_element_type=acc), final_logit_softcap)
     if vocab_chunk_size is None or vocab_chunk_size >= v:
-        z = jnp.einsum("ntd,dv->ntv", hidden, unembedding, preferred_element_type=jnp.float32)
-        z = L.softcap(z, final_logit_softcap)
-        return z_target - jax.nn.logsumexp(z, axis=-1)
+        return z_target - jax.nn.logsumexp(logits(unembedding), axis=-1)
 
     c = int(vocab_chunk_size)
-    num_chunks = -(-v // c)
-    pad = num_chunks * c - v
-    w = jnp.pad(unembedding, ((0, 0), (0, pad))) if pad else unembedding
-    w_chunks = w.reshape(d, num_chunks, c).transpose(1, 0, 2)  # [nc, D, C]
-    valid = (jnp.arange(num_chunks * c) < v).reshape(num_chunks, c)
+    num_full, rem = divmod(v, c)
 
-    def body(carry, xs):
+    def combine(carry, z):
         running_max, running_sum = carry
-        w_c, valid_c = xs
-        z = jnp.einsum("ntd,dc->ntc", hidden, w_c, preferred_element_type=jnp.float32)
-        z = L.softcap(z, final_logit_softcap)
-        z = jnp.where(valid_c, z, -jnp.inf)
         new_max = jnp.maximum(running_max, jnp.max(z, axis=-1))
         new_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(z - new_max[..., None]), axis=-1)
-        return (new_max, new_sum), None
+        return new_max, new_sum
+
+    def body(carry, i):
+        w_rows = jax.lax.dynamic_slice_in_dim(unembedding, i * c, c, axis=0)
+        return combine(carry, logits(w_rows)), None
 
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     n, t = targets.shape
-    init = (jnp.full((n, t), -jnp.inf, jnp.float32), jnp.zeros((n, t), jnp.float32))
-    # The first chunk always holds a valid logit, so running_max is finite after it (no inf - inf).
-    (m, s), _ = jax.lax.scan(body, init, (w_chunks, valid))
+    init = (jnp.full((n, t), -jnp.inf, acc), jnp.zeros((n, t), acc))
+    # After the first chunk running_max is finite, so exp(running_max - new_max) never sees inf - inf.
+    carry, _ = jax.lax.scan(body, init, jnp.arange(num_full))
+    if rem:
+        carry = jax.checkpoint(lambda cr: combine(cr, logits(unembedding[num_full * c:])))(carry)
+    m, s = carry
     return z_target - (m + jnp.log(s))
 
 

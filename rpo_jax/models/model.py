@@ -7,6 +7,8 @@ Python branches. An optional `jax.checkpoint` policy (config.remat) wraps the sc
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,7 +31,9 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str) -> nnx.Param:
     elif init == "ones":
         value = jnp.ones(shape, dtype)
     else:
-        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        # drawn flat then reshaped: same distribution, and XLA compiles a 1-D threefry several times faster
+        flat = jax.random.normal(rngs.params(), (math.prod(shape),), jnp.float32)
+        value = (0.02 * flat).reshape(shape).astype(dtype)
     return nnx.Param(value, out_sharding=tuple(axes))
 
 
@@ -74,12 +78,13 @@ def decoder_layer(
     cos: jax.Array,
     sin: jax.Array,
     kv_cache: tuple[jax.Array, jax.Array] | None = None,
-    cache_slots: jax.Array | None = None,
+    cache_index: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block: x + attn(norm(x)) then + mlp(norm(x)) (Gemma 2/3: norms on both sides).
 
     x [N,T,D]; p: this layer's parameters; mask [N,T,S] bool; cos/sin [N,T,hd]. With `kv_cache` (k, v
-    [N,S,K,hd]) the new keys/values are written at `cache_slots` [N,T] and attention runs over the cache.
+    [N,S,K,hd]) the new keys/values are written at slots cache_index .. cache_index+T-1 (a scalar) and
+    attention runs over the whole cache (mask [N,T,S] says which slots are visible).
     Returns (x, updated cache or None).
     """
     c, dtype = config, x.dtype
@@ -87,21 +92,20 @@ def decoder_layer(
     w = {name: a.astype(dtype) if a.ndim > 1 else a for name, a in p.items()}
 
     h = norm(x, w["attn_in_norm"])
-    q = jnp.einsum("ntd,dhk->nthk", h, w["q_proj"])
-    k = jnp.einsum("ntd,dhk->nthk", h, w["k_proj"])
-    v = jnp.einsum("ntd,dhk->nthk", h, w["v_proj"])
+    q = L.project_in(h, w["q_proj"])
+    k = L.project_in(h, w["k_proj"])
+    v = L.project_in(h, w["v_proj"])
     if c.qk_norm:
         q, k = norm(q, w["q_norm"]), norm(k, w["k_norm"])
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
     new_cache = None
     if kv_cache is not None:
         k_all, v_all = kv_cache
-        rows = jnp.arange(x.shape[0])[:, None]
-        k_all = k_all.at[rows, cache_slots].set(k.astype(k_all.dtype))
-        v_all = v_all.at[rows, cache_slots].set(v.astype(v_all.dtype))
+        k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_index, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
         new_cache, k, v = (k_all, v_all), k_all.astype(dtype), v_all.astype(dtype)
     attn = L.dot_product_attention(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
-    attn = jnp.einsum("nthk,hkd->ntd", attn, w["o_proj"])
+    attn = L.project_out(attn, w["o_proj"])
     if c.sandwich_norms:
         attn = norm(attn, w["attn_out_norm"])
     x = x + attn
@@ -131,7 +135,8 @@ class Decoder(nnx.Module):
         self.layers = DecoderLayers(c, rngs=rngs, param_dtype=pd)
         self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), pd, "zeros" if c.norm_plus_one else "ones")
         if not c.tie_word_embeddings:
-            self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd, "normal")
+            # [V, D] like the embedding (and Hugging Face's lm_head.weight): vocabulary chunks are row slices
+            self.lm_head = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd, "normal")
         self._rope_types = tuple(sorted(set(c.layer_types)))
 
     # ----------------------------------------------------------------- pieces reused by generation / log-probs
@@ -143,14 +148,16 @@ class Decoder(nnx.Module):
         return x
 
     def unembedding(self) -> jax.Array:
-        """The output projection [D,V] (the transposed embedding when tied), in the compute dtype."""
-        if self.config.tie_word_embeddings:
-            return self.embed[...].astype(self.dtype).T
-        return self.lm_head[...].astype(self.dtype)
+        """The output projection as rows [V,D] (the embedding itself when tied), in the compute dtype.
+
+        logits = hidden · unembedding()ᵀ.
+        """
+        table = self.embed if self.config.tie_word_embeddings else self.lm_head
+        return table[...].astype(self.dtype)
 
     def unembed(self, hidden: jax.Array) -> jax.Array:
         """hidden [...,D] → logits [...,V] float32 (final soft-cap applied)."""
-        logits = jnp.einsum("...d,dv->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
         return L.softcap(logits, self.config.final_logit_softcap)
 
     def _layer_constants(self):
@@ -166,11 +173,12 @@ class Decoder(nnx.Module):
         mask: jax.Array,
         window_mask: jax.Array | None,
         kv_caches: tuple[jax.Array, jax.Array] | None = None,
-        cache_slots: jax.Array | None = None,
+        cache_index: jax.Array | None = None,
     ):
         """Scans all layers. x [N,T,D]; mask/window_mask [N,T,S] bool (window_mask = mask ∧ sliding window).
 
-        kv_caches: stacked (k, v) [L,N,S,K,hd] or None. Returns (x after the final norm, updated caches).
+        kv_caches: stacked (k, v) [L,N,S,K,hd] or None; new keys/values go to slots cache_index + [0, T).
+        Returns (x after the final norm, updated caches or None).
         """
         c = self.config
         inv_freqs = [L.rope_inv_freq(c.rope_by_type[t], c.head_dim) for t in self._rope_types]
@@ -182,7 +190,7 @@ class Decoder(nnx.Module):
         def body(h, xs):
             p, is_sliding, r, cache = xs
             m = mask if window_mask is None else jnp.where(is_sliding, window_mask, mask)
-            h, new_cache = decoder_layer(c, h, p, m, cos_tab[r], sin_tab[r], cache, cache_slots)
+            h, new_cache = decoder_layer(c, h, p, m, cos_tab[r], sin_tab[r], cache, cache_index)
             return h, new_cache
 
         if c.remat != "none":
@@ -232,8 +240,7 @@ def create_model(
 ) -> Decoder:
     """Randomly initialised `Decoder` (normal(0.02) weights, identity norms).
 
-    With `mesh`, parameters are created directly in their rule-given shardings (jit with out_shardings), never
-    materialised whole on one device.
+    Initialisation runs in one jit; with `mesh` its outputs are the rule-given shardings (jit out_shardings).
     """
     key = rngs.params()
     build = lambda k: Decoder(config, rngs=nnx.Rngs(params=k), dtype=dtype, param_dtype=param_dtype)  # noqa: E731

@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     # {"path": HF dir ("" = initial policy), "tokenizer": dir ("" = its path)}; index 0 is the primary.
     c.references = []
     c.reference_mode = "auto"         # "cache" (precompute [N,K,R] once) | "in_step" | "auto" (cache)
+    c.reference_cache_dir = ""        # where cached reference log-probs live; empty: WORKDIR/ref_cache
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""                 # file(s)/dir, comma-separated; "demo": the bundled demo task

@@ -135,6 +135,14 @@ def load_model(path: str, cfg: ml_collections.ConfigDict, mesh, dtype, vocab_siz
     return model, mconfig, fingerprint
 
 
+def on_mesh(tree: Any, mesh) -> Any:
+    """Leaves already spread over `mesh` keep their sharding (parameters, moments that follow them); any other
+    leaf (scalars such as the step or Adam's count) is replicated over the mesh."""
+    devices = set(mesh.devices.flat)
+    return jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None and x.sharding.device_set == devices
+                        else jax.device_put(x, replicated(mesh)), tree)
+
+
 # ------------------------------------------------------------------------------------------------ the run
 @dataclasses.dataclass
 class Run:
@@ -159,9 +167,10 @@ class Run:
     dtype: Any
 
 
-def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
+def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> Run:
+    """Data, policy, references, optimizer and initial state (`devices`: a subset to run on; default all)."""
     workdir = pathlib.Path(workdir)
-    mesh = make_mesh(dict(cfg.mesh))
+    mesh = make_mesh(dict(cfg.mesh), devices)
     dtype = compute_dtype(cfg.model.dtype)
     loss_fn = build_loss(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -171,13 +180,9 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     total_steps = cfg.train.steps * max(1, cfg.train.iterations)
     tx, schedule = make_optimizer(cfg.optimizer, total_steps)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt_state = jax.jit(tx.init)(params)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(cfg.seed))}
-    state = jax.device_put(state, {"params": param_shardings,
-                                   "opt_state": jax.tree.map(lambda x: x.sharding, opt_state),
-                                   "step": replicated(mesh), "rng": replicated(mesh)})
+    state = on_mesh(state, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
 
     references: list[R.Reference] = []
@@ -226,11 +231,14 @@ def fill_reference_cache(run: Run) -> None:
     for split, ds in run.datasets.items():
         columns = []
         for ref in run.references:
-            fn = jax.jit(lambda p, b, ref=ref: response_logps(ref.graphdef, p, ref.rest, b, compute_dtype=run.dtype,
-                                                              vocab_chunk_size=cfg.model.vocab_chunk_size or None))
+            fn = jax.jit(lambda p, b, ref=ref: (response_logps(ref.graphdef, p, ref.rest, b, compute_dtype=run.dtype,
+                                                               vocab_chunk_size=cfg.model.vocab_chunk_size or None),
+                                                b["index"], b["valid"]),
+                         out_shardings=replicated(run.mesh))
             compute = lambda ref=ref, fn=fn: R.compute_logps(fn, ref.params, ref.datasets[split], per_process,  # noqa: E731
                                                              lambda b: to_global(b, run.mesh))
-            columns.append(R.cached_logps(run.workdir, ref, split, compute))
+            cache_dir = pathlib.Path(cfg.reference_cache_dir or run.workdir / "ref_cache")
+            columns.append(R.cached_logps(cache_dir, ref, split, compute))
         values = np.stack(columns, axis=-1)  # [N, K, R]
         _check_cache_complete(values, ds, split)
         cache[split] = values
@@ -335,15 +343,14 @@ def evaluate(run: Run, params, eval_step) -> dict[str, float]:
     weight_sum = 0.0
     loss_sum = 0.0
     for batch in D.make_eval_batches(ds, per_process):
-        per_example, weight, metrics = eval_step(params, _device_batch(run, batch, "eval"),
-                                                 _ref_params(run))
-        w = float(jnp.sum(weight))
-        if w == 0:
+        batch_loss, batch_weight, metrics = jax.device_get(
+            eval_step(params, _device_batch(run, batch, "eval"), _ref_params(run)))
+        if batch_weight == 0:
             continue
-        loss_sum += float(jnp.sum(per_example * weight))
-        weight_sum += w
+        loss_sum += float(batch_loss)
+        weight_sum += float(batch_weight)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * w
+            totals[k] = totals.get(k, 0.0) + float(v) * float(batch_weight)
     if weight_sum == 0:
         return {}
     return {"loss": loss_sum / weight_sum, **{k: v / weight_sum for k, v in totals.items()}}
@@ -353,14 +360,14 @@ def _ref_params(run: Run) -> tuple:
     return tuple(r.params for r in run.references) if run.in_step_refs else ()
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precompute_only: bool = False
-          ) -> dict[str, Any]:
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precompute_only: bool = False,
+          devices=None) -> dict[str, Any]:
     """Run the configured training; returns the final train and eval metrics."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
-    run = build_run(cfg, workdir)
+    run = build_run(cfg, workdir, devices=devices)
     fill_reference_cache(run)
     if precompute_only:
         return {"reference_cache": {k: list(v.shape) for k, v in run.ref_cache.items()}}
@@ -376,9 +383,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precomp
     step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                               micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
                               ref_graphdefs=ref_graphdefs, lr_schedule=run.schedule)
-    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, None))
+    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
     eval_step = jax.jit(make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=run.dtype,
-                                       vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs))
+                                       vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs),
+                        out_shardings=replicated(run.mesh))
 
     state = run.state
     restored = ckpt.restore_latest(abstract_like(state))
@@ -457,9 +465,16 @@ def _reset_reference_to_policy(run: Run, params, step: int) -> None:
 
 
 def export(run: Run, params, out_dir: str | os.PathLike) -> pathlib.Path:
-    """Write the policy as a Hugging Face directory (config, safetensors, tokenizer)."""
-    model = nnx.merge(run.graphdef, params, run.rest)
-    return save_hf(model, run.model_config, out_dir, tokenizer=run.tokenizer)
+    """Write the policy as a Hugging Face directory (config, safetensors, tokenizer); process 0 writes."""
+    return _save_replicated(run.graphdef, params, run.rest, run.model_config, out_dir, run.tokenizer, run.mesh)
+
+
+def _save_replicated(graphdef, params, rest, model_config, out_dir, tokenizer, mesh) -> pathlib.Path:
+    params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(params)  # every process holds the whole
+    if jax.process_index() == 0:
+        save_hf(nnx.merge(graphdef, params, rest), model_config, out_dir, tokenizer=tokenizer)
+    multihost_utils.sync_global_devices("rpo_jax_export")
+    return pathlib.Path(out_dir)
 
 
 def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
@@ -481,4 +496,4 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pa
         raise FileNotFoundError(f"{workdir}/checkpoints: no restorable checkpoint")
     step, params = restored
     log.info("exporting step %d of %s", step, workdir)
-    return save_hf(nnx.merge(graphdef, params, rest), mconfig, out_dir, tokenizer=tokenizer)
+    return _save_replicated(graphdef, params, rest, mconfig, out_dir, tokenizer, mesh)

@@ -75,26 +75,23 @@ def compute_logps(logps_fn: Callable, params: Any, dataset: TokenizedDataset, ba
                   to_global: Callable) -> np.ndarray:
     """`[N, K]` float32 sequence log-probs of every record's responses (NaN where absent or dropped).
 
-    `logps_fn(params, batch) -> [B, K]` (jitted); batches cover the split once over all processes.
+    `logps_fn(params, batch) -> (logps [B, K], index [B], valid [B, K])`, jitted with replicated outputs, so
+    every process receives every row; batches cover the split once over all processes.
     """
     out = np.full((dataset.num_records, dataset.k_max), np.nan, np.float32)
     for batch in make_eval_batches(dataset, batch_size):
-        index = batch.pop("index")
-        values = logps_fn(params, to_global(batch))
-        values = np.asarray(multihost_utils.process_allgather(values, tiled=True))
-        index = np.asarray(multihost_utils.process_allgather(index, tiled=True))
-        valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
+        values, index, valid = (np.asarray(x) for x in logps_fn(params, to_global(batch)))
         rows = index >= 0
         out[index[rows]] = np.where(valid[rows], values[rows], np.nan)
     return out
 
 
-def cached_logps(workdir: str | os.PathLike, reference: Reference, split: str, compute: Callable[[], np.ndarray]
-                 ) -> np.ndarray:
-    """The `[N, K]` log-probs of `reference` on `split`, from the cache or computed (then stored)."""
+def cached_logps(directory: str | os.PathLike, reference: Reference, split: str,
+                 compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """The `[N, K]` log-probs of `reference` on `split`, from the cache `directory` or computed (then stored)."""
     key = cache_key(reference, split)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    directory = pathlib.Path(workdir) / "ref_cache"
+    directory = pathlib.Path(directory)
     path = directory / f"{split}-{digest}.npy"
     if path.exists():
         log.info("reference cache hit: %s", path)

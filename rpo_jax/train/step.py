@@ -105,7 +105,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[PreferenceLogps], LossOutput], *,
                    compute_dtype, vocab_chunk_size: int | None = None, ref_graphdefs: tuple = ()):
-    """Build `eval_step(params, batch, ref_params) -> (per_example [B], weight [B], metrics)`."""
+    """Build `eval_step(params, batch, ref_params) -> (Σ weight·per_example, Σ weight, metrics)`; the weight of
+    an example is 1 when any of its responses is valid (padding examples weigh 0)."""
     def eval_step(params, batch, ref_params=()):
         lp = lambda gd, p, r: response_logps(gd, p, r, batch, compute_dtype=compute_dtype,  # noqa: E731
                                              vocab_chunk_size=vocab_chunk_size)
@@ -114,5 +115,5 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefere
             ref = jnp.stack([lp(gd, p, r) for (gd, r), p in zip(ref_graphdefs, ref_params)], axis=-1)
         out = loss_fn(preference_inputs(lp(graphdef, params, rest), batch, ref))
         weight = jnp.any(batch["valid"], axis=-1).astype(jnp.float32)
-        return out.per_example, weight, out.metrics
+        return jnp.sum(out.per_example * weight), jnp.sum(weight), out.metrics
     return eval_step

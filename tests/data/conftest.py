@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import pytest
@@ -51,3 +52,22 @@ def demo_tokenizer():
     from rpo_jax.data import demo_paths
 
     return AutoTokenizer.from_pretrained(demo_paths()["tokenizer"])
+
+
+def _write_lines(path: pathlib.Path, lines: list) -> pathlib.Path:
+    """Write JSON objects (dicts), raw strings or raw bytes one per line."""
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, bytes):
+                f.write(line + b"\n")
+            elif isinstance(line, str):
+                f.write(line.encode("utf-8") + b"\n")
+            else:
+                f.write(json.dumps(line).encode("utf-8") + b"\n")
+    return path
+
+
+@pytest.fixture
+def write_lines():
+    """``write_lines(path, lines)``: JSON objects, raw strings or raw bytes, one per line; returns path."""
+    return _write_lines

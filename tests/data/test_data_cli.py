@@ -6,15 +6,13 @@ import pathlib
 import subprocess
 import sys
 
-from data_helpers import write_lines
-
 from rpo_jax.data import demo_paths
 from rpo_jax.data.cli import main
 
 GOOD = {"prompt": "q", "responses": ["a", "b", "c"], "rewards": [1.0, 0.5, 0.0]}
 
 
-def test_clean_file_exits_zero_and_prints_statistics(tmp_path, capsys):
+def test_clean_file_exits_zero_and_prints_statistics(write_lines, tmp_path, capsys):
     path = write_lines(tmp_path / "good.jsonl", [GOOD, {"prompt": "r", "responses": ["a", "b"], "rewards": [2, 1]}])
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
@@ -24,7 +22,7 @@ def test_clean_file_exits_zero_and_prints_statistics(tmp_path, capsys):
     assert "problems: none" in out
 
 
-def test_problems_are_listed_with_file_line_field_and_exit_one(tmp_path, capsys):
+def test_problems_are_listed_with_file_line_field_and_exit_one(write_lines, tmp_path, capsys):
     path = write_lines(tmp_path / "bad.jsonl", [GOOD, "{oops", {"prompt": "q", "responses": ["a", "b"],
                                                                    "rewards": [1.0]}, b"\xff\xfe"])
     assert main(["validate", str(path)]) == 1
@@ -35,7 +33,7 @@ def test_problems_are_listed_with_file_line_field_and_exit_one(tmp_path, capsys)
     assert f"{path}:4: <bytes>: invalid UTF-8" in out
 
 
-def test_tokenizer_adds_lengths_and_truncation_and_prompt_problems(tmp_path, capsys):
+def test_tokenizer_adds_lengths_and_truncation_and_prompt_problems(write_lines, tmp_path, capsys):
     tok = demo_paths()["tokenizer"]
     assert main(["validate", demo_paths()["test"], "--tokenizer", tok, "--max-length", "64"]) == 0
     out = capsys.readouterr().out
@@ -55,7 +53,7 @@ def test_bad_usage_exits_two(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_console_script_entry_point(tmp_path):
+def test_console_script_entry_point(write_lines, tmp_path):
     """The installed ``rpo-data`` script when present (setup.cfg entry point), else the same call."""
     path = write_lines(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}])
     script = pathlib.Path(sys.executable).parent / "rpo-data"

@@ -6,8 +6,6 @@ import gzip
 import json
 
 import pytest
-from data_helpers import write_lines
-
 from rpo_jax.data import PreferenceRecord, RecordError, read_records, require_rewards, to_pairs
 from rpo_jax.data.records import detect_format
 
@@ -32,15 +30,15 @@ CONVERSATIONAL_PAIR = {
 }
 
 
-def _read_one(tmp_path, obj, **kw) -> PreferenceRecord:
+def _read_one(write_lines, tmp_path, obj, **kw) -> PreferenceRecord:
     records, report = read_records(write_lines(tmp_path / "x.jsonl", [obj]), **kw)
     assert report.ok and len(records) == 1
     return records[0]
 
 
 @pytest.mark.parametrize("fmt", sorted(STRING_PAIR_WITH_REWARDS))
-def test_string_formats_give_the_same_canonical_record(tmp_path, fmt):
-    record = _read_one(tmp_path, STRING_PAIR_WITH_REWARDS[fmt])
+def test_string_formats_give_the_same_canonical_record(write_lines, tmp_path, fmt):
+    record = _read_one(write_lines, tmp_path, STRING_PAIR_WITH_REWARDS[fmt])
     assert record.prompt == ({"role": "user", "content": "what is two plus two"},)
     assert record.responses == (({"role": "assistant", "content": "four"},),
                                 ({"role": "assistant", "content": "five"},))
@@ -50,15 +48,15 @@ def test_string_formats_give_the_same_canonical_record(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", sorted(CONVERSATIONAL_PAIR))
-def test_conversational_formats_give_the_same_canonical_record(tmp_path, fmt):
-    record = _read_one(tmp_path, CONVERSATIONAL_PAIR[fmt])
+def test_conversational_formats_give_the_same_canonical_record(write_lines, tmp_path, fmt):
+    record = _read_one(write_lines, tmp_path, CONVERSATIONAL_PAIR[fmt])
     assert record.prompt == (USER,)
     assert record.responses == ((GOOD,), (BAD,))
     assert record.rewards is None
     assert record.conversational is True
 
 
-def test_detected_formats_are_reported(tmp_path):
+def test_detected_formats_are_reported(write_lines, tmp_path):
     files = []
     for name, obj in [("a", STRING_PAIR_WITH_REWARDS["nemo"]), ("b", CONVERSATIONAL_PAIR["trl_implicit"]),
                       ("c", STRING_PAIR_WITH_REWARDS["k_responses"]), ("d", CONVERSATIONAL_PAIR["trl_conversational"])]:
@@ -67,17 +65,17 @@ def test_detected_formats_are_reported(tmp_path):
     assert [report.formats[str(f)] for f in files] == ["nemo", "trl_implicit", "k_responses", "trl"]
 
 
-def test_implicit_prompt_is_the_longest_common_prefix(tmp_path):
+def test_implicit_prompt_is_the_longest_common_prefix(write_lines, tmp_path):
     sys_msg = {"role": "system", "content": "be brief"}
     turn2 = {"role": "assistant", "content": "hi"}
     turn3 = {"role": "user", "content": "sum"}
     obj = {"chosen": [sys_msg, USER, turn2, turn3, GOOD], "rejected": [sys_msg, USER, turn2, turn3, BAD, USER]}
-    record = _read_one(tmp_path, obj)
+    record = _read_one(write_lines, tmp_path, obj)
     assert record.prompt == (sys_msg, USER, turn2, turn3)
     assert record.responses == ((GOOD,), (BAD, USER))
 
 
-def test_k_responses_variable_k_and_multi_message_responses(tmp_path):
+def test_k_responses_variable_k_and_multi_message_responses(write_lines, tmp_path):
     lines = [{"prompt": "p one", "responses": ["a", "b", "c"], "rewards": [0.1, 0.2, 0.3]},
              {"prompt": "p two", "responses": ["a", "b"], "rewards": [1, 2]}]
     records, _ = read_records(write_lines(tmp_path / "k.jsonl", lines))
@@ -86,7 +84,7 @@ def test_k_responses_variable_k_and_multi_message_responses(tmp_path):
     assert [r.source[1] for r in records] == [1, 2]
 
 
-def test_gz_parquet_and_directory_sources_give_the_same_records(tmp_path):
+def test_gz_parquet_and_directory_sources_give_the_same_records(write_lines, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -111,7 +109,7 @@ def test_gz_parquet_and_directory_sources_give_the_same_records(tmp_path):
     assert [r.source[1] for r in records] == [1, 2, 1, 2, 3]
 
 
-def test_declared_format_is_enforced(tmp_path):
+def test_declared_format_is_enforced(write_lines, tmp_path):
     path = write_lines(tmp_path / "x.jsonl", [STRING_PAIR_WITH_REWARDS["trl_standard"]])
     with pytest.raises(RecordError, match=r"x\.jsonl:1: chosen_response: missing field"):
         read_records(path, format="nemo")
@@ -159,7 +157,7 @@ BAD_LINES = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD_LINES))
-def test_bad_input_raises_with_file_line_field(tmp_path, name):
+def test_bad_input_raises_with_file_line_field(write_lines, tmp_path, name):
     good, bad, field, fragment = BAD_LINES[name]
     path = write_lines(tmp_path / "bad.jsonl", [good, good, bad, good])
     with pytest.raises(RecordError) as info:
@@ -172,7 +170,7 @@ def test_bad_input_raises_with_file_line_field(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", sorted(BAD_LINES))
-def test_skip_counts_and_reports_every_problem(tmp_path, name):
+def test_skip_counts_and_reports_every_problem(write_lines, tmp_path, name):
     good, bad, field, _ = BAD_LINES[name]
     path = write_lines(tmp_path / "bad.jsonl", [good, bad, good, bad])
     records, report = read_records(path, on_error="skip")
@@ -181,13 +179,13 @@ def test_skip_counts_and_reports_every_problem(tmp_path, name):
     assert not report.ok
 
 
-def test_every_problem_of_one_record_is_listed(tmp_path):
+def test_every_problem_of_one_record_is_listed(write_lines, tmp_path):
     path = write_lines(tmp_path / "k.jsonl", [{"prompt": "", "responses": ["a", ""], "rewards": [float("nan"), 1]}])
     _, report = read_records(path, on_error="skip")
     assert sorted(p.field for p in report.problems) == ["prompt", "responses[1]", "rewards[0]"]
 
 
-def test_unknown_keys_and_missing_paths(tmp_path):
+def test_unknown_keys_and_missing_paths(write_lines, tmp_path):
     path = write_lines(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(RecordError, match=r"u\.jsonl:1: <record>: unknown record format"):
         read_records(path)
@@ -206,7 +204,7 @@ def test_detect_format_keys():
     assert detect_format(_K) == "k_responses"
 
 
-def test_rewards_are_never_invented(tmp_path):
+def test_rewards_are_never_invented(write_lines, tmp_path):
     """NeMo-Aligner defaults missing rewards to 1/0; here they stay None and reward-aware use is refused."""
     nemo_no_rewards = {"prompt": "q", "chosen_response": "a", "rejected_response": "b"}
     no_rw = write_lines(tmp_path / "no_rewards.jsonl", [nemo_no_rewards, {**_NEMO, "prompt": "q2"}])
@@ -239,3 +237,17 @@ def test_to_pairs_best_vs_worst_and_all_pairs():
     with pytest.raises(ValueError, match="to_pairs needs rewards"):
         to_pairs([PreferenceRecord(prompt=(USER,), responses=((GOOD,), (BAD,)), rewards=None, conversational=True)])
 
+
+
+def test_empty_and_corrupt_files_are_problems(write_lines, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(RecordError, match=r"empty\.jsonl:0: <file>: no records"):
+        read_records(empty)
+    good = write_lines(tmp_path / "good.jsonl", [_K])
+    records, report = read_records([empty, good], on_error="skip")
+    assert len(records) == 1 and [p.field for p in report.problems] == ["<file>"]
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(gzip.compress(b'{"prompt": "q", "responses": ["a", "b"]}\n' * 50)[:-30])
+    records, report = read_records(corrupt, on_error="skip")
+    assert report.problems and report.problems[-1].field == "<file>" and "cannot read" in report.problems[-1].message

@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-from data_helpers import write_lines
-
 from rpo_jax.data import build_tfds, load_tfds_records, read_records, tfds_data_source
 
 
@@ -15,7 +13,7 @@ def _rows(n: int, offset: int = 0) -> list[dict]:
              "rewards": [1.0, float(i)]} for i in range(offset, offset + n)]
 
 
-def test_given_split_files_round_trip(tmp_path):
+def test_given_split_files_round_trip(write_lines, tmp_path):
     train = write_lines(tmp_path / "train.jsonl", _rows(7))
     test = write_lines(tmp_path / "test.jsonl", _rows(3, offset=100))
     builder_dir, reports = build_tfds(tmp_path / "tfds", splits={"train": [train], "validation": [test]}, name="given")
@@ -29,7 +27,7 @@ def test_given_split_files_round_trip(tmp_path):
     assert "tensorflow" not in sys.modules  # the TF-free path
 
 
-def test_holdout_fraction_is_seeded_disjoint_and_complete(tmp_path):
+def test_holdout_fraction_is_seeded_disjoint_and_complete(write_lines, tmp_path):
     src = write_lines(tmp_path / "all.jsonl", _rows(40))
     build_tfds(tmp_path / "a", sources=src, holdout_fraction=0.25, seed=5)
     build_tfds(tmp_path / "b", sources=[src], holdout_fraction=0.25, seed=5)
@@ -43,7 +41,7 @@ def test_holdout_fraction_is_seeded_disjoint_and_complete(tmp_path):
     assert lines(load_tfds_records(tmp_path / "c", "test")) != lines(test)
 
 
-def test_builder_reports_and_refuses_bad_records(tmp_path):
+def test_builder_reports_and_refuses_bad_records(write_lines, tmp_path):
     src = write_lines(tmp_path / "bad.jsonl", _rows(2) + [{"prompt": "q", "responses": ["a"]}])
     from rpo_jax.data import RecordError
 

@@ -188,10 +188,8 @@ def test_variable_k_pads_invalid_slots(demo_tokenizer):
     assert tokenize_records(records, demo_tokenizer, max_length=64, k_max=6).collate([0])["tokens"].shape[1] == 6
 
 
-def test_four_format_files_read_validate_and_batch(tmp_path, words_tokenizer):
+def test_four_format_files_read_validate_and_batch(write_lines, tmp_path, words_tokenizer):
     """The 'done when' case: a JSONL per format (one a K = 4 file with rewards) gives contract batches."""
-    from data_helpers import write_lines
-
     u = {"role": "user", "content": "what is two plus two"}
     files = {
         "standard.jsonl": [{"prompt": "what is", "chosen": " four", "rejected": " five"}] * 3,

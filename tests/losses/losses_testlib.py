@@ -76,3 +76,18 @@ def mean_over_pairs(pairs_per_example, pair_loss):
     per_example = np.array(per_example)
     loss = per_example[used].mean() if any(used) else 0.0
     return per_example, loss
+
+
+_JIT_CACHE: dict = {}
+
+
+def jit_loss(name, **hparams):
+    """``jax.jit(make_loss(name, **hparams))``, memoised so each loss compiles once per shape in a test session."""
+    import jax
+
+    from rpo_jax.losses import make_loss
+
+    key = repr((name, sorted(hparams.items())))
+    if key not in _JIT_CACHE:
+        _JIT_CACHE[key] = jax.jit(make_loss(name, **hparams))
+    return _JIT_CACHE[key]

@@ -8,7 +8,7 @@ from jax.test_util import check_grads
 
 from rpo_jax.losses import DISTANCES, bwd_kl, fwd_kl, squared
 from rpo_jax.losses.distances import get_distance
-from losses_testlib import log_sigmoid, sigmoid
+from tests.losses.losses_testlib import log_sigmoid, sigmoid
 
 A = np.array([-7.0, -2.5, -0.3, 0.0, 0.4, 1.7, 6.0], np.float32)
 B = np.array([1.3, -0.8, 0.0, 2.2, -4.0, 1.7, 0.5], np.float32)

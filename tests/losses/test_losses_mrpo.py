@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rpo_jax.losses import PreferenceLogps, make_loss, virtual_reference
-from losses_testlib import as_f64, log_sigmoid, random_batch
+from tests.losses.losses_testlib import jit_loss, as_f64, log_sigmoid, random_batch
 
 BETA = 0.2
 
@@ -53,7 +53,7 @@ def test_mrpo_matches_authors_formula_k2(mode, alpha):
     policy, ref, _, _, _ = as_f64(batch)
     weights = _arwc_k2(ref) if alpha is None else np.tile(np.array(alpha), (6, 1))
     virtual = _virtual(_ctro_k2(ref, 0.1, mode), weights)
-    out = make_loss("mrpo", beta=BETA, alpha=alpha, epsilon=0.1, epsilon_mode=mode)(batch)
+    out = jit_loss("mrpo", beta=BETA, alpha=alpha, epsilon=0.1, epsilon_mode=mode)(batch)
     np.testing.assert_allclose(out.per_example, _dpo(policy, virtual), rtol=1e-5)
 
 
@@ -67,16 +67,16 @@ def test_one_hot_alpha_without_clipping_is_dpo_with_that_reference(k):
     batch = _batch(2)
     policy, ref, _, _, _ = as_f64(batch)
     alpha = tuple(float(i == k) for i in range(3))
-    out = make_loss("mrpo", beta=BETA, alpha=alpha, epsilon=None)(batch)
-    dpo = make_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, batch.ref_logps[..., k]))
+    out = jit_loss("mrpo", beta=BETA, alpha=alpha, epsilon=None)(batch)
+    dpo = jit_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, batch.ref_logps[..., k]))
     np.testing.assert_allclose(out.per_example, dpo.per_example, rtol=1e-5)
     np.testing.assert_allclose(out.per_example, _dpo(policy, ref[..., k]), rtol=1e-5)
 
 
 def test_one_hot_alpha_with_inactive_clipping_is_dpo_with_that_reference():
     batch = _batch(3)
-    out = make_loss("mrpo", beta=BETA, alpha=(0.0, 1.0, 0.0), epsilon=0.9, epsilon_mode="fixed")(batch)
-    dpo = make_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, batch.ref_logps[..., 1]))
+    out = jit_loss("mrpo", beta=BETA, alpha=(0.0, 1.0, 0.0), epsilon=0.9, epsilon_mode="fixed")(batch)
+    dpo = jit_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, batch.ref_logps[..., 1]))
     np.testing.assert_allclose(out.per_example, dpo.per_example, rtol=1e-5)
 
 
@@ -85,8 +85,8 @@ def test_one_hot_alpha_with_inactive_clipping_is_dpo_with_that_reference():
 def test_identical_references_give_dpo(alpha, mode):
     batch = _batch(4, r=2)
     ref = np.repeat(np.asarray(batch.ref_logps)[..., :1], 2, axis=-1)
-    out = make_loss("mrpo", beta=BETA, alpha=alpha, epsilon_mode=mode)(PreferenceLogps(batch.policy_logps, ref))
-    dpo = make_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, ref[..., 0]))
+    out = jit_loss("mrpo", beta=BETA, alpha=alpha, epsilon_mode=mode)(PreferenceLogps(batch.policy_logps, ref))
+    dpo = jit_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, ref[..., 0]))
     np.testing.assert_allclose(out.per_example, dpo.per_example, rtol=1e-5)
 
 
@@ -94,8 +94,8 @@ def test_identical_references_give_dpo(alpha, mode):
 @pytest.mark.parametrize("mode", ["adaptive", "fixed"])
 def test_epsilon_zero_gives_dpo_with_the_primary_reference(alpha, mode):
     batch = _batch(5)
-    out = make_loss("mrpo", beta=BETA, alpha=alpha, epsilon=0.0, epsilon_mode=mode)(batch)
-    dpo = make_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, batch.ref_logps[..., 0]))
+    out = jit_loss("mrpo", beta=BETA, alpha=alpha, epsilon=0.0, epsilon_mode=mode)(batch)
+    dpo = jit_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, batch.ref_logps[..., 0]))
     np.testing.assert_allclose(out.per_example, dpo.per_example, rtol=1e-5)
 
 
@@ -126,8 +126,8 @@ def test_mrpo_combiner_composes_with_every_rpo_distance(loss_name):
     batch = random_batch(7, b=4, k=3, r=3)
     virtual = virtual_reference(np.asarray(batch.ref_logps), np.ones((4, 3), bool), alpha=(0.5, 0.25, 0.25),
                                 epsilon=0.1, epsilon_mode="fixed")
-    combined = make_loss(loss_name, reference_combiner="mrpo", alpha=(0.5, 0.25, 0.25), epsilon_mode="fixed")(batch)
-    single = make_loss(loss_name)(PreferenceLogps(batch.policy_logps, np.asarray(virtual), batch.lengths, batch.rewards))
+    combined = jit_loss(loss_name, reference_combiner="mrpo", alpha=(0.5, 0.25, 0.25), epsilon_mode="fixed")(batch)
+    single = jit_loss(loss_name)(PreferenceLogps(batch.policy_logps, np.asarray(virtual), batch.lengths, batch.rewards))
     np.testing.assert_allclose(combined.per_example, single.per_example, rtol=1e-6)
 
 
@@ -136,24 +136,24 @@ def test_multi_dpo_is_weighted_sum_of_dpo():
     policy, ref, _, _, _ = as_f64(batch)
     alpha = (0.5, 0.3, 0.2)
     expected = sum(a * _dpo(policy, ref[..., k]) for k, a in enumerate(alpha))
-    out = make_loss("multi_dpo", beta=BETA, alpha=alpha, epsilon=None)(batch)
+    out = jit_loss("multi_dpo", beta=BETA, alpha=alpha, epsilon=None)(batch)
     np.testing.assert_allclose(out.per_example, expected, rtol=1e-5)
     clipped = _ctro_k2(ref, 0.1, "adaptive")
     weights = _arwc_k2(ref)
     expected_arwc = sum(weights[:, k] * _dpo(policy, clipped[..., k]) for k in range(3))
-    np.testing.assert_allclose(make_loss("multi_dpo", beta=BETA)(batch).per_example, expected_arwc, rtol=1e-5)
+    np.testing.assert_allclose(jit_loss("multi_dpo", beta=BETA)(batch).per_example, expected_arwc, rtol=1e-5)
 
 
 def test_mrpo_needs_a_reference_axis():
     batch = random_batch(9, b=2, k=2, rewards=False)
     with pytest.raises(ValueError, match="ref_logps.*R >= 2"):
-        make_loss("mrpo")(batch)
+        jit_loss("mrpo")(batch)
     with pytest.raises(ValueError, match="ref_logps.*R >= 2"):
-        make_loss("rpo_bwd_kl", reference_combiner="mrpo")(random_batch(9, b=2, k=2))
+        jit_loss("rpo_bwd_kl", reference_combiner="mrpo")(random_batch(9, b=2, k=2))
     with pytest.raises(ValueError, match="ref_logps"):
-        make_loss("mrpo", alpha=(0.5, 0.5))(random_batch(9, b=2, k=2, r=3, rewards=False))
+        jit_loss("mrpo", alpha=(0.5, 0.5))(random_batch(9, b=2, k=2, r=3, rewards=False))
     with pytest.raises(ValueError, match="ref_logps"):
-        make_loss("mrpo")(PreferenceLogps(batch.policy_logps))
+        jit_loss("mrpo")(PreferenceLogps(batch.policy_logps))
 
 
 def test_loss_attributes():

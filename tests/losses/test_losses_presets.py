@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from rpo_jax.losses import PreferenceLogps, bwd_kl, make_loss, rpo_pairwise
-from rpo_jax.losses.rpo import pairwise_differences
-from losses_testlib import all_ordered_pairs, as_f64, log_sigmoid, mean_over_pairs, preferred_pairs, random_batch, sigmoid
+from tests.losses.losses_testlib import jit_loss, all_ordered_pairs, as_f64, log_sigmoid, mean_over_pairs, preferred_pairs, random_batch, sigmoid
 
 VALID_K4 = np.array([[True, True, True, True], [True, False, True, True], [False, True, False, True],
                      [True, False, False, False], [True, True, True, False]])
@@ -38,7 +37,7 @@ def listwise_batch(seed=1):
 
 
 def _loss(name, batch, **hp):
-    out = make_loss(name, **hp)(batch)
+    out = jit_loss(name, **hp)(batch)
     return float(out.loss), np.asarray(out.per_example)
 
 
@@ -79,7 +78,7 @@ def test_cdpo_textbook_and_setting(eps):
     loss, _ = _loss("cdpo", batch, beta=beta, label_smoothing=eps)
     # The RPO form is the KL: TRL's label-smoothed sigmoid loss minus the target's binary entropy.
     np.testing.assert_allclose(loss, expected - entropy, rtol=1e-5, atol=1e-6)
-    grad_cdpo = jax.grad(lambda x: make_loss("cdpo", beta=beta, label_smoothing=eps)(
+    grad_cdpo = jax.grad(lambda x: jit_loss("cdpo", beta=beta, label_smoothing=eps)(
         PreferenceLogps(x, batch.ref_logps)).loss)(jnp.asarray(batch.policy_logps))
     policy, ref, _, _, _ = as_f64(batch)
     z = beta * ((policy[:, 0] - policy[:, 1]) - (ref[:, 0] - ref[:, 1]))
@@ -140,7 +139,7 @@ def _rpo_textbook(batch, distance, beta, eta):
 def test_rpo_pairwise_textbook_k4_with_missing_responses(distance):
     batch = listwise_batch()
     per_ex, expected = _rpo_textbook(batch, distance, 0.4, 1.5)
-    out = make_loss(f"rpo_{distance}", beta=0.4, eta=1.5)(batch)
+    out = jit_loss(f"rpo_{distance}", beta=0.4, eta=1.5)(batch)
     np.testing.assert_allclose(out.loss, expected, rtol=1e-5)
     np.testing.assert_allclose(out.per_example, per_ex, rtol=1e-5, atol=1e-7)
     assert np.all(np.isfinite(np.asarray(out.per_example)))
@@ -149,9 +148,9 @@ def test_rpo_pairwise_textbook_k4_with_missing_responses(distance):
 def test_distill_dpo_is_rpo_sq_and_textbook():
     batch = listwise_batch(2)
     per_ex, expected = _rpo_textbook(batch, "sq", 0.3, 0.8)
-    np.testing.assert_allclose(make_loss("distill_dpo", beta=0.3, eta=0.8)(batch).loss, expected, rtol=1e-5)
-    np.testing.assert_allclose(make_loss("distill_dpo", beta=0.3, eta=0.8)(batch).per_example,
-                               make_loss("rpo_sq", beta=0.3, eta=0.8)(batch).per_example, rtol=1e-7)
+    np.testing.assert_allclose(jit_loss("distill_dpo", beta=0.3, eta=0.8)(batch).loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(jit_loss("distill_dpo", beta=0.3, eta=0.8)(batch).per_example,
+                               jit_loss("rpo_sq", beta=0.3, eta=0.8)(batch).per_example, rtol=1e-7)
 
 
 def test_rpo_listwise_textbook_k4():
@@ -166,7 +165,7 @@ def test_rpo_listwise_textbook_k4():
         p = np.exp(eta * rewards[b, v]); p /= p.sum()
         q = np.exp(beta * (policy[b, v] - ref[b, v])); q /= q.sum()
         per_ex.append(np.sum(p * np.log(p / q)))
-    out = make_loss("rpo_listwise", beta=beta, eta=eta)(batch)
+    out = jit_loss("rpo_listwise", beta=beta, eta=eta)(batch)
     np.testing.assert_allclose(out.per_example, per_ex, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(out.loss, np.sum(per_ex) / (valid.sum(1) >= 2).sum(), rtol=1e-5)
 
@@ -175,8 +174,8 @@ def test_rpo_listwise_textbook_k4():
 def test_listwise_at_k2_equals_pairwise_bwd_kl(seed):
     batch = random_batch(seed, b=8, k=2)
     for hp in ({}, {"beta": 0.7, "eta": 3.0, "length_normalize": True}):
-        listwise = make_loss("rpo_listwise", **hp)(batch)
-        pairwise = make_loss("rpo_bwd_kl", **hp)(batch)
+        listwise = jit_loss("rpo_listwise", **hp)(batch)
+        pairwise = jit_loss("rpo_bwd_kl", **hp)(batch)
         np.testing.assert_allclose(listwise.per_example, pairwise.per_example, rtol=2e-5, atol=1e-7)
 
 
@@ -190,7 +189,7 @@ def test_dpo_k4_uses_preferred_pairs_and_excludes_ties():
     def dpo(b, i, j):
         return -log_sigmoid(beta * ((policy[b, i] - ref[b, i]) - (policy[b, j] - ref[b, j])))
     per_ex, expected = mean_over_pairs(preferred_pairs(rew, valid), dpo)
-    out = make_loss("dpo", beta=beta)(batch)
+    out = jit_loss("dpo", beta=beta)(batch)
     np.testing.assert_allclose(out.loss, expected, rtol=1e-5)
     np.testing.assert_allclose(out.per_example, per_ex, rtol=1e-5, atol=1e-7)
 
@@ -201,15 +200,15 @@ def test_rloo_value_and_setting():
     beta, eta = 0.5, 2.0
     per_ex, expected = mean_over_pairs(all_ordered_pairs(valid),
                                        lambda b, i, j: (eta * (rewards[b, i] - rewards[b, j])) ** 2)
-    out = make_loss("rloo", beta=beta, eta=eta)(PreferenceLogps(batch.policy_logps, None, batch.lengths,
+    out = jit_loss("rloo", beta=beta, eta=eta)(PreferenceLogps(batch.policy_logps, None, batch.lengths,
                                                                 batch.rewards, batch.valid))
     np.testing.assert_allclose(out.loss, expected, rtol=1e-5)
     # Setting: rpo_sq whose (constant) reference equals the current policy — same value and same gradient.
     def loss_rloo(x):
-        return make_loss("rloo", beta=beta, eta=eta)(PreferenceLogps(x, None, None, batch.rewards, batch.valid)).loss
+        return jit_loss("rloo", beta=beta, eta=eta)(PreferenceLogps(x, None, None, batch.rewards, batch.valid)).loss
     def loss_rpo(x):
         ref = jax.lax.stop_gradient(x)
-        return make_loss("rpo_sq", beta=beta, eta=eta)(PreferenceLogps(x, ref, None, batch.rewards, batch.valid)).loss
+        return jit_loss("rpo_sq", beta=beta, eta=eta)(PreferenceLogps(x, ref, None, batch.rewards, batch.valid)).loss
     x = jnp.where(jnp.asarray(batch.valid), jnp.nan_to_num(jnp.asarray(batch.policy_logps)), 0.0)
     np.testing.assert_allclose(jax.grad(loss_rloo)(x), jax.grad(loss_rpo)(x), rtol=1e-6, atol=1e-7)
 
@@ -223,7 +222,7 @@ def test_rloo_gradient_is_the_leave_one_out_estimator(k):
     valid[:, :2] = True
     rewards = rng.normal(size=(b, k)).astype(np.float32)
     policy = -rng.uniform(1, 5, size=(b, k)).astype(np.float32)
-    loss = lambda x: make_loss("rloo", beta=beta, eta=eta)(PreferenceLogps(x, None, None, rewards, valid)).loss
+    loss = lambda x: jit_loss("rloo", beta=beta, eta=eta)(PreferenceLogps(x, None, None, rewards, valid)).loss
     grad = np.asarray(jax.grad(loss)(jnp.asarray(policy)))
     expected = np.zeros((b, k))
     for e in range(b):
@@ -238,8 +237,31 @@ def test_rloo_gradient_is_the_leave_one_out_estimator(k):
 
 def test_reference_free_rpo_drops_the_reference():
     batch = random_batch(7, b=4, k=3)
-    with_ref = make_loss("rpo_sq", reference_free=True)(batch)
-    zero_ref = make_loss("rpo_sq")(PreferenceLogps(batch.policy_logps, np.zeros((4, 3), np.float32),
+    with_ref = jit_loss("rpo_sq", reference_free=True)(batch)
+    zero_ref = jit_loss("rpo_sq")(PreferenceLogps(batch.policy_logps, np.zeros((4, 3), np.float32),
                                                    batch.lengths, batch.rewards))
     np.testing.assert_allclose(with_ref.loss, zero_ref.loss, rtol=1e-7)
     assert not make_loss("rpo_sq", reference_free=True).requires_reference
+
+
+@pytest.mark.parametrize("distance", ["sq", "bwd_kl", "fwd_kl"])
+def test_loss_gradient_is_math_md_dD_da_times_beta(distance):
+    """K = 2: ∂L/∂ℓ_θ(y_0) = −∂L/∂ℓ_θ(y_1) = (β/B)·∂D/∂a with ∂D/∂a from MATH.md's table."""
+    batch, beta, eta = random_batch(31, b=5, k=2, scale=1.0), 0.7, 1.5
+    policy, ref, _, rewards, _ = as_f64(batch)
+    a = beta * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1]))
+    b = eta * (rewards[:, 0] - rewards[:, 1])
+    dd_da = {"sq": 2 * (a - b), "bwd_kl": sigmoid(a) - sigmoid(b), "fwd_kl": sigmoid(a) * sigmoid(-a) * (a - b)}[distance]
+    loss = lambda x: jit_loss(f"rpo_{distance}", beta=beta, eta=eta)(
+        PreferenceLogps(x, batch.ref_logps, None, batch.rewards)).loss
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(batch.policy_logps)))
+    expected = beta * dd_da / 5
+    np.testing.assert_allclose(grad, np.stack([expected, -expected], 1), rtol=1e-4, atol=1e-7)
+
+
+def test_mrpo_is_the_dpo_setting_with_the_virtual_reference():
+    batch = random_batch(32, b=5, k=2, r=3, rewards=False)
+    mrpo = jit_loss("mrpo", beta=0.3)(batch)
+    rewarded = PreferenceLogps(batch.policy_logps, batch.ref_logps, None, np.tile(np.float32([1e4, 0.0]), (5, 1)))
+    rpo = jit_loss("rpo_bwd_kl", beta=0.3, reference_combiner="mrpo")(rewarded)
+    np.testing.assert_allclose(mrpo.per_example, rpo.per_example, rtol=1e-6)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpo_jax.losses import PreferenceLogps, make_loss
-from losses_testlib import as_f64, log_sigmoid, mean_over_pairs, preferred_pairs, random_batch, sigmoid
+from rpo_jax.losses import PreferenceLogps
+from tests.losses.losses_testlib import jit_loss, as_f64, log_sigmoid, mean_over_pairs, preferred_pairs, random_batch, sigmoid
 
 BETA = 0.3
 
@@ -55,7 +55,7 @@ def test_pair_losses_k2(name, hp):
     policy, ref, _, _, _ = as_f64(batch)
     scores = policy - ref
     expected = np.array([_trl_formula(name, scores[b, 0], scores[b, 1], hp) for b in range(6)])
-    out = make_loss(name, beta=BETA, **hp)(batch)
+    out = jit_loss(name, beta=BETA, **hp)(batch)
     np.testing.assert_allclose(out.per_example, expected, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(out.loss, expected.mean(), rtol=2e-5)
 
@@ -68,7 +68,7 @@ def test_pair_losses_k3_average_over_preferred_pairs(name, hp):
     scores = policy - ref
     per_ex, expected = mean_over_pairs(preferred_pairs(rewards, valid),
                                        lambda b, i, j: _trl_formula(name, scores[b, i], scores[b, j], hp))
-    out = make_loss(name, beta=BETA, **hp)(batch)
+    out = jit_loss(name, beta=BETA, **hp)(batch)
     np.testing.assert_allclose(out.per_example, per_ex, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(out.loss, expected, rtol=2e-5)
 
@@ -79,7 +79,7 @@ def test_sigmoid_norm():
     ca = (policy[:, 0] - ref[:, 0]) / np.maximum(lengths[:, 0], 1)
     ra = (policy[:, 1] - ref[:, 1]) / np.maximum(lengths[:, 1], 1)
     expected = -log_sigmoid(BETA * (ca - ra))
-    np.testing.assert_allclose(make_loss("sigmoid_norm", beta=BETA)(batch).per_example, expected, rtol=1e-5)
+    np.testing.assert_allclose(jit_loss("sigmoid_norm", beta=BETA)(batch).per_example, expected, rtol=1e-5)
 
 
 def test_sigmoid_norm_with_empty_response_clamps_length():
@@ -88,7 +88,7 @@ def test_sigmoid_norm_with_empty_response_clamps_length():
     lengths[0, 1] = 0
     policy = np.array(batch.policy_logps); policy[0, 1] = 0.0
     ref = np.array(batch.ref_logps); ref[0, 1] = 0.0
-    out = make_loss("sigmoid_norm")(PreferenceLogps(policy, ref, lengths))
+    out = jit_loss("sigmoid_norm")(PreferenceLogps(policy, ref, lengths))
     expected0 = -log_sigmoid(0.1 * ((policy[0, 0] - ref[0, 0]) / lengths[0, 0]))
     np.testing.assert_allclose(out.per_example[0], expected0, rtol=1e-5)
 
@@ -97,7 +97,7 @@ def test_sft_is_token_mean_nll_of_chosen():
     batch = random_batch(15, b=5, k=2, rewards=False)
     policy, _, lengths, _, _ = as_f64(batch)
     expected = -policy[:, 0].sum() / lengths[:, 0].sum()
-    out = make_loss("sft")(PreferenceLogps(batch.policy_logps, None, batch.lengths))
+    out = jit_loss("sft")(PreferenceLogps(batch.policy_logps, None, batch.lengths))
     np.testing.assert_allclose(out.loss, expected, rtol=1e-6)
     np.testing.assert_allclose(out.per_example, np.full(5, expected), rtol=1e-6)
 
@@ -107,7 +107,7 @@ def test_sft_k3_takes_the_best_response():
     policy, _, lengths, rewards, _ = as_f64(batch)
     best = rewards.argmax(1)
     expected = -policy[np.arange(4), best].sum() / lengths[np.arange(4), best].sum()
-    np.testing.assert_allclose(make_loss("sft")(batch).loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(jit_loss("sft")(batch).loss, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.15])
@@ -116,7 +116,7 @@ def test_aot_sorts_over_the_batch(eps):
     policy, ref, _, _, _ = as_f64(batch)
     delta = np.sort(policy[:, 0] - policy[:, 1]) - np.sort(ref[:, 0] - ref[:, 1])
     expected = (-(1 - eps) * log_sigmoid(BETA * delta) - eps * log_sigmoid(-BETA * delta)).mean()
-    np.testing.assert_allclose(make_loss("aot", beta=BETA, label_smoothing=eps)(batch).loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(jit_loss("aot", beta=BETA, label_smoothing=eps)(batch).loss, expected, rtol=1e-5)
 
 
 def test_aot_unpaired_sorts_chosen_and_rejected_separately():
@@ -124,7 +124,7 @@ def test_aot_unpaired_sorts_chosen_and_rejected_separately():
     policy, ref, _, _, _ = as_f64(batch)
     delta = np.sort(policy[:, 0] - ref[:, 0]) - np.sort(policy[:, 1] - ref[:, 1])
     expected = (-log_sigmoid(BETA * delta)).mean()
-    np.testing.assert_allclose(make_loss("aot_unpaired", beta=BETA)(batch).loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(jit_loss("aot_unpaired", beta=BETA)(batch).loss, expected, rtol=1e-5)
 
 
 def test_aot_ignores_examples_without_a_pair():
@@ -135,12 +135,22 @@ def test_aot_ignores_examples_without_a_pair():
     keep = valid.all(1)
     delta = np.sort((policy[:, 0] - policy[:, 1])[keep]) - np.sort((ref[:, 0] - ref[:, 1])[keep])
     batch = PreferenceLogps(batch.policy_logps, batch.ref_logps, batch.lengths, None, valid)
-    np.testing.assert_allclose(make_loss("aot", beta=BETA)(batch).loss, (-log_sigmoid(BETA * delta)).mean(), rtol=1e-5)
+    np.testing.assert_allclose(jit_loss("aot", beta=BETA)(batch).loss, (-log_sigmoid(BETA * delta)).mean(), rtol=1e-5)
 
 
 def test_discopop_finite_where_trl_formula_overflows():
     policy = jnp.array([[0.0, 1e4], [1e4, 0.0]], jnp.float32)
     ref = jnp.zeros((2, 2), jnp.float32)
-    loss = lambda x: make_loss("discopop", beta=1.0)(PreferenceLogps(x, ref)).loss
+    loss = lambda x: jit_loss("discopop", beta=1.0)(PreferenceLogps(x, ref)).loss
     assert np.isfinite(float(loss(policy)))
     assert np.all(np.isfinite(jax.grad(loss)(policy)))
+
+
+def test_sft_without_rewards_never_trains_on_the_rejected_response():
+    batch = random_batch(20, b=3, k=2, rewards=False)
+    valid = np.array([[True, True], [False, True], [True, False]])
+    policy, _, lengths, _, _ = as_f64(batch)
+    expected = -(policy[0, 0] + policy[2, 0]) / (lengths[0, 0] + lengths[2, 0])
+    out = jit_loss("sft")(PreferenceLogps(batch.policy_logps, None, batch.lengths, None, valid))
+    np.testing.assert_allclose(out.loss, expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.per_example)[1], 0.0)

