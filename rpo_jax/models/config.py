@@ -115,6 +115,7 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     remat: RematPolicy = "none"
+    scan_unroll: int = 1  # layers per iteration of the layer scan (speed knob; any value gives the same results)
 
     def __post_init__(self):
         if not self.layer_types:
@@ -134,6 +135,8 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if not (isinstance(self.scan_unroll, int) and 1 <= self.scan_unroll):
+            raise ValueError(f"scan_unroll={self.scan_unroll!r} must be a positive int")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ValueError(f"activation={self.activation!r} is not supported (silu, gelu_tanh)")
 

@@ -195,7 +195,9 @@ class Decoder(nnx.Module):
 
         if c.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        x, new_caches = jax.lax.scan(body, x, (self.layers.arrays(), sliding, rope_index, kv_caches))
+        x, new_caches = jax.lax.scan(
+            body, x, (self.layers.arrays(), sliding, rope_index, kv_caches), unroll=min(c.scan_unroll, c.num_layers)
+        )
         x = L.rms_norm(x, self.final_norm[...], c.rms_norm_eps, plus_one=c.norm_plus_one)
         return x, new_caches
 

@@ -13,6 +13,7 @@ import pathlib
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rpo_jax.train.distributed import initialize_from_environment
@@ -27,9 +28,15 @@ def _define_train_flags():
     flags.DEFINE_bool("precompute", False, "Only compute (or reuse) the reference log-prob cache, then exit.")
 
 
+def _quiet_libraries() -> None:
+    """Our progress at INFO; orbax/absl chatter only from WARNING up."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("rpo_jax").setLevel(logging.INFO)
+
+
 def _train(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     initialize_from_environment()
     from rpo_jax.train.loop import train  # after jax.distributed.initialize
     result = train(flags.FLAGS.config, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
@@ -49,7 +56,7 @@ def export_main(argv: list[str] | None = None) -> None:
     parser.add_argument("workdir")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    _quiet_libraries()
     initialize_from_environment()
     from rpo_jax.train.loop import export_workdir
     print(export_workdir(args.workdir, args.out_dir))

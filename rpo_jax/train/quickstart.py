@@ -26,7 +26,7 @@ def get_config():
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 20
     c.optimizer.weight_decay = 0.0
-    c.train.steps = 300
+    c.train.steps = 200
     c.train.log_every = 25
     c.train.eval_every = 100
     c.train.checkpoint_every = 100

@@ -208,9 +208,9 @@ def test_remat_policies_keep_values_and_gradients(llama_dir):
     tokens = jnp.asarray(np.stack([_seq(9, 8)]))
     mask = jnp.ones(tokens.shape, bool)
     grads = {}
-    for policy in ["none", "full"]:
-        model, config = load_hf(llama_dir, remat=policy)
-        assert config.remat == policy
+    for policy, unroll in [("none", 1), ("full", 2)]:
+        model, config = load_hf(llama_dir, remat=policy, scan_unroll=unroll)
+        assert config.remat == policy and config.scan_unroll == unroll
         grads[policy] = nnx.jit(nnx.grad(lambda m: _sequence_logps(m, tokens, mask)[0].sum()))(model)
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["full"])):
         # recomputation may fuse float32 ops differently: compare relative to the gradient's scale

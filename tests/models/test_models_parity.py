@@ -3,10 +3,12 @@ feature, plus config formats, sharded / bf16 safetensors and the load → save_h
 
 import json
 
+import jax
 import jax.numpy as jnp
-from flax import nnx
 import numpy as np
 import pytest
+from flax import nnx
+
 from tests.hf_fixtures import hf_logits, load_torch_model, make_tiny_gemma, make_tiny_llama, rewrite_config_t4
 
 from rpo_jax.models import load_hf, save_hf
@@ -152,7 +154,7 @@ def test_num_params_matches_transformers(checkpoints):
         model, config = load_hf(path)
         torch_model = load_torch_model(path)
         assert config.num_params() == sum(p.numel() for p in torch_model.parameters())
-        ours = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(__import__("flax").nnx.state(model)))
+        ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
         assert ours == config.num_params()
 
 

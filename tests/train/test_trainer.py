@@ -283,3 +283,41 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     ours, _ = load_hf(tmp_path / "exported")
     np.testing.assert_array_equal(np.asarray(a["embed"]["value"] if "value" in a["embed"] else a["embed"]),
                                   np.asarray(ours.embed[...]))
+
+
+def test_mrpo_with_two_identical_references_trains_exactly_like_dpo(tmp_path):
+    """MRPO's limit (identical references ⇒ DPO) through the whole trainer, with an [N, K, 2] cache."""
+    common = {"data.pairs": "best_worst", "train.steps": 3}
+    dpo = tiny_config(tmp_path / "data", **common, **{"loss.name": "dpo", "loss.hparams": {"beta": 0.1}})
+    mrpo = tiny_config(tmp_path / "data", **common, **{
+        "loss.name": "mrpo", "loss.hparams": {"beta": 0.1, "alpha": None, "epsilon": 0.1},
+        "references": [{"path": "", "tokenizer": ""}, {"path": "", "tokenizer": ""}]})
+    loop.train(dpo, tmp_path / "dpo", devices=ONE)
+    loop.train(mrpo, tmp_path / "mrpo", devices=ONE)
+    # both references are the initial policy: one cache entry serves the two columns of [N, K, 2]
+    assert len(list((tmp_path / "mrpo" / "ref_cache").glob("train-*.npy"))) == 1
+    a = [m["train/loss"] for m in read_metrics(tmp_path / "dpo") if "train/loss" in m]
+    b = [m["train/loss"] for m in read_metrics(tmp_path / "mrpo") if "train/loss" in m]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_reference_with_its_own_tokenizer_scores_the_response_text(tmp_path):
+    """A second reference loaded from a checkpoint directory and declared with its own tokenizer directory is
+    scored on its own tokenization of the same records; with the same weights and an equivalent tokenizer its
+    cached log-probs equal the primary reference's."""
+    first = tiny_config(tmp_path / "data", **{"train.steps": 1, "train.export_at_end": True})
+    loop.train(first, tmp_path / "first", devices=ONE)
+    export = tmp_path / "first" / "export"
+    tokenizer_copy = tmp_path / "tokenizer_copy"
+    import shutil
+    shutil.copytree(export, tokenizer_copy, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    cfg = tiny_config(tmp_path / "data", **{
+        "train.steps": 1, "model.path": str(export), "model.tokenizer": str(export),
+        "loss.name": "rpo_sq", "loss.hparams": {"beta": 0.1, "eta": 1.0, "reference_combiner": "mrpo"},
+        "references": [{"path": "", "tokenizer": ""}, {"path": str(export), "tokenizer": str(tokenizer_copy)}]})
+    run = loop.build_run(cfg, tmp_path / "second", devices=ONE)
+    assert run.references[1].datasets is not run.datasets  # re-tokenized with the reference's own tokenizer
+    loop.fill_reference_cache(run)
+    cache = run.ref_cache["train"]
+    assert cache.shape[-1] == 2
+    np.testing.assert_allclose(cache[..., 1], cache[..., 0], rtol=1e-5, atol=1e-4)
