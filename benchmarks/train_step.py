@@ -53,6 +53,7 @@ def main(argv=None):
     p.add_argument("--reference", choices=["in_step", "cached", "both"], default="both")
     p.add_argument("--dtype", default="auto", help="compute dtype; auto = float32 on CPU, bfloat16 elsewhere")
     p.add_argument("--remat", default="none")
+    p.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (rpo_jax.models)")
     p.add_argument("--vocab-chunk", type=int, default=0)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -61,9 +62,10 @@ def main(argv=None):
     platform = jax.devices()[0].platform
     dtype = (jnp.float32 if platform == "cpu" else jnp.bfloat16) if args.dtype == "auto" else jnp.dtype(args.dtype)
     if args.model:
-        model, config = load_hf(args.model, dtype=dtype, param_dtype=jnp.float32, remat=args.remat)
+        model, config = load_hf(args.model, dtype=dtype, param_dtype=jnp.float32, remat=args.remat,
+                                scan_unroll=args.scan_unroll)
     else:
-        config = ModelConfig.from_hf_dict(TINY, remat=args.remat)
+        config = ModelConfig.from_hf_dict(TINY, remat=args.remat, scan_unroll=args.scan_unroll)
         model = create_model(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = make_loss(args.loss)
@@ -78,7 +80,8 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind} ({platform}), compute {jnp.dtype(dtype).name}, "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"model: {args.model or 'random SmolLM2-135M shape'} ({config.num_params() / 1e6:.1f} M params), "
-          f"batch {args.batch}×K={args.k}×T={t} = {tokens_per_step} tokens/step, loss {args.loss}, remat {args.remat}")
+          f"batch {args.batch}×K={args.k}×T={t} = {tokens_per_step} tokens/step, loss {args.loss}, remat {args.remat}, "
+          f"scan_unroll {args.scan_unroll}")
 
     modes = ["in_step", "cached"] if args.reference == "both" else [args.reference]
     results = {}

@@ -1,4 +1,7 @@
-"""The device mesh over axes (data, fsdp, tensor) and the shardings of batches and parameters."""
+"""The run's device mesh (sizes from the config, one may be -1) and how host batches become global arrays.
+
+Parameter and batch shardings come from the models' rules table (`rpo_jax.models.sharding`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,10 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from rpo_jax.models.sharding import MESH_AXES, batch_sharding
+from rpo_jax.models.sharding import make_mesh as _mesh_of_shape
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
@@ -38,13 +41,7 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     """A GSPMD-style (Auto axes) mesh over `devices` (default: all devices of all processes)."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = resolve_mesh_shape(shape or {"data": -1}, len(devices))
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) axis split over data×fsdp, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+    return _mesh_of_shape(resolve_mesh_shape(shape or {"data": -1}, len(devices)), devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
