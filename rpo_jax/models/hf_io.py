@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -220,12 +220,15 @@ def load_hf(
     param_dtype=None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules | None = None,
+    extra_tensors: Collection[str] = (),
     **config_overrides: Any,
 ) -> tuple[Decoder, ModelConfig]:
     """Loads a Hugging Face Llama / Gemma 1/2/3 checkpoint directory (or hub id) into a `Decoder`.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default `dtype`). With `mesh`, each parameter
     is created directly in its `rules` sharding. `config_overrides` replace ModelConfig fields (e.g. remat="full").
+    `extra_tensors`: names of checkpoint tensors the caller reads itself (e.g. a reward model's `score.weight`);
+    they are not loaded here and not reported as unexpected.
     Raises ValueError for unknown model types, missing / unexpected tensors (named), shape mismatches and pickles.
     """
     directory = resolve_checkpoint_dir(path_or_repo_id)
@@ -255,6 +258,7 @@ def load_hf(
     if missing:
         raise ValueError(f"{directory}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     ignorable = {lm_head_name} if config.tie_word_embeddings and lm_head_name else set()
+    ignorable |= set(extra_tensors)
     unexpected = sorted(
         k
         for k in keys - expected - ignorable
@@ -309,8 +313,18 @@ def load_hf(
 # ----------------------------------------------------------------------------------------------- save
 
 
-def save_hf(model: Decoder, config: ModelConfig, out_dir: str | os.PathLike, tokenizer=None) -> pathlib.Path:
+def save_hf(
+    model: Decoder,
+    config: ModelConfig,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    *,
+    extra_tensors: Mapping[str, np.ndarray] | None = None,
+) -> pathlib.Path:
     """Writes `config.json` (transformers-5 format) + `model.safetensors` (+ tokenizer files) to `out_dir`.
+
+    `extra_tensors` (name → array) are written as they are next to the decoder's tensors (e.g. a reward
+    model's `score.weight`); a name that collides with a decoder tensor is a ValueError.
 
     Tensors are stored in the model's parameter dtype with Hugging Face names for `XForCausalLM` (a Gemma 3
     multimodal checkpoint is exported as its text tower, `Gemma3ForCausalLM`).
@@ -330,6 +344,10 @@ def save_hf(model: Decoder, config: ModelConfig, out_dir: str | os.PathLike, tok
                 tensors[name.format(i=i)] = np.ascontiguousarray(_to_hf_layout(array[i], rule.transform))
         else:
             tensors[name] = np.ascontiguousarray(_to_hf_layout(array, rule.transform))
+    for name, array in (extra_tensors or {}).items():
+        if name in tensors:
+            raise ValueError(f"save_hf: extra tensor {name!r} collides with a decoder tensor")
+        tensors[name] = np.ascontiguousarray(np.asarray(array))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf = config.to_hf_dict()
     hf["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"            # compute dtype: "auto" = float32 on CPU, bfloat16 on GPU/TPU
     c.model.param_dtype = "float32"   # master weights (and optimizer state) dtype
     c.model.remat = "none"            # "none" | "full" | "dots_saveable" | ... (see rpo_jax.models)
+    c.model.scan_unroll = 1           # layers per iteration of the layer scan (speed only; same results)
     c.model.vocab_chunk_size = 0      # >0: chunked log-softmax over the vocabulary (large V)
 
     # References. Empty list: one reference, a frozen copy of the initial policy. Otherwise R entries, each

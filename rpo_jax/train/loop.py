@@ -123,12 +123,14 @@ def load_model(path: str, cfg: ml_collections.ConfigDict, mesh, dtype, vocab_siz
     """(model, model config, fingerprint): a HF checkpoint, or a random init from `config.model.init`."""
     param_dtype = jnp.dtype(cfg.model.param_dtype)
     if path:
-        model, mconfig = load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=cfg.model.remat)
+        model, mconfig = load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=cfg.model.remat,
+                                 scan_unroll=cfg.model.scan_unroll)
         return model, mconfig, R.checkpoint_fingerprint(path) if os.path.isdir(path) else path
     init = dict(cfg.model.init)
     if vocab_size is not None:
         init.setdefault("vocab_size", vocab_size)
-    mconfig = ModelConfig.from_hf_dict(init, source="config.model.init", remat=cfg.model.remat)
+    mconfig = ModelConfig.from_hf_dict(init, source="config.model.init", remat=cfg.model.remat,
+                                       scan_unroll=cfg.model.scan_unroll)
     model = create_model(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype,
                          mesh=mesh)
     fingerprint = json.dumps({"init": init, "seed": cfg.model.init_seed}, sort_keys=True)

@@ -321,3 +321,61 @@ def test_reference_with_its_own_tokenizer_scores_the_response_text(tmp_path):
     cache = run.ref_cache["train"]
     assert cache.shape[-1] == 2
     np.testing.assert_allclose(cache[..., 1], cache[..., 0], rtol=1e-5, atol=1e-4)
+
+
+def _one_step(cfg, workdir, batch_index: int = 0):
+    """(loss, grad_norm, params after one step) of the compiled train step on the `batch_index`-th batch."""
+    run = loop.build_run(cfg, workdir, devices=ONE)
+    loop.fill_reference_cache(run)
+    from rpo_jax.data import make_train_iterator
+    it = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed)
+    for _ in range(batch_index + 1):
+        batch = next(it)
+    step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
+                                   micro_batches=cfg.data.micro_batches))
+    state, metrics = step(run.state, loop._device_batch(run, batch, "train"))
+    return float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.map(np.asarray, state["params"])
+
+
+def test_gradient_accumulation_over_micro_batches_equals_the_full_batch(tmp_path):
+    """Every demo example has all K responses valid, so the mean of 4 micro-batch means is the batch mean."""
+    full = _one_step(tiny_config(tmp_path / "data"), tmp_path / "a")
+    micro = _one_step(tiny_config(tmp_path / "data", **{"data.micro_batches": 4}), tmp_path / "b")
+    np.testing.assert_allclose(full[0], micro[0], rtol=1e-5)
+    np.testing.assert_allclose(full[1], micro[1], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(full[2]), jax.tree.leaves(micro[2])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_gives_the_same_step_and_bf16_compute_keeps_float32_master_weights(tmp_path):
+    base = _one_step(tiny_config(tmp_path / "data"), tmp_path / "a", batch_index=1)
+    remat = _one_step(tiny_config(tmp_path / "data", **{"model.remat": "full"}), tmp_path / "b", batch_index=1)
+    np.testing.assert_allclose(base[0], remat[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(base[2]), jax.tree.leaves(remat[2])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    bf16 = _one_step(tiny_config(tmp_path / "data", **{"model.dtype": "bfloat16"}), tmp_path / "c", batch_index=1)
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(bf16[2]))
+    # bfloat16 has an 8-bit mantissa: the loss agrees with float32 to bf16 accuracy, not float32 accuracy
+    np.testing.assert_allclose(bf16[0], base[0], rtol=5e-2)
+
+
+def test_iterated_training_resets_the_reference_to_the_previous_iterate(tmp_path, monkeypatch):
+    resets = []
+    original = loop._reset_reference_to_policy
+
+    def spy(run, params, step):
+        original(run, params, step)
+        resets.append(step)
+        # the primary reference now equals the policy at the end of the previous iteration
+        for a, b in zip(jax.tree.leaves(run.references[0].params), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setattr(loop, "_reset_reference_to_policy", spy)
+    cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.iterations": 3, "optimizer.warmup_steps": 0})
+    result = loop.train(cfg, tmp_path / "run", devices=ONE)
+    assert resets == [2, 4] and result["step"] == 6
+    # the first step of each iteration sees policy == reference: every implicit reward is 0 (up to float32
+    # rounding between the cache pass and the step, which compile separately)
+    margins = {m["step"]: m["train/rewards/margins"] for m in read_metrics(tmp_path / "run") if "train/loss" in m}
+    assert all(abs(margins[s]) < 1e-6 for s in (1, 3, 5)), margins
+    assert all(abs(margins[s]) > 1e-3 for s in (2, 4, 6)), margins
+    assert len(list((tmp_path / "run" / "ref_cache").glob("train-*.npy"))) == 3
