@@ -1,13 +1,24 @@
 """Flax NNX Llama and Gemma (1, 2, 3 text) decoders with Hugging Face import/export and sequence log-probs.
 
 Public API: `load_hf`, `save_hf`, `create_model`, `sequence_logps`, `generate`, `ModelConfig`, `DEFAULT_RULES`,
-`make_mesh`.
+`make_mesh`; reward models `load_reward_model`, `save_reward_model`, `RewardModel` and the reward
+functions `reward_model_fn`, `judge_fn`, `dataset_rewards_fn` (`RewardFn`).
 """
 
 from rpo_jax.models.config import ModelConfig, RopeSpec
 from rpo_jax.models.model import Decoder, create_model
 from rpo_jax.models.generate import GenerateOutput, filter_logits, generate
 from rpo_jax.models.hf_io import load_hf, save_hf
+from rpo_jax.models.reward import (
+    RewardFn,
+    RewardModel,
+    create_reward_model,
+    dataset_rewards_fn,
+    judge_fn,
+    load_reward_model,
+    reward_model_fn,
+    save_reward_model,
+)
 from rpo_jax.models.logprobs import sequence_logps, token_logps, token_logps_from_hidden
 from rpo_jax.models.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, shard_model, state_shardings
 
@@ -16,12 +27,20 @@ __all__ = [
     "Decoder",
     "GenerateOutput",
     "ModelConfig",
+    "RewardFn",
+    "RewardModel",
     "RopeSpec",
     "create_model",
+    "create_reward_model",
+    "dataset_rewards_fn",
     "filter_logits",
     "generate",
+    "judge_fn",
     "load_hf",
+    "load_reward_model",
+    "reward_model_fn",
     "save_hf",
+    "save_reward_model",
     "sequence_logps",
     "token_logps",
     "token_logps_from_hidden",

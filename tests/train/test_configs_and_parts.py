@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rpo_jax.losses import available_losses
+from rpo_jax.models.config import REMAT_POLICIES
 from rpo_jax.train.loop import build_loss
 from rpo_jax.train.mesh import resolve_mesh_shape
 from rpo_jax.train.metrics import flops_per_token
@@ -26,6 +27,8 @@ def test_recipe_loads_and_builds_its_loss(path):
     spec.loader.exec_module(module)
     cfg = module.get_config()
     assert cfg.loss.name in available_losses()
+    assert cfg.model.remat in REMAT_POLICIES
+    assert cfg.model.dtype in ("auto", "float32", "bfloat16")
     loss_fn = build_loss(cfg)
     assert callable(loss_fn)
     assert math.prod(s for s in dict(cfg.mesh).values() if s > 0) >= 1

@@ -1,0 +1,484 @@
+"""Reward models and the one reward interface.
+
+Hugging Face sequence-classification reward models (`LlamaForSequenceClassification`,
+`GemmaForSequenceClassification`, `Gemma2ForSequenceClassification`, `Gemma3TextForSequenceClassification`):
+
+    scores[n] = score.weight · h[n, i_n]        score.weight [num_labels, D] (no bias), h = final-normed hidden states
+
+where i_n is transformers' pooling index (`GenericForSequenceClassification` in transformers 5):
+
+    pad_token_id set:   i_n = argmax_t (t · [tokens[n,t] != pad_token_id])   the rightmost non-pad token, so
+                        left and right padding both work; the attention mask plays no part in the choice, a real
+                        token equal to pad_token_id at the end of a sequence is skipped, and an all-pad row gives 0.
+    pad_token_id None:  transformers pools the last position and refuses batches of more than one sequence; here
+                        the last position whose attention_mask is True (the last position when no mask is given),
+                        which is the same for every unpadded sequence.
+
+The transformer is the ordinary `Decoder` (`hidden_states`); only the score head is new.
+
+The reward interface (`RewardFn`): ``reward_fn(prompts, responses) -> rewards [B, K] float32`` where
+``prompts[b]`` is a list of chat messages ``{"role", "content"}`` (a plain string is one user message) and
+``responses[b]`` a list of K_b response strings; rows with fewer than K = max_b K_b responses are padded with 0
+(the padded slots are not responses: the caller's `valid` mask says so). Constructors: `reward_model_fn`
+(a reward model on the chat template of prompt + response), `judge_fn` (a Python judge on the last user
+message's text and the response), `dataset_rewards_fn` (rewards already in the records; never invented).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rpo_jax.models.config import ModelConfig
+from rpo_jax.models.hf_io import SafetensorsIndex, load_hf, resolve_checkpoint_dir, save_hf
+from rpo_jax.models.model import Decoder
+from rpo_jax.models.sharding import Rules, shard_model, variable_sharding
+
+#: Hugging Face sequence-classification architectures → the model_type their config must have.
+REWARD_ARCHITECTURES: dict[str, str] = {
+    "LlamaForSequenceClassification": "llama",
+    "GemmaForSequenceClassification": "gemma",
+    "Gemma2ForSequenceClassification": "gemma2",
+    "Gemma3TextForSequenceClassification": "gemma3_text",
+}
+_ARCHITECTURE_OF = {model_type: arch for arch, model_type in REWARD_ARCHITECTURES.items()}
+SCORE_TENSOR = "score.weight"
+
+Message = Mapping[str, str]
+RewardFn = Callable[[Sequence[Sequence[Message] | str], Sequence[Sequence[str]]], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def backbone_config(config: ModelConfig) -> ModelConfig:
+    """The decoder config of a reward model: `config` without an output projection (tie_word_embeddings=True,
+    so no `lm_head` parameter exists; a reward model never unembeds)."""
+    return dataclasses.replace(config, tie_word_embeddings=True)
+
+
+def pooling_index(
+    tokens: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None
+) -> jax.Array:
+    """[N,T] → [N] int32: the position whose hidden state is scored (rule in the module docstring)."""
+    n, t = tokens.shape
+    positions = jnp.arange(t, dtype=jnp.int32)
+    if pad_token_id is not None:
+        keep = tokens != pad_token_id
+    elif attention_mask is not None:
+        keep = jnp.asarray(attention_mask).astype(bool)
+    else:
+        return jnp.full((n,), t - 1, jnp.int32)
+    return jnp.argmax(positions * keep.astype(jnp.int32), axis=-1).astype(jnp.int32)
+
+
+class RewardModel(nnx.Module):
+    """A sequence-classification reward model: `Decoder` backbone + linear head `score [num_labels, D]`.
+
+    `model(tokens [N,T] int32, attention_mask [N,T] | None) -> scores [N, num_labels] float32`.
+    Attributes: `backbone` (Decoder, built from `backbone_config(config)`), `score` (nnx.Param), `config` (the
+    checkpoint's ModelConfig), `num_labels`, `labels` (id2label names), `pad_token_id` (config.pad_token_id).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        num_labels: int = 1,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=None,
+        labels: Sequence[str] | None = None,
+        backbone: Decoder | None = None,
+        score_weight: jax.Array | None = None,
+    ):
+        if num_labels < 1:
+            raise ValueError(f"num_labels={num_labels} must be >= 1")
+        labels = tuple(labels) if labels is not None else tuple(f"LABEL_{i}" for i in range(num_labels))
+        if len(labels) != num_labels:
+            raise ValueError(f"{len(labels)} label names for num_labels={num_labels}")
+        self.config = config
+        self.num_labels = int(num_labels)
+        self.labels = labels
+        self.pad_token_id = config.pad_token_id
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype or dtype)
+        with nnx.use_eager_sharding(False):
+            if backbone is None:
+                backbone = Decoder(backbone_config(config), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            if score_weight is None:
+                score_weight = (0.02 * jax.random.normal(rngs.params(), (num_labels, config.hidden_size))).astype(
+                    self.param_dtype
+                )
+            want = (num_labels, config.hidden_size)
+            if tuple(score_weight.shape) != want:
+                raise ValueError(f"score weight has shape {list(score_weight.shape)}, expected {list(want)}")
+            self.backbone = backbone
+            self.score = nnx.Param(score_weight, out_sharding=("labels", "embed"))
+
+    def score_hidden(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] → scores [..., num_labels] float32 (score · h, accumulated in float32)."""
+        weight = self.score[...].astype(hidden.dtype)
+        return jnp.einsum("...d,ld->...l", hidden, weight, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """tokens [N,T] int32, attention_mask [N,T] bool/int (None: all real) → scores [N, num_labels] float32."""
+        tokens = jnp.asarray(tokens)
+        hidden = self.backbone.hidden_states(tokens, attention_mask)  # [N,T,D]
+        index = pooling_index(tokens, attention_mask, self.pad_token_id)
+        pooled = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]  # [N,D]
+        return self.score_hidden(pooled)
+
+
+def create_reward_model(
+    config: ModelConfig,
+    *,
+    num_labels: int = 1,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
+) -> RewardModel:
+    """A randomly initialised RewardModel (backbone as `Decoder.__init__`, score N(0, 0.02²)); with `mesh`
+    every parameter is moved to its rule-given sharding."""
+    model = RewardModel(config, num_labels=num_labels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    return shard_model(model, mesh, rules) if mesh is not None else model
+
+
+# ----------------------------------------------------------------------------------------------- load / save
+
+
+def _labels_from_hf(hf: Mapping[str, Any], num_labels: int, source: str) -> tuple[str, ...]:
+    id2label = hf.get("id2label")
+    if id2label is None:  # transformers omits id2label at its default, num_labels = 2
+        declared = int(hf.get("num_labels", 2))
+        if declared != num_labels:
+            raise ValueError(
+                f"{source}: num_labels={declared} (transformers' default 2 when config.json has neither id2label "
+                f"nor num_labels) but {SCORE_TENSOR} has {num_labels} rows"
+            )
+        return tuple(f"LABEL_{i}" for i in range(num_labels))
+    if len(id2label) != num_labels:
+        raise ValueError(f"{source}: id2label has {len(id2label)} labels but {SCORE_TENSOR} has {num_labels} rows")
+    return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+
+
+def load_reward_model(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
+) -> tuple[RewardModel, ModelConfig]:
+    """Loads a Hugging Face `XForSequenceClassification` reward model (see `REWARD_ARCHITECTURES`).
+
+    The decoder is read by `load_hf` (same key table, sharding and dtypes); the head is `score.weight
+    [num_labels, D]`. Raises ValueError naming the file for: no or an unknown `architectures` entry, a
+    causal-LM checkpoint (no score head), a missing / mis-shaped `score.weight`, label-count mismatches.
+    """
+    directory = resolve_checkpoint_dir(path)
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{directory}: config.json is missing")
+    hf = json.loads(config_file.read_text())
+    architectures = hf.get("architectures") or []
+    if len(architectures) != 1:
+        raise ValueError(
+            f"{config_file}: architectures={architectures!r}; expected exactly one of {sorted(REWARD_ARCHITECTURES)}"
+        )
+    arch = architectures[0]
+    if arch not in REWARD_ARCHITECTURES:
+        hint = (
+            " — a causal language model has no score head; a reward model is an XForSequenceClassification"
+            " checkpoint"
+            if arch.endswith(("ForCausalLM", "ForConditionalGeneration"))
+            else ""
+        )
+        raise ValueError(
+            f"{config_file}: architectures={arch!r} is not a supported reward model "
+            f"({', '.join(sorted(REWARD_ARCHITECTURES))}){hint}"
+        )
+    if hf.get("model_type") != REWARD_ARCHITECTURES[arch]:
+        raise ValueError(
+            f"{config_file}: model_type={hf.get('model_type')!r} does not match architectures={arch!r} "
+            f"(expected {REWARD_ARCHITECTURES[arch]!r})"
+        )
+    tensors = SafetensorsIndex(directory)
+    if SCORE_TENSOR not in tensors.keys():
+        raise ValueError(
+            f"{directory}: tensor {SCORE_TENSOR} is missing; a sequence-classification reward model needs its "
+            "score head (is this a causal-LM checkpoint relabelled as a classifier?)"
+        )
+    config = ModelConfig.from_hf_dict(hf, source=str(config_file))
+    score_shape = tuple(tensors.get_slice(SCORE_TENSOR).get_shape())
+    if len(score_shape) != 2 or score_shape[1] != config.hidden_size:
+        raise ValueError(
+            f"{tensors.file_of(SCORE_TENSOR)}: tensor {SCORE_TENSOR} has shape {list(score_shape)}, "
+            f"expected [num_labels, {config.hidden_size}]"
+        )
+    num_labels = score_shape[0]
+    labels = _labels_from_hf(hf, num_labels, str(config_file))
+
+    backbone, loaded = load_hf(
+        directory,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        mesh=mesh,
+        rules=rules,
+        extra_tensors=(SCORE_TENSOR,),
+        tie_word_embeddings=True,
+    )
+    if loaded != backbone_config(config):  # an invariant of load_hf; never expected
+        raise RuntimeError(f"{config_file}: backbone config {loaded} differs from {backbone_config(config)}")
+    pdt = jnp.dtype(param_dtype or dtype)
+    weight = jnp.asarray(np.ascontiguousarray(tensors.get_slice(SCORE_TENSOR)[:, :]).astype(pdt))
+    model = RewardModel(
+        config,
+        num_labels=num_labels,
+        rngs=nnx.Rngs(0),
+        dtype=dtype,
+        param_dtype=pdt,
+        labels=labels,
+        backbone=backbone,
+        score_weight=weight,
+    )
+    if mesh is not None:
+        model.score.set_value(jax.device_put(model.score[...], variable_sharding(model.score, mesh, rules)))
+    return model, config
+
+
+def save_reward_model(
+    model: RewardModel, config: ModelConfig, out_dir: str | os.PathLike, tokenizer=None
+) -> pathlib.Path:
+    """Writes a Hugging Face sequence-classification checkpoint (`config.json` + `model.safetensors` (+
+    tokenizer files)) that `AutoModelForSequenceClassification.from_pretrained` loads with the same scores.
+
+    Tensors keep the parameter dtype; config.json gets the `XForSequenceClassification` architecture,
+    `id2label` / `label2id` from `model.labels` and `config.tie_word_embeddings`.
+    """
+    if config.model_type not in _ARCHITECTURE_OF:
+        raise ValueError(f"save_reward_model: model_type {config.model_type!r} has no sequence-classification export")
+    if backbone_config(config) != model.backbone.config:
+        raise ValueError("save_reward_model: `config` does not describe `model` (backbone configs differ)")
+    weight = np.asarray(jax.device_get(model.score[...]))
+    out = save_hf(
+        model.backbone, backbone_config(config), out_dir, tokenizer, extra_tensors={SCORE_TENSOR: weight}
+    )
+    config_file = out / "config.json"
+    hf = json.loads(config_file.read_text())
+    hf["architectures"] = [_ARCHITECTURE_OF[config.model_type]]
+    hf["tie_word_embeddings"] = config.tie_word_embeddings
+    hf["id2label"] = {str(i): name for i, name in enumerate(model.labels)}
+    hf["label2id"] = {name: i for i, name in enumerate(model.labels)}
+    config_file.write_text(json.dumps(hf, indent=2) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- reward functions
+
+
+def _as_messages(prompt: Sequence[Message] | str, b: int) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    messages = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"prompts[{b}][{i}]: expected a message dict with str 'role' and 'content', got {m!r}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+def _check_batch(prompts: Sequence, responses: Sequence) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
+    for b, rs in enumerate(responses):
+        if isinstance(rs, str):
+            raise ValueError(f"responses[{b}] is a str; expected a list of response strings")
+        for k, r in enumerate(rs):
+            if not isinstance(r, str):
+                raise ValueError(f"responses[{b}][{k}]: expected a str, got {type(r).__name__}")
+
+
+def _to_matrix(values: Sequence[Sequence[float]]) -> np.ndarray:
+    """Ragged rows → [B, max K] float32, missing slots 0."""
+    out = np.zeros((len(values), max((len(v) for v in values), default=0)), np.float32)
+    for b, row in enumerate(values):
+        out[b, : len(row)] = row
+    return out
+
+
+def last_user_text(prompt: Sequence[Message] | str, b: int = 0) -> str:
+    """The content of the last message with role "user" (a str prompt is itself); ValueError when none."""
+    users = [m["content"] for m in _as_messages(prompt, b) if m["role"] == "user"]
+    if not users:
+        raise ValueError(f"prompts[{b}] has no user message")
+    return users[-1]
+
+
+def judge_fn(judge: Callable[[str, str], float]) -> RewardFn:
+    """A RewardFn scoring each response with `judge(last user message text, response)` (e.g.
+    `rpo_jax.data.judge`). A non-finite or non-numeric judgement is a ValueError naming [b][k]."""
+
+    def reward(prompts, responses) -> np.ndarray:
+        _check_batch(prompts, responses)
+        rows = []
+        for b, (prompt, rs) in enumerate(zip(prompts, responses)):
+            text = last_user_text(prompt, b)
+            row = []
+            for k, r in enumerate(rs):
+                value = judge(text, r)
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"judge returned {value!r} for responses[{b}][{k}]; expected a float") from None
+                if not math.isfinite(value):
+                    raise ValueError(f"judge returned {value} for responses[{b}][{k}]")
+                row.append(value)
+            rows.append(row)
+        return _to_matrix(rows)
+
+    return reward
+
+
+def _prompt_key(messages: Sequence[Message]) -> tuple[tuple[str, str], ...]:
+    return tuple((m["role"], m["content"]) for m in messages)
+
+
+def dataset_rewards_fn(records: Sequence[Any]) -> RewardFn:
+    """A RewardFn looking up the explicit rewards of `records` (`rpo_jax.data.PreferenceRecord`s, or an object
+    with a `records` attribute) by (prompt messages, response text).
+
+    Raises ValueError now for records without rewards (naming file:line) and for the same (prompt, response)
+    carrying different rewards in two records; the returned function raises ValueError (naming [b][k]) for a
+    pair that no record holds — rewards are never invented.
+    """
+    recs = list(getattr(records, "records", records))
+    if not recs:
+        raise ValueError("dataset_rewards_fn: no records")
+    lacking = [f"{r.source[0]}:{r.source[1]}" for r in recs if r.rewards is None]
+    if lacking:
+        more = f" (and {len(lacking) - 5} more)" if len(lacking) > 5 else ""
+        raise ValueError(
+            "dataset_rewards_fn: records without rewards (rewards are never invented): " + ", ".join(lacking[:5]) + more
+        )
+    table: dict[tuple, tuple[float, str]] = {}
+    for r in recs:
+        where = f"{r.source[0]}:{r.source[1]}"
+        prompt = _prompt_key(r.prompt)
+        for k, reward in enumerate(r.rewards):
+            key = (prompt, r.response_text(k))
+            if key in table and table[key][0] != float(reward):
+                raise ValueError(
+                    f"dataset_rewards_fn: response {k} of {where} has reward {reward} but the same prompt and "
+                    f"response has reward {table[key][0]} at {table[key][1]}"
+                )
+            table.setdefault(key, (float(reward), where))
+
+    def reward(prompts, responses) -> np.ndarray:
+        _check_batch(prompts, responses)
+        rows = []
+        for b, (prompt, rs) in enumerate(zip(prompts, responses)):
+            key_prompt = _prompt_key(_as_messages(prompt, b))
+            row = []
+            for k, r in enumerate(rs):
+                hit = table.get((key_prompt, r))
+                if hit is None:
+                    raise ValueError(
+                        f"responses[{b}][{k}]: no record holds a reward for this prompt and response "
+                        f"(prompt {key_prompt!r}, response {r!r})"
+                    )
+                row.append(hit[0])
+            rows.append(row)
+        return _to_matrix(rows)
+
+    return reward
+
+
+@nnx.jit
+def _score_batch(model: RewardModel, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    return model(tokens, attention_mask)
+
+
+def _bucket(length: int, max_length: int) -> int:
+    """Padded length: the next power of two ≥ length (at least 16), at most max_length (fewer recompiles)."""
+    return min(max(16, 1 << (max(length, 1) - 1).bit_length()), max_length)
+
+
+def encode_conversation(tokenizer, prompt: Sequence[Message] | str, response: str, b: int = 0) -> list[int]:
+    """Token ids of the chat template of prompt + [assistant response] (no generation prompt, no extra special
+    tokens: the template supplies them), as transformers reward models are used."""
+    messages = _as_messages(prompt, b) + [{"role": "assistant", "content": response}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def reward_model_fn(
+    model: RewardModel,
+    tokenizer,
+    *,
+    max_length: int,
+    batch_size: int,
+    label: int = 0,
+    truncation: Literal["error", "left"] = "error",
+) -> RewardFn:
+    """A RewardFn scoring each (prompt, response) with `model`: scores[:, label] of the chat template of
+    prompt + assistant response, right-padded with the model's pad_token_id into batches of `batch_size` rows
+    and lengths padded to powers of two (≤ max_length).
+
+    A conversation longer than `max_length` tokens is a ValueError naming [b][k] (truncation="error") or keeps
+    its last `max_length` tokens (truncation="left"; the scored last token is kept).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("reward_model_fn: the tokenizer has no chat_template")
+    if not 0 <= label < model.num_labels:
+        raise ValueError(f"reward_model_fn: label={label} but the model has {model.num_labels} labels")
+    if truncation not in ("error", "left"):
+        raise ValueError(f"reward_model_fn: truncation={truncation!r} is not 'error' or 'left'")
+    if max_length < 1 or batch_size < 1:
+        raise ValueError(f"reward_model_fn: max_length={max_length} and batch_size={batch_size} must be >= 1")
+    pad = model.pad_token_id if model.pad_token_id is not None else 0
+
+    def reward(prompts, responses) -> np.ndarray:
+        _check_batch(prompts, responses)
+        sequences, slots = [], []
+        for b, (prompt, rs) in enumerate(zip(prompts, responses)):
+            for k, r in enumerate(rs):
+                ids = encode_conversation(tokenizer, prompt, r, b)
+                if len(ids) > max_length:
+                    if truncation == "error":
+                        raise ValueError(
+                            f"responses[{b}][{k}]: the conversation has {len(ids)} tokens > max_length={max_length}"
+                        )
+                    ids = ids[-max_length:]
+                sequences.append(ids)
+                slots.append((b, k))
+        scores = np.zeros((len(sequences),), np.float32)
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            width = _bucket(max(len(s) for s in chunk), max_length)
+            tokens = np.full((batch_size, width), pad, np.int32)
+            mask = np.zeros((batch_size, width), bool)
+            for i in range(batch_size):
+                ids = chunk[i] if i < len(chunk) else chunk[0][:1]  # filler rows: one real token, discarded
+                tokens[i, : len(ids)] = ids
+                mask[i, : len(ids)] = True
+            out = np.asarray(jax.device_get(_score_batch(model, jnp.asarray(tokens), jnp.asarray(mask))))
+            scores[start : start + len(chunk)] = out[: len(chunk), label]
+        rows = [[0.0] * len(rs) for rs in responses]
+        for (b, k), s in zip(slots, scores):
+            rows[b][k] = float(s)
+        return _to_matrix(rows)
+
+    return reward
