@@ -379,3 +379,22 @@ def test_iterated_training_resets_the_reference_to_the_previous_iterate(tmp_path
     assert all(abs(margins[s]) < 1e-6 for s in (1, 3, 5)), margins
     assert all(abs(margins[s]) > 1e-3 for s in (2, 4, 6)), margins
     assert len(list((tmp_path / "run" / "ref_cache").glob("train-*.npy"))) == 3
+
+
+@pytest.mark.parametrize("loss, hparams, extra, pairs", [
+    ("simpo", {"beta": 2.0, "gamma": 0.5}, [], "best_worst"),        # reference-free: no reference at all
+    ("ipo", {"beta": 0.1}, [], "best_worst"),                        # per-token normalised (needs lengths)
+    ("rloo", {"beta": 1.0, "eta": 1.0}, [], ""),                     # reference = stop-gradient policy
+    ("rpo_listwise", {"beta": 0.1, "eta": 5.0}, [], ""),
+    ("aot", {"beta": 0.1}, [], "best_worst"),
+    ("dpo", {"beta": 0.1}, [["sft", 0.05, {}]], "best_worst"),       # weighted combination
+])
+def test_any_loss_from_make_loss_trains_from_the_config(tmp_path, loss, hparams, extra, pairs):
+    cfg = tiny_config(tmp_path / "data", **{"loss.name": loss, "loss.hparams": hparams, "loss.extra": extra,
+                                           "data.pairs": pairs, "train.steps": 2})
+    result = loop.train(cfg, tmp_path / "run", devices=ONE)
+    assert np.isfinite(result["train"]["loss"]) and np.isfinite(result["eval"]["loss"])
+    uses_reference = loss not in ("simpo", "rloo")
+    assert (tmp_path / "run" / "ref_cache").exists() == uses_reference
+    if extra:
+        assert "loss/sft" in result["train"]
