@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""                 # file(s)/dir, comma-separated; "demo": the bundled demo task
-    c.data.eval = ""                  # held-out file(s); empty: `eval_fraction` of train, split by `seed`
+    c.data.eval = ""                  # held-out file(s); empty: the demo test split when train is "demo", else
+                                      # `eval_fraction` of train (split by `seed`), else no evaluation
     c.data.eval_fraction = 0.0
     c.data.format = ""                # "" = auto-detect per file
     c.data.pairs = ""                 # "" keep K responses | "best_worst" | "all": derive pairs from K

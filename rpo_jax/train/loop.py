@@ -120,21 +120,32 @@ def tokenize_splits(cfg: ml_collections.ConfigDict, records: Mapping[str, list],
 
 
 def load_model(path: str, cfg: ml_collections.ConfigDict, mesh, dtype, vocab_size: int | None = None):
-    """(model, model config, fingerprint): a HF checkpoint, or a random init from `config.model.init`."""
+    """(model, model config): a HF checkpoint, or a random init from `config.model.init`."""
     param_dtype = jnp.dtype(cfg.model.param_dtype)
     if path:
-        model, mconfig = load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=cfg.model.remat,
-                                 scan_unroll=cfg.model.scan_unroll)
-        return model, mconfig, R.checkpoint_fingerprint(path) if os.path.isdir(path) else path
+        return load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=cfg.model.remat,
+                       scan_unroll=cfg.model.scan_unroll)
+    mconfig = ModelConfig.from_hf_dict(_init_fields(cfg, vocab_size), source="config.model.init",
+                                       remat=cfg.model.remat, scan_unroll=cfg.model.scan_unroll)
+    model = create_model(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype,
+                         mesh=mesh)
+    return model, mconfig
+
+
+def _init_fields(cfg: ml_collections.ConfigDict, vocab_size: int | None) -> dict:
     init = dict(cfg.model.init)
     if vocab_size is not None:
         init.setdefault("vocab_size", vocab_size)
-    mconfig = ModelConfig.from_hf_dict(init, source="config.model.init", remat=cfg.model.remat,
-                                       scan_unroll=cfg.model.scan_unroll)
-    model = create_model(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype,
-                         mesh=mesh)
-    fingerprint = json.dumps({"init": init, "seed": cfg.model.init_seed}, sort_keys=True)
-    return model, mconfig, fingerprint
+    return init
+
+
+def weights_fingerprint(path: str, cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> str:
+    """What identifies a model's weights in the reference-cache key: the checkpoint's bytes, or the random
+    init's fields and seed. Computed only for losses that use a reference (hashing a large checkpoint takes a
+    while)."""
+    if path:
+        return R.checkpoint_fingerprint(path) if os.path.isdir(path) else path
+    return json.dumps({"init": _init_fields(cfg, vocab_size), "seed": cfg.model.init_seed}, sort_keys=True)
 
 
 def on_mesh(tree: Any, mesh) -> Any:
@@ -178,7 +189,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     datasets = tokenize_splits(cfg, load_records(cfg, loss_fn), tokenizer)
 
-    model, mconfig, fingerprint = load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
+    model, mconfig = load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     total_steps = cfg.train.steps * max(1, cfg.train.iterations)
     tx, schedule = make_optimizer(cfg.optimizer, total_steps)
@@ -193,10 +204,12 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         for spec in specs:
             spec = dict(spec)
             if not spec.get("path"):
+                fingerprint = weights_fingerprint(cfg.model.path, cfg, len(tokenizer))
                 references.append(R.Reference(INITIAL_POLICY, fingerprint, graphdef,
                                               jax.tree.map(jnp.copy, params), rest, datasets, tokenizer_path(cfg)))
                 continue
-            rmodel, _, rfp = load_model(spec["path"], cfg, mesh, dtype)
+            rmodel, _ = load_model(spec["path"], cfg, mesh, dtype)
+            rfp = weights_fingerprint(spec["path"], cfg)
             rgd, rparams, rrest = nnx.split(rmodel, nnx.Param, ...)
             rtok_name = spec.get("tokenizer") or spec["path"]
             if rtok_name == tokenizer_path(cfg):
@@ -489,7 +502,7 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pa
     mesh = make_mesh(dict(cfg.mesh))
     dtype = compute_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
-    model, mconfig, _ = load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
+    model, mconfig = load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=1, asynchronous=False)
     restored = ckpt.restore_params(abstract_like(params))
