@@ -412,7 +412,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precomp
     total_steps = cfg.train.steps * max(1, cfg.train.iterations)
     step = int(state["step"])
 
-    peak = cfg.metrics.peak_flops or measure_matmul_peak(run.dtype)
+    peak = cfg.metrics.peak_flops or measure_matmul_peak(run.dtype, repeats=2)
     n_refs = len(run.references) if run.in_step_refs else 0
     mc = run.model_config
     matmul_params = mc.num_params(include_embeddings=False) + mc.vocab_size * mc.hidden_size

@@ -31,9 +31,12 @@ def flops_per_token(matmul_params: int, num_layers: int, seq_len: int, attn_dim:
 
 
 def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul on the default device, best of `repeats` (the MFU denominator)."""
+    """FLOP/s of a large square matmul on the default device, best of `repeats` (the MFU denominator).
+
+    Each product takes about a second on a CPU (n = 4096), long enough to ride out short frequency bursts.
+    """
     platform = jax.devices()[0].platform
-    n = n or (2048 if platform == "cpu" else 8192)
+    n = n or (4096 if platform == "cpu" else 8192)
     a = jnp.ones((n, n), dtype)
     b = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
