@@ -1,6 +1,5 @@
 """Executes every notebook in colabs/ top to bottom (reduced with RPO_JAX_SMOKE=1), so none of them rots."""
 
-import os
 import pathlib
 
 import pytest

@@ -81,15 +81,9 @@ def sequence_logps(
     Token t is scored with the logits at position t-1 (loss_mask[:, 0] is ignored). tokens/loss_mask [N,T].
     `vocab_chunk_size` = C computes the log-softmax normaliser chunk by chunk (see `token_logps_from_hidden`).
     """
-    hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids)
-    logps = token_logps_from_hidden(
-        hidden[:, :-1],
-        model.unembedding(),
-        tokens[:, 1:],
-        final_logit_softcap=model.config.final_logit_softcap,
-        vocab_chunk_size=vocab_chunk_size,
-    )
-    mask = loss_mask[:, 1:].astype(bool)
+    logps = token_logps(model, tokens, attention_mask=attention_mask, positions=positions,
+                        segment_ids=segment_ids, vocab_chunk_size=vocab_chunk_size)
+    mask = loss_mask.astype(bool).at[:, 0].set(False)
     logp_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=-1)
     return logp_sum.astype(jnp.float32), jnp.sum(mask, axis=-1).astype(jnp.int32)
 

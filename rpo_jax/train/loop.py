@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from rpo_jax import data as D
 from rpo_jax.losses import make_loss
-from rpo_jax.models import ModelConfig, create_model, load_hf, save_hf, state_shardings
+from rpo_jax.models import ModelConfig, create_model, load_hf, save_hf
 from rpo_jax.train import references as R
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.mesh import local_batch_size, make_mesh, replicated, to_global

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rpo_jax.data import TokenizedDataset, make_eval_batches, num_eval_batches
+from rpo_jax.data import TokenizedDataset, make_eval_batches
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,3 @@ def cached_logps(directory: str | os.PathLike, reference: Reference, split: str,
         path.with_suffix(".json").write_text(json.dumps(key, indent=1))
     multihost_utils.sync_global_devices(f"ref_cache_{digest}")
     return values
-
-
-def num_batches(dataset: TokenizedDataset, batch_size: int) -> int:
-    return num_eval_batches(dataset, batch_size, jax.process_count())
