@@ -1,6 +1,7 @@
 """rpo_jax.data: preference records -> validated, tokenized, fixed-shape batches [B, K, T].
 
-Read:      ``records, report = read_records(paths, format=None, on_error="raise")``
+Read:      ``records, report = read_records(paths, format=None, on_error="raise")``; prompts alone (online):
+           ``prompts, report = read_prompts(paths)``, ``encode_prompt(prompt, tokenizer)``
 Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``
 Iterate:   ``make_train_iterator(dataset, batch_size, seed=...)`` (resumable), ``make_eval_batches(dataset, B)``
 TFDS:      ``build_tfds(data_dir, sources=... | splits=...)``; ``load_tfds_records(data_dir, split)``.
@@ -14,9 +15,10 @@ from typing import Any
 
 _EXPORTS = {
     "records": ("FORMATS", "PreferenceRecord", "Problem", "ReadReport", "RecordError", "detect_format",
-                "expand_sources", "parse_record", "read_records", "require_rewards", "to_pairs"),
+                "expand_sources", "parse_record", "PromptRecord", "read_prompts", "read_records", "require_rewards",
+                "to_pairs"),
     "tokenize": ("TRUNCATION_POLICIES", "TokenizedDataset", "TokenizedExample", "TokenizeReport", "bucket_for",
-                 "collate_examples", "default_buckets", "encode_record", "tokenize_records"),
+                 "collate_examples", "default_buckets", "encode_prompt", "encode_record", "tokenize_records"),
     "pipeline": ("TrainIterator", "epoch_permutation", "make_eval_batches", "make_train_iterator",
                  "num_eval_batches"),
     "tfds_builder": ("RpoPreferences", "build_tfds", "holdout_split", "load_tfds_records",

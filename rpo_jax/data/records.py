@@ -616,3 +616,76 @@ def to_pairs(records: Sequence[PreferenceRecord], *, mode: Literal["best_vs_wors
         for i, j in pairs:
             out.append(dataclasses.replace(r, responses=(r.responses[i], r.responses[j]), rewards=(rw[i], rw[j])))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts alone (online training samples its own responses)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: chat messages, whether the source was conversational, and ``(file, line)``."""
+
+    prompt: Messages
+    conversational: bool
+    source: tuple[str, int] = ("<memory>", 0)
+
+    @property
+    def prompt_text(self) -> str:
+        """The content of the prompt's messages joined by newlines."""
+        return "\n".join(m["content"] for m in self.prompt)
+
+
+def _prompt_of(obj: Any, source: tuple[str, int]) -> PromptRecord | Problem:
+    file, line = source
+    if not isinstance(obj, Mapping):
+        return Problem(file, line, "<record>", f"expected a JSON object, got {_type_name(obj)}")
+    if "prompt" in obj:
+        try:
+            messages, conv = _parse_messages(obj["prompt"], "prompt", default_role="user")
+        except _RecordProblems as e:
+            return Problem(file, line, *e.problems[0])
+        return PromptRecord(messages, conv, source)
+    try:  # a preference record whose prompt is implicit (TRL's chosen/rejected conversations)
+        fmt = detect_format(obj)
+    except ValueError as e:
+        return Problem(file, line, "prompt", f"missing field ({e})")
+    parsed = record_problems(obj, fmt, source)
+    if isinstance(parsed, PreferenceRecord):
+        return PromptRecord(parsed.prompt, parsed.conversational, source)
+    return parsed[0]
+
+
+def read_prompts(paths: str | os.PathLike | Iterable[str | os.PathLike], *, on_error: OnError = "raise"
+                 ) -> tuple[list[PromptRecord], ReadReport]:
+    """Read the prompts of ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` files (or directories of them).
+
+    A line is any JSON object with a ``prompt`` (a string or a list of messages; other fields are ignored, so
+    every preference file is also a prompt file), or a TRL implicit-prompt record (its common prefix).
+    ``on_error`` as in :func:`read_records`: ``"raise"`` names file, line and field; ``"skip"`` counts.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    report = ReadReport()
+    prompts: list[PromptRecord] = []
+    for file in expand_sources(paths):
+        report.files.append(file)
+        lines_before = report.num_lines
+        for line, obj, problem in _iter_raw(file):
+            report.num_lines += 1
+            item = problem if problem is not None else _prompt_of(obj, (file, line))
+            if isinstance(item, PromptRecord):
+                prompts.append(item)
+                continue
+            if on_error == "raise":
+                raise RecordError(item)
+            report.num_skipped += 1
+            report.problems.append(item)
+        if report.num_lines == lines_before:
+            empty = Problem(file, 0, "<file>", "no records (the file is empty)")
+            if on_error == "raise":
+                raise RecordError(empty)
+            report.problems.append(empty)
+    report.num_records = len(prompts)
+    return prompts, report

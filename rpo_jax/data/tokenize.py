@@ -160,6 +160,23 @@ def encode_record(record: PreferenceRecord, tokenizer: Any) -> tuple[list[int], 
     return split_prompt_responses(record, ids, _eos_id(tokenizer))
 
 
+def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
+    """Token ids of a prompt to generate from (a :class:`PromptRecord` or :class:`PreferenceRecord`).
+
+    Conversational: the chat template with the generation prompt (the template writes the special tokens).
+    Standard: the prompt's text with the tokenizer's special tokens — the same ids :func:`encode_record` gives
+    a record's prompt.
+    """
+    if prompt.conversational:
+        if not getattr(tokenizer, "chat_template", None):
+            raise RecordError(Problem(*prompt.source, "prompt", "conversational record, but the tokenizer has no "
+                                      "chat_template"))
+        text, special = _render(tokenizer, prompt.prompt, add_generation_prompt=True), False
+    else:
+        text, special = prompt.prompt_text, True
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
 def _encode_many(records: Sequence[PreferenceRecord], tokenizer: Any, eos_id: int, chunk: int = 256
                  ) -> list[tuple[list[int], list[list[int]]] | RecordError]:
     """:func:`encode_record` for many records, calling the tokenizer once per chunk and special-token mode."""

@@ -4,6 +4,8 @@
     rpo-train --config configs/smollm2.py --workdir runs/smollm2 --config.loss.name=rpo_bwd_kl
     rpo-train --config configs/mrpo.py --precompute  # reference log-probs only
     rpo-export runs/smollm2 exported/                # Hugging Face directory with the tokenizer
+    rpo-train --config configs/online_demo.py        # online RPO (config.mode="online")
+    rpo-train --config configs/reward_model_demo.py  # Bradley–Terry reward model (config.mode="reward_model")
 """
 
 from __future__ import annotations
@@ -38,9 +40,27 @@ def _train(argv):
     del argv
     _quiet_libraries()
     initialize_from_environment()
-    from rpo_jax.train.loop import train  # after jax.distributed.initialize
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
+    result = run_job(flags.FLAGS.config, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
     logging.info("done: %s", result)
+
+
+MODES = ("preference", "online", "reward_model")
+
+
+def run_job(cfg, workdir: str, *, precompute_only: bool = False):
+    """The job `config.mode` names: preference training, online RPO, or reward-model training."""
+    mode = cfg.get("mode", "preference")
+    if mode not in MODES:
+        raise ValueError(f"config.mode={mode!r}: expected one of {MODES}")
+    # imported after jax.distributed.initialize
+    if mode == "online":
+        from rpo_jax.train.online import train_online
+        return train_online(cfg, workdir)
+    if mode == "reward_model":
+        from rpo_jax.train.reward_model import train_reward_model
+        return train_reward_model(cfg, workdir)
+    from rpo_jax.train.loop import train
+    return train(cfg, workdir, precompute_only=precompute_only)
 
 
 def main(argv: list[str] | None = None) -> None:

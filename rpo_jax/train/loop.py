@@ -499,6 +499,9 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pa
     if not config_file.exists():
         raise FileNotFoundError(f"{workdir}: config.json is missing (not an rpo-train run directory)")
     cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    if cfg.get("mode") == "reward_model":
+        from rpo_jax.train.reward_model import export_reward_model_workdir
+        return export_reward_model_workdir(workdir, out_dir)
     mesh = make_mesh(dict(cfg.mesh))
     dtype = compute_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(tokenizer_path(cfg))

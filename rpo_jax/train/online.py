@@ -1,0 +1,524 @@
+"""Online RPO (`config.mode = "online"`): sample K responses per prompt, score them, update with any loss.
+
+Iteration i (i = 0 … online.iterations − 1):
+
+1. **Prompts**: `online.prompts_per_iteration` prompts P of `data.train` (positions i·P … (i+1)·P − 1 of a
+   per-epoch permutation drawn from `seed`; any preference or prompt-only file, see `rpo_jax.data.read_prompts`).
+2. **Samples**: K = `online.num_samples` responses per prompt from the sampler — the current policy (online), or
+   the initial policy for every iteration when `online.sampler = "initial"` (offline data, same prompts and
+   updates) — with `rpo_jax.models.generate` (KV cache), ending at EOS, a stop string or `max_new_tokens`.
+3. **Rewards** r* [P, K] from the reward source: a judge function `online.reward_judge` or a Hugging Face reward
+   model `online.reward_model`, on the decoded texts.
+4. **Reference** (index 0 of R): `initial` (the initial policy), `previous_iterate` (the policy at the start of
+   iteration i; iterative RPO / DNO) or `current` (the stop-gradient of the policy being updated:
+   ℓ_ref = sg(ℓ_θ); with `rloo` this is REINFORCE leave-one-out). `config.references[1:]` add fixed references
+   (MRPO) that share the policy's tokenizer.
+5. **Updates**: `online.updates_per_iteration` = M optimizer steps of the configured loss on the samples, in
+   mini-batches of `data.batch_size` prompts taken in turn (P / batch_size of them, cycled).
+
+Logged per iteration (`online/…`): `reward` (mean training reward of the samples), `judge_reward` (the ground
+truth `online.eval_judge`, when it differs from the training reward), `kl_to_initial` = mean over samples of
+log π_i(y) − log π_0(y) (an unbiased estimate of KL(π_i ‖ π_0) when the samples come from π_i at temperature 1
+without top-k/top-p; not logged for offline runs), `response_length`, and the loss metrics averaged over the M
+updates. Evaluation every `online.eval_every` iterations samples one response to each of `online.eval_prompts`
+held-out prompts from the current policy and logs the same quantities (`eval/…`).
+
+Checkpoints are taken at iteration boundaries (every `train.checkpoint_every` iterations, at the end, and when
+SIGTERM arrived during the iteration). Resuming restores the policy, optimizer state and iteration; prompts
+and samples are functions of (seed, iteration, policy), so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from rpo_jax import data as D
+from rpo_jax.models import ModelConfig, generate, judge_fn, load_reward_model, reward_model_fn
+from rpo_jax.models.reward import RewardFn
+from rpo_jax.train import loop
+from rpo_jax.train.checkpoint import Checkpointer, abstract_like
+from rpo_jax.train.mesh import local_batch_size, make_mesh, replicated, to_global
+from rpo_jax.train.metrics import MetricWriter
+from rpo_jax.train.optim import make_optimizer
+from rpo_jax.train.step import cast_floating, make_train_step, response_logps
+
+log = logging.getLogger(__name__)
+
+REFERENCE_MODES = ("initial", "previous_iterate", "current")
+SAMPLERS = ("policy", "initial")
+
+
+# --------------------------------------------------------------------------------------------- reward sources
+def import_object(spec: str) -> Any:
+    """`"package.module:name"` → the object (a judge function)."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"{spec!r}: expected 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{spec!r}: cannot import ({e})") from e
+
+
+def make_reward_fn(cfg: ml_collections.ConfigDict, *, mesh=None, dtype=jnp.float32) -> RewardFn:
+    """The training reward of `config.online`: exactly one of `reward_judge` and `reward_model`."""
+    oc = cfg.online
+    if bool(oc.reward_judge) == bool(oc.reward_model):
+        raise ValueError("config.online: set exactly one of reward_judge ('module:function') and reward_model "
+                         f"(a reward-model directory); got reward_judge={oc.reward_judge!r}, "
+                         f"reward_model={oc.reward_model!r}")
+    if oc.reward_judge:
+        return judge_fn(import_object(oc.reward_judge))
+    model, _ = load_reward_model(oc.reward_model, dtype=dtype, mesh=mesh)
+    tokenizer = loop.load_tokenizer(oc.reward_model)
+    return reward_model_fn(model, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.data.eval_batch_size,
+                           truncation="left")
+
+
+def make_judge_fn(cfg: ml_collections.ConfigDict) -> RewardFn | None:
+    """The ground-truth judge logged beside the training reward (`online.eval_judge`), or None (= the reward)."""
+    spec = cfg.online.eval_judge
+    if not spec or spec == cfg.online.reward_judge:
+        return None
+    return judge_fn(import_object(spec))
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def prompt_order(num_prompts: int, iteration: int, per_iteration: int, seed: int) -> np.ndarray:
+    """Indices of the prompts of `iteration`: positions iteration·P … of the concatenated epoch permutations."""
+    positions = np.arange(iteration * per_iteration, (iteration + 1) * per_iteration)
+    out = np.empty_like(positions)
+    for epoch in np.unique(positions // num_prompts):
+        sel = positions // num_prompts == epoch
+        out[sel] = D.epoch_permutation(num_prompts, seed, int(epoch), shuffle=True)[positions[sel] % num_prompts]
+    return out
+
+
+def encode_prompts(prompts: Sequence[D.PromptRecord], tokenizer, *, max_prompt_length: int, truncation: str
+                   ) -> tuple[list[D.PromptRecord], list[list[int]], int]:
+    """(kept prompts, their token ids, number dropped): prompts longer than `max_prompt_length` are dropped
+    (`truncation="drop"`, counted) or keep their last `max_prompt_length` tokens (other policies)."""
+    kept, ids, dropped = [], [], 0
+    for p in prompts:
+        x = D.encode_prompt(p, tokenizer)
+        if len(x) > max_prompt_length:
+            if truncation == "drop":
+                dropped += 1
+                continue
+            x = x[-max_prompt_length:]
+        kept.append(p)
+        ids.append(x)
+    return kept, ids, dropped
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts → left-padded `tokens [N, width]` int32 and `attention_mask [N, width]` bool."""
+    tokens = np.full((len(prompt_ids), width), pad_id, np.int32)
+    mask = np.zeros((len(prompt_ids), width), bool)
+    for i, p in enumerate(prompt_ids):
+        if p:
+            tokens[i, width - len(p):], mask[i, width - len(p):] = p, True
+    return tokens, mask
+
+
+def sample_batch(prompt_ids: Sequence[Sequence[int]], responses: np.ndarray, response_mask: np.ndarray,
+                 rewards: np.ndarray | None, *, width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Prompts [P] and their K sampled responses → a training batch (the `rpo_jax.data` contract).
+
+    responses/response_mask [P, K, M]: generated tokens and which are real (up to and including EOS).
+    Each row is prompt + response, right-padded to `width` tokens; `loss_mask` marks the response tokens,
+    `lengths` counts them, `valid` is True for every sample with ≥ 1 token, `rewards [P, K]` when given.
+    """
+    p_count, k, _ = responses.shape
+    tokens = np.full((p_count, k, width), pad_id, np.int32)
+    attention = np.zeros((p_count, k, width), bool)
+    loss_mask = np.zeros((p_count, k, width), bool)
+    lengths = response_mask.sum(-1).astype(np.int32)
+    for p, prompt in enumerate(prompt_ids):
+        lp = len(prompt)
+        for j in range(k):
+            r = responses[p, j, :lengths[p, j]]
+            end = lp + len(r)
+            if end > width:
+                raise ValueError(f"sample_batch: prompt {p} + response {j} has {end} tokens > width {width}")
+            tokens[p, j, :lp], tokens[p, j, lp:end] = prompt, r
+            attention[p, j, :end] = True
+            loss_mask[p, j, lp:end] = True
+    batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask, "lengths": lengths,
+             "valid": lengths > 0}
+    if rewards is not None:
+        batch["rewards"] = np.asarray(rewards, np.float32)
+    return batch
+
+
+def _prompt_for_reward(p: D.PromptRecord):
+    return [dict(m) for m in p.prompt] if p.conversational else p.prompt_text
+
+
+# --------------------------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class OnlineRun:
+    """Everything `train_online` builds before the first iteration (also used by tests and the ablation)."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    mesh: Any
+    tokenizer: Any
+    loss_fn: Any
+    model_config: ModelConfig
+    graphdef: Any
+    rest: Any
+    state: dict[str, Any]
+    state_shardings: Any
+    tx: Any
+    schedule: Any
+    initial_params: Any
+    extra_references: list[tuple[Any, Any, Any]]     # (graphdef, params, rest) of config.references[1:]
+    prompts: dict[str, list[D.PromptRecord]]
+    prompt_ids: dict[str, list[list[int]]]
+    reward_fn: Callable
+    judge_fn: Callable | None
+    dtype: Any
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    _jitted: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def prompt_width(self) -> int:
+        return int(self.config.data.max_prompt_length)
+
+    @property
+    def width(self) -> int:
+        return self.prompt_width + int(self.config.online.max_new_tokens)
+
+
+def _with_current_reference(loss_fn):
+    """`loss_fn` with ℓ_ref = stop_gradient(ℓ_θ) (the `current` reference)."""
+    def wrapped(x):
+        return loss_fn(dataclasses.replace(x, ref_logps=jax.lax.stop_gradient(x.policy_logps)))
+    for attr in ("requires_reference", "requires_rewards", "requires_lengths", "num_references", "min_references"):
+        if hasattr(loss_fn, attr):
+            setattr(wrapped, attr, getattr(loss_fn, attr))
+    wrapped.requires_reference = False
+    return wrapped
+
+
+def _eos_ids(tokenizer, model_config: ModelConfig) -> tuple[int, ...]:
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    cfg_eos = model_config.eos_token_id
+    if cfg_eos is not None:
+        ids |= {int(i) for i in (cfg_eos if isinstance(cfg_eos, tuple) else (cfg_eos,))}
+    if not ids:
+        raise ValueError("online sampling needs an EOS id: the tokenizer and the model config have none")
+    return tuple(sorted(ids))
+
+
+def _read_prompt_split(cfg, which: str, tokenizer) -> tuple[list[D.PromptRecord], list[list[int]]]:
+    spec = cfg.data.train if which == "train" else (cfg.data.eval or (cfg.data.train if cfg.data.train in ("", "demo")
+                                                                        else ""))
+    if which == "eval" and not spec:
+        return [], []
+    prompts, report = D.read_prompts(loop._data_paths(spec, which), on_error=cfg.data.on_error)
+    if report.num_skipped:
+        log.warning("%s prompts: %s", which, report.summary())
+    kept, ids, dropped = encode_prompts(prompts, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                                        truncation=cfg.data.truncation)
+    if dropped:
+        log.warning("%s prompts: dropped %d longer than data.max_prompt_length=%d", which, dropped,
+                    cfg.data.max_prompt_length)
+    if which == "train" and not kept:
+        raise ValueError(f"data.train={spec!r}: no prompt left (dropped {dropped} longer than "
+                         f"data.max_prompt_length={cfg.data.max_prompt_length})")
+    return kept, ids
+
+
+def _check_online_config(cfg: ml_collections.ConfigDict, loss_fn) -> None:
+    oc = cfg.online
+    if oc.reference not in REFERENCE_MODES:
+        raise ValueError(f"config.online.reference={oc.reference!r}: expected one of {REFERENCE_MODES}")
+    if oc.sampler not in SAMPLERS:
+        raise ValueError(f"config.online.sampler={oc.sampler!r}: expected one of {SAMPLERS}")
+    for name in ("iterations", "prompts_per_iteration", "num_samples", "updates_per_iteration", "max_new_tokens"):
+        if int(oc[name]) < 1:
+            raise ValueError(f"config.online.{name}={oc[name]} must be ≥ 1")
+    if oc.prompts_per_iteration % cfg.data.batch_size:
+        raise ValueError(f"config.online.prompts_per_iteration={oc.prompts_per_iteration} must be a multiple of "
+                         f"data.batch_size={cfg.data.batch_size} (the mini-batch of an update)")
+    if oc.num_samples < 2 and (loss_fn.requires_rewards or loss_fn.requires_reference):
+        raise ValueError("config.online.num_samples must be ≥ 2 for a preference loss (pairs of samples)")
+    refs = list(cfg.references)
+    if refs and dict(refs[0]).get("path"):
+        raise ValueError("config.references[0] must have an empty path in online mode: the primary reference is "
+                         "config.online.reference; list fixed extra references (MRPO) after it")
+
+
+def build_online_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> OnlineRun:
+    """Prompts, policy, references, reward source, optimizer and initial state of an online run."""
+    workdir = pathlib.Path(workdir)
+    mesh = make_mesh(dict(cfg.mesh), devices)
+    dtype = loop.compute_dtype(cfg.model.dtype)
+    loss_fn = loop.build_loss(cfg)
+    _check_online_config(cfg, loss_fn)
+    if cfg.online.reference == "current":
+        if (getattr(loss_fn, "num_references", None) or 1) > 1:
+            raise ValueError("config.online.reference='current' cannot be combined with several references")
+        if loss_fn.requires_reference:
+            loss_fn = _with_current_reference(loss_fn)
+    tokenizer = loop.load_tokenizer(loop.tokenizer_path(cfg))
+    prompts, prompt_ids = {}, {}
+    for split in ("train", "eval"):
+        prompts[split], prompt_ids[split] = _read_prompt_split(cfg, split, tokenizer)
+
+    model, mconfig = loop.load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    total_steps = cfg.online.iterations * cfg.online.updates_per_iteration
+    tx, schedule = make_optimizer(cfg.optimizer, total_steps)
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(cfg.seed))}
+    state = loop.on_mesh(state, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    extra = []
+    if loss_fn.requires_reference:
+        for spec in list(cfg.references)[1:]:
+            spec = dict(spec)
+            rtok = spec.get("tokenizer") or spec["path"]
+            if rtok != loop.tokenizer_path(cfg) and spec.get("tokenizer"):
+                raise ValueError(f"online mode: reference {spec['path']!r} must share the policy's tokenizer (the "
+                                 "samples are scored as token ids)")
+            rmodel, _ = loop.load_model(spec["path"], cfg, mesh, dtype)
+            extra.append(nnx.split(rmodel, nnx.Param, ...))
+        needed, at_least = getattr(loss_fn, "num_references", None), getattr(loss_fn, "min_references", 1)
+        if (needed and needed != 1 + len(extra)) or 1 + len(extra) < (at_least or 1):
+            raise ValueError(f"loss {cfg.loss.name!r} needs {needed or f'at least {at_least}'} references; online "
+                             f"mode gives {1 + len(extra)} (online.reference + config.references[1:])")
+    pad_id = int(tokenizer.pad_token_id)
+    return OnlineRun(cfg, workdir, mesh, tokenizer, loss_fn, mconfig, graphdef, rest, state, shardings, tx,
+                     schedule, jax.tree.map(jnp.copy, params), extra, prompts, prompt_ids,
+                     make_reward_fn(cfg, mesh=mesh, dtype=dtype), make_judge_fn(cfg), dtype,
+                     _eos_ids(tokenizer, mconfig), pad_id)
+
+
+# --------------------------------------------------------------------------------------------- pieces
+def _local_rows(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0] // jax.process_count()
+    return x[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+
+def _global(run: OnlineRun, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    local_batch_size(next(iter(batch.values())).shape[0], run.mesh)  # divisibility check with a clear error
+    return to_global({k: _local_rows(v) for k, v in batch.items()}, run.mesh)
+
+
+def sample(run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samples: int, key: jax.Array
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """K samples for each prompt from the policy with `params`: `(tokens, mask)` [P, K, max_new_tokens]."""
+    oc = run.config.online
+    flat = [p for p in prompt_ids for _ in range(num_samples)]
+    tokens, mask = left_pad(flat, run.prompt_width, run.pad_id)
+    inputs = _global(run, {"tokens": tokens, "mask": mask})
+    model = nnx.merge(run.graphdef, cast_floating(params, run.dtype), run.rest)
+    extra = {}
+    if list(oc.stop_strings):
+        extra = {"stop_strings": tuple(oc.stop_strings), "tokenizer": run.tokenizer}
+    out = generate(model, inputs["tokens"], inputs["mask"], max_new_tokens=int(oc.max_new_tokens),
+                   temperature=float(oc.temperature), top_k=int(oc.top_k) or None,
+                   top_p=float(oc.top_p) if oc.top_p < 1 else None, eos_token_id=list(run.eos_ids), rng=key,
+                   pad_token_id=run.pad_id, **extra)
+    if "replicate" not in run._jitted:
+        run._jitted["replicate"] = jax.jit(lambda x: x, out_shardings=replicated(run.mesh))
+    gen_tokens, gen_mask = jax.device_get(run._jitted["replicate"]((out.tokens, out.mask)))
+    m = gen_tokens.shape[-1]
+    return (np.asarray(gen_tokens).reshape(len(prompt_ids), num_samples, m),
+            np.asarray(gen_mask).reshape(len(prompt_ids), num_samples, m))
+
+
+def decode_responses(run: OnlineRun, tokens: np.ndarray, mask: np.ndarray) -> list[list[str]]:
+    """[P, K, M] generated tokens → response texts (special tokens such as EOS removed)."""
+    return [[run.tokenizer.decode(tokens[p, k][mask[p, k]].tolist(), skip_special_tokens=True)
+             for k in range(tokens.shape[1])] for p in range(tokens.shape[0])]
+
+
+def sample_logps(run: OnlineRun, which: str, params, batch: dict[str, jax.Array]) -> np.ndarray:
+    """Σ log-probs of every sample's response under a model: `which` is "policy" (the policy's graph with
+    `params`) or "extra{r}" (reference r of config.references[1:]). Returns [P, K] float32 (0 on invalid)."""
+    if which not in run._jitted:
+        gd, rest = (run.graphdef, run.rest) if which == "policy" else (
+            run.extra_references[int(which[5:])][0], run.extra_references[int(which[5:])][2])
+        chunk = run.config.model.vocab_chunk_size or None
+        run._jitted[which] = jax.jit(
+            lambda p, b: response_logps(gd, p, rest, b, compute_dtype=run.dtype, vocab_chunk_size=chunk),
+            out_shardings=replicated(run.mesh))
+    return np.asarray(jax.device_get(run._jitted[which](params, batch)))
+
+
+def score(run: OnlineRun, prompts: Sequence[D.PromptRecord], texts: list[list[str]], fn: Callable) -> np.ndarray:
+    """Rewards [P, K] of the texts from a RewardFn."""
+    rewards = np.asarray(fn([_prompt_for_reward(p) for p in prompts], texts), np.float32)
+    if rewards.shape != (len(texts), len(texts[0])) or not np.all(np.isfinite(rewards)):
+        raise ValueError(f"the reward function returned {rewards.shape} (finite: {np.all(np.isfinite(rewards))}); "
+                         f"expected finite [{len(texts)}, {len(texts[0])}]")
+    return rewards
+
+
+def _kl_estimate(policy: np.ndarray, initial: np.ndarray, valid: np.ndarray) -> float:
+    return float(np.sum((policy - initial) * valid) / max(np.sum(valid), 1))
+
+
+def collect(run: OnlineRun, params, prompt_index: np.ndarray, split: str, num_samples: int, key: jax.Array, *,
+            sampler_params=None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Sample, decode, score: (batch with rewards [P, K], statistics). `sampler_params` defaults to `params`."""
+    prompts = [run.prompts[split][i] for i in prompt_index]
+    ids = [run.prompt_ids[split][i] for i in prompt_index]
+    tokens, mask = sample(run, params if sampler_params is None else sampler_params, ids, num_samples, key)
+    texts = decode_responses(run, tokens, mask)
+    rewards = score(run, prompts, texts, run.reward_fn)
+    batch = sample_batch(ids, tokens, mask, rewards, width=run.width, pad_id=run.pad_id)
+    stats = {"reward": float(rewards.mean()), "response_length": float(batch["lengths"].mean())}
+    if run.judge_fn is not None:
+        stats["judge_reward"] = float(score(run, prompts, texts, run.judge_fn).mean())
+    return batch, stats
+
+
+def evaluate_online(run: OnlineRun, params, iteration: int) -> dict[str, float]:
+    """Judge reward, training reward, KL to the initial policy and length of one sample per held-out prompt."""
+    n = min(int(run.config.online.eval_prompts), len(run.prompts["eval"]))
+    if n == 0:
+        return {}
+    shards = np.lcm(run.mesh.shape["data"] * run.mesh.shape["fsdp"], jax.process_count())
+    n -= n % shards
+    if n == 0:
+        return {}
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(run.config.seed), 1), iteration)
+    batch, stats = collect(run, params, np.arange(n), "eval", 1, key)
+    device_batch = _global(run, batch)
+    kl = _kl_estimate(sample_logps(run, "policy", params, device_batch),
+                      sample_logps(run, "policy", run.initial_params, device_batch), batch["valid"])
+    if "judge_reward" not in stats:
+        stats["judge_reward"] = stats["reward"]
+    return {**stats, "kl_to_initial": kl}
+
+
+def _iteration_key(run: OnlineRun, iteration: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(run.config.seed), 0), iteration)
+
+
+def iteration_batch(run: OnlineRun, params, iteration: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The samples of `iteration` with rewards and reference log-probs, and their statistics."""
+    oc = run.config.online
+    index = prompt_order(len(run.prompts["train"]), iteration, oc.prompts_per_iteration, run.config.seed)
+    sampler = run.initial_params if oc.sampler == "initial" else params
+    batch, stats = collect(run, params, index, "train", oc.num_samples, _iteration_key(run, iteration),
+                           sampler_params=sampler)
+    device_batch = _global(run, batch)
+    start = sample_logps(run, "policy", params, device_batch)
+    initial = sample_logps(run, "policy", run.initial_params, device_batch)
+    if oc.sampler == "policy":
+        stats["kl_to_initial"] = _kl_estimate(start, initial, batch["valid"])
+    if run.loss_fn.requires_reference:
+        columns = [initial if oc.reference == "initial" else start]
+        columns += [sample_logps(run, f"extra{r}", p, device_batch)
+                    for r, (_, p, _) in enumerate(run.extra_references)]
+        ref = np.stack(columns, -1) if len(columns) > 1 else columns[0]
+        batch["ref_logps"] = ref.astype(np.float32)
+    return batch, stats
+
+
+def minibatches(batch: dict[str, np.ndarray], size: int, count: int):
+    """`count` mini-batches of `size` prompts, taken in turn from the batch (cycling)."""
+    n = next(iter(batch.values())).shape[0]
+    for m in range(count):
+        start = (m * size) % n
+        yield {k: v[start:start + size] for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------- train
+def make_online_step(run: OnlineRun):
+    """The jit-compiled update (donated state): the trainer's step with the references in the batch."""
+    step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
+                              micro_batches=run.config.data.micro_batches,
+                              vocab_chunk_size=run.config.model.vocab_chunk_size or None, lr_schedule=run.schedule)
+    return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
+
+
+def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> dict[str, Any]:
+    """Run `config.online.iterations` online iterations; returns the last iteration's and eval's metrics."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+    run = build_online_run(cfg, workdir, devices=devices)
+    oc = cfg.online
+    updates = int(oc.updates_per_iteration)
+    writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard)
+    ckpt = Checkpointer(workdir / "checkpoints", every_steps=max(1, cfg.train.checkpoint_every) * updates,
+                        keep=cfg.train.keep_checkpoints, asynchronous=cfg.train.async_checkpointing)
+    step_fn = make_online_step(run)
+
+    state = run.state
+    restored = ckpt.restore_latest(abstract_like(state))
+    iteration = 0
+    if restored is not None:
+        _, state, data_state = restored
+        iteration = int(data_state["iteration"])
+        log.info("resumed at iteration %d", iteration)
+
+    progress = None
+    if cfg.train.progress_bar and jax.process_index() == 0 and iteration < oc.iterations:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=oc.iterations, initial=iteration, desc="rpo-train online", dynamic_ncols=True)
+    if iteration == 0 and oc.eval_every:
+        writer.write(0, evaluate_online(run, state["params"], 0), prefix="eval/")
+    last: dict[str, float] = {}
+    with loop._Preemption() as preemption:
+        while iteration < oc.iterations:
+            t0 = time.perf_counter()
+            batch, stats = iteration_batch(run, state["params"], iteration)
+            t1 = time.perf_counter()
+            sums: dict[str, float] = {}
+            for mb in minibatches(batch, cfg.data.batch_size, updates):
+                state, metrics = step_fn(state, _global(run, mb))
+                for k, v in jax.device_get(metrics).items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / updates
+            iteration += 1
+            last = {**stats, **sums, "perf/sample_time_s": t1 - t0,
+                    "perf/update_time_s": time.perf_counter() - t1}
+            writer.write(iteration, last, prefix="online/")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{stats['reward']:.3f}")
+            if oc.eval_every and iteration % oc.eval_every == 0 and iteration != oc.iterations:
+                writer.write(iteration, evaluate_online(run, state["params"], iteration), prefix="eval/")
+            step = iteration * updates
+            ckpt.save(step, state, {"iteration": iteration})
+            if preemption.should_stop(step):
+                log.warning("preemption requested: saving iteration %d and exiting", iteration)
+                ckpt.save(step, state, {"iteration": iteration}, force=True)
+                ckpt.close()
+                writer.close()
+                return {"online": last, "preempted_at": iteration}
+    if progress is not None:
+        progress.close()
+    eval_metrics = evaluate_online(run, state["params"], iteration)
+    if eval_metrics:
+        writer.write(iteration, eval_metrics, prefix="eval/")
+    ckpt.save(iteration * updates, state, {"iteration": iteration}, force=True)
+    ckpt.close()
+    writer.close()
+    if cfg.train.export_at_end:
+        loop._save_replicated(run.graphdef, state["params"], run.rest, run.model_config, workdir / "export",
+                              run.tokenizer, run.mesh)
+    return {"online": last, "eval": eval_metrics, "iteration": iteration}
