@@ -251,3 +251,36 @@ def test_empty_and_corrupt_files_are_problems(write_lines, tmp_path):
     corrupt.write_bytes(gzip.compress(b'{"prompt": "q", "responses": ["a", "b"]}\n' * 50)[:-30])
     records, report = read_records(corrupt, on_error="skip")
     assert report.problems and report.problems[-1].field == "<file>" and "cannot read" in report.problems[-1].message
+
+
+def test_read_prompts_from_prompt_only_and_preference_files(write_lines, tmp_path):
+    from rpo_jax.data import read_prompts
+    lines = [{"prompt": "plain"}, {"prompt": [USER], "anything": 1}, CONVERSATIONAL_PAIR["trl_implicit"],
+             STRING_PAIR_WITH_REWARDS["nemo"]]
+    prompts, report = read_prompts(write_lines(tmp_path / "p.jsonl", lines))
+    assert report.ok and report.num_records == 4
+    assert prompts[0].prompt == ({"role": "user", "content": "plain"},) and not prompts[0].conversational
+    assert prompts[1].prompt == (USER,) and prompts[1].conversational
+    assert prompts[2].prompt == (USER,)  # the implicit prompt: the common prefix of chosen and rejected
+    assert prompts[3].prompt_text == USER["content"] and prompts[3].source[1] == 4
+
+
+def test_read_prompts_errors_name_file_line_field_and_skip_counts(write_lines, tmp_path):
+    from rpo_jax.data import read_prompts
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": 3}, {"question": "x"}, "{not json"])
+    with pytest.raises(RecordError, match=r"p\.jsonl:2: prompt: expected a string or a list of messages"):
+        read_prompts(path)
+    prompts, report = read_prompts(path, on_error="skip")
+    assert len(prompts) == 1 and report.num_skipped == 3
+    assert [(p.line, p.field) for p in report.problems] == [(2, "prompt"), (3, "prompt"), (4, "<json>")]
+
+
+def test_encode_prompt_is_the_prompt_part_of_encode_record():
+    from transformers import AutoTokenizer
+
+    from rpo_jax.data import demo_paths, encode_prompt, encode_record, read_prompts, read_records
+    tok = AutoTokenizer.from_pretrained(demo_paths()["tokenizer"])
+    records, _ = read_records(demo_paths()["test"])
+    prompts, _ = read_prompts(demo_paths()["test"])
+    for rec, prompt in zip(records[:5], prompts[:5]):
+        assert encode_prompt(prompt, tok) == encode_record(rec, tok)[0]
