@@ -1,13 +1,14 @@
 """Flax NNX Llama and Gemma (1, 2, 3 text) decoders with Hugging Face import/export and sequence log-probs.
 
-Public API: `load_hf`, `save_hf`, `create_model`, `sequence_logps`, `generate`, `ModelConfig`, `DEFAULT_RULES`,
+Public API: `load_hf`, `save_hf`, `create_model`, `sequence_logps`, `generate` (and
+`truncate_at_stop_strings`), `ModelConfig`, `DEFAULT_RULES`,
 `make_mesh`; reward models `load_reward_model`, `save_reward_model`, `RewardModel` and the reward
 functions `reward_model_fn`, `judge_fn`, `dataset_rewards_fn` (`RewardFn`).
 """
 
 from rpo_jax.models.config import ModelConfig, RopeSpec
 from rpo_jax.models.model import Decoder, create_model
-from rpo_jax.models.generate import GenerateOutput, filter_logits, generate
+from rpo_jax.models.generate import GenerateOutput, filter_logits, generate, truncate_at_stop_strings
 from rpo_jax.models.hf_io import load_hf, save_hf
 from rpo_jax.models.reward import (
     RewardFn,
@@ -44,6 +45,7 @@ __all__ = [
     "sequence_logps",
     "token_logps",
     "token_logps_from_hidden",
+    "truncate_at_stop_strings",
     "logical_to_spec",
     "make_mesh",
     "shard_model",

@@ -5,6 +5,16 @@ slots per layer ([L,N,S,K,hd]); then a `lax.scan` decodes one token per step. At
 step slot i when j ≤ i, slot j holds a real token, and (sliding layers) i - j < window — exactly the masks of the
 full forward pass, so decoding equals re-running the model on the growing sequence. Positions continue the
 prompt's `cumsum(mask) - 1`. The whole function is jit-compiled (static: lengths and sampling settings).
+
+Stopping: a row ends at its first EOS id or at the first generated token that completes a token stop sequence
+(checked in the graph on a rolling window of the last generated tokens), and — after generation, on the host — at
+the first token whose decoded text completes a stop string (`truncate_at_stop_strings`). Whichever comes first
+ends the row; the stopping token itself is kept.
+
+Sharding: nothing to set up. With a model loaded or created with `mesh=` and prompts placed with the batch
+sharding (`jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp"))))`), XLA propagates the shardings
+(Auto mesh axes): the KV cache is split over the batch like the activations, and the result equals the
+unsharded one (sampling included: the per-step keys do not depend on the layout). `jax.set_mesh` is not needed.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rpo_jax.models import layers as L
@@ -25,8 +36,8 @@ from rpo_jax.models.config import SLIDING_ATTENTION
 class GenerateOutput:
     """Result of `generate` (N prompts, M = max_new_tokens).
 
-    tokens [N,M] int32: sampled tokens, `pad_token_id` after the first EOS.
-    mask [N,M] bool: True on generated tokens up to and including the first EOS.
+    tokens [N,M] int32: sampled tokens, `pad_token_id` after the row's stop (EOS, stop sequence or stop string).
+    mask [N,M] bool: True on generated tokens up to and including the stopping token.
     logps [N,M] float32: log p(token) under the model's unmodified distribution (temperature 1, no top-k/top-p),
       0 where mask is False — the policy log-probs of the samples.
     lengths [N] int32: mask.sum(-1).
@@ -67,7 +78,19 @@ def _sample(logits, key, temperature, top_k, top_p):
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id):
+def _stop_sequence_hit(recent: jax.Array, stop_sequences: tuple[tuple[int, ...], ...]) -> jax.Array:
+    """[N] bool: whether the rolling window recent [N,W] of the last W generated tokens (oldest first, -1 where
+    fewer than W were generated) ends with any of the stop sequences (each of length ≤ W)."""
+    width = recent.shape[1]
+    hit = jnp.zeros(recent.shape[:1], bool)
+    for seq in stop_sequences:
+        tail = recent[:, width - len(seq):]
+        hit = hit | jnp.all(tail == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
+    return hit
+
+
+def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id,
+              stop_sequences=()):
     config = model.config
     n, t = tokens.shape
     s = t + max_new_tokens
@@ -92,13 +115,16 @@ def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature
     next_position = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # [N]
 
     def step(carry, step_key):
-        caches, cache_valid, logits, position, done, i = carry
+        caches, cache_valid, logits, position, done, i, recent = carry
         token = _sample(logits, step_key, temperature, top_k, top_p)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
         live = ~done
         is_eos = jnp.isin(token, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(live)
         out = (jnp.where(live, token, pad_id), live, jnp.where(live, logp, 0.0))
         done = done | is_eos
+        if stop_sequences:  # rolling window of the last W generated tokens; the token that completes one is kept
+            recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
+            done = done | _stop_sequence_hit(recent, stop_sequences)
         # feed the token at cache slot t + i
         slot = t + i
         cache_valid = jax.lax.dynamic_update_slice_in_dim(cache_valid, jnp.ones((n, 1), bool), slot, axis=1)
@@ -108,10 +134,12 @@ def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature
             model.embed_tokens(token[:, None]), position[:, None], mask, window, caches, slot
         )
         logits = model.unembed(hidden[:, 0])
-        return (caches, cache_valid, logits, position + 1, done, i + 1), out
+        return (caches, cache_valid, logits, position + 1, done, i + 1, recent), out
 
     keys = jax.random.split(key, max_new_tokens)
-    init = (caches, cache_valid, logits, next_position, jnp.zeros((n,), bool), jnp.int32(0))
+    width = max((len(seq) for seq in stop_sequences), default=0)
+    recent = jnp.full((n, width), -1, jnp.int32)  # -1 matches no token id: only generated tokens can match
+    init = (caches, cache_valid, logits, next_position, jnp.zeros((n,), bool), jnp.int32(0), recent)
     _, (new_tokens, live, logps) = jax.lax.scan(step, init, keys)
     new_tokens, live, logps = new_tokens.T, live.T, logps.T
     return GenerateOutput(
@@ -123,8 +151,108 @@ def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature
 
 
 _generate_jit = nnx.jit(
-    _generate, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id")
+    _generate,
+    static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id", "stop_sequences"),
 )
+
+
+def _stop_sequences_arg(stop_sequences, vocab_size: int) -> tuple[tuple[int, ...], ...]:
+    """Validates `stop_sequences` (a list of non-empty token-id lists) into the static tuple of tuples."""
+    if stop_sequences is None:
+        return ()
+    if isinstance(stop_sequences, (str, bytes)) or not isinstance(stop_sequences, (Sequence, np.ndarray)):
+        raise ValueError(f"stop_sequences must be a list of token-id lists, got {type(stop_sequences).__name__}")
+    result = []
+    for k, seq in enumerate(stop_sequences):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
+            raise ValueError(f"stop_sequences[{k}] must be a list of token ids, got {seq!r} "
+                             "(a flat list of ids is not accepted: wrap each sequence, e.g. [[13, 13]])")
+        if len(seq) == 0:
+            raise ValueError(f"stop_sequences[{k}] is empty")
+        ids = []
+        for j, tok in enumerate(seq):
+            if isinstance(tok, (bool, np.bool_)) or not isinstance(tok, (int, np.integer)):
+                raise ValueError(f"stop_sequences[{k}][{j}] must be an int token id, got {tok!r}")
+            if not 0 <= int(tok) < vocab_size:
+                raise ValueError(f"stop_sequences[{k}][{j}] = {int(tok)} is outside the vocabulary [0, {vocab_size})")
+            ids.append(int(tok))
+        result.append(tuple(ids))
+    return tuple(result)
+
+
+def _stop_strings_arg(stop_strings, tokenizer) -> tuple[str, ...]:
+    """Validates `stop_strings` (a list of non-empty str) and that a tokenizer with `decode` comes with them."""
+    if stop_strings is None:
+        return ()
+    if isinstance(stop_strings, (str, bytes)) or not isinstance(stop_strings, Sequence):
+        raise ValueError(f"stop_strings must be a list of str (e.g. [{stop_strings!r}]), got {stop_strings!r}")
+    for k, text in enumerate(stop_strings):
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"stop_strings[{k}] must be a non-empty str, got {text!r}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= (any object with decode(list[int]) -> str)")
+    if stop_strings and not callable(getattr(tokenizer, "decode", None)):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no decode(list[int]) -> str method")
+    return tuple(stop_strings)
+
+
+def _first_stop_index(ids: Sequence[int], decode, stop_strings: Sequence[str]) -> int | None:
+    """The first j such that decode(ids[:j+1]) contains a stop string, or None."""
+    for j in range(len(ids)):
+        text = decode(list(ids[: j + 1]))
+        if any(stop in text for stop in stop_strings):
+            return j
+    return None
+
+
+def truncate_at_stop_strings(
+    output: GenerateOutput, tokenizer, stop_strings: Sequence[str], *, pad_token_id: int
+) -> GenerateOutput:
+    """Ends each row at the first generated token whose text completes a stop string (host-side, numpy).
+
+    For row i with n = lengths[i] kept tokens, j is the first index < n at which
+    `tokenizer.decode(tokens[i, :j+1])` (the generated tokens only, with the tokenizer's decode defaults)
+    contains any stop string. Token j is kept: mask[i, :j+1] True, tokens[i, j+1:] = pad_token_id,
+    mask False and logps 0 there, lengths[i] = j + 1. Rows without a match are unchanged. The decoded text is
+    searched, not single tokens, so a stop string may straddle token boundaries ("st" + "op" completes "stop"),
+    and a token that runs past the stop string ends the row too ("las" + "topper"), as in transformers'
+    `StopStringCriteria`; unlike it, a stop string that starts in the prompt does not count.
+
+    EOS: a row already ended at EOS has n up to and including it, so only tokens before the EOS are searched:
+    whichever of EOS, stop sequence and stop string comes first ends the row.
+
+    Exactness (why truncating afterwards equals stopping during generation): `generate`'s scan runs all
+    max_new_tokens steps for every row; token t of a row is drawn from logits that depend only on that row's
+    prompt and its tokens < t (rows never attend to each other) and on step t's key, which is split from `rng`
+    before the scan. Cutting a row after token j therefore leaves exactly the tokens, masks and log-probs a
+    generation that stopped at j would have produced, for that row and every other one. The extra steps cost
+    nothing more: a fixed-length scan runs them anyway.
+
+    output: GenerateOutput with [N,M] fields whose mask is a prefix (True then False). Cost: n decodes of up to
+    n tokens per row (prefix by prefix, since decoding is not in general additive over tokens).
+    Returns a new GenerateOutput; each field keeps its sharding when it is a jax.Array.
+    """
+    strings = _stop_strings_arg(stop_strings, tokenizer)
+    tokens = np.array(jax.device_get(output.tokens), np.int32)
+    mask = np.array(jax.device_get(output.mask), bool)
+    logps = np.array(jax.device_get(output.logps), np.float32)
+    if tokens.ndim != 2 or mask.shape != tokens.shape or logps.shape != tokens.shape:
+        raise ValueError(f"output fields must all be [N, M]: tokens {tokens.shape}, mask {mask.shape}, "
+                         f"logps {logps.shape}")
+    lengths = mask.sum(axis=1).astype(np.int32)
+    for i, n in enumerate(lengths):
+        if not mask[i, :n].all():
+            raise ValueError(f"output.mask row {i} is not a prefix (True then False): {mask[i].astype(int)}")
+        j = _first_stop_index(tokens[i, :n].tolist(), tokenizer.decode, strings) if strings else None
+        if j is not None:
+            tokens[i, j + 1:], mask[i, j + 1:], logps[i, j + 1:] = pad_token_id, False, 0.0
+            lengths[i] = j + 1
+
+    def like(new, old):
+        return jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new
+
+    return GenerateOutput(tokens=like(tokens, output.tokens), mask=like(mask, output.mask),
+                          logps=like(logps, output.logps), lengths=like(lengths, output.lengths))
 
 
 def generate(
@@ -139,6 +267,9 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     rng: jax.Array | None = None,
     pad_token_id: int | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
 ) -> GenerateOutput:
     """Samples `max_new_tokens` continuations of left-padded prompts with a KV cache.
 
@@ -146,6 +277,14 @@ def generate(
     (argmax); otherwise logits / temperature, then top-k, then top-p filtering, then a categorical draw with
     `rng` (required). Sequences stop at `eos_token_id` (an id or a list of ids; the EOS itself is kept and
     marked in `mask`); later slots hold `pad_token_id` (default: the config's pad id, else 0).
+
+    stop_sequences: token-id sequences, e.g. [[13, 13], [50256]]; a row stops once its generated tokens end with
+      one (checked in the graph; the stop tokens are kept, like EOS). Only generated tokens count, not the prompt.
+    stop_strings: strings, e.g. ["\n\n", "User:"], with `tokenizer` (anything with decode(list[int]) -> str); a
+      row stops at the first token whose decoded generated text contains one, even across token boundaries
+      (applied after the scan by `truncate_at_stop_strings`, which is exact — see there; the returned arrays are
+      then rebuilt from host copies, keeping their shardings).
+    Whichever of EOS, stop sequence and stop string comes first ends the row.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -157,6 +296,8 @@ def generate(
         raise ValueError(f"top_k must be ≥ 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    stop_sequences = _stop_sequences_arg(stop_sequences, model.config.vocab_size)
+    stop_strings = _stop_strings_arg(stop_strings, tokenizer)
     tokens = jnp.asarray(tokens, jnp.int32)
     attention_mask = jnp.asarray(attention_mask, bool)
     if tokens.ndim != 2 or attention_mask.shape != tokens.shape:
@@ -167,9 +308,12 @@ def generate(
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     key = jax.random.key(0) if rng is None else rng  # unused when greedy
-    return _generate_jit(
+    output = _generate_jit(
         model, tokens, attention_mask, key,
         max_new_tokens=int(max_new_tokens), temperature=float(temperature),
         top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
-        eos_ids=eos_ids, pad_id=int(pad_token_id),
+        eos_ids=eos_ids, pad_id=int(pad_token_id), stop_sequences=stop_sequences,
     )
+    if stop_strings:
+        output = truncate_at_stop_strings(output, tokenizer, stop_strings, pad_token_id=int(pad_token_id))
+    return output
