@@ -12,6 +12,9 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.mode = "preference"             # "preference": offline preference training (this module's default job)
+                                      # "online": sample K per prompt, score, update (rpo_jax.train.online; `online`)
+                                      # "reward_model": Bradley–Terry reward model on pairs (`reward_model` below)
 
     # The policy: a Hugging Face checkpoint directory (or hub id), or a random init from `model.init`.
     c.model = ml_collections.ConfigDict()
@@ -73,6 +76,42 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpointing = True
     c.train.export_at_end = True      # write WORKDIR/export (HF directory with tokenizer)
     c.train.progress_bar = True
+
+    # mode="online": each iteration samples `num_samples` responses to `prompts_per_iteration` prompts of
+    # data.train with the current policy, scores them with the reward source, and takes `updates_per_iteration`
+    # optimizer steps of `loss` on them (mini-batches of data.batch_size prompts, cycled). train.steps is unused.
+    c.online = ml_collections.ConfigDict()
+    c.online.iterations = 20
+    c.online.prompts_per_iteration = 16
+    c.online.num_samples = 4          # K responses per prompt
+    c.online.updates_per_iteration = 4
+    c.online.max_new_tokens = 32
+    c.online.temperature = 1.0
+    c.online.top_k = 0                # 0: no top-k filtering
+    c.online.top_p = 1.0              # 1.0: no nucleus filtering
+    c.online.stop_strings = []        # besides EOS: stop a response at any of these strings
+    c.online.reference = "initial"    # "initial" | "previous_iterate" (reset every iteration) | "current" (sg policy)
+    c.online.sampler = "policy"       # "policy": online; "initial": every sample from the initial policy (offline)
+    c.online.reward_judge = ""        # "module:function" judge(prompt_text, response_text) -> float, e.g.
+                                      # "rpo_jax.data.demo:judge"
+    c.online.reward_model = ""        # or: a Hugging Face sequence-classification reward model directory
+    c.online.eval_judge = ""          # ground-truth judge logged at eval ("" = reward_judge); may differ from
+                                      # the training reward (a learned reward model)
+    c.online.eval_prompts = 64        # held-out prompts (data.eval) sampled once each at eval
+    c.online.eval_every = 5           # iterations between evaluations (0: only at the end)
+
+    # mode="reward_model" (rpo_jax.train.reward_model): a Bradley–Terry reward model on pairs from config.data,
+    # scored like reward_model_fn (chat template of prompt + response, pooled at the last non-pad token), exported
+    # as a Hugging Face XForSequenceClassification checkpoint. model.path: a causal LM (its decoder + a fresh score
+    # head), or a sequence-classification checkpoint (continued); empty: random init from model.init. The model.*,
+    # data.*, optimizer.*, train.*, mesh and metrics fields apply as above; loss.*, references*, reference_mode and
+    # data.max_prompt_length do not; data.truncation is "drop" or "truncate_prompt" (keep the last max_length tokens).
+    c.reward_model = ml_collections.ConfigDict()
+    c.reward_model.pairs = "all"          # with rewards: "all" pairs (i, j) with r_i > r_j | "best_worst"; ties give
+                                          # none. K = 2 without rewards: response 0 chosen; K > 2 without: an error
+    c.reward_model.center_coefficient = 0.0  # TRL's center_rewards_coefficient: + λ·(s_chosen + s_rejected)²
+    c.reward_model.margin_scale = 0.0     # >0: margin m = margin_scale·(r_chosen − r_rejected) in −log σ(Δs − m)
+    c.reward_model.label = 0              # the score column trained (a fresh head has one label)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
