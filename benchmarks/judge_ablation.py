@@ -53,7 +53,7 @@ ARMS: dict[str, tuple[str, dict]] = {
 }
 
 SIZES = {
-    "default": {"sft_steps": 150, "rm_steps": 300, "iterations": 20, "prompts": 32, "updates": 4, "eval_prompts": 200,
+    "default": {"sft_steps": 150, "rm_steps": 200, "iterations": 20, "prompts": 32, "updates": 4, "eval_prompts": 200,
                 "eval_every": 5, "seeds": "0,1,2"},
     "smoke": {"sft_steps": 30, "rm_steps": 20, "iterations": 2, "prompts": 16, "updates": 1, "eval_prompts": 16,
               "eval_every": 1, "seeds": "0"},

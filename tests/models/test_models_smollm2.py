@@ -49,3 +49,33 @@ def test_smollm2_logits_match_transformers(smollm2_dir, chat_tokens):
     got, count = nnx.jit(lambda m, t, l: sequence_logps(m, t, l, vocab_chunk_size=8192))(model, jnp.asarray(tokens), jnp.asarray(mask))
     assert int(count[0]) == 10
     np.testing.assert_allclose(float(got[0]), expected, atol=5e-3)
+
+
+def test_smollm2_reward_model_scores_match_transformers(smollm2_dir, tmp_path):
+    """SmolLM2-135M-Instruct as a LlamaForSequenceClassification (transformers' fresh score head, saved): our
+    `load_reward_model` + `reward_model_fn` (batched, right-padded) score chat conversations like transformers
+    scores each one alone."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rpo_jax.models import load_reward_model, reward_model_fn
+    from rpo_jax.models.reward import encode_conversation
+
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(smollm2_dir), num_labels=1, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    hf.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = [[{"role": "user", "content": "What is the capital of France?"}], "Sort these digits: 3 1 2"]
+    responses = [["The capital of France is Paris.", "Lyon, I think."], ["1 2 3", "3 2 1, obviously not sorted"]]
+    expected = np.zeros((2, 2), np.float32)
+    for b, (p, rs) in enumerate(zip(prompts, responses)):
+        for k, r in enumerate(rs):
+            ids = torch.as_tensor([encode_conversation(tok, p, r)])
+            with torch.no_grad():
+                expected[b, k] = float(hf(input_ids=ids).logits[0, 0])
+    rm, _ = load_reward_model(tmp_path / "rm")
+    got = reward_model_fn(rm, tok, max_length=128, batch_size=4)(prompts, responses)
+    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+    assert np.ptp(expected) > 1e-3  # the conversations get different scores: the comparison bites
