@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.eval_judge = ""          # ground-truth judge logged at eval ("" = reward_judge); may differ from
                                       # the training reward (a learned reward model)
     c.online.eval_prompts = 64        # held-out prompts (data.eval) sampled once each at eval
-    c.online.eval_every = 5           # iterations between evaluations (0: only at the end)
+    c.online.eval_every = 5           # iterations between evaluations (0: only before the first and after the last)
 
     # mode="reward_model" (rpo_jax.train.reward_model): a Bradley–Terry reward model on pairs from config.data,
     # scored like reward_model_fn (chat template of prompt + response, pooled at the last non-pad token), exported

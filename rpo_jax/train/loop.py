@@ -150,9 +150,11 @@ def weights_fingerprint(path: str, cfg: ml_collections.ConfigDict, vocab_size: i
 
 def on_mesh(tree: Any, mesh) -> Any:
     """Leaves already spread over `mesh` keep their sharding (parameters, moments that follow them); any other
-    leaf (scalars such as the step or Adam's count) is replicated over the mesh."""
+    leaf (scalars such as the step or Adam's count) is replicated over the mesh. Every leaf comes back committed
+    to its devices, as the jitted step's outputs are, so the step compiles once rather than twice."""
     devices = set(mesh.devices.flat)
-    return jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None and x.sharding.device_set == devices
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding)
+                        if getattr(x, "sharding", None) is not None and x.sharding.device_set == devices
                         else jax.device_put(x, replicated(mesh)), tree)
 
 

@@ -16,12 +16,14 @@ Iteration i (i = 0 … online.iterations − 1):
 5. **Updates**: `online.updates_per_iteration` = M optimizer steps of the configured loss on the samples, in
    mini-batches of `data.batch_size` prompts taken in turn (P / batch_size of them, cycled).
 
-Logged per iteration (`online/…`): `reward` (mean training reward of the samples), `judge_reward` (the ground
+Logged per iteration (`online/…`, written at step i for iteration i − 1, whose samples come from the policy
+after i − 1 iterations; `eval/…` at step i describes the policy after i iterations): `reward` (mean training reward of the samples), `judge_reward` (the ground
 truth `online.eval_judge`, when it differs from the training reward), `kl_to_initial` = mean over samples of
 log π_i(y) − log π_0(y) (an unbiased estimate of KL(π_i ‖ π_0) when the samples come from π_i at temperature 1
 without top-k/top-p; not logged for offline runs), `response_length`, and the loss metrics averaged over the M
-updates. Evaluation every `online.eval_every` iterations samples one response to each of `online.eval_prompts`
-held-out prompts from the current policy and logs the same quantities (`eval/…`).
+updates. Evaluation before the first iteration, every `online.eval_every` iterations and after the last samples
+one response to each of `online.eval_prompts` held-out prompts from the current policy and logs the same
+quantities (`eval/…`).
 
 Checkpoints are taken at iteration boundaries (every `train.checkpoint_every` iterations, at the end, and when
 SIGTERM arrived during the iteration). Resuming restores the policy, optimizer state and iteration; prompts
@@ -480,7 +482,7 @@ def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
     if cfg.train.progress_bar and jax.process_index() == 0 and iteration < oc.iterations:
         from tqdm.auto import tqdm
         progress = tqdm(total=oc.iterations, initial=iteration, desc="rpo-train online", dynamic_ncols=True)
-    if iteration == 0 and oc.eval_every:
+    if iteration == 0:
         writer.write(0, evaluate_online(run, state["params"], 0), prefix="eval/")
     last: dict[str, float] = {}
     with loop._Preemption() as preemption:
@@ -518,7 +520,8 @@ def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
     ckpt.save(iteration * updates, state, {"iteration": iteration}, force=True)
     ckpt.close()
     writer.close()
+    exported = None
     if cfg.train.export_at_end:
-        loop._save_replicated(run.graphdef, state["params"], run.rest, run.model_config, workdir / "export",
-                              run.tokenizer, run.mesh)
-    return {"online": last, "eval": eval_metrics, "iteration": iteration}
+        exported = str(loop._save_replicated(run.graphdef, state["params"], run.rest, run.model_config,
+                                             workdir / "export", run.tokenizer, run.mesh))
+    return {"online": last, "eval": eval_metrics, "iteration": iteration, "export": exported}
