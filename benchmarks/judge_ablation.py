@@ -218,6 +218,14 @@ def plot(results: list[dict], table: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def _parse_value(text: str):
+    """`--set` values: JSON when they parse (numbers, true/false, lists, dicts), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def replot(out: pathlib.Path) -> None:
     """Redraw OUT/reward_vs_kl.png from OUT/results.json (no training)."""
     data = json.loads((out / "results.json").read_text())
@@ -252,8 +260,7 @@ def main(argv=None) -> dict:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
-    extra = [(k, json.loads(v) if v[:1] in "[{0123456789-tf\"" else v)
-             for k, v in (s.split("=", 1) for s in args.set)]
+    extra = [(k, _parse_value(v)) for k, v in (s.split("=", 1) for s in args.set)]
 
     t0 = time.perf_counter()
     pieces = {"judge": args.judge, "prompts": args.prompts,
