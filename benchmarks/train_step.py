@@ -6,13 +6,21 @@
 `--reference in_step` scores the frozen reference inside the step (what TRL's DPOTrainer does by default);
 `cached` feeds precomputed reference log-probs (rpo_jax's reference cache); `both` runs the two and prints
 the speed-up. FLOPs per token follow rpo_jax.train.metrics (6·P + 12·L·T·d, plus 2·P + 4·L·T·d per in-step
-reference); the peak is a large matmul in the compute dtype, measured in the same run.
+reference), counting the output head only over the positions where it is computed. By default the step is the
+trainer's: the head runs on every position (`--score-window 0`). Two opt-in speed paths that the trainer does not
+use yet: `--score-window auto` runs the head and its log-softmax on the response positions only
+(`rpo_jax.train.step.score_window_for`: 64 of the 127 logit positions for 64 + 64 tokens; counted there only,
+`rpo_jax.train.step.train_flops_per_token`), and `RPO_JAX_HUGEPAGE_MALLOC=1` restarts the script once with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for malloc on Linux/glibc ≥ 2.35, see
+`rpo_jax.train.step.reexec_with_hugepage_malloc`). The peak is a large matmul in the compute dtype, measured in
+the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -23,9 +31,15 @@ from flax import nnx
 
 from rpo_jax.losses import make_loss
 from rpo_jax.models import ModelConfig, create_model, load_hf
-from rpo_jax.train.metrics import flops_per_token, measure_matmul_peak
+from rpo_jax.train.metrics import measure_matmul_peak
 from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.step import make_train_step, response_logps
+from rpo_jax.train.step import (
+    make_train_step,
+    reexec_with_hugepage_malloc,
+    response_logps,
+    score_window_for,
+    train_flops_per_token,
+)
 
 TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
@@ -55,6 +69,9 @@ def main(argv=None):
     p.add_argument("--remat", default="none")
     p.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (rpo_jax.models)")
     p.add_argument("--vocab-chunk", type=int, default=0)
+    p.add_argument("--score-window", default="0",
+                   help="logit positions per response given to the output head: auto (from the loss mask), "
+                        "0 (all positions), or a number")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
@@ -75,13 +92,15 @@ def main(argv=None):
     t = args.prompt_len + args.response_len
     tokens_per_step = args.batch * args.k * t
     peaks = [measure_matmul_peak(dtype)]  # measured again after the steps; MFU uses the higher (a ceiling)
-    matmul_params = config.num_params(include_embeddings=False) + config.vocab_size * config.hidden_size
     chunk = args.vocab_chunk or None
+    window = (score_window_for(batch["loss_mask"]) if args.score_window == "auto"
+              else int(args.score_window) or None)
     print(f"device: {jax.devices()[0].device_kind} ({platform}), compute {jnp.dtype(dtype).name}, "
           f"matmul peak before the steps {peaks[0] / 1e9:.1f} GFLOP/s")
+    print(f"malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     print(f"model: {args.model or 'random SmolLM2-135M shape'} ({config.num_params() / 1e6:.1f} M params), "
           f"batch {args.batch}×K={args.k}×T={t} = {tokens_per_step} tokens/step, loss {args.loss}, remat {args.remat}, "
-          f"scan_unroll {args.scan_unroll}")
+          f"scan_unroll {args.scan_unroll}, output head on {window or t - 1} of {t - 1} logit positions")
 
     modes = ["in_step", "cached"] if args.reference == "both" else [args.reference]
     results = {}
@@ -93,13 +112,13 @@ def main(argv=None):
         ref_graphdefs = ()
         if mode == "cached":
             b["ref_logps"] = jax.jit(lambda p, x: response_logps(graphdef, p, rest, x, compute_dtype=dtype,
-                                                                   vocab_chunk_size=chunk))(params, b)
+                                                                   vocab_chunk_size=chunk, score_window=window))(params, b)
         else:
             ref_params, ref_graphdefs = (params,), ((graphdef, rest),)
             if not loss_fn.requires_reference:
                 ref_params, ref_graphdefs = (), ()
         step = jax.jit(make_train_step(graphdef, rest, loss_fn, tx, compute_dtype=dtype, vocab_chunk_size=chunk,
-                                       ref_graphdefs=ref_graphdefs), donate_argnums=(0,))
+                                       ref_graphdefs=ref_graphdefs, score_window=window), donate_argnums=(0,))
         for _ in range(args.warmup):
             state, metrics = step(state, b, ref_params)
         jax.block_until_ready(metrics)
@@ -111,8 +130,7 @@ def main(argv=None):
             times.append(time.perf_counter() - t0)
         step_time = float(np.median(times))
         n_refs = 1 if ref_params else 0
-        flops = tokens_per_step * flops_per_token(matmul_params, config.num_layers, t,
-                                                  config.num_heads * config.head_dim, n_refs)
+        flops = tokens_per_step * train_flops_per_token(config, t, num_references=n_refs, score_window=window)
         stats = jax.devices()[0].memory_stats() or {}
         memory = (stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats
                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -134,4 +152,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if os.environ.get("RPO_JAX_HUGEPAGE_MALLOC") == "1":  # opt-in: the trainer does not do this (yet)
+        reexec_with_hugepage_malloc()
     main()

@@ -1,5 +1,10 @@
 """Sequence log-probabilities Σ_t mask[t]·log p(tokens[t] | tokens[<t]), optionally chunked over the vocabulary.
 
+With `score_window` = W only W logit positions per row are unembedded: the window starting just before the
+row's first scored token (the data layer right-pads prompt + response, so a row's scored tokens are contiguous
+and at most max-response-length apart). The output head and its log-softmax over V are then computed for
+[N,W] positions instead of [N,T-1] (prompt positions are never scored), with results equal to the full path.
+
 The chunked path scans over vocabulary chunks (row slices) of the unembedding matrix with a running (max, sum-exp) pair, so
 only [N,T,C] logits exist at a time; the scan body is rematerialised (`jax.checkpoint`), so the backward pass
 also keeps only O(N·T·C) per chunk instead of the [N,T,V] float32 log-probs.
@@ -66,6 +71,47 @@ def token_logps_from_hidden(
     return z_target - (m + jnp.log(s))
 
 
+def score_window_start(loss_mask: jax.Array, width: int) -> jax.Array:
+    """First logit position [N] int32 of each row's scored window of `width` logit positions.
+
+    loss_mask [N,T] (loss_mask[:, 0] ignored); logit position p scores token p+1, so the window covers tokens
+    start+1 .. start+width. start = (first scored token) - 1, moved left where needed so that the window ends by
+    logit position T-2 (start ≤ T-1-width); rows with nothing scored start at 0. Needs 1 ≤ width ≤ T-1.
+    """
+    t = loss_mask.shape[1]
+    if not 1 <= width <= t - 1:
+        raise ValueError(f"score_window={width} must be in [1, T-1={t - 1}]")
+    scored = loss_mask.astype(bool)[:, 1:]  # scored[:, p] ⇔ token p+1 is scored by logit position p
+    first = jnp.where(jnp.any(scored, axis=-1), jnp.argmax(scored, axis=-1), 0)
+    return jnp.minimum(first, t - 1 - width).astype(jnp.int32)
+
+
+def windowed_token_logps(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    width: int,
+    *,
+    final_logit_softcap: float | None = None,
+    vocab_chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probs of the tokens in each row's scored window: (logps [N,W], mask [N,W] bool).
+
+    hidden [N,T,D] (final-normed), unembedding rows [V,D], tokens/loss_mask [N,T], W = `width`. With s =
+    `score_window_start(loss_mask, W)`, entry j is log p(tokens[s+j+1] | tokens[≤s+j]) computed from
+    hidden[s+j], and mask[j] = loss_mask[s+j+1]. The output head runs on [N,W,D] instead of [N,T-1,D].
+    """
+    start = score_window_start(loss_mask, width)
+    logit_pos = start[:, None] + jnp.arange(width, dtype=jnp.int32)  # [N,W]
+    hidden_w = jnp.take_along_axis(hidden, logit_pos[:, :, None], axis=1)
+    targets_w = jnp.take_along_axis(tokens, logit_pos + 1, axis=1)
+    mask_w = jnp.take_along_axis(loss_mask.astype(bool), logit_pos + 1, axis=1)
+    logps = token_logps_from_hidden(hidden_w, unembedding, targets_w, final_logit_softcap=final_logit_softcap,
+                                    vocab_chunk_size=vocab_chunk_size)
+    return logps, mask_w
+
+
 def sequence_logps(
     model,
     tokens: jax.Array,
@@ -75,17 +121,31 @@ def sequence_logps(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     vocab_chunk_size: int | None = None,
+    score_window: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(logp_sum [N] float32, count [N] int32) with logp_sum = Σ_{t≥1} loss_mask[t] · log p(tokens[t] | tokens[<t]).
 
     Token t is scored with the logits at position t-1 (loss_mask[:, 0] is ignored). tokens/loss_mask [N,T].
     `vocab_chunk_size` = C computes the log-softmax normaliser chunk by chunk (see `token_logps_from_hidden`).
+    `score_window` = W (static, 1 ≤ W < T-1; None or ≥ T-1: every position) unembeds only W positions per row,
+    from just before the row's first scored token (`windowed_token_logps`); same values as the full path when
+    every row's scored tokens lie within W consecutive positions. A row with a scored token outside its window
+    gets logp_sum = NaN (loudly wrong, never silently truncated).
     """
-    logps = token_logps(model, tokens, attention_mask=attention_mask, positions=positions,
-                        segment_ids=segment_ids, vocab_chunk_size=vocab_chunk_size)
     mask = loss_mask.astype(bool).at[:, 0].set(False)
-    logp_sum = jnp.sum(jnp.where(mask, logps, 0.0), axis=-1)
-    return logp_sum.astype(jnp.float32), jnp.sum(mask, axis=-1).astype(jnp.int32)
+    count = jnp.sum(mask, axis=-1).astype(jnp.int32)
+    t = tokens.shape[1]
+    if score_window is None or score_window >= t - 1:
+        logps = token_logps(model, tokens, attention_mask=attention_mask, positions=positions,
+                            segment_ids=segment_ids, vocab_chunk_size=vocab_chunk_size)
+        return jnp.sum(jnp.where(mask, logps, 0.0), axis=-1).astype(jnp.float32), count
+    hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids)
+    logps, mask_w = windowed_token_logps(hidden, model.unembedding(), tokens, mask, int(score_window),
+                                         final_logit_softcap=model.config.final_logit_softcap,
+                                         vocab_chunk_size=vocab_chunk_size)
+    logp_sum = jnp.sum(jnp.where(mask_w, logps, 0.0), axis=-1).astype(jnp.float32)
+    covered = jnp.sum(mask_w, axis=-1) == count
+    return jnp.where(covered, logp_sum, jnp.nan), count
 
 
 def token_logps(

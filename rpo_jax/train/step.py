@@ -5,15 +5,27 @@ weights, cast to the compute dtype inside the step (mixed precision); log-probs 
 A step takes a global batch (see `rpo_jax.data`: tokens/loss_mask/attention_mask [B,K,T], valid/lengths
 [B,K], rewards [B,K] when present, ref_logps [B,K,R] when cached) and accumulates gradients over
 `micro_batches` slices inside the step.
+
+Speed: with `score_window` = W the output head (and its log-softmax over the vocabulary) runs only on the W
+logit positions per response that can be scored (see `rpo_jax.models.logprobs.sequence_logps`), not on the
+prompt; `score_window_for` picks W for a batch on the host and `train_flops_per_token` counts FLOPs to match.
+In-step references are scored outside the differentiated function: a pure forward, no residuals kept.
+On Linux/glibc, `reexec_with_hugepage_malloc` (called first thing by `benchmarks/train_step.py`) restarts the
+process with glibc's malloc backing its large blocks with transparent huge pages: XLA:CPU maps a fresh
+multi-GiB temporary buffer for every step, and faulting it in 4 KiB pages cost ~10-20 % of a CPU step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+import platform
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -28,9 +40,85 @@ def cast_floating(tree: Any, dtype) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+HUGEPAGE_MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def hugepage_malloc_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to restart with so glibc's malloc uses transparent huge pages, or None when not needed.
+
+    None when: not Linux with glibc, `RPO_JAX_HUGEPAGE_MALLOC=0`, or GLIBC_TUNABLES already sets
+    glibc.malloc.hugetlb (also what stops a second restart). Otherwise GLIBC_TUNABLES + "glibc.malloc.hugetlb=1"
+    (glibc ≥ 2.35: malloc madvises MADV_HUGEPAGE on its mappings; older glibc ignores the tunable). Results do
+    not change: only how the kernel backs the memory.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    if environ.get("RPO_JAX_HUGEPAGE_MALLOC", "1") == "0":
+        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in current:
+        return None
+    tunables = f"{current}:{HUGEPAGE_MALLOC_TUNABLE}" if current else HUGEPAGE_MALLOC_TUNABLE
+    return {**environ, "GLIBC_TUNABLES": tunables}
+
+
+def reexec_with_hugepage_malloc(argv: Sequence[str] | None = None) -> None:
+    """Replace this process by `python argv...` with `hugepage_malloc_environ` (no-op when that is None).
+
+    Call it first thing in a script's entry point (glibc reads tunables only at process start). argv defaults
+    to sys.argv (the script path or console-script path, then its arguments).
+    """
+    env = hugepage_malloc_environ(os.environ)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *(sys.argv if argv is None else argv)], env)
+
+
+def score_window_for(loss_mask: np.ndarray, *, multiple: int = 16) -> int | None:
+    """Host-side choice of `score_window` for a batch: loss_mask [..., T] → W or None (no window).
+
+    W = the widest span of logit positions one row needs (last scored token - first scored token + 1), rounded
+    up to a multiple of `multiple` (few distinct values, so few compilations); None when that reaches T-1.
+    """
+    mask = np.asarray(loss_mask, bool).reshape(-1, np.shape(loss_mask)[-1])
+    t = mask.shape[-1]
+    mask = mask.copy()
+    mask[:, 0] = False
+    rows = mask.any(axis=-1)
+    if not rows.any():
+        return None
+    first = np.argmax(mask[rows], axis=-1)
+    last = t - 1 - np.argmax(mask[rows, ::-1], axis=-1)
+    width = int(np.max(last - first + 1))
+    width = -(-width // multiple) * multiple
+    return None if width >= t - 1 else width
+
+
+def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, score_window: int | None = None) -> float:
+    """`rpo_jax.train.metrics.flops_per_token` with the output head counted only where it is computed.
+
+    6·P' + 12·L·T·d_attn + 6·V·D·W/T per token (+ 2·P' + 4·L·T·d_attn + 2·V·D·W/T per in-step reference),
+    P' = non-embedding parameters, W = `score_window` logit positions per sequence of T (W = T when None,
+    which is the plain formula with P = P' + V·D).
+    """
+    from rpo_jax.train.metrics import flops_per_token
+    body = config.num_params(include_embeddings=False)
+    head = config.vocab_size * config.hidden_size
+    attn_dim = config.num_heads * config.head_dim
+    head_fraction = 1.0 if score_window is None else min(score_window, seq_len) / seq_len
+    return (flops_per_token(body, config.num_layers, seq_len, attn_dim, num_references)
+            + head_fraction * flops_per_token(head, 0, seq_len, attn_dim, num_references))
+
+
 def response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, *, compute_dtype,
-                   vocab_chunk_size: int | None = None) -> jax.Array:
-    """Σ log π over the response tokens of every response: `[B, K]` float32 (0 on invalid slots)."""
+                   vocab_chunk_size: int | None = None, score_window: int | None = None) -> jax.Array:
+    """Σ log π over the response tokens of every response: `[B, K]` float32 (0 on invalid slots).
+
+    `score_window` (static): unembed only that many positions per response (see `sequence_logps`); a response
+    with a scored token outside its window gets NaN.
+    """
     model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
     tokens = batch["tokens"]
     b, k, t = tokens.shape
@@ -38,7 +126,7 @@ def response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch,
     # Empty response slots are all padding: let their first token attend to itself so no softmax row is empty.
     attention_mask = flat(batch["attention_mask"]).at[:, 0].set(True)
     logp, _ = sequence_logps(model, flat(tokens), flat(batch["loss_mask"]), attention_mask=attention_mask,
-                             vocab_chunk_size=vocab_chunk_size or None)
+                             vocab_chunk_size=vocab_chunk_size or None, score_window=score_window or None)
     return jnp.where(batch["valid"], logp.reshape(b, k), 0.0)
 
 
@@ -59,20 +147,26 @@ def _split_micro(batch: Batch, micro_batches: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[PreferenceLogps], LossOutput],
                     tx: optax.GradientTransformation, *, compute_dtype, micro_batches: int = 1,
-                    vocab_chunk_size: int | None = None, ref_graphdefs: tuple = (), lr_schedule=None):
+                    vocab_chunk_size: int | None = None, ref_graphdefs: tuple = (), lr_schedule=None,
+                    score_window: int | None = None):
     """Build `train_step(state, batch, ref_params) -> (state, metrics)` (jit it with donated state).
 
     `ref_params`: a tuple of R reference parameter pytrees scored in the step (the reference graphdefs are
     `ref_graphdefs`), or `()` when `batch["ref_logps"]` is cached or the loss needs no reference.
+    `score_window`: see `response_logps` (pick it per batch with `score_window_for`; one step per value).
     """
     def logps(gd, params, rest_, mb):
-        return response_logps(gd, params, rest_, mb, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size)
+        return response_logps(gd, params, rest_, mb, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size,
+                              score_window=score_window)
 
-    def micro_loss(params, mb, ref_params):
-        ref = mb.get("ref_logps")
-        if ref_params:
-            ref = jnp.stack([jax.lax.stop_gradient(logps(gd, p, r, mb)) for (gd, r), p in zip(ref_graphdefs, ref_params)],
-                            axis=-1)
+    def reference_logps(mb, ref_params):
+        """[B,K,R] from the in-step references (a forward only: computed outside the differentiated function)."""
+        if not ref_params:
+            return mb.get("ref_logps")
+        return jax.lax.stop_gradient(
+            jnp.stack([logps(gd, p, r, mb) for (gd, r), p in zip(ref_graphdefs, ref_params)], axis=-1))
+
+    def micro_loss(params, mb, ref):
         out = loss_fn(preference_inputs(logps(graphdef, params, rest, mb), mb, ref))
         return out.loss, out.metrics
 
@@ -81,11 +175,11 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
     def train_step(state, batch, ref_params=()):
         params = state["params"]
         if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(params, batch, ref_params)
+            (loss, metrics), grads = grad_fn(params, batch, reference_logps(batch, ref_params))
         else:
             def body(carry, mb):
                 g_acc, l_acc = carry
-                (l, m), g = grad_fn(params, mb, ref_params)
+                (l, m), g = grad_fn(params, mb, reference_logps(mb, ref_params))
                 return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), m
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, loss), metrics = jax.lax.scan(body, (zeros, jnp.float32(0)), _split_micro(batch, micro_batches))
@@ -104,12 +198,14 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[PreferenceLogps], LossOutput], *,
-                   compute_dtype, vocab_chunk_size: int | None = None, ref_graphdefs: tuple = ()):
+                   compute_dtype, vocab_chunk_size: int | None = None, ref_graphdefs: tuple = (),
+                   score_window: int | None = None):
     """Build `eval_step(params, batch, ref_params) -> (Σ weight·per_example, Σ weight, metrics)`; the weight of
-    an example is 1 when any of its responses is valid (padding examples weigh 0)."""
+    an example is 1 when any of its responses is valid (padding examples weigh 0). `score_window`: see
+    `response_logps`."""
     def eval_step(params, batch, ref_params=()):
         lp = lambda gd, p, r: response_logps(gd, p, r, batch, compute_dtype=compute_dtype,  # noqa: E731
-                                             vocab_chunk_size=vocab_chunk_size)
+                                             vocab_chunk_size=vocab_chunk_size, score_window=score_window)
         ref = batch.get("ref_logps")
         if ref_params:
             ref = jnp.stack([lp(gd, p, r) for (gd, r), p in zip(ref_graphdefs, ref_params)], axis=-1)
