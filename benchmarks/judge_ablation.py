@@ -16,7 +16,8 @@ preference file), `--judge module:function`, `--reward-model DIR` and `--set onl
 replace the demo pieces; every run is `rpo_jax.train.online.train_online` with a config, so the arms run
 unchanged on an accelerator. Finished runs are kept under OUT/runs and skipped when the script is re-run.
 
-Writes OUT/results.json (every run), OUT/results.md (the table) and OUT/reward_vs_kl.png.
+Writes OUT/results.json (every run), OUT/results.md (the table) and OUT/reward_vs_kl.png (needs matplotlib, which
+the `test` extra installs).
 """
 
 from __future__ import annotations
