@@ -452,18 +452,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precomp
             ckpt.save(step, state, iterator.get_state())
             if preemption.should_stop(step):
                 log.warning("preemption requested: saving step %d and exiting", step)
-                ckpt.save(step, state, iterator.get_state(), force=True)
-                ckpt.close()
-                writer.close()
+                close_run(ckpt, writer, step, state, iterator.get_state())
                 return {"train": last, "preempted_at": step}
     if progress is not None:
         progress.close()
     eval_metrics = evaluate(run, state["params"], eval_step)
     if eval_metrics:
         writer.write(step, eval_metrics, prefix="eval/")
-    ckpt.save(step, state, iterator.get_state(), force=True)
-    ckpt.close()
-    writer.close()
+    close_run(ckpt, writer, step, state, iterator.get_state())
     if cfg.train.export_at_end:
         export(run, state["params"], workdir / "export")
     return {"train": last, "eval": eval_metrics, "step": step}
@@ -483,31 +479,50 @@ def _reset_reference_to_policy(run: Run, params, step: int) -> None:
 
 def export(run: Run, params, out_dir: str | os.PathLike) -> pathlib.Path:
     """Write the policy as a Hugging Face directory (config, safetensors, tokenizer); process 0 writes."""
-    return _save_replicated(run.graphdef, params, run.rest, run.model_config, out_dir, run.tokenizer, run.mesh)
+    return save_replicated(run.graphdef, params, run.rest, run.model_config, out_dir, run.tokenizer, run.mesh)
 
 
-def _save_replicated(graphdef, params, rest, model_config, out_dir, tokenizer, mesh) -> pathlib.Path:
+def save_replicated(graphdef, params, rest, model_config, out_dir, tokenizer, mesh, *, save=save_hf) -> pathlib.Path:
+    """`save(model, model_config, out_dir, tokenizer=...)` of the merged model, its parameters gathered to every
+    process first; process 0 writes (`save_hf` for a policy, `save_reward_model` for a reward model)."""
     params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(params)  # every process holds the whole
     if jax.process_index() == 0:
-        save_hf(nnx.merge(graphdef, params, rest), model_config, out_dir, tokenizer=tokenizer)
+        save(nnx.merge(graphdef, params, rest), model_config, out_dir, tokenizer=tokenizer)
     multihost_utils.sync_global_devices("rpo_jax_export")
     return pathlib.Path(out_dir)
 
 
-def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
-    """`rpo-export`: the newest restorable checkpoint of `workdir` as a Hugging Face directory."""
-    workdir = pathlib.Path(workdir)
+def close_run(ckpt: Checkpointer, writer: MetricWriter, step: int, state, data_state) -> None:
+    """The last checkpoint of a run (forced, waited for) and the metric files closed."""
+    ckpt.save(step, state, data_state, force=True)
+    ckpt.close()
+    writer.close()
+
+
+def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+    """The config an rpo-train run directory was started with (WORKDIR/config.json)."""
     config_file = workdir / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{workdir}: config.json is missing (not an rpo-train run directory)")
-    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    if cfg.get("mode") == "reward_model":
-        from rpo_jax.train.reward_model import export_reward_model_workdir
-        return export_reward_model_workdir(workdir, out_dir)
+    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+
+
+def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+    """`rpo-export`: the newest restorable checkpoint of `workdir` as a Hugging Face directory (a policy, or a
+    sequence-classification reward model for a `mode="reward_model"` run)."""
+    workdir = pathlib.Path(workdir)
+    cfg = read_run_config(workdir)
     mesh = make_mesh(dict(cfg.mesh))
     dtype = compute_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
-    model, mconfig = load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
+    if cfg.get("mode") == "reward_model":
+        from rpo_jax.models import save_reward_model
+        from rpo_jax.train.reward_model import build_reward_model
+        model, mconfig = build_reward_model(cfg, tokenizer, mesh, dtype)
+        save = save_reward_model
+    else:
+        model, mconfig = load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
+        save = save_hf
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=1, asynchronous=False)
     restored = ckpt.restore_params(abstract_like(params))
@@ -516,4 +531,4 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pa
         raise FileNotFoundError(f"{workdir}/checkpoints: no restorable checkpoint")
     step, params = restored
     log.info("exporting step %d of %s", step, workdir)
-    return _save_replicated(graphdef, params, rest, mconfig, out_dir, tokenizer, mesh)
+    return save_replicated(graphdef, params, rest, mconfig, out_dir, tokenizer, mesh, save=save)

@@ -508,20 +508,16 @@ def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
             ckpt.save(step, state, {"iteration": iteration})
             if preemption.should_stop(step):
                 log.warning("preemption requested: saving iteration %d and exiting", iteration)
-                ckpt.save(step, state, {"iteration": iteration}, force=True)
-                ckpt.close()
-                writer.close()
+                loop.close_run(ckpt, writer, step, state, {"iteration": iteration})
                 return {"online": last, "preempted_at": iteration}
     if progress is not None:
         progress.close()
     eval_metrics = evaluate_online(run, state["params"], iteration)
     if eval_metrics:
         writer.write(iteration, eval_metrics, prefix="eval/")
-    ckpt.save(iteration * updates, state, {"iteration": iteration}, force=True)
-    ckpt.close()
-    writer.close()
+    loop.close_run(ckpt, writer, iteration * updates, state, {"iteration": iteration})
     exported = None
     if cfg.train.export_at_end:
-        exported = str(loop._save_replicated(run.graphdef, state["params"], run.rest, run.model_config,
+        exported = str(loop.save_replicated(run.graphdef, state["params"], run.rest, run.model_config,
                                              workdir / "export", run.tokenizer, run.mesh))
     return {"online": last, "eval": eval_metrics, "iteration": iteration, "export": exported}

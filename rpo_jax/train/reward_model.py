@@ -38,7 +38,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from rpo_jax import data as D
 from rpo_jax.data.records import PreferenceRecord, Problem, RecordError
@@ -548,18 +547,14 @@ def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
             ckpt.save(step, state, iterator.get_state())
             if preemption.should_stop(step):
                 log.warning("preemption requested: saving step %d and exiting", step)
-                ckpt.save(step, state, iterator.get_state(), force=True)
-                ckpt.close()
-                writer.close()
+                loop.close_run(ckpt, writer, step, state, iterator.get_state())
                 return {"train": last, "preempted_at": step}
     if progress is not None:
         progress.close()
     eval_metrics = evaluate_pairs(run, state["params"], eval_step)
     if eval_metrics:
         writer.write(step, eval_metrics, prefix="eval/")
-    ckpt.save(step, state, iterator.get_state(), force=True)
-    ckpt.close()
-    writer.close()
+    loop.close_run(ckpt, writer, step, state, iterator.get_state())
     exported = None
     if cfg.train.export_at_end:
         exported = export_reward_model(run.graphdef, state["params"], run.rest, run.model_config,
@@ -571,33 +566,14 @@ def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
 def export_reward_model(graphdef, params, rest, model_config: ModelConfig, out_dir: str | os.PathLike, tokenizer,
                         mesh) -> pathlib.Path:
     """`save_reward_model` of the merged model (parameters gathered to every process; process 0 writes)."""
-    params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(params)
-    if jax.process_index() == 0:
-        save_reward_model(nnx.merge(graphdef, params, rest), model_config, out_dir, tokenizer=tokenizer)
-    multihost_utils.sync_global_devices("rpo_jax_reward_model_export")
-    return pathlib.Path(out_dir)
+    return loop.save_replicated(graphdef, params, rest, model_config, out_dir, tokenizer, mesh, save=save_reward_model)
 
 
 def export_reward_model_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
     """`rpo-export` of a reward-model run: the newest restorable checkpoint of `workdir` as a Hugging Face
-    sequence-classification directory with the tokenizer."""
+    sequence-classification directory with the tokenizer (`loop.export_workdir`, after checking the mode)."""
     workdir = pathlib.Path(workdir)
-    config_file = workdir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{workdir}: config.json is missing (not an rpo-train run directory)")
-    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    cfg = loop.read_run_config(workdir)
     if cfg.get("mode") != MODE:
-        raise ValueError(f"{config_file}: mode={cfg.get('mode')!r} is not {MODE!r}")
-    mesh = make_mesh(dict(cfg.mesh))
-    dtype = loop.compute_dtype(cfg.model.dtype)
-    tokenizer = loop.load_tokenizer(loop.tokenizer_path(cfg))
-    model, mconfig = build_reward_model(cfg, tokenizer, mesh, dtype)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ckpt = Checkpointer(workdir / "checkpoints", every_steps=1, asynchronous=False)
-    restored = ckpt.restore_params(abstract_like(params))
-    ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints: no restorable checkpoint")
-    step, params = restored
-    log.info("exporting reward model step %d of %s", step, workdir)
-    return export_reward_model(graphdef, params, rest, mconfig, out_dir, tokenizer, mesh)
+        raise ValueError(f"{workdir / 'config.json'}: mode={cfg.get('mode')!r} is not {MODE!r}")
+    return loop.export_workdir(workdir, out_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,20 +13,11 @@ from flax import nnx
 from rpo_jax.data import demo_paths, judge
 from rpo_jax.train import loop
 from rpo_jax.train import online as O
-from tests.train.trainer_testlib import read_metrics
+from tests.train.trainer_testlib import load_recipe, read_metrics, set_fields
 
 SFT_MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
              "tie_word_embeddings": True, "max_position_embeddings": 128}
-
-
-def _load_recipe(name: str):
-    import importlib.util
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _quiet(c):
@@ -41,7 +31,7 @@ def _quiet(c):
 def sft_policy(tmp_path_factory) -> str:
     """A tiny Llama fine-tuned (sft loss) on the demo task: its samples vary in judge reward."""
     workdir = tmp_path_factory.mktemp("sft")
-    c = _quiet(_load_recipe("sft_demo"))
+    c = _quiet(load_recipe("sft_demo"))
     c.model.init = dict(SFT_MODEL)
     c.train.steps = 120
     c.train.checkpoint_every = 120
@@ -51,7 +41,7 @@ def sft_policy(tmp_path_factory) -> str:
 
 
 def online_config(policy: str, **overrides):
-    c = _quiet(_load_recipe("online_demo"))
+    c = _quiet(load_recipe("online_demo"))
     c.model.path = policy
     c.online.iterations = 2
     c.online.prompts_per_iteration = 16
@@ -62,13 +52,7 @@ def online_config(policy: str, **overrides):
     c.online.eval_every = 0
     c.train.export_at_end = False
     c.train.async_checkpointing = False
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return set_fields(c, overrides)
 
 
 # ------------------------------------------------------------------------------------------------ pure parts

@@ -3,7 +3,6 @@ transformers, an end-to-end run on the demo data, the `rpo-train` entry point, c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -23,28 +22,18 @@ from rpo_jax.train import loop
 from rpo_jax.train import reward_model as RM
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 
-from .trainer_testlib import TINY_MODEL, demo_slice, read_metrics
+from .trainer_testlib import TINY_MODEL, demo_slice, load_recipe, read_metrics, set_fields
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 ONE = jax.devices()[:1]  # in-process runs on one device: faster on a 2-core machine
 
 
 def demo_config(**overrides):
     """configs/reward_model_demo.py with `overrides` ("a.b" → value), quiet (no progress bar, no TensorBoard)."""
-    spec = importlib.util.spec_from_file_location("reward_model_demo", REPO / "configs" / "reward_model_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_recipe("reward_model_demo")
     c.train.progress_bar = False
     c.metrics.tensorboard = False
     c.train.async_checkpointing = False
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return set_fields(c, overrides)
 
 
 def tiny_config(data_dir: pathlib.Path, **overrides):

@@ -41,6 +41,11 @@ def tiny_config(data_dir: pathlib.Path, **overrides):
     c.train.export_at_end = False
     c.metrics.peak_flops = 1e11
     c.metrics.tensorboard = False
+    return set_fields(c, overrides)
+
+
+def set_fields(c, overrides: dict):
+    """`c` with dotted-path fields set: ``{"online.iterations": 3, "loss.name": "rloo"}``."""
     for key, value in overrides.items():
         node = c
         *path, last = key.split(".")
@@ -48,6 +53,16 @@ def tiny_config(data_dir: pathlib.Path, **overrides):
             node = node[p]
         node[last] = value
     return c
+
+
+def load_recipe(name: str):
+    """`get_config()` of configs/NAME.py."""
+    import importlib.util
+    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
