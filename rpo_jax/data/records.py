@@ -537,31 +537,7 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, form
     Returns:
       ``(records, report)``, records in file order.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    report = ReadReport()
-    records: list[PreferenceRecord] = []
-    for file in expand_sources(paths):
-        report.files.append(file)
-        lines_before = report.num_lines
-        for fmt, item in iter_file_records(file, format=format):
-            report.num_lines += 1
-            if fmt is not None:
-                report.formats[file] = fmt
-            if isinstance(item, PreferenceRecord):
-                records.append(item)
-                continue
-            if on_error == "raise":
-                raise RecordError(item[0])
-            report.num_skipped += 1
-            report.problems += item
-        if report.num_lines == lines_before:
-            empty = Problem(file, 0, "<file>", "no records (the file is empty)")
-            if on_error == "raise":
-                raise RecordError(empty)
-            report.problems.append(empty)
-    report.num_records = len(records)
-    return records, report
+    return _read_sources(paths, on_error, lambda file: iter_file_records(file, format=format), PreferenceRecord)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -665,27 +641,39 @@ def read_prompts(paths: str | os.PathLike | Iterable[str | os.PathLike], *, on_e
     every preference file is also a prompt file), or a TRL implicit-prompt record (its common prefix).
     ``on_error`` as in :func:`read_records`: ``"raise"`` names file, line and field; ``"skip"`` counts.
     """
+    def prompts_of(file: str):
+        for line, obj, problem in _iter_raw(file):
+            yield None, (problem if problem is not None else _prompt_of(obj, (file, line)))
+    return _read_sources(paths, on_error, prompts_of, PromptRecord)
+
+
+def _read_sources(paths, on_error: OnError, items_of_file, kind: type) -> tuple[list, ReadReport]:
+    """The reading loop of :func:`read_records` and :func:`read_prompts`: every file of `paths`, each line's
+    ``(format or None, item)`` from ``items_of_file(file)``; items of type `kind` are kept, any other item (a
+    Problem or a list of them) raises (``on_error="raise"``) or is counted and reported (``"skip"``)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     report = ReadReport()
-    prompts: list[PromptRecord] = []
+    kept: list = []
     for file in expand_sources(paths):
         report.files.append(file)
         lines_before = report.num_lines
-        for line, obj, problem in _iter_raw(file):
+        for fmt, item in items_of_file(file):
             report.num_lines += 1
-            item = problem if problem is not None else _prompt_of(obj, (file, line))
-            if isinstance(item, PromptRecord):
-                prompts.append(item)
+            if fmt is not None:
+                report.formats[file] = fmt
+            if isinstance(item, kind):
+                kept.append(item)
                 continue
+            problems = item if isinstance(item, list) else [item]
             if on_error == "raise":
-                raise RecordError(item)
+                raise RecordError(problems[0])
             report.num_skipped += 1
-            report.problems.append(item)
+            report.problems += problems
         if report.num_lines == lines_before:
             empty = Problem(file, 0, "<file>", "no records (the file is empty)")
             if on_error == "raise":
                 raise RecordError(empty)
             report.problems.append(empty)
-    report.num_records = len(prompts)
-    return prompts, report
+    report.num_records = len(kept)
+    return kept, report
