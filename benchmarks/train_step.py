@@ -4,16 +4,18 @@
         --batch 4 --k 2 --prompt-len 64 --response-len 64 --loss dpo --reference both
 
 `--reference in_step` scores the frozen reference inside the step (what TRL's DPOTrainer does by default);
-`cached` feeds precomputed reference log-probs (rpo_jax's reference cache); `both` runs the two and prints
-the speed-up. FLOPs per token follow rpo_jax.train.metrics (6·P + 12·L·T·d, plus 2·P + 4·L·T·d per in-step
-reference), counting the output head only over the positions where it is computed. By default the step is the
-trainer's: the head runs on every position (`--score-window 0`). Two opt-in speed paths that the trainer does not
-use yet: `--score-window auto` runs the head and its log-softmax on the response positions only
-(`rpo_jax.train.step.score_window_for`: 64 of the 127 logit positions for 64 + 64 tokens; counted there only,
-`rpo_jax.train.step.train_flops_per_token`), and `RPO_JAX_HUGEPAGE_MALLOC=1` restarts the script once with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for malloc on Linux/glibc ≥ 2.35, see
-`rpo_jax.train.step.reexec_with_hugepage_malloc`). The peak is a large matmul in the compute dtype, measured in
-the same run.
+`cached` feeds precomputed reference log-probs (rpo_jax's reference cache); `both` runs the two, alternating one
+step of each so both see the same machine (a shared 2-core VM drifts by ±20 % over minutes), and prints the
+speed-up. The step is the trainer's (`rpo_jax.train.step.make_train_step`), with the output head on the response
+positions only (`--score-window auto`, the trainer's default `config.model.score_window`: 64 of the 127 logit
+positions for 64 + 64 tokens; `0` puts it on every position). FLOPs per token follow
+`rpo_jax.train.step.train_flops_per_token`: 6·P' + 12·L·T·d plus 2·P' + 4·L·T·d per in-step reference, P' the
+non-embedding parameters, plus the output head 6·V·D (2·V·D per reference) × the fraction of positions where it
+runs. The peak is a 4096² matmul in the compute dtype, measured before the steps and after every round of steps;
+MFU is against the highest of these (a ceiling, so MFU errs low). Peak memory is the process's (device peak, or
+the peak RSS on CPU) over everything run; run one `--reference` mode alone for that mode's. Opt-in:
+`RPO_JAX_HUGEPAGE_MALLOC=1` restarts the script once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge
+pages for malloc on Linux/glibc ≥ 2.35, `rpo_jax.train.step.reexec_with_hugepage_malloc`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from rpo_jax.train.step import (
     make_train_step,
     reexec_with_hugepage_malloc,
     response_logps,
-    score_window_for,
+    resolve_score_window,
     train_flops_per_token,
 )
 
@@ -69,9 +71,9 @@ def main(argv=None):
     p.add_argument("--remat", default="none")
     p.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (rpo_jax.models)")
     p.add_argument("--vocab-chunk", type=int, default=0)
-    p.add_argument("--score-window", default="0",
-                   help="logit positions per response given to the output head: auto (from the loss mask), "
-                        "0 (all positions), or a number")
+    p.add_argument("--score-window", default="auto",
+                   help="logit positions per response given to the output head: auto (the response length, "
+                        "rounded up to 16), 0 (every position), or a number")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
@@ -91,10 +93,10 @@ def main(argv=None):
                             config.vocab_size)
     t = args.prompt_len + args.response_len
     tokens_per_step = args.batch * args.k * t
-    peaks = [measure_matmul_peak(dtype)]  # measured again after the steps; MFU uses the higher (a ceiling)
+    peaks = [measure_matmul_peak(dtype)]  # sampled again after every round of steps; MFU uses the highest
     chunk = args.vocab_chunk or None
-    window = (score_window_for(batch["loss_mask"]) if args.score_window == "auto"
-              else int(args.score_window) or None)
+    window = resolve_score_window(args.score_window, args.response_len)
+    window = None if window is not None and window >= t - 1 else window
     print(f"device: {jax.devices()[0].device_kind} ({platform}), compute {jnp.dtype(dtype).name}, "
           f"matmul peak before the steps {peaks[0] / 1e9:.1f} GFLOP/s")
     print(f"malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
@@ -103,49 +105,48 @@ def main(argv=None):
           f"scan_unroll {args.scan_unroll}, output head on {window or t - 1} of {t - 1} logit positions")
 
     modes = ["in_step", "cached"] if args.reference == "both" else [args.reference]
-    results = {}
+    runs = {}
     for mode in modes:
         state = {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
         b = {k: jnp.asarray(v) for k, v in batch.items()}
-        ref_params = ()
-        ref_graphdefs = ()
+        ref_params, ref_graphdefs = (), ()
         if mode == "cached":
             b["ref_logps"] = jax.jit(lambda p, x: response_logps(graphdef, p, rest, x, compute_dtype=dtype,
                                                                    vocab_chunk_size=chunk, score_window=window))(params, b)
-        else:
+        elif loss_fn.requires_reference:
             ref_params, ref_graphdefs = (params,), ((graphdef, rest),)
-            if not loss_fn.requires_reference:
-                ref_params, ref_graphdefs = (), ()
         step = jax.jit(make_train_step(graphdef, rest, loss_fn, tx, compute_dtype=dtype, vocab_chunk_size=chunk,
                                        ref_graphdefs=ref_graphdefs, score_window=window), donate_argnums=(0,))
+        r = runs[mode] = {"step": step, "state": state, "batch": b, "ref_params": ref_params, "times": []}
         for _ in range(args.warmup):
-            state, metrics = step(state, b, ref_params)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(args.steps):
+            r["state"], r["metrics"] = step(r["state"], b, ref_params)
+        jax.block_until_ready(r["state"])
+    for _ in range(args.steps):  # one step of each mode per round, then a peak sample
+        for mode, r in runs.items():
             t0 = time.perf_counter()
-            state, metrics = step(state, b, ref_params)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
-        step_time = float(np.median(times))
-        n_refs = 1 if ref_params else 0
-        flops = tokens_per_step * train_flops_per_token(config, t, num_references=n_refs, score_window=window)
-        stats = jax.devices()[0].memory_stats() or {}
-        memory = (stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-        results[mode] = {"step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
-                         "tflops_per_step": flops / 1e12, "peak_memory_gib": memory, "loss": float(metrics["loss"])}
-        where = "device" if "peak_bytes_in_use" in stats else "RSS"
-    peaks.append(measure_matmul_peak(dtype))
+            r["state"], r["metrics"] = r["step"](r["state"], r["batch"], r["ref_params"])
+            jax.block_until_ready(r["metrics"])
+            r["times"].append(time.perf_counter() - t0)
+        peaks.append(measure_matmul_peak(dtype, repeats=2))
+    stats = jax.devices()[0].memory_stats() or {}
+    memory, where = ((stats["peak_bytes_in_use"] / 2**30, "device") if "peak_bytes_in_use" in stats
+                     else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "RSS"))
     peak = max(peaks)
-    print(f"matmul peak after the steps {peaks[1] / 1e9:.1f} GFLOP/s; MFU below is against {peak / 1e9:.1f}")
-    for mode, r in results.items():
-        r["mfu"] = r["tflops_per_step"] * 1e12 / r["step_time_s"] / peak
-        r["peak_flops"] = peak
-        print(f"[{mode:8s}] step {r['step_time_s']:.3f} s (median of {args.steps}), {r['tokens_per_s']:.1f} tokens/s, "
-              f"MFU {100 * r['mfu']:.1f}% of the measured peak, {r['tflops_per_step']:.3f} TFLOP/step, "
-              f"peak memory {r['peak_memory_gib']:.2f} GiB ({where})")
+    print(f"matmul peak over {len(peaks)} samples: {min(peaks) / 1e9:.1f} to {peak / 1e9:.1f} GFLOP/s; "
+          f"MFU below is against {peak / 1e9:.1f}")
+    results = {}
+    for mode, r in runs.items():
+        step_time = float(np.median(r["times"]))
+        n_refs = len(r["ref_params"])
+        flops = tokens_per_step * train_flops_per_token(config, t, num_references=n_refs, score_window=window)
+        results[mode] = {"step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
+                         "tflops_per_step": flops / 1e12, "mfu": flops / step_time / peak, "peak_flops": peak,
+                         "peak_memory_gib": memory, "loss": float(r["metrics"]["loss"])}
+        res = results[mode]
+        print(f"[{mode:8s}] step {step_time:.3f} s (median of {args.steps}), {res['tokens_per_s']:.1f} tokens/s, "
+              f"MFU {100 * res['mfu']:.1f}% of the measured peak, {res['tflops_per_step']:.3f} TFLOP/step")
+    print(f"peak memory {memory:.2f} GiB ({where}, the whole run)")
     if len(results) == 2:
         print(f"cached vs in-step: {results['in_step']['step_time_s'] / results['cached']['step_time_s']:.2f}× faster steps")
     print(json.dumps(results))

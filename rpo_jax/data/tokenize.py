@@ -280,6 +280,13 @@ class TokenizedDataset:
         return len(self.records)
 
     @property
+    def max_scored_span(self) -> int:
+        """The most scored tokens (loss-mask positions past token 0) in any one sequence of the split: a
+        response's tokens are contiguous, so this many logit positions per sequence score all of them."""
+        return max((len(s) - max(p, 1) for e in self.examples for s, p in zip(e.sequences, e.prompt_lengths)),
+                   default=0)
+
+    @property
     def indices(self) -> np.ndarray:
         """``[len(self)] int32``: the record index of each kept example."""
         return np.asarray([e.index for e in self.examples], np.int32)

@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"            # "none" | "full" | "dots_saveable" | ... (see rpo_jax.models)
     c.model.scan_unroll = 1           # layers per iteration of the layer scan (speed only; same results)
     c.model.vocab_chunk_size = 0      # >0: chunked log-softmax over the vocabulary (large V)
+    c.model.score_window = "auto"     # logit positions per sequence given to the output head: "auto" (the longest
+                                      # response of the data, rounded up to 16), "off" (every position), or a number
 
     # References. Empty list: one reference, a frozen copy of the initial policy. Otherwise R entries, each
     # {"path": HF dir ("" = initial policy), "tokenizer": dir ("" = its path)}; index 0 is the primary.

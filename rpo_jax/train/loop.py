@@ -28,9 +28,10 @@ from rpo_jax.models import ModelConfig, create_model, load_hf, save_hf
 from rpo_jax.train import references as R
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.mesh import local_batch_size, make_mesh, replicated, to_global
-from rpo_jax.train.metrics import MetricWriter, device_memory, flops_per_token, measure_matmul_peak
+from rpo_jax.train.metrics import MetricWriter, device_memory, measure_matmul_peak
 from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.step import make_eval_step, make_train_step, response_logps
+from rpo_jax.train.step import (make_eval_step, make_train_step, resolve_score_window, response_logps,
+                                train_flops_per_token)
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class Run:
     ref_cache: dict[str, np.ndarray]      # split → [N, K, R] (cache mode)
     in_step_refs: bool
     dtype: Any
+    score_window: int | None = None       # output-head positions per sequence (config.model.score_window)
 
 
 def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> Run:
@@ -235,7 +237,14 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
                          "use 'cache' for references with their own tokenizer")
     return Run(cfg, workdir, mesh, tokenizer, loss_fn, datasets, mconfig, graphdef, rest, state, shardings, tx,
-               schedule, references, {}, in_step, dtype)
+               schedule, references, {}, in_step, dtype, score_window_of(cfg, datasets))
+
+
+def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, D.TokenizedDataset]) -> int | None:
+    """The run's static `score_window` (`config.model.score_window`) for `datasets` (one tokenization: every
+    split, so train, eval and the reference cache share one W and one compilation per length bucket)."""
+    span = max((ds.max_scored_span for ds in datasets.values()), default=0)
+    return resolve_score_window(cfg.model.get("score_window", "off"), span)
 
 
 def fill_reference_cache(run: Run) -> None:
@@ -248,9 +257,11 @@ def fill_reference_cache(run: Run) -> None:
     for split, ds in run.datasets.items():
         columns = []
         for ref in run.references:
-            fn = jax.jit(lambda p, b, ref=ref: (response_logps(ref.graphdef, p, ref.rest, b, compute_dtype=run.dtype,
-                                                               vocab_chunk_size=cfg.model.vocab_chunk_size or None),
-                                                b["index"], b["valid"]),
+            window = run.score_window if ref.datasets is run.datasets else score_window_of(cfg, ref.datasets)
+            fn = jax.jit(lambda p, b, ref=ref, window=window: (
+                             response_logps(ref.graphdef, p, ref.rest, b, compute_dtype=run.dtype,
+                                            vocab_chunk_size=cfg.model.vocab_chunk_size or None, score_window=window),
+                             b["index"], b["valid"]),
                          out_shardings=replicated(run.mesh))
             compute = lambda ref=ref, fn=fn: R.compute_logps(fn, ref.params, ref.datasets[split], per_process,  # noqa: E731
                                                              lambda b: to_global(b, run.mesh))
@@ -399,10 +410,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precomp
     chunk = cfg.model.vocab_chunk_size or None
     step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                               micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
-                              ref_graphdefs=ref_graphdefs, lr_schedule=run.schedule)
+                              ref_graphdefs=ref_graphdefs, lr_schedule=run.schedule, score_window=run.score_window)
     train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
     eval_step = jax.jit(make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=run.dtype,
-                                       vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs),
+                                       vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs,
+                                       score_window=run.score_window),
                         out_shardings=replicated(run.mesh))
 
     state = run.state
@@ -416,8 +428,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precomp
 
     peak = cfg.metrics.peak_flops or measure_matmul_peak(run.dtype, repeats=2)
     n_refs = len(run.references) if run.in_step_refs else 0
-    mc = run.model_config
-    matmul_params = mc.num_params(include_embeddings=False) + mc.vocab_size * mc.hidden_size
+    if run.score_window:
+        log.info("output head on %d logit positions per sequence (config.model.score_window)", run.score_window)
 
     progress = None
     if cfg.train.progress_bar and jax.process_index() == 0 and step < total_steps:
@@ -431,8 +443,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precomp
             if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
                 _reset_reference_to_policy(run, state["params"], step)
             batch = next(iterator)
-            window.add(batch, flops_per_token(matmul_params, mc.num_layers, batch["tokens"].shape[-1],
-                                              mc.num_heads * mc.head_dim, n_refs))
+            window.add(batch, train_flops_per_token(run.model_config, batch["tokens"].shape[-1],
+                                                    num_references=n_refs, score_window=run.score_window))
             state, metrics = train_step(state, _device_batch(run, batch, "train"), _ref_params(run))
             step += 1
             if not window.compiled:  # keep the first step's compilation out of the throughput

@@ -8,7 +8,8 @@ A step takes a global batch (see `rpo_jax.data`: tokens/loss_mask/attention_mask
 
 Speed: with `score_window` = W the output head (and its log-softmax over the vocabulary) runs only on the W
 logit positions per response that can be scored (see `rpo_jax.models.logprobs.sequence_logps`), not on the
-prompt; `score_window_for` picks W for a batch on the host and `train_flops_per_token` counts FLOPs to match.
+prompt; `resolve_score_window` turns `config.model.score_window` into W for a run (the trainer's default, "auto",
+is the longest response of the data) and `train_flops_per_token` counts FLOPs to match.
 In-step references are scored outside the differentiated function: a pure forward, no residuals kept.
 On Linux/glibc, `reexec_with_hugepage_malloc` (called first thing by `benchmarks/train_step.py`) restarts the
 process with glibc's malloc backing its large blocks with transparent huge pages: XLA:CPU maps a fresh
@@ -25,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -76,24 +76,26 @@ def reexec_with_hugepage_malloc(argv: Sequence[str] | None = None) -> None:
     os.execve(sys.executable, [sys.executable, *(sys.argv if argv is None else argv)], env)
 
 
-def score_window_for(loss_mask: np.ndarray, *, multiple: int = 16) -> int | None:
-    """Host-side choice of `score_window` for a batch: loss_mask [..., T] → W or None (no window).
+def resolve_score_window(setting: str | int | None, max_span: int, *, multiple: int = 16) -> int | None:
+    """`config.model.score_window` → the static W for a run whose longest scored span is `max_span`.
 
-    W = the widest span of logit positions one row needs (last scored token - first scored token + 1), rounded
-    up to a multiple of `multiple` (few distinct values, so few compilations); None when that reaches T-1.
+    "auto": `max_span` rounded up to a multiple of `multiple` (None when nothing is scored); "off", "", 0 or
+    None: None (the head runs on every position); a number: that W, which must cover `max_span` (a smaller
+    window would leave scored tokens outside it). A W ≥ T-1 for a batch of length T means every position.
     """
-    mask = np.asarray(loss_mask, bool).reshape(-1, np.shape(loss_mask)[-1])
-    t = mask.shape[-1]
-    mask = mask.copy()
-    mask[:, 0] = False
-    rows = mask.any(axis=-1)
-    if not rows.any():
+    text = str(setting).strip().lower() if setting is not None else "off"
+    if text in ("off", "", "0", "none"):
         return None
-    first = np.argmax(mask[rows], axis=-1)
-    last = t - 1 - np.argmax(mask[rows, ::-1], axis=-1)
-    width = int(np.max(last - first + 1))
-    width = -(-width // multiple) * multiple
-    return None if width >= t - 1 else width
+    if text == "auto":
+        return -(-max_span // multiple) * multiple if max_span > 0 else None
+    try:
+        width = int(text)
+    except ValueError:
+        raise ValueError(f"config.model.score_window={setting!r}: expected 'auto', 'off' or a number") from None
+    if width < max_span:
+        raise ValueError(f"config.model.score_window={width} is shorter than the longest response in the data "
+                         f"({max_span} scored tokens); use 'auto' or at least {max_span}")
+    return width
 
 
 def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, score_window: int | None = None) -> float:
@@ -107,7 +109,7 @@ def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, scor
     body = config.num_params(include_embeddings=False)
     head = config.vocab_size * config.hidden_size
     attn_dim = config.num_heads * config.head_dim
-    head_fraction = 1.0 if score_window is None else min(score_window, seq_len) / seq_len
+    head_fraction = 1.0 if score_window is None or score_window >= seq_len - 1 else score_window / seq_len
     return (flops_per_token(body, config.num_layers, seq_len, attn_dim, num_references)
             + head_fraction * flops_per_token(head, 0, seq_len, attn_dim, num_references))
 
@@ -153,7 +155,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
 
     `ref_params`: a tuple of R reference parameter pytrees scored in the step (the reference graphdefs are
     `ref_graphdefs`), or `()` when `batch["ref_logps"]` is cached or the loss needs no reference.
-    `score_window`: see `response_logps` (pick it per batch with `score_window_for`; one step per value).
+    `score_window`: see `response_logps` (`resolve_score_window` picks it; one compiled step per value).
     """
     def logps(gd, params, rest_, mb):
         return response_logps(gd, params, rest_, mb, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size,

@@ -15,7 +15,7 @@ from rpo_jax.models import load_hf
 from rpo_jax.models import sequence_logps as _sequence_logps
 from rpo_jax.models.logprobs import score_window_start
 from rpo_jax.train.metrics import flops_per_token
-from rpo_jax.train.step import make_eval_step, make_train_step, score_window_for, train_flops_per_token
+from rpo_jax.train.step import make_eval_step, make_train_step, resolve_score_window, train_flops_per_token
 from tests.hf_fixtures import make_tiny_gemma, make_tiny_llama
 
 sequence_logps = nnx.jit(_sequence_logps, static_argnames=("vocab_chunk_size", "score_window"))
@@ -102,18 +102,19 @@ def test_window_of_t_minus_one_or_more_is_the_full_path(llama):
                                                      score_window=window)[0], full)
 
 
-def test_score_window_for_closed_form():
-    loss = np.zeros((2, 2, 40), bool)
-    loss[0, 0, 10:17] = True  # 7 tokens
-    loss[1, 1, 3:24] = True  # 21 tokens → widest span 21 → rounded up to 32
-    assert score_window_for(loss) == 32
-    assert score_window_for(loss, multiple=1) == 21
-    loss[1, 1, 3:39] = True  # 36 ≥ T-1 after rounding: no window
-    assert score_window_for(loss) is None
-    assert score_window_for(np.zeros((3, 16), bool)) is None
-    only_first = np.zeros((1, 40), bool)
-    only_first[0, 0] = True  # position 0 is never scored
-    assert score_window_for(only_first) is None
+def test_resolve_score_window_settings():
+    assert resolve_score_window("auto", 21) == 32  # rounded up to a multiple of 16 (few compilations)
+    assert resolve_score_window("auto", 32) == 32
+    assert resolve_score_window("auto", 21, multiple=1) == 21
+    assert resolve_score_window("auto", 0) is None  # nothing scored: no window
+    for off in ("off", "", "0", None, 0):
+        assert resolve_score_window(off, 21) is None
+    assert resolve_score_window("48", 21) == 48
+    assert resolve_score_window(21, 21) == 21
+    with pytest.raises(ValueError, match="score_window=20 is shorter than the longest response in the data"):
+        resolve_score_window("20", 21)
+    with pytest.raises(ValueError, match="expected 'auto', 'off' or a number"):
+        resolve_score_window("wide", 21)
 
 
 def test_train_flops_per_token_counts_the_head_only_where_computed(llama):
@@ -149,7 +150,8 @@ def test_train_and_eval_steps_with_window_equal_without(micro_batches, llama):
     tx = optax.sgd(1.0)
     loss_fn = make_loss("dpo", beta=0.5)
     batch = _batch()
-    window = score_window_for(np.asarray(batch["loss_mask"]), multiple=1)
+    longest = int(np.asarray(batch["loss_mask"])[..., 1:].sum(-1).max())
+    window = resolve_score_window("auto", longest, multiple=1)
     assert window == 6
     ref_params = (jax.tree.map(lambda x: x * 0.9, params),)
     results = []

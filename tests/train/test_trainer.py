@@ -50,7 +50,16 @@ def test_train_step_loss_equals_direct_computation(tmp_path):
     from rpo_jax.data import make_train_iterator
     it = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed)
     initial = jax.tree.map(np.asarray, run.state["params"])
-    step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=jnp.float32))
+    # the trainer's step: the output head only on the response window (config.model.score_window="auto")
+    spans = []
+    for ds in run.datasets.values():
+        mask = ds.collate(range(len(ds)))["loss_mask"][..., 1:]  # logit position p scores token p+1
+        spans.append(int(mask.sum(-1).max()))
+    t = run.datasets["train"].collate(range(len(run.datasets["train"])))["tokens"].shape[-1]
+    assert run.score_window < t - 1  # the window is narrower than the sequences: the test exercises it
+    assert run.score_window == -(-max(spans) // 16) * 16
+    step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=jnp.float32,
+                                   score_window=run.score_window))
     state, _ = step(run.state, loop._device_batch(run, next(it), "train"))
     batch = next(it)
     params_1 = jax.tree.map(np.asarray, state["params"])
@@ -332,9 +341,30 @@ def _one_step(cfg, workdir, batch_index: int = 0):
     for _ in range(batch_index + 1):
         batch = next(it)
     step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
-                                   micro_batches=cfg.data.micro_batches))
+                                   micro_batches=cfg.data.micro_batches, score_window=run.score_window))
     state, metrics = step(run.state, loop._device_batch(run, batch, "train"))
     return float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.map(np.asarray, state["params"])
+
+
+def test_output_head_on_the_response_window_trains_like_the_full_head(tmp_path):
+    """score_window="auto" (head on the response positions only) vs "off" (every position): same losses and
+    gradients; the reference cache, eval and MFU use the same window."""
+    runs = {}
+    for setting in ("auto", "off"):
+        cfg = tiny_config(tmp_path / "data", **{"model.score_window": setting, "train.steps": 3,
+                                                "train.eval_every": 2})
+        loop.train(cfg, tmp_path / setting, devices=ONE)
+        runs[setting] = read_metrics(tmp_path / setting)
+    for key in ("train/loss", "train/grad_norm", "eval/loss", "eval/rewards/margins"):
+        auto = [m[key] for m in runs["auto"] if key in m]
+        off = [m[key] for m in runs["off"] if key in m]
+        assert len(auto) == len(off) > 0
+        np.testing.assert_allclose(auto, off, rtol=1e-5, atol=1e-6)
+
+
+def test_a_score_window_shorter_than_a_response_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="config.model.score_window=4 is shorter than the longest response"):
+        loop.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "4"}), tmp_path / "run", devices=ONE)
 
 
 def test_gradient_accumulation_over_micro_batches_equals_the_full_batch(tmp_path):
