@@ -12,7 +12,8 @@ positions for 64 + 64 tokens; `0` puts it on every position). FLOPs per token fo
 `rpo_jax.train.step.train_flops_per_token`: 6·P' + 12·L·T·d plus 2·P' + 4·L·T·d per in-step reference, P' the
 non-embedding parameters, plus the output head 6·V·D (2·V·D per reference) × the fraction of positions where it
 runs. The peak is a 4096² matmul in the compute dtype, measured before the steps and after every round of steps;
-MFU is against the highest of these (a ceiling, so MFU errs low). Peak memory is the process's (device peak, or
+MFU is against the highest of these (a ceiling, so MFU errs low); also printed, the median over rounds of each
+step's MFU against the higher of the two samples taken just before and after it (same machine state). Peak memory is the process's (device peak, or
 the peak RSS on CPU) over everything run; run one `--reference` mode alone for that mode's. Opt-in:
 `RPO_JAX_HUGEPAGE_MALLOC=1` restarts the script once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge
 pages for malloc on Linux/glibc ≥ 2.35, `rpo_jax.train.step.reexec_with_hugepage_malloc`).
@@ -140,12 +141,16 @@ def main(argv=None):
         step_time = float(np.median(r["times"]))
         n_refs = len(r["ref_params"])
         flops = tokens_per_step * train_flops_per_token(config, t, num_references=n_refs, score_window=window)
+        # round i ran between peak samples i and i+1: its MFU against the higher of the two
+        local = [flops / dt / max(peaks[i], peaks[i + 1]) for i, dt in enumerate(r["times"])]
         results[mode] = {"step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
                          "tflops_per_step": flops / 1e12, "mfu": flops / step_time / peak, "peak_flops": peak,
-                         "peak_memory_gib": memory, "loss": float(r["metrics"]["loss"])}
+                         "mfu_adjacent_peak": float(np.median(local)), "peak_memory_gib": memory,
+                         "loss": float(r["metrics"]["loss"])}
         res = results[mode]
         print(f"[{mode:8s}] step {step_time:.3f} s (median of {args.steps}), {res['tokens_per_s']:.1f} tokens/s, "
-              f"MFU {100 * res['mfu']:.1f}% of the measured peak, {res['tflops_per_step']:.3f} TFLOP/step")
+              f"MFU {100 * res['mfu']:.1f}% of the highest peak sample ({100 * res['mfu_adjacent_peak']:.1f}% "
+              f"of the samples around each step, median), {res['tflops_per_step']:.3f} TFLOP/step")
     print(f"peak memory {memory:.2f} GiB ({where}, the whole run)")
     if len(results) == 2:
         print(f"cached vs in-step: {results['in_step']['step_time_s'] / results['cached']['step_time_s']:.2f}× faster steps")

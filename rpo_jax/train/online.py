@@ -55,7 +55,7 @@ from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.mesh import local_batch_size, make_mesh, replicated, to_global
 from rpo_jax.train.metrics import MetricWriter
 from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.step import cast_floating, make_train_step, response_logps
+from rpo_jax.train.step import cast_floating, make_train_step, resolve_score_window, response_logps
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,12 @@ class OnlineRun:
     @property
     def width(self) -> int:
         return self.prompt_width + int(self.config.online.max_new_tokens)
+
+    @property
+    def score_window(self) -> int | None:
+        """Output-head positions per sample (`config.model.score_window`; a response has ≤ max_new_tokens)."""
+        setting = self.config.model.get("score_window", "off")
+        return resolve_score_window(setting, int(self.config.online.max_new_tokens))
 
 
 def _with_current_reference(loss_fn):
@@ -360,9 +366,10 @@ def sample_logps(run: OnlineRun, which: str, params, batch: dict[str, jax.Array]
     if which not in run._jitted:
         gd, rest = (run.graphdef, run.rest) if which == "policy" else (
             run.extra_references[int(which[5:])][0], run.extra_references[int(which[5:])][2])
-        chunk = run.config.model.vocab_chunk_size or None
+        chunk, window = run.config.model.vocab_chunk_size or None, run.score_window
         run._jitted[which] = jax.jit(
-            lambda p, b: response_logps(gd, p, rest, b, compute_dtype=run.dtype, vocab_chunk_size=chunk),
+            lambda p, b: response_logps(gd, p, rest, b, compute_dtype=run.dtype, vocab_chunk_size=chunk,
+                                        score_window=window),
             out_shardings=replicated(run.mesh))
     return np.asarray(jax.device_get(run._jitted[which](params, batch)))
 
@@ -452,7 +459,8 @@ def make_online_step(run: OnlineRun):
     """The jit-compiled update (donated state): the trainer's step with the references in the batch."""
     step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                               micro_batches=run.config.data.micro_batches,
-                              vocab_chunk_size=run.config.model.vocab_chunk_size or None, lr_schedule=run.schedule)
+                              vocab_chunk_size=run.config.model.vocab_chunk_size or None, lr_schedule=run.schedule,
+                              score_window=run.score_window)
     return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
 
 
