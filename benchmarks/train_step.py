@@ -5,7 +5,7 @@
 
 `--reference in_step` scores the frozen reference inside the step (what TRL's DPOTrainer does by default);
 `cached` feeds precomputed reference log-probs (rpo_jax's reference cache); `both` runs the two, alternating one
-step of each so both see the same machine (a shared 2-core VM drifts by ±20 % over minutes), and prints the
+step of each so both see the same machine (a shared 2-core VM drifts by tens of percent over minutes), and prints the
 speed-up. The step is the trainer's (`rpo_jax.train.step.make_train_step`), with the output head on the response
 positions only (`--score-window auto`, the trainer's default `config.model.score_window`: 64 of the 127 logit
 positions for 64 + 64 tokens; `0` puts it on every position). FLOPs per token follow
@@ -13,8 +13,9 @@ positions for 64 + 64 tokens; `0` puts it on every position). FLOPs per token fo
 non-embedding parameters, plus the output head 6·V·D (2·V·D per reference) × the fraction of positions where it
 runs. The peak is a 4096² matmul in the compute dtype, measured before the steps and after every round of steps;
 MFU is against the highest of these (a ceiling, so MFU errs low); also printed, the median over rounds of each
-step's MFU against the higher of the two samples taken just before and after it (same machine state). Peak memory is the process's (device peak, or
-the peak RSS on CPU) over everything run; run one `--reference` mode alone for that mode's. Opt-in:
+step's MFU against the higher of the two samples taken just before and after it (same machine state). Peak
+memory is the process's (device peak, or the peak RSS on CPU) over everything run; run one `--reference` mode
+alone for that mode's. Opt-in:
 `RPO_JAX_HUGEPAGE_MALLOC=1` restarts the script once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge
 pages for malloc on Linux/glibc ≥ 2.35, `rpo_jax.train.step.reexec_with_hugepage_malloc`).
 """

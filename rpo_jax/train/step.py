@@ -92,7 +92,7 @@ def resolve_score_window(setting: str | int | None, max_span: int, *, multiple: 
         width = int(text)
     except ValueError:
         raise ValueError(f"config.model.score_window={setting!r}: expected 'auto', 'off' or a number") from None
-    if width < max_span:
+    if width < max(max_span, 1):
         raise ValueError(f"config.model.score_window={width} is shorter than the longest response in the data "
                          f"({max_span} scored tokens); use 'auto' or at least {max_span}")
     return width

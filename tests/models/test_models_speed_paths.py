@@ -113,6 +113,8 @@ def test_resolve_score_window_settings():
     assert resolve_score_window(21, 21) == 21
     with pytest.raises(ValueError, match="score_window=20 is shorter than the longest response in the data"):
         resolve_score_window("20", 21)
+    with pytest.raises(ValueError, match="score_window=-3 is shorter"):
+        resolve_score_window("-3", 0)
     with pytest.raises(ValueError, match="expected 'auto', 'off' or a number"):
         resolve_score_window("wide", 21)
 

@@ -347,8 +347,8 @@ def _one_step(cfg, workdir, batch_index: int = 0):
 
 
 def test_output_head_on_the_response_window_trains_like_the_full_head(tmp_path):
-    """score_window="auto" (head on the response positions only) vs "off" (every position): same losses and
-    gradients; the reference cache, eval and MFU use the same window."""
+    """score_window="auto" (head on 32 of the 63 logit positions of the demo's T = 64 batches) vs "off" (every
+    position): the same train losses and gradient norms, and the same eval metrics from the reference cache."""
     runs = {}
     for setting in ("auto", "off"):
         cfg = tiny_config(tmp_path / "data", **{"model.score_window": setting, "train.steps": 3,
@@ -365,6 +365,9 @@ def test_output_head_on_the_response_window_trains_like_the_full_head(tmp_path):
 def test_a_score_window_shorter_than_a_response_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="config.model.score_window=4 is shorter than the longest response"):
         loop.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "4"}), tmp_path / "run", devices=ONE)
+    with pytest.raises(ValueError, match="config.model.score_window='wide': expected 'auto', 'off' or a number"):
+        loop.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "wide"}), tmp_path / "run",
+                       devices=ONE)
 
 
 def test_gradient_accumulation_over_micro_batches_equals_the_full_batch(tmp_path):
