@@ -253,19 +253,24 @@ def fill_reference_cache(run: Run) -> None:
         return
     cfg = run.config
     per_process = local_batch_size(cfg.data.eval_batch_size, run.mesh)
+    cache_dir = pathlib.Path(cfg.reference_cache_dir or run.workdir / "ref_cache")
+
+    def logps_fn(ref: R.Reference):
+        """One jitted scorer per reference, shared by every split (compiled once per length bucket)."""
+        window = run.score_window if ref.datasets is run.datasets else score_window_of(cfg, ref.datasets)
+        return jax.jit(lambda p, b: (response_logps(ref.graphdef, p, ref.rest, b, compute_dtype=run.dtype,
+                                                    vocab_chunk_size=cfg.model.vocab_chunk_size or None,
+                                                    score_window=window),
+                                     b["index"], b["valid"]),
+                       out_shardings=replicated(run.mesh))
+
+    scorers = [logps_fn(ref) for ref in run.references]
     cache = {}
     for split, ds in run.datasets.items():
         columns = []
-        for ref in run.references:
-            window = run.score_window if ref.datasets is run.datasets else score_window_of(cfg, ref.datasets)
-            fn = jax.jit(lambda p, b, ref=ref, window=window: (
-                             response_logps(ref.graphdef, p, ref.rest, b, compute_dtype=run.dtype,
-                                            vocab_chunk_size=cfg.model.vocab_chunk_size or None, score_window=window),
-                             b["index"], b["valid"]),
-                         out_shardings=replicated(run.mesh))
+        for ref, fn in zip(run.references, scorers):
             compute = lambda ref=ref, fn=fn: R.compute_logps(fn, ref.params, ref.datasets[split], per_process,  # noqa: E731
                                                              lambda b: to_global(b, run.mesh))
-            cache_dir = pathlib.Path(cfg.reference_cache_dir or run.workdir / "ref_cache")
             columns.append(R.cached_logps(cache_dir, ref, split, compute))
         values = np.stack(columns, axis=-1)  # [N, K, R]
         _check_cache_complete(values, ds, split)

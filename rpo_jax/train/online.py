@@ -17,11 +17,11 @@ Iteration i (i = 0 … online.iterations − 1):
    mini-batches of `data.batch_size` prompts taken in turn (P / batch_size of them, cycled).
 
 Logged per iteration (`online/…`, written at step i for iteration i − 1, whose samples come from the policy
-after i − 1 iterations; `eval/…` at step i describes the policy after i iterations): `reward` (mean training reward of the samples), `judge_reward` (the ground
-truth `online.eval_judge`, when it differs from the training reward), `kl_to_initial` = mean over samples of
-log π_i(y) − log π_0(y) (an unbiased estimate of KL(π_i ‖ π_0) when the samples come from π_i at temperature 1
-without top-k/top-p; not logged for offline runs), `response_length`, and the loss metrics averaged over the M
-updates. Evaluation before the first iteration, every `online.eval_every` iterations and after the last samples
+after i − 1 iterations; `eval/…` at step i describes the policy after i iterations): `reward` (mean training
+reward of the samples), `judge_reward` (the ground truth `online.eval_judge`, when it differs from the training
+reward), `kl_to_initial` = mean over samples of log π_i(y) − log π_0(y) (an unbiased estimate of KL(π_i ‖ π_0)
+when the samples come from π_i at temperature 1 without top-k/top-p; not logged for offline runs),
+`response_length`, and the loss metrics averaged over the M updates. Evaluation before the first iteration, every `online.eval_every` iterations and after the last samples
 one response to each of `online.eval_prompts` held-out prompts from the current policy and logs the same
 quantities (`eval/…`).
 

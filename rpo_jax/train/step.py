@@ -11,9 +11,10 @@ logit positions per response that can be scored (see `rpo_jax.models.logprobs.se
 prompt; `resolve_score_window` turns `config.model.score_window` into W for a run (the trainer's default, "auto",
 is the longest response of the data) and `train_flops_per_token` counts FLOPs to match.
 In-step references are scored outside the differentiated function: a pure forward, no residuals kept.
-On Linux/glibc, `reexec_with_hugepage_malloc` (called first thing by `benchmarks/train_step.py`) restarts the
-process with glibc's malloc backing its large blocks with transparent huge pages: XLA:CPU maps a fresh
-multi-GiB temporary buffer for every step, and faulting it in 4 KiB pages cost ~10-20 % of a CPU step.
+On Linux/glibc, `reexec_with_hugepage_malloc` (what `RPO_JAX_HUGEPAGE_MALLOC=1` makes `benchmarks/train_step.py`
+call first) restarts the process with glibc's malloc backing its large blocks with transparent huge pages:
+XLA:CPU maps a fresh multi-GiB temporary buffer for every step; huge pages cut its ~645k page faults per step
+to ~2k, though not the kernel's time zeroing fresh memory (a 0-15 % faster CPU step, varying run to run).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flax import nnx
 
 from rpo_jax.losses import LossOutput, PreferenceLogps
 from rpo_jax.models import sequence_logps
+from rpo_jax.train.metrics import flops_per_token
 
 Batch = Mapping[str, jax.Array]
 
@@ -105,7 +107,6 @@ def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, scor
     P' = non-embedding parameters, W = `score_window` logit positions per sequence of T (W = T when None,
     which is the plain formula with P = P' + V·D).
     """
-    from rpo_jax.train.metrics import flops_per_token
     body = config.num_params(include_embeddings=False)
     head = config.vocab_size * config.hidden_size
     attn_dim = config.num_heads * config.head_dim
@@ -137,6 +138,15 @@ def preference_inputs(policy_logps: jax.Array, batch: Batch, ref_logps: jax.Arra
                            rewards=batch.get("rewards"), valid=batch["valid"])
 
 
+def reference_logps(logps: Callable, ref_graphdefs: tuple, ref_params: tuple, batch: Batch) -> jax.Array | None:
+    """`[B,K,R]` log-probs of the in-step references, `logps(graphdef, params, rest, batch)` each (a forward
+    only, under stop_gradient), or the cached `batch["ref_logps"]` (None if absent) when `ref_params` is empty."""
+    if not ref_params:
+        return batch.get("ref_logps")
+    return jax.lax.stop_gradient(
+        jnp.stack([logps(gd, p, r, batch) for (gd, r), p in zip(ref_graphdefs, ref_params)], axis=-1))
+
+
 def _split_micro(batch: Batch, micro_batches: int) -> Batch:
     """[B, ...] → [M, B/M, ...], micro-batch m taking rows m, m+M, ... (each device keeps its own rows)."""
     def split(x):
@@ -161,13 +171,6 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
         return response_logps(gd, params, rest_, mb, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size,
                               score_window=score_window)
 
-    def reference_logps(mb, ref_params):
-        """[B,K,R] from the in-step references (a forward only: computed outside the differentiated function)."""
-        if not ref_params:
-            return mb.get("ref_logps")
-        return jax.lax.stop_gradient(
-            jnp.stack([logps(gd, p, r, mb) for (gd, r), p in zip(ref_graphdefs, ref_params)], axis=-1))
-
     def micro_loss(params, mb, ref):
         out = loss_fn(preference_inputs(logps(graphdef, params, rest, mb), mb, ref))
         return out.loss, out.metrics
@@ -177,11 +180,11 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
     def train_step(state, batch, ref_params=()):
         params = state["params"]
         if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(params, batch, reference_logps(batch, ref_params))
+            (loss, metrics), grads = grad_fn(params, batch, reference_logps(logps, ref_graphdefs, ref_params, batch))
         else:
             def body(carry, mb):
                 g_acc, l_acc = carry
-                (l, m), g = grad_fn(params, mb, reference_logps(mb, ref_params))
+                (l, m), g = grad_fn(params, mb, reference_logps(logps, ref_graphdefs, ref_params, mb))
                 return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), m
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, loss), metrics = jax.lax.scan(body, (zeros, jnp.float32(0)), _split_micro(batch, micro_batches))
@@ -205,13 +208,13 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefere
     """Build `eval_step(params, batch, ref_params) -> (Σ weight·per_example, Σ weight, metrics)`; the weight of
     an example is 1 when any of its responses is valid (padding examples weigh 0). `score_window`: see
     `response_logps`."""
+    def logps(gd, p, r, b):
+        return response_logps(gd, p, r, b, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size,
+                              score_window=score_window)
+
     def eval_step(params, batch, ref_params=()):
-        lp = lambda gd, p, r: response_logps(gd, p, r, batch, compute_dtype=compute_dtype,  # noqa: E731
-                                             vocab_chunk_size=vocab_chunk_size, score_window=score_window)
-        ref = batch.get("ref_logps")
-        if ref_params:
-            ref = jnp.stack([lp(gd, p, r) for (gd, r), p in zip(ref_graphdefs, ref_params)], axis=-1)
-        out = loss_fn(preference_inputs(lp(graphdef, params, rest), batch, ref))
+        ref = reference_logps(logps, ref_graphdefs, ref_params, batch)
+        out = loss_fn(preference_inputs(logps(graphdef, params, rest, batch), batch, ref))
         weight = jnp.any(batch["valid"], axis=-1).astype(jnp.float32)
         return jnp.sum(out.per_example * weight), jnp.sum(weight), out.metrics
     return eval_step
