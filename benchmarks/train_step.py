@@ -15,16 +15,15 @@ runs. The peak is a 4096² matmul in the compute dtype, measured before the step
 MFU is against the highest of these (a ceiling, so MFU errs low); also printed, the median over rounds of each
 step's MFU against the higher of the two samples taken just before and after it (same machine state). Peak
 memory is the process's (device peak, or the peak RSS on CPU) over everything run; run one `--reference` mode
-alone for that mode's. Opt-in:
-`RPO_JAX_HUGEPAGE_MALLOC=1` restarts the script once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge
-pages for malloc on Linux/glibc ≥ 2.35, `rpo_jax.train.step.reexec_with_hugepage_malloc`).
+alone for that mode's. On the CPU the script first calls `rpo_jax.train.host.reuse_cpu_step_memory`, as
+`rpo-train` does, so XLA:CPU's per-step temporary buffer stays mapped between steps; `--cpu-memory fresh` leaves
+JAX's defaults (a fresh mapping faulted in every step) for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 
@@ -35,11 +34,11 @@ from flax import nnx
 
 from rpo_jax.losses import make_loss
 from rpo_jax.models import ModelConfig, create_model, load_hf
+from rpo_jax.train.host import reuse_cpu_step_memory
 from rpo_jax.train.metrics import measure_matmul_peak
 from rpo_jax.train.optim import make_optimizer
 from rpo_jax.train.step import (
     make_train_step,
-    reexec_with_hugepage_malloc,
     response_logps,
     resolve_score_window,
     train_flops_per_token,
@@ -76,9 +75,12 @@ def main(argv=None):
     p.add_argument("--score-window", default="auto",
                    help="logit positions per response given to the output head: auto (the response length, "
                         "rounded up to 16), 0 (every position), or a number")
+    p.add_argument("--cpu-memory", choices=["reuse", "fresh"], default="reuse",
+                   help="reuse: rpo_jax.train.host.reuse_cpu_step_memory (rpo-train's default); fresh: JAX's defaults")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
+    reused = args.cpu_memory == "reuse" and reuse_cpu_step_memory()  # before the first computation
 
     platform = jax.devices()[0].platform
     dtype = (jnp.float32 if platform == "cpu" else jnp.bfloat16) if args.dtype == "auto" else jnp.dtype(args.dtype)
@@ -101,7 +103,7 @@ def main(argv=None):
     window = None if window is not None and window >= t - 1 else window
     print(f"device: {jax.devices()[0].device_kind} ({platform}), compute {jnp.dtype(dtype).name}, "
           f"matmul peak before the steps {peaks[0] / 1e9:.1f} GFLOP/s")
-    print(f"malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    print(f"CPU step memory: {'reused (reuse_cpu_step_memory)' if reused else 'fresh every step (JAX defaults)'}")
     print(f"model: {args.model or 'random SmolLM2-135M shape'} ({config.num_params() / 1e6:.1f} M params), "
           f"batch {args.batch}×K={args.k}×T={t} = {tokens_per_step} tokens/step, loss {args.loss}, remat {args.remat}, "
           f"scan_unroll {args.scan_unroll}, output head on {window or t - 1} of {t - 1} logit positions")
@@ -147,6 +149,7 @@ def main(argv=None):
         results[mode] = {"step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
                          "tflops_per_step": flops / 1e12, "mfu": flops / step_time / peak, "peak_flops": peak,
                          "mfu_adjacent_peak": float(np.median(local)), "peak_memory_gib": memory,
+                         "cpu_step_memory_reused": bool(reused),
                          "loss": float(r["metrics"]["loss"])}
         res = results[mode]
         print(f"[{mode:8s}] step {step_time:.3f} s (median of {args.steps}), {res['tokens_per_s']:.1f} tokens/s, "
@@ -159,6 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if os.environ.get("RPO_JAX_HUGEPAGE_MALLOC") == "1":  # opt-in: the trainer does not do this (yet)
-        reexec_with_hugepage_malloc()
     main()

@@ -40,6 +40,9 @@ def _train(argv):
     del argv
     _quiet_libraries()
     initialize_from_environment()
+    if flags.FLAGS.config.cpu_reuse_memory:
+        from rpo_jax.train.host import reuse_cpu_step_memory
+        reuse_cpu_step_memory()
     result = run_job(flags.FLAGS.config, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
     logging.info("done: %s", result)
 

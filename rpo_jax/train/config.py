@@ -117,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
+    # CPU only: keep XLA:CPU's per-step temporary buffer mapped between steps (rpo_jax.train.host): ~25 % faster
+    # steps for a process that keeps its peak heap and dispatches synchronously. Applied by rpo-train at start-up.
+    c.cpu_reuse_memory = True
+
     c.metrics = ml_collections.ConfigDict()
     c.metrics.peak_flops = 0.0        # FLOP/s for MFU; 0: measure a matmul once at start-up
     c.metrics.tensorboard = True

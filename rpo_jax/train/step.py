@@ -11,18 +11,13 @@ logit positions per response that can be scored (see `rpo_jax.models.logprobs.se
 prompt; `resolve_score_window` turns `config.model.score_window` into W for a run (the trainer's default, "auto",
 is the longest response of the data) and `train_flops_per_token` counts FLOPs to match.
 In-step references are scored outside the differentiated function: a pure forward, no residuals kept.
-On Linux/glibc, `reexec_with_hugepage_malloc` (what `RPO_JAX_HUGEPAGE_MALLOC=1` makes `benchmarks/train_step.py`
-call first) restarts the process with glibc's malloc backing its large blocks with transparent huge pages:
-XLA:CPU maps a fresh multi-GiB temporary buffer for every step; huge pages cut its ~645k page faults per step
-to ~2k, though not the kernel's time zeroing fresh memory (a 0-15 % faster CPU step, varying run to run).
+On the CPU, `rpo_jax.train.host.reuse_cpu_step_memory` (called by `rpo-train` before JAX starts) keeps the
+step's multi-GiB temporary buffer mapped between steps instead of faulting it in afresh every step.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -40,42 +35,6 @@ Batch = Mapping[str, jax.Array]
 def cast_floating(tree: Any, dtype) -> Any:
     """Cast every floating-point leaf of `tree` to `dtype` (integer leaves untouched)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-HUGEPAGE_MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def hugepage_malloc_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """The environment to restart with so glibc's malloc uses transparent huge pages, or None when not needed.
-
-    None when: not Linux with glibc, `RPO_JAX_HUGEPAGE_MALLOC=0`, or GLIBC_TUNABLES already sets
-    glibc.malloc.hugetlb (also what stops a second restart). Otherwise GLIBC_TUNABLES + "glibc.malloc.hugetlb=1"
-    (glibc ≥ 2.35: malloc madvises MADV_HUGEPAGE on its mappings; older glibc ignores the tunable). Results do
-    not change: only how the kernel backs the memory.
-    """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    if environ.get("RPO_JAX_HUGEPAGE_MALLOC", "1") == "0":
-        return None
-    current = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in current:
-        return None
-    tunables = f"{current}:{HUGEPAGE_MALLOC_TUNABLE}" if current else HUGEPAGE_MALLOC_TUNABLE
-    return {**environ, "GLIBC_TUNABLES": tunables}
-
-
-def reexec_with_hugepage_malloc(argv: Sequence[str] | None = None) -> None:
-    """Replace this process by `python argv...` with `hugepage_malloc_environ` (no-op when that is None).
-
-    Call it first thing in a script's entry point (glibc reads tunables only at process start). argv defaults
-    to sys.argv (the script path or console-script path, then its arguments).
-    """
-    env = hugepage_malloc_environ(os.environ)
-    if env is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *(sys.argv if argv is None else argv)], env)
 
 
 def resolve_score_window(setting: str | int | None, max_span: int, *, multiple: int = 16) -> int | None:

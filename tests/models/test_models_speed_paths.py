@@ -179,39 +179,6 @@ def test_train_and_eval_steps_with_window_equal_without(micro_batches, llama):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_hugepage_malloc_environ():
-    from rpo_jax.train.step import hugepage_malloc_environ
-
-    env = hugepage_malloc_environ({"PATH": "/bin"})
-    if env is None:  # not Linux/glibc: nothing to do anywhere
-        return
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert hugepage_malloc_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
-        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-    assert hugepage_malloc_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice wins
-    assert hugepage_malloc_environ({"RPO_JAX_HUGEPAGE_MALLOC": "0"}) is None
-
-
-def test_reexec_with_hugepage_malloc_restarts_a_script_once(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from rpo_jax.train.step import hugepage_malloc_environ
-
-    script = tmp_path / "script.py"
-    script.write_text("import os, sys\nfrom rpo_jax.train.step import reexec_with_hugepage_malloc\n"
-                      "print('start', flush=True)\nreexec_with_hugepage_malloc()\n"
-                      "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RPO_JAX_HUGEPAGE_MALLOC")}
-    out = subprocess.run([sys.executable, str(script), "--x", "1"], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    if hugepage_malloc_environ(env) is None:
-        assert out == ["start", "None ['--x', '1']"]
-    else:
-        assert out == ["start", "start", "glibc.malloc.hugetlb=1 ['--x', '1']"]
-
-
 def test_swiglu_custom_vjp_equals_autodiff_and_finite_differences():
     from rpo_jax.models.layers import swiglu
 
