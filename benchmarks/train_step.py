@@ -17,7 +17,8 @@ step's MFU against the higher of the two samples taken just before and after it 
 memory is the process's (device peak, or the peak RSS on CPU) over everything run; run one `--reference` mode
 alone for that mode's. On the CPU the script first calls `rpo_jax.train.host.reuse_cpu_step_memory`, as
 `rpo-train` does, so XLA:CPU's per-step temporary buffer stays mapped between steps; `--cpu-memory fresh` leaves
-JAX's defaults (a fresh mapping faulted in every step) for comparison.
+JAX's defaults (a fresh mapping faulted in every step) for comparison; the minor page faults and kernel time of
+each step (getrusage, median over steps) are printed with it.
 """
 
 from __future__ import annotations
@@ -122,16 +123,20 @@ def main(argv=None):
             ref_params, ref_graphdefs = (params,), ((graphdef, rest),)
         step = jax.jit(make_train_step(graphdef, rest, loss_fn, tx, compute_dtype=dtype, vocab_chunk_size=chunk,
                                        ref_graphdefs=ref_graphdefs, score_window=window), donate_argnums=(0,))
-        r = runs[mode] = {"step": step, "state": state, "batch": b, "ref_params": ref_params, "times": []}
+        r = runs[mode] = {"step": step, "state": state, "batch": b, "ref_params": ref_params, "times": [],
+                           "faults": [], "kernel_s": []}
         for _ in range(args.warmup):
             r["state"], r["metrics"] = step(r["state"], b, ref_params)
         jax.block_until_ready(r["state"])
     for _ in range(args.steps):  # one step of each mode per round, then a peak sample
         for mode, r in runs.items():
-            t0 = time.perf_counter()
+            u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             r["state"], r["metrics"] = r["step"](r["state"], r["batch"], r["ref_params"])
             jax.block_until_ready(r["metrics"])
+            u1 = resource.getrusage(resource.RUSAGE_SELF)
             r["times"].append(time.perf_counter() - t0)
+            r["faults"].append(u1.ru_minflt - u0.ru_minflt)
+            r["kernel_s"].append(u1.ru_stime - u0.ru_stime)
         peaks.append(measure_matmul_peak(dtype, repeats=2))
     stats = jax.devices()[0].memory_stats() or {}
     memory, where = ((stats["peak_bytes_in_use"] / 2**30, "device") if "peak_bytes_in_use" in stats
@@ -149,12 +154,14 @@ def main(argv=None):
         results[mode] = {"step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
                          "tflops_per_step": flops / 1e12, "mfu": flops / step_time / peak, "peak_flops": peak,
                          "mfu_adjacent_peak": float(np.median(local)), "peak_memory_gib": memory,
-                         "cpu_step_memory_reused": bool(reused),
+                         "cpu_step_memory_reused": bool(reused), "page_faults_per_step": float(np.median(r["faults"])),
+                         "kernel_s_per_step": float(np.median(r["kernel_s"])),
                          "loss": float(r["metrics"]["loss"])}
         res = results[mode]
         print(f"[{mode:8s}] step {step_time:.3f} s (median of {args.steps}), {res['tokens_per_s']:.1f} tokens/s, "
               f"MFU {100 * res['mfu']:.1f}% of the highest peak sample ({100 * res['mfu_adjacent_peak']:.1f}% "
-              f"of the samples around each step, median), {res['tflops_per_step']:.3f} TFLOP/step")
+              f"of the samples around each step, median), {res['tflops_per_step']:.3f} TFLOP/step, "
+              f"{res['page_faults_per_step']:.0f} page faults and {res['kernel_s_per_step']:.2f} s kernel time per step")
     print(f"peak memory {memory:.2f} GiB ({where}, the whole run)")
     if len(results) == 2:
         print(f"cached vs in-step: {results['in_step']['step_time_s'] / results['cached']['step_time_s']:.2f}× faster steps")
