@@ -65,9 +65,11 @@ def reuse_cpu_step_memory() -> bool:
                  sys.platform, platform.libc_ver()[0] or "unknown libc")
         return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)  # only the CPU client reads it
-    if jax.default_backend() != "cpu":
+    if (backend := jax.default_backend()) != "cpu":
+        log.info("CPU step memory reuse not applied: JAX computes on %s", backend)
         return False
     if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, -1) != 1:
         log.warning("CPU step memory reuse: glibc rejected mallopt; XLA:CPU's temporaries stay mmapped per step")
         return False
+    log.info("CPU step memory reuse applied: synchronous CPU dispatch, large blocks kept on glibc's heap")
     return True
