@@ -244,7 +244,7 @@ def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, D.Tok
     """The run's static `score_window` (`config.model.score_window`) for `datasets` (one tokenization: every
     split, so train, eval and the reference cache share one W and one compilation per length bucket)."""
     span = max((ds.max_scored_span for ds in datasets.values()), default=0)
-    return resolve_score_window(cfg.model.get("score_window", "off"), span)
+    return resolve_score_window(cfg.model.score_window, span)
 
 
 def fill_reference_cache(run: Run) -> None:

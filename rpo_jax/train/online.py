@@ -21,9 +21,9 @@ after i − 1 iterations; `eval/…` at step i describes the policy after i iter
 reward of the samples), `judge_reward` (the ground truth `online.eval_judge`, when it differs from the training
 reward), `kl_to_initial` = mean over samples of log π_i(y) − log π_0(y) (an unbiased estimate of KL(π_i ‖ π_0)
 when the samples come from π_i at temperature 1 without top-k/top-p; not logged for offline runs),
-`response_length`, and the loss metrics averaged over the M updates. Evaluation before the first iteration, every `online.eval_every` iterations and after the last samples
-one response to each of `online.eval_prompts` held-out prompts from the current policy and logs the same
-quantities (`eval/…`).
+`response_length`, and the loss metrics averaged over the M updates. Evaluation before the first iteration,
+every `online.eval_every` iterations and after the last samples one response to each of `online.eval_prompts`
+held-out prompts from the current policy and logs the same quantities (`eval/…`).
 
 Checkpoints are taken at iteration boundaries (every `train.checkpoint_every` iterations, at the end, and when
 SIGTERM arrived during the iteration). Resuming restores the policy, optimizer state and iteration; prompts
@@ -209,8 +209,7 @@ class OnlineRun:
     @property
     def score_window(self) -> int | None:
         """Output-head positions per sample (`config.model.score_window`; a response has ≤ max_new_tokens)."""
-        setting = self.config.model.get("score_window", "off")
-        return resolve_score_window(setting, int(self.config.online.max_new_tokens))
+        return resolve_score_window(self.config.model.score_window, int(self.config.online.max_new_tokens))
 
 
 def _with_current_reference(loss_fn):
