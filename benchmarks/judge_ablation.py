@@ -86,7 +86,7 @@ def quiet(cfg):
 
 def train_policy(out: pathlib.Path, steps: int, init_seed: int) -> str:
     """The SFT starting policy (or the second reference): WORKDIR/export."""
-    from rpo_jax.train.loop import train
+    from rpo_jax.train.preference import train
     export = out / "export"
     if not (export / "config.json").exists():
         cfg = quiet(load_recipe("sft_demo"))

@@ -9,7 +9,7 @@ step of each so both see the same machine (a shared 2-core VM drifts by tens of 
 speed-up. The step is the trainer's (`rpo_jax.train.step.make_train_step`), with the output head on the response
 positions only (`--score-window auto`, the trainer's default `config.model.score_window`: 64 of the 127 logit
 positions for 64 + 64 tokens; `0` puts it on every position). FLOPs per token follow
-`rpo_jax.train.step.train_flops_per_token`: 6·P' + 12·L·T·d plus 2·P' + 4·L·T·d per in-step reference, P' the
+`rpo_jax.train.performance.train_flops_per_token`: 6·P' + 12·L·T·d plus 2·P' + 4·L·T·d per in-step reference, P' the
 non-embedding parameters, plus the output head 6·V·D (2·V·D per reference) × the fraction of positions where it
 runs. The peak is a 4096² matmul in the compute dtype, measured before the steps and after every round of steps;
 MFU is against the highest of these (a ceiling, so MFU errs low); also printed, the median over rounds of each
@@ -36,14 +36,9 @@ from flax import nnx
 from rpo_jax.losses import make_loss
 from rpo_jax.models import ModelConfig, create_model, load_hf
 from rpo_jax.train.host import reuse_cpu_step_memory
-from rpo_jax.train.metrics import measure_matmul_peak
 from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.step import (
-    make_train_step,
-    response_logps,
-    resolve_score_window,
-    train_flops_per_token,
-)
+from rpo_jax.train.performance import measure_matmul_peak, train_flops_per_token
+from rpo_jax.train.step import make_train_step, resolve_score_window, response_logps
 
 TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,

@@ -2,12 +2,14 @@
 
 Read:      ``records, report = read_records(paths, format=None, on_error="raise")``; prompts alone (online):
            ``prompts, report = read_prompts(paths)``, ``encode_prompt(prompt, tokenizer)``
+Select:    ``to_pairs(records)``, ``holdout_split(records, fraction, seed=...)``, ``require_rewards(records)``
 Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``
 Iterate:   ``make_train_iterator(dataset, batch_size, seed=...)`` (resumable), ``make_eval_batches(dataset, B)``
 TFDS:      ``build_tfds(data_dir, sources=... | splits=...)``; ``load_tfds_records(data_dir, split)``.
-Demo:      ``demo_paths()``, ``judge(prompt, response)``, ``to_pairs(records)``.
+Demo:      ``demo_paths()``, ``judge(prompt, response)``.
 
-Names are imported lazily (``rpo_jax.data.records`` alone needs neither JAX nor grain nor tfds).
+Names are imported lazily (``rpo_jax.data.records``, ``.prompts`` and ``.selection`` need neither JAX nor grain
+nor tfds).
 """
 
 import importlib
@@ -15,13 +17,14 @@ from typing import Any
 
 _EXPORTS = {
     "records": ("FORMATS", "PreferenceRecord", "Problem", "ReadReport", "RecordError", "detect_format",
-                "expand_sources", "parse_record", "PromptRecord", "read_prompts", "read_records", "require_rewards",
-                "to_pairs"),
+                "expand_sources", "parse_record", "read_records"),
+    "prompts": ("PromptRecord", "read_prompts"),
+    "selection": ("holdout_split", "require_rewards", "to_pairs"),
     "tokenize": ("TRUNCATION_POLICIES", "TokenizedDataset", "TokenizedExample", "TokenizeReport", "bucket_for",
                  "collate_examples", "default_buckets", "encode_prompt", "encode_record", "tokenize_records"),
     "pipeline": ("TrainIterator", "epoch_permutation", "make_eval_batches", "make_train_iterator",
                  "num_eval_batches"),
-    "tfds_builder": ("RpoPreferences", "build_tfds", "holdout_split", "load_tfds_records",
+    "tfds_builder": ("RpoPreferences", "build_tfds", "load_tfds_records",
                      "records_from_data_source", "tfds_data_source"),
     "demo": ("DEMO_DIR", "demo_paths", "judge"),
 }

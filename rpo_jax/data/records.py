@@ -19,7 +19,8 @@ Formats (auto-detected per file from the keys of its first JSON object, or decla
 
 TRL formats may carry UltraFeedback-style ``score_chosen`` / ``score_rejected`` (both or none) as rewards.
 For pairs, response 0 is *chosen* and response 1 *rejected*. Rewards are never invented: a record without
-rewards has ``rewards=None`` and :func:`require_rewards` refuses it before a reward-aware loss trains on it.
+rewards has ``rewards=None`` and :func:`rpo_jax.data.selection.require_rewards` refuses it before a reward-aware
+loss trains on it. Prompts alone are read by :mod:`rpo_jax.data.prompts` with the public helpers here.
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ class ReadReport:
                 f"{len(self.problems)} problem(s)")
 
 
-class _RecordProblems(Exception):
-    """Internal: the problems of one record (raised by the parsers)."""
+class FieldProblems(Exception):
+    """The problems of one record as ``(field, message)`` pairs, raised by the field parsers (e.g.
+    :func:`parse_messages`); callers turn them into :class:`Problem` s naming the file and line."""
 
     def __init__(self, problems: list[tuple[str, str]]):
         super().__init__(problems)
@@ -166,17 +168,18 @@ class _RecordProblems(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Field parsers (each raises _RecordProblems with (field, message))
+# Field parsers (each raises FieldProblems with (field, message))
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _type_name(x: Any) -> str:
+def type_name(x: Any) -> str:
+    """The JSON-ish type name used in problem messages: ``"null"`` for None, else the Python type name."""
     return "null" if x is None else type(x).__name__
 
 
 def _get(obj: Mapping[str, Any], field: str) -> Any:
     if field not in obj:
-        raise _RecordProblems([(field, "missing field")])
+        raise FieldProblems([(field, "missing field")])
     return obj[field]
 
 
@@ -184,48 +187,51 @@ def _is_empty_text(s: str) -> bool:
     return not s.strip()
 
 
-def _parse_messages(value: Any, field: str, *, default_role: str | None, require_str: bool = False
+def parse_messages(value: Any, field: str, *, default_role: str | None, require_str: bool = False
                     ) -> tuple[Messages, bool]:
     """A string (-> one message of ``default_role``) or a list of ``{"role", "content"}`` dicts.
 
     Returns (messages, was_conversational). Empty strings / lists / all-blank contents are problems.
+
+    Raises:
+      FieldProblems: naming ``field`` (or a sub-field such as ``prompt[0].role``).
     """
     if require_str and not isinstance(value, str):
-        raise _RecordProblems([(field, f"expected str (the prompt is a string), got {_type_name(value)}")])
+        raise FieldProblems([(field, f"expected str (the prompt is a string), got {type_name(value)}")])
     if isinstance(value, str):
         if default_role is None:
-            raise _RecordProblems([(field, "expected a list of messages, got str")])
+            raise FieldProblems([(field, "expected a list of messages, got str")])
         if _is_empty_text(value):
-            raise _RecordProblems([(field, "empty")])
+            raise FieldProblems([(field, "empty")])
         return ({"role": default_role, "content": value},), False
     if not isinstance(value, (list, tuple)):
-        raise _RecordProblems([(field, f"expected a string or a list of messages, got {_type_name(value)}")])
+        raise FieldProblems([(field, f"expected a string or a list of messages, got {type_name(value)}")])
     if not value:
-        raise _RecordProblems([(field, "empty")])
+        raise FieldProblems([(field, "empty")])
     messages = []
     for i, m in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(m, Mapping):
-            raise _RecordProblems([(where, f"expected a message {{role, content}}, got {_type_name(m)}")])
+            raise FieldProblems([(where, f"expected a message {{role, content}}, got {type_name(m)}")])
         for key in ("role", "content"):
             if key not in m:
-                raise _RecordProblems([(f"{where}.{key}", "missing field")])
+                raise FieldProblems([(f"{where}.{key}", "missing field")])
             if not isinstance(m[key], str):
-                raise _RecordProblems([(f"{where}.{key}", f"expected str, got {_type_name(m[key])}")])
+                raise FieldProblems([(f"{where}.{key}", f"expected str, got {type_name(m[key])}")])
         if not m["role"].strip():
-            raise _RecordProblems([(f"{where}.role", "empty")])
+            raise FieldProblems([(f"{where}.role", "empty")])
         messages.append({"role": m["role"], "content": m["content"]})
     if all(_is_empty_text(m["content"]) for m in messages):
-        raise _RecordProblems([(field, "empty")])
+        raise FieldProblems([(field, "empty")])
     return tuple(messages), True
 
 
 def _parse_reward(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _RecordProblems([(field, f"expected a number, got {_type_name(value)}")])
+        raise FieldProblems([(field, f"expected a number, got {type_name(value)}")])
     value = float(value)
     if not math.isfinite(value):
-        raise _RecordProblems([(field, f"reward is not finite ({value})")])
+        raise FieldProblems([(field, f"reward is not finite ({value})")])
     return value
 
 
@@ -235,15 +241,15 @@ def _optional_reward_pair(obj: Mapping[str, Any], chosen_key: str, rejected_key:
         return None
     if not all(has):
         missing = rejected_key if has[0] else chosen_key
-        raise _RecordProblems([(missing, f"missing field (both {chosen_key} and {rejected_key}, or neither)")])
+        raise FieldProblems([(missing, f"missing field (both {chosen_key} and {rejected_key}, or neither)")])
     problems, values = [], []
     for key in (chosen_key, rejected_key):
         try:
             values.append(_parse_reward(obj[key], key))
-        except _RecordProblems as e:
+        except FieldProblems as e:
             problems += e.problems
     if problems:
-        raise _RecordProblems(problems)
+        raise FieldProblems(problems)
     return values[0], values[1]
 
 
@@ -253,8 +259,8 @@ def _check_distinct(responses: Sequence[Messages], field: str, names: Sequence[s
         key = _freeze(r)
         if key in seen:
             if names is not None:
-                raise _RecordProblems([(field, f"{names[seen[key]]} and {names[k]} are identical")])
-            raise _RecordProblems([(field, f"responses {seen[key]} and {k} are identical")])
+                raise FieldProblems([(field, f"{names[seen[key]]} and {names[k]} are identical")])
+            raise FieldProblems([(field, f"responses {seen[key]} and {k} are identical")])
         seen[key] = k
 
 
@@ -264,11 +270,11 @@ def _collect(parsers: Sequence[tuple[str, Any]]) -> list[Any]:
     for _, thunk in parsers:
         try:
             out.append(thunk())
-        except _RecordProblems as e:
+        except FieldProblems as e:
             problems += e.problems
             out.append(None)
     if problems:
-        raise _RecordProblems(problems)
+        raise FieldProblems(problems)
     return out
 
 
@@ -276,19 +282,19 @@ def _parse_trl(obj: Mapping[str, Any], *, want: str | None) -> tuple:
     """TRL standard (strings) or conversational (message lists) with an explicit prompt."""
     prompt_raw = _get(obj, "prompt")
     if not isinstance(prompt_raw, (str, list, tuple)):
-        raise _RecordProblems([("prompt", f"expected a string or a list of messages, got {_type_name(prompt_raw)}")])
+        raise FieldProblems([("prompt", f"expected a string or a list of messages, got {type_name(prompt_raw)}")])
     conv = not isinstance(prompt_raw, str)
     if want == "trl_standard" and conv:
-        raise _RecordProblems([("prompt", f"expected str (trl_standard), got {_type_name(prompt_raw)}")])
+        raise FieldProblems([("prompt", f"expected str (trl_standard), got {type_name(prompt_raw)}")])
     if want == "trl_conversational" and not conv:
-        raise _RecordProblems([("prompt", "expected a list of messages (trl_conversational), got str")])
+        raise FieldProblems([("prompt", "expected a list of messages (trl_conversational), got str")])
     role = None if conv else "assistant"  # standard: responses must be strings, like the prompt
 
     def response(field: str) -> tuple[Messages, bool]:
-        return _parse_messages(_get(obj, field), field, default_role=role, require_str=not conv)
+        return parse_messages(_get(obj, field), field, default_role=role, require_str=not conv)
 
     (prompt, _), (chosen, _), (rejected, _), rewards = _collect([
-        ("prompt", lambda: _parse_messages(prompt_raw, "prompt", default_role="user")),
+        ("prompt", lambda: parse_messages(prompt_raw, "prompt", default_role="user")),
         ("chosen", lambda: response("chosen")),
         ("rejected", lambda: response("rejected")),
         ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
@@ -300,36 +306,36 @@ def _parse_trl(obj: Mapping[str, Any], *, want: str | None) -> tuple:
 def _parse_trl_implicit(obj: Mapping[str, Any]) -> tuple:
     """TRL implicit prompt: ``chosen``/``rejected`` conversations; prompt = their longest common prefix."""
     if "prompt" in obj:
-        raise _RecordProblems([("prompt", "implicit-prompt records carry no prompt field")])
+        raise FieldProblems([("prompt", "implicit-prompt records carry no prompt field")])
     (chosen, _), (rejected, _), rewards = _collect([
-        ("chosen", lambda: _parse_messages(_get(obj, "chosen"), "chosen", default_role=None)),
-        ("rejected", lambda: _parse_messages(_get(obj, "rejected"), "rejected", default_role=None)),
+        ("chosen", lambda: parse_messages(_get(obj, "chosen"), "chosen", default_role=None)),
+        ("rejected", lambda: parse_messages(_get(obj, "rejected"), "rejected", default_role=None)),
         ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
     ])
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise _RecordProblems([("chosen", "chosen and rejected share no prompt prefix (implicit prompt)")])
+        raise FieldProblems([("chosen", "chosen and rejected share no prompt prefix (implicit prompt)")])
     if n == len(chosen) and n == len(rejected):
-        raise _RecordProblems([("rejected", "chosen and rejected are identical")])
+        raise FieldProblems([("rejected", "chosen and rejected are identical")])
     if n == len(chosen) or n == len(rejected):
         field = "chosen" if n == len(chosen) else "rejected"
-        raise _RecordProblems([(field, "empty (the whole conversation is the shared prompt)")])
+        raise FieldProblems([(field, "empty (the whole conversation is the shared prompt)")])
     prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
     for field, msgs in (("chosen", c), ("rejected", r)):
         if all(_is_empty_text(m["content"]) for m in msgs):
-            raise _RecordProblems([(field, "empty")])
+            raise FieldProblems([(field, "empty")])
     return prompt, (c, r), rewards, True
 
 
 def _parse_nemo(obj: Mapping[str, Any]) -> tuple:
     """NeMo-Aligner DPO/RPO: prompt, chosen_response, rejected_response (+ both rewards, or neither)."""
     (prompt, conv), (chosen, _), (rejected, _), rewards = _collect([
-        ("prompt", lambda: _parse_messages(_get(obj, "prompt"), "prompt", default_role="user")),
-        ("chosen_response", lambda: _parse_messages(_get(obj, "chosen_response"), "chosen_response",
+        ("prompt", lambda: parse_messages(_get(obj, "prompt"), "prompt", default_role="user")),
+        ("chosen_response", lambda: parse_messages(_get(obj, "chosen_response"), "chosen_response",
                                                     default_role="assistant")),
-        ("rejected_response", lambda: _parse_messages(_get(obj, "rejected_response"), "rejected_response",
+        ("rejected_response", lambda: parse_messages(_get(obj, "rejected_response"), "rejected_response",
                                                       default_role="assistant")),
         ("reward", lambda: _optional_reward_pair(obj, "chosen_reward", "rejected_reward")),
     ])
@@ -344,37 +350,37 @@ def _parse_k(obj: Mapping[str, Any]) -> tuple:
     problems: list[tuple[str, str]] = []
     prompt, conv = None, False
     try:
-        prompt, conv = _parse_messages(prompt_raw, "prompt", default_role="user")
-    except _RecordProblems as e:
+        prompt, conv = parse_messages(prompt_raw, "prompt", default_role="user")
+    except FieldProblems as e:
         problems += e.problems
     responses: list[Messages] = []
     if not isinstance(responses_raw, (list, tuple)):
-        problems.append(("responses", f"expected a list, got {_type_name(responses_raw)}"))
+        problems.append(("responses", f"expected a list, got {type_name(responses_raw)}"))
     else:
         if len(responses_raw) < 2:
             problems.append(("responses", f"fewer than 2 responses ({len(responses_raw)})"))
         for k, r in enumerate(responses_raw):
             try:
-                responses.append(_parse_messages(r, f"responses[{k}]", default_role="assistant")[0])
-            except _RecordProblems as e:
+                responses.append(parse_messages(r, f"responses[{k}]", default_role="assistant")[0])
+            except FieldProblems as e:
                 problems += e.problems
     rewards = None
     if obj.get("rewards") is not None:
         rewards_raw = obj["rewards"]
         if not isinstance(rewards_raw, (list, tuple)):
-            problems.append(("rewards", f"expected a list of numbers, got {_type_name(rewards_raw)}"))
+            problems.append(("rewards", f"expected a list of numbers, got {type_name(rewards_raw)}"))
         else:
             values = []
             for k, v in enumerate(rewards_raw):
                 try:
                     values.append(_parse_reward(v, f"rewards[{k}]"))
-                except _RecordProblems as e:
+                except FieldProblems as e:
                     problems += e.problems
             if isinstance(responses_raw, (list, tuple)) and len(rewards_raw) != len(responses_raw):
                 problems.append(("rewards", f"{len(rewards_raw)} rewards for {len(responses_raw)} responses"))
             rewards = tuple(values)
     if problems:
-        raise _RecordProblems(problems)
+        raise FieldProblems(problems)
     _check_distinct(responses, "responses")
     return prompt, tuple(responses), rewards, conv
 
@@ -417,7 +423,7 @@ def record_problems(obj: Any, format: str, source: tuple[str, int]) -> Preferenc
     """The parsed record, or every problem found in it (as :class:`Problem` naming file, line, field)."""
     file, line = source
     if not isinstance(obj, Mapping):
-        return [Problem(file, line, "<record>", f"expected a JSON object, got {_type_name(obj)}")]
+        return [Problem(file, line, "<record>", f"expected a JSON object, got {type_name(obj)}")]
     try:
         if format in ("trl", "trl_standard", "trl_conversational"):
             prompt, responses, rewards, conv = _parse_trl(obj, want=None if format == "trl" else format)
@@ -429,7 +435,7 @@ def record_problems(obj: Any, format: str, source: tuple[str, int]) -> Preferenc
             prompt, responses, rewards, conv = _parse_k(obj)
         else:
             raise ValueError(f"unknown format {format!r}")
-    except _RecordProblems as e:
+    except FieldProblems as e:
         return [Problem(file, line, field, msg) for field, msg in e.problems]
     return PreferenceRecord(prompt=prompt, responses=tuple(responses),
                             rewards=None if rewards is None else tuple(rewards),
@@ -465,8 +471,11 @@ def expand_sources(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     return files
 
 
-def _iter_raw(file: str) -> Iterator[tuple[int, Any, Problem | None]]:
-    """Yield ``(line, decoded_object, problem)`` for each non-blank line/row of a source file."""
+def iter_raw(file: str) -> Iterator[tuple[int, Any, Problem | None]]:
+    """Yield ``(line, decoded_object, problem)`` for each non-blank line/row of a source file.
+
+    ``problem`` (a :class:`Problem`, object None) names an undecodable line or an unreadable file.
+    """
     if file.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -505,13 +514,13 @@ def iter_file_records(file: str, *, format: str | None = None
     """``(format, record_or_problems)`` for each line/row of one file; the format is detected from the first
     JSON object (None until then)."""
     fmt = _normalise_format(format)
-    for line, obj, problem in _iter_raw(file):
+    for line, obj, problem in iter_raw(file):
         if problem is not None:
             yield fmt, [problem]
             continue
         if fmt is None:
             if not isinstance(obj, Mapping):
-                yield fmt, [Problem(file, line, "<record>", f"expected a JSON object, got {_type_name(obj)}")]
+                yield fmt, [Problem(file, line, "<record>", f"expected a JSON object, got {type_name(obj)}")]
                 continue
             try:
                 fmt = detect_format(obj)
@@ -537,120 +546,16 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, form
     Returns:
       ``(records, report)``, records in file order.
     """
-    return _read_sources(paths, on_error, lambda file: iter_file_records(file, format=format), PreferenceRecord)
+    return read_sources(paths, on_error, lambda file: iter_file_records(file, format=format), PreferenceRecord)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers used by the trainer and the demo
-# ----------------------------------------------------------------------------------------------------------
+def read_sources(paths, on_error: OnError, items_of_file, kind: type) -> tuple[list, ReadReport]:
+    """The reading loop of :func:`read_records` and :func:`rpo_jax.data.prompts.read_prompts`.
 
-
-def require_rewards(records: Any) -> None:
-    """Refuse data without explicit rewards before a reward-aware loss trains on it.
-
-    Args:
-      records: a sequence of :class:`PreferenceRecord`, or any object with a ``records`` attribute holding
-        one (e.g. :class:`rpo_jax.data.TokenizedDataset`).
-
-    Raises:
-      ValueError: naming every file (and the first line in each) whose records carry no rewards.
+    Every file of `paths`, each line's ``(format or None, item)`` from ``items_of_file(file)``; items of type
+    `kind` are kept, any other item (a Problem or a list of them) raises :class:`RecordError`
+    (``on_error="raise"``) or is counted and reported (``"skip"``). Returns ``(kept items, ReadReport)``.
     """
-    recs = getattr(records, "records", records)
-    lacking: dict[str, list[int]] = {}
-    for r in recs:
-        if r.rewards is None:
-            lacking.setdefault(r.source[0], []).append(r.source[1])
-    if not recs:
-        raise ValueError("no records: a reward-aware loss needs records with explicit rewards")
-    if lacking:
-        parts = [f"{f} ({len(v)} record(s), first at line {v[0]})" for f, v in lacking.items()]
-        raise ValueError("this loss needs explicit rewards, but these files have records without rewards "
-                         "(rewards are never invented): " + "; ".join(parts))
-
-
-def to_pairs(records: Sequence[PreferenceRecord], *, mode: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
-             ) -> list[PreferenceRecord]:
-    """K-response records with rewards -> K = 2 records (response 0 chosen, 1 rejected), rewards kept.
-
-    ``best_vs_worst``: one pair per record (highest vs lowest reward; first index wins ties).
-    ``all_pairs``: every (i, j) with ``rewards[i] > rewards[j]`` (tied pairs are left out), chosen first.
-    Records whose rewards are all equal give no pair. Raises ValueError for a record without rewards.
-    """
-    out = []
-    for r in records:
-        if r.rewards is None:
-            raise ValueError(f"{r.source[0]}:{r.source[1]}: rewards: to_pairs needs rewards")
-        rw = r.rewards
-        if mode == "best_vs_worst":
-            best = max(range(len(rw)), key=lambda k: (rw[k], -k))
-            worst = min(range(len(rw)), key=lambda k: (rw[k], k))
-            pairs = [(best, worst)] if rw[best] > rw[worst] else []
-        elif mode == "all_pairs":
-            pairs = [(i, j) for i in range(len(rw)) for j in range(len(rw)) if rw[i] > rw[j]]
-        else:
-            raise ValueError(f"mode must be 'best_vs_worst' or 'all_pairs', got {mode!r}")
-        for i, j in pairs:
-            out.append(dataclasses.replace(r, responses=(r.responses[i], r.responses[j]), rewards=(rw[i], rw[j])))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Prompts alone (online training samples its own responses)
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptRecord:
-    """One prompt: chat messages, whether the source was conversational, and ``(file, line)``."""
-
-    prompt: Messages
-    conversational: bool
-    source: tuple[str, int] = ("<memory>", 0)
-
-    @property
-    def prompt_text(self) -> str:
-        """The content of the prompt's messages joined by newlines."""
-        return "\n".join(m["content"] for m in self.prompt)
-
-
-def _prompt_of(obj: Any, source: tuple[str, int]) -> PromptRecord | Problem:
-    file, line = source
-    if not isinstance(obj, Mapping):
-        return Problem(file, line, "<record>", f"expected a JSON object, got {_type_name(obj)}")
-    if "prompt" in obj:
-        try:
-            messages, conv = _parse_messages(obj["prompt"], "prompt", default_role="user")
-        except _RecordProblems as e:
-            return Problem(file, line, *e.problems[0])
-        return PromptRecord(messages, conv, source)
-    try:  # a preference record whose prompt is implicit (TRL's chosen/rejected conversations)
-        fmt = detect_format(obj)
-    except ValueError as e:
-        return Problem(file, line, "prompt", f"missing field ({e})")
-    parsed = record_problems(obj, fmt, source)
-    if isinstance(parsed, PreferenceRecord):
-        return PromptRecord(parsed.prompt, parsed.conversational, source)
-    return parsed[0]
-
-
-def read_prompts(paths: str | os.PathLike | Iterable[str | os.PathLike], *, on_error: OnError = "raise"
-                 ) -> tuple[list[PromptRecord], ReadReport]:
-    """Read the prompts of ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` files (or directories of them).
-
-    A line is any JSON object with a ``prompt`` (a string or a list of messages; other fields are ignored, so
-    every preference file is also a prompt file), or a TRL implicit-prompt record (its common prefix).
-    ``on_error`` as in :func:`read_records`: ``"raise"`` names file, line and field; ``"skip"`` counts.
-    """
-    def prompts_of(file: str):
-        for line, obj, problem in _iter_raw(file):
-            yield None, (problem if problem is not None else _prompt_of(obj, (file, line)))
-    return _read_sources(paths, on_error, prompts_of, PromptRecord)
-
-
-def _read_sources(paths, on_error: OnError, items_of_file, kind: type) -> tuple[list, ReadReport]:
-    """The reading loop of :func:`read_records` and :func:`read_prompts`: every file of `paths`, each line's
-    ``(format or None, item)`` from ``items_of_file(file)``; items of type `kind` are kept, any other item (a
-    Problem or a list of them) raises (``on_error="raise"``) or is counted and reported (``"skip"``)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     report = ReadReport()

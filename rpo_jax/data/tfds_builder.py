@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from rpo_jax.data.records import OnError, PreferenceRecord, ReadReport, read_records
+from rpo_jax.data.selection import holdout_split
 
 BUILDER_NAME = "rpo_preferences"
 
@@ -83,18 +84,6 @@ class RpoPreferences(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, records: list[PreferenceRecord]) -> Iterable[tuple[int, dict[str, Any]]]:
         for i, r in enumerate(records):
             yield i, {"record": json.dumps(r.to_json(), ensure_ascii=False), "index": i}
-
-
-def holdout_split(records: Sequence[PreferenceRecord], fraction: float, *, seed: int = 0,
-                  train_split: str = "train", holdout_split: str = "test") -> dict[str, list[PreferenceRecord]]:
-    """``round(fraction * N)`` records picked by ``default_rng(seed)`` held out; both splits keep input order."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}")
-    n = len(records)
-    held = np.zeros(n, bool)
-    held[np.random.default_rng(seed).permutation(n)[:round(fraction * n)]] = True
-    return {train_split: [r for r, h in zip(records, held) if not h],
-            holdout_split: [r for r, h in zip(records, held) if h]}
 
 
 def build_tfds(data_dir: str | os.PathLike, *, splits: Mapping[str, Sequence[str]] | None = None,

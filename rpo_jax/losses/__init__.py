@@ -1,20 +1,23 @@
-"""Preference losses in pure JAX: RPO (every distance, pairwise/all-pairs/listwise), MRPO, DPO family, TRL losses.
+"""Preference losses in pure JAX: RPO (every distance, pairwise/all-pairs/listwise), MRPO, DPO family, TRL losses,
+and the Bradley–Terry reward-model loss.
 
-The public entry points are ``make_loss`` / ``available_losses`` and the seam types ``PreferenceLogps`` /
-``LossOutput``. The math follows ``MATH.md``: Sun et al., arXiv:2502.00203 (RPO) and Le et al., arXiv:2405.16388
-(MRPO). This package imports no Flax and no model code.
+The public entry points are ``make_loss`` / ``available_losses``, the seam types ``PreferenceLogps`` /
+``LossOutput`` and ``LossSpec`` (``loss_fn.spec``, what a loss needs). The math follows ``MATH.md``: Sun et al.,
+arXiv:2502.00203 (RPO) and Le et al., arXiv:2405.16388 (MRPO). This package imports no Flax and no model code.
 """
 
+from rpo_jax.losses.bradley_terry import bradley_terry_loss, bradley_terry_per_pair
 from rpo_jax.losses.distances import DISTANCES, bernoulli_kl, bwd_kl, fwd_kl, squared
 from rpo_jax.losses.presets import RPOSetting, run_rpo
 from rpo_jax.losses.references import arwc_weights, ctro_clip, primary_reference, virtual_reference
 from rpo_jax.losses.registry import available_losses, loss_hyperparameters, make_loss
 from rpo_jax.losses.rpo import implicit_rewards, rpo_listwise, rpo_pairwise
-from rpo_jax.losses.types import LossOutput, PreferenceLogps
+from rpo_jax.losses.types import LossOutput, LossSpec, PreferenceLogps
 
 __all__ = [
     "PreferenceLogps",
     "LossOutput",
+    "LossSpec",
     "make_loss",
     "available_losses",
     "loss_hyperparameters",
@@ -32,4 +35,6 @@ __all__ = [
     "ctro_clip",
     "arwc_weights",
     "virtual_reference",
+    "bradley_terry_per_pair",
+    "bradley_terry_loss",
 ]

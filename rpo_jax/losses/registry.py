@@ -30,7 +30,7 @@ from rpo_jax.losses import presets, trl
 from rpo_jax.losses import references as refs
 from rpo_jax.losses.batch import PreparedBatch, Requirements, check_batch, prepare_batch
 from rpo_jax.losses.metrics import ComponentResult, global_mean, preference_metrics
-from rpo_jax.losses.types import LossOutput, PreferenceLogps
+from rpo_jax.losses.types import LossOutput, LossSpec, PreferenceLogps
 
 __all__ = ["make_loss", "available_losses", "loss_hyperparameters", "LOSSES", "LossDefinition"]
 
@@ -434,9 +434,10 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
       **hparams: hyperparameters (``loss_hyperparameters(name)`` lists them with defaults).
 
     Returns:
-      A pure function with attributes ``requires_reference``, ``requires_rewards``, ``requires_lengths``
-      (bools), ``num_references`` (``None``: reference-free; else the R it needs when fixed by ``alpha``, or 1
-      for single-reference losses), ``min_references`` (0, 1 or 2), ``name`` and ``hparams``.
+      A pure function with attribute ``spec``, a ``LossSpec`` (its typed description), and, with the same values,
+      attributes ``requires_reference``, ``requires_rewards``, ``requires_lengths`` (bools), ``num_references``
+      (``None``: reference-free; else the R it needs when fixed by ``alpha``, or 1 for single-reference losses),
+      ``min_references`` (0, 1 or 2), ``name`` and ``hparams``.
     """
     components = _components(name_or_weighted_list, dict(hparams))
 
@@ -455,16 +456,28 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
             reported.append((component.definition.name, loss, preference_metrics(result, prep, axis_name)))
         return LossOutput(loss=total_loss, per_example=total_per_example, metrics=_merge_metrics(reported))
 
-    reqs = [c.requirements for c in components]
-    loss_fn.requires_reference = any(r.reference for r in reqs)
-    loss_fn.requires_rewards = any(r.rewards for r in reqs)
-    loss_fn.requires_lengths = any(r.lengths for r in reqs)
-    loss_fn.min_references = max((r.min_references for r in reqs if r.reference), default=0)
-    loss_fn.num_references = _num_references(reqs, loss_fn.min_references)
-    if len(components) == 1:
-        loss_fn.name = components[0].definition.name
-    else:
-        loss_fn.name = "+".join(f"{c.weight:g}*{c.definition.name}" for c in components)
-    loss_fn.hparams = {c.definition.name: dict(c.hparams) for c in components}
-    loss_fn.__name__ = f"loss_{loss_fn.name}"
+    spec = _spec(components)
+    loss_fn.spec = spec
+    for field in dataclasses.fields(LossSpec):  # the documented attributes: the spec's values, set in one place
+        setattr(loss_fn, field.name, getattr(spec, field.name))
+    loss_fn.__name__ = f"loss_{spec.name}"
     return loss_fn
+
+
+def _spec(components: list[_Component]) -> LossSpec:
+    """The ``LossSpec`` of a (possibly weighted) combination of components."""
+    reqs = [c.requirements for c in components]
+    min_references = max((r.min_references for r in reqs if r.reference), default=0)
+    if len(components) == 1:
+        name = components[0].definition.name
+    else:
+        name = "+".join(f"{c.weight:g}*{c.definition.name}" for c in components)
+    return LossSpec(
+        name=name,
+        requires_reference=any(r.reference for r in reqs),
+        requires_rewards=any(r.rewards for r in reqs),
+        requires_lengths=any(r.lengths for r in reqs),
+        min_references=min_references,
+        num_references=_num_references(reqs, min_references),
+        hparams={c.definition.name: dict(c.hparams) for c in components},
+    )

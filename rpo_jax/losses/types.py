@@ -1,13 +1,15 @@
-"""The seam between the model and the losses: ``PreferenceLogps`` in, ``LossOutput`` out (both pytrees)."""
+"""The seam between the model and the losses: ``PreferenceLogps`` in, ``LossOutput`` out (both pytrees), and
+``LossSpec``, the typed description of what a loss built by ``make_loss`` needs."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 
-__all__ = ["PreferenceLogps", "LossOutput"]
+__all__ = ["PreferenceLogps", "LossOutput", "LossSpec"]
 
 
 @jax.tree_util.register_dataclass
@@ -53,3 +55,42 @@ class LossOutput:
     loss: Any
     per_example: Any
     metrics: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """What a loss built by ``make_loss`` needs and how it was configured (``loss_fn.spec``).
+
+    * ``name``: the loss name, or ``"<w>*<name>+<w>*<name>..."`` for a weighted combination.
+    * ``requires_reference``: whether the batch must carry ``ref_logps`` (False for reference-free losses).
+    * ``requires_rewards``: whether the batch must carry explicit ``rewards``.
+    * ``requires_lengths``: whether the batch must carry ``lengths`` (length-normalised losses).
+    * ``min_references``: the fewest reference models ``R`` it accepts: 0 (reference-free), 1, or 2 (MRPO).
+    * ``num_references``: ``None`` when reference-free or when ``R`` is not fixed (ARWC MRPO, ``alpha=None``);
+      else the exact ``R`` it needs: ``len(alpha)`` for MRPO with fixed weights, 1 for single-reference losses.
+    * ``hparams``: the resolved hyperparameters of every component, ``{component name: {hparam: value}}``.
+    """
+
+    name: str
+    requires_reference: bool
+    requires_rewards: bool
+    requires_lengths: bool
+    min_references: int
+    num_references: int | None
+    hparams: Mapping[str, Mapping[str, Any]]
+
+    def check_reference_count(self, count: int, *, given: str) -> None:
+        """Raise ``ValueError`` if ``count`` reference models (supplied by ``given``, e.g. ``"config.references"``)
+        do not fit this loss: ``count != num_references`` when that is fixed, else ``count < min_references``.
+        Reference-free losses accept any count."""
+        if not self.requires_reference:
+            return
+        if self.num_references is not None:
+            if count == self.num_references:
+                return
+            needed: Any = self.num_references
+        else:
+            if count >= self.min_references:
+                return
+            needed = f"at least {self.min_references}"
+        raise ValueError(f"loss {self.name!r} needs {needed} references; {given} gives {count}")

@@ -2,23 +2,22 @@
 
 Public API: `load_hf`, `save_hf`, `create_model`, `sequence_logps`, `generate` (and
 `truncate_at_stop_strings`), `ModelConfig`, `DEFAULT_RULES`,
-`make_mesh`; reward models `load_reward_model`, `save_reward_model`, `RewardModel` and the reward
-functions `reward_model_fn`, `judge_fn`, `dataset_rewards_fn` (`RewardFn`).
+`make_mesh`; reward models `load_reward_model`, `save_reward_model`, `create_reward_model`, `RewardModel`
+(`rpo_jax.models.reward`) and the reward functions `reward_model_fn`, `judge_fn`, `dataset_rewards_fn`
+(`RewardFn`) with `encode_conversation` (`rpo_jax.models.reward_functions`).
 """
 
 from rpo_jax.models.config import ModelConfig, RopeSpec
 from rpo_jax.models.model import Decoder, create_model
 from rpo_jax.models.generate import GenerateOutput, filter_logits, generate, truncate_at_stop_strings
 from rpo_jax.models.hf_io import load_hf, save_hf
-from rpo_jax.models.reward import (
+from rpo_jax.models.reward import RewardModel, create_reward_model, load_reward_model, save_reward_model
+from rpo_jax.models.reward_functions import (
     RewardFn,
-    RewardModel,
-    create_reward_model,
     dataset_rewards_fn,
+    encode_conversation,
     judge_fn,
-    load_reward_model,
     reward_model_fn,
-    save_reward_model,
 )
 from rpo_jax.models.logprobs import sequence_logps, token_logps, token_logps_from_hidden
 from rpo_jax.models.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, shard_model, state_shardings
@@ -34,6 +33,7 @@ __all__ = [
     "create_model",
     "create_reward_model",
     "dataset_rewards_fn",
+    "encode_conversation",
     "filter_logits",
     "generate",
     "judge_fn",

@@ -165,16 +165,6 @@ class ModelConfig:
             total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return total
 
-    def flops_per_token(self, seq_len: int, *, training: bool = True) -> float:
-        """Model FLOPs per token: 2·N_matmul (forward) + attention 2·2·L·H·hd·T, times 3 when training.
-
-        N_matmul counts the unembedding (V·D) but not the embedding lookup. Attention is counted for the full
-        T×T score matrix (no causal halving), as in the PaLM / MaxText convention.
-        """
-        n_matmul = self.num_params(include_embeddings=False) + self.vocab_size * self.hidden_size
-        forward = 2 * n_matmul + 4 * self.num_layers * self.num_heads * self.head_dim * seq_len
-        return float(forward * (3 if training else 1))
-
     # ------------------------------------------------------------------ Hugging Face conversion
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":

@@ -9,7 +9,7 @@ sizes is replicated instead (e.g. 3 key/value heads on tensor=2): it never crash
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -33,10 +33,40 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
-def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types (sharding propagated by XLA)."""
-    kwargs = {} if devices is None else {"devices": devices}
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, **kwargs)
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Sizes for (data, fsdp, tensor) from `{axis: size}` (a missing axis is 1); at most one size may be -1,
+    filled so that the product is `num_devices`."""
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by {known} ({dict(zip(MESH_AXES, sizes))})")
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh: sizes {dict(zip(MESH_AXES, sizes))} multiply to {math.prod(sizes)}, "
+                         f"but there are {num_devices} devices")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (sharding propagated by XLA) over `devices` (default:
+    every device of every process).
+
+    `shape`: the three sizes, or `{axis: size}` as in `config.mesh` (a missing axis is 1); one size may be -1
+    (see `resolve_mesh_shape`).
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    named = shape if isinstance(shape, Mapping) else dict(zip(MESH_AXES, shape, strict=True))
+    sizes = resolve_mesh_shape(named, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(

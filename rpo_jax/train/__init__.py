@@ -1,4 +1,5 @@
-"""rpo_jax.train: mesh and sharding, the jit train/eval step, reference cache, checkpoints, metrics, the loop.
-
-`train(config, workdir)` (rpo_jax.train.loop) is the main job; `rpo-train` / `rpo-export` are its CLIs.
+"""rpo_jax.train: the run skeleton (runner.py) and the three jobs that plug into it — preference training
+(preference.py, the main job), online RPO (online.py) and Bradley–Terry reward models (reward_model.py) — with
+what they share: set-up, mesh placement, the jit steps, the reference cache, checkpoints, metrics, performance
+accounting, export and the CLIs `rpo-train` / `rpo-export` (cli.py).
 """

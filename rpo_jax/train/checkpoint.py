@@ -46,9 +46,6 @@ class Checkpointer:
                                                                state=ocp.args.StandardSave(rest),
                                                                data=ocp.args.JsonSave(data_state)), force=True)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, Any] | None:
         """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pathlib
 import sys
@@ -47,23 +48,24 @@ def _train(argv):
     logging.info("done: %s", result)
 
 
-MODES = ("preference", "online", "reward_model")
+#: config.mode → (module, function) of its job; imported only after jax.distributed.initialize.
+JOBS = {"preference": ("rpo_jax.train.preference", "train"),
+        "online": ("rpo_jax.train.online", "train_online"),
+        "reward_model": ("rpo_jax.train.reward_model", "train_reward_model")}
+MODES = tuple(JOBS)
 
 
 def run_job(cfg, workdir: str, *, precompute_only: bool = False):
-    """The job `config.mode` names: preference training, online RPO, or reward-model training."""
+    """The job `config.mode` names: preference training, online RPO, or reward-model training
+    (`--precompute` applies to preference training only)."""
     mode = cfg.get("mode", "preference")
-    if mode not in MODES:
+    if mode not in JOBS:
         raise ValueError(f"config.mode={mode!r}: expected one of {MODES}")
-    # imported after jax.distributed.initialize
-    if mode == "online":
-        from rpo_jax.train.online import train_online
-        return train_online(cfg, workdir)
-    if mode == "reward_model":
-        from rpo_jax.train.reward_model import train_reward_model
-        return train_reward_model(cfg, workdir)
-    from rpo_jax.train.loop import train
-    return train(cfg, workdir, precompute_only=precompute_only)
+    if precompute_only and mode != "preference":
+        raise ValueError(f"--precompute computes the reference cache of preference training; config.mode={mode!r}")
+    module, name = JOBS[mode]
+    job = getattr(importlib.import_module(module), name)
+    return job(cfg, workdir, precompute_only=True) if precompute_only else job(cfg, workdir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +83,7 @@ def export_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _quiet_libraries()
     initialize_from_environment()
-    from rpo_jax.train.loop import export_workdir
+    from rpo_jax.train.export import export_workdir
     print(export_workdir(args.workdir, args.out_dir))
 
 

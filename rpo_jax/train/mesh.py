@@ -1,51 +1,37 @@
-"""The run's device mesh (sizes from the config, one may be -1) and how host batches become global arrays.
+"""How host data meets the run's device mesh: each process's share of a global batch, host rows → global
+arrays sharded on the batch axis, and global arrays → a copy on every device.
 
-Parameter and batch shardings come from the models' rules table (`rpo_jax.models.sharding`).
+The mesh itself (`make_mesh(config.mesh, devices)`) and every parameter and batch sharding come from the models'
+rules table (`rpo_jax.models.sharding`).
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rpo_jax.models.sharding import MESH_AXES, batch_sharding
-from rpo_jax.models.sharding import make_mesh as _mesh_of_shape
-
-
-def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Sizes for (data, fsdp, tensor); at most one size may be -1, filled so the product is `num_devices`."""
-    unknown = set(shape) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
-    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
-    fill = [i for i, s in enumerate(sizes) if s == -1]
-    if len(fill) > 1:
-        raise ValueError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
-    known = math.prod(s for s in sizes if s != -1)
-    if fill:
-        if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by {known} ({dict(zip(MESH_AXES, sizes))})")
-        sizes[fill[0]] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh: sizes {dict(zip(MESH_AXES, sizes))} multiply to {math.prod(sizes)}, "
-                         f"but there are {num_devices} devices")
-    return tuple(sizes)  # type: ignore[return-value]
-
-
-def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """A GSPMD-style (Auto axes) mesh over `devices` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return _mesh_of_shape(resolve_mesh_shape(shape or {"data": -1}, len(devices)), devices)
+from rpo_jax.models.sharding import batch_sharding
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+    """The sharding that puts a whole copy of an array on every device of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@functools.cache
+def _replicator(mesh: Mesh):
+    return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """`tree` (arrays sharded over `mesh`) with every leaf gathered whole onto every device, so that every
+    process can read every element (one compiled identity per mesh and tree structure)."""
+    return _replicator(mesh)(tree)
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:

@@ -1,14 +1,7 @@
-"""Metrics: FLOP accounting for MFU, the matmul peak, and writers (console, JSONL, TensorBoard).
+"""The metric writer: scalar metrics to the console, `WORKDIR/metrics.jsonl` and TensorBoard (main process only).
 
-FLOPs per trained token (the formula MFU uses, after Kaplan et al. / PaLM appendix B):
-
-    train     = 6·P + 12·L·T·d_attn      (forward + backward through the policy; attention scores and
-                                            values over all T keys, d_attn = heads·head_dim, T padded length)
-    reference = 2·P + 4·L·T·d_attn      per reference scored in the step (none when log-probs are cached)
-
-P counts the non-embedding parameters plus the unembedding matrix (the input embedding is a gather, not a
-matmul). MFU = achieved FLOP/s ÷ peak FLOP/s; the peak is `metrics.peak_flops` from the config, or measured
-once on the device with a large matmul in the compute dtype (`measure_matmul_peak`).
+What is measured lives elsewhere: loss metrics in `rpo_jax.losses`, speed and memory in
+`rpo_jax.train.performance`.
 """
 
 from __future__ import annotations
@@ -16,51 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-
-def flops_per_token(matmul_params: int, num_layers: int, seq_len: int, attn_dim: int, num_references: int = 0) -> float:
-    """Training FLOPs per token for the policy plus `num_references` in-step reference forwards."""
-    forward = 2 * matmul_params + 4 * num_layers * seq_len * attn_dim  # matmuls + QKᵀ and AV over all T keys
-    return 3 * forward + num_references * forward
-
-
-def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul on the default device, best of `repeats` (the MFU denominator).
-
-    Each product takes about a second on a CPU (n = 4096), long enough to ride out short frequency bursts.
-    """
-    platform = jax.devices()[0].platform
-    n = n or (4096 if platform == "cpu" else 8192)
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def device_memory() -> dict[str, float]:
-    """Peak and current bytes on the first local device (accelerators), or the process's peak RSS on CPU."""
-    stats = {}
-    try:
-        stats = jax.local_devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001 - not every backend implements memory_stats
-        stats = {}
-    if "peak_bytes_in_use" in stats:
-        return {"memory/peak_gib": stats["peak_bytes_in_use"] / 2**30,
-                "memory/in_use_gib": stats.get("bytes_in_use", 0) / 2**30}
-    import resource
-    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 class MetricWriter:
@@ -81,7 +33,8 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
-        if not self.enabled:
+        """One record `{"step": step, prefix + name: value, ...}`; nothing for empty `metrics`."""
+        if not self.enabled or not metrics:
             return
         values = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")

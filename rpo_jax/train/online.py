@@ -36,7 +36,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,18 +46,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rpo_jax import data as D
-from rpo_jax.models import ModelConfig, generate, judge_fn, load_reward_model, reward_model_fn
-from rpo_jax.models.reward import RewardFn
-from rpo_jax.train import loop
-from rpo_jax.train.checkpoint import Checkpointer, abstract_like
-from rpo_jax.train.mesh import local_batch_size, make_mesh, replicated, to_global
-from rpo_jax.train.metrics import MetricWriter
-from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.step import cast_floating, make_train_step, resolve_score_window, response_logps
+from rpo_jax.data import PromptRecord, encode_prompt, epoch_permutation, read_prompts
+from rpo_jax.models import RewardFn, generate, judge_fn, load_reward_model, reward_model_fn
+from rpo_jax.models.sharding import make_mesh
+from rpo_jax.train.mesh import local_batch_size, replicate, replicated, to_global
+from rpo_jax.train.runner import Task, Unit, run_task
+from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, data_paths, load_model, load_policy,
+                                 load_tokenizer, split_trainable, tokenizer_path)
+from rpo_jax.train.step import cast_floating, make_scorer, make_train_step, resolve_score_window
+from rpo_jax.train.workdir import start_run
 
 log = logging.getLogger(__name__)
 
+MODE = "online"
 REFERENCE_MODES = ("initial", "previous_iterate", "current")
 SAMPLERS = ("policy", "initial")
 
@@ -85,7 +85,7 @@ def make_reward_fn(cfg: ml_collections.ConfigDict, *, mesh=None, dtype=jnp.float
     if oc.reward_judge:
         return judge_fn(import_object(oc.reward_judge))
     model, _ = load_reward_model(oc.reward_model, dtype=dtype, mesh=mesh)
-    tokenizer = loop.load_tokenizer(oc.reward_model)
+    tokenizer = load_tokenizer(oc.reward_model)
     return reward_model_fn(model, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.data.eval_batch_size,
                            truncation="left")
 
@@ -105,17 +105,17 @@ def prompt_order(num_prompts: int, iteration: int, per_iteration: int, seed: int
     out = np.empty_like(positions)
     for epoch in np.unique(positions // num_prompts):
         sel = positions // num_prompts == epoch
-        out[sel] = D.epoch_permutation(num_prompts, seed, int(epoch), shuffle=True)[positions[sel] % num_prompts]
+        out[sel] = epoch_permutation(num_prompts, seed, int(epoch), shuffle=True)[positions[sel] % num_prompts]
     return out
 
 
-def encode_prompts(prompts: Sequence[D.PromptRecord], tokenizer, *, max_prompt_length: int, truncation: str
-                   ) -> tuple[list[D.PromptRecord], list[list[int]], int]:
+def encode_prompts(prompts: Sequence[PromptRecord], tokenizer, *, max_prompt_length: int, truncation: str
+                   ) -> tuple[list[PromptRecord], list[list[int]], int]:
     """(kept prompts, their token ids, number dropped): prompts longer than `max_prompt_length` are dropped
     (`truncation="drop"`, counted) or keep their last `max_prompt_length` tokens (other policies)."""
     kept, ids, dropped = [], [], 0
     for p in prompts:
-        x = D.encode_prompt(p, tokenizer)
+        x = encode_prompt(p, tokenizer)
         if len(x) > max_prompt_length:
             if truncation == "drop":
                 dropped += 1
@@ -166,37 +166,29 @@ def sample_batch(prompt_ids: Sequence[Sequence[int]], responses: np.ndarray, res
     return batch
 
 
-def _prompt_for_reward(p: D.PromptRecord):
+def prompt_for_reward(p: PromptRecord):
+    """What a RewardFn receives as the prompt: the messages of a conversational prompt, else its text."""
     return [dict(m) for m in p.prompt] if p.conversational else p.prompt_text
 
 
 # --------------------------------------------------------------------------------------------- the run
-@dataclasses.dataclass
-class OnlineRun:
-    """Everything `train_online` builds before the first iteration (also used by tests and the ablation)."""
+Scorer = Callable[[Any, dict], jax.Array]  # (params, global batch) -> [P, K] response log-probs, replicated
 
-    config: ml_collections.ConfigDict
-    workdir: pathlib.Path
-    mesh: Any
-    tokenizer: Any
+
+@dataclasses.dataclass
+class OnlineRun(RunSetup):
+    """Everything online training builds before the first iteration (also used by tests and the ablation)."""
+
     loss_fn: Any
-    model_config: ModelConfig
-    graphdef: Any
-    rest: Any
-    state: dict[str, Any]
-    state_shardings: Any
-    tx: Any
-    schedule: Any
     initial_params: Any
-    extra_references: list[tuple[Any, Any, Any]]     # (graphdef, params, rest) of config.references[1:]
-    prompts: dict[str, list[D.PromptRecord]]
+    policy_scorer: Scorer                              # response log-probs under the policy's graph
+    extra_references: list[tuple[Scorer, Any]]         # (scorer, params) of config.references[1:]
+    prompts: dict[str, list[PromptRecord]]
     prompt_ids: dict[str, list[list[int]]]
     reward_fn: Callable
     judge_fn: Callable | None
-    dtype: Any
     eos_ids: tuple[int, ...]
     pad_id: int
-    _jitted: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def prompt_width(self) -> int:
@@ -206,24 +198,22 @@ class OnlineRun:
     def width(self) -> int:
         return self.prompt_width + int(self.config.online.max_new_tokens)
 
-    @property
-    def score_window(self) -> int | None:
-        """Output-head positions per sample (`config.model.score_window`; a response has ≤ max_new_tokens)."""
-        return resolve_score_window(self.config.model.score_window, int(self.config.online.max_new_tokens))
+
+def score_window_of(cfg: ml_collections.ConfigDict) -> int | None:
+    """Output-head positions per sample (`config.model.score_window`; a response has ≤ max_new_tokens)."""
+    return resolve_score_window(cfg.model.score_window, int(cfg.online.max_new_tokens))
 
 
-def _with_current_reference(loss_fn):
-    """`loss_fn` with ℓ_ref = stop_gradient(ℓ_θ) (the `current` reference)."""
+def with_current_reference(loss_fn):
+    """`loss_fn` with ℓ_ref = stop_gradient(ℓ_θ) (the `current` reference); its spec needs no reference model."""
     def wrapped(x):
         return loss_fn(dataclasses.replace(x, ref_logps=jax.lax.stop_gradient(x.policy_logps)))
-    for attr in ("requires_reference", "requires_rewards", "requires_lengths", "num_references", "min_references"):
-        if hasattr(loss_fn, attr):
-            setattr(wrapped, attr, getattr(loss_fn, attr))
-    wrapped.requires_reference = False
+    wrapped.spec = dataclasses.replace(loss_fn.spec, requires_reference=False)
     return wrapped
 
 
-def _eos_ids(tokenizer, model_config: ModelConfig) -> tuple[int, ...]:
+def eos_ids_of(tokenizer, model_config) -> tuple[int, ...]:
+    """Every id that ends a sample: the tokenizer's EOS and the model config's (one or several)."""
     ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     cfg_eos = model_config.eos_token_id
     if cfg_eos is not None:
@@ -233,26 +223,29 @@ def _eos_ids(tokenizer, model_config: ModelConfig) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _read_prompt_split(cfg, which: str, tokenizer) -> tuple[list[D.PromptRecord], list[list[int]]]:
-    spec = cfg.data.train if which == "train" else (cfg.data.eval or (cfg.data.train if cfg.data.train in ("", "demo")
-                                                                        else ""))
-    if which == "eval" and not spec:
+def read_prompt_split(cfg, split: str, tokenizer) -> tuple[list[PromptRecord], list[list[int]]]:
+    """The prompts of `split` ("train" or "eval") and their token ids (`encode_prompts`); no eval prompts when
+    neither `data.eval` nor the demo gives any."""
+    spec = cfg.data.train if split == "train" else (cfg.data.eval or (cfg.data.train if cfg.data.train in ("", "demo")
+                                                                      else ""))
+    if split == "eval" and not spec:
         return [], []
-    prompts, report = D.read_prompts(loop._data_paths(spec, which), on_error=cfg.data.on_error)
+    prompts, report = read_prompts(data_paths(spec, split), on_error=cfg.data.on_error)
     if report.num_skipped:
-        log.warning("%s prompts: %s", which, report.summary())
+        log.warning("%s prompts: %s", split, report.summary())
     kept, ids, dropped = encode_prompts(prompts, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
                                         truncation=cfg.data.truncation)
     if dropped:
-        log.warning("%s prompts: dropped %d longer than data.max_prompt_length=%d", which, dropped,
+        log.warning("%s prompts: dropped %d longer than data.max_prompt_length=%d", split, dropped,
                     cfg.data.max_prompt_length)
-    if which == "train" and not kept:
+    if split == "train" and not kept:
         raise ValueError(f"data.train={spec!r}: no prompt left (dropped {dropped} longer than "
                          f"data.max_prompt_length={cfg.data.max_prompt_length})")
     return kept, ids
 
 
-def _check_online_config(cfg: ml_collections.ConfigDict, loss_fn) -> None:
+def check_online_config(cfg: ml_collections.ConfigDict, loss_fn) -> None:
+    """ValueErrors naming the field for settings online training cannot run with."""
     oc = cfg.online
     if oc.reference not in REFERENCE_MODES:
         raise ValueError(f"config.online.reference={oc.reference!r}: expected one of {REFERENCE_MODES}")
@@ -264,7 +257,7 @@ def _check_online_config(cfg: ml_collections.ConfigDict, loss_fn) -> None:
     if oc.prompts_per_iteration % cfg.data.batch_size:
         raise ValueError(f"config.online.prompts_per_iteration={oc.prompts_per_iteration} must be a multiple of "
                          f"data.batch_size={cfg.data.batch_size} (the mini-batch of an update)")
-    if oc.num_samples < 2 and (loss_fn.requires_rewards or loss_fn.requires_reference):
+    if oc.num_samples < 2 and (loss_fn.spec.requires_rewards or loss_fn.spec.requires_reference):
         raise ValueError("config.online.num_samples must be ≥ 2 for a preference loss (pairs of samples)")
     refs = list(cfg.references)
     if refs and dict(refs[0]).get("path"):
@@ -272,51 +265,47 @@ def _check_online_config(cfg: ml_collections.ConfigDict, loss_fn) -> None:
                          "config.online.reference; list fixed extra references (MRPO) after it")
 
 
-def build_online_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> OnlineRun:
+def build_online_run(cfg: ml_collections.ConfigDict, *, devices=None) -> OnlineRun:
     """Prompts, policy, references, reward source, optimizer and initial state of an online run."""
-    workdir = pathlib.Path(workdir)
     mesh = make_mesh(dict(cfg.mesh), devices)
-    dtype = loop.compute_dtype(cfg.model.dtype)
-    loss_fn = loop.build_loss(cfg)
-    _check_online_config(cfg, loss_fn)
+    dtype = compute_dtype(cfg.model.dtype)
+    loss_fn = build_loss(cfg)
+    check_online_config(cfg, loss_fn)
     if cfg.online.reference == "current":
-        if (getattr(loss_fn, "num_references", None) or 1) > 1:
+        if (loss_fn.spec.num_references or 1) > 1:
             raise ValueError("config.online.reference='current' cannot be combined with several references")
-        if loss_fn.requires_reference:
-            loss_fn = _with_current_reference(loss_fn)
-    tokenizer = loop.load_tokenizer(loop.tokenizer_path(cfg))
+        if loss_fn.spec.requires_reference:
+            loss_fn = with_current_reference(loss_fn)
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
     prompts, prompt_ids = {}, {}
     for split in ("train", "eval"):
-        prompts[split], prompt_ids[split] = _read_prompt_split(cfg, split, tokenizer)
+        prompts[split], prompt_ids[split] = read_prompt_split(cfg, split, tokenizer)
 
-    model, mconfig = loop.load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    total_steps = cfg.online.iterations * cfg.online.updates_per_iteration
-    tx, schedule = make_optimizer(cfg.optimizer, total_steps)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(cfg.seed))}
-    state = loop.on_mesh(state, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
+    setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
+                        total_steps=cfg.online.iterations * cfg.online.updates_per_iteration)
+
+    def scorer(graphdef, rest) -> Scorer:
+        return make_scorer(graphdef, rest, mesh, compute_dtype=dtype,
+                           vocab_chunk_size=cfg.model.vocab_chunk_size or None, score_window=score_window_of(cfg))
 
     extra = []
-    if loss_fn.requires_reference:
+    if loss_fn.spec.requires_reference:
         for spec in list(cfg.references)[1:]:
             spec = dict(spec)
-            rtok = spec.get("tokenizer") or spec["path"]
-            if rtok != loop.tokenizer_path(cfg) and spec.get("tokenizer"):
+            tokenizer_name = spec.get("tokenizer") or spec["path"]
+            if tokenizer_name != tokenizer_path(cfg) and spec.get("tokenizer"):
                 raise ValueError(f"online mode: reference {spec['path']!r} must share the policy's tokenizer (the "
                                  "samples are scored as token ids)")
-            rmodel, _ = loop.load_model(spec["path"], cfg, mesh, dtype)
-            extra.append(nnx.split(rmodel, nnx.Param, ...))
-        needed, at_least = getattr(loss_fn, "num_references", None), getattr(loss_fn, "min_references", 1)
-        if (needed and needed != 1 + len(extra)) or 1 + len(extra) < (at_least or 1):
-            raise ValueError(f"loss {cfg.loss.name!r} needs {needed or f'at least {at_least}'} references; online "
-                             f"mode gives {1 + len(extra)} (online.reference + config.references[1:])")
-    pad_id = int(tokenizer.pad_token_id)
-    return OnlineRun(cfg, workdir, mesh, tokenizer, loss_fn, mconfig, graphdef, rest, state, shardings, tx,
-                     schedule, jax.tree.map(jnp.copy, params), extra, prompts, prompt_ids,
-                     make_reward_fn(cfg, mesh=mesh, dtype=dtype), make_judge_fn(cfg), dtype,
-                     _eos_ids(tokenizer, mconfig), pad_id)
+            graphdef, params, rest = split_trainable(load_model(spec["path"], cfg, mesh, dtype)[0])
+            extra.append((scorer(graphdef, rest), params))
+        loss_fn.spec.check_reference_count(1 + len(extra), given="online mode (online.reference + "
+                                                                 "config.references[1:])")
+    return OnlineRun(**vars(setup), loss_fn=loss_fn, initial_params=jax.tree.map(jnp.copy, setup.state["params"]),
+                     policy_scorer=scorer(setup.graphdef, setup.rest), extra_references=extra, prompts=prompts,
+                     prompt_ids=prompt_ids, reward_fn=make_reward_fn(cfg, mesh=mesh, dtype=dtype),
+                     judge_fn=make_judge_fn(cfg), eos_ids=eos_ids_of(tokenizer, model_config),
+                     pad_id=int(tokenizer.pad_token_id))
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -325,7 +314,8 @@ def _local_rows(x: np.ndarray) -> np.ndarray:
     return x[jax.process_index() * n:(jax.process_index() + 1) * n]
 
 
-def _global(run: OnlineRun, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def global_batch(run: OnlineRun, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A batch every process holds whole ([P, ...] rows) → global arrays, each process feeding its share."""
     local_batch_size(next(iter(batch.values())).shape[0], run.mesh)  # divisibility check with a clear error
     return to_global({k: _local_rows(v) for k, v in batch.items()}, run.mesh)
 
@@ -336,7 +326,7 @@ def sample(run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samp
     oc = run.config.online
     flat = [p for p in prompt_ids for _ in range(num_samples)]
     tokens, mask = left_pad(flat, run.prompt_width, run.pad_id)
-    inputs = _global(run, {"tokens": tokens, "mask": mask})
+    inputs = global_batch(run, {"tokens": tokens, "mask": mask})
     model = nnx.merge(run.graphdef, cast_floating(params, run.dtype), run.rest)
     extra = {}
     if list(oc.stop_strings):
@@ -345,9 +335,7 @@ def sample(run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samp
                    temperature=float(oc.temperature), top_k=int(oc.top_k) or None,
                    top_p=float(oc.top_p) if oc.top_p < 1 else None, eos_token_id=list(run.eos_ids), rng=key,
                    pad_token_id=run.pad_id, **extra)
-    if "replicate" not in run._jitted:
-        run._jitted["replicate"] = jax.jit(lambda x: x, out_shardings=replicated(run.mesh))
-    gen_tokens, gen_mask = jax.device_get(run._jitted["replicate"]((out.tokens, out.mask)))
+    gen_tokens, gen_mask = jax.device_get(replicate((out.tokens, out.mask), run.mesh))
     m = gen_tokens.shape[-1]
     return (np.asarray(gen_tokens).reshape(len(prompt_ids), num_samples, m),
             np.asarray(gen_mask).reshape(len(prompt_ids), num_samples, m))
@@ -359,23 +347,16 @@ def decode_responses(run: OnlineRun, tokens: np.ndarray, mask: np.ndarray) -> li
              for k in range(tokens.shape[1])] for p in range(tokens.shape[0])]
 
 
-def sample_logps(run: OnlineRun, which: str, params, batch: dict[str, jax.Array]) -> np.ndarray:
-    """Σ log-probs of every sample's response under a model: `which` is "policy" (the policy's graph with
-    `params`) or "extra{r}" (reference r of config.references[1:]). Returns [P, K] float32 (0 on invalid)."""
-    if which not in run._jitted:
-        gd, rest = (run.graphdef, run.rest) if which == "policy" else (
-            run.extra_references[int(which[5:])][0], run.extra_references[int(which[5:])][2])
-        chunk, window = run.config.model.vocab_chunk_size or None, run.score_window
-        run._jitted[which] = jax.jit(
-            lambda p, b: response_logps(gd, p, rest, b, compute_dtype=run.dtype, vocab_chunk_size=chunk,
-                                        score_window=window),
-            out_shardings=replicated(run.mesh))
-    return np.asarray(jax.device_get(run._jitted[which](params, batch)))
+def sample_logps(scorer: Scorer, params, batch: dict[str, jax.Array]) -> np.ndarray:
+    """Σ log-probs of every sample's response under a model: `scorer` is `run.policy_scorer` (the policy's graph,
+    with `params` the policy's at some point) or the scorer of an extra reference. Returns [P, K] float32 (0 on
+    invalid slots)."""
+    return np.asarray(jax.device_get(scorer(params, batch)))
 
 
-def score(run: OnlineRun, prompts: Sequence[D.PromptRecord], texts: list[list[str]], fn: Callable) -> np.ndarray:
+def score(run: OnlineRun, prompts: Sequence[PromptRecord], texts: list[list[str]], fn: Callable) -> np.ndarray:
     """Rewards [P, K] of the texts from a RewardFn."""
-    rewards = np.asarray(fn([_prompt_for_reward(p) for p in prompts], texts), np.float32)
+    rewards = np.asarray(fn([prompt_for_reward(p) for p in prompts], texts), np.float32)
     if rewards.shape != (len(texts), len(texts[0])) or not np.all(np.isfinite(rewards)):
         raise ValueError(f"the reward function returned {rewards.shape} (finite: {np.all(np.isfinite(rewards))}); "
                          f"expected finite [{len(texts)}, {len(texts[0])}]")
@@ -412,9 +393,9 @@ def evaluate_online(run: OnlineRun, params, iteration: int) -> dict[str, float]:
         return {}
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(run.config.seed), 1), iteration)
     batch, stats = collect(run, params, np.arange(n), "eval", 1, key)
-    device_batch = _global(run, batch)
-    kl = _kl_estimate(sample_logps(run, "policy", params, device_batch),
-                      sample_logps(run, "policy", run.initial_params, device_batch), batch["valid"])
+    device_batch = global_batch(run, batch)
+    kl = _kl_estimate(sample_logps(run.policy_scorer, params, device_batch),
+                      sample_logps(run.policy_scorer, run.initial_params, device_batch), batch["valid"])
     if "judge_reward" not in stats:
         stats["judge_reward"] = stats["reward"]
     return {**stats, "kl_to_initial": kl}
@@ -431,15 +412,14 @@ def iteration_batch(run: OnlineRun, params, iteration: int) -> tuple[dict[str, n
     sampler = run.initial_params if oc.sampler == "initial" else params
     batch, stats = collect(run, params, index, "train", oc.num_samples, _iteration_key(run, iteration),
                            sampler_params=sampler)
-    device_batch = _global(run, batch)
-    start = sample_logps(run, "policy", params, device_batch)
-    initial = sample_logps(run, "policy", run.initial_params, device_batch)
+    device_batch = global_batch(run, batch)
+    start = sample_logps(run.policy_scorer, params, device_batch)
+    initial = sample_logps(run.policy_scorer, run.initial_params, device_batch)
     if oc.sampler == "policy":
         stats["kl_to_initial"] = _kl_estimate(start, initial, batch["valid"])
-    if run.loss_fn.requires_reference:
+    if run.loss_fn.spec.requires_reference:
         columns = [initial if oc.reference == "initial" else start]
-        columns += [sample_logps(run, f"extra{r}", p, device_batch)
-                    for r, (_, p, _) in enumerate(run.extra_references)]
+        columns += [sample_logps(scorer, params_r, device_batch) for scorer, params_r in run.extra_references]
         ref = np.stack(columns, -1) if len(columns) > 1 else columns[0]
         batch["ref_logps"] = ref.astype(np.float32)
     return batch, stats
@@ -459,72 +439,44 @@ def make_online_step(run: OnlineRun):
     step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                               micro_batches=run.config.data.micro_batches,
                               vocab_chunk_size=run.config.model.vocab_chunk_size or None, lr_schedule=run.schedule,
-                              score_window=run.score_window)
+                              score_window=score_window_of(run.config))
     return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
 
 
-def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> dict[str, Any]:
-    """Run `config.online.iterations` online iterations; returns the last iteration's and eval's metrics."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
-    run = build_online_run(cfg, workdir, devices=devices)
-    oc = cfg.online
+def online_task(run: OnlineRun) -> Task:
+    """The run skeleton's task: one unit is one iteration (sample, score, `updates_per_iteration` updates);
+    checkpoints record the iteration, and a resumed run recomputes everything else from (seed, iteration,
+    policy)."""
+    cfg, oc = run.config, run.config.online
     updates = int(oc.updates_per_iteration)
-    writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard)
-    ckpt = Checkpointer(workdir / "checkpoints", every_steps=max(1, cfg.train.checkpoint_every) * updates,
-                        keep=cfg.train.keep_checkpoints, asynchronous=cfg.train.async_checkpointing)
     step_fn = make_online_step(run)
 
-    state = run.state
-    restored = ckpt.restore_latest(abstract_like(state))
-    iteration = 0
-    if restored is not None:
-        _, state, data_state = restored
-        iteration = int(data_state["iteration"])
-        log.info("resumed at iteration %d", iteration)
+    def advance(state, iteration: int) -> Unit:
+        t0 = time.perf_counter()
+        batch, stats = iteration_batch(run, state["params"], iteration)
+        t1 = time.perf_counter()
+        sums: dict[str, float] = {}
+        for mb in minibatches(batch, cfg.data.batch_size, updates):
+            state, metrics = step_fn(state, global_batch(run, mb))
+            for k, v in jax.device_get(metrics).items():
+                sums[k] = sums.get(k, 0.0) + float(v) / updates
+        return Unit(state, {**stats, **sums, "perf/sample_time_s": t1 - t0,
+                            "perf/update_time_s": time.perf_counter() - t1})
 
-    progress = None
-    if cfg.train.progress_bar and jax.process_index() == 0 and iteration < oc.iterations:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=oc.iterations, initial=iteration, desc="rpo-train online", dynamic_ncols=True)
-    if iteration == 0:
-        writer.write(0, evaluate_online(run, state["params"], 0), prefix="eval/")
-    last: dict[str, float] = {}
-    with loop._Preemption() as preemption:
-        while iteration < oc.iterations:
-            t0 = time.perf_counter()
-            batch, stats = iteration_batch(run, state["params"], iteration)
-            t1 = time.perf_counter()
-            sums: dict[str, float] = {}
-            for mb in minibatches(batch, cfg.data.batch_size, updates):
-                state, metrics = step_fn(state, _global(run, mb))
-                for k, v in jax.device_get(metrics).items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / updates
-            iteration += 1
-            last = {**stats, **sums, "perf/sample_time_s": t1 - t0,
-                    "perf/update_time_s": time.perf_counter() - t1}
-            writer.write(iteration, last, prefix="online/")
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(reward=f"{stats['reward']:.3f}")
-            if oc.eval_every and iteration % oc.eval_every == 0 and iteration != oc.iterations:
-                writer.write(iteration, evaluate_online(run, state["params"], iteration), prefix="eval/")
-            step = iteration * updates
-            ckpt.save(step, state, {"iteration": iteration})
-            if preemption.should_stop(step):
-                log.warning("preemption requested: saving iteration %d and exiting", iteration)
-                loop.close_run(ckpt, writer, step, state, {"iteration": iteration})
-                return {"online": last, "preempted_at": iteration}
-    if progress is not None:
-        progress.close()
-    eval_metrics = evaluate_online(run, state["params"], iteration)
-    if eval_metrics:
-        writer.write(iteration, eval_metrics, prefix="eval/")
-    loop.close_run(ckpt, writer, iteration * updates, state, {"iteration": iteration})
-    exported = None
-    if cfg.train.export_at_end:
-        exported = str(loop.save_replicated(run.graphdef, state["params"], run.rest, run.model_config,
-                                             workdir / "export", run.tokenizer, run.mesh))
-    return {"online": last, "eval": eval_metrics, "iteration": iteration, "export": exported}
+    def restore_data(data_state, iteration: int) -> None:
+        if int(data_state["iteration"]) != iteration:
+            raise ValueError(f"checkpoint at optimizer step {iteration * updates} records iteration "
+                             f"{data_state['iteration']}, not {iteration}: online.updates_per_iteration changed?")
+
+    return Task(mode=MODE, run=run, units=int(oc.iterations), advance=advance,
+                evaluate=lambda params, iteration: evaluate_online(run, params, iteration),
+                data_state=lambda iteration: {"iteration": iteration}, restore_data=restore_data,
+                steps_per_unit=updates, unit_name="iteration", metrics_prefix="online", eval_every=oc.eval_every,
+                eval_at_start=True, label="rpo-train online", progress_metric="reward")
+
+
+def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> dict[str, Any]:
+    """Run `config.online.iterations` online iterations in `workdir`; returns `{"online": the last iteration's
+    metrics, "eval": the final evaluation, "iteration": iterations done, "export": the export directory}`."""
+    workdir = start_run(cfg, workdir, MODE)
+    return run_task(online_task(build_online_run(cfg, devices=devices)), workdir)

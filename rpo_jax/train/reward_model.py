@@ -6,29 +6,26 @@ a Hugging Face `XForSequenceClassification` checkpoint.
 
 Pipeline (every step reuses the trainer's parts):
 
-1. **Records**: `config.data` read by the trainer's readers (`loop.load_records`: all five formats, demo data,
-   held-out split), then turned into pairs by `preference_pairs` (`config.reward_model.pairs`).
+1. **Records**: `config.data` read by the trainer's readers (`rpo_jax.train.setup.load_records`: all five
+   formats, demo data, held-out split), then turned into pairs by `preference_pairs` (`config.reward_model.pairs`).
 2. **Sequences**: each (prompt, response) is the chat template of prompt + response tokenized without extra
-   special tokens — exactly `rpo_jax.models.reward.encode_conversation`, i.e. what `reward_model_fn` scores —
+   special tokens — exactly `rpo_jax.models.encode_conversation`, i.e. what `reward_model_fn` scores —
    right-padded with the model's `pad_token_id` into `[B, 2, T]` batches (index 0 chosen, 1 rejected) by the
    data pipeline (`TokenizedDataset`, resumable grain iterator, bucketed T).
 3. **Scores**: `RewardModel(tokens, attention_mask)[:, label]`, i.e. `score · h` at transformers' pooling index
    (the rightmost token that is not `pad_token_id`). Training, `reward_model_fn` and the exported checkpoint in
    transformers therefore score every sequence the same way — including tokenizers whose pad id equals the EOS
    id, where a trailing EOS is skipped by all three.
-4. **Loss** (`bradley_terry_loss`), sharded jit step on the trainer's mesh with float32 master weights cast to
-   the compute dtype, optax optimizer from `config.optimizer`, eval, checkpoints / resume, export.
+4. **Loss** (`rpo_jax.losses.bradley_terry_loss`), a sharded jit step on the mesh with float32 master weights cast
+   to the compute dtype, gradient accumulation and the optax update shared with preference training
+   (`rpo_jax.train.step`); the run skeleton (`rpo_jax.train.runner`) does eval, checkpoints / resume and export.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import pathlib
-import time
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -39,80 +36,23 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rpo_jax import data as D
-from rpo_jax.data.records import PreferenceRecord, Problem, RecordError
-from rpo_jax.models import ModelConfig, load_hf
-from rpo_jax.models.hf_io import resolve_checkpoint_dir
-from rpo_jax.models.reward import (
-    REWARD_ARCHITECTURES,
-    RewardModel,
-    create_reward_model,
-    load_reward_model,
-    save_reward_model,
-)
-from rpo_jax.models.sharding import variable_sharding
-from rpo_jax.train import loop
-from rpo_jax.train.checkpoint import Checkpointer, abstract_like
-from rpo_jax.train.mesh import local_batch_size, make_mesh, replicated, to_global
-from rpo_jax.train.metrics import MetricWriter, device_memory
-from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.step import cast_floating
+from rpo_jax.data import (PreferenceRecord, Problem, RecordError, TokenizedDataset, TokenizedExample, TokenizeReport,
+                          default_buckets, make_train_iterator, to_pairs)
+from rpo_jax.losses import bradley_terry_loss, bradley_terry_per_pair
+from rpo_jax.models import RewardModel
+from rpo_jax.models.sharding import make_mesh
+from rpo_jax.train.mesh import local_batch_size, replicated, to_global
+from rpo_jax.train.runner import Task, Unit, run_task, sum_over_eval_batches
+from rpo_jax.train.setup import (RunSetup, build_reward_model, build_setup, compute_dtype, load_records, load_tokenizer,
+                                 tokenizer_path)
+from rpo_jax.train.step import accumulate_gradients, apply_gradients, cast_floating
+from rpo_jax.train.workdir import start_run
 
 log = logging.getLogger(__name__)
 
 PairMode = Literal["all", "best_worst"]
 PAIR_MODES = ("all", "best_worst")
 MODE = "reward_model"
-
-
-# ------------------------------------------------------------------------------------------------- the loss
-def bradley_terry_per_pair(
-    chosen: jax.Array, rejected: jax.Array, *, center_coefficient: float = 0.0, margin: jax.Array | float | None = None
-) -> jax.Array:
-    """[P] float32: ℓ_p = −log σ(s_c,p − s_r,p − m_p) + λ·(s_c,p + s_r,p)²  (λ = center_coefficient, m = margin,
-    0 when None; `margin` is a scalar or [P])."""
-    chosen = jnp.asarray(chosen, jnp.float32)
-    rejected = jnp.asarray(rejected, jnp.float32)
-    diff = chosen - rejected
-    if margin is not None:
-        diff = diff - jnp.asarray(margin, jnp.float32)
-    loss = -jax.nn.log_sigmoid(diff)
-    if center_coefficient:
-        loss = loss + center_coefficient * jnp.square(chosen + rejected)
-    return loss
-
-
-def bradley_terry_loss(
-    chosen: jax.Array,
-    rejected: jax.Array,
-    weight: jax.Array,
-    *,
-    center_coefficient: float = 0.0,
-    margin: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The Bradley–Terry reward-model loss over P pairs (scores s_c = chosen [P], s_r = rejected [P]).
-
-        ℓ_p  = −log σ(s_c,p − s_r,p − m_p) + λ·(s_c,p + s_r,p)²
-        loss = Σ_p w_p ℓ_p / Σ_p w_p                   (0 when Σ_p w_p = 0)
-
-    `weight [P]` ≥ 0 (0 for padding pairs); `margin` m (scalar or [P]; None = 0) is the optional margin of Llama 2's
-    reward models; λ = `center_coefficient` is TRL's `center_rewards_coefficient` (keeps scores centred at 0).
-    Returns (loss, metrics) with the same weighted means of: `accuracy` [s_c > s_r] (ties count as wrong),
-    `margin` s_c − s_r, `chosen_score` s_c, `rejected_score` s_r, and `pairs` Σ w.
-    """
-    chosen = jnp.asarray(chosen, jnp.float32)
-    rejected = jnp.asarray(rejected, jnp.float32)
-    weight = jnp.asarray(weight, jnp.float32)
-    total = jnp.sum(weight)
-    denom = jnp.where(total > 0, total, 1.0)
-
-    def mean(x):
-        return jnp.sum(weight * x) / denom
-
-    per_pair = bradley_terry_per_pair(chosen, rejected, center_coefficient=center_coefficient, margin=margin)
-    metrics = {"accuracy": mean((chosen > rejected).astype(jnp.float32)), "margin": mean(chosen - rejected),
-               "chosen_score": mean(chosen), "rejected_score": mean(rejected), "pairs": total}
-    return mean(per_pair), metrics
 
 
 # ------------------------------------------------------------------------------------------------- pairs
@@ -137,7 +77,7 @@ def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "a
                                           "chosen) or explicit rewards give"))
             out.append(r)
             continue
-        pairs = D.to_pairs([r], mode="all_pairs" if mode == "all" else "best_vs_worst")
+        pairs = to_pairs([r], mode="all_pairs" if mode == "all" else "best_vs_worst")
         without_pair += not pairs
         out.extend(pairs)
     return out, without_pair
@@ -177,7 +117,7 @@ def check_truncation(truncation: str) -> None:
 
 
 def tokenize_pairs(pairs: Sequence[PreferenceRecord], tokenizer, *, max_length: int, pad_id: int,
-                   truncation: str = "drop") -> D.TokenizedDataset:
+                   truncation: str = "drop") -> TokenizedDataset:
     """Pair records → a `TokenizedDataset` of K = 2 full conversations (see `conversation_ids`), padded with
     `pad_id` (the reward model's `pad_token_id`) into buckets up to `max_length`.
 
@@ -187,7 +127,7 @@ def tokenize_pairs(pairs: Sequence[PreferenceRecord], tokenizer, *, max_length: 
     The batch's `loss_mask` is empty (no token is scored by a language-model loss).
     """
     check_truncation(truncation)
-    report = D.TokenizeReport(num_records=len(pairs))
+    report = TokenizeReport(num_records=len(pairs))
     examples = []
     for index, (record, ids) in enumerate(zip(pairs, conversation_ids(pairs, tokenizer))):
         report.sequence_lengths += [len(s) for s in ids]
@@ -198,69 +138,15 @@ def tokenize_pairs(pairs: Sequence[PreferenceRecord], tokenizer, *, max_length: 
             report.num_prompts_truncated += 1
             ids = [s[-max_length:] for s in ids]
         sequences = tuple(np.asarray(s, np.int32) for s in ids)
-        examples.append(D.TokenizedExample(index=index, sequences=sequences,
+        examples.append(TokenizedExample(index=index, sequences=sequences,
                                            prompt_lengths=tuple(len(s) for s in sequences), rewards=record.rewards))
     report.num_examples = len(examples)
     has_rewards = bool(examples) and all(e.rewards is not None for e in examples)
-    return D.TokenizedDataset(records=list(pairs), examples=examples, k_max=2, buckets=D.default_buckets(max_length),
+    return TokenizedDataset(records=list(pairs), examples=examples, k_max=2, buckets=default_buckets(max_length),
                               pad_id=int(pad_id), max_length=max_length, has_rewards=has_rewards, report=report)
 
 
 # ------------------------------------------------------------------------------------------------- the model
-def _hf_architecture(path: str) -> str:
-    config_file = resolve_checkpoint_dir(path) / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file.parent}: config.json is missing")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    return architectures[0] if len(architectures) == 1 else ""
-
-
-def build_reward_model(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype) -> tuple[RewardModel, ModelConfig]:
-    """The reward model `config.model` describes, its parameters on `mesh` (float32 master weights by default):
-
-    * `model.path` an `XForSequenceClassification` checkpoint → `load_reward_model` (continue training);
-    * `model.path` a causal-LM checkpoint → its decoder (the unembedding is not loaded) + a fresh score head
-      N(0, 0.02²) from `model.init_seed`;
-    * no `model.path` → a random init from `model.init` (vocab_size, pad/bos/eos ids default to the tokenizer's).
-
-    A checkpoint without `pad_token_id` gets the tokenizer's (transformers pools on it).
-    """
-    param_dtype = jnp.dtype(cfg.model.param_dtype)
-    path = cfg.model.path
-    if path and _hf_architecture(path) in REWARD_ARCHITECTURES:
-        return load_reward_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-    if path:
-        hf = json.loads((resolve_checkpoint_dir(path) / "config.json").read_text())
-        overrides = {"tie_word_embeddings": True, "remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll}
-        if hf.get("pad_token_id") is None:
-            overrides["pad_token_id"] = tokenizer.pad_token_id
-        backbone, loaded = load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **overrides)
-        mconfig = dataclasses.replace(loaded, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
-        _check_exportable(mconfig, path)
-        model = RewardModel(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype,
-                            param_dtype=param_dtype, backbone=backbone)
-        if mesh is not None:
-            model.score.set_value(jax.device_put(model.score[...], variable_sharding(model.score, mesh)))
-        return model, mconfig
-    init = dict(cfg.model.init)
-    init.setdefault("vocab_size", len(tokenizer))
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if init.get(name) is None and getattr(tokenizer, name, None) is not None:
-            init[name] = getattr(tokenizer, name)
-    mconfig = ModelConfig.from_hf_dict(init, source="config.model.init", remat=cfg.model.remat,
-                                       scan_unroll=cfg.model.scan_unroll)
-    _check_exportable(mconfig, "config.model.init")
-    model = create_reward_model(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype,
-                                param_dtype=param_dtype, mesh=mesh)
-    return model, mconfig
-
-
-def _check_exportable(mconfig: ModelConfig, source: str) -> None:
-    if mconfig.model_type not in REWARD_ARCHITECTURES.values():
-        raise ValueError(f"{source}: model_type {mconfig.model_type!r} has no Hugging Face sequence-classification "
-                         f"architecture to export to (supported: {sorted(REWARD_ARCHITECTURES.values())})")
-
-
 def pad_id_of(model: RewardModel, tokenizer) -> int:
     """The id sequences are right-padded with: the model's `pad_token_id` (what `reward_model_fn` and
     transformers use), else the tokenizer's (the pooling then follows the attention mask)."""
@@ -290,7 +176,8 @@ def _loss_inputs(graphdef, params, rest, batch, *, compute_dtype, label):
 def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, compute_dtype, label: int = 0,
                            center_coefficient: float = 0.0, micro_batches: int = 1, lr_schedule=None):
     """`train_step(state, batch) -> (state, metrics)`: Bradley–Terry loss on `batch` (tokens, attention_mask
-    [B,2,T], weight [B], margin [B]), gradients accumulated over `micro_batches` slices, one optax update."""
+    [B,2,T], weight [B], margin [B]), gradients accumulated over `micro_batches` slices, one optax update
+    (`rpo_jax.train.step.accumulate_gradients` / `apply_gradients`). `pairs` counts the batch's pairs."""
 
     def micro_loss(params, mb):
         chosen, rejected = _loss_inputs(graphdef, params, rest, mb, compute_dtype=compute_dtype, label=label)
@@ -300,31 +187,9 @@ def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state, batch):
-        params = state["params"]
-        if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(params, batch)
-        else:
-            def split(x):
-                if x.shape[0] % micro_batches:
-                    raise ValueError(f"batch size {x.shape[0]} is not divisible by data.micro_batches={micro_batches}")
-                return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
-
-            def body(carry, mb):
-                (l, m), g = grad_fn(params, mb)
-                return (jax.tree.map(jnp.add, carry[0], g), carry[1] + l), m
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, loss), metrics = jax.lax.scan(body, (zeros, jnp.float32(0)), jax.tree.map(split, dict(batch)))
-            grads = jax.tree.map(lambda g: g / micro_batches, grads)
-            loss = loss / micro_batches
-            metrics = {k: (jnp.sum(v) if k == "pairs" else jnp.mean(v)) for k, v in metrics.items()}
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                     "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-        if lr_schedule is not None:
-            metrics["learning_rate"] = lr_schedule(state["step"])
-        return new_state, metrics
+        loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches)
+        metrics = {**metrics, "pairs": jnp.sum(batch["weight"])}  # a count over the whole batch, not a mean
+        return apply_gradients(state, grads, loss, metrics, tx, lr_schedule)
 
     return train_step
 
@@ -346,25 +211,15 @@ def make_reward_eval_step(graphdef, rest, *, compute_dtype, label: int = 0, cent
 
 # ------------------------------------------------------------------------------------------------- the run
 @dataclasses.dataclass
-class RewardRun:
-    """What `train_reward_model` builds before the first step (tests use it too)."""
+class RewardRun(RunSetup):
+    """What reward-model training builds before the first step (tests use it too)."""
 
-    config: ml_collections.ConfigDict
-    mesh: Any
-    tokenizer: Any
-    datasets: dict[str, D.TokenizedDataset]
-    model_config: ModelConfig
-    graphdef: Any
-    rest: Any
-    state: dict[str, Any]
-    state_shardings: Any
-    tx: Any
-    schedule: Any
-    dtype: Any
+    datasets: dict[str, TokenizedDataset]
     pad_id: int
 
 
-def _rm_settings(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def reward_model_settings(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.reward_model` (a ValueError when the config lacks it)."""
     rm = cfg.get("reward_model")
     if rm is None:
         raise ValueError("config.reward_model is missing (start from rpo_jax.train.config.base_config())")
@@ -372,12 +227,13 @@ def _rm_settings(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_pair_records(cfg: ml_collections.ConfigDict) -> dict[str, list[PreferenceRecord]]:
-    """`config.data` read with the trainer's readers (`loop.load_records`) and paired (`preference_pairs`).
+    """`config.data` read with the trainer's readers (`rpo_jax.train.setup.load_records`) and paired
+    (`preference_pairs`).
 
     Raises before anything is built: a K > 2 record without rewards (file:line), `margin_scale` without rewards.
     """
-    rm = _rm_settings(cfg)
-    records = loop.load_records(cfg, types.SimpleNamespace(requires_rewards=False))
+    rm = reward_model_settings(cfg)
+    records = load_records(cfg)
     out = {}
     for split, recs in records.items():
         pairs, without = preference_pairs(recs, mode=rm.pairs)
@@ -396,7 +252,7 @@ def load_pair_records(cfg: ml_collections.ConfigDict) -> dict[str, list[Preferen
 
 
 def tokenize_pair_splits(cfg: ml_collections.ConfigDict, pairs: Mapping[str, Sequence[PreferenceRecord]], tokenizer,
-                         pad_id: int) -> dict[str, D.TokenizedDataset]:
+                         pad_id: int) -> dict[str, TokenizedDataset]:
     """`tokenize_pairs` of every split (`data.max_length`, `data.truncation`); a split left empty is an error."""
     out = {}
     for split, recs in pairs.items():
@@ -411,32 +267,27 @@ def tokenize_pair_splits(cfg: ml_collections.ConfigDict, pairs: Mapping[str, Seq
 
 def build_reward_run(cfg: ml_collections.ConfigDict, *, devices=None) -> RewardRun:
     """Mesh, tokenizer, reward model, pair datasets, optimizer and initial train state."""
-    rm = _rm_settings(cfg)
+    rm = reward_model_settings(cfg)
     mesh = make_mesh(dict(cfg.mesh), devices)
-    dtype = loop.compute_dtype(cfg.model.dtype)
+    dtype = compute_dtype(cfg.model.dtype)
     check_truncation(cfg.data.truncation)
     pairs = load_pair_records(cfg)
-    tokenizer = loop.load_tokenizer(loop.tokenizer_path(cfg))
-    model, mconfig = build_reward_model(cfg, tokenizer, mesh, dtype)
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    model, model_config = build_reward_model(cfg, tokenizer, mesh, dtype)
     if not 0 <= rm.label < model.num_labels:
         raise ValueError(f"reward_model.label={rm.label} but the model has {model.num_labels} label(s)")
-    if len(tokenizer) > mconfig.vocab_size:
-        raise ValueError(f"the tokenizer ({loop.tokenizer_path(cfg)}) has {len(tokenizer)} tokens but the model's "
-                         f"vocab_size is {mconfig.vocab_size}")
+    if len(tokenizer) > model_config.vocab_size:
+        raise ValueError(f"the tokenizer ({tokenizer_path(cfg)}) has {len(tokenizer)} tokens but the model's "
+                         f"vocab_size is {model_config.vocab_size}")
     pad_id = pad_id_of(model, tokenizer)
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != pad_id:
         log.warning("the model pads (and pools) with pad_token_id=%d but the tokenizer's pad id is %d: score with "
                     "reward_model_fn, or pad with the model's pad_token_id in transformers", pad_id,
                     tokenizer.pad_token_id)
     datasets = tokenize_pair_splits(cfg, pairs, tokenizer, pad_id)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(cfg.seed))}
-    state = loop.on_mesh(state, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    return RewardRun(cfg, mesh, tokenizer, datasets, mconfig, graphdef, rest, state, shardings, tx, schedule, dtype,
-                     pad_id)
+    setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
+                        total_steps=cfg.train.steps)
+    return RewardRun(**vars(setup), datasets=datasets, pad_id=pad_id)
 
 
 def pair_batch(batch: Mapping[str, np.ndarray], margin_scale: float = 0.0) -> dict[str, np.ndarray]:
@@ -451,51 +302,23 @@ def pair_batch(batch: Mapping[str, np.ndarray], margin_scale: float = 0.0) -> di
 
 def evaluate_pairs(run: RewardRun, params, eval_step) -> dict[str, float]:
     """Weighted means over every held-out pair: loss, accuracy, margin, chosen/rejected score; `pairs` counts."""
-    ds = run.datasets.get("eval")
-    if ds is None:
+    if "eval" not in run.datasets:
         return {}
-    per_process = local_batch_size(run.config.data.eval_batch_size, run.mesh)
-    totals: dict[str, float] = {}
-    for batch in D.make_eval_batches(ds, per_process):
-        sums = jax.device_get(eval_step(params, to_global(pair_batch(batch, run.config.reward_model.margin_scale),
-                                                          run.mesh)))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+    margin_scale = run.config.reward_model.margin_scale
+    totals = sum_over_eval_batches(
+        run.datasets["eval"], run.config.data.eval_batch_size, run.mesh,
+        lambda batch: jax.device_get(eval_step(params, to_global(pair_batch(batch, margin_scale), run.mesh))))
     n = totals.pop("pairs", 0.0)
     if n == 0:
         return {}
     return {**{k: v / n for k, v in totals.items()}, "pairs": n}
 
 
-def _recorded_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`cfg` with mode "reward_model" (what config.json records, so `rpo-export` dispatches here)."""
-    out = ml_collections.ConfigDict(cfg.to_dict())
-    out.mode = MODE
-    return out
-
-
-def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None
-                       ) -> dict[str, Any]:
-    """Train a Bradley–Terry reward model (`config.mode = "reward_model"`); returns `{"train": last logged train
-    metrics, "eval": final held-out metrics (loss, accuracy, margin, chosen_score, rejected_score, pairs),
-    "step": steps done, "export": the export directory or None}`.
-
-    Writes WORKDIR/config.json, metrics.jsonl (+ TensorBoard), checkpoints/ (params, optimizer state, step, RNG,
-    data iterator position; resumed from the newest that restores) and, with `train.export_at_end`,
-    WORKDIR/export (a Hugging Face sequence-classification checkpoint with the tokenizer).
-    """
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(_recorded_config(cfg).to_json_best_effort(indent=1))
-    rm = _rm_settings(cfg)
-    run = build_reward_run(cfg, devices=devices)
-    writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard)
-    ckpt = Checkpointer(workdir / "checkpoints", every_steps=cfg.train.checkpoint_every,
-                        keep=cfg.train.keep_checkpoints, asynchronous=cfg.train.async_checkpointing)
+def reward_model_task(run: RewardRun) -> Task:
+    """The run skeleton's task: one unit is one optimizer step on the next batch of pairs."""
+    cfg, rm = run.config, reward_model_settings(run.config)
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
-    iterator = D.make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
-
+    iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
     step_fn = make_reward_train_step(run.graphdef, run.rest, run.tx, compute_dtype=run.dtype, label=rm.label,
                                      center_coefficient=rm.center_coefficient, micro_batches=cfg.data.micro_batches,
                                      lr_schedule=run.schedule)
@@ -504,76 +327,29 @@ def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
                                               center_coefficient=rm.center_coefficient),
                         out_shardings=replicated(run.mesh))
 
-    state = run.state
-    restored = ckpt.restore_latest(abstract_like(state))
-    if restored is not None:
-        _, state, data_state = restored
-        iterator.set_state(data_state)
-        log.info("resumed from step %d", int(state["step"]))
-    total_steps = cfg.train.steps
-    step = int(state["step"])
+    def advance(state, step: int) -> Unit:
+        batch = pair_batch(next(iterator), rm.margin_scale)
+        state, metrics = train_step(state, to_global(batch, run.mesh))
+        return Unit(state, metrics, {"pairs": float(batch["weight"].sum()) * jax.process_count()})
 
-    progress = None
-    if cfg.train.progress_bar and jax.process_index() == 0 and step < total_steps:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=total_steps, initial=step, desc="rpo-train reward model", dynamic_ncols=True)
-
-    last: dict[str, float] = {}
-    window_start, window_pairs, window_steps, compiled = time.perf_counter(), 0.0, 0, False
-    with loop._Preemption() as preemption:
-        while step < total_steps:
-            batch = pair_batch(next(iterator), rm.margin_scale)
-            state, metrics = train_step(state, to_global(batch, run.mesh))
-            step += 1
-            window_pairs += float(batch["weight"].sum()) * jax.process_count()
-            window_steps += 1
-            if not compiled:  # keep the first step's compilation out of the throughput
-                jax.block_until_ready(metrics)
-                window_start, window_pairs, window_steps, compiled = time.perf_counter(), 0.0, 0, True
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                if window_steps:
-                    last.update({"perf/step_time_s": elapsed / window_steps,
-                                 "perf/pairs_per_s": window_pairs / elapsed})
-                last.update(device_memory())
-                writer.write(step, last, prefix="train/")
-                window_start, window_pairs, window_steps = time.perf_counter(), 0.0, 0
-            if progress is not None:
-                progress.update(1)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-                writer.write(step, evaluate_pairs(run, state["params"], eval_step), prefix="eval/")
-                window_start, window_pairs, window_steps = time.perf_counter(), 0.0, 0
-            ckpt.save(step, state, iterator.get_state())
-            if preemption.should_stop(step):
-                log.warning("preemption requested: saving step %d and exiting", step)
-                loop.close_run(ckpt, writer, step, state, iterator.get_state())
-                return {"train": last, "preempted_at": step}
-    if progress is not None:
-        progress.close()
-    eval_metrics = evaluate_pairs(run, state["params"], eval_step)
-    if eval_metrics:
-        writer.write(step, eval_metrics, prefix="eval/")
-    loop.close_run(ckpt, writer, step, state, iterator.get_state())
-    exported = None
-    if cfg.train.export_at_end:
-        exported = export_reward_model(run.graphdef, state["params"], run.rest, run.model_config,
-                                       workdir / "export", run.tokenizer, run.mesh)
-    return {"train": last, "eval": eval_metrics, "step": step, "export": None if exported is None else str(exported)}
+    return Task(mode=MODE, run=run, units=cfg.train.steps, advance=advance,
+                evaluate=lambda params, step: evaluate_pairs(run, params, eval_step),
+                data_state=lambda step: iterator.get_state(),
+                restore_data=lambda data_state, step: iterator.set_state(data_state),
+                log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, label="rpo-train reward model")
 
 
-# ------------------------------------------------------------------------------------------------- export
-def export_reward_model(graphdef, params, rest, model_config: ModelConfig, out_dir: str | os.PathLike, tokenizer,
-                        mesh) -> pathlib.Path:
-    """`save_reward_model` of the merged model (parameters gathered to every process; process 0 writes)."""
-    return loop.save_replicated(graphdef, params, rest, model_config, out_dir, tokenizer, mesh, save=save_reward_model)
+def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None
+                       ) -> dict[str, Any]:
+    """Train a Bradley–Terry reward model (`config.mode = "reward_model"`); returns `{"train": last logged train
+    metrics, "eval": final held-out metrics (loss, accuracy, margin, chosen_score, rejected_score, pairs),
+    "step": steps done, "export": the export directory or None}`.
 
-
-def export_reward_model_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
-    """`rpo-export` of a reward-model run: the newest restorable checkpoint of `workdir` as a Hugging Face
-    sequence-classification directory with the tokenizer (`loop.export_workdir`, after checking the mode)."""
-    workdir = pathlib.Path(workdir)
-    cfg = loop.read_run_config(workdir)
-    if cfg.get("mode") != MODE:
-        raise ValueError(f"{workdir / 'config.json'}: mode={cfg.get('mode')!r} is not {MODE!r}")
-    return loop.export_workdir(workdir, out_dir)
+    Writes WORKDIR/config.json (with mode "reward_model", so `rpo-export` exports a reward model),
+    metrics.jsonl (+ TensorBoard), checkpoints/ (params, optimizer state, step, RNG, data iterator position;
+    resumed from the newest that restores) and, with `train.export_at_end`, WORKDIR/export (a Hugging Face
+    sequence-classification checkpoint with the tokenizer).
+    """
+    workdir = start_run(cfg, workdir, MODE)
+    reward_model_settings(cfg)
+    return run_task(reward_model_task(build_reward_run(cfg, devices=devices)), workdir)

@@ -4,12 +4,14 @@ The train state is a plain pytree `{"params", "opt_state", "step", "rng"}`; para
 weights, cast to the compute dtype inside the step (mixed precision); log-probs and the loss are float32.
 A step takes a global batch (see `rpo_jax.data`: tokens/loss_mask/attention_mask [B,K,T], valid/lengths
 [B,K], rewards [B,K] when present, ref_logps [B,K,R] when cached) and accumulates gradients over
-`micro_batches` slices inside the step.
+`micro_batches` slices inside the step (`accumulate_gradients`, shared with the reward-model step), then takes
+one optax update (`apply_gradients`).
 
 Speed: with `score_window` = W the output head (and its log-softmax over the vocabulary) runs only on the W
 logit positions per response that can be scored (see `rpo_jax.models.logprobs.sequence_logps`), not on the
 prompt; `resolve_score_window` turns `config.model.score_window` into W for a run (the trainer's default, "auto",
-is the longest response of the data) and `train_flops_per_token` counts FLOPs to match.
+is the longest response of the data) and `rpo_jax.train.performance.train_flops_per_token` counts FLOPs to
+match.
 In-step references are scored outside the differentiated function: a pure forward, no residuals kept.
 On the CPU, `rpo_jax.train.host.reuse_cpu_step_memory` (called by `rpo-train` before JAX starts) keeps the
 step's multi-GiB temporary buffer mapped between steps instead of faulting it in afresh every step.
@@ -27,7 +29,7 @@ from flax import nnx
 
 from rpo_jax.losses import LossOutput, PreferenceLogps
 from rpo_jax.models import sequence_logps
-from rpo_jax.train.metrics import flops_per_token
+from rpo_jax.train.mesh import replicated
 
 Batch = Mapping[str, jax.Array]
 
@@ -57,21 +59,6 @@ def resolve_score_window(setting: str | int | None, max_span: int, *, multiple: 
         raise ValueError(f"config.model.score_window={width} is shorter than the longest response in the data "
                          f"({max_span} scored tokens); use 'auto' or at least {max_span}")
     return width
-
-
-def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, score_window: int | None = None) -> float:
-    """`rpo_jax.train.metrics.flops_per_token` with the output head counted only where it is computed.
-
-    6·P' + 12·L·T·d_attn + 6·V·D·W/T per token (+ 2·P' + 4·L·T·d_attn + 2·V·D·W/T per in-step reference),
-    P' = non-embedding parameters, W = `score_window` logit positions per sequence of T (W = T when None,
-    which is the plain formula with P = P' + V·D).
-    """
-    body = config.num_params(include_embeddings=False)
-    head = config.vocab_size * config.hidden_size
-    attn_dim = config.num_heads * config.head_dim
-    head_fraction = 1.0 if score_window is None or score_window >= seq_len - 1 else score_window / seq_len
-    return (flops_per_token(body, config.num_layers, seq_len, attn_dim, num_references)
-            + head_fraction * flops_per_token(head, 0, seq_len, attn_dim, num_references))
 
 
 def response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, *, compute_dtype,
@@ -106,7 +93,18 @@ def reference_logps(logps: Callable, ref_graphdefs: tuple, ref_params: tuple, ba
         jnp.stack([logps(gd, p, r, batch) for (gd, r), p in zip(ref_graphdefs, ref_params)], axis=-1))
 
 
-def _split_micro(batch: Batch, micro_batches: int) -> Batch:
+def make_scorer(graphdef: nnx.GraphDef, rest: Any, mesh, *, compute_dtype, vocab_chunk_size: int | None = None,
+                score_window: int | None = None) -> Callable[[Any, Batch], jax.Array]:
+    """`jit(scorer)(params, batch) -> [B, K]` response log-probs (`response_logps`) of the model `graphdef` with
+    `params`, replicated on every device of `mesh` (every process reads every row). One per model, shared by
+    every batch (compiled once per length bucket)."""
+    return jax.jit(lambda params, batch: response_logps(graphdef, params, rest, batch, compute_dtype=compute_dtype,
+                                                        vocab_chunk_size=vocab_chunk_size,
+                                                        score_window=score_window),
+                   out_shardings=replicated(mesh))
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> dict[str, jax.Array]:
     """[B, ...] → [M, B/M, ...], micro-batch m taking rows m, m+M, ... (each device keeps its own rows)."""
     def split(x):
         b = x.shape[0]
@@ -114,6 +112,49 @@ def _split_micro(batch: Batch, micro_batches: int) -> Batch:
             raise ValueError(f"batch size {b} is not divisible by data.micro_batches={micro_batches}")
         return x.reshape(b // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
     return jax.tree.map(split, dict(batch))
+
+
+GradFn = Callable[[Any, Batch], tuple[tuple[jax.Array, dict[str, jax.Array]], Any]]
+
+
+def accumulate_gradients(grad_fn: GradFn, params: Any, batch: Batch, micro_batches: int
+                         ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """Gradient accumulation: `(loss, metrics, grads)` of `grad_fn(params, micro_batch) -> ((loss, metrics),
+    grads)` averaged over `micro_batches` equal slices of `batch` (`split_micro_batches`), taken in a `lax.scan`
+    so that only one micro-batch's activations are live at a time:
+
+        loss = (1/M) Σ_m loss_m,   grads = (1/M) Σ_m ∇loss_m,   metrics = (1/M) Σ_m metrics_m
+
+    With M = 1 it is `grad_fn(params, batch)` itself.
+    """
+    if micro_batches == 1:
+        (loss, metrics), grads = grad_fn(params, batch)
+        return loss, metrics, grads
+
+    def body(carry, micro_batch):
+        grads_sum, loss_sum = carry
+        (loss, metrics), grads = grad_fn(params, micro_batch)
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, loss), metrics = jax.lax.scan(body, (zeros, jnp.float32(0)), split_micro_batches(batch, micro_batches))
+    grads = jax.tree.map(lambda g: g / micro_batches, grads)
+    return loss / micro_batches, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), grads
+
+
+def apply_gradients(state: dict[str, Any], grads: Any, loss: jax.Array, metrics: Mapping[str, jax.Array],
+                    tx: optax.GradientTransformation, lr_schedule=None) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """One optax update of the train state `{"params", "opt_state", "step", "rng"}` → `(new state, metrics)`;
+    the metrics gain `loss`, `grad_norm` (global norm of the gradients before clipping) and `learning_rate`
+    (the schedule at this step, when given)."""
+    params = state["params"]
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    if lr_schedule is not None:
+        metrics["learning_rate"] = lr_schedule(state["step"])
+    return new_state, metrics
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[PreferenceLogps], LossOutput],
@@ -134,29 +175,13 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
         out = loss_fn(preference_inputs(logps(graphdef, params, rest, mb), mb, ref))
         return out.loss, out.metrics
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state, batch, ref_params=()):
-        params = state["params"]
-        if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(params, batch, reference_logps(logps, ref_graphdefs, ref_params, batch))
-        else:
-            def body(carry, mb):
-                g_acc, l_acc = carry
-                (l, m), g = grad_fn(params, mb, reference_logps(logps, ref_graphdefs, ref_params, mb))
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), m
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, loss), metrics = jax.lax.scan(body, (zeros, jnp.float32(0)), _split_micro(batch, micro_batches))
-            grads = jax.tree.map(lambda g: g / micro_batches, grads)
-            loss = loss / micro_batches
-            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                     "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-        if lr_schedule is not None:
-            metrics["learning_rate"] = lr_schedule(state["step"])
-        return new_state, metrics
+        def grad_fn(params, mb):  # the references are scored outside the differentiated function
+            return value_and_grad(params, mb, reference_logps(logps, ref_graphdefs, ref_params, mb))
+        loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches)
+        return apply_gradients(state, grads, loss, metrics, tx, lr_schedule)
 
     return train_step
 

@@ -6,7 +6,7 @@ import gzip
 import json
 
 import pytest
-from rpo_jax.data import PreferenceRecord, RecordError, read_records, require_rewards, to_pairs
+from rpo_jax.data import PreferenceRecord, RecordError, read_records, require_rewards
 from rpo_jax.data.records import detect_format
 
 USER = {"role": "user", "content": "what is two plus two"}
@@ -221,22 +221,6 @@ def test_record_json_round_trip():
     record = PreferenceRecord(prompt=(USER,), responses=((GOOD,), (BAD,)), rewards=(1.0, -2.5),
                               conversational=True, source=("f.jsonl", 7))
     assert PreferenceRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
-
-
-def test_to_pairs_best_vs_worst_and_all_pairs():
-    r = PreferenceRecord(prompt=(USER,), responses=tuple(({"role": "assistant", "content": c},) for c in "abcd"),
-                         rewards=(0.5, 1.0, 0.0, 0.5), conversational=True, source=("f", 1))
-    (pair,) = to_pairs([r])
-    assert [m[0]["content"] for m in pair.responses] == ["b", "c"] and pair.rewards == (1.0, 0.0)
-    pairs = to_pairs([r], mode="all_pairs")
-    got = sorted((p.responses[0][0]["content"], p.responses[1][0]["content"]) for p in pairs)
-    assert got == [("a", "c"), ("b", "a"), ("b", "c"), ("b", "d"), ("d", "c")]  # the tie a = d is left out
-    assert all(p.rewards[0] > p.rewards[1] for p in pairs)
-    tied = PreferenceRecord(prompt=(USER,), responses=((GOOD,), (BAD,)), rewards=(1.0, 1.0), conversational=True)
-    assert to_pairs([tied]) == []
-    with pytest.raises(ValueError, match="to_pairs needs rewards"):
-        to_pairs([PreferenceRecord(prompt=(USER,), responses=((GOOD,), (BAD,)), rewards=None, conversational=True)])
-
 
 
 def test_empty_and_corrupt_files_are_problems(write_lines, tmp_path):

@@ -1,5 +1,7 @@
-"""make_loss / available_losses: names, hyperparameter validation, bad input naming the field, combinations,
-metrics, second-order gradient checks for every loss, masking and extreme gaps."""
+"""make_loss / available_losses: names, the LossSpec and its attributes, hyperparameter validation, bad input naming
+the field, combinations, metrics, second-order gradient checks for every loss, masking and extreme gaps."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from rpo_jax.losses import LossOutput, PreferenceLogps, available_losses, loss_hyperparameters, make_loss
+from rpo_jax.losses import LossOutput, LossSpec, PreferenceLogps, available_losses, loss_hyperparameters, make_loss
 from tests.losses.losses_testlib import random_batch
 
 EXPECTED_NAMES = {
@@ -36,6 +38,77 @@ def test_requirement_attributes(name):
     assert f.requires_rewards == (name in REWARD_AWARE)
     assert f.requires_reference == (name not in REFERENCE_FREE)
     assert f.num_references == (None if name in REFERENCE_FREE | MULTI_REFERENCE else 1)
+
+
+# LossSpec: the typed description (loss_fn.spec) and the documented attributes carry the same values.
+
+SPEC_FIELDS = [field.name for field in dataclasses.fields(LossSpec)]
+
+
+def assert_spec_matches_attributes(f):
+    assert isinstance(f.spec, LossSpec)
+    assert SPEC_FIELDS == ["name", "requires_reference", "requires_rewards", "requires_lengths", "min_references",
+                           "num_references", "hparams"]
+    for field in SPEC_FIELDS:
+        assert getattr(f.spec, field) == getattr(f, field), field
+
+
+@pytest.mark.parametrize("name", available_losses())
+def test_spec_equals_the_attributes(name):
+    f = make_loss(name)
+    assert_spec_matches_attributes(f)
+    assert f.spec.name == name
+    assert f.spec.hparams == {name: loss_hyperparameters(name)}
+
+
+def test_spec_of_a_weighted_combination():
+    f = make_loss([("rpo_bwd_kl", 1.0), ("sft", 0.05)], beta=0.3)
+    assert_spec_matches_attributes(f)
+    assert f.spec == LossSpec(
+        name="1*rpo_bwd_kl+0.05*sft", requires_reference=True, requires_rewards=True, requires_lengths=True,
+        min_references=1, num_references=1, hparams={"rpo_bwd_kl": {**loss_hyperparameters("rpo_bwd_kl"),
+                                                                     "beta": 0.3}, "sft": {}},
+    )
+
+
+def test_spec_of_mrpo_with_three_weights():
+    f = make_loss("mrpo", alpha=(0.5, 0.3, 0.2))
+    assert_spec_matches_attributes(f)
+    assert f.spec.requires_reference and f.spec.num_references == 3 and f.spec.min_references == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.spec.num_references = 2
+
+
+@pytest.mark.parametrize("kwargs, count, given, needed", [
+    ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, 2, "config.references", "3"),
+    ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, 4, "config.references", "3"),
+    ({"name_or_weighted_list": "mrpo"}, 1, "online mode", "at least 2"),
+    ({"name_or_weighted_list": "multi_dpo"}, 0, "online mode", "at least 2"),
+    ({"name_or_weighted_list": "dpo"}, 2, "config.references", "1"),
+    ({"name_or_weighted_list": "dpo"}, 0, "config.references", "1"),
+    ({"name_or_weighted_list": "rpo_sq", "reference_combiner": "mrpo"}, 1, "config.references", "at least 2"),
+])
+def test_check_reference_count_refuses_wrong_counts(kwargs, count, given, needed):
+    spec = make_loss(**kwargs).spec
+    expected = f"loss {spec.name!r} needs {needed} references; {given} gives {count}"
+    with pytest.raises(ValueError) as info:
+        spec.check_reference_count(count, given=given)
+    assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("kwargs, counts", [
+    ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, [3]),
+    ({"name_or_weighted_list": "mrpo"}, [2, 3, 5]),
+    ({"name_or_weighted_list": "dpo"}, [1]),
+    ({"name_or_weighted_list": [("rpo_bwd_kl", 1.0), ("sft", 0.05)]}, [1]),
+    ({"name_or_weighted_list": "sft"}, [0, 1, 3]),
+    ({"name_or_weighted_list": "simpo"}, [0, 2]),
+    ({"name_or_weighted_list": "rpo_sq", "reference_free": True}, [0, 1, 4]),
+])
+def test_check_reference_count_accepts_right_counts_and_reference_free_losses(kwargs, counts):
+    spec = make_loss(**kwargs).spec
+    for count in counts:
+        assert spec.check_reference_count(count, given="config.references") is None
 
 
 def test_unknown_loss_lists_valid_names():

@@ -164,7 +164,7 @@ def test_reward_model_fn_matches_transformers_on_chat_template(tmp_path):
 
     from rpo_jax.data import demo_paths
     from rpo_jax.models import load_reward_model, reward_model_fn
-    from rpo_jax.models.reward import encode_conversation
+    from rpo_jax.models import encode_conversation
 
     tokenizer = AutoTokenizer.from_pretrained(demo_paths()["tokenizer"])
     assert tokenizer.pad_token_id == PAD

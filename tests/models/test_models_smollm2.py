@@ -59,7 +59,7 @@ def test_smollm2_reward_model_scores_match_transformers(smollm2_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rpo_jax.models import load_reward_model, reward_model_fn
-    from rpo_jax.models.reward import encode_conversation
+    from rpo_jax.models import encode_conversation
 
     torch.manual_seed(0)
     hf = AutoModelForSequenceClassification.from_pretrained(str(smollm2_dir), num_labels=1, dtype=torch.float32,

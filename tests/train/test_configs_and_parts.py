@@ -12,9 +12,9 @@ import pytest
 
 from rpo_jax.losses import available_losses
 from rpo_jax.models.config import REMAT_POLICIES
-from rpo_jax.train.loop import build_loss
-from rpo_jax.train.mesh import resolve_mesh_shape
-from rpo_jax.train.metrics import flops_per_token
+from rpo_jax.train.setup import build_loss
+from rpo_jax.models.sharding import resolve_mesh_shape
+from rpo_jax.train.performance import flops_per_token
 from rpo_jax.train.optim import make_optimizer, make_schedule, weight_decay_mask
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.py"))

@@ -12,15 +12,14 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from jax.test_util import check_grads
 
-from rpo_jax import data as D
-from rpo_jax.data.records import PreferenceRecord
-from rpo_jax.models import load_reward_model, reward_model_fn
-from rpo_jax.models.reward import encode_conversation, pooling_index
-from rpo_jax.train import loop
-from rpo_jax.train import reward_model as RM
+from rpo_jax.data import PreferenceRecord, demo_paths, read_records
+from rpo_jax.models import encode_conversation, load_reward_model, reward_model_fn
+from rpo_jax.models.reward import pooling_index
+from rpo_jax.train import reward_model
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
+from rpo_jax.train.export import export_workdir, save_model
+from rpo_jax.train.setup import load_tokenizer, split_trainable
 
 from .trainer_testlib import TINY_MODEL, demo_slice, load_recipe, read_metrics, set_fields
 
@@ -69,56 +68,11 @@ def hf_scores(export_dir, tokenizer, prompts, responses) -> np.ndarray:
     return logits.reshape(len(prompts), -1)
 
 
-# --------------------------------------------------------------------------------------------- the loss
 def _closed_form(c, r, w, lam, m):
+    """The Bradley–Terry loss in float64: Σ w (log(1 + e^{−(c − r − m)}) + λ (c + r)²) / Σ w."""
     c, r, w, m = (np.asarray(x, np.float64) for x in (c, r, w, m))
     per = np.log1p(np.exp(-(c - r - m))) + lam * (c + r) ** 2
     return (w * per).sum() / w.sum()
-
-
-def test_bradley_terry_loss_matches_the_closed_form_and_its_metrics():
-    rng = np.random.default_rng(0)
-    c, r = rng.normal(size=7).astype(np.float32), rng.normal(size=7).astype(np.float32)
-    w = np.array([1, 1, 0, 1, 0.5, 1, 0], np.float32)
-    m = rng.uniform(0, 1, size=7).astype(np.float32)
-    loss, metrics = RM.bradley_terry_loss(c, r, w, center_coefficient=0.3, margin=m)
-    np.testing.assert_allclose(float(loss), _closed_form(c, r, w, 0.3, m), rtol=1e-6)
-    plain, _ = RM.bradley_terry_loss(c, r, w)
-    np.testing.assert_allclose(float(plain), _closed_form(c, r, w, 0.0, 0.0), rtol=1e-6)
-    wn = w / w.sum()
-    np.testing.assert_allclose(float(metrics["accuracy"]), (wn * (c > r)).sum(), rtol=1e-6)
-    np.testing.assert_allclose(float(metrics["margin"]), (wn * (c - r)).sum(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(float(metrics["chosen_score"]), (wn * c).sum(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(float(metrics["rejected_score"]), (wn * r).sum(), rtol=1e-5, atol=1e-7)
-    assert float(metrics["pairs"]) == pytest.approx(w.sum())
-    # equal scores: log 2 per pair; a scalar margin m: −log σ(−m); no weight: 0, not NaN
-    assert float(RM.bradley_terry_loss(c, c, w)[0]) == pytest.approx(np.log(2.0), rel=1e-6)
-    assert float(RM.bradley_terry_loss(c, c, w, margin=1.5)[0]) == pytest.approx(np.log1p(np.exp(1.5)), rel=1e-6)
-    zero, zm = RM.bradley_terry_loss(c, r, np.zeros(7, np.float32))
-    assert float(zero) == 0.0 and float(zm["accuracy"]) == 0.0
-    # large score gaps stay finite (log-sigmoid, not log(sigmoid))
-    big = RM.bradley_terry_loss(np.array([-100.0], np.float32), np.array([100.0], np.float32), np.ones(1))[0]
-    assert float(big) == pytest.approx(200.0, rel=1e-6)
-
-
-def test_bradley_terry_loss_gradients():
-    rng = np.random.default_rng(1)
-    c, r = (jnp.asarray(rng.normal(size=5), jnp.float32) for _ in range(2))
-    w = jnp.asarray([1.0, 0.0, 1.0, 2.0, 1.0])
-    m = jnp.asarray(rng.uniform(size=5), jnp.float32)
-    lam = 0.2
-
-    def f(cc, rr):
-        return RM.bradley_terry_loss(cc, rr, w, center_coefficient=lam, margin=m)[0]
-
-    check_grads(f, (c, r), order=1, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2, eps=1e-2)
-    # analytic: ∂L/∂s_c = w (−σ(−(Δ − m)) + 2λ(s_c + s_r)) / Σw, ∂L/∂s_r = w (σ(−(Δ − m)) + 2λ(s_c + s_r)) / Σw
-    gc, gr = jax.grad(f, argnums=(0, 1))(c, r)
-    sig = 1.0 / (1.0 + np.exp(np.asarray(c - r - m, np.float64)))
-    center = 2 * lam * np.asarray(c + r, np.float64)
-    wn = np.asarray(w) / float(np.sum(w))
-    np.testing.assert_allclose(np.asarray(gc), wn * (-sig + center), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(gr), wn * (sig + center), rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------- pairs
@@ -135,21 +89,21 @@ def _texts(pairs):
 
 def test_pairs_from_rewards_all_and_best_worst_with_ties():
     rec = _record(["a", "b", "c", "d"], [0.5, 1.0, 0.5, 0.0])
-    pairs, without = RM.preference_pairs([rec], mode="all")
+    pairs, without = reward_model.preference_pairs([rec], mode="all")
     assert without == 0
     assert sorted(_texts(pairs)) == sorted([("a", "d"), ("b", "a"), ("b", "c"), ("b", "d"), ("c", "d")])  # a~c tie
     assert all(p.rewards[0] > p.rewards[1] for p in pairs)
-    best, _ = RM.preference_pairs([rec], mode="best_worst")
+    best, _ = reward_model.preference_pairs([rec], mode="best_worst")
     assert _texts(best) == [("b", "d")]
     # all tied: no pair, counted; K = 2 with rewards: the higher reward is chosen whatever the order
     tied = _record(["x", "y", "z"], [0.3, 0.3, 0.3])
     swapped = _record(["lo", "hi"], [0.1, 0.9])
-    pairs, without = RM.preference_pairs([tied, swapped], mode="all")
+    pairs, without = reward_model.preference_pairs([tied, swapped], mode="all")
     assert without == 1 and _texts(pairs) == [("hi", "lo")]
 
 
 def test_pairs_k2_without_rewards_keep_response_0_as_chosen():
-    pairs, without = RM.preference_pairs([_record(["chosen", "rejected"])], mode="all")
+    pairs, without = reward_model.preference_pairs([_record(["chosen", "rejected"])], mode="all")
     assert without == 0 and _texts(pairs) == [("chosen", "rejected")] and pairs[0].rewards is None
 
 
@@ -158,37 +112,37 @@ def test_k_above_2_without_rewards_is_an_error_naming_file_and_line(tmp_path):
     data.write_text(json.dumps({"prompt": "sort: 2 1", "responses": ["1 2", "2 1"]}) + "\n"
                     + json.dumps({"prompt": "sort: 3 1", "responses": ["1 3", "3 1", "x"]}) + "\n")
     with pytest.raises(ValueError, match=rf"{data}:2: rewards: 3 responses without rewards"):
-        RM.preference_pairs(D.read_records([str(data)])[0], mode="all")
+        reward_model.preference_pairs(read_records([str(data)])[0], mode="all")
     cfg = tiny_config(tmp_path / "d", **{"data.train": str(data), "data.eval": ""})
     with pytest.raises(ValueError, match=rf"{data}:2: rewards"):
-        RM.build_reward_run(cfg, devices=ONE)
+        reward_model.build_reward_run(cfg, devices=ONE)
 
 
 def test_bad_settings_are_refused(tmp_path):
     k2 = tmp_path / "k2.jsonl"
     k2.write_text(json.dumps({"prompt": "sort: 2 1", "chosen": "1 2", "rejected": "2 1"}) + "\n")
     with pytest.raises(ValueError, match="margin_scale=0.5 needs rewards"):
-        RM.build_reward_run(tiny_config(tmp_path, **{"data.train": str(k2), "data.eval": "",
+        reward_model.build_reward_run(tiny_config(tmp_path, **{"data.train": str(k2), "data.eval": "",
                                                      "reward_model.margin_scale": 0.5}), devices=ONE)
     with pytest.raises(ValueError, match="truncate_response"):
-        RM.build_reward_run(tiny_config(tmp_path, **{"data.truncation": "truncate_response"}), devices=ONE)
+        reward_model.build_reward_run(tiny_config(tmp_path, **{"data.truncation": "truncate_response"}), devices=ONE)
     with pytest.raises(ValueError, match="reward_model.pairs='both'"):
-        RM.build_reward_run(tiny_config(tmp_path, **{"reward_model.pairs": "both"}), devices=ONE)
+        reward_model.build_reward_run(tiny_config(tmp_path, **{"reward_model.pairs": "both"}), devices=ONE)
     with pytest.raises(ValueError, match="reward_model.label=1"):
-        RM.build_reward_run(tiny_config(tmp_path, **{"reward_model.label": 1}), devices=ONE)
+        reward_model.build_reward_run(tiny_config(tmp_path, **{"reward_model.label": 1}), devices=ONE)
 
 
 def test_training_sequences_are_reward_model_fn_conversations(tmp_path):
     """The tokens trained on are `encode_conversation` of (prompt, response) — what `reward_model_fn` scores —
     for string prompts too, padded with the model's pad id; `truncate_prompt` keeps the last max_length tokens."""
-    tok = loop.load_tokenizer(D.demo_paths()["tokenizer"])
-    records = D.read_records([demo_slice(tmp_path)[0]])[0][:5]
+    tok = load_tokenizer(demo_paths()["tokenizer"])
+    records = read_records([demo_slice(tmp_path)[0]])[0][:5]
     plain = PreferenceRecord(prompt=({"role": "user", "content": "sort: 2 1"},),
                              responses=(({"role": "assistant", "content": "1 2"},),
                                         ({"role": "assistant", "content": "2 1"},)),
                              rewards=None, conversational=False, source=("s.jsonl", 1))
-    pairs, _ = RM.preference_pairs(records + [plain], mode="all")
-    ds = RM.tokenize_pairs(pairs, tok, max_length=64, pad_id=7)
+    pairs, _ = reward_model.preference_pairs(records + [plain], mode="all")
+    ds = reward_model.tokenize_pairs(pairs, tok, max_length=64, pad_id=7)
     assert len(ds) == len(pairs)
     for example in ds.examples:
         pair = pairs[example.index]
@@ -198,11 +152,11 @@ def test_training_sequences_are_reward_model_fn_conversations(tmp_path):
     batch = ds.collate(list(range(4)))
     seq = ds.examples[0].sequences[0]
     assert (batch["tokens"][0, 0, len(seq):] == 7).all() and batch["attention_mask"][0, 0].sum() == len(seq)
-    short = RM.tokenize_pairs(pairs, tok, max_length=12, pad_id=0, truncation="truncate_prompt")
+    short = reward_model.tokenize_pairs(pairs, tok, max_length=12, pad_id=0, truncation="truncate_prompt")
     assert len(short) == len(pairs)
-    full = RM.tokenize_pairs(pairs, tok, max_length=64, pad_id=0).examples[0].sequences[1].tolist()
+    full = reward_model.tokenize_pairs(pairs, tok, max_length=64, pad_id=0).examples[0].sequences[1].tolist()
     assert short.examples[0].sequences[1].tolist() == full[-12:]
-    assert len(RM.tokenize_pairs(pairs, tok, max_length=12, pad_id=0)) == 0  # "drop": every pair is longer
+    assert len(reward_model.tokenize_pairs(pairs, tok, max_length=12, pad_id=0)) == 0  # "drop": every pair is longer
 
 
 def test_train_step_is_the_bradley_terry_loss_of_the_scores_and_micro_batches_agree(tmp_path):
@@ -210,15 +164,15 @@ def test_train_step_is_the_bradley_terry_loss_of_the_scores_and_micro_batches_ag
     micro-batches gives the same update as one batch (equal weights per micro-batch)."""
     cfg = tiny_config(tmp_path, **{"reward_model.center_coefficient": 0.1, "optimizer.name": "sgd",
                                    "optimizer.learning_rate": 1.0, "optimizer.schedule": "constant"})
-    run = RM.build_reward_run(cfg, devices=ONE)
-    batch = RM.pair_batch(run.datasets["train"].collate(list(range(8))))
+    run = reward_model.build_reward_run(cfg, devices=ONE)
+    batch = reward_model.pair_batch(run.datasets["train"].collate(list(range(8))))
     model = nnx.merge(run.graphdef, run.state["params"], run.rest)
-    c, r = (np.asarray(x, np.float64) for x in RM.pair_scores(model, jnp.asarray(batch["tokens"]),
-                                                               jnp.asarray(batch["attention_mask"])))
+    c, r = (np.asarray(x, np.float64) for x in reward_model.pair_scores(model, jnp.asarray(batch["tokens"]),
+                                                                        jnp.asarray(batch["attention_mask"])))
     new_params = []
     for micro in (1, 2):
-        step = jax.jit(RM.make_reward_train_step(run.graphdef, run.rest, run.tx, compute_dtype=jnp.float32,
-                                                 center_coefficient=0.1, micro_batches=micro))
+        step = jax.jit(reward_model.make_reward_train_step(run.graphdef, run.rest, run.tx, compute_dtype=jnp.float32,
+                                                           center_coefficient=0.1, micro_batches=micro))
         state, metrics = step(jax.tree.map(jnp.copy, run.state), {k: jnp.asarray(v) for k, v in batch.items()})
         np.testing.assert_allclose(float(metrics["loss"]), _closed_form(c, r, np.ones(8), 0.1, 0.0), rtol=1e-5)
         np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(c > r))
@@ -235,7 +189,7 @@ def demo_run(tmp_path_factory):
     _, evaluation = demo_slice(root / "data", n_train=1, n_eval=60)
     cfg = demo_config(**{"data.eval": evaluation, "data.max_length": 48, "train.steps": 100, "train.eval_every": 0,
                          "train.log_every": 25, "train.checkpoint_every": 100})
-    result = RM.train_reward_model(cfg, root / "run", devices=ONE)
+    result = reward_model.train_reward_model(cfg, root / "run", devices=ONE)
     return cfg, root / "run", result
 
 
@@ -259,9 +213,9 @@ def test_export_scores_equal_training_scores_reward_model_fn_and_transformers(de
     export = workdir / "export"
     hf = json.loads((export / "config.json").read_text())
     assert hf["architectures"] == ["LlamaForSequenceClassification"] and hf["pad_token_id"] == 0
-    tok = loop.load_tokenizer(str(export))
+    tok = load_tokenizer(str(export))
     rm, _ = load_reward_model(export)
-    records = D.read_records([cfg.data.eval])[0]
+    records = read_records([cfg.data.eval])[0]
     prompts, responses = conversations(records, 6)
     ours = reward_model_fn(rm, tok, max_length=64, batch_size=8)(prompts, responses)
     theirs = hf_scores(export, tok, prompts, responses)
@@ -272,7 +226,7 @@ def test_export_scores_equal_training_scores_reward_model_fn_and_transformers(de
     # the held-out file stands in for the training data, which is not needed here)
     small = ml_collections.ConfigDict(cfg.to_dict())
     small.data.train = cfg.data.eval
-    run = RM.build_reward_run(small, devices=ONE)
+    run = reward_model.build_reward_run(small, devices=ONE)
     restored = Checkpointer(workdir / "checkpoints", every_steps=1, asynchronous=False)
     step, params = restored.restore_params(abstract_like(run.state["params"]))
     restored.close()
@@ -280,7 +234,7 @@ def test_export_scores_equal_training_scores_reward_model_fn_and_transformers(de
     ds = run.datasets["eval"]
     batch = ds.collate(list(range(8)))
     model = nnx.merge(run.graphdef, params, run.rest)
-    chosen, rejected = RM.pair_scores(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
+    chosen, rejected = reward_model.pair_scores(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
     for b, e in enumerate(ds.examples[:8]):
         pair = ds.records[e.index]
         fn = reward_model_fn(rm, tok, max_length=64, batch_size=8)
@@ -293,7 +247,7 @@ def eos_pad_runs(tmp_path_factory):
     """Runs with a tokenizer whose pad id is its EOS id (the demo chat template ends every conversation with EOS):
     "straight" trains 4 steps; "resumed" trains 2 steps, then is started again with 4 steps and resumes."""
     root = tmp_path_factory.mktemp("rm_eos_pad")
-    tok = loop.load_tokenizer(D.demo_paths()["tokenizer"])
+    tok = load_tokenizer(demo_paths()["tokenizer"])
     tok.pad_token = tok.eos_token
     tok.save_pretrained(root / "tok")
 
@@ -301,9 +255,9 @@ def eos_pad_runs(tmp_path_factory):
         return tiny_config(root / "data", **{"model.tokenizer": str(root / "tok"), "train.steps": steps,
                                              "optimizer.schedule": "constant"})
 
-    straight = RM.train_reward_model(config(4), root / "straight", devices=ONE)
-    first = RM.train_reward_model(config(2), root / "resumed", devices=ONE)
-    resumed = RM.train_reward_model(config(4), root / "resumed", devices=ONE)
+    straight = reward_model.train_reward_model(config(4), root / "straight", devices=ONE)
+    first = reward_model.train_reward_model(config(2), root / "resumed", devices=ONE)
+    resumed = reward_model.train_reward_model(config(4), root / "resumed", devices=ONE)
     return {"root": root, "config": config(4), "tokenizer": tok, "straight": straight, "first": first,
             "resumed": resumed}
 
@@ -328,7 +282,7 @@ def test_pad_id_equal_to_eos_skips_the_trailing_eos_in_training_and_in_transform
     hf = json.loads((export / "config.json").read_text())
     assert hf["pad_token_id"] == hf["eos_token_id"] == tok.eos_token_id == 2
 
-    run = RM.build_reward_run(cfg, devices=ONE)
+    run = reward_model.build_reward_run(cfg, devices=ONE)
     assert run.pad_id == 2
     batch = run.datasets["eval"].collate(list(range(4)))
     flat = batch["tokens"].reshape(8, -1)
@@ -337,10 +291,10 @@ def test_pad_id_equal_to_eos_skips_the_trailing_eos_in_training_and_in_transform
     np.testing.assert_array_equal(np.asarray(pooling_index(jnp.asarray(flat), None, 2)), ends - 2)
 
     rm, _ = load_reward_model(export)
-    prompts, responses = conversations(D.read_records([cfg.data.eval])[0], 4)
+    prompts, responses = conversations(read_records([cfg.data.eval])[0], 4)
     ours = reward_model_fn(rm, tok, max_length=64, batch_size=4)(prompts, responses)
     np.testing.assert_allclose(ours, hf_scores(export, tok, prompts, responses), atol=1e-4, rtol=0)
-    chosen, rejected = RM.pair_scores(rm, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
+    chosen, rejected = reward_model.pair_scores(rm, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
     ev_pairs = [run.datasets["eval"].records[e.index] for e in run.datasets["eval"].examples[:4]]
     want = reward_model_fn(rm, tok, max_length=64, batch_size=4)(
         [[dict(m) for m in p.prompt] for p in ev_pairs], [[p.response_text(0), p.response_text(1)] for p in ev_pairs])
@@ -349,7 +303,7 @@ def test_pad_id_equal_to_eos_skips_the_trailing_eos_in_training_and_in_transform
 
 def test_rpo_train_runs_the_demo_config_and_rpo_export_re_exports(tmp_path):
     """`rpo-train --config configs/reward_model_demo.py` (cli.run_job, all 8 devices, bfloat16 compute on float32
-    master weights) trains and exports; `rpo-export` (loop.export_workdir) writes the newest checkpoint as the same
+    master weights) trains and exports; `rpo-export` (export_workdir) writes the newest checkpoint as the same
     sequence-classification model."""
     from rpo_jax.train.cli import run_job
 
@@ -364,12 +318,12 @@ def test_rpo_train_runs_the_demo_config_and_rpo_export_re_exports(tmp_path):
     steps = [m["step"] for m in read_metrics(tmp_path / "run") if "eval/accuracy" in m]
     assert steps == [1, 2]
     assert all(np.isfinite(m["train/loss"]) for m in read_metrics(tmp_path / "run") if "train/loss" in m)
-    out = loop.export_workdir(tmp_path / "run", tmp_path / "re_export")
-    tok = loop.load_tokenizer(str(out))
+    out = export_workdir(tmp_path / "run", tmp_path / "re_export")
+    tok = load_tokenizer(str(out))
     a, _ = load_reward_model(tmp_path / "run" / "export")
     b, _ = load_reward_model(out)
     assert b.score[...].dtype == jnp.float32 and b.backbone.embed[...].dtype == jnp.float32  # master weights
-    prompts, responses = conversations(D.read_records([evaluation])[0], 3)
+    prompts, responses = conversations(read_records([evaluation])[0], 3)
     np.testing.assert_array_equal(reward_model_fn(a, tok, max_length=64, batch_size=4)(prompts, responses),
                                   reward_model_fn(b, tok, max_length=64, batch_size=4)(prompts, responses))
 
@@ -381,28 +335,28 @@ def test_causal_lm_backbone_gets_a_fresh_head_and_a_reward_model_checkpoint_cont
 
     from tests.hf_fixtures import make_tiny_llama
 
-    tok_path = D.demo_paths()["tokenizer"]
+    tok_path = demo_paths()["tokenizer"]
     lm = make_tiny_llama(tmp_path / "lm", vocab_size=52, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                          num_key_value_heads=1, pad_token_id=None, rms_norm_eps=1e-5)
     cfg = tiny_config(tmp_path / "data", **{"model.path": str(lm), "model.tokenizer": tok_path})
-    run = RM.build_reward_run(cfg, devices=ONE)
+    run = reward_model.build_reward_run(cfg, devices=ONE)
     weights = load_file(str(lm / "model.safetensors"))
     model = nnx.merge(run.graphdef, run.state["params"], run.rest)
     assert "lm_head.weight" in weights and not hasattr(model.backbone, "lm_head")
     np.testing.assert_array_equal(np.asarray(model.backbone.embed[...]), weights["model.embed_tokens.weight"])
     assert model.score[...].shape == (1, 32) and run.model_config.pad_token_id == 0 == run.pad_id
     model.score.set_value(model.score[...] * 100.0)  # scores of order 1, so that the parity below means something
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    export = RM.export_reward_model(run.graphdef, params, run.rest, run.model_config, tmp_path / "export",
-                                    run.tokenizer, run.mesh)
+    _, params, _ = split_trainable(model)
+    export = save_model("reward_model", run.graphdef, params, run.rest, run.model_config, tmp_path / "export",
+                        run.tokenizer, run.mesh)
     assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
 
     cont = tiny_config(tmp_path / "data", **{"model.path": str(export), "model.tokenizer": tok_path})
-    run2 = RM.build_reward_run(cont, devices=ONE)
+    run2 = reward_model.build_reward_run(cont, devices=ONE)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), run2.state["params"], params)
-    tok = loop.load_tokenizer(str(export))
+    tok = load_tokenizer(str(export))
     exported, _ = load_reward_model(export)
-    prompts, responses = conversations(D.read_records([cont.data.eval])[0], 3)
+    prompts, responses = conversations(read_records([cont.data.eval])[0], 3)
     ours = reward_model_fn(exported, tok, max_length=64, batch_size=4)(prompts, responses)
     np.testing.assert_allclose(ours, hf_scores(export, tok, prompts, responses), atol=1e-4, rtol=0)
     assert np.ptp(ours) > 0.1

@@ -17,9 +17,9 @@ import pytest
 from flax import nnx
 
 from rpo_jax.losses import PreferenceLogps, make_loss
-from rpo_jax.train import loop
-from rpo_jax.train import references as R
-from rpo_jax.train.step import make_train_step
+from rpo_jax.train import preference
+from rpo_jax.train.checkpoint import Checkpointer, abstract_like
+from rpo_jax.train.step import make_eval_step, make_train_step
 
 from .trainer_testlib import read_metrics, tiny_config
 
@@ -45,8 +45,8 @@ def direct_logps(graphdef, params, rest, batch) -> np.ndarray:
 
 def test_train_step_loss_equals_direct_computation(tmp_path):
     cfg = tiny_config(tmp_path / "data", **{"optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 0})
-    run = loop.build_run(cfg, tmp_path / "run", devices=ONE)
-    loop.fill_reference_cache(run)
+    run = preference.build_run(cfg, tmp_path / "run", devices=ONE)
+    preference.fill_reference_cache(run)
     from rpo_jax.data import make_train_iterator
     it = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed)
     initial = jax.tree.map(np.asarray, run.state["params"])
@@ -60,10 +60,10 @@ def test_train_step_loss_equals_direct_computation(tmp_path):
     assert run.score_window == -(-max(spans) // 16) * 16
     step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=jnp.float32,
                                    score_window=run.score_window))
-    state, _ = step(run.state, loop._device_batch(run, next(it), "train"))
+    state, _ = step(run.state, preference.device_batch(run, next(it), "train"))
     batch = next(it)
     params_1 = jax.tree.map(np.asarray, state["params"])
-    _, metrics = step(state, loop._device_batch(run, batch, "train"))
+    _, metrics = step(state, preference.device_batch(run, batch, "train"))
 
     policy = direct_logps(run.graphdef, params_1, run.rest, batch)
     reference = direct_logps(run.graphdef, initial, run.rest, batch)
@@ -81,7 +81,7 @@ def test_cached_and_in_step_references_give_the_same_losses(tmp_path):
     losses = {}
     for mode in ("cache", "in_step"):
         cfg = tiny_config(tmp_path / "data", **{"reference_mode": mode, "train.steps": 3})
-        loop.train(cfg, tmp_path / mode, devices=ONE)
+        preference.train(cfg, tmp_path / mode, devices=ONE)
         losses[mode] = [m["train/loss"] for m in read_metrics(tmp_path / mode) if "train/loss" in m]
     np.testing.assert_allclose(losses["cache"], losses["in_step"], rtol=1e-5)
 
@@ -89,7 +89,7 @@ def test_cached_and_in_step_references_give_the_same_losses(tmp_path):
 def test_reference_cache_is_reused_with_identical_losses(tmp_path, monkeypatch):
     shared = tmp_path / "cache"
     cfg = tiny_config(tmp_path / "data", **{"reference_cache_dir": str(shared), "train.steps": 3})
-    loop.train(cfg, tmp_path / "a", devices=ONE)
+    preference.train(cfg, tmp_path / "a", devices=ONE)
     files = sorted(p.name for p in shared.glob("*.npy"))
     assert len(files) == 2  # train and eval splits
     key = json.loads(next(shared.glob("train-*.json")).read_text())
@@ -97,8 +97,8 @@ def test_reference_cache_is_reused_with_identical_losses(tmp_path, monkeypatch):
 
     def no_compute(*args, **kwargs):
         raise AssertionError("the reference cache should have been reused")
-    monkeypatch.setattr(R, "compute_logps", no_compute)
-    loop.train(cfg, tmp_path / "b", devices=ONE)
+    monkeypatch.setattr(preference, "compute_logps", no_compute)
+    preference.train(cfg, tmp_path / "b", devices=ONE)
     assert sorted(p.name for p in shared.glob("*.npy")) == files
     first = [m["train/loss"] for m in read_metrics(tmp_path / "a") if "train/loss" in m]
     second = [m["train/loss"] for m in read_metrics(tmp_path / "b") if "train/loss" in m]
@@ -108,11 +108,11 @@ def test_reference_cache_is_reused_with_identical_losses(tmp_path, monkeypatch):
 def test_loss_goes_down_and_reward_accuracy_rises_on_demo_data(tmp_path):
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 40, "train.log_every": 10,
                                            "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 5})
-    run = loop.build_run(cfg, tmp_path / "before", devices=ONE)
-    loop.fill_reference_cache(run)
-    eval_step = jax.jit(loop.make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=jnp.float32))
-    before = loop.evaluate(run, run.state["params"], eval_step)
-    after = loop.train(cfg, tmp_path / "run", devices=ONE)["eval"]
+    run = preference.build_run(cfg, tmp_path / "before", devices=ONE)
+    preference.fill_reference_cache(run)
+    eval_step = jax.jit(make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=jnp.float32))
+    before = preference.evaluate(run, run.state["params"], eval_step)
+    after = preference.train(cfg, tmp_path / "run", devices=ONE)["eval"]
     assert after["loss"] < 0.8 * before["loss"], (before, after)
     assert after["rewards/gap_correlation"] > 0.5, after
 
@@ -122,7 +122,7 @@ def test_reward_aware_loss_on_data_without_rewards_fails_before_training(tmp_pat
     data.write_text(json.dumps({"prompt": "sort: 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1"}) + "\n")
     cfg = tiny_config(tmp_path / "data", **{"data.train": str(data), "data.eval": str(data)})
     with pytest.raises(ValueError, match="needs explicit rewards"):
-        loop.train(cfg, tmp_path / "run", devices=ONE)
+        preference.train(cfg, tmp_path / "run", devices=ONE)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -133,7 +133,7 @@ def test_sharded_8_devices_equal_1_device(tmp_path):
     for name, mesh, devices in (("one", {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
                                 ("eight", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
         cfg = tiny_config(tmp_path / "data", **{"mesh": mesh, "train.steps": 3})
-        loop.train(cfg, tmp_path / name, devices=devices)
+        preference.train(cfg, tmp_path / name, devices=devices)
         params[name] = _final_params(tmp_path / name)
         params[name + "_loss"] = [m["train/loss"] for m in read_metrics(tmp_path / name) if "train/loss" in m]
     np.testing.assert_allclose(params["one_loss"], params["eight_loss"], rtol=1e-5)
@@ -231,15 +231,15 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_identically(uninterrupted,
 def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path, caplog):
     config_file, _ = uninterrupted
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 4, "train.checkpoint_every": 2})
-    loop.train(cfg, tmp_path / "run", devices=ONE)
+    preference.train(cfg, tmp_path / "run", devices=ONE)
     assert _steps_saved(tmp_path / "run") == [2, 4]
     for f in (tmp_path / "run" / "checkpoints" / "4" / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
-    ckpt = loop.Checkpointer(tmp_path / "run" / "checkpoints", every_steps=2, asynchronous=False)
-    run = loop.build_run(cfg, tmp_path / "other", devices=ONE)
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", every_steps=2, asynchronous=False)
+    run = preference.build_run(cfg, tmp_path / "other", devices=ONE)
     with caplog.at_level("WARNING"):
-        restored = ckpt.restore_latest(loop.abstract_like(run.state))
+        restored = ckpt.restore_latest(abstract_like(run.state))
     assert restored is not None and restored[0] == 2
     assert "could not be restored" in caplog.text
 
@@ -273,7 +273,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.export_at_end": True})
-    loop.train(cfg, tmp_path / "run", devices=ONE)
+    preference.train(cfg, tmp_path / "run", devices=ONE)
     usage = subprocess.run([sys.executable, "-m", "rpo_jax.train.cli", "--help"], capture_output=True, text=True)
     assert "--workdir" in usage.stdout and "--precompute" in usage.stdout
     from rpo_jax.train.cli import export_main
@@ -301,8 +301,8 @@ def test_mrpo_with_two_identical_references_trains_exactly_like_dpo(tmp_path):
     mrpo = tiny_config(tmp_path / "data", **common, **{
         "loss.name": "mrpo", "loss.hparams": {"beta": 0.1, "alpha": None, "epsilon": 0.1},
         "references": [{"path": "", "tokenizer": ""}, {"path": "", "tokenizer": ""}]})
-    loop.train(dpo, tmp_path / "dpo", devices=ONE)
-    loop.train(mrpo, tmp_path / "mrpo", devices=ONE)
+    preference.train(dpo, tmp_path / "dpo", devices=ONE)
+    preference.train(mrpo, tmp_path / "mrpo", devices=ONE)
     # both references are the initial policy: one cache entry serves the two columns of [N, K, 2]
     assert len(list((tmp_path / "mrpo" / "ref_cache").glob("train-*.npy"))) == 1
     a = [m["train/loss"] for m in read_metrics(tmp_path / "dpo") if "train/loss" in m]
@@ -315,7 +315,7 @@ def test_reference_with_its_own_tokenizer_scores_the_response_text(tmp_path):
     scored on its own tokenization of the same records; with the same weights and an equivalent tokenizer its
     cached log-probs equal the primary reference's."""
     first = tiny_config(tmp_path / "data", **{"train.steps": 1, "train.export_at_end": True})
-    loop.train(first, tmp_path / "first", devices=ONE)
+    preference.train(first, tmp_path / "first", devices=ONE)
     export = tmp_path / "first" / "export"
     tokenizer_copy = tmp_path / "tokenizer_copy"
     import shutil
@@ -324,9 +324,9 @@ def test_reference_with_its_own_tokenizer_scores_the_response_text(tmp_path):
         "train.steps": 1, "model.path": str(export), "model.tokenizer": str(export),
         "loss.name": "rpo_sq", "loss.hparams": {"beta": 0.1, "eta": 1.0, "reference_combiner": "mrpo"},
         "references": [{"path": "", "tokenizer": ""}, {"path": str(export), "tokenizer": str(tokenizer_copy)}]})
-    run = loop.build_run(cfg, tmp_path / "second", devices=ONE)
+    run = preference.build_run(cfg, tmp_path / "second", devices=ONE)
     assert run.references[1].datasets is not run.datasets  # re-tokenized with the reference's own tokenizer
-    loop.fill_reference_cache(run)
+    preference.fill_reference_cache(run)
     cache = run.ref_cache["train"]
     assert cache.shape[-1] == 2
     np.testing.assert_allclose(cache[..., 1], cache[..., 0], rtol=1e-5, atol=1e-4)
@@ -334,15 +334,15 @@ def test_reference_with_its_own_tokenizer_scores_the_response_text(tmp_path):
 
 def _one_step(cfg, workdir, batch_index: int = 0):
     """(loss, grad_norm, params after one step) of the compiled train step on the `batch_index`-th batch."""
-    run = loop.build_run(cfg, workdir, devices=ONE)
-    loop.fill_reference_cache(run)
+    run = preference.build_run(cfg, workdir, devices=ONE)
+    preference.fill_reference_cache(run)
     from rpo_jax.data import make_train_iterator
     it = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed)
     for _ in range(batch_index + 1):
         batch = next(it)
     step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                                    micro_batches=cfg.data.micro_batches, score_window=run.score_window))
-    state, metrics = step(run.state, loop._device_batch(run, batch, "train"))
+    state, metrics = step(run.state, preference.device_batch(run, batch, "train"))
     return float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.map(np.asarray, state["params"])
 
 
@@ -353,7 +353,7 @@ def test_output_head_on_the_response_window_trains_like_the_full_head(tmp_path):
     for setting in ("auto", "off"):
         cfg = tiny_config(tmp_path / "data", **{"model.score_window": setting, "train.steps": 3,
                                                 "train.eval_every": 2})
-        loop.train(cfg, tmp_path / setting, devices=ONE)
+        preference.train(cfg, tmp_path / setting, devices=ONE)
         runs[setting] = read_metrics(tmp_path / setting)
     for key in ("train/loss", "train/grad_norm", "eval/loss", "eval/rewards/margins"):
         auto = [m[key] for m in runs["auto"] if key in m]
@@ -364,9 +364,9 @@ def test_output_head_on_the_response_window_trains_like_the_full_head(tmp_path):
 
 def test_a_score_window_shorter_than_a_response_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="config.model.score_window=4 is shorter than the longest response"):
-        loop.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "4"}), tmp_path / "run", devices=ONE)
+        preference.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "4"}), tmp_path / "run", devices=ONE)
     with pytest.raises(ValueError, match="config.model.score_window='wide': expected 'auto', 'off' or a number"):
-        loop.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "wide"}), tmp_path / "run",
+        preference.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "wide"}), tmp_path / "run",
                        devices=ONE)
 
 
@@ -394,7 +394,7 @@ def test_remat_gives_the_same_step_and_bf16_compute_keeps_float32_master_weights
 
 def test_iterated_training_resets_the_reference_to_the_previous_iterate(tmp_path, monkeypatch):
     resets = []
-    original = loop._reset_reference_to_policy
+    original = preference.reset_reference_to_policy
 
     def spy(run, params, step):
         original(run, params, step)
@@ -402,9 +402,9 @@ def test_iterated_training_resets_the_reference_to_the_previous_iterate(tmp_path
         # the primary reference now equals the policy at the end of the previous iteration
         for a, b in zip(jax.tree.leaves(run.references[0].params), jax.tree.leaves(params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    monkeypatch.setattr(loop, "_reset_reference_to_policy", spy)
+    monkeypatch.setattr(preference, "reset_reference_to_policy", spy)
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.iterations": 3, "optimizer.warmup_steps": 0})
-    result = loop.train(cfg, tmp_path / "run", devices=ONE)
+    result = preference.train(cfg, tmp_path / "run", devices=ONE)
     assert resets == [2, 4] and result["step"] == 6
     # the first step of each iteration sees policy == reference: every implicit reward is 0 (up to float32
     # rounding between the cache pass and the step, which compile separately)
@@ -425,7 +425,7 @@ def test_iterated_training_resets_the_reference_to_the_previous_iterate(tmp_path
 def test_any_loss_from_make_loss_trains_from_the_config(tmp_path, loss, hparams, extra, pairs):
     cfg = tiny_config(tmp_path / "data", **{"loss.name": loss, "loss.hparams": hparams, "loss.extra": extra,
                                            "data.pairs": pairs, "train.steps": 2})
-    result = loop.train(cfg, tmp_path / "run", devices=ONE)
+    result = preference.train(cfg, tmp_path / "run", devices=ONE)
     assert np.isfinite(result["train"]["loss"]) and np.isfinite(result["eval"]["loss"])
     uses_reference = loss not in ("simpo", "rloo")
     assert (tmp_path / "run" / "ref_cache").exists() == uses_reference

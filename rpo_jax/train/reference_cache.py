@@ -1,4 +1,4 @@
-"""Reference models and the reference log-prob cache.
+"""Frozen reference models of preference training and the cache of their log-probs.
 
 References are frozen. Their sequence log-probs of every response, `[N, K, R]` for N records of a split, are
 computed once by a precompute pass and stored beside the run under `WORKDIR/ref_cache/`, keyed by a
@@ -19,10 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from rpo_jax.data import TokenizedDataset, make_eval_batches
+from rpo_jax.train.mesh import replicate, to_global
+from rpo_jax.train.setup import init_fields
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,15 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(path: str, cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> str:
+    """What identifies a model's weights in the cache key: the checkpoint's bytes (`checkpoint_fingerprint`), or
+    the random init's fields and seed. Computed only for losses that use a reference (hashing a large
+    checkpoint takes a while)."""
+    if path:
+        return checkpoint_fingerprint(path) if os.path.isdir(path) else path
+    return json.dumps({"init": init_fields(cfg, vocab_size), "seed": cfg.model.init_seed}, sort_keys=True)
+
+
 def dataset_fingerprint(dataset: TokenizedDataset) -> str:
     """sha256 over the tokenized examples (ids, prompt lengths, record indices), K, buckets and max length."""
     h = hashlib.sha256(json.dumps({"k_max": dataset.k_max, "max_length": dataset.max_length,
@@ -71,16 +83,19 @@ def cache_key(reference: Reference, split: str) -> dict[str, Any]:
             "data": dataset_fingerprint(ds), "max_length": ds.max_length, "split": split}
 
 
-def compute_logps(logps_fn: Callable, params: Any, dataset: TokenizedDataset, batch_size: int,
-                  to_global: Callable) -> np.ndarray:
+def compute_logps(scorer: Callable, params: Any, dataset: TokenizedDataset, batch_size: int, mesh) -> np.ndarray:
     """`[N, K]` float32 sequence log-probs of every record's responses (NaN where absent or dropped).
 
-    `logps_fn(params, batch) -> (logps [B, K], index [B], valid [B, K])`, jitted with replicated outputs, so
-    every process receives every row; batches cover the split once over all processes.
+    `scorer(params, global batch) -> logps [B, K]` replicated (`rpo_jax.train.step.make_scorer`), so every process
+    receives every row; each process feeds `batch_size` rows, and the batches cover the split once over all
+    processes.
     """
     out = np.full((dataset.num_records, dataset.k_max), np.nan, np.float32)
     for batch in make_eval_batches(dataset, batch_size):
-        values, index, valid = (np.asarray(x) for x in logps_fn(params, to_global(batch)))
+        device_batch = to_global(batch, mesh)
+        values = scorer(params, device_batch)
+        index, valid = replicate((device_batch["index"], device_batch["valid"]), mesh)
+        values, index, valid = (np.asarray(x) for x in (values, index, valid))
         rows = index >= 0
         out[index[rows]] = np.where(valid[rows], values[rows], np.nan)
     return out

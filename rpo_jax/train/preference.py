@@ -1,0 +1,255 @@
+"""Preference training (`config.mode = "preference"`, the default job): records → policy and references →
+the loss of `config.loss` on `[B, K]` log-probs, driven by the run skeleton (`rpo_jax.train.runner`).
+
+What is specific to this mode: the references (a frozen copy of the initial policy and any `config.references`,
+scored in the step or cached once as `[N, K, R]` under WORKDIR/ref_cache), the score window shared by train,
+eval and the cache, iterated training (`config.train.iterations > 1`: the primary reference becomes the previous
+iterate), and evaluation over the whole held-out split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rpo_jax.data import TokenizedDataset, make_train_iterator, tokenize_records
+from rpo_jax.models.sharding import make_mesh
+from rpo_jax.train.mesh import local_batch_size, replicated, to_global
+from rpo_jax.train.performance import train_flops_per_token
+from rpo_jax.train.reference_cache import Reference, cached_logps, compute_logps, weights_fingerprint
+from rpo_jax.train.runner import Task, Unit, run_task, sum_over_eval_batches
+from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, load_model, load_policy, load_records,
+                                 load_tokenizer, split_trainable, tokenize_splits, tokenizer_path)
+from rpo_jax.train.step import make_eval_step, make_scorer, make_train_step, resolve_score_window
+from rpo_jax.train.workdir import REFERENCE_CACHE, start_run
+
+log = logging.getLogger(__name__)
+
+MODE = "preference"
+INITIAL_POLICY = "initial-policy"
+REFERENCE_MODES = ("auto", "cache", "in_step")
+
+
+@dataclasses.dataclass
+class PreferenceRun(RunSetup):
+    """Everything preference training builds before the first step (also used by tests and benchmarks)."""
+
+    workdir: pathlib.Path
+    loss_fn: Any
+    datasets: dict[str, TokenizedDataset]
+    references: list[Reference]
+    in_step_refs: bool                    # references scored in the step (else their log-probs are cached)
+    score_window: int | None              # output-head positions per sequence (config.model.score_window)
+    ref_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split → [N, K, R] (cache mode)
+
+
+def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, TokenizedDataset]) -> int | None:
+    """The run's static `score_window` (`config.model.score_window`) for `datasets` (one tokenization: every
+    split, so train, eval and the reference cache share one W and one compilation per length bucket)."""
+    span = max((ds.max_scored_span for ds in datasets.values()), default=0)
+    return resolve_score_window(cfg.model.score_window, span)
+
+
+def build_references(cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: Mapping[str, TokenizedDataset],
+                     loss_fn) -> list[Reference]:
+    """The references of `config.references` (index 0 the primary; an empty path, or an empty list, is the
+    initial policy), none for a reference-free loss. A reference with its own tokenizer gets the records tokenized
+    with it."""
+    if not loss_fn.spec.requires_reference:
+        return []
+    references = []
+    for spec in [dict(s) for s in cfg.references] or [{"path": "", "tokenizer": ""}]:
+        if not spec.get("path"):
+            fingerprint = weights_fingerprint(cfg.model.path, cfg, len(setup.tokenizer))
+            references.append(Reference(INITIAL_POLICY, fingerprint, setup.graphdef,
+                                        jax.tree.map(jnp.copy, setup.state["params"]), setup.rest, datasets,
+                                        tokenizer_path(cfg)))
+            continue
+        model, _ = load_model(spec["path"], cfg, setup.mesh, setup.dtype)
+        graphdef, params, rest = split_trainable(model)
+        tokenizer_name = spec.get("tokenizer") or spec["path"]
+        own = datasets
+        if tokenizer_name != tokenizer_path(cfg):
+            tokenizer = load_tokenizer(tokenizer_name)
+            own = {split: tokenize_records(ds.records, tokenizer, max_length=cfg.data.max_length,
+                                           max_prompt_length=cfg.data.max_prompt_length or None,
+                                           truncation=cfg.data.truncation, k_max=ds.k_max, on_error=cfg.data.on_error)
+                   for split, ds in datasets.items()}
+        references.append(Reference(spec["path"], weights_fingerprint(spec["path"], cfg), graphdef, params, rest,
+                                    own, tokenizer_name))
+    loss_fn.spec.check_reference_count(len(references), given="config.references")
+    return references
+
+
+def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> PreferenceRun:
+    """Data, policy, references, optimizer and initial state (`devices`: a subset to run on; default all)."""
+    mesh = make_mesh(dict(cfg.mesh), devices)
+    dtype = compute_dtype(cfg.model.dtype)
+    loss_fn = build_loss(cfg)
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    records = load_records(cfg, requires_rewards=loss_fn.spec.requires_rewards)
+    datasets = tokenize_splits(cfg, records, tokenizer)
+    model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
+    setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
+                        total_steps=cfg.train.steps * max(1, cfg.train.iterations))
+    references = build_references(cfg, setup, datasets, loss_fn)
+    if cfg.reference_mode not in REFERENCE_MODES:
+        raise ValueError(f"reference_mode={cfg.reference_mode!r}: expected one of {REFERENCE_MODES}")
+    in_step = cfg.reference_mode == "in_step" and bool(references)
+    if in_step and any(r.datasets is not datasets for r in references):
+        raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
+                         "use 'cache' for references with their own tokenizer")
+    return PreferenceRun(**vars(setup), workdir=pathlib.Path(workdir), loss_fn=loss_fn, datasets=datasets,
+                         references=references, in_step_refs=in_step, score_window=score_window_of(cfg, datasets))
+
+
+# ------------------------------------------------------------------------------------------------ references
+def fill_reference_cache(run: PreferenceRun) -> None:
+    """Precompute `[N, K, R]` reference log-probs for every split (cached under WORKDIR/ref_cache)."""
+    if not run.references or run.in_step_refs:
+        return
+    cfg = run.config
+    per_process = local_batch_size(cfg.data.eval_batch_size, run.mesh)
+    cache_dir = pathlib.Path(cfg.reference_cache_dir or run.workdir / REFERENCE_CACHE)
+    scorers = [make_scorer(ref.graphdef, ref.rest, run.mesh, compute_dtype=run.dtype,
+                           vocab_chunk_size=cfg.model.vocab_chunk_size or None,
+                           score_window=run.score_window if ref.datasets is run.datasets
+                           else score_window_of(cfg, ref.datasets))
+               for ref in run.references]
+    cache = {}
+    for split, ds in run.datasets.items():
+        columns = []
+        for ref, scorer in zip(run.references, scorers):
+            compute = lambda ref=ref, scorer=scorer: compute_logps(  # noqa: E731
+                scorer, ref.params, ref.datasets[split], per_process, run.mesh)
+            columns.append(cached_logps(cache_dir, ref, split, compute))
+        values = np.stack(columns, axis=-1)  # [N, K, R]
+        check_cache_complete(values, ds, split)
+        cache[split] = values
+    run.ref_cache = cache
+
+
+def check_cache_complete(values: np.ndarray, ds: TokenizedDataset, split: str) -> None:
+    """A ValueError naming file:line when a reference has no log-prob for a response the policy trains on (its
+    own tokenizer dropped the record)."""
+    for e in ds.examples:
+        k = len(e.sequences)
+        if np.isnan(values[e.index, :k]).any():
+            file, line = ds.records[e.index].source
+            raise ValueError(f"{file}:{line}: a reference tokenizer dropped this record ({split}); raise "
+                             "data.max_length or use truncation='truncate_prompt'")
+
+
+def with_references(run: PreferenceRun, batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+    """Add `ref_logps [B, K, R]` from the cache (cache mode), by record index ([B, K] for a single-reference
+    loss)."""
+    if not run.ref_cache:
+        return batch
+    index = batch["index"]
+    ref = run.ref_cache[split][np.maximum(index, 0)]
+    ref = np.where(batch["valid"][..., None], np.nan_to_num(ref), 0.0).astype(np.float32)
+    if ref.shape[-1] == 1 and not run.loss_fn.spec.num_references:
+        ref = ref[..., 0]
+    return {**batch, "ref_logps": ref}
+
+
+def device_batch(run: PreferenceRun, batch: dict[str, np.ndarray], split: str) -> dict[str, jax.Array]:
+    """A host batch of `split` (this process's rows) → the step's global input, cached references added."""
+    batch = with_references(run, batch, split)
+    batch = {k: v for k, v in batch.items() if k != "index"}
+    return to_global(batch, run.mesh)
+
+
+def in_step_reference_params(run: PreferenceRun) -> tuple:
+    """The reference parameters the step scores (in-step mode), else ()."""
+    return tuple(r.params for r in run.references) if run.in_step_refs else ()
+
+
+def reset_reference_to_policy(run: PreferenceRun, params, step: int) -> None:
+    """Iterated training: the primary reference becomes the current policy (the previous iterate); its cached
+    log-probs are recomputed. Other references (MRPO) stay as they are."""
+    primary = run.references[0]
+    if primary.datasets is not run.datasets:
+        raise ValueError("train.iterations > 1 needs a primary reference with the policy's tokenizer")
+    run.references[0] = dataclasses.replace(primary, name=INITIAL_POLICY, graphdef=run.graphdef, rest=run.rest,
+                                            params=jax.tree.map(jnp.copy, params),
+                                            fingerprint=f"{primary.fingerprint}+iterate@{step}")
+    fill_reference_cache(run)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def evaluate(run: PreferenceRun, params, eval_step) -> dict[str, float]:
+    """Loss and metrics over the whole eval split: each batch's means weighted by its examples with a valid
+    response (batches of padding only are left out)."""
+    if "eval" not in run.datasets:
+        return {}
+
+    def sums_of(batch):
+        loss, weight, metrics = jax.device_get(
+            eval_step(params, device_batch(run, batch, "eval"), in_step_reference_params(run)))
+        if weight == 0:
+            return {}
+        return {"loss": loss, "weight": weight, **{k: float(v) * float(weight) for k, v in metrics.items()}}
+
+    totals = sum_over_eval_batches(run.datasets["eval"], run.config.data.eval_batch_size, run.mesh, sums_of)
+    weight = totals.pop("weight", 0.0)
+    return {k: v / weight for k, v in totals.items()} if weight else {}
+
+
+# ------------------------------------------------------------------------------------------------ the job
+def preference_task(run: PreferenceRun) -> Task:
+    """The run skeleton's task: one unit is one optimizer step on the next batch of the resumable iterator."""
+    cfg = run.config
+    per_process = local_batch_size(cfg.data.batch_size, run.mesh)
+    iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
+    chunk = cfg.model.vocab_chunk_size or None
+    step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
+                              micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
+                              ref_graphdefs=ref_graphdefs, lr_schedule=run.schedule, score_window=run.score_window)
+    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
+    eval_step = jax.jit(make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=run.dtype,
+                                       vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs,
+                                       score_window=run.score_window),
+                        out_shardings=replicated(run.mesh))
+    if run.score_window:
+        log.info("output head on %d logit positions per sequence (config.model.score_window)", run.score_window)
+
+    def advance(state, step: int) -> Unit:
+        if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
+            reset_reference_to_policy(run, state["params"], step)
+        batch = next(iterator)
+        b, k, t = batch["tokens"].shape
+        flops = b * k * t * jax.process_count() * train_flops_per_token(
+            run.model_config, t, num_references=len(ref_graphdefs), score_window=run.score_window)
+        tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()
+        state, metrics = train_step(state, device_batch(run, batch, "train"), in_step_reference_params(run))
+        return Unit(state, metrics, {"tokens": tokens}, flops)
+
+    return Task(mode=MODE, run=run, units=cfg.train.steps * max(1, cfg.train.iterations), advance=advance,
+                evaluate=lambda params, step: evaluate(run, params, eval_step),
+                data_state=lambda step: iterator.get_state(),
+                restore_data=lambda data_state, step: iterator.set_state(data_state),
+                log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, label="rpo-train",
+                mfu_dtype=run.dtype)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precompute_only: bool = False,
+          devices=None) -> dict[str, Any]:
+    """Run the configured preference training in `workdir`; returns the final train and eval metrics
+    (`rpo_jax.train.runner.run_task`), or with `precompute_only` only the reference cache's shapes."""
+    workdir = start_run(cfg, workdir, MODE)
+    run = build_run(cfg, workdir, devices=devices)
+    fill_reference_cache(run)
+    if precompute_only:
+        return {"reference_cache": {k: list(v.shape) for k, v in run.ref_cache.items()}}
+    return run_task(preference_task(run), workdir)
