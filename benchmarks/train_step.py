@@ -38,6 +38,7 @@ from rpo_jax.models import ModelConfig, create_model, load_hf
 from rpo_jax.train.host import reuse_cpu_step_memory
 from rpo_jax.train.optim import make_optimizer
 from rpo_jax.train.performance import measure_matmul_peak, train_flops_per_token
+from rpo_jax.train.setup import split_trainable
 from rpo_jax.train.step import make_train_step, resolve_score_window, response_logps
 
 TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
@@ -86,7 +87,7 @@ def main(argv=None):
     else:
         config = ModelConfig.from_hf_dict(TINY, remat=args.remat, scan_unroll=args.scan_unroll)
         model = create_model(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split_trainable(model)
     loss_fn = make_loss(args.loss)
     tx, _ = make_optimizer({"name": "adamw", "learning_rate": 1e-6, "schedule": "constant"}, 100)
     batch = synthetic_batch(np.random.default_rng(0), args.batch, args.k, args.prompt_len, args.response_len,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rpo_jax.models import layers as L
+from rpo_jax.models import layers
 from rpo_jax.models.config import SLIDING_ATTENTION
 
 
@@ -102,12 +102,12 @@ def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature
     sliding = SLIDING_ATTENTION in config.layer_types
 
     def masks(q_index, valid):
-        mask = L.attention_mask_bool(q_index, kv_index, valid, None, None)
-        window = mask & L.sliding_window_mask(q_index, kv_index, config.sliding_window) if sliding else None
+        mask = layers.attention_mask_bool(q_index, kv_index, valid, None, None)
+        window = mask & layers.sliding_window_mask(q_index, kv_index, config.sliding_window) if sliding else None
         return mask, window
 
     # prefill
-    positions = L.default_positions(attention_mask, None, (n, t))
+    positions = layers.default_positions(attention_mask, None, (n, t))
     q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     mask, window = masks(q_index, cache_valid)
     hidden, caches = model.run_layers(model.embed_tokens(tokens), positions, mask, window, caches, jnp.int32(0))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rpo_jax.models import layers as L
+from rpo_jax.models import layers
 
 
 def token_logps_from_hidden(
@@ -40,10 +40,11 @@ def token_logps_from_hidden(
 
     def logits(w_rows):
         z = jnp.einsum("ntd,cd->ntc", hidden, w_rows, preferred_element_type=acc)
-        return L.softcap(z, final_logit_softcap)
+        return layers.softcap(z, final_logit_softcap)
 
     w_target = jnp.take(unembedding, targets, axis=0)  # [N,T,D]
-    z_target = L.softcap(jnp.einsum("ntd,ntd->nt", hidden, w_target, preferred_element_type=acc), final_logit_softcap)
+    z_target = layers.softcap(jnp.einsum("ntd,ntd->nt", hidden, w_target, preferred_element_type=acc),
+                              final_logit_softcap)
     if vocab_chunk_size is None or vocab_chunk_size >= v:
         return z_target - jax.nn.logsumexp(logits(unembedding), axis=-1)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rpo_jax.models import layers as L
+from rpo_jax.models import layers
 from rpo_jax.models.config import SLIDING_ATTENTION, ModelConfig, embedding_scale
 from rpo_jax.models.sharding import Rules, state_shardings
 
@@ -88,30 +88,30 @@ def decoder_layer(
     Returns (x, updated cache or None).
     """
     c, dtype = config, x.dtype
-    norm = lambda y, w: L.rms_norm(y, w, c.rms_norm_eps, plus_one=c.norm_plus_one)  # noqa: E731
+    norm = lambda y, w: layers.rms_norm(y, w, c.rms_norm_eps, plus_one=c.norm_plus_one)  # noqa: E731
     w = {name: a.astype(dtype) if a.ndim > 1 else a for name, a in p.items()}
 
     h = norm(x, w["attn_in_norm"])
-    q = L.project_in(h, w["q_proj"])
-    k = L.project_in(h, w["k_proj"])
-    v = L.project_in(h, w["v_proj"])
+    q = layers.project_in(h, w["q_proj"])
+    k = layers.project_in(h, w["k_proj"])
+    v = layers.project_in(h, w["v_proj"])
     if c.qk_norm:
         q, k = norm(q, w["q_norm"]), norm(k, w["k_norm"])
-    q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     new_cache = None
     if kv_cache is not None:
         k_all, v_all = kv_cache
         k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_index, axis=1)
         v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
         new_cache, k, v = (k_all, v_all), k_all.astype(dtype), v_all.astype(dtype)
-    attn = L.dot_product_attention(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
-    attn = L.project_out(attn, w["o_proj"])
+    attn = layers.dot_product_attention(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
+    attn = layers.project_out(attn, w["o_proj"])
     if c.sandwich_norms:
         attn = norm(attn, w["attn_out_norm"])
     x = x + attn
 
     h = norm(x, w["mlp_in_norm"])
-    mlp = L.gated_mlp(h, w["gate_proj"], w["up_proj"], w["down_proj"], c.activation)
+    mlp = layers.gated_mlp(h, w["gate_proj"], w["up_proj"], w["down_proj"], c.activation)
     if c.sandwich_norms:
         mlp = norm(mlp, w["mlp_out_norm"])
     return x + mlp, new_cache
@@ -158,7 +158,7 @@ class Decoder(nnx.Module):
     def unembed(self, hidden: jax.Array) -> jax.Array:
         """hidden [...,D] → logits [...,V] float32 (final soft-cap applied)."""
         logits = jnp.einsum("...d,vd->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
-        return L.softcap(logits, self.config.final_logit_softcap)
+        return layers.softcap(logits, self.config.final_logit_softcap)
 
     def _layer_constants(self):
         c = self.config
@@ -181,8 +181,8 @@ class Decoder(nnx.Module):
         Returns (x after the final norm, updated caches or None).
         """
         c = self.config
-        inv_freqs = [L.rope_inv_freq(c.rope_by_type[t], c.head_dim) for t in self._rope_types]
-        tables = [L.rope_tables(positions, jnp.asarray(f), self.dtype) for f in inv_freqs]
+        inv_freqs = [layers.rope_inv_freq(c.rope_by_type[t], c.head_dim) for t in self._rope_types]
+        tables = [layers.rope_tables(positions, jnp.asarray(f), self.dtype) for f in inv_freqs]
         cos_tab = jnp.stack([t[0] for t in tables])
         sin_tab = jnp.stack([t[1] for t in tables])
         sliding, rope_index = self._layer_constants()
@@ -198,7 +198,7 @@ class Decoder(nnx.Module):
         x, new_caches = jax.lax.scan(
             body, x, (self.layers.arrays(), sliding, rope_index, kv_caches), unroll=min(c.scan_unroll, c.num_layers)
         )
-        x = L.rms_norm(x, self.final_norm[...], c.rms_norm_eps, plus_one=c.norm_plus_one)
+        x = layers.rms_norm(x, self.final_norm[...], c.rms_norm_eps, plus_one=c.norm_plus_one)
         return x, new_caches
 
     def hidden_states(
@@ -211,12 +211,12 @@ class Decoder(nnx.Module):
         """Final-normed hidden states [N,T,D] (compute dtype)."""
         n, t = tokens.shape
         if positions is None:
-            positions = L.default_positions(attention_mask, segment_ids, (n, t))
+            positions = layers.default_positions(attention_mask, segment_ids, (n, t))
         index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-        mask = L.attention_mask_bool(index, index, attention_mask, segment_ids, segment_ids)
+        mask = layers.attention_mask_bool(index, index, attention_mask, segment_ids, segment_ids)
         window_mask = None
         if SLIDING_ATTENTION in self.config.layer_types:
-            window_mask = mask & L.sliding_window_mask(index, index, self.config.sliding_window)
+            window_mask = mask & layers.sliding_window_mask(index, index, self.config.sliding_window)
         x, _ = self.run_layers(self.embed_tokens(tokens), positions, mask, window_mask)
         return x
 

@@ -28,7 +28,7 @@ def _define_train_flags():
     config_flags.DEFINE_config_file("config", str(_QUICKSTART), "Recipe file (configs/NAME.py); default: quickstart.",
                                     lock_config=True)
     flags.DEFINE_string("workdir", "runs/quickstart", "Run directory: checkpoints, metrics, reference cache, export.")
-    flags.DEFINE_bool("precompute", False, "Only compute (or reuse) the reference log-prob cache, then exit.")
+    flags.DEFINE_bool("precompute", False, "Preference training: only compute (or reuse) the reference log-prob cache, then exit.")
 
 
 def _quiet_libraries() -> None:

@@ -27,8 +27,8 @@ from rpo_jax.train.mesh import local_batch_size, replicated, to_global
 from rpo_jax.train.performance import train_flops_per_token
 from rpo_jax.train.reference_cache import Reference, cached_logps, compute_logps, weights_fingerprint
 from rpo_jax.train.runner import Task, Unit, run_task, sum_over_eval_batches
-from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, load_model, load_policy, load_records,
-                                 load_tokenizer, split_trainable, tokenize_splits, tokenizer_path)
+from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, load_model, load_policy,
+                                 load_records, load_tokenizer, split_trainable, tokenize_splits, tokenizer_path)
 from rpo_jax.train.step import make_eval_step, make_scorer, make_train_step, resolve_score_window
 from rpo_jax.train.workdir import REFERENCE_CACHE, start_run
 

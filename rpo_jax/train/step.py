@@ -84,7 +84,7 @@ def preference_inputs(policy_logps: jax.Array, batch: Batch, ref_logps: jax.Arra
                            rewards=batch.get("rewards"), valid=batch["valid"])
 
 
-def reference_logps(logps: Callable, ref_graphdefs: tuple, ref_params: tuple, batch: Batch) -> jax.Array | None:
+def step_reference_logps(logps: Callable, ref_graphdefs: tuple, ref_params: tuple, batch: Batch) -> jax.Array | None:
     """`[B,K,R]` log-probs of the in-step references, `logps(graphdef, params, rest, batch)` each (a forward
     only, under stop_gradient), or the cached `batch["ref_logps"]` (None if absent) when `ref_params` is empty."""
     if not ref_params:
@@ -179,7 +179,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
 
     def train_step(state, batch, ref_params=()):
         def grad_fn(params, mb):  # the references are scored outside the differentiated function
-            return value_and_grad(params, mb, reference_logps(logps, ref_graphdefs, ref_params, mb))
+            return value_and_grad(params, mb, step_reference_logps(logps, ref_graphdefs, ref_params, mb))
         loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches)
         return apply_gradients(state, grads, loss, metrics, tx, lr_schedule)
 
@@ -197,7 +197,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefere
                               score_window=score_window)
 
     def eval_step(params, batch, ref_params=()):
-        ref = reference_logps(logps, ref_graphdefs, ref_params, batch)
+        ref = step_reference_logps(logps, ref_graphdefs, ref_params, batch)
         out = loss_fn(preference_inputs(logps(graphdef, params, rest, batch), batch, ref))
         weight = jnp.any(batch["valid"], axis=-1).astype(jnp.float32)
         return jnp.sum(out.per_example * weight), jnp.sum(weight), out.metrics

@@ -15,6 +15,7 @@ from rpo_jax.models import load_hf
 from rpo_jax.models import sequence_logps as _sequence_logps
 from rpo_jax.models.logprobs import score_window_start
 from rpo_jax.train.performance import flops_per_token, train_flops_per_token
+from rpo_jax.train.setup import split_trainable
 from rpo_jax.train.step import make_eval_step, make_train_step, resolve_score_window
 from tests.hf_fixtures import make_tiny_gemma, make_tiny_llama
 
@@ -148,7 +149,7 @@ def test_train_and_eval_steps_with_window_equal_without(micro_batches, llama):
     """One SGD step (lr 1: update = -gradient) with an in-step reference: same loss, metrics, gradient norm and
     gradients; the eval step gives the same sums."""
     model, _ = llama
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split_trainable(model)
     tx = optax.sgd(1.0)
     loss_fn = make_loss("dpo", beta=0.5)
     batch = _batch()
