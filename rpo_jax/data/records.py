@@ -188,7 +188,7 @@ def _is_empty_text(s: str) -> bool:
 
 
 def parse_messages(value: Any, field: str, *, default_role: str | None, require_str: bool = False
-                    ) -> tuple[Messages, bool]:
+                   ) -> tuple[Messages, bool]:
     """A string (-> one message of ``default_role``) or a list of ``{"role", "content"}`` dicts.
 
     Returns (messages, was_conversational). Empty strings / lists / all-blank contents are problems.
@@ -334,9 +334,9 @@ def _parse_nemo(obj: Mapping[str, Any]) -> tuple:
     (prompt, conv), (chosen, _), (rejected, _), rewards = _collect([
         ("prompt", lambda: parse_messages(_get(obj, "prompt"), "prompt", default_role="user")),
         ("chosen_response", lambda: parse_messages(_get(obj, "chosen_response"), "chosen_response",
-                                                    default_role="assistant")),
+                                                   default_role="assistant")),
         ("rejected_response", lambda: parse_messages(_get(obj, "rejected_response"), "rejected_response",
-                                                      default_role="assistant")),
+                                                     default_role="assistant")),
         ("reward", lambda: _optional_reward_pair(obj, "chosen_reward", "rejected_reward")),
     ])
     _check_distinct([chosen, rejected], "rejected_response", names=("chosen_response", "rejected_response"))
