@@ -174,3 +174,21 @@ def hf_logits(model_or_dir, tokens: np.ndarray, attention_mask: np.ndarray | Non
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(np.asarray(tokens, dtype=np.int64)), **kwargs)
     return out.logits.float().numpy()
+
+
+def copy_checkpoint(src, dst) -> pathlib.Path:
+    """A copy of the checkpoint directory `src` at `dst` (to break without touching a shared fixture)."""
+    import shutil
+
+    return pathlib.Path(shutil.copytree(src, dst))
+
+
+def edit_config(checkpoint_dir, *, drop: tuple[str, ...] = (), **changes) -> dict:
+    """Rewrites `config.json` of `checkpoint_dir` with the fields `drop` removed and `changes` set; returns it."""
+    path = pathlib.Path(checkpoint_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in drop:
+        cfg.pop(key, None)
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg, indent=2))
+    return cfg

@@ -1,6 +1,7 @@
 """rpo_jax.data: preference records -> validated, tokenized, fixed-shape batches [B, K, T].
 
-Read:      ``records, report = read_records(paths, format=None, on_error="raise")``; prompts alone (online):
+Read:      ``records, report = read_records(paths, format=None, on_error="raise", split=None)`` (files,
+           directories, Hugging Face ``datasets`` objects or save_to_disk directories); prompts alone (online):
            ``prompts, report = read_prompts(paths)``, ``encode_prompt(prompt, tokenizer)``
 Select:    ``to_pairs(records)``, ``holdout_split(records, fraction, seed=...)``, ``require_rewards(records)``
 Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``
@@ -16,8 +17,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "records": ("FORMATS", "PreferenceRecord", "Problem", "ReadReport", "RecordError", "detect_format",
-                "expand_sources", "parse_record", "read_records"),
+    "records": ("FORMATS", "NoRecordsError", "PreferenceRecord", "Problem", "ROLES", "ReadReport", "RecordError",
+                "detect_format", "expand_sources", "parse_record", "read_records", "resolve_sources"),
     "prompts": ("PromptRecord", "read_prompts"),
     "selection": ("holdout_split", "require_rewards", "to_pairs"),
     "tokenize": ("TRUNCATION_POLICIES", "TokenizedDataset", "TokenizedExample", "TokenizeReport", "bucket_for",

@@ -1,6 +1,7 @@
-"""``rpo-data validate FILE... [--tokenizer NAME_OR_DIR] [--max-length N] [--format F]``.
+"""``rpo-data validate FILE... [--tokenizer NAME_OR_DIR] [--max-length N] [--format F] [--split S]``.
 
-Reads every file (or directory of shards), prints the number of records, the K distribution, reward
+Reads every file (or directory of shards, ``.arrow`` file, Hugging Face ``save_to_disk`` directory; a saved
+``DatasetDict``'s split as ``DIR:split``, ``DIR/split`` or ``--split``), prints the number of records, the K distribution, reward
 statistics, and with a tokenizer the token-length percentiles and truncation counts, then every problem as
 ``file:line: field: message``. Exit status 1 when any record has a problem, 2 for bad usage, else 0.
 """
@@ -15,7 +16,7 @@ from typing import TextIO
 
 import numpy as np
 
-from rpo_jax.data.records import FORMATS, read_records
+from rpo_jax.data.records import FORMATS, NoRecordsError, read_records
 from rpo_jax.data.tokenize import TRUNCATION_POLICIES
 
 
@@ -26,10 +27,13 @@ def _percentiles(values: Sequence[float], qs: Sequence[int] = (0, 50, 90, 99, 10
 
 def validate(paths: Sequence[str], *, tokenizer: str | None = None, max_length: int | None = None,
              max_prompt_length: int | None = None, truncation: str = "drop", format: str | None = None,
-             out: TextIO | None = None) -> int:
+             split: str | None = None, out: TextIO | None = None) -> int:
     """Validate files and print a report to ``out`` (stdout); returns the exit status (0 clean, 1 problems)."""
     out = sys.stdout if out is None else out
-    records, report = read_records(paths, format=format, on_error="skip")
+    try:
+        records, report = read_records(paths, format=format, on_error="skip", split=split)
+    except NoRecordsError as e:  # every record bad: list them all like any other problems
+        records, report = [], e.report
     problems = list(report.problems)
     print(f"files: {len(report.files)}", file=out)
     for f in report.files:
@@ -81,18 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rpo-data", description="rpo_jax preference data tools")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check records (and token lengths with --tokenizer)")
-    v.add_argument("files", nargs="+", help=".jsonl, .jsonl.gz, .parquet files or directories of shards")
+    v.add_argument("files", nargs="+", help=".jsonl, .jsonl.gz, .parquet, .arrow files, directories of shards, "
+                   "or datasets save_to_disk directories (a DatasetDict's split as DIR:split or DIR/split)")
     v.add_argument("--tokenizer", help="Hugging Face tokenizer name or directory")
     v.add_argument("--max-length", type=int, help="longest prompt + response in tokens")
     v.add_argument("--max-prompt-length", type=int, help="longest prompt in tokens")
     v.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="drop")
     v.add_argument("--format", choices=FORMATS + ("trl",), help="declare the format instead of detecting it")
+    v.add_argument("--split", help="the split of a DatasetDict save_to_disk directory")
     args = parser.parse_args(argv)
     try:
         status = validate(args.files, tokenizer=args.tokenizer, max_length=args.max_length,
                           max_prompt_length=args.max_prompt_length, truncation=args.truncation,
-                          format=args.format)
-    except ValueError as e:  # missing file, unsupported suffix, bad option values
+                          format=args.format, split=args.split)
+    except ValueError as e:  # missing file, unsupported suffix, no split chosen, bad option values
         print(f"rpo-data: error: {e}", file=sys.stderr)
         return 2
     return status

@@ -4,12 +4,12 @@ validated with file/line/field like :mod:`rpo_jax.data.records`; needs neither J
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from rpo_jax.data.records import (FieldProblems, Messages, OnError, PreferenceRecord, Problem, ReadReport,
                                   detect_format, iter_raw, parse_messages, read_sources, record_problems, type_name)
+from rpo_jax.data.sources import Source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +46,18 @@ def _prompt_of(obj: Any, source: tuple[str, int]) -> PromptRecord | Problem:
     return parsed[0]
 
 
-def read_prompts(paths: str | os.PathLike | Iterable[str | os.PathLike], *, on_error: OnError = "raise"
+def read_prompts(paths: Any, *, on_error: OnError = "raise", split: str | None = None
                  ) -> tuple[list[PromptRecord], ReadReport]:
-    """Read the prompts of ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` files (or directories of them).
+    """Read the prompts of any source :func:`~rpo_jax.data.records.read_records` reads (``.jsonl``,
+    ``.jsonl.gz``, ``.parquet``, ``.arrow``, directories, Hugging Face ``datasets`` objects and save_to_disk
+    directories; ``split`` chooses a ``DatasetDict``'s split).
 
     A line is any JSON object with a ``prompt`` (a string or a list of messages; other fields are ignored, so
     every preference file is also a prompt file), or a TRL implicit-prompt record (its common prefix).
     ``on_error`` as in :func:`~rpo_jax.data.records.read_records`: ``"raise"`` names file, line and field;
-    ``"skip"`` counts.
+    ``"skip"`` counts, and raises :class:`~rpo_jax.data.problems.NoRecordsError` when no prompt is left.
     """
-    def prompts_of(file: str):
-        for line, obj, problem in iter_raw(file):
-            yield None, (problem if problem is not None else _prompt_of(obj, (file, line)))
-    return read_sources(paths, on_error, prompts_of, PromptRecord)
+    def prompts_of(source: Source):
+        for line, obj, problem in iter_raw(source):
+            yield None, (problem if problem is not None else _prompt_of(obj, (source.name, line)))
+    return read_sources(paths, on_error, prompts_of, PromptRecord, split=split)

@@ -21,18 +21,37 @@ TRL formats may carry UltraFeedback-style ``score_chosen`` / ``score_rejected`` 
 For pairs, response 0 is *chosen* and response 1 *rejected*. Rewards are never invented: a record without
 rewards has ``rewards=None`` and :func:`rpo_jax.data.selection.require_rewards` refuses it before a reward-aware
 loss trains on it. Prompts alone are read by :mod:`rpo_jax.data.prompts` with the public helpers here.
+
+Sources (:mod:`rpo_jax.data.sources`): ``.jsonl``, ``.jsonl.gz``, ``.parquet``, ``.arrow``, directories of shards,
+Hugging Face ``datasets`` (objects, and ``save_to_disk`` directories; a ``DatasetDict``'s split as ``DIR:split``,
+``DIR/split`` or ``split=``). JSON objects are strict: a repeated key is a problem, never "last one wins".
+
+Chat roles: every message's ``role`` is one of :data:`ROLES` (``system``, ``user``, ``assistant``, ``tool``),
+exactly; anything else (``"usr"``, ``"bot"``, ``""``) is a problem naming the field (``prompt[0].role``).
+``tool`` messages are accepted here and checked at tokenization: a tokenizer whose chat template never mentions
+``tool`` refuses them (:mod:`rpo_jax.data.tokenize`).
+
+With ``on_error="skip"``, a read that leaves no record at all raises :class:`NoRecordsError` (a ValueError:
+``a.jsonl: all 12 records were skipped (first problems: a.jsonl:1: prompt: missing field; ...)``) instead of
+returning an empty list.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import math
 import os
-import pathlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from rpo_jax.data.problems import (FieldProblems, NoRecordsError, OnError, Problem, ReadReport, RecordError,
+                                   no_records_message, type_name)
+from rpo_jax.data.sources import Source, as_source, expand_sources, iter_raw, resolve_sources
+
+__all__ = ["FORMATS", "ROLES", "FieldProblems", "Message", "Messages", "NoRecordsError", "OnError",
+           "PreferenceRecord", "Problem", "ReadReport", "RecordError", "Source", "detect_format", "expand_sources",
+           "iter_file_records", "iter_raw", "no_records_message", "parse_messages", "parse_record",
+           "read_records", "read_sources", "record_problems", "resolve_sources", "type_name"]
 
 Message = dict[str, str]
 Messages = tuple[Message, ...]
@@ -41,9 +60,8 @@ FORMATS = ("trl_standard", "trl_conversational", "trl_implicit", "nemo", "k_resp
 _FORMAT_ALIASES = {"trl": "trl", "standard": "trl_standard", "conversational": "trl_conversational",
                    "implicit": "trl_implicit", "implicit_prompt": "trl_implicit", "nemo_aligner": "nemo",
                    "k": "k_responses", "responses": "k_responses"}
-_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-
-OnError = Literal["raise", "skip"]
+#: The chat roles a message may have (``tool`` only with a chat template that knows it; see the docstring).
+ROLES = ("system", "user", "assistant", "tool")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -62,7 +80,8 @@ class PreferenceRecord:
       rewards: K explicit rewards (finite floats), or None when the source has none. Never invented.
       conversational: True when the source used message lists (tokenize with the chat template); False for
         plain strings (tokenize ``prompt + response + EOS``).
-      source: ``(file, line)`` the record came from (line is 1-based; the row number for Parquet).
+      source: ``(file, line)`` the record came from (line is 1-based; the row number for Parquet, Arrow and
+        Hugging Face datasets, whose "file" is the name :mod:`rpo_jax.data.sources` gives them).
     """
 
     prompt: Messages
@@ -115,66 +134,9 @@ def _freeze(x: Any) -> Any:
     return x
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One validation problem, printed as ``file:line: field: message``."""
-
-    file: str
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
-
-
-class RecordError(ValueError):
-    """A bad input record; ``.problem`` names the file, line and field."""
-
-    def __init__(self, problem: Problem):
-        super().__init__(str(problem))
-        self.problem = problem
-
-
-@dataclasses.dataclass
-class ReadReport:
-    """What :func:`read_records` saw: per-file format, counts, and every problem (never silent)."""
-
-    files: list[str] = dataclasses.field(default_factory=list)
-    formats: dict[str, str] = dataclasses.field(default_factory=dict)
-    num_lines: int = 0
-    num_records: int = 0
-    num_skipped: int = 0
-    problems: list[Problem] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when no problem was found."""
-        return not self.problems
-
-    def summary(self) -> str:
-        """One line: records kept, records skipped, problems."""
-        return (f"{self.num_records} records from {len(self.files)} file(s); {self.num_skipped} skipped; "
-                f"{len(self.problems)} problem(s)")
-
-
-class FieldProblems(Exception):
-    """The problems of one record as ``(field, message)`` pairs, raised by the field parsers (e.g.
-    :func:`parse_messages`); callers turn them into :class:`Problem` s naming the file and line."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        super().__init__(problems)
-        self.problems = problems
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Field parsers (each raises FieldProblems with (field, message))
 # ----------------------------------------------------------------------------------------------------------
-
-
-def type_name(x: Any) -> str:
-    """The JSON-ish type name used in problem messages: ``"null"`` for None, else the Python type name."""
-    return "null" if x is None else type(x).__name__
 
 
 def _get(obj: Mapping[str, Any], field: str) -> Any:
@@ -218,8 +180,9 @@ def parse_messages(value: Any, field: str, *, default_role: str | None, require_
                 raise FieldProblems([(f"{where}.{key}", "missing field")])
             if not isinstance(m[key], str):
                 raise FieldProblems([(f"{where}.{key}", f"expected str, got {type_name(m[key])}")])
-        if not m["role"].strip():
-            raise FieldProblems([(f"{where}.role", "empty")])
+        if m["role"] not in ROLES:
+            raise FieldProblems([(f"{where}.role", f"unknown role {m['role']!r} (expected one of "
+                                  f"{', '.join(repr(r) for r in ROLES)})")])
         messages.append({"role": m["role"], "content": m["content"]})
     if all(_is_empty_text(m["content"]) for m in messages):
         raise FieldProblems([(field, "empty")])
@@ -443,130 +406,87 @@ def record_problems(obj: Any, format: str, source: tuple[str, int]) -> Preferenc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sources: .jsonl, .jsonl.gz, .parquet, directories of shards
+# Reading (sources: rpo_jax.data.sources)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def expand_sources(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Files to read: each path itself, or a directory's ``*.jsonl``, ``*.jsonl.gz``, ``*.parquet`` (sorted).
-
-    Raises ValueError for a missing path, an unsupported suffix, or a directory without shards.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[str] = []
-    for p in paths:
-        path = pathlib.Path(p)
-        if path.is_dir():
-            shards = sorted(str(f) for f in path.rglob("*") if f.is_file() and str(f).endswith(_SUFFIXES))
-            if not shards:
-                raise ValueError(f"{path}: directory holds no {', '.join(_SUFFIXES)} shards")
-            files += shards
-        elif path.is_file():
-            if not str(path).endswith(_SUFFIXES):
-                raise ValueError(f"{path}: unsupported file type (expected {', '.join(_SUFFIXES)})")
-            files.append(str(path))
-        else:
-            raise ValueError(f"{path}: no such file or directory")
-    return files
-
-
-def iter_raw(file: str) -> Iterator[tuple[int, Any, Problem | None]]:
-    """Yield ``(line, decoded_object, problem)`` for each non-blank line/row of a source file.
-
-    ``problem`` (a :class:`Problem`, object None) names an undecodable line or an unreadable file.
-    """
-    if file.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(file).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a corrupt file
-            yield 0, None, Problem(file, 0, "<file>", f"cannot read parquet: {e}")
-            return
-        for i, row in enumerate(rows, start=1):
-            yield i, row, None
-        return
-    opener = gzip.open if file.endswith(".gz") else open
-    i = 0
-    try:
-        with opener(file, "rb") as f:
-            for i, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield i, None, Problem(file, i, "<bytes>", f"invalid UTF-8 at byte {e.start} of the line")
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    yield i, None, Problem(file, i, "<json>", f"malformed JSON: {e.msg} (column {e.colno})")
-                    continue
-                yield i, obj, None
-    except (OSError, EOFError) as e:  # a corrupt or truncated .gz
-        yield i + 1, None, Problem(file, i + 1, "<file>", f"cannot read: {e}")
-
-
-def iter_file_records(file: str, *, format: str | None = None
+def iter_file_records(file: str | os.PathLike | Source, *, format: str | None = None
                       ) -> Iterator[tuple[str | None, PreferenceRecord | list[Problem]]]:
-    """``(format, record_or_problems)`` for each line/row of one file; the format is detected from the first
-    JSON object (None until then)."""
+    """``(format, record_or_problems)`` for each line/row of one source (a file path or a
+    :class:`~rpo_jax.data.sources.Source`); the format is detected from the first JSON object (None until
+    then)."""
     fmt = _normalise_format(format)
-    for line, obj, problem in iter_raw(file):
+    source = as_source(file)
+    name = source.name
+    for line, obj, problem in iter_raw(source):
         if problem is not None:
             yield fmt, [problem]
             continue
         if fmt is None:
             if not isinstance(obj, Mapping):
-                yield fmt, [Problem(file, line, "<record>", f"expected a JSON object, got {type_name(obj)}")]
+                yield fmt, [Problem(name, line, "<record>", f"expected a JSON object, got {type_name(obj)}")]
                 continue
             try:
                 fmt = detect_format(obj)
             except ValueError as e:
-                yield fmt, [Problem(file, line, "<record>", str(e))]
+                yield fmt, [Problem(name, line, "<record>", str(e))]
                 continue
             if fmt in ("trl_standard", "trl_conversational"):
                 fmt = "trl"  # a TRL file may mix string and conversational lines; each line is typed itself
-        yield fmt, record_problems(obj, fmt, (file, line))
+        yield fmt, record_problems(obj, fmt, (name, line))
 
 
-def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, format: str | None = None,
-                 on_error: OnError = "raise") -> tuple[list[PreferenceRecord], ReadReport]:
-    """Read, validate and normalise preference records from files.
+def read_records(paths: Any, *, format: str | None = None, on_error: OnError = "raise",
+                 split: str | None = None) -> tuple[list[PreferenceRecord], ReadReport]:
+    """Read, validate and normalise preference records from files or Hugging Face datasets.
 
     Args:
-      paths: a file (``.jsonl``, ``.jsonl.gz``, ``.parquet``), a directory of such shards, or a list of them.
-      format: None to detect per file, or one of ``FORMATS`` (also ``"trl"``: standard or conversational).
+      paths: a file (``.jsonl``, ``.jsonl.gz``, ``.parquet``, ``.arrow``), a directory of shards, a directory
+        written by ``save_to_disk`` (a ``DatasetDict``'s split as ``DIR:split`` or ``DIR/split``), a
+        ``datasets.Dataset`` / ``DatasetDict`` object, or a list of them (:mod:`rpo_jax.data.sources`).
+      format: None to detect per source, or one of ``FORMATS`` (also ``"trl"``: standard or conversational).
       on_error: ``"raise"``: the first problem raises :class:`RecordError` (a ValueError naming file, line and
         field). ``"skip"``: records with problems are left out, counted in ``report.num_skipped`` and every
-        problem listed in ``report.problems``.
+        problem listed in ``report.problems``; if no record at all is left, :class:`NoRecordsError`.
+      split: the split of every ``DatasetDict`` input without one in its path (ValueError when none has splits).
 
     Returns:
-      ``(records, report)``, records in file order.
+      ``(records, report)``, records in source order.
+
+    Raises:
+      RecordError: ``on_error="raise"`` and a bad record (``file:line: field: message``).
+      NoRecordsError: ``on_error="skip"`` and every record was bad or every source empty (a ValueError:
+        ``a.jsonl, b.jsonl: all 12 records were skipped (first problems: a.jsonl:1: prompt: missing field; ...)``).
+      ValueError: no input, a missing path, an unsupported file, a DatasetDict without a split.
     """
-    return read_sources(paths, on_error, lambda file: iter_file_records(file, format=format), PreferenceRecord)
+    return read_sources(paths, on_error, lambda source: iter_file_records(source, format=format), PreferenceRecord,
+                        split=split)
 
 
-def read_sources(paths, on_error: OnError, items_of_file, kind: type) -> tuple[list, ReadReport]:
+def read_sources(paths: Any, on_error: OnError, items_of_file, kind: type, *, split: str | None = None
+                 ) -> tuple[list, ReadReport]:
     """The reading loop of :func:`read_records` and :func:`rpo_jax.data.prompts.read_prompts`.
 
-    Every file of `paths`, each line's ``(format or None, item)`` from ``items_of_file(file)``; items of type
-    `kind` are kept, any other item (a Problem or a list of them) raises :class:`RecordError`
-    (``on_error="raise"``) or is counted and reported (``"skip"``). Returns ``(kept items, ReadReport)``.
+    Every :class:`~rpo_jax.data.sources.Source` of `paths` (:func:`~rpo_jax.data.sources.resolve_sources` with
+    `split`), each row's ``(format or None, item)`` from ``items_of_file(source)``; items of type `kind` are
+    kept, any other item (a Problem or a list of them) raises :class:`RecordError` (``on_error="raise"``) or is
+    counted and reported (``"skip"``). Returns ``(kept items, ReadReport)``.
+
+    Raises:
+      NoRecordsError: ``on_error="skip"`` left no item at all (its ``.report`` lists every problem).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     report = ReadReport()
     kept: list = []
-    for file in expand_sources(paths):
-        report.files.append(file)
+    for source in resolve_sources(paths, split=split):
+        name = source.name
+        report.files.append(name)
         lines_before = report.num_lines
-        for fmt, item in items_of_file(file):
+        for fmt, item in items_of_file(source):
             report.num_lines += 1
             if fmt is not None:
-                report.formats[file] = fmt
+                report.formats[name] = fmt
             if isinstance(item, kind):
                 kept.append(item)
                 continue
@@ -576,9 +496,11 @@ def read_sources(paths, on_error: OnError, items_of_file, kind: type) -> tuple[l
             report.num_skipped += 1
             report.problems += problems
         if report.num_lines == lines_before:
-            empty = Problem(file, 0, "<file>", "no records (the file is empty)")
+            empty = Problem(name, 0, "<file>", "no records (the file is empty)")
             if on_error == "raise":
                 raise RecordError(empty)
             report.problems.append(empty)
     report.num_records = len(kept)
+    if not kept:
+        raise NoRecordsError(report)
     return kept, report

@@ -21,17 +21,24 @@ truncation policy; prompts longer than ``max_prompt_length`` are cut from the le
 
 A prompt of ``max_length`` tokens or more (after ``max_prompt_length``) is a problem, except under
 ``truncate_prompt``. Batches are padded to the smallest static length bucket that fits their longest sequence.
+
+Roles: a conversational record's messages must have a role of :data:`~rpo_jax.data.records.ROLES`; a ``tool``
+message needs a chat template that mentions ``tool`` (the word, as in ``message['role'] == 'tool'``), else a
+:class:`~rpo_jax.data.records.RecordError` names the record and message
+(``data.jsonl:3: prompt[1].role: role 'tool', but the tokenizer's chat template never mentions 'tool'``; a
+response's message is ``responses[k][j].role``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 
-from rpo_jax.data.records import OnError, PreferenceRecord, Problem, RecordError
+from rpo_jax.data.records import ROLES, Messages, OnError, PreferenceRecord, Problem, RecordError
 
 Truncation = Literal["drop", "truncate_prompt", "truncate_response"]
 TRUNCATION_POLICIES = ("drop", "truncate_prompt", "truncate_response")
@@ -98,6 +105,38 @@ class TokenizeReport:
                 f"{self.num_responses_truncated}; skipped {self.num_skipped} with problems")
 
 
+_TOOL_WORD = re.compile(r"\btool\b")
+
+
+def template_knows_tool(tokenizer: Any) -> bool:
+    """True when the tokenizer's chat template (any of them, for a dict of named templates) mentions the word
+    ``tool`` (``tools`` and ``tool_calls`` do not count): the test for accepting ``tool`` messages."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    texts = template.values() if isinstance(template, dict) else [template]
+    return any(isinstance(t, str) and _TOOL_WORD.search(t) for t in texts)
+
+
+def check_roles(source: tuple[str, int], fields: Sequence[tuple[str, Messages]], tokenizer: Any) -> None:
+    """Refuse a message whose role is not in ``ROLES``, or a ``tool`` message the chat template cannot render.
+
+    Args:
+      source: the record's ``(file, line)``.
+      fields: ``(field, messages)`` pairs, e.g. ``[("prompt", record.prompt), ("responses[0]", ...)]``.
+
+    Raises:
+      RecordError: naming ``file:line`` and ``field[i].role``.
+    """
+    for field, messages in fields:
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role not in ROLES:
+                raise RecordError(Problem(*source, f"{field}[{i}].role", f"unknown role {role!r} (expected one of "
+                                          f"{', '.join(repr(r) for r in ROLES)})"))
+            if role == "tool" and not template_knows_tool(tokenizer):
+                raise RecordError(Problem(*source, f"{field}[{i}].role", "role 'tool', but the tokenizer's chat "
+                                          "template never mentions 'tool' (it cannot render tool messages)"))
+
+
 def _render(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
@@ -113,6 +152,8 @@ def record_texts(record: PreferenceRecord, tokenizer: Any) -> tuple[list[str], b
         if not getattr(tokenizer, "chat_template", None):
             raise RecordError(Problem(*record.source, "prompt", "conversational record, but the tokenizer has no "
                                       "chat_template"))
+        check_roles(record.source, [("prompt", record.prompt)]
+                    + [(f"responses[{k}]", r) for k, r in enumerate(record.responses)], tokenizer)
         texts = [_render(tokenizer, record.prompt, add_generation_prompt=True)]
         texts += [_render(tokenizer, record.prompt + r, add_generation_prompt=False) for r in record.responses]
         return texts, False
@@ -153,7 +194,8 @@ def encode_record(record: PreferenceRecord, tokenizer: Any) -> tuple[list[int], 
 
     Raises:
       RecordError: when the prompt's tokens are not a prefix of prompt + response's tokens, or the record is
-        conversational and the tokenizer has no chat template.
+        conversational and the tokenizer has no chat template, or a message's role is unknown or ``tool``
+        without a chat template that knows it (:func:`check_roles`).
     """
     texts, add_special_tokens = record_texts(record, tokenizer)
     ids = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
@@ -171,6 +213,7 @@ def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise RecordError(Problem(*prompt.source, "prompt", "conversational record, but the tokenizer has no "
                                       "chat_template"))
+        check_roles(prompt.source, [("prompt", prompt.prompt)], tokenizer)
         text, special = _render(tokenizer, prompt.prompt, add_generation_prompt=True), False
     else:
         text, special = prompt.prompt_text, True

@@ -2,6 +2,10 @@
 
 The checks use only static shapes and dtypes, so they run identically on concrete arrays (first call, outside
 ``jit``) and on tracers (at trace time): bad input always raises a ``ValueError`` naming the field.
+
+Values are not checked (they are traced), but they are never silently dropped either: ``prepare_batch`` zeroes
+every *invalid* slot, and flags every example with a non-finite value (NaN, ±inf) in a *valid* slot of any field
+(``PreparedBatch.nonfinite``); ``poison_nonfinite`` then makes that example's loss — and the batch loss — NaN.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ __all__ = [
     "preference_pair_mask",
     "all_pairs_mask",
     "best_worst_pair_mask",
+    "nonfinite_examples",
+    "poison_nonfinite",
 ]
 
 
@@ -36,13 +42,15 @@ class Requirements:
     lengths: bool = False
     min_references: int = 1  # R the reference axis must at least have (2 for MRPO)
     num_references: int | None = None  # exact R when known (e.g. len(alpha))
+    num_references_reason: str | None = None  # why R is fixed, for the error message (default: the alpha weights)
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedBatch:
     """A validated batch: float32 arrays, invalid slots zeroed (so they cannot leak NaN), references constant.
 
-    ``ref`` keeps the reference axis when the input had one: ``[B, K]`` or ``[B, K, R]``.
+    ``ref`` keeps the reference axis when the input had one: ``[B, K]`` or ``[B, K, R]``. ``nonfinite [B]`` bool:
+    the examples with a NaN/±inf in a valid slot of any field (``None`` only when built by hand).
     """
 
     policy: jax.Array
@@ -51,6 +59,7 @@ class PreparedBatch:
     rewards: jax.Array | None
     valid: jax.Array
     num_responses: int
+    nonfinite: jax.Array | None = None
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -114,9 +123,9 @@ def check_batch(batch: PreferenceLogps, req: Requirements) -> None:
                 f"{req.min_references}"
             )
         if req.num_references is not None and num_r != req.num_references:
+            reason = req.num_references_reason or f"was given {req.num_references} weights (alpha)"
             raise ValueError(
-                f"PreferenceLogps.ref_logps has R = {num_r} reference models, but loss {name!r} was given "
-                f"{req.num_references} weights (alpha)"
+                f"PreferenceLogps.ref_logps has R = {num_r} reference models, but loss {name!r} {reason}"
             )
     if req.rewards and batch.rewards is None:
         raise ValueError(
@@ -133,9 +142,24 @@ def check_batch(batch: PreferenceLogps, req: Requirements) -> None:
         )
 
 
+def nonfinite_examples(batch: PreferenceLogps, valid: jax.Array) -> jax.Array:
+    """``[B]`` bool: examples with a NaN/±inf (after the float32 upcast) in a *valid* slot of ``policy_logps``,
+    ``ref_logps`` (any reference), ``lengths`` or ``rewards`` — every field present, used by the loss or not."""
+    flags = jnp.zeros(valid.shape[:1], bool)
+    for x in (batch.policy_logps, batch.ref_logps, batch.lengths, batch.rewards):
+        if x is None:
+            continue
+        bad = ~jnp.isfinite(jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)))
+        if bad.ndim == 3:
+            bad = jnp.any(bad, axis=-1)
+        flags = flags | jnp.any(bad & valid, axis=-1)
+    return flags
+
+
 def prepare_batch(batch: PreferenceLogps) -> PreparedBatch:
-    """Upcast to float32, zero every invalid slot (``jnp.where``, so NaN/inf there cannot leak into values or
-    gradients), and ``stop_gradient`` the reference log-probs (references are frozen models)."""
+    """Upcast to float32, zero every invalid slot (``jnp.where`` on the inputs themselves, so NaN/inf there cannot
+    leak into values or gradients), ``stop_gradient`` the reference log-probs (references are frozen models), and
+    flag the examples with a non-finite value in a valid slot (``nonfinite``; see ``poison_nonfinite``)."""
     num_b, num_k = _shape(batch.policy_logps)
     valid = jnp.ones((num_b, num_k), bool) if batch.valid is None else jnp.asarray(batch.valid, bool)
 
@@ -154,7 +178,24 @@ def prepare_batch(batch: PreferenceLogps) -> PreparedBatch:
         rewards=clean(batch.rewards),
         valid=valid,
         num_responses=num_k,
+        nonfinite=nonfinite_examples(batch, valid),
     )
+
+
+def poison_nonfinite(prep: PreparedBatch) -> jax.Array:
+    """``[B]``: exactly 0 for an example whose valid slots are all finite, NaN for a ``nonfinite`` one — in value
+    *and* in the gradient w.r.t. that example's valid policy log-probs.
+
+    Adding it to ``per_example`` (and its sum to the loss) is what keeps a non-finite input from being silently
+    dropped: pair masks built from a NaN reward, ``0·log 0`` conventions, argmax/sort and weight-0 examples could
+    otherwise hide it behind a plausible finite loss. It is ``Σ_k nan_b · policy_bk`` with ``nan_b ∈ {0, NaN}``
+    (invalid slots of ``policy`` are already 0): for a clean example every product is ``0 · finite = 0`` and its
+    gradient ``0``, so values and gradients of clean batches are unchanged bit for bit.
+    """
+    if prep.nonfinite is None:
+        return jnp.zeros(prep.policy.shape[:1], jnp.float32)
+    scale = jnp.where(prep.nonfinite, jnp.nan, 0.0).astype(jnp.float32)
+    return jnp.sum(scale[:, None] * prep.policy, axis=-1)
 
 
 def _both_valid(valid: jax.Array) -> jax.Array:

@@ -19,10 +19,11 @@ method             reference     norm.  D            target b                   
 
 "Preferred pairs": ``(i, j)`` with ``r*_i > r*_j`` (ties excluded), or ``(0, 1)`` when there are no rewards.
 
-Notes on values: ``dpo`` is exactly ``−log σ(β·Δlog-ratio)``; ``cdpo`` is the KL form ``D_bwd`` with
-``σ(b) = 1 − ε``, which equals TRL's label-smoothed sigmoid loss ``−(1−ε) log σ(a) − ε log σ(−a)`` minus the
-constant binary entropy ``H(ε)`` (same gradient; equal at ε = 0); ``ipo`` is exactly TRL's length-normalised
-``(Δ(log-ratio/|y|) − 1/(2τ))²``; ``simpo`` is exactly ``−log σ(β Δ(log π/|y|) − γ)``.
+Notes on values: ``dpo`` is exactly ``−log σ(β·Δlog-ratio)``; ``cdpo``'s *setting* is the KL form ``D_bwd`` with
+``σ(b) = 1 − ε``, but the loss it *reports* (``run_cdpo``) is the conventional label-smoothed value
+``−(1−ε) log σ(a) − ε log σ(−a)`` (TRL ≤ 0.x ``sigmoid`` with ``label_smoothing``, OpenRLHF, NeMo), which is
+that KL plus the constant binary entropy ``H(ε)`` — same gradient, equal at ε = 0; ``ipo`` is exactly TRL's
+length-normalised ``(Δ(log-ratio/|y|) − 1/(2τ))²``; ``simpo`` is exactly ``−log σ(β Δ(log π/|y|) − γ)``.
 
 ``rloo``: with the reference set to ``stop_gradient(policy)`` the implicit gaps are 0 in value, and the gradient
 of the all-pairs ``sq`` loss w.r.t. ``ℓ_θ(y_i)`` is ``−(4βη/K)·(r*_i − mean_{j≠i} r*_j)`` (K = valid responses):
@@ -50,6 +51,8 @@ __all__ = [
     "rpo_setting",
     "dpo_setting",
     "cdpo_setting",
+    "label_smoothed_sigmoid",
+    "run_cdpo",
     "ipo_setting",
     "simpo_setting",
     "distill_dpo_setting",
@@ -96,12 +99,15 @@ def reference_logps(
     alpha=None,
     epsilon: float | None = 0.1,
     epsilon_mode: str = "adaptive",
+    arwc: str = "own_margin",
 ) -> jax.Array:
     """``ℓ_ref [B, K]`` from the batch's reference(s) with the named combiner (see ``references``)."""
     if combiner == "primary":
         return refs.primary_reference(prep.ref)
     if combiner == "mrpo":
-        return refs.virtual_reference(prep.ref, prep.valid, alpha=alpha, epsilon=epsilon, epsilon_mode=epsilon_mode)
+        return refs.virtual_reference(
+            prep.ref, prep.valid, alpha=alpha, epsilon=epsilon, epsilon_mode=epsilon_mode, arwc=arwc
+        )
     raise ValueError(f"reference_combiner must be one of {refs.REFERENCE_COMBINERS}, got {combiner!r}")
 
 
@@ -158,9 +164,32 @@ def dpo_setting(*, beta: float) -> RPOSetting:
 
 
 def cdpo_setting(*, beta: float, label_smoothing: float) -> RPOSetting:
-    """Conservative DPO (Mitchell, 2023): ``bwd_kl`` with ``σ(b) = 1 − ε``, ``b = logit(1 − ε)``."""
+    """Conservative DPO (Mitchell, 2023): ``bwd_kl`` with ``σ(b) = 1 − ε``, ``b = logit(1 − ε)``.
+
+    Its value is the KL, ``H(ε)`` below the conventional cDPO loss that ``run_cdpo`` (the ``cdpo`` loss) reports.
+    """
     target = math.inf if label_smoothing == 0 else math.log1p(-label_smoothing) - math.log(label_smoothing)
     return RPOSetting(distance="bwd_kl", beta=beta, target=target, pairs="preferred")
+
+
+def label_smoothed_sigmoid(a: jax.Array, label_smoothing: float) -> jax.Array:
+    """``−(1−ε)·log σ(a) − ε·log σ(−a)``, elementwise (in log space; finite for any finite ``a``).
+
+    ``= D_bwd(a ‖ logit(1−ε)) + H(ε)`` with ``H(ε) = −ε log ε − (1−ε) log(1−ε)``; ``∂/∂a = σ(a) − (1−ε)``.
+    """
+    eps = label_smoothing
+    return -(1.0 - eps) * jax.nn.log_sigmoid(a) - eps * jax.nn.log_sigmoid(-a)
+
+
+def run_cdpo(prep: PreparedBatch, *, beta: float, label_smoothing: float, reference: jax.Array) -> ComponentResult:
+    """cDPO as reported: the ``cdpo_setting`` evaluated by ``run_rpo`` (pairs, implicit rewards, metrics), with
+    ``per_example`` the conventional label-smoothed loss ``mean over preferred pairs of −(1−ε) log σ(a) −
+    ε log σ(−a)`` instead of the setting's KL (which is ``H(ε)`` lower; same gradient)."""
+    result = run_rpo(prep, cdpo_setting(beta=beta, label_smoothing=label_smoothing), reference)
+    per_example, _ = rpo_pairwise(
+        result.implicit, 0.0, result.pair_mask, lambda a, _: label_smoothed_sigmoid(a, label_smoothing)
+    )
+    return dataclasses.replace(result, per_example=per_example)
 
 
 def ipo_setting(*, beta: float) -> RPOSetting:

@@ -4,7 +4,9 @@
 ``PreferenceLogps → LossOutput``. Unknown names or hyperparameters, and out-of-range values, raise ``ValueError``
 at ``make_loss`` listing the valid ones; a batch that does not fit the loss (missing ``ref_logps``/``rewards``/
 ``lengths``, wrong shapes, no reference axis for MRPO) raises ``ValueError`` naming the field at the first call,
-including at trace time under ``jit``.
+including at trace time under ``jit``. Values are traced, so they are not checked, but a NaN/±inf in a valid slot
+of any field is never dropped: the loss, that example's ``per_example`` and its policy gradient are NaN
+(``batch.poison_nonfinite``); NaN/±inf in invalid slots is masked as before.
 
 Weighted combinations (like TRL's ``loss_type=[...]``, ``loss_weights=[...]``): ``[("rpo_bwd_kl", 1.0), ("sft",
 0.05)]``. Entries may carry their own hyperparameters, ``("sft", 0.05, {})`` / ``("dpo", 1.0, {"beta": 0.2})``;
@@ -28,8 +30,8 @@ import jax.numpy as jnp
 
 from rpo_jax.losses import presets, trl
 from rpo_jax.losses import references as refs
-from rpo_jax.losses.batch import PreparedBatch, Requirements, check_batch, prepare_batch
-from rpo_jax.losses.metrics import ComponentResult, global_mean, preference_metrics
+from rpo_jax.losses.batch import PreparedBatch, Requirements, check_batch, poison_nonfinite, prepare_batch
+from rpo_jax.losses.metrics import ComponentResult, global_mean, global_sum, preference_metrics
 from rpo_jax.losses.types import LossOutput, LossSpec, PreferenceLogps
 
 __all__ = ["make_loss", "available_losses", "loss_hyperparameters", "LOSSES", "LossDefinition"]
@@ -136,26 +138,45 @@ class LossDefinition:
         return resolved
 
 
-MRPO_OPTIONS = {
+MULTI_REFERENCE_OPTIONS = {
     "alpha": (None, _alpha),
     "epsilon": (0.1, _epsilon),
     "epsilon_mode": ("adaptive", _choice(*refs.EPSILON_MODES)),
 }
+# The MRPO virtual reference's options: the above plus how ARWC turns margins into weights (``references``).
+MRPO_OPTIONS = {**MULTI_REFERENCE_OPTIONS, "arwc": ("own_margin", _choice(*refs.ARWC_MODES))}
+
+AUTHORS_CODE_REASON = (
+    "uses arwc='authors_code', the MRPO authors' two-reference weighting (each reference weighted by the other's "
+    "margin), which needs exactly R = 2 references; use arwc='own_margin' for R != 2"
+)
+
+
+def _arwc_cross_check(hp: dict, given: set) -> None:
+    if "arwc" in given and hp["alpha"] is not None:
+        raise ValueError(
+            f"hyperparameter 'arwc' only applies to ARWC weights (alpha=None); alpha={hp['alpha']!r} fixes the weights"
+        )
 
 
 def _hp(beta: float = 0.1, **more) -> dict:
     return {"beta": (beta, _positive), **more}
 
 
-def _needs(name: str, *, reference=True, rewards=False, lengths=False, min_references=1, num_references=None):
-    return Requirements(name, reference, rewards, lengths, min_references, num_references)
+def _needs(name: str, *, reference=True, rewards=False, lengths=False, min_references=1, num_references=None,
+           num_references_reason=None):
+    return Requirements(name, reference, rewards, lengths, min_references, num_references, num_references_reason)
 
 
-def _combiner_references(hp: dict) -> tuple[int, int | None]:
-    """(min_references, num_references) implied by a loss's reference options."""
+def _combiner_references(hp: dict) -> tuple[int, int | None, str | None]:
+    """(min_references, num_references, why num_references is fixed) implied by a loss's reference options."""
     if hp.get("reference_combiner", "primary") == "mrpo":
-        return 2, (None if hp["alpha"] is None else len(hp["alpha"]))
-    return 1, None
+        if hp["alpha"] is not None:
+            return 2, len(hp["alpha"]), None
+        if hp.get("arwc", "own_margin") == "authors_code":
+            return 2, 2, AUTHORS_CODE_REASON
+        return 2, None, None
+    return 1, None, None
 
 
 # RPO family ------------------------------------------------------------------------------------------------------
@@ -176,11 +197,12 @@ def _rpo_cross_check(hp: dict, given: set) -> None:
         raise ValueError(f"hyperparameter(s) {mrpo_options} only apply with reference_combiner='mrpo'")
     if hp["reference_free"] and "reference_combiner" in given:
         raise ValueError("reference_free=True uses no reference; do not also set reference_combiner")
+    _arwc_cross_check(hp, given)
 
 
 def _rpo_requirements(name: str) -> Callable[[dict], Requirements]:
     def requirements(hp: dict) -> Requirements:
-        min_r, num_r = _combiner_references(hp)
+        min_r, num_r, reason = _combiner_references(hp)
         return _needs(
             name,
             reference=not hp["reference_free"],
@@ -188,6 +210,7 @@ def _rpo_requirements(name: str) -> Callable[[dict], Requirements]:
             lengths=hp["length_normalize"],
             min_references=min_r,
             num_references=num_r,
+            num_references_reason=reason,
         )
 
     return requirements
@@ -202,6 +225,7 @@ def _reference_from(prep: PreparedBatch, hp: dict) -> jax.Array | None:
         alpha=hp.get("alpha"),
         epsilon=hp.get("epsilon", 0.1),
         epsilon_mode=hp.get("epsilon_mode", "adaptive"),
+        arwc=hp.get("arwc", "own_margin"),
     )
 
 
@@ -226,7 +250,8 @@ def _setting_compute(make_setting: Callable[[dict], presets.RPOSetting], *, mrpo
             reference = None
         elif mrpo:
             reference = presets.reference_logps(
-                prep, combiner="mrpo", alpha=hp["alpha"], epsilon=hp["epsilon"], epsilon_mode=hp["epsilon_mode"]
+                prep, combiner="mrpo", alpha=hp["alpha"], epsilon=hp["epsilon"], epsilon_mode=hp["epsilon_mode"],
+                arwc=hp["arwc"],
             )
         else:
             reference = presets.reference_logps(prep)
@@ -252,7 +277,8 @@ def _multi_dpo_compute(prep: PreparedBatch, hp: dict, axis_name: str | None) -> 
 
 def _mrpo_requirements(name: str) -> Callable[[dict], Requirements]:
     def requirements(hp: dict) -> Requirements:
-        return _needs(name, min_references=2, num_references=None if hp["alpha"] is None else len(hp["alpha"]))
+        _, num_r, reason = _combiner_references({**hp, "reference_combiner": "mrpo"})
+        return _needs(name, min_references=2, num_references=num_r, num_references_reason=reason)
 
     return requirements
 
@@ -281,8 +307,9 @@ def _build() -> dict[str, LossDefinition]:
     add("dpo", _hp(0.1), _setting_compute(lambda hp: presets.dpo_setting(beta=hp["beta"])),
         lambda hp: _needs("dpo"), "−log σ(β Δlog-ratio)", "Rafailov et al. 2023, arXiv:2305.18290")
     add("cdpo", _hp(0.1, label_smoothing=(0.1, _interval(0.0, 0.5, low_open=False, high_open=True))),
-        _setting_compute(lambda hp: presets.cdpo_setting(beta=hp["beta"], label_smoothing=hp["label_smoothing"])),
-        lambda hp: _needs("cdpo"), "KL(Bern(1−ε) ‖ Bern σ(β Δlog-ratio))",
+        lambda prep, hp, ax: presets.run_cdpo(prep, beta=hp["beta"], label_smoothing=hp["label_smoothing"],
+                                              reference=presets.reference_logps(prep)),
+        lambda hp: _needs("cdpo"), "−(1−ε) log σ(βδ) − ε log σ(−βδ)",
         "Mitchell 2023, 'A note on DPO with noisy preferences'")
     add("ipo", _hp(0.1), _setting_compute(lambda hp: presets.ipo_setting(beta=hp["beta"])),
         lambda hp: _needs("ipo", lengths=True), "(Δ(log-ratio/|y|) − 1/(2τ))², τ = beta",
@@ -302,9 +329,10 @@ def _build() -> dict[str, LossDefinition]:
         "Ahmadian et al. 2024, arXiv:2402.14740")
     add("mrpo", {"beta": (0.1, _positive), **MRPO_OPTIONS},
         _setting_compute(lambda hp: presets.dpo_setting(beta=hp["beta"]), mrpo=True), _mrpo_requirements("mrpo"),
-        "−log σ(β[Δℓ_θ − Δ log π̃]), log π̃ = −logsumexp_k(log α_k − ℓ̂_k)", "Le et al. 2024, arXiv:2405.16388")
-    add("multi_dpo", {"beta": (0.1, _positive), **MRPO_OPTIONS}, _multi_dpo_compute, _mrpo_requirements("multi_dpo"),
-        "Σ_k α_k · DPO(θ; π̂_k)", "Le et al. 2024, arXiv:2405.16388 (baseline)")
+        "−log σ(β[Δℓ_θ − Δ log π̃]), log π̃ = −logsumexp_k(log α_k − ℓ̂_k)", "Le et al. 2024, arXiv:2405.16388",
+        _arwc_cross_check)
+    add("multi_dpo", {"beta": (0.1, _positive), **MULTI_REFERENCE_OPTIONS}, _multi_dpo_compute,
+        _mrpo_requirements("multi_dpo"), "Σ_k α_k · DPO(θ; π̂_k)", "Le et al. 2024, arXiv:2405.16388 (baseline)")
 
     trl_papers = {
         "hinge": ("relu(1 − β δ)", "Liu et al. 2023 (RSO), arXiv:2309.06657", {}),
@@ -445,15 +473,20 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
         for component in components:
             check_batch(batch, component.requirements)
         prep = prepare_batch(batch)
-        total_loss = jnp.float32(0.0)
-        total_per_example = jnp.zeros(prep.policy.shape[:1], jnp.float32)
+        # 0 (value and gradient) for clean examples; NaN for one with a non-finite value in a valid slot, which
+        # therefore can never be dropped by a pair mask or a weight and turned into a plausible finite loss.
+        poison = poison_nonfinite(prep)
+        batch_poison = global_sum(jnp.sum(poison), axis_name)
+        total_loss = batch_poison
+        total_per_example = poison
         reported = []
         for component in components:
             result = component.definition.compute(prep, component.hparams, axis_name)
             loss = global_mean(result.per_example, result.weight, axis_name)
             total_loss = total_loss + component.weight * loss
             total_per_example = total_per_example + component.weight * result.per_example
-            reported.append((component.definition.name, loss, preference_metrics(result, prep, axis_name)))
+            reported.append((component.definition.name, loss + jax.lax.stop_gradient(batch_poison),
+                             preference_metrics(result, prep, axis_name)))
         return LossOutput(loss=total_loss, per_example=total_per_example, metrics=_merge_metrics(reported))
 
     spec = _spec(components)

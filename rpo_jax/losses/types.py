@@ -30,6 +30,9 @@ class PreferenceLogps:
     * ``valid [B, K]`` bool (optional): which responses exist. ``None`` means every response exists. Invalid
       responses contribute exactly zero loss and zero gradient, whatever values their slots hold.
 
+    A NaN or ±inf in a *valid* slot of any field present (any reference included) is never dropped: the loss and
+    that example's ``per_example`` are NaN, and so is the gradient w.r.t. that example's policy log-probs.
+
     Any float dtype is accepted; every loss upcasts to float32.
     """
 
@@ -48,7 +51,8 @@ class LossOutput:
     * ``loss``: float32 scalar, ``Σ_b w_b·per_example_b / max(Σ_b w_b, 1)``; with ``axis_name`` both sums are
       ``psum``-ed, so it is the mean over the global batch. ``w_b`` is 1 for examples with at least one usable
       pair of responses (at least one valid response for ``sft``), else 0.
-    * ``per_example [B]``: float32, the loss of each example (0 where ``w_b = 0``).
+    * ``per_example [B]``: float32, the loss of each example (0 where ``w_b = 0``). An example with a NaN/±inf in
+      a valid slot of its inputs has ``per_example`` NaN (whatever ``w_b``), and then ``loss`` is NaN too.
     * ``metrics``: ``dict[str, scalar]`` of global means (TRL names, see ``rpo_jax.losses.metrics``).
     """
 
@@ -67,7 +71,8 @@ class LossSpec:
     * ``requires_lengths``: whether the batch must carry ``lengths`` (length-normalised losses).
     * ``min_references``: the fewest reference models ``R`` it accepts: 0 (reference-free), 1, or 2 (MRPO).
     * ``num_references``: ``None`` when reference-free or when ``R`` is not fixed (ARWC MRPO, ``alpha=None``);
-      else the exact ``R`` it needs: ``len(alpha)`` for MRPO with fixed weights, 1 for single-reference losses.
+      else the exact ``R`` it needs: ``len(alpha)`` for MRPO with fixed weights, 2 for MRPO with
+      ``arwc="authors_code"``, 1 for single-reference losses.
     * ``hparams``: the resolved hyperparameters of every component, ``{component name: {hparam: value}}``.
     """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 FULL_ATTENTION = "full_attention"
@@ -20,6 +21,84 @@ SUPPORTED_MODEL_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "gemma3")
 
 RematPolicy = Literal["none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+#: Fields a config.json must state (transformers would silently fill in its defaults, e.g. hidden_size 4096).
+#: A Gemma 3 multimodal `text_config` need only state the first three: hub configs (gemma-3-4b-it) rely on
+#: Gemma3TextConfig's defaults for the others.
+REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_REQUIRED_TEXT_CONFIG_FIELDS = REQUIRED_FIELDS[:3]
+
+#: Hugging Face causal-LM architectures → the model_type their config.json must have.
+CAUSAL_LM_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3",
+}
+#: Hugging Face sequence-classification (reward model) architectures → the model_type their config must have.
+SEQUENCE_CLASSIFICATION_ARCHITECTURES: dict[str, str] = {
+    "LlamaForSequenceClassification": "llama",
+    "GemmaForSequenceClassification": "gemma",
+    "Gemma2ForSequenceClassification": "gemma2",
+    "Gemma3TextForSequenceClassification": "gemma3_text",
+}
+_TASKS = {
+    "causal_lm": ("causal language model", CAUSAL_LM_ARCHITECTURES, "load_hf"),
+    "sequence_classification": ("sequence-classification (reward) model", SEQUENCE_CLASSIFICATION_ARCHITECTURES,
+                                "load_reward_model"),
+}
+
+
+def check_architectures(hf: dict[str, Any], source: str, task: str = "causal_lm") -> None:
+    """Checks config.json's `architectures` against its `model_type` for `task` ("causal_lm" or
+    "sequence_classification"). An absent or empty list is accepted (model_type decides). Raises ValueError
+    naming `source`, both values and the expected pairing for: a value that is not a list of one class name, an
+    architecture of the other task, an unknown architecture, or one that contradicts model_type."""
+    if task not in _TASKS:
+        raise ValueError(f"task={task!r} is not one of {sorted(_TASKS)}")
+    what, table, loader = _TASKS[task]
+    archs = hf.get("architectures")
+    if archs is None or archs == []:
+        return
+    model_type = hf.get("model_type")
+    expected = [a for a, t in table.items() if t == model_type]
+    if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
+        raise ValueError(f"{source}: architectures={archs!r}; expected a list of one class name, e.g. {expected}")
+    arch = archs[0]
+    for other, (other_what, other_table, other_loader) in _TASKS.items():
+        if other != task and arch in other_table:
+            raise ValueError(
+                f"{source}: architectures={archs!r} is a {other_what}, not a {what}; load it with {other_loader}"
+            )
+    if arch not in table:
+        raise ValueError(
+            f"{source}: architectures={archs!r} is not a supported {what}; expected one of "
+            f"{', '.join(sorted(table))} (for model_type={model_type!r}: {expected})"
+        )
+    if table[arch] != model_type:
+        pairing = f"model_type {model_type!r} with {', '.join(expected)}" if expected else (
+            f"model_type {model_type!r} with no {what} class")
+        raise ValueError(
+            f"{source}: architectures={archs!r} contradicts model_type={model_type!r}; {arch} goes with "
+            f"model_type {table[arch]!r}, and {pairing}"
+        )
+
+
+def _check_required(hf: Any, fields: Sequence[str], source: str, where: str = "") -> None:
+    """Every field of `fields` present in `hf` as a positive int (ValueError naming `source` and the field)."""
+    if not isinstance(hf, dict):  # only a nested config gets here (from_hf_dict checks the top level)
+        raise ValueError(f"{source}: {where[:-1]}={hf!r}; expected a JSON object with {', '.join(fields)}")
+    missing = sorted(where + f for f in fields if f not in hf)
+    if missing:
+        s = "s" if len(missing) > 1 else ""
+        verb = "are" if s else "is"
+        raise ValueError(f"{source}: required field{s} {', '.join(missing)} {verb} missing (expected a positive "
+                         "integer; transformers' default would not describe this checkpoint)")
+    for f in fields:
+        value = hf[f]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: {where}{f}={value!r}; expected a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,20 +249,29 @@ class ModelConfig:
     def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
         """Reads a Hugging Face `config.json` dict (transformers 4 or 5 format).
 
-        Raises ValueError naming `source` and the field for unknown model types or unsupported features.
+        Raises ValueError naming `source` and the field for: a value that is not a dict, an unknown model type, a
+        missing or non-positive `REQUIRED_FIELDS` entry (for "gemma3": `text_config` and its hidden_size,
+        intermediate_size and num_hidden_layers), values transformers rejects and unsupported features.
         """
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object of config fields, found {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"{source}: model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if model_type == "gemma3":
+            _check_required(hf.get("text_config"), _REQUIRED_TEXT_CONFIG_FIELDS, source, "text_config.")
+        else:
+            _check_required(hf, REQUIRED_FIELDS, source)
         from transformers import AutoConfig  # local import: transformers is heavy
 
         hf = {k: v for k, v in hf.items() if k not in ("transformers_version", "architectures", "auto_map")}
         try:
             tc = AutoConfig.for_model(**hf)
         except Exception as e:  # transformers' own validation (strict dataclasses)
-            raise ValueError(f"{source}: transformers rejected the configuration: {e}") from e
+            reason = " ".join(str(e).split())  # one line
+            raise ValueError(f"{source}: transformers rejected the configuration: {reason}") from e
         if model_type == "gemma3":
             tc = tc.text_config
             model_type = "gemma3_text"
@@ -247,7 +335,11 @@ class ModelConfig:
             pad_token_id=getattr(tc, "pad_token_id", None),
         )
         kwargs.update(overrides)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:  # __post_init__'s checks, which do not know the file
+            where = f"{source} (with overrides {sorted(overrides)})" if overrides else source
+            raise ValueError(f"{where}: {e}") from e
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 `config.json` dict that `AutoModelForCausalLM.from_pretrained` loads."""

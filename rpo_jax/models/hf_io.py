@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rpo_jax.models.config import ModelConfig
+from rpo_jax.models.config import ModelConfig, check_architectures
 from rpo_jax.models.model import Decoder
 from rpo_jax.models.sharding import Rules, state_shardings
 
@@ -147,7 +147,10 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise NotADirectoryError(f"checkpoint path {s!r} is not a directory")
+        raise NotADirectoryError(
+            f"checkpoint path {s!r} is not a directory (expected a Hugging Face checkpoint directory with "
+            "config.json and model.safetensors)"
+        )
     if s.startswith(("/", ".", "~")) or s.count("/") != 1:
         raise FileNotFoundError(f"checkpoint directory {s!r} does not exist (and is not a hub id 'owner/name')")
     try:
@@ -160,20 +163,86 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
         raise FileNotFoundError(f"{s!r} is not a local directory and could not be downloaded from the hub: {e}") from e
 
 
+def _listing(directory: pathlib.Path) -> str:
+    names = sorted(p.name for p in directory.iterdir())
+    return f"found {names[:12]}{' ...' if len(names) > 12 else ''}" if names else "the directory is empty"
+
+
+_JSON_TYPES = {dict: "an object", list: "a JSON array", str: "a JSON string", int: "a JSON number",
+               float: "a JSON number", bool: "a JSON boolean", type(None): "JSON null"}
+
+
+def _read_json_object(path: pathlib.Path) -> dict:
+    """The JSON object in `path`; ValueError naming the file (and the line and column of a syntax error)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON file") from e
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, found {_JSON_TYPES.get(type(value), type(value))}")
+    return value
+
+
+def read_config_json(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]]:
+    """(path, fields) of `directory`/config.json: FileNotFoundError when it is missing, ValueError naming the file
+    when it is not a JSON object (with the line and column of a JSON syntax error)."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{directory}: config.json is missing (expected a Hugging Face checkpoint: config.json and "
+            f"model.safetensors; {_listing(directory)})"
+        )
+    return config_file, _read_json_object(config_file)
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _open_safetensors(path: pathlib.Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="np")
+    except Exception as e:  # SafetensorError (truncated, garbage), OSError (a directory, unreadable)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({reason}); expected a complete safetensors file "
+            "(an interrupted download, copy or export leaves it truncated)"
+        ) from e
+
+
 class SafetensorsIndex:
-    """Maps tensor names to open `safe_open` handles across single or sharded (`*.index.json`) checkpoints."""
+    """Maps tensor names to open `safe_open` handles across single or sharded (`*.index.json`) checkpoints.
+
+    `source` is the file that lists the tensors: `model.safetensors.index.json` when present (it wins over a
+    `model.safetensors` next to it), else `model.safetensors`. Every error names the directory or file and what was
+    expected: no safetensors (pickles named), an unreadable file, an index that is not a {"weight_map": {tensor:
+    shard}} object, a missing shard, a shard without a tensor the index puts in it, or with tensors it does not list.
+    """
 
     def __init__(self, directory: pathlib.Path):
-        from safetensors import safe_open
-
         self.directory = directory
         index_file = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
         if index_file.exists():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
+            weight_map = _read_json_object(index_file).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and pathlib.PurePath(v).name == v and v
+                for k, v in weight_map.items()
+            ):
+                raise ValueError(
+                    f"{index_file}: weight_map is missing or malformed; expected an object "
+                    '{"tensor name": "shard file name in this directory", ...}'
+                )
             files = sorted(set(weight_map.values()))
+            self.source = index_file
         elif single.exists():
             files, weight_map = ["model.safetensors"], None
+            self.source = single
         else:
             pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
             if pickles:
@@ -181,14 +250,37 @@ class SafetensorsIndex:
                     f"{directory}: only safetensors checkpoints are supported; found pickle files {pickles} "
                     "(convert them with transformers `save_pretrained(..., safe_serialization=True)`)"
                 )
-            raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+            raise FileNotFoundError(
+                f"{directory}: no model.safetensors or model.safetensors.index.json ({_listing(directory)}); "
+                "expected the safetensors weights that transformers' save_pretrained writes"
+            )
         self.handles = {}
         for name in files:
-            if not (directory / name).exists():
-                raise FileNotFoundError(f"{index_file}: shard {name} is missing")
-            self.handles[name] = safe_open(str(directory / name), framework="np")
+            if not (directory / name).is_file():
+                listed = sorted(k for k, v in weight_map.items() if v == name)
+                raise FileNotFoundError(
+                    f"{index_file}: shard {name} is missing ({len(listed)} tensors of weight_map, e.g. {listed[0]}, "
+                    f"are in it); expected the file {directory / name}"
+                )
+            self.handles[name] = _open_safetensors(directory / name)
         if weight_map is None:
             weight_map = {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
+        else:
+            held = {name: set(handle.keys()) for name, handle in self.handles.items()}
+            for name in files:
+                absent = sorted(k for k, v in weight_map.items() if v == name and k not in held[name])
+                if absent:
+                    raise ValueError(
+                        f"{directory / name}: tensors {absent[:8]}{' ...' if len(absent) > 8 else ''} are missing "
+                        f"({index_file.name} puts them in this shard)"
+                    )
+            for name in files:
+                unlisted = sorted(k for k in held[name] if weight_map.get(k) != name)
+                if unlisted:
+                    raise ValueError(
+                        f"{directory / name}: tensors {unlisted[:8]}{' ...' if len(unlisted) > 8 else ''} are not "
+                        f"listed for this shard in {index_file} (expected every tensor of a shard in its weight_map)"
+                    )
         self.weight_map: dict[str, str] = weight_map
 
     def keys(self) -> set[str]:
@@ -201,13 +293,18 @@ class SafetensorsIndex:
         return self.handles[self.weight_map[key]].get_slice(key)
 
 
-def _decoder_prefix(keys: set[str], directory) -> str:
+def _decoder_prefix(keys: set[str], source) -> str:
     for prefix in _DECODER_PREFIXES:
         if prefix + "embed_tokens.weight" in keys:
             return prefix
     raise ValueError(
-        f"{directory}: no embedding tensor found (looked for {[p + 'embed_tokens.weight' for p in _DECODER_PREFIXES]})"
+        f"{source}: no embedding tensor found (looked for {[p + 'embed_tokens.weight' for p in _DECODER_PREFIXES]}; "
+        f"found {sorted(keys)[:6]}{' ...' if len(keys) > 6 else ''})"
     )
+
+
+def _names(names: Sequence[str]) -> str:
+    return f"{list(names[:8])}{' ...' if len(names) > 8 else ''}"
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -221,6 +318,7 @@ def load_hf(
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules | None = None,
     extra_tensors: Collection[str] = (),
+    task: str = "causal_lm",
     **config_overrides: Any,
 ) -> tuple[Decoder, ModelConfig]:
     """Loads a Hugging Face Llama / Gemma 1/2/3 checkpoint directory (or hub id) into a `Decoder`.
@@ -228,69 +326,96 @@ def load_hf(
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default `dtype`). With `mesh`, each parameter
     is created directly in its `rules` sharding. `config_overrides` replace ModelConfig fields (e.g. remat="full").
     `extra_tensors`: names of checkpoint tensors the caller reads itself (e.g. a reward model's `score.weight`);
-    they are not loaded here and not reported as unexpected.
-    Raises ValueError for unknown model types, missing / unexpected tensors (named), shape mismatches and pickles.
+    they are not loaded here and not reported as unexpected. `task`: what config.json's `architectures` must
+    declare, "causal_lm" (`CAUSAL_LM_ARCHITECTURES`) or "sequence_classification" (for `load_reward_model`).
+    Every broken input is an error naming its directory or file, what is wrong and what was expected: a missing
+    directory, config.json or safetensors file (FileNotFoundError); a config.json that is not a JSON object or
+    lacks a required field, `architectures` contradicting `model_type` or naming another task, unknown model
+    types, unreadable (truncated) safetensors, missing / unexpected tensors, wrong shapes or non-float dtypes and
+    pickles (ValueError).
     """
     directory = resolve_checkpoint_dir(path_or_repo_id)
-    config_file = directory / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{directory}: config.json is missing")
-    hf_config = json.loads(config_file.read_text())
+    config_file, hf_config = read_config_json(directory)
     config = ModelConfig.from_hf_dict(hf_config, source=str(config_file), **config_overrides)
+    check_architectures(hf_config, str(config_file), task)
     param_dtype = jnp.dtype(param_dtype or dtype)
     tensors = SafetensorsIndex(directory)
     keys = tensors.keys()
-    prefix = _decoder_prefix(keys, directory)
+    prefix = _decoder_prefix(keys, tensors.source)
+
+    build = lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)  # noqa: E731
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    flat_abstract = dict(nnx.to_flat_state(abstract_state))
 
     table = key_table(config)
     lm_head_name = next((n for n in _LM_HEAD_NAMES if n in keys), None)
+    hint = (
+        "; score.weight is a sequence-classification head: load a reward model with load_reward_model"
+        if "score.weight" in keys and "score.weight" not in extra_tensors
+        else ""
+    )
     if not config.tie_word_embeddings:
         if lm_head_name is None:
-            raise ValueError(f"{directory}: missing tensor lm_head.weight (tie_word_embeddings is False)")
+            raise ValueError(
+                f"{tensors.source}: missing tensor lm_head.weight {[config.vocab_size, config.hidden_size]} "
+                f"({config_file} has tie_word_embeddings=False, so an untied output projection is expected{hint})"
+            )
         table.append(dataclasses.replace(LM_HEAD_RULE, hf_name=lm_head_name))
 
     def hf_names(rule: KeyRule) -> list[str]:
         name = rule.hf_name if rule.path == ("lm_head",) else prefix + rule.hf_name
         return [name.format(i=i) for i in range(config.num_layers)] if rule.stacked else [name]
 
-    expected = {n for rule in table for n in hf_names(rule)}
-    missing = sorted(expected - keys)
+    def per_tensor_shape(rule: KeyRule) -> tuple[int, ...]:
+        shape = flat_abstract[rule.path].shape
+        return tuple(shape[1:] if rule.stacked else shape)
+
+    expected = {n: _hf_shape(per_tensor_shape(rule), rule.transform) for rule in table for n in hf_names(rule)}
+    missing = sorted(set(expected) - keys)
     if missing:
-        raise ValueError(f"{directory}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(
+            f"{tensors.source}: missing tensors {_names(missing)} (expected shapes "
+            f"{[list(expected[n]) for n in missing[:8]]} for the {config.model_type} model of {config_file})"
+        )
     ignorable = {lm_head_name} if config.tie_word_embeddings and lm_head_name else set()
     ignorable |= set(extra_tensors)
     unexpected = sorted(
         k
-        for k in keys - expected - ignorable
+        for k in keys - set(expected) - ignorable
         if not k.endswith("rotary_emb.inv_freq")
         and not (hf_config.get("model_type") == "gemma3" and k.startswith(_MULTIMODAL_IGNORED))
     )
     if unexpected:
-        raise ValueError(f"{directory}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(
+            f"{tensors.source}: unexpected tensors {_names(unexpected)} (not part of the {config.model_type} model "
+            f"that {config_file} describes{hint})"
+        )
+    for name, want in expected.items():
+        tensor = tensors.get_slice(name)
+        got = tuple(tensor.get_shape())
+        if got != want:
+            raise ValueError(
+                f"{tensors.file_of(name)}: tensor {name} has shape {list(got)}, expected {list(want)} for "
+                f"{config.model_type} config {config_file}"
+            )
+        if tensor.get_dtype() not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{tensors.file_of(name)}: tensor {name} has dtype {tensor.get_dtype()}, expected a floating-point "
+                f"dtype ({', '.join(_FLOAT_DTYPES)})"
+            )
 
-    build = lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)  # noqa: E731
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(build)
-    graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
-    flat_abstract = dict(nnx.to_flat_state(abstract_state))
     flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
 
     values: dict[tuple[str, ...], jax.Array] = {}
     for rule in table:
         target = flat_abstract[rule.path]
         names = hf_names(rule)
-        per_tensor_shape = target.shape[1:] if rule.stacked else target.shape
-        want = _hf_shape(per_tensor_shape, rule.transform)
-        for name in names:
-            got = tuple(tensors.get_slice(name).get_shape())
-            if got != want:
-                raise ValueError(
-                    f"{tensors.file_of(name)}: tensor {name} has shape {list(got)}, expected {list(want)} for {config.model_type} config"
-                )
         readers = [tensors.get_slice(n) for n in names]
 
-        def read(index, rule=rule, readers=readers, per_tensor_shape=per_tensor_shape):
+        def read(index, rule=rule, readers=readers, per_tensor_shape=per_tensor_shape(rule)):
             if rule.stacked:
                 layers = range(*index[0].indices(config.num_layers))
                 blocks = [_read_block(readers[i], rule.transform, per_tensor_shape, index[1:]) for i in layers]
@@ -328,11 +453,28 @@ def save_hf(
 
     Tensors are stored in the model's parameter dtype with Hugging Face names for `XForCausalLM` (a Gemma 3
     multimodal checkpoint is exported as its text tower, `Gemma3ForCausalLM`).
+
+    `out_dir` is created (with its parents) when missing; an existing directory is written into, unless it holds
+    another safetensors checkpoint (a `model.safetensors.index.json` or shards, which loaders would read instead:
+    ValueError). Every file written gets the process's normal mode, 0o666 & ~umask (the safetensors writer alone
+    would leave `model.safetensors` at 0o600).
     """
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: exists and is not a directory; save_hf writes a checkpoint directory")
     out.mkdir(parents=True, exist_ok=True)
+    stale = sorted(  # the index first
+        (p.name for p in out.iterdir() if p.name == "model.safetensors.index.json"
+         or (p.name.endswith(".safetensors") and p.name != "model.safetensors")),
+        key=lambda name: (not name.endswith(".json"), name),
+    )
+    if stale:
+        raise ValueError(
+            f"{out}: holds another safetensors checkpoint {_names(stale)}, which loaders would read instead of the "
+            "model.safetensors written here; expected a new or empty directory (or one with a single-file export)"
+        )
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     table = key_table(config) + ([] if config.tie_word_embeddings else [LM_HEAD_RULE])
     tensors: dict[str, np.ndarray] = {}
@@ -354,6 +496,26 @@ def save_hf(
         str(model.param_dtype), "float32"
     )
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    written = [out / "model.safetensors", out / "config.json"]
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        saved = tokenizer.save_pretrained(str(out))
+        written += [pathlib.Path(f) for f in (saved or ()) if isinstance(f, (str, os.PathLike))]
+    mode = default_file_mode()
+    for path in written:
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
     return out
+
+
+def default_file_mode() -> int:
+    """0o666 & ~umask: the mode `open()` gives a new file in this process. Read from /proc (Linux) so that the
+    umask is never changed; elsewhere set and restored at once (to the most restrictive value meanwhile)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -32,18 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rpo_jax.models.config import ModelConfig
-from rpo_jax.models.hf_io import SafetensorsIndex, load_hf, resolve_checkpoint_dir, save_hf
+from rpo_jax.models.config import SEQUENCE_CLASSIFICATION_ARCHITECTURES, ModelConfig
+from rpo_jax.models.hf_io import SafetensorsIndex, load_hf, read_config_json, resolve_checkpoint_dir, save_hf
 from rpo_jax.models.model import Decoder
 from rpo_jax.models.sharding import Rules, shard_model, variable_sharding
 
 #: Hugging Face sequence-classification architectures → the model_type their config must have.
-REWARD_ARCHITECTURES: dict[str, str] = {
-    "LlamaForSequenceClassification": "llama",
-    "GemmaForSequenceClassification": "gemma",
-    "Gemma2ForSequenceClassification": "gemma2",
-    "Gemma3TextForSequenceClassification": "gemma3_text",
-}
+REWARD_ARCHITECTURES: dict[str, str] = SEQUENCE_CLASSIFICATION_ARCHITECTURES
 _ARCHITECTURE_OF = {model_type: arch for arch, model_type in REWARD_ARCHITECTURES.items()}
 SCORE_TENSOR = "score.weight"
 
@@ -175,15 +170,13 @@ def load_reward_model(
 
     The decoder is read by `load_hf` (same key table, sharding and dtypes); the head is `score.weight
     [num_labels, D]`. Raises ValueError naming the file for: no or an unknown `architectures` entry, a
-    causal-LM checkpoint (no score head), a missing / mis-shaped `score.weight`, label-count mismatches.
+    causal-LM checkpoint (no score head), a missing / mis-shaped `score.weight`, label-count mismatches, and
+    every broken directory, config.json or safetensors file `load_hf` reports.
     """
     directory = resolve_checkpoint_dir(path)
-    config_file = directory / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{directory}: config.json is missing")
-    hf = json.loads(config_file.read_text())
+    config_file, hf = read_config_json(directory)
     architectures = hf.get("architectures") or []
-    if len(architectures) != 1:
+    if not isinstance(architectures, list) or len(architectures) != 1:
         raise ValueError(
             f"{config_file}: architectures={architectures!r}; expected exactly one of {sorted(REWARD_ARCHITECTURES)}"
         )
@@ -192,7 +185,7 @@ def load_reward_model(
         hint = (
             " — a causal language model has no score head; a reward model is an XForSequenceClassification"
             " checkpoint"
-            if arch.endswith(("ForCausalLM", "ForConditionalGeneration"))
+            if isinstance(arch, str) and arch.endswith(("ForCausalLM", "ForConditionalGeneration"))
             else ""
         )
         raise ValueError(
@@ -211,11 +204,17 @@ def load_reward_model(
             "score head (is this a causal-LM checkpoint relabelled as a classifier?)"
         )
     config = ModelConfig.from_hf_dict(hf, source=str(config_file))
-    score_shape = tuple(tensors.get_slice(SCORE_TENSOR).get_shape())
-    if len(score_shape) != 2 or score_shape[1] != config.hidden_size:
+    score = tensors.get_slice(SCORE_TENSOR)
+    score_shape = tuple(score.get_shape())
+    if len(score_shape) != 2 or score_shape[1] != config.hidden_size or score_shape[0] < 1:
         raise ValueError(
             f"{tensors.file_of(SCORE_TENSOR)}: tensor {SCORE_TENSOR} has shape {list(score_shape)}, "
             f"expected [num_labels, {config.hidden_size}]"
+        )
+    if score.get_dtype() not in ("F16", "BF16", "F32", "F64"):
+        raise ValueError(
+            f"{tensors.file_of(SCORE_TENSOR)}: tensor {SCORE_TENSOR} has dtype {score.get_dtype()}, expected a "
+            "floating-point dtype (F16, BF16, F32, F64)"
         )
     num_labels = score_shape[0]
     labels = _labels_from_hf(hf, num_labels, str(config_file))
@@ -227,6 +226,7 @@ def load_reward_model(
         mesh=mesh,
         rules=rules,
         extra_tensors=(SCORE_TENSOR,),
+        task="sequence_classification",
         tie_word_embeddings=True,
     )
     if loaded != backbone_config(config):  # an invariant of load_hf; never expected

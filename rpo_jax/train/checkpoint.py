@@ -32,6 +32,14 @@ class Checkpointer:
             cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("params", "state", "data"))
 
+    def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints in the directory, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None when there is none)."""
+        return self.manager.latest_step()
+
     def should_save(self, step: int) -> bool:
         return step % self.every_steps == 0
 

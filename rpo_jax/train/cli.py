@@ -6,14 +6,20 @@
     rpo-export runs/smollm2 exported/                # Hugging Face directory with the tokenizer
     rpo-train --config configs/online_demo.py        # online RPO (config.mode="online")
     rpo-train --config configs/reward_model_demo.py  # Bradley–Terry reward model (config.mode="reward_model")
+
+An error ends either command with one line on stderr (`rpo-train: error: …`) and exit status 1; the traceback
+goes to WORKDIR/errors.log when the work directory exists, and to stderr with `--verbose`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import importlib
 import logging
 import pathlib
 import sys
+import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -28,7 +34,9 @@ def _define_train_flags():
     config_flags.DEFINE_config_file("config", str(_QUICKSTART), "Recipe file (configs/NAME.py); default: quickstart.",
                                     lock_config=True)
     flags.DEFINE_string("workdir", "runs/quickstart", "Run directory: checkpoints, metrics, reference cache, export.")
-    flags.DEFINE_bool("precompute", False, "Preference training: only compute (or reuse) the reference log-prob cache, then exit.")
+    flags.DEFINE_bool("precompute", False,
+                      "Preference training: only compute (or reuse) the reference log-prob cache, then exit.")
+    flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (always kept in WORKDIR/errors.log).")
 
 
 def _quiet_libraries() -> None:
@@ -37,15 +45,43 @@ def _quiet_libraries() -> None:
     logging.getLogger("rpo_jax").setLevel(logging.INFO)
 
 
+@contextlib.contextmanager
+def one_line_errors(program: str, workdir: str | None, verbose: bool):
+    """Any exception in the block ends the program with `<program>: error: <message>` on stderr and exit status 1
+    (130 for Ctrl-C); the traceback is appended to WORKDIR/errors.log when `workdir` exists, and printed with
+    `verbose`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the command line's last resort: report, keep the traceback
+        trace = traceback.format_exc()
+        where = None
+        if workdir and pathlib.Path(workdir).is_dir():
+            where = pathlib.Path(workdir) / "errors.log"
+            with open(where, "a", encoding="utf-8") as log_file:
+                log_file.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {program}\n{trace}\n")
+        if verbose:
+            print(trace, file=sys.stderr, end="")
+        message = str(e) or type(e).__name__
+        if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
+            message = f"{type(e).__name__}: {message}"
+        hint = f" (traceback: {where})" if where and not verbose else ""
+        print(f"{program}: error: {message}{hint}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def _train(argv):
     del argv
     _quiet_libraries()
-    initialize_from_environment()
-    if flags.FLAGS.config.cpu_reuse_memory:
-        from rpo_jax.train.host import reuse_cpu_step_memory
-        reuse_cpu_step_memory()
-    result = run_job(flags.FLAGS.config, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
-    logging.info("done: %s", result)
+    with one_line_errors("rpo-train", flags.FLAGS.workdir, flags.FLAGS.verbose):
+        initialize_from_environment()
+        if flags.FLAGS.config.cpu_reuse_memory:
+            from rpo_jax.train.host import reuse_cpu_step_memory
+            reuse_cpu_step_memory()
+        result = run_job(flags.FLAGS.config, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
+        logging.info("done: %s", result)
 
 
 #: config.mode → (module, function) of its job; imported only after jax.distributed.initialize.
@@ -79,12 +115,15 @@ def export_main(argv: list[str] | None = None) -> None:
     import argparse
     parser = argparse.ArgumentParser(prog="rpo-export", description=export_main.__doc__)
     parser.add_argument("workdir")
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", help="a new or empty directory, or an earlier export; not inside a run directory "
+                                        "(other than WORKDIR/export)")
+    parser.add_argument("--verbose", action="store_true", help="on an error, print the traceback too")
     args = parser.parse_args(argv)
     _quiet_libraries()
-    initialize_from_environment()
-    from rpo_jax.train.export import export_workdir
-    print(export_workdir(args.workdir, args.out_dir))
+    with one_line_errors("rpo-export", None, args.verbose):
+        initialize_from_environment()
+        from rpo_jax.train.export import export_workdir
+        print(export_workdir(args.workdir, args.out_dir))
 
 
 if __name__ == "__main__":

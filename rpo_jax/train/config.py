@@ -78,6 +78,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpointing = True
     c.train.export_at_end = True      # write WORKDIR/export (HF directory with tokenizer)
     c.train.progress_bar = True
+    c.train.resume = "auto"           # a work directory with checkpoints of the same run (run_identity.json):
+                                      # "auto" resumes it, or starts fresh when there is none; "must" refuses to
+                                      # start fresh; "never" refuses a directory that has checkpoints; "force"
+                                      # resumes even when the run's identity changed (the differences are logged).
+                                      # A different run's checkpoints are never resumed silently nor deleted.
+    c.train.on_nonfinite = "stop"     # a NaN/inf loss or gradient norm: "stop" (exit non-zero, keep the last good
+                                      # checkpoint, never save the bad state) | "skip_step" (no update, counted)
+    c.train.max_skipped_in_a_row = 10  # "skip_step": stop after this many non-finite steps (units) in a row
 
     # mode="online": each iteration samples `num_samples` responses to `prompts_per_iteration` prompts of
     # data.train with the current policy, scores them with the reward source, and takes `updates_per_iteration`

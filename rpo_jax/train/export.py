@@ -4,6 +4,12 @@ and from a run directory (`rpo-export WORKDIR OUT_DIR`).
 One table, `EXPORTERS`, says for each mode how its model is built from the run's config and how it is saved:
 a policy (`save_hf`: `XForCausalLM`) for preference and online runs, a sequence-classification reward model
 (`save_reward_model`: `XForSequenceClassification`) for reward-model runs.
+
+An export never writes into a run's work directory (its config, checkpoints, metrics), except into the run's own
+WORKDIR/export; it is written to a temporary directory beside the target and renamed into place at the end, so
+an interrupted export leaves the previous one (or nothing), never half of one. An existing target is replaced only
+when it is an earlier export (config.json and *.safetensors, nothing else of a run); its files get the process's
+normal permissions.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import dataclasses
 import logging
 import os
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -24,7 +32,7 @@ from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.mesh import replicate
 from rpo_jax.train.setup import (build_reward_model, compute_dtype, load_policy, load_tokenizer, split_trainable,
                                  tokenizer_path)
-from rpo_jax.train.workdir import CHECKPOINTS, read_run_config
+from rpo_jax.train.workdir import CHECKPOINTS, EXPORT, is_run_directory, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +61,54 @@ def exporter_of(mode: str) -> Exporter:
     return EXPORTERS[mode]
 
 
+def check_export_target(out_dir: str | os.PathLike) -> pathlib.Path:
+    """The resolved `out_dir`, or a ValueError when writing an export there would touch a run or other files:
+    `out_dir` is, or is inside, a run's work directory (other than that run's WORKDIR/export), or it is an existing
+    directory that holds something other than an earlier export."""
+    out = pathlib.Path(out_dir).resolve()
+    for parent in (out, *out.parents):
+        if is_run_directory(parent) and out != parent / EXPORT:
+            raise ValueError(f"{out_dir}: {'is' if parent == out else 'is inside'} the run directory {parent}; "
+                             f"export into a directory outside it (or into {parent / EXPORT})")
+    if out.exists() and any(out.iterdir()):
+        names = {p.name for p in out.iterdir()}
+        if not out.is_dir() or "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+            raise ValueError(f"{out_dir}: exists and is not an earlier export (no config.json and *.safetensors); "
+                             "nothing was written: choose a new or empty directory")
+    return out
+
+
+def _normal_permissions(root: pathlib.Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out_dir: str | os.PathLike, tokenizer,
                mesh) -> pathlib.Path:
-    """Write the model `nnx.merge(graphdef, params, rest)` of a `mode` run to `out_dir`: its parameters are
-    gathered whole to every process first, process 0 writes, every process waits for it."""
+    """Write the model `nnx.merge(graphdef, params, rest)` of a `mode` run to `out_dir` (see the module docstring:
+    where it may write, atomically). Its parameters are gathered whole to every process first, process 0 writes,
+    every process waits for it."""
     save = exporter_of(mode).save
+    out = check_export_target(out_dir)
     params = replicate(params, mesh)
     if jax.process_index() == 0:
-        save(nnx.merge(graphdef, params, rest), model_config, out_dir, tokenizer=tokenizer)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.previous-*")):
+            shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
+        partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            save(nnx.merge(graphdef, params, rest), model_config, partial, tokenizer=tokenizer)
+            _normal_permissions(partial)
+            previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
+            if out.exists():
+                os.replace(out, previous)
+            os.replace(partial, out)
+            shutil.rmtree(previous, ignore_errors=True)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     multihost_utils.sync_global_devices("rpo_jax_export")
     return pathlib.Path(out_dir)
 
@@ -69,6 +117,7 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pa
     """`rpo-export`: the newest restorable checkpoint of the run directory `workdir` as a Hugging Face directory
     (a policy, or a sequence-classification reward model for a `mode="reward_model"` run)."""
     workdir = pathlib.Path(workdir)
+    check_export_target(out_dir)  # before anything is loaded
     cfg = read_run_config(workdir)
     mode = cfg.get("mode", "preference")
     mesh = make_mesh(dict(cfg.mesh))

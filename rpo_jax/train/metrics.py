@@ -22,12 +22,17 @@ class MetricWriter:
                  enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.console = console
+        self.lines = 0  # records in metrics.jsonl (those already there included); a checkpoint records it
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                self.lines = sum(1 for _ in f)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -39,6 +44,7 @@ class MetricWriter:
         values = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.flush()
+        self.lines += 1
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, int(step))
@@ -51,5 +57,7 @@ class MetricWriter:
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

@@ -50,11 +50,11 @@ from rpo_jax.data import PromptRecord, encode_prompt, epoch_permutation, read_pr
 from rpo_jax.models import RewardFn, generate, judge_fn, load_reward_model, reward_model_fn
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.mesh import local_batch_size, replicate, replicated, to_global
+from rpo_jax.train.identity import run_identity, token_lists_fingerprint
 from rpo_jax.train.runner import Task, Unit, run_task
 from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, data_paths, load_model, load_policy,
                                  load_tokenizer, split_trainable, tokenizer_path)
 from rpo_jax.train.step import cast_floating, make_scorer, make_train_step, resolve_score_window
-from rpo_jax.train.workdir import start_run
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +439,8 @@ def make_online_step(run: OnlineRun):
     step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                               micro_batches=run.config.data.micro_batches,
                               vocab_chunk_size=run.config.model.vocab_chunk_size or None, lr_schedule=run.schedule,
-                              score_window=score_window_of(run.config))
+                              score_window=score_window_of(run.config),
+                              skip_nonfinite=run.config.train.on_nonfinite == "skip_step")
     return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
 
 
@@ -468,7 +469,12 @@ def online_task(run: OnlineRun) -> Task:
             raise ValueError(f"checkpoint at optimizer step {iteration * updates} records iteration "
                              f"{data_state['iteration']}, not {iteration}: online.updates_per_iteration changed?")
 
-    return Task(mode=MODE, run=run, units=int(oc.iterations), advance=advance,
+    not_identity = ("iterations", "eval_prompts", "eval_every", "eval_judge")
+    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer,
+                            objective={"loss": cfg.loss, "references": list(cfg.references),
+                                       "online": {k: v for k, v in oc.items() if k not in not_identity}},
+                            data={split: token_lists_fingerprint(ids) for split, ids in run.prompt_ids.items()})
+    return Task(mode=MODE, run=run, identity=identity, units=int(oc.iterations), advance=advance,
                 evaluate=lambda params, iteration: evaluate_online(run, params, iteration),
                 data_state=lambda iteration: {"iteration": iteration}, restore_data=restore_data,
                 steps_per_unit=updates, unit_name="iteration", metrics_prefix="online", eval_every=oc.eval_every,
@@ -478,5 +484,4 @@ def online_task(run: OnlineRun) -> Task:
 def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> dict[str, Any]:
     """Run `config.online.iterations` online iterations in `workdir`; returns `{"online": the last iteration's
     metrics, "eval": the final evaluation, "iteration": iterations done, "export": the export directory}`."""
-    workdir = start_run(cfg, workdir, MODE)
     return run_task(online_task(build_online_run(cfg, devices=devices)), workdir)

@@ -25,12 +25,13 @@ from rpo_jax.data import TokenizedDataset, make_train_iterator, tokenize_records
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.mesh import local_batch_size, replicated, to_global
 from rpo_jax.train.performance import train_flops_per_token
-from rpo_jax.train.reference_cache import Reference, cached_logps, compute_logps, weights_fingerprint
+from rpo_jax.train.identity import dataset_fingerprint, run_identity, weights_fingerprint
+from rpo_jax.train.reference_cache import Reference, cached_logps, compute_logps
 from rpo_jax.train.runner import Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, load_model, load_policy,
                                  load_records, load_tokenizer, split_trainable, tokenize_splits, tokenizer_path)
 from rpo_jax.train.step import make_eval_step, make_scorer, make_train_step, resolve_score_window
-from rpo_jax.train.workdir import REFERENCE_CACHE, start_run
+from rpo_jax.train.workdir import REFERENCE_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,8 @@ def preference_task(run: PreferenceRun) -> Task:
     chunk = cfg.model.vocab_chunk_size or None
     step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                               micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
-                              ref_graphdefs=ref_graphdefs, lr_schedule=run.schedule, score_window=run.score_window)
+                              ref_graphdefs=ref_graphdefs, lr_schedule=run.schedule, score_window=run.score_window,
+                              skip_nonfinite=cfg.train.on_nonfinite == "skip_step")
     train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
     eval_step = jax.jit(make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=run.dtype,
                                        vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs,
@@ -235,7 +237,12 @@ def preference_task(run: PreferenceRun) -> Task:
         state, metrics = train_step(state, device_batch(run, batch, "train"), in_step_reference_params(run))
         return Unit(state, metrics, {"tokens": tokens}, flops)
 
-    return Task(mode=MODE, run=run, units=cfg.train.steps * max(1, cfg.train.iterations), advance=advance,
+    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer,
+                            objective={"loss": cfg.loss, "references": list(cfg.references),
+                                       "iterations": max(1, cfg.train.iterations)},
+                            data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
+    return Task(mode=MODE, run=run, identity=identity, units=cfg.train.steps * max(1, cfg.train.iterations),
+                advance=advance,
                 evaluate=lambda params, step: evaluate(run, params, eval_step),
                 data_state=lambda step: iterator.get_state(),
                 restore_data=lambda data_state, step: iterator.set_state(data_state),
@@ -246,8 +253,8 @@ def preference_task(run: PreferenceRun) -> Task:
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precompute_only: bool = False,
           devices=None) -> dict[str, Any]:
     """Run the configured preference training in `workdir`; returns the final train and eval metrics
-    (`rpo_jax.train.runner.run_task`), or with `precompute_only` only the reference cache's shapes."""
-    workdir = start_run(cfg, workdir, MODE)
+    (`rpo_jax.train.runner.run_task`), or with `precompute_only` only the reference cache's shapes (nothing else
+    is written to `workdir` then)."""
     run = build_run(cfg, workdir, devices=devices)
     fill_reference_cache(run)
     if precompute_only:

@@ -1,4 +1,5 @@
-"""Frozen reference models of preference training and the cache of their log-probs.
+"""Frozen reference models of preference training and the cache of their log-probs (keyed by the fingerprints of
+`rpo_jax.train.identity`).
 
 References are frozen. Their sequence log-probs of every response, `[N, K, R]` for N records of a split, are
 computed once by a precompute pass and stored beside the run under `WORKDIR/ref_cache/`, keyed by a
@@ -19,13 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from rpo_jax.data import TokenizedDataset, make_eval_batches
 from rpo_jax.train.mesh import replicate, to_global
-from rpo_jax.train.setup import init_fields
+from rpo_jax.train.identity import dataset_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -41,40 +41,6 @@ class Reference:
     rest: Any
     datasets: dict[str, TokenizedDataset]  # split → the split tokenized with this reference's tokenizer
     tokenizer_name: str
-
-
-def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 over config.json and the bytes of every safetensors file of a checkpoint directory."""
-    h = hashlib.sha256()
-    root = pathlib.Path(path)
-    for f in sorted(root.glob("config.json")) + sorted(root.glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def weights_fingerprint(path: str, cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> str:
-    """What identifies a model's weights in the cache key: the checkpoint's bytes (`checkpoint_fingerprint`), or
-    the random init's fields and seed. Computed only for losses that use a reference (hashing a large
-    checkpoint takes a while)."""
-    if path:
-        return checkpoint_fingerprint(path) if os.path.isdir(path) else path
-    return json.dumps({"init": init_fields(cfg, vocab_size), "seed": cfg.model.init_seed}, sort_keys=True)
-
-
-def dataset_fingerprint(dataset: TokenizedDataset) -> str:
-    """sha256 over the tokenized examples (ids, prompt lengths, record indices), K, buckets and max length."""
-    h = hashlib.sha256(json.dumps({"k_max": dataset.k_max, "max_length": dataset.max_length,
-                                   "num_records": dataset.num_records, "pad": dataset.pad_id}).encode())
-    for e in dataset.examples:
-        h.update(np.int64(e.index).tobytes())
-        h.update(np.asarray(e.prompt_lengths, np.int64).tobytes())
-        for s in e.sequences:
-            h.update(np.asarray(s, np.int32).tobytes())
-            h.update(b"|")
-    return h.hexdigest()
 
 
 def cache_key(reference: Reference, split: str) -> dict[str, Any]:

@@ -42,11 +42,11 @@ from rpo_jax.losses import bradley_terry_loss, bradley_terry_per_pair
 from rpo_jax.models import RewardModel
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.mesh import local_batch_size, replicated, to_global
+from rpo_jax.train.identity import dataset_fingerprint, run_identity
 from rpo_jax.train.runner import Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.setup import (RunSetup, build_reward_model, build_setup, compute_dtype, load_records, load_tokenizer,
                                  tokenizer_path)
 from rpo_jax.train.step import accumulate_gradients, apply_gradients, cast_floating
-from rpo_jax.train.workdir import start_run
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ def _loss_inputs(graphdef, params, rest, batch, *, compute_dtype, label):
 
 
 def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, compute_dtype, label: int = 0,
-                           center_coefficient: float = 0.0, micro_batches: int = 1, lr_schedule=None):
+                           center_coefficient: float = 0.0, micro_batches: int = 1, lr_schedule=None,
+                           skip_nonfinite: bool = False):
     """`train_step(state, batch) -> (state, metrics)`: Bradley–Terry loss on `batch` (tokens, attention_mask
     [B,2,T], weight [B], margin [B]), gradients accumulated over `micro_batches` slices, one optax update
     (`rpo_jax.train.step.accumulate_gradients` / `apply_gradients`). `pairs` counts the batch's pairs."""
@@ -189,7 +190,7 @@ def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, 
     def train_step(state, batch):
         loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches)
         metrics = {**metrics, "pairs": jnp.sum(batch["weight"])}  # a count over the whole batch, not a mean
-        return apply_gradients(state, grads, loss, metrics, tx, lr_schedule)
+        return apply_gradients(state, grads, loss, metrics, tx, lr_schedule, skip_nonfinite=skip_nonfinite)
 
     return train_step
 
@@ -321,7 +322,7 @@ def reward_model_task(run: RewardRun) -> Task:
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
     step_fn = make_reward_train_step(run.graphdef, run.rest, run.tx, compute_dtype=run.dtype, label=rm.label,
                                      center_coefficient=rm.center_coefficient, micro_batches=cfg.data.micro_batches,
-                                     lr_schedule=run.schedule)
+                                     lr_schedule=run.schedule, skip_nonfinite=cfg.train.on_nonfinite == "skip_step")
     train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
     eval_step = jax.jit(make_reward_eval_step(run.graphdef, run.rest, compute_dtype=run.dtype, label=rm.label,
                                               center_coefficient=rm.center_coefficient),
@@ -332,7 +333,9 @@ def reward_model_task(run: RewardRun) -> Task:
         state, metrics = train_step(state, to_global(batch, run.mesh))
         return Unit(state, metrics, {"pairs": float(batch["weight"].sum()) * jax.process_count()})
 
-    return Task(mode=MODE, run=run, units=cfg.train.steps, advance=advance,
+    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer, objective={"reward_model": rm},
+                            data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
+    return Task(mode=MODE, run=run, identity=identity, units=cfg.train.steps, advance=advance,
                 evaluate=lambda params, step: evaluate_pairs(run, params, eval_step),
                 data_state=lambda step: iterator.get_state(),
                 restore_data=lambda data_state, step: iterator.set_state(data_state),
@@ -350,6 +353,4 @@ def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     resumed from the newest that restores) and, with `train.export_at_end`, WORKDIR/export (a Hugging Face
     sequence-classification checkpoint with the tokenizer).
     """
-    workdir = start_run(cfg, workdir, MODE)
-    reward_model_settings(cfg)
     return run_task(reward_model_task(build_reward_run(cfg, devices=devices)), workdir)

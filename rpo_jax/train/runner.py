@@ -11,7 +11,24 @@ step (preference, reward model) or one online iteration of several optimizer ste
     every train.checkpoint_every units:            checkpoint (train state + data position)
     SIGTERM seen (on every host):                  checkpoint, close and return {"preempted_at": unit}
 
-and at the end: evaluate, checkpoint, close, export (`config.train.export_at_end`).
+and at the end: checkpoint, evaluate, close, export (`config.train.export_at_end`).
+
+Safety (`config.train`):
+
+* **Resume** (`resume`): the work directory records the run's identity (`rpo_jax.train.identity`). With
+  checkpoints present, a run of the same identity resumes from the newest one that restores ("auto", "must",
+  "force"); a different identity is refused with the differences listed, unless `resume="force"`; "never"
+  refuses a directory with checkpoints; "must" refuses to start without one. Checkpoints are never deleted
+  to make room for another run, and a directory whose checkpoints all fail to restore is an error, not a fresh
+  start over them. A resumed run moves the metrics written after its checkpoint (their steps are replayed) to
+  metrics.replayed.jsonl, so metrics.jsonl has one record per logged step.
+* **Divergence** (`on_nonfinite`): every step reports whether its loss or gradient norm is non-finite; the
+  skeleton reads the flags where it synchronises anyway (log points, before a checkpoint, at the end). "stop":
+  the run stops with `NonFiniteError` naming the step and its values, without saving anything after the last
+  good checkpoint; "skip_step": such steps make no update (counted as `skipped_steps`), and
+  `max_skipped_in_a_row` of them in a row stop the run the same way.
+* Every exit path (an error included) closes the checkpointer, so pending saves finish and no background
+  machinery is left to print tracebacks at interpreter shutdown.
 """
 
 from __future__ import annotations
@@ -30,11 +47,23 @@ from jax.experimental import multihost_utils
 from rpo_jax.data import TokenizedDataset, make_eval_batches
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.export import save_model
+from rpo_jax.train.identity import identity_differences
 from rpo_jax.train.mesh import local_batch_size
 from rpo_jax.train.metrics import MetricWriter
 from rpo_jax.train.performance import Throughput, device_memory, measure_matmul_peak
 from rpo_jax.train.setup import RunSetup
-from rpo_jax.train.workdir import CHECKPOINTS, EXPORT
+from rpo_jax.train.workdir import CHECKPOINTS, EXPORT, continue_metrics, read_identity, record_run
+
+RESUME_MODES = ("auto", "must", "never", "force")
+NONFINITE_POLICIES = ("stop", "skip_step")
+
+
+class ResumeError(ValueError):
+    """The work directory cannot be continued as asked (`config.train.resume`); nothing in it was changed."""
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm was NaN or infinite (`config.train.on_nonfinite`)."""
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +124,7 @@ class Task:
 
     mode: str                                            # "preference" | "online" | "reward_model" (the exporter)
     run: RunSetup                                        # model, mesh, tokenizer, initial train state
+    identity: Mapping[str, Any]                          # what defines the run (`rpo_jax.train.identity`)
     units: int                                           # units in the whole run
     advance: Callable[[Any, int], Unit]                  # (state, units done) → the next unit
     evaluate: Callable[[Any, int], dict[str, float]]     # (params, units done) → eval metrics ({} when no eval)
@@ -123,77 +153,175 @@ def sum_over_eval_batches(dataset: TokenizedDataset, batch_size: int, mesh,
     return totals
 
 
+def check_safety_settings(cfg) -> None:
+    """ValueErrors naming the field for bad `config.train.resume` / `on_nonfinite` / `max_skipped_in_a_row`."""
+    if cfg.train.resume not in RESUME_MODES:
+        raise ValueError(f"config.train.resume={cfg.train.resume!r}: expected one of {RESUME_MODES}")
+    if cfg.train.on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"config.train.on_nonfinite={cfg.train.on_nonfinite!r}: expected one of {NONFINITE_POLICIES}")
+    if int(cfg.train.max_skipped_in_a_row) < 1:
+        raise ValueError(f"config.train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row} must be ≥ 1")
+
+
+def resume_or_start(task: Task, ckpt: Checkpointer, workdir: pathlib.Path) -> tuple[Any, int, int | None]:
+    """(train state, units done, metrics.jsonl records to keep or None for a fresh start), following
+    `config.train.resume` (module docstring); records the run (config.json, run_identity.json) once it is
+    clear that it starts or continues here."""
+    cfg = task.run.config
+    mode = cfg.train.resume
+    steps = ckpt.all_steps()
+    if not steps:
+        if mode == "must":
+            raise ResumeError(f"{workdir}: no checkpoint to resume (config.train.resume='must')")
+        record_run(cfg, workdir, task.mode, task.identity)
+        return task.run.state, 0, None
+    if mode == "never":
+        raise ResumeError(f"{workdir} already holds checkpoints (steps {', '.join(map(str, steps))}); "
+                          "config.train.resume='never' starts only in a directory without them: use another --workdir")
+    recorded = read_identity(workdir)
+    differences = (identity_differences(recorded, task.identity) if recorded is not None
+                   else ["run_identity.json is missing (a run directory written before rpo_jax recorded run "
+                         "identities, or not an rpo-train run)"])
+    if differences and mode != "force":
+        raise ResumeError(f"{workdir} holds checkpoints (steps {', '.join(map(str, steps))}) of another run: "
+                          f"{'; '.join(differences)}. Use another --workdir, or --config.train.resume=force to "
+                          "continue these checkpoints with the new settings")
+    if differences:
+        log.warning("resuming %s with a changed run (config.train.resume='force'): %s", workdir, "; ".join(differences))
+    restored = ckpt.restore_latest(abstract_like(task.run.state))
+    if restored is None:
+        raise ResumeError(f"{ckpt.directory}: none of the checkpoints (steps {', '.join(map(str, steps))}) restores "
+                          "(see the warnings above); they are kept. Use another --workdir to start afresh")
+    _, state, saved = restored
+    if isinstance(saved, Mapping) and set(saved) == {"data", "metrics_lines"}:
+        data_state, metrics_lines = saved["data"], saved["metrics_lines"]
+    else:  # a checkpoint from before the metrics count was recorded
+        data_state, metrics_lines = saved, None
+    unit = int(state["step"]) // task.steps_per_unit
+    task.restore_data(data_state, unit)
+    record_run(cfg, workdir, task.mode, task.identity)
+    log.info("resumed at %s %d", task.unit_name, unit)
+    return state, unit, metrics_lines
+
+
+class DivergenceGuard:
+    """Reads the units' `nonfinite` flags (device scalars, see `rpo_jax.train.step.apply_gradients`) in one
+    transfer when the run synchronises anyway, and raises `NonFiniteError` as `config.train.on_nonfinite` says."""
+
+    def __init__(self, cfg, ckpt: Checkpointer, unit_name: str):
+        self.policy, self.limit = cfg.train.on_nonfinite, int(cfg.train.max_skipped_in_a_row)
+        self.ckpt, self.unit_name = ckpt, unit_name
+        self.pending: list[tuple[int, Mapping[str, Any]]] = []
+        self.in_a_row = self.skipped = 0
+
+    def add(self, unit: int, metrics: Mapping[str, Any]) -> None:
+        if "nonfinite" in metrics:
+            self.pending.append((unit, metrics))
+
+    def check(self) -> None:
+        flags = jax.device_get([m["nonfinite"] for _, m in self.pending])
+        pending, self.pending = self.pending, []
+        for (unit, metrics), flag in zip(pending, flags):
+            if not flag:
+                self.in_a_row = 0
+                continue
+            self.in_a_row += 1
+            self.skipped += 1
+            if self.policy == "stop" or self.in_a_row >= self.limit:
+                self._raise(unit, metrics)
+
+    def _raise(self, unit: int, metrics: Mapping[str, Any]) -> None:
+        values = {k: float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        why = ("config.train.on_nonfinite='stop'" if self.policy == "stop" else
+               f"{self.in_a_row} in a row, config.train.max_skipped_in_a_row={self.limit}")
+        latest = self.ckpt.latest_step()
+        kept = f"the newest checkpoint, step {latest}, is kept" if latest is not None else "no checkpoint was saved"
+        raise NonFiniteError(f"{self.unit_name} {unit}: non-finite training values ({shown}); stopped ({why}); "
+                             f"{kept} and nothing after it was saved")
+
+
 def run_task(task: Task, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Run `task` to its last unit in `workdir` (resuming from its newest restorable checkpoint).
+    """Run `task` to its last unit in `workdir`, starting or resuming as `config.train.resume` says.
 
     Returns `{prefix: the last logged metrics, "eval": the final eval metrics, unit_name: units done, "export":
-    the export directory or None}`, or `{prefix: …, "preempted_at": unit}` after SIGTERM.
+    the export directory or None}`, or `{prefix: …, "preempted_at": unit}` after SIGTERM. Raises `ResumeError`
+    (the directory holds another run, ...) or `NonFiniteError` (the run diverged).
     """
     run, cfg, workdir = task.run, task.run.config, pathlib.Path(workdir)
-    writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard)
+    check_safety_settings(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / CHECKPOINTS, every_steps=max(1, cfg.train.checkpoint_every) * task.steps_per_unit,
                         keep=cfg.train.keep_checkpoints, asynchronous=cfg.train.async_checkpointing)
-    state, unit = run.state, 0
-    restored = ckpt.restore_latest(abstract_like(state))
-    if restored is not None:
-        _, state, data_state = restored
-        unit = int(state["step"]) // task.steps_per_unit
-        task.restore_data(data_state, unit)
-        log.info("resumed at %s %d", task.unit_name, unit)
+    writer = progress = None
+    try:
+        state, unit, metrics_lines = resume_or_start(task, ckpt, workdir)
+        continue_metrics(workdir, metrics_lines)
+        writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard)
+        guard = DivergenceGuard(cfg, ckpt, task.unit_name)
 
-    def save(force: bool = False) -> None:
-        ckpt.save(unit * task.steps_per_unit, state, task.data_state(unit), force=force)
+        def save(force: bool = False) -> None:
+            step = unit * task.steps_per_unit
+            if force or ckpt.should_save(step):
+                guard.check()  # never save a state that a non-finite step produced
+                ckpt.save(step, state, {"data": task.data_state(unit), "metrics_lines": writer.lines}, force=force)
 
-    def close() -> None:
+        peak = None
+        if task.mfu_dtype is not None:
+            peak = cfg.metrics.peak_flops or measure_matmul_peak(task.mfu_dtype, repeats=2)
+        if cfg.train.progress_bar and jax.process_index() == 0 and unit < task.units:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=task.units, initial=unit, desc=task.label, dynamic_ncols=True)
+        if task.eval_at_start and unit == 0:
+            writer.write(0, task.evaluate(state["params"], 0), prefix="eval/")
+
+        prefix = task.metrics_prefix
+        last: dict[str, float] = {}
+        throughput = Throughput(peak)
+        compiled = False
+        with Preemption() as preemption:
+            while unit < task.units:
+                state, metrics, counts, flops = task.advance(state, unit)
+                unit += 1
+                guard.add(unit, metrics)
+                throughput.add(counts, flops)
+                if not compiled:  # keep the first unit's compilation out of the throughput
+                    jax.block_until_ready(metrics)
+                    throughput.restart()
+                    compiled = True
+                if unit % task.log_every == 0 or unit == task.units:
+                    guard.check()
+                    last = {k: float(v) for k, v in jax.device_get(dict(metrics)).items() if k != "nonfinite"}
+                    if cfg.train.on_nonfinite == "skip_step":
+                        last["skipped_steps"] = float(guard.skipped)
+                    last.update(throughput.read())
+                    last.update(device_memory())
+                    writer.write(unit, last, prefix=f"{prefix}/")
+                if progress is not None:
+                    progress.update(1)
+                    if task.progress_metric in last:
+                        progress.set_postfix({task.progress_metric: f"{last[task.progress_metric]:.3f}"})
+                if task.eval_every and unit % task.eval_every == 0 and unit != task.units:
+                    guard.check()
+                    writer.write(unit, task.evaluate(state["params"], unit), prefix="eval/")
+                    throughput.restart()
+                if unit < task.units:
+                    save()
+                if preemption.should_stop(unit * task.steps_per_unit):
+                    log.warning("preemption requested: saving %s %d and exiting", task.unit_name, unit)
+                    save(force=True)
+                    return {prefix: last, "preempted_at": unit}
+        # the last checkpoint comes before the final evaluation: a finished run started again re-evaluates,
+        # and metrics.jsonl keeps one final record
         save(force=True)
+        eval_metrics = task.evaluate(state["params"], unit)
+        writer.write(unit, eval_metrics, prefix="eval/")
+    finally:
+        if progress is not None:
+            progress.close()
         ckpt.close()
-        writer.close()
-
-    peak = None
-    if task.mfu_dtype is not None:
-        peak = cfg.metrics.peak_flops or measure_matmul_peak(task.mfu_dtype, repeats=2)
-    progress = None
-    if cfg.train.progress_bar and jax.process_index() == 0 and unit < task.units:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=task.units, initial=unit, desc=task.label, dynamic_ncols=True)
-    if task.eval_at_start and unit == 0:
-        writer.write(0, task.evaluate(state["params"], 0), prefix="eval/")
-
-    prefix = task.metrics_prefix
-    last: dict[str, float] = {}
-    throughput = Throughput(peak)
-    compiled = False
-    with Preemption() as preemption:
-        while unit < task.units:
-            state, metrics, counts, flops = task.advance(state, unit)
-            unit += 1
-            throughput.add(counts, flops)
-            if not compiled:  # keep the first unit's compilation out of the throughput
-                jax.block_until_ready(metrics)
-                throughput.restart()
-                compiled = True
-            if unit % task.log_every == 0 or unit == task.units:
-                last = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
-                last.update(throughput.read())
-                last.update(device_memory())
-                writer.write(unit, last, prefix=f"{prefix}/")
-            if progress is not None:
-                progress.update(1)
-                if task.progress_metric in last:
-                    progress.set_postfix({task.progress_metric: f"{last[task.progress_metric]:.3f}"})
-            if task.eval_every and unit % task.eval_every == 0 and unit != task.units:
-                writer.write(unit, task.evaluate(state["params"], unit), prefix="eval/")
-                throughput.restart()
-            save()
-            if preemption.should_stop(unit * task.steps_per_unit):
-                log.warning("preemption requested: saving %s %d and exiting", task.unit_name, unit)
-                close()
-                return {prefix: last, "preempted_at": unit}
-    if progress is not None:
-        progress.close()
-    eval_metrics = task.evaluate(state["params"], unit)
-    writer.write(unit, eval_metrics, prefix="eval/")
-    close()
+        if writer is not None:
+            writer.close()
     exported = None
     if cfg.train.export_at_end:
         exported = str(save_model(task.mode, run.graphdef, state["params"], run.rest, run.model_config,

@@ -8,8 +8,8 @@ mode, reference and export splits its model with `split_trainable`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +23,7 @@ from rpo_jax.data import (TokenizedDataset, demo_paths, holdout_split, read_reco
                           tokenize_records)
 from rpo_jax.losses import make_loss
 from rpo_jax.models import ModelConfig, create_model, create_reward_model, load_hf, load_reward_model
-from rpo_jax.models.hf_io import resolve_checkpoint_dir
+from rpo_jax.models.hf_io import read_config_json, resolve_checkpoint_dir
 from rpo_jax.models.reward import REWARD_ARCHITECTURES, RewardModel
 from rpo_jax.models.sharding import variable_sharding
 from rpo_jax.train.mesh import replicated
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: The variables a run trains: `nnx.split(model, TRAINABLE, ...)` gives (graphdef, trainable, the rest).
 TRAINABLE = nnx.Param
+
+#: Files of which a tokenizer directory has at least one (fast; SentencePiece; BPE or WordPiece vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 #: `config.data.pairs` → the `to_pairs` mode.
 PAIR_MODES = {"best_worst": "best_vs_worst", "all": "all_pairs"}
@@ -65,9 +68,18 @@ def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
 
 
 def load_tokenizer(path: str):
-    """A transformers tokenizer; one without a pad token pads with its EOS token."""
+    """A transformers tokenizer (one without a pad token pads with its EOS token). A directory without tokenizer
+    files, or one transformers cannot load, is an error naming the directory and what is wrong."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
+    directory = pathlib.Path(path)
+    if directory.is_dir() and not any((directory / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
+                                "set config.model.tokenizer to a directory that has one")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; name the directory and the reason
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: the tokenizer does not load ({type(e).__name__}: {reason})") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -106,6 +118,9 @@ def load_records(cfg: ml_collections.ConfigDict, *, requires_rewards: bool = Fal
         for recs in splits.values():
             if recs:
                 require_rewards(recs)
+    if not splits["train"]:
+        raise ValueError(f"data.train={dc.train!r}: no training records left"
+                         + (f" after data.pairs={dc.pairs!r}" if dc.pairs else ""))
     return {k: v for k, v in splits.items() if v}
 
 
@@ -153,14 +168,6 @@ def load_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype):
     return load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
 
 
-def _hf_architecture(path: str) -> str:
-    config_file = resolve_checkpoint_dir(path) / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file.parent}: config.json is missing")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    return architectures[0] if len(architectures) == 1 else ""
-
-
 def _check_exportable(mconfig: ModelConfig, source: str) -> None:
     if mconfig.model_type not in REWARD_ARCHITECTURES.values():
         raise ValueError(f"{source}: model_type {mconfig.model_type!r} has no Hugging Face sequence-classification "
@@ -179,10 +186,10 @@ def build_reward_model(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype) -
     """
     param_dtype = jnp.dtype(cfg.model.param_dtype)
     path = cfg.model.path
-    if path and _hf_architecture(path) in REWARD_ARCHITECTURES:
+    hf = read_config_json(resolve_checkpoint_dir(path))[1] if path else {}
+    if path and len(hf.get("architectures") or []) == 1 and hf["architectures"][0] in REWARD_ARCHITECTURES:
         return load_reward_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     if path:
-        hf = json.loads((resolve_checkpoint_dir(path) / "config.json").read_text())
         overrides = {"tie_word_embeddings": True, "remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll}
         if hf.get("pad_token_id") is None:
             overrides["pad_token_id"] = tokenizer.pad_token_id

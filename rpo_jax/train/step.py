@@ -143,15 +143,26 @@ def accumulate_gradients(grad_fn: GradFn, params: Any, batch: Batch, micro_batch
 
 
 def apply_gradients(state: dict[str, Any], grads: Any, loss: jax.Array, metrics: Mapping[str, jax.Array],
-                    tx: optax.GradientTransformation, lr_schedule=None) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+                    tx: optax.GradientTransformation, lr_schedule=None, *, skip_nonfinite: bool = False
+                    ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     """One optax update of the train state `{"params", "opt_state", "step", "rng"}` → `(new state, metrics)`;
-    the metrics gain `loss`, `grad_norm` (global norm of the gradients before clipping) and `learning_rate`
-    (the schedule at this step, when given)."""
+    the metrics gain `loss`, `grad_norm` (global norm of the gradients before clipping), `learning_rate` (the
+    schedule at this step, when given) and `nonfinite` (1.0 when the loss or the gradient norm is NaN/±inf, else
+    0.0: the run skeleton's divergence guard reads it when it next synchronises, so the check adds no host sync).
+
+    `skip_nonfinite`: such a step leaves parameters and optimizer state as they were (`step` and `rng` still
+    advance, so the data position and the step count stay in line)."""
     params = state["params"]
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+    new_params = optax.apply_updates(params, updates)
+    if skip_nonfinite:
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
+    new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
     if lr_schedule is not None:
         metrics["learning_rate"] = lr_schedule(state["step"])
     return new_state, metrics
@@ -160,12 +171,13 @@ def apply_gradients(state: dict[str, Any], grads: Any, loss: jax.Array, metrics:
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[PreferenceLogps], LossOutput],
                     tx: optax.GradientTransformation, *, compute_dtype, micro_batches: int = 1,
                     vocab_chunk_size: int | None = None, ref_graphdefs: tuple = (), lr_schedule=None,
-                    score_window: int | None = None):
+                    score_window: int | None = None, skip_nonfinite: bool = False):
     """Build `train_step(state, batch, ref_params) -> (state, metrics)` (jit it with donated state).
 
     `ref_params`: a tuple of R reference parameter pytrees scored in the step (the reference graphdefs are
     `ref_graphdefs`), or `()` when `batch["ref_logps"]` is cached or the loss needs no reference.
     `score_window`: see `response_logps` (`resolve_score_window` picks it; one compiled step per value).
+    `skip_nonfinite`: see `apply_gradients` (`config.train.on_nonfinite = "skip_step"`).
     """
     def logps(gd, params, rest_, mb):
         return response_logps(gd, params, rest_, mb, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size,
@@ -181,7 +193,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
         def grad_fn(params, mb):  # the references are scored outside the differentiated function
             return value_and_grad(params, mb, step_reference_logps(logps, ref_graphdefs, ref_params, mb))
         loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches)
-        return apply_gradients(state, grads, loss, metrics, tx, lr_schedule)
+        return apply_gradients(state, grads, loss, metrics, tx, lr_schedule, skip_nonfinite=skip_nonfinite)
 
     return train_step
 

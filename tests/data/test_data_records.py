@@ -6,7 +6,7 @@ import gzip
 import json
 
 import pytest
-from rpo_jax.data import PreferenceRecord, RecordError, read_records, require_rewards
+from rpo_jax.data import NoRecordsError, PreferenceRecord, RecordError, read_records, require_rewards
 from rpo_jax.data.records import detect_format
 
 USER = {"role": "user", "content": "what is two plus two"}
@@ -181,8 +181,11 @@ def test_skip_counts_and_reports_every_problem(write_lines, tmp_path, name):
 
 def test_every_problem_of_one_record_is_listed(write_lines, tmp_path):
     path = write_lines(tmp_path / "k.jsonl", [{"prompt": "", "responses": ["a", ""], "rewards": [float("nan"), 1]}])
-    _, report = read_records(path, on_error="skip")
+    with pytest.raises(NoRecordsError) as info:  # its only record is bad: no record left is an error
+        read_records(path, on_error="skip")
+    report = info.value.report
     assert sorted(p.field for p in report.problems) == ["prompt", "responses[1]", "rewards[0]"]
+    assert report.num_skipped == 1 and report.num_records == 0
 
 
 def test_unknown_keys_and_missing_paths(write_lines, tmp_path):
@@ -233,7 +236,9 @@ def test_empty_and_corrupt_files_are_problems(write_lines, tmp_path):
     assert len(records) == 1 and [p.field for p in report.problems] == ["<file>"]
     corrupt = tmp_path / "corrupt.jsonl.gz"
     corrupt.write_bytes(gzip.compress(b'{"prompt": "q", "responses": ["a", "b"]}\n' * 50)[:-30])
-    records, report = read_records(corrupt, on_error="skip")
+    with pytest.raises(NoRecordsError) as info:  # nothing could be read: no record left is an error
+        read_records(corrupt, on_error="skip")
+    report = info.value.report
     assert report.problems and report.problems[-1].field == "<file>" and "cannot read" in report.problems[-1].message
 
 

@@ -71,24 +71,41 @@ def test_dpo_textbook_and_setting():
 def test_cdpo_textbook_and_setting(eps):
     batch, beta = pair_batch(1), 0.2
     entropy = 0.0 if eps == 0 else -(eps * math.log(eps) + (1 - eps) * math.log(1 - eps))
-    def trl_sigmoid(p, r, l):
+    def label_smoothed(p, r, l):  # Mitchell's cDPO; TRL <= 0.x sigmoid + label_smoothing, OpenRLHF, NeMo
         z = beta * ((p[0] - p[1]) - (r[0] - r[1]))
         return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
-    expected, _ = textbook_pairs(batch, trl_sigmoid)
-    loss, _ = _loss("cdpo", batch, beta=beta, label_smoothing=eps)
-    # The RPO form is the KL: TRL's label-smoothed sigmoid loss minus the target's binary entropy.
-    np.testing.assert_allclose(loss, expected - entropy, rtol=1e-5, atol=1e-6)
+    expected, per_ex = textbook_pairs(batch, label_smoothed)
+    loss, per_example = _loss("cdpo", batch, beta=beta, label_smoothing=eps)
+    # cdpo reports the conventional label-smoothed value itself (not the KL, which is H(ε) lower).
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(per_example, per_ex, rtol=1e-5, atol=1e-6)
     grad_cdpo = jax.grad(lambda x: jit_loss("cdpo", beta=beta, label_smoothing=eps)(
         PreferenceLogps(x, batch.ref_logps)).loss)(jnp.asarray(batch.policy_logps))
     policy, ref, _, _, _ = as_f64(batch)
     z = beta * ((policy[:, 0] - policy[:, 1]) - (ref[:, 0] - ref[:, 1]))
     dz = (-(1 - eps) * sigmoid(-z) + eps * sigmoid(z)) * beta / policy.shape[0]
     np.testing.assert_allclose(grad_cdpo, np.stack([dz, -dz], 1), rtol=1e-4, atol=1e-7)
-    if eps > 0:  # RPO setting: rpo_bwd_kl with η Δr* = logit(1 − ε).
+    if eps > 0:  # RPO setting: rpo_bwd_kl with η Δr* = logit(1 − ε) is the KL, H(ε) below, with the same gradient.
         target = math.log((1 - eps) / eps)
-        rewarded = PreferenceLogps(batch.policy_logps, batch.ref_logps, batch.lengths,
-                                   np.tile(np.float32([target, 0.0]), (6, 1)))
-        np.testing.assert_allclose(_loss("rpo_bwd_kl", rewarded, beta=beta)[0], loss, rtol=1e-5)
+        rewards = np.tile(np.float32([target, 0.0]), (6, 1))
+        rewarded = PreferenceLogps(batch.policy_logps, batch.ref_logps, batch.lengths, rewards)
+        np.testing.assert_allclose(_loss("rpo_bwd_kl", rewarded, beta=beta)[0], loss - entropy, rtol=1e-5)
+        grad_kl = jax.grad(lambda x: jit_loss("rpo_bwd_kl", beta=beta)(
+            PreferenceLogps(x, batch.ref_logps, None, rewards)).loss)(jnp.asarray(batch.policy_logps))
+        # rpo_bwd_kl averages over both ordered pairs (0, 1) and (1, 0) — the same value by symmetry.
+        np.testing.assert_allclose(grad_kl, grad_cdpo, rtol=1e-4, atol=1e-7)
+
+
+def test_cdpo_k4_averages_the_label_smoothed_loss_over_preferred_pairs():
+    batch, beta, eps = listwise_batch(6), 0.3, 0.2
+    policy, ref, _, rewards, valid = as_f64(batch)
+    def pair(b, i, j):
+        z = beta * ((policy[b, i] - ref[b, i]) - (policy[b, j] - ref[b, j]))
+        return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+    per_ex, expected = mean_over_pairs(preferred_pairs(rewards, valid), pair)
+    out = jit_loss("cdpo", beta=beta, label_smoothing=eps)(batch)
+    np.testing.assert_allclose(out.loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(out.per_example, per_ex, rtol=1e-5, atol=1e-7)
 
 
 def test_cdpo_at_zero_equals_dpo():

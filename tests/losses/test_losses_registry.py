@@ -138,6 +138,12 @@ def test_unknown_hyperparameter_lists_valid_ones():
     ("mrpo", {"alpha": 0.5}, "alpha.*sequence"),
     ("mrpo", {"epsilon": 1.5}, "epsilon"),
     ("mrpo", {"epsilon_mode": "auto"}, "epsilon_mode.*adaptive.*fixed"),
+    ("mrpo", {"arwc": "paper"}, r"'arwc'.*\['own_margin', 'authors_code'\].*'paper'"),
+    ("rpo_bwd_kl", {"reference_combiner": "mrpo", "arwc": None}, r"'arwc'.*\['own_margin', 'authors_code'\]"),
+    ("mrpo", {"alpha": (0.5, 0.5), "arwc": "authors_code"}, r"'arwc' only applies.*alpha=None"),
+    ("rpo_sq", {"reference_combiner": "mrpo", "alpha": (0.5, 0.5), "arwc": "own_margin"}, r"'arwc' only applies"),
+    ("rpo_sq", {"arwc": "authors_code"}, r"\['arwc'\] only apply with reference_combiner='mrpo'"),
+    ("multi_dpo", {"arwc": "authors_code"}, r"no hyperparameter.*\['arwc'\]"),
     ("discopop", {"discopop_tau": -1.0}, "discopop_tau"),
 ])
 def test_bad_hyperparameter_values(name, hp, match):
@@ -216,7 +222,10 @@ def test_not_a_preference_logps():
 
 def test_loss_hyperparameters_lists_defaults():
     assert loss_hyperparameters("simpo") == {"beta": 2.0, "gamma": 1.0}
-    assert loss_hyperparameters("mrpo") == {"beta": 0.1, "alpha": None, "epsilon": 0.1, "epsilon_mode": "adaptive"}
+    assert loss_hyperparameters("mrpo") == {"beta": 0.1, "alpha": None, "epsilon": 0.1, "epsilon_mode": "adaptive",
+                                            "arwc": "own_margin"}
+    assert loss_hyperparameters("multi_dpo") == {"beta": 0.1, "alpha": None, "epsilon": 0.1,
+                                                 "epsilon_mode": "adaptive"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

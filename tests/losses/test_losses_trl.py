@@ -73,6 +73,38 @@ def test_pair_losses_k3_average_over_preferred_pairs(name, hp):
     np.testing.assert_allclose(out.loss, expected, rtol=2e-5)
 
 
+def _trl_1_16_sigmoid(c, r, beta):
+    """TRL 1.16.0 ``DPOTrainer._compute_loss``, ``loss_type == "sigmoid"``: ``-F.logsigmoid(self.beta *
+    delta_score)`` — ``label_smoothing`` is not read by this branch (only by robust, exo_pair, aot, aot_unpaired)."""
+    return -log_sigmoid(beta * (c - r))
+
+
+def _trl_0_12_sigmoid(c, r, beta, label_smoothing):
+    """TRL 0.12.0 ``DPOTrainer.dpo_loss``, ``loss_type == "sigmoid"`` (cDPO when ``label_smoothing > 0``):
+    ``-F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing) - F.logsigmoid(-self.beta * logits) *
+    self.label_smoothing`` with ``logits = (π_c − π_r) − (ref_c − ref_r)``."""
+    logits = c - r
+    return (-log_sigmoid(beta * logits) * (1 - label_smoothing)
+            - log_sigmoid(-beta * logits) * label_smoothing)
+
+
+def test_trl_1_16_sigmoid_is_dpo_whatever_label_smoothing():
+    batch = random_batch(21, b=6, k=2, rewards=False, scale=1.2)
+    policy, ref, _, _, _ = as_f64(batch)
+    expected = _trl_1_16_sigmoid(policy[:, 0] - ref[:, 0], policy[:, 1] - ref[:, 1], BETA)
+    np.testing.assert_allclose(jit_loss("dpo", beta=BETA)(batch).per_example, expected, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.45])
+def test_cdpo_is_the_label_smoothed_sigmoid_of_trl_0x(eps):
+    batch = random_batch(22, b=6, k=2, rewards=False, scale=1.2)
+    policy, ref, _, _, _ = as_f64(batch)
+    expected = _trl_0_12_sigmoid(policy[:, 0] - ref[:, 0], policy[:, 1] - ref[:, 1], BETA, eps)
+    out = jit_loss("cdpo", beta=BETA, label_smoothing=eps)(batch)
+    np.testing.assert_allclose(out.per_example, expected, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(out.loss, expected.mean(), rtol=2e-5)
+
+
 def test_sigmoid_norm():
     batch = random_batch(13, b=6, k=2, rewards=False)
     policy, ref, lengths, _, _ = as_f64(batch)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -21,7 +20,8 @@ from rpo_jax.train import preference
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.step import make_eval_step, make_train_step
 
-from .trainer_testlib import read_metrics, tiny_config
+from .trainer_testlib import (final_params, read_metrics, steps_saved, subprocess_env, tiny_config, train_command,
+                              write_config)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ONE = jax.devices()[:1]  # in-process runs on one device: faster on a 2-core CI machine
@@ -134,58 +134,18 @@ def test_sharded_8_devices_equal_1_device(tmp_path):
                                 ("eight", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
         cfg = tiny_config(tmp_path / "data", **{"mesh": mesh, "train.steps": 3})
         preference.train(cfg, tmp_path / name, devices=devices)
-        params[name] = _final_params(tmp_path / name)
+        params[name] = final_params(tmp_path / name)
         params[name + "_loss"] = [m["train/loss"] for m in read_metrics(tmp_path / name) if "train/loss" in m]
     np.testing.assert_allclose(params["one_loss"], params["eight_loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params["one"]), jax.tree.leaves(params["eight"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _final_params(workdir: pathlib.Path):
-    """The newest checkpoint's parameters as numpy arrays (restored onto this process's first device)."""
-    import orbax.checkpoint as ocp
-    ckpt_dir = workdir / "checkpoints"
-    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
-    checkpointer = ocp.StandardCheckpointer()
-    path = ckpt_dir / str(step) / "params"
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          checkpointer.metadata(path).item_metadata.tree)
-    return jax.tree.map(np.asarray, checkpointer.restore(path, target))
-
-
-# ------------------------------------------------------------------------------------- subprocess runs
-def _write_config(cfg, path: pathlib.Path) -> pathlib.Path:
-    (path.parent / (path.stem + ".json")).write_text(cfg.to_json())
-    path.write_text("import json, pathlib\nfrom ml_collections import ConfigDict\n\n"
-                    "def get_config():\n"
-                    f"    return ConfigDict(json.loads(pathlib.Path({str(path.parent / (path.stem + '.json'))!r})"
-                    ".read_text()))\n")
-    return path
-
-
-def _env(devices: int = 1, **extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_JAX_COORDINATOR")}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.update(extra)
-    return env
-
-
-def _train_cmd(config_file: pathlib.Path, workdir: pathlib.Path) -> list[str]:
-    return [sys.executable, "-m", "rpo_jax.train.cli", f"--config={config_file}", f"--workdir={workdir}"]
-
-
-def _steps_saved(workdir: pathlib.Path) -> list[int]:
-    d = workdir / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
-
-
 def _run_until_checkpoint(cmd, workdir, min_step: int, sig: int, env) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if any(s >= min_step for s in _steps_saved(workdir)):
+        if any(s >= min_step for s in steps_saved(workdir)):
             proc.send_signal(sig)
             break
         time.sleep(0.02)
@@ -198,19 +158,19 @@ def uninterrupted(tmp_path_factory):
     """One uninterrupted 60-step run, the baseline for the resume tests."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     cfg = tiny_config(tmp / "data", **{"train.steps": 60, "train.checkpoint_every": 5, "train.log_every": 5})
-    config_file = _write_config(cfg, tmp / "config.py")
-    subprocess.run(_train_cmd(config_file, tmp / "run"), env=_env(), check=True, capture_output=True)
-    return config_file, _final_params(tmp / "run")
+    config_file = write_config(cfg, tmp / "config.py")
+    subprocess.run(train_command(config_file, tmp / "run"), env=subprocess_env(), check=True, capture_output=True)
+    return config_file, final_params(tmp / "run")
 
 
 def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path):
     config_file, expected = uninterrupted
     workdir = tmp_path / "run"
-    killed = _run_until_checkpoint(_train_cmd(config_file, workdir), workdir, 10, signal.SIGKILL, _env())
+    killed = _run_until_checkpoint(train_command(config_file, workdir), workdir, 10, signal.SIGKILL, subprocess_env())
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
-    assert max(_steps_saved(workdir)) < 60
-    subprocess.run(_train_cmd(config_file, workdir), env=_env(), check=True, capture_output=True)
-    resumed = _final_params(workdir)
+    assert max(steps_saved(workdir)) < 60
+    subprocess.run(train_command(config_file, workdir), env=subprocess_env(), check=True, capture_output=True)
+    resumed = final_params(workdir)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
 
@@ -218,13 +178,13 @@ def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path):
 def test_sigterm_saves_and_exits_cleanly_then_resumes_identically(uninterrupted, tmp_path):
     config_file, expected = uninterrupted
     workdir = tmp_path / "run"
-    stopped = _run_until_checkpoint(_train_cmd(config_file, workdir), workdir, 5, signal.SIGTERM, _env())
+    stopped = _run_until_checkpoint(train_command(config_file, workdir), workdir, 5, signal.SIGTERM, subprocess_env())
     assert stopped.returncode == 0, stopped.stdout[-3000:]
-    saved = _steps_saved(workdir)
+    saved = steps_saved(workdir)
     assert 5 <= max(saved) < 60
     assert "preemption requested" in stopped.stdout
-    subprocess.run(_train_cmd(config_file, workdir), env=_env(), check=True, capture_output=True)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(_final_params(workdir))):
+    subprocess.run(train_command(config_file, workdir), env=subprocess_env(), check=True, capture_output=True)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(final_params(workdir))):
         np.testing.assert_array_equal(a, b)
 
 
@@ -232,7 +192,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_pat
     config_file, _ = uninterrupted
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 4, "train.checkpoint_every": 2})
     preference.train(cfg, tmp_path / "run", devices=ONE)
-    assert _steps_saved(tmp_path / "run") == [2, 4]
+    assert steps_saved(tmp_path / "run") == [2, 4]
     for f in (tmp_path / "run" / "checkpoints" / "4" / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
@@ -247,16 +207,16 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_pat
 def test_two_processes_match_one_process(tmp_path):
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 3, "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
                                            "train.async_checkpointing": False})
-    config_file = _write_config(cfg, tmp_path / "config.py")
-    subprocess.run(_train_cmd(config_file, tmp_path / "single"), env=_env(devices=8), check=True,
+    config_file = write_config(cfg, tmp_path / "config.py")
+    subprocess.run(train_command(config_file, tmp_path / "single"), env=subprocess_env(devices=8), check=True,
                    capture_output=True)
     import socket
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(_train_cmd(config_file, tmp_path / "multi"), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(train_command(config_file, tmp_path / "multi"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
-                              env=_env(devices=4, RPO_JAX_COORDINATOR=f"localhost:{port}",
+                              env=subprocess_env(devices=4, RPO_JAX_COORDINATOR=f"localhost:{port}",
                                        RPO_JAX_NUM_PROCESSES="2", RPO_JAX_PROCESS_ID=str(i)))
              for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -264,8 +224,8 @@ def test_two_processes_match_one_process(tmp_path):
     single = [m["train/loss"] for m in read_metrics(tmp_path / "single") if "train/loss" in m]
     multi = [m["train/loss"] for m in read_metrics(tmp_path / "multi") if "train/loss" in m]
     np.testing.assert_allclose(single, multi, rtol=1e-6, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "single")),
-                    jax.tree.leaves(_final_params(tmp_path / "multi"))):
+    for a, b in zip(jax.tree.leaves(final_params(tmp_path / "single")),
+                    jax.tree.leaves(final_params(tmp_path / "multi"))):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -288,7 +248,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
         with torch.no_grad():
             expected = hf(torch.tensor([ids])).logits.numpy()
         np.testing.assert_allclose(np.asarray(ours(jnp.asarray([ids], jnp.int32))), expected, atol=1e-4)
-    a = _final_params(tmp_path / "run")
+    a = final_params(tmp_path / "run")
     ours, _ = load_hf(tmp_path / "exported")
     np.testing.assert_array_equal(np.asarray(a["embed"]["value"] if "value" in a["embed"] else a["embed"]),
                                   np.asarray(ours.embed[...]))

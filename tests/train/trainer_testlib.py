@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import sys
+
+import jax
+import numpy as np
 
 from rpo_jax.data import demo_paths
 from rpo_jax.train.quickstart import get_config
@@ -67,3 +72,43 @@ def load_recipe(name: str):
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir: pathlib.Path):
+    """The newest checkpoint's parameters as numpy arrays (restored onto this process's first device)."""
+    import orbax.checkpoint as ocp
+    ckpt_dir = workdir / "checkpoints"
+    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    checkpointer = ocp.StandardCheckpointer()
+    path = ckpt_dir / str(step) / "params"
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          checkpointer.metadata(path).item_metadata.tree)
+    return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
+# ------------------------------------------------------------------------------------- subprocess runs
+def write_config(cfg, path: pathlib.Path) -> pathlib.Path:
+    (path.parent / (path.stem + ".json")).write_text(cfg.to_json())
+    path.write_text("import json, pathlib\nfrom ml_collections import ConfigDict\n\n"
+                    "def get_config():\n"
+                    f"    return ConfigDict(json.loads(pathlib.Path({str(path.parent / (path.stem + '.json'))!r})"
+                    ".read_text()))\n")
+    return path
+
+
+def subprocess_env(devices: int = 1, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RPO_JAX_COORDINATOR")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def train_command(config_file: pathlib.Path, workdir: pathlib.Path) -> list[str]:
+    return [sys.executable, "-m", "rpo_jax.train.cli", f"--config={config_file}", f"--workdir={workdir}"]
+
+
+def steps_saved(workdir: pathlib.Path) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
