@@ -7,9 +7,11 @@ with an uninterrupted run of the same config.
 Both runs are `rpo-train` subprocesses of one config written to OUT/config.py (the quickstart's model, data and
 loss; `--steps` steps, a log record every `--log-every`, evaluation every `--eval-every`, a checkpoint every
 `--checkpoint-every` steps, asynchronous checkpointing and the export at the end, as by default). The uninterrupted
-run gives the wall time T and the start-up time S (until its first checkpoint); attempt i is killed after
-S + U(0, 2·(T − S)/kills) seconds, so the kills fall in start-up, steps, checkpoint writes, evaluations and the
-export alike, and each attempt still moves the run forward; after the last kill the run is resumed to its end.
+run gives the wall time T and the start-up time S (until its first metrics record). One attempt in ten is killed
+during its start-up, after U(0, S) seconds; the others U(0, 2·r·(T − S)/n) seconds after their first metrics
+record, where r is the fraction of the run left (from the newest checkpoint) and n the kills to go. So the kills
+fall in start-up, steps, checkpoint writes, evaluations and the export alike while the run still moves forward;
+after the last kill the run is resumed to its end.
 What an attempt was doing when killed is read from what it left (its last console line, an orbax temporary
 checkpoint directory, a partial export).
 
@@ -28,6 +30,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -59,6 +62,33 @@ def environment() -> dict[str, str]:
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     d = workdir / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def run_and_kill(command: list[str], env: dict, choose_delay, timeout: float) -> tuple[int, str]:
+    """Start `command`; kill -9 it `choose_delay(started)` seconds after it starts (`started` False) or after its
+    first metrics line on the console (`started` True), unless it ends first. Returns (exit status, console)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    lines, first_record = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[step"):
+                first_record.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    during_startup, delay = choose_delay()
+    if not during_startup:
+        first_record.wait(timeout)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    proc.wait(timeout=timeout)
+    reader.join(timeout)
+    return proc.returncode, "".join(lines)
 
 
 def phase_left_behind(workdir: pathlib.Path, console: str) -> str:
@@ -105,37 +135,40 @@ def chaos(out: pathlib.Path, *, kills: int, seed: int, overrides: dict, timeout:
     config = write_config(out, overrides)
     env = environment()
     straight = out / "uninterrupted"
+    console = open(out / "uninterrupted.log", "w", encoding="utf-8")
     start = time.perf_counter()
-    proc = subprocess.Popen(train_command(config, straight), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(train_command(config, straight), env=env, stdout=console, stderr=subprocess.STDOUT)
     startup = None
+    metrics = straight / "metrics.jsonl"
     while proc.poll() is None:
-        if startup is None and checkpoint_steps(straight):
+        if startup is None and metrics.exists() and metrics.stat().st_size:
             startup = time.perf_counter() - start
         time.sleep(0.05)
     total = time.perf_counter() - start
+    console.close()
     if proc.returncode != 0:
-        raise RuntimeError(f"the uninterrupted run failed:\n{proc.stdout.read()[-3000:]}")
+        raise RuntimeError(f"the uninterrupted run failed:\n{(out / 'uninterrupted.log').read_text()[-3000:]}")
     startup = min(startup or total / 4, total)
 
     rng = random.Random(seed)
     chaotic = out / "interrupted"
     phases, attempts = [], 0
-    for _ in range(kills):
-        delay = startup + rng.uniform(0, 2 * (total - startup) / kills)
-        proc = subprocess.Popen(train_command(config, chaotic), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    steps = int(overrides["train.steps"])
+    for i in range(kills):
+        left = 1 - max(checkpoint_steps(chaotic), default=0) / steps
+
+        def choose_delay():
+            if rng.random() < 0.1:
+                return True, rng.uniform(0, startup)
+            return False, rng.uniform(0, 2 * left * (total - startup) / (kills - i))
+
         attempts += 1
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        console = proc.communicate(timeout=timeout)[0]
-        if proc.returncode == 0:
+        code, console = run_and_kill(train_command(config, chaotic), env, choose_delay, timeout)
+        if code == 0:
             phases.append("finished before the kill")
             continue
-        if proc.returncode != -9:
-            raise RuntimeError(f"attempt {attempts} failed (exit {proc.returncode}):\n{console[-3000:]}")
+        if code != -9:
+            raise RuntimeError(f"attempt {attempts} failed (exit {code}):\n{console[-3000:]}")
         phases.append(phase_left_behind(chaotic, console))
     final = subprocess.run(train_command(config, chaotic), env=env, capture_output=True, text=True, timeout=timeout)
     if final.returncode != 0:
