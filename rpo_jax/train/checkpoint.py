@@ -37,7 +37,8 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step (None when there is none)."""
+        """The newest checkpoint's step, once any save in progress has finished (None when there is none)."""
+        self.manager.wait_until_finished()
         return self.manager.latest_step()
 
     def should_save(self, step: int) -> bool:
