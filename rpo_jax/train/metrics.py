@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from rpo_jax.train.workdir import METRICS_FILE, metrics_records
+
 
 class MetricWriter:
     """Writes scalar metrics to the console, `metrics.jsonl` and TensorBoard event files (main process only)."""
@@ -28,11 +30,8 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                self.lines = sum(1 for _ in f)
-        self._jsonl = open(path, "a", encoding="utf-8")
+        self.lines = metrics_records(workdir)
+        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

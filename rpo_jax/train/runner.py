@@ -52,7 +52,8 @@ from rpo_jax.train.mesh import local_batch_size
 from rpo_jax.train.metrics import MetricWriter
 from rpo_jax.train.performance import Throughput, device_memory, measure_matmul_peak
 from rpo_jax.train.setup import RunSetup
-from rpo_jax.train.workdir import CHECKPOINTS, EXPORT, continue_metrics, read_identity, record_run
+from rpo_jax.train.workdir import (CHECKPOINTS, EXPORT, continue_metrics, metrics_records, read_identity,
+                                   record_run)
 
 RESUME_MODES = ("auto", "must", "never", "force")
 NONFINITE_POLICIES = ("stop", "skip_step")
@@ -195,8 +196,8 @@ def resume_or_start(task: Task, ckpt: Checkpointer, workdir: pathlib.Path) -> tu
     _, state, saved = restored
     if isinstance(saved, Mapping) and set(saved) == {"data", "metrics_lines"}:
         data_state, metrics_lines = saved["data"], saved["metrics_lines"]
-    else:  # a checkpoint from before the metrics count was recorded
-        data_state, metrics_lines = saved, None
+    else:  # a checkpoint from before the metrics count was recorded: keep every record, append after them
+        data_state, metrics_lines = saved, metrics_records(workdir)
     unit = int(state["step"]) // task.steps_per_unit
     task.restore_data(data_state, unit)
     record_run(cfg, workdir, task.mode, task.identity)

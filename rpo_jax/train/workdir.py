@@ -72,6 +72,15 @@ def is_run_directory(path: pathlib.Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / CHECKPOINTS).is_dir()
 
 
+def metrics_records(workdir: str | os.PathLike) -> int:
+    """The number of records (lines) in WORKDIR/metrics.jsonl, 0 when there is none."""
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
 def continue_metrics(workdir: pathlib.Path, keep_lines: int | None) -> None:
     """Prepare WORKDIR/metrics.jsonl for a run that starts fresh (`keep_lines` None) or resumes from a checkpoint
     taken when the file had `keep_lines` records.

@@ -16,6 +16,7 @@ import pytest
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train import performance
 from rpo_jax.train.config import base_config
+from rpo_jax.train.checkpoint import Checkpointer
 from rpo_jax.train.performance import Throughput
 from rpo_jax.train.runner import NonFiniteError, ResumeError, Task, Unit, run_task
 from rpo_jax.train.setup import RunSetup, on_mesh
@@ -132,6 +133,23 @@ def test_a_different_run_is_refused_and_its_checkpoints_are_kept(tmp_path):
     result = run_task(toy_task(6, log, identity=other, resume="force"), tmp_path)  # said explicitly: continue
     assert log[0] == ("restore", 4, 4) and result["iteration"] == 6
     assert json.loads((tmp_path / "run_identity.json").read_text()) == other
+
+
+def test_a_checkpoint_from_before_identities_resumes_only_when_forced_and_keeps_its_metrics(tmp_path):
+    task = toy_task(6, [])
+    ckpt = Checkpointer(tmp_path / "checkpoints", every_steps=1, asynchronous=False)
+    old_state = {**task.run.state, "step": jnp.int32(4)}
+    ckpt.save(4, old_state, {"position": 2}, force=True)  # the data item as it was: the task's state alone
+    ckpt.close()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "toy/w": 1.0}\n{"step": 2, "toy/w": 2.0}\n')
+    with pytest.raises(ResumeError, match="run_identity.json is missing"):
+        run_task(toy_task(6, []), tmp_path)
+    log = []
+    run_task(toy_task(6, log, resume="force"), tmp_path)
+    assert log[0] == ("restore", 2, 2)
+    # the old records kept, the resumed units appended: eval at 3, logs at 4 and 6, the final eval at 6
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4, 6, 6]
+    assert not (tmp_path / "metrics.1.jsonl").exists()
 
 
 def test_resume_modes_never_and_must(tmp_path):
