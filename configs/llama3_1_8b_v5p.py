@@ -12,8 +12,11 @@ from rpo_jax.train.config import base_config
 def get_config():
     c = base_config()
     c.model.path = "meta-llama/Llama-3.1-8B-Instruct"
+    # The published config.json of meta-llama/Llama-3.1-8B-Instruct (https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/blob/main/config.json), for
+    # rpo-plan on a machine without the hub.
+    c.model.architecture = "configs/architectures/llama-3.1-8b-instruct.json"
     c.model.dtype = "bfloat16"
-    c.model.remat = "dots_saveable"
+    c.model.remat = "full"  # rpo-plan: dots_saveable keeps every layer's [T, T] attention scores (does not fit)
     c.model.vocab_chunk_size = 16384
     c.data.train = "data/train.jsonl"
     c.data.eval_fraction = 0.02
@@ -21,7 +24,7 @@ def get_config():
     c.data.max_prompt_length = 2048
     c.data.batch_size = 128
     c.data.micro_batches = 4
-    c.data.eval_batch_size = 128
+    c.data.eval_batch_size = 32  # rpo-plan: an eval batch of 128 × 2 × 4096 tokens does not fit
     c.loss.name = "dpo"
     c.loss.hparams = {"beta": 0.1}
     c.loss.extra = [["sft", 0.05, {}]]
@@ -32,5 +35,5 @@ def get_config():
     c.train.eval_every = 250
     c.train.checkpoint_every = 250
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 4}
-    c.metrics.peak_flops = 459e12  # TPU v5p bf16 peak per chip × 1 (MFU is per chip)
+    c.metrics.peak_flops = 459e12  # one TPU v5p chip's bf16 peak; MFU = FLOP/s ÷ (peak × chips)
     return c

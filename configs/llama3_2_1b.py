@@ -10,15 +10,19 @@ from rpo_jax.train.config import base_config
 def get_config():
     c = base_config()
     c.model.path = "meta-llama/Llama-3.2-1B-Instruct"
+    # The published config.json of meta-llama/Llama-3.2-1B-Instruct (https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct/blob/main/config.json), for
+    # rpo-plan on a machine without the hub.
+    c.model.architecture = "configs/architectures/llama-3.2-1b-instruct.json"
     c.model.dtype = "bfloat16"
-    c.model.remat = "dots_saveable"
+    c.model.remat = "full"  # rpo-plan: dots_saveable keeps every layer's [T, T] attention scores
     c.model.vocab_chunk_size = 16384  # V = 128,256: never materialise [N, T, V] float32 log-probs
     c.data.train = "data/train.jsonl"
     c.data.eval = "data/test.jsonl"
     c.data.max_length = 2048
     c.data.max_prompt_length = 1024
     c.data.batch_size = 64
-    c.data.eval_batch_size = 64
+    c.data.micro_batches = 4
+    c.data.eval_batch_size = 16
     c.loss.name = "rpo_bwd_kl"
     c.loss.hparams = {"beta": 0.1, "eta": 1.0}
     c.optimizer.learning_rate = 1e-6

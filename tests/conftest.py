@@ -41,3 +41,32 @@ def smollm2_dir() -> pathlib.Path:
         pytest.skip(f"SmolLM2 builder not found at {_SMOLLM2_SCRIPT}; set RPO_JAX_SMOLLM2 to a checkpoint dir")
     out = subprocess.run(["bash", str(_SMOLLM2_SCRIPT)], check=True, capture_output=True, text=True).stdout
     return pathlib.Path(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A local GCS API (tests/gcs_emulator.py) for the whole session; its environment is set in this process
+    (so processes started by the tests inherit it). Yields that environment."""
+    from tests.gcs_emulator import start_emulator, use_in_this_process
+
+    proc, env = start_emulator()
+    saved = {k: os.environ.get(k) for k in env}
+    use_in_this_process(env)
+    try:
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator) -> str:
+    """`gs://NAME`: a new, empty bucket in the session's emulator."""
+    from tests.gcs_emulator import create_bucket
+
+    return f"gs://{create_bucket(gcs_emulator)}"

@@ -47,8 +47,8 @@ GEMMA_DEFAULTS: dict[str, Any] = dict(
 
 
 def _randomize(model, seed: int, norm_plus_one: bool) -> None:
-    """Overwrites every parameter with random values: matrices N(0, 0.08²); norms 1+N(0,0.1²) (Llama) or
-    N(0, 0.1²) (Gemma, whose norms multiply by 1 + w)."""
+    """Overwrites every parameter with random values: matrices N(0, 0.08²); biases N(0, 0.1²); norms 1+N(0,0.1²)
+    (Llama, Qwen, Mistral) or N(0, 0.1²) (Gemma, whose norms multiply by 1 + w)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -56,7 +56,7 @@ def _randomize(model, seed: int, norm_plus_one: bool) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if p.ndim == 1:
-                value = 0.1 * noise if norm_plus_one else 1.0 + 0.1 * noise
+                value = 0.1 * noise if norm_plus_one or name.endswith(".bias") else 1.0 + 0.1 * noise
             else:
                 value = 0.08 * noise
             p.copy_(value.to(p.dtype))
@@ -129,6 +129,35 @@ def make_tiny_gemma(
     model = model.eval()
     _randomize(model, seed, norm_plus_one=True)
     return _save(model, out_dir, dtype=dtype, max_shard_size=max_shard_size)
+
+
+#: Qwen2 / Qwen2.5 (q/k/v biases, a large RoPE base), Qwen3 (QK-norm, explicit head_dim) and Mistral bases.
+QWEN2_DEFAULTS: dict[str, Any] = dict(LLAMA_DEFAULTS, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+QWEN3_DEFAULTS: dict[str, Any] = dict(QWEN2_DEFAULTS, head_dim=24)  # ≠ hidden / heads = 16
+MISTRAL_DEFAULTS: dict[str, Any] = dict(LLAMA_DEFAULTS, sliding_window=None)
+_FAMILIES = {"qwen2": ("Qwen2", QWEN2_DEFAULTS), "qwen3": ("Qwen3", QWEN3_DEFAULTS),
+             "mistral": ("Mistral", MISTRAL_DEFAULTS)}
+
+
+def make_tiny_family(
+    out_dir, family: str, *, seed: int = 0, dtype: str = "float32", task: str = "causal_lm", num_labels: int = 1,
+    **config_overrides,
+) -> pathlib.Path:
+    """A tiny random Qwen2 / Qwen3 / Mistral (`family` "qwen2", "qwen3", "mistral") checkpoint: `XForCausalLM`, or
+    with task="sequence_classification" an `XForSequenceClassification` reward model with `num_labels` scores.
+    Any config field overrides the defaults (QWEN2_DEFAULTS, QWEN3_DEFAULTS, MISTRAL_DEFAULTS), e.g.
+    use_sliding_window / sliding_window / max_window_layers, tie_word_embeddings, head_dim, num_key_value_heads."""
+    import torch
+    import transformers as tr
+
+    prefix, defaults = _FAMILIES[family]
+    torch.manual_seed(seed)
+    extra = {"num_labels": num_labels} if task == "sequence_classification" else {}
+    cfg = getattr(tr, f"{prefix}Config")(**{**defaults, **extra, **config_overrides})
+    head = "ForSequenceClassification" if task == "sequence_classification" else "ForCausalLM"
+    model = getattr(tr, prefix + head)(cfg).eval()
+    _randomize(model, seed, norm_plus_one=False)
+    return _save(model, out_dir, dtype=dtype, max_shard_size=None)
 
 
 def rewrite_config_t4(checkpoint_dir) -> dict:

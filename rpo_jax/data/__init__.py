@@ -3,7 +3,8 @@
 Read:      ``records, report = read_records(paths, format=None, on_error="raise", split=None)`` (files,
            directories, Hugging Face ``datasets`` objects or save_to_disk directories); prompts alone (online):
            ``prompts, report = read_prompts(paths)``, ``encode_prompt(prompt, tokenizer)``
-Select:    ``to_pairs(records)``, ``holdout_split(records, fraction, seed=...)``, ``require_rewards(records)``
+Select:    ``to_pairs(records)``, ``holdout_split(records, fraction, seed=...)``, ``require_rewards(records)``;
+           labels vs scores: ``label_score_counts(records)``, ``rewards_reach_loss(records, ...)``
 Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``
 Iterate:   ``make_train_iterator(dataset, batch_size, seed=...)`` (resumable), ``make_eval_batches(dataset, B)``
 TFDS:      ``build_tfds(data_dir, sources=... | splits=...)``; ``load_tfds_records(data_dir, split)``.
@@ -20,7 +21,8 @@ _EXPORTS = {
     "records": ("FORMATS", "NoRecordsError", "PreferenceRecord", "Problem", "ROLES", "ReadReport", "RecordError",
                 "detect_format", "expand_sources", "parse_record", "read_records", "resolve_sources"),
     "prompts": ("PromptRecord", "read_prompts"),
-    "selection": ("holdout_split", "require_rewards", "to_pairs"),
+    "selection": ("PAIRS_FROM", "LabelScoreCounts", "holdout_split", "label_score_counts", "require_rewards",
+                  "rewards_reach_loss", "to_pairs"),
     "tokenize": ("TRUNCATION_POLICIES", "TokenizedDataset", "TokenizedExample", "TokenizeReport", "bucket_for",
                  "collate_examples", "default_buckets", "encode_prompt", "encode_record", "tokenize_records"),
     "pipeline": ("TrainIterator", "epoch_permutation", "make_eval_batches", "make_train_iterator",

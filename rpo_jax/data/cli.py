@@ -2,7 +2,8 @@
 
 Reads every file (or directory of shards, ``.arrow`` file, Hugging Face ``save_to_disk`` directory; a saved
 ``DatasetDict``'s split as ``DIR:split``, ``DIR/split`` or ``--split``), prints the number of records, the K distribution, reward
-statistics, and with a tokenizer the token-length percentiles and truncation counts, then every problem as
+statistics, ties and label/score disagreements of labelled pairs (TRL/NeMo files with scores), and with a
+tokenizer the token-length percentiles and truncation counts, then every problem as
 ``file:line: field: message``. Exit status 1 when any record has a problem, 2 for bad usage, else 0.
 """
 
@@ -17,6 +18,7 @@ from typing import TextIO
 import numpy as np
 
 from rpo_jax.data.records import FORMATS, NoRecordsError, read_records
+from rpo_jax.data.selection import label_score_counts
 from rpo_jax.data.tokenize import TRUNCATION_POLICIES
 
 
@@ -52,6 +54,15 @@ def validate(paths: Sequence[str], *, tokenizer: str | None = None, max_length: 
         print(f"  reward mean={np.mean(flat):.4g} std={np.std(flat):.4g} min={min(flat):.4g} "
               f"max={max(flat):.4g}", file=out)
         print(f"  best-worst gap: {_percentiles(gap)}; records with tied rewards: {ties}", file=out)
+    counts = label_score_counts(records)
+    if counts.scored_pairs:
+        print(f"labels vs scores: {counts.summary()}", file=out)
+        print("  with a preference-only loss (dpo, ipo, ...) every pair trains as labelled (data.pairs_from="
+              "'labels'); with data.pairs_from='rewards' or a reward-aware loss the scores decide: a tie "
+              "contributes nothing, a disagreeing pair trains the other way round", file=out)
+        for kind, sources in (("tie", counts.tie_sources), ("disagreement", counts.disagreement_sources)):
+            for file, line in sources:
+                print(f"  {kind}: {file}:{line}", file=out)
     if tokenizer is not None:
         from transformers import AutoTokenizer
 

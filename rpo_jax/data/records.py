@@ -18,7 +18,9 @@ Formats (auto-detected per file from the keys of its first JSON object, or decla
 * ``k_responses``        ``{"prompt": str | [msg...], "responses": [str | [msg...], ...], "rewards": [float, ...]}``
 
 TRL formats may carry UltraFeedback-style ``score_chosen`` / ``score_rejected`` (both or none) as rewards.
-For pairs, response 0 is *chosen* and response 1 *rejected*. Rewards are never invented: a record without
+For pairs, response 0 is *chosen* and response 1 *rejected*: the label, kept whatever the scores say
+(``labelled=True``; :mod:`rpo_jax.data.selection` counts ties and label/score disagreements and decides, with
+``data.pairs_from``, whether a loss sees the labels or the scores). Rewards are never invented: a record without
 rewards has ``rewards=None`` and :func:`rpo_jax.data.selection.require_rewards` refuses it before a reward-aware
 loss trains on it. Prompts alone are read by :mod:`rpo_jax.data.prompts` with the public helpers here.
 
@@ -48,7 +50,7 @@ from rpo_jax.data.problems import (FieldProblems, NoRecordsError, OnError, Probl
                                    no_records_message, type_name)
 from rpo_jax.data.sources import Source, as_source, expand_sources, iter_raw, resolve_sources
 
-__all__ = ["FORMATS", "ROLES", "FieldProblems", "Message", "Messages", "NoRecordsError", "OnError",
+__all__ = ["FORMATS", "PAIR_FORMATS", "ROLES", "FieldProblems", "Message", "Messages", "NoRecordsError", "OnError",
            "PreferenceRecord", "Problem", "ReadReport", "RecordError", "Source", "detect_format", "expand_sources",
            "iter_file_records", "iter_raw", "no_records_message", "parse_messages", "parse_record",
            "read_records", "read_sources", "record_problems", "resolve_sources", "type_name"]
@@ -57,6 +59,8 @@ Message = dict[str, str]
 Messages = tuple[Message, ...]
 
 FORMATS = ("trl_standard", "trl_conversational", "trl_implicit", "nemo", "k_responses")
+#: Formats whose two responses are labelled chosen / rejected (``PreferenceRecord.labelled``).
+PAIR_FORMATS = ("trl_standard", "trl_conversational", "trl_implicit", "nemo")
 _FORMAT_ALIASES = {"trl": "trl", "standard": "trl_standard", "conversational": "trl_conversational",
                    "implicit": "trl_implicit", "implicit_prompt": "trl_implicit", "nemo_aligner": "nemo",
                    "k": "k_responses", "responses": "k_responses"}
@@ -82,6 +86,9 @@ class PreferenceRecord:
         plain strings (tokenize ``prompt + response + EOS``).
       source: ``(file, line)`` the record came from (line is 1-based; the row number for Parquet, Arrow and
         Hugging Face datasets, whose "file" is the name :mod:`rpo_jax.data.sources` gives them).
+      labelled: True for a *pair format* (``trl_*``, ``nemo``), whose order is a label: response 0 was chosen
+        over response 1, whatever its scores say. False for K-response records (their order means nothing; only
+        rewards rank them) and for pairs derived from rewards (:func:`rpo_jax.data.selection.to_pairs`).
     """
 
     prompt: Messages
@@ -89,6 +96,7 @@ class PreferenceRecord:
     rewards: tuple[float, ...] | None
     conversational: bool
     source: tuple[str, int] = ("<memory>", 0)
+    labelled: bool = False
 
     @property
     def num_responses(self) -> int:
@@ -114,7 +122,8 @@ class PreferenceRecord:
                 "responses": [[dict(m) for m in r] for r in self.responses],
                 "rewards": None if self.rewards is None else list(self.rewards),
                 "conversational": self.conversational,
-                "source": [self.source[0], self.source[1]]}
+                "source": [self.source[0], self.source[1]],
+                "labelled": self.labelled}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "PreferenceRecord":
@@ -123,7 +132,8 @@ class PreferenceRecord:
                    responses=tuple(tuple(dict(m) for m in r) for r in obj["responses"]),
                    rewards=None if obj["rewards"] is None else tuple(float(x) for x in obj["rewards"]),
                    conversational=bool(obj["conversational"]),
-                   source=(str(obj["source"][0]), int(obj["source"][1])))
+                   source=(str(obj["source"][0]), int(obj["source"][1])),
+                   labelled=bool(obj.get("labelled", False)))  # written before labels were kept: unlabelled
 
 
 def _freeze(x: Any) -> Any:
@@ -402,7 +412,7 @@ def record_problems(obj: Any, format: str, source: tuple[str, int]) -> Preferenc
         return [Problem(file, line, field, msg) for field, msg in e.problems]
     return PreferenceRecord(prompt=prompt, responses=tuple(responses),
                             rewards=None if rewards is None else tuple(rewards),
-                            conversational=conv, source=(file, line))
+                            conversational=conv, source=(file, line), labelled=format in PAIR_FORMATS + ("trl",))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,16 +29,16 @@ source is read, so this module needs neither JAX nor grain nor tfds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import gzip
 import importlib.util
 import json
 import os
-import pathlib
 import sys
 from collections.abc import Iterator
 from typing import Any
 
+from rpo_jax.data import storage
 from rpo_jax.data.problems import Problem
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -151,19 +151,19 @@ def is_hf_dataset(obj: Any) -> bool:
 
 def is_dataset_dir(path: str | os.PathLike) -> bool:
     """A directory written by ``Dataset.save_to_disk`` (``state.json`` and ``dataset_info.json``)."""
-    p = pathlib.Path(path)
+    p = storage.as_path(path)
     return (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
 
 
 def is_dataset_dict_dir(path: str | os.PathLike) -> bool:
     """A directory written by ``DatasetDict.save_to_disk`` (``dataset_dict.json``)."""
-    return (pathlib.Path(path) / "dataset_dict.json").is_file()
+    return (storage.as_path(path) / "dataset_dict.json").is_file()
 
 
 def dataset_dict_splits(path: str | os.PathLike) -> list[str]:
     """The splits listed in a saved DatasetDict's ``dataset_dict.json``; ValueError when it is unreadable."""
     try:
-        splits = json.loads((pathlib.Path(path) / "dataset_dict.json").read_text("utf-8"))["splits"]
+        splits = json.loads((storage.as_path(path) / "dataset_dict.json").read_text("utf-8"))["splits"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: unreadable dataset_dict.json ({e})") from e
     if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
@@ -192,8 +192,8 @@ def _path_sources(p: str | os.PathLike, split: str | None) -> tuple[list[Source]
     if not isinstance(p, (str, os.PathLike)):
         raise TypeError(f"cannot read a {type(p).__name__}: expected a path, a datasets Dataset / DatasetDict, "
                         "or a list of them")
-    path, text = pathlib.Path(p), str(p)
-    if not path.exists() and ":" in text:
+    path, text = storage.as_path(p), str(p)  # a local path or a URL (gs://…): JSONL / Parquet files, shard dirs
+    if not path.exists() and ":" in text and not storage.is_url(text):
         base, _, chosen = text.rpartition(":")
         if base and chosen and is_dataset_dict_dir(base):
             if split is not None and split != chosen:
@@ -209,7 +209,7 @@ def _path_sources(p: str | os.PathLike, split: str | None) -> tuple[list[Source]
         if is_dataset_dir(path):
             _require_datasets(text)
             return [Source(text, "dataset_dir", path=text)], False
-        shards = sorted(str(f) for f in path.rglob("*") if f.is_file() and str(f).endswith(SHARD_SUFFIXES))
+        shards = sorted(str(f) for f in storage.walk_files(path) if str(f).endswith(SHARD_SUFFIXES))
         if not shards:
             raise ValueError(f"{path}: directory holds no {', '.join(SHARD_SUFFIXES)} shards and was not written "
                              "by datasets' save_to_disk")
@@ -317,10 +317,9 @@ def iter_raw(file: str | os.PathLike | Source) -> Iterator[tuple[int, Any, Probl
 
 
 def _jsonl_rows(file: str) -> Iterator[tuple[int, Any, Problem | None]]:
-    opener = gzip.open if file.endswith(".gz") else open
     i = 0
     try:
-        with opener(file, "rb") as f:
+        with storage.open_binary(file) as f:
             for i, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
@@ -346,7 +345,8 @@ def _parquet_rows(file: str) -> Iterator[tuple[int, Any, Problem | None]]:
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(file).to_pylist()
+        with storage.as_path(file).open("rb") as f:
+            rows = pq.read_table(f).to_pylist()
     except Exception as e:  # pyarrow raises several types for a corrupt file
         yield 0, None, Problem(file, 0, "<file>", f"cannot read parquet: {e}")
         return
@@ -382,26 +382,29 @@ def _dataset_rows(source: Source) -> Iterator[tuple[int, Any, Problem | None]]:
     ``<file>`` problem at the row it happened (0 before the first)."""
     i = 0
     try:
-        if source.kind == "dataset":
-            rows = _hf_rows(source.dataset)
-        elif source.kind == "arrow":
-            with open(source.path, "rb") as f:
-                is_ipc_file = f.read(6) == b"ARROW1"
-            if is_ipc_file:
-                rows = _arrow_table_rows(source.path)
+        with contextlib.ExitStack() as stack:
+            # a file or directory in a bucket is read from a local copy (pyarrow memory-maps it)
+            local = None if source.kind == "dataset" else stack.enter_context(storage.local_copy(source.path))
+            if source.kind == "dataset":
+                rows = _hf_rows(source.dataset)
+            elif source.kind == "arrow":
+                with open(local, "rb") as f:
+                    is_ipc_file = f.read(6) == b"ARROW1"
+                if is_ipc_file:
+                    rows = _arrow_table_rows(local)
+                else:
+                    import datasets
+
+                    rows = _hf_rows(datasets.Dataset.from_file(local))
             else:
                 import datasets
 
-                rows = _hf_rows(datasets.Dataset.from_file(source.path))
-        else:
-            import datasets
-
-            ds = datasets.load_from_disk(source.path)
-            if not isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
-                raise ValueError(f"expected a saved Dataset, got a {type(ds).__name__}")
-            rows = _hf_rows(ds)
-        for i, row in enumerate(rows, start=1):
-            yield i, row, None
+                ds = datasets.load_from_disk(local)
+                if not isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
+                    raise ValueError(f"expected a saved Dataset, got a {type(ds).__name__}")
+                rows = _hf_rows(ds)
+            for i, row in enumerate(rows, start=1):
+                yield i, row, None
     except Exception as e:  # pyarrow and datasets raise many types for a corrupt or foreign file
         what = {"arrow": "arrow file", "dataset_dir": "saved dataset"}.get(source.kind, "dataset")
         yield i + 1 if i else 0, None, Problem(source.name, i + 1 if i else 0, "<file>",

@@ -5,10 +5,16 @@ Rule (as in TRL):
 * conversational records (message lists): ``prompt = chat_template(prompt, add_generation_prompt=True)`` and
   ``full_k = chat_template(prompt + response_k)``, both rendered to text and tokenized without extra special
   tokens (the template writes them). The prompt's tokens must be a prefix of ``full_k``'s tokens, else a
-  :class:`~rpo_jax.data.records.RecordError` names the record. Response tokens are ``full_k[len(prompt):]``;
-  the tokenizer's EOS is appended unless the template already wrote it inside the response.
+  :class:`~rpo_jax.data.records.RecordError` names the record. Response tokens are ``full_k[len(prompt):]``,
+  exactly as the template ends them: nothing is appended (TRL 1.16 does the same; a template that writes the
+  EOS, or an end-of-turn token, after each assistant message is what ends a response).
 * standard records (plain strings): ``prompt = tok(prompt)`` (with the tokenizer's special tokens, e.g. BOS),
-  ``full_k = tok(prompt + response_k)``; same prefix check; EOS appended.
+  ``full_k = tok(prompt + response_k)``; same prefix check; EOS appended unless the response already ends with
+  it (TRL 1.16 appends the EOS text to a response that does not end with it: the same ids).
+
+TRL 1.16 does not refuse a prompt whose tokens are not a prefix: it starts the completion where the two
+diverge and trains on a prompt cut short. rpo_jax keeps the error (or, with ``on_error="skip"``, skips and
+counts the record): the cut prompt is a context the model never sees at inference.
 
 The loss mask covers the response tokens and the EOS only. Sequences longer than ``max_length`` follow the
 truncation policy; prompts longer than ``max_prompt_length`` are cut from the left (policy ``drop``: dropped):
@@ -18,9 +24,12 @@ truncation policy; prompts longer than ``max_prompt_length`` are cut from the le
 * ``"truncate_prompt"``: the prompt keeps its last ``min(max_prompt_length, max_length - longest response)``
   tokens (at least one; otherwise the record is dropped, counted).
 * ``"truncate_response"``: each response keeps its first ``max_length - prompt`` tokens (the EOS may go).
+* ``"keep_start"``: TRL 1.16's truncation (``truncation_mode="keep_start"``, TRL's only non-deprecated mode):
+  each ``prompt + response`` keeps its first ``max_length`` tokens, i.e. ``"truncate_response"``, except that a
+  prompt of ``max_length`` tokens or more drops the record (counted), as TRL drops it, instead of a problem.
 
 A prompt of ``max_length`` tokens or more (after ``max_prompt_length``) is a problem, except under
-``truncate_prompt``. Batches are padded to the smallest static length bucket that fits their longest sequence.
+``truncate_prompt`` and ``keep_start``. Batches are padded to the smallest static length bucket that fits their longest sequence.
 
 Roles: a conversational record's messages must have a role of :data:`~rpo_jax.data.records.ROLES`; a ``tool``
 message needs a chat template that mentions ``tool`` (the word, as in ``message['role'] == 'tool'``), else a
@@ -40,8 +49,8 @@ import numpy as np
 
 from rpo_jax.data.records import ROLES, Messages, OnError, PreferenceRecord, Problem, RecordError
 
-Truncation = Literal["drop", "truncate_prompt", "truncate_response"]
-TRUNCATION_POLICIES = ("drop", "truncate_prompt", "truncate_response")
+Truncation = Literal["drop", "truncate_prompt", "truncate_response", "keep_start"]
+TRUNCATION_POLICIES = ("drop", "truncate_prompt", "truncate_response", "keep_start")
 
 
 def default_buckets(max_length: int, *, min_bucket: int = 16) -> tuple[int, ...]:
@@ -177,7 +186,7 @@ def split_prompt_responses(record: PreferenceRecord, ids: Sequence[Sequence[int]
                                       f"the prompt's tokens are not a prefix of prompt + response's tokens "
                                       f"(they differ at token {at}); the tokenizer merges across the boundary"))
         resp = full[len(prompt_ids):]
-        if not (record.conversational and eos_id in resp):
+        if not record.conversational and resp[-1:] != [eos_id]:
             resp = resp + [eos_id]
         responses.append(resp)
     return prompt_ids, responses
@@ -285,6 +294,9 @@ def _truncate(prompt: list[int], responses: list[list[int]], *, max_length: int,
             report.num_prompts_truncated += 0 if truncated_prompt else 1
         return prompt, responses
     if len(prompt) >= max_length:
+        if truncation == "keep_start":
+            report.num_dropped += 1
+            return None
         raise RecordError(Problem(file, line, "prompt", f"prompt has {len(prompt)} tokens, max_length "
                                   f"{max_length} leaves no room for a response"))
     room = max_length - len(prompt)
@@ -412,7 +424,8 @@ def tokenize_records(records: Sequence[PreferenceRecord], tokenizer: Any, *, max
         ``pad_id``) and, for conversational records, a chat template.
       max_length: the longest ``prompt + response`` in tokens.
       max_prompt_length: the longest prompt (None: only ``max_length`` applies).
-      truncation: ``"drop"`` | ``"truncate_prompt"`` | ``"truncate_response"`` (module docstring).
+      truncation: ``"drop"`` | ``"truncate_prompt"`` | ``"truncate_response"`` | ``"keep_start"`` (module
+        docstring).
       buckets: static sequence lengths T (default :func:`default_buckets`); the largest must be >= max_length.
       k_max: K of every batch (default: the largest K among kept records); padded slots are invalid.
       pad_id: overrides ``tokenizer.pad_token_id``.

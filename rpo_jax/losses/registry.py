@@ -275,6 +275,14 @@ def _multi_dpo_compute(prep: PreparedBatch, hp: dict, axis_name: str | None) -> 
     return dataclasses.replace(results[0], per_example=per_example)
 
 
+def _ipo_compute(prep: PreparedBatch, hp: dict, axis_name: str | None) -> ComponentResult:
+    """IPO (``presets.ipo_setting``); its ``rewards/*`` metrics are TRL's: ``β · (ℓ_θ − ℓ_ref)``, not the
+    length-normalised log-ratios the loss itself compares."""
+    reference = presets.reference_logps(prep)
+    result = presets.run_rpo(prep, presets.ipo_setting(beta=hp["beta"]), reference)
+    return dataclasses.replace(result, implicit=hp["beta"] * (prep.policy - reference))
+
+
 def _mrpo_requirements(name: str) -> Callable[[dict], Requirements]:
     def requirements(hp: dict) -> Requirements:
         _, num_r, reason = _combiner_references({**hp, "reference_combiner": "mrpo"})
@@ -311,7 +319,7 @@ def _build() -> dict[str, LossDefinition]:
                                               reference=presets.reference_logps(prep)),
         lambda hp: _needs("cdpo"), "−(1−ε) log σ(βδ) − ε log σ(−βδ)",
         "Mitchell 2023, 'A note on DPO with noisy preferences'")
-    add("ipo", _hp(0.1), _setting_compute(lambda hp: presets.ipo_setting(beta=hp["beta"])),
+    add("ipo", _hp(0.1), _ipo_compute,
         lambda hp: _needs("ipo", lengths=True), "(Δ(log-ratio/|y|) − 1/(2τ))², τ = beta",
         "Azar et al. 2023, arXiv:2310.12036")
     add("simpo", _hp(2.0, gamma=(1.0, _number)),

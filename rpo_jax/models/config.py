@@ -1,4 +1,5 @@
-"""`ModelConfig`: one frozen, hashable description of every supported decoder (Llama and Gemma 1/2/3).
+"""`ModelConfig`: one frozen, hashable description of every supported decoder (Llama, Gemma 1/2/3, Qwen2 /
+Qwen2.5, Qwen3 and Mistral).
 
 The Hugging Face `config.json` is parsed with transformers' own configuration classes (so that defaults omitted
 from hub files, the transformers-4 `rope_theta`/`rope_scaling` keys and the transformers-5 `rope_parameters`
@@ -17,7 +18,7 @@ FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
 #: model_type values that `from_hf_dict` accepts; "gemma3" is the multimodal wrapper whose `text_config` is read.
-SUPPORTED_MODEL_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "gemma3")
+SUPPORTED_MODEL_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "gemma3", "qwen2", "qwen3", "mistral")
 
 RematPolicy = Literal["none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -35,6 +36,9 @@ CAUSAL_LM_ARCHITECTURES: dict[str, str] = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
 }
 #: Hugging Face sequence-classification (reward model) architectures → the model_type their config must have.
 SEQUENCE_CLASSIFICATION_ARCHITECTURES: dict[str, str] = {
@@ -42,6 +46,9 @@ SEQUENCE_CLASSIFICATION_ARCHITECTURES: dict[str, str] = {
     "GemmaForSequenceClassification": "gemma",
     "Gemma2ForSequenceClassification": "gemma2",
     "Gemma3TextForSequenceClassification": "gemma3_text",
+    "Qwen2ForSequenceClassification": "qwen2",
+    "Qwen3ForSequenceClassification": "qwen3",
+    "MistralForSequenceClassification": "mistral",
 }
 _TASKS = {
     "causal_lm": ("causal language model", CAUSAL_LM_ARCHITECTURES, "load_hf"),
@@ -155,16 +162,18 @@ class RopeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a decoder-only transformer (Llama, Gemma 1, Gemma 2, Gemma 3 text).
+    """Architecture of a decoder-only transformer (Llama, Gemma 1, Gemma 2, Gemma 3 text, Qwen2, Qwen3, Mistral).
 
     Family switches (all set by `from_hf_dict`):
       norm_plus_one: Gemma RMSNorm multiplies by (1 + w) in float32; Llama multiplies by w after the cast.
       scale_embeddings: embeddings multiplied by sqrt(hidden_size) cast to the compute dtype (Gemma).
       sandwich_norms: extra RMSNorm after attention and after the MLP (Gemma 2 and 3).
-      qk_norm: RMSNorm on queries and keys per head (Gemma 3).
+      qk_norm: RMSNorm on queries and keys per head (Gemma 3, Qwen3).
+      qkv_bias: biases on the query, key and value projections (Qwen2 / Qwen2.5), added after the matmul.
       query_pre_attn_scalar: attention scale is query_pre_attn_scalar**-0.5 (else head_dim**-0.5).
       layer_types: per layer "full_attention" or "sliding_attention" (window `sliding_window`, keys with
-        q_index - k_index < sliding_window).
+        q_index - k_index < sliding_window). Mistral: every layer sliding when `sliding_window` is set; Qwen2/3:
+        layers i ≥ max_window_layers when use_sliding_window (transformers' `layer_types`).
       rope: one RopeSpec per layer type (Gemma 3: local and global bases).
     """
 
@@ -183,6 +192,7 @@ class ModelConfig:
     scale_embeddings: bool = False
     sandwich_norms: bool = False
     qk_norm: bool = False
+    qkv_bias: bool = False
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
@@ -233,12 +243,14 @@ class ModelConfig:
     def num_params(self, include_embeddings: bool = True) -> int:
         """Number of parameters (the tied unembedding counted once).
 
-        Per layer: D·(H + 2K)·hd (q, k, v) + H·hd·D (o) + 3·D·F (MLP) + norms (2 or 4 of D, + 2·hd for QK-norm).
+        Per layer: D·(H + 2K)·hd (q, k, v) + H·hd·D (o) + 3·D·F (MLP) + norms (2 or 4 of D, + 2·hd for QK-norm)
+        + (H + 2K)·hd (q/k/v biases).
         """
         d, hd, f = self.hidden_size, self.head_dim, self.intermediate_size
         attn = d * (self.num_heads + 2 * self.num_kv_heads) * hd + self.num_heads * hd * d
         norms = d * (4 if self.sandwich_norms else 2) + (2 * hd if self.qk_norm else 0)
-        per_layer = attn + 3 * d * f + norms
+        biases = (self.num_heads + 2 * self.num_kv_heads) * hd if self.qkv_bias else 0
+        per_layer = attn + 3 * d * f + norms + biases
         total = self.num_layers * per_layer + d  # + final norm
         if include_embeddings:
             total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
@@ -275,9 +287,9 @@ class ModelConfig:
         if model_type == "gemma3":
             tc = tc.text_config
             model_type = "gemma3_text"
-        for flag in ("attention_bias", "mlp_bias"):
+        for flag in ("attention_bias", "mlp_bias"):  # (Qwen2's q/k/v biases are not a flag: always there)
             if getattr(tc, flag, False):
-                raise ValueError(f"{source}: {flag}=True is not supported")
+                raise ValueError(f"{source}: {flag}=True is not supported (biases on the output or MLP projections)")
         if getattr(tc, "use_bidirectional_attention", False):
             raise ValueError(f"{source}: use_bidirectional_attention=True is not supported")
         num_heads = int(tc.num_attention_heads)
@@ -294,6 +306,8 @@ class ModelConfig:
             if getattr(tc, "layer_types", None) and set(layer_types) != {FULL_ATTENTION}:
                 raise ValueError(f"{source}: layer_types other than full_attention are not supported for {model_type}")
             layer_types = (FULL_ATTENTION,) * tc.num_hidden_layers
+        elif model_type == "mistral":
+            layer_types = mistral_layer_types(hf, tc.sliding_window, int(tc.num_hidden_layers), source)
         if isinstance(rope_params, dict) and set(rope_params) <= {FULL_ATTENTION, SLIDING_ATTENTION} and rope_params:
             rope = tuple(
                 (t, RopeSpec.from_hf(rope_params[t], where=f"{source}: rope_parameters[{t!r}]"))
@@ -319,14 +333,17 @@ class ModelConfig:
             norm_plus_one=gemma,
             scale_embeddings=gemma,
             sandwich_norms=model_type in ("gemma2", "gemma3_text"),
-            qk_norm=model_type == "gemma3_text",
+            qk_norm=model_type in ("gemma3_text", "qwen3"),
+            qkv_bias=model_type == "qwen2",
             query_pre_attn_scalar=(
                 float(tc.query_pre_attn_scalar) if model_type in ("gemma2", "gemma3_text") else None
             ),
             # transformers' Gemma 3 attention ignores attn_logit_softcapping; so do we.
             attn_logit_softcap=_opt_float(getattr(tc, "attn_logit_softcapping", None)) if model_type == "gemma2" else None,
             final_logit_softcap=_opt_float(getattr(tc, "final_logit_softcapping", None)),
-            sliding_window=int(tc.sliding_window) if SLIDING_ATTENTION in layer_types else None,
+            sliding_window=(
+                int(tc.sliding_window) if SLIDING_ATTENTION in layer_types and tc.sliding_window else None
+            ),
             layer_types=layer_types,
             rope=rope,
             max_position_embeddings=int(getattr(tc, "max_position_embeddings", 8192) or 8192),
@@ -343,12 +360,7 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-5 `config.json` dict that `AutoModelForCausalLM.from_pretrained` loads."""
-        arch = {
-            "llama": "LlamaForCausalLM",
-            "gemma": "GemmaForCausalLM",
-            "gemma2": "Gemma2ForCausalLM",
-            "gemma3_text": "Gemma3ForCausalLM",
-        }[self.model_type]
+        arch = {t: a for a, t in CAUSAL_LM_ARCHITECTURES.items() if t != "gemma3"}[self.model_type]
         out: dict[str, Any] = {
             "architectures": [arch],
             "model_type": self.model_type,
@@ -368,7 +380,13 @@ class ModelConfig:
             "attention_bias": False,
         }
         act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[self.activation]
-        if self.model_type in ("llama", "gemma"):
+        if self.model_type in ("qwen2", "qwen3", "mistral"):
+            out.update(self._windowed_family_hf_fields())
+            out["hidden_act"] = act
+            out["rope_parameters"] = self.rope_by_type[self.layer_types[0]].to_hf()
+            if self.model_type != "qwen3":
+                del out["attention_bias"]  # Qwen2's q/k/v biases are unconditional; Mistral has none
+        elif self.model_type in ("llama", "gemma"):
             out["hidden_act"] = act
             out["rope_parameters"] = self.rope_by_type[FULL_ATTENTION].to_hf()
             if self.model_type == "llama":
@@ -388,6 +406,36 @@ class ModelConfig:
                 out["rope_parameters"] = {t: specs.get(t, specs[self.layer_types[0]]).to_hf()
                                           for t in (FULL_ATTENTION, SLIDING_ATTENTION)}
         return out
+
+    def _windowed_family_hf_fields(self) -> dict[str, Any]:
+        """Qwen2/3: use_sliding_window, sliding_window, max_window_layers, layer_types; Mistral: sliding_window
+        (every layer sliding, or none)."""
+        sliding = [i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION]
+        if self.model_type == "mistral":
+            if sliding and len(sliding) != self.num_layers:
+                raise ValueError("mistral: sliding_window applies to every layer; mixed layer_types cannot be saved")
+            return {"sliding_window": self.sliding_window if sliding else None}
+        return {
+            "use_sliding_window": bool(sliding),
+            "sliding_window": self.sliding_window if sliding else None,
+            "max_window_layers": sliding[0] if sliding else self.num_layers,
+            "layer_types": list(self.layer_types),
+        }
+
+
+def mistral_layer_types(hf: dict[str, Any], sliding_window: int | None, num_layers: int, source: str
+                        ) -> tuple[str, ...]:
+    """Mistral's layer types: every layer "sliding_attention" when `sliding_window` is set (transformers'
+    MistralModel windows all layers alike), else "full_attention". A `layer_types` entry in config.json, which
+    MistralModel ignores, must agree (ValueError naming `source` otherwise)."""
+    derived = (SLIDING_ATTENTION if sliding_window else FULL_ATTENTION,) * num_layers
+    given = hf.get("layer_types")
+    if given is not None and tuple(given) != derived:
+        raise ValueError(
+            f"{source}: layer_types={given!r} disagrees with sliding_window={sliding_window!r}; transformers' "
+            "MistralModel ignores layer_types and windows every layer when sliding_window is set"
+        )
+    return derived
 
 
 def _opt_float(x) -> float | None:

@@ -1,10 +1,19 @@
 """Autoregressive sampling with a KV cache: `generate(model, tokens, attention_mask, *, max_new_tokens, ...)`.
 
-Prompts are left-padded [N,T]. One prefill writes the prompt's keys/values into a cache of S = T + max_new_tokens
-slots per layer ([L,N,S,K,hd]); then a `lax.scan` decodes one token per step. Attention sees cache slot j from
-step slot i when j ≤ i, slot j holds a real token, and (sliding layers) i - j < window — exactly the masks of the
-full forward pass, so decoding equals re-running the model on the growing sequence. Positions continue the
-prompt's `cumsum(mask) - 1`. The whole function is jit-compiled (static: lengths and sampling settings).
+Prompts are left-padded [N,T]; token slot i is i for the prompt and T + step for generated tokens. One prefill
+runs the prompt through the model (the masks of the full forward pass) and writes its keys/values into the caches;
+then a `lax.scan` decodes one token per step. Caches (`init_caches`):
+
+  full-attention layers: S = T + max_new_tokens slots [L_full,N,S,K,hd]; slot i holds token slot i. The query at
+    slot i sees slot j when j ≤ i and slot j holds a real token.
+  sliding-window layers: a ring buffer of W = min(window, S) slots [L_sliding,N,W,K,hd]; token slot i is written
+    at ring slot i mod W, overwriting slot i - W, which the window no longer shows (i - (i - W) = W ≥ window).
+    After writing slot i, ring slot r holds token slot j_r = i - ((i - r) mod W) ∈ (i - W, i], so the query sees
+    exactly the real tokens among j_r ≥ 0 — the keys with i - j < window of the full forward pass.
+
+Decoding therefore equals re-running the model on the growing sequence, with O(window) memory on sliding layers.
+Positions continue the prompt's `cumsum(mask) - 1`. The whole function is jit-compiled (static: lengths and
+sampling settings).
 
 Stopping: a row ends at its first EOS id or at the first generated token that completes a token stop sequence
 (checked in the graph on a rolling window of the last generated tokens), and — after generation, on the host — at
@@ -28,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from rpo_jax.models import layers
-from rpo_jax.models.config import SLIDING_ATTENTION
+from rpo_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION
 
 
 @jax.tree_util.register_dataclass
@@ -89,28 +98,55 @@ def _stop_sequence_hit(recent: jax.Array, stop_sequences: tuple[tuple[int, ...],
     return hit
 
 
+def ring_slots(last_slot: jax.Array, ring_size: int) -> jax.Array:
+    """[W] int32: the token slot held by each ring slot r once token slot `last_slot` is written,
+    j_r = last_slot - ((last_slot - r) mod W) (negative: never written)."""
+    r = jnp.arange(ring_size, dtype=jnp.int32)
+    return last_slot - jnp.mod(last_slot - r, ring_size)
+
+
+def init_caches(config, prompt_kv, attention_mask, max_new_tokens: int):
+    """The decoding caches after a prefill of T prompt tokens (module docstring for the layouts).
+
+    prompt_kv: every layer's keys/values (k, v) [L,N,T,K,hd]; attention_mask [N,T] bool.
+    Returns (caches, valid): per layer type present, caches[type] = (k, v) [L_type,N,S_type,K,hd] and
+    valid[type] [N,S_type] bool (the slot holds a real token).
+    """
+    k_all, v_all = prompt_kv
+    n, t = attention_mask.shape
+    s = t + max_new_tokens
+    caches, valid = {}, {}
+    for kind in sorted(set(config.layer_types)):
+        ids = np.asarray([i for i, lt in enumerate(config.layer_types) if lt == kind])
+        k, v = k_all[ids], v_all[ids]
+        if kind == FULL_ATTENTION:
+            pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
+            caches[kind] = (jnp.pad(k, pad), jnp.pad(v, pad))
+            valid[kind] = jnp.concatenate([attention_mask, jnp.zeros((n, max_new_tokens), bool)], axis=1)
+        else:
+            held = ring_slots(jnp.int32(t - 1), min(config.sliding_window, s))
+            source = jnp.maximum(held, 0)
+            caches[kind] = (jnp.take(k, source, axis=2), jnp.take(v, source, axis=2))
+            valid[kind] = (held >= 0)[None, :] & jnp.take(attention_mask, source, axis=1)
+    return caches, valid
+
+
 def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id,
               stop_sequences=()):
     config = model.config
     n, t = tokens.shape
-    s = t + max_new_tokens
     attention_mask = attention_mask.astype(bool)
-    cache_valid = jnp.concatenate([attention_mask, jnp.zeros((n, max_new_tokens), bool)], axis=1)
-    shape = (config.num_layers, n, s, config.num_kv_heads, config.head_dim)
-    caches = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
-    kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
-    sliding = SLIDING_ATTENTION in config.layer_types
 
-    def masks(q_index, valid):
-        mask = layers.attention_mask_bool(q_index, kv_index, valid, None, None)
-        window = mask & layers.sliding_window_mask(q_index, kv_index, config.sliding_window) if sliding else None
-        return mask, window
-
-    # prefill
+    # prefill: the forward pass's own masks over the prompt, keeping every layer's keys/values
     positions = layers.default_positions(attention_mask, None, (n, t))
-    q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    mask, window = masks(q_index, cache_valid)
-    hidden, caches = model.run_layers(model.embed_tokens(tokens), positions, mask, window, caches, jnp.int32(0))
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    mask = layers.attention_mask_bool(index, index, attention_mask, None, None)
+    window = None
+    if SLIDING_ATTENTION in config.layer_types:
+        window = mask & layers.sliding_window_mask(index, index, config.sliding_window)
+    hidden, prompt_kv = model.run_layers(model.embed_tokens(tokens), positions, mask, window, return_kv=True)
+    caches, cache_valid = init_caches(config, prompt_kv, attention_mask, max_new_tokens)
+    del prompt_kv
     logits = model.unembed(hidden[:, -1])
     next_position = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # [N]
 
@@ -125,13 +161,18 @@ def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature
         if stop_sequences:  # rolling window of the last W generated tokens; the token that completes one is kept
             recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
             done = done | _stop_sequence_hit(recent, stop_sequences)
-        # feed the token at cache slot t + i
+        # feed the token at token slot t + i: cache slot t + i (full layers), (t + i) mod W (ring buffers)
         slot = t + i
-        cache_valid = jax.lax.dynamic_update_slice_in_dim(cache_valid, jnp.ones((n, 1), bool), slot, axis=1)
-        q_index = jnp.full((n, 1), slot, jnp.int32)
-        mask, window = masks(q_index, cache_valid)
+        where = {kind: slot if kind == FULL_ATTENTION else jnp.mod(slot, valid.shape[1])
+                 for kind, valid in cache_valid.items()}
+        cache_valid = {kind: jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((n, 1), bool), where[kind], axis=1)
+                       for kind, valid in cache_valid.items()}
+        # full caches: causal (slots after `slot` are not yet valid) + real tokens; ring: every held slot is in
+        # the window (module docstring), so validity alone decides
+        masks = {kind: valid[:, None, :] for kind, valid in cache_valid.items()}
         hidden, caches = model.run_layers(
-            model.embed_tokens(token[:, None]), position[:, None], mask, window, caches, slot
+            model.embed_tokens(token[:, None]), position[:, None], masks.get(FULL_ATTENTION),
+            masks.get(SLIDING_ATTENTION), caches, where,
         )
         logits = model.unembed(hidden[:, 0])
         return (caches, cache_valid, logits, position + 1, done, i + 1, recent), out

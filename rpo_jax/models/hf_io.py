@@ -35,6 +35,7 @@ class KeyRule:
       transpose:  [a, b] → [b, a]                     (nn.Linear weight [out, in] → kernel [in, out])
       heads_in:   [heads·hd, D] → [D, heads, hd]       (q/k/v projections)
       heads_out:  [D, heads·hd] → [heads, hd, D]       (attention output projection)
+      heads_bias: [heads·hd] → [heads, hd]             (q/k/v projection biases, Qwen2)
     `stacked` parameters have a leading layer axis; their HF tensors exist once per layer.
     """
 
@@ -70,6 +71,12 @@ def key_table(config: ModelConfig) -> list[KeyRule]:
         ]
     else:  # Llama, Gemma 1: post_attention_layernorm is the MLP input norm
         per_layer += [("mlp_in_norm", "post_attention_layernorm.weight", "identity")]
+    if config.qkv_bias:
+        per_layer += [
+            ("q_bias", "self_attn.q_proj.bias", "heads_bias"),
+            ("k_bias", "self_attn.k_proj.bias", "heads_bias"),
+            ("v_bias", "self_attn.v_proj.bias", "heads_bias"),
+        ]
     if config.qk_norm:
         per_layer += [
             ("q_norm", "self_attn.q_norm.weight", "identity"),
@@ -98,6 +105,9 @@ def _hf_shape(ours: Sequence[int], transform: str) -> tuple[int, ...]:
     if transform == "heads_out":
         h, hd, d = ours
         return (d, h * hd)
+    if transform == "heads_bias":
+        h, hd = ours
+        return (h * hd,)
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -120,6 +130,10 @@ def _read_block(slice_reader, transform: str, ours_shape: Sequence[int], index: 
         block = slice_reader[sd, slice(sh.start * hd, sh.stop * hd)]
         block = block.reshape(-1, sh.stop - sh.start, hd).transpose(1, 2, 0)
         return block[:, shd, :]
+    if transform == "heads_bias":
+        sh, shd = idx
+        hd = ours_shape[1]
+        return slice_reader[slice(sh.start * hd, sh.stop * hd)].reshape(sh.stop - sh.start, hd)[:, shd]
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -134,6 +148,8 @@ def _to_hf_layout(array: np.ndarray, transform: str) -> np.ndarray:
     if transform == "heads_out":
         h, hd, d = array.shape
         return array.transpose(2, 0, 1).reshape(d, h * hd)
+    if transform == "heads_bias":
+        return array.reshape(-1)
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -321,7 +337,8 @@ def load_hf(
     task: str = "causal_lm",
     **config_overrides: Any,
 ) -> tuple[Decoder, ModelConfig]:
-    """Loads a Hugging Face Llama / Gemma 1/2/3 checkpoint directory (or hub id) into a `Decoder`.
+    """Loads a Hugging Face Llama, Gemma 1/2/3, Qwen2, Qwen3 or Mistral checkpoint directory (or hub id) into a
+    `Decoder`.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default `dtype`). With `mesh`, each parameter
     is created directly in its `rules` sharding. `config_overrides` replace ModelConfig fields (e.g. remat="full").

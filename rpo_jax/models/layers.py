@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rpo_jax.models.config import RopeSpec
+from rpo_jax.models.sharding import constrain
 
 # Large finite negative used for masked attention logits (finite so fully masked rows give no NaN).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -141,6 +142,7 @@ def dot_product_attention(
     qb = q.reshape(n, t, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4).reshape(n, kv_heads, groups * t, hd)
     kb, vb = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("nkqd,nksd->nkqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    scores = constrain(scores, ("batch", "kv_heads", None, None))  # no-op without a mesh
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = scores.reshape(n, kv_heads, groups, t, s)
@@ -173,23 +175,44 @@ def _swiglu_bwd(res, dy):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, activation: str) -> jax.Array:
+def gated_mlp(
+    x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, activation: str,
+    adapters: dict[str, tuple[jax.Array, jax.Array]] | None = None,
+) -> jax.Array:
     """down(act(x·gate) ⊙ (x·up)); SwiGLU (silu) for Llama, GeGLU with tanh-approximated gelu for Gemma.
 
     x [..., D], gate/up [D,F], down [F,D]. The leading axes are flattened so every product (and its two
-    gradients) is a plain 2-D matmul, which XLA:CPU runs markedly faster than 3-D einsums.
+    gradients) is a plain 2-D matmul, which XLA:CPU runs markedly faster than 3-D einsums. `adapters`: LoRA
+    factors (A, B) by projection name ("gate_proj", "up_proj", "down_proj"); each adds `lora_delta` to its product.
     """
     lead, d = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d)
-    g = x2 @ gate
-    u = x2 @ up
+    adapters = adapters or {}
+
+    def matmul(y, w, name):
+        return y @ w if name not in adapters else y @ w + lora_delta(y, *adapters[name])
+
+    g = constrain(matmul(x2, gate, "gate_proj"), ("batch", "mlp"))  # activation shardings: no-ops without a mesh
+    u = constrain(matmul(x2, up, "up_proj"), ("batch", "mlp"))
     if activation == "silu":
         h = swiglu(g, u)  # fewer saved activations for the backward pass (see `swiglu`)
     elif activation == "gelu_tanh":
         h = jax.nn.gelu(g, approximate=True) * u
     else:
         raise ValueError(f"unknown activation {activation!r}")
-    return (h @ down).reshape(*lead, down.shape[-1])
+    return constrain(matmul(h, down, "down_proj"), ("batch", None)).reshape(*lead, down.shape[-1])
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """The low-rank path of a LoRA-adapted projection: (x·A)·B, as two 2-D matmuls.
+
+    x [..., *in], a [*in, r], b [r, *out] → [..., *out] (the caller folds the scale alpha/rank into b).
+    """
+    n_in = a.ndim - 1
+    lead = x.shape[: x.ndim - n_in]
+    rank, out = a.shape[-1], b.shape[1:]
+    low = x.reshape(-1, a.size // rank) @ a.reshape(-1, rank)
+    return (low @ b.reshape(rank, -1)).reshape(*lead, *out)
 
 
 def project_in(x: jax.Array, w: jax.Array) -> jax.Array:

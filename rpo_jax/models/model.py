@@ -1,4 +1,5 @@
-"""`Decoder`: one generic Flax NNX decoder-only transformer driven by `ModelConfig` (Llama, Gemma 1/2/3).
+"""`Decoder`: one generic Flax NNX decoder-only transformer driven by `ModelConfig` (Llama, Gemma 1/2/3, Qwen2,
+Qwen3, Mistral).
 
 Layer parameters are stacked along a leading `layers` axis and run with `jax.lax.scan`, so compile time does
 not grow with depth; per-layer differences (sliding vs global attention, rope base) are scanned arrays, not
@@ -14,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rpo_jax.models import layers
-from rpo_jax.models.config import SLIDING_ATTENTION, ModelConfig, embedding_scale
-from rpo_jax.models.sharding import Rules, state_shardings
+from rpo_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, embedding_scale
+from rpo_jax.models.sharding import Rules, constrain, state_shardings
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -41,7 +42,8 @@ class DecoderLayers(nnx.Module):
     """Stacked per-layer parameters, leading axis = layer.
 
     q_proj [L,D,H,hd], k_proj/v_proj [L,D,K,hd], o_proj [L,H,hd,D], gate_proj/up_proj [L,D,F], down_proj [L,F,D],
-    attn_in_norm/mlp_in_norm [L,D] (+ attn_out_norm/mlp_out_norm for sandwich norms, q_norm/k_norm [L,hd]).
+    attn_in_norm/mlp_in_norm [L,D] (+ attn_out_norm/mlp_out_norm for sandwich norms, q_norm/k_norm [L,hd],
+    q_bias [L,H,hd] and k_bias/v_bias [L,K,hd] for q/k/v biases).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
@@ -64,6 +66,10 @@ class DecoderLayers(nnx.Module):
         if c.qk_norm:
             self.q_norm = p((nl, hd), ("layers", "norm"), norm_init)
             self.k_norm = p((nl, hd), ("layers", "norm"), norm_init)
+        if c.qkv_bias:
+            self.q_bias = p((nl, h, hd), ("layers", "heads", "head_dim"), "zeros")
+            self.k_bias = p((nl, k, hd), ("layers", "kv_heads", "head_dim"), "zeros")
+            self.v_bias = p((nl, k, hd), ("layers", "kv_heads", "head_dim"), "zeros")
 
     def arrays(self) -> dict[str, jax.Array]:
         """name → stacked array, for scanning."""
@@ -79,42 +85,54 @@ def decoder_layer(
     sin: jax.Array,
     kv_cache: tuple[jax.Array, jax.Array] | None = None,
     cache_index: jax.Array | None = None,
+    return_kv: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block: x + attn(norm(x)) then + mlp(norm(x)) (Gemma 2/3: norms on both sides).
 
     x [N,T,D]; p: this layer's parameters; mask [N,T,S] bool; cos/sin [N,T,hd]. With `kv_cache` (k, v
     [N,S,K,hd]) the new keys/values are written at slots cache_index .. cache_index+T-1 (a scalar) and
-    attention runs over the whole cache (mask [N,T,S] says which slots are visible).
-    Returns (x, updated cache or None).
+    attention runs over the whole cache (mask [N,T,S] says which slots are visible). Without a cache and with
+    `return_kv`, this call's rotated keys/values (k, v) [N,T,K,hd] come back in the cache's place (prefill).
+    Returns (x, updated cache, this call's keys/values or None).
     """
     c, dtype = config, x.dtype
     norm = lambda y, w: layers.rms_norm(y, w, c.rms_norm_eps, plus_one=c.norm_plus_one)  # noqa: E731
     w = {name: a.astype(dtype) if a.ndim > 1 else a for name, a in p.items()}
+    # LoRA factors scanned beside their weights as "<name>_lora_a" / "<name>_lora_b" (see Decoder.adapter_arrays)
+    adapters = {n[: -len("_lora_a")]: (a, w[n[: -len("_a")] + "_b"]) for n, a in w.items() if n.endswith("_lora_a")}
+
+    def linear(y, name, project):
+        out = project(y, w[name])
+        return out if name not in adapters else out + layers.lora_delta(y, *adapters[name])
 
     h = norm(x, w["attn_in_norm"])
-    q = layers.project_in(h, w["q_proj"])
-    k = layers.project_in(h, w["k_proj"])
-    v = layers.project_in(h, w["v_proj"])
+    # activation shardings (no-ops without a mesh): rows over data×fsdp, heads over tensor
+    q = constrain(linear(h, "q_proj", layers.project_in), ("batch", None, "heads", None))
+    k = constrain(linear(h, "k_proj", layers.project_in), ("batch", None, "kv_heads", None))
+    v = constrain(linear(h, "v_proj", layers.project_in), ("batch", None, "kv_heads", None))
+    if c.qkv_bias:
+        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if c.qk_norm:
         q, k = norm(q, w["q_norm"]), norm(k, w["k_norm"])
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-    new_cache = None
+    new_cache = (k, v) if return_kv else None
     if kv_cache is not None:
         k_all, v_all = kv_cache
         k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_index, axis=1)
         v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
         new_cache, k, v = (k_all, v_all), k_all.astype(dtype), v_all.astype(dtype)
     attn = layers.dot_product_attention(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
-    attn = layers.project_out(attn, w["o_proj"])
+    attn = constrain(attn, ("batch", None, "heads", None))
+    attn = constrain(linear(attn, "o_proj", layers.project_out), ("batch", None, None))
     if c.sandwich_norms:
         attn = norm(attn, w["attn_out_norm"])
     x = x + attn
 
     h = norm(x, w["mlp_in_norm"])
-    mlp = layers.gated_mlp(h, w["gate_proj"], w["up_proj"], w["down_proj"], c.activation)
+    mlp = layers.gated_mlp(h, w["gate_proj"], w["up_proj"], w["down_proj"], c.activation, adapters)
     if c.sandwich_norms:
         mlp = norm(mlp, w["mlp_out_norm"])
-    return x + mlp, new_cache
+    return constrain(x + mlp, ("batch", None, None)), new_cache
 
 
 class Decoder(nnx.Module):
@@ -142,7 +160,7 @@ class Decoder(nnx.Module):
     # ----------------------------------------------------------------- pieces reused by generation / log-probs
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[N,T] → [N,T,D] in the compute dtype (× sqrt(D) cast to dtype for Gemma)."""
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), ("batch", None, None))
         if self.config.scale_embeddings:
             x = x * jnp.asarray(embedding_scale(self.config), self.dtype)
         return x
@@ -160,6 +178,13 @@ class Decoder(nnx.Module):
         logits = jnp.einsum("...d,vd->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
         return layers.softcap(logits, self.config.final_logit_softcap)
 
+    def adapter_arrays(self) -> dict[str, jax.Array]:
+        """Scanned LoRA factors of an attached, enabled adapter set (`rpo_jax.models.lora.attach_lora` sets
+        `self.lora`): "<target>_lora_a" [L,*in,r] and "<target>_lora_b" [L,r,*out] with alpha/rank folded into B;
+        {} without adapters or while they are switched off (then the program is exactly the base model's)."""
+        adapters = getattr(self, "lora", None)
+        return {} if adapters is None or not adapters.enabled else adapters.arrays()
+
     def _layer_constants(self):
         c = self.config
         sliding = jnp.asarray([t == SLIDING_ATTENTION for t in c.layer_types])
@@ -172,13 +197,18 @@ class Decoder(nnx.Module):
         positions: jax.Array,
         mask: jax.Array,
         window_mask: jax.Array | None,
-        kv_caches: tuple[jax.Array, jax.Array] | None = None,
-        cache_index: jax.Array | None = None,
+        kv_caches: dict[str, tuple[jax.Array, jax.Array]] | None = None,
+        cache_index: dict[str, jax.Array] | None = None,
+        return_kv: bool = False,
     ):
         """Scans all layers. x [N,T,D]; mask/window_mask [N,T,S] bool (window_mask = mask ∧ sliding window).
 
-        kv_caches: stacked (k, v) [L,N,S,K,hd] or None; new keys/values go to slots cache_index + [0, T).
-        Returns (x after the final norm, updated caches or None).
+        Decoding with `kv_caches`: layer type ("full_attention" / "sliding_attention", one entry per type the model
+        has) → (k, v) [L_type,N,S_type,K,hd], stacked over that type's layers in order; each layer writes its new
+        keys/values at slot `cache_index[type]` of its own cache; `mask` [N,T,S_full] is over the full-attention
+        caches' slots and `window_mask` [N,T,S_sliding] over the sliding ones' (e.g. a ring buffer's).
+        `return_kv` (without caches): every layer's rotated keys/values (k, v) [L,N,T,K,hd] come back (prefill).
+        Returns (x after the final norm, updated caches / keys and values / None).
         """
         c = self.config
         inv_freqs = [layers.rope_inv_freq(c.rope_by_type[t], c.head_dim) for t in self._rope_types]
@@ -186,20 +216,43 @@ class Decoder(nnx.Module):
         cos_tab = jnp.stack([t[0] for t in tables])
         sin_tab = jnp.stack([t[1] for t in tables])
         sliding, rope_index = self._layer_constants()
+        # index of each layer among the layers of its type (its slot in that type's cache stack)
+        index_in_type = jnp.asarray(
+            [c.layer_types[:i].count(t) for i, t in enumerate(c.layer_types)], jnp.int32
+        )
 
-        def body(h, xs):
-            p, is_sliding, r, cache = xs
-            m = mask if window_mask is None else jnp.where(is_sliding, window_mask, mask)
-            h, new_cache = decoder_layer(c, h, p, m, cos_tab[r], sin_tab[r], cache, cache_index)
-            return h, new_cache
+        def body(carry, xs):
+            h, caches = carry
+            p, is_sliding, r, j = xs
+            if caches is None:
+                m = mask if window_mask is None else jnp.where(is_sliding, window_mask, mask)
+                h, kv = decoder_layer(c, h, p, m, cos_tab[r], sin_tab[r], return_kv=return_kv)
+                return (h, None), kv
+
+            def attend(kind, m):
+                def run(h, caches):
+                    k_all, v_all = caches[kind]
+                    h, (k, v) = decoder_layer(c, h, p, m, cos_tab[r], sin_tab[r], (k_all[j], v_all[j]),
+                                              cache_index[kind])
+                    return h, {**caches, kind: (k_all.at[j].set(k), v_all.at[j].set(v))}
+                return run
+
+            if len(caches) == 1:
+                (kind,) = caches
+                h, caches = attend(kind, window_mask if kind == SLIDING_ATTENTION else mask)(h, caches)
+            else:
+                h, caches = jax.lax.cond(is_sliding, attend(SLIDING_ATTENTION, window_mask),
+                                         attend(FULL_ATTENTION, mask), h, caches)
+            return (h, caches), None
 
         if c.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
-        x, new_caches = jax.lax.scan(
-            body, x, (self.layers.arrays(), sliding, rope_index, kv_caches), unroll=min(c.scan_unroll, c.num_layers)
+        (x, new_caches), kv = jax.lax.scan(
+            body, (x, kv_caches), (self.layers.arrays() | self.adapter_arrays(), sliding, rope_index, index_in_type),
+            unroll=min(c.scan_unroll, c.num_layers),
         )
         x = layers.rms_norm(x, self.final_norm[...], c.rms_norm_eps, plus_one=c.norm_plus_one)
-        return x, new_caches
+        return x, (new_caches if kv_caches is not None else kv)
 
     def hidden_states(
         self,

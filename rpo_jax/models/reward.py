@@ -1,7 +1,8 @@
 """Sequence-classification reward models: `RewardModel` and `create_` / `load_` / `save_reward_model`.
 
 Hugging Face sequence-classification reward models (`LlamaForSequenceClassification`,
-`GemmaForSequenceClassification`, `Gemma2ForSequenceClassification`, `Gemma3TextForSequenceClassification`):
+`GemmaForSequenceClassification`, `Gemma2ForSequenceClassification`, `Gemma3TextForSequenceClassification`,
+`Qwen2ForSequenceClassification`, `Qwen3ForSequenceClassification`, `MistralForSequenceClassification`):
 
     scores[n] = score.weight · h[n, i_n]        score.weight [num_labels, D] (no bias), h = final-normed hidden states
 

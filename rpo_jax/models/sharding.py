@@ -74,6 +74,14 @@ def logical_to_spec(
 ) -> PartitionSpec:
     """PartitionSpec for one array: each logical axis mapped by `rules`; mesh axes already used by an earlier
     dimension, missing from the mesh, or not dividing the dimension are dropped (that dimension is replicated)."""
+    return mapped_spec(logical_axes, shape, mesh, rules, indivisible=None)
+
+
+def mapped_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules | None, *,
+                indivisible) -> PartitionSpec:
+    """The one mapping of logical axes to mesh axes by `rules` (mesh axes already used by an earlier dimension,
+    missing from the mesh or of size 1 are dropped; a dimension left with none is replicated); a dimension whose
+    mesh axes do not divide it gets `indivisible` (None: replicated; `PartitionSpec.UNCONSTRAINED`: left to XLA)."""
     table = dict(DEFAULT_RULES if rules is None else rules)
     used: set[str] = set()
     spec = []
@@ -81,11 +89,13 @@ def logical_to_spec(
         target = table.get(name) if name is not None else None
         axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
         axes = tuple(a for a in axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+        if not axes:
+            spec.append(None)
+        elif size % math.prod(mesh.shape[a] for a in axes) == 0:
             used.update(axes)
             spec.append(axes[0] if len(axes) == 1 else axes)
         else:
-            spec.append(None)
+            spec.append(indivisible)
     return PartitionSpec(*spec)
 
 
@@ -110,6 +120,26 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nn
     shardings = state_shardings(state, mesh, rules)
     nnx.update(model, jax.device_put(state, shardings))
     return model
+
+
+def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules | None = None
+                    ) -> PartitionSpec:
+    """PartitionSpec of an activation: like `logical_to_spec`, except that a dimension whose rule names mesh
+    axes that do not divide it is left to XLA (`PartitionSpec.UNCONSTRAINED`) rather than replicated."""
+    return mapped_spec(logical_axes, shape, mesh, rules, indivisible=PartitionSpec.UNCONSTRAINED)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+    """`x` constrained to the sharding its logical axes give on the mesh its computation runs on (the mesh of
+    the jitted function's inputs, read from `jax.typeof(x)`), e.g. attention queries ("batch", None, "heads",
+    None): batch rows over data×fsdp, heads over tensor. Without a mesh of more than one device (plain CPU or one
+    device, eager code) it returns `x` unchanged; it never changes values, only where they live."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True) or math.prod(mesh.shape.values()) == 1:
+        return x
+    spec = activation_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules | None = None) -> NamedSharding:

@@ -2,18 +2,21 @@
 
 Every `every_steps` and at the end, asynchronous, keep-last-k. Restoring walks the complete checkpoints
 from the newest down: one that fails to restore (corrupt, partial) is skipped with a warning in favour of the
-last one that restores. Orbax writes into a temporary directory and renames it when complete, so a run
-killed mid-save leaves no half checkpoint under a step name.
+last one that restores. Orbax writes into a temporary directory and renames it when complete (on `gs://`, where
+a rename is a copy, it writes a `commit_success.txt` marker last instead), so a run killed mid-save leaves no
+half checkpoint under a step name. The directory is a local path or a URL: orbax and TensorStore write `gs://`
+themselves.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from rpo_jax.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +26,9 @@ class Checkpointer:
     optimizer state, step, RNG) and `data` (the data iterator's JSON state). `params` alone can be restored
     (export) without materialising the optimizer state."""
 
-    def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int = 3,
+    def __init__(self, directory: storage.PathLike, *, every_steps: int, keep: int = 3,
                  asynchronous: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = storage.location(directory)
         self.every_steps = max(1, int(every_steps))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=asynchronous, create=True,

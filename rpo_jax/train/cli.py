@@ -6,6 +6,7 @@
     rpo-export runs/smollm2 exported/                # Hugging Face directory with the tokenizer
     rpo-train --config configs/online_demo.py        # online RPO (config.mode="online")
     rpo-train --config configs/reward_model_demo.py  # Bradley–Terry reward model (config.mode="reward_model")
+    rpo-train --from-trl dpo.yaml --config.model.path=DIR --config.data.train=prefs.jsonl  # a TRL DPOConfig
 
 An error ends either command with one line on stderr (`rpo-train: error: …`) and exit status 1; the traceback
 goes to WORKDIR/errors.log when the work directory exists, and to stderr with `--verbose`.
@@ -17,6 +18,7 @@ import contextlib
 import datetime
 import importlib
 import logging
+import os
 import pathlib
 import sys
 import traceback
@@ -37,6 +39,8 @@ def _define_train_flags():
     flags.DEFINE_bool("precompute", False,
                       "Preference training: only compute (or reuse) the reference log-prob cache, then exit.")
     flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (always kept in WORKDIR/errors.log).")
+    flags.DEFINE_string("from_trl", None, "A TRL 1.16 DPOConfig (.json/.yaml) mapped onto the --config recipe (the "
+                        "mapping is printed); --config.* overrides apply on top (rpo_jax.train.from_trl).")
 
 
 def _quiet_libraries() -> None:
@@ -58,10 +62,10 @@ def one_line_errors(program: str, workdir: str | None, verbose: bool):
     except Exception as e:  # noqa: BLE001 - the command line's last resort: report, keep the traceback
         trace = traceback.format_exc()
         where = None
-        if workdir and pathlib.Path(workdir).is_dir():
-            where = pathlib.Path(workdir) / "errors.log"
-            with open(where, "a", encoding="utf-8") as log_file:
-                log_file.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {program}\n{trace}\n")
+        if workdir:
+            from rpo_jax.train.workdir import add_to_error_log  # a local path or a URL
+            where = add_to_error_log(
+                workdir, f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {program}\n{trace}\n")
         if verbose:
             print(trace, file=sys.stderr, end="")
         message = str(e) or type(e).__name__
@@ -69,6 +73,12 @@ def one_line_errors(program: str, workdir: str | None, verbose: bool):
             message = f"{type(e).__name__}: {message}"
         hint = f" (traceback: {where})" if where and not verbose else ""
         print(f"{program}: error: {message}{hint}", file=sys.stderr, flush=True)
+        if "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized():
+            # one of several processes: leave at once. A normal exit would wait in jax.distributed's shut-down
+            # barrier for processes that wait in a collective for this one — every host would hang; this way
+            # JAX's coordination service sees the process gone and stops the others with an error.
+            sys.stdout.flush()
+            os._exit(1)
         sys.exit(1)
 
 
@@ -77,10 +87,16 @@ def _train(argv):
     _quiet_libraries()
     with one_line_errors("rpo-train", flags.FLAGS.workdir, flags.FLAGS.verbose):
         initialize_from_environment()
-        if flags.FLAGS.config.cpu_reuse_memory:
+        cfg = flags.FLAGS.config
+        if flags.FLAGS.from_trl:
+            from rpo_jax.train.from_trl import apply_trl_config
+            cfg, mapping = apply_trl_config(flags.FLAGS.from_trl, cfg,
+                                            config_flags.get_override_values(flags.FLAGS["config"]))
+            print(mapping, flush=True)
+        if cfg.cpu_reuse_memory:
             from rpo_jax.train.host import reuse_cpu_step_memory
             reuse_cpu_step_memory()
-        result = run_job(flags.FLAGS.config, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
+        result = run_job(cfg, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
         logging.info("done: %s", result)
 
 
@@ -105,9 +121,11 @@ def run_job(cfg, workdir: str, *, precompute_only: bool = False):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`rpo-train`."""
+    """`rpo-train` (`--from-trl` is also spelled `--from_trl`, absl's name for it)."""
     _define_train_flags()
-    app.run(_train, argv=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    args = sys.argv[1:] if argv is None else argv
+    args = ["--from_trl" + a[len("--from-trl"):] if a.split("=")[0] == "--from-trl" else a for a in args]
+    app.run(_train, argv=[sys.argv[0], *args])
 
 
 def export_main(argv: list[str] | None = None) -> None:

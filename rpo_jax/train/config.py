@@ -19,6 +19,10 @@ def base_config() -> ml_collections.ConfigDict:
     # The policy: a Hugging Face checkpoint directory (or hub id), or a random init from `model.init`.
     c.model = ml_collections.ConfigDict()
     c.model.path = ""                 # HF directory / hub id; empty: random init from model.init (quickstart)
+    c.model.architecture = ml_collections.config_dict.placeholder(str)  # None (default), or the path of a
+                                      # Hugging Face config.json describing model.path's architecture, used when
+                                      # model.path cannot be read (a hub id on a machine without the hub, e.g.
+                                      # `rpo-plan`): configs/architectures/<name>.json
     c.model.init = ml_collections.ConfigDict({"model_type": "llama"})  # HF-style config fields for random init
     c.model.init_seed = 0
     c.model.tokenizer = ""            # tokenizer directory / hub id; empty: model.path
@@ -43,9 +47,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.0
     c.data.format = ""                # "" = auto-detect per file
     c.data.pairs = ""                 # "" keep K responses | "best_worst" | "all": derive pairs from K
+                                      # rewarded responses (a record whose rewards all tie gives none: counted, logged)
     c.data.max_length = 512
     c.data.max_prompt_length = 256
-    c.data.truncation = "drop"        # "drop" | "truncate_prompt" | "truncate_response"
+    c.data.truncation = "drop"        # "drop" | "truncate_prompt" | "truncate_response" | "keep_start" (TRL 1.16's:
+                                      # each prompt + response keeps its first max_length tokens; a prompt that
+                                      # fills max_length drops the record, counted)
+    c.data.pairs_from = "labels"      # what orders a labelled pair (TRL / NeMo formats) for a preference-only loss:
+                                      # "labels" (chosen over rejected, as TRL trains it; its scores only reach
+                                      # reward-aware losses) | "rewards" (the scores decide; ties contribute 0).
+                                      # K-response records have no labels: rewards rank them either way.
+                                      # Ties and label/score disagreements are counted in the log and the run
+                                      # identity (rpo_jax.data.selection.rewards_reach_loss)
     c.data.on_error = "raise"         # "raise" | "skip" (counted and reported)
     c.data.batch_size = 8             # global batch (prompts) per optimizer step
     c.data.micro_batches = 1          # gradient accumulation inside the step
@@ -55,13 +68,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "dpo"               # any name of rpo_jax.losses.available_losses()
     c.loss.hparams = ml_collections.ConfigDict({"beta": 0.1})
-    c.loss.extra = []                 # weighted extra terms: [["sft", 0.05, {}], ...]; main term has weight 1
+    c.loss.extra = []                 # weighted extra terms: [["sft", 0.05, {}], ...]
+    c.loss.weight = 1.0               # the main term's weight (TRL's loss_weights[0])
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 1e-6
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 0
+    c.optimizer.warmup_ratio = 0.0    # >0: warm up over ceil(warmup_ratio * total steps) instead (TRL's warmup_ratio)
     c.optimizer.end_lr_factor = 0.0
     c.optimizer.weight_decay = 0.0
     c.optimizer.weight_decay_mask = "matrices"
@@ -70,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100
+    c.train.epochs = 0.0              # >0: train.steps = ceil(epochs * ceil(N / data.batch_size)) for the N train
+                                      # examples left after tokenization (TRL's count of num_train_epochs)
     c.train.iterations = 1            # >1: iterated training, reference reset to the previous iterate
     c.train.log_every = 10
     c.train.eval_every = 50           # 0: only at the end
@@ -131,6 +148,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.cpu_reuse_memory = True
 
     c.metrics = ml_collections.ConfigDict()
-    c.metrics.peak_flops = 0.0        # FLOP/s for MFU; 0: measure a matmul once at start-up
+    c.metrics.peak_flops = 0.0        # one chip's peak FLOP/s (MFU = FLOP/s ÷ (peak × chips)); 0: measure a matmul
     c.metrics.tensorboard = True
     return c

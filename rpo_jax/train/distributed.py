@@ -4,6 +4,13 @@
 - CPU/GPU clusters: set `RPO_JAX_COORDINATOR=host:port`, `RPO_JAX_NUM_PROCESSES=N`, `RPO_JAX_PROCESS_ID=i`
   (and optionally `RPO_JAX_LOCAL_DEVICE_IDS=0,1,...`) on every process.
 - Otherwise (one host): nothing to do.
+
+CPU processes exchange collectives through Gloo (`jax_cpu_collectives_implementation="gloo"`; MPI would need an
+MPI library and launcher). Gloo matches the messages of the processes' collectives in order, so every process
+must run the same programs on the same shapes: `rpo_jax.train.mesh.to_global` pads each process's rows to the
+shapes of every process before they become global arrays, and the batch axes must split the batch across the
+processes (`rpo_jax.train.mesh.local_batch_size`). A process that fails exits at once (`rpo_jax.train.cli`),
+so that the others stop with an error instead of waiting for it.
 """
 
 from __future__ import annotations

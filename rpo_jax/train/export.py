@@ -10,6 +10,11 @@ WORKDIR/export; it is written to a temporary directory beside the target and ren
 an interrupted export leaves the previous one (or nothing), never half of one. An existing target is replaced only
 when it is an earlier export (config.json and *.safetensors, nothing else of a run); its files get the process's
 normal permissions.
+
+The target may be a URL (`gs://bucket/exports/m`, through `rpo_jax.data.storage`). An object store has no
+rename, so there the export is written to a local temporary directory, the earlier export's objects are
+deleted and the files are uploaded with config.json last: an interrupted upload leaves a directory without
+config.json, which loaders reject (and which a later export refuses to replace until it is deleted).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from rpo_jax.data import storage
 from rpo_jax.models import ModelConfig, save_hf, save_reward_model
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
@@ -61,12 +67,14 @@ def exporter_of(mode: str) -> Exporter:
     return EXPORTERS[mode]
 
 
-def check_export_target(out_dir: str | os.PathLike) -> pathlib.Path:
-    """The resolved `out_dir`, or a ValueError when writing an export there would touch a run or other files:
-    `out_dir` is, or is inside, a run's work directory (other than that run's WORKDIR/export), or it is an existing
-    directory that holds something other than an earlier export."""
-    out = pathlib.Path(out_dir).resolve()
-    for parent in (out, *out.parents):
+def check_export_target(out_dir: storage.PathLike):
+    """The resolved `out_dir` (a `pathlib.Path`, or an `epath.Path` for a URL), or a ValueError when writing an
+    export there would touch a run or other files: `out_dir` is, or is inside, a run's work directory (other than
+    that run's WORKDIR/export), or it is an existing directory that holds something other than an earlier
+    export."""
+    out = storage.as_path(out_dir) if storage.is_url(out_dir) else pathlib.Path(out_dir).resolve()
+    parents = [p for p in out.parents if not storage.is_url(out) or "/" in os.fspath(p).split("://", 1)[-1]]
+    for parent in (out, *parents):
         if is_run_directory(parent) and out != parent / EXPORT:
             raise ValueError(f"{out_dir}: {'is' if parent == out else 'is inside'} the run directory {parent}; "
                              f"export into a directory outside it (or into {parent / EXPORT})")
@@ -86,15 +94,30 @@ def _normal_permissions(root: pathlib.Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out_dir: str | os.PathLike, tokenizer,
-               mesh) -> pathlib.Path:
+def upload_export(save: Callable[..., pathlib.Path], model, model_config: ModelConfig, out, tokenizer) -> None:
+    """Write the export to a local temporary directory, delete the earlier export at the URL `out` and upload
+    the files, config.json last (see the module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="rpo_jax-export-") as local:
+        save(model, model_config, pathlib.Path(local), tokenizer=tokenizer)
+        storage.remove_tree(out)
+        files = sorted(storage.walk_files(local), key=lambda f: (f.name == "config.json", os.fspath(f)))
+        for file in files:
+            target = out / os.path.relpath(os.fspath(file), local)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            file.copy(target, overwrite=True)
+
+
+def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out_dir: storage.PathLike, tokenizer,
+               mesh):
     """Write the model `nnx.merge(graphdef, params, rest)` of a `mode` run to `out_dir` (see the module docstring:
     where it may write, atomically). Its parameters are gathered whole to every process first, process 0 writes,
     every process waits for it."""
     save = exporter_of(mode).save
     out = check_export_target(out_dir)
     params = replicate(params, mesh)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and storage.is_url(out):
+        upload_export(save, nnx.merge(graphdef, params, rest), model_config, out, tokenizer)
+    elif jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in (*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.previous-*")):
             shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
@@ -110,13 +133,13 @@ def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     multihost_utils.sync_global_devices("rpo_jax_export")
-    return pathlib.Path(out_dir)
+    return out if storage.is_url(out) else pathlib.Path(out_dir)
 
 
-def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike):
     """`rpo-export`: the newest restorable checkpoint of the run directory `workdir` as a Hugging Face directory
     (a policy, or a sequence-classification reward model for a `mode="reward_model"` run)."""
-    workdir = pathlib.Path(workdir)
+    workdir = storage.as_path(workdir)
     check_export_target(out_dir)  # before anything is loaded
     cfg = read_run_config(workdir)
     mode = cfg.get("mode", "preference")

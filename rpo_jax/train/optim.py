@@ -3,7 +3,9 @@
 Config (`config.optimizer`):
   name            "adamw" (default), or any optax optimizer by name ("adam", "sgd", "lion", "adafactor", ...)
   learning_rate   peak learning rate
-  schedule        "cosine" | "linear" | "constant" (after a linear warm-up of `warmup_steps` from 0)
+  schedule        "cosine" | "linear" | "constant" (after a linear warm-up of `warmup_steps` from 0; the
+                  formulas of transformers' schedules of the same names, `constant_with_warmup` for "constant")
+  warmup_ratio    >0: warm up over ceil(warmup_ratio · total steps) instead of `warmup_steps`
   end_lr_factor   final learning rate as a fraction of the peak (cosine/linear)
   weight_decay    decoupled weight decay (adamw, lion, ...), applied only where `weight_decay_mask` allows
   weight_decay_mask  "matrices" (default: decay ≥2-D weights, not norms/biases/scalars) | "all" | "none"
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+import math
 import re
 
 import jax
@@ -63,7 +66,10 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
     """(optimizer, learning-rate schedule) from `config.optimizer` (keys in the module docstring)."""
     cfg = dict(cfg)
     name = cfg.get("name", "adamw")
-    lr = make_schedule(float(cfg.get("learning_rate", 1e-6)), total_steps, int(cfg.get("warmup_steps", 0)),
+    warmup = int(cfg.get("warmup_steps", 0))
+    if float(cfg.get("warmup_ratio", 0.0)) > 0:
+        warmup = math.ceil(total_steps * float(cfg["warmup_ratio"]))  # transformers' get_warmup_steps
+    lr = make_schedule(float(cfg.get("learning_rate", 1e-6)), total_steps, warmup,
                        cfg.get("schedule", "cosine"), float(cfg.get("end_lr_factor", 0.0)))
     kwargs = dict(cfg.get("kwargs") or {})
     wd = float(cfg.get("weight_decay", 0.0))

@@ -13,8 +13,10 @@ and the unembedding V·D, which runs only on the W scored positions of a score w
 
     6·P' + 12·L·T·d_attn + 6·V·D·W/T   (+ 2·P' + 4·L·T·d_attn + 2·V·D·W/T per in-step reference)
 
-MFU = achieved FLOP/s ÷ peak FLOP/s; the peak is `config.metrics.peak_flops`, or measured once on the device
-with a large matmul in the compute dtype (`measure_matmul_peak`).
+MFU = achieved FLOP/s ÷ (per-chip peak FLOP/s × chips). The FLOPs are those of the whole step over all processes
+(counted from the global batch's shape, so every process counts the same), the chips every device of the run's
+mesh, and the per-chip peak is `config.metrics.peak_flops` (one chip's, e.g. 459e12 for a TPU v5p in bf16), or
+measured once on the first device with a large matmul in the compute dtype (`measure_matmul_peak`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 
     return 2 * n**3 / best
 
 
+def mfu(flops_per_second: float, peak_flops_per_chip: float, chips: int) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s (of all chips together) ÷ (one chip's peak FLOP/s × chips)."""
+    return flops_per_second / (peak_flops_per_chip * chips)
+
+
 def device_memory() -> dict[str, float]:
     """Peak and current bytes on the first local device (accelerators), or the process's peak RSS on CPU."""
     try:
@@ -79,13 +86,17 @@ class Throughput:
     """Speed over the units (steps, iterations) since the last read.
 
     `add(counts, flops)` after each unit: `counts` of named items (e.g. {"tokens": n}, over all processes) and the
-    unit's FLOPs; `read()` → `perf/step_time_s` (seconds per unit), `perf/<item>_per_s` per counted item and, when
-    FLOPs were counted and a peak is known, `perf/mfu` = FLOP/s ÷ `peak_flops`. A read with no unit since the last
-    one is empty (e.g. right after the first, compiling unit was set aside with `restart`).
+    unit's FLOPs over all chips; `read()` → `perf/step_time_s` (seconds per unit), `perf/<item>_per_s` per counted
+    item and, when FLOPs were counted and a peak is known, `perf/mfu` = FLOP/s ÷ (`peak_flops` × `chips`), where
+    `peak_flops` is one chip's peak and `chips` the number of chips (devices) the step runs on. A read with no
+    unit since the last one is empty (e.g. right after the first, compiling unit was set aside with `restart`).
     """
 
-    def __init__(self, peak_flops: float | None = None):
+    def __init__(self, peak_flops: float | None = None, chips: int = 1):
+        if chips < 1:
+            raise ValueError(f"Throughput: chips={chips} must be ≥ 1")
         self.peak_flops = peak_flops
+        self.chips = chips
         self.restart()
 
     def restart(self) -> None:
@@ -105,6 +116,6 @@ class Throughput:
             out["perf/step_time_s"] = elapsed / self.units
             out.update({f"perf/{name}_per_s": value / elapsed for name, value in self.counts.items()})
             if self.flops and self.peak_flops:
-                out["perf/mfu"] = self.flops / elapsed / self.peak_flops
+                out["perf/mfu"] = mfu(self.flops / elapsed, self.peak_flops, self.chips)
         self.restart()
         return out

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rpo_jax.data import TokenizedDataset, make_train_iterator, tokenize_records
+from rpo_jax.data import (TokenizedDataset, label_score_counts, make_train_iterator, rewards_reach_loss, storage,
+                          tokenize_records)
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.mesh import local_batch_size, replicated, to_global
 from rpo_jax.train.performance import train_flops_per_token
@@ -44,13 +45,14 @@ REFERENCE_MODES = ("auto", "cache", "in_step")
 class PreferenceRun(RunSetup):
     """Everything preference training builds before the first step (also used by tests and benchmarks)."""
 
-    workdir: pathlib.Path
+    workdir: storage.PathLike  # a local path or a URL (`rpo_jax.data.storage`)
     loss_fn: Any
     datasets: dict[str, TokenizedDataset]
     references: list[Reference]
     in_step_refs: bool                    # references scored in the step (else their log-probs are cached)
     score_window: int | None              # output-head positions per sequence (config.model.score_window)
     ref_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split → [N, K, R] (cache mode)
+    preference_direction: dict[str, Any] = dataclasses.field(default_factory=dict)  # `preference_direction`
 
 
 def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, TokenizedDataset]) -> int | None:
@@ -98,7 +100,11 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     loss_fn = build_loss(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     records = load_records(cfg, requires_rewards=loss_fn.spec.requires_rewards)
+    rewards_to_loss, direction = preference_direction(cfg, records, loss_fn.spec.requires_rewards)
     datasets = tokenize_splits(cfg, records, tokenizer)
+    if not rewards_to_loss:  # labelled pairs train as labelled: their scores stay out of the batch
+        datasets = {split: dataclasses.replace(ds, has_rewards=False) for split, ds in datasets.items()}
+    resolve_epochs(cfg, len(datasets["train"]))
     model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
     setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
                         total_steps=cfg.train.steps * max(1, cfg.train.iterations))
@@ -109,8 +115,44 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     if in_step and any(r.datasets is not datasets for r in references):
         raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
                          "use 'cache' for references with their own tokenizer")
-    return PreferenceRun(**vars(setup), workdir=pathlib.Path(workdir), loss_fn=loss_fn, datasets=datasets,
-                         references=references, in_step_refs=in_step, score_window=score_window_of(cfg, datasets))
+    return PreferenceRun(**vars(setup), workdir=storage.as_path(workdir), loss_fn=loss_fn, datasets=datasets,
+                         references=references, in_step_refs=in_step, score_window=score_window_of(cfg, datasets),
+                         preference_direction=direction)
+
+
+def preference_direction(cfg: ml_collections.ConfigDict, records: Mapping[str, list], loss_uses_rewards: bool
+                         ) -> tuple[bool, dict[str, Any]]:
+    """Whether the records' rewards reach the loss (`rewards_reach_loss` with `config.data.pairs_from`), and
+    the run's record of it: `{"pairs_from", "rewards_reach_loss", split: {"scored_pairs", "ties",
+    "disagreements"}}`. Ties and label/score disagreements among labelled pairs are logged (a warning when
+    there are any), never passed over in silence."""
+    pairs_from = cfg.data.get("pairs_from", "labels")
+    every = [r for recs in records.values() for r in recs]
+    to_loss = rewards_reach_loss(every, loss_uses_rewards=loss_uses_rewards, pairs_from=pairs_from)
+    record: dict[str, Any] = {"pairs_from": pairs_from, "rewards_reach_loss": to_loss}
+    for split, recs in records.items():
+        counts = label_score_counts(recs)
+        record[split] = counts.as_dict()
+        if not counts.scored_pairs:
+            continue
+        if to_loss:
+            how = ("the scores reach the loss: a tie contributes nothing, a disagreeing pair trains the other way "
+                   "round" + ("" if loss_uses_rewards else " (data.pairs_from='rewards')"))
+        else:
+            how = "trained as labelled (data.pairs_from='labels'; scores reach only reward-aware losses)"
+        (log.warning if counts.ties or counts.disagreements else log.info)(
+            "%s data, labels vs scores: %s; %s", split, counts.summary(), how)
+    return to_loss, record
+
+
+def resolve_epochs(cfg: ml_collections.ConfigDict, num_train: int) -> None:
+    """`config.train.epochs` > 0 sets `config.train.steps` = ceil(epochs · ceil(N / data.batch_size)) for the N
+    train examples (TRL's step count for `num_train_epochs`: ceil(ceil(N / per-device batch) / accumulation))."""
+    epochs = float(cfg.train.get("epochs", 0.0) or 0.0)
+    if epochs <= 0:
+        return
+    cfg.train.steps = math.ceil(epochs * math.ceil(num_train / cfg.data.batch_size))
+    log.info("train.epochs=%g over %d examples: train.steps=%d", epochs, num_train, cfg.train.steps)
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -120,7 +162,7 @@ def fill_reference_cache(run: PreferenceRun) -> None:
         return
     cfg = run.config
     per_process = local_batch_size(cfg.data.eval_batch_size, run.mesh)
-    cache_dir = pathlib.Path(cfg.reference_cache_dir or run.workdir / REFERENCE_CACHE)
+    cache_dir = storage.as_path(cfg.reference_cache_dir or storage.as_path(run.workdir) / REFERENCE_CACHE)
     scorers = [make_scorer(ref.graphdef, ref.rest, run.mesh, compute_dtype=run.dtype,
                            vocab_chunk_size=cfg.model.vocab_chunk_size or None,
                            score_window=run.score_window if ref.datasets is run.datasets
@@ -207,22 +249,30 @@ def evaluate(run: PreferenceRun, params, eval_step) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ the job
+def jitted_steps(cfg: ml_collections.ConfigDict, setup: RunSetup, loss_fn, ref_graphdefs: tuple,
+                 score_window: int | None) -> tuple[Any, Any]:
+    """(train step, eval step) of preference training, jitted as the trainer runs them: the train step donates
+    the state and keeps its shardings, metrics come back replicated. `setup` is a `RunSetup` (or `rpo-plan`'s
+    abstract one); `ref_graphdefs` are the in-step references' `(graphdef, rest)`, empty with cached ones."""
+    chunk = cfg.model.vocab_chunk_size or None
+    step_fn = make_train_step(setup.graphdef, setup.rest, loss_fn, setup.tx, compute_dtype=setup.dtype,
+                              micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
+                              ref_graphdefs=ref_graphdefs, lr_schedule=setup.schedule, score_window=score_window,
+                              skip_nonfinite=cfg.train.on_nonfinite == "skip_step")
+    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(setup.state_shardings, replicated(setup.mesh)))
+    eval_step = jax.jit(make_eval_step(setup.graphdef, setup.rest, loss_fn, compute_dtype=setup.dtype,
+                                       vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs, score_window=score_window),
+                        out_shardings=replicated(setup.mesh))
+    return train_step, eval_step
+
+
 def preference_task(run: PreferenceRun) -> Task:
     """The run skeleton's task: one unit is one optimizer step on the next batch of the resumable iterator."""
     cfg = run.config
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
-    chunk = cfg.model.vocab_chunk_size or None
-    step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
-                              micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
-                              ref_graphdefs=ref_graphdefs, lr_schedule=run.schedule, score_window=run.score_window,
-                              skip_nonfinite=cfg.train.on_nonfinite == "skip_step")
-    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
-    eval_step = jax.jit(make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=run.dtype,
-                                       vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs,
-                                       score_window=run.score_window),
-                        out_shardings=replicated(run.mesh))
+    train_step, eval_step = jitted_steps(cfg, run, run.loss_fn, ref_graphdefs, run.score_window)
     if run.score_window:
         log.info("output head on %d logit positions per sequence (config.model.score_window)", run.score_window)
 
@@ -230,15 +280,18 @@ def preference_task(run: PreferenceRun) -> Task:
         if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
             reset_reference_to_policy(run, state["params"], step)
         batch = next(iterator)
-        b, k, t = batch["tokens"].shape
-        flops = b * k * t * jax.process_count() * train_flops_per_token(
+        inputs = device_batch(run, batch, "train")
+        # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process)
+        b, k, t = inputs["tokens"].shape
+        flops = b * k * t * train_flops_per_token(
             run.model_config, t, num_references=len(ref_graphdefs), score_window=run.score_window)
         tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()
-        state, metrics = train_step(state, device_batch(run, batch, "train"), in_step_reference_params(run))
+        state, metrics = train_step(state, inputs, in_step_reference_params(run))
         return Unit(state, metrics, {"tokens": tokens}, flops)
 
     identity = run_identity(cfg, MODE, run.model_config, run.tokenizer,
                             objective={"loss": cfg.loss, "references": list(cfg.references),
+                                       "preference_direction": run.preference_direction,
                                        "iterations": max(1, cfg.train.iterations)},
                             data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
     return Task(mode=MODE, run=run, identity=identity, units=cfg.train.steps * max(1, cfg.train.iterations),

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
-import os
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rpo_jax.data import TokenizedDataset, make_eval_batches
+from rpo_jax.data import TokenizedDataset, make_eval_batches, storage
 from rpo_jax.train.mesh import replicate, to_global
 from rpo_jax.train.identity import dataset_fingerprint
 
@@ -67,22 +66,23 @@ def compute_logps(scorer: Callable, params: Any, dataset: TokenizedDataset, batc
     return out
 
 
-def cached_logps(directory: str | os.PathLike, reference: Reference, split: str,
+def cached_logps(directory: storage.PathLike, reference: Reference, split: str,
                  compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """The `[N, K]` log-probs of `reference` on `split`, from the cache `directory` or computed (then stored)."""
+    """The `[N, K]` log-probs of `reference` on `split`, from the cache `directory` (a local path or a URL) or
+    computed (then stored: the key beside it first, the array last and whole, so a present array is complete)."""
     key = cache_key(reference, split)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     path = directory / f"{split}-{digest}.npy"
     if path.exists():
         log.info("reference cache hit: %s", path)
-        return np.load(path)
+        return np.load(io.BytesIO(path.read_bytes()))
     values = compute()
     if jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, values)
-        tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps(key, indent=1))
+        storage.write_atomically(path.with_suffix(".json"), json.dumps(key, indent=1))
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        storage.write_atomically(path, buffer.getvalue())
     multihost_utils.sync_global_devices(f"ref_cache_{digest}")
     return values

@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 from rpo_jax.data import (PreferenceRecord, Problem, RecordError, TokenizedDataset, TokenizedExample, TokenizeReport,
-                          default_buckets, make_train_iterator, to_pairs)
+                          default_buckets, label_score_counts, make_train_iterator, to_pairs)
 from rpo_jax.losses import bradley_terry_loss, bradley_terry_per_pair
 from rpo_jax.models import RewardModel
 from rpo_jax.models.sharding import make_mesh
@@ -56,10 +56,12 @@ MODE = "reward_model"
 
 
 # ------------------------------------------------------------------------------------------------- pairs
-def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "all"
+def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "all", pairs_from: str = "labels"
                      ) -> tuple[list[PreferenceRecord], int]:
     """K-response records → pair records (response 0 chosen, 1 rejected) and the number of records giving no pair.
 
+    * a labelled pair (TRL / NeMo formats, `PreferenceRecord.labelled`) with `pairs_from="labels"`: as labelled,
+      whatever its scores (as TRL's RewardTrainer trains it); with `pairs_from="rewards"` like any record below;
     * with rewards: the pairs (i, j) with r_i > r_j — all of them (`mode="all"`) or best vs worst
       (`"best_worst"`, first index wins ties); equal rewards give no pair (so an all-tied record gives none);
     * K = 2 without rewards: (0, 1), response 0 chosen (the formats' convention);
@@ -70,6 +72,9 @@ def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "a
     out: list[PreferenceRecord] = []
     without_pair = 0
     for r in records:
+        if r.labelled and pairs_from == "labels":
+            out.append(r)
+            continue
         if r.rewards is None:
             if r.num_responses != 2:
                 raise RecordError(Problem(*r.source, "rewards", f"{r.num_responses} responses without rewards: a "
@@ -237,7 +242,14 @@ def load_pair_records(cfg: ml_collections.ConfigDict) -> dict[str, list[Preferen
     records = load_records(cfg)
     out = {}
     for split, recs in records.items():
-        pairs, without = preference_pairs(recs, mode=rm.pairs)
+        pairs_from = cfg.data.get("pairs_from", "labels")
+        pairs, without = preference_pairs(recs, mode=rm.pairs, pairs_from=pairs_from)
+        counts = label_score_counts(recs)
+        if counts.scored_pairs:
+            (log.warning if counts.ties or counts.disagreements else log.info)(
+                "%s data, labels vs scores: %s; %s", split, counts.summary(),
+                "trained as labelled (data.pairs_from='labels')" if pairs_from == "labels"
+                else "the scores decide: a tie gives no pair, a disagreeing pair trains the other way round")
         if without:
             log.info("%s: %d of %d records give no pair (tied rewards)", split, without, len(recs))
         if rm.margin_scale and any(p.rewards is None for p in pairs):

@@ -34,8 +34,8 @@ Safety (`config.train`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import pathlib
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rpo_jax.data import TokenizedDataset, make_eval_batches
+from rpo_jax.data import TokenizedDataset, make_eval_batches, storage
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.export import save_model
 from rpo_jax.train.identity import identity_differences
@@ -139,7 +139,7 @@ class Task:
     eval_at_start: bool = False                          # also evaluate before the first unit (not on resume)
     label: str = "rpo-train"                             # progress bar
     progress_metric: str | None = None                   # a metric shown beside the progress bar
-    mfu_dtype: Any = None                                # units count FLOPs: MFU against this dtype's matmul peak
+    mfu_dtype: Any = None                                # units count FLOPs: MFU per chip against this dtype's peak
 
 
 def sum_over_eval_batches(dataset: TokenizedDataset, batch_size: int, mesh,
@@ -164,7 +164,7 @@ def check_safety_settings(cfg) -> None:
         raise ValueError(f"config.train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row} must be ≥ 1")
 
 
-def resume_or_start(task: Task, ckpt: Checkpointer, workdir: pathlib.Path) -> tuple[Any, int, int | None]:
+def resume_or_start(task: Task, ckpt: Checkpointer, workdir: storage.PathLike) -> tuple[Any, int, int | None]:
     """(train state, units done, metrics.jsonl records to keep or None for a fresh start), following
     `config.train.resume` (module docstring); records the run (config.json, run_identity.json) once it is
     clear that it starts or continues here."""
@@ -194,8 +194,12 @@ def resume_or_start(task: Task, ckpt: Checkpointer, workdir: pathlib.Path) -> tu
         raise ResumeError(f"{ckpt.directory}: none of the checkpoints (steps {', '.join(map(str, steps))}) restores "
                           "(see the warnings above); they are kept. Use another --workdir to start afresh")
     _, state, saved = restored
-    if isinstance(saved, Mapping) and set(saved) == {"data", "metrics_lines"}:
+    if isinstance(saved, Mapping) and {"data", "metrics_lines"} <= set(saved) <= {"data", "metrics_lines",
+                                                                                 "data_of_processes"}:
         data_state, metrics_lines = saved["data"], saved["metrics_lines"]
+        of_processes = saved.get("data_of_processes")
+        if of_processes and len(of_processes) == jax.process_count():
+            data_state = of_processes[jax.process_index()]
     else:  # a checkpoint from before the metrics count was recorded: keep every record, append after them
         data_state, metrics_lines = saved, metrics_records(workdir)
     unit = int(state["step"]) // task.steps_per_unit
@@ -203,6 +207,29 @@ def resume_or_start(task: Task, ckpt: Checkpointer, workdir: pathlib.Path) -> tu
     record_run(cfg, workdir, task.mode, task.identity)
     log.info("resumed at %s %d", task.unit_name, unit)
     return state, unit, metrics_lines
+
+
+def json_of_every_process(value: Any) -> list[Any]:
+    """The JSON-able `value` of every process, in process order (two small all-gathers: the sizes, then the
+    bytes; `[value]` with one process). Every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return [value]
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(gathered[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
+
+
+def checkpointed_position(data_state: Any, metrics_lines: int) -> dict[str, Any]:
+    """What a checkpoint records beside the train state: the data position (`data`, process 0's; with several
+    processes also `data_of_processes`, each process's own, since each reads its own share of the batches — the
+    checkpoint's JSON is written by process 0 only) and the number of metrics.jsonl records."""
+    out = {"data": data_state, "metrics_lines": metrics_lines}
+    if jax.process_count() > 1:
+        out["data_of_processes"] = json_of_every_process(data_state)
+    return out
 
 
 class DivergenceGuard:
@@ -242,14 +269,14 @@ class DivergenceGuard:
                              f"{kept} and nothing after it was saved")
 
 
-def run_task(task: Task, workdir: str | pathlib.Path) -> dict[str, Any]:
+def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
     """Run `task` to its last unit in `workdir`, starting or resuming as `config.train.resume` says.
 
     Returns `{prefix: the last logged metrics, "eval": the final eval metrics, unit_name: units done, "export":
     the export directory or None}`, or `{prefix: …, "preempted_at": unit}` after SIGTERM. Raises `ResumeError`
     (the directory holds another run, ...) or `NonFiniteError` (the run diverged).
     """
-    run, cfg, workdir = task.run, task.run.config, pathlib.Path(workdir)
+    run, cfg, workdir = task.run, task.run.config, storage.as_path(workdir)
     check_safety_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / CHECKPOINTS, every_steps=max(1, cfg.train.checkpoint_every) * task.steps_per_unit,
@@ -265,7 +292,8 @@ def run_task(task: Task, workdir: str | pathlib.Path) -> dict[str, Any]:
             step = unit * task.steps_per_unit
             if force or ckpt.should_save(step):
                 guard.check()  # never save a state that a non-finite step produced
-                ckpt.save(step, state, {"data": task.data_state(unit), "metrics_lines": writer.lines}, force=force)
+                writer.flush()  # the records the checkpoint counts are durable before it is
+                ckpt.save(step, state, checkpointed_position(task.data_state(unit), writer.lines), force=force)
 
         peak = None
         if task.mfu_dtype is not None:
@@ -278,7 +306,7 @@ def run_task(task: Task, workdir: str | pathlib.Path) -> dict[str, Any]:
 
         prefix = task.metrics_prefix
         last: dict[str, float] = {}
-        throughput = Throughput(peak)
+        throughput = Throughput(peak, chips=run.mesh.devices.size)  # MFU per chip: peak_flops is one chip's
         compiled = False
         with Preemption() as preemption:
             while unit < task.units:

@@ -8,6 +8,7 @@ mode, reference and export splits its model with `split_trainable`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 from collections.abc import Mapping
@@ -22,10 +23,10 @@ from flax import nnx
 from rpo_jax.data import (TokenizedDataset, demo_paths, holdout_split, read_records, require_rewards, to_pairs,
                           tokenize_records)
 from rpo_jax.losses import make_loss
-from rpo_jax.models import ModelConfig, create_model, create_reward_model, load_hf, load_reward_model
+from rpo_jax.models import Decoder, ModelConfig, create_model, create_reward_model, load_hf, load_reward_model
 from rpo_jax.models.hf_io import read_config_json, resolve_checkpoint_dir
 from rpo_jax.models.reward import REWARD_ARCHITECTURES, RewardModel
-from rpo_jax.models.sharding import variable_sharding
+from rpo_jax.models.sharding import state_shardings, variable_sharding
 from rpo_jax.train.mesh import replicated
 from rpo_jax.train.optim import make_optimizer
 
@@ -50,10 +51,11 @@ def compute_dtype(name: str):
 
 
 def build_loss(cfg: ml_collections.ConfigDict):
-    """`make_loss` from `config.loss`: the main term (weight 1) plus weighted `extra` terms."""
-    main = (cfg.loss.name, 1.0, dict(cfg.loss.hparams))
+    """`make_loss` from `config.loss`: the main term (weight `loss.weight`, default 1) plus weighted `extra`
+    terms."""
+    main = (cfg.loss.name, float(cfg.loss.get("weight", 1.0)), dict(cfg.loss.hparams))
     extra = [tuple(e) if len(e) == 3 else (e[0], e[1], {}) for e in cfg.loss.extra]
-    if not extra:
+    if not extra and main[1] == 1.0:
         return make_loss(main[0], **main[2])
     return make_loss([main, *extra])
 
@@ -113,7 +115,14 @@ def load_records(cfg: ml_collections.ConfigDict, *, requires_rewards: bool = Fal
         evaluation = []
     splits = {"train": train, "eval": evaluation}
     if dc.pairs:
-        splits = {k: to_pairs(v, mode=PAIR_MODES.get(dc.pairs, dc.pairs)) for k, v in splits.items()}
+        mode = PAIR_MODES.get(dc.pairs, dc.pairs)
+        for split, recs in list(splits.items()):
+            per_record = [to_pairs([r], mode=mode) for r in recs]
+            splits[split] = [pair for pairs in per_record for pair in pairs]
+            tied = sum(not pairs for pairs in per_record)
+            if tied:
+                log.warning("%s data: %d of %d records give no pair under data.pairs=%r (all their rewards "
+                            "tie); they are left out", split, tied, len(recs), dc.pairs)
     if requires_rewards:
         for recs in splits.values():
             if recs:
@@ -250,14 +259,91 @@ class RunSetup:
     schedule: optax.Schedule
 
 
+def optimizer_state_shardings(tx: optax.GradientTransformation, params: Any, mesh) -> Any:
+    """Shardings of `tx.init(params)`: every leaf that mirrors a parameter (Adam's moments, ...) takes that
+    parameter's sharding, anything else (counts) is replicated. (Left to itself, `jit(tx.init)` replicates the
+    moments: zeros depend on no input, and XLA gives them no sharding — 8 bytes per parameter on every chip.)"""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
 def build_setup(cfg: ml_collections.ConfigDict, model: nnx.Module, model_config: ModelConfig, *, mesh, dtype,
                 tokenizer, total_steps: int) -> RunSetup:
     """Split `model` into trainable parameters and the rest, build `config.optimizer` for `total_steps`, and place
     the initial train state (RNG from `config.seed`) on `mesh`."""
     graphdef, params, rest = split_trainable(model)
     tx, schedule = make_optimizer(cfg.optimizer, total_steps)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
+    opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params, mesh))(params)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(cfg.seed))}
     state = on_mesh(state, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return RunSetup(cfg, mesh, dtype, tokenizer, model_config, graphdef, rest, state, shardings, tx, schedule)
+
+
+# ------------------------------------------------------------------------------------------------ abstract state
+def architecture_of(cfg: ml_collections.ConfigDict, path: str | None = None, architecture: str | None = None,
+                    source: str = "config.model") -> ModelConfig:
+    """A model's `ModelConfig` without touching its weights (for `rpo-plan`) — by default the policy's:
+    `architecture` (default `config.model.architecture`: a Hugging Face config.json) when set, else `path`'s
+    (default `config.model.path`) config.json when it is a local directory, else `config.model.init` (which must
+    then state vocab_size). A hub id without an architecture file is a ValueError naming `source` (the planner
+    downloads nothing)."""
+    if path is None:
+        path, architecture = cfg.model.path, cfg.model.architecture
+    overrides = {"remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll}
+    if architecture:
+        file = pathlib.Path(architecture)
+        if not file.is_file():
+            raise FileNotFoundError(f"{source}.architecture={str(file)!r}: no such file (expected a Hugging Face "
+                                    "config.json, e.g. configs/architectures/llama-3.1-8b-instruct.json)")
+        try:
+            fields = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+        return ModelConfig.from_hf_dict(fields, source=str(file), **overrides)
+    if path:
+        directory = pathlib.Path(path).expanduser()
+        if not directory.is_dir():
+            raise ValueError(f"{source}.path={path!r} is not a local directory; name its architecture with "
+                             f"{source}.architecture=configs/architectures/<name>.json")
+        config_file, fields = read_config_json(directory)
+        return ModelConfig.from_hf_dict(fields, source=str(config_file), **overrides)
+    return ModelConfig.from_hf_dict(init_fields(cfg, None), source="config.model.init", **overrides)
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s of `tree`'s leaves (arrays or abstract values) carrying `shardings`' leaves."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_params(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype
+                    ) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, trainable parameters, the rest) of a model built under `nnx.eval_shape` (nothing allocated),
+    split with `split_trainable`; the parameters are `jax.ShapeDtypeStruct`s (`config.model.param_dtype`) with
+    their rule-based shardings on `mesh`."""
+    param_dtype = jnp.dtype(cfg.model.param_dtype)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(params=cfg.model.init_seed),
+                                                  dtype=dtype, param_dtype=param_dtype))
+    graphdef, params, rest = split_trainable(abstract)
+    if jax.tree.leaves(rest):
+        raise ValueError("abstract_params: the model has non-trainable arrays; they would need values")
+    return graphdef, with_shardings(params, state_shardings(params, mesh)), rest
+
+
+def abstract_setup(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype,
+                   total_steps: int) -> RunSetup:
+    """`build_setup`'s RunSetup with abstract values (`abstract_params` of the policy, the optimizer state's
+    shapes with `optimizer_state_shardings`, the step and RNG replicated): every leaf of `state` a
+    `jax.ShapeDtypeStruct` with a `NamedSharding`."""
+    graphdef, params, rest = abstract_params(cfg, model_config, mesh=mesh, dtype=dtype)
+    tx, schedule = make_optimizer(cfg.optimizer, total_steps)
+    opt_state = with_shardings(jax.eval_shape(tx.init, params), optimizer_state_shardings(tx, params, mesh))
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(cfg.seed)))
+    state = {"params": params, "opt_state": opt_state,
+             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
+             "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated(mesh))}
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    return RunSetup(cfg, mesh, dtype, None, model_config, graphdef, rest, state, shardings, tx, schedule)

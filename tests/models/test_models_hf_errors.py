@@ -222,8 +222,8 @@ def test_architectures_contradicting_model_type(llama_dir, tmp_path):
 
 def test_unknown_and_wrong_task_architectures(llama_dir, reward_dir, tmp_path):
     d = copy_checkpoint(llama_dir, tmp_path / "u")
-    edit_config(d, architectures=["MistralForCausalLM"])
-    _raises(ValueError, load_hf, d, f"{d / 'config.json'}: architectures=['MistralForCausalLM'] is not a supported "
+    edit_config(d, architectures=["PhiForCausalLM"])
+    _raises(ValueError, load_hf, d, f"{d / 'config.json'}: architectures=['PhiForCausalLM'] is not a supported "
             "causal language model", "expected one of", "LlamaForCausalLM")
     edit_config(d, architectures="LlamaForCausalLM")
     _raises(ValueError, load_hf, d, f"{d / 'config.json'}: architectures='LlamaForCausalLM'", "expected a list")

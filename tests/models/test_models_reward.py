@@ -148,7 +148,7 @@ def test_load_reward_model_refuses_causal_lm_and_unknown_architectures(tmp_path)
     (causal / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForSequenceClassification"]}))
     with pytest.raises(ValueError, match=r"score\.weight is missing"):
         load_reward_model(causal)
-    for archs, pattern in ((["MistralForSequenceClassification"], "not a supported reward model"),
+    for archs, pattern in ((["PhiForSequenceClassification"], "not a supported reward model"),
                            ([], "expected exactly one of")):
         (causal / "config.json").write_text(json.dumps({**cfg, "architectures": archs}))
         with pytest.raises(ValueError, match=pattern):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import pathlib
 
@@ -12,7 +13,8 @@ import pytest
 
 from rpo_jax.losses import available_losses
 from rpo_jax.models.config import REMAT_POLICIES
-from rpo_jax.train.setup import build_loss
+from rpo_jax.train.config import base_config
+from rpo_jax.train.setup import build_loss, load_records
 from rpo_jax.models.sharding import resolve_mesh_shape
 from rpo_jax.train.performance import flops_per_token
 from rpo_jax.train.optim import make_optimizer, make_schedule, weight_decay_mask
@@ -95,3 +97,19 @@ def test_flops_per_token_formula():
     # 6·P + 12·L·T·d for training; each in-step reference adds 2·P + 4·L·T·d
     assert flops_per_token(100, 2, 8, 4) == 6 * 100 + 12 * 2 * 8 * 4
     assert flops_per_token(100, 2, 8, 4, num_references=1) == 8 * 100 + 16 * 2 * 8 * 4
+
+
+def test_data_pairs_counts_and_logs_records_whose_rewards_all_tie(tmp_path, caplog):
+    rows = [{"prompt": "p0", "responses": ["a", "b", "c"], "rewards": [1.0, 0.0, 0.5]},
+            {"prompt": "p1", "responses": ["a", "b", "c"], "rewards": [0.2, 0.2, 0.2]},  # all tie: no pair
+            {"prompt": "p2", "responses": ["a", "b"], "rewards": [0.0, 1.0]}]
+    path = tmp_path / "k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = base_config()
+    cfg.data.train, cfg.data.pairs = str(path), "all"
+    with caplog.at_level("WARNING"):
+        splits = load_records(cfg)
+    # all_pairs: 3 pairs from the first record (1 > 0.5 > 0), 1 from the third, none from the tied one
+    assert [(r.source[1], r.rewards) for r in splits["train"]] == [(1, (1.0, 0.0)), (1, (1.0, 0.5)),
+                                                                    (1, (0.5, 0.0)), (3, (1.0, 0.0))]
+    assert "train data: 1 of 3 records give no pair under data.pairs='all'" in caplog.text
