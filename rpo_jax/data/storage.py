@@ -80,10 +80,11 @@ def move(source: PathLike, target: PathLike) -> None:
     source.unlink()
 
 
-def copy_tree(source: PathLike, target: PathLike) -> None:
-    """Copy every file under the directory `source` to the same relative name under `target`."""
+def copy_tree(source: PathLike, target: PathLike, *, last: str | None = None) -> None:
+    """Copy every file under the directory `source` to the same relative name under `target` (files named `last`
+    copied after all others: a reader that waits for that file sees a complete directory)."""
     source, target = as_path(source), as_path(target)
-    for file in walk_files(source):
+    for file in sorted(walk_files(source), key=lambda f: (f.name == last, os.fspath(f))):
         dest = target / os.path.relpath(os.fspath(file), os.fspath(source))
         dest.parent.mkdir(parents=True, exist_ok=True)
         file.copy(dest, overwrite=True)

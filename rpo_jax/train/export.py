@@ -100,11 +100,7 @@ def upload_export(save: Callable[..., pathlib.Path], model, model_config: ModelC
     with tempfile.TemporaryDirectory(prefix="rpo_jax-export-") as local:
         save(model, model_config, pathlib.Path(local), tokenizer=tokenizer)
         storage.remove_tree(out)
-        files = sorted(storage.walk_files(local), key=lambda f: (f.name == "config.json", os.fspath(f)))
-        for file in files:
-            target = out / os.path.relpath(os.fspath(file), local)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            file.copy(target, overwrite=True)
+        storage.copy_tree(local, out, last="config.json")
 
 
 def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out_dir: storage.PathLike, tokenizer,

@@ -197,9 +197,12 @@ def resume_or_start(task: Task, ckpt: Checkpointer, workdir: storage.PathLike) -
     if isinstance(saved, Mapping) and {"data", "metrics_lines"} <= set(saved) <= {"data", "metrics_lines",
                                                                                  "data_of_processes"}:
         data_state, metrics_lines = saved["data"], saved["metrics_lines"]
-        of_processes = saved.get("data_of_processes")
-        if of_processes and len(of_processes) == jax.process_count():
-            data_state = of_processes[jax.process_index()]
+        of_processes = saved.get("data_of_processes") or [data_state]
+        if len(of_processes) != jax.process_count():
+            raise ResumeError(f"{ckpt.directory}: the checkpoint was written by {len(of_processes)} process(es), "
+                              f"this run has {jax.process_count()}; each process's data position is its own, so "
+                              f"resume with {len(of_processes)} process(es) (or use another --workdir)")
+        data_state = of_processes[jax.process_index()]
     else:  # a checkpoint from before the metrics count was recorded: keep every record, append after them
         data_state, metrics_lines = saved, metrics_records(workdir)
     unit = int(state["step"]) // task.steps_per_unit

@@ -103,6 +103,22 @@ def test_resume_continues_at_the_unit_of_the_newest_checkpoint(tmp_path):
     assert result["eval"] == {"w": 6.0} and steps_saved(tmp_path) == [4, 8, 12]
 
 
+def test_each_process_resumes_its_own_data_position_and_another_process_count_is_refused(tmp_path, monkeypatch):
+    """A checkpoint of a 2-process run holds both processes' positions (`data_of_processes`): resumed by one
+    process it is refused, naming both counts, and the checkpoints are kept."""
+    from rpo_jax.train import runner
+
+    def two_processes(data_state, metrics_lines):
+        return {"data": data_state, "metrics_lines": metrics_lines,
+                "data_of_processes": [data_state, {"position": -data_state["position"]}]}
+
+    monkeypatch.setattr(runner, "checkpointed_position", two_processes)
+    run_task(toy_task(4, []), tmp_path)
+    with pytest.raises(ResumeError, match=r"written by 2 process\(es\), this run has 1"):
+        run_task(toy_task(6, []), tmp_path)
+    assert steps_saved(tmp_path) == [4, 8]
+
+
 def test_a_replayed_stretch_leaves_one_metrics_record_per_logged_step(tmp_path):
     """Killed after its last checkpoint (simulated: the final checkpoint removed), a run replays the units after
     the one before; the records those units wrote move to metrics.replayed.jsonl and are written again once."""
