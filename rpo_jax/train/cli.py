@@ -32,9 +32,20 @@ from rpo_jax.train.distributed import initialize_from_environment
 _QUICKSTART = pathlib.Path(__file__).with_name("quickstart.py")
 
 
+def unknown_field_error(error: Exception) -> ValueError:
+    """ml_collections' KeyError / AttributeError for a `--config.X=V` override whose field the config lacks, as
+    one clear line (the flag parser raises it while registering the overrides)."""
+    name = str(error).strip("\"' ")
+    return ValueError(f"a --config.* override names a field the config does not have: {name!r} (every field and "
+                      "its default: rpo_jax/train/config.py)")
+
+
 def _define_train_flags():
-    config_flags.DEFINE_config_file("config", str(_QUICKSTART), "Recipe file (configs/NAME.py); default: quickstart.",
-                                    lock_config=True)
+    try:
+        config_flags.DEFINE_config_file("config", str(_QUICKSTART),
+                                        "Recipe file (configs/NAME.py); default: quickstart.", lock_config=True)
+    except (KeyError, AttributeError) as e:
+        raise unknown_field_error(e) from e
     flags.DEFINE_string("workdir", "runs/quickstart", "Run directory: checkpoints, metrics, reference cache, export.")
     flags.DEFINE_bool("precompute", False,
                       "Preference training: only compute (or reuse) the reference log-prob cache, then exit.")
@@ -68,7 +79,7 @@ def one_line_errors(program: str, workdir: str | None, verbose: bool):
                 workdir, f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {program}\n{trace}\n")
         if verbose:
             print(trace, file=sys.stderr, end="")
-        message = str(e) or type(e).__name__
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
         if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
             message = f"{type(e).__name__}: {message}"
         hint = f" (traceback: {where})" if where and not verbose else ""
@@ -122,8 +133,9 @@ def run_job(cfg, workdir: str, *, precompute_only: bool = False):
 
 def main(argv: list[str] | None = None) -> None:
     """`rpo-train` (`--from-trl` is also spelled `--from_trl`, absl's name for it)."""
-    _define_train_flags()
     args = sys.argv[1:] if argv is None else argv
+    with one_line_errors("rpo-train", None, "--verbose" in args):
+        _define_train_flags()
     args = ["--from_trl" + a[len("--from-trl"):] if a.split("=")[0] == "--from-trl" else a for a in args]
     app.run(_train, argv=[sys.argv[0], *args])
 

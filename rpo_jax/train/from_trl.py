@@ -131,6 +131,32 @@ def read_trl_config(path: str | pathlib.Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ mapping
+def _coerce(value: Any, default: Any) -> Any:
+    """A DPOConfig value as the kind of its default, as TRL's argument parser reads it: a number (not a bool; a
+    numeric string such as YAML's `5e-7`, which PyYAML reads as a string, is converted) for a number, a bool for
+    a bool, a string for a string. None, and fields whose default is None or a list (`loss_type`, ...), pass as
+    they are (checked where they are mapped). ValueError saying what was expected."""
+    if value is None or default is None or isinstance(default, (list, tuple, dict)):
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                integral = isinstance(default, int) and value.strip().lstrip("+-").isdigit()
+                value = int(value) if integral else float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
 def _is_default(value: Any, default: Any) -> bool:
     empty = (None, "", [], {}, ())
     return value == default or (value in empty and default in empty)
@@ -207,6 +233,7 @@ def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
       TrlConfigError: `source: FIELD=VALUE: why` for the first field rpo_jax cannot honour or does not know.
     """
     cfg = base_config() if cfg is None else cfg
+    fields = dict(fields)  # values are coerced below; the caller's mapping stays as it was
 
     def fail(field: str, why: str) -> None:
         shown = f"={fields[field]!r}" if field in fields else ""
@@ -219,6 +246,11 @@ def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
             fail(key, f"rpo_jax honours only TRL's default ({DEFAULT_ONLY[key]!r})")
         if key not in TRL_DEFAULTS and key not in DEFAULT_ONLY and key not in NO_EFFECT and key != "warmup_ratio":
             fail(key, f"not a field of TRL {TRL_VERSION}'s DPOConfig")
+        if key in TRL_DEFAULTS:
+            try:
+                fields[key] = _coerce(value, TRL_DEFAULTS[key])
+            except ValueError as e:
+                fail(key, f"{e} (TRL's default: {TRL_DEFAULTS[key]!r})")
     given = {**TRL_DEFAULTS, **{k: v for k, v in fields.items() if k in TRL_DEFAULTS}}
     _check_unsupported(given, fail)
     losses = _losses(given, fail)

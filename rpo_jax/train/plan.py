@@ -35,6 +35,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rpo_jax.models.sharding import batch_sharding, make_mesh
+from rpo_jax.train.cli import unknown_field_error
 from rpo_jax.train.hlo_analysis import COLLECTIVES, analyze
 from rpo_jax.train.performance import train_flops_per_token
 from rpo_jax.train.setup import (abstract_params, abstract_setup, architecture_of, build_loss, compute_dtype,
@@ -386,7 +387,10 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
     flags.DEFINE_integer("responses", 2, "K: responses per example in the data (2 for pairs).", flag_values=values)
     flags.DEFINE_string("dump_hlo", "", "A directory: write each program's compiled HLO text there.",
                         flag_values=values)
-    values(list(argv))
+    try:
+        values(list(argv))
+    except (KeyError, AttributeError) as e:  # an override naming no field of the config
+        raise unknown_field_error(e) from e
     if values.config is None or not values.topology:
         raise ValueError("--config and --topology are required (rpo-plan --config CONFIG --topology v5p-64)")
     if values.responses < 1:
@@ -401,7 +405,7 @@ def run(argv: Sequence[str]) -> int:
         cfg, slc = values.config, parse_slice(values.topology)
         devices = slice_devices(slc)
         plan = build_programs(cfg, devices, values.responses)
-    except (ValueError, FileNotFoundError, KeyError, AttributeError, TypeError, flags.Error) as e:
+    except (ValueError, OSError, KeyError, AttributeError, TypeError, flags.Error) as e:
         print(f"rpo-plan: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     compiled, failures = [], []

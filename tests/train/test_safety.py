@@ -169,6 +169,19 @@ def test_a_corrupted_run_exports_with_one_error_line_and_no_shutdown_noise(tmp_p
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.nope=1", "a --config.* override names a field the config does not have: 'nope'"),
+    ("--config=no/such/recipe.py", "No such file or directory: 'no/such/recipe.py'"),
+])
+def test_a_bad_config_on_the_command_line_is_one_error_line(tmp_path, override, message):
+    result = subprocess.run([sys.executable, "-m", "rpo_jax.train.cli", override, f"--workdir={tmp_path / 'run'}"],
+                            env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr, "rpo-train")
+    assert message in line and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
 def test_a_tokenizer_that_is_missing_or_broken_names_its_directory(tmp_path):
     empty = tmp_path / "no_tokenizer"
     empty.mkdir()

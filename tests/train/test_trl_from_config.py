@@ -93,6 +93,11 @@ def test_missing_fields_take_trl_defaults():
     ("label_smoothing", 0.1, "label_smoothing=0.1: no loss in loss_type=\\['sigmoid'\\] uses it"),
     ("lr_scheduler_type", "polynomial", "lr_scheduler_type='polynomial': one of"),
     ("not_a_field", 1, "not_a_field=1: not a field of TRL 1.16.0's DPOConfig"),
+    ("learning_rate", "fast", "learning_rate='fast': expected a number \\(TRL's default: 1e-06\\)"),
+    ("max_grad_norm", float("inf"), "max_grad_norm=inf: expected a finite number"),
+    ("max_steps", True, "max_steps=True: expected a finite number"),
+    ("precompute_ref_log_probs", "yes", "precompute_ref_log_probs='yes': expected true or false"),
+    ("truncation_mode", 1, "truncation_mode=1: expected a string"),
 ])
 def test_unsupported_field_is_a_one_line_error_naming_it(tmp_path, field, value, message):
     path = tmp_path / "dpo.yaml"
@@ -100,6 +105,15 @@ def test_unsupported_field_is_a_one_line_error_naming_it(tmp_path, field, value,
     with pytest.raises(ValueError, match=f"^{path}: {message}") as info:
         config_from_trl(path)
     assert "\n" not in str(info.value)
+
+
+def test_numbers_written_as_yaml_strings_are_read_as_numbers(tmp_path):
+    """PyYAML reads `5e-7` as a string (YAML 1.1 needs a dot); TRL's argument parser reads it as a float."""
+    path = tmp_path / "dpo.yaml"
+    path.write_text("learning_rate: 5e-7\nmax_steps: '12'\nbeta: 0.25\n")
+    assert yaml.safe_load(path.read_text())["learning_rate"] == "5e-7"
+    cfg, _ = config_from_trl(path)
+    assert cfg.optimizer.learning_rate == 5e-7 and cfg.train.steps == 12 and cfg.loss.hparams.beta == 0.25
 
 
 def test_label_smoothing_goes_to_the_losses_that_use_it():
