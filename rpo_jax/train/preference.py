@@ -28,7 +28,7 @@ from rpo_jax.train.mesh import local_batch_size, replicated, to_global
 from rpo_jax.train.performance import train_flops_per_token
 from rpo_jax.train.identity import dataset_fingerprint, run_identity, weights_fingerprint
 from rpo_jax.train.reference_cache import Reference, cached_logps, compute_logps
-from rpo_jax.train.runner import Task, Unit, run_task, sum_over_eval_batches
+from rpo_jax.train.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, load_model, load_policy,
                                  load_records, load_tokenizer, split_trainable, tokenize_splits, tokenizer_path)
 from rpo_jax.train.step import make_eval_step, make_scorer, make_train_step, resolve_score_window
@@ -266,6 +266,22 @@ def jitted_steps(cfg: ml_collections.ConfigDict, setup: RunSetup, loss_fn, ref_g
     return train_step, eval_step
 
 
+def restore_position(run: PreferenceRun, iterator, data_state, step: int) -> None:
+    """Put the data iterator back at `step` of a resumed run. Iterated training (`train.iterations > 1`) resumed
+    inside an iteration after the first is refused: its primary reference is the policy of the iteration's
+    first step, which the checkpoint does not hold (a resume there would train against the initial policy).
+    At an iteration boundary the reference is reset from the restored policy as in an uninterrupted run."""
+    steps = run.config.train.steps
+    if run.config.train.iterations > 1 and run.references and step > steps and step % steps:
+        boundary = step - step % steps
+        raise ResumeError(f"{run.workdir}: the checkpoint restored is at step {step}, inside iteration "
+                          f"{step // steps + 1} of train.iterations={run.config.train.iterations}; its reference (the "
+                          f"policy at step {boundary}) is not in the checkpoint, so the run cannot continue exactly. "
+                          f"Remove the checkpoints after step {boundary} to resume from there (if it is kept), or "
+                          "use another --workdir")
+    iterator.set_state(data_state)
+
+
 def preference_task(run: PreferenceRun) -> Task:
     """The run skeleton's task: one unit is one optimizer step on the next batch of the resumable iterator."""
     cfg = run.config
@@ -298,7 +314,7 @@ def preference_task(run: PreferenceRun) -> Task:
                 advance=advance,
                 evaluate=lambda params, step: evaluate(run, params, eval_step),
                 data_state=lambda step: iterator.get_state(),
-                restore_data=lambda data_state, step: iterator.set_state(data_state),
+                restore_data=lambda data_state, step: restore_position(run, iterator, data_state, step),
                 log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, label="rpo-train",
                 mfu_dtype=run.dtype)
 

@@ -374,6 +374,30 @@ def test_iterated_training_resets_the_reference_to_the_previous_iterate(tmp_path
     assert len(list((tmp_path / "run" / "ref_cache").glob("train-*.npy"))) == 3
 
 
+def test_iterated_training_resumes_exactly_at_a_boundary_and_refuses_inside_an_iteration(tmp_path):
+    """train.iterations=3 × 2 steps: a checkpoint inside iteration 3 (step 5) does not hold that iteration's
+    reference (the policy at step 4), so resuming there is refused with the checkpoints kept; resumed from the
+    boundary checkpoint (step 4) the run ends with the uninterrupted run's parameters."""
+    import shutil
+
+    from rpo_jax.train.runner import ResumeError
+
+    cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.iterations": 3, "optimizer.warmup_steps": 0,
+                                           "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
+                                           "train.async_checkpointing": False})
+    workdir = tmp_path / "run"
+    preference.train(cfg, workdir, devices=ONE)
+    uninterrupted = final_params(workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    with pytest.raises(ResumeError, match=r"at step 5, inside iteration 3 .*\(the policy at step 4\)"):
+        preference.train(cfg, workdir, devices=ONE)
+    assert steps_saved(workdir) == [1, 2, 3, 4, 5]
+    shutil.rmtree(workdir / "checkpoints" / "5")
+    preference.train(cfg, workdir, devices=ONE)  # from step 4: the reference is reset to the restored policy
+    for a, b in zip(jax.tree.leaves(final_params(workdir)), jax.tree.leaves(uninterrupted)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("loss, hparams, extra, pairs", [
     ("simpo", {"beta": 2.0, "gamma": 0.5}, [], "best_worst"),        # reference-free: no reference at all
     ("ipo", {"beta": 0.1}, [], "best_worst"),                        # per-token normalised (needs lengths)
