@@ -45,6 +45,17 @@ class KeyRule:
     stacked: bool = False
 
 
+#: each projection of a decoder layer (our parameter name = Hugging Face module name) → its module path inside a
+#: Hugging Face decoder layer (also the names LoRA targets and PEFT keys use: `rpo_jax.models.lora`)
+PROJECTION_MODULES: dict[str, str] = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+PROJECTION_TRANSFORMS = {"q_proj": "heads_in", "k_proj": "heads_in", "v_proj": "heads_in", "o_proj": "heads_out",
+                         "gate_proj": "transpose", "up_proj": "transpose", "down_proj": "transpose"}
+
+
 def key_table(config: ModelConfig) -> list[KeyRule]:
     """The full mapping for `config`, with HF names relative to the decoder prefix (e.g. "model.")."""
     gemma_sandwich = config.sandwich_norms
@@ -53,16 +64,8 @@ def key_table(config: ModelConfig) -> list[KeyRule]:
         KeyRule(("final_norm",), "norm.weight"),
     ]
     layer = "layers.{i}."
-    per_layer = [
-        ("q_proj", "self_attn.q_proj.weight", "heads_in"),
-        ("k_proj", "self_attn.k_proj.weight", "heads_in"),
-        ("v_proj", "self_attn.v_proj.weight", "heads_in"),
-        ("o_proj", "self_attn.o_proj.weight", "heads_out"),
-        ("gate_proj", "mlp.gate_proj.weight", "transpose"),
-        ("up_proj", "mlp.up_proj.weight", "transpose"),
-        ("down_proj", "mlp.down_proj.weight", "transpose"),
-        ("attn_in_norm", "input_layernorm.weight", "identity"),
-    ]
+    per_layer = [(name, f"{module}.weight", PROJECTION_TRANSFORMS[name]) for name, module in PROJECTION_MODULES.items()]
+    per_layer += [("attn_in_norm", "input_layernorm.weight", "identity")]
     if gemma_sandwich:  # Gemma 2/3: post_attention_layernorm is the attention output norm
         per_layer += [
             ("attn_out_norm", "post_attention_layernorm.weight", "identity"),

@@ -46,19 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rpo_jax.models.hf_io import PROJECTION_MODULES
 from rpo_jax.models.model import Decoder
 from rpo_jax.models.sharding import Rules, state_shardings
 
 #: adaptable projection (our parameter name = Hugging Face module name) → module path inside a decoder layer
-TARGET_MODULES: dict[str, str] = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
+TARGET_MODULES: dict[str, str] = PROJECTION_MODULES
 #: number of input (contracted) axes of each projection's per-layer weight; the remaining axes are outputs
 INPUT_AXES: dict[str, int] = {name: 2 if name == "o_proj" else 1 for name in TARGET_MODULES}
 ALL_LINEAR = "all-linear"
