@@ -7,6 +7,7 @@ Select:    ``to_pairs(records)``, ``holdout_split(records, fraction, seed=...)``
            labels vs scores: ``label_score_counts(records)``, ``rewards_reach_loss(records, ...)``
 Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``
 Iterate:   ``make_train_iterator(dataset, batch_size, seed=...)`` (resumable), ``make_eval_batches(dataset, B)``
+Pack:      ``make_train_iterator(..., packing=Packing(row_length, share_prompt=...))``; ``pack_batch(batch, packing)``
 TFDS:      ``build_tfds(data_dir, sources=... | splits=...)``; ``load_tfds_records(data_dir, split)``.
 Demo:      ``demo_paths()``, ``judge(prompt, response)``.
 
@@ -27,6 +28,7 @@ _EXPORTS = {
                  "collate_examples", "default_buckets", "encode_prompt", "encode_record", "tokenize_records"),
     "pipeline": ("TrainIterator", "epoch_permutation", "make_eval_batches", "make_train_iterator",
                  "num_eval_batches"),
+    "packing": ("Packing", "fill_ratio", "is_packed", "pack_batch", "real_tokens"),
     "tfds_builder": ("RpoPreferences", "build_tfds", "load_tfds_records",
                      "records_from_data_source", "tfds_data_source"),
     "demo": ("DEMO_DIR", "demo_paths", "judge"),

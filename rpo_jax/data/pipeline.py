@@ -9,6 +9,11 @@ the processes' examples are disjoint, and the order depends only on (seed, epoch
 
 The iterator is a grain ``MapDataset`` (one item per global step) turned into an ``IterDataset`` iterator;
 its state is the next global step, saved as JSON-able data together with the layout it is valid for.
+
+Packing (``packing=`` a :class:`~rpo_jax.data.packing.Packing`): each batch is packed by
+:func:`~rpo_jax.data.packing.pack_batch`, a pure function of the batch, so the state and the resume are the same
+as without it. Process ``p`` packs its own rows with response ids offset by ``p·B·K`` (global ids once the
+processes' rows are concatenated).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from rpo_jax.data.packing import Packing, pack_batch
 from rpo_jax.data.tokenize import TokenizedDataset
 
 
@@ -83,11 +89,13 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     ``it2.set_state(state)`` makes ``next(it2)`` the (n+1)-th batch exactly.
     """
 
-    def __init__(self, dataset: TokenizedDataset, layout: _Layout):
+    def __init__(self, dataset: TokenizedDataset, layout: _Layout, packing: Packing | None = None):
         self._dataset = dataset
         self._layout = layout
         steps = grain.MapDataset.range(layout.steps_per_epoch).repeat(layout.num_epochs)
-        self._grain = steps.map_with_index(lambda step, _: dataset.collate(layout.positions(step).tolist()))
+        offset = layout.process_index * layout.batch_size * dataset.k_max
+        self._grain = steps.map_with_index(lambda step, _: packed_or_not(
+            dataset.collate(layout.positions(step).tolist()), packing, offset))
         self._iter = iter(self._grain.to_iter_dataset(read_options=grain.ReadOptions(num_threads=0)))
 
     @property
@@ -122,9 +130,15 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._iter.set_state({"next_index": int(state["step"])})
 
 
+def packed_or_not(batch: dict[str, np.ndarray], packing: Packing | None, response_offset: int
+                  ) -> dict[str, np.ndarray]:
+    """``batch`` packed by ``packing`` (ids offset by ``response_offset``), or as it is when ``packing`` is None."""
+    return batch if packing is None else pack_batch(batch, packing, response_offset=response_offset)
+
+
 def make_train_iterator(dataset: TokenizedDataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                         num_epochs: int | None = None, process_index: int | None = None,
-                        process_count: int | None = None) -> TrainIterator:
+                        process_count: int | None = None, packing: Packing | None = None) -> TrainIterator:
     """A resumable iterator of training batches (contract batch, ``[B, K, T]`` with bucketed T).
 
     Args:
@@ -134,6 +148,7 @@ def make_train_iterator(dataset: TokenizedDataset, batch_size: int, *, seed: int
       shuffle: False visits examples in order every epoch.
       num_epochs: None repeats forever.
       process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
+      packing: yield packed batches (module docstring); None: contract batches ``[B, K, T]``.
 
     Raises ValueError when the dataset has fewer than ``batch_size * process_count`` examples.
     """
@@ -145,7 +160,7 @@ def make_train_iterator(dataset: TokenizedDataset, batch_size: int, *, seed: int
     if layout.steps_per_epoch < 1:
         raise ValueError(f"{len(dataset)} examples cannot fill one global batch of {batch_size} x "
                          f"{process_count} processes")
-    return TrainIterator(dataset, layout)
+    return TrainIterator(dataset, layout, packing)
 
 
 def num_eval_batches(dataset: TokenizedDataset, batch_size: int, process_count: int = 1) -> int:
@@ -154,16 +169,17 @@ def num_eval_batches(dataset: TokenizedDataset, batch_size: int, process_count: 
 
 
 def make_eval_batches(dataset: TokenizedDataset, batch_size: int, *, process_index: int | None = None,
-                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                      process_count: int | None = None, packing: Packing | None = None
+                      ) -> Iterator[dict[str, np.ndarray]]:
     """Every example exactly once, in order, over all processes; the tail is padded with all-invalid examples.
 
     Global batch ``s`` covers examples ``[s * P * B, (s + 1) * P * B)``; process ``p`` gets its ``p``-th
     block of B. Padding examples have ``valid`` all False and ``index`` -1. Every process yields
-    :func:`num_eval_batches` batches.
+    :func:`num_eval_batches` batches. ``packing``: packed batches, as in :func:`make_train_iterator`.
     """
     process_index, process_count = _process_defaults(process_index, process_count)
     n = len(dataset)
     for s in range(num_eval_batches(dataset, batch_size, process_count)):
         start = (s * process_count + process_index) * batch_size
         positions = [i if i < n else None for i in range(start, start + batch_size)]
-        yield dataset.collate(positions)
+        yield packed_or_not(dataset.collate(positions), packing, process_index * batch_size * dataset.k_max)

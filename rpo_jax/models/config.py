@@ -22,6 +22,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "gemma3", "q
 
 RematPolicy = Literal["none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable")
+#: `ModelConfig.attention`: how attention runs (rpo_jax.models.attention) — a speed choice, never written to config.json
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 #: Fields a config.json must state (transformers would silently fill in its defaults, e.g. hidden_size 4096).
 #: A Gemma 3 multimodal `text_config` need only state the first three: hub configs (gemma-3-4b-it) rely on
@@ -205,6 +207,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     remat: RematPolicy = "none"
     scan_unroll: int = 1  # layers per iteration of the layer scan (speed knob; any value gives the same results)
+    attention: str = "auto"  # "auto" | "xla" | "cudnn" | "splash" (rpo_jax.models.attention; speed knob)
 
     def __post_init__(self):
         if not self.layer_types:
@@ -226,6 +229,8 @@ class ModelConfig:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if not (isinstance(self.scan_unroll, int) and 1 <= self.scan_unroll):
             raise ValueError(f"scan_unroll={self.scan_unroll!r} must be a positive int")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ValueError(f"activation={self.activation!r} is not supported (silu, gelu_tanh)")
 

@@ -481,6 +481,12 @@ def save_hf(
     """
     from safetensors.numpy import save_file
 
+    quantized = [n for n, v in vars(model.layers).items()
+                 if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)]
+    if quantized:
+        raise ValueError(f"save_hf: the base is quantized ({', '.join(quantized[:2])}, ...: rpo_jax.models.quantize) "
+                         "and is not written as a float checkpoint; call quantize.dequantize_base(model) first to "
+                         "export the quantized weights explicitly")
     out = pathlib.Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a directory; save_hf writes a checkpoint directory")

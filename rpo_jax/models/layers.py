@@ -103,22 +103,33 @@ def attention_mask_bool(
     kv_valid: jax.Array | None,
     q_segment: jax.Array | None,
     kv_segment: jax.Array | None,
+    q_parent: jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean [N,T,S] mask: causal (kv_index ≤ q_index), key not padding, same segment.
+    """Boolean [N,T,S] mask: causal (kv_index ≤ q_index), key not padding, same segment or the query's parent.
 
-    q_index [N,T] / kv_index [N,S] are token slots (array indices, or cache slots when decoding).
+    q_index [N,T] / kv_index [N,S] are token slots (array indices, or cache slots when decoding). With segments,
+    key k is visible to query q iff kv_segment[k] == q_segment[q] ∨ kv_segment[k] == q_parent[q] (`q_parent`
+    [N,T]: the segment id of the prompt that q's segment continues — shared prompts; its own segment id
+    otherwise; None: no parents).
     """
     mask = kv_index[:, None, :] <= q_index[:, :, None]
     if kv_valid is not None:
         mask = mask & kv_valid[:, None, :].astype(bool)
     if q_segment is not None and kv_segment is not None:
-        mask = mask & (q_segment[:, :, None] == kv_segment[:, None, :])
+        same = q_segment[:, :, None] == kv_segment[:, None, :]
+        if q_parent is not None:
+            same = same | (q_parent[:, :, None] == kv_segment[:, None, :])
+        mask = mask & same
     return mask
 
 
-def sliding_window_mask(q_index: jax.Array, kv_index: jax.Array, window: int) -> jax.Array:
-    """[N,T,S] bool: q_index - kv_index < window (transformers' sliding_window_overlay)."""
-    return (q_index[:, :, None] - kv_index[:, None, :]) < window
+def sliding_window_mask(q_position: jax.Array, kv_position: jax.Array, window: int) -> jax.Array:
+    """[N,T,S] bool: q_position - kv_position < window (transformers' sliding_window_overlay).
+
+    Given token positions this is the window on positions (equal to the slot distance when every segment's
+    positions count its slots, i.e. nothing is shared); given slots (decoding caches) it is the slot window.
+    """
+    return (q_position[:, :, None] - kv_position[:, None, :]) < window
 
 
 def dot_product_attention(
@@ -203,11 +214,18 @@ def gated_mlp(
     return constrain(matmul(h, down, "down_proj"), ("batch", None)).reshape(*lead, down.shape[-1])
 
 
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, dropout: tuple[jax.Array, jax.Array] | None = None
+               ) -> jax.Array:
     """The low-rank path of a LoRA-adapted projection: (x·A)·B, as two 2-D matmuls.
 
     x [..., *in], a [*in, r], b [r, *out] → [..., *out] (the caller folds the scale alpha/rank into b).
+    `dropout` = (raw key data, keep probability q): inverted dropout on the adapter's input only,
+    x ← x ⊙ m / q with m ~ Bernoulli(q) drawn from that key (`rpo_jax.models.lora.lora_dropout`).
     """
+    if dropout is not None:
+        key_data, keep = dropout
+        mask = jax.random.bernoulli(jax.random.wrap_key_data(key_data), keep, x.shape)
+        x = jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
     n_in = a.ndim - 1
     lead = x.shape[: x.ndim - n_in]
     rank, out = a.shape[-1], b.shape[1:]

@@ -121,6 +121,7 @@ def sequence_logps(
     attention_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    parent_ids: jax.Array | None = None,
     vocab_chunk_size: int | None = None,
     score_window: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -138,9 +139,9 @@ def sequence_logps(
     t = tokens.shape[1]
     if score_window is None or score_window >= t - 1:
         logps = token_logps(model, tokens, attention_mask=attention_mask, positions=positions,
-                            segment_ids=segment_ids, vocab_chunk_size=vocab_chunk_size)
+                            segment_ids=segment_ids, parent_ids=parent_ids, vocab_chunk_size=vocab_chunk_size)
         return jnp.sum(jnp.where(mask, logps, 0.0), axis=-1).astype(jnp.float32), count
-    hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids)
+    hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
     logps, mask_w = windowed_token_logps(hidden, model.unembedding(), tokens, mask, int(score_window),
                                          final_logit_softcap=model.config.final_logit_softcap,
                                          vocab_chunk_size=vocab_chunk_size)
@@ -156,10 +157,12 @@ def token_logps(
     attention_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    parent_ids: jax.Array | None = None,
     vocab_chunk_size: int | None = None,
 ) -> jax.Array:
-    """Per-token log p(tokens[t] | tokens[<t]) [N,T] float32, with 0 at t = 0."""
-    hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids)
+    """Per-token log p(tokens[t] | tokens[<t]) [N,T] float32, with 0 at t = 0 (`parent_ids`: shared prompts,
+    see `Decoder.hidden_states`)."""
+    hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
     logps = token_logps_from_hidden(
         hidden[:, :-1],
         model.unembedding(),
@@ -168,3 +171,46 @@ def token_logps(
         vocab_chunk_size=vocab_chunk_size,
     )
     return jnp.pad(logps, ((0, 0), (1, 0)))
+
+
+def packed_token_logps(
+    model,
+    tokens: jax.Array,
+    source: jax.Array,
+    *,
+    attention_mask: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    parent_ids: jax.Array | None = None,
+    vocab_chunk_size: int | None = None,
+) -> jax.Array:
+    """Per-slot log-probs of packed rows (`rpo_jax.data.packing`): [N,T] float32.
+
+    Entry (n, t) is log softmax(unembed(hidden[n, source[n, t]]))[tokens[n, t]]: the token at slot t predicted
+    from the slot holding the previous token of its own sequence (`source`: t-1, or a shared prompt's last slot
+    for a response's first token). Slots that score nothing carry any value; `segment_logp_sums` drops them.
+    The output head runs on every slot of the rows (no score window: packed rows hold little padding).
+    """
+    hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
+    hidden = jnp.take_along_axis(hidden, source[:, :, None].astype(jnp.int32), axis=1)
+    return token_logps_from_hidden(hidden, model.unembedding(), tokens,
+                                   final_logit_softcap=model.config.final_logit_softcap,
+                                   vocab_chunk_size=vocab_chunk_size)
+
+
+def segment_logp_sums(token_logps: jax.Array, response_id: jax.Array, num_responses: int) -> jax.Array:
+    """[num_responses] float32: out[i] = Σ_{slots with response_id = i + 1} token_logps (id 0: not scored).
+
+    token_logps/response_id [N,T] (`packed_token_logps`, the packer's `response_id`); a response's slots lie in
+    one row. Summed as the padded path sums a sequence: each response's T-slot window from its first slot
+    (`segment_min` of the slot index) is gathered into a row [num_responses, T] and reduced with `jnp.sum` over
+    it (a tree reduction; a scatter-add would accumulate ~10³ terms one by one, with rounding errors growing
+    with the length: several × the padded path's on long responses).
+    """
+    n, t = token_logps.shape
+    values, ids = token_logps.reshape(-1).astype(jnp.float32), response_id.reshape(-1)
+    first = jax.ops.segment_min(jnp.arange(n * t), ids, num_segments=num_responses + 1)[1:]
+    window = jnp.minimum(first, n * t - 1)[:, None] + jnp.arange(t)  # [num_responses, T] flat slots
+    inside = jnp.minimum(window, n * t - 1)
+    member = (window < n * t) & (ids[inside] == jnp.arange(1, num_responses + 1)[:, None])
+    return jnp.sum(jnp.where(member, values[inside], 0.0), axis=-1)

@@ -26,8 +26,11 @@ Layouts (per layer; A [L, *in, r], B [L, r, *out]): q/k/v_proj in (D,) out (head
 gate/up_proj in (D,) out (F,); down_proj in (F,) out (D,). PEFT's `lora_A.weight` is [r, in] and `lora_B.weight`
 [out, r] with in / out flattened in our (row-major) order, as Hugging Face's projection weights are.
 
-Not here yet (issue 15, trainer side): LoRA dropout during training (`dropout` is kept and exported; the forward
-pass here is the evaluation one, where dropout is the identity) and quantized bases (QLoRA).
+LoRA dropout (training only): inside `lora_dropout(model, key)` every adapted projection computes
+y = x·W + s·(drop(x)·A)·B with inverted dropout drop(x) = x ⊙ m / (1 − p), m ~ Bernoulli(1 − p) elementwise,
+p = `LoraConfig.dropout` (PEFT's `lora_dropout`: one independent mask per adapted module, on the adapter's input
+only; the base path x·W sees x). Each (target, layer) draws its mask from its own key (`dropout_keys`). Outside
+the block (evaluation, references, sampling, exports) dropout is the identity.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ class LoraAdapters(nnx.Module):
     def __init__(self, model: Decoder, config: LoraConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.config = config
         self.enabled = True
+        self.dropout_key = None  # a `DropoutKey` inside `lora_dropout`, else None (dropout off)
         self.targets = resolve_targets(config.targets, model.config.num_layers)
         for name in self.targets:
             weight = getattr(model.layers, name)
@@ -168,12 +172,34 @@ class LoraAdapters(nnx.Module):
         return getattr(self, f"{name}_lora_a"), getattr(self, f"{name}_lora_b")
 
     def arrays(self) -> dict[str, jax.Array]:
-        """"<name>_lora_a" → A and "<name>_lora_b" → s·B, stacked along layers, for the decoder's scan."""
+        """"<name>_lora_a" → A and "<name>_lora_b" → s·B, stacked along layers, for the decoder's scan; inside
+        `lora_dropout` (with p > 0) also "<name>_lora_key" [L, *key] (each layer's dropout key, `dropout_keys`)
+        and "lora_keep" [L] (1 − p)."""
         out = {}
         for name in self.targets:
             a, b = self.factors(name)
             out[f"{name}_lora_a"], out[f"{name}_lora_b"] = a[...], b[...] * jnp.asarray(self.config.scale, b.dtype)
+        if self.dropout_key is not None and self.config.dropout > 0:
+            num_layers = out[f"{self.targets[0]}_lora_a"].shape[0]
+            out.update(dropout_keys(self.dropout_key.key, self.targets, num_layers))
+            out["lora_keep"] = jnp.full((num_layers,), 1.0 - self.config.dropout, jnp.float32)
         return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DropoutKey:
+    """Holds the dropout key while `lora_dropout` is active (a plain holder: a Module attribute may not be an
+    array)."""
+
+    key: jax.Array
+
+
+def dropout_keys(key: jax.Array, targets: Sequence[str], num_layers: int) -> dict[str, jax.Array]:
+    """"<name>_lora_key" → [L, *key data] for every target: layer i of target j draws its mask from
+    split(fold_in(key, j), L)[i] (raw key data, so that the decoder's scan can slice them)."""
+    key = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+    return {f"{name}_lora_key": jax.random.key_data(jax.random.split(jax.random.fold_in(key, j), num_layers))
+            for j, name in enumerate(targets)}
 
 
 def attach_lora(
@@ -219,11 +245,28 @@ def adapters_disabled(model: Decoder) -> Iterator[Decoder]:
         adapters.enabled = previous
 
 
+@contextlib.contextmanager
+def lora_dropout(model: Decoder, key: jax.Array | None) -> Iterator[Decoder]:
+    """Within the block `model`'s adapters apply dropout (module docstring) with masks drawn from `key` (a typed
+    key or raw key data); `key=None` or dropout 0 leave the forward pass exactly as it is. For training steps."""
+    adapters = lora_adapters(model)
+    previous = adapters.dropout_key
+    adapters.dropout_key = None if key is None else DropoutKey(key)
+    try:
+        yield model
+    finally:
+        adapters.dropout_key = previous
+
+
 def merged_weights(model: Decoder) -> dict[str, jax.Array]:
     """target name → W + s·A·B [L, *in, *out], computed in float32 and stored in W's dtype."""
     adapters = lora_adapters(model)
     out = {}
     for name in adapters.targets:
+        if not isinstance(getattr(model.layers, name), nnx.Param):
+            raise ValueError(f"merge_lora: the base's {name} is quantized (rpo_jax.models.quantize); merge onto the "
+                             "original float checkpoint, or call quantize.dequantize_base(model) first to merge "
+                             "onto the quantized weights explicitly")
         w = getattr(model.layers, name)[...]
         a, b = (v[...].astype(jnp.float32) for v in adapters.factors(name))
         rank = a.shape[-1]

@@ -8,13 +8,16 @@ Python branches. An optional `jax.checkpoint` policy (config.remat) wraps the sc
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
-from rpo_jax.models import layers
+from rpo_jax.models import attention, layers
 from rpo_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, embedding_scale
 from rpo_jax.models.sharding import Rules, constrain, state_shardings
 
@@ -76,11 +79,17 @@ class DecoderLayers(nnx.Module):
         return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
+def dense_weight(a: jax.Array | qwix.QArray) -> jax.Array:
+    """A scanned weight as a float array: `a` itself, or a `qwix.QArray` (one layer of a base quantized by
+    `rpo_jax.models.quantize`) dequantized, ŵ = q · s in the scales' dtype (float32)."""
+    return qwix.dequantize(a) if isinstance(a, qwix.QArray) else a
+
+
 def decoder_layer(
     config: ModelConfig,
     x: jax.Array,
     p: dict[str, jax.Array],
-    mask: jax.Array,
+    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
     cos: jax.Array,
     sin: jax.Array,
     kv_cache: tuple[jax.Array, jax.Array] | None = None,
@@ -89,17 +98,21 @@ def decoder_layer(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block: x + attn(norm(x)) then + mlp(norm(x)) (Gemma 2/3: norms on both sides).
 
-    x [N,T,D]; p: this layer's parameters; mask [N,T,S] bool; cos/sin [N,T,hd]. With `kv_cache` (k, v
+    x [N,T,D]; p: this layer's parameters; attend(q [N,T,H,hd], k, v [N,S,K,hd]) → [N,T,H,hd]: the attention
+    with this layer's mask (`xla_attend` / `kernel_attend`); cos/sin [N,T,hd]. With `kv_cache` (k, v
     [N,S,K,hd]) the new keys/values are written at slots cache_index .. cache_index+T-1 (a scalar) and
-    attention runs over the whole cache (mask [N,T,S] says which slots are visible). Without a cache and with
+    attention runs over the whole cache (its mask says which slots are visible). Without a cache and with
     `return_kv`, this call's rotated keys/values (k, v) [N,T,K,hd] come back in the cache's place (prefill).
     Returns (x, updated cache, this call's keys/values or None).
     """
     c, dtype = config, x.dtype
     norm = lambda y, w: layers.rms_norm(y, w, c.rms_norm_eps, plus_one=c.norm_plus_one)  # noqa: E731
-    w = {name: a.astype(dtype) if a.ndim > 1 else a for name, a in p.items()}
+    w = {name: dense_weight(a).astype(dtype) if a.ndim > 1 else a for name, a in p.items()}
     # LoRA factors scanned beside their weights as "<name>_lora_a" / "<name>_lora_b" (see Decoder.adapter_arrays)
+    # (and, in a training step with LoRA dropout, "<name>_lora_key" and "lora_keep": see rpo_jax.models.lora)
     adapters = {n[: -len("_lora_a")]: (a, w[n[: -len("_a")] + "_b"]) for n, a in w.items() if n.endswith("_lora_a")}
+    if "lora_keep" in w:
+        adapters = {n: (a, b, (w[f"{n}_lora_key"], w["lora_keep"])) for n, (a, b) in adapters.items()}
 
     def linear(y, name, project):
         out = project(y, w[name])
@@ -121,7 +134,7 @@ def decoder_layer(
         k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_index, axis=1)
         v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
         new_cache, k, v = (k_all, v_all), k_all.astype(dtype), v_all.astype(dtype)
-    attn = layers.dot_product_attention(q, k, v, mask, scale=c.attention_scale, softcap=c.attn_logit_softcap)
+    attn = attend(q, k, v)
     attn = constrain(attn, ("batch", None, "heads", None))
     attn = constrain(linear(attn, "o_proj", layers.project_out), ("batch", None, None))
     if c.sandwich_norms:
@@ -135,11 +148,35 @@ def decoder_layer(
     return constrain(x + mlp, ("batch", None, None)), new_cache
 
 
+def xla_attend(config: ModelConfig, mask: jax.Array) -> Callable:
+    """attend(q, k, v) on the XLA path with the dense mask [N,T,S] bool."""
+    return functools.partial(attention.attend, "xla", spec=None, mask=mask, window=None,
+                             scale=config.attention_scale, softcap=config.attn_logit_softcap)
+
+
+def kernel_attend(config: ModelConfig, implementation: str, spec: attention.MaskSpec, is_sliding: jax.Array,
+                  interpret: bool) -> Callable:
+    """attend(q, k, v) by a fused kernel (`attention.attend`) for one layer of the scan: the sliding window when
+    the (scanned, traced) `is_sliding` says so — a `lax.cond` between the two kernels when the model mixes global
+    and sliding layers."""
+    c = config
+    run = functools.partial(attention.attend, implementation, spec=spec, mask=None, scale=c.attention_scale,
+                            softcap=c.attn_logit_softcap, interpret=interpret)
+    kinds = set(c.layer_types)
+    if kinds == {FULL_ATTENTION}:
+        return functools.partial(run, window=None)
+    if kinds == {SLIDING_ATTENTION}:
+        return functools.partial(run, window=c.sliding_window)
+    return lambda q, k, v: jax.lax.cond(is_sliding, functools.partial(run, window=c.sliding_window),
+                                        functools.partial(run, window=None), q, k, v)
+
+
 class Decoder(nnx.Module):
-    """Decoder-only transformer. `model(tokens, attention_mask, positions, segment_ids)` → logits [N,T,V] f32.
+    """Decoder-only transformer. `model(tokens, attention_mask, positions, segment_ids, parent_ids)` → logits
+    [N,T,V] f32.
 
     Attention: causal; keys masked where `attention_mask` is False; with `segment_ids` a token only attends to
-    its own segment (packing). Default positions: per segment, counting only real tokens (cumsum(mask) - 1), so
+    its own segment (packing) and, with `parent_ids`, to its parent segment's (a shared prompt). Default positions: per segment, counting only real tokens (cumsum(mask) - 1), so
     left padding, right padding and packing give the same per-token results as the sequence alone.
     """
 
@@ -195,13 +232,17 @@ class Decoder(nnx.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | None,
         window_mask: jax.Array | None,
         kv_caches: dict[str, tuple[jax.Array, jax.Array]] | None = None,
         cache_index: dict[str, jax.Array] | None = None,
         return_kv: bool = False,
+        kernel: tuple[str, attention.MaskSpec, bool] | None = None,
     ):
         """Scans all layers. x [N,T,D]; mask/window_mask [N,T,S] bool (window_mask = mask ∧ sliding window).
+
+        `kernel` = (implementation, mask description, Pallas interpret mode): attention by that fused kernel
+        (`attention.attend`, "cudnn" / "splash") instead of the dense masks (then None); no caches.
 
         Decoding with `kv_caches`: layer type ("full_attention" / "sliding_attention", one entry per type the model
         has) → (k, v) [L_type,N,S_type,K,hd], stacked over that type's layers in order; each layer writes its new
@@ -225,15 +266,18 @@ class Decoder(nnx.Module):
             h, caches = carry
             p, is_sliding, r, j = xs
             if caches is None:
-                m = mask if window_mask is None else jnp.where(is_sliding, window_mask, mask)
-                h, kv = decoder_layer(c, h, p, m, cos_tab[r], sin_tab[r], return_kv=return_kv)
+                if kernel is not None:
+                    attend = kernel_attend(c, *kernel[:2], is_sliding, kernel[2])
+                else:
+                    attend = xla_attend(c, mask if window_mask is None else jnp.where(is_sliding, window_mask, mask))
+                h, kv = decoder_layer(c, h, p, attend, cos_tab[r], sin_tab[r], return_kv=return_kv)
                 return (h, None), kv
 
             def attend(kind, m):
                 def run(h, caches):
                     k_all, v_all = caches[kind]
-                    h, (k, v) = decoder_layer(c, h, p, m, cos_tab[r], sin_tab[r], (k_all[j], v_all[j]),
-                                              cache_index[kind])
+                    h, (k, v) = decoder_layer(c, h, p, xla_attend(c, m), cos_tab[r], sin_tab[r],
+                                              (k_all[j], v_all[j]), cache_index[kind])
                     return h, {**caches, kind: (k_all.at[j].set(k), v_all.at[j].set(v))}
                 return run
 
@@ -245,10 +289,15 @@ class Decoder(nnx.Module):
                                          attend(FULL_ATTENTION, mask), h, caches)
             return (h, caches), None
 
+        scanned = self.layers.arrays() | self.adapter_arrays()
         if c.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+        elif any(isinstance(a, qwix.QArray) for a in scanned.values()):
+            # a quantized base (rpo_jax.models.quantize): recompute the dequantized weights in the backward pass
+            # instead of keeping every layer's float copy; matmul outputs are saved
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES["dots"], prevent_cse=False)
         (x, new_caches), kv = jax.lax.scan(
-            body, (x, kv_caches), (self.layers.arrays() | self.adapter_arrays(), sliding, rope_index, index_in_type),
+            body, (x, kv_caches), (scanned, sliding, rope_index, index_in_type),
             unroll=min(c.scan_unroll, c.num_layers),
         )
         x = layers.rms_norm(x, self.final_norm[...], c.rms_norm_eps, plus_one=c.norm_plus_one)
@@ -260,17 +309,39 @@ class Decoder(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        parent_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [N,T,D] (compute dtype)."""
+        """Final-normed hidden states [N,T,D] (compute dtype).
+
+        tokens [N,T]; attention_mask [N,T] (False: padding); positions [N,T] (default: per segment, counting real
+        tokens); segment_ids [N,T] (packing); parent_ids [N,T] (shared prompts, needs segment_ids: the segment id
+        of the prompt that the token's segment continues, or its own segment id). Key k is visible to query q iff
+        k ≤ q ∧ k is not padding ∧ (seg[k] = seg[q] ∨ seg[k] = parent[q]); sliding windows on positions
+        (pos[q] - pos[k] < window). Attention by `config.attention` (`attention.resolve`: "auto" takes the
+        backend's fused kernel when it expresses this call, else XLA).
+        """
+        c = self.config
         n, t = tokens.shape
+        if parent_ids is not None and segment_ids is None:
+            raise ValueError("parent_ids needs segment_ids (a parent is a segment id)")
         if positions is None:
             positions = layers.default_positions(attention_mask, segment_ids, (n, t))
-        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-        mask = layers.attention_mask_bool(index, index, attention_mask, segment_ids, segment_ids)
+        spec = attention.MaskSpec(positions, attention_mask, segment_ids, parent_ids)
+        interpret = attention.interpret_mode()
+        implementation = attention.resolve(
+            c.attention, dtype=self.dtype, seq_len=t,
+            has_parents=parent_ids is not None, softcap=c.attn_logit_softcap, interpret=interpret,
+            devices=jax.device_count(),
+        )
+        x = self.embed_tokens(tokens)
+        if implementation != "xla":
+            x, _ = self.run_layers(x, positions, None, None, kernel=(implementation, spec, interpret))
+            return x
+        mask = attention.dense_mask(spec)
         window_mask = None
-        if SLIDING_ATTENTION in self.config.layer_types:
-            window_mask = mask & layers.sliding_window_mask(index, index, self.config.sliding_window)
-        x, _ = self.run_layers(self.embed_tokens(tokens), positions, mask, window_mask)
+        if SLIDING_ATTENTION in c.layer_types:
+            window_mask = mask & layers.sliding_window_mask(positions, positions, c.sliding_window)
+        x, _ = self.run_layers(x, positions, mask, window_mask)
         return x
 
     def __call__(
@@ -279,9 +350,10 @@ class Decoder(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        parent_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """tokens [N,T] int32 → logits [N,T,V] float32."""
-        return self.unembed(self.hidden_states(tokens, attention_mask, positions, segment_ids))
+        """tokens [N,T] int32 → logits [N,T,V] float32 (arguments as in `hidden_states`)."""
+        return self.unembed(self.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids))
 
 
 def create_model(

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with items `params`, `state` (the rest of the train state:
-    optimizer state, step, RNG) and `data` (the data iterator's JSON state). `params` alone can be restored
-    (export) without materialising the optimizer state."""
+    optimizer state, step, RNG, and the primary reference's parameters `reference` in runs where they move:
+    `config.reference_sync`, iterated in-step training) and `data` (the data iterator's JSON state). `params`
+    alone can be restored (export) without materialising the optimizer state or the reference."""
 
     def __init__(self, directory: storage.PathLike, *, every_steps: int, keep: int = 3,
                  asynchronous: bool = True):

@@ -3,7 +3,8 @@
     rpo-train                                        # the quickstart: bundled demo data, tiny Llama, CPU
     rpo-train --config configs/smollm2.py --workdir runs/smollm2 --config.loss.name=rpo_bwd_kl
     rpo-train --config configs/mrpo.py --precompute  # reference log-probs only
-    rpo-export runs/smollm2 exported/                # Hugging Face directory with the tokenizer
+    rpo-export runs/smollm2 exported/                # Hugging Face directory with the tokenizer (LoRA: merged)
+    rpo-export runs/lora adapter/ --adapter          # a LoRA run's adapters as a PEFT directory
     rpo-train --config configs/online_demo.py        # online RPO (config.mode="online")
     rpo-train --config configs/reward_model_demo.py  # Bradley–Terry reward model (config.mode="reward_model")
     rpo-train --from-trl dpo.yaml --config.model.path=DIR --config.data.train=prefs.jsonl  # a TRL DPOConfig
@@ -126,6 +127,10 @@ def run_job(cfg, workdir: str, *, precompute_only: bool = False):
         raise ValueError(f"config.mode={mode!r}: expected one of {MODES}")
     if precompute_only and mode != "preference":
         raise ValueError(f"--precompute computes the reference cache of preference training; config.mode={mode!r}")
+    sync = cfg.get("reference_sync")
+    if mode != "preference" and sync is not None and sync.get("every", 0):
+        raise ValueError(f"config.reference_sync.every={sync.every}: reference sync (TR-DPO) is a setting of "
+                         f"preference training; config.mode={mode!r} does not use it (set it to 0)")
     module, name = JOBS[mode]
     job = getattr(importlib.import_module(module), name)
     return job(cfg, workdir, precompute_only=True) if precompute_only else job(cfg, workdir)
@@ -141,19 +146,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def export_main(argv: list[str] | None = None) -> None:
-    """`rpo-export WORKDIR OUT_DIR`: the latest checkpoint of a run as a Hugging Face directory."""
+    """`rpo-export WORKDIR OUT_DIR [--adapter]`: the latest checkpoint of a run as a Hugging Face directory (a
+    LoRA run merged), or with --adapter a LoRA run's adapters as a PEFT adapter directory."""
     import argparse
     parser = argparse.ArgumentParser(prog="rpo-export", description=export_main.__doc__)
     parser.add_argument("workdir")
     parser.add_argument("out_dir", help="a new or empty directory, or an earlier export; not inside a run directory "
                                         "(other than WORKDIR/export)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="a LoRA run: write its adapters as a PEFT directory (adapter_config.json + "
+                             "adapter_model.safetensors, for peft.PeftModel.from_pretrained) instead of the merged "
+                             "model")
     parser.add_argument("--verbose", action="store_true", help="on an error, print the traceback too")
     args = parser.parse_args(argv)
     _quiet_libraries()
     with one_line_errors("rpo-export", None, args.verbose):
         initialize_from_environment()
         from rpo_jax.train.export import export_workdir
-        print(export_workdir(args.workdir, args.out_dir))
+        print(export_workdir(args.workdir, args.out_dir, adapter=args.adapter))
 
 
 if __name__ == "__main__":

@@ -30,15 +30,46 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"   # master weights (and optimizer state) dtype
     c.model.remat = "none"            # "none" | "full" | "dots_saveable" | ... (see rpo_jax.models)
     c.model.scan_unroll = 1           # layers per iteration of the layer scan (speed only; same results)
+    c.model.attention = "auto"        # "auto" | "xla" | "cudnn" | "splash": attention implementation (speed only;
+                                      # README "Attention implementations"); "auto": the backend's fused kernel
+                                      # when it supports the model and batch, else XLA
     c.model.vocab_chunk_size = 0      # >0: chunked log-softmax over the vocabulary (large V)
     c.model.score_window = "auto"     # logit positions per sequence given to the output head: "auto" (the longest
                                       # response of the data, rounded up to 16), "off" (every position), or a number
+    # LoRA (rpo_jax.models.lora; README "LoRA"): rank > 0 trains low-rank adapters y = x·W + (alpha/rank)·(x·A)·B
+    # on the frozen base; the train state, optimizer and checkpoints hold the adapters only. The primary reference
+    # (config.references empty, or entry 0 with an empty path) is then the base with the adapters switched off.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0             # 0: off (full fine-tuning); > 0: the adapters' rank r
+    c.model.lora.alpha = 16.0         # scale s = alpha / rank
+    c.model.lora.dropout = 0.0        # inverted dropout on each adapter's input during training steps, in [0, 1)
+    c.model.lora.targets = "all-linear"  # "all-linear" (q,k,v,o,gate,up,down_proj) | comma-separated module names
+                                      # ("q_proj,v_proj", PEFT's target_modules list) | a regex fully matched
+                                      # against "model.layers.{i}.self_attn.q_proj"-style paths
+    c.model.lora.init_from = ""       # a PEFT adapter directory (adapter_config.json + adapter_model.safetensors,
+                                      # e.g. TRL SFT output) to start from (turns LoRA on): rank, alpha and targets
+                                      # come from it; any of them set here to other than its default must agree
+                                      # with the adapter's (else a one-line error). dropout stays this config's
+    c.model.lora.reference = "base"   # the primary reference with LoRA: "base" (adapters off; TRL's choice for a
+                                      # PEFT model without ref_model) | "initial" (base + the adapters the run
+                                      # starts from, e.g. init_from's SFT adapter; a copy of the adapters only)
+    c.model.lora.base_dtype = ""      # "" (param_dtype) | "int8" | "int4": the frozen base stored quantized
+                                      # (QLoRA, rpo_jax.models.quantize)
 
     # References. Empty list: one reference, a frozen copy of the initial policy. Otherwise R entries, each
     # {"path": HF dir ("" = initial policy), "tokenizer": dir ("" = its path)}; index 0 is the primary.
     c.references = []
-    c.reference_mode = "auto"         # "cache" (precompute [N,K,R] once) | "in_step" | "auto" (cache)
+    c.reference_mode = "auto"         # "cache" (precompute [N,K,R] once) | "in_step" | "auto" (cache; in_step
+                                      # when reference_sync.every > 0)
     c.reference_cache_dir = ""        # where cached reference log-probs live; empty: WORKDIR/ref_cache
+    # References that move (TR-DPO, Gorbatovski et al. 2024; TRL's sync_ref_model / ref_model_sync_steps /
+    # ref_model_mixup_alpha): after every `every`-th optimizer step (global step s = N, 2N, ...: the step that
+    # brings the step count to s, as TRL's SyncRefModelCallback.on_step_end) the primary reference becomes
+    # mix·θ + (1 − mix)·θ_ref with θ the parameters after that step (mix = 1: a hard copy); step s+1 scores
+    # with it. every = 0: off. Preference training only; needs in-step references (reference_mode "cache" is an
+    # error) and a primary reference of the policy's tokenizer and parameter shapes; the reference's current
+    # weights are checkpointed (train state "reference"), so resume is exact. rpo_jax.train.step.sync_reference
+    c.reference_sync = ml_collections.ConfigDict({"every": 0, "mix": 1.0})
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""                 # file(s)/dir, comma-separated; "demo": the bundled demo task
@@ -62,6 +93,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.on_error = "raise"         # "raise" | "skip" (counted and reported)
     c.data.batch_size = 8             # global batch (prompts) per optimizer step
     c.data.micro_batches = 1          # gradient accumulation inside the step
+    # Packing (rpo_jax.data.packing; README "Packing and shared prompts"): each batch's sequences packed into rows
+    # of pack_length slots (0: each batch's padded length bucket; else ≥ data.max_length), attention within a
+    # sequence; same log-probs as padded batches. share_prompt (needs packing): one copy of an example's prompt
+    # before its K responses. Not with micro_batches > 1; the score window does not apply to packed rows.
+    c.data.packing = False
+    c.data.share_prompt = False
+    c.data.pack_length = 0
     c.data.eval_batch_size = 16
     c.data.shuffle = True
 

@@ -5,6 +5,12 @@ One table, `EXPORTERS`, says for each mode how its model is built from the run's
 a policy (`save_hf`: `XForCausalLM`) for preference and online runs, a sequence-classification reward model
 (`save_reward_model`: `XForSequenceClassification`) for reward-model runs.
 
+LoRA runs (`config.model.lora`): the export is the merged model, W + (alpha / rank)·A·B in every adapted
+projection (`merge_lora`), loadable by transformers as any other; a policy's adapters can also be written as a
+PEFT adapter directory (`adapter=True`: `rpo-export RUN OUT --adapter`, and WORKDIR/export_adapter at the end
+of a run) that `peft.PeftModel.from_pretrained(base, OUT)` loads. A reward model's LoRA run exports merged only:
+its score head is trained in full, which a PEFT LoRA adapter of the backbone cannot carry.
+
 An export never writes into a run's work directory (its config, checkpoints, metrics), except into the run's own
 WORKDIR/export; it is written to a temporary directory beside the target and renamed into place at the end, so
 an interrupted export leaves the previous one (or nothing), never half of one. An existing target is replaced only
@@ -33,12 +39,14 @@ from jax.experimental import multihost_utils
 
 from rpo_jax.data import storage
 from rpo_jax.models import ModelConfig, save_hf, save_reward_model
+from rpo_jax.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_lora, save_peft_adapter
+from rpo_jax.models.quantize import dequantize_base, is_quantized
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.mesh import replicate
-from rpo_jax.train.setup import (build_reward_model, compute_dtype, load_policy, load_tokenizer, split_trainable,
-                                 tokenizer_path)
-from rpo_jax.train.workdir import CHECKPOINTS, EXPORT, is_run_directory, read_run_config
+from rpo_jax.train.setup import (build_reward_model, compute_dtype, load_policy, load_tokenizer, lora_enabled,
+                                 split_trainable, tokenizer_path)
+from rpo_jax.train.workdir import CHECKPOINTS, EXPORT, EXPORT_ADAPTER, is_run_directory, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +61,48 @@ class Exporter:
     save: Callable[..., pathlib.Path]
 
 
+def save_policy(model, model_config: ModelConfig, out_dir, tokenizer=None) -> pathlib.Path:
+    """`save_hf` of a policy; one with LoRA adapters is saved merged (`merge_lora`). A quantized base (QLoRA) is
+    dequantized first (`dequantize_base`, in `model`, the export's own copy): the export is the model the run
+    trained, ŵ + (alpha / rank)·B·A."""
+    if is_quantized(model):
+        dequantize_base(model)
+    if getattr(model, "lora", None) is not None:
+        model = merge_lora(model)
+    return save_hf(model, model_config, out_dir, tokenizer=tokenizer)
+
+
+def save_merged_reward_model(model, model_config: ModelConfig, out_dir, tokenizer=None) -> pathlib.Path:
+    """`save_reward_model`; LoRA adapters on the backbone are merged into it first (in `model`, which is the
+    export's own copy)."""
+    if is_quantized(model.backbone):
+        dequantize_base(model.backbone)
+    if getattr(model.backbone, "lora", None) is not None:
+        model.backbone = merge_lora(model.backbone)
+    return save_reward_model(model, model_config, out_dir, tokenizer=tokenizer)
+
+
 EXPORTERS: dict[str, Exporter] = {
-    "preference": Exporter(build=load_policy, save=save_hf),
-    "online": Exporter(build=load_policy, save=save_hf),
-    "reward_model": Exporter(build=build_reward_model, save=save_reward_model),
+    "preference": Exporter(build=load_policy, save=save_policy),
+    "online": Exporter(build=load_policy, save=save_policy),
+    "reward_model": Exporter(build=build_reward_model, save=save_merged_reward_model),
 }
+
+
+def adapter_saver(mode: str, base_model_name_or_path: str) -> Callable[..., pathlib.Path]:
+    """`save(model, model_config, out_dir, tokenizer=None)` writing a policy's LoRA adapters as a PEFT directory
+    (`save_peft_adapter`); a ValueError for a reward-model run (merged exports only, module docstring)."""
+    if mode == "reward_model":
+        raise ValueError("--adapter: a reward-model run exports merged only (its score head is trained in full and "
+                         "is not part of a LoRA adapter); run rpo-export without --adapter")
+
+    def save(model, model_config, out_dir, tokenizer=None):
+        del model_config, tokenizer
+        if getattr(model, "lora", None) is None:
+            raise ValueError("--adapter: this run trained no LoRA adapters (config.model.lora.rank = 0); run "
+                             "rpo-export without --adapter")
+        return save_peft_adapter(model, out_dir, base_model_name_or_path)
+    return save
 
 
 def exporter_of(mode: str) -> Exporter:
@@ -67,21 +112,22 @@ def exporter_of(mode: str) -> Exporter:
     return EXPORTERS[mode]
 
 
-def check_export_target(out_dir: storage.PathLike):
+def check_export_target(out_dir: storage.PathLike, *, adapter: bool = False):
     """The resolved `out_dir` (a `pathlib.Path`, or an `epath.Path` for a URL), or a ValueError when writing an
     export there would touch a run or other files: `out_dir` is, or is inside, a run's work directory (other than
-    that run's WORKDIR/export), or it is an existing directory that holds something other than an earlier
-    export."""
+    that run's WORKDIR/export or WORKDIR/export_adapter), or it is an existing directory that holds something
+    other than an earlier export (of a PEFT adapter with `adapter`)."""
     out = storage.as_path(out_dir) if storage.is_url(out_dir) else pathlib.Path(out_dir).resolve()
     parents = [p for p in out.parents if not storage.is_url(out) or "/" in os.fspath(p).split("://", 1)[-1]]
     for parent in (out, *parents):
-        if is_run_directory(parent) and out != parent / EXPORT:
+        if is_run_directory(parent) and out not in (parent / EXPORT, parent / EXPORT_ADAPTER):
             raise ValueError(f"{out_dir}: {'is' if parent == out else 'is inside'} the run directory {parent}; "
                              f"export into a directory outside it (or into {parent / EXPORT})")
+    marker, weights = (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if adapter else ("config.json", "*.safetensors")
     if out.exists() and any(out.iterdir()):
         names = {p.name for p in out.iterdir()}
-        if not out.is_dir() or "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-            raise ValueError(f"{out_dir}: exists and is not an earlier export (no config.json and *.safetensors); "
+        if not out.is_dir() or marker not in names or not any(n.endswith(".safetensors") for n in names):
+            raise ValueError(f"{out_dir}: exists and is not an earlier export (no {marker} and {weights}); "
                              "nothing was written: choose a new or empty directory")
     return out
 
@@ -94,25 +140,29 @@ def _normal_permissions(root: pathlib.Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def upload_export(save: Callable[..., pathlib.Path], model, model_config: ModelConfig, out, tokenizer) -> None:
+def upload_export(save: Callable[..., pathlib.Path], model, model_config: ModelConfig, out, tokenizer,
+                  last: str = "config.json") -> None:
     """Write the export to a local temporary directory, delete the earlier export at the URL `out` and upload
-    the files, config.json last (see the module docstring)."""
+    the files, `last` (config.json) last (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="rpo_jax-export-") as local:
         save(model, model_config, pathlib.Path(local), tokenizer=tokenizer)
         storage.remove_tree(out)
-        storage.copy_tree(local, out, last="config.json")
+        storage.copy_tree(local, out, last=last)
 
 
 def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out_dir: storage.PathLike, tokenizer,
-               mesh):
+               mesh, *, adapter_base: str | None = None):
     """Write the model `nnx.merge(graphdef, params, rest)` of a `mode` run to `out_dir` (see the module docstring:
-    where it may write, atomically). Its parameters are gathered whole to every process first, process 0 writes,
+    where it may write, atomically); with `adapter_base` (the base's path or hub id) only its LoRA adapters, as a
+    PEFT directory (`adapter_saver`). Its parameters are gathered whole to every process first, process 0 writes,
     every process waits for it."""
-    save = exporter_of(mode).save
-    out = check_export_target(out_dir)
-    params = replicate(params, mesh)
+    adapter = adapter_base is not None
+    save = adapter_saver(mode, adapter_base) if adapter else exporter_of(mode).save
+    out = check_export_target(out_dir, adapter=adapter)
+    params, rest = replicate(params, mesh), replicate(rest, mesh)  # rest: with LoRA the base, merged into W
     if jax.process_index() == 0 and storage.is_url(out):
-        upload_export(save, nnx.merge(graphdef, params, rest), model_config, out, tokenizer)
+        upload_export(save, nnx.merge(graphdef, params, rest), model_config, out, tokenizer,
+                      last=ADAPTER_CONFIG if adapter else "config.json")
     elif jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in (*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.previous-*")):
@@ -132,13 +182,26 @@ def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out
     return out if storage.is_url(out) else pathlib.Path(out_dir)
 
 
-def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike):
+def save_adapter_at_end(mode: str, graphdef, params, rest, workdir: storage.PathLike, cfg, mesh):
+    """The end of a LoRA run that writes WORKDIR/export: also its adapters as the PEFT directory
+    WORKDIR/export_adapter (`save_model` with `adapter_base`). Returns that directory, or None when the run has
+    no adapters to write (no LoRA, or a reward model: merged only)."""
+    if not lora_enabled(cfg) or mode == "reward_model":
+        return None
+    return save_model(mode, graphdef, params, rest, None, storage.as_path(workdir) / EXPORT_ADAPTER, None, mesh,
+                      adapter_base=cfg.model.path)
+
+
+def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike, *, adapter: bool = False):
     """`rpo-export`: the newest restorable checkpoint of the run directory `workdir` as a Hugging Face directory
-    (a policy, or a sequence-classification reward model for a `mode="reward_model"` run)."""
+    (a policy, merged when it has LoRA adapters, or a sequence-classification reward model for a
+    `mode="reward_model"` run); with `adapter`, a LoRA run's adapters as a PEFT directory."""
     workdir = storage.as_path(workdir)
-    check_export_target(out_dir)  # before anything is loaded
+    check_export_target(out_dir, adapter=adapter)  # before anything is loaded
     cfg = read_run_config(workdir)
     mode = cfg.get("mode", "preference")
+    if adapter:
+        adapter_saver(mode, cfg.model.path)  # a reward-model run: the error before anything is loaded
     mesh = make_mesh(dict(cfg.mesh))
     dtype = compute_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -151,5 +214,6 @@ def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike):
         raise FileNotFoundError(f"{workdir / CHECKPOINTS}: no restorable checkpoint")
     step, params = restored
     log.info("exporting step %d of %s", step, workdir)
-    return save_model(mode, graphdef, params, rest, model_config, out_dir, tokenizer, mesh)
+    return save_model(mode, graphdef, params, rest, model_config, out_dir, tokenizer, mesh,
+                      adapter_base=cfg.model.path if adapter else None)
 

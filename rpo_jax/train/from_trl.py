@@ -7,10 +7,12 @@ The file holds `DPOConfig` fields (what a TRL script passes to `DPOConfig(...)`,
 `DPOConfig.to_dict()` as JSON). Fields the file leaves out take TRL 1.16's defaults (`TRL_DEFAULTS`), as they
 would in TRL, so the mapped run is the run TRL would do. Every field is one of:
 
-* mapped onto config fields (`format_mapping` prints each: `max_length=1024 → data.max_length=1024`);
+* mapped onto config fields (`format_mapping` prints each: `max_length=1024 → data.max_length=1024`;
+  `sync_ref_model=True` with `ref_model_sync_steps` / `ref_model_mixup_alpha` → `reference_sync.every` / `.mix`,
+  TR-DPO at TRL's steps);
 * without effect on what is trained (logging, saving, hub, data-loader workers ...: `NO_EFFECT`), listed as such;
 * honoured only at TRL's default (`DEFAULT_ONLY`: `use_weighting`, `ld_alpha`, `f_divergence_type` ...), or
-  never (`sync_ref_model=True`, `max_prompt_length`, `truncation_mode="keep_end"`, `fp16=True` ...): a one-line
+  never (`max_prompt_length`, `truncation_mode="keep_end"`, `fp16=True` ...): a one-line
   ValueError naming the file and the field;
 * unknown (not a TRL 1.16 `DPOConfig` field): a ValueError naming it.
 
@@ -190,10 +192,17 @@ def _losses(fields: Mapping[str, Any], fail: Callable[[str, str], None]) -> list
 
 def _check_unsupported(fields: Mapping[str, Any], fail: Callable[[str, str], None]) -> None:
     if fields["sync_ref_model"]:
-        fail("sync_ref_model", "rpo_jax does not have reference sync (TR-DPO) yet")
+        if fields["precompute_ref_log_probs"]:
+            fail("sync_ref_model", "cannot be combined with precompute_ref_log_probs=True (the reference moves; TRL "
+                                   "refuses it too)")
+        if isinstance(fields["ref_model_sync_steps"], float) or fields["ref_model_sync_steps"] < 1:
+            fail("ref_model_sync_steps", "expected a whole number of steps ≥ 1")
+        if not 0 < fields["ref_model_mixup_alpha"] <= 1:
+            fail("ref_model_mixup_alpha", "expected α in (0, 1] (α = 0 would leave the reference where it is)")
     for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
-        if not _is_default(fields[key], TRL_DEFAULTS[key]):
-            fail(key, "applies only with sync_ref_model=True, which rpo_jax does not have yet")
+        if not fields["sync_ref_model"] and not _is_default(fields[key], TRL_DEFAULTS[key]):
+            fail(key, "applies only with sync_ref_model=True (TRL 1.16 ignores it otherwise; rpo_jax refuses a "
+                      "setting that does nothing)")
     if fields["truncation_mode"] != "keep_start":
         fail("truncation_mode", "only 'keep_start' (TRL 1.16 deprecates 'keep_end'); rpo_jax's left truncation "
                                 "is --config.data.truncation=truncate_prompt")
@@ -303,7 +312,12 @@ def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
     put("adam_epsilon", optimizer__kwargs__eps=float(given["adam_epsilon"]))
     put("seed", seed=int(given["seed"]))
     put("precompute_ref_log_probs", reference_mode="cache" if given["precompute_ref_log_probs"] else "in_step")
-    put("sync_ref_model", references=[])
+    sync_every = int(given["ref_model_sync_steps"]) if given["sync_ref_model"] else 0
+    put("sync_ref_model", references=[], reference_sync__every=sync_every)
+    if given["sync_ref_model"]:  # TR-DPO: the same update at the same steps (rpo_jax.train.step.sync_reference)
+        put("ref_model_mixup_alpha", reference_sync__mix=float(given["ref_model_mixup_alpha"]))
+        mapping.append(MappedField("ref_model_sync_steps", given["ref_model_sync_steps"],
+                                   f"reference_sync.every={int(given['ref_model_sync_steps'])}"))
     put("bf16", model__dtype="auto" if given["bf16"] else "float32")  # auto: bfloat16 on TPU/GPU, f32 on CPU
     put("gradient_checkpointing", model__remat="full" if given["gradient_checkpointing"] else "none")
     put("logging_steps", train__log_every=max(1, math.ceil(float(given["logging_steps"]))))
@@ -312,7 +326,8 @@ def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
         put("eval_steps", train__eval_every=max(1, math.ceil(float(given["eval_steps"]))))
     if given["save_total_limit"]:
         put("save_total_limit", train__keep_checkpoints=int(given["save_total_limit"]))
-    for key in ("fp16", "disable_dropout", "ref_model_mixup_alpha", "ref_model_sync_steps"):
+    for key in ("fp16", "disable_dropout") + (() if given["sync_ref_model"] else ("ref_model_mixup_alpha",
+                                                                                  "ref_model_sync_steps")):
         mapping.append(MappedField(key, given[key], "TRL's default: nothing to change"))
     for key in sorted(set(fields) & (NO_EFFECT | set(DEFAULT_ONLY))):
         mapping.append(MappedField(key, fields[key], "no effect on what rpo_jax trains" if key in NO_EFFECT

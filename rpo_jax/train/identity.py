@@ -30,10 +30,10 @@ import ml_collections
 import numpy as np
 
 from rpo_jax.data import TokenizedDataset
-from rpo_jax.train.setup import init_fields
+from rpo_jax.train.setup import init_fields, lora_enabled
 
 #: ModelConfig fields that change speed only (same results), not the model.
-SPEED_ONLY = ("remat", "scan_unroll")
+SPEED_ONLY = ("remat", "scan_unroll", "attention")
 
 
 def _file_state(root: pathlib.Path) -> tuple:
@@ -117,16 +117,27 @@ def run_identity(cfg: ml_collections.ConfigDict, mode: str, model_config, tokeni
     """The identity of a run (module docstring): `objective` and `data` (split → fingerprint) come from the
     mode; the rest from the config, the model config and the tokenizer."""
     architecture = {k: v for k, v in _plain(model_config).items() if k not in SPEED_ONLY}
+    model = {"architecture": architecture, "weights": weights_fingerprint(cfg.model.path, cfg, len(tokenizer))}
+    if lora_enabled(cfg):  # only then, so that the identities of full fine-tuning runs stay as they were
+        model["lora"] = lora_identity(cfg)
     return _plain({
         "mode": mode,
-        "model": {"architecture": architecture,
-                  "weights": weights_fingerprint(cfg.model.path, cfg, len(tokenizer))},
+        "model": model,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "objective": dict(objective),
         "data": dict(data),
         "settings": {"seed": cfg.seed, "batch_size": cfg.data.batch_size, "param_dtype": cfg.model.param_dtype,
                      "optimizer": cfg.optimizer},
     })
+
+
+def lora_identity(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.model.lora`'s settings, with the starting adapter's fingerprint (`checkpoint_fingerprint` of
+    `init_from`) in place of its path."""
+    lora = dict(cfg.model.lora)
+    if lora.get("init_from"):
+        lora["init_from"] = checkpoint_fingerprint(lora["init_from"])
+    return lora
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -49,12 +49,15 @@ from flax import nnx
 from rpo_jax.data import PromptRecord, encode_prompt, epoch_permutation, read_prompts
 from rpo_jax.models import RewardFn, generate, judge_fn, load_reward_model, reward_model_fn
 from rpo_jax.models.sharding import make_mesh
+from rpo_jax.data.packing import Packing
 from rpo_jax.train.mesh import local_batch_size, replicate, replicated, to_global
+from rpo_jax.train.packed_batches import pack_local, packing_of
 from rpo_jax.train.identity import run_identity, token_lists_fingerprint
 from rpo_jax.train.runner import Task, Unit, run_task
-from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, data_paths, load_model, load_policy,
-                                 load_tokenizer, split_trainable, tokenizer_path)
-from rpo_jax.train.step import cast_floating, make_scorer, make_train_step, resolve_score_window
+from rpo_jax.train.setup import (RunSetup, adapters_off_graphdef, build_loss, build_setup, compute_dtype, data_paths,
+                                 load_model, load_policy, load_tokenizer, lora_enabled, split_trainable,
+                                 tokenizer_path)
+from rpo_jax.train.step import WithFrozen, cast_floating, make_scorer, make_train_step, resolve_score_window
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +192,10 @@ class OnlineRun(RunSetup):
     judge_fn: Callable | None
     eos_ids: tuple[int, ...]
     pad_id: int
+    packing: Packing | None = None                     # config.data.packing: updates and scoring on packed rows
+    # LoRA with config.model.lora.reference = "base": the scorer of the base (adapters off; any adapter values,
+    # the policy's are passed), the reference of online.reference = "initial"; None: the initial policy's
+    base_scorer: Scorer | None = None
 
     @property
     def prompt_width(self) -> int:
@@ -301,11 +308,16 @@ def build_online_run(cfg: ml_collections.ConfigDict, *, devices=None) -> OnlineR
             extra.append((scorer(graphdef, rest), params))
         loss_fn.spec.check_reference_count(1 + len(extra), given="online mode (online.reference + "
                                                                  "config.references[1:])")
+    base_scorer = None
+    if lora_enabled(cfg) and cfg.model.lora.reference == "base":
+        base_scorer = scorer(adapters_off_graphdef(setup.graphdef, setup.state["params"], setup.rest), setup.rest)
     return OnlineRun(**vars(setup), loss_fn=loss_fn, initial_params=jax.tree.map(jnp.copy, setup.state["params"]),
                      policy_scorer=scorer(setup.graphdef, setup.rest), extra_references=extra, prompts=prompts,
                      prompt_ids=prompt_ids, reward_fn=make_reward_fn(cfg, mesh=mesh, dtype=dtype),
                      judge_fn=make_judge_fn(cfg), eos_ids=eos_ids_of(tokenizer, model_config),
-                     pad_id=int(tokenizer.pad_token_id))
+                     pad_id=int(tokenizer.pad_token_id), base_scorer=base_scorer,
+                     packing=packing_of(cfg, mesh, row_length=int(cfg.data.max_prompt_length)
+                                        + int(cfg.online.max_new_tokens)))
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -315,9 +327,12 @@ def _local_rows(x: np.ndarray) -> np.ndarray:
 
 
 def global_batch(run: OnlineRun, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """A batch every process holds whole ([P, ...] rows) → global arrays, each process feeding its share."""
+    """A batch every process holds whole ([P, ...] rows) → global arrays, each process feeding its share (a
+    training batch — it has a loss_mask — packed with `config.data.packing`: the updates and the log-probs of
+    the samples are computed on packed rows)."""
     local_batch_size(next(iter(batch.values())).shape[0], run.mesh)  # divisibility check with a clear error
-    return to_global({k: _local_rows(v) for k, v in batch.items()}, run.mesh)
+    local = {k: _local_rows(v) for k, v in batch.items()}
+    return to_global(pack_local(local, run.packing, run.mesh) if "loss_mask" in local else local, run.mesh)
 
 
 def sample(run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samples: int, key: jax.Array
@@ -418,6 +433,8 @@ def iteration_batch(run: OnlineRun, params, iteration: int) -> tuple[dict[str, n
     if oc.sampler == "policy":
         stats["kl_to_initial"] = _kl_estimate(start, initial, batch["valid"])
     if run.loss_fn.spec.requires_reference:
+        if oc.reference == "initial" and run.base_scorer is not None:  # LoRA: the base, adapters off
+            initial = sample_logps(run.base_scorer, params, device_batch)
         columns = [initial if oc.reference == "initial" else start]
         columns += [sample_logps(scorer, params_r, device_batch) for scorer, params_r in run.extra_references]
         ref = np.stack(columns, -1) if len(columns) > 1 else columns[0]
@@ -441,7 +458,9 @@ def make_online_step(run: OnlineRun):
                               vocab_chunk_size=run.config.model.vocab_chunk_size or None, lr_schedule=run.schedule,
                               score_window=score_window_of(run.config),
                               skip_nonfinite=run.config.train.on_nonfinite == "skip_step")
-    return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
+    # the frozen rest (with LoRA the base) is an argument of the program (WithFrozen), not a constant
+    return WithFrozen(jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings,
+                                                                           replicated(run.mesh))), run.rest)
 
 
 def online_task(run: OnlineRun) -> Task:

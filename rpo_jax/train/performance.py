@@ -46,6 +46,19 @@ def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, scor
             + head_fraction * flops_per_token(head, 0, seq_len, attn_dim, num_references))
 
 
+def batch_flops(config, tokens_shape: tuple[int, ...], *, num_references: int = 0,
+                score_window: int | None = None) -> float:
+    """FLOPs of one step on a global batch whose `tokens` have `tokens_shape`: `[B, K, T]` (padded: B·K·T
+    slots at `train_flops_per_token(T, score_window)`) or `[R, T]` (packed rows, `rpo_jax.data.packing`: every
+    one of the R·T slots is computed, the output head included — the score window does not apply)."""
+    *rows, seq_len = tokens_shape
+    slots = seq_len
+    for n in rows:
+        slots *= n
+    window = score_window if len(tokens_shape) == 3 else None
+    return slots * train_flops_per_token(config, seq_len, num_references=num_references, score_window=window)
+
+
 def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul on the default device, best of `repeats` (the MFU denominator).
 

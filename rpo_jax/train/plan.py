@@ -38,8 +38,8 @@ from rpo_jax.models.sharding import batch_sharding, make_mesh
 from rpo_jax.train.cli import unknown_field_error
 from rpo_jax.train.hlo_analysis import COLLECTIVES, analyze
 from rpo_jax.train.performance import train_flops_per_token
-from rpo_jax.train.setup import (abstract_params, abstract_setup, architecture_of, build_loss, compute_dtype,
-                                 tokenizer_path)
+from rpo_jax.train.setup import (abstract_params, abstract_setup, adapters_off_graphdef, architecture_of, build_loss,
+                                 compute_dtype, lora_enabled, tokenizer_path)
 from rpo_jax.train.preference import jitted_steps
 from rpo_jax.train.step import make_scorer, resolve_score_window
 
@@ -181,11 +181,20 @@ def plan_score_window(cfg) -> int | None:
 def reference_models(cfg, refs: list[dict], setup, mesh, dtype) -> list[tuple[Any, Any, Any]]:
     """(graphdef, rest, abstract parameters) of each reference: the initial policy's (a copy of its parameters,
     as the trainer keeps) for an empty path, else the model its `architecture` file (or local config.json)
-    describes, in `config.model.param_dtype` like `rpo_jax.train.setup.load_model`'s."""
+    describes, in `config.model.param_dtype` like `rpo_jax.train.setup.load_model`'s. With LoRA the empty path is
+    what `rpo_jax.train.preference.initial_policy_reference` makes it: the base with the adapters off (parameters
+    and rest None: the policy's own, nothing copied) or, for `lora.reference = "initial"`, a copy of the adapters
+    on the policy's base (rest None)."""
     out = []
     for i, ref in enumerate(refs):
         if not ref.get("path"):
-            out.append((setup.graphdef, setup.rest, setup.state["params"]))
+            params = setup.state["params"]
+            if not lora_enabled(cfg):
+                out.append((setup.graphdef, setup.rest, params))
+            elif cfg.model.lora.get("reference", "base") == "initial":
+                out.append((setup.graphdef, None, params))
+            else:
+                out.append((adapters_off_graphdef(setup.graphdef, params, setup.rest), None, None))
             continue
         mc = architecture_of(cfg, ref["path"], ref.get("architecture"), f"config.references[{i}]")
         graphdef, params, rest = abstract_params(cfg, mc, mesh=mesh, dtype=dtype)
@@ -244,6 +253,9 @@ def build_programs(cfg, devices: Sequence, responses: int = 2) -> Plan:
                                 + (0 if in_step else reference_bytes)))
     score_batch = abstract_batch(eb, k, t, mesh, rewards=False)
     for i, (graphdef, rest, params) in enumerate(ref_models if not in_step else []):
+        # a reference sharing the policy's base (LoRA) is scored with it
+        rest = setup.rest if rest is None else rest
+        params = setup.state["params"] if params is None else params
         scorer = make_scorer(graphdef, rest, mesh, compute_dtype=dtype, vocab_chunk_size=chunk, score_window=window)
         programs.append(Program(f"reference {i} scorer (cache fill)", scorer, (params, score_batch),
                                 resident=state_bytes + reference_bytes - device_bytes(params)))

@@ -4,7 +4,12 @@ the loss of `config.loss` on `[B, K]` log-probs, driven by the run skeleton (`rp
 What is specific to this mode: the references (a frozen copy of the initial policy and any `config.references`,
 scored in the step or cached once as `[N, K, R]` under WORKDIR/ref_cache), the score window shared by train,
 eval and the cache, iterated training (`config.train.iterations > 1`: the primary reference becomes the previous
-iterate), and evaluation over the whole held-out split.
+iterate), references that move (`config.reference_sync`, TR-DPO), and evaluation over the whole held-out split.
+
+Where the primary reference's parameters live: in the `Reference` (frozen for the run), or — with
+`config.reference_sync.every > 0`, and with iterated training whose references are scored in the step — in the
+train state as `state["reference"]` (`hold_reference_in_state`), so that checkpoints hold the reference of the moment
+and a resume anywhere continues exactly.
 """
 
 from __future__ import annotations
@@ -24,14 +29,18 @@ import numpy as np
 from rpo_jax.data import (TokenizedDataset, label_score_counts, make_train_iterator, rewards_reach_loss, storage,
                           tokenize_records)
 from rpo_jax.models.sharding import make_mesh
+from rpo_jax.data.packing import Packing, real_tokens
 from rpo_jax.train.mesh import local_batch_size, replicated, to_global
-from rpo_jax.train.performance import train_flops_per_token
-from rpo_jax.train.identity import dataset_fingerprint, run_identity, weights_fingerprint
+from rpo_jax.train.packed_batches import check_packable_references, pack_local, packing_of
+from rpo_jax.train.performance import batch_flops
+from rpo_jax.train.identity import checkpoint_fingerprint, dataset_fingerprint, run_identity, weights_fingerprint
 from rpo_jax.train.reference_cache import Reference, cached_logps, compute_logps
 from rpo_jax.train.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
-from rpo_jax.train.setup import (RunSetup, build_loss, build_setup, compute_dtype, load_model, load_policy,
-                                 load_records, load_tokenizer, split_trainable, tokenize_splits, tokenizer_path)
-from rpo_jax.train.step import make_eval_step, make_scorer, make_train_step, resolve_score_window
+from rpo_jax.train.setup import (RunSetup, adapters_off_graphdef, build_loss, build_setup, compute_dtype, load_model,
+                                 load_policy, load_records, load_tokenizer, lora_enabled, split_trainable,
+                                 tokenize_splits, tokenizer_path)
+from rpo_jax.train.step import (ReferenceSync, WithFrozen, make_eval_step, make_scorer, make_train_step,
+                                resolve_score_window)
 from rpo_jax.train.workdir import REFERENCE_CACHE
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,10 @@ class PreferenceRun(RunSetup):
     score_window: int | None              # output-head positions per sequence (config.model.score_window)
     ref_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split → [N, K, R] (cache mode)
     preference_direction: dict[str, Any] = dataclasses.field(default_factory=dict)  # `preference_direction`
+    # not None: the primary reference's parameters live in the train state ("reference", checkpointed) and move
+    # as it says (`hold_reference_in_state`); references[0].params is then None
+    reference_sync: ReferenceSync | None = None
+    packing: Packing | None = None        # config.data.packing / share_prompt (`packing_of`); None: padded batches
 
 
 def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, TokenizedDataset]) -> int | None:
@@ -72,10 +85,7 @@ def build_references(cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: 
     references = []
     for spec in [dict(s) for s in cfg.references] or [{"path": "", "tokenizer": ""}]:
         if not spec.get("path"):
-            fingerprint = weights_fingerprint(cfg.model.path, cfg, len(setup.tokenizer))
-            references.append(Reference(INITIAL_POLICY, fingerprint, setup.graphdef,
-                                        jax.tree.map(jnp.copy, setup.state["params"]), setup.rest, datasets,
-                                        tokenizer_path(cfg)))
+            references.append(initial_policy_reference(cfg, setup, datasets))
             continue
         model, _ = load_model(spec["path"], cfg, setup.mesh, setup.dtype)
         graphdef, params, rest = split_trainable(model)
@@ -93,6 +103,31 @@ def build_references(cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: 
     return references
 
 
+def initial_policy_reference(cfg: ml_collections.ConfigDict, setup: RunSetup,
+                             datasets: Mapping[str, TokenizedDataset]) -> Reference:
+    """The primary reference of an empty path. Without LoRA: the initial policy, a copy of its parameters.
+
+    With LoRA (`config.model.lora.reference`): "base" (the default, TRL's for a PEFT model without ref_model) is
+    the policy's own weights with the adapters switched off — `adapters_off_graphdef`, with parameters and rest
+    None: the step (and the cache fill) use the policy's, nothing is copied; it is the base without any adapter,
+    also when the run starts from `init_from`'s. "initial": base + the adapters the run starts from (a copy of
+    the adapters only; rest None, the policy's)."""
+    fingerprint = weights_fingerprint(cfg.model.path, cfg, len(setup.tokenizer))
+    params = setup.state["params"]
+    if not lora_enabled(cfg):
+        return Reference(INITIAL_POLICY, fingerprint, setup.graphdef, jax.tree.map(jnp.copy, params), setup.rest,
+                         datasets, tokenizer_path(cfg))
+    lora = cfg.model.lora
+    if lora.base_dtype:
+        fingerprint = f"{fingerprint}+base_dtype={lora.base_dtype}"
+    if lora.reference == "initial":
+        adapter = checkpoint_fingerprint(lora.init_from) if lora.init_from else f"fresh-seed={cfg.seed}"
+        return Reference(INITIAL_POLICY, f"{fingerprint}+adapter={adapter}", setup.graphdef,
+                         jax.tree.map(jnp.copy, params), None, datasets, tokenizer_path(cfg))
+    return Reference(INITIAL_POLICY, fingerprint, adapters_off_graphdef(setup.graphdef, params, setup.rest), None,
+                     None, datasets, tokenizer_path(cfg))
+
+
 def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> PreferenceRun:
     """Data, policy, references, optimizer and initial state (`devices`: a subset to run on; default all)."""
     mesh = make_mesh(dict(cfg.mesh), devices)
@@ -108,16 +143,85 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
     setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
                         total_steps=cfg.train.steps * max(1, cfg.train.iterations))
-    references = build_references(cfg, setup, datasets, loss_fn)
     if cfg.reference_mode not in REFERENCE_MODES:
         raise ValueError(f"reference_mode={cfg.reference_mode!r}: expected one of {REFERENCE_MODES}")
-    in_step = cfg.reference_mode == "in_step" and bool(references)
+    sync = reference_sync_of(cfg, loss_fn)
+    references = build_references(cfg, setup, datasets, loss_fn)
+    in_step = bool(references) and (cfg.reference_mode == "in_step" or (sync is not None
+                                                                         and cfg.reference_mode == "auto"))
     if in_step and any(r.datasets is not datasets for r in references):
         raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
-                         "use 'cache' for references with their own tokenizer")
-    return PreferenceRun(**vars(setup), workdir=storage.as_path(workdir), loss_fn=loss_fn, datasets=datasets,
-                         references=references, in_step_refs=in_step, score_window=score_window_of(cfg, datasets),
-                         preference_direction=direction)
+                         "use 'cache' for references with their own tokenizer"
+                         + (" (config.reference_sync needs in-step references)" if sync is not None else ""))
+    run = PreferenceRun(**vars(setup), workdir=storage.as_path(workdir), loss_fn=loss_fn, datasets=datasets,
+                        references=references, in_step_refs=in_step, score_window=score_window_of(cfg, datasets),
+                        preference_direction=direction, packing=packing_of(cfg, mesh, row_length=cfg.data.max_length))
+    check_packable_references(run.packing, references, datasets)
+    if sync is not None or (in_step and cfg.train.iterations > 1):
+        if references[0].params is not None:  # None: LoRA's base reference, the policy's own weights
+            check_mixable(references[0], setup.state["params"],
+                          "config.reference_sync" if sync is not None else "train.iterations > 1 (in-step)")
+        hold_reference_in_state(run, sync or ReferenceSync())
+    return run
+
+
+def reference_sync_of(cfg: ml_collections.ConfigDict, loss_fn) -> ReferenceSync | None:
+    """`config.reference_sync` as a `ReferenceSync`, or None when it is off (absent or `every = 0`).
+    ValueErrors naming the field for a bad value and for what it cannot run with: a loss without a reference,
+    `reference_mode="cache"` (cached log-probs of a reference that moves would go stale), LoRA."""
+    spec = cfg.get("reference_sync")
+    every, mix = (spec.get("every", 0), spec.get("mix", 1.0)) if spec is not None else (0, 1.0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"config.reference_sync.every={every!r}: expected a whole number of optimizer steps ≥ 0 "
+                         "(0 = off)")
+    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 < mix <= 1.0:
+        raise ValueError(f"config.reference_sync.mix={mix!r}: expected α in (0, 1] (θ_ref ← α·θ + (1 − α)·θ_ref)")
+    if every == 0:
+        return None
+    where = f"config.reference_sync.every={every}"
+    if not loss_fn.spec.requires_reference:
+        raise ValueError(f"{where}: loss {cfg.loss.name!r} uses no reference, so there is none to move; "
+                         "set reference_sync.every=0")
+    if cfg.reference_mode == "cache":
+        raise ValueError(f"{where} needs references scored in the step: reference_mode='cache' would keep the "
+                         "log-probs of a reference that moves (stale); use reference_mode='in_step' or 'auto'")
+    if lora_enabled(cfg) and mix != 1.0:
+        raise ValueError(f"config.reference_sync.mix={mix} with LoRA (config.model.lora): only mix=1 is exact (the "
+                         "reference's adapters become a copy of the policy's); α·θ + (1 − α)·θ_ref of adapter "
+                         "factors is not the weight mix (B_mix·A_mix ≠ α·B·A + (1 − α)·B_ref·A_ref)")
+    return ReferenceSync(every=every, mix=float(mix))
+
+
+def check_mixable(primary: Reference, params: Any, setting: str) -> None:
+    """A ValueError naming `setting` and the reference when the policy's `params` cannot move into the primary
+    reference's place: parameters of other names, shapes or dtypes (the sync's α·θ + (1 − α)·θ_ref is taken leaf
+    by leaf; iterated training copies θ; a reference with another tokenizer is refused before, by the in-step
+    check of `build_run`)."""
+    shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)  # noqa: E731
+    if jax.tree.structure(primary.params) != jax.tree.structure(params) or shapes(primary.params) != shapes(params):
+        raise ValueError(f"{setting} with the primary reference config.references[0] ({primary.name}): its "
+                         "parameters are not shaped as the policy's (another architecture), and the policy's "
+                         "weights move into it (α·θ + (1 − α)·θ_ref, or a copy): it needs the policy's shapes")
+
+
+def hold_reference_in_state(run: PreferenceRun, sync: ReferenceSync) -> None:
+    """Move the primary reference's parameters into the train state as `"reference"` (kept in their sharding,
+    the policy's for the initial policy; checkpointed and donated with the state) and set `run.reference_sync`;
+    `run.references[0].params` becomes None.
+
+    LoRA's base reference (adapters off, no parameters of its own) becomes a second adapter set on the policy's
+    graphdef and base, all zeros: B·A = 0 adds exactly nothing, so it scores as the base does, and a sync
+    (mix = 1) copies the policy's adapters into it — only adapters are held twice, never the base."""
+    primary = run.references[0]
+    reference = primary.params
+    if reference is None:
+        policy = run.state["params"]
+        reference = jax.tree.map(lambda x: jax.device_put(jnp.zeros_like(x), x.sharding), policy)
+        primary = dataclasses.replace(primary, graphdef=run.graphdef, rest=None)
+    run.state = {**run.state, "reference": reference}
+    run.state_shardings = {**run.state_shardings, "reference": jax.tree.map(lambda x: x.sharding, reference)}
+    run.references[0] = dataclasses.replace(primary, params=None)
+    run.reference_sync = sync
 
 
 def preference_direction(cfg: ml_collections.ConfigDict, records: Mapping[str, list], loss_uses_rewards: bool
@@ -163,8 +267,8 @@ def fill_reference_cache(run: PreferenceRun) -> None:
     cfg = run.config
     per_process = local_batch_size(cfg.data.eval_batch_size, run.mesh)
     cache_dir = storage.as_path(cfg.reference_cache_dir or storage.as_path(run.workdir) / REFERENCE_CACHE)
-    scorers = [make_scorer(ref.graphdef, ref.rest, run.mesh, compute_dtype=run.dtype,
-                           vocab_chunk_size=cfg.model.vocab_chunk_size or None,
+    scorers = [make_scorer(ref.graphdef, run.rest if ref.rest is None else ref.rest, run.mesh,
+                           compute_dtype=run.dtype, vocab_chunk_size=cfg.model.vocab_chunk_size or None,
                            score_window=run.score_window if ref.datasets is run.datasets
                            else score_window_of(cfg, ref.datasets))
                for ref in run.references]
@@ -172,8 +276,9 @@ def fill_reference_cache(run: PreferenceRun) -> None:
     for split, ds in run.datasets.items():
         columns = []
         for ref, scorer in zip(run.references, scorers):
-            compute = lambda ref=ref, scorer=scorer: compute_logps(  # noqa: E731
-                scorer, ref.params, ref.datasets[split], per_process, run.mesh)
+            compute = lambda ref=ref, scorer=scorer: compute_logps(  # noqa: E731  (params None: the policy's)
+                scorer, run.state["params"] if ref.params is None else ref.params, ref.datasets[split], per_process,
+                run.mesh, prepare=lambda batch: pack_local(batch, run.packing, run.mesh))
             columns.append(cached_logps(cache_dir, ref, split, compute))
         values = np.stack(columns, axis=-1)  # [N, K, R]
         check_cache_complete(values, ds, split)
@@ -207,14 +312,36 @@ def with_references(run: PreferenceRun, batch: dict[str, np.ndarray], split: str
 
 def device_batch(run: PreferenceRun, batch: dict[str, np.ndarray], split: str) -> dict[str, jax.Array]:
     """A host batch of `split` (this process's rows) → the step's global input, cached references added."""
-    batch = with_references(run, batch, split)
+    batch = pack_local(with_references(run, batch, split), run.packing, run.mesh)  # config.data.packing
     batch = {k: v for k, v in batch.items() if k != "index"}
     return to_global(batch, run.mesh)
 
 
-def in_step_reference_params(run: PreferenceRun) -> tuple:
-    """The reference parameters the step scores (in-step mode), else ()."""
-    return tuple(r.params for r in run.references) if run.in_step_refs else ()
+def in_step_reference_params(run: PreferenceRun, reference: Any = None) -> tuple:
+    """The reference parameters the eval step scores (in-step mode), primary first, else (). `reference`: the
+    primary's parameters of the moment, the train state's `"reference"` when they live there (then required)."""
+    if not run.in_step_refs:
+        return ()
+    others = tuple(r.params for r in run.references[1:])
+    if run.reference_sync is None:
+        return (run.references[0].params, *others)
+    if reference is None:
+        raise ValueError("the primary reference lives in the train state: pass state['reference']")
+    return (reference, *others)
+
+
+def step_reference_params(run: PreferenceRun) -> tuple:
+    """What the train step takes as `ref_params`: every in-step reference's parameters, or, when the primary's
+    live in the train state, the others only (the step reads the primary from the state)."""
+    if not run.in_step_refs:
+        return ()
+    return tuple(r.params for r in run.references[1 if run.reference_sync is not None else 0:])
+
+
+def reset_state_reference(state: dict[str, Any]) -> dict[str, Any]:
+    """Iterated training with the reference in the train state: the state with `"reference"` a copy of its
+    `"params"` (the previous iterate)."""
+    return {**state, "reference": jax.tree.map(jnp.copy, state["params"])}
 
 
 def reset_reference_to_policy(run: PreferenceRun, params, step: int) -> None:
@@ -230,15 +357,16 @@ def reset_reference_to_policy(run: PreferenceRun, params, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ eval
-def evaluate(run: PreferenceRun, params, eval_step) -> dict[str, float]:
+def evaluate(run: PreferenceRun, params, eval_step, reference: Any = None) -> dict[str, float]:
     """Loss and metrics over the whole eval split: each batch's means weighted by its examples with a valid
-    response (batches of padding only are left out)."""
+    response (batches of padding only are left out). `reference`: the train state's `"reference"` when the
+    primary reference lives there (evaluated against the reference of the moment, as TRL's synced ref_model)."""
     if "eval" not in run.datasets:
         return {}
+    ref_params = in_step_reference_params(run, reference)
 
     def sums_of(batch):
-        loss, weight, metrics = jax.device_get(
-            eval_step(params, device_batch(run, batch, "eval"), in_step_reference_params(run)))
+        loss, weight, metrics = jax.device_get(eval_step(params, device_batch(run, batch, "eval"), ref_params))
         if weight == 0:
             return {}
         return {"loss": loss, "weight": weight, **{k: float(v) * float(weight) for k, v in metrics.items()}}
@@ -250,35 +378,42 @@ def evaluate(run: PreferenceRun, params, eval_step) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ the job
 def jitted_steps(cfg: ml_collections.ConfigDict, setup: RunSetup, loss_fn, ref_graphdefs: tuple,
-                 score_window: int | None) -> tuple[Any, Any]:
+                 score_window: int | None, reference_sync: ReferenceSync | None = None) -> tuple[Any, Any]:
     """(train step, eval step) of preference training, jitted as the trainer runs them: the train step donates
     the state and keeps its shardings, metrics come back replicated. `setup` is a `RunSetup` (or `rpo-plan`'s
-    abstract one); `ref_graphdefs` are the in-step references' `(graphdef, rest)`, empty with cached ones."""
+    abstract one); `ref_graphdefs` are the in-step references' `(graphdef, rest)`, empty with cached ones;
+    `reference_sync`: the primary reference is the state's `"reference"` (`PreferenceRun.reference_sync`)."""
     chunk = cfg.model.vocab_chunk_size or None
     step_fn = make_train_step(setup.graphdef, setup.rest, loss_fn, setup.tx, compute_dtype=setup.dtype,
                               micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
                               ref_graphdefs=ref_graphdefs, lr_schedule=setup.schedule, score_window=score_window,
-                              skip_nonfinite=cfg.train.on_nonfinite == "skip_step")
-    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(setup.state_shardings, replicated(setup.mesh)))
-    eval_step = jax.jit(make_eval_step(setup.graphdef, setup.rest, loss_fn, compute_dtype=setup.dtype,
-                                       vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs, score_window=score_window),
-                        out_shardings=replicated(setup.mesh))
+                              skip_nonfinite=cfg.train.on_nonfinite == "skip_step", reference_sync=reference_sync)
+    # the frozen rest (with LoRA: the base) is an argument of both programs, never a constant baked into them
+    train_step = WithFrozen(jax.jit(step_fn, donate_argnums=(0,),
+                                    out_shardings=(setup.state_shardings, replicated(setup.mesh))), setup.rest)
+    eval_step = WithFrozen(jax.jit(make_eval_step(setup.graphdef, setup.rest, loss_fn, compute_dtype=setup.dtype,
+                                                  vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs,
+                                                  score_window=score_window),
+                                   out_shardings=replicated(setup.mesh)), setup.rest)
     return train_step, eval_step
 
 
 def restore_position(run: PreferenceRun, iterator, data_state, step: int) -> None:
-    """Put the data iterator back at `step` of a resumed run. Iterated training (`train.iterations > 1`) resumed
-    inside an iteration after the first is refused: its primary reference is the policy of the iteration's
-    first step, which the checkpoint does not hold (a resume there would train against the initial policy).
-    At an iteration boundary the reference is reset from the restored policy as in an uninterrupted run."""
+    """Put the data iterator back at `step` of a resumed run. Iterated training (`train.iterations > 1`) with
+    in-step references holds the primary reference in the train state, so a checkpoint anywhere resumes exactly.
+    With cached references, a resume inside an iteration after the first is refused: its primary reference is the
+    policy of the iteration's first step, which the checkpoint does not hold (a resume there would train against
+    the initial policy). At an iteration boundary the reference is reset from the restored policy as in an
+    uninterrupted run."""
     steps = run.config.train.steps
-    if run.config.train.iterations > 1 and run.references and step > steps and step % steps:
+    if (run.config.train.iterations > 1 and run.references and run.reference_sync is None and step > steps
+            and step % steps):
         boundary = step - step % steps
         raise ResumeError(f"{run.workdir}: the checkpoint restored is at step {step}, inside iteration "
                           f"{step // steps + 1} of train.iterations={run.config.train.iterations}; its reference (the "
                           f"policy at step {boundary}) is not in the checkpoint, so the run cannot continue exactly. "
                           f"Remove the checkpoints after step {boundary} to resume from there (if it is kept), or "
-                          "use another --workdir")
+                          "use another --workdir (a run with reference_mode='in_step' checkpoints its reference)")
     iterator.set_state(data_state)
 
 
@@ -288,31 +423,44 @@ def preference_task(run: PreferenceRun) -> Task:
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
-    train_step, eval_step = jitted_steps(cfg, run, run.loss_fn, ref_graphdefs, run.score_window)
-    if run.score_window:
+    train_step, eval_step = jitted_steps(cfg, run, run.loss_fn, ref_graphdefs, run.score_window,
+                                         reference_sync=run.reference_sync)
+    if run.packing is not None:  # the output head runs on every slot of the packed rows (no score window)
+        log.info("packed rows of %d slots (config.data.packing; share_prompt=%s)", run.packing.row_length,
+                 run.packing.share_prompt)
+    elif run.score_window:
         log.info("output head on %d logit positions per sequence (config.model.score_window)", run.score_window)
+    if run.reference_sync is not None and run.reference_sync.every:
+        log.info("reference sync (TR-DPO): after every %d optimizer steps the reference becomes %g·θ + %g·θ_ref",
+                 run.reference_sync.every, run.reference_sync.mix, 1.0 - run.reference_sync.mix)
 
     def advance(state, step: int) -> Unit:
         if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
-            reset_reference_to_policy(run, state["params"], step)
+            if run.reference_sync is not None:
+                state = reset_state_reference(state)
+            else:
+                reset_reference_to_policy(run, state["params"], step)
         batch = next(iterator)
         inputs = device_batch(run, batch, "train")
         # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process)
-        b, k, t = inputs["tokens"].shape
-        flops = b * k * t * train_flops_per_token(
-            run.model_config, t, num_references=len(ref_graphdefs), score_window=run.score_window)
-        tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()
-        state, metrics = train_step(state, inputs, in_step_reference_params(run))
+        flops = batch_flops(run.model_config, inputs["tokens"].shape, num_references=len(ref_graphdefs),
+                            score_window=run.score_window)
+        tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
+        state, metrics = train_step(state, inputs, step_reference_params(run))
         return Unit(state, metrics, {"tokens": tokens}, flops)
 
-    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer,
-                            objective={"loss": cfg.loss, "references": list(cfg.references),
-                                       "preference_direction": run.preference_direction,
-                                       "iterations": max(1, cfg.train.iterations)},
+    objective = {"loss": cfg.loss, "references": list(cfg.references),
+                 "preference_direction": run.preference_direction, "iterations": max(1, cfg.train.iterations)}
+    if run.reference_sync is not None:  # only then: the identities (and checkpoints) of other runs are unchanged
+        objective["reference_in_checkpoint"] = True
+        if run.reference_sync.every:
+            objective["reference_sync"] = run.reference_sync._asdict()
+    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer, objective=objective,
                             data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
     return Task(mode=MODE, run=run, identity=identity, units=cfg.train.steps * max(1, cfg.train.iterations),
                 advance=advance,
-                evaluate=lambda params, step: evaluate(run, params, eval_step),
+                evaluate=lambda state, step: evaluate(run, state["params"], eval_step, state.get("reference")),
+                eval_input=lambda state: state,
                 data_state=lambda step: iterator.get_state(),
                 restore_data=lambda data_state, step: restore_position(run, iterator, data_state, step),
                 log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, label="rpo-train",

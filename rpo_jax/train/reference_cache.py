@@ -48,16 +48,18 @@ def cache_key(reference: Reference, split: str) -> dict[str, Any]:
             "data": dataset_fingerprint(ds), "max_length": ds.max_length, "split": split}
 
 
-def compute_logps(scorer: Callable, params: Any, dataset: TokenizedDataset, batch_size: int, mesh) -> np.ndarray:
+def compute_logps(scorer: Callable, params: Any, dataset: TokenizedDataset, batch_size: int, mesh, *,
+                  prepare: Callable[[dict], dict] | None = None) -> np.ndarray:
     """`[N, K]` float32 sequence log-probs of every record's responses (NaN where absent or dropped).
 
     `scorer(params, global batch) -> logps [B, K]` replicated (`rpo_jax.train.step.make_scorer`), so every process
     receives every row; each process feeds `batch_size` rows, and the batches cover the split once over all
-    processes.
+    processes. `prepare(host batch) -> host batch` runs before `to_global` (e.g. packing, the layout the policy
+    trains on: `rpo_jax.train.packed_batches.pack_local`).
     """
     out = np.full((dataset.num_records, dataset.k_max), np.nan, np.float32)
     for batch in make_eval_batches(dataset, batch_size):
-        device_batch = to_global(batch, mesh)
+        device_batch = to_global(prepare(batch) if prepare is not None else batch, mesh)
         values = scorer(params, device_batch)
         index, valid = replicate((device_batch["index"], device_batch["valid"]), mesh)
         values, index, valid = (np.asarray(x) for x in (values, index, valid))

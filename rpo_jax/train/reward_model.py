@@ -19,6 +19,11 @@ Pipeline (every step reuses the trainer's parts):
 4. **Loss** (`rpo_jax.losses.bradley_terry_loss`), a sharded jit step on the mesh with float32 master weights cast
    to the compute dtype, gradient accumulation and the optax update shared with preference training
    (`rpo_jax.train.step`); the run skeleton (`rpo_jax.train.runner`) does eval, checkpoints / resume and export.
+
+LoRA (`config.model.lora`): adapters on the backbone's projections, and the score head trained in full (a fresh
+head has nothing to adapt, and TRL/PEFT train a SEQ_CLS model's `score` as a module to save the same way); the
+train state holds adapters + head, the frozen base is the rest. The export merges the adapters into the backbone
+(`rpo_jax.train.export`; no PEFT adapter export for reward models).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from rpo_jax.train.identity import dataset_fingerprint, run_identity
 from rpo_jax.train.runner import Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.setup import (RunSetup, build_reward_model, build_setup, compute_dtype, load_records, load_tokenizer,
                                  tokenizer_path)
-from rpo_jax.train.step import accumulate_gradients, apply_gradients, cast_floating
+from rpo_jax.train.step import (WithFrozen, accumulate_gradients, apply_gradients, cast_floating, dropout_rng,
+                                training_dropout)
 
 log = logging.getLogger(__name__)
 
@@ -173,27 +179,34 @@ def pair_scores(model: RewardModel, tokens: jax.Array, attention_mask: jax.Array
     return scores[:, 0], scores[:, 1]
 
 
-def _loss_inputs(graphdef, params, rest, batch, *, compute_dtype, label):
+def _loss_inputs(graphdef, params, rest, batch, *, compute_dtype, label, dropout_rng=None):
     model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
-    return pair_scores(model, batch["tokens"], batch["attention_mask"], label)
+    with training_dropout(model.backbone, dropout_rng):  # LoRA dropout in training steps only
+        return pair_scores(model, batch["tokens"], batch["attention_mask"], label)
 
 
 def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, compute_dtype, label: int = 0,
                            center_coefficient: float = 0.0, micro_batches: int = 1, lr_schedule=None,
                            skip_nonfinite: bool = False):
-    """`train_step(state, batch) -> (state, metrics)`: Bradley–Terry loss on `batch` (tokens, attention_mask
-    [B,2,T], weight [B], margin [B]), gradients accumulated over `micro_batches` slices, one optax update
-    (`rpo_jax.train.step.accumulate_gradients` / `apply_gradients`). `pairs` counts the batch's pairs."""
+    """`train_step(state, batch, frozen=None) -> (state, metrics)`: Bradley–Terry loss on `batch` (tokens,
+    attention_mask [B,2,T], weight [B], margin [B]), gradients accumulated over `micro_batches` slices, one optax
+    update (`rpo_jax.train.step.accumulate_gradients` / `apply_gradients`). `pairs` counts the batch's pairs.
+    `frozen`: the rest as an argument (`rpo_jax.train.step.WithFrozen`; with LoRA the backbone's base); LoRA
+    dropout masks come from `dropout_rng(state)`."""
 
-    def micro_loss(params, mb):
-        chosen, rejected = _loss_inputs(graphdef, params, rest, mb, compute_dtype=compute_dtype, label=label)
+    def micro_loss(params, base, mb, key):
+        chosen, rejected = _loss_inputs(graphdef, params, base, mb, compute_dtype=compute_dtype, label=label,
+                                        dropout_rng=key)
         return bradley_terry_loss(chosen, rejected, mb["weight"], center_coefficient=center_coefficient,
                                   margin=mb["margin"])
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def train_step(state, batch):
-        loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches)
+    def train_step(state, batch, frozen=None):
+        base = rest if frozen is None else frozen
+        grad_fn = lambda params, mb, key: value_and_grad(params, base, mb, key)  # noqa: E731
+        loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches,
+                                                    rng=dropout_rng(state))
         metrics = {**metrics, "pairs": jnp.sum(batch["weight"])}  # a count over the whole batch, not a mean
         return apply_gradients(state, grads, loss, metrics, tx, lr_schedule, skip_nonfinite=skip_nonfinite)
 
@@ -201,10 +214,12 @@ def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, 
 
 
 def make_reward_eval_step(graphdef, rest, *, compute_dtype, label: int = 0, center_coefficient: float = 0.0):
-    """`eval_step(params, batch) -> sums`: Σ w·ℓ, Σ w, Σ w·[s_c > s_r], Σ w·(s_c − s_r), Σ w·s_c, Σ w·s_r."""
+    """`eval_step(params, batch, frozen=None) -> sums`: Σ w·ℓ, Σ w, Σ w·[s_c > s_r], Σ w·(s_c − s_r), Σ w·s_c,
+    Σ w·s_r (`frozen`: as `make_reward_train_step`'s)."""
 
-    def eval_step(params, batch):
-        chosen, rejected = _loss_inputs(graphdef, params, rest, batch, compute_dtype=compute_dtype, label=label)
+    def eval_step(params, batch, frozen=None):
+        chosen, rejected = _loss_inputs(graphdef, params, rest if frozen is None else frozen, batch,
+                                        compute_dtype=compute_dtype, label=label)
         w = batch["weight"]
         per_pair = bradley_terry_per_pair(chosen, rejected, center_coefficient=center_coefficient,
                                           margin=batch["margin"])
@@ -335,10 +350,12 @@ def reward_model_task(run: RewardRun) -> Task:
     step_fn = make_reward_train_step(run.graphdef, run.rest, run.tx, compute_dtype=run.dtype, label=rm.label,
                                      center_coefficient=rm.center_coefficient, micro_batches=cfg.data.micro_batches,
                                      lr_schedule=run.schedule, skip_nonfinite=cfg.train.on_nonfinite == "skip_step")
-    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh)))
-    eval_step = jax.jit(make_reward_eval_step(run.graphdef, run.rest, compute_dtype=run.dtype, label=rm.label,
-                                              center_coefficient=rm.center_coefficient),
-                        out_shardings=replicated(run.mesh))
+    # the frozen rest (with LoRA the backbone's base) is an argument of the programs, not a constant
+    train_step = WithFrozen(jax.jit(step_fn, donate_argnums=(0,),
+                                    out_shardings=(run.state_shardings, replicated(run.mesh))), run.rest)
+    eval_step = WithFrozen(jax.jit(make_reward_eval_step(run.graphdef, run.rest, compute_dtype=run.dtype,
+                                                         label=rm.label, center_coefficient=rm.center_coefficient),
+                                   out_shardings=replicated(run.mesh)), run.rest)
 
     def advance(state, step: int) -> Unit:
         batch = pair_batch(next(iterator), rm.margin_scale)

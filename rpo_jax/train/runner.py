@@ -46,7 +46,7 @@ from jax.experimental import multihost_utils
 
 from rpo_jax.data import TokenizedDataset, make_eval_batches, storage
 from rpo_jax.train.checkpoint import Checkpointer, abstract_like
-from rpo_jax.train.export import save_model
+from rpo_jax.train.export import save_adapter_at_end, save_model
 from rpo_jax.train.identity import identity_differences
 from rpo_jax.train.mesh import local_batch_size
 from rpo_jax.train.metrics import MetricWriter
@@ -128,7 +128,9 @@ class Task:
     identity: Mapping[str, Any]                          # what defines the run (`rpo_jax.train.identity`)
     units: int                                           # units in the whole run
     advance: Callable[[Any, int], Unit]                  # (state, units done) → the next unit
-    evaluate: Callable[[Any, int], dict[str, float]]     # (params, units done) → eval metrics ({} when no eval)
+    evaluate: Callable[[Any, int], dict[str, float]]     # (eval_input(state), units done) → eval metrics ({} when
+                                                         # no eval)
+    eval_input: Callable[[Any], Any] = lambda state: state["params"]  # what of the train state evaluate reads
     data_state: Callable[[int], Any] = lambda unit: {}   # JSON data position saved with the checkpoint of a unit
     restore_data: Callable[[Any, int], None] = lambda data_state, unit: None  # put the data back at it
     steps_per_unit: int = 1
@@ -305,7 +307,7 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
             from tqdm.auto import tqdm
             progress = tqdm(total=task.units, initial=unit, desc=task.label, dynamic_ncols=True)
         if task.eval_at_start and unit == 0:
-            writer.write(0, task.evaluate(state["params"], 0), prefix="eval/")
+            writer.write(0, task.evaluate(task.eval_input(state), 0), prefix="eval/")
 
         prefix = task.metrics_prefix
         last: dict[str, float] = {}
@@ -335,7 +337,7 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
                         progress.set_postfix({task.progress_metric: f"{last[task.progress_metric]:.3f}"})
                 if task.eval_every and unit % task.eval_every == 0 and unit != task.units:
                     guard.check()
-                    writer.write(unit, task.evaluate(state["params"], unit), prefix="eval/")
+                    writer.write(unit, task.evaluate(task.eval_input(state), unit), prefix="eval/")
                     throughput.restart()
                 if unit < task.units:
                     save()
@@ -346,7 +348,7 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
         # the last checkpoint comes before the final evaluation: a finished run started again re-evaluates,
         # and metrics.jsonl keeps one final record
         save(force=True)
-        eval_metrics = task.evaluate(state["params"], unit)
+        eval_metrics = task.evaluate(task.eval_input(state), unit)
         writer.write(unit, eval_metrics, prefix="eval/")
     finally:
         if progress is not None:
@@ -358,4 +360,6 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
     if cfg.train.export_at_end:
         exported = str(save_model(task.mode, run.graphdef, state["params"], run.rest, run.model_config,
                                   workdir / EXPORT, run.tokenizer, run.mesh))
+        # LoRA runs: the adapters also as a PEFT directory, WORKDIR/export_adapter
+        save_adapter_at_end(task.mode, run.graphdef, state["params"], run.rest, workdir, cfg, run.mesh)
     return {prefix: last, "eval": eval_metrics, task.unit_name: unit, "export": exported}

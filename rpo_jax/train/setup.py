@@ -1,8 +1,10 @@
 """What every training mode builds before its first step: dtype, tokenizer, data paths and records, the model
-(a policy, or a reward model), and the train state with its optimizer.
+(a policy, or a reward model; with `config.model.lora` its LoRA adapters), and the train state with its optimizer.
 
-One trainable-variable filter (`TRAINABLE`) decides what the optimizer updates and checkpoints hold; every
-mode, reference and export splits its model with `split_trainable`.
+One function, `trainable_filter(model)`, decides what the optimizer updates and checkpoints hold: every
+`nnx.Param` of a model without adapters; only the adapters (`nnx.LoRAParam`) of a model with them (plus the
+score head of a reward model). Every mode, reference and export splits its model with `split_trainable`, so with
+LoRA the train state holds the adapters and `RunSetup.rest` the frozen base.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +28,8 @@ from rpo_jax.data import (TokenizedDataset, demo_paths, holdout_split, read_reco
 from rpo_jax.losses import make_loss
 from rpo_jax.models import Decoder, ModelConfig, create_model, create_reward_model, load_hf, load_reward_model
 from rpo_jax.models.hf_io import read_config_json, resolve_checkpoint_dir
+from rpo_jax.models.lora import (ADAPTER_CONFIG, ALL_LINEAR, LoraConfig, adapters_disabled, attach_lora,
+                                 load_peft_adapter, read_peft_config, resolve_targets)
 from rpo_jax.models.reward import REWARD_ARCHITECTURES, RewardModel
 from rpo_jax.models.sharding import state_shardings, variable_sharding
 from rpo_jax.train.mesh import replicated
@@ -32,8 +37,14 @@ from rpo_jax.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
-#: The variables a run trains: `nnx.split(model, TRAINABLE, ...)` gives (graphdef, trainable, the rest).
+#: The variables a run trains without LoRA (`trainable_filter`).
 TRAINABLE = nnx.Param
+#: `config.model.lora.base_dtype` values (QLoRA) and `config.model.lora.reference` values.
+LORA_BASE_DTYPES = ("", "int8", "int4")
+LORA_REFERENCES = ("base", "initial")
+#: `config.model.lora`'s defaults for rank, alpha and targets (with `init_from`, values left at them are taken
+#: from the adapter).
+LORA_DEFAULTS = {"rank": 0, "alpha": 16.0, "targets": ALL_LINEAR}
 
 #: Files of which a tokenizer directory has at least one (fast; SentencePiece; BPE or WordPiece vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
@@ -164,17 +175,128 @@ def load_model(path: str, cfg: ml_collections.ConfigDict, mesh, dtype, vocab_siz
     param_dtype = jnp.dtype(cfg.model.param_dtype)
     if path:
         return load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=cfg.model.remat,
-                       scan_unroll=cfg.model.scan_unroll)
+                       scan_unroll=cfg.model.scan_unroll, attention=cfg.model.attention)
     mconfig = ModelConfig.from_hf_dict(init_fields(cfg, vocab_size), source="config.model.init",
-                                       remat=cfg.model.remat, scan_unroll=cfg.model.scan_unroll)
+                                       remat=cfg.model.remat, scan_unroll=cfg.model.scan_unroll,
+                                       attention=cfg.model.attention)
     model = create_model(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype,
                          mesh=mesh)
     return model, mconfig
 
 
 def load_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype):
-    """(model, model config) of the policy `config.model` describes (`load_model` of `config.model.path`)."""
-    return load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
+    """(model, model config) of the policy `config.model` describes (`load_model` of `config.model.path`), with
+    its LoRA adapters when `config.model.lora` asks for them (`add_adapters`)."""
+    model, model_config = load_model(cfg.model.path, cfg, mesh, dtype, vocab_size=len(tokenizer))
+    return add_adapters(model, cfg, mesh), model_config
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def lora_enabled(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether `config.model.lora` turns LoRA on (rank > 0 or an `init_from` adapter)."""
+    lora = cfg.model.get("lora")
+    return lora is not None and (lora.rank != 0 or bool(lora.init_from))
+
+
+def lora_targets(value) -> str | tuple[str, ...]:
+    """`config.model.lora.targets` → `LoraConfig.targets`: "all-linear"; a comma-separated list of module names
+    ("q_proj,v_proj") or a list → a tuple of names; any other string → a regular expression."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    text = str(value).strip()
+    if text != ALL_LINEAR and re.fullmatch(r"[A-Za-z_]\w*(\s*,\s*[A-Za-z_]\w*)*", text):
+        return tuple(t.strip() for t in text.split(","))
+    return text
+
+
+def lora_settings(cfg: ml_collections.ConfigDict) -> LoraConfig | None:
+    """`config.model.lora` checked → the `LoraConfig` of fresh adapters (None when LoRA is off). Each bad value is
+    a ValueError naming its field (`config.model.lora.rank: ...`); with `init_from` the adapter's own settings
+    are checked against these by `adapter_settings`."""
+    lora = cfg.model.get("lora")
+    if lora is None:
+        return None
+    rank = lora.rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"config.model.lora.rank: must be an integer >= 0 (0 = LoRA off), got {rank!r}")
+    if lora.base_dtype not in LORA_BASE_DTYPES:
+        raise ValueError(f"config.model.lora.base_dtype: must be one of {LORA_BASE_DTYPES}, got {lora.base_dtype!r}")
+    if lora.get("reference", "base") not in LORA_REFERENCES:
+        raise ValueError(f"config.model.lora.reference: must be one of {LORA_REFERENCES}, got {lora.reference!r}")
+    if lora.init_from and not pathlib.Path(lora.init_from).is_dir():
+        raise ValueError(f"config.model.lora.init_from: {lora.init_from!r} is not a directory (expected a PEFT "
+                         f"adapter directory with {ADAPTER_CONFIG})")
+    if not lora_enabled(cfg):
+        if lora.base_dtype:
+            raise ValueError(f"config.model.lora.base_dtype={lora.base_dtype!r} quantizes the frozen base of LoRA "
+                             "training; set config.model.lora.rank > 0 (or init_from)")
+        return None
+    fields = {"rank": rank or 1, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora_targets(lora.targets)}
+    try:
+        return LoraConfig(**fields)
+    except ValueError as e:  # LoraConfig says "lora.<field> ..."; name the config field
+        field = next((f for f in fields if f"lora.{f}" in str(e)), "targets")
+        raise ValueError(f"config.model.lora.{field}: {str(e).split(': ', 1)[-1] if ': ' in str(e) else e}") from None
+
+
+def adapter_settings(cfg: ml_collections.ConfigDict, num_layers: int) -> LoraConfig:
+    """The `LoraConfig` of `config.model.lora.init_from`'s adapter (its rank, alpha and targets, this config's
+    dropout). A field of `config.model.lora` set to other than its default that disagrees with the adapter is a
+    one-line ValueError naming both."""
+    lora = cfg.model.lora
+    directory = pathlib.Path(lora.init_from)
+    adapter = read_peft_config(directory)
+    where = f"config.model.lora.init_from={str(directory)!r} ({ADAPTER_CONFIG})"
+    if lora.rank not in (LORA_DEFAULTS["rank"], adapter.rank):
+        raise ValueError(f"config.model.lora.rank={lora.rank} disagrees with {where}: r={adapter.rank}; set it to "
+                         f"{adapter.rank} or leave it at 0")
+    if float(lora.alpha) not in (LORA_DEFAULTS["alpha"], float(adapter.alpha)):
+        raise ValueError(f"config.model.lora.alpha={lora.alpha} disagrees with {where}: lora_alpha={adapter.alpha}")
+    if lora.targets != LORA_DEFAULTS["targets"]:
+        mine = resolve_targets(lora_targets(lora.targets), num_layers)
+        theirs = resolve_targets(adapter.targets, num_layers)
+        if mine != theirs:
+            raise ValueError(f"config.model.lora.targets={lora.targets!r} selects {list(mine)} but {where} adapts "
+                             f"{list(theirs)}")
+    return dataclasses.replace(adapter, dropout=lora_settings(cfg).dropout)
+
+
+def quantized_base(model: Decoder, dtype: str) -> Decoder:
+    """`rpo_jax.models.quantize.quantize_base(model, dtype)` (QLoRA), or a ValueError when this installation has
+    no quantizer."""
+    try:
+        from rpo_jax.models.quantize import quantize_base
+    except ImportError as e:
+        raise ValueError(f"config.model.lora.base_dtype={dtype!r}: QLoRA needs rpo_jax.models.quantize, which is "
+                         f"not available ({e})") from None
+    return quantize_base(model, dtype)
+
+
+def add_adapters(model: Decoder, cfg: ml_collections.ConfigDict, mesh, *, read_weights: bool = True) -> Decoder:
+    """The policy (or a reward model's backbone) `model` with LoRA adapters when `config.model.lora` turns LoRA
+    on, else `model` unchanged: the base quantized first when `base_dtype` is set (`quantized_base`), then
+    `load_peft_adapter(init_from)` or fresh adapters `attach_lora` (A from `config.seed`, B = 0), in
+    `config.model.param_dtype` and placed on `mesh` by the sharding rules. Errors name the config field.
+    `read_weights=False` (shapes only, e.g. under `nnx.eval_shape`): init_from's adapter is attached fresh with
+    its settings, its tensors are not read."""
+    settings = lora_settings(cfg)
+    if settings is None:
+        return model
+    lora = cfg.model.lora
+    if lora.base_dtype:
+        model = quantized_base(model, lora.base_dtype)
+    param_dtype = jnp.dtype(cfg.model.param_dtype)
+    if lora.init_from:
+        settings = adapter_settings(cfg, model.config.num_layers)
+    if lora.init_from and read_weights:
+        load_peft_adapter(model, lora.init_from, param_dtype=param_dtype, mesh=mesh)
+        model.lora.config = settings  # the adapter's rank, alpha and targets; this run's dropout
+        return model
+    try:
+        return attach_lora(model, settings, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(cfg.seed), 1)),
+                           param_dtype=param_dtype, mesh=mesh)
+    except ValueError as e:
+        raise ValueError(f"config.model.lora.targets: {e}") from None
 
 
 def _check_exportable(mconfig: ModelConfig, source: str) -> None:
@@ -184,6 +306,15 @@ def _check_exportable(mconfig: ModelConfig, source: str) -> None:
 
 
 def build_reward_model(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype) -> tuple[RewardModel, ModelConfig]:
+    """`reward_model_without_adapters`, then (with `config.model.lora`) LoRA adapters on its backbone
+    (`add_adapters`); the score head stays fully trained (`trainable_filter`)."""
+    model, mconfig = reward_model_without_adapters(cfg, tokenizer, mesh, dtype)
+    model.backbone = add_adapters(model.backbone, cfg, mesh)
+    return model, mconfig
+
+
+def reward_model_without_adapters(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype
+                                  ) -> tuple[RewardModel, ModelConfig]:
     """The reward model `config.model` describes, its parameters on `mesh` (float32 master weights by default):
 
     * `model.path` an `XForSequenceClassification` checkpoint → `load_reward_model` (continue training);
@@ -199,7 +330,8 @@ def build_reward_model(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype) -
     if path and len(hf.get("architectures") or []) == 1 and hf["architectures"][0] in REWARD_ARCHITECTURES:
         return load_reward_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     if path:
-        overrides = {"tie_word_embeddings": True, "remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll}
+        overrides = {"tie_word_embeddings": True, "remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll,
+                     "attention": cfg.model.attention}
         if hf.get("pad_token_id") is None:
             overrides["pad_token_id"] = tokenizer.pad_token_id
         backbone, loaded = load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **overrides)
@@ -215,17 +347,40 @@ def build_reward_model(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype) -
         if init.get(name) is None and getattr(tokenizer, name, None) is not None:
             init[name] = getattr(tokenizer, name)
     mconfig = ModelConfig.from_hf_dict(init, source="config.model.init", remat=cfg.model.remat,
-                                       scan_unroll=cfg.model.scan_unroll)
+                                       scan_unroll=cfg.model.scan_unroll, attention=cfg.model.attention)
     _check_exportable(mconfig, "config.model.init")
     model = create_reward_model(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype,
                                 param_dtype=param_dtype, mesh=mesh)
     return model, mconfig
 
 
+def trainable_filter(model: nnx.Module):
+    """The nnx filter of the variables a run trains in `model` (the one place that decides it): `TRAINABLE`
+    (every `nnx.Param`) without LoRA adapters; with them (`model.lora`, or a reward model's `backbone.lora`) the
+    adapters only (`nnx.LoRAParam`), plus a reward model's score head, which is trained in full (a fresh head has
+    nothing to adapt)."""
+    reward = isinstance(model, RewardModel)
+    decoder = model.backbone if reward else model
+    if getattr(decoder, "lora", None) is None:
+        return TRAINABLE
+    if reward:
+        return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("score")))
+    return nnx.LoRAParam
+
+
 def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, trainable variables, the rest) of `model`: the filter is `TRAINABLE`;
-    `nnx.merge(graphdef, trainable, rest)` is the model again."""
-    return nnx.split(model, TRAINABLE, ...)
+    """(graphdef, trainable variables, the rest) of `model` with `trainable_filter(model)`;
+    `nnx.merge(graphdef, trainable, rest)` is the model again. With LoRA the rest is the frozen base."""
+    return nnx.split(model, trainable_filter(model), ...)
+
+
+def adapters_off_graphdef(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.GraphDef:
+    """The graphdef of the model `(graphdef, params, rest)` with its LoRA adapters switched off
+    (`adapters_disabled`): merged with the same `params` and `rest` it runs exactly the base model's program.
+    LoRA's base reference; nothing is copied (the values may be abstract)."""
+    model = nnx.merge(graphdef, params, rest)
+    with adapters_disabled(model):
+        return split_trainable(model)[0]
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -292,7 +447,7 @@ def architecture_of(cfg: ml_collections.ConfigDict, path: str | None = None, arc
     downloads nothing)."""
     if path is None:
         path, architecture = cfg.model.path, cfg.model.architecture
-    overrides = {"remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll}
+    overrides = {"remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll, "attention": cfg.model.attention}
     if architecture:
         file = pathlib.Path(architecture)
         if not file.is_file():
@@ -318,27 +473,31 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def abstract_params(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype
-                    ) -> tuple[nnx.GraphDef, Any, Any]:
+def abstract_params(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype,
+                    adapters: bool = False) -> tuple[nnx.GraphDef, Any, Any]:
     """(graphdef, trainable parameters, the rest) of a model built under `nnx.eval_shape` (nothing allocated),
-    split with `split_trainable`; the parameters are `jax.ShapeDtypeStruct`s (`config.model.param_dtype`) with
-    their rule-based shardings on `mesh`."""
+    split with `split_trainable`; every leaf a `jax.ShapeDtypeStruct` (`config.model.param_dtype`) with its
+    rule-based sharding on `mesh`. `adapters`: the policy with `config.model.lora`'s adapters (`add_adapters`:
+    the parameters are then the adapters, the rest the frozen base)."""
     param_dtype = jnp.dtype(cfg.model.param_dtype)
+
+    def build():
+        model = Decoder(model_config, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype)
+        return add_adapters(model, cfg, None, read_weights=False) if adapters else model
+
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(params=cfg.model.init_seed),
-                                                  dtype=dtype, param_dtype=param_dtype))
+        abstract = nnx.eval_shape(build)
     graphdef, params, rest = split_trainable(abstract)
-    if jax.tree.leaves(rest):
-        raise ValueError("abstract_params: the model has non-trainable arrays; they would need values")
-    return graphdef, with_shardings(params, state_shardings(params, mesh)), rest
+    return (graphdef, with_shardings(params, state_shardings(params, mesh)),
+            with_shardings(rest, state_shardings(rest, mesh)))
 
 
 def abstract_setup(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype,
                    total_steps: int) -> RunSetup:
-    """`build_setup`'s RunSetup with abstract values (`abstract_params` of the policy, the optimizer state's
-    shapes with `optimizer_state_shardings`, the step and RNG replicated): every leaf of `state` a
-    `jax.ShapeDtypeStruct` with a `NamedSharding`."""
-    graphdef, params, rest = abstract_params(cfg, model_config, mesh=mesh, dtype=dtype)
+    """`build_setup`'s RunSetup with abstract values (`abstract_params` of the policy, with its LoRA adapters when
+    `config.model.lora` asks for them; the optimizer state's shapes with `optimizer_state_shardings`, the step and
+    RNG replicated): every leaf of `state` (and of `rest`) a `jax.ShapeDtypeStruct` with a `NamedSharding`."""
+    graphdef, params, rest = abstract_params(cfg, model_config, mesh=mesh, dtype=dtype, adapters=True)
     tx, schedule = make_optimizer(cfg.optimizer, total_steps)
     opt_state = with_shardings(jax.eval_shape(tx.init, params), optimizer_state_shardings(tx, params, mesh))
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(cfg.seed)))

@@ -35,6 +35,7 @@ REPLAYED_METRICS_FILE = "metrics.replayed.jsonl"
 CHECKPOINTS = "checkpoints"
 REFERENCE_CACHE = "ref_cache"
 EXPORT = "export"
+EXPORT_ADAPTER = "export_adapter"  # LoRA runs: the adapters as a PEFT directory (rpo_jax.train.export)
 ERRORS_FILE = "errors.log"
 
 

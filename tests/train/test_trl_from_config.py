@@ -84,7 +84,7 @@ def test_missing_fields_take_trl_defaults():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("sync_ref_model", True, "sync_ref_model=True: rpo_jax does not have reference sync"),
+    ("ref_model_sync_steps", 64, "ref_model_sync_steps=64: applies only with sync_ref_model=True"),
     ("max_prompt_length", 128, "max_prompt_length=128: not a field of TRL 1.16's DPOConfig"),
     ("truncation_mode", "keep_end", "truncation_mode='keep_end': only 'keep_start'"),
     ("use_weighting", True, "use_weighting=True: rpo_jax honours only TRL's default"),
@@ -133,13 +133,36 @@ def test_overrides_apply_on_top_and_the_mapping_is_printed(tmp_path):
 
 def test_command_line_error_names_the_field(tmp_path):
     path = tmp_path / "dpo.json"
-    path.write_text(json.dumps({"sync_ref_model": True}))
+    path.write_text(json.dumps({"sync_ref_model": True, "precompute_ref_log_probs": True}))
     proc = subprocess.run([sys.executable, "-m", "rpo_jax.train.cli", "--from-trl", str(path),
                            f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
                           env=subprocess_env(), timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (f"rpo-train: error: {path}: sync_ref_model=True: rpo_jax does "
-                                                    "not have reference sync (TR-DPO) yet")
+    assert proc.stderr.strip().splitlines()[-1] == (f"rpo-train: error: {path}: sync_ref_model=True: cannot be "
+                                                    "combined with precompute_ref_log_probs=True (the reference "
+                                                    "moves; TRL refuses it too)")
+
+
+def test_sync_ref_model_maps_onto_reference_sync(tmp_path):
+    """TR-DPO: sync_ref_model / ref_model_sync_steps / ref_model_mixup_alpha → reference_sync.every / .mix (off
+    by TRL's default), in-step references; what TRL would refuse or ignore is a one-line error."""
+    path = tmp_path / "dpo.json"
+    fields = dumped(**{**EVERY_FIELD, "precompute_ref_log_probs": False, "sync_ref_model": True,
+                       "ref_model_sync_steps": 64, "ref_model_mixup_alpha": 0.9})
+    path.write_text(json.dumps(fields))
+    cfg, mapping = config_from_trl(path)
+    assert dict(cfg.reference_sync) == {"every": 64, "mix": 0.9} and cfg.reference_mode == "in_step"
+    shown = {m.field: m.target for m in mapping}
+    assert shown["sync_ref_model"] == "references=[], reference_sync.every=64"
+    assert shown["ref_model_mixup_alpha"] == "reference_sync.mix=0.9"
+    assert shown["ref_model_sync_steps"] == "reference_sync.every=64"
+    assert {m.field for m in mapping} == set(fields)
+    assert trl_to_config({})[0].reference_sync.every == 0  # TRL's default: off
+    for bad, message in (({"ref_model_mixup_alpha": 0.0}, "ref_model_mixup_alpha=0.0: expected α in \\(0, 1\\]"),
+                         ({"ref_model_sync_steps": 0}, "ref_model_sync_steps=0: expected a whole number"),
+                         ({"precompute_ref_log_probs": True}, "sync_ref_model=True: cannot be combined")):
+        with pytest.raises(ValueError, match=f"^<DPOConfig>: {message}"):
+            trl_to_config({"sync_ref_model": True, **bad})
 
 
 # ------------------------------------------------------------------------------------------------ labels vs scores

@@ -1,0 +1,260 @@
+"""Packing a contract batch's sequences into rows of a fixed length T, optionally with one shared prompt per
+example: fewer padding slots and, with ``share_prompt``, one encoding of the prompt for its K responses.
+
+Input: the contract batch of :func:`~rpo_jax.data.tokenize.collate_examples` (tokens / attention_mask /
+loss_mask ``[B,K,T_pad]``, valid / lengths ``[B,K]``, rewards, index, ref_logps ...). :func:`pack_batch` is a
+pure function of it (so an iterator that packs restores exactly as one that does not) and returns a packed
+batch: the row arrays ``[R, T]`` below plus every example-level array of the input unchanged (``valid``,
+``lengths``, ``rewards``, ``index``, ``ref_logps``: the losses see exactly the padded batch's
+``PreferenceLogps``) and ``sequence_lengths [B, K]`` int32 (``prompt + response`` tokens of each valid response,
+for token counts that do not depend on the layout).
+
+Row arrays (``[R, T]``; R is a multiple of ``row_multiple``, T = ``row_length``):
+
+* ``tokens`` int32, ``attention_mask`` bool (True on real tokens, False on row padding);
+* ``positions`` int32: the token's position in its own sequence (``prompt + response``); with a shared prompt
+  a response's positions continue from the prompt's end (P, P+1, ...) for every response;
+* ``segment_ids`` int32 (1, 2, ... within a row; 0 on padding); ``parent_ids`` int32 (only with
+  ``share_prompt``): the segment id of the prompt a response continues, a token's own segment id otherwise.
+  Key k is visible to query q iff k ≤ q ∧ k is real ∧ (seg[k] = seg[q] ∨ seg[k] = parent[q]);
+* ``source`` int32: the slot whose hidden state predicts this slot's token — the previous token of the same
+  sequence (the slot before, or the prompt's last slot for a response's first token when the prompt is
+  shared); 0 where nothing is scored;
+* ``response_id`` int32: ``1 + response_offset + b·K + k`` on the slots scored for response k of example b
+  (exactly the padded batch's ``loss_mask[b, k, t]`` for t ≥ 1), 0 elsewhere. The step sums per-token
+  log-probs by this id: ``policy[b, k] = Σ_{slots with id 1+b·K+k} log p``. ``response_offset`` makes the ids
+  global across processes (process p packs its own rows with offset p·B·K, B its batch share).
+
+Layout. Each example becomes one or more *units*: without sharing, its K sequences (``prompt + response_k``),
+as many as fit in T together in k order, the rest in further units; with sharing, its prompt followed by as
+many responses as fit, further units repeating the prompt. Units are placed first-fit decreasing (longest
+first, ties by example then unit) into rows, so an example's K responses share one row whenever they fit in
+one, and no segment crosses a row. R = the rows used, rounded up to the next value of
+``row_multiple · {1, 2, 3, 4, 6, 8, 12, ...}`` (powers of two and their 1.5×: at most a few compiled shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+ROW_KEYS = ("tokens", "attention_mask", "positions", "segment_ids", "source", "response_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How :func:`pack_batch` lays out a batch.
+
+    Attributes:
+      row_length: T, slots per row (at least the longest ``prompt + response``); 0: the input batch's own padded
+        length (its length bucket), so that rows are as long as the padded batch's sequences.
+      share_prompt: one copy of an example's prompt before its responses (``parent_ids``).
+      row_multiple: R is a multiple of this (the batch shards one process feeds: data × fsdp / processes).
+    """
+
+    row_length: int
+    share_prompt: bool = False
+    row_multiple: int = 1
+
+    def __post_init__(self):
+        if self.row_length != 0 and self.row_length < 2:
+            raise ValueError(f"packing row_length must be 0 (the batch's length) or >= 2, got {self.row_length}")
+        if self.row_multiple < 1:
+            raise ValueError(f"packing row_multiple must be >= 1, got {self.row_multiple}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One response of a unit: response ``k`` of the example, its sequence ``tokens [n]`` and the scored token
+    positions ``scored [n] bool`` (``loss_mask`` with position 0 off)."""
+
+    k: int
+    tokens: np.ndarray
+    scored: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """What goes into a row together: example ``b``'s ``pieces``; ``prompt`` tokens shared by them (None:
+    each piece holds its whole sequence)."""
+
+    b: int
+    prompt: np.ndarray | None
+    pieces: tuple[Piece, ...]
+
+    @property
+    def length(self) -> int:
+        """Slots the unit takes."""
+        shared = 0 if self.prompt is None else len(self.prompt)
+        return shared + sum(len(p.tokens) - shared for p in self.pieces)
+
+
+def example_pieces(batch: Mapping[str, np.ndarray], b: int) -> list[Piece]:
+    """The valid responses of example ``b`` as whole sequences (``prompt + response``), in k order."""
+    lengths = np.asarray(batch["attention_mask"][b]).sum(-1)
+    pieces = []
+    for k in np.flatnonzero(np.asarray(batch["valid"][b])):
+        n = int(lengths[k])
+        scored = np.asarray(batch["loss_mask"][b, k, :n], bool).copy()
+        scored[:1] = False  # token 0 is never scored (no logits predict it)
+        pieces.append(Piece(int(k), np.asarray(batch["tokens"][b, k, :n], np.int32), scored))
+    return pieces
+
+
+def shared_prompt_length(pieces: Sequence[Piece], where: str) -> int:
+    """P: the tokens before the first scored token, the same tokens in every piece (0: nothing to share).
+
+    Raises ValueError naming ``where`` when the pieces' prompts differ (e.g. another tokenization per response).
+    """
+    firsts = {int(np.argmax(p.scored)) if p.scored.any() else len(p.tokens) for p in pieces}
+    if len(firsts) != 1:
+        raise ValueError(f"{where}: data.share_prompt needs one prompt per example, but its responses start "
+                         f"scoring at different tokens {sorted(firsts)}")
+    (prompt_length,) = firsts
+    first = pieces[0].tokens[:prompt_length]
+    for p in pieces[1:]:
+        if not np.array_equal(p.tokens[:prompt_length], first):
+            raise ValueError(f"{where}: data.share_prompt needs one prompt per example, but response {p.k}'s "
+                             f"first {prompt_length} tokens differ from response {pieces[0].k}'s")
+    return prompt_length
+
+
+def example_units(pieces: Sequence[Piece], b: int, packing: Packing, where: str) -> list[Unit]:
+    """Example ``b``'s units: as many pieces per unit as fit in ``row_length`` (k order)."""
+    prompt = None
+    if packing.share_prompt and len(pieces) > 1:
+        prompt_length = shared_prompt_length(pieces, where)
+        prompt = pieces[0].tokens[:prompt_length] if prompt_length else None
+    for p in pieces:
+        if len(p.tokens) > packing.row_length:
+            raise ValueError(f"{where}: response {p.k} has {len(p.tokens)} tokens (prompt + response), more than "
+                             f"the packing row length {packing.row_length}")
+    units, current = [], []
+    for p in pieces:
+        candidate = Unit(b, prompt, tuple(current + [p]))
+        if current and candidate.length > packing.row_length:
+            units.append(Unit(b, prompt, tuple(current)))
+            current = [p]
+        else:
+            current.append(p)
+    if current:
+        units.append(Unit(b, prompt, tuple(current)))
+    return units
+
+
+def assign_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: the unit indices in each row, in placement order (units sorted by length,
+    longest first, ties by index; each goes into the first row with room)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - lengths[i])
+    return rows
+
+
+def padded_row_count(used: int, multiple: int) -> int:
+    """The smallest ``multiple · m`` with m in {1, 2, 3, 4, 6, 8, 12, 16, ...} holding ``used`` rows."""
+    m = 1
+    while multiple * m < used:
+        power_of_two = m & (m - 1) == 0
+        m = 2 if m == 1 else m * 3 // 2 if power_of_two else m * 4 // 3  # 1, 2, 3, 4, 6, 8, 12, 16, ...
+    return multiple * m
+
+
+def write_unit(rows: dict[str, np.ndarray], r: int, start: int, unit: Unit, first_segment: int,
+               id_base: int, k_max: int) -> tuple[int, int]:
+    """Write ``unit`` into row ``r`` from slot ``start`` (segments numbered from ``first_segment``); returns
+    the next free slot and the next segment id."""
+    slot, segment = start, first_segment
+
+    def put(tokens, positions, seg, parent, source, ids):
+        nonlocal slot
+        n = len(tokens)
+        span = slice(slot, slot + n)
+        rows["tokens"][r, span], rows["positions"][r, span] = tokens, positions
+        rows["attention_mask"][r, span] = True
+        rows["segment_ids"][r, span], rows["parent_ids"][r, span] = seg, parent
+        rows["source"][r, span], rows["response_id"][r, span] = source, ids
+        slot += n
+
+    prompt_length = 0 if unit.prompt is None else len(unit.prompt)
+    prompt_segment, prompt_end = segment, slot + prompt_length - 1
+    if unit.prompt is not None:
+        put(unit.prompt, np.arange(prompt_length), segment, segment, 0, 0)
+        segment += 1
+    for p in unit.pieces:
+        tokens, scored = p.tokens[prompt_length:], p.scored[prompt_length:]
+        n = len(tokens)
+        if n == 0:
+            continue
+        previous = slot + np.arange(n) - 1
+        if unit.prompt is not None:
+            previous[0] = prompt_end
+        parent = prompt_segment if unit.prompt is not None else segment
+        put(tokens, prompt_length + np.arange(n), segment, parent, np.where(scored, previous, 0),
+            np.where(scored, id_base + unit.b * k_max + p.k, 0))
+        segment += 1
+    return slot, segment
+
+
+def pack_batch(batch: Mapping[str, np.ndarray], packing: Packing, *, response_offset: int = 0
+               ) -> dict[str, np.ndarray]:
+    """The packed batch of a contract batch (module docstring): row arrays ``[R, T]`` and the example-level
+    arrays of ``batch`` (everything but tokens / attention_mask / loss_mask) unchanged.
+
+    Raises ValueError naming the example (batch row and record index) when a sequence is longer than the row
+    length, or, with ``share_prompt``, when an example's responses do not share their prompt tokens.
+    """
+    b_count, k_max = np.asarray(batch["valid"]).shape
+    index = np.asarray(batch.get("index", np.arange(b_count)))
+    if not packing.row_length:
+        packing = dataclasses.replace(packing, row_length=max(int(np.shape(batch["tokens"])[-1]), 2))
+    units: list[Unit] = []
+    for b in range(b_count):
+        pieces = example_pieces(batch, b)
+        if pieces:
+            units += example_units(pieces, b, packing, f"batch example {b} (record {int(index[b])})")
+    placement = assign_rows([u.length for u in units], packing.row_length)
+    shape = (padded_row_count(max(len(placement), 1), packing.row_multiple), packing.row_length)
+    rows = {key: np.zeros(shape, bool if key == "attention_mask" else np.int32) for key in ROW_KEYS}
+    rows["parent_ids"] = np.zeros(shape, np.int32)
+    for r, members in enumerate(placement):
+        slot, segment = 0, 1
+        for i in members:
+            slot, segment = write_unit(rows, r, slot, units[i], segment, 1 + response_offset, k_max)
+    if not packing.share_prompt:
+        del rows["parent_ids"]
+    rest = {key: np.asarray(v) for key, v in batch.items() if key not in ("tokens", "attention_mask", "loss_mask")}
+    sequence_lengths = (np.asarray(batch["attention_mask"]).sum(-1) * np.asarray(batch["valid"])).astype(np.int32)
+    return {**rows, **rest, "sequence_lengths": sequence_lengths}
+
+
+def is_packed(batch: Mapping[str, object]) -> bool:
+    """True for a batch from :func:`pack_batch` (it has ``response_id``)."""
+    return "response_id" in batch
+
+
+def fill_ratio(packed: Mapping[str, np.ndarray]) -> float:
+    """Real tokens ÷ row slots of a packed batch (a contract batch: real tokens ÷ ``B·K·T`` slots)."""
+    mask = np.asarray(packed["attention_mask"])
+    return float(mask.sum() / max(mask.size, 1))
+
+
+def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """The tokens a batch trains on: Σ over valid responses of ``prompt + response`` tokens — for a packed batch
+    its ``sequence_lengths`` (a shared prompt counted once per response), so that the count is the same whichever
+    layout computes it."""
+    if is_packed(batch):
+        return int(np.sum(batch["sequence_lengths"]))
+    valid = np.asarray(batch["valid"])[..., None]
+    return int(np.sum(np.asarray(batch["attention_mask"]) & valid))
