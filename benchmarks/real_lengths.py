@@ -247,8 +247,9 @@ def main(argv=None):
                       f"{r['step_s']:.1f} | {' '.join('x'.join(map(str, s)) for s in r['shapes'])} |")
         print(f"matmul peak (highest of {len(peak)} so far) {max(peak) / 1e9:.1f} GFLOP/s")
         for mode, (dl, rel, dloss) in out["deltas"].items():
+            loss_text = "not computed" if np.isnan(dloss) else f"{dloss:.2e}"
             print(f"max |Δ| vs padded, {mode}: log-probs {dl:.2e} (relative {rel:.1e}), per-example losses "
-                  f"{dloss:.2e}")
+                  f"{loss_text}")
     if args.trl and args.model and 2 in args.k:  # last: the JAX runs above are done with the machine
         batch = batches[args.k.index(2)]
         rng = np.random.default_rng(args.seed + 2)

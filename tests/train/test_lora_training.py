@@ -19,7 +19,7 @@ from flax import nnx
 
 from rpo_jax.data import make_eval_batches
 from rpo_jax.losses import make_loss
-from rpo_jax.models import create_model, load_hf, make_mesh, save_hf
+from rpo_jax.models import create_model, make_mesh
 from rpo_jax.models.config import ModelConfig
 from rpo_jax.models.layers import lora_delta
 from rpo_jax.models.lora import (LoraConfig, attach_lora, count_adapter_parameters, lora_dropout, merge_lora,
@@ -32,7 +32,7 @@ from rpo_jax.train.setup import (add_adapters, load_model, load_policy, load_tok
 from rpo_jax.train.reference_cache import compute_logps
 from rpo_jax.train.step import make_scorer, make_train_step, preference_inputs, response_logps, step_reference_logps
 from tests.hf_fixtures import hf_logits, load_torch_model
-from tests.train.trainer_testlib import load_recipe, set_fields, tiny_config
+from tests.train.trainer_testlib import load_recipe, save_tiny_base, set_fields, tiny_config
 
 ONE = jax.devices()[:1]
 TOL = 1e-4
@@ -226,12 +226,7 @@ def test_lora_step_gradients_equal_full_model_gradients_projected_onto_the_adapt
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> pathlib.Path:
     """A tiny random Llama saved as a Hugging Face checkpoint with the demo tokenizer: the frozen base."""
-    root = tmp_path_factory.mktemp("lora_base")
-    cfg = tiny_config(root / "data")
-    tok = load_tokenizer(tokenizer_path(cfg))
-    model, mc = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), ONE), jnp.float32)
-    save_hf(model, mc, root / "base", tokenizer=tok)
-    return root
+    return save_tiny_base(tmp_path_factory.mktemp("lora_base"))
 
 
 def lora_config(base: pathlib.Path, **overrides) -> ml_collections.ConfigDict:

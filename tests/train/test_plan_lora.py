@@ -5,7 +5,6 @@ plan compiles and fits for a TPU slice on this CPU host (libtpu's topology descr
 
 import importlib.util
 
-import pytest
 
 from tests.train.test_plan import TINY, write_recipe
 

@@ -9,14 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpo_jax.models import make_mesh, save_hf
 from rpo_jax.models.lora import adapters_disabled
 from rpo_jax.models.quantize import QuantizedWeight, is_quantized
 from rpo_jax.train import preference
-from rpo_jax.train.setup import load_policy, load_tokenizer, tokenizer_path
 from tests.hf_fixtures import hf_logits
 from tests.train.test_lora_training import flat, lora_config, trained_policy
-from tests.train.trainer_testlib import tiny_config
+from tests.train.trainer_testlib import save_tiny_base
 
 ONE = jax.devices()[:1]
 TOKENS = np.random.default_rng(0).integers(3, 30, size=(2, 12)).astype(np.int32)
@@ -25,12 +23,7 @@ TOKENS = np.random.default_rng(0).integers(3, 30, size=(2, 12)).astype(np.int32)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny random Llama saved as a Hugging Face checkpoint with the demo tokenizer: the base to quantize."""
-    root = tmp_path_factory.mktemp("qlora_base")
-    cfg = tiny_config(root / "data")
-    tok = load_tokenizer(tokenizer_path(cfg))
-    model, mc = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), ONE), jnp.float32)
-    save_hf(model, mc, root / "base", tokenizer=tok)
-    return root
+    return save_tiny_base(tmp_path_factory.mktemp("qlora_base"))
 
 
 def test_qlora_run_trains_adapters_on_fixed_codes_and_exports_the_trained_model(base):

@@ -112,3 +112,17 @@ def train_command(config_file: pathlib.Path, workdir: pathlib.Path) -> list[str]
 def steps_saved(workdir: pathlib.Path) -> list[int]:
     d = workdir / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def save_tiny_base(root: pathlib.Path) -> pathlib.Path:
+    """`root` with a tiny random Llama saved as a Hugging Face checkpoint in `root/base` (the demo tokenizer with
+    it) and the demo slice in `root/data`: the frozen base of the LoRA / QLoRA trainer tests."""
+    import jax.numpy as jnp
+
+    from rpo_jax.models import make_mesh, save_hf
+    from rpo_jax.train.setup import load_policy, load_tokenizer, tokenizer_path
+    cfg = tiny_config(root / "data")
+    tok = load_tokenizer(tokenizer_path(cfg))
+    model, mc = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), jax.devices()[:1]), jnp.float32)
+    save_hf(model, mc, root / "base", tokenizer=tok)
+    return root
