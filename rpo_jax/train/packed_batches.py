@@ -24,8 +24,9 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int) -
     Rows are as long as each batch's padded length (its length bucket: one compiled step per bucket and row
     count, as padded batches compile per bucket) unless `config.data.pack_length` > 0 fixes them, to at least
     `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens).
-    Raises ValueError for `share_prompt` without `packing`, for a `pack_length` below `row_length`, and for
-    `data.micro_batches` > 1 (packed rows and their examples cannot be sliced into micro-batches).
+    Raises ValueError for `share_prompt` without `packing`, for a `pack_length` below `row_length`, for
+    `data.micro_batches` > 1 (packed rows and their examples cannot be sliced into micro-batches), and for several
+    processes with a persistent compilation cache (a known hang, README "Packing and shared prompts").
     """
     data = cfg.data
     if not data.get("packing", False):
@@ -40,6 +41,11 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int) -
     if 0 < length < row_length:
         raise ValueError(f"config.data.pack_length={length} is shorter than the longest sequence ({row_length} "
                          "tokens); use 0 (that length) or more")
+    if jax.process_count() > 1 and jax.config.jax_compilation_cache_dir:
+        raise ValueError("config.data.packing=True with several processes and JAX's persistent compilation cache "
+                         f"({jax.config.jax_compilation_cache_dir}): such a run hangs in its first step when its "
+                         "programs come from the cache (seen on CPU with Gloo, not yet diagnosed); unset "
+                         "JAX_COMPILATION_CACHE_DIR for multi-process packed runs, or use data.packing=False")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     return Packing(row_length=length, share_prompt=bool(data.get("share_prompt", False)),
                    row_multiple=max(1, shards // jax.process_count()))

@@ -210,12 +210,15 @@ def test_bad_packing_settings_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_packing_their_own_rows_take_the_padded_steps(tmp_path):
+def test_two_processes_packing_their_own_rows_take_the_padded_steps(tmp_path, monkeypatch):
     """2 processes × 4 CPU devices (fsdp 4 × tensor 2 across them), each packing its own rows with a shared prompt
     (response ids offset by its first example, rows padded to a common count by `to_global`): the losses of one
-    process × 8 devices with padded batches."""
+    process × 8 devices with padded batches. The processes run without the persistent compilation cache: with
+    their programs taken from it they hang in the first step (a known, undiagnosed bug that `packing_of` refuses
+    with a one-line error; README "Packing and shared prompts")."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     common = {"train.steps": 3, "mesh": {"data": 1, "fsdp": 4, "tensor": 2}, "train.async_checkpointing": False,
               "train.checkpoint_every": 0}
     packed = tiny_config(tmp_path / "data", **common, **{"data.packing": True, "data.share_prompt": True})
