@@ -21,6 +21,7 @@ measured once on the first device with a large matmul in the compute dtype (`mea
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Mapping
@@ -51,10 +52,8 @@ def batch_flops(config, tokens_shape: tuple[int, ...], *, num_references: int = 
     """FLOPs of one step on a global batch whose `tokens` have `tokens_shape`: `[B, K, T]` (padded: B·K·T
     slots at `train_flops_per_token(T, score_window)`) or `[R, T]` (packed rows, `rpo_jax.data.packing`: every
     one of the R·T slots is computed, the output head included — the score window does not apply)."""
-    *rows, seq_len = tokens_shape
-    slots = seq_len
-    for n in rows:
-        slots *= n
+    seq_len = tokens_shape[-1]
+    slots = math.prod(tokens_shape)
     window = score_window if len(tokens_shape) == 3 else None
     return slots * train_flops_per_token(config, seq_len, num_references=num_references, score_window=window)
 

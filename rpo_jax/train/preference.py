@@ -317,25 +317,23 @@ def device_batch(run: PreferenceRun, batch: dict[str, np.ndarray], split: str) -
     return to_global(batch, run.mesh)
 
 
-def in_step_reference_params(run: PreferenceRun, reference: Any = None) -> tuple:
-    """The reference parameters the eval step scores (in-step mode), primary first, else (). `reference`: the
-    primary's parameters of the moment, the train state's `"reference"` when they live there (then required)."""
-    if not run.in_step_refs:
-        return ()
-    others = tuple(r.params for r in run.references[1:])
-    if run.reference_sync is None:
-        return (run.references[0].params, *others)
-    if reference is None:
-        raise ValueError("the primary reference lives in the train state: pass state['reference']")
-    return (reference, *others)
-
-
 def step_reference_params(run: PreferenceRun) -> tuple:
     """What the train step takes as `ref_params`: every in-step reference's parameters, or, when the primary's
     live in the train state, the others only (the step reads the primary from the state)."""
     if not run.in_step_refs:
         return ()
     return tuple(r.params for r in run.references[1 if run.reference_sync is not None else 0:])
+
+
+def in_step_reference_params(run: PreferenceRun, reference: Any = None) -> tuple:
+    """The reference parameters the eval step scores (in-step mode), primary first, else (). `reference`: the
+    primary's parameters of the moment, the train state's `"reference"` when they live there (then required):
+    `step_reference_params` with it put first."""
+    if not run.in_step_refs or run.reference_sync is None:
+        return step_reference_params(run)
+    if reference is None:
+        raise ValueError("the primary reference lives in the train state: pass state['reference']")
+    return (reference, *step_reference_params(run))
 
 
 def reset_state_reference(state: dict[str, Any]) -> dict[str, Any]:
