@@ -1,6 +1,6 @@
 """Throughput on real-shaped preference data: padded buckets (today) vs packed rows vs packed + shared prompt.
 
-    python benchmarks/real_lengths.py --model ~/.cache/rpo_jax/smollm2-135m-instruct --k 2 4 --batch 2 1 \
+    python benchmarks/real_lengths.py --model ~/.cache/rpo_jax/smollm2-135m-instruct --k 2 4 --batch 4 4 \
         --steps 1 --rounds 2 --trl
 
 Data: a synthetic preference set shaped like UltraFeedback — prompt tokens log-normal with median 120 and
@@ -11,7 +11,9 @@ trainer's default), float32. Each step's batch is the same B examples in every m
 
 * padded: the contract batch [B, K, T], T the smallest length bucket (powers of two up to 2048) that fits the
   longest sequence, the output head on the trainer's default score window (`score_window="auto"`);
-* packed: `rpo_jax.data.packing.pack_batch` into rows as long as that bucket, the head on every slot;
+* packed: `rpo_jax.data.packing.pack_batch` into rows whose length is chosen per batch as the trainer chooses it
+  (`data.pack_length = 0`: the cheapest of 128·{1, 2, 3, 4, 6, ...} up to the bucket, attention weighed by
+  `attention_key_cost`), the head on every slot;
 * shared: packed with one copy of each example's prompt before its K responses (`share_prompt=True`).
 
 Every distinct (mode, shape) step is compiled ahead of time (not timed); then the modes alternate step by step on
@@ -26,12 +28,15 @@ against padded on the first batch (initial parameters) — beside today's own no
 one by one (each in its own bucket): float32 sums of ~10⁴ in magnitude (random token ids score about −11 each)
 carry rounding of ~10⁻³ whatever the layout. With `--trl` (and trl
 installed) TRL's `DPOTrainer` runs one K = 2 batch of the same examples with `padding_free` False and True
-(TRL 1.16 documents that padding_free falls back to padding since its DPO refactor), reference in the step.
+(TRL 1.16 documents that padding_free falls back to padding since its DPO refactor), reference in the step —
+first, each in a fresh process (this one keeps the JAX steps' freed memory on its heap, and both together do
+not fit 24 GiB at batch 4).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import time
@@ -47,7 +52,7 @@ from rpo_jax.losses import make_loss
 from rpo_jax.models import ModelConfig, create_model, load_hf
 from rpo_jax.train.host import reuse_cpu_step_memory
 from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.performance import batch_flops, measure_matmul_peak
+from rpo_jax.train.performance import attention_key_cost, batch_flops, measure_matmul_peak
 from rpo_jax.train.setup import split_trainable
 from rpo_jax.train.step import make_train_step, preference_inputs, resolve_score_window, response_logps
 
@@ -75,10 +80,12 @@ def ultrafeedback_like(rng: np.random.Generator, n: int, k: int, vocab: int) -> 
     return out
 
 
-def mode_batch(padded: dict, mode: str) -> dict:
+def mode_batch(padded: dict, mode: str, key_cost: float) -> dict:
+    """The batch of `mode`: the contract batch, or packed with rows chosen per batch as the trainer does
+    (`data.pack_length = 0`, attention weighed by the model's `attention_key_cost`)."""
     if mode == "padded":
         return padded
-    return pack_batch(padded, Packing(0, share_prompt=mode == "shared"))
+    return pack_batch(padded, Packing(0, share_prompt=mode == "shared", key_cost=key_cost))
 
 
 def step_memory_gib(compiled) -> float:
@@ -104,7 +111,7 @@ def run_k(args, model, config, k: int, batch_size: int, peak: list[float]) -> di
                                                 score_window=window))
     for b in padded:
         b["ref_logps"] = np.asarray(score(params, {k_: jnp.asarray(v) for k_, v in b.items()}))
-    batches = {mode: [mode_batch(b, mode) for b in padded] for mode in MODES}
+    batches = {mode: [mode_batch(b, mode, attention_key_cost(config)) for b in padded] for mode in MODES}
 
     # equality on the first batch, initial parameters
     deltas = {}
@@ -212,7 +219,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="HF checkpoint dir; empty: SmolLM2-135M's shape, random weights")
     p.add_argument("--k", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--batch", type=int, nargs="+", default=[2, 1],
+    p.add_argument("--batch", type=int, nargs="+", default=[4, 4],
                    help="examples (prompts) per step, one per --k value (or one for all)")
     p.add_argument("--remat", default="full", help="config.remat of the model (full: only layer inputs kept; "
                    "without it a 2048-token batch's attention residuals need tens of GiB)")
@@ -232,6 +239,15 @@ def main(argv=None):
     print(f"model {args.model or 'SmolLM2-135M twin (random)'}; batch {args.batch} prompts; {args.steps} batches x "
           f"{args.rounds} rounds per mode; remat {args.remat}; cpu step memory reused: {bool(reused)}")
     batches = args.batch * len(args.k) if len(args.batch) == 1 else args.batch
+    if args.trl and args.model and 2 in args.k:  # first, each in a fresh process while this one is still small
+        batch = batches[args.k.index(2)]
+        rng = np.random.default_rng(args.seed + 2)  # run_k's K = 2 examples: its first batch
+        examples = ultrafeedback_like(rng, batch * args.steps, 2, config.vocab_size)[:batch]
+        for free in (False, True):
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                rate = pool.apply(trl_tokens_per_s, (os.path.expanduser(args.model), examples, free))
+            print(f"TRL DPOTrainer padding_free={free}, K = 2 first batch: {rate:.0f} real tokens/s "
+                  "(reference in the step)", flush=True)
     for k, batch in zip(args.k, batches, strict=True):
         out = run_k(args, model, config, k, batch, peak)
         print(f"\nK = {k} ({'dpo' if k == 2 else 'rpo_listwise'}): {out['tokens']:.0f} real tokens per step; "
@@ -250,16 +266,8 @@ def main(argv=None):
             loss_text = "not computed" if np.isnan(dloss) else f"{dloss:.2e}"
             print(f"max |Δ| vs padded, {mode}: log-probs {dl:.2e} (relative {rel:.1e}), per-example losses "
                   f"{loss_text}")
-    if args.trl and args.model and 2 in args.k:  # last: the JAX runs above are done with the machine
-        batch = batches[args.k.index(2)]
-        rng = np.random.default_rng(args.seed + 2)
-        examples = ultrafeedback_like(rng, batch * args.steps, 2, config.vocab_size)[:batch]
-        del model
-        for free in (False, True):
-            print(f"TRL DPOTrainer padding_free={free}, K = 2 first batch: "
-                  f"{trl_tokens_per_s(os.path.expanduser(args.model), examples, free):.0f} real tokens/s "
-                  "(reference in the step)", flush=True)
-    print(f"\nprocess peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(f"\nprocess peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (TRL's processes "
+          "not included)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Packing a contract batch's sequences into rows of a fixed length T, optionally with one shared prompt per
+"""Packing a contract batch's sequences into rows of T slots, optionally with one shared prompt per
 example: fewer padding slots and, with ``share_prompt``, one encoding of the prompt for its K responses.
 
 Input: the contract batch of :func:`~rpo_jax.data.tokenize.collate_examples` (tokens / attention_mask /
@@ -20,17 +20,35 @@ Row arrays (``[R, T]``; R is a multiple of ``row_multiple``, T = ``row_length``)
 * ``source`` int32: the slot whose hidden state predicts this slot's token — the previous token of the same
   sequence (the slot before, or the prompt's last slot for a response's first token when the prompt is
   shared); 0 where nothing is scored;
-* ``response_id`` int32: ``1 + response_offset + b·K + k`` on the slots scored for response k of example b
-  (exactly the padded batch's ``loss_mask[b, k, t]`` for t ≥ 1), 0 elsewhere. The step sums per-token
-  log-probs by this id: ``policy[b, k] = Σ_{slots with id 1+b·K+k} log p``. ``response_offset`` makes the ids
-  global across processes (process p packs its own rows with offset p·B·K, B its batch share).
+* ``response_id`` int32: ``1 + g·K + k`` on the slots scored for response k of example b (exactly the padded
+  batch's ``loss_mask[b, k, t]`` for t ≥ 1), 0 elsewhere, where g = ``first_example + b`` is the example's
+  index in the global batch (process p packs its own rows with ``first_example`` = p·B, B its batch share).
+  The step sums per-token log-probs by this id: ``policy[g, k] = Σ_{slots with id 1+g·K+k} log p``.
+
+Micro-batches. With ``micro_batches`` = M the global batch's examples g ≡ m (mod M) form micro-batch m (the
+step's ``split_micro_batches`` takes rows m, m+M, ... of every array): each is packed into its own R_m rows, the
+same R_m and T for all, row r of micro-batch m at row ``r·M + m``, and its ids count its own examples,
+``1 + (g // M)·K + k`` — so a step that splits the packed batch into M slices gives each slice its own
+examples' rows and ids. M = 1 is the layout above.
 
 Layout. Each example becomes one or more *units*: without sharing, its K sequences (``prompt + response_k``),
 as many as fit in T together in k order, the rest in further units; with sharing, its prompt followed by as
 many responses as fit, further units repeating the prompt. Units are placed first-fit decreasing (longest
 first, ties by example then unit) into rows, so an example's K responses share one row whenever they fit in
 one, and no segment crosses a row. R = the rows used, rounded up to the next value of
-``row_multiple · {1, 2, 3, 4, 6, 8, 12, ...}`` (powers of two and their 1.5×: at most a few compiled shapes).
+``row_multiple · {1, 2, 3, 4, 6, 8, 12, ...}`` (powers of two and their 1.5×: at most a few compiled shapes),
+or to ``row_multiple · ⌈B_m·K / row_multiple⌉`` (the padded sequence count, B_m = ⌈B / M⌉ examples per
+micro-batch) when that is smaller.
+
+Row shape. A fixed ``row_length`` gives T. With ``row_length = 0`` T is chosen per batch among the batch's own
+padded length T_pad and the values of ``128 · {1, 2, 3, 4, 6, 8, 12, ...}`` between its longest sequence and
+T_pad: the T whose layout costs least, ``R·T·(1 + key_cost·T)`` — slots, each attending to T keys (ties: the
+shorter rows).
+Since T = T_pad is a candidate and R ≤ B·K there (M = 1), the chosen rows never cost more than the padded
+batch's B·K rows of T_pad.
+``min_saving`` > 0 makes :func:`pack_batch` keep a batch padded unless packing saves at least that fraction of
+the cost of its B·K rows of T_pad (the packed step runs the output head on every slot, the padded one on a score
+window).
 """
 
 from __future__ import annotations
@@ -48,21 +66,32 @@ class Packing:
     """How :func:`pack_batch` lays out a batch.
 
     Attributes:
-      row_length: T, slots per row (at least the longest ``prompt + response``); 0: the input batch's own padded
-        length (its length bucket), so that rows are as long as the padded batch's sequences.
+      row_length: T, slots per row (at least the longest ``prompt + response``); 0: chosen per batch (module
+        docstring, "Row shape"), at most the batch's own padded length.
       share_prompt: one copy of an example's prompt before its responses (``parent_ids``).
       row_multiple: R is a multiple of this (the batch shards one process feeds: data × fsdp / processes).
+      min_saving: keep a batch padded (return it unchanged) unless its packed rows save at least this fraction of
+        the padded batch's cost (:func:`layout_cost`); 0: always pack.
+      key_cost: c, the cost of one attention key relative to the rest of a slot's work, so that a row of T slots
+        costs T·(1 + c·T) when the row length is chosen (dense attention over the row; 0: slots only). The
+        trainer sets it from the model's FLOPs (`rpo_jax.train.performance.attention_key_cost`).
     """
 
     row_length: int
     share_prompt: bool = False
     row_multiple: int = 1
+    min_saving: float = 0.0
+    key_cost: float = 0.0
 
     def __post_init__(self):
         if self.row_length != 0 and self.row_length < 2:
             raise ValueError(f"packing row_length must be 0 (the batch's length) or >= 2, got {self.row_length}")
         if self.row_multiple < 1:
             raise ValueError(f"packing row_multiple must be >= 1, got {self.row_multiple}")
+        if not 0.0 <= self.min_saving < 1.0:
+            raise ValueError(f"packing min_saving must be in [0, 1), got {self.min_saving}")
+        if self.key_cost < 0.0:
+            raise ValueError(f"packing key_cost must be >= 0, got {self.key_cost}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +191,8 @@ def assign_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def padded_row_count(used: int, multiple: int) -> int:
-    """The smallest ``multiple · m`` with m in {1, 2, 3, 4, 6, 8, 12, 16, ...} holding ``used`` rows."""
+def ladder_value(used: int, multiple: int) -> int:
+    """The smallest ``multiple · m`` with m in {1, 2, 3, 4, 6, 8, 12, 16, ...} holding ``used``."""
     m = 1
     while multiple * m < used:
         power_of_two = m & (m - 1) == 0
@@ -171,10 +200,71 @@ def padded_row_count(used: int, multiple: int) -> int:
     return multiple * m
 
 
+def padded_row_count(used: int, multiple: int, cap: int | None = None) -> int:
+    """R for ``used`` rows: ``ladder_value(used, multiple)``, or ``cap`` (a multiple of ``multiple`` ≥ used)
+    when that is smaller."""
+    rows = ladder_value(used, multiple)
+    return rows if cap is None or cap < used else min(rows, cap)
+
+
+ROW_LENGTH_STEP = 128  # automatic row lengths are ROW_LENGTH_STEP · {1, 2, 3, 4, 6, 8, 12, ...} (or T_pad)
+
+
+def candidate_row_lengths(longest: int, padded_length: int) -> list[int]:
+    """Row lengths tried when ``Packing.row_length`` is 0: ``128·m`` (m on the ladder) in [longest, T_pad), and
+    T_pad itself."""
+    out, value = [], ROW_LENGTH_STEP
+    while value < padded_length:
+        if value >= longest:
+            out.append(value)
+        value = ladder_value(value + 1, ROW_LENGTH_STEP)
+    return out + [padded_length]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Units and their rows at row length T, per micro-batch: ``groups[m] = (units, placement)``, ``placement[r]``
+    the indices into ``units`` of the micro-batch's row r; R rows each."""
+
+    row_length: int
+    rows: int
+    groups: list[tuple[list[Unit], list[list[int]]]]
+
+
+Examples = Sequence[tuple[int, list[Piece], str]]  # (b, pieces, where) of one micro-batch's examples
+
+
+def layout_at(groups: Sequence[Examples], packing: Packing, row_length: int, row_cap: int) -> Layout:
+    """Each micro-batch's examples in rows of ``row_length``; R: the most rows any needs, on the ladder."""
+    packing = dataclasses.replace(packing, row_length=row_length)
+    placed = []
+    for examples in groups:
+        units = [u for b, pieces, where in examples for u in example_units(pieces, b, packing, where)]
+        placed.append((units, assign_rows([u.length for u in units], row_length)))
+    used = max([len(placement) for _, placement in placed] + [1])
+    return Layout(row_length, padded_row_count(used, packing.row_multiple, row_cap), placed)
+
+
+def choose_layout(groups: Sequence[Examples], packing: Packing, padded_length: int, row_cap: int) -> Layout:
+    """The fixed ``row_length``'s layout, or with ``row_length = 0`` the cheapest one over
+    :func:`candidate_row_lengths`: least ``R·T·(1 + key_cost·T)`` (ties: the shorter rows)."""
+    if packing.row_length:
+        return layout_at(groups, packing, packing.row_length, row_cap)
+    longest = max((len(p.tokens) for examples in groups for _, pieces, _ in examples for p in pieces), default=0)
+    layouts = [layout_at(groups, packing, t, row_cap) for t in candidate_row_lengths(longest, padded_length)]
+    return min(layouts, key=lambda lay: (layout_cost((lay.rows, lay.row_length), packing.key_cost), lay.row_length))
+
+
+def layout_cost(shape: Sequence[int], key_cost: float) -> float:
+    """The cost of computing a ``tokens`` array of ``shape`` (``[R, T]`` rows or ``[B, K, T]`` padded sequences):
+    slots × (1 + key_cost · T), every slot attending to the T keys of its row."""
+    return float(np.prod(shape)) * (1.0 + key_cost * shape[-1])
+
+
 def write_unit(rows: dict[str, np.ndarray], r: int, start: int, unit: Unit, first_segment: int,
-               id_base: int, k_max: int) -> tuple[int, int]:
-    """Write ``unit`` into row ``r`` from slot ``start`` (segments numbered from ``first_segment``); returns
-    the next free slot and the next segment id."""
+               first_id: int) -> tuple[int, int]:
+    """Write ``unit`` into row ``r`` from slot ``start`` (segments numbered from ``first_segment``, response k
+    scored with id ``first_id + k``); returns the next free slot and the next segment id."""
     slot, segment = start, first_segment
 
     def put(tokens, positions, seg, parent, source, ids):
@@ -202,41 +292,59 @@ def write_unit(rows: dict[str, np.ndarray], r: int, start: int, unit: Unit, firs
             previous[0] = prompt_end
         parent = prompt_segment if unit.prompt is not None else segment
         put(tokens, prompt_length + np.arange(n), segment, parent, np.where(scored, previous, 0),
-            np.where(scored, id_base + unit.b * k_max + p.k, 0))
+            np.where(scored, first_id + p.k, 0))
         segment += 1
     return slot, segment
 
 
-def pack_batch(batch: Mapping[str, np.ndarray], packing: Packing, *, response_offset: int = 0
-               ) -> dict[str, np.ndarray]:
+def pack_batch(batch: Mapping[str, np.ndarray], packing: Packing, *, first_example: int = 0,
+               micro_batches: int = 1) -> dict[str, np.ndarray]:
     """The packed batch of a contract batch (module docstring): row arrays ``[R, T]`` and the example-level
     arrays of ``batch`` (everything but tokens / attention_mask / loss_mask) unchanged.
+
+    ``first_example``: the global index of the batch's first example (its process's offset); ``micro_batches``:
+    M, rows laid out for a step that splits the batch into M micro-batches (module docstring). With
+    ``packing.min_saving`` > 0, ``batch`` itself (a copy of the dict, not packed) when packing would not save
+    that fraction of its cost (:func:`packing_saves`).
 
     Raises ValueError naming the example (batch row and record index) when a sequence is longer than the row
     length, or, with ``share_prompt``, when an example's responses do not share their prompt tokens.
     """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     b_count, k_max = np.asarray(batch["valid"]).shape
     index = np.asarray(batch.get("index", np.arange(b_count)))
-    if not packing.row_length:
-        packing = dataclasses.replace(packing, row_length=max(int(np.shape(batch["tokens"])[-1]), 2))
-    units: list[Unit] = []
+    padded_length = max(int(np.shape(batch["tokens"])[-1]), 2)
+    groups: list[list] = [[] for _ in range(micro_batches)]
     for b in range(b_count):
-        pieces = example_pieces(batch, b)
-        if pieces:
-            units += example_units(pieces, b, packing, f"batch example {b} (record {int(index[b])})")
-    placement = assign_rows([u.length for u in units], packing.row_length)
-    shape = (padded_row_count(max(len(placement), 1), packing.row_multiple), packing.row_length)
+        if pieces := example_pieces(batch, b):
+            groups[(first_example + b) % micro_batches].append(
+                (b, pieces, f"batch example {b} (record {int(index[b])})"))
+    per_group = -(-b_count // micro_batches) * k_max
+    row_cap = -(-per_group // packing.row_multiple) * packing.row_multiple
+    layout = choose_layout(groups, packing, padded_length, row_cap)
+    shape = (micro_batches * layout.rows, layout.row_length)
     rows = {key: np.zeros(shape, bool if key == "attention_mask" else np.int32) for key in ROW_KEYS}
     rows["parent_ids"] = np.zeros(shape, np.int32)
-    for r, members in enumerate(placement):
-        slot, segment = 0, 1
-        for i in members:
-            slot, segment = write_unit(rows, r, slot, units[i], segment, 1 + response_offset, k_max)
+    for m, (units, placement) in enumerate(layout.groups):
+        for r, members in enumerate(placement):
+            slot, segment = 0, 1
+            for i in members:
+                first_id = 1 + (first_example + units[i].b) // micro_batches * k_max
+                slot, segment = write_unit(rows, r * micro_batches + m, slot, units[i], segment, first_id)
     if not packing.share_prompt:
         del rows["parent_ids"]
     rest = {key: np.asarray(v) for key, v in batch.items() if key not in ("tokens", "attention_mask", "loss_mask")}
     sequence_lengths = (np.asarray(batch["attention_mask"]).sum(-1) * np.asarray(batch["valid"])).astype(np.int32)
-    return {**rows, **rest, "sequence_lengths": sequence_lengths}
+    packed = {**rows, **rest, "sequence_lengths": sequence_lengths}
+    return packed if not packing.min_saving or packing_saves(packed, batch, packing) else dict(batch)
+
+
+def packing_saves(packed: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], packing: Packing) -> bool:
+    """True when ``packed``'s rows cost at most ``(1 − packing.min_saving)`` of the contract ``batch``'s B·K rows of
+    T_pad (:func:`layout_cost` with ``packing.key_cost``)."""
+    return (layout_cost(np.shape(packed["tokens"]), packing.key_cost)
+            <= (1.0 - packing.min_saving) * layout_cost(np.shape(batch["tokens"]), packing.key_cost))
 
 
 def is_packed(batch: Mapping[str, object]) -> bool:

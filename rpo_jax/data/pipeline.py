@@ -93,9 +93,9 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._dataset = dataset
         self._layout = layout
         steps = grain.MapDataset.range(layout.steps_per_epoch).repeat(layout.num_epochs)
-        offset = layout.process_index * layout.batch_size * dataset.k_max
+        first = layout.process_index * layout.batch_size  # the global index of this process's first example
         self._grain = steps.map_with_index(lambda step, _: packed_or_not(
-            dataset.collate(layout.positions(step).tolist()), packing, offset))
+            dataset.collate(layout.positions(step).tolist()), packing, first))
         self._iter = iter(self._grain.to_iter_dataset(read_options=grain.ReadOptions(num_threads=0)))
 
     @property
@@ -130,10 +130,11 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._iter.set_state({"next_index": int(state["step"])})
 
 
-def packed_or_not(batch: dict[str, np.ndarray], packing: Packing | None, response_offset: int
+def packed_or_not(batch: dict[str, np.ndarray], packing: Packing | None, first_example: int
                   ) -> dict[str, np.ndarray]:
-    """``batch`` packed by ``packing`` (ids offset by ``response_offset``), or as it is when ``packing`` is None."""
-    return batch if packing is None else pack_batch(batch, packing, response_offset=response_offset)
+    """``batch`` packed by ``packing`` (its first example has global index ``first_example``), or as it is when
+    ``packing`` is None."""
+    return batch if packing is None else pack_batch(batch, packing, first_example=first_example)
 
 
 def make_train_iterator(dataset: TokenizedDataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
@@ -182,4 +183,4 @@ def make_eval_batches(dataset: TokenizedDataset, batch_size: int, *, process_ind
     for s in range(num_eval_batches(dataset, batch_size, process_count)):
         start = (s * process_count + process_index) * batch_size
         positions = [i if i < n else None for i in range(start, start + batch_size)]
-        yield packed_or_not(dataset.collate(positions), packing, process_index * batch_size * dataset.k_max)
+        yield packed_or_not(dataset.collate(positions), packing, process_index * batch_size)

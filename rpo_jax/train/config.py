@@ -94,11 +94,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 8             # global batch (prompts) per optimizer step
     c.data.micro_batches = 1          # gradient accumulation inside the step
     # Packing (rpo_jax.data.packing; README "Packing and shared prompts"): each batch's sequences packed into rows
-    # of pack_length slots (0: each batch's padded length bucket; else ≥ data.max_length), attention within a
-    # sequence; same log-probs as padded batches. share_prompt (needs packing): one copy of an example's prompt
-    # before its K responses. Not with micro_batches > 1; the score window does not apply to packed rows.
-    c.data.packing = False
-    c.data.share_prompt = False
+    # of pack_length slots (0: a length chosen per batch; else ≥ data.max_length), attention within a sequence;
+    # the same log-probs as padded batches. packing: "auto" (packs a batch when that saves ≥ 25 % of its slots;
+    # off with micro_batches > 1), True (every batch; refuses micro_batches > 1) or False. share_prompt: one copy
+    # of an example's prompt before its K responses in packed rows ("auto": unless a reference has its own
+    # tokenizer). The score window applies to padded batches only.
+    c.data.packing = ml_collections.FieldReference("auto", field_type=object)  # True / False / "auto"
+    c.data.share_prompt = ml_collections.FieldReference("auto", field_type=object)
     c.data.pack_length = 0
     c.data.eval_batch_size = 16
     c.data.shuffle = True

@@ -11,13 +11,21 @@ must run the same programs on the same shapes: `rpo_jax.train.mesh.to_global` pa
 shapes of every process before they become global arrays, and the batch axes must split the batch across the
 processes (`rpo_jax.train.mesh.local_batch_size`). A process that fails exits at once (`rpo_jax.train.cli`),
 so that the others stop with an error instead of waiting for it.
+
+Several CPU processes do not use JAX's persistent compilation cache (`consistent_compilation_cache`): JAX's cache
+keys differ per process and only process 0 writes entries, so on a warm cache process 0 runs programs loaded from
+it while the others compile theirs afresh, and for some programs (the packed train step, found by the 2-process
+packing test) the two do not match: the processes then wait for each other in the step's first collective.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
+
+log = logging.getLogger(__name__)
 
 
 def initialize_from_environment() -> bool:
@@ -31,11 +39,25 @@ def initialize_from_environment() -> bool:
             num_processes=int(os.environ["RPO_JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["RPO_JAX_PROCESS_ID"]),
             local_device_ids=[int(i) for i in local.split(",")] if local else None)
+        consistent_compilation_cache()
         return True
     if _tpu_pod_hosts() > 1:
         jax.distributed.initialize()
         return True
     return False
+
+
+def consistent_compilation_cache() -> bool:
+    """Turn JAX's persistent compilation cache off in a multi-process CPU run (module docstring); returns whether
+    it did. Call it before the first compilation (JAX decides once whether the cache is used)."""
+    if (jax.process_count() == 1 or jax.devices()[0].platform != "cpu"
+            or not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)):
+        return False
+    jax.config.update("jax_enable_compilation_cache", False)
+    log.info("persistent compilation cache (%s) off: %d CPU processes would mix programs loaded from it (process "
+             "0's) with programs compiled afresh (the others'), which can deadlock their collectives",
+             jax.config.jax_compilation_cache_dir, jax.process_count())
+    return True
 
 
 def _tpu_pod_hosts() -> int:

@@ -52,6 +52,7 @@ from rpo_jax.models.sharding import make_mesh
 from rpo_jax.data.packing import Packing
 from rpo_jax.train.mesh import local_batch_size, replicate, replicated, to_global
 from rpo_jax.train.packed_batches import pack_local, packing_of
+from rpo_jax.train.performance import attention_key_cost
 from rpo_jax.train.identity import run_identity, token_lists_fingerprint
 from rpo_jax.train.runner import Task, Unit, run_task
 from rpo_jax.train.setup import (RunSetup, adapters_off_graphdef, build_loss, build_setup, compute_dtype, data_paths,
@@ -317,7 +318,8 @@ def build_online_run(cfg: ml_collections.ConfigDict, *, devices=None) -> OnlineR
                      judge_fn=make_judge_fn(cfg), eos_ids=eos_ids_of(tokenizer, model_config),
                      pad_id=int(tokenizer.pad_token_id), base_scorer=base_scorer,
                      packing=packing_of(cfg, mesh, row_length=int(cfg.data.max_prompt_length)
-                                        + int(cfg.online.max_new_tokens)))
+                                        + int(cfg.online.max_new_tokens), key_cost=attention_key_cost(
+                                            setup.model_config)))
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -326,13 +328,15 @@ def _local_rows(x: np.ndarray) -> np.ndarray:
     return x[jax.process_index() * n:(jax.process_index() + 1) * n]
 
 
-def global_batch(run: OnlineRun, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def global_batch(run: OnlineRun, batch: dict[str, np.ndarray], *, micro_batches: int = 1) -> dict[str, jax.Array]:
     """A batch every process holds whole ([P, ...] rows) → global arrays, each process feeding its share (a
     training batch — it has a loss_mask — packed with `config.data.packing`: the updates and the log-probs of
-    the samples are computed on packed rows)."""
+    the samples are computed on packed rows; `micro_batches`: the update step's, which splits the batch)."""
     local_batch_size(next(iter(batch.values())).shape[0], run.mesh)  # divisibility check with a clear error
     local = {k: _local_rows(v) for k, v in batch.items()}
-    return to_global(pack_local(local, run.packing, run.mesh) if "loss_mask" in local else local, run.mesh)
+    if "loss_mask" in local:
+        local = pack_local(local, run.packing, run.mesh, micro_batches=micro_batches)
+    return to_global(local, run.mesh)
 
 
 def sample(run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samples: int, key: jax.Array
@@ -477,7 +481,7 @@ def online_task(run: OnlineRun) -> Task:
         t1 = time.perf_counter()
         sums: dict[str, float] = {}
         for mb in minibatches(batch, cfg.data.batch_size, updates):
-            state, metrics = step_fn(state, global_batch(run, mb))
+            state, metrics = step_fn(state, global_batch(run, mb, micro_batches=int(cfg.data.micro_batches)))
             for k, v in jax.device_get(metrics).items():
                 sums[k] = sums.get(k, 0.0) + float(v) / updates
         return Unit(state, {**stats, **sums, "perf/sample_time_s": t1 - t0,

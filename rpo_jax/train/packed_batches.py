@@ -1,63 +1,93 @@
 """`config.data.packing` / `config.data.share_prompt` in the trainer: the run's `Packing` (row length, rows a
-multiple of the batch shards each process feeds) and packing of a process's own rows (response ids made global
-by the process's offset). The packer itself is `rpo_jax.data.packing`; the packed step is
-`rpo_jax.train.step.packed_response_logps`.
+multiple of the batch shards each process feeds, "auto"'s minimum saving) and packing of a process's own rows
+(response ids made global by the process's offset; "auto"'s decision taken by all processes together). The
+packer itself is `rpo_jax.data.packing`; the packed step is `rpo_jax.train.step.packed_response_logps`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rpo_jax.data import TokenizedDataset
-from rpo_jax.data.packing import Packing, is_packed, pack_batch
+from rpo_jax.data.packing import Packing, is_packed, pack_batch, packing_saves
 from rpo_jax.models.sharding import batch_sharding
 
+log = logging.getLogger(__name__)
 
-def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int) -> Packing | None:
-    """The run's `Packing` (None when `config.data.packing` is off).
+AUTO_MIN_SAVING = 0.25
+"""`packing="auto"` packs a batch when its rows cost at most 3/4 of the padded batch's (`rpo_jax.data.packing.
+layout_cost`): the packed step runs the output head on every slot, the padded one on its score window only, and
+the head is up to ~20 % of a small model's FLOPs per slot (SmolLM2-135M, Gemma 2B; ~7 % for Llama 3 8B)."""
 
-    Rows are as long as each batch's padded length (its length bucket: one compiled step per bucket and row
-    count, as padded batches compile per bucket) unless `config.data.pack_length` > 0 fixes them, to at least
-    `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens).
-    Raises ValueError for `share_prompt` without `packing`, for a `pack_length` below `row_length`, for
-    `data.micro_batches` > 1 (packed rows and their examples cannot be sliced into micro-batches), and for several
-    processes with a persistent compilation cache (a known hang, README "Packing and shared prompts").
+
+def packing_setting(value, field: str) -> bool | str:
+    """A `config.data.packing` / `share_prompt` value → True, False or "auto" (command-line strings included)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "1", "on", "yes"):
+        return True
+    if text in ("false", "0", "off", "no", "none", ""):
+        return False
+    raise ValueError(f"config.data.{field}={value!r}: expected True, False or 'auto'")
+
+
+def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, key_cost: float = 0.0
+               ) -> Packing | None:
+    """The run's `Packing` (None: padded batches).
+
+    `config.data.packing`: True packs every batch; "auto" (the default) packs a batch when that saves at least
+    `AUTO_MIN_SAVING` of its cost; False: never. `share_prompt` True or "auto" shares prompts in packed rows
+    ("auto" turns it off for a reference with its own tokenizer: `packing_with_references`). Rows are sized per batch
+    (`rpo_jax.data.packing.choose_layout`) unless `config.data.pack_length` > 0 fixes them, to at least
+    `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens);
+    `key_cost`: the model's `rpo_jax.train.performance.attention_key_cost`, which weighs longer rows' attention.
+    Raises ValueError for a value that is not a setting, for `share_prompt=True` without packing, and for a
+    `pack_length` below `row_length`.
     """
     data = cfg.data
-    if not data.get("packing", False):
-        if data.get("share_prompt", False):
-            raise ValueError("config.data.share_prompt=True needs config.data.packing=True (the prompt is shared "
-                             "inside a packed row)")
+    mode = packing_setting(data.get("packing", False), "packing")
+    share = packing_setting(data.get("share_prompt", False), "share_prompt")
+    if not mode:
+        if share is True:
+            raise ValueError("config.data.share_prompt=True needs config.data.packing=True or 'auto' (the prompt is "
+                             "shared inside a packed row)")
         return None
-    if int(data.micro_batches) > 1:
-        raise ValueError(f"config.data.micro_batches={data.micro_batches} does not combine with "
-                         "config.data.packing=True: use micro_batches=1 (packing already drops the padding)")
     length = int(data.get("pack_length", 0) or 0)
     if 0 < length < row_length:
         raise ValueError(f"config.data.pack_length={length} is shorter than the longest sequence ({row_length} "
-                         "tokens); use 0 (that length) or more")
-    if jax.process_count() > 1 and jax.config.jax_compilation_cache_dir:
-        raise ValueError("config.data.packing=True with several processes and JAX's persistent compilation cache "
-                         f"({jax.config.jax_compilation_cache_dir}): such a run hangs in its first step when its "
-                         "programs come from the cache (seen on CPU with Gloo, not yet diagnosed); unset "
-                         "JAX_COMPILATION_CACHE_DIR for multi-process packed runs, or use data.packing=False")
+                         "tokens); use 0 (rows sized per batch) or more")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    return Packing(row_length=length, share_prompt=bool(data.get("share_prompt", False)),
-                   row_multiple=max(1, shards // jax.process_count()))
+    return Packing(row_length=length, share_prompt=bool(share), row_multiple=max(1, shards // jax.process_count()),
+                   min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0, key_cost=key_cost)
 
 
-def pack_local(batch: Mapping[str, np.ndarray], packing: Packing | None, mesh: Mesh) -> dict[str, np.ndarray]:
-    """This process's rows of a contract batch packed, response ids offset by K × the global index of its first
-    example (`first_local_example`), or the batch as it is when `packing` is None or it is already packed."""
+def pack_local(batch: Mapping[str, np.ndarray], packing: Packing | None, mesh: Mesh, *, micro_batches: int = 1
+               ) -> dict[str, np.ndarray]:
+    """This process's rows of a contract batch packed (response ids global: its first example's global index is
+    `first_local_example`; rows laid out for a step taking `micro_batches` micro-batches), or the batch as it is
+    when `packing` is None or it is already packed. With `packing.min_saving` the batch stays padded unless
+    packing saves that fraction on every process (one all-gather of the decision with several processes, so that
+    all build the same layout)."""
     if packing is None or is_packed(batch):
         return dict(batch)
-    b, k = np.asarray(batch["valid"]).shape
-    return pack_batch(batch, packing, response_offset=first_local_example(b, mesh) * k)
+    b = np.asarray(batch["valid"]).shape[0]
+    packed = pack_batch(batch, dataclasses.replace(packing, min_saving=0.0),
+                        first_example=first_local_example(b, mesh), micro_batches=micro_batches)
+    if not packing.min_saving:
+        return packed
+    saves = packing_saves(packed, batch, packing)
+    if jax.process_count() > 1:
+        saves = bool(np.all(multihost_utils.process_allgather(np.asarray(saves))))
+    return packed if saves else dict(batch)
 
 
 def first_local_example(local_batch: int, mesh: Mesh) -> int:
@@ -68,15 +98,22 @@ def first_local_example(local_batch: int, mesh: Mesh) -> int:
     return min(index[0].indices(global_batch)[0] for index in indices)
 
 
-def check_packable_references(packing: Packing | None, references: Sequence, datasets: Mapping[str, TokenizedDataset]
-                              ) -> None:
-    """A ValueError for `share_prompt` with a reference that has its own tokenizer (it scores its own
-    tokenization of the records, with other prompt tokens; references are scored in the policy's packed layout).
-    `references`: the run's `Reference`s (`datasets` is the split → data of each); `datasets`: the policy's."""
+def packing_with_references(packing: Packing | None, cfg: ml_collections.ConfigDict, references: Sequence,
+                            datasets: Mapping[str, TokenizedDataset]) -> Packing | None:
+    """`packing` for the run's `references` (`Reference`s; `datasets`: the policy's split → data): a reference with
+    its own tokenizer scores its own tokenization of the records, with other prompt tokens, while references are
+    scored in the policy's packed layout — so with such a reference `share_prompt="auto"` is turned off (logged)
+    and `share_prompt=True` is a ValueError. Packing alone works with it."""
     if packing is None or not packing.share_prompt:
-        return
-    for r in references:
-        if r.datasets is not datasets:
-            raise ValueError(f"config.data.share_prompt=True with reference {r.name!r}, which has its own tokenizer "
-                             f"({r.tokenizer_name}): it scores its own tokenization, not the policy's shared-prompt "
-                             "layout; use share_prompt=False (packing alone works with it) or the policy's tokenizer")
+        return packing
+    own = [r for r in references if r.datasets is not datasets]
+    if not own:
+        return packing
+    if packing_setting(cfg.data.get("share_prompt", False), "share_prompt") == "auto":
+        log.info("config.data.share_prompt='auto': off, because reference %r has its own tokenizer (%s)",
+                 own[0].name, own[0].tokenizer_name)
+        return dataclasses.replace(packing, share_prompt=False)
+    raise ValueError(f"config.data.share_prompt=True with reference {own[0].name!r}, which has its own tokenizer "
+                     f"({own[0].tokenizer_name}): it scores its own tokenization, not the policy's shared-prompt "
+                     "layout; use share_prompt='auto' or False (packing alone works with it) or the policy's "
+                     "tokenizer")

@@ -47,6 +47,14 @@ def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, scor
             + head_fraction * flops_per_token(head, 0, seq_len, attn_dim, num_references))
 
 
+def attention_key_cost(config, *, num_references: int = 0) -> float:
+    """c: the FLOPs of one more attention key per token over the FLOPs of a token at no keys, from
+    `train_flops_per_token(T) = a + b·T` (head on every slot): c = b / a. A packed row of T slots then costs
+    ∝ T·(1 + c·T) (`rpo_jax.data.packing.Packing.key_cost`)."""
+    one, two = (train_flops_per_token(config, t, num_references=num_references) for t in (1, 2))
+    return (two - one) / (2 * one - two)
+
+
 def batch_flops(config, tokens_shape: tuple[int, ...], *, num_references: int = 0,
                 score_window: int | None = None) -> float:
     """FLOPs of one step on a global batch whose `tokens` have `tokens_shape`: `[B, K, T]` (padded: B·K·T

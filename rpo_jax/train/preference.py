@@ -29,10 +29,10 @@ import numpy as np
 from rpo_jax.data import (TokenizedDataset, label_score_counts, make_train_iterator, rewards_reach_loss, storage,
                           tokenize_records)
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.data.packing import Packing, real_tokens
+from rpo_jax.data.packing import Packing, is_packed, real_tokens
 from rpo_jax.train.mesh import local_batch_size, replicated, to_global
-from rpo_jax.train.packed_batches import check_packable_references, pack_local, packing_of
-from rpo_jax.train.performance import batch_flops
+from rpo_jax.train.packed_batches import pack_local, packing_of, packing_with_references
+from rpo_jax.train.performance import attention_key_cost, batch_flops
 from rpo_jax.train.identity import checkpoint_fingerprint, dataset_fingerprint, run_identity, weights_fingerprint
 from rpo_jax.train.reference_cache import Reference, cached_logps, compute_logps
 from rpo_jax.train.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
@@ -153,10 +153,12 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
                          "use 'cache' for references with their own tokenizer"
                          + (" (config.reference_sync needs in-step references)" if sync is not None else ""))
+    key_cost = attention_key_cost(model_config, num_references=len(references) if in_step else 0)
+    packing = packing_with_references(packing_of(cfg, mesh, row_length=cfg.data.max_length, key_cost=key_cost),
+                                      cfg, references, datasets)
     run = PreferenceRun(**vars(setup), workdir=storage.as_path(workdir), loss_fn=loss_fn, datasets=datasets,
                         references=references, in_step_refs=in_step, score_window=score_window_of(cfg, datasets),
-                        preference_direction=direction, packing=packing_of(cfg, mesh, row_length=cfg.data.max_length))
-    check_packable_references(run.packing, references, datasets)
+                        preference_direction=direction, packing=packing)
     if sync is not None or (in_step and cfg.train.iterations > 1):
         if references[0].params is not None:  # None: LoRA's base reference, the policy's own weights
             check_mixable(references[0], setup.state["params"],
@@ -310,11 +312,19 @@ def with_references(run: PreferenceRun, batch: dict[str, np.ndarray], split: str
     return {**batch, "ref_logps": ref}
 
 
-def device_batch(run: PreferenceRun, batch: dict[str, np.ndarray], split: str) -> dict[str, jax.Array]:
-    """A host batch of `split` (this process's rows) → the step's global input, cached references added."""
-    batch = pack_local(with_references(run, batch, split), run.packing, run.mesh)  # config.data.packing
+def device_batch(run: PreferenceRun, batch: dict[str, np.ndarray], split: str, *, micro_batches: int = 1
+                 ) -> dict[str, jax.Array]:
+    """A host batch of `split` (this process's rows) → a step's global input, cached references added, packed
+    (`config.data.packing`) for a step that splits it into `micro_batches` (1: the eval step, the scorers)."""
+    batch = pack_local(with_references(run, batch, split), run.packing, run.mesh, micro_batches=micro_batches)
     batch = {k: v for k, v in batch.items() if k != "index"}
     return to_global(batch, run.mesh)
+
+
+def train_batch(run: PreferenceRun, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A host batch of the train split → the train step's input: packed rows laid out per micro-batch
+    (`config.data.micro_batches`, which the step splits the batch into)."""
+    return device_batch(run, batch, "train", micro_batches=int(run.config.data.micro_batches))
 
 
 def step_reference_params(run: PreferenceRun) -> tuple:
@@ -424,10 +434,13 @@ def preference_task(run: PreferenceRun) -> Task:
     train_step, eval_step = jitted_steps(cfg, run, run.loss_fn, ref_graphdefs, run.score_window,
                                          reference_sync=run.reference_sync)
     if run.packing is not None:  # the output head runs on every slot of the packed rows (no score window)
-        log.info("packed rows of %d slots (config.data.packing; share_prompt=%s)", run.packing.row_length,
-                 run.packing.share_prompt)
-    elif run.score_window:
-        log.info("output head on %d logit positions per sequence (config.model.score_window)", run.score_window)
+        log.info("packing (config.data.packing): rows of %s, share_prompt=%s, %s",
+                 f"{run.packing.row_length} slots" if run.packing.row_length else "a length chosen per batch",
+                 run.packing.share_prompt, f"batches packed when that saves ≥ {run.packing.min_saving:.0%} of "
+                 "their slots" if run.packing.min_saving else "every batch packed")
+    if run.score_window:
+        log.info("output head on %d logit positions per sequence of padded batches (config.model.score_window)",
+                 run.score_window)
     if run.reference_sync is not None and run.reference_sync.every:
         log.info("reference sync (TR-DPO): after every %d optimizer steps the reference becomes %g·θ + %g·θ_ref",
                  run.reference_sync.every, run.reference_sync.mix, 1.0 - run.reference_sync.mix)
@@ -439,13 +452,15 @@ def preference_task(run: PreferenceRun) -> Task:
             else:
                 reset_reference_to_policy(run, state["params"], step)
         batch = next(iterator)
-        inputs = device_batch(run, batch, "train")
+        inputs = train_batch(run, batch)
         # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process)
         flops = batch_flops(run.model_config, inputs["tokens"].shape, num_references=len(ref_graphdefs),
                             score_window=run.score_window)
         tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
         state, metrics = train_step(state, inputs, step_reference_params(run))
-        return Unit(state, metrics, {"tokens": tokens}, flops)
+        # packed or padded; real tokens per slot the step computes (> 1 where shared prompts saved slots)
+        layout = {"packed": float(is_packed(inputs)), "tokens_per_slot": tokens / inputs["tokens"].size}
+        return Unit(state, {**metrics, **layout}, {"tokens": tokens}, flops)
 
     objective = {"loss": cfg.loss, "references": list(cfg.references),
                  "preference_direction": run.preference_direction, "iterations": max(1, cfg.train.iterations)}

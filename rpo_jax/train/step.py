@@ -161,10 +161,9 @@ def make_scorer(graphdef: nnx.GraphDef, rest: Any, mesh, *, compute_dtype, vocab
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> dict[str, jax.Array]:
-    """[B, ...] → [M, B/M, ...], micro-batch m taking rows m, m+M, ... (each device keeps its own rows)."""
-    if "response_id" in batch and micro_batches > 1:
-        raise ValueError(f"data.micro_batches={micro_batches} does not combine with data.packing: packed rows and "
-                         "their examples cannot be sliced apart; use micro_batches=1 (packing already saves memory)")
+    """[B, ...] → [M, B/M, ...], micro-batch m taking rows m, m+M, ... (each device keeps its own rows). A packed
+    batch is split the same way, rows and examples alike: it must have been packed for M micro-batches
+    (`rpo_jax.data.packing.pack_batch(..., micro_batches=M)`: micro-batch m's rows are rows m, m+M, ...)."""
 
     def split(x):
         b = x.shape[0]

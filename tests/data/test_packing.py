@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from rpo_jax.data import PreferenceRecord, make_eval_batches, make_train_iterator, tokenize_records
-from rpo_jax.data.packing import Packing, fill_ratio, pack_batch, padded_row_count, real_tokens
+from rpo_jax.data.packing import (Packing, candidate_row_lengths, fill_ratio, pack_batch, packing_saves,
+                                  padded_row_count, real_tokens)
 from rpo_jax.data.tokenize import TokenizedExample, collate_examples
 
 
@@ -141,6 +142,90 @@ def test_row_counts_follow_the_ladder():
     assert [padded_row_count(n, 2) for n in (1, 2, 3, 5, 7)] == [2, 2, 4, 6, 8]
 
 
+def test_row_counts_are_capped_at_the_padded_sequence_count():
+    assert padded_row_count(5, 1, cap=5) == 5 and padded_row_count(5, 2, cap=6) == 6  # the ladder gives 6 and 6
+    assert padded_row_count(7, 1, cap=8) == 8 and padded_row_count(9, 1, cap=10) == 10  # 8 and 12 on the ladder
+    # five 8-token sequences in rows of 8: five rows (not the ladder's six), never more slots than padded
+    batch = batch_of([([1, 2, 3], [[4, 5, 6, 7, 8]])] * 5, k_max=1)
+    assert pack_batch(batch, Packing(8))["tokens"].shape == (5, 8)
+    assert pack_batch(batch, Packing(8, row_multiple=2))["tokens"].shape == (6, 8)
+
+
+def test_candidate_row_lengths():
+    assert candidate_row_lengths(300, 2048) == [384, 512, 768, 1024, 1536, 2048]
+    assert candidate_row_lengths(1025, 2048) == [1536, 2048]
+    assert candidate_row_lengths(10, 200) == [128, 200] and candidate_row_lengths(90, 100) == [100]
+    assert candidate_row_lengths(0, 128) == [128]
+
+
+def long_batch(lengths, prompt=50):
+    """One example per row of ``lengths``: a ``prompt``-token prompt and responses making sequences of the given
+    lengths, padded to the 512 bucket."""
+    rng = np.random.default_rng(0)
+    items = [(rng.integers(1, 99, prompt).tolist(), [rng.integers(1, 99, n - prompt).tolist() for n in row])
+             for row in lengths]
+    examples = [TokenizedExample(i, tuple(np.asarray(p + r, np.int32) for r in rs), (len(p),) * len(rs), None)
+                for i, (p, rs) in enumerate(items)]
+    return collate_examples(examples, k_max=max(map(len, lengths)), buckets=(256, 512), pad_id=0,
+                            with_rewards=False)
+
+
+def test_automatic_row_length_takes_the_fewest_slots():
+    """Sequences 300 + 250 and 200 + 100 tokens, padded [2, 2, 512] = 2048 slots. Rows of 384 (the candidates are
+    384 and 512): units 300, 250 (550 > 384) and 300 need three rows = 1152 slots; rows of 512 also need three
+    (300 + 250 > 512, 300 + 250 > 512) = 1536. So T = 384, R = 3. Shared prompt (50 tokens): at 384 example 0's
+    unit 50 + 250 + 200 = 500 splits into 300 and 250 (the prompt repeated), example 1 is one unit of
+    50 + 150 + 50 = 250, and no two of 300, 250, 250 share a row: 1152 slots; at 512 the units 500 and 250 take
+    two rows = 1024 slots, so T = 512, R = 2."""
+    batch = long_batch([[300, 250], [200, 100]])
+    plain = pack_batch(batch, Packing(0))
+    assert plain["tokens"].shape == (3, 384) and fill_ratio(plain) == 850 / 1152
+    shared = pack_batch(batch, Packing(0, share_prompt=True))
+    assert shared["tokens"].shape == (2, 512) and fill_ratio(shared) == 750 / 1024
+    assert pack_batch(batch, Packing(512))["tokens"].shape == (3, 512)  # a fixed row length is kept
+    # with attention counted, 2 rows of 512 cost 1024·(1 + 512c), 3 of 384 cost 1152·(1 + 384c): equal at c = 1/640
+    for key_cost, shape in ((0.0015, (2, 512)), (0.0017, (3, 384))):
+        assert pack_batch(batch, Packing(0, share_prompt=True, key_cost=key_cost))["tokens"].shape == shape
+
+
+def test_min_saving_keeps_batches_padded_unless_packing_saves_enough():
+    batch = long_batch([[300, 250], [200, 100]])  # packs into 1152 of 2048 slots: saves 44 %
+    assert packing_saves(pack_batch(batch, Packing(0)), batch, Packing(0, min_saving=0.4))
+    assert "response_id" in pack_batch(batch, Packing(0, min_saving=0.4))
+    kept = pack_batch(batch, Packing(0, min_saving=0.5))
+    assert kept.keys() == batch.keys() and all(np.array_equal(kept[k], batch[k]) for k in batch)
+    with pytest.raises(ValueError, match="min_saving must be in"):
+        Packing(0, min_saving=1.0)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("micro_batches,first_example", [(2, 0), (3, 0), (2, 7)])
+def test_micro_batch_layout_gives_each_slice_its_own_examples(micro_batches, first_example, share_prompt):
+    """Packed for M micro-batches, slice m of the rows (rows m, m+M, ...: the step's split) holds exactly the
+    scored tokens of the global examples g ≡ m (mod M), under ids 1 + (g // M)·K + k, at their own positions."""
+    batch = random_batch(3, ks=(2, 3, 4, 1, 4, 2, 3, 2, 1, 4, 2))  # 12 examples with the padding one
+    b_count, k_max = batch["valid"].shape
+    packed = pack_batch(batch, Packing(24, share_prompt=share_prompt), first_example=first_example,
+                        micro_batches=micro_batches)
+    assert packed["tokens"].shape[0] % micro_batches == 0
+    for m in range(micro_batches):
+        ids, tokens, positions = (packed[key][m::micro_batches].reshape(-1)
+                                  for key in ("response_id", "tokens", "positions"))
+        expected = set()
+        for b in range(b_count):
+            g = first_example + b
+            for k in range(k_max):
+                scored = np.flatnonzero(batch["loss_mask"][b, k][1:]) + 1
+                if g % micro_batches != m or not batch["valid"][b, k] or not len(scored):
+                    continue
+                i = 1 + g // micro_batches * k_max + k
+                expected.add(i)
+                np.testing.assert_array_equal(tokens[ids == i], batch["tokens"][b, k, scored])
+                np.testing.assert_array_equal(positions[ids == i], scored)
+        assert set(ids[ids > 0].tolist()) == expected
+    assert real_tokens(packed) == real_tokens(batch)
+
+
 def test_packing_is_deterministic_and_refuses_what_it_cannot_pack():
     batch = random_batch(5)
     a, b = pack_batch(batch, Packing(20, True)), pack_batch({k: v.copy() for k, v in batch.items()}, Packing(20, True))
@@ -170,7 +255,7 @@ def test_packing_iterator_restores_exactly_and_packs_its_own_rows(dataset, share
         packed = make_train_iterator(dataset, 4, seed=7, process_index=process, process_count=2, packing=packing)
         batches = [next(packed) for _ in range(5)]
         for got in batches[:3]:
-            want = pack_batch(next(plain), packing, response_offset=process * 4 * dataset.k_max)
+            want = pack_batch(next(plain), packing, first_example=process * 4)
             assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
         ids = batches[0]["response_id"][batches[0]["response_id"] > 0]
         assert ids.min() >= 1 + process * 4 * dataset.k_max and ids.max() <= (process + 1) * 4 * dataset.k_max

@@ -29,6 +29,7 @@ from rpo_jax.train.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.cli import export_main
 from rpo_jax.train.setup import (add_adapters, load_model, load_policy, load_tokenizer, lora_settings,
                                  split_trainable, tokenizer_path)
+from rpo_jax.train.packed_batches import pack_local
 from rpo_jax.train.reference_cache import compute_logps
 from rpo_jax.train.step import make_scorer, make_train_step, preference_inputs, response_logps, step_reference_logps
 from tests.hf_fixtures import hf_logits, load_torch_model
@@ -301,7 +302,8 @@ def test_cached_base_reference_and_mrpo_extra_reference_equal_the_base_checkpoin
     graphdef, params, rest = split_trainable(model)
     scorer = make_scorer(graphdef, rest, run.mesh, compute_dtype=jnp.float32, score_window=run.score_window)
     for split, cache in run.ref_cache.items():
-        want = compute_logps(scorer, params, run.datasets[split], 8, run.mesh)
+        want = compute_logps(scorer, params, run.datasets[split], 8, run.mesh,  # in the cache's (packed) layout
+                             prepare=lambda batch: pack_local(batch, run.packing, run.mesh))
         assert np.isfinite(want).any()
         np.testing.assert_array_equal(cache[..., 0], want)
         np.testing.assert_array_equal(cache[..., 1], want)
@@ -448,6 +450,12 @@ def test_online_rpo_with_lora_samples_with_adapters_and_trains_only_them(base, t
                        "train.export_at_end": False, "optimizer.learning_rate": 1e-2})
     run = online.build_online_run(c, devices=ONE)
     assert run.base_scorer is not None and all("lora" in k for k in flat(run.state["params"]))
+    # adapters moved off zero, so that the policy differs from its base reference: at B = 0 the two are equal and
+    # the demo's judge scores a random model's samples alike, so the loss and its gradient are exactly 0
+    leaves, treedef = jax.tree.flatten(run.state["params"])
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    run.state["params"] = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                                       for x, k in zip(leaves, keys)])
     rest_before = flat(jax.tree.map(np.array, run.rest))
     initial = flat(jax.tree.map(np.array, run.state["params"]))
     unit = online.online_task(run).advance(run.state, 0)

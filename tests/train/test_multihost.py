@@ -104,12 +104,13 @@ def test_mfu_is_flops_per_second_over_the_peak_of_every_chip(monkeypatch):
 
 def test_a_run_on_8_devices_reports_mfu_per_chip(tmp_path):
     """On 8 (fake) devices each logged step's MFU × step time × one chip's peak × 8 chips is the step's FLOPs,
-    B·K·T·flops_per_token(T) of the global batch it trained on."""
+    B·K·T·flops_per_token(T) of the global (padded) batch it trained on; packed rows' FLOPs:
+    test_packed_training.test_flops_count_the_packed_rows."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
     peak, chips = 1e11, 8
     cfg = tiny_config(tmp_path / "data", **{"mesh": {"data": chips, "fsdp": 1, "tensor": 1}, "train.steps": 3,
-                                           "metrics.peak_flops": peak})
+                                           "metrics.peak_flops": peak, "data.packing": False})
     preference.train(cfg, tmp_path / "run")
     run = preference.build_run(cfg, tmp_path / "other")
     batches = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)

@@ -5,10 +5,12 @@ takes the same steps as without."""
 
 from __future__ import annotations
 
+import os
 import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,7 +21,8 @@ from rpo_jax.losses import make_loss
 from rpo_jax.models.config import ModelConfig, RopeSpec
 from rpo_jax.models.model import create_model
 from rpo_jax.train import preference
-from rpo_jax.train.packed_batches import check_packable_references
+from rpo_jax.train.config import base_config
+from rpo_jax.train.packed_batches import AUTO_MIN_SAVING, packing_of, packing_setting, packing_with_references
 from rpo_jax.train.performance import batch_flops, train_flops_per_token
 from rpo_jax.train.setup import split_trainable
 from rpo_jax.train.step import preference_inputs, response_logps
@@ -183,7 +186,7 @@ def train_losses(tmp_path, name, **overrides):
 def test_trainer_with_packing_and_shared_prompt_takes_the_padded_steps(tmp_path):
     """`rpo-train` with data.packing and data.share_prompt (cached reference log-probs scored on packed rows, the
     train iterator packing, packed eval): the same losses and eval loss as with padded batches."""
-    padded, padded_eval = train_losses(tmp_path, "padded")
+    padded, padded_eval = train_losses(tmp_path, "padded", **{"data.packing": False})
     shared, shared_eval = train_losses(tmp_path, "shared", **{"data.packing": True, "data.share_prompt": True})
     assert len(padded) == 3 and len(padded_eval) == 1
     np.testing.assert_allclose(shared, padded, atol=1e-5, rtol=0)
@@ -191,38 +194,77 @@ def test_trainer_with_packing_and_shared_prompt_takes_the_padded_steps(tmp_path)
 
 
 def test_bad_packing_settings_are_refused(tmp_path):
-    cfg = tiny_config(tmp_path / "data", **{"data.share_prompt": True})
-    with pytest.raises(ValueError, match="share_prompt=True needs config.data.packing=True"):
+    cfg = tiny_config(tmp_path / "data", **{"data.packing": False, "data.share_prompt": True})
+    with pytest.raises(ValueError, match="share_prompt=True needs config.data.packing=True or 'auto'"):
         preference.build_run(cfg, tmp_path / "a")
-    cfg = tiny_config(tmp_path / "data", **{"data.packing": True, "data.micro_batches": 2})
-    with pytest.raises(ValueError, match="micro_batches=2 does not combine with config.data.packing"):
-        preference.build_run(cfg, tmp_path / "b")
     cfg = tiny_config(tmp_path / "data", **{"data.packing": True, "data.pack_length": 64, "data.max_length": 128})
     with pytest.raises(ValueError, match="pack_length=64 is shorter than the longest sequence"):
         preference.build_run(cfg, tmp_path / "c")
+    cfg = tiny_config(tmp_path / "data", **{"data.packing": "sometimes"})
+    with pytest.raises(ValueError, match=r"config.data.packing='sometimes': expected True, False or 'auto'"):
+        preference.build_run(cfg, tmp_path / "d")
+
+
+def test_packing_settings():
+    assert [packing_setting(v, "packing") for v in ("auto", "AUTO", True, "True", "1", False, "off", "")] == [
+        "auto", "auto", True, True, True, False, False, False]
     policy_data = {"train": object()}
     own = types.SimpleNamespace(name="other/ref", tokenizer_name="other/tok", datasets={"train": object()})
     same = types.SimpleNamespace(name="", tokenizer_name="tok", datasets=policy_data)
-    check_packable_references(Packing(0, share_prompt=True), [same], policy_data)
-    check_packable_references(Packing(0), [same, own], policy_data)  # packing alone works with its own tokenizer
+    explicit = ml_collections.ConfigDict({"data": {"share_prompt": True}})
+    auto = ml_collections.ConfigDict({"data": {"share_prompt": "auto"}})
+    shared = Packing(0, share_prompt=True)
+    assert packing_with_references(shared, explicit, [same], policy_data) == shared
+    assert packing_with_references(Packing(0), explicit, [same, own], policy_data) == Packing(0)  # packing alone
+    assert packing_with_references(shared, auto, [same, own], policy_data) == Packing(0)  # "auto": sharing off
+    assert packing_with_references(None, explicit, [own], policy_data) is None
     with pytest.raises(ValueError, match="share_prompt=True with reference 'other/ref', which has its own tokenizer"):
-        check_packable_references(Packing(0, share_prompt=True), [same, own], policy_data)
+        packing_with_references(shared, explicit, [same, own], policy_data)
+
+
+def test_auto_packing_is_the_default():
+    """The default config packs ("auto": batches that save ≥ 25 % of their slots) and shares prompts."""
+    cfg = base_config()
+    assert (cfg.data.packing, cfg.data.share_prompt, cfg.data.pack_length) == ("auto", "auto", 0)
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1})
+    assert packing_of(cfg, mesh, row_length=512) == Packing(0, share_prompt=True, min_saving=AUTO_MIN_SAVING)
+    cfg.data.packing = True
+    assert packing_of(cfg, mesh, row_length=512) == Packing(0, share_prompt=True)
+    cfg.data.packing, cfg.data.share_prompt = "auto", False
+    assert packing_of(cfg, mesh, row_length=512) == Packing(0, min_saving=AUTO_MIN_SAVING)
+    cfg.data.packing = "false"  # as the command line gives it
+    assert packing_of(cfg, mesh, row_length=512) is None
+
+
+def test_trainer_with_packed_micro_batches_takes_the_padded_steps(tmp_path):
+    """data.micro_batches = 2 with every batch packed (rows laid out per micro-batch) and with "auto" (the demo
+    slice's batches: packed where that saves ≥ 25 %): the losses of padded micro-batches."""
+    common = {"data.micro_batches": 2}
+    padded, padded_eval = train_losses(tmp_path, "padded", **common, **{"data.packing": False})
+    packed, packed_eval = train_losses(tmp_path, "packed", **common, **{"data.packing": True})
+    auto, auto_eval = train_losses(tmp_path, "auto", **common)
+    packed_steps = [m["train/packed"] for m in read_metrics(tmp_path / "packed") if "train/packed" in m]
+    assert len(padded) == 3 and packed_steps == [1.0] * 3
+    for losses, evals in ((packed, packed_eval), (auto, auto_eval)):
+        np.testing.assert_allclose(losses, padded, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(evals, padded_eval, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
-def test_two_processes_packing_their_own_rows_take_the_padded_steps(tmp_path, monkeypatch):
+def test_two_processes_packing_their_own_rows_take_the_padded_steps(tmp_path):
     """2 processes × 4 CPU devices (fsdp 4 × tensor 2 across them), each packing its own rows with a shared prompt
     (response ids offset by its first example, rows padded to a common count by `to_global`): the losses of one
-    process × 8 devices with padded batches. The processes run without the persistent compilation cache: with
-    their programs taken from it they hang in the first step (a known, undiagnosed bug that `packing_of` refuses
-    with a one-line error; README "Packing and shared prompts")."""
+    process × 8 devices with padded batches. Run with the test suite's persistent compilation cache, which the
+    processes turn off (`rpo_jax.train.distributed.consistent_compilation_cache`): with it warm, process 0 ran
+    the cached step while process 1 compiled its own, and the two hung in the first step."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     common = {"train.steps": 3, "mesh": {"data": 1, "fsdp": 4, "tensor": 2}, "train.async_checkpointing": False,
               "train.checkpoint_every": 0}
     packed = tiny_config(tmp_path / "data", **common, **{"data.packing": True, "data.share_prompt": True})
-    finish(start_processes(write_config(packed, tmp_path / "config.py"), tmp_path / "multi"))
+    outs = finish(start_processes(write_config(packed, tmp_path / "config.py"), tmp_path / "multi"))
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        assert all("persistent compilation cache" in out and "off: 2 CPU processes" in out for out in outs)
     preference.train(tiny_config(tmp_path / "data", **common), tmp_path / "single")
     single = [m["train/loss"] for m in read_metrics(tmp_path / "single") if "train/loss" in m]
     multi = [m["train/loss"] for m in read_metrics(tmp_path / "multi") if "train/loss" in m]
@@ -230,16 +272,19 @@ def test_two_processes_packing_their_own_rows_take_the_padded_steps(tmp_path, mo
     np.testing.assert_allclose(multi, single, atol=1e-5, rtol=0)
 
 
-def test_online_scoring_and_updates_on_packed_rows():
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_online_scoring_and_updates_on_packed_rows(micro_batches):
     """Online RPO with data.packing and a shared prompt: the samples' log-probs (policy and reference) and one
-    update's loss and gradient norm equal those of the padded sample batch (parameter gradients: above)."""
+    update's loss and gradient norm (over `micro_batches` micro-batches, the rows laid out for them) equal those
+    of the padded sample batch (parameter gradients: above)."""
     from rpo_jax.train import online
 
     cfg = load_recipe("online_demo")
     for key, value in {"model.path": "", "model.init": dict(TINY_MODEL), "online.prompts_per_iteration": 8,
                        "data.batch_size": 8, "online.max_new_tokens": 12, "online.eval_prompts": 0,
                        "train.progress_bar": False, "metrics.tensorboard": False, "data.packing": True,
-                       "data.share_prompt": True, "online.reference": "initial"}.items():
+                       "data.share_prompt": True, "online.reference": "initial",
+                       "data.micro_batches": micro_batches}.items():
         set_fields(cfg, {key: value})
     run = online.build_online_run(cfg)
     packing = run.packing
@@ -252,7 +297,8 @@ def test_online_scoring_and_updates_on_packed_rows():
         assert ("response_id" in inputs) == (layout is not None)
         logps = online.sample_logps(run.policy_scorer, run.initial_params, inputs)
         moved = {**run.state, "params": jax.tree.map(lambda x: x * 1.01, run.state["params"])}  # policy ≠ reference
-        state, metrics = step(jax.tree.map(jnp.copy, moved), inputs)
+        state, metrics = step(jax.tree.map(jnp.copy, moved), online.global_batch(run, batch,
+                                                                                micro_batches=micro_batches))
         out[name] = (logps, float(metrics["loss"]), float(metrics["grad_norm"]))
     assert np.all(out["padded"][0][batch["valid"]] < 0) and out["padded"][2] > 1e-4
     np.testing.assert_allclose(out["packed"][0], out["padded"][0], atol=1e-5, rtol=0)

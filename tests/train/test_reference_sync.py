@@ -58,7 +58,7 @@ def test_reference_after_n_steps_is_the_closed_form_mix_of_the_recorded_policies
     assert run.references[0].params is None  # the reference's only copy is the train state's
     inputs = []
     original = preference.device_batch
-    monkeypatch.setattr(preference, "device_batch", lambda *a: inputs.append(original(*a)) or inputs[-1])
+    monkeypatch.setattr(preference, "device_batch", lambda *a, **k: inputs.append(original(*a, **k)) or inputs[-1])
     task = preference.preference_task(run)
     state = run.state
     initial = host(state["params"])

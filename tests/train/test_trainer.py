@@ -60,10 +60,10 @@ def test_train_step_loss_equals_direct_computation(tmp_path):
     assert run.score_window == -(-max(spans) // 16) * 16
     step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=jnp.float32,
                                    score_window=run.score_window))
-    state, _ = step(run.state, preference.device_batch(run, next(it), "train"))
+    state, _ = step(run.state, preference.train_batch(run, next(it)))
     batch = next(it)
     params_1 = jax.tree.map(np.asarray, state["params"])
-    _, metrics = step(state, preference.device_batch(run, batch, "train"))
+    _, metrics = step(state, preference.train_batch(run, batch))
 
     policy = direct_logps(run.graphdef, params_1, run.rest, batch)
     reference = direct_logps(run.graphdef, initial, run.rest, batch)
@@ -302,7 +302,7 @@ def _one_step(cfg, workdir, batch_index: int = 0):
         batch = next(it)
     step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                                    micro_batches=cfg.data.micro_batches, score_window=run.score_window))
-    state, metrics = step(run.state, preference.device_batch(run, batch, "train"))
+    state, metrics = step(run.state, preference.train_batch(run, batch))
     return float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.map(np.asarray, state["params"])
 
 
