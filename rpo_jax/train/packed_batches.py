@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -45,7 +46,8 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
     """The run's `Packing` (None: padded batches).
 
     `config.data.packing`: True packs every batch; "auto" (the default) packs a batch when that saves at least
-    `AUTO_MIN_SAVING` of its cost; False: never. `share_prompt` True or "auto" shares prompts in packed rows
+    `AUTO_MIN_SAVING` of its cost, except on a CPU mesh of several devices, where it is off (logged: XLA:CPU's
+    in-process collective-permute in the packed step was seen to deadlock there); False: never. `share_prompt` True or "auto" shares prompts in packed rows
     ("auto" turns it off for a reference with its own tokenizer: `packing_with_references`). Rows are sized per batch
     (`rpo_jax.data.packing.choose_layout`) unless `config.data.pack_length` > 0 fixes them, to at least
     `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens);
@@ -65,6 +67,11 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
     if 0 < length < row_length:
         raise ValueError(f"config.data.pack_length={length} is shorter than the longest sequence ({row_length} "
                          "tokens); use 0 (rows sized per batch) or more")
+    devices = math.prod(mesh.shape.values())
+    if mode == "auto" and devices > 1 and jax.devices()[0].platform == "cpu":
+        log.info("config.data.packing='auto': padded batches, because XLA:CPU's in-process collective-permute in "
+                 "the packed step was seen to deadlock on %d CPU devices (set packing=True to pack anyway)", devices)
+        return None
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     return Packing(row_length=length, share_prompt=bool(share), row_multiple=max(1, shards // jax.process_count()),
                    min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0, key_cost=key_cost)
