@@ -47,9 +47,10 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
 
     `config.data.packing`: True packs every batch; "auto" (the default) packs a batch when that saves at least
     `AUTO_MIN_SAVING` of its cost, except on a CPU mesh of several devices, where it is off (logged: XLA:CPU's
-    in-process collective-permute in the packed step was seen to deadlock there); False: never. `share_prompt` True or "auto" shares prompts in packed rows
-    ("auto" turns it off for a reference with its own tokenizer: `packing_with_references`). Rows are sized per batch
-    (`rpo_jax.data.packing.choose_layout`) unless `config.data.pack_length` > 0 fixes them, to at least
+    in-process collective-permute in the packed step was seen to deadlock there); False: never. `share_prompt`
+    True or "auto" shares prompts in packed rows ("auto" turns it off for a reference with its own tokenizer:
+    `packing_with_references`). Rows are sized per batch (`rpo_jax.data.packing.choose_layout`) unless
+    `config.data.pack_length` > 0 fixes them, to at least
     `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens);
     `key_cost`: the model's `rpo_jax.train.performance.attention_key_cost`, which weighs longer rows' attention.
     Raises ValueError for a value that is not a setting, for `share_prompt=True` without packing, and for a
