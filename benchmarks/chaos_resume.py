@@ -40,7 +40,7 @@ QUICKSTART_SIZED = {"train.steps": 300, "train.log_every": 10, "train.eval_every
 
 def write_config(out: pathlib.Path, overrides: dict) -> pathlib.Path:
     """OUT/config.py: the quickstart recipe with `overrides` (dotted keys), no progress bar, a fixed MFU peak."""
-    lines = ["from rpo_jax.train.quickstart import get_config as quickstart", "", "", "def get_config():",
+    lines = ["from rpo_jax.train.config.quickstart import get_config as quickstart", "", "", "def get_config():",
              "    c = quickstart()", "    c.train.progress_bar = False", "    c.metrics.peak_flops = 1e11",
              "    c.metrics.tensorboard = False"]
     lines += [f"    c.{key} = {value!r}" for key, value in overrides.items()]

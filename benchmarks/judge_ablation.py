@@ -13,7 +13,7 @@ over seeds).
 
 Scaling up: `--policy DIR` (a Hugging Face policy, e.g. an SFT'd SmolLM2), `--prompts FILE` (any prompt or
 preference file), `--judge module:function`, `--reward-model DIR` and `--set online.max_new_tokens=128` etc.
-replace the demo pieces; every run is `rpo_jax.train.online.train_online` with a config, so the arms run
+replace the demo pieces; every run is `rpo_jax.train.jobs.online.train_online` with a config, so the arms run
 unchanged on an accelerator. Finished runs are kept under OUT/runs and skipped when the script is re-run.
 
 Writes OUT/results.json (every run), OUT/results.md (the table) and OUT/reward_vs_kl.png (needs matplotlib, which
@@ -86,7 +86,7 @@ def quiet(cfg):
 
 def train_policy(out: pathlib.Path, steps: int, init_seed: int) -> str:
     """The SFT starting policy (or the second reference): WORKDIR/export."""
-    from rpo_jax.train.preference import train
+    from rpo_jax.train.jobs.preference import train
     export = out / "export"
     if not (export / "config.json").exists():
         cfg = quiet(load_recipe("sft_demo"))
@@ -100,7 +100,7 @@ def train_policy(out: pathlib.Path, steps: int, init_seed: int) -> str:
 
 def train_reward(out: pathlib.Path, steps: int) -> str:
     """The learned reward model (Bradley–Terry on judge-labelled demo pairs): WORKDIR/export."""
-    from rpo_jax.train.reward_model import train_reward_model
+    from rpo_jax.train.jobs.reward_model import train_reward_model
     export = out / "export"
     if not (export / "config.json").exists():
         cfg = quiet(load_recipe("reward_model_demo"))
@@ -148,7 +148,7 @@ def read_run(workdir: pathlib.Path) -> dict:
 
 
 def run_arm(arm: str, seed: int, out: pathlib.Path, size: dict, pieces: dict, extra) -> dict:
-    from rpo_jax.train.online import train_online
+    from rpo_jax.train.jobs.online import train_online
     workdir = out / "runs" / arm / f"seed{seed}"
     done = workdir / "result.json"
     if done.exists():

@@ -20,7 +20,7 @@ Every distinct (mode, shape) step is compiled ahead of time (not timed); then th
 the same state for `--rounds` rounds, so all see the same machine. The model runs with `remat="full"` (only each
 layer's input kept for the backward pass): without it a 2048-token batch's attention residuals need tens of GiB. Printed per mode: real tokens/s (prompt + response tokens of the
 valid responses, the same count in every mode — a shared prompt still counts once per response), FLOPs per real
-token (`rpo_jax.train.performance.batch_flops`: every slot the step computes ÷ real tokens), fill ratio (real
+token (`rpo_jax.train.core.performance.batch_flops`: every slot the step computes ÷ real tokens), fill ratio (real
 slots ÷ slots), the step program's peak memory (XLA's memory analysis of the compiled step: arguments + outputs +
 temporaries − donated aliases), MFU against the highest matmul peak measured (at start and before every round),
 and the max |Δ| (absolute, and relative to the log-prob) of the per-response log-probs and the per-example losses
@@ -50,11 +50,12 @@ from rpo_jax.data.packing import Packing, pack_batch, real_tokens
 from rpo_jax.data.tokenize import TokenizedExample, collate_examples, default_buckets
 from rpo_jax.losses import make_loss
 from rpo_jax.models import ModelConfig, create_model, load_hf
-from rpo_jax.train.host import reuse_cpu_step_memory
-from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.performance import attention_key_cost, batch_flops, measure_matmul_peak
-from rpo_jax.train.setup import split_trainable
-from rpo_jax.train.step import make_train_step, preference_inputs, resolve_score_window, response_logps
+from rpo_jax.train.build.model import split_trainable
+from rpo_jax.train.build.optim import make_optimizer
+from rpo_jax.train.core.performance import attention_key_cost, batch_flops, measure_matmul_peak
+from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
+from rpo_jax.train.step.logprobs import preference_inputs, resolve_score_window, response_logps
+from rpo_jax.train.step.steps import make_train_step
 
 TWIN = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,

@@ -6,16 +6,16 @@
 `--reference in_step` scores the frozen reference inside the step (what TRL's DPOTrainer does by default);
 `cached` feeds precomputed reference log-probs (rpo_jax's reference cache); `both` runs the two, alternating one
 step of each so both see the same machine (a shared 2-core VM drifts by tens of percent over minutes), and prints the
-speed-up. The step is the trainer's (`rpo_jax.train.step.make_train_step`), with the output head on the response
+speed-up. The step is the trainer's (`rpo_jax.train.step.steps.make_train_step`), with the output head on the response
 positions only (`--score-window auto`, the trainer's default `config.model.score_window`: 64 of the 127 logit
 positions for 64 + 64 tokens; `0` puts it on every position). FLOPs per token follow
-`rpo_jax.train.performance.train_flops_per_token`: 6·P' + 12·L·T·d plus 2·P' + 4·L·T·d per in-step reference, P' the
+`rpo_jax.train.core.performance.train_flops_per_token`: 6·P' + 12·L·T·d plus 2·P' + 4·L·T·d per in-step reference, P' the
 non-embedding parameters, plus the output head 6·V·D (2·V·D per reference) × the fraction of positions where it
 runs. The peak is a 4096² matmul in the compute dtype, measured before the steps and after every round of steps;
 MFU is against the highest of these (a ceiling, so MFU errs low); also printed, the median over rounds of each
 step's MFU against the higher of the two samples taken just before and after it (same machine state). Peak
 memory is the process's (device peak, or the peak RSS on CPU) over everything run; run one `--reference` mode
-alone for that mode's. On the CPU the script first calls `rpo_jax.train.host.reuse_cpu_step_memory`, as
+alone for that mode's. On the CPU the script first calls `rpo_jax.train.runtime.cpu_memory.reuse_cpu_step_memory`, as
 `rpo-train` does, so XLA:CPU's per-step temporary buffer stays mapped between steps; `--cpu-memory fresh` leaves
 JAX's defaults (a fresh mapping faulted in every step) for comparison; the minor page faults and kernel time of
 each step (getrusage, median over steps) are printed with it.
@@ -47,11 +47,12 @@ from flax import nnx
 
 from rpo_jax.losses import make_loss
 from rpo_jax.models import ModelConfig, create_model, load_hf
-from rpo_jax.train.host import reuse_cpu_step_memory
-from rpo_jax.train.optim import make_optimizer
-from rpo_jax.train.performance import measure_matmul_peak, train_flops_per_token
-from rpo_jax.train.setup import split_trainable
-from rpo_jax.train.step import make_train_step, resolve_score_window, response_logps
+from rpo_jax.train.build.model import split_trainable
+from rpo_jax.train.build.optim import make_optimizer
+from rpo_jax.train.core.performance import measure_matmul_peak, train_flops_per_token
+from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
+from rpo_jax.train.step.logprobs import resolve_score_window, response_logps
+from rpo_jax.train.step.steps import make_train_step
 
 TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
@@ -85,7 +86,7 @@ def main(argv=None):
                    help="logit positions per response given to the output head: auto (the response length, "
                         "rounded up to 16), 0 (every position), or a number")
     p.add_argument("--cpu-memory", choices=["reuse", "fresh"], default="reuse",
-                   help="reuse: rpo_jax.train.host.reuse_cpu_step_memory (rpo-train's default); fresh: JAX's defaults")
+                   help="reuse: rpo_jax.train.runtime.cpu_memory.reuse_cpu_step_memory (rpo-train's default); fresh: JAX's defaults")
     p.add_argument("--lora", default="", metavar="RANKS",
                    help="compare full fine-tuning, LoRA at each rank of this comma-separated list (all-linear, "
                         "alpha = 2·rank) and QLoRA (--qlora) at the first rank, in-step reference, modes "
@@ -261,8 +262,8 @@ def compare_lora(args, model, config, dtype):
     exact and independent of the other modes in the process; the process's peak (RSS on CPU) is printed once."""
     from rpo_jax.models.lora import LoraConfig, attach_lora
     from rpo_jax.models.quantize import parameter_bytes, quantize_base
-    from rpo_jax.train.setup import adapters_off_graphdef
-    from rpo_jax.train.step import WithFrozen
+    from rpo_jax.train.build.model import adapters_off_graphdef
+    from rpo_jax.train.step.steps import WithFrozen
 
     loss_fn = make_loss(args.loss)
     if not loss_fn.requires_reference:

@@ -3,7 +3,7 @@
     rpo-train --config configs/gemma3_1b.py --config.data.train=data/train.jsonl
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

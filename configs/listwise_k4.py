@@ -3,7 +3,7 @@
     rpo-train --config configs/listwise_k4.py
 """
 
-from rpo_jax.train.quickstart import get_config as quickstart
+from rpo_jax.train.config.quickstart import get_config as quickstart
 
 
 def get_config():

@@ -6,7 +6,7 @@ On every host of the slice (gcloud ... tpu-vm ssh --worker=all):
 jax.distributed initialises itself from the TPU metadata; each host reads its data shard and parameter shards.
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

@@ -4,7 +4,7 @@
         --config.data.train=data/train.jsonl --config.data.eval=data/test.jsonl
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ On every host of a TPU v5p-64 slice (gcloud ... tpu-vm ssh --worker=all):
 The data needs K ≥ 2 responses with rewards (best/worst pairs are taken from them).
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

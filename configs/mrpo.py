@@ -7,7 +7,7 @@ template. Both references' log-probs are precomputed once ([N, K, 2]) and cached
 Here the second reference defaults to the quickstart's exported policy (run `rpo-train` once first).
 """
 
-from rpo_jax.train.quickstart import get_config as quickstart
+from rpo_jax.train.config.quickstart import get_config as quickstart
 
 
 def get_config():

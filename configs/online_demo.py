@@ -8,7 +8,7 @@ leave-one-out; `--config.online.reference=previous_iterate` resets the reference
 `--config.online.sampler=initial` trains on samples of the starting policy only (offline).
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

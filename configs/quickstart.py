@@ -3,4 +3,4 @@
 The same recipe `rpo-train` runs with no arguments (it lives in the package so an installed wheel has it).
 """
 
-from rpo_jax.train.quickstart import get_config  # noqa: F401
+from rpo_jax.train.config.quickstart import get_config  # noqa: F401

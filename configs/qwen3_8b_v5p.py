@@ -8,7 +8,7 @@ On every host of the slice (gcloud ... tpu-vm ssh --worker=all):
         --config.data.train=/mnt/shared/data/train.jsonl
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

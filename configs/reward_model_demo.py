@@ -7,7 +7,7 @@
     #   reward = rpo_jax.models.reward_model_fn(rm, tokenizer, max_length=48, batch_size=64)
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ The `sft` loss trains on the best-rewarded response of each demo prompt (the sor
 purpose: the policy's samples should still vary in judge reward, so that online RPO has something to learn.
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,

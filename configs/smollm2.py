@@ -6,7 +6,7 @@ Build the checkpoint offline first:  bash ../shared/models/make_smollm2.sh   (pr
 
 import os
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

@@ -21,7 +21,6 @@ import sys
 import time
 import uuid
 
-
 EMULATOR_MAIN = """
 import sys
 from gcp_storage_emulator.handlers import objects

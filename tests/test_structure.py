@@ -148,10 +148,28 @@ def test_only_the_trainer_combines_the_layers():
     assert wrong == []
 
 
+#: The trainer's rooms (sub-packages of rpo_jax.train), lowest first: a room imports only itself and rooms before it.
+TRAIN_ROOMS = ("config", "runtime", "step", "build", "core", "jobs", "plan", "cli")
+
+
+def test_the_trainer_rooms_are_layered():
+    """`rpo_jax.train` is sub-packages only (no flat module beside them), and each imports only rooms below it."""
+    flat = sorted(p.name for p in (PACKAGE / "train").glob("*.py") if p.name != "__init__.py")
+    assert flat == []
+    rooms = sorted(p.name for p in (PACKAGE / "train").iterdir() if (p / "__init__.py").is_file())
+    assert rooms == sorted(TRAIN_ROOMS)
+    rank = {room: i for i, room in enumerate(TRAIN_ROOMS)}
+    graph, _ = import_graph()
+    upward = [(m, t) for m, targets in graph.items() if m.startswith("rpo_jax.train.") for t in targets
+              if t.startswith("rpo_jax.train.") and rank[t.split(".")[2]] > rank[m.split(".")[2]]]
+    assert upward == []
+
+
 def test_the_trainer_splits_models_with_one_filter():
-    """Every `nnx.split` of a model in rpo_jax/train goes through `setup.split_trainable` (TRAINABLE)."""
-    users = [p.name for p in (PACKAGE / "train").glob("*.py") if "nnx.split(" in p.read_text()]
-    assert users == ["setup.py"]
+    """Every `nnx.split` of a model in rpo_jax/train goes through `build.model.split_trainable` (TRAINABLE)."""
+    train = PACKAGE / "train"
+    users = [str(p.relative_to(train)) for p in train.rglob("*.py") if "nnx.split(" in p.read_text()]
+    assert users == ["build/model.py"]
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class Packing:
         the padded batch's cost (:func:`layout_cost`); 0: always pack.
       key_cost: c, the cost of one attention key relative to the rest of a slot's work, so that a row of T slots
         costs T·(1 + c·T) when the row length is chosen (dense attention over the row; 0: slots only). The
-        trainer sets it from the model's FLOPs (`rpo_jax.train.performance.attention_key_cost`).
+        trainer sets it from the model's FLOPs (`rpo_jax.train.core.performance.attention_key_cost`).
     """
 
     row_length: int

@@ -7,8 +7,20 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from rpo_jax.data.records import (FieldProblems, Messages, OnError, PreferenceRecord, Problem, ReadReport,
-                                  detect_format, iter_raw, parse_messages, read_sources, record_problems, type_name)
+from rpo_jax.data.records import (
+    FieldProblems,
+    Messages,
+    OnError,
+    PreferenceRecord,
+    Problem,
+    ReadReport,
+    detect_format,
+    iter_raw,
+    parse_messages,
+    read_sources,
+    record_problems,
+    type_name,
+)
 from rpo_jax.data.sources import Source
 
 

@@ -46,8 +46,16 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from rpo_jax.data.problems import (FieldProblems, NoRecordsError, OnError, Problem, ReadReport, RecordError,
-                                   no_records_message, type_name)
+from rpo_jax.data.problems import (
+    FieldProblems,
+    NoRecordsError,
+    OnError,
+    Problem,
+    ReadReport,
+    RecordError,
+    no_records_message,
+    type_name,
+)
 from rpo_jax.data.sources import Source, as_source, expand_sources, iter_raw, resolve_sources
 
 __all__ = ["FORMATS", "PAIR_FORMATS", "ROLES", "FieldProblems", "Message", "Messages", "NoRecordsError", "OnError",

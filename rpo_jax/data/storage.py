@@ -8,7 +8,7 @@ Orbax writes checkpoints to `gs://` itself (TensorStore), tensorboardX writes ev
 
 What an object store is not, and how this module copes:
 
-* no append: a record log is rewritten as a whole object (`rpo_jax.train.metrics`); `write_atomically`
+* no append: a record log is rewritten as a whole object (`rpo_jax.train.core.metrics`); `write_atomically`
   replaces a file or object in one step (a local file through a temporary file and a rename; an object is
   replaced whole by a single upload, never seen half-written);
 * renames are copies: `move` copies and deletes on object stores (an interrupted move can leave both);

@@ -30,7 +30,7 @@ since saving everything would keep every layer's float weights for the backward 
 
 Exports: a quantized base is never written as if it were the float model — `save_hf` and `merge_lora` refuse it.
 `dequantize_base(model)` (explicit) turns it back into float parameters holding ŵ; the trainer's merged export of
-a QLoRA run does that first (`rpo_jax.train.export.save_policy`), so it is the model the run trained, while its
+a QLoRA run does that first (`rpo_jax.train.core.export.save_policy`), so it is the model the run trained, while its
 PEFT adapter names the original float checkpoint as its base.
 """
 

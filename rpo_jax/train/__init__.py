@@ -1,5 +1,13 @@
-"""rpo_jax.train: the run skeleton (runner.py) and the three jobs that plug into it — preference training
-(preference.py, the main job), online RPO (online.py) and Bradley–Terry reward models (reward_model.py) — with
-what they share: set-up, mesh placement, the jit steps, the reference cache, checkpoints, metrics, performance
-accounting, export and the CLIs `rpo-train` / `rpo-export` (cli.py).
+"""rpo_jax.train: the trainer, in rooms (each a sub-package).
+
+- `config`: recipe defaults, the typed schema every module reads, `--from-trl`, the quickstart.
+- `core`: the run skeleton every job plugs into — work dir, identity, checkpoints, metrics, performance, export.
+- `build`: what a run is made of — data, models, LoRA, optimizer, state, references, and the one program builder.
+- `step`: the jitted steps — log-probs, gradient accumulation, the update.
+- `jobs`: preference training, online RPO, reward models — only what is specific to each.
+- `runtime`: host rows → global arrays, packed rows, processes, XLA:CPU memory.
+- `plan`: TPU slices, ahead-of-time compilation, HLO analysis, the report of `rpo-plan`.
+- `cli`: `rpo-train`, `rpo-export`, `rpo-plan` (thin: parse, validate, call a job).
+
+Layering (a room imports only rooms listed before it): config → runtime → core → step → build → jobs → plan → cli.
 """

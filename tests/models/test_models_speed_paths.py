@@ -14,9 +14,10 @@ from rpo_jax.losses import make_loss
 from rpo_jax.models import load_hf
 from rpo_jax.models import sequence_logps as _sequence_logps
 from rpo_jax.models.logprobs import score_window_start
-from rpo_jax.train.performance import flops_per_token, train_flops_per_token
-from rpo_jax.train.setup import split_trainable
-from rpo_jax.train.step import make_eval_step, make_train_step, resolve_score_window
+from rpo_jax.train.build.model import split_trainable
+from rpo_jax.train.core.performance import flops_per_token, train_flops_per_token
+from rpo_jax.train.step.logprobs import resolve_score_window
+from rpo_jax.train.step.steps import make_eval_step, make_train_step
 from tests.hf_fixtures import make_tiny_gemma, make_tiny_llama
 
 sequence_logps = nnx.jit(_sequence_logps, static_argnames=("vocab_chunk_size", "score_window"))

@@ -13,11 +13,12 @@ import pytest
 
 from rpo_jax.losses import available_losses
 from rpo_jax.models.config import REMAT_POLICIES
-from rpo_jax.train.config import base_config
-from rpo_jax.train.setup import build_loss, load_records
 from rpo_jax.models.sharding import resolve_mesh_shape
-from rpo_jax.train.performance import flops_per_token
-from rpo_jax.train.optim import make_optimizer, make_schedule, weight_decay_mask
+from rpo_jax.train.build.data import load_records
+from rpo_jax.train.build.optim import make_optimizer, make_schedule, weight_decay_mask
+from rpo_jax.train.build.state import build_loss
+from rpo_jax.train.config.defaults import base_config
+from rpo_jax.train.core.performance import flops_per_token
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.py"))
 

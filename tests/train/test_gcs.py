@@ -17,9 +17,9 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from rpo_jax.train.cli import export_main
-from rpo_jax.train.metrics import MetricWriter
-from rpo_jax.train.workdir import continue_metrics
+from rpo_jax.train.cli.export import export_main
+from rpo_jax.train.core.metrics import MetricWriter
+from rpo_jax.train.core.workdir import continue_metrics
 
 from .trainer_testlib import final_params, read_metrics, subprocess_env, tiny_config, train_command, write_config
 

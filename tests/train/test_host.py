@@ -1,4 +1,4 @@
-"""rpo_jax.train.host: XLA:CPU's per-execution temporary buffer stops faulting in fresh pages once reused.
+"""rpo_jax.train.runtime.cpu_memory: XLA:CPU's per-execution temporary buffer stops faulting in fresh pages once reused.
 
 Each check runs in a fresh interpreter (the settings must precede JAX's first computation and change the
 process's malloc) and counts minor page faults with getrusage around a computation whose only large buffer is
@@ -24,7 +24,7 @@ PAGES = 2048 * 16384 * 4 // 4096
 SCRIPT = r"""
 import json, resource, sys
 import jax, jax.numpy as jnp
-from rpo_jax.train.host import reuse_cpu_step_memory
+from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
 if sys.argv[1] == "late":
     jnp.ones(1).block_until_ready()  # backends started first
 applied = reuse_cpu_step_memory() if sys.argv[1] != "fresh" else False

@@ -22,16 +22,24 @@ from rpo_jax.losses import make_loss
 from rpo_jax.models import create_model, make_mesh
 from rpo_jax.models.config import ModelConfig
 from rpo_jax.models.layers import lora_delta
-from rpo_jax.models.lora import (LoraConfig, attach_lora, count_adapter_parameters, lora_dropout, merge_lora,
-                                 save_peft_adapter)
-from rpo_jax.train import online, preference, reward_model
-from rpo_jax.train.checkpoint import Checkpointer, abstract_like
-from rpo_jax.train.cli import export_main
-from rpo_jax.train.setup import (add_adapters, load_model, load_policy, load_tokenizer, lora_settings,
-                                 split_trainable, tokenizer_path)
-from rpo_jax.train.packed_batches import pack_local
-from rpo_jax.train.reference_cache import compute_logps
-from rpo_jax.train.step import make_scorer, make_train_step, preference_inputs, response_logps, step_reference_logps
+from rpo_jax.models.lora import (
+    LoraConfig,
+    attach_lora,
+    count_adapter_parameters,
+    lora_dropout,
+    merge_lora,
+    save_peft_adapter,
+)
+from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
+from rpo_jax.train.build.lora import add_adapters, lora_settings
+from rpo_jax.train.build.model import load_model, load_policy, split_trainable
+from rpo_jax.train.build.references import compute_logps
+from rpo_jax.train.cli.export import export_main
+from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
+from rpo_jax.train.jobs import online, preference, reward_model
+from rpo_jax.train.runtime.packed_rows import pack_local
+from rpo_jax.train.step.logprobs import preference_inputs, response_logps, step_reference_logps
+from rpo_jax.train.step.steps import make_scorer, make_train_step
 from tests.hf_fixtures import hf_logits, load_torch_model
 from tests.train.trainer_testlib import load_recipe, save_tiny_base, set_fields, tiny_config
 
@@ -485,7 +493,7 @@ def test_reward_model_with_lora_trains_adapters_and_the_score_head_and_exports_m
     assert all(np.abs(after[k] - initial[k]).max() > 0 for k in after if "lora_b" in k or "score" in k)
     for k, v in flat(run.rest).items():
         np.testing.assert_array_equal(v, rest_before[k], err_msg=k)
-    from rpo_jax.train.export import save_model
+    from rpo_jax.train.core.export import save_model
     out = save_model("reward_model", run.graphdef, state["params"], run.rest, run.model_config, tmp_path / "rm",
                      run.tokenizer, run.mesh)
     model = nnx.merge(run.graphdef, state["params"], run.rest)
@@ -496,5 +504,5 @@ def test_reward_model_with_lora_trains_adapters_and_the_score_head_and_exports_m
         theirs = hf(input_ids=torch.as_tensor(TOKENS.astype(np.int64))).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=TOL)
     with pytest.raises(ValueError, match="reward-model run exports merged only"):
-        from rpo_jax.train.export import adapter_saver
+        from rpo_jax.train.core.export import adapter_saver
         adapter_saver("reward_model", "")

@@ -12,7 +12,7 @@ from flax import nnx
 
 from rpo_jax.data import demo_paths
 from rpo_jax.models import save_hf
-from rpo_jax.train import preference
+from rpo_jax.train.jobs import preference
 from tests.hf_fixtures import make_tiny_family
 
 from .trainer_testlib import read_metrics, tiny_config

@@ -1,4 +1,4 @@
-"""Online RPO (rpo_jax.train.online): sampling → rewards → references → updates, resume, and the RLOO identity."""
+"""Online RPO (rpo_jax.train.jobs.online): sampling → rewards → references → updates, resume, and the RLOO identity."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 from rpo_jax.data import demo_paths, judge
-from rpo_jax.train import online
-from rpo_jax.train.export import export_workdir
-from rpo_jax.train.preference import train
-from rpo_jax.train.setup import load_model, load_tokenizer, split_trainable
+from rpo_jax.train.build.data import load_tokenizer
+from rpo_jax.train.build.model import load_model, split_trainable
+from rpo_jax.train.core.export import export_workdir
+from rpo_jax.train.jobs import online
+from rpo_jax.train.jobs.preference import train
 from tests.train.trainer_testlib import load_recipe, read_metrics, set_fields
 
 SFT_MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,

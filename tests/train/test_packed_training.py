@@ -20,12 +20,12 @@ from rpo_jax.data.tokenize import TokenizedExample, collate_examples
 from rpo_jax.losses import make_loss
 from rpo_jax.models.config import ModelConfig, RopeSpec
 from rpo_jax.models.model import create_model
-from rpo_jax.train import preference
-from rpo_jax.train.config import base_config
-from rpo_jax.train.packed_batches import AUTO_MIN_SAVING, packing_of, packing_setting, packing_with_references
-from rpo_jax.train.performance import batch_flops, train_flops_per_token
-from rpo_jax.train.setup import split_trainable
-from rpo_jax.train.step import preference_inputs, response_logps
+from rpo_jax.train.build.model import split_trainable
+from rpo_jax.train.config.defaults import base_config
+from rpo_jax.train.core.performance import batch_flops, train_flops_per_token
+from rpo_jax.train.jobs import preference
+from rpo_jax.train.runtime.packed_rows import AUTO_MIN_SAVING, packing_of, packing_setting, packing_with_references
+from rpo_jax.train.step.logprobs import preference_inputs, response_logps
 
 from .test_multihost import finish, start_processes
 from .trainer_testlib import TINY_MODEL, load_recipe, read_metrics, set_fields, tiny_config, write_config
@@ -257,7 +257,7 @@ def test_two_processes_packing_their_own_rows_take_the_padded_steps(tmp_path):
     """2 processes × 4 CPU devices (fsdp 4 × tensor 2 across them), each packing its own rows with a shared prompt
     (response ids offset by its first example, rows padded to a common count by `to_global`): the losses of one
     process × 8 devices with padded batches. Run with the test suite's persistent compilation cache, which the
-    processes turn off (`rpo_jax.train.distributed.consistent_compilation_cache`): with it warm, process 0 ran
+    processes turn off (`rpo_jax.train.runtime.processes.consistent_compilation_cache`): with it warm, process 0 ran
     the cached step while process 1 compiled its own, and the two hung in the first step."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
@@ -279,7 +279,7 @@ def test_online_scoring_and_updates_on_packed_rows(micro_batches):
     """Online RPO with data.packing and a shared prompt: the samples' log-probs (policy and reference) and one
     update's loss and gradient norm (over `micro_batches` micro-batches, the rows laid out for them) equal those
     of the padded sample batch (parameter gradients: above)."""
-    from rpo_jax.train import online
+    from rpo_jax.train.jobs import online
 
     cfg = load_recipe("online_demo")
     for key, value in {"model.path": "", "model.init": dict(TINY_MODEL), "online.prompts_per_iteration": 8,

@@ -19,8 +19,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rpo_jax.models.config import ModelConfig
 from rpo_jax.models.sharding import activation_spec, constrain, make_mesh
-from rpo_jax.train.hlo_analysis import analyze
-from rpo_jax.train.plan import CHIPS, build_programs, oom_bytes, parse_slice, run, slice_devices
+from rpo_jax.train.build.programs import build_programs
+from rpo_jax.train.cli.plan import run
+from rpo_jax.train.plan.compile import oom_bytes
+from rpo_jax.train.plan.hlo_analysis import analyze
+from rpo_jax.train.plan.slices import CHIPS, parse_slice, slice_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -33,7 +36,7 @@ def write_recipe(tmp_path, init: dict, **fields) -> str:
     lines = "\n".join(f"    c.{k} = {v!r}" for k, v in fields.items())
     path = tmp_path / "recipe.py"
     path.write_text(textwrap.dedent(f"""\
-        from rpo_jax.train.config import base_config
+        from rpo_jax.train.config.defaults import base_config
         def get_config():
             c = base_config()
             c.model.init = {init!r}

@@ -11,7 +11,7 @@ import pytest
 
 from rpo_jax.models.lora import adapters_disabled
 from rpo_jax.models.quantize import QuantizedWeight, is_quantized
-from rpo_jax.train import preference
+from rpo_jax.train.jobs import preference
 from tests.hf_fixtures import hf_logits
 from tests.train.test_lora_training import flat, lora_config, trained_policy
 from tests.train.trainer_testlib import save_tiny_base

@@ -15,10 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rpo_jax.train import preference
-from rpo_jax.train.reference_cache import Reference
-from rpo_jax.train.setup import build_loss
-from rpo_jax.train.step import ReferenceSync, sync_reference
+from rpo_jax.train.build.references import Reference
+from rpo_jax.train.build.state import build_loss
+from rpo_jax.train.jobs import preference
+from rpo_jax.train.step.steps import ReferenceSync, sync_reference
 
 from .trainer_testlib import final_params, read_metrics, steps_saved, tiny_config
 
@@ -203,7 +203,7 @@ def test_a_primary_reference_of_other_shapes_is_refused():
 
 
 def test_other_modes_refuse_reference_sync(tmp_path):
-    from rpo_jax.train.cli import run_job
+    from rpo_jax.train.cli.train import run_job
 
     cfg = sync_config(tmp_path, **{"mode": "online", "reference_sync.every": 4})
     with pytest.raises(ValueError, match=r"^config.reference_sync.every=4: reference sync \(TR-DPO\) is a setting of "
@@ -217,8 +217,8 @@ def test_lora_reference_is_a_second_adapter_set_copied_at_each_sync(tmp_path):
     zeros at the start — it scores bit for bit as the base with the adapters off (LoRA's reference), also
     against a policy whose adapters have moved — and each sync makes it a bit-exact copy of the policy's
     adapters. Only adapters are held twice: the reference has the adapters' leaves, not the base's."""
-    from rpo_jax.train.setup import adapters_off_graphdef
-    from rpo_jax.train.step import make_scorer
+    from rpo_jax.train.build.model import adapters_off_graphdef
+    from rpo_jax.train.step.steps import make_scorer
 
     cfg = sync_config(tmp_path, **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "reference_sync.every": 2})
     run = preference.build_run(cfg, tmp_path / "run", devices=ONE)
@@ -318,7 +318,7 @@ def test_reference_and_policy_after_syncs_equal_trl(tmp_path):
 def trainable_leaves(model_dir: pathlib.Path) -> list[np.ndarray]:
     """The trainable leaves of the Hugging Face checkpoint `model_dir` as loaded by rpo_jax."""
     from rpo_jax.models import load_hf
-    from rpo_jax.train.setup import split_trainable
+    from rpo_jax.train.build.model import split_trainable
 
     model, _ = load_hf(str(model_dir), dtype=np.float32, param_dtype=np.float32)
     return [np.asarray(x) for x in jax.tree.leaves(split_trainable(model)[1])]

@@ -16,10 +16,11 @@ from flax import nnx
 from rpo_jax.data import PreferenceRecord, demo_paths, read_records
 from rpo_jax.models import encode_conversation, load_reward_model, reward_model_fn
 from rpo_jax.models.reward import pooling_index
-from rpo_jax.train import reward_model
-from rpo_jax.train.checkpoint import Checkpointer, abstract_like
-from rpo_jax.train.export import export_workdir, save_model
-from rpo_jax.train.setup import load_tokenizer, split_trainable
+from rpo_jax.train.build.data import load_tokenizer
+from rpo_jax.train.build.model import split_trainable
+from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
+from rpo_jax.train.core.export import export_workdir, save_model
+from rpo_jax.train.jobs import reward_model
 
 from .trainer_testlib import TINY_MODEL, demo_slice, load_recipe, read_metrics, set_fields
 
@@ -305,7 +306,7 @@ def test_rpo_train_runs_the_demo_config_and_rpo_export_re_exports(tmp_path):
     """`rpo-train --config configs/reward_model_demo.py` (cli.run_job, all 8 devices, bfloat16 compute on float32
     master weights) trains and exports; `rpo-export` (export_workdir) writes the newest checkpoint as the same
     sequence-classification model."""
-    from rpo_jax.train.cli import run_job
+    from rpo_jax.train.cli.train import run_job
 
     train, evaluation = demo_slice(tmp_path / "data", n_train=64, n_eval=16)
     cfg = demo_config(**{"data.train": train, "data.eval": evaluation, "train.steps": 2, "train.log_every": 1,

@@ -1,4 +1,4 @@
-"""The run skeleton (rpo_jax.train.runner) on a toy task: cadence, checkpoints and resume in units of
+"""The run skeleton (rpo_jax.train.core.runner) on a toy task: cadence, checkpoints and resume in units of
 `steps_per_unit` optimizer steps, evaluation at start / every N / at the end, SIGTERM, the throughput window,
 the run identity on resume, the divergence guard and metrics that stay one record per logged step."""
 
@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import pytest
 
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train import performance
-from rpo_jax.train.config import base_config
-from rpo_jax.train.checkpoint import Checkpointer
-from rpo_jax.train.performance import Throughput
-from rpo_jax.train.runner import NonFiniteError, ResumeError, Task, Unit, run_task
-from rpo_jax.train.setup import RunSetup, on_mesh
+from rpo_jax.train.build.state import RunSetup, on_mesh
+from rpo_jax.train.config.defaults import base_config
+from rpo_jax.train.core import performance
+from rpo_jax.train.core.checkpoint import Checkpointer
+from rpo_jax.train.core.performance import Throughput
+from rpo_jax.train.core.runner import NonFiniteError, ResumeError, Task, Unit, run_task
 
 IDENTITY = {"mode": "preference", "model": {"architecture": {"hidden_size": 4}}, "objective": {"loss": "dpo"}}
 
@@ -106,7 +106,7 @@ def test_resume_continues_at_the_unit_of_the_newest_checkpoint(tmp_path):
 def test_each_process_resumes_its_own_data_position_and_another_process_count_is_refused(tmp_path, monkeypatch):
     """A checkpoint of a 2-process run holds both processes' positions (`data_of_processes`): resumed by one
     process it is refused, naming both counts, and the checkpoints are kept."""
-    from rpo_jax.train import runner
+    from rpo_jax.train.core import runner
 
     def two_processes(data_state, metrics_lines):
         return {"data": data_state, "metrics_lines": metrics_lines,

@@ -16,14 +16,23 @@ import numpy as np
 import optax
 import pytest
 
-from rpo_jax.train import export, preference
-from rpo_jax.train.export import export_workdir
-from rpo_jax.train.runner import NonFiniteError, ResumeError
-from rpo_jax.train.setup import load_tokenizer
-from rpo_jax.train.step import apply_gradients
+from rpo_jax.train.build.data import load_tokenizer
+from rpo_jax.train.core import export
+from rpo_jax.train.core.export import export_workdir
+from rpo_jax.train.core.runner import NonFiniteError, ResumeError
+from rpo_jax.train.jobs import preference
+from rpo_jax.train.step.steps import apply_gradients
 
-from .trainer_testlib import (TINY_MODEL, final_params, read_metrics, steps_saved, subprocess_env, tiny_config,
-                              train_command, write_config)
+from .trainer_testlib import (
+    TINY_MODEL,
+    final_params,
+    read_metrics,
+    steps_saved,
+    subprocess_env,
+    tiny_config,
+    train_command,
+    write_config,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ONE = jax.devices()[:1]
@@ -161,7 +170,7 @@ def test_a_corrupted_run_exports_with_one_error_line_and_no_shutdown_noise(tmp_p
     for f in (workdir / "checkpoints").rglob("*"):
         if f.is_file() and "params" in f.parts and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
-    result = subprocess.run([sys.executable, "-c", "from rpo_jax.train.cli import export_main; export_main()",
+    result = subprocess.run([sys.executable, "-c", "from rpo_jax.train.cli.export import export_main; export_main()",
                              str(workdir), str(tmp_path / "out")], env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 1
     [line] = error_lines(result.stderr, "rpo-export")

@@ -16,12 +16,19 @@ import pytest
 from flax import nnx
 
 from rpo_jax.losses import PreferenceLogps, make_loss
-from rpo_jax.train import preference
-from rpo_jax.train.checkpoint import Checkpointer, abstract_like
-from rpo_jax.train.step import make_eval_step, make_train_step
+from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
+from rpo_jax.train.jobs import preference
+from rpo_jax.train.step.steps import make_eval_step, make_train_step
 
-from .trainer_testlib import (final_params, read_metrics, steps_saved, subprocess_env, tiny_config, train_command,
-                              write_config)
+from .trainer_testlib import (
+    final_params,
+    read_metrics,
+    steps_saved,
+    subprocess_env,
+    tiny_config,
+    train_command,
+    write_config,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ONE = jax.devices()[:1]  # in-process runs on one device: faster on a 2-core CI machine
@@ -236,7 +243,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     preference.train(cfg, tmp_path / "run", devices=ONE)
     usage = subprocess.run([sys.executable, "-m", "rpo_jax.train.cli", "--help"], capture_output=True, text=True)
     assert "--workdir" in usage.stdout and "--precompute" in usage.stdout
-    from rpo_jax.train.cli import export_main
+    from rpo_jax.train.cli.export import export_main
     export_main([str(tmp_path / "run"), str(tmp_path / "exported")])
     for directory in (tmp_path / "run" / "export", tmp_path / "exported"):
         hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
@@ -380,7 +387,7 @@ def test_iterated_training_resumes_exactly_at_a_boundary_and_refuses_inside_an_i
     boundary checkpoint (step 4) the run ends with the uninterrupted run's parameters."""
     import shutil
 
-    from rpo_jax.train.runner import ResumeError
+    from rpo_jax.train.core.runner import ResumeError
 
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.iterations": 3, "optimizer.warmup_steps": 0,
                                            "train.checkpoint_every": 1, "train.keep_checkpoints": 10,

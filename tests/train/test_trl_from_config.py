@@ -14,10 +14,16 @@ import jax
 import pytest
 import yaml
 
-from rpo_jax.train import preference
-from rpo_jax.train.from_trl import (DEFAULT_ONLY, NO_EFFECT, TRL_DEFAULTS, apply_trl_config, config_from_trl,
-                                    trl_to_config)
-from rpo_jax.train.quickstart import get_config
+from rpo_jax.train.config.from_trl import (
+    DEFAULT_ONLY,
+    NO_EFFECT,
+    TRL_DEFAULTS,
+    apply_trl_config,
+    config_from_trl,
+    trl_to_config,
+)
+from rpo_jax.train.config.quickstart import get_config
+from rpo_jax.train.jobs import preference
 
 from .trainer_testlib import subprocess_env, tiny_config
 
@@ -196,7 +202,7 @@ def test_trainer_counts_ties_and_disagreements_and_follows_pairs_from(tmp_path, 
 
 def test_reward_model_pairs_follow_labels_unless_pairs_from_rewards(tmp_path):
     from rpo_jax.data import read_records
-    from rpo_jax.train.reward_model import preference_pairs
+    from rpo_jax.train.jobs.reward_model import preference_pairs
 
     records, _ = read_records(scored_pairs(tmp_path / "scored.jsonl"))
     as_labelled, without = preference_pairs(records)

@@ -26,10 +26,10 @@ import jax  # noqa: E402
 
 from rpo_jax.data import read_records, tokenize_records  # noqa: E402
 from rpo_jax.losses import PreferenceLogps  # noqa: E402
-from rpo_jax.train import preference  # noqa: E402
-from rpo_jax.train.from_trl import trl_to_config  # noqa: E402
-from rpo_jax.train.setup import build_loss  # noqa: E402
-from rpo_jax.train.step import make_scorer  # noqa: E402
+from rpo_jax.train.build.state import build_loss  # noqa: E402
+from rpo_jax.train.config.from_trl import trl_to_config  # noqa: E402
+from rpo_jax.train.jobs import preference  # noqa: E402
+from rpo_jax.train.step.steps import make_scorer  # noqa: E402
 from tests.hf_fixtures import make_tiny_llama  # noqa: E402
 
 from .trainer_testlib import read_metrics, set_fields  # noqa: E402

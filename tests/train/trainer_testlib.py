@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from rpo_jax.data import demo_paths
-from rpo_jax.train.quickstart import get_config
+from rpo_jax.train.config.quickstart import get_config
 
 TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "rms_norm_eps": 1e-5,
@@ -120,7 +120,8 @@ def save_tiny_base(root: pathlib.Path) -> pathlib.Path:
     import jax.numpy as jnp
 
     from rpo_jax.models import make_mesh, save_hf
-    from rpo_jax.train.setup import load_policy, load_tokenizer, tokenizer_path
+    from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
+    from rpo_jax.train.build.model import load_policy
     cfg = tiny_config(root / "data")
     tok = load_tokenizer(tokenizer_path(cfg))
     model, mc = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), jax.devices()[:1]), jnp.float32)

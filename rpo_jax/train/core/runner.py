@@ -15,7 +15,7 @@ and at the end: checkpoint, evaluate, close, export (`config.train.export_at_end
 
 Safety (`config.train`):
 
-* **Resume** (`resume`): the work directory records the run's identity (`rpo_jax.train.identity`). With
+* **Resume** (`resume`): the work directory records the run's identity (`rpo_jax.train.core.identity`). With
   checkpoints present, a run of the same identity resumes from the newest one that restores ("auto", "must",
   "force"); a different identity is refused with the differences listed, unless `resume="force"`; "never"
   refuses a directory with checkpoints; "must" refuses to start without one. Checkpoints are never deleted
@@ -45,15 +45,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rpo_jax.data import TokenizedDataset, make_eval_batches, storage
-from rpo_jax.train.checkpoint import Checkpointer, abstract_like
-from rpo_jax.train.export import save_adapter_at_end, save_model
-from rpo_jax.train.identity import identity_differences
-from rpo_jax.train.mesh import local_batch_size
-from rpo_jax.train.metrics import MetricWriter
-from rpo_jax.train.performance import Throughput, device_memory, measure_matmul_peak
-from rpo_jax.train.setup import RunSetup
-from rpo_jax.train.workdir import (CHECKPOINTS, EXPORT, continue_metrics, metrics_records, read_identity,
-                                   record_run)
+from rpo_jax.train.build.state import RunSetup
+from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
+from rpo_jax.train.core.export import save_adapter_at_end, save_model
+from rpo_jax.train.core.identity import identity_differences
+from rpo_jax.train.core.metrics import MetricWriter
+from rpo_jax.train.core.performance import Throughput, device_memory, measure_matmul_peak
+from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, continue_metrics, metrics_records, read_identity, record_run
+from rpo_jax.train.runtime.global_batches import local_batch_size
 
 RESUME_MODES = ("auto", "must", "never", "force")
 NONFINITE_POLICIES = ("stop", "skip_step")
@@ -125,7 +124,7 @@ class Task:
 
     mode: str                                            # "preference" | "online" | "reward_model" (the exporter)
     run: RunSetup                                        # model, mesh, tokenizer, initial train state
-    identity: Mapping[str, Any]                          # what defines the run (`rpo_jax.train.identity`)
+    identity: Mapping[str, Any]                          # what defines the run (`rpo_jax.train.core.identity`)
     units: int                                           # units in the whole run
     advance: Callable[[Any, int], Unit]                  # (state, units done) → the next unit
     evaluate: Callable[[Any, int], dict[str, float]]     # (eval_input(state), units done) → eval metrics ({} when
@@ -238,7 +237,7 @@ def checkpointed_position(data_state: Any, metrics_lines: int) -> dict[str, Any]
 
 
 class DivergenceGuard:
-    """Reads the units' `nonfinite` flags (device scalars, see `rpo_jax.train.step.apply_gradients`) in one
+    """Reads the units' `nonfinite` flags (device scalars, see `rpo_jax.train.step.steps.apply_gradients`) in one
     transfer when the run synchronises anyway, and raises `NonFiniteError` as `config.train.on_nonfinite` says."""
 
     def __init__(self, cfg, ckpt: Checkpointer, unit_name: str):

@@ -2,7 +2,7 @@
 
 A run's identity (`run_identity`) is recorded in WORKDIR/run_identity.json when the run starts; resuming the work
 directory compares it with the identity of the new invocation (`identity_differences`) and refuses a different run
-(`config.train.resume`, `rpo_jax.train.runner`). It holds what changes the trained model:
+(`config.train.resume`, `rpo_jax.train.core.runner`). It holds what changes the trained model:
 
     mode          preference | online | reward_model
     model         the architecture (ModelConfig; speed-only switches left out) and the weights it starts from
@@ -18,85 +18,17 @@ log / eval / checkpoint cadence). The same fingerprints key the reference log-pr
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
-import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
-import numpy as np
 
-from rpo_jax.data import TokenizedDataset
-from rpo_jax.train.setup import init_fields, lora_enabled
+from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from rpo_jax.train.build.lora import lora_enabled
 
 #: ModelConfig fields that change speed only (same results), not the model.
 SPEED_ONLY = ("remat", "scan_unroll", "attention")
-
-
-def _file_state(root: pathlib.Path) -> tuple:
-    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                 for f in sorted(root.glob("config.json")) + sorted(root.glob("*.safetensors")))
-
-
-@functools.lru_cache(maxsize=16)
-def _checkpoint_digest(root: str, state: tuple) -> str:
-    del state  # part of the cache key only: a file rewritten in place is hashed again
-    h = hashlib.sha256()
-    path = pathlib.Path(root)
-    for f in sorted(path.glob("config.json")) + sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 over config.json and the bytes of every safetensors file of a checkpoint directory (computed once
-    per process for files whose sizes and modification times have not changed)."""
-    root = pathlib.Path(path).resolve()
-    return _checkpoint_digest(str(root), _file_state(root))
-
-
-def weights_fingerprint(path: str, cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> str:
-    """What identifies a model's weights: the checkpoint's bytes (`checkpoint_fingerprint`), or the random init's
-    fields and seed (`config.model.init`, `config.model.init_seed`) when `path` is empty."""
-    if path:
-        return checkpoint_fingerprint(path) if os.path.isdir(path) else path
-    return json.dumps({"init": init_fields(cfg, vocab_size), "seed": cfg.model.init_seed}, sort_keys=True)
-
-
-def dataset_fingerprint(dataset: TokenizedDataset) -> str:
-    """sha256 over the tokenized examples (ids, prompt lengths, record indices), K, buckets and max length."""
-    h = hashlib.sha256(json.dumps({"k_max": dataset.k_max, "max_length": dataset.max_length,
-                                   "num_records": dataset.num_records, "pad": dataset.pad_id}).encode())
-    for e in dataset.examples:
-        h.update(np.int64(e.index).tobytes())
-        h.update(np.asarray(e.prompt_lengths, np.int64).tobytes())
-        for s in e.sequences:
-            h.update(np.asarray(s, np.int32).tobytes())
-            h.update(b"|")
-    return h.hexdigest()
-
-
-def token_lists_fingerprint(token_lists) -> str:
-    """sha256 over lists of token ids (e.g. the prompts of an online split)."""
-    h = hashlib.sha256()
-    for ids in token_lists:
-        h.update(np.asarray(ids, np.int64).tobytes())
-        h.update(b"|")
-    return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over a tokenizer's vocabulary (token → id), special tokens and chat template."""
-    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())).encode())
-    h.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
-    return h.hexdigest()
 
 
 def _json_value(value: Any) -> Any:

@@ -1,7 +1,7 @@
 """The run directory: its layout, the records a run keeps there, and how they are written.
 
     WORKDIR/config.json          the run's config, with the mode that trains it (`rpo-export` reads it back)
-    WORKDIR/run_identity.json    what defines the run (`rpo_jax.train.identity`); resuming compares against it
+    WORKDIR/run_identity.json    what defines the run (`rpo_jax.train.core.identity`); resuming compares against it
     WORKDIR/metrics.jsonl        one JSON record per logged step (and TensorBoard files under WORKDIR/tensorboard)
     WORKDIR/checkpoints/         orbax checkpoints (train state + data position + metrics.jsonl's length)
     WORKDIR/ref_cache/           cached reference log-probs (preference training; `config.reference_cache_dir`)
@@ -35,7 +35,7 @@ REPLAYED_METRICS_FILE = "metrics.replayed.jsonl"
 CHECKPOINTS = "checkpoints"
 REFERENCE_CACHE = "ref_cache"
 EXPORT = "export"
-EXPORT_ADAPTER = "export_adapter"  # LoRA runs: the adapters as a PEFT directory (rpo_jax.train.export)
+EXPORT_ADAPTER = "export_adapter"  # LoRA runs: the adapters as a PEFT directory (rpo_jax.train.core.export)
 ERRORS_FILE = "errors.log"
 
 

@@ -1,26 +1,11 @@
 """The jit-compiled train and eval steps: policy log-probs → PreferenceLogps → loss → optax update.
 
 The train state is a plain pytree `{"params", "opt_state", "step", "rng"}` (plus `"reference"`, the primary
-reference's parameters, when they move: `ReferenceSync`); parameters are float32 master
-weights, cast to the compute dtype inside the step (mixed precision); log-probs and the loss are float32.
-A step takes a global batch (see `rpo_jax.data`: tokens/loss_mask/attention_mask [B,K,T], valid/lengths
-[B,K], rewards [B,K] when present, ref_logps [B,K,R] when cached) and accumulates gradients over
-`micro_batches` slices inside the step (`accumulate_gradients`, shared with the reward-model step), then takes
-one optax update (`apply_gradients`).
-
-Speed: with `score_window` = W the output head (and its log-softmax over the vocabulary) runs only on the W
-logit positions per response that can be scored (see `rpo_jax.models.logprobs.sequence_logps`), not on the
-prompt; `resolve_score_window` turns `config.model.score_window` into W for a run (the trainer's default, "auto",
-is the longest response of the data) and `rpo_jax.train.performance.train_flops_per_token` counts FLOPs to
-match.
-In-step references are scored outside the differentiated function: a pure forward, no residuals kept.
-On the CPU, `rpo_jax.train.host.reuse_cpu_step_memory` (called by `rpo-train` before JAX starts) keeps the
-step's multi-GiB temporary buffer mapped between steps instead of faulting it in afresh every step.
+reference's parameters, when they move or are reset during the run).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -30,109 +15,8 @@ import optax
 from flax import nnx
 
 from rpo_jax.losses import LossOutput, PreferenceLogps
-from rpo_jax.models import sequence_logps
-from rpo_jax.models.lora import lora_dropout
-from rpo_jax.models.logprobs import packed_token_logps, segment_logp_sums
-from rpo_jax.train.mesh import replicated
-
-Batch = Mapping[str, jax.Array]
-
-
-def cast_floating(tree: Any, dtype) -> Any:
-    """Cast every floating-point leaf of `tree` to `dtype` (integer leaves untouched)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def resolve_score_window(setting: str | int | None, max_span: int, *, multiple: int = 16) -> int | None:
-    """`config.model.score_window` → the static W for a run whose longest scored span is `max_span`.
-
-    "auto": `max_span` rounded up to a multiple of `multiple` (None when nothing is scored); "off", "", 0 or
-    None: None (the head runs on every position); a number: that W, which must cover `max_span` (a smaller
-    window would leave scored tokens outside it). A W ≥ T-1 for a batch of length T means every position.
-    """
-    text = str(setting).strip().lower() if setting is not None else "off"
-    if text in ("off", "", "0", "none"):
-        return None
-    if text == "auto":
-        return -(-max_span // multiple) * multiple if max_span > 0 else None
-    try:
-        width = int(text)
-    except ValueError:
-        raise ValueError(f"config.model.score_window={setting!r}: expected 'auto', 'off' or a number") from None
-    if width < max(max_span, 1):
-        raise ValueError(f"config.model.score_window={width} is shorter than the longest response in the data "
-                         f"({max_span} scored tokens); use 'auto' or at least {max_span}")
-    return width
-
-
-def training_dropout(model: nnx.Module, key: jax.Array | None):
-    """LoRA dropout with masks from `key` for the block (`rpo_jax.models.lora.lora_dropout`) when `model` has
-    adapters and `key` is given; otherwise nothing changes (evaluation, references, models without LoRA)."""
-    if key is None or getattr(model, "lora", None) is None:
-        return contextlib.nullcontext(model)
-    return lora_dropout(model, key)
-
-
-def response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, *, compute_dtype,
-                   vocab_chunk_size: int | None = None, score_window: int | None = None,
-                   dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Σ log π over the response tokens of every response: `[B, K]` float32 (0 on invalid slots).
-
-    `dropout_rng`: a training step's key for LoRA dropout (`training_dropout`); None everywhere else.
-
-    `score_window` (static): unembed only that many positions per response (see `sequence_logps`); a response
-    with a scored token outside its window gets NaN. A packed batch (`rpo_jax.data.packing`, it has
-    `response_id`) goes through `packed_response_logps` (`score_window` does not apply there).
-    """
-    if "response_id" in batch:
-        return packed_response_logps(graphdef, params, rest, batch, compute_dtype=compute_dtype,
-                                     vocab_chunk_size=vocab_chunk_size, dropout_rng=dropout_rng)
-    model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
-    tokens = batch["tokens"]
-    b, k, t = tokens.shape
-    flat = lambda x: x.reshape(b * k, t)  # noqa: E731
-    # Empty response slots are all padding: let their first token attend to itself so no softmax row is empty.
-    attention_mask = flat(batch["attention_mask"]).at[:, 0].set(True)
-    with training_dropout(model, dropout_rng):
-        logp, _ = sequence_logps(model, flat(tokens), flat(batch["loss_mask"]), attention_mask=attention_mask,
-                                 vocab_chunk_size=vocab_chunk_size or None, score_window=score_window or None)
-    return jnp.where(batch["valid"], logp.reshape(b, k), 0.0)
-
-
-def packed_response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, *, compute_dtype,
-                          vocab_chunk_size: int | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """`response_logps` of a packed batch: rows tokens/positions/segment_ids/source/response_id (+ parent_ids
-    with shared prompts) [R,T], valid [B,K]. policy[b, k] = Σ_{slots with response_id = 1 + b·K + k} log p, the
-    per-slot log-probs from `packed_token_logps`; 0 on invalid slots, as in the padded path."""
-    model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
-    with training_dropout(model, dropout_rng):
-        logps = packed_token_logps(model, batch["tokens"], batch["source"], attention_mask=batch["attention_mask"],
-                                   positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                   parent_ids=batch.get("parent_ids"), vocab_chunk_size=vocab_chunk_size or None)
-    b, k = batch["valid"].shape
-    sums = segment_logp_sums(logps, batch["response_id"], b * k).reshape(b, k)
-    return jnp.where(batch["valid"], sums, 0.0)
-
-
-def preference_inputs(policy_logps: jax.Array, batch: Batch, ref_logps: jax.Array | None) -> PreferenceLogps:
-    return PreferenceLogps(policy_logps=policy_logps, ref_logps=ref_logps, lengths=batch["lengths"],
-                           rewards=batch.get("rewards"), valid=batch["valid"])
-
-
-def step_reference_logps(logps: Callable, ref_graphdefs: tuple, ref_params: tuple, batch: Batch,
-                         policy: tuple[Any, Any] | None = None) -> jax.Array | None:
-    """`[B,K,R]` log-probs of the in-step references, `logps(graphdef, params, rest, batch)` each (a forward
-    only, under stop_gradient), or the cached `batch["ref_logps"]` (None if absent) when `ref_params` is empty.
-
-    A reference whose parameters (or rest) are None shares the policy's, `policy = (params, rest)` of this
-    step: LoRA's base reference is the policy's own weights under a graphdef with the adapters switched off
-    (`rpo_jax.models.lora.adapters_disabled`), so nothing is copied."""
-    if not ref_params:
-        return batch.get("ref_logps")
-    own = lambda x, i: policy[i] if x is None else x  # noqa: E731
-    return jax.lax.stop_gradient(
-        jnp.stack([logps(gd, own(p, 0), own(r, 1), batch) for (gd, r), p in zip(ref_graphdefs, ref_params)],
-                  axis=-1))
+from rpo_jax.train.runtime.global_batches import replicated
+from rpo_jax.train.step.logprobs import Batch, preference_inputs, response_logps, step_reference_logps
 
 
 class WithFrozen:

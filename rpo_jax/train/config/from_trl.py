@@ -33,7 +33,7 @@ from typing import Any
 import ml_collections
 
 from rpo_jax.losses import loss_hyperparameters
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 TRL_VERSION = "1.16.0"
 
@@ -314,7 +314,7 @@ def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
     put("precompute_ref_log_probs", reference_mode="cache" if given["precompute_ref_log_probs"] else "in_step")
     sync_every = int(given["ref_model_sync_steps"]) if given["sync_ref_model"] else 0
     put("sync_ref_model", references=[], reference_sync__every=sync_every)
-    if given["sync_ref_model"]:  # TR-DPO: the same update at the same steps (rpo_jax.train.step.sync_reference)
+    if given["sync_ref_model"]:  # TR-DPO: the same update at the same steps (rpo_jax.train.step.steps.sync_reference)
         put("ref_model_mixup_alpha", reference_sync__mix=float(given["ref_model_mixup_alpha"]))
         mapping.append(MappedField("ref_model_sync_steps", given["ref_model_sync_steps"],
                                    f"reference_sync.every={int(given['ref_model_sync_steps'])}"))

@@ -1,7 +1,7 @@
 """The metric writer: scalar metrics to the console, `WORKDIR/metrics.jsonl` and TensorBoard (main process only).
 
 What is measured lives elsewhere: loss metrics in `rpo_jax.losses`, speed and memory in
-`rpo_jax.train.performance`.
+`rpo_jax.train.core.performance`.
 
 Every record reaches metrics.jsonl. A local file is appended to and flushed per record. An object store has no
 append, so under a URL work directory (`gs://…`) the writer keeps the file's records in memory and uploads the
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from rpo_jax.data import storage
-from rpo_jax.train.workdir import METRICS_FILE, metrics_records
+from rpo_jax.train.core.workdir import METRICS_FILE, metrics_records
 
 
 class MetricWriter:

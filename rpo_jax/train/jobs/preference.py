@@ -1,5 +1,5 @@
 """Preference training (`config.mode = "preference"`, the default job): records → policy and references →
-the loss of `config.loss` on `[B, K]` log-probs, driven by the run skeleton (`rpo_jax.train.runner`).
+the loss of `config.loss` on `[B, K]` log-probs, driven by the run skeleton (`rpo_jax.train.core.runner`).
 
 What is specific to this mode: the references (a frozen copy of the initial policy and any `config.references`,
 scored in the step or cached once as `[N, K, R]` under WORKDIR/ref_cache), the score window shared by train,
@@ -26,22 +26,30 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rpo_jax.data import (TokenizedDataset, label_score_counts, make_train_iterator, rewards_reach_loss, storage,
-                          tokenize_records)
-from rpo_jax.models.sharding import make_mesh
+from rpo_jax.data import (
+    TokenizedDataset,
+    label_score_counts,
+    make_train_iterator,
+    rewards_reach_loss,
+    storage,
+    tokenize_records,
+)
 from rpo_jax.data.packing import Packing, is_packed, real_tokens
-from rpo_jax.train.mesh import local_batch_size, replicated, to_global
-from rpo_jax.train.packed_batches import pack_local, packing_of, packing_with_references
-from rpo_jax.train.performance import attention_key_cost, batch_flops
-from rpo_jax.train.identity import checkpoint_fingerprint, dataset_fingerprint, run_identity, weights_fingerprint
-from rpo_jax.train.reference_cache import Reference, cached_logps, compute_logps
-from rpo_jax.train.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
-from rpo_jax.train.setup import (RunSetup, adapters_off_graphdef, build_loss, build_setup, compute_dtype, load_model,
-                                 load_policy, load_records, load_tokenizer, lora_enabled, split_trainable,
-                                 tokenize_splits, tokenizer_path)
-from rpo_jax.train.step import (ReferenceSync, WithFrozen, make_eval_step, make_scorer, make_train_step,
-                                resolve_score_window)
-from rpo_jax.train.workdir import REFERENCE_CACHE
+from rpo_jax.models.sharding import make_mesh
+from rpo_jax.train.build.data import load_records, load_tokenizer, tokenize_splits, tokenizer_path
+from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, dataset_fingerprint, weights_fingerprint
+from rpo_jax.train.build.lora import lora_enabled
+from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
+from rpo_jax.train.build.references import Reference, cached_logps, compute_logps
+from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
+from rpo_jax.train.core.identity import run_identity
+from rpo_jax.train.core.performance import attention_key_cost, batch_flops
+from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
+from rpo_jax.train.core.workdir import REFERENCE_CACHE
+from rpo_jax.train.runtime.global_batches import local_batch_size, replicated, to_global
+from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_with_references
+from rpo_jax.train.step.logprobs import resolve_score_window
+from rpo_jax.train.step.steps import ReferenceSync, WithFrozen, make_eval_step, make_scorer, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +491,7 @@ def preference_task(run: PreferenceRun) -> Task:
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precompute_only: bool = False,
           devices=None) -> dict[str, Any]:
     """Run the configured preference training in `workdir`; returns the final train and eval metrics
-    (`rpo_jax.train.runner.run_task`), or with `precompute_only` only the reference cache's shapes (nothing else
+    (`rpo_jax.train.core.runner.run_task`), or with `precompute_only` only the reference cache's shapes (nothing else
     is written to `workdir` then)."""
     run = build_run(cfg, workdir, devices=devices)
     fill_reference_cache(run)

@@ -7,9 +7,9 @@
 
 CPU processes exchange collectives through Gloo (`jax_cpu_collectives_implementation="gloo"`; MPI would need an
 MPI library and launcher). Gloo matches the messages of the processes' collectives in order, so every process
-must run the same programs on the same shapes: `rpo_jax.train.mesh.to_global` pads each process's rows to the
+must run the same programs on the same shapes: `rpo_jax.train.runtime.global_batches.to_global` pads each process's rows to the
 shapes of every process before they become global arrays, and the batch axes must split the batch across the
-processes (`rpo_jax.train.mesh.local_batch_size`). A process that fails exits at once (`rpo_jax.train.cli`),
+processes (`rpo_jax.train.runtime.global_batches.local_batch_size`). A process that fails exits at once (`rpo_jax.train.cli`),
 so that the others stop with an error instead of waiting for it.
 
 Several CPU processes do not use JAX's persistent compilation cache (`consistent_compilation_cache`): JAX's cache

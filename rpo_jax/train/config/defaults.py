@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mode = "preference"             # "preference": offline preference training (this module's default job)
-                                      # "online": sample K per prompt, score, update (rpo_jax.train.online; `online`)
+                                      # "online": sample K per prompt, score, update (rpo_jax.train.jobs.online; `online`)
                                       # "reward_model": Bradley–Terry reward model on pairs (`reward_model` below)
 
     # The policy: a Hugging Face checkpoint directory (or hub id), or a random init from `model.init`.
@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     # mix·θ + (1 − mix)·θ_ref with θ the parameters after that step (mix = 1: a hard copy); step s+1 scores
     # with it. every = 0: off. Preference training only; needs in-step references (reference_mode "cache" is an
     # error) and a primary reference of the policy's tokenizer and parameter shapes; the reference's current
-    # weights are checkpointed (train state "reference"), so resume is exact. rpo_jax.train.step.sync_reference
+    # weights are checkpointed (train state "reference"), so resume is exact. rpo_jax.train.step.steps.sync_reference
     c.reference_sync = ml_collections.ConfigDict({"every": 0, "mix": 1.0})
 
     c.data = ml_collections.ConfigDict()
@@ -167,7 +167,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.eval_prompts = 64        # held-out prompts (data.eval) sampled once each at eval
     c.online.eval_every = 5           # iterations between evaluations (0: only before the first and after the last)
 
-    # mode="reward_model" (rpo_jax.train.reward_model): a Bradley–Terry reward model on pairs from config.data,
+    # mode="reward_model" (rpo_jax.train.jobs.reward_model): a Bradley–Terry reward model on pairs from config.data,
     # scored like reward_model_fn (chat template of prompt + response, pooled at the last non-pad token), exported
     # as a Hugging Face XForSequenceClassification checkpoint. model.path: a causal LM (its decoder + a fresh score
     # head), or a sequence-classification checkpoint (continued); empty: random init from model.init. The model.*,
@@ -182,7 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
-    # CPU only: keep XLA:CPU's per-step temporary buffer mapped between steps (rpo_jax.train.host): 13-23 % faster
+    # CPU only: keep XLA:CPU's per-step temporary buffer mapped between steps (rpo_jax.train.runtime.cpu_memory): 13-23 % faster
     # steps here, for a process that keeps its peak heap and dispatches synchronously. rpo-train applies it at
     # start-up.
     c.cpu_reuse_memory = True

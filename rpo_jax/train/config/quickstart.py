@@ -5,7 +5,7 @@ It needs nothing but the package: the demo data, its judge-given rewards and its
 bundled. The reference is the initial policy, its log-probs cached once.
 """
 
-from rpo_jax.train.config import base_config
+from rpo_jax.train.config.defaults import base_config
 
 
 def get_config():

@@ -47,18 +47,21 @@ import numpy as np
 from flax import nnx
 
 from rpo_jax.data import PromptRecord, encode_prompt, epoch_permutation, read_prompts
+from rpo_jax.data.packing import Packing
 from rpo_jax.models import RewardFn, generate, judge_fn, load_reward_model, reward_model_fn
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.data.packing import Packing
-from rpo_jax.train.mesh import local_batch_size, replicate, replicated, to_global
-from rpo_jax.train.packed_batches import pack_local, packing_of
-from rpo_jax.train.performance import attention_key_cost
-from rpo_jax.train.identity import run_identity, token_lists_fingerprint
-from rpo_jax.train.runner import Task, Unit, run_task
-from rpo_jax.train.setup import (RunSetup, adapters_off_graphdef, build_loss, build_setup, compute_dtype, data_paths,
-                                 load_model, load_policy, load_tokenizer, lora_enabled, split_trainable,
-                                 tokenizer_path)
-from rpo_jax.train.step import WithFrozen, cast_floating, make_scorer, make_train_step, resolve_score_window
+from rpo_jax.train.build.data import data_paths, load_tokenizer, tokenizer_path
+from rpo_jax.train.build.fingerprints import token_lists_fingerprint
+from rpo_jax.train.build.lora import lora_enabled
+from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
+from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
+from rpo_jax.train.core.identity import run_identity
+from rpo_jax.train.core.performance import attention_key_cost
+from rpo_jax.train.core.runner import Task, Unit, run_task
+from rpo_jax.train.runtime.global_batches import local_batch_size, replicate, replicated, to_global
+from rpo_jax.train.runtime.packed_rows import pack_local, packing_of
+from rpo_jax.train.step.logprobs import cast_floating, resolve_score_window
+from rpo_jax.train.step.steps import WithFrozen, make_scorer, make_train_step
 
 log = logging.getLogger(__name__)
 

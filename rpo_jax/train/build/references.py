@@ -1,5 +1,5 @@
 """Frozen reference models of preference training and the cache of their log-probs (keyed by the fingerprints of
-`rpo_jax.train.identity`).
+`rpo_jax.train.core.identity`).
 
 References are frozen. Their sequence log-probs of every response, `[N, K, R]` for N records of a split, are
 computed once by a precompute pass and stored beside the run under `WORKDIR/ref_cache/`, keyed by a
@@ -23,8 +23,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rpo_jax.data import TokenizedDataset, make_eval_batches, storage
-from rpo_jax.train.mesh import replicate, to_global
-from rpo_jax.train.identity import dataset_fingerprint
+from rpo_jax.train.build.fingerprints import dataset_fingerprint
+from rpo_jax.train.runtime.global_batches import replicate, to_global
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def compute_logps(scorer: Callable, params: Any, dataset: TokenizedDataset, batc
                   prepare: Callable[[dict], dict] | None = None) -> np.ndarray:
     """`[N, K]` float32 sequence log-probs of every record's responses (NaN where absent or dropped).
 
-    `scorer(params, global batch) -> logps [B, K]` replicated (`rpo_jax.train.step.make_scorer`), so every process
+    `scorer(params, global batch) -> logps [B, K]` replicated (`rpo_jax.train.step.steps.make_scorer`), so every process
     receives every row; each process feeds `batch_size` rows, and the batches cover the split once over all
     processes. `prepare(host batch) -> host batch` runs before `to_global` (e.g. packing, the layout the policy
-    trains on: `rpo_jax.train.packed_batches.pack_local`).
+    trains on: `rpo_jax.train.runtime.packed_rows.pack_local`).
     """
     out = np.full((dataset.num_records, dataset.k_max), np.nan, np.float32)
     for batch in make_eval_batches(dataset, batch_size):

@@ -15,10 +15,10 @@ Config (`config.optimizer`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 import math
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import optax

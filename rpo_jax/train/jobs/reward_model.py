@@ -6,7 +6,7 @@ a Hugging Face `XForSequenceClassification` checkpoint.
 
 Pipeline (every step reuses the trainer's parts):
 
-1. **Records**: `config.data` read by the trainer's readers (`rpo_jax.train.setup.load_records`: all five
+1. **Records**: `config.data` read by the trainer's readers (`rpo_jax.train.build.data.load_records`: all five
    formats, demo data, held-out split), then turned into pairs by `preference_pairs` (`config.reward_model.pairs`).
 2. **Sequences**: each (prompt, response) is the chat template of prompt + response tokenized without extra
    special tokens — exactly `rpo_jax.models.encode_conversation`, i.e. what `reward_model_fn` scores —
@@ -18,12 +18,12 @@ Pipeline (every step reuses the trainer's parts):
    id, where a trailing EOS is skipped by all three.
 4. **Loss** (`rpo_jax.losses.bradley_terry_loss`), a sharded jit step on the mesh with float32 master weights cast
    to the compute dtype, gradient accumulation and the optax update shared with preference training
-   (`rpo_jax.train.step`); the run skeleton (`rpo_jax.train.runner`) does eval, checkpoints / resume and export.
+   (`rpo_jax.train.step`); the run skeleton (`rpo_jax.train.core.runner`) does eval, checkpoints / resume and export.
 
 LoRA (`config.model.lora`): adapters on the backbone's projections, and the score head trained in full (a fresh
 head has nothing to adapt, and TRL/PEFT train a SEQ_CLS model's `score` as a module to save the same way); the
 train state holds adapters + head, the frozen base is the rest. The export merges the adapters into the backbone
-(`rpo_jax.train.export`; no PEFT adapter export for reward models).
+(`rpo_jax.train.core.export`; no PEFT adapter export for reward models).
 """
 
 from __future__ import annotations
@@ -41,18 +41,30 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rpo_jax.data import (PreferenceRecord, Problem, RecordError, TokenizedDataset, TokenizedExample, TokenizeReport,
-                          default_buckets, label_score_counts, make_train_iterator, to_pairs)
+from rpo_jax.data import (
+    PreferenceRecord,
+    Problem,
+    RecordError,
+    TokenizedDataset,
+    TokenizedExample,
+    TokenizeReport,
+    default_buckets,
+    label_score_counts,
+    make_train_iterator,
+    to_pairs,
+)
 from rpo_jax.losses import bradley_terry_loss, bradley_terry_per_pair
 from rpo_jax.models import RewardModel
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train.mesh import local_batch_size, replicated, to_global
-from rpo_jax.train.identity import dataset_fingerprint, run_identity
-from rpo_jax.train.runner import Task, Unit, run_task, sum_over_eval_batches
-from rpo_jax.train.setup import (RunSetup, build_reward_model, build_setup, compute_dtype, load_records, load_tokenizer,
-                                 tokenizer_path)
-from rpo_jax.train.step import (WithFrozen, accumulate_gradients, apply_gradients, cast_floating, dropout_rng,
-                                training_dropout)
+from rpo_jax.train.build.data import load_records, load_tokenizer, tokenizer_path
+from rpo_jax.train.build.fingerprints import dataset_fingerprint
+from rpo_jax.train.build.model import build_reward_model
+from rpo_jax.train.build.state import RunSetup, build_setup, compute_dtype
+from rpo_jax.train.core.identity import run_identity
+from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
+from rpo_jax.train.runtime.global_batches import local_batch_size, replicated, to_global
+from rpo_jax.train.step.logprobs import cast_floating, training_dropout
+from rpo_jax.train.step.steps import WithFrozen, accumulate_gradients, apply_gradients, dropout_rng
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +202,8 @@ def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, 
                            skip_nonfinite: bool = False):
     """`train_step(state, batch, frozen=None) -> (state, metrics)`: Bradley–Terry loss on `batch` (tokens,
     attention_mask [B,2,T], weight [B], margin [B]), gradients accumulated over `micro_batches` slices, one optax
-    update (`rpo_jax.train.step.accumulate_gradients` / `apply_gradients`). `pairs` counts the batch's pairs.
-    `frozen`: the rest as an argument (`rpo_jax.train.step.WithFrozen`; with LoRA the backbone's base); LoRA
+    update (`rpo_jax.train.step.steps.accumulate_gradients` / `apply_gradients`). `pairs` counts the batch's pairs.
+    `frozen`: the rest as an argument (`rpo_jax.train.step.steps.WithFrozen`; with LoRA the backbone's base); LoRA
     dropout masks come from `dropout_rng(state)`."""
 
     def micro_loss(params, base, mb, key):
@@ -243,12 +255,12 @@ def reward_model_settings(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     """`config.reward_model` (a ValueError when the config lacks it)."""
     rm = cfg.get("reward_model")
     if rm is None:
-        raise ValueError("config.reward_model is missing (start from rpo_jax.train.config.base_config())")
+        raise ValueError("config.reward_model is missing (start from rpo_jax.train.config.defaults.base_config())")
     return rm
 
 
 def load_pair_records(cfg: ml_collections.ConfigDict) -> dict[str, list[PreferenceRecord]]:
-    """`config.data` read with the trainer's readers (`rpo_jax.train.setup.load_records`) and paired
+    """`config.data` read with the trainer's readers (`rpo_jax.train.build.data.load_records`) and paired
     (`preference_pairs`).
 
     Raises before anything is built: a K > 2 record without rewards (file:line), `margin_scale` without rewards.

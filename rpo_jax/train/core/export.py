@@ -42,11 +42,13 @@ from rpo_jax.models import ModelConfig, save_hf, save_reward_model
 from rpo_jax.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_lora, save_peft_adapter
 from rpo_jax.models.quantize import dequantize_base, is_quantized
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train.checkpoint import Checkpointer, abstract_like
-from rpo_jax.train.mesh import replicate
-from rpo_jax.train.setup import (build_reward_model, compute_dtype, load_policy, load_tokenizer, lora_enabled,
-                                 split_trainable, tokenizer_path)
-from rpo_jax.train.workdir import CHECKPOINTS, EXPORT, EXPORT_ADAPTER, is_run_directory, read_run_config
+from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
+from rpo_jax.train.build.lora import lora_enabled
+from rpo_jax.train.build.model import build_reward_model, load_policy, split_trainable
+from rpo_jax.train.build.state import compute_dtype
+from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
+from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, EXPORT_ADAPTER, is_run_directory, read_run_config
+from rpo_jax.train.runtime.global_batches import replicate
 
 log = logging.getLogger(__name__)
 

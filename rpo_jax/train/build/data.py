@@ -1,0 +1,118 @@
+"""The data of a run: the tokenizer, data paths (`config.data.train` / `eval`, the bundled demo), records
+read and validated, pairs derived (`config.data.pairs`), and every split tokenized once.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from collections.abc import Mapping
+
+import ml_collections
+
+from rpo_jax.data import (
+    TokenizedDataset,
+    demo_paths,
+    holdout_split,
+    read_records,
+    require_rewards,
+    to_pairs,
+    tokenize_records,
+)
+
+log = logging.getLogger(__name__)
+
+#: Files of which a tokenizer directory has at least one (fast; SentencePiece; BPE or WordPiece vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+#: `config.data.pairs` → the `to_pairs` mode.
+PAIR_MODES = {"best_worst": "best_vs_worst", "all": "all_pairs"}
+
+
+def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
+    """`config.model.tokenizer`, else `config.model.path`, else the demo's character tokenizer."""
+    if cfg.model.tokenizer:
+        return cfg.model.tokenizer
+    if cfg.model.path:
+        return cfg.model.path
+    return demo_paths()["tokenizer"]
+
+
+def load_tokenizer(path: str):
+    """A transformers tokenizer (one without a pad token pads with its EOS token). A directory without tokenizer
+    files, or one transformers cannot load, is an error naming the directory and what is wrong."""
+    from transformers import AutoTokenizer
+    directory = pathlib.Path(path)
+    if directory.is_dir() and not any((directory / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
+                                "set config.model.tokenizer to a directory that has one")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; name the directory and the reason
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: the tokenizer does not load ({type(e).__name__}: {reason})") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------ data
+def data_paths(spec: str, split: str) -> list[str]:
+    """`config.data.train` / `.eval` → files: comma-separated paths, or "" / "demo" for the bundled demo task
+    (its train file for `split="train"`, its test file otherwise)."""
+    if spec in ("", "demo"):
+        return [demo_paths()["train" if split == "train" else "test"]]
+    return [p for p in spec.split(",") if p]
+
+
+def load_records(cfg: ml_collections.ConfigDict, *, requires_rewards: bool = False) -> dict[str, list]:
+    """The train and eval records of `config.data`, read and validated; `requires_rewards` checks that every
+    record has rewards before anything trains. Splits left empty are omitted."""
+    dc = cfg.data
+    fmt = dc.format or None
+    train, report = read_records(data_paths(dc.train, "train"), format=fmt, on_error=dc.on_error)
+    if report.num_skipped:
+        log.warning("train data: %s", report.summary())
+    if dc.eval or dc.train in ("", "demo"):
+        evaluation, ereport = read_records(data_paths(dc.eval or dc.train, "eval"), format=fmt, on_error=dc.on_error)
+        if ereport.num_skipped:
+            log.warning("eval data: %s", ereport.summary())
+    elif dc.eval_fraction > 0:
+        parts = holdout_split(train, dc.eval_fraction, seed=cfg.seed)
+        train, evaluation = parts["train"], parts["test"]
+    else:
+        evaluation = []
+    splits = {"train": train, "eval": evaluation}
+    if dc.pairs:
+        mode = PAIR_MODES.get(dc.pairs, dc.pairs)
+        for split, recs in list(splits.items()):
+            per_record = [to_pairs([r], mode=mode) for r in recs]
+            splits[split] = [pair for pairs in per_record for pair in pairs]
+            tied = sum(not pairs for pairs in per_record)
+            if tied:
+                log.warning("%s data: %d of %d records give no pair under data.pairs=%r (all their rewards "
+                            "tie); they are left out", split, tied, len(recs), dc.pairs)
+    if requires_rewards:
+        for recs in splits.values():
+            if recs:
+                require_rewards(recs)
+    if not splits["train"]:
+        raise ValueError(f"data.train={dc.train!r}: no training records left"
+                         + (f" after data.pairs={dc.pairs!r}" if dc.pairs else ""))
+    return {k: v for k, v in splits.items() if v}
+
+
+def tokenize_splits(cfg: ml_collections.ConfigDict, records: Mapping[str, list], tokenizer
+                    ) -> dict[str, TokenizedDataset]:
+    """`tokenize_records` of every split with `config.data`'s lengths and truncation; a split left empty is a
+    ValueError."""
+    dc = cfg.data
+    out = {}
+    for split, recs in records.items():
+        ds = tokenize_records(recs, tokenizer, max_length=dc.max_length, max_prompt_length=dc.max_prompt_length or None,
+                              truncation=dc.truncation, on_error=dc.on_error)
+        log.info("%s: %s", split, ds.report.summary())
+        if len(ds) == 0:
+            raise ValueError(f"data.{split}: no example left after tokenization ({ds.report.summary()})")
+        out[split] = ds
+    return out

@@ -1,0 +1,89 @@
+"""`rpo-plan`: compile a recipe's train step for a Cloud TPU slice ahead of time, on a machine without TPUs, and
+report per chip what it needs (HBM), computes (FLOPs) and communicates (collectives).
+
+    rpo-plan --config configs/llama3_1_8b_v5p.py --topology v5p-64 [--config.x=y ...] [--responses K]
+
+The slice's devices come from libtpu's topology description (`jax.experimental.topologies.get_topology_desc`,
+the megacore chip config on v4/v5p so that one device is one chip); the programs are the trainer's own
+(`rpo_jax.train.step`: the train step, the eval step when the config evaluates, the reference scorer when
+reference log-probs are cached), lowered with abstract arguments (`jax.ShapeDtypeStruct` with `NamedSharding`,
+from `rpo_jax.train.setup.abstract_setup`: nothing is loaded or allocated) and compiled by XLA:TPU.
+
+Shapes: the global batch is data.batch_size × K × data.max_length (K = `--responses`, the responses per
+example of the data, default 2; data.max_length is the largest length bucket), eval batches
+data.eval_batch_size × K × data.max_length; `model.score_window = "auto"` is planned at its worst case (the
+head on every position) since the data's longest response is not known here.
+
+Exit status: 0 when every program fits, 1 when one does not ("does not fit: needs X GiB of Y GiB per chip on
+TOPOLOGY"; XLA's compile-time out-of-memory error is the ground truth), 2 for bad usage (an unknown topology, a
+bad config) with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from rpo_jax.train.build.programs import build_programs
+from rpo_jax.train.cli.common import unknown_field_error
+from rpo_jax.train.plan.compile import DoesNotFit, compile_program
+from rpo_jax.train.plan.report import report
+from rpo_jax.train.plan.slices import GiB, parse_slice, slice_devices
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
+    values = flags.FlagValues()
+    # sys_argv: config_flags reads the overrides to register from it (else from sys.argv, which is not `argv`
+    # when rpo-plan runs in-process)
+    config_flags.DEFINE_config_file("config", None, "Recipe file (configs/NAME.py).", flag_values=values,
+                                    lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("topology", None, "Cloud TPU accelerator type: v5p-64, v4-32, v5litepod-16 / v5e-16, "
+                        "v6e-8, ...", flag_values=values)
+    flags.DEFINE_integer("responses", 2, "K: responses per example in the data (2 for pairs).", flag_values=values)
+    flags.DEFINE_string("dump_hlo", "", "A directory: write each program's compiled HLO text there.",
+                        flag_values=values)
+    try:
+        values(list(argv))
+    except (KeyError, AttributeError) as e:  # an override naming no field of the config
+        raise unknown_field_error(e) from e
+    if values.config is None or not values.topology:
+        raise ValueError("--config and --topology are required (rpo-plan --config CONFIG --topology v5p-64)")
+    if values.responses < 1:
+        raise ValueError(f"--responses={values.responses}: expected a positive number")
+    return values
+
+
+def run(argv: Sequence[str]) -> int:
+    """rpo-plan's body: the exit status (0 fits, 1 does not fit, 2 bad usage)."""
+    try:
+        values = _flag_values(argv)
+        cfg, slc = values.config, parse_slice(values.topology)
+        devices = slice_devices(slc)
+        plan = build_programs(cfg, devices, values.responses)
+    except (ValueError, OSError, KeyError, AttributeError, TypeError, flags.Error) as e:
+        print(f"rpo-plan: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    compiled, failures = [], []
+    for program in plan.programs:
+        try:
+            c = compile_program(program, slc.num_chips, values.dump_hlo)
+        except DoesNotFit as e:
+            failures.append(e)
+            continue
+        compiled.append(c)
+        if c.total > slc.chip.hbm_bytes:
+            failures.append(DoesNotFit(c.name, c.total, slc.chip.hbm_bytes))
+    if compiled:
+        print(report(plan, compiled, slc, cfg))
+    for e in failures:
+        print(f"rpo-plan: {e.program}: does not fit: needs {e.needed / GiB:.1f} GiB of {e.capacity / GiB:.1f} "
+              f"GiB per chip on {slc.accelerator}")
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(sys.argv if argv is None else argv))

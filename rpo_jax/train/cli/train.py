@@ -1,0 +1,98 @@
+"""`rpo-train`: train (or `--precompute` the reference cache) with a recipe, `--config.*` overrides or `--from-trl`.
+
+    rpo-train                                        # the quickstart: bundled demo data, tiny Llama, CPU
+    rpo-train --config configs/smollm2.py --workdir runs/smollm2 --config.loss.name=rpo_bwd_kl
+    rpo-train --config configs/mrpo.py --precompute  # reference log-probs only
+    rpo-export runs/smollm2 exported/                # Hugging Face directory with the tokenizer (LoRA: merged)
+    rpo-export runs/lora adapter/ --adapter          # a LoRA run's adapters as a PEFT directory
+    rpo-train --config configs/online_demo.py        # online RPO (config.mode="online")
+    rpo-train --config configs/reward_model_demo.py  # Bradley–Terry reward model (config.mode="reward_model")
+    rpo-train --from-trl dpo.yaml --config.model.path=DIR --config.data.train=prefs.jsonl  # a TRL DPOConfig
+
+An error ends either command with one line on stderr (`rpo-train: error: …`) and exit status 1; the traceback
+goes to WORKDIR/errors.log when the work directory exists, and to stderr with `--verbose`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rpo_jax.train.cli.common import one_line_errors, quiet_libraries, unknown_field_error
+from rpo_jax.train.runtime.processes import initialize_from_environment
+
+_QUICKSTART = pathlib.Path(__file__).parent.parent / "config" / "quickstart.py"
+
+
+def _define_train_flags():
+    try:
+        config_flags.DEFINE_config_file("config", str(_QUICKSTART),
+                                        "Recipe file (configs/NAME.py); default: quickstart.", lock_config=True)
+    except (KeyError, AttributeError) as e:
+        raise unknown_field_error(e) from e
+    flags.DEFINE_string("workdir", "runs/quickstart", "Run directory: checkpoints, metrics, reference cache, export.")
+    flags.DEFINE_bool("precompute", False,
+                      "Preference training: only compute (or reuse) the reference log-prob cache, then exit.")
+    flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (always kept in WORKDIR/errors.log).")
+    flags.DEFINE_string("from_trl", None, "A TRL 1.16 DPOConfig (.json/.yaml) mapped onto the --config recipe (the "
+                        "mapping is printed); --config.* overrides apply on top (rpo_jax.train.config.from_trl).")
+
+
+def _train(argv):
+    del argv
+    quiet_libraries()
+    with one_line_errors("rpo-train", flags.FLAGS.workdir, flags.FLAGS.verbose):
+        initialize_from_environment()
+        cfg = flags.FLAGS.config
+        if flags.FLAGS.from_trl:
+            from rpo_jax.train.config.from_trl import apply_trl_config
+            cfg, mapping = apply_trl_config(flags.FLAGS.from_trl, cfg,
+                                            config_flags.get_override_values(flags.FLAGS["config"]))
+            print(mapping, flush=True)
+        if cfg.cpu_reuse_memory:
+            from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
+            reuse_cpu_step_memory()
+        result = run_job(cfg, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
+        logging.info("done: %s", result)
+
+
+#: config.mode → (module, function) of its job; imported only after jax.distributed.initialize.
+JOBS = {"preference": ("rpo_jax.train.jobs.preference", "train"),
+        "online": ("rpo_jax.train.jobs.online", "train_online"),
+        "reward_model": ("rpo_jax.train.jobs.reward_model", "train_reward_model")}
+MODES = tuple(JOBS)
+
+
+def run_job(cfg, workdir: str, *, precompute_only: bool = False):
+    """The job `config.mode` names: preference training, online RPO, or reward-model training
+    (`--precompute` applies to preference training only)."""
+    mode = cfg.get("mode", "preference")
+    if mode not in JOBS:
+        raise ValueError(f"config.mode={mode!r}: expected one of {MODES}")
+    if precompute_only and mode != "preference":
+        raise ValueError(f"--precompute computes the reference cache of preference training; config.mode={mode!r}")
+    sync = cfg.get("reference_sync")
+    if mode != "preference" and sync is not None and sync.get("every", 0):
+        raise ValueError(f"config.reference_sync.every={sync.every}: reference sync (TR-DPO) is a setting of "
+                         f"preference training; config.mode={mode!r} does not use it (set it to 0)")
+    module, name = JOBS[mode]
+    job = getattr(importlib.import_module(module), name)
+    return job(cfg, workdir, precompute_only=True) if precompute_only else job(cfg, workdir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`rpo-train` (`--from-trl` is also spelled `--from_trl`, absl's name for it)."""
+    args = sys.argv[1:] if argv is None else argv
+    with one_line_errors("rpo-train", None, "--verbose" in args):
+        _define_train_flags()
+    args = ["--from_trl" + a[len("--from-trl"):] if a.split("=")[0] == "--from-trl" else a for a in args]
+    app.run(_train, argv=[sys.argv[0], *args])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Ahead-of-time compilation of one program for `rpo-plan`: XLA's memory analysis (arguments, outputs,
+temporaries, code), the HLO's FLOPs and collectives, and XLA:TPU's out-of-memory error read as a figure
+(`DoesNotFit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from rpo_jax.train.build.programs import Program, device_bytes
+from rpo_jax.train.plan.hlo_analysis import analyze
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+class DoesNotFit(Exception):
+    """XLA:TPU ran out of HBM compiling a program: `needed` and `capacity` in bytes per chip."""
+
+    def __init__(self, program: str, needed: float, capacity: float):
+        super().__init__(program)
+        self.program, self.needed, self.capacity = program, needed, capacity
+
+
+_OOM_USED = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE)
+_OOM_TEMPS = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)",
+                        re.IGNORECASE)
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def oom_bytes(message: str, argument_bytes: int = 0) -> tuple[float, float] | None:
+    """(needed, capacity) bytes per chip from XLA:TPU's out-of-memory errors: "Used X of Y hbm" (the whole
+    program), or "the total memory required for HLO temporaries (X) exceeds available HBM (Y)" (temporaries
+    only: the program's `argument_bytes` are added). None for any other error."""
+    for pattern, extra in ((_OOM_USED, 0), (_OOM_TEMPS, argument_bytes)):
+        m = pattern.search(message)
+        if m:
+            return (float(m.group(1)) * _UNIT[m.group(2).upper()] + extra,
+                    float(m.group(3)) * _UNIT[m.group(4).upper()])
+    return None
+
+
+@dataclasses.dataclass
+class CompiledProgram:
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    code: int
+    resident: int
+    flops: float
+    collectives: dict
+    unknown_loops: list
+
+    @property
+    def total(self) -> int:
+        """Peak bytes per chip: arguments + outputs not aliased to arguments + temporaries + code, plus what the
+        trainer holds meanwhile outside the program."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.resident
+
+
+def compile_program(program: Program, num_devices: int, dump_dir: str = "") -> CompiledProgram:
+    """Lower and compile `program` for the slice (its HLO text written to `dump_dir` when given); raises
+    DoesNotFit on XLA's out-of-memory error."""
+    try:
+        compiled = program.jitted.lower(*program.args).compile()
+    except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory as a runtime error with this text
+        found = oom_bytes(str(e), device_bytes(program.args))
+        if found is None:
+            raise
+        raise DoesNotFit(program.name, found[0] + program.resident, found[1]) from None
+    memory = compiled.memory_analysis()
+    text = compiled.as_text()
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        with open(os.path.join(dump_dir, re.sub(r"\W+", "_", program.name).strip("_") + ".hlo.txt"), "w") as f:
+            f.write(text)
+    stats = analyze(text, num_devices)
+    return CompiledProgram(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
+                           memory.alias_size_in_bytes, memory.temp_size_in_bytes,
+                           memory.generated_code_size_in_bytes, program.resident, stats.flops, stats.collectives,
+                           stats.unknown_loops)

@@ -1,0 +1,62 @@
+"""`rpo-plan`'s report: per-chip memory of every compiled program, FLOPs, collectives, an estimated step
+time and MFU, and the verdict (fits / does not fit).
+"""
+
+from __future__ import annotations
+
+from rpo_jax.train.build.programs import Plan
+from rpo_jax.train.plan.compile import CompiledProgram
+from rpo_jax.train.plan.hlo_analysis import COLLECTIVES
+from rpo_jax.train.plan.slices import Chip, GiB, Slice
+
+
+# ------------------------------------------------------------------------------------------------ report
+def estimate_step(compiled: CompiledProgram, model_flops: float, chip: Chip) -> dict[str, float]:
+    """An estimate, not a measurement: every matmul at the chip's peak bf16 FLOP/s plus every collective's
+    traffic at the chip's full ICI bandwidth, without overlap; MFU = model FLOPs ÷ (time × peak)."""
+    compute_s = compiled.flops / chip.peak_bf16_flops
+    comm_s = sum(s.traffic_bytes for s in compiled.collectives.values()) / chip.ici_bytes_per_s
+    step_s = compute_s + comm_s
+    return {"compute_s": compute_s, "comm_s": comm_s, "step_s": step_s,
+            "mfu": model_flops / (step_s * chip.peak_bf16_flops) if step_s else 0.0}
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 2**20:.1f} MiB"
+
+
+def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
+    """The plan printed per chip."""
+    chip, train = slc.chip, compiled[0]  # the train step when it compiled, else the first program that did
+    mc = plan.model_config
+    lines = [f"rpo-plan: {slc.accelerator} = {slc.num_chips} chips ({slc.topology_name}), mesh "
+             f"{plan.mesh_shape}; "
+             f"{mc.model_type} {mc.num_params() / 1e9:.2f}B parameters, {mc.num_layers} layers; "
+             f"references: {plan.num_references} {'in the step' if plan.in_step else 'cached'}",
+             f"per chip: HBM {gib(chip.hbm_bytes)}"]
+    for c in compiled:
+        lines.append(f"  {c.name}: total {gib(c.total)} = arguments {gib(c.arguments)} + outputs not aliased "
+                     f"{gib(c.outputs - c.aliased)} + temporaries {gib(c.temporaries)} + code {gib(c.code)}"
+                     + (f" + held outside {gib(c.resident)}" if c.resident else ""))
+    lines.append(f"  of which: parameters + optimizer state {gib(plan.state_bytes)}, references "
+                 f"{gib(plan.reference_bytes)}{'' if plan.in_step else ' (held by the trainer, not the step)'}, "
+                 f"batch {gib(plan.batch_bytes)}, train-step temporaries {gib(train.temporaries)}")
+    lines.append(f"step FLOPs per chip: compiled HLO {train.flops:.3e} (matmuls, loops × trip counts); FLOP model "
+                 f"{plan.model_flops_per_chip:.3e} (train_flops_per_token); ratio {train.flops / plan.model_flops_per_chip:.2f}"
+                 + (f"; loops of unknown trip count counted once: {len(train.unknown_loops)}"
+                    if train.unknown_loops else ""))
+    lines.append("collectives per train step, per chip (from the compiled HLO):")
+    lines.append(f"  {'kind':<20}{'count':>8}{'GiB':>12}{'est. ms':>10}")
+    for kind in COLLECTIVES:
+        s = train.collectives[kind]
+        lines.append(f"  {kind:<20}{s.count:>8}{s.bytes / GiB:>12.3f}{1e3 * s.traffic_bytes / chip.ici_bytes_per_s:>10.2f}")
+    est = estimate_step(train, plan.model_flops_per_chip, chip)
+    lines.append(f"ESTIMATE (not a measurement; matmuls at the {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak, "
+                 f"collectives at {chip.ici_bytes_per_s * 8 / 1e9:.0f} Gbps ICI, no overlap): step "
+                 f"{est['step_s']:.2f} s (compute {est['compute_s']:.2f} s + communication {est['comm_s']:.2f} s), "
+                 f"MFU {100 * est['mfu']:.1f} %")
+    worst = max(compiled, key=lambda c: c.total)
+    verdict = "fits" if worst.total <= chip.hbm_bytes else "does not fit"
+    lines.append(f"{verdict}: needs {gib(worst.total)} of {gib(chip.hbm_bytes)} per chip on {slc.accelerator} "
+                 f"({worst.name} of the programs compiled)")
+    return "\n".join(lines)
