@@ -30,6 +30,7 @@ from rpo_jax.models.lora import (
     merge_lora,
     save_peft_adapter,
 )
+from rpo_jax.train.build import programs
 from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
 from rpo_jax.train.build.lora import add_adapters, lora_settings
 from rpo_jax.train.build.model import load_model, load_policy, split_trainable
@@ -38,10 +39,19 @@ from rpo_jax.train.cli.export import export_main
 from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.jobs import online, preference, reward_model
 from rpo_jax.train.runtime.packed_rows import pack_local
-from rpo_jax.train.step.logprobs import preference_inputs, response_logps, step_reference_logps
+from rpo_jax.train.step.logprobs import (
+    preference_inputs,
+    response_logps,
+    step_reference_logps,
+)
 from rpo_jax.train.step.steps import make_scorer, make_train_step
 from tests.hf_fixtures import hf_logits, load_torch_model
-from tests.train.trainer_testlib import load_recipe, save_tiny_base, set_fields, tiny_config
+from tests.train.trainer_testlib import (
+    load_recipe,
+    save_tiny_base,
+    set_fields,
+    tiny_config,
+)
 
 ONE = jax.devices()[:1]
 TOL = 1e-4
@@ -293,7 +303,7 @@ def test_only_adapters_train_the_base_stays_bit_identical_and_is_the_reference(b
 
 
 def task_step_text(run, batch) -> str:
-    train_step, _ = preference.jitted_steps(run.config, run, run.loss_fn,
+    train_step, _ = programs.jitted_steps(run.config, run, run.loss_fn,
                                             tuple((r.graphdef, r.rest) for r in run.references), run.score_window)
     return train_step.lower(run.state, batch, preference.in_step_reference_params(run)).as_text()
 

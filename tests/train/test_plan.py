@@ -166,7 +166,7 @@ def test_small_llama_plan_compiles_and_fits(tmp_path, capsys, topology, mesh):
     assert f"per chip: HBM {chip.hbm_bytes / 2**30:.2f} GiB" in out
     assert "fits: needs " in out and f"per chip on {topology}" in out
     assert "train step: total" in out and "all-gather" in out and "ESTIMATE" in out
-    assert "references: 1 in the step" in out
+    assert "references: 1 scored in the step" in out
 
 
 def test_oversized_config_does_not_fit(tmp_path, capsys):

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from rpo_jax.train.build import programs
 from rpo_jax.train.build.references import Reference
 from rpo_jax.train.build.state import build_loss
 from rpo_jax.train.jobs import preference
@@ -85,7 +86,7 @@ def test_reference_after_n_steps_is_the_closed_form_mix_of_the_recorded_policies
     assert moved > 1e-3  # the reference moved far beyond the tolerance: the comparison is not vacuous
 
     # step 3 (index 2) scored against the reference synced at step 2, not the initial policy
-    _, eval_step = preference.jitted_steps(cfg, run, run.loss_fn, ((run.graphdef, run.rest),), run.score_window)
+    _, eval_step = programs.jitted_steps(cfg, run, run.loss_fn, ((run.graphdef, run.rest),), run.score_window)
     treedef = jax.tree.structure(state["params"])
     theta2, ref2, _ = seen[1]
     as_tree = lambda leaves: jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in leaves])  # noqa: E731
@@ -189,7 +190,7 @@ def test_cached_references_are_refused(tmp_path):
 def test_bad_settings_are_one_line_errors_naming_the_field(tmp_path, overrides, message):
     cfg = sync_config(tmp_path, **overrides)
     with pytest.raises(ValueError, match=f"^{message}") as info:
-        preference.reference_sync_of(cfg, build_loss(cfg))
+        programs.reference_sync_of(cfg, build_loss(cfg))
     assert "\n" not in str(info.value)
 
 
@@ -260,7 +261,14 @@ def test_reference_and_policy_after_syncs_equal_trl(tmp_path):
 
     from tests.hf_fixtures import make_tiny_llama
 
-    from .test_trl_parity import dpo_config, make_words_tokenizer, records_of, rpo_config, trl_trainer, write_jsonl
+    from .test_trl_parity import (
+        dpo_config,
+        make_words_tokenizer,
+        records_of,
+        rpo_config,
+        trl_trainer,
+        write_jsonl,
+    )
 
     tok_dir = make_words_tokenizer(tmp_path / "tokenizer")
     model_dir = make_tiny_llama(tmp_path / "llama", vocab_size=64, hidden_size=32, intermediate_size=64,

@@ -39,6 +39,13 @@ def lora_enabled(cfg: ml_collections.ConfigDict) -> bool:
     return lora is not None and (lora.rank != 0 or bool(lora.init_from))
 
 
+
+def lora_reference_is_base(cfg) -> bool:
+    """Whether the primary reference of an empty path is the policy's base with its adapters off (LoRA with
+    `config.model.lora.reference = "base"`, TRL's choice for a PEFT model without ref_model), rather than a copy
+    of the initial policy (with LoRA: base + the adapters the run starts from, `"initial"`)."""
+    return lora_enabled(cfg) and cfg.model.lora.reference == "base"
+
 def lora_targets(value) -> str | tuple[str, ...]:
     """`config.model.lora.targets` → `LoraConfig.targets`: "all-linear"; a comma-separated list of module names
     ("q_proj,v_proj") or a list → a tuple of names; any other string → a regular expression."""

@@ -44,6 +44,8 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
     flags.DEFINE_string("topology", None, "Cloud TPU accelerator type: v5p-64, v4-32, v5litepod-16 / v5e-16, "
                         "v6e-8, ...", flag_values=values)
     flags.DEFINE_integer("responses", 2, "K: responses per example in the data (2 for pairs).", flag_values=values)
+    flags.DEFINE_bool("rewards", False, "The data carries per-response scores (they reach the step's metrics "
+                      "even when the loss does not use them).", flag_values=values)
     flags.DEFINE_string("dump_hlo", "", "A directory: write each program's compiled HLO text there.",
                         flag_values=values)
     try:
@@ -63,7 +65,7 @@ def run(argv: Sequence[str]) -> int:
         values = _flag_values(argv)
         cfg, slc = values.config, parse_slice(values.topology)
         devices = slice_devices(slc)
-        plan = build_programs(cfg, devices, values.responses)
+        plan = build_programs(cfg, devices, values.responses, rewards=values.rewards)
     except (ValueError, OSError, KeyError, AttributeError, TypeError, flags.Error) as e:
         print(f"rpo-plan: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -36,26 +36,57 @@ from rpo_jax.data import (
 )
 from rpo_jax.data.packing import Packing, is_packed, real_tokens
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train.build.data import load_records, load_tokenizer, tokenize_splits, tokenizer_path
-from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, dataset_fingerprint, weights_fingerprint
-from rpo_jax.train.build.lora import lora_enabled
-from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
+from rpo_jax.train.build.data import (
+    load_records,
+    load_tokenizer,
+    tokenize_splits,
+    tokenizer_path,
+)
+from rpo_jax.train.build.fingerprints import (
+    checkpoint_fingerprint,
+    dataset_fingerprint,
+    weights_fingerprint,
+)
+from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
+from rpo_jax.train.build.model import (
+    adapters_off_graphdef,
+    load_model,
+    load_policy,
+    split_trainable,
+)
+from rpo_jax.train.build.programs import (
+    ReferenceLayout,
+    ReferenceSync,
+    jitted_steps,
+    reference_layout,
+    reference_sync_of,
+    scorer,
+    state_with_reference,
+)
 from rpo_jax.train.build.references import Reference, cached_logps, compute_logps
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.core.identity import run_identity
-from rpo_jax.train.core.performance import attention_key_cost, batch_flops
-from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
+from rpo_jax.train.core.runner import (
+    ResumeError,
+    Task,
+    Unit,
+    run_task,
+    sum_over_eval_batches,
+)
 from rpo_jax.train.core.workdir import REFERENCE_CACHE
-from rpo_jax.train.runtime.global_batches import local_batch_size, replicated, to_global
-from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_with_references
+from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
+from rpo_jax.train.runtime.packed_rows import (
+    pack_local,
+    packing_of,
+    packing_with_references,
+)
+from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops
 from rpo_jax.train.step.logprobs import resolve_score_window
-from rpo_jax.train.step.steps import ReferenceSync, WithFrozen, make_eval_step, make_scorer, make_train_step
 
 log = logging.getLogger(__name__)
 
 MODE = "preference"
 INITIAL_POLICY = "initial-policy"
-REFERENCE_MODES = ("auto", "cache", "in_step")
 
 
 @dataclasses.dataclass
@@ -66,7 +97,7 @@ class PreferenceRun(RunSetup):
     loss_fn: Any
     datasets: dict[str, TokenizedDataset]
     references: list[Reference]
-    in_step_refs: bool                    # references scored in the step (else their log-probs are cached)
+    layout: ReferenceLayout               # where the references live and when they are scored (the one decision)
     score_window: int | None              # output-head positions per sequence (config.model.score_window)
     ref_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split → [N, K, R] (cache mode)
     preference_direction: dict[str, Any] = dataclasses.field(default_factory=dict)  # `preference_direction`
@@ -74,6 +105,11 @@ class PreferenceRun(RunSetup):
     # as it says (`hold_reference_in_state`); references[0].params is then None
     reference_sync: ReferenceSync | None = None
     packing: Packing | None = None        # config.data.packing / share_prompt (`packing_of`); None: padded batches
+
+    @property
+    def in_step_refs(self) -> bool:
+        """References scored in the step (else their log-probs are cached)."""
+        return self.layout.in_step
 
 
 def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, TokenizedDataset]) -> int | None:
@@ -128,7 +164,7 @@ def initial_policy_reference(cfg: ml_collections.ConfigDict, setup: RunSetup,
     lora = cfg.model.lora
     if lora.base_dtype:
         fingerprint = f"{fingerprint}+base_dtype={lora.base_dtype}"
-    if lora.reference == "initial":
+    if not lora_reference_is_base(cfg):  # "initial"
         adapter = checkpoint_fingerprint(lora.init_from) if lora.init_from else f"fresh-seed={cfg.seed}"
         return Reference(INITIAL_POLICY, f"{fingerprint}+adapter={adapter}", setup.graphdef,
                          jax.tree.map(jnp.copy, params), None, datasets, tokenizer_path(cfg))
@@ -151,55 +187,24 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
     setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
                         total_steps=cfg.train.steps * max(1, cfg.train.iterations))
-    if cfg.reference_mode not in REFERENCE_MODES:
-        raise ValueError(f"reference_mode={cfg.reference_mode!r}: expected one of {REFERENCE_MODES}")
-    sync = reference_sync_of(cfg, loss_fn)
+    layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg, loss_fn))
     references = build_references(cfg, setup, datasets, loss_fn)
-    in_step = bool(references) and (cfg.reference_mode == "in_step" or (sync is not None
-                                                                         and cfg.reference_mode == "auto"))
-    if in_step and any(r.datasets is not datasets for r in references):
+    if layout.in_step and any(r.datasets is not datasets for r in references):
         raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
                          "use 'cache' for references with their own tokenizer"
-                         + (" (config.reference_sync needs in-step references)" if sync is not None else ""))
-    key_cost = attention_key_cost(model_config, num_references=len(references) if in_step else 0)
+                         + (" (config.reference_sync needs in-step references)" if layout.sync else ""))
+    key_cost = attention_key_cost(model_config, num_references=len(references) if layout.in_step else 0)
     packing = packing_with_references(packing_of(cfg, mesh, row_length=cfg.data.max_length, key_cost=key_cost),
                                       cfg, references, datasets)
     run = PreferenceRun(**vars(setup), workdir=storage.as_path(workdir), loss_fn=loss_fn, datasets=datasets,
-                        references=references, in_step_refs=in_step, score_window=score_window_of(cfg, datasets),
+                        references=references, layout=layout, score_window=score_window_of(cfg, datasets),
                         preference_direction=direction, packing=packing)
-    if sync is not None or (in_step and cfg.train.iterations > 1):
+    if layout.in_state:
         if references[0].params is not None:  # None: LoRA's base reference, the policy's own weights
             check_mixable(references[0], setup.state["params"],
-                          "config.reference_sync" if sync is not None else "train.iterations > 1 (in-step)")
-        hold_reference_in_state(run, sync or ReferenceSync())
+                          "config.reference_sync" if layout.sync.every else "train.iterations > 1 (in-step)")
+        hold_reference_in_state(run, layout.sync)
     return run
-
-
-def reference_sync_of(cfg: ml_collections.ConfigDict, loss_fn) -> ReferenceSync | None:
-    """`config.reference_sync` as a `ReferenceSync`, or None when it is off (absent or `every = 0`).
-    ValueErrors naming the field for a bad value and for what it cannot run with: a loss without a reference,
-    `reference_mode="cache"` (cached log-probs of a reference that moves would go stale), LoRA."""
-    spec = cfg.get("reference_sync")
-    every, mix = (spec.get("every", 0), spec.get("mix", 1.0)) if spec is not None else (0, 1.0)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f"config.reference_sync.every={every!r}: expected a whole number of optimizer steps ≥ 0 "
-                         "(0 = off)")
-    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 < mix <= 1.0:
-        raise ValueError(f"config.reference_sync.mix={mix!r}: expected α in (0, 1] (θ_ref ← α·θ + (1 − α)·θ_ref)")
-    if every == 0:
-        return None
-    where = f"config.reference_sync.every={every}"
-    if not loss_fn.spec.requires_reference:
-        raise ValueError(f"{where}: loss {cfg.loss.name!r} uses no reference, so there is none to move; "
-                         "set reference_sync.every=0")
-    if cfg.reference_mode == "cache":
-        raise ValueError(f"{where} needs references scored in the step: reference_mode='cache' would keep the "
-                         "log-probs of a reference that moves (stale); use reference_mode='in_step' or 'auto'")
-    if lora_enabled(cfg) and mix != 1.0:
-        raise ValueError(f"config.reference_sync.mix={mix} with LoRA (config.model.lora): only mix=1 is exact (the "
-                         "reference's adapters become a copy of the policy's); α·θ + (1 − α)·θ_ref of adapter "
-                         "factors is not the weight mix (B_mix·A_mix ≠ α·B·A + (1 − α)·B_ref·A_ref)")
-    return ReferenceSync(every=every, mix=float(mix))
 
 
 def check_mixable(primary: Reference, params: Any, setting: str) -> None:
@@ -228,8 +233,7 @@ def hold_reference_in_state(run: PreferenceRun, sync: ReferenceSync) -> None:
         policy = run.state["params"]
         reference = jax.tree.map(lambda x: jax.device_put(jnp.zeros_like(x), x.sharding), policy)
         primary = dataclasses.replace(primary, graphdef=run.graphdef, rest=None)
-    run.state = {**run.state, "reference": reference}
-    run.state_shardings = {**run.state_shardings, "reference": jax.tree.map(lambda x: x.sharding, reference)}
+    run.state, run.state_shardings = state_with_reference(run.state, run.state_shardings, reference)
     run.references[0] = dataclasses.replace(primary, params=None)
     run.reference_sync = sync
 
@@ -277,17 +281,15 @@ def fill_reference_cache(run: PreferenceRun) -> None:
     cfg = run.config
     per_process = local_batch_size(cfg.data.eval_batch_size, run.mesh)
     cache_dir = storage.as_path(cfg.reference_cache_dir or storage.as_path(run.workdir) / REFERENCE_CACHE)
-    scorers = [make_scorer(ref.graphdef, run.rest if ref.rest is None else ref.rest, run.mesh,
-                           compute_dtype=run.dtype, vocab_chunk_size=cfg.model.vocab_chunk_size or None,
-                           score_window=run.score_window if ref.datasets is run.datasets
-                           else score_window_of(cfg, ref.datasets))
+    scorers = [scorer(cfg, run, ref.graphdef, ref.rest, run.score_window if ref.datasets is run.datasets
+                      else score_window_of(cfg, ref.datasets))
                for ref in run.references]
     cache = {}
     for split, ds in run.datasets.items():
         columns = []
-        for ref, scorer in zip(run.references, scorers):
-            compute = lambda ref=ref, scorer=scorer: compute_logps(  # noqa: E731  (params None: the policy's)
-                scorer, run.state["params"] if ref.params is None else ref.params, ref.datasets[split], per_process,
+        for ref, score in zip(run.references, scorers):
+            compute = lambda ref=ref, score=score: compute_logps(  # noqa: E731  (params None: the policy's)
+                score, run.state["params"] if ref.params is None else ref.params, ref.datasets[split], per_process,
                 run.mesh, prepare=lambda batch: pack_local(batch, run.packing, run.mesh))
             columns.append(cached_logps(cache_dir, ref, split, compute))
         values = np.stack(columns, axis=-1)  # [N, K, R]
@@ -393,27 +395,6 @@ def evaluate(run: PreferenceRun, params, eval_step, reference: Any = None) -> di
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def jitted_steps(cfg: ml_collections.ConfigDict, setup: RunSetup, loss_fn, ref_graphdefs: tuple,
-                 score_window: int | None, reference_sync: ReferenceSync | None = None) -> tuple[Any, Any]:
-    """(train step, eval step) of preference training, jitted as the trainer runs them: the train step donates
-    the state and keeps its shardings, metrics come back replicated. `setup` is a `RunSetup` (or `rpo-plan`'s
-    abstract one); `ref_graphdefs` are the in-step references' `(graphdef, rest)`, empty with cached ones;
-    `reference_sync`: the primary reference is the state's `"reference"` (`PreferenceRun.reference_sync`)."""
-    chunk = cfg.model.vocab_chunk_size or None
-    step_fn = make_train_step(setup.graphdef, setup.rest, loss_fn, setup.tx, compute_dtype=setup.dtype,
-                              micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
-                              ref_graphdefs=ref_graphdefs, lr_schedule=setup.schedule, score_window=score_window,
-                              skip_nonfinite=cfg.train.on_nonfinite == "skip_step", reference_sync=reference_sync)
-    # the frozen rest (with LoRA: the base) is an argument of both programs, never a constant baked into them
-    train_step = WithFrozen(jax.jit(step_fn, donate_argnums=(0,),
-                                    out_shardings=(setup.state_shardings, replicated(setup.mesh))), setup.rest)
-    eval_step = WithFrozen(jax.jit(make_eval_step(setup.graphdef, setup.rest, loss_fn, compute_dtype=setup.dtype,
-                                                  vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs,
-                                                  score_window=score_window),
-                                   out_shardings=replicated(setup.mesh)), setup.rest)
-    return train_step, eval_step
-
-
 def restore_position(run: PreferenceRun, iterator, data_state, step: int) -> None:
     """Put the data iterator back at `step` of a resumed run. Iterated training (`train.iterations > 1`) with
     in-step references holds the primary reference in the train state, so a checkpoint anywhere resumes exactly.

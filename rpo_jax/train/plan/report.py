@@ -4,10 +4,11 @@ time and MFU, and the verdict (fits / does not fit).
 
 from __future__ import annotations
 
-from rpo_jax.train.build.programs import Plan
+from rpo_jax.train.build.programs import Plan, Weights
 from rpo_jax.train.plan.compile import CompiledProgram
 from rpo_jax.train.plan.hlo_analysis import COLLECTIVES
 from rpo_jax.train.plan.slices import Chip, GiB, Slice
+from rpo_jax.train.runtime.performance import train_flops_per_token
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -21,6 +22,36 @@ def estimate_step(compiled: CompiledProgram, model_flops: float, chip: Chip) -> 
             "mfu": model_flops / (step_s * chip.peak_bf16_flops) if step_s else 0.0}
 
 
+def model_flops_per_chip(plan: Plan) -> float:
+    """The FLOP model's count (`train_flops_per_token`) for the planned train batch, per chip."""
+    b, k, t = plan.batch_shape
+    refs = plan.layout.count if plan.layout.in_step else 0
+    return b * k * t * train_flops_per_token(plan.model_config, t, num_references=refs,
+                                             score_window=plan.score_window) / plan.num_devices
+
+
+def where_references_live(plan: Plan) -> str:
+    """The reference layout in words: how many, when scored, where the primary's weights are."""
+    layout = plan.layout
+    if not layout.count:
+        return "none (a reference-free loss)"
+    scored = "scored in the step" if layout.in_step else "cached (scored once before step 1)"
+    if layout.primary is Weights.TRAIN_STATE:
+        moves = (f"moving: reference_sync every {layout.sync.every} steps" if layout.sync.every
+                 else "reset per iteration")
+        primary = f"in the train state ({moves})"
+    else:
+        primary = {Weights.OWN: "its own frozen weights", Weights.POLICY_BASE: "the policy's base, adapters off"}[
+            layout.primary]
+    return f"{layout.count} {scored}; the primary's weights: {primary}"
+
+
+def where_held(plan: Plan) -> str:
+    if plan.layout.in_state:
+        return " (the primary's in the train state: counted in both)"
+    return "" if plan.layout.in_step else " (held by the trainer, not the step)"
+
+
 def gib(x: float) -> str:
     return f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 2**20:.1f} MiB"
 
@@ -28,21 +59,22 @@ def gib(x: float) -> str:
 def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
     """The plan printed per chip."""
     chip, train = slc.chip, compiled[0]  # the train step when it compiled, else the first program that did
+    model_flops = model_flops_per_chip(plan)
     mc = plan.model_config
     lines = [f"rpo-plan: {slc.accelerator} = {slc.num_chips} chips ({slc.topology_name}), mesh "
              f"{plan.mesh_shape}; "
              f"{mc.model_type} {mc.num_params() / 1e9:.2f}B parameters, {mc.num_layers} layers; "
-             f"references: {plan.num_references} {'in the step' if plan.in_step else 'cached'}",
+             f"references: {where_references_live(plan)}",
              f"per chip: HBM {gib(chip.hbm_bytes)}"]
     for c in compiled:
         lines.append(f"  {c.name}: total {gib(c.total)} = arguments {gib(c.arguments)} + outputs not aliased "
                      f"{gib(c.outputs - c.aliased)} + temporaries {gib(c.temporaries)} + code {gib(c.code)}"
                      + (f" + held outside {gib(c.resident)}" if c.resident else ""))
     lines.append(f"  of which: parameters + optimizer state {gib(plan.state_bytes)}, references "
-                 f"{gib(plan.reference_bytes)}{'' if plan.in_step else ' (held by the trainer, not the step)'}, "
+                 f"{gib(plan.reference_bytes)}{where_held(plan)}, "
                  f"batch {gib(plan.batch_bytes)}, train-step temporaries {gib(train.temporaries)}")
     lines.append(f"step FLOPs per chip: compiled HLO {train.flops:.3e} (matmuls, loops × trip counts); FLOP model "
-                 f"{plan.model_flops_per_chip:.3e} (train_flops_per_token); ratio {train.flops / plan.model_flops_per_chip:.2f}"
+                 f"{model_flops:.3e} (train_flops_per_token); ratio {train.flops / model_flops:.2f}"
                  + (f"; loops of unknown trip count counted once: {len(train.unknown_loops)}"
                     if train.unknown_loops else ""))
     lines.append("collectives per train step, per chip (from the compiled HLO):")
@@ -50,7 +82,7 @@ def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
     for kind in COLLECTIVES:
         s = train.collectives[kind]
         lines.append(f"  {kind:<20}{s.count:>8}{s.bytes / GiB:>12.3f}{1e3 * s.traffic_bytes / chip.ici_bytes_per_s:>10.2f}")
-    est = estimate_step(train, plan.model_flops_per_chip, chip)
+    est = estimate_step(train, model_flops, chip)
     lines.append(f"ESTIMATE (not a measurement; matmuls at the {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak, "
                  f"collectives at {chip.ici_bytes_per_s * 8 / 1e9:.0f} Gbps ICI, no overlap): step "
                  f"{est['step_s']:.2f} s (compute {est['compute_s']:.2f} s + communication {est['comm_s']:.2f} s), "

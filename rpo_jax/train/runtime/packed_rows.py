@@ -52,7 +52,7 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
     `packing_with_references`). Rows are sized per batch (`rpo_jax.data.packing.choose_layout`) unless
     `config.data.pack_length` > 0 fixes them, to at least
     `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens);
-    `key_cost`: the model's `rpo_jax.train.core.performance.attention_key_cost`, which weighs longer rows' attention.
+    `key_cost`: the model's `rpo_jax.train.runtime.performance.attention_key_cost`, which weighs longer rows' attention.
     Raises ValueError for a value that is not a setting, for `share_prompt=True` without packing, and for a
     `pack_length` below `row_length`.
     """

@@ -1,0 +1,206 @@
+"""One program builder: `rpo-plan` (`build_programs`, abstract arguments) and the trainer (`build_run` →
+`preference_task`, real arrays) compile the same programs — the same reference layout, and for every argument
+of every compiled program (train step, eval step, cache-fill scorers, the frozen rest) the same tree structure,
+shapes, dtypes, shardings and donation.
+
+The planned batch is the worst case (data.max_length, padded); the trainer's is the data's length bucket, so for
+the batch argument only the structure, dtypes and shardings are compared (and the shapes too when the trainer's
+bucket is data.max_length). With packing on the trainer's rows are packed while rpo-plan plans padded rows: the
+batch is left out there, everything else is compared.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import pytest
+
+from rpo_jax.data import make_eval_batches, make_train_iterator
+from rpo_jax.train.build.programs import (Scoring, Weights, build_programs, jitted_steps, reference_layout,
+                                          reference_sync_of, scorer)
+from rpo_jax.train.build.state import build_loss
+from rpo_jax.train.jobs import preference
+from rpo_jax.train.runtime.global_batches import local_batch_size
+from .trainer_testlib import save_tiny_base, set_fields, tiny_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def signature(tree) -> dict[str, tuple]:
+    """Path → (shape, dtype, sharding) of every leaf (arrays or ShapeDtypeStructs)."""
+    return {jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype), x.sharding)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def donation(program, args) -> dict[str, bool]:
+    """Path → donated, for every leaf argument of `program` lowered with `args` (the frozen rest included)."""
+    info = program.lower(*args).args_info
+    leaves = jax.tree_util.tree_leaves_with_path(info, is_leaf=lambda x: isinstance(x, jax.stages.ArgInfo))
+    return {jax.tree_util.keystr(path): a.donated for path, a in leaves}
+
+
+def assert_same_program(name: str, trainer: tuple, planned: tuple, *, batch: str) -> None:
+    """`trainer` and `planned` are (program, args); `batch` is "full" (compare shapes), "layout" (structure,
+    dtypes and shardings) or "skip" (packed rows against padded plans)."""
+    (t_prog, t_args), (p_prog, p_args) = trainer, planned
+    assert len(t_args) == len(p_args), name
+    for i, (t, p) in enumerate(zip(t_args, p_args)):
+        if i == 1 and batch != "full" and name != "scorer":
+            if batch == "layout":
+                t_sig, p_sig = signature(t), signature(p)
+                assert sorted(t_sig) == sorted(p_sig), f"{name}: batch keys"
+                assert {k: v[1:] for k, v in t_sig.items()} == {k: v[1:] for k, v in p_sig.items()}, f"{name}: batch"
+            continue
+        assert jax.tree.structure(t) == jax.tree.structure(p), f"{name}: argument {i} structure"
+        assert signature(t) == signature(p), f"{name}: argument {i}"
+    assert signature(t_prog.frozen) == signature(p_prog.frozen), f"{name}: the frozen rest"
+    t_don, p_don = donation(t_prog, t_args), donation(p_prog, p_args)
+    if batch != "full":  # the batch's leaves are compared above; donation: none of them is donated in either
+        t_don = {k: v for k, v in t_don.items() if not k.startswith("[0][1]")}
+        p_don = {k: v for k, v in p_don.items() if not k.startswith("[0][1]")}
+    assert t_don == p_don, f"{name}: donation"
+
+
+def trainer_programs(run) -> dict[str, tuple]:
+    """The programs the trainer compiles for `run`, with the arguments of their first call."""
+    ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
+    train_step, eval_step = jitted_steps(run.config, run, run.loss_fn, ref_graphdefs, run.score_window,
+                                         reference_sync=run.reference_sync)
+    cfg = run.config
+    host = next(make_train_iterator(run.datasets["train"], local_batch_size(cfg.data.batch_size, run.mesh),
+                                    seed=cfg.seed, shuffle=cfg.data.shuffle))
+    eval_host = next(make_eval_batches(run.datasets["eval"], local_batch_size(cfg.data.eval_batch_size, run.mesh)))
+    preference.fill_reference_cache(run)
+    out = {"train step": (train_step, (run.state, preference.train_batch(run, host),
+                                       preference.step_reference_params(run)))}
+    out["eval step"] = (eval_step, (run.state["params"], preference.device_batch(run, eval_host, "eval"),
+                                    preference.in_step_reference_params(run, run.state.get("reference"))))
+    if run.layout.scoring is Scoring.CACHED:
+        for i, ref in enumerate(run.references):
+            params = run.state["params"] if ref.params is None else ref.params
+            out[f"reference {i} scorer (cache fill)"] = (
+                scorer(run.config, run, ref.graphdef, ref.rest, run.score_window), (params, None))
+    return out
+
+
+#: quickstart variants: (overrides, the reference layout expected: scoring, the primary's weights)
+VARIANTS = {
+    "quickstart": ({}, Scoring.CACHED, Weights.OWN),
+    "in_step": ({"reference_mode": "in_step"}, Scoring.IN_STEP, Weights.OWN),
+    "tr_dpo_auto": ({"reference_sync.every": 2}, Scoring.IN_STEP, Weights.TRAIN_STATE),
+    "iterated_in_step": ({"reference_mode": "in_step", "train.iterations": 2}, Scoring.IN_STEP,
+                         Weights.TRAIN_STATE),
+    "lora": ({"model.lora.rank": 4}, Scoring.CACHED, Weights.POLICY_BASE),
+    "lora_in_step": ({"model.lora.rank": 4, "reference_mode": "in_step"}, Scoring.IN_STEP, Weights.POLICY_BASE),
+    "lora_tr_dpo": ({"model.lora.rank": 4, "reference_sync.every": 2}, Scoring.IN_STEP, Weights.TRAIN_STATE),
+    "qlora": ({"model.lora.rank": 4, "model.lora.base_dtype": "int8", "reference_mode": "in_step"},
+              Scoring.IN_STEP, Weights.POLICY_BASE),
+    "packing_on": ({"data.packing": True, "reference_mode": "in_step"}, Scoring.IN_STEP, Weights.OWN),
+    "simpo_reference_free": ({"loss.name": "simpo", "loss.hparams": {"beta": 2.0, "gamma": 0.5}}, Scoring.NONE,
+                             Weights.OWN),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("one_program"))
+
+
+def variant_config(root: pathlib.Path, overrides: dict):
+    cfg = tiny_config(root / "data", **{"model.dtype": "float32", "data.max_length": 64,
+                                        "data.max_prompt_length": 32})
+    return set_fields(cfg, overrides)
+
+
+def plan_config(run, root: pathlib.Path, overrides: dict):
+    """The variant's config as rpo-plan reads it: the random init's vocabulary stated (the trainer takes it from
+    the tokenizer, which the planner does not load)."""
+    cfg = variant_config(root, overrides)
+    cfg.model.init = {**cfg.model.init, "vocab_size": run.model_config.vocab_size}
+    return cfg
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_plan_and_the_trainer_compile_the_same_programs(variant, tiny_root, tmp_path):
+    overrides, scoring, weights = VARIANTS[variant]
+    cfg = variant_config(tiny_root, overrides)
+    run = preference.build_run(cfg, tmp_path / "run")
+    assert (run.layout.scoring, run.layout.primary) == (scoring, weights)
+    plan = build_programs(plan_config(run, tiny_root, overrides), jax.devices(), responses=run.datasets["train"].k_max,
+                          rewards=run.datasets["train"].has_rewards)
+    assert plan.layout == run.layout
+    assert ("reference" in plan.programs[0].args[0]) == (weights is Weights.TRAIN_STATE)
+    planned = {p.name: (p.jitted, p.args) for p in plan.programs}
+    trained = trainer_programs(run)
+    assert sorted(planned) == sorted(trained)
+    bucket_is_max = run.datasets["train"].max_length == cfg.data.max_length
+    batch = "skip" if run.packing is not None else ("full" if bucket_is_max else "layout")
+    for name in planned:
+        if name.startswith("reference"):  # a scorer: parameters and the frozen rest (the batch is the data's)
+            (t_prog, (t_params, _)), (p_prog, (p_params, _)) = trained[name], planned[name]
+            assert signature(t_params) == signature(p_params), name
+            assert signature(t_prog.frozen) == signature(p_prog.frozen), name
+            continue
+        assert_same_program(name, trained[name], planned[name], batch=batch)
+    # the trainer runs exactly these programs: its real first step on CPU
+    state, metrics = trained["train step"][0](*trained["train step"][1])
+    assert jax.numpy.isfinite(metrics["loss"])
+
+
+def test_mrpo_plans_both_references(tiny_root, tmp_path):
+    """MRPO (R = 2: the initial policy and a second checkpoint) in the step: both references are arguments of the
+    train step, with their own parameters, in the plan as in the trainer."""
+    overrides = {"loss.name": "mrpo", "loss.hparams": {"beta": 0.1},
+                 "references": [{"path": "", "tokenizer": ""}, {"path": str(tiny_root / "base"), "tokenizer": ""}],
+                 "reference_mode": "in_step", "model.tokenizer": str(tiny_root / "base")}
+    cfg = variant_config(tiny_root, overrides)
+    run = preference.build_run(cfg, tmp_path / "run")
+    plan = build_programs(plan_config(run, tiny_root, overrides), jax.devices(), responses=run.datasets["train"].k_max,
+                          rewards=run.datasets["train"].has_rewards)
+    assert plan.layout == run.layout and plan.layout.count == 2
+    trained = trainer_programs(run)
+    planned = {p.name: (p.jitted, p.args) for p in plan.programs}
+    bucket_is_max = run.datasets["train"].max_length == cfg.data.max_length
+    for name in planned:
+        assert_same_program(name, trained[name], planned[name], batch="full" if bucket_is_max else "layout")
+
+
+def recipes() -> list[pathlib.Path]:
+    return sorted(p for p in CONFIGS.glob("*.py"))
+
+
+def load(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_every_recipe_plans_the_trainers_reference_layout():
+    """Every preference recipe in configs/, abstractly from its architecture (no weights read), on one CPU
+    device: `build_programs` lowers its train step with the layout the trainer decides (`reference_layout`) —
+    the primary reference in the train state exactly when it moves or resets."""
+    checked = 0
+    for path in recipes():
+        cfg = load(path)
+        if cfg.mode != "preference":
+            continue
+        if cfg.model.path and not cfg.model.architecture and not pathlib.Path(cfg.model.path).is_dir():
+            continue  # a hub id without an architecture file: rpo-plan refuses it (tested in test_plan.py)
+        cfg.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+        cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.micro_batches = 1, 1, 1
+        cfg.data.max_length = 32
+        loss_fn = build_loss(cfg)
+        for sync in (0, 8) if loss_fn.spec.requires_reference else (0,):
+            cfg.reference_sync.every = sync
+            expected = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg, loss_fn))
+            plan = build_programs(cfg, jax.devices()[:1])
+            assert plan.layout == expected, (path.name, sync)
+            state = plan.programs[0].args[0]
+            assert ("reference" in state) == expected.in_state, (path.name, sync)
+            plan.programs[0].jitted.lower(*plan.programs[0].args)
+            checked += 1
+    assert checked >= 8
+
