@@ -74,7 +74,7 @@ class Packing:
         the padded batch's cost (:func:`layout_cost`); 0: always pack.
       key_cost: c, the cost of one attention key relative to the rest of a slot's work, so that a row of T slots
         costs T·(1 + c·T) when the row length is chosen (dense attention over the row; 0: slots only). The
-        trainer sets it from the model's FLOPs (`rpo_jax.train.core.performance.attention_key_cost`).
+        trainer sets it from the model's FLOPs (`rpo_jax.train.runtime.performance.attention_key_cost`).
     """
 
     row_length: int
@@ -105,7 +105,7 @@ class Piece:
 
 
 @dataclasses.dataclass(frozen=True)
-class Unit:
+class PackUnit:
     """What goes into a row together: example ``b``'s ``pieces``; ``prompt`` tokens shared by them (None:
     each piece holds its whole sequence)."""
 
@@ -150,7 +150,7 @@ def shared_prompt_length(pieces: Sequence[Piece], where: str) -> int:
     return prompt_length
 
 
-def example_units(pieces: Sequence[Piece], b: int, packing: Packing, where: str) -> list[Unit]:
+def example_units(pieces: Sequence[Piece], b: int, packing: Packing, where: str) -> list[PackUnit]:
     """Example ``b``'s units: as many pieces per unit as fit in ``row_length`` (k order)."""
     prompt = None
     if packing.share_prompt and len(pieces) > 1:
@@ -162,14 +162,14 @@ def example_units(pieces: Sequence[Piece], b: int, packing: Packing, where: str)
                              f"the packing row length {packing.row_length}")
     units, current = [], []
     for p in pieces:
-        candidate = Unit(b, prompt, tuple(current + [p]))
+        candidate = PackUnit(b, prompt, tuple(current + [p]))
         if current and candidate.length > packing.row_length:
-            units.append(Unit(b, prompt, tuple(current)))
+            units.append(PackUnit(b, prompt, tuple(current)))
             current = [p]
         else:
             current.append(p)
     if current:
-        units.append(Unit(b, prompt, tuple(current)))
+        units.append(PackUnit(b, prompt, tuple(current)))
     return units
 
 
@@ -228,7 +228,7 @@ class Layout:
 
     row_length: int
     rows: int
-    groups: list[tuple[list[Unit], list[list[int]]]]
+    groups: list[tuple[list[PackUnit], list[list[int]]]]
 
 
 Examples = Sequence[tuple[int, list[Piece], str]]  # (b, pieces, where) of one micro-batch's examples
@@ -261,7 +261,7 @@ def layout_cost(shape: Sequence[int], key_cost: float) -> float:
     return float(np.prod(shape)) * (1.0 + key_cost * shape[-1])
 
 
-def write_unit(rows: dict[str, np.ndarray], r: int, start: int, unit: Unit, first_segment: int,
+def write_unit(rows: dict[str, np.ndarray], r: int, start: int, unit: PackUnit, first_segment: int,
                first_id: int) -> tuple[int, int]:
     """Write ``unit`` into row ``r`` from slot ``start`` (segments numbered from ``first_segment``, response k
     scored with id ``first_id + k``); returns the next free slot and the next segment id."""

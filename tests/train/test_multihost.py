@@ -16,12 +16,25 @@ import numpy as np
 import pytest
 
 from rpo_jax.data import make_train_iterator
-from rpo_jax.train.core import performance
-from rpo_jax.train.core.performance import Throughput, train_flops_per_token
+from rpo_jax.train.runtime import performance
 from rpo_jax.train.jobs import preference
+from rpo_jax.train.runtime.performance import Throughput, train_flops_per_token
 
-from .test_gcs import assert_same_params, bucket_final_params, bucket_metrics, bucket_steps, logged_steps
-from .trainer_testlib import final_params, read_metrics, subprocess_env, tiny_config, train_command, write_config
+from .test_gcs import (
+    assert_same_params,
+    bucket_final_params,
+    bucket_metrics,
+    bucket_steps,
+    logged_steps,
+)
+from .trainer_testlib import (
+    final_params,
+    read_metrics,
+    subprocess_env,
+    tiny_config,
+    train_command,
+    write_config,
+)
 
 
 def start_processes(config_file, workdir, n: int = 2, devices: int = 4) -> list[subprocess.Popen]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rpo_jax.data import PreferenceRecord, demo_paths, read_records
+from rpo_jax.data import PreferenceRecord, demo_paths, read_records, reward_pairs
 from rpo_jax.models import encode_conversation, load_reward_model, reward_model_fn
 from rpo_jax.models.reward import pooling_index
 from rpo_jax.train.build.data import load_tokenizer
@@ -22,7 +22,13 @@ from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.core.export import export_workdir, save_model
 from rpo_jax.train.jobs import reward_model
 
-from .trainer_testlib import TINY_MODEL, demo_slice, load_recipe, read_metrics, set_fields
+from .trainer_testlib import (
+    TINY_MODEL,
+    demo_slice,
+    load_recipe,
+    read_metrics,
+    set_fields,
+)
 
 ONE = jax.devices()[:1]  # in-process runs on one device: faster on a 2-core machine
 
@@ -90,21 +96,21 @@ def _texts(pairs):
 
 def test_pairs_from_rewards_all_and_best_worst_with_ties():
     rec = _record(["a", "b", "c", "d"], [0.5, 1.0, 0.5, 0.0])
-    pairs, without = reward_model.preference_pairs([rec], mode="all")
+    pairs, without = reward_pairs.preference_pairs([rec], mode="all")
     assert without == 0
     assert sorted(_texts(pairs)) == sorted([("a", "d"), ("b", "a"), ("b", "c"), ("b", "d"), ("c", "d")])  # a~c tie
     assert all(p.rewards[0] > p.rewards[1] for p in pairs)
-    best, _ = reward_model.preference_pairs([rec], mode="best_worst")
+    best, _ = reward_pairs.preference_pairs([rec], mode="best_worst")
     assert _texts(best) == [("b", "d")]
     # all tied: no pair, counted; K = 2 with rewards: the higher reward is chosen whatever the order
     tied = _record(["x", "y", "z"], [0.3, 0.3, 0.3])
     swapped = _record(["lo", "hi"], [0.1, 0.9])
-    pairs, without = reward_model.preference_pairs([tied, swapped], mode="all")
+    pairs, without = reward_pairs.preference_pairs([tied, swapped], mode="all")
     assert without == 1 and _texts(pairs) == [("hi", "lo")]
 
 
 def test_pairs_k2_without_rewards_keep_response_0_as_chosen():
-    pairs, without = reward_model.preference_pairs([_record(["chosen", "rejected"])], mode="all")
+    pairs, without = reward_pairs.preference_pairs([_record(["chosen", "rejected"])], mode="all")
     assert without == 0 and _texts(pairs) == [("chosen", "rejected")] and pairs[0].rewards is None
 
 
@@ -113,7 +119,7 @@ def test_k_above_2_without_rewards_is_an_error_naming_file_and_line(tmp_path):
     data.write_text(json.dumps({"prompt": "sort: 2 1", "responses": ["1 2", "2 1"]}) + "\n"
                     + json.dumps({"prompt": "sort: 3 1", "responses": ["1 3", "3 1", "x"]}) + "\n")
     with pytest.raises(ValueError, match=rf"{data}:2: rewards: 3 responses without rewards"):
-        reward_model.preference_pairs(read_records([str(data)])[0], mode="all")
+        reward_pairs.preference_pairs(read_records([str(data)])[0], mode="all")
     cfg = tiny_config(tmp_path / "d", **{"data.train": str(data), "data.eval": ""})
     with pytest.raises(ValueError, match=rf"{data}:2: rewards"):
         reward_model.build_reward_run(cfg, devices=ONE)
@@ -142,8 +148,8 @@ def test_training_sequences_are_reward_model_fn_conversations(tmp_path):
                              responses=(({"role": "assistant", "content": "1 2"},),
                                         ({"role": "assistant", "content": "2 1"},)),
                              rewards=None, conversational=False, source=("s.jsonl", 1))
-    pairs, _ = reward_model.preference_pairs(records + [plain], mode="all")
-    ds = reward_model.tokenize_pairs(pairs, tok, max_length=64, pad_id=7)
+    pairs, _ = reward_pairs.preference_pairs(records + [plain], mode="all")
+    ds = reward_pairs.tokenize_pairs(pairs, tok, max_length=64, pad_id=7)
     assert len(ds) == len(pairs)
     for example in ds.examples:
         pair = pairs[example.index]
@@ -153,11 +159,11 @@ def test_training_sequences_are_reward_model_fn_conversations(tmp_path):
     batch = ds.collate(list(range(4)))
     seq = ds.examples[0].sequences[0]
     assert (batch["tokens"][0, 0, len(seq):] == 7).all() and batch["attention_mask"][0, 0].sum() == len(seq)
-    short = reward_model.tokenize_pairs(pairs, tok, max_length=12, pad_id=0, truncation="truncate_prompt")
+    short = reward_pairs.tokenize_pairs(pairs, tok, max_length=12, pad_id=0, truncation="truncate_prompt")
     assert len(short) == len(pairs)
-    full = reward_model.tokenize_pairs(pairs, tok, max_length=64, pad_id=0).examples[0].sequences[1].tolist()
+    full = reward_pairs.tokenize_pairs(pairs, tok, max_length=64, pad_id=0).examples[0].sequences[1].tolist()
     assert short.examples[0].sequences[1].tolist() == full[-12:]
-    assert len(reward_model.tokenize_pairs(pairs, tok, max_length=12, pad_id=0)) == 0  # "drop": every pair is longer
+    assert len(reward_pairs.tokenize_pairs(pairs, tok, max_length=12, pad_id=0)) == 0  # "drop": every pair is longer
 
 
 def test_train_step_is_the_bradley_terry_loss_of_the_scores_and_micro_batches_agree(tmp_path):
@@ -166,7 +172,7 @@ def test_train_step_is_the_bradley_terry_loss_of_the_scores_and_micro_batches_ag
     cfg = tiny_config(tmp_path, **{"reward_model.center_coefficient": 0.1, "optimizer.name": "sgd",
                                    "optimizer.learning_rate": 1.0, "optimizer.schedule": "constant"})
     run = reward_model.build_reward_run(cfg, devices=ONE)
-    batch = reward_model.pair_batch(run.datasets["train"].collate(list(range(8))))
+    batch = reward_pairs.pair_batch(run.datasets["train"].collate(list(range(8))))
     model = nnx.merge(run.graphdef, run.state["params"], run.rest)
     c, r = (np.asarray(x, np.float64) for x in reward_model.pair_scores(model, jnp.asarray(batch["tokens"]),
                                                                         jnp.asarray(batch["attention_mask"])))

@@ -16,10 +16,10 @@ import pytest
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.state import RunSetup, on_mesh
 from rpo_jax.train.config.defaults import base_config
-from rpo_jax.train.core import performance
+from rpo_jax.train.runtime import performance
 from rpo_jax.train.core.checkpoint import Checkpointer
-from rpo_jax.train.core.performance import Throughput
 from rpo_jax.train.core.runner import NonFiniteError, ResumeError, Task, Unit, run_task
+from rpo_jax.train.runtime.performance import Throughput
 
 IDENTITY = {"mode": "preference", "model": {"architecture": {"hidden_size": 4}}, "objective": {"loss": "dpo"}}
 

@@ -46,20 +46,37 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rpo_jax.data import PromptRecord, encode_prompt, epoch_permutation, read_prompts
+from rpo_jax.data import PromptRecord, read_prompts
+from rpo_jax.data.online_batches import encode_prompts, left_pad, prompt_for_reward, prompt_order, sample_batch
 from rpo_jax.data.packing import Packing
-from rpo_jax.models import RewardFn, generate, judge_fn, load_reward_model, reward_model_fn
+from rpo_jax.models import (
+    RewardFn,
+    generate,
+    judge_fn,
+    load_reward_model,
+    reward_model_fn,
+)
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import data_paths, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import token_lists_fingerprint
 from rpo_jax.train.build.lora import lora_enabled
-from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
+from rpo_jax.train.build.model import (
+    adapters_off_graphdef,
+    load_model,
+    load_policy,
+    split_trainable,
+)
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.core.identity import run_identity
-from rpo_jax.train.core.performance import attention_key_cost
 from rpo_jax.train.core.runner import Task, Unit, run_task
-from rpo_jax.train.runtime.global_batches import local_batch_size, replicate, replicated, to_global
+from rpo_jax.train.runtime.global_batches import (
+    local_batch_size,
+    replicate,
+    replicated,
+    to_global,
+)
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of
+from rpo_jax.train.runtime.performance import attention_key_cost
 from rpo_jax.train.step.logprobs import cast_floating, resolve_score_window
 from rpo_jax.train.step.steps import WithFrozen, make_scorer, make_train_step
 
@@ -105,79 +122,6 @@ def make_judge_fn(cfg: ml_collections.ConfigDict) -> RewardFn | None:
     return judge_fn(import_object(spec))
 
 
-# --------------------------------------------------------------------------------------------- prompts
-def prompt_order(num_prompts: int, iteration: int, per_iteration: int, seed: int) -> np.ndarray:
-    """Indices of the prompts of `iteration`: positions iteration·P … of the concatenated epoch permutations."""
-    positions = np.arange(iteration * per_iteration, (iteration + 1) * per_iteration)
-    out = np.empty_like(positions)
-    for epoch in np.unique(positions // num_prompts):
-        sel = positions // num_prompts == epoch
-        out[sel] = epoch_permutation(num_prompts, seed, int(epoch), shuffle=True)[positions[sel] % num_prompts]
-    return out
-
-
-def encode_prompts(prompts: Sequence[PromptRecord], tokenizer, *, max_prompt_length: int, truncation: str
-                   ) -> tuple[list[PromptRecord], list[list[int]], int]:
-    """(kept prompts, their token ids, number dropped): prompts longer than `max_prompt_length` are dropped
-    (`truncation="drop"`, counted) or keep their last `max_prompt_length` tokens (other policies)."""
-    kept, ids, dropped = [], [], 0
-    for p in prompts:
-        x = encode_prompt(p, tokenizer)
-        if len(x) > max_prompt_length:
-            if truncation == "drop":
-                dropped += 1
-                continue
-            x = x[-max_prompt_length:]
-        kept.append(p)
-        ids.append(x)
-    return kept, ids, dropped
-
-
-def left_pad(prompt_ids: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts → left-padded `tokens [N, width]` int32 and `attention_mask [N, width]` bool."""
-    tokens = np.full((len(prompt_ids), width), pad_id, np.int32)
-    mask = np.zeros((len(prompt_ids), width), bool)
-    for i, p in enumerate(prompt_ids):
-        if p:
-            tokens[i, width - len(p):], mask[i, width - len(p):] = p, True
-    return tokens, mask
-
-
-def sample_batch(prompt_ids: Sequence[Sequence[int]], responses: np.ndarray, response_mask: np.ndarray,
-                 rewards: np.ndarray | None, *, width: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Prompts [P] and their K sampled responses → a training batch (the `rpo_jax.data` contract).
-
-    responses/response_mask [P, K, M]: generated tokens and which are real (up to and including EOS).
-    Each row is prompt + response, right-padded to `width` tokens; `loss_mask` marks the response tokens,
-    `lengths` counts them, `valid` is True for every sample with ≥ 1 token, `rewards [P, K]` when given.
-    """
-    p_count, k, _ = responses.shape
-    tokens = np.full((p_count, k, width), pad_id, np.int32)
-    attention = np.zeros((p_count, k, width), bool)
-    loss_mask = np.zeros((p_count, k, width), bool)
-    lengths = response_mask.sum(-1).astype(np.int32)
-    for p, prompt in enumerate(prompt_ids):
-        lp = len(prompt)
-        for j in range(k):
-            r = responses[p, j, :lengths[p, j]]
-            end = lp + len(r)
-            if end > width:
-                raise ValueError(f"sample_batch: prompt {p} + response {j} has {end} tokens > width {width}")
-            tokens[p, j, :lp], tokens[p, j, lp:end] = prompt, r
-            attention[p, j, :end] = True
-            loss_mask[p, j, lp:end] = True
-    batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask, "lengths": lengths,
-             "valid": lengths > 0}
-    if rewards is not None:
-        batch["rewards"] = np.asarray(rewards, np.float32)
-    return batch
-
-
-def prompt_for_reward(p: PromptRecord):
-    """What a RewardFn receives as the prompt: the messages of a conversational prompt, else its text."""
-    return [dict(m) for m in p.prompt] if p.conversational else p.prompt_text
-
-
 # --------------------------------------------------------------------------------------------- the run
 Scorer = Callable[[Any, dict], jax.Array]  # (params, global batch) -> [P, K] response log-probs, replicated
 
@@ -210,7 +154,7 @@ class OnlineRun(RunSetup):
         return self.prompt_width + int(self.config.online.max_new_tokens)
 
 
-def score_window_of(cfg: ml_collections.ConfigDict) -> int | None:
+def sample_score_window(cfg: ml_collections.ConfigDict) -> int | None:
     """Output-head positions per sample (`config.model.score_window`; a response has ≤ max_new_tokens)."""
     return resolve_score_window(cfg.model.score_window, int(cfg.online.max_new_tokens))
 
@@ -298,7 +242,7 @@ def build_online_run(cfg: ml_collections.ConfigDict, *, devices=None) -> OnlineR
 
     def scorer(graphdef, rest) -> Scorer:
         return make_scorer(graphdef, rest, mesh, compute_dtype=dtype,
-                           vocab_chunk_size=cfg.model.vocab_chunk_size or None, score_window=score_window_of(cfg))
+                           vocab_chunk_size=cfg.model.vocab_chunk_size or None, score_window=sample_score_window(cfg))
 
     extra = []
     if loss_fn.spec.requires_reference:
@@ -463,7 +407,7 @@ def make_online_step(run: OnlineRun):
     step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
                               micro_batches=run.config.data.micro_batches,
                               vocab_chunk_size=run.config.model.vocab_chunk_size or None, lr_schedule=run.schedule,
-                              score_window=score_window_of(run.config),
+                              score_window=sample_score_window(run.config),
                               skip_nonfinite=run.config.train.on_nonfinite == "skip_step")
     # the frozen rest (with LoRA the base) is an argument of the program (WithFrozen), not a constant
     return WithFrozen(jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings,
