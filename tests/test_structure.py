@@ -172,6 +172,19 @@ def test_the_trainer_splits_models_with_one_filter():
     assert users == ["build/model.py"]
 
 
+def test_the_trainer_exports_one_entry_per_job():
+    """`rpo_jax.train` names one public entry per job (imported on first use: importing the package imports no
+    job), each the function the CLI runs for that `config.mode`."""
+    import subprocess
+    code = ("import sys, rpo_jax.train as t; assert not any(m.startswith('rpo_jax.train.jobs') for m in sys.modules);"
+            "from rpo_jax.train.cli.train import JOBS; import importlib;"
+            "jobs = {m: getattr(importlib.import_module(mod), fn) for m, (mod, fn) in JOBS.items()};"
+            "assert jobs == {'preference': t.train_preference, 'online': t.train_online,"
+            " 'reward_model': t.train_reward_model}, jobs;"
+            "assert t.base_config().mode == 'preference' and callable(t.build_programs) and callable(t.export_workdir)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 if __name__ == "__main__":
     graph, private = import_graph()
     for module in sorted(graph):
