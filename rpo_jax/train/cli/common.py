@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -42,7 +43,9 @@ def one_line_errors(program: str, workdir: str | None, verbose: bool):
         trace = traceback.format_exc()
         where = None
         if workdir:
-            from rpo_jax.train.core.workdir import add_to_error_log  # a local path or a URL
+            from rpo_jax.train.core.workdir import (
+                add_to_error_log,  # a local path or a URL
+            )
             where = add_to_error_log(
                 workdir, f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {program}\n{trace}\n")
         if verbose:
@@ -59,3 +62,26 @@ def one_line_errors(program: str, workdir: str | None, verbose: bool):
             sys.stdout.flush()
             os._exit(1)
         sys.exit(1)
+
+
+def dashed_flags(args: list[str], names) -> list[str]:
+    """`--some-flag[=V]` → `--some_flag[=V]` for each of `names` (absl's spelling of multi-word flags). Every
+    command line is spelled with dashes (`--from-trl`, `--dump-hlo`, as `rpo-export` / `rpo-data`'s argparse
+    flags are); the underscore form stays accepted."""
+    out = []
+    for a in args:
+        flag, eq, value = a.partition("=")
+        if flag.startswith("--") and flag[2:].replace("-", "_") in names:
+            a = "--" + flag[2:].replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
+def help_text(program: str, doc: str, flag_values, module: str) -> str:
+    """`--help` of an absl command: what it does (its module docstring), then its own flags (spelled with dashes)
+    and the `--config.*` overrides."""
+    listing = flag_values.module_help(module).replace(f"{module}:\n", "")
+    lines = [re.sub(r"^(\s*--(?:\[no\])?)(\w+):", lambda m: m.group(1) + m.group(2).replace("_", "-") + ":", line)
+             for line in listing.splitlines()]
+    return (f"usage: {program} [flags] [--config.KEY=VALUE ...]\n\n{doc.strip()}\n\nflags:\n" + "\n".join(lines)
+            + "\n  --config.KEY=VALUE: override any field of the recipe (e.g. --config.train.steps=100)\n")

@@ -28,14 +28,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from rpo_jax.train.build.programs import build_programs
-from rpo_jax.train.cli.common import unknown_field_error
+from rpo_jax.train.cli.common import dashed_flags, help_text, unknown_field_error
 from rpo_jax.train.plan.compile import DoesNotFit, compile_program
 from rpo_jax.train.plan.report import report
 from rpo_jax.train.plan.slices import GiB, parse_slice, slice_devices
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
+def _flag_values(argv: Sequence[str], parse: bool = True) -> flags.FlagValues:
+    """rpo-plan's flags, parsed from `argv` (program name first; multi-word flags spelled with dashes)."""
     values = flags.FlagValues()
     # sys_argv: config_flags reads the overrides to register from it (else from sys.argv, which is not `argv`
     # when rpo-plan runs in-process)
@@ -48,8 +49,10 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
                       "even when the loss does not use them).", flag_values=values)
     flags.DEFINE_string("dump_hlo", "", "A directory: write each program's compiled HLO text there.",
                         flag_values=values)
+    if not parse:
+        return values
     try:
-        values(list(argv))
+        values(dashed_flags(list(argv), {"dump_hlo"}))
     except (KeyError, AttributeError) as e:  # an override naming no field of the config
         raise unknown_field_error(e) from e
     if values.config is None or not values.topology:
@@ -88,4 +91,10 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(run(sys.argv if argv is None else argv))
+    """`rpo-plan` (`--help`: what it does and its flags)."""
+    argv = list(sys.argv if argv is None else argv)
+    if {"-h", "--help"} & set(argv[1:]):
+        values = _flag_values([argv[0]], parse=False)
+        print(help_text("rpo-plan", __doc__, values, __name__), end="")
+        sys.exit(0)
+    sys.exit(run(argv))

@@ -1,7 +1,7 @@
 """`rpo-train`: train (or `--precompute` the reference cache) with a recipe, `--config.*` overrides or `--from-trl`.
 
     rpo-train                                        # the quickstart: bundled demo data, tiny Llama, CPU
-    rpo-train --config configs/smollm2.py --workdir runs/smollm2 --config.loss.name=rpo_bwd_kl
+    rpo-train --config configs/smollm2.py --config.data.train=prefs.jsonl --workdir runs/smollm2
     rpo-train --config configs/mrpo.py --precompute  # reference log-probs only
     rpo-export runs/smollm2 exported/                # Hugging Face directory with the tokenizer (LoRA: merged)
     rpo-export runs/lora adapter/ --adapter          # a LoRA run's adapters as a PEFT directory
@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from rpo_jax.train.cli.common import one_line_errors, quiet_libraries, unknown_field_error
+from rpo_jax.train.cli.common import dashed_flags, help_text, one_line_errors, quiet_libraries, unknown_field_error
 from rpo_jax.train.runtime.processes import initialize_from_environment
 
 _QUICKSTART = pathlib.Path(__file__).parent.parent / "config" / "quickstart.py"
@@ -86,12 +86,16 @@ def run_job(cfg, workdir: str, *, precompute_only: bool = False):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`rpo-train` (`--from-trl` is also spelled `--from_trl`, absl's name for it)."""
+    """`rpo-train` (multi-word flags are spelled with dashes, `--from-trl`; absl's `--from_trl` also works)."""
     args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(args):
+        if "workdir" not in flags.FLAGS:  # (defined already when called in-process before)
+            _define_train_flags()
+        print(help_text("rpo-train", __doc__, flags.FLAGS, __name__), end="")
+        sys.exit(0)
     with one_line_errors("rpo-train", None, "--verbose" in args):
         _define_train_flags()
-    args = ["--from_trl" + a[len("--from-trl"):] if a.split("=")[0] == "--from-trl" else a for a in args]
-    app.run(_train, argv=[sys.argv[0], *args])
+    app.run(_train, argv=[sys.argv[0], *dashed_flags(args, {"from_trl"})])
 
 
 if __name__ == "__main__":
