@@ -22,89 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from rpo_jax.losses import presets, trl
+from rpo_jax.losses import presets, trl, validators
 from rpo_jax.losses import references as refs
 from rpo_jax.losses.batch import PreparedBatch, Requirements, check_batch, poison_nonfinite, prepare_batch
 from rpo_jax.losses.metrics import ComponentResult, global_mean, global_sum, preference_metrics
 from rpo_jax.losses.types import LossOutput, LossSpec, PreferenceLogps
 
 __all__ = ["make_loss", "available_losses", "loss_hyperparameters", "LOSSES", "LossDefinition"]
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hyperparameter validators: (name, value) -> normalised value, or ValueError.
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"hyperparameter {name!r} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive(name: str, value: Any) -> float:
-    value = _number(name, value)
-    if value <= 0:
-        raise ValueError(f"hyperparameter {name!r} must be > 0, got {value!r}")
-    return value
-
-
-def _nonnegative(name: str, value: Any) -> float:
-    value = _number(name, value)
-    if value < 0:
-        raise ValueError(f"hyperparameter {name!r} must be >= 0, got {value!r}")
-    return value
-
-
-def _interval(low: float, high: float, *, low_open: bool, high_open: bool) -> Callable[[str, Any], float]:
-    def check(name: str, value: Any) -> float:
-        value = _number(name, value)
-        ok_low = value > low if low_open else value >= low
-        ok_high = value < high if high_open else value <= high
-        if not (ok_low and ok_high):
-            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            raise ValueError(f"hyperparameter {name!r} must be in {interval}, got {value!r}")
-        return value
-
-    return check
-
-
-def _boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"hyperparameter {name!r} must be True or False, got {value!r}")
-    return value
-
-
-def _choice(*choices: str) -> Callable[[str, Any], str]:
-    def check(name: str, value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"hyperparameter {name!r} must be one of {list(choices)}, got {value!r}")
-        return value
-
-    return check
-
-
-def _alpha(name: str, value: Any) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        weights = tuple(_nonnegative(name, w) for w in value)
-    except TypeError:
-        raise ValueError(f"hyperparameter {name!r} must be None (ARWC) or a sequence of R weights, got {value!r}") from None
-    if len(weights) < 2:
-        raise ValueError(f"hyperparameter {name!r} needs R >= 2 weights (one per reference), got {value!r}")
-    if abs(sum(weights) - 1.0) > 1e-6:
-        raise ValueError(f"hyperparameter {name!r} must sum to 1, got {value!r} (sum {sum(weights)})")
-    return weights
-
-
-def _epsilon(name: str, value: Any) -> float | None:
-    return None if value is None else _interval(0.0, 1.0, low_open=False, high_open=False)(name, value)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loss definitions.
@@ -139,12 +68,12 @@ class LossDefinition:
 
 
 MULTI_REFERENCE_OPTIONS = {
-    "alpha": (None, _alpha),
-    "epsilon": (0.1, _epsilon),
-    "epsilon_mode": ("adaptive", _choice(*refs.EPSILON_MODES)),
+    "alpha": (None, validators.alpha),
+    "epsilon": (0.1, validators.epsilon),
+    "epsilon_mode": ("adaptive", validators.choice(*refs.EPSILON_MODES)),
 }
 # The MRPO virtual reference's options: the above plus how ARWC turns margins into weights (``references``).
-MRPO_OPTIONS = {**MULTI_REFERENCE_OPTIONS, "arwc": ("own_margin", _choice(*refs.ARWC_MODES))}
+MRPO_OPTIONS = {**MULTI_REFERENCE_OPTIONS, "arwc": ("own_margin", validators.choice(*refs.ARWC_MODES))}
 
 AUTHORS_CODE_REASON = (
     "uses arwc='authors_code', the MRPO authors' two-reference weighting (each reference weighted by the other's "
@@ -160,7 +89,7 @@ def _arwc_cross_check(hp: dict, given: set) -> None:
 
 
 def _hp(beta: float = 0.1, **more) -> dict:
-    return {"beta": (beta, _positive), **more}
+    return {"beta": (beta, validators.positive), **more}
 
 
 def _needs(name: str, *, reference=True, rewards=False, lengths=False, min_references=1, num_references=None,
@@ -182,11 +111,11 @@ def _combiner_references(hp: dict) -> tuple[int, int | None, str | None]:
 # RPO family ------------------------------------------------------------------------------------------------------
 
 RPO_HPARAMS = {
-    "beta": (0.1, _positive),
-    "eta": (1.0, _nonnegative),
-    "length_normalize": (False, _boolean),
-    "reference_free": (False, _boolean),
-    "reference_combiner": ("primary", _choice(*refs.REFERENCE_COMBINERS)),
+    "beta": (0.1, validators.positive),
+    "eta": (1.0, validators.nonnegative),
+    "length_normalize": (False, validators.boolean),
+    "reference_free": (False, validators.boolean),
+    "reference_combiner": ("primary", validators.choice(*refs.REFERENCE_COMBINERS)),
     **MRPO_OPTIONS,
 }
 
@@ -314,7 +243,7 @@ def _build() -> dict[str, LossDefinition]:
 
     add("dpo", _hp(0.1), _setting_compute(lambda hp: presets.dpo_setting(beta=hp["beta"])),
         lambda hp: _needs("dpo"), "−log σ(β Δlog-ratio)", "Rafailov et al. 2023, arXiv:2305.18290")
-    add("cdpo", _hp(0.1, label_smoothing=(0.1, _interval(0.0, 0.5, low_open=False, high_open=True))),
+    add("cdpo", _hp(0.1, label_smoothing=(0.1, validators.interval(0.0, 0.5, low_open=False, high_open=True))),
         lambda prep, hp, ax: presets.run_cdpo(prep, beta=hp["beta"], label_smoothing=hp["label_smoothing"],
                                               reference=presets.reference_logps(prep)),
         lambda hp: _needs("cdpo"), "−(1−ε) log σ(βδ) − ε log σ(−βδ)",
@@ -322,44 +251,44 @@ def _build() -> dict[str, LossDefinition]:
     add("ipo", _hp(0.1), _ipo_compute,
         lambda hp: _needs("ipo", lengths=True), "(Δ(log-ratio/|y|) − 1/(2τ))², τ = beta",
         "Azar et al. 2023, arXiv:2310.12036")
-    add("simpo", _hp(2.0, gamma=(1.0, _number)),
+    add("simpo", _hp(2.0, gamma=(1.0, validators.number)),
         _setting_compute(lambda hp: presets.simpo_setting(beta=hp["beta"], gamma=hp["gamma"])),
         lambda hp: _needs("simpo", reference=False, lengths=True), "−log σ(β Δ(log π/|y|) − γ)",
         "Meng et al. 2024, arXiv:2405.14734")
-    add("distill_dpo", _hp(0.1, eta=(1.0, _nonnegative)),
+    add("distill_dpo", _hp(0.1, eta=(1.0, validators.nonnegative)),
         _setting_compute(lambda hp: presets.distill_dpo_setting(beta=hp["beta"], eta=hp["eta"])),
         lambda hp: _needs("distill_dpo", rewards=True), "mean_{i≠j} (a_ij − η Δr*_ij)²",
         "Fisch et al. 2024, arXiv:2405.19316")
-    add("rloo", _hp(1.0, eta=(1.0, _nonnegative)),
+    add("rloo", _hp(1.0, eta=(1.0, validators.nonnegative)),
         _setting_compute(lambda hp: presets.rloo_setting(beta=hp["beta"], eta=hp["eta"])),
         lambda hp: _needs("rloo", reference=False, rewards=True),
         "mean_{i≠j} (β(ℓ_i − sg ℓ_i − ℓ_j + sg ℓ_j) − η Δr*_ij)²; ∇ = −4βη·RLOO",
         "Ahmadian et al. 2024, arXiv:2402.14740")
-    add("mrpo", {"beta": (0.1, _positive), **MRPO_OPTIONS},
+    add("mrpo", {"beta": (0.1, validators.positive), **MRPO_OPTIONS},
         _setting_compute(lambda hp: presets.dpo_setting(beta=hp["beta"]), mrpo=True), _mrpo_requirements("mrpo"),
         "−log σ(β[Δℓ_θ − Δ log π̃]), log π̃ = −logsumexp_k(log α_k − ℓ̂_k)", "Le et al. 2024, arXiv:2405.16388",
         _arwc_cross_check)
-    add("multi_dpo", {"beta": (0.1, _positive), **MULTI_REFERENCE_OPTIONS}, _multi_dpo_compute,
+    add("multi_dpo", {"beta": (0.1, validators.positive), **MULTI_REFERENCE_OPTIONS}, _multi_dpo_compute,
         _mrpo_requirements("multi_dpo"), "Σ_k α_k · DPO(θ; π̂_k)", "Le et al. 2024, arXiv:2405.16388 (baseline)")
 
     trl_papers = {
         "hinge": ("relu(1 − β δ)", "Liu et al. 2023 (RSO), arXiv:2309.06657", {}),
         "robust": ("(−(1−ε) log σ(βδ) + ε log σ(−βδ)) / (1−2ε)", "Chowdhury et al. 2024, arXiv:2403.00409",
-                   {"label_smoothing": (0.0, _interval(0.0, 0.5, low_open=False, high_open=True))}),
+                   {"label_smoothing": (0.0, validators.interval(0.0, 0.5, low_open=False, high_open=True))}),
         "exo_pair": ("KL(Bern σ(βδ) ‖ Bern(1−ε))", "Ji et al. 2024, arXiv:2402.00856",
-                     {"label_smoothing": (1e-3, _interval(0.0, 1.0, low_open=True, high_open=True))}),
+                     {"label_smoothing": (1e-3, validators.interval(0.0, 1.0, low_open=True, high_open=True))}),
         "nca_pair": ("−log σ(βc) − ½ log σ(−βc) − ½ log σ(−βr)", "Chen et al. 2024, arXiv:2402.05369", {}),
         "bco_pair": ("−log σ(βc) − log σ(−βr)", "Jung et al. 2024, arXiv:2404.04656", {}),
         "sppo_hard": ("(c − 1/(2β))² + (r + 1/(2β))²", "Wu et al. 2024, arXiv:2405.00675", {}),
         "apo_zero": ("1 − σ(βc) + σ(βr)", "D'Oosterlinck et al. 2024, arXiv:2408.06266", {}),
         "apo_down": ("σ(βc) + 1 − σ(βδ)", "D'Oosterlinck et al. 2024, arXiv:2408.06266", {}),
         "discopop": ("−log σ(βδ)(1 − σ(βδ/τ)) + e^{−βδ} σ(βδ/τ)", "Lu et al. 2024, arXiv:2406.08414",
-                     {"discopop_tau": (0.05, _positive)}),
+                     {"discopop_tau": (0.05, validators.positive)}),
     }
     for name, (formula, paper, extra) in trl_papers.items():
         add(name, _hp(0.1, **extra), _trl_pair(name), functools.partial(lambda n, hp: _needs(n), name),
             formula, paper)
-    aot_hp = _hp(0.1, label_smoothing=(0.0, _interval(0.0, 1.0, low_open=False, high_open=False)))
+    aot_hp = _hp(0.1, label_smoothing=(0.0, validators.interval(0.0, 1.0, low_open=False, high_open=False)))
     add("aot", aot_hp, lambda prep, hp, ax: trl.aot_loss(prep, hp, ax), lambda hp: _needs("aot"),
         "−(1−ε) log σ(βΔ_s) − ε log σ(−βΔ_s), Δ_s = sort(Δℓ_θ) − sort(Δℓ_ref)", "Melnyk et al. 2024, arXiv:2406.05882")
     add("aot_unpaired", aot_hp, lambda prep, hp, ax: trl.aot_loss(prep, hp, ax, unpaired=True),
@@ -419,7 +348,7 @@ def _components(name_or_weighted_list: Any, hparams: dict) -> list[_Component]:
         name, weight = entry[0], entry[1]
         own = dict(entry[2]) if len(entry) == 3 else {}
         definition = _definition(name)
-        weight = _nonnegative(f"weight of {name!r}", weight)
+        weight = validators.nonnegative(f"weight of {name!r}", weight)
         entries.append((definition, weight, own))
     names = [e[0].name for e in entries]
     if len(set(names)) != len(names):
