@@ -91,3 +91,21 @@ def jit_loss(name, **hparams):
     if key not in _JIT_CACHE:
         _JIT_CACHE[key] = jax.jit(make_loss(name, **hparams))
     return _JIT_CACHE[key]
+
+
+def check_every_case(cases, check) -> int:
+    """Run ``check(*args)`` for every ``(case_id, args)`` of ``cases``: one test item for a table of cases that
+    were once one item each. Every case runs even after another fails; the test then fails listing each failing
+    case by its id (the old item's parameter id) with its error. Returns the number of cases checked."""
+    import pytest
+
+    failures, count = [], 0
+    for case_id, args in cases:
+        count += 1
+        try:
+            check(*args)
+        except (Exception, pytest.fail.Exception) as error:  # pytest.raises' "DID NOT RAISE" is no Exception
+            failures.append(f"[{case_id}] {type(error).__name__}: {error}")
+    assert count, "no cases"
+    assert not failures, f"{len(failures)} of {count} cases failed:\n" + "\n".join(failures)
+    return count

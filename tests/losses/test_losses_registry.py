@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from rpo_jax.losses import LossOutput, LossSpec, PreferenceLogps, available_losses, loss_hyperparameters, make_loss
-from tests.losses.losses_testlib import random_batch
+from tests.losses.losses_testlib import check_every_case, random_batch
 
 EXPECTED_NAMES = {
     "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_listwise", "dpo", "cdpo", "ipo", "simpo", "distill_dpo", "rloo",
@@ -32,12 +32,20 @@ def batch_for(name, seed=0, b=4, k=2):
     return random_batch(seed, b=b, k=k, r=3 if name in MULTI_REFERENCE else None, scale=1.0)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
-def test_requirement_attributes(name):
-    f = make_loss(name)
-    assert f.requires_rewards == (name in REWARD_AWARE)
-    assert f.requires_reference == (name not in REFERENCE_FREE)
-    assert f.num_references == (None if name in REFERENCE_FREE | MULTI_REFERENCE else 1)
+def each_loss(names):
+    """``(case id, args)`` for check_every_case: one test loops over the losses that were once one item each
+    (a failure names the loss)."""
+    return [(name, (name,)) for name in names]
+
+
+def test_requirement_attributes():
+    def check(name):
+        f = make_loss(name)
+        assert f.requires_rewards == (name in REWARD_AWARE)
+        assert f.requires_reference == (name not in REFERENCE_FREE)
+        assert f.num_references == (None if name in REFERENCE_FREE | MULTI_REFERENCE else 1)
+
+    assert check_every_case(each_loss(sorted(EXPECTED_NAMES)), check) == len(EXPECTED_NAMES)
 
 
 # LossSpec: the typed description (loss_fn.spec) and the documented attributes carry the same values.
@@ -53,12 +61,14 @@ def assert_spec_matches_attributes(f):
         assert getattr(f.spec, field) == getattr(f, field), field
 
 
-@pytest.mark.parametrize("name", available_losses())
-def test_spec_equals_the_attributes(name):
-    f = make_loss(name)
-    assert_spec_matches_attributes(f)
-    assert f.spec.name == name
-    assert f.spec.hparams == {name: loss_hyperparameters(name)}
+def test_spec_equals_the_attributes():
+    def check(name):
+        f = make_loss(name)
+        assert_spec_matches_attributes(f)
+        assert f.spec.name == name
+        assert f.spec.hparams == {name: loss_hyperparameters(name)}
+
+    assert check_every_case(each_loss(available_losses()), check) == len(available_losses())
 
 
 def test_spec_of_a_weighted_combination():
@@ -173,11 +183,14 @@ def test_reward_aware_losses_need_rewards(name):
         jax.jit(make_loss(name))(batch)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES - REFERENCE_FREE))
-def test_reference_losses_need_ref_logps(name):
-    batch = random_batch(0)
-    with pytest.raises(ValueError, match=r"PreferenceLogps\.ref_logps is None"):
-        make_loss(name)(PreferenceLogps(batch.policy_logps, None, batch.lengths, batch.rewards))
+def test_reference_losses_need_ref_logps():
+    def check(name):
+        batch = random_batch(0)
+        with pytest.raises(ValueError, match=r"PreferenceLogps\.ref_logps is None"):
+            make_loss(name)(PreferenceLogps(batch.policy_logps, None, batch.lengths, batch.rewards))
+
+    names = sorted(EXPECTED_NAMES - REFERENCE_FREE)
+    assert check_every_case(each_loss(names), check) == len(names)
 
 
 @pytest.mark.parametrize("name", ["ipo", "simpo", "sigmoid_norm", "sft"])
@@ -352,41 +365,47 @@ def _finite_output(out):
     return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(out))
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
-def test_masked_responses_get_zero_gradient_and_no_nan(name):
-    batch = batch_for(name, seed=22, b=4, k=3)
-    valid = np.array([[True, True, False], [True, False, True], [False, False, True], [True, True, True]])
-    spoil = lambda x, mask: np.where(mask, x, np.nan).astype(np.float32)
-    ref = spoil(batch.ref_logps, valid if np.ndim(batch.ref_logps) == 2 else valid[..., None])
-    (value, out), grad = value_and_grad(name)(
-        jnp.asarray(spoil(batch.policy_logps, valid)), ref, batch.lengths, spoil(batch.rewards, valid), valid)
-    assert np.isfinite(float(value)) and _finite_output(out)
-    assert np.all(np.isfinite(grad))
-    np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
-    if name not in ("sft", "aot", "aot_unpaired"):  # (sft: still chosen; aot: per_example is by sorted rank)
-        assert float(out.per_example[2]) == 0.0  # a single valid response has no pair
+def test_masked_responses_get_zero_gradient_and_no_nan():
+    def check(name):
+        batch = batch_for(name, seed=22, b=4, k=3)
+        valid = np.array([[True, True, False], [True, False, True], [False, False, True], [True, True, True]])
+        spoil = lambda x, mask: np.where(mask, x, np.nan).astype(np.float32)
+        ref = spoil(batch.ref_logps, valid if np.ndim(batch.ref_logps) == 2 else valid[..., None])
+        (value, out), grad = value_and_grad(name)(
+            jnp.asarray(spoil(batch.policy_logps, valid)), ref, batch.lengths, spoil(batch.rewards, valid), valid)
+        assert np.isfinite(float(value)) and _finite_output(out)
+        assert np.all(np.isfinite(grad))
+        np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
+        if name not in ("sft", "aot", "aot_unpaired"):  # (sft: still chosen; aot: per_example is by sorted rank)
+            assert float(out.per_example[2]) == 0.0  # a single valid response has no pair
+
+    assert check_every_case(each_loss(sorted(EXPECTED_NAMES)), check) == len(EXPECTED_NAMES)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
-def test_all_invalid_batch_is_zero_not_nan(name):
-    batch = batch_for(name, seed=23, b=4, k=3)
-    valid = np.zeros((4, 3), bool)
-    (value, out), grad = value_and_grad(name)(
-        jnp.asarray(batch.policy_logps), batch.ref_logps, batch.lengths, batch.rewards, valid)
-    assert float(value) == 0.0 and _finite_output(out)
-    np.testing.assert_array_equal(grad, 0.0)
+def test_all_invalid_batch_is_zero_not_nan():
+    def check(name):
+        batch = batch_for(name, seed=23, b=4, k=3)
+        valid = np.zeros((4, 3), bool)
+        (value, out), grad = value_and_grad(name)(
+            jnp.asarray(batch.policy_logps), batch.ref_logps, batch.lengths, batch.rewards, valid)
+        assert float(value) == 0.0 and _finite_output(out)
+        np.testing.assert_array_equal(grad, 0.0)
+
+    assert check_every_case(each_loss(sorted(EXPECTED_NAMES)), check) == len(EXPECTED_NAMES)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
-def test_finite_at_gaps_of_1e4(name):
+def test_finite_at_gaps_of_1e4():
     """Log-probs and rewards 1e4 apart: every loss, metric and gradient stays finite."""
-    batch = batch_for(name, seed=24, b=4, k=3)
-    policy = np.array([[0.0, -1e4, -5e3], [-1e4, 0.0, -2e3], [-1e4, -1e4, 0.0], [0.0, 0.0, -1e4]], np.float32)
-    rewards = np.array([[1e4, -1e4, 0.0], [1e4, -1e4, 5.0], [-1e4, 0.0, 1e4], [0.0, 1e4, -1e4]], np.float32)
-    (value, out), grad = value_and_grad(name)(jnp.asarray(policy), batch.ref_logps, batch.lengths, rewards,
-                                              np.ones((4, 3), bool))
-    assert np.isfinite(float(value)) and _finite_output(out), out
-    assert np.all(np.isfinite(grad)), grad
+    def check(name):
+        batch = batch_for(name, seed=24, b=4, k=3)
+        policy = np.array([[0.0, -1e4, -5e3], [-1e4, 0.0, -2e3], [-1e4, -1e4, 0.0], [0.0, 0.0, -1e4]], np.float32)
+        rewards = np.array([[1e4, -1e4, 0.0], [1e4, -1e4, 5.0], [-1e4, 0.0, 1e4], [0.0, 1e4, -1e4]], np.float32)
+        (value, out), grad = value_and_grad(name)(jnp.asarray(policy), batch.ref_logps, batch.lengths, rewards,
+                                                  np.ones((4, 3), bool))
+        assert np.isfinite(float(value)) and _finite_output(out), out
+        assert np.all(np.isfinite(grad)), grad
+
+    assert check_every_case(each_loss(sorted(EXPECTED_NAMES)), check) == len(EXPECTED_NAMES)
 
 
 def test_losses_import_no_flax_and_no_model_code():
