@@ -15,24 +15,30 @@ from rpo_jax.data.records import PreferenceRecord
 from rpo_jax.data.selection import to_pairs
 from rpo_jax.data.tokenize import TokenizedDataset, TokenizedExample, TokenizeReport, default_buckets
 
-PairMode = Literal["all", "best_worst"]
-PAIR_MODES = ("all", "best_worst")
+PairMode = Literal["all_pairs", "best_vs_worst"]
+#: `preference_pairs`'s modes: `to_pairs`'s (`config.reward_model.pairs`, `config.data.pairs`) ...
+PAIR_MODES = ("best_vs_worst", "all_pairs")
+#: ... and their older spellings, accepted and normalised.
+PAIR_ALIASES = {"best_worst": "best_vs_worst", "all": "all_pairs"}
 
 
 # ------------------------------------------------------------------------------------------------- pairs
-def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "all", pairs_from: str = "labels"
-                     ) -> tuple[list[PreferenceRecord], int]:
+def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "all_pairs",
+                     pairs_from: str = "labels") -> tuple[list[PreferenceRecord], int]:
     """K-response records → pair records (response 0 chosen, 1 rejected) and the number of records giving no pair.
 
     * a labelled pair (TRL / NeMo formats, `PreferenceRecord.labelled`) with `pairs_from="labels"`: as labelled,
       whatever its scores (as TRL's RewardTrainer trains it); with `pairs_from="rewards"` like any record below;
-    * with rewards: the pairs (i, j) with r_i > r_j — all of them (`mode="all"`) or best vs worst
-      (`"best_worst"`, first index wins ties); equal rewards give no pair (so an all-tied record gives none);
+    * with rewards: the pairs (i, j) with r_i > r_j — all of them (`mode="all_pairs"`, alias "all") or best vs
+      worst (`"best_vs_worst"`, alias "best_worst"; first index wins ties); equal rewards give no pair (so an
+      all-tied record gives none);
     * K = 2 without rewards: (0, 1), response 0 chosen (the formats' convention);
     * K > 2 without rewards: a `RecordError` (ValueError) naming file:line — a preference is never invented.
     """
-    if mode not in PAIR_MODES:
-        raise ValueError(f"reward_model.pairs={mode!r}: expected one of {PAIR_MODES}")
+    if PAIR_ALIASES.get(mode, mode) not in PAIR_MODES:
+        raise ValueError(f"reward_model.pairs={mode!r}: expected one of {PAIR_MODES} (aliases "
+                         f"{tuple(PAIR_ALIASES)})")
+    mode = PAIR_ALIASES.get(mode, mode)
     out: list[PreferenceRecord] = []
     without_pair = 0
     for r in records:
@@ -46,7 +52,7 @@ def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "a
                                           "chosen) or explicit rewards give"))
             out.append(r)
             continue
-        pairs = to_pairs([r], mode="all_pairs" if mode == "all" else "best_vs_worst")
+        pairs = to_pairs([r], mode=mode)
         without_pair += not pairs
         out.extend(pairs)
     return out, without_pair

@@ -99,7 +99,7 @@ def test_import_object_errors():
     ({"online.reward_judge": ""}, "exactly one of reward_judge"),
     ({"online.reward_model": "/somewhere"}, "exactly one of reward_judge"),
     ({"online.prompts_per_iteration": 12}, "multiple of data.batch_size"),
-    ({"online.num_samples": 1}, "num_samples must be ≥ 2"),
+    ({"online.num_samples": 1}, r"online.num_samples=1: expected ≥ 2"),
     ({"online.reference": "last"}, "online.reference"),
     ({"online.sampler": "other"}, "online.sampler"),
     ({"references": [{"path": "/x"}]}, "references\\[0\\] must have an empty path"),

@@ -188,7 +188,7 @@ def test_oversized_config_does_not_fit(tmp_path, capsys):
     (["--topology", "v5p-8", "--config.mesh.tensor=3"], "mesh"),
     (["--topology", "v5p-8", "--config.model.architecture=no/such.json"], "no such file"),
     (["--topology", "v5p-8", "--config.model.nope=1"],
-     "a --config.* override names a field the config does not have: 'nope'"),
+     "config.model.nope: no such key (keys of config.model: path, "),
 ])
 def test_bad_usage_exits_2(tmp_path, capsys, extra, message):
     recipe = write_recipe(tmp_path, TINY, mesh={"data": 1, "fsdp": -1, "tensor": 1})

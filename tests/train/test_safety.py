@@ -179,7 +179,9 @@ def test_a_corrupted_run_exports_with_one_error_line_and_no_shutdown_noise(tmp_p
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.model.nope=1", "a --config.* override names a field the config does not have: 'nope'"),
+    ("--config.model.nope=1", "config.model.nope: no such key (keys of config.model: path, "),
+    ("--config.train.stepz=3", "config.train.stepz: no such key; did you mean 'steps'?"),
+    ("--config.data.batch_size=-4", "config.data.batch_size=-4: expected ≥ 1"),
     ("--config=no/such/recipe.py", "No such file or directory: 'no/such/recipe.py'"),
 ])
 def test_a_bad_config_on_the_command_line_is_one_error_line(tmp_path, override, message):

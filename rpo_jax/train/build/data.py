@@ -19,14 +19,12 @@ from rpo_jax.data import (
     to_pairs,
     tokenize_records,
 )
+from rpo_jax.train.config.values import parse_pairs
 
 log = logging.getLogger(__name__)
 
 #: Files of which a tokenizer directory has at least one (fast; SentencePiece; BPE or WordPiece vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
-
-#: `config.data.pairs` → the `to_pairs` mode.
-PAIR_MODES = {"best_worst": "best_vs_worst", "all": "all_pairs"}
 
 
 def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
@@ -84,7 +82,10 @@ def load_records(cfg: ml_collections.ConfigDict, *, requires_rewards: bool = Fal
         evaluation = []
     splits = {"train": train, "eval": evaluation}
     if dc.pairs:
-        mode = PAIR_MODES.get(dc.pairs, dc.pairs)
+        try:
+            mode = parse_pairs(dc.pairs, allow_keep=False)  # `to_pairs`'s mode (aliases normalised)
+        except ValueError as e:
+            raise ValueError(f"config.data.pairs={dc.pairs!r}: {e}") from None
         for split, recs in list(splits.items()):
             per_record = [to_pairs([r], mode=mode) for r in recs]
             splits[split] = [pair for pairs in per_record for pair in pairs]

@@ -23,20 +23,19 @@ from rpo_jax.models.lora import (
     read_peft_config,
     resolve_targets,
 )
+from rpo_jax.train.config.schema import LoraSection
+from rpo_jax.train.config.validation import validate
 
-#: `config.model.lora.base_dtype` values (QLoRA) and `config.model.lora.reference` values.
-LORA_BASE_DTYPES = ("", "int8", "int4")
-LORA_REFERENCES = ("base", "initial")
 #: `config.model.lora`'s defaults for rank, alpha and targets (with `init_from`, values left at them are taken
-#: from the adapter).
-LORA_DEFAULTS = {"rank": 0, "alpha": 16.0, "targets": ALL_LINEAR}
+#: from the adapter): the schema's.
+LORA_DEFAULTS = {key: getattr(LoraSection(), key) for key in ("rank", "alpha", "targets")}
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
 def lora_enabled(cfg: ml_collections.ConfigDict) -> bool:
     """Whether `config.model.lora` turns LoRA on (rank > 0 or an `init_from` adapter)."""
-    lora = cfg.model.get("lora")
-    return lora is not None and (lora.rank != 0 or bool(lora.init_from))
+    lora = cfg.model.lora
+    return lora.rank != 0 or bool(lora.init_from)
 
 
 
@@ -57,29 +56,20 @@ def lora_targets(value) -> str | tuple[str, ...]:
     return text
 
 
-def lora_settings(cfg: ml_collections.ConfigDict) -> LoraConfig | None:
-    """`config.model.lora` checked → the `LoraConfig` of fresh adapters (None when LoRA is off). Each bad value is
-    a ValueError naming its field (`config.model.lora.rank: ...`); with `init_from` the adapter's own settings
-    are checked against these by `adapter_settings`."""
-    lora = cfg.model.get("lora")
-    if lora is None:
-        return None
-    rank = lora.rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"config.model.lora.rank: must be an integer >= 0 (0 = LoRA off), got {rank!r}")
-    if lora.base_dtype not in LORA_BASE_DTYPES:
-        raise ValueError(f"config.model.lora.base_dtype: must be one of {LORA_BASE_DTYPES}, got {lora.base_dtype!r}")
-    if lora.get("reference", "base") not in LORA_REFERENCES:
-        raise ValueError(f"config.model.lora.reference: must be one of {LORA_REFERENCES}, got {lora.reference!r}")
+def lora_settings(cfg) -> LoraConfig | None:
+    """`config.model.lora` → the `LoraConfig` of fresh adapters (None when LoRA is off). Its values are checked
+    by the schema (`validate`: one line naming the field); here what needs the file system (`init_from` is a
+    directory) and the targets' form; with `init_from` the adapter's own settings are checked against these by
+    `adapter_settings`."""
+    cfg = validate(cfg)
+    lora = cfg.model.lora
     if lora.init_from and not pathlib.Path(lora.init_from).is_dir():
         raise ValueError(f"config.model.lora.init_from: {lora.init_from!r} is not a directory (expected a PEFT "
                          f"adapter directory with {ADAPTER_CONFIG})")
     if not lora_enabled(cfg):
-        if lora.base_dtype:
-            raise ValueError(f"config.model.lora.base_dtype={lora.base_dtype!r} quantizes the frozen base of LoRA "
-                             "training; set config.model.lora.rank > 0 (or init_from)")
         return None
-    fields = {"rank": rank or 1, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora_targets(lora.targets)}
+    fields = {"rank": lora.rank or 1, "alpha": lora.alpha, "dropout": lora.dropout,
+              "targets": lora_targets(lora.targets)}
     try:
         return LoraConfig(**fields)
     except ValueError as e:  # LoraConfig says "lora.<field> ..."; name the config field

@@ -23,6 +23,9 @@ from typing import Any
 import jax
 import optax
 
+from rpo_jax.train.config.schema import WEIGHT_DECAY_OPTIMIZERS, OptimizerSection
+from rpo_jax.train.config.validation import validate_section
+
 
 def make_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
                   end_lr_factor: float = 0.0) -> optax.Schedule:
@@ -63,28 +66,22 @@ def weight_decay_mask(kind: str):
 
 
 def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, learning-rate schedule) from `config.optimizer` (keys in the module docstring)."""
-    cfg = dict(cfg)
-    name = cfg.get("name", "adamw")
-    warmup = int(cfg.get("warmup_steps", 0))
-    if float(cfg.get("warmup_ratio", 0.0)) > 0:
-        warmup = math.ceil(total_steps * float(cfg["warmup_ratio"]))  # transformers' get_warmup_steps
-    lr = make_schedule(float(cfg.get("learning_rate", 1e-6)), total_steps, warmup,
-                       cfg.get("schedule", "cosine"), float(cfg.get("end_lr_factor", 0.0)))
-    kwargs = dict(cfg.get("kwargs") or {})
-    wd = float(cfg.get("weight_decay", 0.0))
-    mask = weight_decay_mask(cfg.get("weight_decay_mask", "matrices"))
-    factory = getattr(optax, name, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"optimizer.name={name!r} is not an optax optimizer")
-    if name in ("adamw", "lion", "adafactor", "lamb", "novograd", "adamaxw", "nadamw"):
+    """(optimizer, learning-rate schedule) from `config.optimizer` (keys in the module docstring; a mapping of
+    some of them takes the others' defaults, and is checked as the schema checks `config.optimizer`)."""
+    opt = validate_section(OptimizerSection, cfg, "config.optimizer")
+    warmup = opt.warmup_steps
+    if opt.warmup_ratio > 0:
+        warmup = math.ceil(total_steps * opt.warmup_ratio)  # transformers' get_warmup_steps
+    lr = make_schedule(opt.learning_rate, total_steps, warmup, opt.schedule, opt.end_lr_factor)
+    kwargs = dict(opt.kwargs)
+    wd, name = opt.weight_decay, opt.name
+    mask = weight_decay_mask(opt.weight_decay_mask)
+    factory = getattr(optax, name)
+    if name in WEIGHT_DECAY_OPTIMIZERS:
         tx = factory(learning_rate=lr, weight_decay=wd, mask=mask, **kwargs) if name != "adafactor" else \
             factory(learning_rate=lr, weight_decay_rate=wd or None, weight_decay_mask=mask, **kwargs)
-    else:
-        if wd:
-            raise ValueError(f"optimizer.weight_decay={wd} is not supported by optax.{name}; use 'adamw' or set 0")
+    else:  # the schema refuses a weight decay here
         tx = factory(learning_rate=lr, **kwargs)
-    clip = cfg.get("grad_clip_norm")
-    if clip:
-        tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+    if opt.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
     return tx, lr

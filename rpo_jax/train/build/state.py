@@ -32,7 +32,7 @@ def compute_dtype(name: str):
 def build_loss(cfg: ml_collections.ConfigDict):
     """`make_loss` from `config.loss`: the main term (weight `loss.weight`, default 1) plus weighted `extra`
     terms."""
-    main = (cfg.loss.name, float(cfg.loss.get("weight", 1.0)), dict(cfg.loss.hparams))
+    main = (cfg.loss.name, float(cfg.loss.weight), dict(cfg.loss.hparams))
     extra = [tuple(e) if len(e) == 3 else (e[0], e[1], {}) for e in cfg.loss.extra]
     if not extra and main[1] == 1.0:
         return make_loss(main[0], **main[2])

@@ -1,5 +1,6 @@
 """What every command line shares: one-line errors (the traceback to WORKDIR/errors.log), quiet
-libraries, and the one-line message for a `--config.*` override naming no field.
+libraries, and the one-line message for a `--config.*` override naming no key (the schema's,
+`rpo_jax.train.config.validation.unknown_key_message`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,38 @@ import traceback
 
 from absl import logging as absl_logging
 
+from rpo_jax.train.config.validation import unknown_key_message
+
+
+def _override_path(error: Exception) -> str | None:
+    """The dotted key path (without "config.") of the `--config.*` override `error` was raised for: ml_collections'
+    override parser names it `field_path` (read from the traceback), else the one override on the command line
+    whose last key the error names."""
+    tb = error.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_locals.get("field_path")
+        if isinstance(path, str) and path:
+            return path
+        tb = tb.tb_next
+    name = re.search(r"[A-Za-z_]\w*", str(error))
+    for arg in sys.argv[1:]:
+        key = arg.split("=", 1)[0]
+        if key.startswith("--config.") and name and key.rsplit(".", 1)[-1] == name.group(0):
+            return key[len("--config."):]
+    return None
+
 
 def unknown_field_error(error: Exception) -> ValueError:
-    """ml_collections' KeyError / AttributeError for a `--config.X=V` override whose field the config lacks, as
-    one clear line (the flag parser raises it while registering the overrides)."""
-    name = str(error).strip("\"' ")
-    return ValueError(f"a --config.* override names a field the config does not have: {name!r} (every field and "
-                      "its default: rpo_jax/train/config/defaults.py)")
+    """ml_collections' KeyError / AttributeError for a `--config.X=V` override whose key the config lacks, as the
+    schema's one line (`config.train.stepz: no such key; did you mean 'steps'? (keys of config.train: ...)`; the
+    flag parser raises it while registering the overrides)."""
+    path = _override_path(error)
+    if path is not None:
+        suggested = re.search(r'Did you mean "([^"]+)"', str(error))
+        return ValueError(unknown_key_message(path, suggested.group(1) if suggested else None))
+    name = " ".join(str(error).split()).strip("\"' ")
+    return ValueError(f"a --config.* override names a key the config does not have: {name!r} (every key, its "
+                      "default and meaning: rpo_jax/train/config/schema.py)")
 
 
 def quiet_libraries() -> None:

@@ -24,15 +24,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rpo_jax.train.cli.common import dashed_flags, help_text, one_line_errors, quiet_libraries, unknown_field_error
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.runtime.processes import initialize_from_environment
 
 _QUICKSTART = pathlib.Path(__file__).parent.parent / "config" / "quickstart.py"
 
 
-def _define_train_flags():
-    try:
+def _define_train_flags(argv: list[str]):
+    try:  # sys_argv: the overrides to register (else read from sys.argv, which is not `argv` in-process)
         config_flags.DEFINE_config_file("config", str(_QUICKSTART),
-                                        "Recipe file (configs/NAME.py); default: quickstart.", lock_config=True)
+                                        "Recipe file (configs/NAME.py); default: quickstart.", lock_config=True,
+                                        sys_argv=argv)
     except (KeyError, AttributeError) as e:
         raise unknown_field_error(e) from e
     flags.DEFINE_string("workdir", "runs/quickstart", "Run directory: checkpoints, metrics, reference cache, export.")
@@ -54,6 +56,7 @@ def _train(argv):
             cfg, mapping = apply_trl_config(flags.FLAGS.from_trl, cfg,
                                             config_flags.get_override_values(flags.FLAGS["config"]))
             print(mapping, flush=True)
+        cfg = validate(cfg)  # once, at the boundary: one line naming the key for a bad value
         if cfg.cpu_reuse_memory:
             from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
             reuse_cpu_step_memory()
@@ -70,17 +73,12 @@ MODES = tuple(JOBS)
 
 def run_job(cfg, workdir: str, *, precompute_only: bool = False):
     """The job `config.mode` names: preference training, online RPO, or reward-model training
-    (`--precompute` applies to preference training only)."""
-    mode = cfg.get("mode", "preference")
-    if mode not in JOBS:
-        raise ValueError(f"config.mode={mode!r}: expected one of {MODES}")
-    if precompute_only and mode != "preference":
-        raise ValueError(f"--precompute computes the reference cache of preference training; config.mode={mode!r}")
-    sync = cfg.get("reference_sync")
-    if mode != "preference" and sync is not None and sync.get("every", 0):
-        raise ValueError(f"config.reference_sync.every={sync.every}: reference sync (TR-DPO) is a setting of "
-                         f"preference training; config.mode={mode!r} does not use it (set it to 0)")
-    module, name = JOBS[mode]
+    (`--precompute` applies to preference training only). The config (a ConfigDict or a `RunConfig`) is
+    validated first (`rpo_jax.train.config.validation.validate`: the schema's rules, one line per refusal)."""
+    cfg = validate(cfg)
+    if precompute_only and cfg.mode != "preference":
+        raise ValueError(f"--precompute computes the reference cache of preference training; config.mode={cfg.mode!r}")
+    module, name = JOBS[cfg.mode]
     job = getattr(importlib.import_module(module), name)
     return job(cfg, workdir, precompute_only=True) if precompute_only else job(cfg, workdir)
 
@@ -90,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(args):
         if "workdir" not in flags.FLAGS:  # (defined already when called in-process before)
-            _define_train_flags()
+            _define_train_flags([sys.argv[0]])
         print(help_text("rpo-train", __doc__, flags.FLAGS, __name__), end="")
         sys.exit(0)
     with one_line_errors("rpo-train", None, "--verbose" in args):
-        _define_train_flags()
+        _define_train_flags([sys.argv[0], *args])
     app.run(_train, argv=[sys.argv[0], *dashed_flags(args, {"from_trl"})])
 
 

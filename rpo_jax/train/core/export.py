@@ -46,6 +46,7 @@ from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
 from rpo_jax.train.build.lora import lora_enabled
 from rpo_jax.train.build.model import build_reward_model, load_policy, split_trainable
 from rpo_jax.train.build.state import compute_dtype
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, EXPORT_ADAPTER, is_run_directory, read_run_config
 from rpo_jax.train.runtime.global_batches import replicate
@@ -200,8 +201,8 @@ def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike, *, adap
     `mode="reward_model"` run); with `adapter`, a LoRA run's adapters as a PEFT directory."""
     workdir = storage.as_path(workdir)
     check_export_target(out_dir, adapter=adapter)  # before anything is loaded
-    cfg = read_run_config(workdir)
-    mode = cfg.get("mode", "preference")
+    cfg = validate(read_run_config(workdir))  # what the run recorded (its mode included), checked
+    mode = cfg.mode
     if adapter:
         adapter_saver(mode, cfg.model.path)  # a reward-model run: the error before anything is loaded
     mesh = make_mesh(dict(cfg.mesh))

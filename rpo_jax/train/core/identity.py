@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import pydantic
 
 from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from rpo_jax.train.build.lora import lora_enabled
@@ -34,13 +35,15 @@ SPEED_ONLY = ("remat", "scan_unroll", "attention")
 def _json_value(value: Any) -> Any:
     if isinstance(value, ml_collections.ConfigDict):
         return value.to_dict()
+    if isinstance(value, pydantic.BaseModel):  # a section of a validated RunConfig: its keys as they were given
+        return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return str(value)
 
 
 def _plain(value: Any) -> Any:
-    """A JSON value (ConfigDicts and dataclasses at any depth → dicts, tuples → lists)."""
+    """A JSON value (ConfigDicts, config sections and dataclasses at any depth → dicts, tuples → lists)."""
     return json.loads(json.dumps(value, sort_keys=True, default=_json_value))
 
 

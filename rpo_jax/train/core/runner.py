@@ -8,10 +8,11 @@ step (preference, reward model) or one online iteration of several optimizer ste
     state, metrics = advance(state, unit)          (unit += 1)
     every log_every units and at the end:          write `<prefix>/…` metrics + throughput + memory
     every eval_every units (not at the end):       write `eval/…` = evaluate(params, unit)
-    every train.checkpoint_every units:            checkpoint (train state + data position)
+    every train.checkpoint_every units (0: none):  checkpoint (train state + data position)
     SIGTERM seen (on every host):                  checkpoint, close and return {"preempted_at": unit}
 
-and at the end: checkpoint, evaluate, close, export (`config.train.export_at_end`).
+and at the end: checkpoint (with checkpoint_every = 0 only when the run does not export), evaluate, close,
+export (`config.train.export_at_end`).
 
 Safety (`config.train`):
 
@@ -46,6 +47,7 @@ from jax.experimental import multihost_utils
 
 from rpo_jax.data import TokenizedDataset, make_eval_batches, storage
 from rpo_jax.train.build.state import RunSetup
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.core.export import save_adapter_at_end, save_model
 from rpo_jax.train.core.identity import identity_differences
@@ -156,13 +158,9 @@ def sum_over_eval_batches(dataset: TokenizedDataset, batch_size: int, mesh,
 
 
 def check_safety_settings(cfg) -> None:
-    """ValueErrors naming the field for bad `config.train.resume` / `on_nonfinite` / `max_skipped_in_a_row`."""
-    if cfg.train.resume not in RESUME_MODES:
-        raise ValueError(f"config.train.resume={cfg.train.resume!r}: expected one of {RESUME_MODES}")
-    if cfg.train.on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"config.train.on_nonfinite={cfg.train.on_nonfinite!r}: expected one of {NONFINITE_POLICIES}")
-    if int(cfg.train.max_skipped_in_a_row) < 1:
-        raise ValueError(f"config.train.max_skipped_in_a_row={cfg.train.max_skipped_in_a_row} must be ≥ 1")
+    """ValueErrors naming the field for bad `config.train.resume` / `on_nonfinite` / `max_skipped_in_a_row`
+    (the schema's: `rpo_jax.train.config.validation.validate`)."""
+    validate(cfg)
 
 
 def resume_or_start(task: Task, ckpt: Checkpointer, workdir: storage.PathLike) -> tuple[Any, int, int | None]:
@@ -283,7 +281,8 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
     run, cfg, workdir = task.run, task.run.config, storage.as_path(workdir)
     check_safety_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir / CHECKPOINTS, every_steps=max(1, cfg.train.checkpoint_every) * task.steps_per_unit,
+    every = cfg.train.checkpoint_every  # 0: no periodic checkpoint (config.train.checkpoint_every)
+    ckpt = Checkpointer(workdir / CHECKPOINTS, every_steps=max(1, every) * task.steps_per_unit,
                         keep=cfg.train.keep_checkpoints, asynchronous=cfg.train.async_checkpointing)
     writer = progress = None
     try:
@@ -338,15 +337,16 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
                     guard.check()
                     writer.write(unit, task.evaluate(task.eval_input(state), unit), prefix="eval/")
                     throughput.restart()
-                if unit < task.units:
+                if unit < task.units and every:
                     save()
                 if preemption.should_stop(unit * task.steps_per_unit):
                     log.warning("preemption requested: saving %s %d and exiting", task.unit_name, unit)
                     save(force=True)
                     return {prefix: last, "preempted_at": unit}
         # the last checkpoint comes before the final evaluation: a finished run started again re-evaluates,
-        # and metrics.jsonl keeps one final record
-        save(force=True)
+        # and metrics.jsonl keeps one final record; with checkpoint_every = 0 only for rpo-export (no export here)
+        if every or not cfg.train.export_at_end:
+            save(force=True)
         eval_metrics = task.evaluate(task.eval_input(state), unit)
         writer.write(unit, eval_metrics, prefix="eval/")
     finally:

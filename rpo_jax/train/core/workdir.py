@@ -25,6 +25,7 @@ import jax
 import ml_collections
 
 from rpo_jax.data import storage
+from rpo_jax.train.config.validation import to_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ EXPORT_ADAPTER = "export_adapter"  # LoRA runs: the adapters as a PEFT directory
 ERRORS_FILE = "errors.log"
 
 
-def record_run(cfg: ml_collections.ConfigDict, workdir: storage.PathLike, mode: str,
+def record_run(cfg, workdir: storage.PathLike, mode: str,
                identity: Mapping[str, Any]) -> None:
     """Record `cfg` (with `mode`) in WORKDIR/config.json and the run's identity in WORKDIR/run_identity.json."""
     if jax.process_index() != 0:
         return
-    recorded = ml_collections.ConfigDict(cfg.to_dict())
+    recorded = to_config_dict(cfg)  # a RunConfig or a ConfigDict; `validate` reads it back
     recorded.mode = mode
     workdir = storage.as_path(workdir)
     storage.write_atomically(workdir / CONFIG_FILE, recorded.to_json_best_effort(indent=1))

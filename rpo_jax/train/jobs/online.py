@@ -67,6 +67,8 @@ from rpo_jax.train.build.model import (
     split_trainable,
 )
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
+from rpo_jax.train.config.schema import RunConfig
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task
 from rpo_jax.train.runtime.global_batches import (
@@ -83,8 +85,6 @@ from rpo_jax.train.step.steps import WithFrozen, make_scorer, make_train_step
 log = logging.getLogger(__name__)
 
 MODE = "online"
-REFERENCE_MODES = ("initial", "previous_iterate", "current")
-SAMPLERS = ("policy", "initial")
 
 
 # --------------------------------------------------------------------------------------------- reward sources
@@ -100,12 +100,9 @@ def import_object(spec: str) -> Any:
 
 
 def make_reward_fn(cfg: ml_collections.ConfigDict, *, mesh=None, dtype=jnp.float32) -> RewardFn:
-    """The training reward of `config.online`: exactly one of `reward_judge` and `reward_model`."""
+    """The training reward of `config.online`: the judge `reward_judge`, else the reward model `reward_model`
+    (the schema requires exactly one of them in online mode)."""
     oc = cfg.online
-    if bool(oc.reward_judge) == bool(oc.reward_model):
-        raise ValueError("config.online: set exactly one of reward_judge ('module:function') and reward_model "
-                         f"(a reward-model directory); got reward_judge={oc.reward_judge!r}, "
-                         f"reward_model={oc.reward_model!r}")
     if oc.reward_judge:
         return judge_fn(import_object(oc.reward_judge))
     model, _ = load_reward_model(oc.reward_model, dtype=dtype, mesh=mesh)
@@ -199,33 +196,13 @@ def read_prompt_split(cfg, split: str, tokenizer) -> tuple[list[PromptRecord], l
     return kept, ids
 
 
-def check_online_config(cfg: ml_collections.ConfigDict, loss_fn) -> None:
-    """ValueErrors naming the field for settings online training cannot run with."""
-    oc = cfg.online
-    if oc.reference not in REFERENCE_MODES:
-        raise ValueError(f"config.online.reference={oc.reference!r}: expected one of {REFERENCE_MODES}")
-    if oc.sampler not in SAMPLERS:
-        raise ValueError(f"config.online.sampler={oc.sampler!r}: expected one of {SAMPLERS}")
-    for name in ("iterations", "prompts_per_iteration", "num_samples", "updates_per_iteration", "max_new_tokens"):
-        if int(oc[name]) < 1:
-            raise ValueError(f"config.online.{name}={oc[name]} must be ≥ 1")
-    if oc.prompts_per_iteration % cfg.data.batch_size:
-        raise ValueError(f"config.online.prompts_per_iteration={oc.prompts_per_iteration} must be a multiple of "
-                         f"data.batch_size={cfg.data.batch_size} (the mini-batch of an update)")
-    if oc.num_samples < 2 and (loss_fn.spec.requires_rewards or loss_fn.spec.requires_reference):
-        raise ValueError("config.online.num_samples must be ≥ 2 for a preference loss (pairs of samples)")
-    refs = list(cfg.references)
-    if refs and dict(refs[0]).get("path"):
-        raise ValueError("config.references[0] must have an empty path in online mode: the primary reference is "
-                         "config.online.reference; list fixed extra references (MRPO) after it")
-
-
-def build_online_run(cfg: ml_collections.ConfigDict, *, devices=None) -> OnlineRun:
-    """Prompts, policy, references, reward source, optimizer and initial state of an online run."""
+def build_online_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None) -> OnlineRun:
+    """Prompts, policy, references, reward source, optimizer and initial state of an online run. `cfg` is
+    validated first (`rpo_jax.train.config.validation.validate`; the online settings' rules are the schema's)."""
+    cfg = validate(cfg)
     mesh = make_mesh(dict(cfg.mesh), devices)
     dtype = compute_dtype(cfg.model.dtype)
     loss_fn = build_loss(cfg)
-    check_online_config(cfg, loss_fn)
     if cfg.online.reference == "current":
         if (loss_fn.spec.num_references or 1) > 1:
             raise ValueError("config.online.reference='current' cannot be combined with several references")
@@ -246,13 +223,11 @@ def build_online_run(cfg: ml_collections.ConfigDict, *, devices=None) -> OnlineR
 
     extra = []
     if loss_fn.spec.requires_reference:
-        for spec in list(cfg.references)[1:]:
-            spec = dict(spec)
-            tokenizer_name = spec.get("tokenizer") or spec["path"]
-            if tokenizer_name != tokenizer_path(cfg) and spec.get("tokenizer"):
-                raise ValueError(f"online mode: reference {spec['path']!r} must share the policy's tokenizer (the "
+        for spec in cfg.references[1:]:
+            if spec.tokenizer and spec.tokenizer != tokenizer_path(cfg):
+                raise ValueError(f"online mode: reference {spec.path!r} must share the policy's tokenizer (the "
                                  "samples are scored as token ids)")
-            graphdef, params, rest = split_trainable(load_model(spec["path"], cfg, mesh, dtype)[0])
+            graphdef, params, rest = split_trainable(load_model(spec.path, cfg, mesh, dtype)[0])
             extra.append((scorer(graphdef, rest), params))
         loss_fn.spec.check_reference_count(1 + len(extra), given="online mode (online.reference + "
                                                                  "config.references[1:])")
@@ -442,7 +417,7 @@ def online_task(run: OnlineRun) -> Task:
     not_identity = ("iterations", "eval_prompts", "eval_every", "eval_judge")
     identity = run_identity(cfg, MODE, run.model_config, run.tokenizer,
                             objective={"loss": cfg.loss, "references": list(cfg.references),
-                                       "online": {k: v for k, v in oc.items() if k not in not_identity}},
+                                       "online": {k: v for k, v in dict(oc).items() if k not in not_identity}},
                             data={split: token_lists_fingerprint(ids) for split, ids in run.prompt_ids.items()})
     return Task(mode=MODE, run=run, identity=identity, units=int(oc.iterations), advance=advance,
                 evaluate=lambda params, iteration: evaluate_online(run, params, iteration),

@@ -65,6 +65,8 @@ from rpo_jax.train.build.programs import (
 )
 from rpo_jax.train.build.references import Reference, cached_logps, compute_logps
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
+from rpo_jax.train.config.schema import RunConfig
+from rpo_jax.train.config.validation import to_config_dict, validate
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import (
     ResumeError,
@@ -244,7 +246,7 @@ def preference_direction(cfg: ml_collections.ConfigDict, records: Mapping[str, l
     the run's record of it: `{"pairs_from", "rewards_reach_loss", split: {"scored_pairs", "ties",
     "disagreements"}}`. Ties and label/score disagreements among labelled pairs are logged (a warning when
     there are any), never passed over in silence."""
-    pairs_from = cfg.data.get("pairs_from", "labels")
+    pairs_from = cfg.data.pairs_from
     every = [r for recs in records.values() for r in recs]
     to_loss = rewards_reach_loss(every, loss_uses_rewards=loss_uses_rewards, pairs_from=pairs_from)
     record: dict[str, Any] = {"pairs_from": pairs_from, "rewards_reach_loss": to_loss}
@@ -263,14 +265,28 @@ def preference_direction(cfg: ml_collections.ConfigDict, records: Mapping[str, l
     return to_loss, record
 
 
-def resolve_epochs(cfg: ml_collections.ConfigDict, num_train: int) -> None:
-    """`config.train.epochs` > 0 sets `config.train.steps` = ceil(epochs · ceil(N / data.batch_size)) for the N
-    train examples (TRL's step count for `num_train_epochs`: ceil(ceil(N / per-device batch) / accumulation))."""
-    epochs = float(cfg.train.get("epochs", 0.0) or 0.0)
+def epoch_steps(cfg, num_train: int) -> int:
+    """The run's optimizer steps (per iteration): `config.train.steps`, or with `config.train.epochs` > 0
+    ceil(epochs · ceil(N / data.batch_size)) for the N train examples (TRL's step count for `num_train_epochs`:
+    ceil(ceil(N / per-device batch) / accumulation))."""
+    epochs = float(cfg.train.epochs)
     if epochs <= 0:
-        return
-    cfg.train.steps = math.ceil(epochs * math.ceil(num_train / cfg.data.batch_size))
-    log.info("train.epochs=%g over %d examples: train.steps=%d", epochs, num_train, cfg.train.steps)
+        return int(cfg.train.steps)
+    return math.ceil(epochs * math.ceil(num_train / cfg.data.batch_size))
+
+
+def resolve_epochs(cfg, num_train: int):
+    """`cfg` with `config.train.steps` = `epoch_steps(cfg, num_train)` when `config.train.epochs` > 0 (logged):
+    a new `RunConfig` for a validated (frozen) config; an `ml_collections.ConfigDict` is updated in place (and
+    returned), for callers that still hand one over."""
+    steps = epoch_steps(cfg, num_train)
+    if float(cfg.train.epochs) <= 0:
+        return cfg
+    log.info("train.epochs=%g over %d examples: train.steps=%d", cfg.train.epochs, num_train, steps)
+    if isinstance(cfg, RunConfig):
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+    cfg.train.steps = steps
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -473,8 +489,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precomp
           devices=None) -> dict[str, Any]:
     """Run the configured preference training in `workdir`; returns the final train and eval metrics
     (`rpo_jax.train.core.runner.run_task`), or with `precompute_only` only the reference cache's shapes (nothing else
-    is written to `workdir` then)."""
-    run = build_run(cfg, workdir, devices=devices)
+    is written to `workdir` then). `cfg` is validated first (`rpo_jax.train.config.validation.validate`)."""
+    # the validated config, as the ConfigDict `build_run` reads today (it sets train.steps for train.epochs);
+    # once `build_run` validates and takes `cfg = resolve_epochs(cfg, N)`, the RunConfig can go straight in
+    run = build_run(to_config_dict(validate(cfg)), workdir, devices=devices)
     fill_reference_cache(run)
     if precompute_only:
         return {"reference_cache": {k: list(v.shape) for k, v in run.ref_cache.items()}}

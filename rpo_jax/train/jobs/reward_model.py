@@ -46,7 +46,7 @@ from rpo_jax.data import (
     label_score_counts,
     make_train_iterator,
 )
-from rpo_jax.data.reward_pairs import check_truncation, pair_batch, preference_pairs, tokenize_pairs
+from rpo_jax.data.reward_pairs import pair_batch, preference_pairs, tokenize_pairs
 from rpo_jax.losses import bradley_terry_loss, bradley_terry_per_pair
 from rpo_jax.models import RewardModel
 from rpo_jax.models.sharding import make_mesh
@@ -54,6 +54,8 @@ from rpo_jax.train.build.data import load_records, load_tokenizer, tokenizer_pat
 from rpo_jax.train.build.fingerprints import dataset_fingerprint
 from rpo_jax.train.build.model import build_reward_model
 from rpo_jax.train.build.state import RunSetup, build_setup, compute_dtype
+from rpo_jax.train.config.schema import RunConfig
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.runtime.global_batches import local_batch_size, replicated, to_global
@@ -67,6 +69,9 @@ from rpo_jax.train.step.steps import (
 
 log = logging.getLogger(__name__)
 MODE = "reward_model"
+#: `config.reward_model.pairs` as run identities recorded it before the schema normalised its spelling (so that
+#: the identities of existing run directories stay as they were).
+IDENTITY_PAIRS = {"all_pairs": "all", "best_vs_worst": "best_worst"}
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -151,25 +156,17 @@ class RewardRun(RunSetup):
     pad_id: int
 
 
-def reward_model_settings(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config.reward_model` (a ValueError when the config lacks it)."""
-    rm = cfg.get("reward_model")
-    if rm is None:
-        raise ValueError("config.reward_model is missing (start from rpo_jax.train.config.defaults.base_config())")
-    return rm
-
-
 def load_pair_records(cfg: ml_collections.ConfigDict) -> dict[str, list[PreferenceRecord]]:
     """`config.data` read with the trainer's readers (`rpo_jax.train.build.data.load_records`) and paired
     (`preference_pairs`).
 
     Raises before anything is built: a K > 2 record without rewards (file:line), `margin_scale` without rewards.
     """
-    rm = reward_model_settings(cfg)
+    rm = cfg.reward_model
     records = load_records(cfg)
     out = {}
     for split, recs in records.items():
-        pairs_from = cfg.data.get("pairs_from", "labels")
+        pairs_from = cfg.data.pairs_from
         pairs, without = preference_pairs(recs, mode=rm.pairs, pairs_from=pairs_from)
         counts = label_score_counts(recs)
         if counts.scored_pairs:
@@ -205,12 +202,13 @@ def tokenize_pair_splits(cfg: ml_collections.ConfigDict, pairs: Mapping[str, Seq
     return out
 
 
-def build_reward_run(cfg: ml_collections.ConfigDict, *, devices=None) -> RewardRun:
-    """Mesh, tokenizer, reward model, pair datasets, optimizer and initial train state."""
-    rm = reward_model_settings(cfg)
+def build_reward_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None) -> RewardRun:
+    """Mesh, tokenizer, reward model, pair datasets, optimizer and initial train state. `cfg` is validated first
+    (`rpo_jax.train.config.validation.validate`)."""
+    cfg = validate(cfg)
+    rm = cfg.reward_model
     mesh = make_mesh(dict(cfg.mesh), devices)
     dtype = compute_dtype(cfg.model.dtype)
-    check_truncation(cfg.data.truncation)
     pairs = load_pair_records(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     model, model_config = build_reward_model(cfg, tokenizer, mesh, dtype)
@@ -246,7 +244,7 @@ def evaluate_pairs(run: RewardRun, params, eval_step) -> dict[str, float]:
 
 def reward_model_task(run: RewardRun) -> Task:
     """The run skeleton's task: one unit is one optimizer step on the next batch of pairs."""
-    cfg, rm = run.config, reward_model_settings(run.config)
+    cfg, rm = run.config, run.config.reward_model
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
     step_fn = make_reward_train_step(run.graphdef, run.rest, run.tx, compute_dtype=run.dtype, label=rm.label,
@@ -264,13 +262,19 @@ def reward_model_task(run: RewardRun) -> Task:
         state, metrics = train_step(state, to_global(batch, run.mesh))
         return Unit(state, metrics, {"pairs": float(batch["weight"].sum()) * jax.process_count()})
 
-    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer, objective={"reward_model": rm},
+    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer, objective=identity_objective(rm),
                             data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
     return Task(mode=MODE, run=run, identity=identity, units=cfg.train.steps, advance=advance,
                 evaluate=lambda params, step: evaluate_pairs(run, params, eval_step),
                 data_state=lambda step: iterator.get_state(),
                 restore_data=lambda data_state, step: iterator.set_state(data_state),
                 log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, label="rpo-train reward model")
+
+
+def identity_objective(rm) -> dict[str, Any]:
+    """The run identity's objective of a reward model: `config.reward_model`, its `pairs` spelt as identities
+    recorded it before the schema (`IDENTITY_PAIRS`)."""
+    return {"reward_model": {**dict(rm), "pairs": IDENTITY_PAIRS[rm.pairs]}}
 
 
 def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None

@@ -20,6 +20,8 @@ from jax.sharding import Mesh
 from rpo_jax.data import TokenizedDataset
 from rpo_jax.data.packing import Packing, is_packed, pack_batch, packing_saves
 from rpo_jax.models.sharding import batch_sharding
+from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.values import parse_packing
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +32,12 @@ the head is up to ~20 % of a small model's FLOPs per slot (SmolLM2-135M, Gemma 2
 
 
 def packing_setting(value, field: str) -> bool | str:
-    """A `config.data.packing` / `share_prompt` value → True, False or "auto" (command-line strings included)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text in ("true", "1", "on", "yes"):
-        return True
-    if text in ("false", "0", "off", "no", "none", ""):
-        return False
-    raise ValueError(f"config.data.{field}={value!r}: expected True, False or 'auto'")
+    """A `config.data.packing` / `share_prompt` value → True, False or "auto" (command-line strings included;
+    the schema's parser, `rpo_jax.train.config.values.parse_packing`)."""
+    try:
+        return parse_packing(value)
+    except ValueError as e:
+        raise ValueError(f"config.data.{field}={value!r}: {e}") from None
 
 
 def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, key_cost: float = 0.0
@@ -53,21 +52,13 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
     `config.data.pack_length` > 0 fixes them, to at least
     `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens);
     `key_cost`: the model's `rpo_jax.train.runtime.performance.attention_key_cost`, which weighs longer rows' attention.
-    Raises ValueError for a value that is not a setting, for `share_prompt=True` without packing, and for a
-    `pack_length` below `row_length`.
+    The settings are checked by the schema (`validate`: a value that is not a setting, `share_prompt=True`
+    without packing, a `pack_length` below the mode's longest sequence).
     """
-    data = cfg.data
-    mode = packing_setting(data.get("packing", False), "packing")
-    share = packing_setting(data.get("share_prompt", False), "share_prompt")
+    data = validate(cfg).data
+    mode, share, length = data.packing, data.share_prompt, data.pack_length
     if not mode:
-        if share is True:
-            raise ValueError("config.data.share_prompt=True needs config.data.packing=True or 'auto' (the prompt is "
-                             "shared inside a packed row)")
         return None
-    length = int(data.get("pack_length", 0) or 0)
-    if 0 < length < row_length:
-        raise ValueError(f"config.data.pack_length={length} is shorter than the longest sequence ({row_length} "
-                         "tokens); use 0 (rows sized per batch) or more")
     devices = math.prod(mesh.shape.values())
     if mode == "auto" and devices > 1 and jax.devices()[0].platform == "cpu":
         log.info("config.data.packing='auto': padded batches, because XLA:CPU's in-process collective-permute in "
@@ -117,7 +108,7 @@ def packing_with_references(packing: Packing | None, cfg: ml_collections.ConfigD
     own = [r for r in references if r.datasets is not datasets]
     if not own:
         return packing
-    if packing_setting(cfg.data.get("share_prompt", False), "share_prompt") == "auto":
+    if packing_setting(cfg.data.share_prompt, "share_prompt") == "auto":
         log.info("config.data.share_prompt='auto': off, because reference %r has its own tokenizer (%s)",
                  own[0].name, own[0].tokenizer_name)
         return dataclasses.replace(packing, share_prompt=False)

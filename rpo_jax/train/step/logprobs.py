@@ -16,6 +16,7 @@ from rpo_jax.losses import PreferenceLogps
 from rpo_jax.models import sequence_logps
 from rpo_jax.models.logprobs import packed_token_logps, segment_logp_sums
 from rpo_jax.models.lora import lora_dropout
+from rpo_jax.train.config.values import parse_score_window
 
 Batch = Mapping[str, jax.Array]
 
@@ -32,15 +33,14 @@ def resolve_score_window(setting: str | int | None, max_span: int, *, multiple: 
     None: None (the head runs on every position); a number: that W, which must cover `max_span` (a smaller
     window would leave scored tokens outside it). A W ≥ T-1 for a batch of length T means every position.
     """
-    text = str(setting).strip().lower() if setting is not None else "off"
-    if text in ("off", "", "0", "none"):
-        return None
-    if text == "auto":
-        return -(-max_span // multiple) * multiple if max_span > 0 else None
     try:
-        width = int(text)
-    except ValueError:
-        raise ValueError(f"config.model.score_window={setting!r}: expected 'auto', 'off' or a number") from None
+        width = parse_score_window(setting)  # the schema's parser (`rpo_jax.train.config.values`)
+    except ValueError as e:
+        raise ValueError(f"config.model.score_window={setting!r}: {e}") from None
+    if width == "off":
+        return None
+    if width == "auto":
+        return -(-max_span // multiple) * multiple if max_span > 0 else None
     if width < max(max_span, 1):
         raise ValueError(f"config.model.score_window={width} is shorter than the longest response in the data "
                          f"({max_span} scored tokens); use 'auto' or at least {max_span}")

@@ -1,0 +1,99 @@
+"""`config.loss` checked against the loss registry (`rpo_jax.losses.registry.LOSSES`): the loss names, each term's
+hyperparameters by the registry's own validators (so `config.loss.hparams.beta=-1` is refused naming that key),
+and the weighted combination as `make_loss` builds it. Nothing here reads a file or builds a model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rpo_jax.losses import available_losses, make_loss
+from rpo_jax.losses.registry import LOSSES
+from rpo_jax.train.config.values import ConfigError
+
+
+def did_you_mean(name: Any, choices: Sequence[str]) -> str:
+    """"; did you mean 'x'?" for the closest of `choices` to `name`, or "" when none is close."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _expected(error: Exception) -> str:
+    """The registry's "hyperparameter 'beta' must be > 0, got -1" as "expected > 0"."""
+    text = " ".join(str(error).split())
+    found = re.match(r"hyperparameter '[^']*' must be (.*?), got .*$", text)
+    if found:
+        return f"expected {found.group(1)}"
+    return re.sub(r"^hyperparameter '[^']*' ", "", text)
+
+
+def check_term(where: str, name: Any, hparams: Mapping[str, Any], name_key: str) -> None:
+    """A ConfigError naming the key for a loss `name` the registry does not have (`name_key`: its key path) or a
+    hyperparameter of `hparams` it refuses (`where.hparams.KEY=V: ...`)."""
+    if not isinstance(name, str) or name not in LOSSES:
+        names = available_losses()
+        raise ConfigError(f"{name_key}={_show(name)}: expected a loss of rpo_jax.losses.available_losses()"
+                          f"{did_you_mean(name, names)} ({', '.join(names)})")
+    definition = LOSSES[name]
+    for key, value in hparams.items():
+        if key not in definition.hparams:
+            known = sorted(definition.hparams)
+            raise ConfigError(f"{where}.hparams.{key}: no such hyperparameter of loss {name!r}"
+                              f"{did_you_mean(key, known)} (hyperparameters of {name!r}: "
+                              f"{', '.join(known) or 'none'})")
+        try:
+            definition.hparams[key][1](key, value)
+        except ValueError as e:
+            raise ConfigError(f"{where}.hparams.{key}={_show(value)}: {_expected(e)}") from None
+    try:
+        definition.resolve(dict(hparams))  # the loss's checks across its hyperparameters
+    except ValueError as e:
+        raise ConfigError(f"{where}.hparams={_show(dict(hparams))}: {' '.join(str(e).split())}") from None
+
+
+def extra_term(index: int, entry: Any) -> tuple[str, float, dict]:
+    """`config.loss.extra[index]` (`[name, weight]` or `[name, weight, {hparams}]`) as (name, weight, hparams);
+    a ConfigError naming it when it is not one."""
+    where = f"config.loss.extra[{index}]"
+    ok = (isinstance(entry, (list, tuple)) and len(entry) in (2, 3) and isinstance(entry[0], str)
+          and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
+          and (len(entry) == 2 or isinstance(entry[2], Mapping)))
+    if not ok:
+        raise ConfigError(f"{where}={_show(entry)}: expected [name, weight] or [name, weight, {{hparams}}] "
+                          "(e.g. ['sft', 0.05, {}])")
+    hparams = dict(entry[2]) if len(entry) == 3 else {}
+    check_term(where, entry[0], hparams, f"{where}[0]")
+    return entry[0], float(entry[1]), hparams
+
+
+def loss_terms(name: str, weight: float, hparams: Mapping[str, Any], extra: Sequence[Any]
+               ) -> list[tuple[str, float, dict]]:
+    """`config.loss` as the weighted terms `make_loss` takes: the main term first (each term checked)."""
+    check_term("config.loss", name, hparams, "config.loss.name")
+    return [(name, float(weight), dict(hparams)), *(extra_term(i, e) for i, e in enumerate(extra))]
+
+
+def build_terms(terms: list[tuple[str, float, dict]]):
+    """`make_loss` of the terms as the trainer builds it (`rpo_jax.train.build.state.build_loss`): one loss by name
+    when there is a single term of weight 1, else the weighted combination."""
+    (name, weight, hparams), extra = terms[0], terms[1:]
+    if not extra and weight == 1.0:
+        return make_loss(name, **hparams)
+    return make_loss(terms)
+
+
+def loss_spec(terms: list[tuple[str, float, dict]]):
+    """The `LossSpec` of the terms (what the loss needs: references, rewards), or a ConfigError for a combination
+    `make_loss` refuses."""
+    try:
+        return build_terms(terms).spec
+    except ValueError as e:
+        raise ConfigError(f"config.loss: {' '.join(str(e).split())}") from None

@@ -1,0 +1,76 @@
+"""The spellings of the config's enumerations and the parsers of its options that take more than one kind of
+value (`rpo_jax.train.config.schema` uses them; so do the modules that read those options).
+
+One spelling per option: `data.pairs` / `reward_model.pairs` are `rpo_jax.data.to_pairs`'s modes, with the
+older spellings accepted as aliases and normalised; `data.packing` / `data.share_prompt` are True, False or
+"auto" (command-line strings included); `model.score_window` is "auto", "off" or a number of positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+# `config.data.pairs` ("" keeps the K responses) and `config.reward_model.pairs` take `rpo_jax.data.to_pairs`'s
+# modes, `PAIR_MODES`; their older spellings `PAIR_ALIASES` (recipes and `--from-trl` wrote them) are accepted
+# and normalised (`rpo_jax.data.reward_pairs`, which pairs a reward model's records, spells them so too).
+from rpo_jax.data.reward_pairs import PAIR_ALIASES, PAIR_MODES
+
+#: `config.mode` → what trains (rpo_jax.train.jobs).
+MODES = ("preference", "online", "reward_model")
+#: `config.data.packing` / `share_prompt` strings read as True / False.
+TRUE_STRINGS = ("true", "1", "on", "yes")
+FALSE_STRINGS = ("false", "0", "off", "no", "none", "")
+#: `config.model.score_window` values meaning "every position".
+SCORE_WINDOW_OFF = ("off", "", "0", "none")
+
+Packing = bool | Literal["auto"]
+
+
+class ConfigError(ValueError):
+    """A config value refused, its message complete: one line naming the key path (`config.a.b=V: ...`)."""
+
+
+def _choices(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def parse_pairs(value: Any, *, allow_keep: bool = True) -> str:
+    """A pair mode (`PAIR_MODES`, aliases normalised), or "" (keep the K responses) when `allow_keep`."""
+    if isinstance(value, str):
+        mode = PAIR_ALIASES.get(value, value)
+        if mode in PAIR_MODES or (allow_keep and mode == ""):
+            return mode
+    allowed = (("",) if allow_keep else ()) + PAIR_MODES
+    raise ValueError(f"expected one of {_choices(allowed)} (aliases {_choices(PAIR_ALIASES)})")
+
+
+def parse_packing(value: Any) -> Packing:
+    """A `data.packing` / `data.share_prompt` value → True, False or "auto" (the command line's strings too)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if value is None or isinstance(value, (str, int)) else None
+    if text == "auto":
+        return "auto"
+    if text in TRUE_STRINGS:
+        return True
+    if text in FALSE_STRINGS:
+        return False
+    raise ValueError("expected True, False or 'auto'")
+
+
+def parse_score_window(value: Any) -> str | int:
+    """A `model.score_window` value → "auto", "off" (also "", 0, "none", None) or a number of positions ≥ 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected 'auto', 'off' or a number")
+    text = str(value).strip().lower() if value is not None else "off"
+    if text == "auto":
+        return "auto"
+    if text in SCORE_WINDOW_OFF:
+        return "off"
+    try:
+        width = int(text)
+    except ValueError:
+        raise ValueError("expected 'auto', 'off' or a number") from None
+    if width < 1:
+        raise ValueError("expected 'auto', 'off' or a number ≥ 1")
+    return width
