@@ -23,7 +23,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "gemma3", "q
 RematPolicy = Literal["none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable", "dots_with_no_batch_dims_saveable")
 #: `ModelConfig.attention`: how attention runs (rpo_jax.models.attention) — a speed choice, never written to config.json
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blockwise")
 
 #: Fields a config.json must state (transformers would silently fill in its defaults, e.g. hidden_size 4096).
 #: A Gemma 3 multimodal `text_config` need only state the first three: hub configs (gemma-3-4b-it) rely on
@@ -207,7 +207,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     remat: RematPolicy = "none"
     scan_unroll: int = 1  # layers per iteration of the layer scan (speed knob; any value gives the same results)
-    attention: str = "auto"  # "auto" | "xla" | "cudnn" | "splash" (rpo_jax.models.attention; speed knob)
+    attention: str = "auto"  # "auto" | "xla" | "cudnn" | "splash" | "blockwise" (rpo_jax.models.attention; speed knob)
 
     def __post_init__(self):
         if not self.layer_types:

@@ -171,7 +171,7 @@ def test_auto_picks_the_backend_kernel_only_when_it_expresses_the_call():
     ("splash", "tpu", {"has_parents": True}, "cannot express shared-prompt parent ids"),
     ("splash", "tpu", {"seq_len": 200}, "row length (200) to be a multiple of 128"),
     ("splash", "tpu", {"devices": 4}, "not partitioned over 4 (no shard_map yet)"),
-    ("flash", "gpu", {}, "attention='flash' is not one of ('auto', 'xla', 'cudnn', 'splash')"),
+    ("flash", "gpu", {}, "attention='flash' is not one of ('auto', 'xla', 'cudnn', 'splash', 'blockwise')"),
 ])
 def test_an_explicit_kernel_that_cannot_run_is_a_one_line_error(requested, backend, change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
