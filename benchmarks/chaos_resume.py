@@ -2,16 +2,17 @@
 with an uninterrupted run of the same config.
 
     python benchmarks/chaos_resume.py                      # 300-step quickstart-sized run, 20 kills (~15 min here)
-    python benchmarks/chaos_resume.py --kills 3 --steps 40 # a shorter version (the test suite runs one like it)
+    python benchmarks/chaos_resume.py --kills 3 --config.train.steps=40  # shorter (the test suite runs one so)
 
-Both runs are `rpo-train` subprocesses of one config written to OUT/config.py (the quickstart's model, data and
-loss; `--steps` steps, a log record every `--log-every`, evaluation every `--eval-every`, a checkpoint every
-`--checkpoint-every` steps, asynchronous checkpointing and the export at the end, as by default). The uninterrupted
-run gives the wall time T and the start-up time S (until its first metrics record). One attempt in ten is killed
-during its start-up, after U(0, S) seconds; the others U(0, 2·r·(T − S)/n) seconds after their first metrics
-record, where r is the fraction of the run left (from the newest checkpoint) and n the kills to go. So the kills
-fall in start-up, steps, checkpoint writes, evaluations and the export alike while the run still moves forward;
-after the last kill the run is resumed to its end.
+Both runs are `rpo-train` subprocesses of one config written to OUT/config.py: the recipe `--config` (default the
+quickstart: its model, data and loss) with 300 steps, a log record every 10, evaluation every 100 and a checkpoint
+every 25 steps (`QUICKSTART_SIZED`), asynchronous checkpointing and the export at the end, as by default; any
+`--config.KEY=VALUE` override (as rpo-train takes them, e.g. `--config.train.checkpoint_every=10`) on top. The
+uninterrupted run gives the wall time T and the start-up time S (until its first metrics record). One attempt in
+ten is killed during its start-up, after U(0, S) seconds; the others U(0, 2·r·(T − S)/n) seconds after their
+first metrics record, where r is the fraction of the run left (from the newest checkpoint) and n the kills to go.
+So the kills fall in start-up, steps, checkpoint writes, evaluations and the export alike while the run still
+moves forward; after the last kill the run is resumed to its end.
 What an attempt was doing when killed is read from what it left (its last console line, an orbax temporary
 checkpoint directory, a partial export).
 
@@ -38,11 +39,18 @@ import numpy as np
 QUICKSTART_SIZED = {"train.steps": 300, "train.log_every": 10, "train.eval_every": 100, "train.checkpoint_every": 25}
 
 
-def write_config(out: pathlib.Path, overrides: dict) -> pathlib.Path:
-    """OUT/config.py: the quickstart recipe with `overrides` (dotted keys), no progress bar, a fixed MFU peak."""
-    lines = ["from rpo_jax.train.config.quickstart import get_config as quickstart", "", "", "def get_config():",
-             "    c = quickstart()", "    c.train.progress_bar = False", "    c.metrics.peak_flops = 1e11",
-             "    c.metrics.tensorboard = False"]
+def write_config(out: pathlib.Path, overrides: dict, recipe: str | None = None) -> pathlib.Path:
+    """OUT/config.py: the recipe (a configs/NAME.py path; default the quickstart) with `overrides` (dotted keys),
+    no progress bar, a fixed MFU peak."""
+    if recipe is None:
+        head = ["from rpo_jax.train.config.quickstart import get_config as quickstart"]
+    else:
+        head = ["import importlib.util", "", f"_SPEC = importlib.util.spec_from_file_location('recipe', "
+                f"{str(pathlib.Path(recipe).resolve())!r})", "_RECIPE = importlib.util.module_from_spec(_SPEC)",
+                "_SPEC.loader.exec_module(_RECIPE)", "quickstart = _RECIPE.get_config"]
+    lines = head + ["", "", "def get_config():",
+                    "    c = quickstart()", "    c.train.progress_bar = False", "    c.metrics.peak_flops = 1e11",
+                    "    c.metrics.tensorboard = False"]
     lines += [f"    c.{key} = {value!r}" for key, value in overrides.items()]
     path = out / "config.py"
     path.write_text("\n".join(lines + ["    return c", ""]))
@@ -129,10 +137,11 @@ def logged_values(workdir: pathlib.Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k} for r in records]
 
 
-def chaos(out: pathlib.Path, *, kills: int, seed: int, overrides: dict, timeout: float = 1800) -> dict:
+def chaos(out: pathlib.Path, *, kills: int, seed: int, overrides: dict, timeout: float = 1800,
+          recipe: str | None = None) -> dict:
     """Run the experiment in `out` (module docstring); returns the report."""
     out.mkdir(parents=True, exist_ok=True)
-    config = write_config(out, overrides)
+    config = write_config(out, overrides, recipe)
     env = environment()
     straight = out / "uninterrupted"
     console = open(out / "uninterrupted.log", "w", encoding="utf-8")
@@ -192,22 +201,23 @@ def chaos(out: pathlib.Path, *, kills: int, seed: int, overrides: dict, timeout:
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    benchmarks = str(pathlib.Path(__file__).resolve().parent)
+    if benchmarks not in sys.path:  # imported by path (tests), not run as a script
+        sys.path.insert(0, benchmarks)
+    import common
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/chaos_resume", help="work directories and the config go here")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=QUICKSTART_SIZED["train.steps"])
-    parser.add_argument("--log-every", type=int, default=QUICKSTART_SIZED["train.log_every"])
-    parser.add_argument("--eval-every", type=int, default=QUICKSTART_SIZED["train.eval_every"])
-    parser.add_argument("--checkpoint-every", type=int, default=QUICKSTART_SIZED["train.checkpoint_every"])
-    args = parser.parse_args()
+    args, _, given = common.parse_args(parser, argv, common.QUICKSTART)
     out = pathlib.Path(args.out)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty: pass a new --out")
-    overrides = {"train.steps": args.steps, "train.log_every": args.log_every, "train.eval_every": args.eval_every,
-                 "train.checkpoint_every": args.checkpoint_every}
-    report = chaos(out, kills=args.kills, seed=args.seed, overrides=overrides)
+    overrides = {**QUICKSTART_SIZED, **given}
+    recipe = None if pathlib.Path(args.config).resolve() == common.QUICKSTART.resolve() else args.config
+    report = chaos(out, kills=args.kills, seed=args.seed, overrides=overrides, recipe=recipe)
     print(json.dumps(report))
     sys.exit(0 if report["ok"] else 1)
 

@@ -10,11 +10,14 @@ over seeds).
     python benchmarks/judge_ablation.py                       # default size: ~25 min on a 2-core CPU
     python benchmarks/judge_ablation.py --smoke --out /tmp/a  # a reduced run (tests, colab)
     python benchmarks/judge_ablation.py --arms online_rpo_bwd,rloo --seeds 0,1,2
+    python benchmarks/judge_ablation.py --config.online.max_new_tokens=64 --config.online.temperature=0.7
 
-Scaling up: `--policy DIR` (a Hugging Face policy, e.g. an SFT'd SmolLM2), `--prompts FILE` (any prompt or
-preference file), `--judge module:function`, `--reward-model DIR` and `--set online.max_new_tokens=128` etc.
-replace the demo pieces; every run is `rpo_jax.train.jobs.online.train_online` with a config, so the arms run
-unchanged on an accelerator. Finished runs are kept under OUT/runs and skipped when the script is re-run.
+Every arm's config is the recipe `--config` (default configs/online_demo.py) with the arm's settings, and the
+`--config.KEY=VALUE` overrides (as rpo-train takes them) on top, for every arm. Scaling up: `--policy DIR` (a
+Hugging Face policy, e.g. an SFT'd SmolLM2), `--prompts FILE` (any prompt or preference file), `--judge
+module:function`, `--reward-model DIR` and overrides such as `--config.online.max_new_tokens=128` replace the
+demo pieces; every run is `rpo_jax.train.jobs.online.train_online` with a config, so the arms run unchanged on an
+accelerator. Finished runs are kept under OUT/runs and skipped when the script is re-run.
 
 Writes OUT/results.json (every run), OUT/results.md (the table) and OUT/reward_vs_kl.png (needs matplotlib, which
 the `test` extra installs).
@@ -23,6 +26,7 @@ the `test` extra installs).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -110,8 +114,16 @@ def train_reward(out: pathlib.Path, steps: int) -> str:
     return str(export)
 
 
-def arm_config(arm: str, seed: int, size: dict, pieces: dict, extra: list[tuple[str, object]]):
-    cfg = quiet(load_recipe("online_demo"))
+def arm_config(arm: str, seed: int, size: dict, pieces: dict, recipe=None, overrides: dict | None = None):
+    """The config of one arm and seed: `recipe` (default configs/online_demo.py) with the size, the pieces and the
+    arm's settings, then the command line's `--config.*` `overrides` (dotted field → value) on top."""
+    cfg = copy.deepcopy(recipe) if recipe is not None else load_recipe("online_demo")
+    with cfg.unlocked():
+        return _arm_config(cfg, arm, seed, size, pieces, overrides or {})
+
+
+def _arm_config(cfg, arm: str, seed: int, size: dict, pieces: dict, overrides: dict):
+    cfg = quiet(cfg)
     cfg.seed = seed
     cfg.model.path = pieces["policy"]
     cfg.online.iterations = size["iterations"]
@@ -133,7 +145,7 @@ def arm_config(arm: str, seed: int, size: dict, pieces: dict, extra: list[tuple[
             cfg.references = [{"path": ""}, {"path": pieces["second_reference"]}]
         else:
             set_field(cfg, key, value)
-    for key, value in extra:
+    for key, value in overrides.items():
         set_field(cfg, key, value)
     return cfg
 
@@ -147,7 +159,8 @@ def read_run(workdir: pathlib.Path) -> dict:
             "final": {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k != "step"}}
 
 
-def run_arm(arm: str, seed: int, out: pathlib.Path, size: dict, pieces: dict, extra) -> dict:
+def run_arm(arm: str, seed: int, out: pathlib.Path, size: dict, pieces: dict, recipe=None,
+            overrides: dict | None = None) -> dict:
     from rpo_jax.train.jobs.online import train_online
     workdir = out / "runs" / arm / f"seed{seed}"
     done = workdir / "result.json"
@@ -157,7 +170,7 @@ def run_arm(arm: str, seed: int, out: pathlib.Path, size: dict, pieces: dict, ex
         import shutil
         shutil.rmtree(workdir)
     t0 = time.perf_counter()
-    train_online(arm_config(arm, seed, size, pieces, extra), workdir)
+    train_online(arm_config(arm, seed, size, pieces, recipe, overrides), workdir)
     result = {"arm": arm, "seed": seed, "seconds": time.perf_counter() - t0, **read_run(workdir)}
     done.write_text(json.dumps(result, indent=1))
     return result
@@ -219,22 +232,19 @@ def plot(results: list[dict], table: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _parse_value(text: str):
-    """`--set` values: JSON when they parse (numbers, true/false, lists, dicts), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def replot(out: pathlib.Path) -> None:
     """Redraw OUT/reward_vs_kl.png from OUT/results.json (no training)."""
     data = json.loads((out / "results.json").read_text())
     plot(data["runs"], data["table"], out / "reward_vs_kl.png")
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(argv=None):
+    """(args, recipe config with the overrides, {field: value} of the `--config.*` overrides) of the command line."""
+    if str(ROOT / "benchmarks") not in sys.path:  # imported by path (the colab), not run as a script
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "judge_ablation"))
     parser.add_argument("--smoke", action="store_true", help="the reduced size (a minute or two)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
@@ -244,9 +254,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--reward-model", default="", help="learned reward model dir; default: BT on demo pairs")
     parser.add_argument("--judge", default=JUDGE, help="ground-truth judge 'module:function'")
     parser.add_argument("--prompts", default="", help="prompt/preference file(s) (default: the demo task)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="config override for every arm, e.g. online.max_new_tokens=64")
-    args = parser.parse_args(argv)
+    args, cfg, overrides = common.parse_args(parser, argv, ROOT / "configs" / "online_demo.py")
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    return args, cfg, overrides
+
+
+def main(argv=None) -> dict:
+    args, recipe, overrides = parse(argv)
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,10 +275,6 @@ def main(argv=None) -> dict:
     size = dict(SIZES["smoke" if args.smoke else "default"])
     seeds = [int(s) for s in (args.seeds or size["seeds"]).split(",")]
     arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
-    extra = [(k, _parse_value(v)) for k, v in (s.split("=", 1) for s in args.set)]
 
     t0 = time.perf_counter()
     pieces = {"judge": args.judge, "prompts": args.prompts,
@@ -275,7 +288,7 @@ def main(argv=None) -> dict:
     results = []
     for arm in arms:
         for seed in seeds:
-            r = run_arm(arm, seed, out, size, pieces, extra)
+            r = run_arm(arm, seed, out, size, pieces, recipe, overrides)
             print(f"{arm} seed {seed}: judge reward {r['final']['judge_reward']:.3f}, "
                   f"KL {r['final']['kl_to_initial']:.2f} ({r['seconds']:.0f} s)", flush=True)
             results.append(r)

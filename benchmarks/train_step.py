@@ -1,35 +1,51 @@
 """Train-step throughput: tokens/s, step time, MFU against the measured matmul peak, and peak memory.
 
-    python benchmarks/train_step.py --model ~/.cache/rpo_jax/smollm2-135m-instruct \
-        --batch 4 --k 2 --prompt-len 64 --response-len 64 --loss dpo --reference both
+    python benchmarks/train_step.py                      # SmolLM2-135M's shape (random weights), cached vs in-step
+    python benchmarks/train_step.py --config configs/smollm2_demo.py --config.data.batch_size=4 \
+        --k 2 --prompt-len 64 --response-len 64 --reference both --peer trl
+    python benchmarks/train_step.py --lora 8,64 --config.data.batch_size=2 --steps 3 --warmup 1
+    python benchmarks/train_step.py --config configs/quickstart.py --k 4 --prompt-len 16 --response-len 16 \
+        --steps 1 --warmup 1                             # seconds, a smoke run
 
-`--reference in_step` scores the frozen reference inside the step (what TRL's DPOTrainer does by default);
-`cached` feeds precomputed reference log-probs (rpo_jax's reference cache); `both` runs the two, alternating one
-step of each so both see the same machine (a shared 2-core VM drifts by tens of percent over minutes), and prints the
-speed-up. The step is the trainer's (`rpo_jax.train.step.steps.make_train_step`), with the output head on the response
-positions only (`--score-window auto`, the trainer's default `config.model.score_window`: 64 of the 127 logit
-positions for 64 + 64 tokens; `0` puts it on every position). FLOPs per token follow
-`rpo_jax.train.core.performance.train_flops_per_token`: 6·P' + 12·L·T·d plus 2·P' + 4·L·T·d per in-step reference, P' the
-non-embedding parameters, plus the output head 6·V·D (2·V·D per reference) × the fraction of positions where it
-runs. The peak is a 4096² matmul in the compute dtype, measured before the steps and after every round of steps;
-MFU is against the highest of these (a ceiling, so MFU errs low); also printed, the median over rounds of each
-step's MFU against the higher of the two samples taken just before and after it (same machine state). Peak
-memory is the process's (device peak, or the peak RSS on CPU) over everything run; run one `--reference` mode
-alone for that mode's. On the CPU the script first calls `rpo_jax.train.runtime.cpu_memory.reuse_cpu_step_memory`, as
-`rpo-train` does, so XLA:CPU's per-step temporary buffer stays mapped between steps; `--cpu-memory fresh` leaves
-JAX's defaults (a fresh mapping faulted in every step) for comparison; the minor page faults and kernel time of
-each step (getrusage, median over steps) are printed with it.
+The step is the trainer's: each mode is a run built as `rpo-train` builds it (`--config RECIPE` plus
+`--config.KEY=VALUE` overrides, default benchmarks/configs/smollm2_shape.py: the SmolLM2 recipe with random
+weights), on a synthetic file of `config.data.batch_size` records of `--k` responses, every prompt `--prompt-len`
+and every response `--response-len` tokens (`benchmarks/common.py`), and its train step comes from the one
+program builder (`rpo_jax.train.build.programs.jitted_steps`, as `preference_task` calls it: the state donated,
+its shardings kept), fed `train_batch(run, batch)` — the same batch every step — and compiled once ahead of
+the timed steps. What the trainer decides, the benchmark inherits: the score window (`config.model.score_window`,
+"auto": the response length rounded up to 16), packing (`config.data.packing`, "auto"; the layout each mode
+ran is printed), the compute dtype (`config.model.dtype`), remat, scan unrolling, vocabulary chunks, LoRA.
 
-`--peer trl` (needs torch and trl, `--model` a checkpoint, `--k 2`, `--loss dpo`) also times TRL's `DPOTrainer`
-step (`benchmarks/trl_peer.py`: float32, transformers' default attention) on the same checkpoint and the same
-batch — the prompt and the two responses of rpo_jax's pair, TRL's collator padding nothing — one step of each
-rpo_jax mode and then one TRL step per round (TRL's default: its reference model's forward in the step), and
-prints every round's tokens/s, the rpo_jax / TRL ratios of that round and the load average: peer figures only
-from the same run, on the same machine state.
+`--reference in_step` scores the frozen reference inside the step (what TRL's DPOTrainer does by default:
+`--config.reference_mode=in_step`); `cached` feeds reference log-probs precomputed by the trainer's cache fill
+(`reference_mode=cache`); `both` runs the two, alternating one step of each so both see the same machine (a
+shared 2-core VM drifts by tens of percent over minutes), and prints the speed-up. FLOPs per step are the
+trainer's (`rpo_jax.train.runtime.performance.batch_flops`): per token 6·P' + 12·L·T·d plus 2·P' + 4·L·T·d per
+in-step reference, P' the non-embedding parameters, plus the output head 6·V·D (2·V·D per reference) × the
+fraction of positions where it runs. The peak is `config.metrics.peak_flops` when set, else a 4096² matmul in the
+compute dtype, measured before the steps and after every round of steps; MFU is against the highest of these (a
+ceiling, so MFU errs low); also printed, the median over rounds of each step's MFU against the higher of the two
+samples taken just before and after it (same machine state). Memory: each mode's compiled step (XLA's buffer
+assignment: arguments + outputs + temporaries − donated) and the process's peak (device peak, or the peak RSS on
+CPU) over everything run; run one `--reference` mode alone for that mode's. On the CPU, `config.cpu_reuse_memory`
+(default True, as `rpo-train`) calls `rpo_jax.train.runtime.cpu_memory.reuse_cpu_step_memory` first, so XLA:CPU's
+per-step temporary buffer stays mapped between steps; `--config.cpu_reuse_memory=False` leaves JAX's defaults (a
+fresh mapping faulted in every step) for comparison; the minor page faults and kernel time of each step
+(getrusage, median over steps) are printed with it.
 
-`--lora 8,64` compares full fine-tuning, LoRA at each rank (all-linear) and QLoRA (`--qlora int8,int4`, at the
-first rank) instead, each with an in-step reference, modes alternating, and prints each mode's step memory
-(XLA's buffer assignment of its compiled step) and tokens/s (`compare_lora`).
+`--peer trl` (needs torch and trl, `--config.model.path` a checkpoint, `--k 2`, `config.loss.name` dpo) also
+times TRL's `DPOTrainer` step (`benchmarks/trl_peer.py`: float32, transformers' default attention) on the same
+checkpoint and the same batch — the prompt and the two responses of rpo_jax's pair, TRL's collator padding
+nothing — one step of each rpo_jax mode and then one TRL step per round (TRL's default: its reference model's
+forward in the step), and prints every round's tokens/s, the rpo_jax / TRL ratios of that round and the load
+average: peer figures only from the same run, on the same machine state.
+
+`--lora 8,64` compares full fine-tuning, LoRA at each rank (`--config.model.lora.rank=R`, alpha 2·R, the
+recipe's targets) and QLoRA (`model.lora.base_dtype`, `--qlora int8,int4`, at the first rank) instead, each with
+an in-step reference (`reference_mode=in_step`: for full fine-tuning a frozen copy of the initial weights, for
+(Q)LoRA the policy's base with the adapters off), modes alternating, and prints each mode's step memory and
+tokens/s (`compare_lora`).
 """
 
 from __future__ import annotations
@@ -37,170 +53,161 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import resource
+import tempfile
 import time
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
-from rpo_jax.losses import make_loss
-from rpo_jax.models import ModelConfig, create_model, load_hf
-from rpo_jax.train.build.model import split_trainable
-from rpo_jax.train.build.optim import make_optimizer
-from rpo_jax.train.core.performance import measure_matmul_peak, train_flops_per_token
-from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
-from rpo_jax.train.step.logprobs import resolve_score_window, response_logps
-from rpo_jax.train.step.steps import make_train_step
-
-TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-        "tie_word_embeddings": True, "rms_norm_eps": 1e-5}  # SmolLM2-135M's shape, random weights
-
-
-def synthetic_batch(rng: np.random.Generator, b: int, k: int, prompt_len: int, response_len: int, vocab: int):
-    t = prompt_len + response_len
-    tokens = rng.integers(0, vocab, size=(b, k, t), dtype=np.int32)
-    loss_mask = np.zeros((b, k, t), bool)
-    loss_mask[..., prompt_len:] = True
-    return {"tokens": tokens, "attention_mask": np.ones((b, k, t), bool), "loss_mask": loss_mask,
-            "lengths": np.full((b, k), response_len, np.int32), "valid": np.ones((b, k), bool),
-            "rewards": rng.normal(size=(b, k)).astype(np.float32)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="", help="HF checkpoint dir; empty: SmolLM2-135M's shape, random init")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--k", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--response-len", type=int, default=64)
-    p.add_argument("--loss", default="dpo")
-    p.add_argument("--reference", choices=["in_step", "cached", "both"], default="both")
-    p.add_argument("--dtype", default="auto", help="compute dtype; auto = float32 on CPU, bfloat16 elsewhere")
-    p.add_argument("--remat", default="none")
-    p.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (rpo_jax.models)")
-    p.add_argument("--vocab-chunk", type=int, default=0)
-    p.add_argument("--score-window", default="auto",
-                   help="logit positions per response given to the output head: auto (the response length, "
-                        "rounded up to 16), 0 (every position), or a number")
-    p.add_argument("--cpu-memory", choices=["reuse", "fresh"], default="reuse",
-                   help="reuse: rpo_jax.train.runtime.cpu_memory.reuse_cpu_step_memory (rpo-train's default); fresh: JAX's defaults")
+    p.add_argument("--k", type=int, default=2, help="responses per record of the synthetic file")
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens of every prompt of the synthetic file")
+    p.add_argument("--response-len", type=int, default=64, help="tokens of every response of the synthetic file")
+    p.add_argument("--reference", choices=["in_step", "cached", "both"], default="both",
+                   help="reference_mode of the timed run(s): in_step, cache, or both alternating")
     p.add_argument("--lora", default="", metavar="RANKS",
-                   help="compare full fine-tuning, LoRA at each rank of this comma-separated list (all-linear, "
-                        "alpha = 2·rank) and QLoRA (--qlora) at the first rank, in-step reference, modes "
-                        "alternating; prints each mode's step memory and tokens/s (see compare_lora)")
+                   help="compare full fine-tuning, LoRA at each rank of this comma-separated list (alpha = 2·rank) "
+                        "and QLoRA (--qlora) at the first rank, in-step reference, modes alternating; prints each "
+                        "mode's step memory and tokens/s (see compare_lora)")
     p.add_argument("--qlora", default="int8,int4", help="with --lora: the quantized bases compared ('' for none)")
     p.add_argument("--peer", choices=["none", "trl"], default="none",
                    help="trl: also time TRL's DPOTrainer step on the same checkpoint and batch, alternating")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args(argv)
-    if args.peer == "trl" and (not args.model or args.k != 2 or args.loss != "dpo" or args.lora):
-        p.error("--peer trl needs --model (a checkpoint directory), --k 2 and --loss dpo, without --lora")
-    reused = args.cpu_memory == "reuse" and reuse_cpu_step_memory()  # before the first computation
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each mode per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each mode first")
+    p.add_argument("--devices", type=int, default=1, help="devices of the run's mesh (0: all local devices)")
+    args, cfg, given = common.parse_args(p, argv, common.SMOLLM2_SHAPE)
+    if args.peer == "trl" and (not cfg.model.path or args.k != 2 or cfg.loss.name != "dpo" or args.lora):
+        p.error("--peer trl needs a checkpoint (--config.model.path or a recipe with one), --k 2 and "
+                "config.loss.name=dpo, without --lora")
+    reused = False
+    if cfg.cpu_reuse_memory:  # before the first computation, as rpo-train
+        from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
+        reused = reuse_cpu_step_memory()
 
-    platform = jax.devices()[0].platform
-    dtype = (jnp.float32 if platform == "cpu" else jnp.bfloat16) if args.dtype == "auto" else jnp.dtype(args.dtype)
-    if args.model:
-        model, config = load_hf(args.model, dtype=dtype, param_dtype=jnp.float32, remat=args.remat,
-                                scan_unroll=args.scan_unroll)
-    else:
-        config = ModelConfig.from_hf_dict(TINY, remat=args.remat, scan_unroll=args.scan_unroll)
-        model = create_model(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="train_step_"))
+    data = common.uniform_file(tmp, cfg.data.batch_size, args.k, args.prompt_len, args.response_len)
+    try:
+        cfg = common.synthetic_config(cfg, data, max_length=args.prompt_len + args.response_len,
+                                      max_prompt_length=args.prompt_len, overrides=given)
+    except ValueError as e:
+        p.error(str(e))
     if args.lora:
-        return compare_lora(args, model, config, dtype)
-    graphdef, params, rest = split_trainable(model)
-    loss_fn = make_loss(args.loss)
-    tx, _ = make_optimizer({"name": "adamw", "learning_rate": 1e-6, "schedule": "constant"}, 100)
-    batch = synthetic_batch(np.random.default_rng(0), args.batch, args.k, args.prompt_len, args.response_len,
-                            config.vocab_size)
-    t = args.prompt_len + args.response_len
-    tokens_per_step = args.batch * args.k * t
-    peaks = [measure_matmul_peak(dtype)]  # sampled again after every round of steps; MFU uses the highest
-    chunk = args.vocab_chunk or None
-    window = resolve_score_window(args.score_window, args.response_len)
-    window = None if window is not None and window >= t - 1 else window
-    print(f"device: {jax.devices()[0].device_kind} ({platform}), compute {jnp.dtype(dtype).name}, "
-          f"matmul peak before the steps {peaks[0] / 1e9:.1f} GFLOP/s")
-    print(f"CPU step memory: {'reused (reuse_cpu_step_memory)' if reused else 'fresh every step (JAX defaults)'}")
-    print(f"model: {args.model or 'random SmolLM2-135M shape'} ({config.num_params() / 1e6:.1f} M params), "
-          f"batch {args.batch}×K={args.k}×T={t} = {tokens_per_step} tokens/step, loss {args.loss}, remat {args.remat}, "
-          f"scan_unroll {args.scan_unroll}, output head on {window or t - 1} of {t - 1} logit positions")
+        return compare_lora(args, cfg, tmp)
 
-    modes = ["in_step", "cached"] if args.reference == "both" else [args.reference]
-    runs = {}
-    for mode in modes:
-        state = {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
-                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
-        b = {k: jnp.asarray(v) for k, v in batch.items()}
-        ref_params, ref_graphdefs = (), ()
-        if mode == "cached":
-            b["ref_logps"] = jax.jit(lambda p, x: response_logps(graphdef, p, rest, x, compute_dtype=dtype,
-                                                                   vocab_chunk_size=chunk, score_window=window))(params, b)
-        elif loss_fn.requires_reference:
-            ref_params, ref_graphdefs = (params,), ((graphdef, rest),)
-        step = jax.jit(make_train_step(graphdef, rest, loss_fn, tx, compute_dtype=dtype, vocab_chunk_size=chunk,
-                                       ref_graphdefs=ref_graphdefs, score_window=window), donate_argnums=(0,))
-        r = runs[mode] = {"step": step, "state": state, "batch": b, "ref_params": ref_params, "times": [],
-                           "faults": [], "kernel_s": []}
+    from rpo_jax.train.build.state import build_loss
+    if not build_loss(cfg).spec.requires_reference:
+        modes = {"no reference": {}}
+    else:
+        both = {"in_step": {"reference_mode": "in_step"}, "cached": {"reference_mode": "cache"}}
+        modes = both if args.reference == "both" else {args.reference: both[args.reference]}
+    runs = {label: prepare(label, common.with_overrides(cfg, o), tmp, args) for label, o in modes.items()}
+    first = next(iter(runs.values()))
+    run = first["run"]
+    dtype = run.dtype
+    platform = jax.local_devices()[0].platform
+    peaks = [cfg.metrics.peak_flops or common_peak(dtype)]
+    print(f"device: {jax.local_devices()[0].device_kind} ({platform}) × {run.mesh.size}, compute "
+          f"{jnp.dtype(dtype).name}, {'configured peak' if cfg.metrics.peak_flops else 'matmul peak before the steps'} "
+          f"{peaks[0] / 1e9:.1f} GFLOP/s")
+    print(f"CPU step memory: {'reused (reuse_cpu_step_memory)' if reused else 'fresh every step (JAX defaults)'}")
+    t = args.prompt_len + args.response_len
+    with_text = " with " + ", ".join(f"{k}={v}" for k, v in given.items()) if given else ""
+    print(f"config {common.display(args.config)}{with_text}")
+    print(f"model: {cfg.model.path or 'random init (config.model.init)'} "
+          f"({run.model_config.num_params() / 1e6:.1f} M params), batch {cfg.data.batch_size}×K={args.k}×T={t} = "
+          f"{first['tokens']} tokens/step, loss {cfg.loss.name}, remat {cfg.model.remat}, scan_unroll "
+          f"{cfg.model.scan_unroll}, score window {run.score_window or 'off (every position)'}")
+    for label, r in runs.items():
+        print(f"[{label:8s}] {r['run'].layout.scoring.value} references; step inputs "
+              f"{common.layout_text(r['inputs'])}; compiled in {r['compile_s']:.1f} s")
+
+    for r in runs.values():
         for _ in range(args.warmup):
-            r["state"], r["metrics"] = step(r["state"], b, ref_params)
+            r["state"], r["metrics"] = r["step"](r["state"], r["inputs"], r["refs"])
         jax.block_until_ready(r["state"])
-    peer = start_trl_peer(args, batch) if args.peer == "trl" else None
+    peer = start_trl_peer(args, cfg, first["host"]) if args.peer == "trl" else None
     for round_index in range(args.steps):  # one step of each mode per round, then a peak sample
-        for mode, r in runs.items():
+        for r in runs.values():
             u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            r["state"], r["metrics"] = r["step"](r["state"], r["batch"], r["ref_params"])
+            r["state"], r["metrics"] = r["step"](r["state"], r["inputs"], r["refs"])
             jax.block_until_ready(r["metrics"])
             u1 = resource.getrusage(resource.RUSAGE_SELF)
             r["times"].append(time.perf_counter() - t0)
             r["faults"].append(u1.ru_minflt - u0.ru_minflt)
             r["kernel_s"].append(u1.ru_stime - u0.ru_stime)
         if peer is not None:
-            time_trl_round(peer, runs, tokens_per_step, round_index)
-        peaks.append(measure_matmul_peak(dtype, repeats=2))
-    stats = jax.devices()[0].memory_stats() or {}
-    memory, where = ((stats["peak_bytes_in_use"] / 2**30, "device") if "peak_bytes_in_use" in stats
-                     else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "RSS"))
+            time_trl_round(peer, runs, first["tokens"], round_index)
+        peaks.append(cfg.metrics.peak_flops or common_peak(dtype, repeats=2))
+    memory, where = common.process_peak_memory()
     peak = max(peaks)
-    print(f"matmul peak over {len(peaks)} samples: {min(peaks) / 1e9:.1f} to {peak / 1e9:.1f} GFLOP/s; "
-          f"MFU below is against {peak / 1e9:.1f}")
+    print(f"peak over {len(peaks)} samples: {min(peaks) / 1e9:.1f} to {peak / 1e9:.1f} GFLOP/s; "
+          f"MFU below is against {peak / 1e9:.1f} × {run.mesh.size} chip(s)")
     results = {}
+    chips = run.mesh.size
     for mode, r in runs.items():
         step_time = float(np.median(r["times"]))
-        n_refs = len(r["ref_params"])
-        flops = tokens_per_step * train_flops_per_token(config, t, num_references=n_refs, score_window=window)
+        flops = r["flops"]
         # round i ran between peak samples i and i+1: its MFU against the higher of the two
-        local = [flops / dt / max(peaks[i], peaks[i + 1]) for i, dt in enumerate(r["times"])]
-        results[mode] = {"step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
-                         "tflops_per_step": flops / 1e12, "mfu": flops / step_time / peak, "peak_flops": peak,
+        local = [flops / dt / max(peaks[i], peaks[i + 1]) / chips for i, dt in enumerate(r["times"])]
+        results[mode] = {"step_time_s": step_time, "tokens_per_s": r["tokens"] / step_time,
+                         "tflops_per_step": flops / 1e12, "mfu": flops / step_time / peak / chips, "peak_flops": peak,
                          "mfu_adjacent_peak": float(np.median(local)), "peak_memory_gib": memory,
+                         "step_peak_memory_gib": r["memory"]["peak"] / 2**30, "layout": common.layout_text(r["inputs"]),
                          "cpu_step_memory_reused": bool(reused), "page_faults_per_step": float(np.median(r["faults"])),
                          "kernel_s_per_step": float(np.median(r["kernel_s"])),
                          "loss": float(r["metrics"]["loss"])}
         res = results[mode]
         print(f"[{mode:8s}] step {step_time:.3f} s (median of {args.steps}), {res['tokens_per_s']:.1f} tokens/s, "
               f"MFU {100 * res['mfu']:.1f}% of the highest peak sample ({100 * res['mfu_adjacent_peak']:.1f}% "
-              f"of the samples around each step, median), {res['tflops_per_step']:.3f} TFLOP/step, "
-              f"{res['page_faults_per_step']:.0f} page faults and {res['kernel_s_per_step']:.2f} s kernel time per step")
+              f"of the samples around each step, median), {res['tflops_per_step']:.3f} TFLOP/step, step program "
+              f"{res['step_peak_memory_gib']:.2f} GiB, {res['page_faults_per_step']:.0f} page faults and "
+              f"{res['kernel_s_per_step']:.2f} s kernel time per step")
     print(f"peak memory {memory:.2f} GiB ({where}, the whole run)")
     if len(results) == 2:
-        print(f"cached vs in-step: {results['in_step']['step_time_s'] / results['cached']['step_time_s']:.2f}× faster steps")
+        speedup = results["in_step"]["step_time_s"] / results["cached"]["step_time_s"]
+        print(f"cached vs in-step: {speedup:.2f}× faster steps")
     if peer is not None:
-        results["trl"] = summarize_trl(peer, runs, tokens_per_step)
+        results["trl"] = summarize_trl(peer, runs, first["tokens"])
     print(json.dumps(results))
+    return results
 
 
-def start_trl_peer(args, batch):
+def common_peak(dtype, repeats: int = 5) -> float:
+    from rpo_jax.train.runtime.performance import measure_matmul_peak
+    return measure_matmul_peak(dtype, repeats=repeats)
+
+
+def prepare(label: str, cfg, tmp: pathlib.Path, args) -> dict:
+    """One mode: the trainer's run for `cfg` (reference cache filled when cached), its train step from the builder
+    (`common.trainer_steps`) compiled for the first train batch, and that batch's inputs, FLOPs and real tokens."""
+    from rpo_jax.data import real_tokens
+
+    run = common.build_benchmark_run(cfg, tmp / label.replace(" ", "_"), devices=common.devices_of(args.devices))
+    common.check_lengths(run, args.prompt_len, args.response_len)
+    host = common.host_batch(run)
+    inputs, refs = common.step_arguments(run, host)
+    train_step, _ = common.trainer_steps(run)
+    t0 = time.perf_counter()
+    step = common.CompiledStep(train_step, run.state, inputs, refs)
+    return {"run": run, "step": step, "state": run.state, "inputs": inputs, "refs": refs, "host": host,
+            "flops": common.step_flops(run, inputs), "tokens": real_tokens(host), "memory": step.memory(),
+            "compile_s": time.perf_counter() - t0, "times": [], "faults": [], "kernel_s": []}
+
+
+def start_trl_peer(args, cfg, batch):
     """TRL's trainer with its default in-step reference (`benchmarks/trl_peer.py`), warmed up like rpo_jax's."""
     from trl_peer import TrlPeer  # torch and trl: only for --peer trl
 
-    peer = TrlPeer(args.model, batch["tokens"], args.prompt_len)
-    if peer.tokens_per_step() != batch["tokens"].size:
-        raise SystemExit(f"TRL's batch has {peer.tokens_per_step()} tokens, rpo_jax's {batch['tokens'].size}: "
-                         "not the same batch")
+    peer = TrlPeer(os.path.expanduser(cfg.model.path), np.asarray(batch["tokens"]), args.prompt_len)
+    if peer.tokens_per_step() != np.asarray(batch["tokens"]).size:
+        raise SystemExit(f"TRL's batch has {peer.tokens_per_step()} tokens, rpo_jax's "
+                         f"{np.asarray(batch['tokens']).size}: not the same batch")
     for _ in range(args.warmup):
         peer.step()
     peer.timed = []
@@ -237,79 +244,53 @@ def summarize_trl(peer, runs, tokens_per_step: int) -> dict:
     return out
 
 
-def lora_modes(args) -> list[tuple[str, int, str]]:
-    """(label, rank, base dtype) of every mode `--lora` compares: rank 0 = full fine-tuning."""
+def lora_modes(args) -> dict[str, dict]:
+    """label → the config overrides of every mode `--lora` compares (rank 0 = full fine-tuning), each with an
+    in-step reference."""
     ranks = [int(r) for r in args.lora.split(",") if r.strip()]
     bases = [d for d in args.qlora.split(",") if d.strip()]
-    return ([("full", 0, "")] + [(f"lora r{r}", r, "") for r in ranks]
-            + [(f"qlora {d} r{ranks[0]}", ranks[0], d) for d in bases])
+    mode = lambda rank, base="": {"reference_mode": "in_step", "model.lora.rank": rank,  # noqa: E731
+                                  "model.lora.alpha": 2.0 * rank if rank else 16.0, "model.lora.base_dtype": base}
+    return {"full": mode(0), **{f"lora r{r}": mode(r) for r in ranks},
+            **{f"qlora {d} r{ranks[0]}": mode(ranks[0], d) for d in bases}}
 
 
-def step_memory(compiled) -> dict[str, int]:
-    """Bytes XLA's buffer assignment gives one compiled step: arguments (state, batch, frozen base), outputs,
-    temporaries; peak = arguments + outputs + temporaries − donated (aliased) outputs."""
-    m = compiled.memory_analysis()
-    peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes, "peak": peak}
+def compare_lora(args, cfg, tmp: pathlib.Path):
+    """Full fine-tuning vs LoRA vs QLoRA on one machine in one run (`--lora 8,64`): each mode a run of its own
+    (`model.lora.rank`, `model.lora.base_dtype` overrides) and the trainer's train step (DPO-family loss with an
+    in-step reference: for full fine-tuning a frozen copy of the initial weights, for (Q)LoRA the policy's own
+    base with the adapters off), the frozen base an argument of the program (`WithFrozen`), one step of each mode
+    per round. Memory per mode: XLA's buffer assignment of the compiled step (`step_memory`: the live bytes of one
+    step, state and base included), exact and independent of the other modes in the process; the process's peak
+    (RSS on CPU) is printed once."""
+    from flax import nnx
 
+    from rpo_jax.models.quantize import parameter_bytes
+    from rpo_jax.train.build.state import build_loss
 
-def compare_lora(args, model, config, dtype):
-    """Full fine-tuning vs LoRA vs QLoRA on one machine in one run (`--lora 8,64`): each mode's train step (the
-    trainer's, `make_train_step`, DPO-family loss with an in-step reference: for full fine-tuning a frozen copy of
-    the initial weights, for (Q)LoRA the policy's own base with the adapters off, `adapters_off_graphdef`), the
-    frozen base an argument of the program (`WithFrozen`), one step of each mode per round. Memory per mode: XLA's
-    buffer assignment of the compiled step (`step_memory`: the live bytes of one step, state and base included),
-    exact and independent of the other modes in the process; the process's peak (RSS on CPU) is printed once."""
-    from rpo_jax.models.lora import LoraConfig, attach_lora
-    from rpo_jax.models.quantize import parameter_bytes, quantize_base
-    from rpo_jax.train.build.model import adapters_off_graphdef
-    from rpo_jax.train.step.steps import WithFrozen
-
-    loss_fn = make_loss(args.loss)
-    if not loss_fn.requires_reference:
-        raise SystemExit(f"--lora compares modes with an in-step reference; --loss {args.loss} needs none")
-    tx, _ = make_optimizer({"name": "adamw", "learning_rate": 1e-6, "schedule": "constant"}, 100)
-    batch = synthetic_batch(np.random.default_rng(0), args.batch, args.k, args.prompt_len, args.response_len,
-                            config.vocab_size)
-    t = args.prompt_len + args.response_len
-    tokens_per_step = args.batch * args.k * t
-    window = resolve_score_window(args.score_window, args.response_len)
-    window = None if window is not None and window >= t - 1 else window
-    chunk = args.vocab_chunk or None
-    print(f"device: {jax.devices()[0].device_kind}, compute {jnp.dtype(dtype).name}, model "
-          f"{args.model or 'random SmolLM2-135M shape'} ({config.num_params() / 1e6:.1f} M params), batch "
-          f"{args.batch}×K={args.k}×T={t} = {tokens_per_step} tokens/step, loss {args.loss}, in-step reference, "
-          f"remat {args.remat}")
+    if not build_loss(cfg).spec.requires_reference:
+        raise SystemExit(f"--lora compares modes with an in-step reference; loss {cfg.loss.name} needs none")
     runs = {}
-    for label, rank, base in lora_modes(args):
-        m = nnx.clone(model)  # shares the arrays with `model`: the trained ones are copied below (donated)
-        if base:
-            quantize_base(m, base)
-        if rank:
-            attach_lora(m, LoraConfig(rank=rank, alpha=2.0 * rank), rngs=nnx.Rngs(1))
-        graphdef, params, rest = split_trainable(m)
-        if rank:  # the base with the adapters off: the policy's own parameters and rest (None)
-            ref_graphdefs, ref_params = ((adapters_off_graphdef(graphdef, params, rest), None),), (None,)
-        else:  # a frozen copy of the initial policy, as rpo-train keeps it
-            ref_graphdefs, ref_params = ((graphdef, rest),), (jax.tree.map(jnp.copy, params),)
-        step = WithFrozen(jax.jit(make_train_step(graphdef, rest, loss_fn, tx, compute_dtype=dtype,
-                                                  vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs,
-                                                  score_window=window), donate_argnums=(0,)), rest)
-        state = {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
-                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
-        b = {k: jnp.asarray(v) for k, v in batch.items()}
-        memory = step_memory(step.lower(state, b, ref_params).compile())
-        stored = parameter_bytes(m)
-        trained = sum(x.size for x in jax.tree.leaves(params))
-        runs[label] = r = {"step": step, "state": state, "batch": b, "ref_params": ref_params, "times": [],
-                           "memory": memory, "base_bytes": stored["total"], "trained_params": trained}
+    for label, overrides in lora_modes(args).items():
+        r = runs[label] = prepare(label, common.with_overrides(cfg, overrides), tmp, args)
+        run = r["run"]
+        r["base_bytes"] = parameter_bytes(nnx.merge(run.graphdef, run.state["params"], run.rest))["total"]
+        r["trained_params"] = sum(x.size for x in jax.tree.leaves(run.state["params"]))
+    first = next(iter(runs.values()))
+    run = first["run"]
+    print(f"device: {jax.local_devices()[0].device_kind}, compute {jnp.dtype(run.dtype).name}, model "
+          f"{cfg.model.path or 'random init (config.model.init)'} ({run.model_config.num_params() / 1e6:.1f} M "
+          f"params), batch {cfg.data.batch_size}×K={args.k}×T={args.prompt_len + args.response_len} = "
+          f"{first['tokens']} tokens/step, loss {cfg.loss.name}, in-step reference, remat {cfg.model.remat}, step "
+          f"inputs {common.layout_text(first['inputs'])}")
+    for r in runs.values():
         for _ in range(args.warmup):
-            r["state"], r["metrics"] = step(r["state"], b, ref_params)
+            r["state"], r["metrics"] = r["step"](r["state"], r["inputs"], r["refs"])
         jax.block_until_ready(r["state"])
     for _ in range(args.steps):  # one step of each mode per round
         for r in runs.values():
             t0 = time.perf_counter()
-            r["state"], r["metrics"] = r["step"](r["state"], r["batch"], r["ref_params"])
+            r["state"], r["metrics"] = r["step"](r["state"], r["inputs"], r["refs"])
             jax.block_until_ready(r["metrics"])
             r["times"].append(time.perf_counter() - t0)
     full = runs["full"]["memory"]["peak"]
@@ -322,16 +303,15 @@ def compare_lora(args, model, config, dtype):
                                 "step_peak_mib": r["memory"]["peak"] / 2**20,
                                 "step_temporaries_mib": r["memory"]["temporaries"] / 2**20,
                                 "peak_vs_full": r["memory"]["peak"] / full, "step_time_s": step_time,
-                                "tokens_per_s": tokens_per_step / step_time, "loss": float(r["metrics"]["loss"])}
+                                "tokens_per_s": r["tokens"] / step_time, "loss": float(r["metrics"]["loss"])}
         print(f"{label:18s} {res['trained_params']:15,d} {res['base_mib']:11.1f} {res['step_peak_mib']:16.1f} "
               f"{res['peak_vs_full']:8.2f} {res['tokens_per_s']:9.1f}")
-    stats = jax.devices()[0].memory_stats() or {}
-    memory, where = ((stats["peak_bytes_in_use"] / 2**30, "device") if "peak_bytes_in_use" in stats
-                     else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "RSS"))
+    memory, where = common.process_peak_memory()
     print(f"step peak: XLA's buffer assignment of each compiled step (arguments + outputs + temporaries - donated); "
           f"base: the stored weights other than adapters (parameter_bytes; int4 counted packed, 4 bits); "
           f"tokens/s: median of {args.steps} steps; process peak memory {memory:.2f} GiB ({where}, all modes together)")
     print(json.dumps(results))
+    return results
 
 
 if __name__ == "__main__":
