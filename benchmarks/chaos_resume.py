@@ -132,9 +132,10 @@ def exported_tensors(workdir: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def logged_values(workdir: pathlib.Path) -> list[dict]:
-    """metrics.jsonl's records without the timing fields (perf/…, memory/…)."""
+    """metrics.jsonl's records without the timing fields (perf/…, memory/…, and each record's time, elapsed_s)."""
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k} for r in records]
+    return [{k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k and k not in ("time", "elapsed_s")}
+            for r in records]
 
 
 def chaos(out: pathlib.Path, *, kills: int, seed: int, overrides: dict, timeout: float = 1800,

@@ -156,7 +156,7 @@ def read_run(workdir: pathlib.Path) -> dict:
     return {"trajectory": [{"iteration": m["step"], "judge_reward": m["eval/judge_reward"],
                             "kl_to_initial": m["eval/kl_to_initial"], "reward": m["eval/reward"],
                             "response_length": m["eval/response_length"]} for m in evals],
-            "final": {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k != "step"}}
+            "final": {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k.startswith("eval/")}}
 
 
 def run_arm(arm: str, seed: int, out: pathlib.Path, size: dict, pieces: dict, recipe=None,

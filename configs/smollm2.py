@@ -1,33 +1,40 @@
-"""SmolLM2-135M-Instruct, DPO on the demo task's best-vs-worst pairs: a real checkpoint, sized for a CPU.
+"""SmolLM2-135M-Instruct, DPO on your preference file: a real checkpoint, settings for real data.
 
-Build the checkpoint offline first:  bash ../shared/models/make_smollm2.sh   (prints its directory)
-    rpo-train --config configs/smollm2.py --config.model.path=$HOME/.cache/rpo_jax/smollm2-135m-instruct
+    bash ../shared/models/make_smollm2.sh     # builds the checkpoint offline into ~/.cache/rpo_jax/ (else the hub)
+    rpo-train --config configs/smollm2.py --workdir runs/smollm2 \
+        --config.data.train=prefs.jsonl [--config.data.eval=heldout.jsonl]
+
+Any format rpo-train reads (README, "Data": prompt/chosen/rejected, TRL's conversational form, K rewarded
+responses, ...). Lengths as TRL's DPOConfig defaults (prompt + response ≤ 1024 tokens, prompt ≤ 512; longer
+records are dropped and counted, `data.truncation` to cut them instead); 2 % of the file held out for evaluation
+unless `data.eval` names a file; one epoch; the reference's log-probs cached by a precompute pass (the package
+default). The demo form (bundled data, short sequences, 30 steps): `configs/smollm2_demo.py`.
 """
 
 import os
 
 from rpo_jax.train.config.defaults import base_config
 
+LOCAL = os.path.expanduser("~/.cache/rpo_jax/smollm2-135m-instruct")  # where make_smollm2.sh writes it
+
 
 def get_config():
     c = base_config()
-    c.model.path = os.path.expanduser("~/.cache/rpo_jax/smollm2-135m-instruct")
+    c.model.path = LOCAL if os.path.isdir(LOCAL) else "HuggingFaceTB/SmolLM2-135M-Instruct"
     c.model.dtype = "auto"            # float32 on CPU, bfloat16 on GPU/TPU
     c.model.scan_unroll = 30          # all 30 layers unrolled: ~6 s more compile, 5-13 % faster CPU steps
-    c.data.train = "demo"
-    c.data.eval = "demo"
-    c.data.pairs = "best_worst"
-    c.data.max_length = 128
-    c.data.max_prompt_length = 64
-    c.data.batch_size = 4
+    c.data.train = "data/train.jsonl"
+    c.data.eval_fraction = 0.02       # used when data.eval is empty
+    c.data.max_length = 1024
+    c.data.max_prompt_length = 512
+    c.data.batch_size = 8
     c.data.eval_batch_size = 8
     c.loss.name = "dpo"
     c.loss.hparams = {"beta": 0.1}
-    c.reference_mode = "in_step"      # no precompute pass over the 2,000 training pairs on a CPU
-    c.optimizer.learning_rate = 5e-6
-    c.optimizer.warmup_steps = 5
-    c.train.steps = 30
-    c.train.log_every = 5
-    c.train.eval_every = 0            # held-out evaluation at the end only
-    c.train.checkpoint_every = 10
+    c.optimizer.learning_rate = 1e-6
+    c.optimizer.warmup_ratio = 0.1
+    c.train.epochs = 1.0
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.checkpoint_every = 100
     return c

@@ -69,8 +69,9 @@ def records(workdir, name="metrics.jsonl"):
 
 
 def values(workdir):
-    """metrics.jsonl without the timing fields."""
-    return [{k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k} for r in records(workdir)]
+    """metrics.jsonl without the timing fields (and the wall clock of each record: `time`, `elapsed_s`)."""
+    return [{k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k and k not in ("time", "elapsed_s")}
+            for r in records(workdir)]
 
 
 def steps_saved(workdir):

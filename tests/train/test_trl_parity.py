@@ -6,8 +6,9 @@ the same per-example reference (= step-0 policy) log-probs, the same step-0 loss
 ["sigmoid", "sft"] with loss_weights, ipo and sigmoid_norm; and after 3 AdamW steps of `rpo-train --from-trl`'s
 mapping of the same DPOConfig (same schedule, clipping, weight decay, sequential batches), the same parameters.
 
-Default suite: a tiny random Llama and a word-level tokenizer built here. Slow: SmolLM2-135M-Instruct (its
-training compared with its pad token moved off the EOS: see `without_pad_embedding_freeze`).
+Default suite: a tiny random Llama and a word-level tokenizer built here. Slow: SmolLM2-135M-Instruct (the
+suite's `smollm2_dir` fixture: built offline, or $RPO_JAX_SMOLLM2; its training compared with its pad token moved
+off the EOS: see `without_pad_embedding_freeze`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from tests.hf_fixtures import make_tiny_llama  # noqa: E402
 from .trainer_testlib import read_metrics, set_fields  # noqa: E402
 
 ONE = jax.devices()[:1]
-SMOLLM2 = pathlib.Path(os.path.expanduser("~/.cache/rpo_jax/smollm2-135m-instruct"))
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
 LOSS_SETTINGS = {"sigmoid": {"loss_type": ["sigmoid"]},
@@ -319,13 +319,12 @@ def test_three_adamw_steps_of_from_trl_equal_trl(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ SmolLM2
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2.is_dir(), reason=f"needs the SmolLM2 checkpoint at {SMOLLM2}")
 @pytest.mark.parametrize("kind", ["standard", "conversational", "implicit"])
-def test_smollm2_token_ids_equal_trl(tmp_path, kind):
+def test_smollm2_token_ids_equal_trl(smollm2_dir, tmp_path, kind):
     from transformers import AutoTokenizer
 
     # SmolLM2's template adds a default system prompt: chat sequences are ~25 tokens longer than plain strings
-    check_token_ids(SMOLLM2, AutoTokenizer.from_pretrained(str(SMOLLM2)), tmp_path, kind,
+    check_token_ids(smollm2_dir, AutoTokenizer.from_pretrained(str(smollm2_dir)), tmp_path, kind,
                     max_length=12 if kind == "standard" else 40)
 
 
@@ -348,11 +347,10 @@ def without_pad_embedding_freeze(checkpoint: pathlib.Path, out: pathlib.Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2.is_dir(), reason=f"needs the SmolLM2 checkpoint at {SMOLLM2}")
-def test_smollm2_three_adamw_steps_equal_trl(tmp_path):
+def test_smollm2_three_adamw_steps_equal_trl(smollm2_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    checkpoint = without_pad_embedding_freeze(SMOLLM2, tmp_path / "smollm2")
-    check_three_steps(checkpoint, AutoTokenizer.from_pretrained(str(SMOLLM2)), tmp_path,
+    checkpoint = without_pad_embedding_freeze(smollm2_dir, tmp_path / "smollm2")
+    check_three_steps(checkpoint, AutoTokenizer.from_pretrained(str(smollm2_dir)), tmp_path,
                       records_of("conversational", 12, seed=4), loss_type=["sigmoid"], max_length=48,
                       learning_rate=2e-3)

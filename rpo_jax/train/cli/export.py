@@ -1,5 +1,6 @@
 """`rpo-export WORKDIR OUT_DIR [--adapter]`: a run's latest checkpoint as a Hugging Face directory (or a
-LoRA run's adapters as a PEFT directory).
+LoRA run's adapters as a PEFT directory). It ends with one line: `rpo-export: wrote <kind> to <dir>` (kind: "Hugging
+Face model", "reward model" or "PEFT adapter").
 """
 
 from __future__ import annotations
@@ -25,5 +26,11 @@ def export_main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     with one_line_errors("rpo-export", None, args.verbose):
         initialize_from_environment()
-        from rpo_jax.train.core.export import export_workdir
-        print(export_workdir(args.workdir, args.out_dir, adapter=args.adapter))
+        import jax
+
+        from rpo_jax.train.core.export import export_kind, export_workdir
+        from rpo_jax.train.core.workdir import read_run_config
+        out = export_workdir(args.workdir, args.out_dir, adapter=args.adapter)
+        if jax.process_index() == 0:
+            kind = export_kind(read_run_config(args.workdir).get("mode", "preference"), args.adapter)
+            print(f"rpo-export: wrote {kind} to {out}", flush=True)

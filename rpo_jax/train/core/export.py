@@ -21,6 +21,8 @@ The target may be a URL (`gs://bucket/exports/m`, through `rpo_jax.data.storage`
 rename, so there the export is written to a local temporary directory, the earlier export's objects are
 deleted and the files are uploaded with config.json last: an interrupted upload leaves a directory without
 config.json, which loaders reject (and which a later export refuses to replace until it is deleted).
+
+Every export is logged (main process): what it writes and where when it starts, and the time it took at the end.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 
 import jax
@@ -108,6 +111,11 @@ def adapter_saver(mode: str, base_model_name_or_path: str) -> Callable[..., path
     return save
 
 
+def export_kind(mode: str, adapter: bool = False) -> str:
+    """What an export of a `mode` run is, in words: "Hugging Face model", "reward model" or "PEFT adapter"."""
+    return "PEFT adapter" if adapter else "reward model" if mode == "reward_model" else "Hugging Face model"
+
+
 def exporter_of(mode: str) -> Exporter:
     """The `EXPORTERS` entry of `mode` (a ValueError naming the modes otherwise)."""
     if mode not in EXPORTERS:
@@ -162,6 +170,9 @@ def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out
     adapter = adapter_base is not None
     save = adapter_saver(mode, adapter_base) if adapter else exporter_of(mode).save
     out = check_export_target(out_dir, adapter=adapter)
+    if jax.process_index() == 0:
+        log.info("exporting the %s to %s", export_kind(mode, adapter), out)
+    start = time.perf_counter()
     params, rest = replicate(params, mesh), replicate(rest, mesh)  # rest: with LoRA the base, merged into W
     if jax.process_index() == 0 and storage.is_url(out):
         upload_export(save, nnx.merge(graphdef, params, rest), model_config, out, tokenizer,
@@ -182,6 +193,8 @@ def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     multihost_utils.sync_global_devices("rpo_jax_export")
+    if jax.process_index() == 0:
+        log.info("wrote the %s to %s in %.1f s", export_kind(mode, adapter), out, time.perf_counter() - start)
     return out if storage.is_url(out) else pathlib.Path(out_dir)
 
 

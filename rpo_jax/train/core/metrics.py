@@ -10,10 +10,17 @@ after the last upload, before every checkpoint (`flush`, called by the run skele
 counts records the bucket does not have) and at the end. A process killed between uploads loses only records
 after its last checkpoint, whose steps a resumed run replays and logs again. TensorBoard event files are
 flushed (tensorboardX uploads them whole to `gs://` / `s3://`) at the same points.
+
+Every record carries, after `step`, when it was written: `time`, the wall clock as ISO 8601 in UTC to the second
+(`"2025-01-31T12:00:05+00:00"`, `datetime.fromisoformat` reads it), and `elapsed_s`, seconds since this process
+started the run (`started`: the run skeleton passes the moment `run_task` began; a resumed run counts from its
+own start, not from the first run's). Neither goes to TensorBoard (its events carry their own wall time) nor to
+the console line.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -31,7 +38,8 @@ class MetricWriter:
     """Writes scalar metrics to the console, `metrics.jsonl` and TensorBoard event files (main process only)."""
 
     def __init__(self, workdir: storage.PathLike, *, tensorboard: bool = True, console: bool = True,
-                 enabled: bool | None = None, upload_every_s: float = 30.0):
+                 enabled: bool | None = None, upload_every_s: float = 30.0, started: float | None = None):
+        self.started = time.time() if started is None else started  # `time.time()` at the run's start
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.console = console
         self.lines = 0  # records in metrics.jsonl (those already there included); a checkpoint records it
@@ -57,11 +65,15 @@ class MetricWriter:
             self._tb = SummaryWriter(os.fspath(directory / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
-        """One record `{"step": step, prefix + name: value, ...}`; nothing for empty `metrics`."""
+        """One record `{"step": step, "time": …, "elapsed_s": …, prefix + name: value, ...}`; nothing for empty
+        `metrics`."""
         if not self.enabled or not metrics:
             return
         values = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}
-        line = json.dumps({"step": int(step), **values}) + "\n"
+        now = time.time()
+        when = {"time": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
+                "elapsed_s": round(now - self.started, 3)}
+        line = json.dumps({"step": int(step), **when, **values}) + "\n"
         self.lines += 1
         if self._tb is not None:
             for k, v in values.items():

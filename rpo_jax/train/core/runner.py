@@ -11,8 +11,10 @@ step (preference, reward model) or one online iteration of several optimizer ste
     every train.checkpoint_every units (0: none):  checkpoint (train state + data position)
     SIGTERM seen (on every host):                  checkpoint, close and return {"preempted_at": unit}
 
-and at the end: checkpoint (with checkpoint_every = 0 only when the run does not export), evaluate, close,
-export (`config.train.export_at_end`).
+and at the end: checkpoint (with checkpoint_every = 0 only when the run does not export), evaluate, close, export
+(`config.train.export_at_end`), and a summary on stdout (main process; `print_summary`): where the export,
+metrics.jsonl, TensorBoard and the last checkpoint are, and the final eval metrics. Each evaluation is logged
+("evaluating at step N" … "evaluation at step N done in X s").
 
 Safety (`config.train`):
 
@@ -37,7 +39,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
+import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -52,9 +57,20 @@ from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.core.export import save_adapter_at_end, save_model
 from rpo_jax.train.core.identity import identity_differences
 from rpo_jax.train.core.metrics import MetricWriter
-from rpo_jax.train.core.performance import Throughput, device_memory, measure_matmul_peak
-from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, continue_metrics, metrics_records, read_identity, record_run
+from rpo_jax.train.core.workdir import (
+    CHECKPOINTS,
+    EXPORT,
+    continue_metrics,
+    metrics_records,
+    read_identity,
+    record_run,
+)
 from rpo_jax.train.runtime.global_batches import local_batch_size
+from rpo_jax.train.runtime.performance import (
+    Throughput,
+    device_memory,
+    measure_matmul_peak,
+)
 
 RESUME_MODES = ("auto", "must", "never", "force")
 NONFINITE_POLICIES = ("stop", "skip_step")
@@ -271,6 +287,44 @@ class DivergenceGuard:
                              f"{kept} and nothing after it was saved")
 
 
+#: eval metrics the end-of-run summary shows, in this order, when the evaluation returns them (else its first few)
+SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "margin", "judge_reward", "reward",
+                   "kl_to_initial")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:" \
+                                                    f"{int(seconds % 60):02d}"
+
+
+def print_summary(task: Task, workdir: storage.PathLike, unit: int, seconds: float, *, checkpoint: int | None,
+                  eval_metrics: Mapping[str, float] | None = None, exported: str | None = None,
+                  adapter: str | None = None, preempted: bool = False) -> None:
+    """The few lines that end a run (main process only; stdout, stderr under RPO_JAX_QUIET like the metric lines):
+    what it did, the export (and a LoRA run's PEFT adapter), metrics.jsonl, TensorBoard, the newest checkpoint
+    (`checkpoint`: its step, None for none) and the key final eval metrics (`SUMMARY_METRICS`)."""
+    if jax.process_index() != 0:
+        return
+    from rpo_jax.train.core.workdir import METRICS_FILE
+    workdir, cfg = storage.as_path(workdir), task.run.config
+    done = f"{task.unit_name} {unit} of {task.units}"
+    what = (f"preempted at {done} after {_duration(seconds)}; run the same command again to resume" if preempted
+            else f"done: {done} in {_duration(seconds)}")
+    lines = [f"{task.label}: {what}"]
+    if exported:
+        lines.append(f"  export:      {exported}")
+    if adapter:
+        lines.append(f"  adapter:     {adapter} (PEFT)")
+    lines.append(f"  metrics:     {workdir / METRICS_FILE}")
+    if cfg.metrics.tensorboard:
+        lines.append(f"  TensorBoard: {workdir / 'tensorboard'}")
+    lines.append(f"  checkpoint:  {workdir / CHECKPOINTS / str(checkpoint) if checkpoint is not None else 'none'}")
+    if eval_metrics:
+        keys = [k for k in SUMMARY_METRICS if k in eval_metrics] or list(eval_metrics)[:4]
+        lines.append("  eval:        " + " ".join(f"{k}={float(eval_metrics[k]):.4g}" for k in keys))
+    print("\n".join(lines), file=sys.stderr if os.environ.get("RPO_JAX_QUIET") else sys.stdout, flush=True)
+
+
 def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
     """Run `task` to its last unit in `workdir`, starting or resuming as `config.train.resume` says.
 
@@ -278,18 +332,30 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
     the export directory or None}`, or `{prefix: …, "preempted_at": unit}` after SIGTERM. Raises `ResumeError`
     (the directory holds another run, ...) or `NonFiniteError` (the run diverged).
     """
+    started = time.time()
     run, cfg, workdir = task.run, task.run.config, storage.as_path(workdir)
     check_safety_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     every = cfg.train.checkpoint_every  # 0: no periodic checkpoint (config.train.checkpoint_every)
     ckpt = Checkpointer(workdir / CHECKPOINTS, every_steps=max(1, every) * task.steps_per_unit,
                         keep=cfg.train.keep_checkpoints, asynchronous=cfg.train.async_checkpointing)
-    writer = progress = None
+    writer = progress = preempted = newest = None
     try:
         state, unit, metrics_lines = resume_or_start(task, ckpt, workdir)
         continue_metrics(workdir, metrics_lines)
-        writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard)
+        writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, started=started)
         guard = DivergenceGuard(cfg, ckpt, task.unit_name)
+
+        def evaluate(at: int) -> dict[str, float]:
+            if progress is not None:
+                progress.clear()  # the log lines on lines of their own, the bar drawn again below them
+            log.info("evaluating at %s %d", task.unit_name, at)
+            start = time.perf_counter()
+            metrics = task.evaluate(task.eval_input(state), at)
+            log.info("evaluation at %s %d done in %.1f s", task.unit_name, at, time.perf_counter() - start)
+            if progress is not None:
+                progress.refresh()
+            return metrics
 
         def save(force: bool = False) -> None:
             step = unit * task.steps_per_unit
@@ -305,7 +371,7 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
             from tqdm.auto import tqdm
             progress = tqdm(total=task.units, initial=unit, desc=task.label, dynamic_ncols=True)
         if task.eval_at_start and unit == 0:
-            writer.write(0, task.evaluate(task.eval_input(state), 0), prefix="eval/")
+            writer.write(0, evaluate(0), prefix="eval/")
 
         prefix = task.metrics_prefix
         last: dict[str, float] = {}
@@ -335,30 +401,38 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
                         progress.set_postfix({task.progress_metric: f"{last[task.progress_metric]:.3f}"})
                 if task.eval_every and unit % task.eval_every == 0 and unit != task.units:
                     guard.check()
-                    writer.write(unit, task.evaluate(task.eval_input(state), unit), prefix="eval/")
+                    writer.write(unit, evaluate(unit), prefix="eval/")
                     throughput.restart()
                 if unit < task.units and every:
                     save()
                 if preemption.should_stop(unit * task.steps_per_unit):
                     log.warning("preemption requested: saving %s %d and exiting", task.unit_name, unit)
                     save(force=True)
-                    return {prefix: last, "preempted_at": unit}
-        # the last checkpoint comes before the final evaluation: a finished run started again re-evaluates,
-        # and metrics.jsonl keeps one final record; with checkpoint_every = 0 only for rpo-export (no export here)
-        if every or not cfg.train.export_at_end:
-            save(force=True)
-        eval_metrics = task.evaluate(task.eval_input(state), unit)
-        writer.write(unit, eval_metrics, prefix="eval/")
+                    preempted = unit
+                    break
+        if preempted is None:
+            # the last checkpoint comes before the final evaluation: a finished run started again re-evaluates,
+            # and metrics.jsonl keeps one final record; with checkpoint_every = 0 only for rpo-export (no export)
+            if every or not cfg.train.export_at_end:
+                save(force=True)
+            eval_metrics = evaluate(unit)
+            writer.write(unit, eval_metrics, prefix="eval/")
+        newest = ckpt.latest_step()  # for the summary (once the last save is done, as close() waits anyway)
     finally:
         if progress is not None:
             progress.close()
         ckpt.close()
         if writer is not None:
             writer.close()
-    exported = None
+    if preempted is not None:
+        print_summary(task, workdir, unit, time.time() - started, checkpoint=newest, preempted=True)
+        return {prefix: last, "preempted_at": unit}
+    exported = adapter = None
     if cfg.train.export_at_end:
         exported = str(save_model(task.mode, run.graphdef, state["params"], run.rest, run.model_config,
                                   workdir / EXPORT, run.tokenizer, run.mesh))
         # LoRA runs: the adapters also as a PEFT directory, WORKDIR/export_adapter
-        save_adapter_at_end(task.mode, run.graphdef, state["params"], run.rest, workdir, cfg, run.mesh)
+        adapter = save_adapter_at_end(task.mode, run.graphdef, state["params"], run.rest, workdir, cfg, run.mesh)
+    print_summary(task, workdir, unit, time.time() - started, checkpoint=newest, eval_metrics=eval_metrics,
+                  exported=exported, adapter=adapter and str(adapter))
     return {prefix: last, "eval": eval_metrics, task.unit_name: unit, "export": exported}

@@ -303,10 +303,11 @@ def fill_reference_cache(run: PreferenceRun) -> None:
     cache = {}
     for split, ds in run.datasets.items():
         columns = []
-        for ref, score in zip(run.references, scorers):
-            compute = lambda ref=ref, score=score: compute_logps(  # noqa: E731  (params None: the policy's)
+        for i, (ref, score) in enumerate(zip(run.references, scorers)):
+            compute = lambda i=i, ref=ref, score=score: compute_logps(  # noqa: E731  (params None: the policy's)
                 score, run.state["params"] if ref.params is None else ref.params, ref.datasets[split], per_process,
-                run.mesh, prepare=lambda batch: pack_local(batch, run.packing, run.mesh))
+                run.mesh, prepare=lambda batch: pack_local(batch, run.packing, run.mesh),
+                description=f"reference {i} log-probs ({split} split)", progress=cfg.train.progress_bar)
             columns.append(cached_logps(cache_dir, ref, split, compute))
         values = np.stack(columns, axis=-1)  # [N, K, R]
         check_cache_complete(values, ds, split)

@@ -1,13 +1,22 @@
 """Cloud TPU slices for `rpo-plan`: each generation's published chip figures (`CHIPS`), accelerator
 types → slice shapes (`parse_slice`), and one device per chip from libtpu's topology description
 (`slice_devices`, no TPU needed).
+
+On a machine without a TPU (`rpo_jax.train.runtime.processes.tpu_may_be_present`), libtpu is loaded with the
+values it would otherwise look up on a TPU VM (`TPU_ACCELERATOR_TYPE` = the planned slice, `TPU_WORKER_ID=0`,
+`TPU_WORKER_HOSTNAMES=localhost`, `TPU_SKIP_MDS_QUERY=1`; any the user set are kept, and all are restored
+afterwards): without them it prints errors ("Failed to find host bounds …", "INVALID_ARGUMENT … Source
+Location Trace") before the plan's report. The topology and the compiled programs are the same either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+
+from rpo_jax.train.runtime.processes import tpu_may_be_present
 
 GiB = 2**30
 
@@ -77,15 +86,37 @@ def parse_slice(name: str) -> Slice:
     return Slice(name, chip, chips, shapes[chips])
 
 
+@contextlib.contextmanager
+def libtpu_environment(slc: Slice):
+    """Without a TPU here: the TPU VM values libtpu reads at start-up, set for the block (module docstring)."""
+    if tpu_may_be_present():
+        yield
+        return
+    values = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": slc.accelerator, "TPU_WORKER_ID": "0",
+              "TPU_WORKER_HOSTNAMES": "localhost"}
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def slice_devices(slc: Slice) -> list:
     """One device per chip of the slice, from libtpu's topology description (no TPU needed)."""
     from jax.experimental import topologies
     # compiling needs no TPU: let several planners (or a planner beside a TPU job) load libtpu at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     bounds = (2, 2, 1) if slc.num_chips >= 4 else (1, 1, 1)
-    topology = topologies.get_topology_desc(
-        platform="tpu", topology_name=slc.topology_name, chip_config_name="megacore" if slc.chip.megacore else
-        "default", chips_per_host_bounds=bounds, num_slices=1, wrap=slc.wrap)
+    with libtpu_environment(slc):
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=slc.topology_name, chip_config_name="megacore" if slc.chip.megacore else
+            "default", chips_per_host_bounds=bounds, num_slices=1, wrap=slc.wrap)
     devices = list(topology.devices)
     if len(devices) != slc.num_chips:
         raise RuntimeError(f"{slc.accelerator}: libtpu describes {len(devices)} devices, expected {slc.num_chips}")
