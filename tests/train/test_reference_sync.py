@@ -17,7 +17,6 @@ import pytest
 
 from rpo_jax.train.build import programs
 from rpo_jax.train.build.references import Reference
-from rpo_jax.train.build.state import build_loss
 from rpo_jax.train.jobs import preference
 from rpo_jax.train.step.steps import ReferenceSync, sync_reference
 
@@ -179,9 +178,9 @@ def test_cached_references_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"reference_sync.every": -1}, r"config.reference_sync.every=-1: expected a whole number"),
-    ({"reference_sync.every": 2, "reference_sync.mix": 0.0}, r"config.reference_sync.mix=0.0: expected α in \(0, 1\]"),
-    ({"reference_sync.every": 2, "reference_sync.mix": 1.5}, r"config.reference_sync.mix=1.5: expected α"),
+    ({"reference_sync.every": -1}, r"config.reference_sync.every=-1: expected ≥ 0$"),
+    ({"reference_sync.every": 2, "reference_sync.mix": 0.0}, r"config.reference_sync.mix=0.0: expected > 0.0$"),
+    ({"reference_sync.every": 2, "reference_sync.mix": 1.5}, r"config.reference_sync.mix=1.5: expected ≤ 1.0$"),
     ({"reference_sync.every": 2, "loss.name": "simpo", "loss.hparams": {"beta": 2.0, "gamma": 0.5}},
      r"config.reference_sync.every=2: loss 'simpo' uses no reference"),
     ({"reference_sync.every": 2, "reference_sync.mix": 0.6, "model.lora.rank": 8},
@@ -190,7 +189,7 @@ def test_cached_references_are_refused(tmp_path):
 def test_bad_settings_are_one_line_errors_naming_the_field(tmp_path, overrides, message):
     cfg = sync_config(tmp_path, **overrides)
     with pytest.raises(ValueError, match=f"^{message}") as info:
-        programs.reference_sync_of(cfg, build_loss(cfg))
+        programs.reference_sync_of(cfg)
     assert "\n" not in str(info.value)
 
 

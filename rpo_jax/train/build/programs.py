@@ -41,6 +41,7 @@ from rpo_jax.train.build.state import (
     build_loss,
     compute_dtype,
 )
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.runtime.global_batches import replicated
 from rpo_jax.train.step.logprobs import resolve_score_window
 from rpo_jax.train.step.steps import (
@@ -88,31 +89,12 @@ class ReferenceLayout(NamedTuple):
         return self.primary is Weights.TRAIN_STATE
 
 
-def reference_sync_of(cfg, loss_fn) -> ReferenceSync | None:
-    """`config.reference_sync` as a `ReferenceSync`, or None when it is off (absent or `every = 0`).
-    ValueErrors naming the field for a bad value and for what it cannot run with: a loss without a reference,
-    `reference_mode="cache"` (cached log-probs of a reference that moves would go stale), LoRA."""
-    spec = cfg.get("reference_sync")
-    every, mix = (spec.get("every", 0), spec.get("mix", 1.0)) if spec is not None else (0, 1.0)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f"config.reference_sync.every={every!r}: expected a whole number of optimizer steps ≥ 0 "
-                         "(0 = off)")
-    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 < mix <= 1.0:
-        raise ValueError(f"config.reference_sync.mix={mix!r}: expected α in (0, 1] (θ_ref ← α·θ + (1 − α)·θ_ref)")
-    if every == 0:
-        return None
-    where = f"config.reference_sync.every={every}"
-    if not loss_fn.spec.requires_reference:
-        raise ValueError(f"{where}: loss {cfg.loss.name!r} uses no reference, so there is none to move; "
-                         "set reference_sync.every=0")
-    if cfg.reference_mode == "cache":
-        raise ValueError(f"{where} needs references scored in the step: reference_mode='cache' would keep the "
-                         "log-probs of a reference that moves (stale); use reference_mode='in_step' or 'auto'")
-    if lora_enabled(cfg) and mix != 1.0:
-        raise ValueError(f"config.reference_sync.mix={mix} with LoRA (config.model.lora): only mix=1 is exact (the "
-                         "reference's adapters become a copy of the policy's); α·θ + (1 − α)·θ_ref of adapter "
-                         "factors is not the weight mix (B_mix·A_mix ≠ α·B·A + (1 − α)·B_ref·A_ref)")
-    return ReferenceSync(every=every, mix=float(mix))
+def reference_sync_of(cfg) -> ReferenceSync | None:
+    """`config.reference_sync` as a `ReferenceSync`, or None when it is off (`every = 0`). Its values and what it
+    cannot run with (a loss without a reference, `reference_mode="cache"`, LoRA with `mix < 1`, another mode) are
+    the schema's rules (`rpo_jax.train.config.schema`), checked by `validate`."""
+    sync = validate(cfg).reference_sync
+    return ReferenceSync(every=sync.every, mix=float(sync.mix)) if sync.every else None
 
 
 def reference_layout(cfg, requires_reference: bool, sync: ReferenceSync | None) -> ReferenceLayout:
@@ -259,6 +241,7 @@ def build_programs(cfg, devices: Sequence, responses: int = 2, *, rewards: bool 
     data.batch_size × K × data.max_length (K = `responses`) and the score window at its worst case. `rewards`: the
     data carries per-response scores, which reach the step (for its metrics) even when the loss does not need
     them; a reward-aware loss always takes them."""
+    cfg = validate(cfg)
     if cfg.mode != "preference":
         raise ValueError(f"mode={cfg.mode!r}: rpo-plan plans preference training (mode='preference')")
     mesh = make_mesh(dict(cfg.mesh), devices)
@@ -273,7 +256,7 @@ def build_programs(cfg, devices: Sequence, responses: int = 2, *, rewards: bool 
     model_config = architecture_of(cfg)
     setup = abstract_setup(cfg, model_config, mesh=mesh, dtype=dtype,
                            total_steps=cfg.train.steps * max(1, cfg.train.iterations))
-    layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg, loss_fn))
+    layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     refs = ([dict(r) for r in cfg.references] or [{"path": ""}]) if layout.count else []
     if refs:
         loss_fn.spec.check_reference_count(len(refs), given="config.references")

@@ -66,7 +66,7 @@ from rpo_jax.train.build.programs import (
 from rpo_jax.train.build.references import Reference, cached_logps, compute_logps
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
-from rpo_jax.train.config.validation import to_config_dict, validate
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import (
     ResumeError,
@@ -175,7 +175,9 @@ def initial_policy_reference(cfg: ml_collections.ConfigDict, setup: RunSetup,
 
 
 def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> PreferenceRun:
-    """Data, policy, references, optimizer and initial state (`devices`: a subset to run on; default all)."""
+    """Data, policy, references, optimizer and initial state (`devices`: a subset to run on; default all). `cfg`
+    is validated first (`rpo_jax.train.config.validation.validate`); the run holds the typed config."""
+    cfg = validate(cfg)
     mesh = make_mesh(dict(cfg.mesh), devices)
     dtype = compute_dtype(cfg.model.dtype)
     loss_fn = build_loss(cfg)
@@ -185,11 +187,11 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     datasets = tokenize_splits(cfg, records, tokenizer)
     if not rewards_to_loss:  # labelled pairs train as labelled: their scores stay out of the batch
         datasets = {split: dataclasses.replace(ds, has_rewards=False) for split, ds in datasets.items()}
-    resolve_epochs(cfg, len(datasets["train"]))
+    cfg = resolve_epochs(cfg, len(datasets["train"]))
     model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
     setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
                         total_steps=cfg.train.steps * max(1, cfg.train.iterations))
-    layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg, loss_fn))
+    layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     references = build_references(cfg, setup, datasets, loss_fn)
     if layout.in_step and any(r.datasets is not datasets for r in references):
         raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
@@ -275,18 +277,14 @@ def epoch_steps(cfg, num_train: int) -> int:
     return math.ceil(epochs * math.ceil(num_train / cfg.data.batch_size))
 
 
-def resolve_epochs(cfg, num_train: int):
-    """`cfg` with `config.train.steps` = `epoch_steps(cfg, num_train)` when `config.train.epochs` > 0 (logged):
-    a new `RunConfig` for a validated (frozen) config; an `ml_collections.ConfigDict` is updated in place (and
-    returned), for callers that still hand one over."""
-    steps = epoch_steps(cfg, num_train)
+def resolve_epochs(cfg: RunConfig, num_train: int) -> RunConfig:
+    """`cfg` with `config.train.steps` = `epoch_steps(cfg, num_train)` when `config.train.epochs` > 0 (logged; a
+    new frozen config), else `cfg` itself."""
     if float(cfg.train.epochs) <= 0:
         return cfg
+    steps = epoch_steps(cfg, num_train)
     log.info("train.epochs=%g over %d examples: train.steps=%d", cfg.train.epochs, num_train, steps)
-    if isinstance(cfg, RunConfig):
-        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
-    cfg.train.steps = steps
-    return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -491,9 +489,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precomp
     """Run the configured preference training in `workdir`; returns the final train and eval metrics
     (`rpo_jax.train.core.runner.run_task`), or with `precompute_only` only the reference cache's shapes (nothing else
     is written to `workdir` then). `cfg` is validated first (`rpo_jax.train.config.validation.validate`)."""
-    # the validated config, as the ConfigDict `build_run` reads today (it sets train.steps for train.epochs);
-    # once `build_run` validates and takes `cfg = resolve_epochs(cfg, N)`, the RunConfig can go straight in
-    run = build_run(to_config_dict(validate(cfg)), workdir, devices=devices)
+    run = build_run(cfg, workdir, devices=devices)
     fill_reference_cache(run)
     if precompute_only:
         return {"reference_cache": {k: list(v.shape) for k, v in run.ref_cache.items()}}
