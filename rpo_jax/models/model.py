@@ -242,7 +242,7 @@ class Decoder(nnx.Module):
         """Scans all layers. x [N,T,D]; mask/window_mask [N,T,S] bool (window_mask = mask ∧ sliding window).
 
         `kernel` = (implementation, mask description, Pallas interpret mode): attention by that fused kernel
-        (`attention.attend`, "cudnn" / "splash") instead of the dense masks (then None); no caches.
+        (`attention.attend`, "cudnn" / "splash" / "blockwise") instead of the dense masks (then None); no caches.
 
         Decoding with `kv_caches`: layer type ("full_attention" / "sliding_attention", one entry per type the model
         has) → (k, v) [L_type,N,S_type,K,hd], stacked over that type's layers in order; each layer writes its new

@@ -52,9 +52,6 @@ from rpo_jax.train.step.steps import (
     make_train_step,
 )
 
-#: `config.reference_mode` values.
-REFERENCE_MODES = ("auto", "cache", "in_step")
-
 
 class Scoring(enum.Enum):
     """When the references are scored."""
@@ -105,8 +102,7 @@ def reference_layout(cfg, requires_reference: bool, sync: ReferenceSync | None) 
     cached. The primary's weights: in the train state when they move, or when iterated training
     (`train.iterations > 1`) scores in the step (so a checkpoint holds the reference of the moment); else the
     policy's base with adapters off for LoRA with `lora.reference="base"`; else its own."""
-    if cfg.reference_mode not in REFERENCE_MODES:
-        raise ValueError(f"reference_mode={cfg.reference_mode!r}: expected one of {REFERENCE_MODES}")
+    cfg = validate(cfg)  # reference_mode is one of the schema's values
     if not requires_reference:
         return ReferenceLayout(Scoring.NONE, Weights.OWN, 0)
     count = max(1, len(cfg.references))

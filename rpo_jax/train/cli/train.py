@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from rpo_jax.train.cli.common import dashed_flags, help_text, one_line_errors, quiet_libraries, unknown_field_error
 from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.values import ONLINE, PREFERENCE, REWARD_MODEL
 from rpo_jax.train.runtime.processes import initialize_from_environment
 
 _QUICKSTART = pathlib.Path(__file__).parent.parent / "config" / "quickstart.py"
@@ -65,10 +66,9 @@ def _train(argv):
 
 
 #: config.mode → (module, function) of its job; imported only after jax.distributed.initialize.
-JOBS = {"preference": ("rpo_jax.train.jobs.preference", "train"),
-        "online": ("rpo_jax.train.jobs.online", "train_online"),
-        "reward_model": ("rpo_jax.train.jobs.reward_model", "train_reward_model")}
-MODES = tuple(JOBS)
+JOBS = {PREFERENCE: ("rpo_jax.train.jobs.preference", "train"),
+        ONLINE: ("rpo_jax.train.jobs.online", "train_online"),
+        REWARD_MODEL: ("rpo_jax.train.jobs.reward_model", "train_reward_model")}
 
 
 def run_job(cfg, workdir: str, *, precompute_only: bool = False):

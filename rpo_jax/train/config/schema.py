@@ -116,8 +116,10 @@ class ModelSection(Section):
     scan_unroll: int = Field(1, ge=1, description="layers per iteration of the layer scan (speed only; same "
                              "results)")
     attention: Literal[ATTENTION_IMPLEMENTATIONS] = Field(
-        "auto", description='attention implementation (speed only; README "Attention implementations"): "auto" '
-        "is the backend's fused kernel when it supports the model and batch, else XLA")
+        "auto", description='attention implementation (speed only; README "Attention implementations"): "xla" '
+        '(dense masks), "blockwise" (online softmax over key blocks: memory linear in the row length), "cudnn" '
+        '(NVIDIA GPUs), "splash" (TPUs); "auto" is the backend\'s fused kernel when it supports the model and '
+        "batch, else blockwise for rows of 512 tokens or more, else XLA")
     vocab_chunk_size: int = Field(0, ge=0, description="> 0: chunked log-softmax over the vocabulary in chunks of "
                                   "this many tokens (large V); 0: off (one log-softmax)")
     score_window: ScoreWindow = Field("auto", description='logit positions per sequence given to the output head: '

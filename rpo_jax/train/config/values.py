@@ -15,8 +15,9 @@ from typing import Any, Literal
 # and normalised (`rpo_jax.data.reward_pairs`, which pairs a reward model's records, spells them so too).
 from rpo_jax.data.reward_pairs import PAIR_ALIASES, PAIR_MODES
 
-#: `config.mode` → what trains (rpo_jax.train.jobs).
-MODES = ("preference", "online", "reward_model")
+#: `config.mode`: what trains (one job each in rpo_jax.train.jobs).
+PREFERENCE, ONLINE, REWARD_MODEL = "preference", "online", "reward_model"
+MODES = (PREFERENCE, ONLINE, REWARD_MODEL)
 #: `config.data.packing` / `share_prompt` strings read as True / False.
 TRUE_STRINGS = ("true", "1", "on", "yes")
 FALSE_STRINGS = ("false", "0", "off", "no", "none", "")

@@ -69,6 +69,7 @@ from rpo_jax.train.build.model import (
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.values import ONLINE
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task
 from rpo_jax.train.runtime.global_batches import (
@@ -84,7 +85,6 @@ from rpo_jax.train.step.steps import WithFrozen, make_scorer, make_train_step
 
 log = logging.getLogger(__name__)
 
-MODE = "online"
 
 
 # --------------------------------------------------------------------------------------------- reward sources
@@ -415,11 +415,11 @@ def online_task(run: OnlineRun) -> Task:
                              f"{data_state['iteration']}, not {iteration}: online.updates_per_iteration changed?")
 
     not_identity = ("iterations", "eval_prompts", "eval_every", "eval_judge")
-    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer,
+    identity = run_identity(cfg, ONLINE, run.model_config, run.tokenizer,
                             objective={"loss": cfg.loss, "references": list(cfg.references),
                                        "online": {k: v for k, v in dict(oc).items() if k not in not_identity}},
                             data={split: token_lists_fingerprint(ids) for split, ids in run.prompt_ids.items()})
-    return Task(mode=MODE, run=run, identity=identity, units=int(oc.iterations), advance=advance,
+    return Task(mode=ONLINE, run=run, identity=identity, units=int(oc.iterations), advance=advance,
                 evaluate=lambda params, iteration: evaluate_online(run, params, iteration),
                 data_state=lambda iteration: {"iteration": iteration}, restore_data=restore_data,
                 steps_per_unit=updates, unit_name="iteration", metrics_prefix="online", eval_every=oc.eval_every,

@@ -67,6 +67,7 @@ from rpo_jax.train.build.references import Reference, cached_logps, compute_logp
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.values import PREFERENCE
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import (
     ResumeError,
@@ -87,7 +88,6 @@ from rpo_jax.train.step.logprobs import resolve_score_window
 
 log = logging.getLogger(__name__)
 
-MODE = "preference"
 INITIAL_POLICY = "initial-policy"
 
 
@@ -472,9 +472,9 @@ def preference_task(run: PreferenceRun) -> Task:
         objective["reference_in_checkpoint"] = True
         if run.reference_sync.every:
             objective["reference_sync"] = run.reference_sync._asdict()
-    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer, objective=objective,
+    identity = run_identity(cfg, PREFERENCE, run.model_config, run.tokenizer, objective=objective,
                             data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
-    return Task(mode=MODE, run=run, identity=identity, units=cfg.train.steps * max(1, cfg.train.iterations),
+    return Task(mode=PREFERENCE, run=run, identity=identity, units=cfg.train.steps * max(1, cfg.train.iterations),
                 advance=advance,
                 evaluate=lambda state, step: evaluate(run, state["params"], eval_step, state.get("reference")),
                 eval_input=lambda state: state,

@@ -56,6 +56,7 @@ from rpo_jax.train.build.model import build_reward_model
 from rpo_jax.train.build.state import RunSetup, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.values import REWARD_MODEL
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.runtime.global_batches import local_batch_size, replicated, to_global
@@ -68,7 +69,6 @@ from rpo_jax.train.step.steps import (
 )
 
 log = logging.getLogger(__name__)
-MODE = "reward_model"
 #: `config.reward_model.pairs` as run identities recorded it before the schema normalised its spelling (so that
 #: the identities of existing run directories stay as they were).
 IDENTITY_PAIRS = {"all_pairs": "all", "best_vs_worst": "best_worst"}
@@ -262,9 +262,9 @@ def reward_model_task(run: RewardRun) -> Task:
         state, metrics = train_step(state, to_global(batch, run.mesh))
         return Unit(state, metrics, {"pairs": float(batch["weight"].sum()) * jax.process_count()})
 
-    identity = run_identity(cfg, MODE, run.model_config, run.tokenizer, objective=identity_objective(rm),
+    identity = run_identity(cfg, REWARD_MODEL, run.model_config, run.tokenizer, objective=identity_objective(rm),
                             data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
-    return Task(mode=MODE, run=run, identity=identity, units=cfg.train.steps, advance=advance,
+    return Task(mode=REWARD_MODEL, run=run, identity=identity, units=cfg.train.steps, advance=advance,
                 evaluate=lambda params, step: evaluate_pairs(run, params, eval_step),
                 data_state=lambda step: iterator.get_state(),
                 restore_data=lambda data_state, step: iterator.set_state(data_state),
