@@ -49,18 +49,49 @@ import jax.numpy as jnp
 import numpy as np
 
 #: Dense bfloat16 peak FLOP/s per chip, matched in order against `device_kind` (case-insensitive substrings).
-PEAK_FLOPS = (("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("h800", 989e12), ("gh200", 989e12),
-              ("b200", 2250e12), ("a100", 312e12), ("l4", 121e12), ("a10g", 125e12),
-              ("tpu v5p", 459e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12), ("tpu v6", 918e12),
-              ("tpu v4", 275e12))
+PEAK_FLOPS = (
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),
+    ("h200", 989e12),
+    ("h800", 989e12),
+    ("gh200", 989e12),
+    ("b200", 2250e12),
+    ("a100", 312e12),
+    ("l4", 121e12),
+    ("a10g", 125e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v6", 918e12),
+    ("tpu v4", 275e12),
+)
 
 #: The model of the reduced check and of the decoder comparison on a CPU.
-TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 512}
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 512,
+}
 #: The decoder comparison's model on an accelerator.
-SMALL = {**TINY, "vocab_size": 2048, "hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 8,
-         "num_key_value_heads": 4, "head_dim": 32, "max_position_embeddings": 2048}
+SMALL = {
+    **TINY,
+    "vocab_size": 2048,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "max_position_embeddings": 2048,
+}
 
 
 def peak_of(device) -> float | None:
@@ -72,6 +103,7 @@ def peak_of(device) -> float | None:
 def implementations() -> list[str]:
     """The attention implementations compared with "xla" (every resolved one the package has)."""
     from rpo_jax.models.attention import IMPLEMENTATIONS
+
     return [name for name in IMPLEMENTATIONS if name not in ("auto", "xla")]
 
 
@@ -97,8 +129,10 @@ def attention_cases(n: int, t: int):
     half = t // 2
     segments = jnp.broadcast_to((jnp.arange(t) >= half).astype(jnp.int32), (n, t))
     seg_positions = jnp.where(jnp.arange(t) >= half, jnp.arange(t) - half, jnp.arange(t)).astype(jnp.int32)
-    return {"causal": MaskSpec(positions),
-            "padded_segments": MaskSpec(jnp.broadcast_to(seg_positions, (n, t)), valid, segments)}
+    return {
+        "causal": MaskSpec(positions),
+        "padded_segments": MaskSpec(jnp.broadcast_to(seg_positions, (n, t)), valid, segments),
+    }
 
 
 def check_attention(reduced: bool) -> dict:
@@ -112,7 +146,7 @@ def check_attention(reduced: bool) -> dict:
     k32 = jax.random.normal(keys[1], (n, t, kv, hd), jnp.float32)
     v32 = jax.random.normal(keys[2], (n, t, kv, hd), jnp.float32)
     ct32 = jax.random.normal(keys[3], (n, t, h, hd), jnp.float32)
-    scale = hd ** -0.5
+    scale = hd**-0.5
     out = {}
     for case, spec in attention_cases(n, t).items():
         rows = np.ones((n, t), bool) if spec.valid is None else np.asarray(spec.valid)
@@ -121,17 +155,28 @@ def check_attention(reduced: bool) -> dict:
             ct = (ct32 * rows[:, :, None, None]).astype(dtype)  # padding query rows: no cotangent
 
             def run(impl, q=q, k=k, v=v, ct=ct, spec=spec):
-                f = jax.jit(lambda q_, k_, v_: attention.attend(impl, q_, k_, v_, spec=spec,
-                                                                mask=attention.dense_mask(spec), window=None,
-                                                                scale=scale, softcap=None))
+                f = jax.jit(
+                    lambda q_, k_, v_: attention.attend(
+                        impl,
+                        q_,
+                        k_,
+                        v_,
+                        spec=spec,
+                        mask=attention.dense_mask(spec),
+                        window=None,
+                        scale=scale,
+                        softcap=None,
+                    )
+                )
                 y, vjp = jax.vjp(f, q, k, v)
                 return jax.device_get((y, vjp(ct)))
 
             reference = run("xla")
             for impl in implementations():
                 name = f"{jnp.dtype(dtype).name}/{case}/{impl}"
-                reason = attention.unsupported_reason(impl, backend=backend, dtype=dtype, seq_len=t,
-                                                      has_parents=False, softcap=None, devices=1)
+                reason = attention.unsupported_reason(
+                    impl, backend=backend, dtype=dtype, seq_len=t, has_parents=False, softcap=None, devices=1
+                )
                 if reason is not None:
                     out[name] = {"skipped": reason}
                     continue
@@ -156,17 +201,37 @@ def check_decoder(cfg, tmp: pathlib.Path, reduced: bool, devices) -> dict:
     p, r = (16, 16) if reduced else (64, 64)
     data = common.uniform_file(tmp / "decoder", 2, 2, p, r)
     small = TINY if reduced or jax.default_backend() == "cpu" else SMALL
-    base = common.with_overrides(cfg, {"model.path": "", "model.architecture": None, "model.init": dict(small),
-                                       "model.vocab_chunk_size": 0, "model.remat": "none", "data.batch_size": 2,
-                                       "data.micro_batches": 1, "data.packing": False, "data.share_prompt": False,
-                                       "reference_mode": "in_step", "loss.name": "dpo", "loss.hparams": {"beta": 0.1}})
+    base = common.with_overrides(
+        cfg,
+        {
+            "model.path": "",
+            "model.architecture": None,
+            "model.init": dict(small),
+            "model.vocab_chunk_size": 0,
+            "model.remat": "none",
+            "data.batch_size": 2,
+            "data.micro_batches": 1,
+            "data.packing": False,
+            "data.share_prompt": False,
+            "reference_mode": "in_step",
+            "loss.name": "dpo",
+            "loss.hparams": {"beta": 0.1},
+        },
+    )
     base = common.synthetic_config(base, data, max_length=p + r, max_prompt_length=p)
     out, reference = {}, None
     for impl in ["xla", *implementations()]:
         cfg_i = common.with_overrides(base, {"model.attention": impl})
         dtype = compute_dtype(cfg_i.model.dtype)
-        reason = unsupported_reason(impl, backend=jax.default_backend(), dtype=dtype, seq_len=p + r,
-                                    has_parents=False, softcap=None, devices=len(devices))
+        reason = unsupported_reason(
+            impl,
+            backend=jax.default_backend(),
+            dtype=dtype,
+            seq_len=p + r,
+            has_parents=False,
+            softcap=None,
+            devices=len(devices),
+        )
         if reason is not None:
             out[impl] = {"skipped": reason}
             continue
@@ -175,8 +240,9 @@ def check_decoder(cfg, tmp: pathlib.Path, reduced: bool, devices) -> dict:
             inputs, refs = common.step_arguments(run, common.host_batch(run))
 
             def total(params, run=run, inputs=inputs):
-                logps = response_logps(run.graphdef, params, run.rest, inputs, compute_dtype=run.dtype,
-                                       score_window=run.score_window)
+                logps = response_logps(
+                    run.graphdef, params, run.rest, inputs, compute_dtype=run.dtype, score_window=run.score_window
+                )
                 return jnp.sum(logps), logps
 
             grads, logps = jax.device_get(jax.jit(jax.grad(total, has_aux=True))(run.state["params"]))
@@ -197,12 +263,23 @@ def check_decoder(cfg, tmp: pathlib.Path, reduced: bool, devices) -> dict:
             continue
         la, lrel = differences(figures["logps"], reference["logps"])
         ga, grel = differences(figures["grads"], reference["grads"])
-        metrics = {f"{k}_rel": abs(v - reference["metrics"][k]) / max(abs(reference["metrics"][k]), 1e-30)
-                   for k, v in figures.get("metrics", {}).items()}
-        out[impl] = {"dtype": jnp.dtype(dtype).name, "logps_abs": la, "logps_rel": lrel, "grad_abs": ga,
-                     "grad_rel": grel, **metrics}
-    return {"model": {k: small[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")},
-            "tokens": [2, 2, p + r], "results": out}
+        metrics = {
+            f"{k}_rel": abs(v - reference["metrics"][k]) / max(abs(reference["metrics"][k]), 1e-30)
+            for k, v in figures.get("metrics", {}).items()
+        }
+        out[impl] = {
+            "dtype": jnp.dtype(dtype).name,
+            "logps_abs": la,
+            "logps_rel": lrel,
+            "grad_abs": ga,
+            "grad_rel": grel,
+            **metrics,
+        }
+    return {
+        "model": {k: small[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")},
+        "tokens": [2, 2, p + r],
+        "results": out,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ (b) train step
@@ -213,8 +290,9 @@ def varied_file(directory: pathlib.Path, n: int, k: int, prompt_len: int, respon
     prompts = rng.integers(max(2, prompt_len // 4), prompt_len + 1, n)
     responses = rng.integers(max(2, response_len // 4), response_len + 1, (n, k))
     prompts[0], responses[0, 0] = prompt_len, response_len
-    return common.write_synthetic(pathlib.Path(directory) / "varied.jsonl", prompts.tolist(), responses.tolist(),
-                                  seed=seed)
+    return common.write_synthetic(
+        pathlib.Path(directory) / "varied.jsonl", prompts.tolist(), responses.tolist(), seed=seed
+    )
 
 
 def check_train(cfg, args, tmp: pathlib.Path, devices) -> tuple[dict, dict]:
@@ -223,15 +301,17 @@ def check_train(cfg, args, tmp: pathlib.Path, devices) -> tuple[dict, dict]:
     from rpo_jax.train.runtime.performance import measure_matmul_peak
 
     data = varied_file(tmp / "train", cfg.data.batch_size, args.k, args.prompt_len, args.response_len)
-    cfg = common.synthetic_config(cfg, data, max_length=args.prompt_len + args.response_len,
-                                  max_prompt_length=args.prompt_len)
+    cfg = common.synthetic_config(
+        cfg, data, max_length=args.prompt_len + args.response_len, max_prompt_length=args.prompt_len
+    )
     chips = len(devices)
     peak, source = None, ""
     results = {}
     for label, packing in (("packing off", False), ("packing on", True)):
         t0 = time.perf_counter()
-        run = common.build_benchmark_run(common.with_overrides(cfg, {"data.packing": packing}),
-                                         tmp / label.replace(" ", "_"), devices=devices)
+        run = common.build_benchmark_run(
+            common.with_overrides(cfg, {"data.packing": packing}), tmp / label.replace(" ", "_"), devices=devices
+        )
         host = common.host_batch(run)
         inputs, refs = common.step_arguments(run, host)
         train_step, _ = common.trainer_steps(run)
@@ -262,35 +342,49 @@ def check_train(cfg, args, tmp: pathlib.Path, devices) -> tuple[dict, dict]:
         stats = devices[0].memory_stats() or {}
         memory = step.memory()
         results[label] = {
-            "layout": common.layout_text(inputs), "step_s": step_s, "tokens_per_step": tokens,
-            "tokens_per_s": tokens / step_s, "tflops_per_step": flops / 1e12, "mfu": flops / (step_s * peak * chips),
-            "step_memory_gib": memory["peak"] / 2**30, "step_temporaries_gib": memory["temporaries"] / 2**30,
+            "layout": common.layout_text(inputs),
+            "step_s": step_s,
+            "tokens_per_step": tokens,
+            "tokens_per_s": tokens / step_s,
+            "tflops_per_step": flops / 1e12,
+            "mfu": flops / (step_s * peak * chips),
+            "step_memory_gib": memory["peak"] / 2**30,
+            "step_temporaries_gib": memory["temporaries"] / 2**30,
             "device_peak_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-            "loss": float(metrics["loss"]), "setup_s": setup_s}
+            "loss": float(metrics["loss"]),
+            "setup_s": setup_s,
+        }
         r = results[label]
-        print(f"[{label}] {r['layout']}: step {step_s * 1e3:.1f} ms (median of {args.steps}), "
-              f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops_per_step']:.3f} TFLOP/step, MFU {100 * r['mfu']:.1f}%, "
-              f"step program {r['step_memory_gib']:.2f} GiB"
-              + (f", device peak so far {r['device_peak_gib']:.2f} GiB" if r["device_peak_gib"] is not None else "")
-              + f" (set-up and compile {setup_s:.0f} s)", flush=True)
+        print(
+            f"[{label}] {r['layout']}: step {step_s * 1e3:.1f} ms (median of {args.steps}), "
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops_per_step']:.3f} TFLOP/step, MFU {100 * r['mfu']:.1f}%, "
+            f"step program {r['step_memory_gib']:.2f} GiB"
+            + (f", device peak so far {r['device_peak_gib']:.2f} GiB" if r["device_peak_gib"] is not None else "")
+            + f" (set-up and compile {setup_s:.0f} s)",
+            flush=True,
+        )
         del run, state, step, inputs, refs, train_step
         gc.collect()  # the next mode's run fits beside nothing of this one
     if "packing off" in results and "packing on" in results:
         off, on = results["packing off"], results["packing on"]
-        print(f"packing on vs off: {on['tokens_per_s'] / off['tokens_per_s']:.2f}× tokens/s, "
-              f"{on['tflops_per_step'] / off['tflops_per_step']:.2f}× FLOPs per step")
+        print(
+            f"packing on vs off: {on['tokens_per_s'] / off['tokens_per_s']:.2f}× tokens/s, "
+            f"{on['tflops_per_step'] / off['tflops_per_step']:.2f}× FLOPs per step"
+        )
     return results, {"peak_flops_per_chip": peak, "peak_source": source, "chips": chips}
 
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reduced", action="store_true",
-                   help="tiny model, short rows, 1 step (automatic on a CPU): seconds, for the test suite")
+    p.add_argument(
+        "--reduced",
+        action="store_true",
+        help="tiny model, short rows, 1 step (automatic on a CPU): seconds, for the test suite",
+    )
     p.add_argument("--k", type=int, default=2, help="responses per record of the train step's synthetic file")
     p.add_argument("--prompt-len", type=int, default=None, help="longest prompt, tokens (default 512; reduced 16)")
-    p.add_argument("--response-len", type=int, default=None,
-                   help="longest response, tokens (default 512; reduced 16)")
+    p.add_argument("--response-len", type=int, default=None, help="longest response, tokens (default 512; reduced 16)")
     p.add_argument("--steps", type=int, default=None, help="timed train steps per mode (default 3; reduced 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed train steps per mode")
     p.add_argument("--devices", type=int, default=1, help="devices of the train step's mesh (0: all local devices)")
@@ -303,9 +397,17 @@ def main(argv=None) -> dict:
     args.steps = args.steps or (1 if args.reduced else 3)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.reduced:  # the tiny version, under the command line's own overrides
-        reduced = {"model.path": "", "model.architecture": None, "model.init": dict(TINY), "model.dtype": "auto",
-                   "model.remat": "none", "model.vocab_chunk_size": 0, "data.batch_size": 2,
-                   "data.micro_batches": 1, "data.eval_batch_size": 2}
+        reduced = {
+            "model.path": "",
+            "model.architecture": None,
+            "model.init": dict(TINY),
+            "model.dtype": "auto",
+            "model.remat": "none",
+            "model.vocab_chunk_size": 0,
+            "data.batch_size": 2,
+            "data.micro_batches": 1,
+            "data.eval_batch_size": 2,
+        }
         cfg = common.with_overrides(cfg, {k: v for k, v in reduced.items() if k not in given})
     try:
         common.reject_synthetic_overrides(given)
@@ -315,19 +417,35 @@ def main(argv=None) -> dict:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="accelerator_check_"))
     t0 = time.perf_counter()
     device = devices[0]
-    print(f"device: {device.device_kind} ({platform}), {len(jax.devices())} device(s), reduced={args.reduced}; "
-          f"config {common.display(args.config)}" + (f" with {given}" if given else ""), flush=True)
-    report = {"device": device.device_kind, "platform": platform, "reduced": bool(args.reduced),
-              "config": common.display(args.config), "overrides": {k: str(v) for k, v in given.items()}}
+    print(
+        f"device: {device.device_kind} ({platform}), {len(jax.devices())} device(s), reduced={args.reduced}; "
+        f"config {common.display(args.config)}" + (f" with {given}" if given else ""),
+        flush=True,
+    )
+    report = {
+        "device": device.device_kind,
+        "platform": platform,
+        "reduced": bool(args.reduced),
+        "config": common.display(args.config),
+        "overrides": {k: str(v) for k, v in given.items()},
+    }
 
     seconds = report["seconds"] = {}
     if "attention" not in skip:
         report["attention"] = check_attention(args.reduced)
         seconds["attention"] = time.perf_counter() - t0
         for name, r in report["attention"]["results"].items():
-            print(f"attention {name}: " + (f"skipped ({r['skipped']})" if "skipped" in r else r.get("error") or
-                  f"out max|Δ| {r['out_abs']:.2e} (rel {r['out_rel']:.1e}), grad max|Δ| {r['grad_abs']:.2e} "
-                  f"(rel {r['grad_rel']:.1e})"), flush=True)
+            print(
+                f"attention {name}: "
+                + (
+                    f"skipped ({r['skipped']})"
+                    if "skipped" in r
+                    else r.get("error")
+                    or f"out max|Δ| {r['out_abs']:.2e} (rel {r['out_rel']:.1e}), grad max|Δ| {r['grad_abs']:.2e} "
+                    f"(rel {r['grad_rel']:.1e})"
+                ),
+                flush=True,
+            )
     if "decoder" not in skip:
         t1 = time.perf_counter()
         report["decoder"] = check_decoder(cfg, tmp, args.reduced, devices[:1])
@@ -336,28 +454,44 @@ def main(argv=None) -> dict:
             if "skipped" in r or "error" in r:
                 print(f"decoder {impl}: {'skipped (' + r['skipped'] + ')' if 'skipped' in r else r['error']}")
             elif impl == "xla":
-                print(f"decoder xla ({r['dtype']})" + (f": train step loss {r['loss']:.6f}, grad norm "
-                                                       f"{r['grad_norm']:.6f}" if "loss" in r else ""))
+                print(
+                    f"decoder xla ({r['dtype']})"
+                    + (f": train step loss {r['loss']:.6f}, grad norm {r['grad_norm']:.6f}" if "loss" in r else "")
+                )
             else:
-                print(f"decoder {impl} ({r['dtype']}) vs xla: log-probs max|Δ| {r['logps_abs']:.2e} (rel "
-                      f"{r['logps_rel']:.1e}), their gradient max|Δ| {r['grad_abs']:.2e} (rel {r['grad_rel']:.1e})"
-                      + (f", train step loss rel {r['loss_rel']:.1e}, grad norm rel {r['grad_norm_rel']:.1e}"
-                         if "loss_rel" in r else ""), flush=True)
+                print(
+                    f"decoder {impl} ({r['dtype']}) vs xla: log-probs max|Δ| {r['logps_abs']:.2e} (rel "
+                    f"{r['logps_rel']:.1e}), their gradient max|Δ| {r['grad_abs']:.2e} (rel {r['grad_rel']:.1e})"
+                    + (
+                        f", train step loss rel {r['loss_rel']:.1e}, grad norm rel {r['grad_norm_rel']:.1e}"
+                        if "loss_rel" in r
+                        else ""
+                    ),
+                    flush=True,
+                )
     if "train" not in skip:
         from rpo_jax.train.build.state import build_loss
-        print(f"train step: {cfg.loss.name}, {cfg.data.batch_size} records × K={args.k}, prompts ≤ {args.prompt_len}, "
-              f"responses ≤ {args.response_len} tokens, reference "
-              f"{'in the step' if cfg.reference_mode == 'in_step' else 'cached'}"
-              f"{'' if build_loss(cfg).spec.requires_reference else ' (none: reference-free loss)'}", flush=True)
+
+        print(
+            f"train step: {cfg.loss.name}, {cfg.data.batch_size} records × K={args.k}, prompts ≤ {args.prompt_len}, "
+            f"responses ≤ {args.response_len} tokens, reference "
+            f"{'in the step' if cfg.reference_mode == 'in_step' else 'cached'}"
+            f"{'' if build_loss(cfg).spec.requires_reference else ' (none: reference-free loss)'}",
+            flush=True,
+        )
         t1 = time.perf_counter()
         report["train"], report["mfu"] = check_train(cfg, args, tmp, devices)
         seconds["train"] = time.perf_counter() - t1
         m = report["mfu"]
-        report["mfu"]["formula"] = ("MFU = batch_flops(model, step input shape) ÷ (step time × peak FLOP/s per chip "
-                                    "× chips); batch_flops = slots × train_flops_per_token (6·P' + 12·L·T·d_attn + "
-                                    "6·V·D·W/T, + 2·P' + 4·L·T·d_attn + 2·V·D·W/T per in-step reference)")
-        print(f"{m['formula']}; peak {m['peak_flops_per_chip'] / 1e12:.3g} TFLOP/s per chip ({m['peak_source']}), "
-              f"{m['chips']} chip(s)")
+        report["mfu"]["formula"] = (
+            "MFU = batch_flops(model, step input shape) ÷ (step time × peak FLOP/s per chip "
+            "× chips); batch_flops = slots × train_flops_per_token (6·P' + 12·L·T·d_attn + "
+            "6·V·D·W/T, + 2·P' + 4·L·T·d_attn + 2·V·D·W/T per in-step reference)"
+        )
+        print(
+            f"{m['formula']}; peak {m['peak_flops_per_chip'] / 1e12:.3g} TFLOP/s per chip ({m['peak_source']}), "
+            f"{m['chips']} chip(s)"
+        )
     seconds["total"] = time.perf_counter() - t0
     print(json.dumps(report, default=float), flush=True)
     return report

@@ -45,12 +45,23 @@ def write_config(out: pathlib.Path, overrides: dict, recipe: str | None = None) 
     if recipe is None:
         head = ["from rpo_jax.train.config.quickstart import get_config as quickstart"]
     else:
-        head = ["import importlib.util", "", f"_SPEC = importlib.util.spec_from_file_location('recipe', "
-                f"{str(pathlib.Path(recipe).resolve())!r})", "_RECIPE = importlib.util.module_from_spec(_SPEC)",
-                "_SPEC.loader.exec_module(_RECIPE)", "quickstart = _RECIPE.get_config"]
-    lines = head + ["", "", "def get_config():",
-                    "    c = quickstart()", "    c.train.progress_bar = False", "    c.metrics.peak_flops = 1e11",
-                    "    c.metrics.tensorboard = False"]
+        head = [
+            "import importlib.util",
+            "",
+            f"_SPEC = importlib.util.spec_from_file_location('recipe', {str(pathlib.Path(recipe).resolve())!r})",
+            "_RECIPE = importlib.util.module_from_spec(_SPEC)",
+            "_SPEC.loader.exec_module(_RECIPE)",
+            "quickstart = _RECIPE.get_config",
+        ]
+    lines = head + [
+        "",
+        "",
+        "def get_config():",
+        "    c = quickstart()",
+        "    c.train.progress_bar = False",
+        "    c.metrics.peak_flops = 1e11",
+        "    c.metrics.tensorboard = False",
+    ]
     lines += [f"    c.{key} = {value!r}" for key, value in overrides.items()]
     path = out / "config.py"
     path.write_text("\n".join(lines + ["    return c", ""]))
@@ -75,8 +86,7 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 def run_and_kill(command: list[str], env: dict, choose_delay, timeout: float) -> tuple[int, str]:
     """Start `command`; kill -9 it `choose_delay(started)` seconds after it starts (`started` False) or after its
     first metrics line on the console (`started` True), unless it ends first. Returns (exit status, console)."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines, first_record = [], threading.Event()
 
     def read():
@@ -116,30 +126,36 @@ def final_params(workdir: pathlib.Path) -> dict[str, np.ndarray]:
     """The parameters of the newest checkpoint, as flat numpy arrays."""
     import jax
     import orbax.checkpoint as ocp
+
     step = checkpoint_steps(workdir)[-1]
     path = workdir / "checkpoints" / str(step) / "params"
     checkpointer = ocp.StandardCheckpointer()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          checkpointer.metadata(path).item_metadata.tree)
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), checkpointer.metadata(path).item_metadata.tree
+    )
     tree = checkpointer.restore(path, target)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def exported_tensors(workdir: pathlib.Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
+
     return load_file(str(workdir / "export" / "model.safetensors"))
 
 
 def logged_values(workdir: pathlib.Path) -> list[dict]:
     """metrics.jsonl's records without the timing fields (perf/…, memory/…, and each record's time, elapsed_s)."""
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k and k not in ("time", "elapsed_s")}
-            for r in records]
+    return [
+        {k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k and k not in ("time", "elapsed_s")}
+        for r in records
+    ]
 
 
-def chaos(out: pathlib.Path, *, kills: int, seed: int, overrides: dict, timeout: float = 1800,
-          recipe: str | None = None) -> dict:
+def chaos(
+    out: pathlib.Path, *, kills: int, seed: int, overrides: dict, timeout: float = 1800, recipe: str | None = None
+) -> dict:
     """Run the experiment in `out` (module docstring); returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     config = write_config(out, overrides, recipe)
@@ -187,18 +203,27 @@ def chaos(out: pathlib.Path, *, kills: int, seed: int, overrides: dict, timeout:
     expected, got = final_params(straight), final_params(chaotic)
     params_equal = expected.keys() == got.keys() and all(np.array_equal(expected[k], got[k]) for k in expected)
     export_a, export_b = exported_tensors(straight), exported_tensors(chaotic)
-    export_equal = export_a.keys() == export_b.keys() and all(np.array_equal(export_a[k], export_b[k])
-                                                              for k in export_a)
+    export_equal = export_a.keys() == export_b.keys() and all(
+        np.array_equal(export_a[k], export_b[k]) for k in export_a
+    )
     logged_a, logged_b = logged_values(straight), logged_values(chaotic)
     steps_b = [(r["step"], sorted(r)) for r in logged_b]
-    report = {"kills": kills, "seed": seed, "uninterrupted_s": round(total, 1), "startup_s": round(startup, 1),
-              "phases": {p: phases.count(p) for p in sorted(set(phases))},
-              "params_equal": params_equal, "export_equal": export_equal, "metrics_equal": logged_a == logged_b,
-              "one_record_per_logged_step": steps_b == [(r["step"], sorted(r)) for r in logged_a]
-              and len(set(map(str, steps_b))) == len(steps_b),
-              "records": len(logged_b)}
-    report["ok"] = all(report[k] for k in ("params_equal", "export_equal", "metrics_equal",
-                                           "one_record_per_logged_step"))
+    report = {
+        "kills": kills,
+        "seed": seed,
+        "uninterrupted_s": round(total, 1),
+        "startup_s": round(startup, 1),
+        "phases": {p: phases.count(p) for p in sorted(set(phases))},
+        "params_equal": params_equal,
+        "export_equal": export_equal,
+        "metrics_equal": logged_a == logged_b,
+        "one_record_per_logged_step": steps_b == [(r["step"], sorted(r)) for r in logged_a]
+        and len(set(map(str, steps_b))) == len(steps_b),
+        "records": len(logged_b),
+    }
+    report["ok"] = all(
+        report[k] for k in ("params_equal", "export_equal", "metrics_equal", "one_record_per_logged_step")
+    )
     return report
 
 

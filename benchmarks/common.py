@@ -36,10 +36,12 @@ SMOLLM2_SHAPE = RECIPES / "smollm2_shape.py"
 LLAMA_1B_SHAPE = RECIPES / "llama3_2_1b_shape.py"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
-CONFIG_HELP = ("the recipe (configs/NAME.py, or benchmarks/configs/NAME.py); every config field can be overridden "
-               "as in rpo-train: --config.KEY=VALUE (e.g. --config.data.batch_size=8 --config.model.remat=full "
-               "--config.loss.name=dpo --config.model.path=DIR); fields and defaults: "
-               "rpo_jax/train/config/defaults.py")
+CONFIG_HELP = (
+    "the recipe (configs/NAME.py, or benchmarks/configs/NAME.py); every config field can be overridden "
+    "as in rpo-train: --config.KEY=VALUE (e.g. --config.data.batch_size=8 --config.model.remat=full "
+    "--config.loss.name=dpo --config.model.path=DIR); fields and defaults: "
+    "rpo_jax/train/config/defaults.py"
+)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -57,8 +59,12 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         arg = argv[i]
         if is_override(arg):
-            if "=" not in arg and arg.startswith("--config.") and i + 1 < len(argv) \
-                    and not argv[i + 1].startswith("--"):
+            if (
+                "=" not in arg
+                and arg.startswith("--config.")
+                and i + 1 < len(argv)
+                and not argv[i + 1].startswith("--")
+            ):
                 overrides.append(f"{arg}={argv[i + 1]}")
                 i += 2
                 continue
@@ -87,8 +93,10 @@ def load_config(recipe: str | pathlib.Path, overrides: Sequence[str] = ()):
         registry(argv)
     except (KeyError, AttributeError) as e:
         name = str(e).strip("\"' ")
-        raise ValueError(f"a --config.* override names a field the config does not have: {name!r} (every field "
-                         "and its default: rpo_jax/train/config/defaults.py)") from e
+        raise ValueError(
+            f"a --config.* override names a field the config does not have: {name!r} (every field "
+            "and its default: rpo_jax/train/config/defaults.py)"
+        ) from e
     except flags.Error as e:
         raise ValueError(f"--config overrides: {e}") from e
     return registry.config, config_flags.get_override_values(registry["config"])
@@ -97,8 +105,12 @@ def load_config(recipe: str | pathlib.Path, overrides: Sequence[str] = ()):
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, default_recipe: pathlib.Path):
     """(args, config, overrides) of a benchmark's command line: its own flags (argparse), `--config RECIPE`
     (default `default_recipe`) and the `--config.KEY=VALUE` overrides (`load_config`)."""
-    parser.add_argument("--config", default=str(default_recipe), metavar="RECIPE",
-                        help=f"{CONFIG_HELP} (default: {display(default_recipe)})")
+    parser.add_argument(
+        "--config",
+        default=str(default_recipe),
+        metavar="RECIPE",
+        help=f"{CONFIG_HELP} (default: {display(default_recipe)})",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     overrides, rest = split_overrides(argv)
     args = parser.parse_args(rest)
@@ -142,6 +154,7 @@ class Overheads:
 
 def demo_tokenizer_path() -> str:
     from rpo_jax.data import demo_paths
+
     return demo_paths()["tokenizer"]
 
 
@@ -155,8 +168,12 @@ def token_overheads(tokenizer) -> Overheads:
     return Overheads(len(prompt) - 8, len(responses[0]) - 4)
 
 
-def synthetic_records(rng: np.random.Generator, prompt_lengths: Sequence[int],
-                      response_lengths: Sequence[Sequence[int]], overheads: Overheads) -> list[dict]:
+def synthetic_records(
+    rng: np.random.Generator,
+    prompt_lengths: Sequence[int],
+    response_lengths: Sequence[Sequence[int]],
+    overheads: Overheads,
+) -> list[dict]:
     """K-response records (prompt, responses, rewards descending: response 0 the best) whose prompts and
     responses are `prompt_lengths[i]` and `response_lengths[i][k]` tokens (`overheads` included) of random
     characters of `ALPHABET`."""
@@ -178,49 +195,73 @@ def synthetic_records(rng: np.random.Generator, prompt_lengths: Sequence[int],
     return out
 
 
-def write_synthetic(path: pathlib.Path, prompt_lengths: Sequence[int], response_lengths: Sequence[Sequence[int]],
-                    *, seed: int = 0) -> pathlib.Path:
+def write_synthetic(
+    path: pathlib.Path, prompt_lengths: Sequence[int], response_lengths: Sequence[Sequence[int]], *, seed: int = 0
+) -> pathlib.Path:
     """A JSONL file of `synthetic_records` (token counts for the demo's character tokenizer)."""
     from rpo_jax.train.build.data import load_tokenizer
 
-    records = synthetic_records(np.random.default_rng(seed), prompt_lengths, response_lengths,
-                                token_overheads(load_tokenizer(demo_tokenizer_path())))
+    records = synthetic_records(
+        np.random.default_rng(seed),
+        prompt_lengths,
+        response_lengths,
+        token_overheads(load_tokenizer(demo_tokenizer_path())),
+    )
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
-def uniform_file(directory: pathlib.Path, n: int, k: int, prompt_len: int, response_len: int, *, seed: int = 0
-                 ) -> pathlib.Path:
+def uniform_file(
+    directory: pathlib.Path, n: int, k: int, prompt_len: int, response_len: int, *, seed: int = 0
+) -> pathlib.Path:
     """`n` records of K responses, every prompt `prompt_len` and every response `response_len` tokens."""
-    return write_synthetic(pathlib.Path(directory) / f"synthetic_{n}x{k}_{prompt_len}+{response_len}.jsonl",
-                           [prompt_len] * n, [[response_len] * k] * n, seed=seed)
+    return write_synthetic(
+        pathlib.Path(directory) / f"synthetic_{n}x{k}_{prompt_len}+{response_len}.jsonl",
+        [prompt_len] * n,
+        [[response_len] * k] * n,
+        seed=seed,
+    )
 
 
 SYNTHETIC_FIELDS = ("data.train", "data.eval", "data.max_length", "data.max_prompt_length", "model.tokenizer")
 
 
-def synthetic_config(cfg, data_file: pathlib.Path, *, max_length: int, max_prompt_length: int,
-                     overrides: dict | None = None):
+def synthetic_config(
+    cfg, data_file: pathlib.Path, *, max_length: int, max_prompt_length: int, overrides: dict | None = None
+):
     """`cfg` training on `data_file` (`write_synthetic`): the demo's character tokenizer, `data.max_length` /
     `max_prompt_length` the file's (nothing dropped or truncated), no evaluation split, no pairs derived, no
     progress bar. `overrides` (the command line's): a ValueError when they set a field the synthetic file decides
     (use the benchmark's length flags)."""
     reject_synthetic_overrides(overrides or {})
-    return with_overrides(cfg, {
-        "data.train": str(data_file), "data.eval": "", "data.eval_fraction": 0.0, "data.pairs": "",
-        "data.format": "", "data.truncation": "drop", "data.max_length": int(max_length),
-        "data.max_prompt_length": int(max_prompt_length), "model.tokenizer": demo_tokenizer_path(),
-        "train.progress_bar": False, "train.epochs": 0.0})
+    return with_overrides(
+        cfg,
+        {
+            "data.train": str(data_file),
+            "data.eval": "",
+            "data.eval_fraction": 0.0,
+            "data.pairs": "",
+            "data.format": "",
+            "data.truncation": "drop",
+            "data.max_length": int(max_length),
+            "data.max_prompt_length": int(max_prompt_length),
+            "model.tokenizer": demo_tokenizer_path(),
+            "train.progress_bar": False,
+            "train.epochs": 0.0,
+        },
+    )
 
 
 def reject_synthetic_overrides(overrides: dict) -> None:
     """A ValueError when the command line's `overrides` set a field the synthetic file decides."""
     clash = sorted(set(overrides) & set(SYNTHETIC_FIELDS))
     if clash:
-        raise ValueError(f"--config.{clash[0]}: the synthetic file sets {', '.join(SYNTHETIC_FIELDS)}; use the "
-                         "benchmark's length flags (--prompt-len, --response-len, --k) instead")
+        raise ValueError(
+            f"--config.{clash[0]}: the synthetic file sets {', '.join(SYNTHETIC_FIELDS)}; use the "
+            "benchmark's length flags (--prompt-len, --response-len, --k) instead"
+        )
 
 
 def check_lengths(run, prompt_len: int, response_len: int) -> None:
@@ -229,14 +270,17 @@ def check_lengths(run, prompt_len: int, response_len: int) -> None:
     for e in run.datasets["train"].examples:
         got = {(p, len(s) - p) for s, p in zip(e.sequences, e.prompt_lengths)}
         if got != {(prompt_len, response_len)}:
-            raise ValueError(f"synthetic record {e.index}: (prompt, response) tokens {sorted(got)}, expected "
-                             f"({prompt_len}, {response_len})")
+            raise ValueError(
+                f"synthetic record {e.index}: (prompt, response) tokens {sorted(got)}, expected "
+                f"({prompt_len}, {response_len})"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ the trainer's run
 def devices_of(count: int):
     """The first `count` local devices (0: all of them)."""
     import jax
+
     return jax.local_devices() if count <= 0 else jax.local_devices()[:count]
 
 
@@ -261,8 +305,9 @@ def trainer_steps(run):
     from rpo_jax.train.build.programs import jitted_steps
 
     ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
-    return jitted_steps(run.config, run, run.loss_fn, ref_graphdefs, run.score_window,
-                        reference_sync=run.reference_sync)
+    return jitted_steps(
+        run.config, run, run.loss_fn, ref_graphdefs, run.score_window, reference_sync=run.reference_sync
+    )
 
 
 def host_batches(run, count: int = 1) -> list[dict[str, np.ndarray]]:
@@ -272,8 +317,9 @@ def host_batches(run, count: int = 1) -> list[dict[str, np.ndarray]]:
     from rpo_jax.train.runtime.global_batches import local_batch_size
 
     cfg = run.config
-    iterator = make_train_iterator(run.datasets["train"], local_batch_size(cfg.data.batch_size, run.mesh),
-                                   seed=cfg.seed, shuffle=cfg.data.shuffle)
+    iterator = make_train_iterator(
+        run.datasets["train"], local_batch_size(cfg.data.batch_size, run.mesh), seed=cfg.seed, shuffle=cfg.data.shuffle
+    )
     return [next(iterator) for _ in range(count)]
 
 
@@ -300,7 +346,7 @@ def step_flops(run, inputs: dict) -> float:
 
 
 def layout_text(inputs: dict) -> str:
-    """"padded [B, K, T]" or "packed [R, T]" of a step's inputs."""
+    """ "padded [B, K, T]" or "packed [R, T]" of a step's inputs."""
     shape = "×".join(str(d) for d in inputs["tokens"].shape)
     return f"{'packed' if 'response_id' in inputs else 'padded'} {shape}"
 

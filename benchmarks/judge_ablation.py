@@ -47,21 +47,42 @@ ARMS: dict[str, tuple[str, dict]] = {
     "online_rpo_fwd": ("distance: forward KL", {"loss.name": "rpo_fwd_kl"}),
     "online_rpo_bwd_k2": ("K = 2 responses per prompt", {"online.num_samples": 2}),
     "online_rpo_bwd_k8": ("K = 8 responses per prompt", {"online.num_samples": 8}),
-    "online_dpo": ("DPO: implicit reward only (the judge only orders pairs)",
-                   {"loss.name": "dpo", "loss.hparams": {"beta": 0.1}}),
+    "online_dpo": (
+        "DPO: implicit reward only (the judge only orders pairs)",
+        {"loss.name": "dpo", "loss.hparams": {"beta": 0.1}},
+    ),
     "online_rpo_bwd_rm": ("RPO with the learned reward model instead of the judge", {"reward": "model"}),
-    "online_rloo": ("REINFORCE leave-one-out (rloo, reference = current policy)",
-                    {"loss.name": "rloo", "loss.hparams": {"beta": 1.0, "eta": 1.0}, "online.reference": "current"}),
-    "online_mrpo": ("MRPO: RPO bwd-KL with a second reference (another SFT run)",
-                    {"loss.hparams": {"beta": 0.1, "eta": 10.0, "reference_combiner": "mrpo"},
-                     "references": "second"}),
+    "online_rloo": (
+        "REINFORCE leave-one-out (rloo, reference = current policy)",
+        {"loss.name": "rloo", "loss.hparams": {"beta": 1.0, "eta": 1.0}, "online.reference": "current"},
+    ),
+    "online_mrpo": (
+        "MRPO: RPO bwd-KL with a second reference (another SFT run)",
+        {"loss.hparams": {"beta": 0.1, "eta": 10.0, "reference_combiner": "mrpo"}, "references": "second"},
+    ),
 }
 
 SIZES = {
-    "default": {"sft_steps": 150, "rm_steps": 200, "iterations": 20, "prompts": 32, "updates": 4, "eval_prompts": 200,
-                "eval_every": 5, "seeds": "0,1,2"},
-    "smoke": {"sft_steps": 30, "rm_steps": 20, "iterations": 2, "prompts": 16, "updates": 1, "eval_prompts": 16,
-              "eval_every": 1, "seeds": "0"},
+    "default": {
+        "sft_steps": 150,
+        "rm_steps": 200,
+        "iterations": 20,
+        "prompts": 32,
+        "updates": 4,
+        "eval_prompts": 200,
+        "eval_every": 5,
+        "seeds": "0,1,2",
+    },
+    "smoke": {
+        "sft_steps": 30,
+        "rm_steps": 20,
+        "iterations": 2,
+        "prompts": 16,
+        "updates": 1,
+        "eval_prompts": 16,
+        "eval_every": 1,
+        "seeds": "0",
+    },
 }
 
 
@@ -91,6 +112,7 @@ def quiet(cfg):
 def train_policy(out: pathlib.Path, steps: int, init_seed: int) -> str:
     """The SFT starting policy (or the second reference): WORKDIR/export."""
     from rpo_jax.train.jobs.preference import train
+
     export = out / "export"
     if not (export / "config.json").exists():
         cfg = quiet(load_recipe("sft_demo"))
@@ -105,6 +127,7 @@ def train_policy(out: pathlib.Path, steps: int, init_seed: int) -> str:
 def train_reward(out: pathlib.Path, steps: int) -> str:
     """The learned reward model (Bradley–Terry on judge-labelled demo pairs): WORKDIR/export."""
     from rpo_jax.train.jobs.reward_model import train_reward_model
+
     export = out / "export"
     if not (export / "config.json").exists():
         cfg = quiet(load_recipe("reward_model_demo"))
@@ -153,21 +176,33 @@ def _arm_config(cfg, arm: str, seed: int, size: dict, pieces: dict, overrides: d
 def read_run(workdir: pathlib.Path) -> dict:
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in lines if "eval/judge_reward" in m]
-    return {"trajectory": [{"iteration": m["step"], "judge_reward": m["eval/judge_reward"],
-                            "kl_to_initial": m["eval/kl_to_initial"], "reward": m["eval/reward"],
-                            "response_length": m["eval/response_length"]} for m in evals],
-            "final": {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k.startswith("eval/")}}
+    return {
+        "trajectory": [
+            {
+                "iteration": m["step"],
+                "judge_reward": m["eval/judge_reward"],
+                "kl_to_initial": m["eval/kl_to_initial"],
+                "reward": m["eval/reward"],
+                "response_length": m["eval/response_length"],
+            }
+            for m in evals
+        ],
+        "final": {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k.startswith("eval/")},
+    }
 
 
-def run_arm(arm: str, seed: int, out: pathlib.Path, size: dict, pieces: dict, recipe=None,
-            overrides: dict | None = None) -> dict:
+def run_arm(
+    arm: str, seed: int, out: pathlib.Path, size: dict, pieces: dict, recipe=None, overrides: dict | None = None
+) -> dict:
     from rpo_jax.train.jobs.online import train_online
+
     workdir = out / "runs" / arm / f"seed{seed}"
     done = workdir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
     if workdir.exists():  # an unfinished run: start it again from scratch
         import shutil
+
         shutil.rmtree(workdir)
     t0 = time.perf_counter()
     train_online(arm_config(arm, seed, size, pieces, recipe, overrides), workdir)
@@ -193,22 +228,29 @@ def summarize(results: list[dict]) -> dict[str, dict]:
 
 
 def write_table(table: dict, path: pathlib.Path, header: str) -> None:
-    rows = [header, "",
-            "| arm | what changes | judge reward ↑ | KL(π‖π₀) | response length | training reward |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        header,
+        "",
+        "| arm | what changes | judge reward ↑ | KL(π‖π₀) | response length | training reward |",
+        "|---|---|---|---|---|---|",
+    ]
     initial = np.mean([s["initial_judge_reward"][0] for s in table.values()])
     rows.append(f"| initial (SFT) policy | — | {initial:.3f} | 0 | | |")
     for arm, s in table.items():
         fmt = lambda k, d=3: f"{s[k][0]:.{d}f} ± {s[k][1]:.{d}f}"  # noqa: E731
-        rows.append(f"| `{arm}` | {ARMS[arm][0]} | {fmt('judge_reward')} | {fmt('kl_to_initial', 2)} | "
-                    f"{fmt('response_length', 1)} | {fmt('reward')} |")
+        rows.append(
+            f"| `{arm}` | {ARMS[arm][0]} | {fmt('judge_reward')} | {fmt('kl_to_initial', 2)} | "
+            f"{fmt('response_length', 1)} | {fmt('reward')} |"
+        )
     path.write_text("\n".join(rows) + "\n")
 
 
 def plot(results: list[dict], table: dict, path: pathlib.Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, arm in enumerate(table):
         runs = [r for r in results if r["arm"] == arm]
@@ -218,8 +260,16 @@ def plot(results: list[dict], table: dict, path: pathlib.Path) -> None:
         color = plt.cm.tab10(i % 10)
         ax.plot(kl, jr, "-", color=color, alpha=0.4)
         s = table[arm]
-        ax.errorbar(s["kl_to_initial"][0], s["judge_reward"][0], xerr=s["kl_to_initial"][1],
-                    yerr=s["judge_reward"][1], fmt="o", color=color, capsize=3, label=arm)
+        ax.errorbar(
+            s["kl_to_initial"][0],
+            s["judge_reward"][0],
+            xerr=s["kl_to_initial"][1],
+            yerr=s["judge_reward"][1],
+            fmt="o",
+            color=color,
+            capsize=3,
+            label=arm,
+        )
     ax.set_xscale("symlog", linthresh=1.0)  # a few unanchored runs drift far: keep the cluster near 0 readable
     ax.set_xlim(left=0.0)
     ax.set_xlabel("KL(π ‖ π₀), nats per response (estimated from samples; symlog scale)")
@@ -268,6 +318,7 @@ def main(argv=None) -> dict:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import jax
+
     # seeds of one arm share compiled programs
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/rpo_jax/ablation_jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -277,31 +328,41 @@ def main(argv=None) -> dict:
     arms = [a for a in args.arms.split(",") if a]
 
     t0 = time.perf_counter()
-    pieces = {"judge": args.judge, "prompts": args.prompts,
-              "policy": args.policy or train_policy(out / "sft", size["sft_steps"], init_seed=0)}
+    pieces = {
+        "judge": args.judge,
+        "prompts": args.prompts,
+        "policy": args.policy or train_policy(out / "sft", size["sft_steps"], init_seed=0),
+    }
     if "online_rpo_bwd_rm" in arms:
         pieces["reward_model"] = args.reward_model or train_reward(out / "reward_model", size["rm_steps"])
     if "online_mrpo" in arms:
-        pieces["second_reference"] = args.second_reference or train_policy(out / "sft_second", size["sft_steps"],
-                                                                           init_seed=1)
+        pieces["second_reference"] = args.second_reference or train_policy(
+            out / "sft_second", size["sft_steps"], init_seed=1
+        )
     setup_s = time.perf_counter() - t0
     results = []
     for arm in arms:
         for seed in seeds:
             r = run_arm(arm, seed, out, size, pieces, recipe, overrides)
-            print(f"{arm} seed {seed}: judge reward {r['final']['judge_reward']:.3f}, "
-                  f"KL {r['final']['kl_to_initial']:.2f} ({r['seconds']:.0f} s)", flush=True)
+            print(
+                f"{arm} seed {seed}: judge reward {r['final']['judge_reward']:.3f}, "
+                f"KL {r['final']['kl_to_initial']:.2f} ({r['seconds']:.0f} s)",
+                flush=True,
+            )
             results.append(r)
     table = summarize(results)
     total = time.perf_counter() - t0
-    header = (f"Ground-truth-judge ablation ({'smoke' if args.smoke else 'default'} size: "
-              f"{size['iterations']} iterations × {size['updates']} updates, {size['prompts']} prompts per "
-              f"iteration, seeds {seeds}; {len(results)} runs; set-up {setup_s:.0f} s, total {total / 60:.1f} min "
-              f"on {os.cpu_count()} CPU cores). Judge reward and KL on {size['eval_prompts']} held-out prompts, "
-              "one sample each at temperature 1; mean ± std over seeds.")
+    header = (
+        f"Ground-truth-judge ablation ({'smoke' if args.smoke else 'default'} size: "
+        f"{size['iterations']} iterations × {size['updates']} updates, {size['prompts']} prompts per "
+        f"iteration, seeds {seeds}; {len(results)} runs; set-up {setup_s:.0f} s, total {total / 60:.1f} min "
+        f"on {os.cpu_count()} CPU cores). Judge reward and KL on {size['eval_prompts']} held-out prompts, "
+        "one sample each at temperature 1; mean ± std over seeds."
+    )
     write_table(table, out / "results.md", header)
-    (out / "results.json").write_text(json.dumps({"size": size, "seeds": seeds, "total_seconds": total,
-                                                  "table": table, "runs": results}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps({"size": size, "seeds": seeds, "total_seconds": total, "table": table, "runs": results}, indent=1)
+    )
     plot(results, table, out / "reward_vs_kl.png")
     print((out / "results.md").read_text())
     return table

@@ -26,8 +26,16 @@ def build(vocab: int, seq: int, hidden: int):
 
     from rpo_jax.models import ModelConfig, create_model
 
-    config = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_layers=1, num_heads=4, num_kv_heads=4, head_dim=hidden // 4)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=hidden // 4,
+    )
     model = create_model(config, rngs=nnx.Rngs(0))
     tokens = (jnp.arange(seq, dtype=jnp.int32)[None] * 7919) % vocab
     mask = jnp.ones((1, seq), bool)
@@ -91,9 +99,21 @@ def main() -> None:
         for which, s in stats.items():
             line = f"{chunk or 'none':>8} {which:>11} {s['temp_GiB']:9.3f} {s['args_GiB']:9.3f} {s['out_GiB']:8.3f}"
             if a.rss:
-                cmd = [sys.executable, __file__, "--vocab", str(a.vocab), "--seq", str(a.seq), "--hidden",
-                       str(a.hidden), "--_child", f"{chunk}:{which}"]
-                rss = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--vocab",
+                    str(a.vocab),
+                    "--seq",
+                    str(a.seq),
+                    "--hidden",
+                    str(a.hidden),
+                    "--_child",
+                    f"{chunk}:{which}",
+                ]
+                rss = json.loads(
+                    subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                )
                 line += f" {rss:13.3f}"
             print(line, flush=True)
 

@@ -26,9 +26,11 @@ from rpo_jax.models import ModelConfig, create_model, load_hf
 from rpo_jax.models.lora import INPUT_AXES
 from rpo_jax.models.quantize import dequantized_weights, parameter_bytes, quantize_base
 
-TEXTS = ["The capital of France is Paris. It is known for the Eiffel Tower and fine food, and many tourists visit "
-         "it every year.",
-         "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"]
+TEXTS = [
+    "The capital of France is Paris. It is known for the Eiffel Tower and fine food, and many tourists visit "
+    "it every year.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+]
 LLAMA_8B = pathlib.Path(__file__).resolve().parents[1] / "configs" / "architectures" / "llama-3.1-8b-instruct.json"
 MiB = 2**20
 
@@ -53,29 +55,38 @@ def main(argv=None):
             quantized = quantize_base(nnx.clone(model), dtype, block_size=block)
             w_hat = dequantized_weights(quantized)
             num = sum(float(jnp.sum((w_hat[n] - w) ** 2)) for n, w in weights.items())
-            den = sum(float(jnp.sum(w ** 2)) for w in weights.values())
+            den = sum(float(jnp.sum(w**2)) for w in weights.values())
             logits = np.asarray(forward(quantized, tokens, jnp.asarray(mask)))
             delta = np.abs(logits - reference)[mask]
             logp = np.asarray(jax.nn.log_softmax(logits))[mask] - np.asarray(jax.nn.log_softmax(reference))[mask]
             row = rows[f"{dtype} {'block 64' if block else 'per channel'}"] = {
-                "weight_rel_error": (num / den) ** 0.5, "max_abs_dlogit": float(delta.max()),
-                "mean_abs_dlogit": float(delta.mean()), "max_abs_dlogp": float(np.abs(logp).max()),
+                "weight_rel_error": (num / den) ** 0.5,
+                "max_abs_dlogit": float(delta.max()),
+                "mean_abs_dlogit": float(delta.mean()),
+                "max_abs_dlogp": float(np.abs(logp).max()),
                 "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1))[mask].mean()),
-                "stored_mib": parameter_bytes(quantized)["total"] / MiB}
-            print(f"{dtype} {'blocks of 64' if block else 'per channel':12s}: weights rel. error "
-                  f"{row['weight_rel_error']:.4f}; logits max |Δ| {row['max_abs_dlogit']:.3f} mean "
-                  f"{row['mean_abs_dlogit']:.4f}, max |Δ log p| {row['max_abs_dlogp']:.3f}, argmax agreement "
-                  f"{row['argmax_agreement']:.3f}; stored {row['stored_mib']:.1f} MiB")
+                "stored_mib": parameter_bytes(quantized)["total"] / MiB,
+            }
+            print(
+                f"{dtype} {'blocks of 64' if block else 'per channel':12s}: weights rel. error "
+                f"{row['weight_rel_error']:.4f}; logits max |Δ| {row['max_abs_dlogit']:.3f} mean "
+                f"{row['mean_abs_dlogit']:.4f}, max |Δ log p| {row['max_abs_dlogp']:.3f}, argmax agreement "
+                f"{row['argmax_agreement']:.3f}; stored {row['stored_mib']:.1f} MiB"
+            )
     llama = ModelConfig.from_hf_dict(json.loads(LLAMA_8B.read_text()))
     for dtype in ("", "int8", "int4"):
+
         def build(dtype=dtype):
             m = create_model(llama, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
             return quantize_base(m, dtype) if dtype else m
+
         with nnx.use_eager_sharding(False):
             counts = parameter_bytes(nnx.eval_shape(build))
-        print(f"Llama-3.1-8B {dtype or 'bfloat16'}: quantized projections (codes + scales) "
-              f"{(counts['codes'] + counts['scales']) / 2**30:.2f} GiB, float weights {counts['float'] / 2**30:.2f} "
-              f"GiB, total {counts['total'] / 2**30:.2f} GiB")
+        print(
+            f"Llama-3.1-8B {dtype or 'bfloat16'}: quantized projections (codes + scales) "
+            f"{(counts['codes'] + counts['scales']) / 2**30:.2f} GiB, float weights {counts['float'] / 2**30:.2f} "
+            f"GiB, total {counts['total'] / 2**30:.2f} GiB"
+        )
     print(json.dumps(rows))
 
 

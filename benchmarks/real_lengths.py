@@ -58,9 +58,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = {"padded": {"data.packing": False},
-         "packed": {"data.packing": True, "data.share_prompt": False},
-         "shared": {"data.packing": True, "data.share_prompt": True}}
+MODES = {
+    "padded": {"data.packing": False},
+    "packed": {"data.packing": True, "data.share_prompt": False},
+    "shared": {"data.packing": True, "data.share_prompt": True},
+}
 #: What this benchmark sets unless the command line does.
 DEFAULTS = {"model.remat": "full", "reference_mode": "cache"}
 
@@ -112,8 +114,9 @@ def run_k(args, cfg, k: int, tmp: pathlib.Path, peak: list[float]) -> dict:
     kcfg = k_config(cfg, args, k, data)
     runs = {}
     for mode, overrides in MODES.items():
-        run = common.build_benchmark_run(common.with_overrides(kcfg, overrides), tmp / f"k{k}_{mode}",
-                                         devices=common.devices_of(args.devices))
+        run = common.build_benchmark_run(
+            common.with_overrides(kcfg, overrides), tmp / f"k{k}_{mode}", devices=common.devices_of(args.devices)
+        )
         hosts = common.host_batches(run, args.steps)
         runs[mode] = {"run": run, "hosts": hosts, "inputs": [common.step_arguments(run, h) for h in hosts]}
 
@@ -132,17 +135,27 @@ def run_k(args, cfg, k: int, tmp: pathlib.Path, peak: list[float]) -> dict:
     valid = np.asarray(padded["hosts"][0]["valid"])
     # the noise floor of padded batches: the same examples padded one by one (each to its own bucket, batch of 1)
     run, train = padded["run"], padded["run"].datasets["train"]
-    logps["padded one by one"] = np.concatenate([
-        np.asarray(padded["score"](run.state["params"], device_batch(run, train.batch_for_indices([i]), "train")))
-        for i in np.asarray(padded["hosts"][0]["index"]).tolist()])
+    logps["padded one by one"] = np.concatenate(
+        [
+            np.asarray(padded["score"](run.state["params"], device_batch(run, train.batch_for_indices([i]), "train")))
+            for i in np.asarray(padded["hosts"][0]["index"]).tolist()
+        ]
+    )
     for mode in ("padded one by one", *list(MODES)[1:]):
         delta = np.abs(logps[mode] - logps["padded"])[valid]
         loss = float(np.abs(losses[mode] - losses["padded"]).max()) if mode in losses else float("nan")
         deltas[mode] = (float(delta.max()), float((delta / np.abs(logps["padded"][valid])).max()), loss)
     window = padded["run"].score_window
     if args.check_only:
-        return {"k": k, "loss": kcfg.loss.name, "rows": {}, "deltas": deltas, "compile_s": 0.0, "window": window,
-                "tokens": 0.0}
+        return {
+            "k": k,
+            "loss": kcfg.loss.name,
+            "rows": {},
+            "deltas": deltas,
+            "compile_s": 0.0,
+            "window": window,
+            "tokens": 0.0,
+        }
 
     compiled, memory = {}, {mode: 0.0 for mode in MODES}
     t0 = time.perf_counter()
@@ -177,18 +190,30 @@ def run_k(args, cfg, k: int, tmp: pathlib.Path, peak: list[float]) -> dict:
     chips = padded["run"].mesh.size
     rows = {}
     for mode, t in totals.items():
-        rows[mode] = {"tokens_per_s": t["tokens"] / t["time"], "flops_per_token": t["flops"] / t["tokens"],
-                      "fill": t["real_slots"] / t["slots"], "memory_gib": memory[mode],
-                      "mfu": t["flops"] / t["time"] / max(peak) / chips,
-                      "step_s": t["time"] / (args.steps * args.rounds),
-                      "shapes": sorted({tuple(x["tokens"].shape) for x, _ in runs[mode]["inputs"]})}
-    return {"k": k, "loss": kcfg.loss.name, "rows": rows, "deltas": deltas, "compile_s": compile_s,
-            "window": window, "tokens": totals["padded"]["tokens"] / (args.steps * args.rounds)}
+        rows[mode] = {
+            "tokens_per_s": t["tokens"] / t["time"],
+            "flops_per_token": t["flops"] / t["tokens"],
+            "fill": t["real_slots"] / t["slots"],
+            "memory_gib": memory[mode],
+            "mfu": t["flops"] / t["time"] / max(peak) / chips,
+            "step_s": t["time"] / (args.steps * args.rounds),
+            "shapes": sorted({tuple(x["tokens"].shape) for x, _ in runs[mode]["inputs"]}),
+        }
+    return {
+        "k": k,
+        "loss": kcfg.loss.name,
+        "rows": rows,
+        "deltas": deltas,
+        "compile_s": compile_s,
+        "window": window,
+        "tokens": totals["padded"]["tokens"] / (args.steps * args.rounds),
+    }
 
 
 def measure_peak(args) -> float:
     from rpo_jax.train.build.state import compute_dtype
     from rpo_jax.train.runtime.performance import measure_matmul_peak
+
     return measure_matmul_peak(compute_dtype(args.dtype))
 
 
@@ -199,8 +224,12 @@ def trl_examples(args, cfg, tmp: pathlib.Path) -> list:
 
     data = synthetic_file(tmp, cfg.data.batch_size * args.steps, 2, args.max_length, args.seed + 2)
     records, _ = read_records([str(data)])
-    ds = tokenize_records(records, load_tokenizer(common.demo_tokenizer_path()), max_length=args.max_length,
-                          max_prompt_length=args.max_length // 2)
+    ds = tokenize_records(
+        records,
+        load_tokenizer(common.demo_tokenizer_path()),
+        max_length=args.max_length,
+        max_prompt_length=args.max_length // 2,
+    )
     first = next(make_train_iterator(ds, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle))
     where = {e.index: e for e in ds.examples}
     return [where[i] for i in np.asarray(first["index"]).tolist() if i >= 0]
@@ -216,18 +245,37 @@ def trl_tokens_per_s(model_dir: str, examples: list, padding_free: bool) -> floa
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = [{"prompt_ids": e.sequences[0][:e.prompt_lengths[0]].tolist(),
-             "chosen_ids": e.sequences[0][e.prompt_lengths[0]:].tolist(),
-             "rejected_ids": e.sequences[1][e.prompt_lengths[1]:].tolist()} for e in examples]
+    rows = [
+        {
+            "prompt_ids": e.sequences[0][: e.prompt_lengths[0]].tolist(),
+            "chosen_ids": e.sequences[0][e.prompt_lengths[0] :].tolist(),
+            "rejected_ids": e.sequences[1][e.prompt_lengths[1] :].tolist(),
+        }
+        for e in examples
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = trl.DPOConfig(output_dir=tmp, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-                            per_device_train_batch_size=len(rows), max_length=None, beta=0.1, learning_rate=1e-6,
-                            lr_scheduler_type="constant", max_grad_norm=1.0, seed=0, dataloader_num_workers=0,
-                            padding_free=padding_free, max_steps=1000)
+        cfg = trl.DPOConfig(
+            output_dir=tmp,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            save_strategy="no",
+            per_device_train_batch_size=len(rows),
+            max_length=None,
+            beta=0.1,
+            learning_rate=1e-6,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            seed=0,
+            dataloader_num_workers=0,
+            padding_free=padding_free,
+            max_steps=1000,
+        )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         placeholder = Dataset.from_list([{"prompt": "Hi", "chosen": " yes", "rejected": " no"}])  # never trained on
-        trainer = trl.DPOTrainer(model=model, args=cfg, processing_class=AutoTokenizer.from_pretrained(model_dir),
-                                 train_dataset=placeholder)
+        trainer = trl.DPOTrainer(
+            model=model, args=cfg, processing_class=AutoTokenizer.from_pretrained(model_dir), train_dataset=placeholder
+        )
         trainer.create_optimizer_and_scheduler(num_training_steps=cfg.max_steps)
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1
@@ -244,9 +292,13 @@ def trl_tokens_per_s(model_dir: str, examples: list, padding_free: bool) -> floa
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--k", type=int, nargs="+", default=[2, 4], help="responses per record, one file per value")
-    p.add_argument("--max-length", type=int, default=2048,
-                   help="longest prompt + response of the synthetic file (2048: UltraFeedback's lengths; less scales "
-                        "them down) and config.data.max_length")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=2048,
+        help="longest prompt + response of the synthetic file (2048: UltraFeedback's lengths; less scales "
+        "them down) and config.data.max_length",
+    )
     p.add_argument("--listwise-loss", default="rpo_listwise", help="config.loss.name for K > 2")
     p.add_argument("--steps", type=int, default=1, help="distinct batches (each a step per mode and round)")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the batches, modes alternating")
@@ -264,42 +316,54 @@ def main(argv=None):
     reused = False
     if cfg.cpu_reuse_memory:  # before the first computation, as rpo-train
         from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
+
         reused = reuse_cpu_step_memory()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="real_lengths_"))
     peak = [measure_peak(args)]
-    print(f"config {common.display(args.config)}" + (f" with {given}" if given else "")
-          + f"; model {cfg.model.path or 'random init (config.model.init)'}; batch {cfg.data.batch_size} prompts; "
-          f"{args.steps} batches x {args.rounds} rounds per mode; remat {cfg.model.remat}; reference_mode "
-          f"{cfg.reference_mode}; cpu step memory reused: {bool(reused)}")
+    print(
+        f"config {common.display(args.config)}"
+        + (f" with {given}" if given else "")
+        + f"; model {cfg.model.path or 'random init (config.model.init)'}; batch {cfg.data.batch_size} prompts; "
+        f"{args.steps} batches x {args.rounds} rounds per mode; remat {cfg.model.remat}; reference_mode "
+        f"{cfg.reference_mode}; cpu step memory reused: {bool(reused)}"
+    )
     if args.trl and cfg.model.path and 2 in args.k:  # first, each in a fresh process while this one is still small
         examples = trl_examples(args, cfg, tmp)
         for free in (False, True):
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 rate = pool.apply(trl_tokens_per_s, (os.path.expanduser(cfg.model.path), examples, free))
-            print(f"TRL DPOTrainer padding_free={free}, K = 2 first batch: {rate:.0f} real tokens/s "
-                  "(reference in the step)", flush=True)
+            print(
+                f"TRL DPOTrainer padding_free={free}, K = 2 first batch: {rate:.0f} real tokens/s "
+                "(reference in the step)",
+                flush=True,
+            )
     elif args.trl:
         print("--trl: skipped (needs K = 2 among --k and a checkpoint, config.model.path)")
     results = {}
     for k in args.k:
         out = results[k] = run_k(args, cfg, k, tmp, peak)
-        print(f"\nK = {k} ({out['loss']}): {out['tokens']:.0f} real tokens per step; padded score window "
-              f"{out['window']}; compile {out['compile_s']:.0f} s")
+        print(
+            f"\nK = {k} ({out['loss']}): {out['tokens']:.0f} real tokens per step; padded score window "
+            f"{out['window']}; compile {out['compile_s']:.0f} s"
+        )
         if out["rows"]:  # not with --check-only
-            print("| mode | real tokens/s | × padded | FLOPs / real token | fill | step peak memory GiB | MFU | "
-                  "step s | shapes |")
+            print(
+                "| mode | real tokens/s | × padded | FLOPs / real token | fill | step peak memory GiB | MFU | "
+                "step s | shapes |"
+            )
             print("|---|---|---|---|---|---|---|---|---|")
             base = out["rows"]["padded"]["tokens_per_s"]
             for mode, r in out["rows"].items():
                 shapes = " ".join("x".join(map(str, s)) for s in r["shapes"])
-                print(f"| {mode} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | "
-                      f"{r['flops_per_token'] / 1e9:.2f} G | {r['fill']:.3f} | {r['memory_gib']:.2f} | "
-                      f"{r['mfu']:.3f} | {r['step_s']:.1f} | {shapes} |")
+                print(
+                    f"| {mode} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | "
+                    f"{r['flops_per_token'] / 1e9:.2f} G | {r['fill']:.3f} | {r['memory_gib']:.2f} | "
+                    f"{r['mfu']:.3f} | {r['step_s']:.1f} | {shapes} |"
+                )
         print(f"matmul peak (highest of {len(peak)} so far) {max(peak) / 1e9:.1f} GFLOP/s")
         for mode, (dl, rel, dloss) in out["deltas"].items():
             loss_text = "not computed" if np.isnan(dloss) else f"{dloss:.2e}"
-            print(f"max |Δ| vs padded, {mode}: log-probs {dl:.2e} (relative {rel:.1e}), per-example losses "
-                  f"{loss_text}")
+            print(f"max |Δ| vs padded, {mode}: log-probs {dl:.2e} (relative {rel:.1e}), per-example losses {loss_text}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\nprocess peak RSS {rss:.2f} GiB (TRL's processes not included)")
     return results

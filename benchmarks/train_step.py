@@ -69,38 +69,59 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=2, help="responses per record of the synthetic file")
     p.add_argument("--prompt-len", type=int, default=64, help="tokens of every prompt of the synthetic file")
     p.add_argument("--response-len", type=int, default=64, help="tokens of every response of the synthetic file")
-    p.add_argument("--reference", choices=["in_step", "cached", "both"], default="both",
-                   help="reference_mode of the timed run(s): in_step, cache, or both alternating")
-    p.add_argument("--lora", default="", metavar="RANKS",
-                   help="compare full fine-tuning, LoRA at each rank of this comma-separated list (alpha = 2·rank) "
-                        "and QLoRA (--qlora) at the first rank, in-step reference, modes alternating; prints each "
-                        "mode's step memory and tokens/s (see compare_lora)")
+    p.add_argument(
+        "--reference",
+        choices=["in_step", "cached", "both"],
+        default="both",
+        help="reference_mode of the timed run(s): in_step, cache, or both alternating",
+    )
+    p.add_argument(
+        "--lora",
+        default="",
+        metavar="RANKS",
+        help="compare full fine-tuning, LoRA at each rank of this comma-separated list (alpha = 2·rank) "
+        "and QLoRA (--qlora) at the first rank, in-step reference, modes alternating; prints each "
+        "mode's step memory and tokens/s (see compare_lora)",
+    )
     p.add_argument("--qlora", default="int8,int4", help="with --lora: the quantized bases compared ('' for none)")
-    p.add_argument("--peer", choices=["none", "trl"], default="none",
-                   help="trl: also time TRL's DPOTrainer step on the same checkpoint and batch, alternating")
+    p.add_argument(
+        "--peer",
+        choices=["none", "trl"],
+        default="none",
+        help="trl: also time TRL's DPOTrainer step on the same checkpoint and batch, alternating",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each mode per round)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each mode first")
     p.add_argument("--devices", type=int, default=1, help="devices of the run's mesh (0: all local devices)")
     args, cfg, given = common.parse_args(p, argv, common.SMOLLM2_SHAPE)
     if args.peer == "trl" and (not cfg.model.path or args.k != 2 or cfg.loss.name != "dpo" or args.lora):
-        p.error("--peer trl needs a checkpoint (--config.model.path or a recipe with one), --k 2 and "
-                "config.loss.name=dpo, without --lora")
+        p.error(
+            "--peer trl needs a checkpoint (--config.model.path or a recipe with one), --k 2 and "
+            "config.loss.name=dpo, without --lora"
+        )
     reused = False
     if cfg.cpu_reuse_memory:  # before the first computation, as rpo-train
         from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
+
         reused = reuse_cpu_step_memory()
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="train_step_"))
     data = common.uniform_file(tmp, cfg.data.batch_size, args.k, args.prompt_len, args.response_len)
     try:
-        cfg = common.synthetic_config(cfg, data, max_length=args.prompt_len + args.response_len,
-                                      max_prompt_length=args.prompt_len, overrides=given)
+        cfg = common.synthetic_config(
+            cfg,
+            data,
+            max_length=args.prompt_len + args.response_len,
+            max_prompt_length=args.prompt_len,
+            overrides=given,
+        )
     except ValueError as e:
         p.error(str(e))
     if args.lora:
         return compare_lora(args, cfg, tmp)
 
     from rpo_jax.train.build.state import build_loss
+
     if not build_loss(cfg).spec.requires_reference:
         modes = {"no reference": {}}
     else:
@@ -112,20 +133,26 @@ def main(argv=None):
     dtype = run.dtype
     platform = jax.local_devices()[0].platform
     peaks = [cfg.metrics.peak_flops or common_peak(dtype)]
-    print(f"device: {jax.local_devices()[0].device_kind} ({platform}) × {run.mesh.size}, compute "
-          f"{jnp.dtype(dtype).name}, {'configured peak' if cfg.metrics.peak_flops else 'matmul peak before the steps'} "
-          f"{peaks[0] / 1e9:.1f} GFLOP/s")
+    print(
+        f"device: {jax.local_devices()[0].device_kind} ({platform}) × {run.mesh.size}, compute "
+        f"{jnp.dtype(dtype).name}, {'configured peak' if cfg.metrics.peak_flops else 'matmul peak before the steps'} "
+        f"{peaks[0] / 1e9:.1f} GFLOP/s"
+    )
     print(f"CPU step memory: {'reused (reuse_cpu_step_memory)' if reused else 'fresh every step (JAX defaults)'}")
     t = args.prompt_len + args.response_len
     with_text = " with " + ", ".join(f"{k}={v}" for k, v in given.items()) if given else ""
     print(f"config {common.display(args.config)}{with_text}")
-    print(f"model: {cfg.model.path or 'random init (config.model.init)'} "
-          f"({run.model_config.num_params() / 1e6:.1f} M params), batch {cfg.data.batch_size}×K={args.k}×T={t} = "
-          f"{first['tokens']} tokens/step, loss {cfg.loss.name}, remat {cfg.model.remat}, scan_unroll "
-          f"{cfg.model.scan_unroll}, score window {run.score_window or 'off (every position)'}")
+    print(
+        f"model: {cfg.model.path or 'random init (config.model.init)'} "
+        f"({run.model_config.num_params() / 1e6:.1f} M params), batch {cfg.data.batch_size}×K={args.k}×T={t} = "
+        f"{first['tokens']} tokens/step, loss {cfg.loss.name}, remat {cfg.model.remat}, scan_unroll "
+        f"{cfg.model.scan_unroll}, score window {run.score_window or 'off (every position)'}"
+    )
     for label, r in runs.items():
-        print(f"[{label:8s}] {r['run'].layout.scoring.value} references; step inputs "
-              f"{common.layout_text(r['inputs'])}; compiled in {r['compile_s']:.1f} s")
+        print(
+            f"[{label:8s}] {r['run'].layout.scoring.value} references; step inputs "
+            f"{common.layout_text(r['inputs'])}; compiled in {r['compile_s']:.1f} s"
+        )
 
     for r in runs.values():
         for _ in range(args.warmup):
@@ -146,8 +173,10 @@ def main(argv=None):
         peaks.append(cfg.metrics.peak_flops or common_peak(dtype, repeats=2))
     memory, where = common.process_peak_memory()
     peak = max(peaks)
-    print(f"peak over {len(peaks)} samples: {min(peaks) / 1e9:.1f} to {peak / 1e9:.1f} GFLOP/s; "
-          f"MFU below is against {peak / 1e9:.1f} × {run.mesh.size} chip(s)")
+    print(
+        f"peak over {len(peaks)} samples: {min(peaks) / 1e9:.1f} to {peak / 1e9:.1f} GFLOP/s; "
+        f"MFU below is against {peak / 1e9:.1f} × {run.mesh.size} chip(s)"
+    )
     results = {}
     chips = run.mesh.size
     for mode, r in runs.items():
@@ -155,19 +184,29 @@ def main(argv=None):
         flops = r["flops"]
         # round i ran between peak samples i and i+1: its MFU against the higher of the two
         local = [flops / dt / max(peaks[i], peaks[i + 1]) / chips for i, dt in enumerate(r["times"])]
-        results[mode] = {"step_time_s": step_time, "tokens_per_s": r["tokens"] / step_time,
-                         "tflops_per_step": flops / 1e12, "mfu": flops / step_time / peak / chips, "peak_flops": peak,
-                         "mfu_adjacent_peak": float(np.median(local)), "peak_memory_gib": memory,
-                         "step_peak_memory_gib": r["memory"]["peak"] / 2**30, "layout": common.layout_text(r["inputs"]),
-                         "cpu_step_memory_reused": bool(reused), "page_faults_per_step": float(np.median(r["faults"])),
-                         "kernel_s_per_step": float(np.median(r["kernel_s"])),
-                         "loss": float(r["metrics"]["loss"])}
+        results[mode] = {
+            "step_time_s": step_time,
+            "tokens_per_s": r["tokens"] / step_time,
+            "tflops_per_step": flops / 1e12,
+            "mfu": flops / step_time / peak / chips,
+            "peak_flops": peak,
+            "mfu_adjacent_peak": float(np.median(local)),
+            "peak_memory_gib": memory,
+            "step_peak_memory_gib": r["memory"]["peak"] / 2**30,
+            "layout": common.layout_text(r["inputs"]),
+            "cpu_step_memory_reused": bool(reused),
+            "page_faults_per_step": float(np.median(r["faults"])),
+            "kernel_s_per_step": float(np.median(r["kernel_s"])),
+            "loss": float(r["metrics"]["loss"]),
+        }
         res = results[mode]
-        print(f"[{mode:8s}] step {step_time:.3f} s (median of {args.steps}), {res['tokens_per_s']:.1f} tokens/s, "
-              f"MFU {100 * res['mfu']:.1f}% of the highest peak sample ({100 * res['mfu_adjacent_peak']:.1f}% "
-              f"of the samples around each step, median), {res['tflops_per_step']:.3f} TFLOP/step, step program "
-              f"{res['step_peak_memory_gib']:.2f} GiB, {res['page_faults_per_step']:.0f} page faults and "
-              f"{res['kernel_s_per_step']:.2f} s kernel time per step")
+        print(
+            f"[{mode:8s}] step {step_time:.3f} s (median of {args.steps}), {res['tokens_per_s']:.1f} tokens/s, "
+            f"MFU {100 * res['mfu']:.1f}% of the highest peak sample ({100 * res['mfu_adjacent_peak']:.1f}% "
+            f"of the samples around each step, median), {res['tflops_per_step']:.3f} TFLOP/step, step program "
+            f"{res['step_peak_memory_gib']:.2f} GiB, {res['page_faults_per_step']:.0f} page faults and "
+            f"{res['kernel_s_per_step']:.2f} s kernel time per step"
+        )
     print(f"peak memory {memory:.2f} GiB ({where}, the whole run)")
     if len(results) == 2:
         speedup = results["in_step"]["step_time_s"] / results["cached"]["step_time_s"]
@@ -180,6 +219,7 @@ def main(argv=None):
 
 def common_peak(dtype, repeats: int = 5) -> float:
     from rpo_jax.train.runtime.performance import measure_matmul_peak
+
     return measure_matmul_peak(dtype, repeats=repeats)
 
 
@@ -195,9 +235,21 @@ def prepare(label: str, cfg, tmp: pathlib.Path, args) -> dict:
     train_step, _ = common.trainer_steps(run)
     t0 = time.perf_counter()
     step = common.CompiledStep(train_step, run.state, inputs, refs)
-    return {"run": run, "step": step, "state": run.state, "inputs": inputs, "refs": refs, "host": host,
-            "flops": common.step_flops(run, inputs), "tokens": real_tokens(host), "memory": step.memory(),
-            "compile_s": time.perf_counter() - t0, "times": [], "faults": [], "kernel_s": []}
+    return {
+        "run": run,
+        "step": step,
+        "state": run.state,
+        "inputs": inputs,
+        "refs": refs,
+        "host": host,
+        "flops": common.step_flops(run, inputs),
+        "tokens": real_tokens(host),
+        "memory": step.memory(),
+        "compile_s": time.perf_counter() - t0,
+        "times": [],
+        "faults": [],
+        "kernel_s": [],
+    }
 
 
 def start_trl_peer(args, cfg, batch):
@@ -206,14 +258,18 @@ def start_trl_peer(args, cfg, batch):
 
     peer = TrlPeer(os.path.expanduser(cfg.model.path), np.asarray(batch["tokens"]), args.prompt_len)
     if peer.tokens_per_step() != np.asarray(batch["tokens"]).size:
-        raise SystemExit(f"TRL's batch has {peer.tokens_per_step()} tokens, rpo_jax's "
-                         f"{np.asarray(batch['tokens']).size}: not the same batch")
+        raise SystemExit(
+            f"TRL's batch has {peer.tokens_per_step()} tokens, rpo_jax's "
+            f"{np.asarray(batch['tokens']).size}: not the same batch"
+        )
     for _ in range(args.warmup):
         peer.step()
     peer.timed = []
-    print(f"TRL peer: DPOTrainer (trl {__import__('trl').__version__}, torch {peer.torch.__version__}, "
-          f"{peer.torch.get_num_threads()} threads), reference model in the step, set-up "
-          f"{peer.setup_s:.0f} s")
+    print(
+        f"TRL peer: DPOTrainer (trl {__import__('trl').__version__}, torch {peer.torch.__version__}, "
+        f"{peer.torch.get_num_threads()} threads), reference model in the step, set-up "
+        f"{peer.setup_s:.0f} s"
+    )
     return peer
 
 
@@ -233,14 +289,18 @@ def time_trl_round(peer, runs, tokens_per_step: int, round_index: int) -> None:
 
 def summarize_trl(peer, runs, tokens_per_step: int) -> dict:
     """TRL's median tokens/s, and per rpo_jax mode the rpo_jax / TRL ratio of every round (each round's own pair)."""
-    out = {"trl_tokens_per_s": tokens_per_step / float(np.median(peer.timed)),
-           "trl_step_time_s": float(np.median(peer.timed))}
+    out = {
+        "trl_tokens_per_s": tokens_per_step / float(np.median(peer.timed)),
+        "trl_step_time_s": float(np.median(peer.timed)),
+    }
     print(f"TRL DPOTrainer: {out['trl_tokens_per_s']:.1f} tokens/s (median of {len(peer.timed)})")
     for mode, r in runs.items():
         ratios = [trl_s / ours_s for ours_s, trl_s in zip(r["times"], peer.timed)]
         out[mode] = {"ratio_per_round": ratios, "ratio_median": float(np.median(ratios))}
-        print(f"[{mode:8s}] rpo_jax / TRL per round: {', '.join(f'{x:.2f}×' for x in ratios)} (median "
-              f"{out[mode]['ratio_median']:.2f}×, range {min(ratios):.2f}–{max(ratios):.2f}×)")
+        print(
+            f"[{mode:8s}] rpo_jax / TRL per round: {', '.join(f'{x:.2f}×' for x in ratios)} (median "
+            f"{out[mode]['ratio_median']:.2f}×, range {min(ratios):.2f}–{max(ratios):.2f}×)"
+        )
     return out
 
 
@@ -249,10 +309,17 @@ def lora_modes(args) -> dict[str, dict]:
     in-step reference."""
     ranks = [int(r) for r in args.lora.split(",") if r.strip()]
     bases = [d for d in args.qlora.split(",") if d.strip()]
-    mode = lambda rank, base="": {"reference_mode": "in_step", "model.lora.rank": rank,  # noqa: E731
-                                  "model.lora.alpha": 2.0 * rank if rank else 16.0, "model.lora.base_dtype": base}
-    return {"full": mode(0), **{f"lora r{r}": mode(r) for r in ranks},
-            **{f"qlora {d} r{ranks[0]}": mode(ranks[0], d) for d in bases}}
+    mode = lambda rank, base="": {
+        "reference_mode": "in_step",
+        "model.lora.rank": rank,  # noqa: E731
+        "model.lora.alpha": 2.0 * rank if rank else 16.0,
+        "model.lora.base_dtype": base,
+    }
+    return {
+        "full": mode(0),
+        **{f"lora r{r}": mode(r) for r in ranks},
+        **{f"qlora {d} r{ranks[0]}": mode(ranks[0], d) for d in bases},
+    }
 
 
 def compare_lora(args, cfg, tmp: pathlib.Path):
@@ -278,11 +345,13 @@ def compare_lora(args, cfg, tmp: pathlib.Path):
         r["trained_params"] = sum(x.size for x in jax.tree.leaves(run.state["params"]))
     first = next(iter(runs.values()))
     run = first["run"]
-    print(f"device: {jax.local_devices()[0].device_kind}, compute {jnp.dtype(run.dtype).name}, model "
-          f"{cfg.model.path or 'random init (config.model.init)'} ({run.model_config.num_params() / 1e6:.1f} M "
-          f"params), batch {cfg.data.batch_size}×K={args.k}×T={args.prompt_len + args.response_len} = "
-          f"{first['tokens']} tokens/step, loss {cfg.loss.name}, in-step reference, remat {cfg.model.remat}, step "
-          f"inputs {common.layout_text(first['inputs'])}")
+    print(
+        f"device: {jax.local_devices()[0].device_kind}, compute {jnp.dtype(run.dtype).name}, model "
+        f"{cfg.model.path or 'random init (config.model.init)'} ({run.model_config.num_params() / 1e6:.1f} M "
+        f"params), batch {cfg.data.batch_size}×K={args.k}×T={args.prompt_len + args.response_len} = "
+        f"{first['tokens']} tokens/step, loss {cfg.loss.name}, in-step reference, remat {cfg.model.remat}, step "
+        f"inputs {common.layout_text(first['inputs'])}"
+    )
     for r in runs.values():
         for _ in range(args.warmup):
             r["state"], r["metrics"] = r["step"](r["state"], r["inputs"], r["refs"])
@@ -295,21 +364,32 @@ def compare_lora(args, cfg, tmp: pathlib.Path):
             r["times"].append(time.perf_counter() - t0)
     full = runs["full"]["memory"]["peak"]
     results = {}
-    print(f"{'mode':18s} {'trained params':>15s} {'base (MiB)':>11s} {'step peak (MiB)':>16s} {'vs full':>8s} "
-          f"{'tokens/s':>9s}")
+    print(
+        f"{'mode':18s} {'trained params':>15s} {'base (MiB)':>11s} {'step peak (MiB)':>16s} {'vs full':>8s} "
+        f"{'tokens/s':>9s}"
+    )
     for label, r in runs.items():
         step_time = float(np.median(r["times"]))
-        res = results[label] = {"trained_params": r["trained_params"], "base_mib": r["base_bytes"] / 2**20,
-                                "step_peak_mib": r["memory"]["peak"] / 2**20,
-                                "step_temporaries_mib": r["memory"]["temporaries"] / 2**20,
-                                "peak_vs_full": r["memory"]["peak"] / full, "step_time_s": step_time,
-                                "tokens_per_s": r["tokens"] / step_time, "loss": float(r["metrics"]["loss"])}
-        print(f"{label:18s} {res['trained_params']:15,d} {res['base_mib']:11.1f} {res['step_peak_mib']:16.1f} "
-              f"{res['peak_vs_full']:8.2f} {res['tokens_per_s']:9.1f}")
+        res = results[label] = {
+            "trained_params": r["trained_params"],
+            "base_mib": r["base_bytes"] / 2**20,
+            "step_peak_mib": r["memory"]["peak"] / 2**20,
+            "step_temporaries_mib": r["memory"]["temporaries"] / 2**20,
+            "peak_vs_full": r["memory"]["peak"] / full,
+            "step_time_s": step_time,
+            "tokens_per_s": r["tokens"] / step_time,
+            "loss": float(r["metrics"]["loss"]),
+        }
+        print(
+            f"{label:18s} {res['trained_params']:15,d} {res['base_mib']:11.1f} {res['step_peak_mib']:16.1f} "
+            f"{res['peak_vs_full']:8.2f} {res['tokens_per_s']:9.1f}"
+        )
     memory, where = common.process_peak_memory()
-    print(f"step peak: XLA's buffer assignment of each compiled step (arguments + outputs + temporaries - donated); "
-          f"base: the stored weights other than adapters (parameter_bytes; int4 counted packed, 4 bits); "
-          f"tokens/s: median of {args.steps} steps; process peak memory {memory:.2f} GiB ({where}, all modes together)")
+    print(
+        f"step peak: XLA's buffer assignment of each compiled step (arguments + outputs + temporaries - donated); "
+        f"base: the stored weights other than adapters (parameter_bytes; int4 counted packed, 4 bits); "
+        f"tokens/s: median of {args.steps} steps; process peak memory {memory:.2f} GiB ({where}, all modes together)"
+    )
     print(json.dumps(results))
     return results
 

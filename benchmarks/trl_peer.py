@@ -19,16 +19,23 @@ PLACEHOLDER = [{"prompt": "Hi", "chosen": " yes", "rejected": " no"}]  # TRL's o
 def trl_examples(tokens: np.ndarray, prompt_len: int) -> list[dict]:
     """rpo_jax's synthetic pair batch tokens [B,2,T] → TRL's pre-tokenized examples: the prompt of response 0,
     response 0 as chosen and response 1 as rejected (same lengths, hence the same FLOPs, as rpo_jax's batch)."""
-    return [{"prompt_ids": row[0, :prompt_len].tolist(), "chosen_ids": row[0, prompt_len:].tolist(),
-             "rejected_ids": row[1, prompt_len:].tolist()} for row in tokens]
+    return [
+        {
+            "prompt_ids": row[0, :prompt_len].tolist(),
+            "chosen_ids": row[0, prompt_len:].tolist(),
+            "rejected_ids": row[1, prompt_len:].tolist(),
+        }
+        for row in tokens
+    ]
 
 
 class TrlPeer:
     """A TRL 1.16 `DPOTrainer` on `model_dir` (its reference: a frozen copy of the model, TRL's default) and the
     batch `tokens` [B,2,T] collated by TRL's own collator."""
 
-    def __init__(self, model_dir: str, tokens: np.ndarray, prompt_len: int, *, beta: float = 0.1,
-                 learning_rate: float = 1e-6):
+    def __init__(
+        self, model_dir: str, tokens: np.ndarray, prompt_len: int, *, beta: float = 0.1, learning_rate: float = 1e-6
+    ):
         import torch
         import trl
         from datasets import Dataset
@@ -39,14 +46,29 @@ class TrlPeer:
         self.tmp = tempfile.TemporaryDirectory()
         examples = trl_examples(tokens, prompt_len)
         args = trl.DPOConfig(
-            output_dir=self.tmp.name, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-            per_device_train_batch_size=len(examples), max_length=None, beta=beta, learning_rate=learning_rate,
-            lr_scheduler_type="constant", max_grad_norm=1.0, seed=0, dataloader_num_workers=0, max_steps=1000,
+            output_dir=self.tmp.name,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            save_strategy="no",
+            per_device_train_batch_size=len(examples),
+            max_length=None,
+            beta=beta,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            seed=0,
+            dataloader_num_workers=0,
+            max_steps=1000,
         )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         # TRL tokenizes text records itself; the timed batch is collated from our token ids by TRL's collator
-        self.trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(PLACEHOLDER),
-                                      processing_class=AutoTokenizer.from_pretrained(model_dir))
+        self.trainer = trl.DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(PLACEHOLDER),
+            processing_class=AutoTokenizer.from_pretrained(model_dir),
+        )
         self.trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
         self.trainer.model.train()
         self.trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets for one micro-batch a step

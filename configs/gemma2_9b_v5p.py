@@ -10,8 +10,8 @@ from rpo_jax.train.config.defaults import base_config
 def get_config():
     c = base_config()
     c.model.path = "google/gemma-2-9b-it"
-    # The published config.json of google/gemma-2-9b-it (https://huggingface.co/google/gemma-2-9b-it/blob/main/config.json), for
-    # rpo-plan on a machine without the hub.
+    # The published config.json of google/gemma-2-9b-it, for rpo-plan on a machine without the hub:
+    # https://huggingface.co/google/gemma-2-9b-it/blob/main/config.json
     c.model.architecture = "configs/architectures/gemma-2-9b-it.json"
     c.model.dtype = "bfloat16"
     c.model.remat = "full"

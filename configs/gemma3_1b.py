@@ -1,6 +1,6 @@
 """Gemma-3-1B-it, SimPO (reference-free: no reference model, no cache) on one GPU or a TPU v5e/v5p host.
 
-    rpo-train --config configs/gemma3_1b.py --config.data.train=data/train.jsonl
+rpo-train --config configs/gemma3_1b.py --config.data.train=data/train.jsonl
 """
 
 from rpo_jax.train.config.defaults import base_config
@@ -9,8 +9,8 @@ from rpo_jax.train.config.defaults import base_config
 def get_config():
     c = base_config()
     c.model.path = "google/gemma-3-1b-it"
-    # The published config.json of google/gemma-3-1b-it (https://huggingface.co/google/gemma-3-1b-it/blob/main/config.json), for
-    # rpo-plan on a machine without the hub.
+    # The published config.json of google/gemma-3-1b-it, for rpo-plan on a machine without the hub:
+    # https://huggingface.co/google/gemma-3-1b-it/blob/main/config.json
     c.model.architecture = "configs/architectures/gemma-3-1b-it.json"
     c.model.dtype = "bfloat16"
     c.model.remat = "full"

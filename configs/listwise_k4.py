@@ -1,6 +1,6 @@
 """Listwise RPO with K = 4 scored responses per prompt: KL(softmax(η r*) ‖ softmax(implicit rewards)).
 
-    rpo-train --config configs/listwise_k4.py
+rpo-train --config configs/listwise_k4.py
 """
 
 from rpo_jax.train.config.quickstart import get_config as quickstart

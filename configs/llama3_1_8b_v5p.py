@@ -12,8 +12,8 @@ from rpo_jax.train.config.defaults import base_config
 def get_config():
     c = base_config()
     c.model.path = "meta-llama/Llama-3.1-8B-Instruct"
-    # The published config.json of meta-llama/Llama-3.1-8B-Instruct (https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/blob/main/config.json), for
-    # rpo-plan on a machine without the hub.
+    # The published config.json of meta-llama/Llama-3.1-8B-Instruct, for rpo-plan on a machine without the hub:
+    # https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct/blob/main/config.json
     c.model.architecture = "configs/architectures/llama-3.1-8b-instruct.json"
     c.model.dtype = "bfloat16"
     c.model.remat = "full"  # rpo-plan: dots_saveable keeps every layer's [T, T] attention scores (does not fit)

@@ -28,8 +28,11 @@ def get_config():
     c.model.vocab_chunk_size = 16002  # V = 32,002 (not divisible by tensor = 4: the vocabulary axis is replicated)
     c.references = [
         {"path": "", "tokenizer": ""},
-        {"path": "Qwen/Qwen2.5-7B-Instruct", "tokenizer": "Qwen/Qwen2.5-7B-Instruct",
-         "architecture": "configs/architectures/qwen2.5-7b-instruct.json"},
+        {
+            "path": "Qwen/Qwen2.5-7B-Instruct",
+            "tokenizer": "Qwen/Qwen2.5-7B-Instruct",
+            "architecture": "configs/architectures/qwen2.5-7b-instruct.json",
+        },
     ]
     c.reference_mode = "cache"
     c.loss.name = "mrpo"

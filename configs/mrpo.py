@@ -3,7 +3,8 @@
 The second reference may use another tokenizer: it scores the response text with its own tokenizer and chat
 template. Both references' log-probs are precomputed once ([N, K, 2]) and cached.
 
-    rpo-train --config configs/mrpo.py --config.references='[{"path": "", "tokenizer": ""}, {"path": "/ckpt/other", "tokenizer": ""}]'
+    rpo-train --config configs/mrpo.py \\
+        --config.references='[{"path": "", "tokenizer": ""}, {"path": "/ckpt/other", "tokenizer": ""}]'
 Here the second reference defaults to the quickstart's exported policy (run `rpo-train` once first).
 """
 

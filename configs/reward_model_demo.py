@@ -14,15 +14,25 @@ def get_config():
     c = base_config()
     c.mode = "reward_model"
     c.model.path = ""
-    c.model.init = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
-                    "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 128}
-    c.model.tokenizer = ""            # the demo tokenizer (model.path is empty)
+    c.model.init = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 128,
+    }
+    c.model.tokenizer = ""  # the demo tokenizer (model.path is empty)
     c.model.dtype = "auto"
     c.data.train = "demo"
-    c.data.eval = "demo"              # the 200 held-out demo prompts
-    c.data.max_length = 48            # the longest demo conversation has 42 tokens (buckets 16, 32, 48)
-    c.data.batch_size = 32            # pairs per step
+    c.data.eval = "demo"  # the 200 held-out demo prompts
+    c.data.max_length = 48  # the longest demo conversation has 42 tokens (buckets 16, 32, 48)
+    c.data.batch_size = 32  # pairs per step
     c.data.eval_batch_size = 128
     c.reward_model.pairs = "all"
     c.optimizer.learning_rate = 3e-3

@@ -8,9 +8,19 @@ purpose: the policy's samples should still vary in judge reward, so that online 
 
 from rpo_jax.train.config.defaults import base_config
 
-TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 128}
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 128,
+}
 
 
 def get_config():

@@ -21,10 +21,10 @@ LOCAL = os.path.expanduser("~/.cache/rpo_jax/smollm2-135m-instruct")  # where ma
 def get_config():
     c = base_config()
     c.model.path = LOCAL if os.path.isdir(LOCAL) else "HuggingFaceTB/SmolLM2-135M-Instruct"
-    c.model.dtype = "auto"            # float32 on CPU, bfloat16 on GPU/TPU
-    c.model.scan_unroll = 30          # all 30 layers unrolled: ~6 s more compile, 5-13 % faster CPU steps
+    c.model.dtype = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
+    c.model.scan_unroll = 30  # all 30 layers unrolled: ~6 s more compile, 5-13 % faster CPU steps
     c.data.train = "data/train.jsonl"
-    c.data.eval_fraction = 0.02       # used when data.eval is empty
+    c.data.eval_fraction = 0.02  # used when data.eval is empty
     c.data.max_length = 1024
     c.data.max_prompt_length = 512
     c.data.batch_size = 8

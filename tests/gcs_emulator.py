@@ -53,9 +53,14 @@ def free_port() -> int:
 def emulator_environment(port: int) -> dict[str, str]:
     """The variables that send gcsfs, google-cloud-storage and TensorStore to the emulator on `port`."""
     url = f"http://127.0.0.1:{port}"
-    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GS_TOKEN": "anon",
-            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "GOOGLE_CLOUD_PROJECT": "rpo-jax-test"}
+    return {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "FSSPEC_GS_TOKEN": "anon",
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
+        "GOOGLE_CLOUD_PROJECT": "rpo-jax-test",
+    }
 
 
 def start_emulator(timeout_s: float = 60.0) -> tuple[subprocess.Popen, dict[str, str]]:
@@ -82,8 +87,11 @@ def create_bucket(env: dict[str, str], name: str | None = None) -> str:
     from google.cloud import storage
 
     name = name or f"rpo-jax-{uuid.uuid4().hex[:12]}"
-    client = storage.Client(project=env["GOOGLE_CLOUD_PROJECT"], credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": env["STORAGE_EMULATOR_HOST"]})
+    client = storage.Client(
+        project=env["GOOGLE_CLOUD_PROJECT"],
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": env["STORAGE_EMULATOR_HOST"]},
+    )
     client.create_bucket(name)
     return name
 

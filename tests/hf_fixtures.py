@@ -118,11 +118,21 @@ def make_tiny_gemma(
         base = {"sliding_window": 4, "query_pre_attn_scalar": 24, **base}
         text = tr.Gemma3TextConfig(**base)
         vision = tr.SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
             patch_size=14,
         )
-        cfg = tr.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=255,
-                              boi_token_index=253, eoi_token_index=254)
+        cfg = tr.Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            image_token_index=255,
+            boi_token_index=253,
+            eoi_token_index=254,
+        )
         model = tr.Gemma3ForConditionalGeneration(cfg)
     else:
         raise ValueError(f"unknown Gemma version {version}")
@@ -135,12 +145,21 @@ def make_tiny_gemma(
 QWEN2_DEFAULTS: dict[str, Any] = dict(LLAMA_DEFAULTS, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 QWEN3_DEFAULTS: dict[str, Any] = dict(QWEN2_DEFAULTS, head_dim=24)  # ≠ hidden / heads = 16
 MISTRAL_DEFAULTS: dict[str, Any] = dict(LLAMA_DEFAULTS, sliding_window=None)
-_FAMILIES = {"qwen2": ("Qwen2", QWEN2_DEFAULTS), "qwen3": ("Qwen3", QWEN3_DEFAULTS),
-             "mistral": ("Mistral", MISTRAL_DEFAULTS)}
+_FAMILIES = {
+    "qwen2": ("Qwen2", QWEN2_DEFAULTS),
+    "qwen3": ("Qwen3", QWEN3_DEFAULTS),
+    "mistral": ("Mistral", MISTRAL_DEFAULTS),
+}
 
 
 def make_tiny_family(
-    out_dir, family: str, *, seed: int = 0, dtype: str = "float32", task: str = "causal_lm", num_labels: int = 1,
+    out_dir,
+    family: str,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    task: str = "causal_lm",
+    num_labels: int = 1,
     **config_overrides,
 ) -> pathlib.Path:
     """A tiny random Qwen2 / Qwen3 / Mistral (`family` "qwen2", "qwen3", "mistral") checkpoint: `XForCausalLM`, or

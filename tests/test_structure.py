@@ -67,8 +67,13 @@ def scan(module: str, path: pathlib.Path, known: dict[str, pathlib.Path]) -> tup
                 if full in known:
                     aliases[alias.asname or alias.name.split(".")[-1]] = full
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and _is_private(node.attr) and aliases[node.value.id] != module):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and _is_private(node.attr)
+            and aliases[node.value.id] != module
+        ):
             private.append(f"{module} uses {aliases[node.value.id]}.{node.attr}")
     return targets, private
 
@@ -127,24 +132,32 @@ def test_no_private_name_used_across_modules():
 
 def test_tests_use_only_public_names():
     known = modules()
-    found = [use for path in sorted(TESTS.rglob("*.py"))
-             for use in scan(f"tests.{path.stem}", path, known)[1]]
+    found = [use for path in sorted(TESTS.rglob("*.py")) for use in scan(f"tests.{path.stem}", path, known)[1]]
     assert found == []
 
 
 def test_no_source_file_over_the_limit():
-    long = {str(p.relative_to(PACKAGE)): n for p in modules().values()
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(PACKAGE)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert long == {}
 
 
 def test_only_the_trainer_combines_the_layers():
     """`data`, `models` and `losses` are independent of one another; `train` builds on all three."""
-    allowed = {"data": {"data"}, "models": {"models"}, "losses": {"losses"},
-               "train": {"train", "data", "models", "losses"}}
+    allowed = {
+        "data": {"data"},
+        "models": {"models"},
+        "losses": {"losses"},
+        "train": {"train", "data", "models", "losses"},
+    }
     graph, _ = import_graph()
-    wrong = [(m, t) for m, targets in graph.items() for t in targets
-             if m.count(".") >= 1 and t.count(".") >= 1 and t.split(".")[1] not in allowed[m.split(".")[1]]]
+    wrong = [
+        (m, t)
+        for m, targets in graph.items()
+        for t in targets
+        if m.count(".") >= 1 and t.count(".") >= 1 and t.split(".")[1] not in allowed[m.split(".")[1]]
+    ]
     assert wrong == []
 
 
@@ -160,8 +173,13 @@ def test_the_trainer_rooms_are_layered():
     assert rooms == sorted(TRAIN_ROOMS)
     rank = {room: i for i, room in enumerate(TRAIN_ROOMS)}
     graph, _ = import_graph()
-    upward = [(m, t) for m, targets in graph.items() if m.startswith("rpo_jax.train.") for t in targets
-              if t.startswith("rpo_jax.train.") and rank[t.split(".")[2]] > rank[m.split(".")[2]]]
+    upward = [
+        (m, t)
+        for m, targets in graph.items()
+        if m.startswith("rpo_jax.train.")
+        for t in targets
+        if t.startswith("rpo_jax.train.") and rank[t.split(".")[2]] > rank[m.split(".")[2]]
+    ]
     assert upward == []
 
 
@@ -176,12 +194,15 @@ def test_the_trainer_exports_one_entry_per_job():
     """`rpo_jax.train` names one public entry per job (imported on first use: importing the package imports no
     job), each the function the CLI runs for that `config.mode`."""
     import subprocess
-    code = ("import sys, rpo_jax.train as t; assert not any(m.startswith('rpo_jax.train.jobs') for m in sys.modules);"
-            "from rpo_jax.train.cli.train import JOBS; import importlib;"
-            "jobs = {m: getattr(importlib.import_module(mod), fn) for m, (mod, fn) in JOBS.items()};"
-            "assert jobs == {'preference': t.train_preference, 'online': t.train_online,"
-            " 'reward_model': t.train_reward_model}, jobs;"
-            "assert t.base_config().mode == 'preference' and callable(t.build_programs) and callable(t.export_workdir)")
+
+    code = (
+        "import sys, rpo_jax.train as t; assert not any(m.startswith('rpo_jax.train.jobs') for m in sys.modules);"
+        "from rpo_jax.train.cli.train import JOBS; import importlib;"
+        "jobs = {m: getattr(importlib.import_module(mod), fn) for m, (mod, fn) in JOBS.items()};"
+        "assert jobs == {'preference': t.train_preference, 'online': t.train_online,"
+        " 'reward_model': t.train_reward_model}, jobs;"
+        "assert t.base_config().mode == 'preference' and callable(t.build_programs) and callable(t.export_workdir)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,9 +1,9 @@
 """``rpo-data validate FILE... [--tokenizer NAME_OR_DIR] [--max-length N] [--format F] [--split S]``.
 
 Reads every file (or directory of shards, ``.arrow`` file, Hugging Face ``save_to_disk`` directory; a saved
-``DatasetDict``'s split as ``DIR:split``, ``DIR/split`` or ``--split``), prints the number of records, the K distribution, reward
-statistics, ties and label/score disagreements of labelled pairs (TRL/NeMo files with scores), and with a
-tokenizer the token-length percentiles and truncation counts, then every problem as
+``DatasetDict``'s split as ``DIR:split``, ``DIR/split`` or ``--split``), prints the number of records, the K
+distribution, reward statistics, ties and label/score disagreements of labelled pairs (TRL/NeMo files with
+scores), and with a tokenizer the token-length percentiles and truncation counts, then every problem as
 ``file:line: field: message``. Exit status 1 when any record has a problem, 2 for bad usage, else 0.
 """
 
@@ -27,9 +27,17 @@ def _percentiles(values: Sequence[float], qs: Sequence[int] = (0, 50, 90, 99, 10
     return "  ".join(f"p{q}={np.percentile(arr, q):g}" for q in qs)
 
 
-def validate(paths: Sequence[str], *, tokenizer: str | None = None, max_length: int | None = None,
-             max_prompt_length: int | None = None, truncation: str = "drop", format: str | None = None,
-             split: str | None = None, out: TextIO | None = None) -> int:
+def validate(
+    paths: Sequence[str],
+    *,
+    tokenizer: str | None = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    truncation: str = "drop",
+    format: str | None = None,
+    split: str | None = None,
+    out: TextIO | None = None,
+) -> int:
     """Validate files and print a report to ``out`` (stdout); returns the exit status (0 clean, 1 problems)."""
     out = sys.stdout if out is None else out
     try:
@@ -51,15 +59,20 @@ def validate(paths: Sequence[str], *, tokenizer: str | None = None, max_length: 
         flat = [x for r in with_rewards for x in r.rewards]
         gap = [max(r.rewards) - min(r.rewards) for r in with_rewards]
         ties = sum(len(set(r.rewards)) < len(r.rewards) for r in with_rewards)
-        print(f"  reward mean={np.mean(flat):.4g} std={np.std(flat):.4g} min={min(flat):.4g} "
-              f"max={max(flat):.4g}", file=out)
+        print(
+            f"  reward mean={np.mean(flat):.4g} std={np.std(flat):.4g} min={min(flat):.4g} max={max(flat):.4g}",
+            file=out,
+        )
         print(f"  best-worst gap: {_percentiles(gap)}; records with tied rewards: {ties}", file=out)
     counts = label_score_counts(records)
     if counts.scored_pairs:
         print(f"labels vs scores: {counts.summary()}", file=out)
-        print("  with a preference-only loss (dpo, ipo, ...) every pair trains as labelled (data.pairs_from="
-              "'labels'); with data.pairs_from='rewards' or a reward-aware loss the scores decide: a tie "
-              "contributes nothing, a disagreeing pair trains the other way round", file=out)
+        print(
+            "  with a preference-only loss (dpo, ipo, ...) every pair trains as labelled (data.pairs_from="
+            "'labels'); with data.pairs_from='rewards' or a reward-aware loss the scores decide: a tie "
+            "contributes nothing, a disagreeing pair trains the other way round",
+            file=out,
+        )
         for kind, sources in (("tie", counts.tie_sources), ("disagreement", counts.disagreement_sources)):
             for file, line in sources:
                 print(f"  {kind}: {file}:{line}", file=out)
@@ -70,9 +83,15 @@ def validate(paths: Sequence[str], *, tokenizer: str | None = None, max_length: 
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
         limit = max_length if max_length is not None else int(min(getattr(tok, "model_max_length", 4096), 1 << 20))
-        ds = tokenize_records(records, tok, max_length=limit, max_prompt_length=max_prompt_length,
-                              truncation=truncation, on_error="skip",
-                              pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        ds = tokenize_records(
+            records,
+            tok,
+            max_length=limit,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+            on_error="skip",
+            pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
         rep = ds.report
         problems += rep.problems
         print(f"tokens ({tokenizer}, max_length={limit}, truncation={truncation}):", file=out)
@@ -96,8 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rpo-data", description="rpo_jax preference data tools")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check records (and token lengths with --tokenizer)")
-    v.add_argument("files", nargs="+", help=".jsonl, .jsonl.gz, .parquet, .arrow files, directories of shards, "
-                   "or datasets save_to_disk directories (a DatasetDict's split as DIR:split or DIR/split)")
+    v.add_argument(
+        "files",
+        nargs="+",
+        help=".jsonl, .jsonl.gz, .parquet, .arrow files, directories of shards, "
+        "or datasets save_to_disk directories (a DatasetDict's split as DIR:split or DIR/split)",
+    )
     v.add_argument("--tokenizer", help="Hugging Face tokenizer name or directory")
     v.add_argument("--max-length", type=int, help="longest prompt + response in tokens")
     v.add_argument("--max-prompt-length", type=int, help="longest prompt in tokens")
@@ -106,9 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--split", help="the split of a DatasetDict save_to_disk directory")
     args = parser.parse_args(argv)
     try:
-        status = validate(args.files, tokenizer=args.tokenizer, max_length=args.max_length,
-                          max_prompt_length=args.max_prompt_length, truncation=args.truncation,
-                          format=args.format, split=args.split)
+        status = validate(
+            args.files,
+            tokenizer=args.tokenizer,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            truncation=args.truncation,
+            format=args.format,
+            split=args.split,
+        )
     except ValueError as e:  # missing file, unsupported suffix, no split chosen, bad option values
         print(f"rpo-data: error: {e}", file=sys.stderr)
         return 2

@@ -83,14 +83,14 @@ def _corruptions(digits: list[str], rng: np.random.Generator) -> dict[str, list[
     n = len(s)
     out: dict[str, list[str]] = {}
     i = int(rng.integers(n - 1))
-    out["swap"] = s[:i] + [s[i + 1], s[i]] + s[i + 2:]
+    out["swap"] = s[:i] + [s[i + 1], s[i]] + s[i + 2 :]
     j = int(rng.integers(n))
     wrong = str((int(s[j]) + int(rng.integers(1, 10))) % 10)
-    out["wrong_digit"] = sorted(s[:j] + [wrong] + s[j + 1:])
+    out["wrong_digit"] = sorted(s[:j] + [wrong] + s[j + 1 :])
     j = int(rng.integers(n))
-    out["drop"] = s[:j] + s[j + 1:]
+    out["drop"] = s[:j] + s[j + 1 :]
     j = int(rng.integers(n))
-    out["duplicate"] = s[:j + 1] + [s[j]] + s[j + 1:]
+    out["duplicate"] = s[: j + 1] + [s[j]] + s[j + 1 :]
     out["shuffle"] = [s[k] for k in rng.permutation(n)]
     out["reverse"] = s[::-1]
     out["garbage"] = [chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=n)]
@@ -115,8 +115,9 @@ def make_example(rng: np.random.Generator) -> dict:
         if len({round(judge(prompt, t), 4) for t in texts}) == K:
             break
     if best is None:  # every draw repeated a response: fall back to distinct garbage strings
-        best = [perfect] + ["".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=n)) + str(k)
-                            for k in range(K - 1)]
+        best = [perfect] + [
+            "".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=n)) + str(k) for k in range(K - 1)
+        ]
     order = rng.permutation(K)
     responses = [best[k] for k in order]
     rewards = [round(judge(prompt, t), 4) for t in responses]
@@ -137,13 +138,17 @@ def build_tokenizer(out_dir: str | pathlib.Path) -> None:
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n", encoding="utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
         "additional_special_tokens": list(SPECIAL_TOKENS[4:]),
         "model_max_length": 64,
         "clean_up_tokenization_spaces": False,
@@ -152,8 +157,9 @@ def build_tokenizer(out_dir: str | pathlib.Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def write_demo(out_dir: str | pathlib.Path, *, seed: int = SEED, num_train: int = NUM_TRAIN,
-               num_test: int = NUM_TEST) -> dict[str, str]:
+def write_demo(
+    out_dir: str | pathlib.Path, *, seed: int = SEED, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST
+) -> dict[str, str]:
     """Generate ``train.jsonl``, ``test.jsonl`` and ``tokenizer/`` into ``out_dir`` deterministically."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

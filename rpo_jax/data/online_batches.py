@@ -24,8 +24,9 @@ def prompt_order(num_prompts: int, iteration: int, per_iteration: int, seed: int
     return out
 
 
-def encode_prompts(prompts: Sequence[PromptRecord], tokenizer, *, max_prompt_length: int, truncation: str
-                   ) -> tuple[list[PromptRecord], list[list[int]], int]:
+def encode_prompts(
+    prompts: Sequence[PromptRecord], tokenizer, *, max_prompt_length: int, truncation: str
+) -> tuple[list[PromptRecord], list[list[int]], int]:
     """(kept prompts, their token ids, number dropped): prompts longer than `max_prompt_length` are dropped
     (`truncation="drop"`, counted) or keep their last `max_prompt_length` tokens (other policies)."""
     kept, ids, dropped = [], [], 0
@@ -47,12 +48,19 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], width: int, pad_id: int) -> tu
     mask = np.zeros((len(prompt_ids), width), bool)
     for i, p in enumerate(prompt_ids):
         if p:
-            tokens[i, width - len(p):], mask[i, width - len(p):] = p, True
+            tokens[i, width - len(p) :], mask[i, width - len(p) :] = p, True
     return tokens, mask
 
 
-def sample_batch(prompt_ids: Sequence[Sequence[int]], responses: np.ndarray, response_mask: np.ndarray,
-                 rewards: np.ndarray | None, *, width: int, pad_id: int) -> dict[str, np.ndarray]:
+def sample_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    responses: np.ndarray,
+    response_mask: np.ndarray,
+    rewards: np.ndarray | None,
+    *,
+    width: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
     """Prompts [P] and their K sampled responses → a training batch (the `rpo_jax.data` contract).
 
     responses/response_mask [P, K, M]: generated tokens and which are real (up to and including EOS).
@@ -67,15 +75,20 @@ def sample_batch(prompt_ids: Sequence[Sequence[int]], responses: np.ndarray, res
     for p, prompt in enumerate(prompt_ids):
         lp = len(prompt)
         for j in range(k):
-            r = responses[p, j, :lengths[p, j]]
+            r = responses[p, j, : lengths[p, j]]
             end = lp + len(r)
             if end > width:
                 raise ValueError(f"sample_batch: prompt {p} + response {j} has {end} tokens > width {width}")
             tokens[p, j, :lp], tokens[p, j, lp:end] = prompt, r
             attention[p, j, :end] = True
             loss_mask[p, j, lp:end] = True
-    batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask, "lengths": lengths,
-             "valid": lengths > 0}
+    batch = {
+        "tokens": tokens,
+        "attention_mask": attention,
+        "loss_mask": loss_mask,
+        "lengths": lengths,
+        "valid": lengths > 0,
+    }
     if rewards is not None:
         batch["rewards"] = np.asarray(rewards, np.float32)
     return batch

@@ -139,14 +139,18 @@ def shared_prompt_length(pieces: Sequence[Piece], where: str) -> int:
     """
     firsts = {int(np.argmax(p.scored)) if p.scored.any() else len(p.tokens) for p in pieces}
     if len(firsts) != 1:
-        raise ValueError(f"{where}: data.share_prompt needs one prompt per example, but its responses start "
-                         f"scoring at different tokens {sorted(firsts)}")
+        raise ValueError(
+            f"{where}: data.share_prompt needs one prompt per example, but its responses start "
+            f"scoring at different tokens {sorted(firsts)}"
+        )
     (prompt_length,) = firsts
     first = pieces[0].tokens[:prompt_length]
     for p in pieces[1:]:
         if not np.array_equal(p.tokens[:prompt_length], first):
-            raise ValueError(f"{where}: data.share_prompt needs one prompt per example, but response {p.k}'s "
-                             f"first {prompt_length} tokens differ from response {pieces[0].k}'s")
+            raise ValueError(
+                f"{where}: data.share_prompt needs one prompt per example, but response {p.k}'s "
+                f"first {prompt_length} tokens differ from response {pieces[0].k}'s"
+            )
     return prompt_length
 
 
@@ -158,8 +162,10 @@ def example_units(pieces: Sequence[Piece], b: int, packing: Packing, where: str)
         prompt = pieces[0].tokens[:prompt_length] if prompt_length else None
     for p in pieces:
         if len(p.tokens) > packing.row_length:
-            raise ValueError(f"{where}: response {p.k} has {len(p.tokens)} tokens (prompt + response), more than "
-                             f"the packing row length {packing.row_length}")
+            raise ValueError(
+                f"{where}: response {p.k} has {len(p.tokens)} tokens (prompt + response), more than "
+                f"the packing row length {packing.row_length}"
+            )
     units, current = [], []
     for p in pieces:
         candidate = PackUnit(b, prompt, tuple(current + [p]))
@@ -261,8 +267,9 @@ def layout_cost(shape: Sequence[int], key_cost: float) -> float:
     return float(np.prod(shape)) * (1.0 + key_cost * shape[-1])
 
 
-def write_unit(rows: dict[str, np.ndarray], r: int, start: int, unit: PackUnit, first_segment: int,
-               first_id: int) -> tuple[int, int]:
+def write_unit(
+    rows: dict[str, np.ndarray], r: int, start: int, unit: PackUnit, first_segment: int, first_id: int
+) -> tuple[int, int]:
     """Write ``unit`` into row ``r`` from slot ``start`` (segments numbered from ``first_segment``, response k
     scored with id ``first_id + k``); returns the next free slot and the next segment id."""
     slot, segment = start, first_segment
@@ -291,14 +298,21 @@ def write_unit(rows: dict[str, np.ndarray], r: int, start: int, unit: PackUnit, 
         if unit.prompt is not None:
             previous[0] = prompt_end
         parent = prompt_segment if unit.prompt is not None else segment
-        put(tokens, prompt_length + np.arange(n), segment, parent, np.where(scored, previous, 0),
-            np.where(scored, first_id + p.k, 0))
+        put(
+            tokens,
+            prompt_length + np.arange(n),
+            segment,
+            parent,
+            np.where(scored, previous, 0),
+            np.where(scored, first_id + p.k, 0),
+        )
         segment += 1
     return slot, segment
 
 
-def pack_batch(batch: Mapping[str, np.ndarray], packing: Packing, *, first_example: int = 0,
-               micro_batches: int = 1) -> dict[str, np.ndarray]:
+def pack_batch(
+    batch: Mapping[str, np.ndarray], packing: Packing, *, first_example: int = 0, micro_batches: int = 1
+) -> dict[str, np.ndarray]:
     """The packed batch of a contract batch (module docstring): row arrays ``[R, T]`` and the example-level
     arrays of ``batch`` (everything but tokens / attention_mask / loss_mask) unchanged.
 
@@ -319,7 +333,8 @@ def pack_batch(batch: Mapping[str, np.ndarray], packing: Packing, *, first_examp
     for b in range(b_count):
         if pieces := example_pieces(batch, b):
             groups[(first_example + b) % micro_batches].append(
-                (b, pieces, f"batch example {b} (record {int(index[b])})"))
+                (b, pieces, f"batch example {b} (record {int(index[b])})")
+            )
     per_group = -(-b_count // micro_batches) * k_max
     row_cap = -(-per_group // packing.row_multiple) * packing.row_multiple
     layout = choose_layout(groups, packing, padded_length, row_cap)
@@ -343,8 +358,9 @@ def pack_batch(batch: Mapping[str, np.ndarray], packing: Packing, *, first_examp
 def packing_saves(packed: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], packing: Packing) -> bool:
     """True when ``packed``'s rows cost at most ``(1 − packing.min_saving)`` of the contract ``batch``'s B·K rows of
     T_pad (:func:`layout_cost` with ``packing.key_cost``)."""
-    return (layout_cost(np.shape(packed["tokens"]), packing.key_cost)
-            <= (1.0 - packing.min_saving) * layout_cost(np.shape(batch["tokens"]), packing.key_cost))
+    return layout_cost(np.shape(packed["tokens"]), packing.key_cost) <= (1.0 - packing.min_saving) * layout_cost(
+        np.shape(batch["tokens"]), packing.key_cost
+    )
 
 
 def is_packed(batch: Mapping[str, object]) -> bool:

@@ -67,7 +67,7 @@ class _Layout:
         epoch, s = divmod(step, self.steps_per_epoch)
         perm = _cached_permutation(self.num_examples, self.seed, epoch, self.shuffle)
         start = (s * self.process_count + self.process_index) * self.batch_size
-        return perm[start:start + self.batch_size]
+        return perm[start : start + self.batch_size]
 
 
 _PERM_CACHE: dict[tuple, np.ndarray] = {}
@@ -94,8 +94,9 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._layout = layout
         steps = grain.MapDataset.range(layout.steps_per_epoch).repeat(layout.num_epochs)
         first = layout.process_index * layout.batch_size  # the global index of this process's first example
-        self._grain = steps.map_with_index(lambda step, _: packed_or_not(
-            dataset.collate(layout.positions(step).tolist()), packing, first))
+        self._grain = steps.map_with_index(
+            lambda step, _: packed_or_not(dataset.collate(layout.positions(step).tolist()), packing, first)
+        )
         self._iter = iter(self._grain.to_iter_dataset(read_options=grain.ReadOptions(num_threads=0)))
 
     @property
@@ -130,16 +131,23 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._iter.set_state({"next_index": int(state["step"])})
 
 
-def packed_or_not(batch: dict[str, np.ndarray], packing: Packing | None, first_example: int
-                  ) -> dict[str, np.ndarray]:
+def packed_or_not(batch: dict[str, np.ndarray], packing: Packing | None, first_example: int) -> dict[str, np.ndarray]:
     """``batch`` packed by ``packing`` (its first example has global index ``first_example``), or as it is when
     ``packing`` is None."""
     return batch if packing is None else pack_batch(batch, packing, first_example=first_example)
 
 
-def make_train_iterator(dataset: TokenizedDataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                        num_epochs: int | None = None, process_index: int | None = None,
-                        process_count: int | None = None, packing: Packing | None = None) -> TrainIterator:
+def make_train_iterator(
+    dataset: TokenizedDataset,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    packing: Packing | None = None,
+) -> TrainIterator:
     """A resumable iterator of training batches (contract batch, ``[B, K, T]`` with bucketed T).
 
     Args:
@@ -156,11 +164,19 @@ def make_train_iterator(dataset: TokenizedDataset, batch_size: int, *, seed: int
     process_index, process_count = _process_defaults(process_index, process_count)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    layout = _Layout(num_examples=len(dataset), batch_size=batch_size, seed=seed, shuffle=shuffle,
-                     process_index=process_index, process_count=process_count, num_epochs=num_epochs)
+    layout = _Layout(
+        num_examples=len(dataset),
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+    )
     if layout.steps_per_epoch < 1:
-        raise ValueError(f"{len(dataset)} examples cannot fill one global batch of {batch_size} x "
-                         f"{process_count} processes")
+        raise ValueError(
+            f"{len(dataset)} examples cannot fill one global batch of {batch_size} x {process_count} processes"
+        )
     return TrainIterator(dataset, layout, packing)
 
 
@@ -169,9 +185,14 @@ def num_eval_batches(dataset: TokenizedDataset, batch_size: int, process_count: 
     return max(1, math.ceil(len(dataset) / (batch_size * process_count)))
 
 
-def make_eval_batches(dataset: TokenizedDataset, batch_size: int, *, process_index: int | None = None,
-                      process_count: int | None = None, packing: Packing | None = None
-                      ) -> Iterator[dict[str, np.ndarray]]:
+def make_eval_batches(
+    dataset: TokenizedDataset,
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    packing: Packing | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Every example exactly once, in order, over all processes; the tail is padded with all-invalid examples.
 
     Global batch ``s`` covers examples ``[s * P * B, (s + 1) * P * B)``; process ``p`` gets its ``p``-th

@@ -59,8 +59,10 @@ class ReadReport:
 
     def summary(self) -> str:
         """One line: records kept, records skipped, problems."""
-        return (f"{self.num_records} records from {len(self.files)} file(s); {self.num_skipped} skipped; "
-                f"{len(self.problems)} problem(s)")
+        return (
+            f"{self.num_records} records from {len(self.files)} file(s); {self.num_skipped} skipped; "
+            f"{len(self.problems)} problem(s)"
+        )
 
 
 class NoRecordsError(ValueError):

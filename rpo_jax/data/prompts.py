@@ -58,8 +58,9 @@ def _prompt_of(obj: Any, source: tuple[str, int]) -> PromptRecord | Problem:
     return parsed[0]
 
 
-def read_prompts(paths: Any, *, on_error: OnError = "raise", split: str | None = None
-                 ) -> tuple[list[PromptRecord], ReadReport]:
+def read_prompts(
+    paths: Any, *, on_error: OnError = "raise", split: str | None = None
+) -> tuple[list[PromptRecord], ReadReport]:
     """Read the prompts of any source :func:`~rpo_jax.data.records.read_records` reads (``.jsonl``,
     ``.jsonl.gz``, ``.parquet``, ``.arrow``, directories, Hugging Face ``datasets`` objects and save_to_disk
     directories; ``split`` chooses a ``DatasetDict``'s split).
@@ -69,7 +70,9 @@ def read_prompts(paths: Any, *, on_error: OnError = "raise", split: str | None =
     ``on_error`` as in :func:`~rpo_jax.data.records.read_records`: ``"raise"`` names file, line and field;
     ``"skip"`` counts, and raises :class:`~rpo_jax.data.problems.NoRecordsError` when no prompt is left.
     """
+
     def prompts_of(source: Source):
         for line, obj, problem in iter_raw(source):
             yield None, (problem if problem is not None else _prompt_of(obj, (source.name, line)))
+
     return read_sources(paths, on_error, prompts_of, PromptRecord, split=split)

@@ -58,10 +58,33 @@ from rpo_jax.data.problems import (
 )
 from rpo_jax.data.sources import Source, as_source, expand_sources, iter_raw, resolve_sources
 
-__all__ = ["FORMATS", "PAIR_FORMATS", "ROLES", "FieldProblems", "Message", "Messages", "NoRecordsError", "OnError",
-           "PreferenceRecord", "Problem", "ReadReport", "RecordError", "Source", "detect_format", "expand_sources",
-           "iter_file_records", "iter_raw", "no_records_message", "parse_messages", "parse_record",
-           "read_records", "read_sources", "record_problems", "resolve_sources", "type_name"]
+__all__ = [
+    "FORMATS",
+    "PAIR_FORMATS",
+    "ROLES",
+    "FieldProblems",
+    "Message",
+    "Messages",
+    "NoRecordsError",
+    "OnError",
+    "PreferenceRecord",
+    "Problem",
+    "ReadReport",
+    "RecordError",
+    "Source",
+    "detect_format",
+    "expand_sources",
+    "iter_file_records",
+    "iter_raw",
+    "no_records_message",
+    "parse_messages",
+    "parse_record",
+    "read_records",
+    "read_sources",
+    "record_problems",
+    "resolve_sources",
+    "type_name",
+]
 
 Message = dict[str, str]
 Messages = tuple[Message, ...]
@@ -69,9 +92,16 @@ Messages = tuple[Message, ...]
 FORMATS = ("trl_standard", "trl_conversational", "trl_implicit", "nemo", "k_responses")
 #: Formats whose two responses are labelled chosen / rejected (``PreferenceRecord.labelled``).
 PAIR_FORMATS = ("trl_standard", "trl_conversational", "trl_implicit", "nemo")
-_FORMAT_ALIASES = {"trl": "trl", "standard": "trl_standard", "conversational": "trl_conversational",
-                   "implicit": "trl_implicit", "implicit_prompt": "trl_implicit", "nemo_aligner": "nemo",
-                   "k": "k_responses", "responses": "k_responses"}
+_FORMAT_ALIASES = {
+    "trl": "trl",
+    "standard": "trl_standard",
+    "conversational": "trl_conversational",
+    "implicit": "trl_implicit",
+    "implicit_prompt": "trl_implicit",
+    "nemo_aligner": "nemo",
+    "k": "k_responses",
+    "responses": "k_responses",
+}
 #: The chat roles a message may have (``tool`` only with a chat template that knows it; see the docstring).
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -126,22 +156,26 @@ class PreferenceRecord:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (the TFDS builder stores this as text); inverse of :meth:`from_json`."""
-        return {"prompt": [dict(m) for m in self.prompt],
-                "responses": [[dict(m) for m in r] for r in self.responses],
-                "rewards": None if self.rewards is None else list(self.rewards),
-                "conversational": self.conversational,
-                "source": [self.source[0], self.source[1]],
-                "labelled": self.labelled}
+        return {
+            "prompt": [dict(m) for m in self.prompt],
+            "responses": [[dict(m) for m in r] for r in self.responses],
+            "rewards": None if self.rewards is None else list(self.rewards),
+            "conversational": self.conversational,
+            "source": [self.source[0], self.source[1]],
+            "labelled": self.labelled,
+        }
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "PreferenceRecord":
         """Rebuild a record written by :meth:`to_json` (trusted input: no validation beyond types)."""
-        return cls(prompt=tuple(dict(m) for m in obj["prompt"]),
-                   responses=tuple(tuple(dict(m) for m in r) for r in obj["responses"]),
-                   rewards=None if obj["rewards"] is None else tuple(float(x) for x in obj["rewards"]),
-                   conversational=bool(obj["conversational"]),
-                   source=(str(obj["source"][0]), int(obj["source"][1])),
-                   labelled=bool(obj.get("labelled", False)))  # written before labels were kept: unlabelled
+        return cls(
+            prompt=tuple(dict(m) for m in obj["prompt"]),
+            responses=tuple(tuple(dict(m) for m in r) for r in obj["responses"]),
+            rewards=None if obj["rewards"] is None else tuple(float(x) for x in obj["rewards"]),
+            conversational=bool(obj["conversational"]),
+            source=(str(obj["source"][0]), int(obj["source"][1])),
+            labelled=bool(obj.get("labelled", False)),
+        )  # written before labels were kept: unlabelled
 
 
 def _freeze(x: Any) -> Any:
@@ -167,8 +201,9 @@ def _is_empty_text(s: str) -> bool:
     return not s.strip()
 
 
-def parse_messages(value: Any, field: str, *, default_role: str | None, require_str: bool = False
-                   ) -> tuple[Messages, bool]:
+def parse_messages(
+    value: Any, field: str, *, default_role: str | None, require_str: bool = False
+) -> tuple[Messages, bool]:
     """A string (-> one message of ``default_role``) or a list of ``{"role", "content"}`` dicts.
 
     Returns (messages, was_conversational). Empty strings / lists / all-blank contents are problems.
@@ -199,8 +234,9 @@ def parse_messages(value: Any, field: str, *, default_role: str | None, require_
             if not isinstance(m[key], str):
                 raise FieldProblems([(f"{where}.{key}", f"expected str, got {type_name(m[key])}")])
         if m["role"] not in ROLES:
-            raise FieldProblems([(f"{where}.role", f"unknown role {m['role']!r} (expected one of "
-                                  f"{', '.join(repr(r) for r in ROLES)})")])
+            raise FieldProblems(
+                [(f"{where}.role", f"unknown role {m['role']!r} (expected one of {', '.join(repr(r) for r in ROLES)})")]
+            )
         messages.append({"role": m["role"], "content": m["content"]})
     if all(_is_empty_text(m["content"]) for m in messages):
         raise FieldProblems([(field, "empty")])
@@ -274,12 +310,14 @@ def _parse_trl(obj: Mapping[str, Any], *, want: str | None) -> tuple:
     def response(field: str) -> tuple[Messages, bool]:
         return parse_messages(_get(obj, field), field, default_role=role, require_str=not conv)
 
-    (prompt, _), (chosen, _), (rejected, _), rewards = _collect([
-        ("prompt", lambda: parse_messages(prompt_raw, "prompt", default_role="user")),
-        ("chosen", lambda: response("chosen")),
-        ("rejected", lambda: response("rejected")),
-        ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
-    ])
+    (prompt, _), (chosen, _), (rejected, _), rewards = _collect(
+        [
+            ("prompt", lambda: parse_messages(prompt_raw, "prompt", default_role="user")),
+            ("chosen", lambda: response("chosen")),
+            ("rejected", lambda: response("rejected")),
+            ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
+        ]
+    )
     _check_distinct([chosen, rejected], "rejected", names=("chosen", "rejected"))
     return prompt, (chosen, rejected), rewards, conv
 
@@ -288,11 +326,13 @@ def _parse_trl_implicit(obj: Mapping[str, Any]) -> tuple:
     """TRL implicit prompt: ``chosen``/``rejected`` conversations; prompt = their longest common prefix."""
     if "prompt" in obj:
         raise FieldProblems([("prompt", "implicit-prompt records carry no prompt field")])
-    (chosen, _), (rejected, _), rewards = _collect([
-        ("chosen", lambda: parse_messages(_get(obj, "chosen"), "chosen", default_role=None)),
-        ("rejected", lambda: parse_messages(_get(obj, "rejected"), "rejected", default_role=None)),
-        ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
-    ])
+    (chosen, _), (rejected, _), rewards = _collect(
+        [
+            ("chosen", lambda: parse_messages(_get(obj, "chosen"), "chosen", default_role=None)),
+            ("rejected", lambda: parse_messages(_get(obj, "rejected"), "rejected", default_role=None)),
+            ("score", lambda: _optional_reward_pair(obj, "score_chosen", "score_rejected")),
+        ]
+    )
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -312,14 +352,20 @@ def _parse_trl_implicit(obj: Mapping[str, Any]) -> tuple:
 
 def _parse_nemo(obj: Mapping[str, Any]) -> tuple:
     """NeMo-Aligner DPO/RPO: prompt, chosen_response, rejected_response (+ both rewards, or neither)."""
-    (prompt, conv), (chosen, _), (rejected, _), rewards = _collect([
-        ("prompt", lambda: parse_messages(_get(obj, "prompt"), "prompt", default_role="user")),
-        ("chosen_response", lambda: parse_messages(_get(obj, "chosen_response"), "chosen_response",
-                                                   default_role="assistant")),
-        ("rejected_response", lambda: parse_messages(_get(obj, "rejected_response"), "rejected_response",
-                                                     default_role="assistant")),
-        ("reward", lambda: _optional_reward_pair(obj, "chosen_reward", "rejected_reward")),
-    ])
+    (prompt, conv), (chosen, _), (rejected, _), rewards = _collect(
+        [
+            ("prompt", lambda: parse_messages(_get(obj, "prompt"), "prompt", default_role="user")),
+            (
+                "chosen_response",
+                lambda: parse_messages(_get(obj, "chosen_response"), "chosen_response", default_role="assistant"),
+            ),
+            (
+                "rejected_response",
+                lambda: parse_messages(_get(obj, "rejected_response"), "rejected_response", default_role="assistant"),
+            ),
+            ("reward", lambda: _optional_reward_pair(obj, "chosen_reward", "rejected_reward")),
+        ]
+    )
     _check_distinct([chosen, rejected], "rejected_response", names=("chosen_response", "rejected_response"))
     return prompt, (chosen, rejected), rewards, conv
 
@@ -418,9 +464,14 @@ def record_problems(obj: Any, format: str, source: tuple[str, int]) -> Preferenc
             raise ValueError(f"unknown format {format!r}")
     except FieldProblems as e:
         return [Problem(file, line, field, msg) for field, msg in e.problems]
-    return PreferenceRecord(prompt=prompt, responses=tuple(responses),
-                            rewards=None if rewards is None else tuple(rewards),
-                            conversational=conv, source=(file, line), labelled=format in PAIR_FORMATS + ("trl",))
+    return PreferenceRecord(
+        prompt=prompt,
+        responses=tuple(responses),
+        rewards=None if rewards is None else tuple(rewards),
+        conversational=conv,
+        source=(file, line),
+        labelled=format in PAIR_FORMATS + ("trl",),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,8 +479,9 @@ def record_problems(obj: Any, format: str, source: tuple[str, int]) -> Preferenc
 # ----------------------------------------------------------------------------------------------------------
 
 
-def iter_file_records(file: str | os.PathLike | Source, *, format: str | None = None
-                      ) -> Iterator[tuple[str | None, PreferenceRecord | list[Problem]]]:
+def iter_file_records(
+    file: str | os.PathLike | Source, *, format: str | None = None
+) -> Iterator[tuple[str | None, PreferenceRecord | list[Problem]]]:
     """``(format, record_or_problems)`` for each line/row of one source (a file path or a
     :class:`~rpo_jax.data.sources.Source`); the format is detected from the first JSON object (None until
     then)."""
@@ -454,8 +506,9 @@ def iter_file_records(file: str | os.PathLike | Source, *, format: str | None = 
         yield fmt, record_problems(obj, fmt, (name, line))
 
 
-def read_records(paths: Any, *, format: str | None = None, on_error: OnError = "raise",
-                 split: str | None = None) -> tuple[list[PreferenceRecord], ReadReport]:
+def read_records(
+    paths: Any, *, format: str | None = None, on_error: OnError = "raise", split: str | None = None
+) -> tuple[list[PreferenceRecord], ReadReport]:
     """Read, validate and normalise preference records from files or Hugging Face datasets.
 
     Args:
@@ -477,12 +530,14 @@ def read_records(paths: Any, *, format: str | None = None, on_error: OnError = "
         ``a.jsonl, b.jsonl: all 12 records were skipped (first problems: a.jsonl:1: prompt: missing field; ...)``).
       ValueError: no input, a missing path, an unsupported file, a DatasetDict without a split.
     """
-    return read_sources(paths, on_error, lambda source: iter_file_records(source, format=format), PreferenceRecord,
-                        split=split)
+    return read_sources(
+        paths, on_error, lambda source: iter_file_records(source, format=format), PreferenceRecord, split=split
+    )
 
 
-def read_sources(paths: Any, on_error: OnError, items_of_file, kind: type, *, split: str | None = None
-                 ) -> tuple[list, ReadReport]:
+def read_sources(
+    paths: Any, on_error: OnError, items_of_file, kind: type, *, split: str | None = None
+) -> tuple[list, ReadReport]:
     """The reading loop of :func:`read_records` and :func:`rpo_jax.data.prompts.read_prompts`.
 
     Every :class:`~rpo_jax.data.sources.Source` of `paths` (:func:`~rpo_jax.data.sources.resolve_sources` with

@@ -23,8 +23,9 @@ PAIR_ALIASES = {"best_worst": "best_vs_worst", "all": "all_pairs"}
 
 
 # ------------------------------------------------------------------------------------------------- pairs
-def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "all_pairs",
-                     pairs_from: str = "labels") -> tuple[list[PreferenceRecord], int]:
+def preference_pairs(
+    records: Sequence[PreferenceRecord], *, mode: PairMode = "all_pairs", pairs_from: str = "labels"
+) -> tuple[list[PreferenceRecord], int]:
     """K-response records → pair records (response 0 chosen, 1 rejected) and the number of records giving no pair.
 
     * a labelled pair (TRL / NeMo formats, `PreferenceRecord.labelled`) with `pairs_from="labels"`: as labelled,
@@ -36,8 +37,7 @@ def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "a
     * K > 2 without rewards: a `RecordError` (ValueError) naming file:line — a preference is never invented.
     """
     if PAIR_ALIASES.get(mode, mode) not in PAIR_MODES:
-        raise ValueError(f"reward_model.pairs={mode!r}: expected one of {PAIR_MODES} (aliases "
-                         f"{tuple(PAIR_ALIASES)})")
+        raise ValueError(f"reward_model.pairs={mode!r}: expected one of {PAIR_MODES} (aliases {tuple(PAIR_ALIASES)})")
     mode = PAIR_ALIASES.get(mode, mode)
     out: list[PreferenceRecord] = []
     without_pair = 0
@@ -47,9 +47,15 @@ def preference_pairs(records: Sequence[PreferenceRecord], *, mode: PairMode = "a
             continue
         if r.rewards is None:
             if r.num_responses != 2:
-                raise RecordError(Problem(*r.source, "rewards", f"{r.num_responses} responses without rewards: a "
-                                          "reward model needs a preference, which only K = 2 records (response 0 "
-                                          "chosen) or explicit rewards give"))
+                raise RecordError(
+                    Problem(
+                        *r.source,
+                        "rewards",
+                        f"{r.num_responses} responses without rewards: a "
+                        "reward model needs a preference, which only K = 2 records (response 0 "
+                        "chosen) or explicit rewards give",
+                    )
+                )
             out.append(r)
             continue
         pairs = to_pairs([r], mode=mode)
@@ -68,8 +74,10 @@ def conversation_ids(records: Sequence[PreferenceRecord], tokenizer) -> list[lis
     extra special tokens. For a response that is one assistant message this is `encode_conversation(tokenizer,
     prompt, response_text)` — the text `reward_model_fn` scores. Identical conversations are encoded once."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("reward-model training scores the chat template of prompt + response (as reward_model_fn "
-                         "does), but the tokenizer has no chat_template; set config.model.tokenizer to one that has")
+        raise ValueError(
+            "reward-model training scores the chat template of prompt + response (as reward_model_fn "
+            "does), but the tokenizer has no chat_template; set config.model.tokenizer to one that has"
+        )
     texts: dict[str, int] = {}
     where: list[list[int]] = []
     for r in records:
@@ -86,13 +94,16 @@ def conversation_ids(records: Sequence[PreferenceRecord], tokenizer) -> list[lis
 def check_truncation(truncation: str) -> None:
     """ValueError unless `truncation` is "drop" or "truncate_prompt" (the policies that keep the scored token)."""
     if truncation not in ("drop", "truncate_prompt"):
-        raise ValueError(f"data.truncation={truncation!r}: reward-model training supports 'drop' and "
-                         "'truncate_prompt' (keep the last max_length tokens); 'truncate_response' would drop the "
-                         "token whose hidden state is scored")
+        raise ValueError(
+            f"data.truncation={truncation!r}: reward-model training supports 'drop' and "
+            "'truncate_prompt' (keep the last max_length tokens); 'truncate_response' would drop the "
+            "token whose hidden state is scored"
+        )
 
 
-def tokenize_pairs(pairs: Sequence[PreferenceRecord], tokenizer, *, max_length: int, pad_id: int,
-                   truncation: str = "drop") -> TokenizedDataset:
+def tokenize_pairs(
+    pairs: Sequence[PreferenceRecord], tokenizer, *, max_length: int, pad_id: int, truncation: str = "drop"
+) -> TokenizedDataset:
     """Pair records → a `TokenizedDataset` of K = 2 full conversations (see `conversation_ids`), padded with
     `pad_id` (the reward model's `pad_token_id`) into buckets up to `max_length`.
 
@@ -113,12 +124,26 @@ def tokenize_pairs(pairs: Sequence[PreferenceRecord], tokenizer, *, max_length: 
             report.num_prompts_truncated += 1
             ids = [s[-max_length:] for s in ids]
         sequences = tuple(np.asarray(s, np.int32) for s in ids)
-        examples.append(TokenizedExample(index=index, sequences=sequences,
-                                           prompt_lengths=tuple(len(s) for s in sequences), rewards=record.rewards))
+        examples.append(
+            TokenizedExample(
+                index=index,
+                sequences=sequences,
+                prompt_lengths=tuple(len(s) for s in sequences),
+                rewards=record.rewards,
+            )
+        )
     report.num_examples = len(examples)
     has_rewards = bool(examples) and all(e.rewards is not None for e in examples)
-    return TokenizedDataset(records=list(pairs), examples=examples, k_max=2, buckets=default_buckets(max_length),
-                              pad_id=int(pad_id), max_length=max_length, has_rewards=has_rewards, report=report)
+    return TokenizedDataset(
+        records=list(pairs),
+        examples=examples,
+        k_max=2,
+        buckets=default_buckets(max_length),
+        pad_id=int(pad_id),
+        max_length=max_length,
+        has_rewards=has_rewards,
+        report=report,
+    )
 
 
 def pair_batch(batch: Mapping[str, np.ndarray], margin_scale: float = 0.0) -> dict[str, np.ndarray]:

@@ -30,12 +30,15 @@ def require_rewards(records: Any) -> None:
         raise ValueError("no records: a reward-aware loss needs records with explicit rewards")
     if lacking:
         parts = [f"{f} ({len(v)} record(s), first at line {v[0]})" for f, v in lacking.items()]
-        raise ValueError("this loss needs explicit rewards, but these files have records without rewards "
-                         "(rewards are never invented): " + "; ".join(parts))
+        raise ValueError(
+            "this loss needs explicit rewards, but these files have records without rewards "
+            "(rewards are never invented): " + "; ".join(parts)
+        )
 
 
-def to_pairs(records: Sequence[PreferenceRecord], *, mode: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
-             ) -> list[PreferenceRecord]:
+def to_pairs(
+    records: Sequence[PreferenceRecord], *, mode: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
+) -> list[PreferenceRecord]:
     """K-response records with rewards -> K = 2 records (response 0 chosen, 1 rejected), rewards kept; the pairs
     are ordered by their rewards (``labelled=False``), also those of a labelled pair (its label is not used).
 
@@ -57,21 +60,32 @@ def to_pairs(records: Sequence[PreferenceRecord], *, mode: Literal["best_vs_wors
         else:
             raise ValueError(f"mode must be 'best_vs_worst' or 'all_pairs', got {mode!r}")
         for i, j in pairs:
-            out.append(dataclasses.replace(r, responses=(r.responses[i], r.responses[j]), rewards=(rw[i], rw[j]),
-                                           labelled=False))  # ordered by rewards, not by a label
+            out.append(
+                dataclasses.replace(
+                    r, responses=(r.responses[i], r.responses[j]), rewards=(rw[i], rw[j]), labelled=False
+                )
+            )  # ordered by rewards, not by a label
     return out
 
 
-def holdout_split(records: Sequence[PreferenceRecord], fraction: float, *, seed: int = 0,
-                  train_split: str = "train", holdout_split: str = "test") -> dict[str, list[PreferenceRecord]]:
+def holdout_split(
+    records: Sequence[PreferenceRecord],
+    fraction: float,
+    *,
+    seed: int = 0,
+    train_split: str = "train",
+    holdout_split: str = "test",
+) -> dict[str, list[PreferenceRecord]]:
     """``round(fraction * N)`` records picked by ``default_rng(seed)`` held out; both splits keep input order."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}")
     n = len(records)
     held = np.zeros(n, bool)
-    held[np.random.default_rng(seed).permutation(n)[:round(fraction * n)]] = True
-    return {train_split: [r for r, h in zip(records, held) if not h],
-            holdout_split: [r for r, h in zip(records, held) if h]}
+    held[np.random.default_rng(seed).permutation(n)[: round(fraction * n)]] = True
+    return {
+        train_split: [r for r, h in zip(records, held) if not h],
+        holdout_split: [r for r, h in zip(records, held) if h],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ labels vs scores
@@ -99,8 +113,10 @@ class LabelScoreCounts:
     def summary(self, *, first: int = 3) -> str:
         """One line: ``"120 labelled pairs carry scores: 3 ties, 2 disagree with their labels (first: a:4, a:9)"``."""
         where = [f"{f}:{n}" for f, n in (self.disagreement_sources + self.tie_sources)[:first]]
-        return (f"{self.scored_pairs} labelled pairs carry scores: {self.ties} ties, {self.disagreements} "
-                f"disagree with their labels" + (f" (first: {', '.join(where)})" if where else ""))
+        return (
+            f"{self.scored_pairs} labelled pairs carry scores: {self.ties} ties, {self.disagreements} "
+            f"disagree with their labels" + (f" (first: {', '.join(where)})" if where else "")
+        )
 
     def as_dict(self) -> dict[str, int]:
         """The three counts (for a run's record)."""
@@ -147,8 +163,10 @@ def rewards_reach_loss(records: Sequence[PreferenceRecord], *, loss_uses_rewards
     labelled = [r for r in records if r.labelled]
     ranked = [r for r in records if not r.labelled and r.rewards is not None]
     if labelled and ranked:
-        raise ValueError(f"data.pairs_from='labels': {labelled[0].source[0]} has labelled pairs and "
-                         f"{ranked[0].source[0]} K-response records ranked by rewards; one preference-only loss "
-                         "cannot follow labels and rewards in the same batch: set data.pairs_from='rewards' or "
-                         "train them separately")
+        raise ValueError(
+            f"data.pairs_from='labels': {labelled[0].source[0]} has labelled pairs and "
+            f"{ranked[0].source[0]} K-response records ranked by rewards; one preference-only loss "
+            "cannot follow labels and rewards in the same batch: set data.pairs_from='rewards' or "
+            "train them separately"
+        )
     return bool(ranked) and all(r.rewards is not None for r in records)

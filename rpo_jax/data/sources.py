@@ -190,8 +190,9 @@ def _dict_split(base: str, split: str) -> Source:
 def _path_sources(p: str | os.PathLike, split: str | None) -> tuple[list[Source], bool]:
     """The sources of one path, and whether ``split`` chose a split of it."""
     if not isinstance(p, (str, os.PathLike)):
-        raise TypeError(f"cannot read a {type(p).__name__}: expected a path, a datasets Dataset / DatasetDict, "
-                        "or a list of them")
+        raise TypeError(
+            f"cannot read a {type(p).__name__}: expected a path, a datasets Dataset / DatasetDict, or a list of them"
+        )
     path, text = storage.as_path(p), str(p)  # a local path or a URL (gs://…): JSONL / Parquet files, shard dirs
     if not path.exists() and ":" in text and not storage.is_url(text):
         base, _, chosen = text.rpartition(":")
@@ -202,17 +203,21 @@ def _path_sources(p: str | os.PathLike, split: str | None) -> tuple[list[Source]
     if path.is_dir():
         if is_dataset_dict_dir(path):
             if split is None:
-                raise ValueError(f"{path}: a DatasetDict saved with save_to_disk; choose a split as {path}:SPLIT, "
-                                 f"{path}/SPLIT or with split= (available splits: "
-                                 f"{', '.join(dataset_dict_splits(path))})")
+                raise ValueError(
+                    f"{path}: a DatasetDict saved with save_to_disk; choose a split as {path}:SPLIT, "
+                    f"{path}/SPLIT or with split= (available splits: "
+                    f"{', '.join(dataset_dict_splits(path))})"
+                )
             return [_dict_split(text, split)], True
         if is_dataset_dir(path):
             _require_datasets(text)
             return [Source(text, "dataset_dir", path=text)], False
         shards = sorted(str(f) for f in storage.walk_files(path) if str(f).endswith(SHARD_SUFFIXES))
         if not shards:
-            raise ValueError(f"{path}: directory holds no {', '.join(SHARD_SUFFIXES)} shards and was not written "
-                             "by datasets' save_to_disk")
+            raise ValueError(
+                f"{path}: directory holds no {', '.join(SHARD_SUFFIXES)} shards and was not written "
+                "by datasets' save_to_disk"
+            )
         return [Source(f, "parquet" if f.endswith(".parquet") else "jsonl", path=f) for f in shards], False
     if path.is_file():
         if not text.endswith(FILE_SUFFIXES):
@@ -228,8 +233,9 @@ def _in_memory_source(obj: Any, split: str | None, tag: str) -> tuple[Source, bo
     cls = type(obj).__name__
     if isinstance(obj, dict):  # DatasetDict and IterableDatasetDict are dicts of splits
         if split is None:
-            raise ValueError(f"<{cls}{tag}>: a {cls} holds splits; choose one with split= (available splits: "
-                             f"{', '.join(obj)})")
+            raise ValueError(
+                f"<{cls}{tag}>: a {cls} holds splits; choose one with split= (available splits: {', '.join(obj)})"
+            )
         if split not in obj:
             raise ValueError(f"<{cls}{tag}>: no split {split!r} (available splits: {', '.join(obj)})")
         return Source(f"<{cls}{tag}>[{split}]", "dataset", dataset=obj[split]), True
@@ -407,6 +413,8 @@ def _dataset_rows(source: Source) -> Iterator[tuple[int, Any, Problem | None]]:
                 yield i, row, None
     except Exception as e:  # pyarrow and datasets raise many types for a corrupt or foreign file
         what = {"arrow": "arrow file", "dataset_dir": "saved dataset"}.get(source.kind, "dataset")
-        yield i + 1 if i else 0, None, Problem(source.name, i + 1 if i else 0, "<file>",
-                                               f"cannot read {what}: {type(e).__name__}: {e}")
-
+        yield (
+            i + 1 if i else 0,
+            None,
+            Problem(source.name, i + 1 if i else 0, "<file>", f"cannot read {what}: {type(e).__name__}: {e}"),
+        )

@@ -78,18 +78,26 @@ class RpoPreferences(tfds.core.GeneratorBasedBuilder):
         records, self.read_reports["all"] = read_records(list(cfg.sources), **read)
         if cfg.holdout_fraction is None:
             return {cfg.train_split: records}
-        return holdout_split(records, cfg.holdout_fraction, seed=cfg.seed, train_split=cfg.train_split,
-                             holdout_split=cfg.holdout_split)
+        return holdout_split(
+            records, cfg.holdout_fraction, seed=cfg.seed, train_split=cfg.train_split, holdout_split=cfg.holdout_split
+        )
 
     def _generate_examples(self, records: list[PreferenceRecord]) -> Iterable[tuple[int, dict[str, Any]]]:
         for i, r in enumerate(records):
             yield i, {"record": json.dumps(r.to_json(), ensure_ascii=False), "index": i}
 
 
-def build_tfds(data_dir: str | os.PathLike, *, splits: Mapping[str, Sequence[str]] | None = None,
-               sources: Sequence[str] | str | None = None, holdout_fraction: float | None = None, seed: int = 0,
-               name: str = "default", format: str | None = None, on_error: OnError = "raise"
-               ) -> tuple[str, dict[str, ReadReport]]:
+def build_tfds(
+    data_dir: str | os.PathLike,
+    *,
+    splits: Mapping[str, Sequence[str]] | None = None,
+    sources: Sequence[str] | str | None = None,
+    holdout_fraction: float | None = None,
+    seed: int = 0,
+    name: str = "default",
+    format: str | None = None,
+    on_error: OnError = "raise",
+) -> tuple[str, dict[str, ReadReport]]:
     """Convert sources into array_record splits under ``data_dir/rpo_preferences/<name>/1.0.0``.
 
     Args:
@@ -105,10 +113,16 @@ def build_tfds(data_dir: str | os.PathLike, *, splits: Mapping[str, Sequence[str
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [str(sources)]
-    config = PreferenceConfig(name=name, version=RpoPreferences.VERSION,
-                              splits=None if splits is None else {k: [str(f) for f in v] for k, v in splits.items()},
-                              sources=None if sources is None else [str(s) for s in sources],
-                              holdout_fraction=holdout_fraction, seed=seed, format=format, on_error=on_error)
+    config = PreferenceConfig(
+        name=name,
+        version=RpoPreferences.VERSION,
+        splits=None if splits is None else {k: [str(f) for f in v] for k, v in splits.items()},
+        sources=None if sources is None else [str(s) for s in sources],
+        holdout_fraction=holdout_fraction,
+        seed=seed,
+        format=format,
+        on_error=on_error,
+    )
     builder = RpoPreferences(config=config, data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return str(builder.data_dir), getattr(builder, "read_reports", {})

@@ -29,7 +29,8 @@ truncation policy; prompts longer than ``max_prompt_length`` are cut from the le
   prompt of ``max_length`` tokens or more drops the record (counted), as TRL drops it, instead of a problem.
 
 A prompt of ``max_length`` tokens or more (after ``max_prompt_length``) is a problem, except under
-``truncate_prompt`` and ``keep_start``. Batches are padded to the smallest static length bucket that fits their longest sequence.
+``truncate_prompt`` and ``keep_start``. Batches are padded to the smallest static length bucket that fits their
+longest sequence.
 
 Roles: a conversational record's messages must have a role of :data:`~rpo_jax.data.records.ROLES`; a ``tool``
 message needs a chat template that mentions ``tool`` (the word, as in ``message['role'] == 'tool'``), else a
@@ -109,9 +110,11 @@ class TokenizeReport:
 
     def summary(self) -> str:
         """One line of counts."""
-        return (f"{self.num_examples}/{self.num_records} records kept; dropped {self.num_dropped} (too long); "
-                f"prompts truncated {self.num_prompts_truncated}; responses truncated "
-                f"{self.num_responses_truncated}; skipped {self.num_skipped} with problems")
+        return (
+            f"{self.num_examples}/{self.num_records} records kept; dropped {self.num_dropped} (too long); "
+            f"prompts truncated {self.num_prompts_truncated}; responses truncated "
+            f"{self.num_responses_truncated}; skipped {self.num_skipped} with problems"
+        )
 
 
 _TOOL_WORD = re.compile(r"\btool\b")
@@ -139,16 +142,28 @@ def check_roles(source: tuple[str, int], fields: Sequence[tuple[str, Messages]],
         for i, m in enumerate(messages):
             role = m.get("role")
             if role not in ROLES:
-                raise RecordError(Problem(*source, f"{field}[{i}].role", f"unknown role {role!r} (expected one of "
-                                          f"{', '.join(repr(r) for r in ROLES)})"))
+                raise RecordError(
+                    Problem(
+                        *source,
+                        f"{field}[{i}].role",
+                        f"unknown role {role!r} (expected one of {', '.join(repr(r) for r in ROLES)})",
+                    )
+                )
             if role == "tool" and not template_knows_tool(tokenizer):
-                raise RecordError(Problem(*source, f"{field}[{i}].role", "role 'tool', but the tokenizer's chat "
-                                          "template never mentions 'tool' (it cannot render tool messages)"))
+                raise RecordError(
+                    Problem(
+                        *source,
+                        f"{field}[{i}].role",
+                        "role 'tool', but the tokenizer's chat "
+                        "template never mentions 'tool' (it cannot render tool messages)",
+                    )
+                )
 
 
 def _render(tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def record_texts(record: PreferenceRecord, tokenizer: Any) -> tuple[list[str], bool]:
@@ -159,10 +174,14 @@ def record_texts(record: PreferenceRecord, tokenizer: Any) -> tuple[list[str], b
     """
     if record.conversational:
         if not getattr(tokenizer, "chat_template", None):
-            raise RecordError(Problem(*record.source, "prompt", "conversational record, but the tokenizer has no "
-                                      "chat_template"))
-        check_roles(record.source, [("prompt", record.prompt)]
-                    + [(f"responses[{k}]", r) for k, r in enumerate(record.responses)], tokenizer)
+            raise RecordError(
+                Problem(*record.source, "prompt", "conversational record, but the tokenizer has no chat_template")
+            )
+        check_roles(
+            record.source,
+            [("prompt", record.prompt)] + [(f"responses[{k}]", r) for k, r in enumerate(record.responses)],
+            tokenizer,
+        )
         texts = [_render(tokenizer, record.prompt, add_generation_prompt=True)]
         texts += [_render(tokenizer, record.prompt + r, add_generation_prompt=False) for r in record.responses]
         return texts, False
@@ -170,8 +189,9 @@ def record_texts(record: PreferenceRecord, tokenizer: Any) -> tuple[list[str], b
     return [prompt_text] + [prompt_text + record.response_text(k) for k in range(record.num_responses)], True
 
 
-def split_prompt_responses(record: PreferenceRecord, ids: Sequence[Sequence[int]], eos_id: int
-                           ) -> tuple[list[int], list[list[int]]]:
+def split_prompt_responses(
+    record: PreferenceRecord, ids: Sequence[Sequence[int]], eos_id: int
+) -> tuple[list[int], list[list[int]]]:
     """From the token ids of :func:`record_texts` to ``(prompt_ids, [response_ids_k (+EOS)])``.
 
     Raises RecordError when the prompt's ids are not a prefix of a full sequence's ids.
@@ -180,12 +200,17 @@ def split_prompt_responses(record: PreferenceRecord, ids: Sequence[Sequence[int]
     responses = []
     for k, full in enumerate(ids[1:]):
         full = list(full)
-        if full[:len(prompt_ids)] != prompt_ids:
+        if full[: len(prompt_ids)] != prompt_ids:
             at = next(i for i, (a, b) in enumerate(zip(prompt_ids + [None], full + [None])) if a != b)
-            raise RecordError(Problem(*record.source, f"responses[{k}]",
-                                      f"the prompt's tokens are not a prefix of prompt + response's tokens "
-                                      f"(they differ at token {at}); the tokenizer merges across the boundary"))
-        resp = full[len(prompt_ids):]
+            raise RecordError(
+                Problem(
+                    *record.source,
+                    f"responses[{k}]",
+                    f"the prompt's tokens are not a prefix of prompt + response's tokens "
+                    f"(they differ at token {at}); the tokenizer merges across the boundary",
+                )
+            )
+        resp = full[len(prompt_ids) :]
         if not record.conversational and resp[-1:] != [eos_id]:
             resp = resp + [eos_id]
         responses.append(resp)
@@ -220,8 +245,9 @@ def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
     """
     if prompt.conversational:
         if not getattr(tokenizer, "chat_template", None):
-            raise RecordError(Problem(*prompt.source, "prompt", "conversational record, but the tokenizer has no "
-                                      "chat_template"))
+            raise RecordError(
+                Problem(*prompt.source, "prompt", "conversational record, but the tokenizer has no chat_template")
+            )
         check_roles(prompt.source, [("prompt", prompt.prompt)], tokenizer)
         text, special = _render(tokenizer, prompt.prompt, add_generation_prompt=True), False
     else:
@@ -229,12 +255,13 @@ def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _encode_many(records: Sequence[PreferenceRecord], tokenizer: Any, eos_id: int, chunk: int = 256
-                 ) -> list[tuple[list[int], list[list[int]]] | RecordError]:
+def _encode_many(
+    records: Sequence[PreferenceRecord], tokenizer: Any, eos_id: int, chunk: int = 256
+) -> list[tuple[list[int], list[list[int]]] | RecordError]:
     """:func:`encode_record` for many records, calling the tokenizer once per chunk and special-token mode."""
     out: list[Any] = []
     for start in range(0, len(records), chunk):
-        part = records[start:start + chunk]
+        part = records[start : start + chunk]
         texts: list[tuple[list[str], bool] | RecordError] = []
         for r in part:
             try:
@@ -251,7 +278,7 @@ def _encode_many(records: Sequence[PreferenceRecord], tokenizer: Any, eos_id: in
             pos = 0
             for i in members:
                 n = len(texts[i][0])
-                ids[i] = encoded[pos:pos + n]
+                ids[i] = encoded[pos : pos + n]
                 pos += n
         for i, r in enumerate(part):
             if isinstance(texts[i], RecordError):
@@ -264,22 +291,35 @@ def _encode_many(records: Sequence[PreferenceRecord], tokenizer: Any, eos_id: in
     return out
 
 
-def _truncate(prompt: list[int], responses: list[list[int]], *, max_length: int, max_prompt_length: int | None,
-              truncation: str, source: tuple[str, int], report: TokenizeReport
-              ) -> tuple[list[int], list[list[int]]] | None:
+def _truncate(
+    prompt: list[int],
+    responses: list[list[int]],
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str,
+    source: tuple[str, int],
+    report: TokenizeReport,
+) -> tuple[list[int], list[list[int]]] | None:
     """Apply the truncation policy; None means dropped (counted). RecordError for an unusable prompt."""
     file, line = source
     longest = max(len(r) for r in responses)
     if truncation == "drop":
         if len(prompt) >= max_length:
-            raise RecordError(Problem(file, line, "prompt", f"prompt has {len(prompt)} tokens, max_length "
-                                      f"{max_length} leaves no room for a response"))
+            raise RecordError(
+                Problem(
+                    file,
+                    line,
+                    "prompt",
+                    f"prompt has {len(prompt)} tokens, max_length {max_length} leaves no room for a response",
+                )
+            )
         if (max_prompt_length is not None and len(prompt) > max_prompt_length) or len(prompt) + longest > max_length:
             report.num_dropped += 1
             return None
         return prompt, responses
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[len(prompt) - max_prompt_length:]
+        prompt = prompt[len(prompt) - max_prompt_length :]
         report.num_prompts_truncated += 1
         truncated_prompt = True
     else:
@@ -290,15 +330,21 @@ def _truncate(prompt: list[int], responses: list[list[int]], *, max_length: int,
             report.num_dropped += 1
             return None
         if keep < len(prompt):
-            prompt = prompt[len(prompt) - keep:]
+            prompt = prompt[len(prompt) - keep :]
             report.num_prompts_truncated += 0 if truncated_prompt else 1
         return prompt, responses
     if len(prompt) >= max_length:
         if truncation == "keep_start":
             report.num_dropped += 1
             return None
-        raise RecordError(Problem(file, line, "prompt", f"prompt has {len(prompt)} tokens, max_length "
-                                  f"{max_length} leaves no room for a response"))
+        raise RecordError(
+            Problem(
+                file,
+                line,
+                "prompt",
+                f"prompt has {len(prompt)} tokens, max_length {max_length} leaves no room for a response",
+            )
+        )
     room = max_length - len(prompt)
     out = []
     for r in responses:
@@ -338,8 +384,9 @@ class TokenizedDataset:
     def max_scored_span(self) -> int:
         """The most scored tokens (loss-mask positions past token 0) in any one sequence of the split: a
         response's tokens are contiguous, so this many logit positions per sequence score all of them."""
-        return max((len(s) - max(p, 1) for e in self.examples for s, p in zip(e.sequences, e.prompt_lengths)),
-                   default=0)
+        return max(
+            (len(s) - max(p, 1) for e in self.examples for s, p in zip(e.sequences, e.prompt_lengths)), default=0
+        )
 
     @property
     def indices(self) -> np.ndarray:
@@ -353,8 +400,13 @@ class TokenizedDataset:
           tokens [B,K,T] int32, attention_mask [B,K,T] bool, loss_mask [B,K,T] bool, lengths [B,K] int32,
           valid [B,K] bool, rewards [B,K] float32 (only if ``has_rewards``), index [B] int32 (-1 for padding).
         """
-        return collate_examples([None if p is None else self.examples[p] for p in positions], k_max=self.k_max,
-                                buckets=self.buckets, pad_id=self.pad_id, with_rewards=self.has_rewards)
+        return collate_examples(
+            [None if p is None else self.examples[p] for p in positions],
+            k_max=self.k_max,
+            buckets=self.buckets,
+            pad_id=self.pad_id,
+            with_rewards=self.has_rewards,
+        )
 
     def batch_for_indices(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """The batch for record ``indices`` (e.g. another tokenizer's batch ``["index"]``; -1 = padding).
@@ -374,8 +426,9 @@ class TokenizedDataset:
         return self.collate(positions)
 
 
-def collate_examples(examples: Sequence[TokenizedExample | None], *, k_max: int, buckets: Sequence[int],
-                     pad_id: int, with_rewards: bool) -> dict[str, np.ndarray]:
+def collate_examples(
+    examples: Sequence[TokenizedExample | None], *, k_max: int, buckets: Sequence[int], pad_id: int, with_rewards: bool
+) -> dict[str, np.ndarray]:
     """Pad examples into the contract batch (see :meth:`TokenizedDataset.collate`).
 
     Valid slots hold ``prompt + response`` right-padded with ``pad_id``; padded K slots and padding examples
@@ -404,18 +457,32 @@ def collate_examples(examples: Sequence[TokenizedExample | None], *, k_max: int,
         if with_rewards:
             if e.rewards is None:
                 raise ValueError(f"record {e.index} has no rewards but the batch carries rewards")
-            rewards[b, :len(e.rewards)] = e.rewards
-    batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss,
-             "lengths": loss.sum(-1).astype(np.int32), "valid": valid, "index": index}
+            rewards[b, : len(e.rewards)] = e.rewards
+    batch = {
+        "tokens": tokens,
+        "attention_mask": attention,
+        "loss_mask": loss,
+        "lengths": loss.sum(-1).astype(np.int32),
+        "valid": valid,
+        "index": index,
+    }
     if with_rewards:
         batch["rewards"] = rewards
     return batch
 
 
-def tokenize_records(records: Sequence[PreferenceRecord], tokenizer: Any, *, max_length: int,
-                     max_prompt_length: int | None = None, truncation: Truncation = "drop",
-                     buckets: Sequence[int] | None = None, k_max: int | None = None, pad_id: int | None = None,
-                     on_error: OnError = "raise") -> TokenizedDataset:
+def tokenize_records(
+    records: Sequence[PreferenceRecord],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation: Truncation = "drop",
+    buckets: Sequence[int] | None = None,
+    k_max: int | None = None,
+    pad_id: int | None = None,
+    on_error: OnError = "raise",
+) -> TokenizedDataset:
     """Tokenize a split of records into a :class:`TokenizedDataset`.
 
     Args:
@@ -454,8 +521,15 @@ def tokenize_records(records: Sequence[PreferenceRecord], tokenizer: Any, *, max
             prompt, responses = enc
             report.prompt_lengths.append(len(prompt))
             report.sequence_lengths += [len(prompt) + len(r) for r in responses]
-            cut = _truncate(prompt, responses, max_length=max_length, max_prompt_length=max_prompt_length,
-                            truncation=truncation, source=record.source, report=report)
+            cut = _truncate(
+                prompt,
+                responses,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                truncation=truncation,
+                source=record.source,
+                report=report,
+            )
         except RecordError as e:
             if on_error == "raise":
                 raise
@@ -465,9 +539,14 @@ def tokenize_records(records: Sequence[PreferenceRecord], tokenizer: Any, *, max
         if cut is None:
             continue
         prompt, responses = cut
-        examples.append(TokenizedExample(
-            index=index, sequences=tuple(np.asarray(prompt + r, np.int32) for r in responses),
-            prompt_lengths=(len(prompt),) * len(responses), rewards=record.rewards))
+        examples.append(
+            TokenizedExample(
+                index=index,
+                sequences=tuple(np.asarray(prompt + r, np.int32) for r in responses),
+                prompt_lengths=(len(prompt),) * len(responses),
+                rewards=record.rewards,
+            )
+        )
     report.num_examples = len(examples)
     largest_k = max((len(e.sequences) for e in examples), default=2)
     if k_max is None:
@@ -475,5 +554,13 @@ def tokenize_records(records: Sequence[PreferenceRecord], tokenizer: Any, *, max
     elif k_max < largest_k:
         raise ValueError(f"k_max={k_max} but a record has {largest_k} responses")
     has_rewards = bool(examples) and all(e.rewards is not None for e in examples)
-    return TokenizedDataset(records=list(records), examples=examples, k_max=k_max, buckets=buckets, pad_id=pad,
-                            max_length=max_length, has_rewards=has_rewards, report=report)
+    return TokenizedDataset(
+        records=list(records),
+        examples=examples,
+        k_max=k_max,
+        buckets=buckets,
+        pad_id=pad,
+        max_length=max_length,
+        has_rewards=has_rewards,
+        report=report,
+    )

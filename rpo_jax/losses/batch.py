@@ -81,7 +81,9 @@ def check_batch(batch: PreferenceLogps, req: Requirements) -> None:
     if len(shape) != 2:
         raise ValueError(f"PreferenceLogps.policy_logps must have shape [B, K], got shape {shape}")
     if not _is_float(batch.policy_logps):
-        raise ValueError(f"PreferenceLogps.policy_logps must be floating point, got {jnp.result_type(batch.policy_logps)}")
+        raise ValueError(
+            f"PreferenceLogps.policy_logps must be floating point, got {jnp.result_type(batch.policy_logps)}"
+        )
     num_b, num_k = shape
     if num_k < 2:
         raise ValueError(f"PreferenceLogps.policy_logps has K = {num_k} responses per prompt; every loss needs K >= 2")
@@ -106,7 +108,9 @@ def check_batch(batch: PreferenceLogps, req: Requirements) -> None:
                 f"[B, K, R] = {(num_b, num_k, 'R')} like policy_logps"
             )
         if not _is_float(batch.ref_logps):
-            raise ValueError(f"PreferenceLogps.ref_logps must be floating point, got {jnp.result_type(batch.ref_logps)}")
+            raise ValueError(
+                f"PreferenceLogps.ref_logps must be floating point, got {jnp.result_type(batch.ref_logps)}"
+            )
 
     if req.reference:
         if batch.ref_logps is None:
@@ -124,9 +128,7 @@ def check_batch(batch: PreferenceLogps, req: Requirements) -> None:
             )
         if req.num_references is not None and num_r != req.num_references:
             reason = req.num_references_reason or f"was given {req.num_references} weights (alpha)"
-            raise ValueError(
-                f"PreferenceLogps.ref_logps has R = {num_r} reference models, but loss {name!r} {reason}"
-            )
+            raise ValueError(f"PreferenceLogps.ref_logps has R = {num_r} reference models, but loss {name!r} {reason}")
     if req.rewards and batch.rewards is None:
         raise ValueError(
             f"PreferenceLogps.rewards is None, but loss {name!r} is reward-aware and needs explicit rewards [B, K]"

@@ -52,6 +52,11 @@ def bradley_terry_loss(
         return jnp.sum(weight * x) / denom
 
     per_pair = bradley_terry_per_pair(chosen, rejected, center_coefficient=center_coefficient, margin=margin)
-    metrics = {"accuracy": mean((chosen > rejected).astype(jnp.float32)), "margin": mean(chosen - rejected),
-               "chosen_score": mean(chosen), "rejected_score": mean(rejected), "pairs": total}
+    metrics = {
+        "accuracy": mean((chosen > rejected).astype(jnp.float32)),
+        "margin": mean(chosen - rejected),
+        "chosen_score": mean(chosen),
+        "rejected_score": mean(rejected),
+        "pairs": total,
+    }
     return mean(per_pair), metrics

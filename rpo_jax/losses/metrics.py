@@ -97,11 +97,7 @@ def preference_metrics(result: ComponentResult, prep: PreparedBatch, axis_name: 
             pairs = all_pairs_mask(prep.valid)
             implicit_gaps = jnp.where(pairs, pairwise_differences(implicit), 0.0)
             explicit_gaps = jnp.where(pairs, pairwise_differences(rewards), 0.0)
-            sums = (
-                jnp.sum(implicit_gaps * explicit_gaps),
-                jnp.sum(implicit_gaps**2),
-                jnp.sum(explicit_gaps**2),
-            )
+            sums = (jnp.sum(implicit_gaps * explicit_gaps), jnp.sum(implicit_gaps**2), jnp.sum(explicit_gaps**2))
             cross, implicit_sq, explicit_sq = global_sum(sums, axis_name)
             denominator = jnp.sqrt(implicit_sq) * jnp.sqrt(explicit_sq)
             metrics["rewards/gap_correlation"] = jnp.where(

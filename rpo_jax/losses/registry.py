@@ -92,8 +92,16 @@ def _hp(beta: float = 0.1, **more) -> dict:
     return {"beta": (beta, validators.positive), **more}
 
 
-def _needs(name: str, *, reference=True, rewards=False, lengths=False, min_references=1, num_references=None,
-           num_references_reason=None):
+def _needs(
+    name: str,
+    *,
+    reference=True,
+    rewards=False,
+    lengths=False,
+    min_references=1,
+    num_references=None,
+    num_references_reason=None,
+):
     return Requirements(name, reference, rewards, lengths, min_references, num_references, num_references_reason)
 
 
@@ -179,7 +187,11 @@ def _setting_compute(make_setting: Callable[[dict], presets.RPOSetting], *, mrpo
             reference = None
         elif mrpo:
             reference = presets.reference_logps(
-                prep, combiner="mrpo", alpha=hp["alpha"], epsilon=hp["epsilon"], epsilon_mode=hp["epsilon_mode"],
+                prep,
+                combiner="mrpo",
+                alpha=hp["alpha"],
+                epsilon=hp["epsilon"],
+                epsilon_mode=hp["epsilon_mode"],
                 arwc=hp["arwc"],
             )
         else:
@@ -236,67 +248,151 @@ def _build() -> dict[str, LossDefinition]:
         ("bwd_kl", "mean_{i≠j} KL(Bern σ(η Δr*_ij) ‖ Bern σ(a_ij))"),
         ("fwd_kl", "mean_{i≠j} KL(Bern σ(a_ij) ‖ Bern σ(η Δr*_ij))"),
     ):
-        add(f"rpo_{distance}", RPO_HPARAMS, _rpo_compute(distance), _rpo_requirements(f"rpo_{distance}"),
-            formula, rpo_paper, _rpo_cross_check)
-    add("rpo_listwise", RPO_HPARAMS, _rpo_compute("listwise"), _rpo_requirements("rpo_listwise"),
-        "KL(softmax_k(η r*) ‖ softmax_k(r_θ))", rpo_paper + "; NeMo-Aligner PR #311", _rpo_cross_check)
+        add(
+            f"rpo_{distance}",
+            RPO_HPARAMS,
+            _rpo_compute(distance),
+            _rpo_requirements(f"rpo_{distance}"),
+            formula,
+            rpo_paper,
+            _rpo_cross_check,
+        )
+    add(
+        "rpo_listwise",
+        RPO_HPARAMS,
+        _rpo_compute("listwise"),
+        _rpo_requirements("rpo_listwise"),
+        "KL(softmax_k(η r*) ‖ softmax_k(r_θ))",
+        rpo_paper + "; NeMo-Aligner PR #311",
+        _rpo_cross_check,
+    )
 
-    add("dpo", _hp(0.1), _setting_compute(lambda hp: presets.dpo_setting(beta=hp["beta"])),
-        lambda hp: _needs("dpo"), "−log σ(β Δlog-ratio)", "Rafailov et al. 2023, arXiv:2305.18290")
-    add("cdpo", _hp(0.1, label_smoothing=(0.1, validators.interval(0.0, 0.5, low_open=False, high_open=True))),
-        lambda prep, hp, ax: presets.run_cdpo(prep, beta=hp["beta"], label_smoothing=hp["label_smoothing"],
-                                              reference=presets.reference_logps(prep)),
-        lambda hp: _needs("cdpo"), "−(1−ε) log σ(βδ) − ε log σ(−βδ)",
-        "Mitchell 2023, 'A note on DPO with noisy preferences'")
-    add("ipo", _hp(0.1), _ipo_compute,
-        lambda hp: _needs("ipo", lengths=True), "(Δ(log-ratio/|y|) − 1/(2τ))², τ = beta",
-        "Azar et al. 2023, arXiv:2310.12036")
-    add("simpo", _hp(2.0, gamma=(1.0, validators.number)),
+    add(
+        "dpo",
+        _hp(0.1),
+        _setting_compute(lambda hp: presets.dpo_setting(beta=hp["beta"])),
+        lambda hp: _needs("dpo"),
+        "−log σ(β Δlog-ratio)",
+        "Rafailov et al. 2023, arXiv:2305.18290",
+    )
+    add(
+        "cdpo",
+        _hp(0.1, label_smoothing=(0.1, validators.interval(0.0, 0.5, low_open=False, high_open=True))),
+        lambda prep, hp, ax: presets.run_cdpo(
+            prep, beta=hp["beta"], label_smoothing=hp["label_smoothing"], reference=presets.reference_logps(prep)
+        ),
+        lambda hp: _needs("cdpo"),
+        "−(1−ε) log σ(βδ) − ε log σ(−βδ)",
+        "Mitchell 2023, 'A note on DPO with noisy preferences'",
+    )
+    add(
+        "ipo",
+        _hp(0.1),
+        _ipo_compute,
+        lambda hp: _needs("ipo", lengths=True),
+        "(Δ(log-ratio/|y|) − 1/(2τ))², τ = beta",
+        "Azar et al. 2023, arXiv:2310.12036",
+    )
+    add(
+        "simpo",
+        _hp(2.0, gamma=(1.0, validators.number)),
         _setting_compute(lambda hp: presets.simpo_setting(beta=hp["beta"], gamma=hp["gamma"])),
-        lambda hp: _needs("simpo", reference=False, lengths=True), "−log σ(β Δ(log π/|y|) − γ)",
-        "Meng et al. 2024, arXiv:2405.14734")
-    add("distill_dpo", _hp(0.1, eta=(1.0, validators.nonnegative)),
+        lambda hp: _needs("simpo", reference=False, lengths=True),
+        "−log σ(β Δ(log π/|y|) − γ)",
+        "Meng et al. 2024, arXiv:2405.14734",
+    )
+    add(
+        "distill_dpo",
+        _hp(0.1, eta=(1.0, validators.nonnegative)),
         _setting_compute(lambda hp: presets.distill_dpo_setting(beta=hp["beta"], eta=hp["eta"])),
-        lambda hp: _needs("distill_dpo", rewards=True), "mean_{i≠j} (a_ij − η Δr*_ij)²",
-        "Fisch et al. 2024, arXiv:2405.19316")
-    add("rloo", _hp(1.0, eta=(1.0, validators.nonnegative)),
+        lambda hp: _needs("distill_dpo", rewards=True),
+        "mean_{i≠j} (a_ij − η Δr*_ij)²",
+        "Fisch et al. 2024, arXiv:2405.19316",
+    )
+    add(
+        "rloo",
+        _hp(1.0, eta=(1.0, validators.nonnegative)),
         _setting_compute(lambda hp: presets.rloo_setting(beta=hp["beta"], eta=hp["eta"])),
         lambda hp: _needs("rloo", reference=False, rewards=True),
         "mean_{i≠j} (β(ℓ_i − sg ℓ_i − ℓ_j + sg ℓ_j) − η Δr*_ij)²; ∇ = −4βη·RLOO",
-        "Ahmadian et al. 2024, arXiv:2402.14740")
-    add("mrpo", {"beta": (0.1, validators.positive), **MRPO_OPTIONS},
-        _setting_compute(lambda hp: presets.dpo_setting(beta=hp["beta"]), mrpo=True), _mrpo_requirements("mrpo"),
-        "−log σ(β[Δℓ_θ − Δ log π̃]), log π̃ = −logsumexp_k(log α_k − ℓ̂_k)", "Le et al. 2024, arXiv:2405.16388",
-        _arwc_cross_check)
-    add("multi_dpo", {"beta": (0.1, validators.positive), **MULTI_REFERENCE_OPTIONS}, _multi_dpo_compute,
-        _mrpo_requirements("multi_dpo"), "Σ_k α_k · DPO(θ; π̂_k)", "Le et al. 2024, arXiv:2405.16388 (baseline)")
+        "Ahmadian et al. 2024, arXiv:2402.14740",
+    )
+    add(
+        "mrpo",
+        {"beta": (0.1, validators.positive), **MRPO_OPTIONS},
+        _setting_compute(lambda hp: presets.dpo_setting(beta=hp["beta"]), mrpo=True),
+        _mrpo_requirements("mrpo"),
+        "−log σ(β[Δℓ_θ − Δ log π̃]), log π̃ = −logsumexp_k(log α_k − ℓ̂_k)",
+        "Le et al. 2024, arXiv:2405.16388",
+        _arwc_cross_check,
+    )
+    add(
+        "multi_dpo",
+        {"beta": (0.1, validators.positive), **MULTI_REFERENCE_OPTIONS},
+        _multi_dpo_compute,
+        _mrpo_requirements("multi_dpo"),
+        "Σ_k α_k · DPO(θ; π̂_k)",
+        "Le et al. 2024, arXiv:2405.16388 (baseline)",
+    )
 
     trl_papers = {
         "hinge": ("relu(1 − β δ)", "Liu et al. 2023 (RSO), arXiv:2309.06657", {}),
-        "robust": ("(−(1−ε) log σ(βδ) + ε log σ(−βδ)) / (1−2ε)", "Chowdhury et al. 2024, arXiv:2403.00409",
-                   {"label_smoothing": (0.0, validators.interval(0.0, 0.5, low_open=False, high_open=True))}),
-        "exo_pair": ("KL(Bern σ(βδ) ‖ Bern(1−ε))", "Ji et al. 2024, arXiv:2402.00856",
-                     {"label_smoothing": (1e-3, validators.interval(0.0, 1.0, low_open=True, high_open=True))}),
+        "robust": (
+            "(−(1−ε) log σ(βδ) + ε log σ(−βδ)) / (1−2ε)",
+            "Chowdhury et al. 2024, arXiv:2403.00409",
+            {"label_smoothing": (0.0, validators.interval(0.0, 0.5, low_open=False, high_open=True))},
+        ),
+        "exo_pair": (
+            "KL(Bern σ(βδ) ‖ Bern(1−ε))",
+            "Ji et al. 2024, arXiv:2402.00856",
+            {"label_smoothing": (1e-3, validators.interval(0.0, 1.0, low_open=True, high_open=True))},
+        ),
         "nca_pair": ("−log σ(βc) − ½ log σ(−βc) − ½ log σ(−βr)", "Chen et al. 2024, arXiv:2402.05369", {}),
         "bco_pair": ("−log σ(βc) − log σ(−βr)", "Jung et al. 2024, arXiv:2404.04656", {}),
         "sppo_hard": ("(c − 1/(2β))² + (r + 1/(2β))²", "Wu et al. 2024, arXiv:2405.00675", {}),
         "apo_zero": ("1 − σ(βc) + σ(βr)", "D'Oosterlinck et al. 2024, arXiv:2408.06266", {}),
         "apo_down": ("σ(βc) + 1 − σ(βδ)", "D'Oosterlinck et al. 2024, arXiv:2408.06266", {}),
-        "discopop": ("−log σ(βδ)(1 − σ(βδ/τ)) + e^{−βδ} σ(βδ/τ)", "Lu et al. 2024, arXiv:2406.08414",
-                     {"discopop_tau": (0.05, validators.positive)}),
+        "discopop": (
+            "−log σ(βδ)(1 − σ(βδ/τ)) + e^{−βδ} σ(βδ/τ)",
+            "Lu et al. 2024, arXiv:2406.08414",
+            {"discopop_tau": (0.05, validators.positive)},
+        ),
     }
     for name, (formula, paper, extra) in trl_papers.items():
-        add(name, _hp(0.1, **extra), _trl_pair(name), functools.partial(lambda n, hp: _needs(n), name),
-            formula, paper)
+        add(name, _hp(0.1, **extra), _trl_pair(name), functools.partial(lambda n, hp: _needs(n), name), formula, paper)
     aot_hp = _hp(0.1, label_smoothing=(0.0, validators.interval(0.0, 1.0, low_open=False, high_open=False)))
-    add("aot", aot_hp, lambda prep, hp, ax: trl.aot_loss(prep, hp, ax), lambda hp: _needs("aot"),
-        "−(1−ε) log σ(βΔ_s) − ε log σ(−βΔ_s), Δ_s = sort(Δℓ_θ) − sort(Δℓ_ref)", "Melnyk et al. 2024, arXiv:2406.05882")
-    add("aot_unpaired", aot_hp, lambda prep, hp, ax: trl.aot_loss(prep, hp, ax, unpaired=True),
-        lambda hp: _needs("aot_unpaired"), "same with Δ_s = sort(c) − sort(r)", "Melnyk et al. 2024, arXiv:2406.05882")
-    add("sft", {}, trl.sft_loss, lambda hp: _needs("sft", reference=False, lengths=True),
-        "−Σ ℓ_θ(y_w) / Σ |y_w| (global token mean)", "—")
-    add("sigmoid_norm", _hp(0.1), trl.sigmoid_norm_loss, lambda hp: _needs("sigmoid_norm", lengths=True),
-        "−log σ(β (c/|y_w| − r/|y_l|))", "TRL `loss_type=\"sigmoid_norm\"` (length-normalised DPO)")
+    add(
+        "aot",
+        aot_hp,
+        lambda prep, hp, ax: trl.aot_loss(prep, hp, ax),
+        lambda hp: _needs("aot"),
+        "−(1−ε) log σ(βΔ_s) − ε log σ(−βΔ_s), Δ_s = sort(Δℓ_θ) − sort(Δℓ_ref)",
+        "Melnyk et al. 2024, arXiv:2406.05882",
+    )
+    add(
+        "aot_unpaired",
+        aot_hp,
+        lambda prep, hp, ax: trl.aot_loss(prep, hp, ax, unpaired=True),
+        lambda hp: _needs("aot_unpaired"),
+        "same with Δ_s = sort(c) − sort(r)",
+        "Melnyk et al. 2024, arXiv:2406.05882",
+    )
+    add(
+        "sft",
+        {},
+        trl.sft_loss,
+        lambda hp: _needs("sft", reference=False, lengths=True),
+        "−Σ ℓ_θ(y_w) / Σ |y_w| (global token mean)",
+        "—",
+    )
+    add(
+        "sigmoid_norm",
+        _hp(0.1),
+        trl.sigmoid_norm_loss,
+        lambda hp: _needs("sigmoid_norm", lengths=True),
+        "−log σ(β (c/|y_w| − r/|y_l|))",
+        'TRL `loss_type="sigmoid_norm"` (length-normalised DPO)',
+    )
     return d
 
 
@@ -422,8 +518,13 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
             loss = global_mean(result.per_example, result.weight, axis_name)
             total_loss = total_loss + component.weight * loss
             total_per_example = total_per_example + component.weight * result.per_example
-            reported.append((component.definition.name, loss + jax.lax.stop_gradient(batch_poison),
-                             preference_metrics(result, prep, axis_name)))
+            reported.append(
+                (
+                    component.definition.name,
+                    loss + jax.lax.stop_gradient(batch_poison),
+                    preference_metrics(result, prep, axis_name),
+                )
+            )
         return LossOutput(loss=total_loss, per_example=total_per_example, metrics=_merge_metrics(reported))
 
     spec = _spec(components)

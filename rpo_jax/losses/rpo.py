@@ -65,12 +65,7 @@ def pair_mean(pair_values: jax.Array, pair_mask: jax.Array) -> tuple[jax.Array, 
 
 
 def rpo_pairwise(
-    implicit: jax.Array,
-    target_gap: jax.Array,
-    pair_mask: jax.Array,
-    distance: Distance,
-    *,
-    margin: float = 0.0,
+    implicit: jax.Array, target_gap: jax.Array, pair_mask: jax.Array, distance: Distance, *, margin: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
     """Pairwise RPO: ``mean_{(i,j) ∈ mask} D(r_i − r_j − margin ‖ b_ij)``.
 

@@ -62,7 +62,9 @@ def alpha(name: str, value: Any) -> tuple[float, ...] | None:
     try:
         weights = tuple(nonnegative(name, w) for w in value)
     except TypeError:
-        raise ValueError(f"hyperparameter {name!r} must be None (ARWC) or a sequence of R weights, got {value!r}") from None
+        raise ValueError(
+            f"hyperparameter {name!r} must be None (ARWC) or a sequence of R weights, got {value!r}"
+        ) from None
     if len(weights) < 2:
         raise ValueError(f"hyperparameter {name!r} needs R >= 2 weights (one per reference), got {value!r}")
     if abs(sum(weights) - 1.0) > 1e-6:

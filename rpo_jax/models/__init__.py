@@ -13,13 +13,7 @@ from rpo_jax.models.hf_io import load_hf, save_hf
 from rpo_jax.models.logprobs import sequence_logps, token_logps, token_logps_from_hidden
 from rpo_jax.models.model import Decoder, create_model
 from rpo_jax.models.reward import RewardModel, create_reward_model, load_reward_model, save_reward_model
-from rpo_jax.models.reward_functions import (
-    RewardFn,
-    dataset_rewards_fn,
-    encode_conversation,
-    judge_fn,
-    reward_model_fn,
-)
+from rpo_jax.models.reward_functions import RewardFn, dataset_rewards_fn, encode_conversation, judge_fn, reward_model_fn
 from rpo_jax.models.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, shard_model, state_shardings
 
 __all__ = [

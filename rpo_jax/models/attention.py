@@ -181,12 +181,12 @@ def cudnn_arguments(spec: MaskSpec, window: int | None, scale: float) -> dict:
     return args
 
 
-def cudnn_attention(q, k, v, spec: MaskSpec, *, window: int | None, scale: float,
-                    implementation: str = "cudnn") -> jax.Array:
+def cudnn_attention(
+    q, k, v, spec: MaskSpec, *, window: int | None, scale: float, implementation: str = "cudnn"
+) -> jax.Array:
     """q [N,T,H,hd], k/v [N,T,K,hd] → [N,T,H,hd] by `jax.nn.dot_product_attention` (`implementation`="xla"
     runs JAX's own reference with the same arguments)."""
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation,
-                                        **cudnn_arguments(spec, window, scale))
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **cudnn_arguments(spec, window, scale))
 
 
 # ----------------------------------------------------------------------------------------------- splash
@@ -203,10 +203,24 @@ def _splash_kernel(heads: int, seq_len: int, window: int | None, softcap: float 
         head_mask = splash.CausalMask(shape)
     else:  # q - window < k ≤ q
         head_mask = splash.LocalMask(shape, window_size=(window - 1, 0), offset=0)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return splash.make_splash_mha(splash.MultiHeadMask([head_mask] * heads), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return splash.make_splash_mha(
+        splash.MultiHeadMask([head_mask] * heads),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        attn_logits_soft_cap=softcap,
+        interpret=interpret,
+    )
 
 
 def splash_segment_ids(spec: MaskSpec) -> jax.Array:
@@ -220,8 +234,9 @@ def splash_segment_ids(spec: MaskSpec) -> jax.Array:
     return seg if spec.valid is None else jnp.where(spec.valid.astype(bool), seg, -1)
 
 
-def splash_attention(q, k, v, spec: MaskSpec, *, window: int | None, scale: float, softcap: float | None,
-                     interpret: bool = False) -> jax.Array:
+def splash_attention(
+    q, k, v, spec: MaskSpec, *, window: int | None, scale: float, softcap: float | None, interpret: bool = False
+) -> jax.Array:
     """q [N,T,H,hd], k/v [N,T,K,hd] → [N,T,H,hd] by the splash kernel, one row at a time (vmap).
 
     scores = softcap·tanh((scale·q)·k / softcap) under causal (or local: q - window < k ≤ q) ∧ same segment.
@@ -252,8 +267,11 @@ class BlockCarry(NamedTuple):
 
 def empty_carry(shape: tuple[int, ...], head_dim: int) -> BlockCarry:
     """The state before any key block: m = MASK_VALUE, l = 0, acc = 0 (`shape` = the query rows' [...,Tq])."""
-    return BlockCarry(jnp.full(shape, layers.MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-                      jnp.zeros((*shape, head_dim), jnp.float32))
+    return BlockCarry(
+        jnp.full(shape, layers.MASK_VALUE, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, head_dim), jnp.float32),
+    )
 
 
 def block_scores(q: jax.Array, k: jax.Array, scale: float, softcap: float | None) -> jax.Array:
@@ -278,8 +296,16 @@ def block_mask(q_slot: jax.Array, k_slot: jax.Array, q: MaskSpec, k: MaskSpec, w
     return mask
 
 
-def block_step(carry: BlockCarry, q: jax.Array, k_block: jax.Array, v_block: jax.Array, mask_block: jax.Array, *,
-               scale: float, softcap: float | None) -> BlockCarry:
+def block_step(
+    carry: BlockCarry,
+    q: jax.Array,
+    k_block: jax.Array,
+    v_block: jax.Array,
+    mask_block: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None,
+) -> BlockCarry:
     """One online-softmax step: the queries' state after one more key/value block.
 
     carry: `BlockCarry` with m, l [N,K,G,Tq] and acc [N,K,G,Tq,hd]; q [N,K,G,Tq,hd]; k_block, v_block [N,K,Sb,hd];
@@ -324,8 +350,9 @@ def _spec_block(spec: MaskSpec, i: jax.Array, size: int) -> MaskSpec:
 
 def _pair_mask(spec: MaskSpec, i, j, size: int, window: int | None) -> jax.Array:
     slots = jnp.arange(size, dtype=jnp.int32)
-    return block_mask(i * size + slots, j * size + slots, _spec_block(spec, i, size), _spec_block(spec, j, size),
-                      window)
+    return block_mask(
+        i * size + slots, j * size + slots, _spec_block(spec, i, size), _spec_block(spec, j, size), window
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -343,8 +370,9 @@ def _flash_fwd(window, scale, softcap, size, q, k, v, spec):
 
         def key_block(j, carry):
             mask = _pair_mask(spec, i, j, size, window)
-            return block_step(carry, q_i, _block(k, j, size, 2), _block(v, j, size, 2), mask, scale=scale,
-                              softcap=softcap)
+            return block_step(
+                carry, q_i, _block(k, j, size, 2), _block(v, j, size, 2), mask, scale=scale, softcap=softcap
+            )
 
         carry = jax.lax.fori_loop(0, i + 1, key_block, empty_carry((n, kh, g, size), hd))
         return None, (block_finish(carry).astype(v.dtype), carry.m, carry.l)
@@ -354,9 +382,17 @@ def _flash_fwd(window, scale, softcap, size, q, k, v, spec):
     return (out, m, l), (q, k, v, spec, out, m, l)
 
 
-def block_grads(q: jax.Array, k_block: jax.Array, v_block: jax.Array, mask_block: jax.Array, dout: jax.Array,
-                stats: tuple[jax.Array, jax.Array, jax.Array], *, scale: float, softcap: float | None
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def block_grads(
+    q: jax.Array,
+    k_block: jax.Array,
+    v_block: jax.Array,
+    mask_block: jax.Array,
+    dout: jax.Array,
+    stats: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    scale: float,
+    softcap: float | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The backward counterpart of `block_step`: one block pair's share of the gradients, recomputing its scores.
 
     q, dout [N,K,G,Tq,hd] (the queries and the output's cotangent); k_block, v_block [N,K,Sb,hd]; mask_block
@@ -401,8 +437,9 @@ def _flash_bwd(window, scale, softcap, size, residuals, cotangents):
             dq, dk, dv = state
             mask = _pair_mask(spec, i, j, size, window)
             stats_i = tuple(_block(x, i, size, 3) for x in stats)
-            dq_i, dk_ij, dv_ij = block_grads(_block(q, i, size, 3), k_j, v_j, mask, _block(dout, i, size, 3),
-                                             stats_i, scale=scale, softcap=softcap)
+            dq_i, dk_ij, dv_ij = block_grads(
+                _block(q, i, size, 3), k_j, v_j, mask, _block(dout, i, size, 3), stats_i, scale=scale, softcap=softcap
+            )
             dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, size, 3) + dq_i, i * size, axis=3)
             return dq, dk + dk_ij, dv + dv_ij
 
@@ -424,8 +461,9 @@ def blockwise_block_size(backend: str | None = None) -> int:
     return BLOCKWISE_BLOCK_SIZES.get(backend or jax.default_backend(), 512)
 
 
-def blockwise_attention(q, k, v, spec: MaskSpec, *, window: int | None, scale: float, softcap: float | None,
-                        block_size: int | None = None) -> jax.Array:
+def blockwise_attention(
+    q, k, v, spec: MaskSpec, *, window: int | None, scale: float, softcap: float | None, block_size: int | None = None
+) -> jax.Array:
     """q [N,T,H,hd], k/v [N,T,K,hd] → [N,T,H,hd] by online softmax over blocks of `block_size` (clipped to T;
     None: `blockwise_block_size`) queries × keys (`block_step`), the mask built per block from `spec`
     (`block_mask`); query block i visits key blocks 0..i only. Memory O(T·block), not O(T²).
@@ -441,8 +479,12 @@ def blockwise_attention(q, k, v, spec: MaskSpec, *, window: int | None, scale: f
     size = min(block_size or blockwise_block_size(), t)
     tp = -(-t // size) * size
     valid = spec.valid if spec.valid is not None or tp == t else jnp.ones((n, t), bool)
-    padded = MaskSpec(_pad_rows(spec.positions, tp), _pad_rows(valid, tp, False),
-                      _pad_rows(spec.segment_ids, tp), _pad_rows(spec.parent_ids, tp))
+    padded = MaskSpec(
+        _pad_rows(spec.positions, tp),
+        _pad_rows(valid, tp, False),
+        _pad_rows(spec.segment_ids, tp),
+        _pad_rows(spec.parent_ids, tp),
+    )
     qg = _pad_rows(q, tp).reshape(n, tp, kh, g, hd).transpose(0, 2, 3, 1, 4)  # [N,K,G,Tp,hd]
     kt, vt = (_pad_rows(x, tp).transpose(0, 2, 1, 3) for x in (k, v))  # [N,K,Tp,hd]
     out, m, _ = _flash(window, scale, softcap, size, qg, kt, vt, padded)
@@ -454,8 +496,19 @@ def blockwise_attention(q, k, v, spec: MaskSpec, *, window: int | None, scale: f
 
 
 # ----------------------------------------------------------------------------------------------- one call
-def attend(implementation: str, q, k, v, *, spec: MaskSpec | None, mask: jax.Array | None, window: int | None,
-           scale: float, softcap: float | None, interpret: bool = False) -> jax.Array:
+def attend(
+    implementation: str,
+    q,
+    k,
+    v,
+    *,
+    spec: MaskSpec | None,
+    mask: jax.Array | None,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+    interpret: bool = False,
+) -> jax.Array:
     """Attention by a resolved implementation. "xla" uses the dense `mask` [N,T,S] (already windowed); the
     kernels use `spec` and `window` (None: a global layer)."""
     if implementation == "xla":
@@ -467,4 +520,3 @@ def attend(implementation: str, q, k, v, *, spec: MaskSpec | None, mask: jax.Arr
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, spec, window=window, scale=scale, softcap=softcap)
     raise ValueError(f"attention={implementation!r} is not a resolved implementation (xla, cudnn, splash, blockwise)")
-

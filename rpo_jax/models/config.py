@@ -54,8 +54,11 @@ SEQUENCE_CLASSIFICATION_ARCHITECTURES: dict[str, str] = {
 }
 _TASKS = {
     "causal_lm": ("causal language model", CAUSAL_LM_ARCHITECTURES, "load_hf"),
-    "sequence_classification": ("sequence-classification (reward) model", SEQUENCE_CLASSIFICATION_ARCHITECTURES,
-                                "load_reward_model"),
+    "sequence_classification": (
+        "sequence-classification (reward) model",
+        SEQUENCE_CLASSIFICATION_ARCHITECTURES,
+        "load_reward_model",
+    ),
 }
 
 
@@ -86,8 +89,11 @@ def check_architectures(hf: dict[str, Any], source: str, task: str = "causal_lm"
             f"{', '.join(sorted(table))} (for model_type={model_type!r}: {expected})"
         )
     if table[arch] != model_type:
-        pairing = f"model_type {model_type!r} with {', '.join(expected)}" if expected else (
-            f"model_type {model_type!r} with no {what} class")
+        pairing = (
+            f"model_type {model_type!r} with {', '.join(expected)}"
+            if expected
+            else (f"model_type {model_type!r} with no {what} class")
+        )
         raise ValueError(
             f"{source}: architectures={archs!r} contradicts model_type={model_type!r}; {arch} goes with "
             f"model_type {table[arch]!r}, and {pairing}"
@@ -102,8 +108,10 @@ def _check_required(hf: Any, fields: Sequence[str], source: str, where: str = ""
     if missing:
         s = "s" if len(missing) > 1 else ""
         verb = "are" if s else "is"
-        raise ValueError(f"{source}: required field{s} {', '.join(missing)} {verb} missing (expected a positive "
-                         "integer; transformers' default would not describe this checkpoint)")
+        raise ValueError(
+            f"{source}: required field{s} {', '.join(missing)} {verb} missing (expected a positive "
+            "integer; transformers' default would not describe this checkpoint)"
+        )
     for f in fields:
         value = hf[f]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -344,11 +352,11 @@ class ModelConfig:
                 float(tc.query_pre_attn_scalar) if model_type in ("gemma2", "gemma3_text") else None
             ),
             # transformers' Gemma 3 attention ignores attn_logit_softcapping; so do we.
-            attn_logit_softcap=_opt_float(getattr(tc, "attn_logit_softcapping", None)) if model_type == "gemma2" else None,
+            attn_logit_softcap=_opt_float(getattr(tc, "attn_logit_softcapping", None))
+            if model_type == "gemma2"
+            else None,
             final_logit_softcap=_opt_float(getattr(tc, "final_logit_softcapping", None)),
-            sliding_window=(
-                int(tc.sliding_window) if SLIDING_ATTENTION in layer_types and tc.sliding_window else None
-            ),
+            sliding_window=(int(tc.sliding_window) if SLIDING_ATTENTION in layer_types and tc.sliding_window else None),
             layer_types=layer_types,
             rope=rope,
             max_position_embeddings=int(getattr(tc, "max_position_embeddings", 8192) or 8192),
@@ -408,8 +416,9 @@ class ModelConfig:
                 out["rope_parameters"] = self.rope_by_type[self.layer_types[0]].to_hf()
             else:
                 specs = self.rope_by_type
-                out["rope_parameters"] = {t: specs.get(t, specs[self.layer_types[0]]).to_hf()
-                                          for t in (FULL_ATTENTION, SLIDING_ATTENTION)}
+                out["rope_parameters"] = {
+                    t: specs.get(t, specs[self.layer_types[0]]).to_hf() for t in (FULL_ATTENTION, SLIDING_ATTENTION)
+                }
         return out
 
     def _windowed_family_hf_fields(self) -> dict[str, Any]:
@@ -428,8 +437,9 @@ class ModelConfig:
         }
 
 
-def mistral_layer_types(hf: dict[str, Any], sliding_window: int | None, num_layers: int, source: str
-                        ) -> tuple[str, ...]:
+def mistral_layer_types(
+    hf: dict[str, Any], sliding_window: int | None, num_layers: int, source: str
+) -> tuple[str, ...]:
     """Mistral's layer types: every layer "sliding_attention" when `sliding_window` is set (transformers'
     MistralModel windows all layers alike), else "full_attention". A `layer_types` entry in config.json, which
     MistralModel ignores, must agree (ValueError naming `source` otherwise)."""

@@ -93,7 +93,7 @@ def _stop_sequence_hit(recent: jax.Array, stop_sequences: tuple[tuple[int, ...],
     width = recent.shape[1]
     hit = jnp.zeros(recent.shape[:1], bool)
     for seq in stop_sequences:
-        tail = recent[:, width - len(seq):]
+        tail = recent[:, width - len(seq) :]
         hit = hit | jnp.all(tail == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
     return hit
 
@@ -131,8 +131,9 @@ def init_caches(config, prompt_kv, attention_mask, max_new_tokens: int):
     return caches, valid
 
 
-def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id,
-              stop_sequences=()):
+def _generate(
+    model, tokens, attention_mask, key, *, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, stop_sequences=()
+):
     config = model.config
     n, t = tokens.shape
     attention_mask = attention_mask.astype(bool)
@@ -163,16 +164,24 @@ def _generate(model, tokens, attention_mask, key, *, max_new_tokens, temperature
             done = done | _stop_sequence_hit(recent, stop_sequences)
         # feed the token at token slot t + i: cache slot t + i (full layers), (t + i) mod W (ring buffers)
         slot = t + i
-        where = {kind: slot if kind == FULL_ATTENTION else jnp.mod(slot, valid.shape[1])
-                 for kind, valid in cache_valid.items()}
-        cache_valid = {kind: jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((n, 1), bool), where[kind], axis=1)
-                       for kind, valid in cache_valid.items()}
+        where = {
+            kind: slot if kind == FULL_ATTENTION else jnp.mod(slot, valid.shape[1])
+            for kind, valid in cache_valid.items()
+        }
+        cache_valid = {
+            kind: jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((n, 1), bool), where[kind], axis=1)
+            for kind, valid in cache_valid.items()
+        }
         # full caches: causal (slots after `slot` are not yet valid) + real tokens; ring: every held slot is in
         # the window (module docstring), so validity alone decides
         masks = {kind: valid[:, None, :] for kind, valid in cache_valid.items()}
         hidden, caches = model.run_layers(
-            model.embed_tokens(token[:, None]), position[:, None], masks.get(FULL_ATTENTION),
-            masks.get(SLIDING_ATTENTION), caches, where,
+            model.embed_tokens(token[:, None]),
+            position[:, None],
+            masks.get(FULL_ATTENTION),
+            masks.get(SLIDING_ATTENTION),
+            caches,
+            where,
         )
         logits = model.unembed(hidden[:, 0])
         return (caches, cache_valid, logits, position + 1, done, i + 1, recent), out
@@ -206,8 +215,10 @@ def _stop_sequences_arg(stop_sequences, vocab_size: int) -> tuple[tuple[int, ...
     result = []
     for k, seq in enumerate(stop_sequences):
         if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
-            raise ValueError(f"stop_sequences[{k}] must be a list of token ids, got {seq!r} "
-                             "(a flat list of ids is not accepted: wrap each sequence, e.g. [[13, 13]])")
+            raise ValueError(
+                f"stop_sequences[{k}] must be a list of token ids, got {seq!r} "
+                "(a flat list of ids is not accepted: wrap each sequence, e.g. [[13, 13]])"
+            )
         if len(seq) == 0:
             raise ValueError(f"stop_sequences[{k}] is empty")
         ids = []
@@ -278,22 +289,27 @@ def truncate_at_stop_strings(
     mask = np.array(jax.device_get(output.mask), bool)
     logps = np.array(jax.device_get(output.logps), np.float32)
     if tokens.ndim != 2 or mask.shape != tokens.shape or logps.shape != tokens.shape:
-        raise ValueError(f"output fields must all be [N, M]: tokens {tokens.shape}, mask {mask.shape}, "
-                         f"logps {logps.shape}")
+        raise ValueError(
+            f"output fields must all be [N, M]: tokens {tokens.shape}, mask {mask.shape}, logps {logps.shape}"
+        )
     lengths = mask.sum(axis=1).astype(np.int32)
     for i, n in enumerate(lengths):
         if not mask[i, :n].all():
             raise ValueError(f"output.mask row {i} is not a prefix (True then False): {mask[i].astype(int)}")
         j = _first_stop_index(tokens[i, :n].tolist(), tokenizer.decode, strings) if strings else None
         if j is not None:
-            tokens[i, j + 1:], mask[i, j + 1:], logps[i, j + 1:] = pad_token_id, False, 0.0
+            tokens[i, j + 1 :], mask[i, j + 1 :], logps[i, j + 1 :] = pad_token_id, False, 0.0
             lengths[i] = j + 1
 
     def like(new, old):
         return jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new
 
-    return GenerateOutput(tokens=like(tokens, output.tokens), mask=like(mask, output.mask),
-                          logps=like(logps, output.logps), lengths=like(lengths, output.lengths))
+    return GenerateOutput(
+        tokens=like(tokens, output.tokens),
+        mask=like(mask, output.mask),
+        logps=like(logps, output.logps),
+        lengths=like(lengths, output.lengths),
+    )
 
 
 def generate(
@@ -343,17 +359,26 @@ def generate(
     attention_mask = jnp.asarray(attention_mask, bool)
     if tokens.ndim != 2 or attention_mask.shape != tokens.shape:
         raise ValueError(f"tokens {tokens.shape} and attention_mask {attention_mask.shape} must both be [N, T]")
-    eos_ids = () if eos_token_id is None else tuple(
-        int(i) for i in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+    eos_ids = (
+        ()
+        if eos_token_id is None
+        else tuple(int(i) for i in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
     )
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     key = jax.random.key(0) if rng is None else rng  # unused when greedy
     output = _generate_jit(
-        model, tokens, attention_mask, key,
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-        top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
-        eos_ids=eos_ids, pad_id=int(pad_token_id), stop_sequences=stop_sequences,
+        model,
+        tokens,
+        attention_mask,
+        key,
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=None if top_k is None else int(top_k),
+        top_p=None if top_p is None else float(top_p),
+        eos_ids=eos_ids,
+        pad_id=int(pad_token_id),
+        stop_sequences=stop_sequences,
     )
     if stop_strings:
         output = truncate_at_stop_strings(output, tokenizer, stop_strings, pad_token_id=int(pad_token_id))

@@ -48,21 +48,29 @@ class KeyRule:
 #: each projection of a decoder layer (our parameter name = Hugging Face module name) → its module path inside a
 #: Hugging Face decoder layer (also the names LoRA targets and PEFT keys use: `rpo_jax.models.lora`)
 PROJECTION_MODULES: dict[str, str] = {
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
     "down_proj": "mlp.down_proj",
 }
-PROJECTION_TRANSFORMS = {"q_proj": "heads_in", "k_proj": "heads_in", "v_proj": "heads_in", "o_proj": "heads_out",
-                         "gate_proj": "transpose", "up_proj": "transpose", "down_proj": "transpose"}
+PROJECTION_TRANSFORMS = {
+    "q_proj": "heads_in",
+    "k_proj": "heads_in",
+    "v_proj": "heads_in",
+    "o_proj": "heads_out",
+    "gate_proj": "transpose",
+    "up_proj": "transpose",
+    "down_proj": "transpose",
+}
 
 
 def key_table(config: ModelConfig) -> list[KeyRule]:
     """The full mapping for `config`, with HF names relative to the decoder prefix (e.g. "model.")."""
     gemma_sandwich = config.sandwich_norms
-    rules = [
-        KeyRule(("embed",), "embed_tokens.weight"),
-        KeyRule(("final_norm",), "norm.weight"),
-    ]
+    rules = [KeyRule(("embed",), "embed_tokens.weight"), KeyRule(("final_norm",), "norm.weight")]
     layer = "layers.{i}."
     per_layer = [(name, f"{module}.weight", PROJECTION_TRANSFORMS[name]) for name, module in PROJECTION_MODULES.items()]
     per_layer += [("attn_in_norm", "input_layernorm.weight", "identity")]
@@ -187,8 +195,15 @@ def _listing(directory: pathlib.Path) -> str:
     return f"found {names[:12]}{' ...' if len(names) > 12 else ''}" if names else "the directory is empty"
 
 
-_JSON_TYPES = {dict: "an object", list: "a JSON array", str: "a JSON string", int: "a JSON number",
-               float: "a JSON number", bool: "a JSON boolean", type(None): "JSON null"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "a JSON array",
+    str: "a JSON string",
+    int: "a JSON number",
+    float: "a JSON number",
+    bool: "a JSON boolean",
+    type(None): "JSON null",
+}
 
 
 def _read_json_object(path: pathlib.Path) -> dict:
@@ -481,19 +496,26 @@ def save_hf(
     """
     from safetensors.numpy import save_file
 
-    quantized = [n for n, v in vars(model.layers).items()
-                 if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)]
+    quantized = [
+        n for n, v in vars(model.layers).items() if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)
+    ]
     if quantized:
-        raise ValueError(f"save_hf: the base is quantized ({', '.join(quantized[:2])}, ...: rpo_jax.models.quantize) "
-                         "and is not written as a float checkpoint; call quantize.dequantize_base(model) first to "
-                         "export the quantized weights explicitly")
+        raise ValueError(
+            f"save_hf: the base is quantized ({', '.join(quantized[:2])}, ...: rpo_jax.models.quantize) "
+            "and is not written as a float checkpoint; call quantize.dequantize_base(model) first to "
+            "export the quantized weights explicitly"
+        )
     out = pathlib.Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a directory; save_hf writes a checkpoint directory")
     out.mkdir(parents=True, exist_ok=True)
     stale = sorted(  # the index first
-        (p.name for p in out.iterdir() if p.name == "model.safetensors.index.json"
-         or (p.name.endswith(".safetensors") and p.name != "model.safetensors")),
+        (
+            p.name
+            for p in out.iterdir()
+            if p.name == "model.safetensors.index.json"
+            or (p.name.endswith(".safetensors") and p.name != "model.safetensors")
+        ),
         key=lambda name: (not name.endswith(".json"), name),
     )
     if stale:

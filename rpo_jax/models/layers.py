@@ -90,9 +90,7 @@ def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array |
     if segment_ids is None:
         return jnp.maximum(counts - 1, 0).astype(jnp.int32)
     before = counts - mask  # real tokens strictly before t
-    starts = jnp.concatenate(
-        [jnp.ones((n, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-    )
+    starts = jnp.concatenate([jnp.ones((n, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     offset = jax.lax.cummax(jnp.where(starts, before, 0), axis=1)
     return jnp.maximum(counts - 1 - offset, 0).astype(jnp.int32)
 
@@ -133,13 +131,7 @@ def sliding_window_mask(q_position: jax.Array, kv_position: jax.Array, window: i
 
 
 def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array,
-    *,
-    scale: float,
-    softcap: float | None,
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, softcap: float | None
 ) -> jax.Array:
     """Grouped-query attention. q [N,T,H,hd], k/v [N,S,K,hd], mask [N,T,S] bool → [N,T,H,hd].
 
@@ -187,7 +179,11 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def gated_mlp(
-    x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, activation: str,
+    x: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    activation: str,
     adapters: dict[str, tuple[jax.Array, jax.Array]] | None = None,
 ) -> jax.Array:
     """down(act(x·gate) ⊙ (x·up)); SwiGLU (silu) for Llama, GeGLU with tanh-approximated gelu for Gemma.
@@ -214,8 +210,9 @@ def gated_mlp(
     return constrain(matmul(h, down, "down_proj"), ("batch", None)).reshape(*lead, down.shape[-1])
 
 
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, dropout: tuple[jax.Array, jax.Array] | None = None
-               ) -> jax.Array:
+def lora_delta(
+    x: jax.Array, a: jax.Array, b: jax.Array, dropout: tuple[jax.Array, jax.Array] | None = None
+) -> jax.Array:
     """The low-rank path of a LoRA-adapted projection: (x·A)·B, as two 2-D matmuls.
 
     x [..., *in], a [*in, r], b [r, *out] → [..., *out] (the caller folds the scale alpha/rank into b).

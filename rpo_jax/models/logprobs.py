@@ -5,8 +5,8 @@ row's first scored token (the data layer right-pads prompt + response, so a row'
 and at most max-response-length apart). The output head and its log-softmax over V are then computed for
 [N,W] positions instead of [N,T-1] (prompt positions are never scored), with results equal to the full path.
 
-The chunked path scans over vocabulary chunks (row slices) of the unembedding matrix with a running (max, sum-exp) pair, so
-only [N,T,C] logits exist at a time; the scan body is rematerialised (`jax.checkpoint`), so the backward pass
+The chunked path scans over vocabulary chunks (row slices) of the unembedding matrix with a running (max, sum-exp)
+pair, so only [N,T,C] logits exist at a time; the scan body is rematerialised (`jax.checkpoint`), so the backward pass
 also keeps only O(N·T·C) per chunk instead of the [N,T,V] float32 log-probs.
 """
 
@@ -43,8 +43,9 @@ def token_logps_from_hidden(
         return layers.softcap(z, final_logit_softcap)
 
     w_target = jnp.take(unembedding, targets, axis=0)  # [N,T,D]
-    z_target = layers.softcap(jnp.einsum("ntd,ntd->nt", hidden, w_target, preferred_element_type=acc),
-                              final_logit_softcap)
+    z_target = layers.softcap(
+        jnp.einsum("ntd,ntd->nt", hidden, w_target, preferred_element_type=acc), final_logit_softcap
+    )
     if vocab_chunk_size is None or vocab_chunk_size >= v:
         return z_target - jax.nn.logsumexp(logits(unembedding), axis=-1)
 
@@ -67,7 +68,7 @@ def token_logps_from_hidden(
     # After the first chunk running_max is finite, so exp(running_max - new_max) never sees inf - inf.
     carry, _ = jax.lax.scan(body, init, jnp.arange(num_full))
     if rem:
-        carry = jax.checkpoint(lambda cr: combine(cr, logits(unembedding[num_full * c:])))(carry)
+        carry = jax.checkpoint(lambda cr: combine(cr, logits(unembedding[num_full * c :])))(carry)
     m, s = carry
     return z_target - (m + jnp.log(s))
 
@@ -108,8 +109,9 @@ def windowed_token_logps(
     hidden_w = jnp.take_along_axis(hidden, logit_pos[:, :, None], axis=1)
     targets_w = jnp.take_along_axis(tokens, logit_pos + 1, axis=1)
     mask_w = jnp.take_along_axis(loss_mask.astype(bool), logit_pos + 1, axis=1)
-    logps = token_logps_from_hidden(hidden_w, unembedding, targets_w, final_logit_softcap=final_logit_softcap,
-                                    vocab_chunk_size=vocab_chunk_size)
+    logps = token_logps_from_hidden(
+        hidden_w, unembedding, targets_w, final_logit_softcap=final_logit_softcap, vocab_chunk_size=vocab_chunk_size
+    )
     return logps, mask_w
 
 
@@ -138,13 +140,26 @@ def sequence_logps(
     count = jnp.sum(mask, axis=-1).astype(jnp.int32)
     t = tokens.shape[1]
     if score_window is None or score_window >= t - 1:
-        logps = token_logps(model, tokens, attention_mask=attention_mask, positions=positions,
-                            segment_ids=segment_ids, parent_ids=parent_ids, vocab_chunk_size=vocab_chunk_size)
+        logps = token_logps(
+            model,
+            tokens,
+            attention_mask=attention_mask,
+            positions=positions,
+            segment_ids=segment_ids,
+            parent_ids=parent_ids,
+            vocab_chunk_size=vocab_chunk_size,
+        )
         return jnp.sum(jnp.where(mask, logps, 0.0), axis=-1).astype(jnp.float32), count
     hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
-    logps, mask_w = windowed_token_logps(hidden, model.unembedding(), tokens, mask, int(score_window),
-                                         final_logit_softcap=model.config.final_logit_softcap,
-                                         vocab_chunk_size=vocab_chunk_size)
+    logps, mask_w = windowed_token_logps(
+        hidden,
+        model.unembedding(),
+        tokens,
+        mask,
+        int(score_window),
+        final_logit_softcap=model.config.final_logit_softcap,
+        vocab_chunk_size=vocab_chunk_size,
+    )
     logp_sum = jnp.sum(jnp.where(mask_w, logps, 0.0), axis=-1).astype(jnp.float32)
     covered = jnp.sum(mask_w, axis=-1) == count
     return jnp.where(covered, logp_sum, jnp.nan), count
@@ -193,9 +208,13 @@ def packed_token_logps(
     """
     hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
     hidden = jnp.take_along_axis(hidden, source[:, :, None].astype(jnp.int32), axis=1)
-    return token_logps_from_hidden(hidden, model.unembedding(), tokens,
-                                   final_logit_softcap=model.config.final_logit_softcap,
-                                   vocab_chunk_size=vocab_chunk_size)
+    return token_logps_from_hidden(
+        hidden,
+        model.unembedding(),
+        tokens,
+        final_logit_softcap=model.config.final_logit_softcap,
+        vocab_chunk_size=vocab_chunk_size,
+    )
 
 
 def segment_logp_sums(token_logps: jax.Array, response_id: jax.Array, num_responses: int) -> jax.Array:

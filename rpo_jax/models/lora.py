@@ -92,8 +92,9 @@ class LoraConfig:
             except re.error as e:
                 raise ValueError(f"lora.targets: invalid regular expression {self.targets!r}: {e}") from None
         else:
-            raise ValueError(f"lora.targets must be 'all-linear', a regex or a list of module names, got "
-                             f"{self.targets!r}")
+            raise ValueError(
+                f"lora.targets must be 'all-linear', a regex or a list of module names, got {self.targets!r}"
+            )
 
     @property
     def scale(self) -> float:
@@ -119,20 +120,26 @@ def resolve_targets(targets: str | tuple[str, ...], num_layers: int) -> tuple[st
         paths = [f"model.layers.0.{sub}" for sub in TARGET_MODULES.values()]
         unknown = [t for t in targets if not any(_matches((t,), p) for p in paths)]
         if unknown:
-            raise ValueError(f"lora.targets: {unknown} name no adaptable module; choose among "
-                             f"{list(TARGET_MODULES)} (or 'all-linear')")
+            raise ValueError(
+                f"lora.targets: {unknown} name no adaptable module; choose among "
+                f"{list(TARGET_MODULES)} (or 'all-linear')"
+            )
     chosen = []
     for name, sub in TARGET_MODULES.items():
         hits = [_matches(targets, f"model.layers.{i}.{sub}") for i in range(num_layers)]
         if any(hits) and not all(hits):
             layers_hit = [i for i, h in enumerate(hits) if h]
-            raise ValueError(f"lora.targets {targets!r} selects {sub} in layers {layers_hit} only; rpo_jax stacks "
-                             f"the {num_layers} layers' weights, so a target must be chosen in every layer")
+            raise ValueError(
+                f"lora.targets {targets!r} selects {sub} in layers {layers_hit} only; rpo_jax stacks "
+                f"the {num_layers} layers' weights, so a target must be chosen in every layer"
+            )
         if all(hits):
             chosen.append(name)
     if not chosen:
-        raise ValueError(f"lora.targets {targets!r} selects no module; module paths are "
-                         f"model.layers.{{i}}.<{' | '.join(TARGET_MODULES.values())}>")
+        raise ValueError(
+            f"lora.targets {targets!r} selects no module; module paths are "
+            f"model.layers.{{i}}.<{' | '.join(TARGET_MODULES.values())}>"
+        )
     return tuple(chosen)
 
 
@@ -163,8 +170,9 @@ class LoraAdapters(nnx.Module):
             a_shape, b_shape, a_axes, b_axes = factor_layout(name, weight.shape, axes, config.rank)
             n_in = INPUT_AXES[name]
             init = jax.nn.initializers.he_uniform(in_axis=tuple(range(1, 1 + n_in)), out_axis=-1, batch_axis=(0,))
-            setattr(self, f"{name}_lora_a", nnx.LoRAParam(init(rngs.params(), a_shape, param_dtype),
-                                                          out_sharding=a_axes))
+            setattr(
+                self, f"{name}_lora_a", nnx.LoRAParam(init(rngs.params(), a_shape, param_dtype), out_sharding=a_axes)
+            )
             setattr(self, f"{name}_lora_b", nnx.LoRAParam(jnp.zeros(b_shape, param_dtype), out_sharding=b_axes))
 
     def factors(self, name: str) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
@@ -172,7 +180,7 @@ class LoraAdapters(nnx.Module):
         return getattr(self, f"{name}_lora_a"), getattr(self, f"{name}_lora_b")
 
     def arrays(self) -> dict[str, jax.Array]:
-        """"<name>_lora_a" → A and "<name>_lora_b" → s·B, stacked along layers, for the decoder's scan; inside
+        """ "<name>_lora_a" → A and "<name>_lora_b" → s·B, stacked along layers, for the decoder's scan; inside
         `lora_dropout` (with p > 0) also "<name>_lora_key" [L, *key] (each layer's dropout key, `dropout_keys`)
         and "lora_keep" [L] (1 − p)."""
         out = {}
@@ -195,11 +203,13 @@ class DropoutKey:
 
 
 def dropout_keys(key: jax.Array, targets: Sequence[str], num_layers: int) -> dict[str, jax.Array]:
-    """"<name>_lora_key" → [L, *key data] for every target: layer i of target j draws its mask from
+    """ "<name>_lora_key" → [L, *key data] for every target: layer i of target j draws its mask from
     split(fold_in(key, j), L)[i] (raw key data, so that the decoder's scan can slice them)."""
     key = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-    return {f"{name}_lora_key": jax.random.key_data(jax.random.split(jax.random.fold_in(key, j), num_layers))
-            for j, name in enumerate(targets)}
+    return {
+        f"{name}_lora_key": jax.random.key_data(jax.random.split(jax.random.fold_in(key, j), num_layers))
+        for j, name in enumerate(targets)
+    }
 
 
 def attach_lora(
@@ -264,9 +274,11 @@ def merged_weights(model: Decoder) -> dict[str, jax.Array]:
     out = {}
     for name in adapters.targets:
         if not isinstance(getattr(model.layers, name), nnx.Param):
-            raise ValueError(f"merge_lora: the base's {name} is quantized (rpo_jax.models.quantize); merge onto the "
-                             "original float checkpoint, or call quantize.dequantize_base(model) first to merge "
-                             "onto the quantized weights explicitly")
+            raise ValueError(
+                f"merge_lora: the base's {name} is quantized (rpo_jax.models.quantize); merge onto the "
+                "original float checkpoint, or call quantize.dequantize_base(model) first to merge "
+                "onto the quantized weights explicitly"
+            )
         w = getattr(model.layers, name)[...]
         a, b = (v[...].astype(jnp.float32) for v in adapters.factors(name))
         rank = a.shape[-1]
@@ -317,11 +329,24 @@ def save_peft_adapter(model: Decoder, out_dir: str | os.PathLike, base_model_nam
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model_name_or_path),
-        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-        "target_modules": list(adapters.targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": list(adapters.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
     }
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     save_file(peft_tensors(model), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -330,8 +355,14 @@ def save_peft_adapter(model: Decoder, out_dir: str | os.PathLike, base_model_nam
 
 #: adapter_config.json fields rpo_jax cannot honour → the only value accepted (None / False / empty = feature off)
 _UNSUPPORTED_FIELDS = {
-    "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none", "layers_to_transform": None,
-    "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+    "use_rslora": False,
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "layers_to_transform": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "modules_to_save": None,
 }
 
 
@@ -358,8 +389,9 @@ def read_peft_config(directory: pathlib.Path) -> LoraConfig:
         if field not in raw:
             raise ValueError(f"{path}: missing field {field!r}")
     try:
-        return LoraConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                          targets=raw["target_modules"])
+        return LoraConfig(
+            rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0), targets=raw["target_modules"]
+        )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -393,8 +425,9 @@ def load_peft_adapter(
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         del model.lora
-        raise ValueError(f"{weights_path}: tensors rpo_jax cannot place: {unexpected[:4]}"
-                         f"{' ...' if len(unexpected) > 4 else ''}")
+        raise ValueError(
+            f"{weights_path}: tensors rpo_jax cannot place: {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
+        )
     for key, like in expected.items():
         if key not in tensors or tensors[key].shape != like.shape:
             del model.lora

@@ -150,25 +150,41 @@ def decoder_layer(
 
 def xla_attend(config: ModelConfig, mask: jax.Array) -> Callable:
     """attend(q, k, v) on the XLA path with the dense mask [N,T,S] bool."""
-    return functools.partial(attention.attend, "xla", spec=None, mask=mask, window=None,
-                             scale=config.attention_scale, softcap=config.attn_logit_softcap)
+    return functools.partial(
+        attention.attend,
+        "xla",
+        spec=None,
+        mask=mask,
+        window=None,
+        scale=config.attention_scale,
+        softcap=config.attn_logit_softcap,
+    )
 
 
-def kernel_attend(config: ModelConfig, implementation: str, spec: attention.MaskSpec, is_sliding: jax.Array,
-                  interpret: bool) -> Callable:
+def kernel_attend(
+    config: ModelConfig, implementation: str, spec: attention.MaskSpec, is_sliding: jax.Array, interpret: bool
+) -> Callable:
     """attend(q, k, v) by a fused kernel (`attention.attend`) for one layer of the scan: the sliding window when
     the (scanned, traced) `is_sliding` says so — a `lax.cond` between the two kernels when the model mixes global
     and sliding layers."""
     c = config
-    run = functools.partial(attention.attend, implementation, spec=spec, mask=None, scale=c.attention_scale,
-                            softcap=c.attn_logit_softcap, interpret=interpret)
+    run = functools.partial(
+        attention.attend,
+        implementation,
+        spec=spec,
+        mask=None,
+        scale=c.attention_scale,
+        softcap=c.attn_logit_softcap,
+        interpret=interpret,
+    )
     kinds = set(c.layer_types)
     if kinds == {FULL_ATTENTION}:
         return functools.partial(run, window=None)
     if kinds == {SLIDING_ATTENTION}:
         return functools.partial(run, window=c.sliding_window)
-    return lambda q, k, v: jax.lax.cond(is_sliding, functools.partial(run, window=c.sliding_window),
-                                        functools.partial(run, window=None), q, k, v)
+    return lambda q, k, v: jax.lax.cond(
+        is_sliding, functools.partial(run, window=c.sliding_window), functools.partial(run, window=None), q, k, v
+    )
 
 
 class Decoder(nnx.Module):
@@ -176,7 +192,8 @@ class Decoder(nnx.Module):
     [N,T,V] f32.
 
     Attention: causal; keys masked where `attention_mask` is False; with `segment_ids` a token only attends to
-    its own segment (packing) and, with `parent_ids`, to its parent segment's (a shared prompt). Default positions: per segment, counting only real tokens (cumsum(mask) - 1), so
+    its own segment (packing) and, with `parent_ids`, to its parent segment's (a shared prompt). Default positions:
+    per segment, counting only real tokens (cumsum(mask) - 1), so
     left padding, right padding and packing give the same per-token results as the sequence alone.
     """
 
@@ -258,9 +275,7 @@ class Decoder(nnx.Module):
         sin_tab = jnp.stack([t[1] for t in tables])
         sliding, rope_index = self._layer_constants()
         # index of each layer among the layers of its type (its slot in that type's cache stack)
-        index_in_type = jnp.asarray(
-            [c.layer_types[:i].count(t) for i, t in enumerate(c.layer_types)], jnp.int32
-        )
+        index_in_type = jnp.asarray([c.layer_types[:i].count(t) for i, t in enumerate(c.layer_types)], jnp.int32)
 
         def body(carry, xs):
             h, caches = carry
@@ -276,17 +291,20 @@ class Decoder(nnx.Module):
             def attend(kind, m):
                 def run(h, caches):
                     k_all, v_all = caches[kind]
-                    h, (k, v) = decoder_layer(c, h, p, xla_attend(c, m), cos_tab[r], sin_tab[r],
-                                              (k_all[j], v_all[j]), cache_index[kind])
+                    h, (k, v) = decoder_layer(
+                        c, h, p, xla_attend(c, m), cos_tab[r], sin_tab[r], (k_all[j], v_all[j]), cache_index[kind]
+                    )
                     return h, {**caches, kind: (k_all.at[j].set(k), v_all.at[j].set(v))}
+
                 return run
 
             if len(caches) == 1:
                 (kind,) = caches
                 h, caches = attend(kind, window_mask if kind == SLIDING_ATTENTION else mask)(h, caches)
             else:
-                h, caches = jax.lax.cond(is_sliding, attend(SLIDING_ATTENTION, window_mask),
-                                         attend(FULL_ATTENTION, mask), h, caches)
+                h, caches = jax.lax.cond(
+                    is_sliding, attend(SLIDING_ATTENTION, window_mask), attend(FULL_ATTENTION, mask), h, caches
+                )
             return (h, caches), None
 
         scanned = self.layers.arrays() | self.adapter_arrays()
@@ -297,8 +315,7 @@ class Decoder(nnx.Module):
             # instead of keeping every layer's float copy; matmul outputs are saved
             body = jax.checkpoint(body, policy=_REMAT_POLICIES["dots"], prevent_cse=False)
         (x, new_caches), kv = jax.lax.scan(
-            body, (x, kv_caches), (scanned, sliding, rope_index, index_in_type),
-            unroll=min(c.scan_unroll, c.num_layers),
+            body, (x, kv_caches), (scanned, sliding, rope_index, index_in_type), unroll=min(c.scan_unroll, c.num_layers)
         )
         x = layers.rms_norm(x, self.final_norm[...], c.rms_norm_eps, plus_one=c.norm_plus_one)
         return x, (new_caches if kv_caches is not None else kv)
@@ -329,8 +346,12 @@ class Decoder(nnx.Module):
         spec = attention.MaskSpec(positions, attention_mask, segment_ids, parent_ids)
         interpret = attention.interpret_mode()
         implementation = attention.resolve(
-            c.attention, dtype=self.dtype, seq_len=t,
-            has_parents=parent_ids is not None, softcap=c.attn_logit_softcap, interpret=interpret,
+            c.attention,
+            dtype=self.dtype,
+            seq_len=t,
+            has_parents=parent_ids is not None,
+            softcap=c.attn_logit_softcap,
+            interpret=interpret,
             devices=jax.device_count(),
         )
         x = self.embed_tokens(tokens)

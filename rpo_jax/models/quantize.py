@@ -108,8 +108,13 @@ def quantize_weight(w: jax.Array, name: str, dtype: str, block_size: int | None)
     """ŵ = q · s for one stacked projection weight (module docstring), computed in float32: codes `QUANTIZED_DTYPES[
     dtype]` of w's shape, float32 scales."""
     channelwise, tiled = quantization_axes(name, w.shape, block_size)
-    return qwix.quantize(w.astype(jnp.float32), QUANTIZED_DTYPES[dtype], channelwise_axes=channelwise,
-                         tiled_axes=tiled, calibration_method="absmax")
+    return qwix.quantize(
+        w.astype(jnp.float32),
+        QUANTIZED_DTYPES[dtype],
+        channelwise_axes=channelwise,
+        tiled_axes=tiled,
+        calibration_method="absmax",
+    )
 
 
 def scale_sharding(weight_sharding, scale_shape) -> NamedSharding | None:
@@ -164,7 +169,7 @@ def is_quantized(model: Decoder) -> bool:
 
 
 def base_dtype(model: Decoder) -> str:
-    """"int8" / "int4" for a quantized base, "" otherwise (the values of `config.model.lora.base_dtype`)."""
+    """ "int8" / "int4" for a quantized base, "" otherwise (the values of `config.model.lora.base_dtype`)."""
     if not is_quantized(model):
         return ""
     codes = {jnp.dtype(getattr(model.layers, name).dtype) for name in model.layers.projections()}

@@ -52,9 +52,7 @@ def backbone_config(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, tie_word_embeddings=True)
 
 
-def pooling_index(
-    tokens: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None
-) -> jax.Array:
+def pooling_index(tokens: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None) -> jax.Array:
     """[N,T] → [N] int32: the position whose hidden state is scored (rule in the module docstring)."""
     n, t = tokens.shape
     positions = jnp.arange(t, dtype=jnp.int32)
@@ -184,8 +182,7 @@ def load_reward_model(
     arch = architectures[0]
     if arch not in REWARD_ARCHITECTURES:
         hint = (
-            " — a causal language model has no score head; a reward model is an XForSequenceClassification"
-            " checkpoint"
+            " — a causal language model has no score head; a reward model is an XForSequenceClassification checkpoint"
             if isinstance(arch, str) and arch.endswith(("ForCausalLM", "ForConditionalGeneration"))
             else ""
         )
@@ -263,9 +260,7 @@ def save_reward_model(
     if backbone_config(config) != model.backbone.config:
         raise ValueError("save_reward_model: `config` does not describe `model` (backbone configs differ)")
     weight = np.asarray(jax.device_get(model.score[...]))
-    out = save_hf(
-        model.backbone, backbone_config(config), out_dir, tokenizer, extra_tensors={SCORE_TENSOR: weight}
-    )
+    out = save_hf(model.backbone, backbone_config(config), out_dir, tokenizer, extra_tensors={SCORE_TENSOR: weight})
     config_file = out / "config.json"
     hf = json.loads(config_file.read_text())
     hf["architectures"] = [_ARCHITECTURE_OF[config.model_type]]

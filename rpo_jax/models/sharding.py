@@ -48,11 +48,15 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
     known = math.prod(s for s in sizes if s != -1)
     if fill:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by {known} ({dict(zip(MESH_AXES, sizes))})")
+            raise ValueError(
+                f"mesh: {num_devices} devices are not divisible by {known} ({dict(zip(MESH_AXES, sizes))})"
+            )
         sizes[fill[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh: sizes {dict(zip(MESH_AXES, sizes))} multiply to {math.prod(sizes)}, "
-                         f"but there are {num_devices} devices")
+        raise ValueError(
+            f"mesh: sizes {dict(zip(MESH_AXES, sizes))} multiply to {math.prod(sizes)}, "
+            f"but there are {num_devices} devices"
+        )
     return tuple(sizes)  # type: ignore[return-value]
 
 
@@ -77,8 +81,9 @@ def logical_to_spec(
     return mapped_spec(logical_axes, shape, mesh, rules, indivisible=None)
 
 
-def mapped_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules | None, *,
-                indivisible) -> PartitionSpec:
+def mapped_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules | None, *, indivisible
+) -> PartitionSpec:
     """The one mapping of logical axes to mesh axes by `rules` (mesh axes already used by an earlier dimension,
     missing from the mesh or of size 1 are dropped; a dimension left with none is replicated); a dimension whose
     mesh axes do not divide it gets `indivisible` (None: replicated; `PartitionSpec.UNCONSTRAINED`: left to XLA)."""
@@ -108,9 +113,7 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules | None = 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None):
     """A pytree like `state` (of nnx Variables, concrete or abstract) with NamedShardings as values."""
     return jax.tree.map(
-        lambda v: v.replace(variable_sharding(v, mesh, rules)),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
+        lambda v: v.replace(variable_sharding(v, mesh, rules)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
 
 
@@ -122,8 +125,9 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nn
     return model
 
 
-def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules | None = None
-                    ) -> PartitionSpec:
+def activation_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules | None = None
+) -> PartitionSpec:
     """PartitionSpec of an activation: like `logical_to_spec`, except that a dimension whose rule names mesh
     axes that do not divide it is left to XLA (`PartitionSpec.UNCONSTRAINED`) rather than replicated."""
     return mapped_spec(logical_axes, shape, mesh, rules, indivisible=PartitionSpec.UNCONSTRAINED)

@@ -24,16 +24,23 @@ def quickstart_run(tmp_path, *overrides: str, k: int = 4, prompt_len: int = 12, 
     """The quickstart recipe (tiny Llama) with `overrides` on a synthetic file, built as the benchmarks build it."""
     cfg, given = common.load_config(common.QUICKSTART, ["--config.data.batch_size=4", *overrides])
     data = common.uniform_file(tmp_path, 4, k, prompt_len, response_len)
-    cfg = common.synthetic_config(cfg, data, max_length=prompt_len + response_len, max_prompt_length=prompt_len,
-                                  overrides=given)
+    cfg = common.synthetic_config(
+        cfg, data, max_length=prompt_len + response_len, max_prompt_length=prompt_len, overrides=given
+    )
     run = common.build_benchmark_run(cfg, tmp_path / "run", devices=jax.devices()[:2])
     common.check_lengths(run, prompt_len, response_len)
     return run
 
 
-@pytest.mark.parametrize("overrides", [["--config.reference_mode=cache"], ["--config.reference_mode=in_step"],
-                                       ["--config.reference_mode=in_step", "--config.model.lora.rank=4"]],
-                         ids=["cached", "in_step", "lora"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--config.reference_mode=cache"],
+        ["--config.reference_mode=in_step"],
+        ["--config.reference_mode=in_step", "--config.model.lora.rank=4"],
+    ],
+    ids=["cached", "in_step", "lora"],
+)
 def test_benchmark_train_step_is_the_trainers(tmp_path, monkeypatch, overrides):
     """The train step the benchmarks time (`common.trainer_steps`) and the one `preference_task` builds for
     `rpo-train` lower to the same HLO on the same run and arguments (a mesh of 2 devices); the same function
@@ -64,8 +71,9 @@ def test_benchmark_train_step_is_the_trainers(tmp_path, monkeypatch, overrides):
 def test_command_line_is_rpo_trains():
     """`--config RECIPE` and `--config.KEY=VALUE` / `--config.KEY VALUE` overrides, by ml_collections; an unknown
     field is a one-line error; the synthetic file's fields are refused as overrides."""
-    overrides, rest = common.split_overrides(["--steps", "2", "--config.model.remat", "full",
-                                              "--config.data.batch_size=8", "--k", "4"])
+    overrides, rest = common.split_overrides(
+        ["--steps", "2", "--config.model.remat", "full", "--config.data.batch_size=8", "--k", "4"]
+    )
     assert overrides == ["--config.model.remat=full", "--config.data.batch_size=8"]
     assert rest == ["--steps", "2", "--k", "4"]
     cfg, given = common.load_config(common.SMOLLM2_SHAPE, overrides)
@@ -76,10 +84,12 @@ def test_command_line_is_rpo_trains():
     with pytest.raises(ValueError, match="--config.data.max_length: the synthetic file sets"):
         common.reject_synthetic_overrides({"data.max_length": 64})
     import judge_ablation  # its arms' configs take the same overrides (no training here: parse only)
+
     args, recipe, given = judge_ablation.parse(["--smoke", "--config.online.max_new_tokens=64"])
     assert given == {"online.max_new_tokens": 64} and recipe.online.max_new_tokens == 64
-    arm = judge_ablation.arm_config("online_rpo_sq", 0, judge_ablation.SIZES["smoke"],
-                                    {"policy": "P", "judge": judge_ablation.JUDGE}, recipe, given)
+    arm = judge_ablation.arm_config(
+        "online_rpo_sq", 0, judge_ablation.SIZES["smoke"], {"policy": "P", "judge": judge_ablation.JUDGE}, recipe, given
+    )
     assert (arm.online.max_new_tokens, arm.loss.name, arm.model.path) == (64, "rpo_sq", "P")
     with pytest.raises(SystemExit):
         judge_ablation.parse(["--set", "online.max_new_tokens=64"])  # the old syntax is gone

@@ -14,8 +14,14 @@ WORDS_CHAT_TEMPLATE = (
 )
 WORDS_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
 WORDS_CORPUS = [
-    "the cat sat on the mat", "what is two plus two", "four five six", "user assistant system",
-    "hello there how are you", "i am fine thanks", "the dog ran", "answer question",
+    "the cat sat on the mat",
+    "what is two plus two",
+    "four five six",
+    "user assistant system",
+    "hello there how are you",
+    "i am fine thanks",
+    "the dog ran",
+    "answer question",
 ]
 
 
@@ -30,8 +36,9 @@ def words_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(WORDS_CORPUS, trainers.WordLevelTrainer(special_tokens=WORDS_SPECIALS))
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.chat_template = WORDS_CHAT_TEMPLATE
     out = tmp_path_factory.mktemp("words_tokenizer")
     fast.save_pretrained(out)

@@ -23,8 +23,9 @@ def test_clean_file_exits_zero_and_prints_statistics(write_lines, tmp_path, caps
 
 
 def test_problems_are_listed_with_file_line_field_and_exit_one(write_lines, tmp_path, capsys):
-    path = write_lines(tmp_path / "bad.jsonl", [GOOD, "{oops", {"prompt": "q", "responses": ["a", "b"],
-                                                                   "rewards": [1.0]}, b"\xff\xfe"])
+    path = write_lines(
+        tmp_path / "bad.jsonl", [GOOD, "{oops", {"prompt": "q", "responses": ["a", "b"], "rewards": [1.0]}, b"\xff\xfe"]
+    )
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
     assert "records: 1 valid, 3 with problems" in out
@@ -43,8 +44,9 @@ def test_tokenizer_adds_lengths_and_truncation_and_prompt_problems(write_lines, 
     assert main(["validate", str(path), "--tokenizer", tok, "--max-length", "20"]) == 1
     out = capsys.readouterr().out
     assert f"{path}:1: prompt: prompt has 24 tokens, max_length 20" in out
-    assert main(["validate", str(path), "--tokenizer", tok, "--max-length", "20", "--truncation",
-                 "truncate_prompt"]) == 0
+    assert (
+        main(["validate", str(path), "--tokenizer", tok, "--max-length", "20", "--truncation", "truncate_prompt"]) == 0
+    )
     assert "prompts truncated 1" in capsys.readouterr().out
 
 
@@ -57,7 +59,10 @@ def test_console_script_entry_point(write_lines, tmp_path):
     """The installed ``rpo-data`` script when present (setup.cfg entry point), else the same call."""
     path = write_lines(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}])
     script = pathlib.Path(sys.executable).parent / "rpo-data"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-c",
-                                                 "import sys; from rpo_jax.data.cli import main; sys.exit(main())"]
+    cmd = (
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-c", "import sys; from rpo_jax.data.cli import main; sys.exit(main())"]
+    )
     proc = subprocess.run(cmd + ["validate", str(path)], capture_output=True, text=True)
     assert proc.returncode == 1 and f"{path}:1: rejected: chosen and rejected are identical" in proc.stdout

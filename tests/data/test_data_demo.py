@@ -11,17 +11,23 @@ from rpo_jax.data import DEMO_DIR, demo_paths, judge, read_records, to_pairs
 from rpo_jax.data.demo import write_demo
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("2 4 7 9", 1.0),                      # sorted, all digits
-    ("2 4 9 7", 0.5 + 0.5 * 2 / 3),        # one adjacent swap: 2 of 3 pairs ordered
-    ("9 7 4 2", 0.5),                      # reversed: digits right, no pair ordered
-    ("2 4 7", 0.5 * 3 / 4 + 0.5),          # dropped digit
-    ("2 4 7 9 9", 0.5 * 4 / 5 + 0.5),      # extra digit
-    ("2 4 7 8", 0.5 * 3 / 4 + 0.5),        # wrong digit
-    ("7", 0.5 * 1 / 4),                    # one digit: no pair to order
-    ("", 0.0), ("a b c d", 0.0), ("2 4 x 9", 0.0), ("24 79", 0.0),
-    ("  2\n4 7   9 ", 1.0),                # whitespace-separated
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("2 4 7 9", 1.0),  # sorted, all digits
+        ("2 4 9 7", 0.5 + 0.5 * 2 / 3),  # one adjacent swap: 2 of 3 pairs ordered
+        ("9 7 4 2", 0.5),  # reversed: digits right, no pair ordered
+        ("2 4 7", 0.5 * 3 / 4 + 0.5),  # dropped digit
+        ("2 4 7 9 9", 0.5 * 4 / 5 + 0.5),  # extra digit
+        ("2 4 7 8", 0.5 * 3 / 4 + 0.5),  # wrong digit
+        ("7", 0.5 * 1 / 4),  # one digit: no pair to order
+        ("", 0.0),
+        ("a b c d", 0.0),
+        ("2 4 x 9", 0.0),
+        ("24 79", 0.0),
+        ("  2\n4 7   9 ", 1.0),  # whitespace-separated
+    ],
+)
 def test_judge_hand_values(response, expected):
     assert judge("sort: 7 2 9 4", response) == pytest.approx(expected, abs=1e-12)
 
@@ -37,9 +43,14 @@ def test_regeneration_is_byte_identical(tmp_path):
     write_demo(tmp_path)
     bundled = sorted(p.relative_to(DEMO_DIR) for p in DEMO_DIR.rglob("*") if p.is_file())
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert bundled == fresh == [pathlib.Path(p) for p in
-                                ("test.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
-                                 "train.jsonl")]
+    assert (
+        bundled
+        == fresh
+        == [
+            pathlib.Path(p)
+            for p in ("test.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "train.jsonl")
+        ]
+    )
     for rel in bundled:
         assert (DEMO_DIR / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
     assert sum((DEMO_DIR / rel).stat().st_size for rel in bundled) < 400_000

@@ -15,11 +15,19 @@ from rpo_jax.data import NoRecordsError, RecordError, read_prompts, read_records
 from rpo_jax.data.cli import main  # noqa: E402
 
 # Conversational prompt, K = 3 string responses, rewards: the same content in every input kind.
-ROWS = [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"question {i}"}],
-         "responses": [f"a{i}", f"b{i}", "c"], "rewards": [1.0, 0.5, float(i)]} for i in range(20)]
+ROWS = [
+    {
+        "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"question {i}"}],
+        "responses": [f"a{i}", f"b{i}", "c"],
+        "rewards": [1.0, 0.5, float(i)],
+    }
+    for i in range(20)
+]
 BAD_ROW = 16  # 0-based: row 17 of the source
-TRL_ROWS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "score_chosen": 1.0 + i,
-             "score_rejected": 0.0} for i in range(4)]
+TRL_ROWS = [
+    {"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "score_chosen": 1.0 + i, "score_rejected": 0.0}
+    for i in range(4)
+]
 
 
 def _jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
@@ -55,10 +63,12 @@ def test_dataset_object_equals_jsonl(expected):
 
 
 def test_dataset_dict_needs_a_split(expected):
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
-                               "test": datasets.Dataset.from_list(ROWS[:2])})
-    with pytest.raises(ValueError, match=r"^<DatasetDict>: a DatasetDict holds splits; choose one with split= "
-                                         r"\(available splits: train, test\)$"):
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:2])})
+    with pytest.raises(
+        ValueError,
+        match=r"^<DatasetDict>: a DatasetDict holds splits; choose one with split= "
+        r"\(available splits: train, test\)$",
+    ):
         read_records(dd)
     with pytest.raises(ValueError, match=r"^<DatasetDict>: no split 'valid' \(available splits: train, test\)$"):
         read_records(dd, split="valid")
@@ -84,10 +94,15 @@ def test_save_to_disk_dataset_dict_dir(saved, expected):
     assert _keys(records) == expected[:3]
     with pytest.raises(ValueError) as info:
         read_records(dd)
-    assert str(info.value) == (f"{dd}: a DatasetDict saved with save_to_disk; choose a split as {dd}:SPLIT, "
-                               f"{dd}/SPLIT or with split= (available splits: train, test)")
-    with pytest.raises(ValueError, match=r"dd: no split 'valid' in this DatasetDict \(available splits: train, "
-                                         r"test\)$"):
+    assert str(info.value) == (
+        f"{dd}: a DatasetDict saved with save_to_disk; choose a split as {dd}:SPLIT, "
+        f"{dd}/SPLIT or with split= (available splits: train, test)"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"dd: no split 'valid' in this DatasetDict \(available splits: train, "
+        r"test\)$",
+    ):
         read_records(f"{dd}:valid")
     with pytest.raises(ValueError, match=r"the path chooses split 'test' but split='train'"):
         read_records(f"{dd}:test", split="train")
@@ -105,6 +120,7 @@ def test_arrow_file(saved, expected, tmp_path):
     records, report = read_records(arrow)
     assert _keys(records) == expected and report.files == [str(arrow)] and records[16].source == (str(arrow), 17)
     import pyarrow as pa  # an Arrow IPC *file* (not the stream format datasets writes) reads the same
+
     table = pa.Table.from_pylist(ROWS)
     ipc = tmp_path / "ipc.arrow"
     with pa.OSFile(str(ipc), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -162,24 +178,32 @@ def test_bad_row_names_the_source_and_row(tmp_path):
     assert [str(p) for p in report.problems] == [
         f"{tmp_path / 'dd' / 'train'}:17: responses: responses 0 and 1 are identical",
         f"{tmp_path / 'dd' / 'train'}:19: prompt[0].role: unknown role 'bot' (expected one of 'system', 'user', "
-        "'assistant', 'tool')"]
+        "'assistant', 'tool')",
+    ]
 
 
 def test_null_from_arrow_is_validated_like_json_null(tmp_path):
     """Arrow gives every row every column: a key absent from one JSON line is null in that row."""
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "r", "chosen": "a"}]
-    dd = datasets.load_dataset("json", data_files=str(_jsonl(tmp_path / "x.jsonl", rows)),
-                               cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(RecordError, match=r"^<DatasetDict>\[train\]:2: rejected: expected str \(the prompt is a "
-                                          r"string\), got null$"):
+    dd = datasets.load_dataset(
+        "json", data_files=str(_jsonl(tmp_path / "x.jsonl", rows)), cache_dir=str(tmp_path / "cache")
+    )
+    with pytest.raises(
+        RecordError,
+        match=r"^<DatasetDict>\[train\]:2: rejected: expected str \(the prompt is a "
+        r"string\), got null$",
+    ):
         read_records(dd, split="train")
 
 
 def test_all_rows_bad_and_prompts(saved):
     ds = datasets.Dataset.from_list([{"prompt": "", "responses": ["a", "b"]}] * 3)
-    with pytest.raises(NoRecordsError, match=r"^<Dataset>: all 3 records were skipped \(first problems: "
-                                             r"<Dataset>:1: prompt: empty; <Dataset>:2: prompt: empty; "
-                                             r"<Dataset>:3: prompt: empty\)$"):
+    with pytest.raises(
+        NoRecordsError,
+        match=r"^<Dataset>: all 3 records were skipped \(first problems: "
+        r"<Dataset>:1: prompt: empty; <Dataset>:2: prompt: empty; "
+        r"<Dataset>:3: prompt: empty\)$",
+    ):
         read_records(ds, on_error="skip")
     prompts, report = read_prompts(saved / "dd", split="test")
     assert [p.prompt_text for p in prompts] == ["be brief\nquestion 0", "be brief\nquestion 1", "be brief\nquestion 2"]
@@ -208,6 +232,8 @@ def test_validate_cli_reads_saved_datasets(saved, capsys):
 
 
 def test_records_module_does_not_import_datasets():
-    code = ("import sys, rpo_jax.data.records, rpo_jax.data.prompts, rpo_jax.data.sources; "
-            "assert 'datasets' not in sys.modules")
+    code = (
+        "import sys, rpo_jax.data.records, rpo_jax.data.prompts, rpo_jax.data.sources; "
+        "assert 'datasets' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

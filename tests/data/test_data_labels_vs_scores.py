@@ -29,10 +29,19 @@ def test_pair_formats_are_labelled_and_k_responses_are_not(tmp_path, write_lines
     trl, _ = read_records(write_lines(tmp_path / "t.jsonl", TRL_LINES))
     nemo, _ = read_records(write_lines(tmp_path / "n.jsonl", NEMO_LINES))
     k, _ = read_records(write_lines(tmp_path / "k.jsonl", K_LINES))
-    implicit, _ = read_records(write_lines(tmp_path / "i.jsonl", [{
-        "chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}],
-        "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "b"}],
-        "score_chosen": 1, "score_rejected": 1}]))
+    implicit, _ = read_records(
+        write_lines(
+            tmp_path / "i.jsonl",
+            [
+                {
+                    "chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}],
+                    "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "b"}],
+                    "score_chosen": 1,
+                    "score_rejected": 1,
+                }
+            ],
+        )
+    )
     assert all(r.labelled for r in trl + nemo + implicit) and not any(r.labelled for r in k)
     assert trl[2].rewards == (1.0, 7.5)  # the scores are kept as they are; the order is the label
     assert trl[2].response_text(0) == "a"
@@ -41,8 +50,9 @@ def test_pair_formats_are_labelled_and_k_responses_are_not(tmp_path, write_lines
 
 
 def test_counts_of_ties_and_disagreements(tmp_path, write_lines):
-    trl, _ = read_records(write_lines(tmp_path / "t.jsonl", TRL_LINES + [{"prompt": "p6", "chosen": "a",
-                                                                         "rejected": "b"}]))
+    trl, _ = read_records(
+        write_lines(tmp_path / "t.jsonl", TRL_LINES + [{"prompt": "p6", "chosen": "a", "rejected": "b"}])
+    )
     nemo, _ = read_records(write_lines(tmp_path / "n.jsonl", NEMO_LINES))
     k, _ = read_records(write_lines(tmp_path / "k.jsonl", K_LINES))
     counts = label_score_counts(trl + nemo + k)

@@ -7,17 +7,27 @@ import json
 import numpy as np
 import pytest
 
-from rpo_jax.data import (PreferenceRecord, epoch_permutation, make_eval_batches, make_train_iterator,
-                          num_eval_batches, tokenize_records)
+from rpo_jax.data import (
+    PreferenceRecord,
+    epoch_permutation,
+    make_eval_batches,
+    make_train_iterator,
+    num_eval_batches,
+    tokenize_records,
+)
 
 
 def _record(i: int) -> PreferenceRecord:
     digits = " ".join(str(int(c)) for c in f"{i:03d}")
     k = 2 + i % 3  # variable K: 2, 3, 4
     responses = tuple(({"role": "assistant", "content": digits[: 2 * j + 1]},) for j in range(k))
-    return PreferenceRecord(prompt=({"role": "user", "content": f"sort: {digits}"},), responses=responses,
-                            rewards=tuple(float(j) for j in range(k)), conversational=True,
-                            source=("mem.jsonl", i + 1))
+    return PreferenceRecord(
+        prompt=({"role": "user", "content": f"sort: {digits}"},),
+        responses=responses,
+        rewards=tuple(float(j) for j in range(k)),
+        conversational=True,
+        source=("mem.jsonl", i + 1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +44,11 @@ def test_epoch_order_follows_seed_and_epoch(dataset):
     assert it.steps_per_epoch == 6
     batches = [next(it) for _ in range(12)]
     for epoch in range(2):
-        seen = np.concatenate([b["index"] for b in batches[6 * epoch:6 * epoch + 6]])
+        seen = np.concatenate([b["index"] for b in batches[6 * epoch : 6 * epoch + 6]])
         np.testing.assert_array_equal(seen, epoch_permutation(24, 3, epoch))  # record index == position here
         assert sorted(seen.tolist()) == list(range(24))
     assert it.epoch == 2 and it.step == 12
-    first_epochs = [np.concatenate([b["index"] for b in batches[6 * e:6 * e + 6]]).tolist() for e in range(2)]
+    first_epochs = [np.concatenate([b["index"] for b in batches[6 * e : 6 * e + 6]]).tolist() for e in range(2)]
     assert first_epochs[0] != first_epochs[1]
     again = make_train_iterator(dataset, 4, seed=3, process_index=0, process_count=1)
     assert all(_same(next(again), b) for b in batches)
@@ -71,8 +81,10 @@ def test_state_from_another_layout_is_refused(dataset):
 
 @pytest.mark.parametrize("process_count", [2, 3])
 def test_process_shards_are_disjoint_and_complete(dataset, process_count):
-    iters = [make_train_iterator(dataset, 2, seed=1, process_index=p, process_count=process_count)
-             for p in range(process_count)]
+    iters = [
+        make_train_iterator(dataset, 2, seed=1, process_index=p, process_count=process_count)
+        for p in range(process_count)
+    ]
     steps = iters[0].steps_per_epoch
     assert steps == 24 // (2 * process_count)
     for epoch in range(2):
@@ -80,9 +92,10 @@ def test_process_shards_are_disjoint_and_complete(dataset, process_count):
         everything = np.concatenate(per_process)
         assert len(set(everything.tolist())) == 24  # disjoint and complete: 24 = N divisible by P * B
         for step in range(steps):  # each global step is one contiguous block of the epoch's permutation
-            block = np.concatenate([pp[2 * step:2 * step + 2] for pp in per_process])
-            np.testing.assert_array_equal(block, epoch_permutation(24, 1, epoch)[step * 2 * process_count:
-                                                                                (step + 1) * 2 * process_count])
+            block = np.concatenate([pp[2 * step : 2 * step + 2] for pp in per_process])
+            np.testing.assert_array_equal(
+                block, epoch_permutation(24, 1, epoch)[step * 2 * process_count : (step + 1) * 2 * process_count]
+            )
 
 
 def test_remainder_is_left_out_per_epoch(demo_tokenizer):
@@ -109,8 +122,9 @@ def test_num_epochs_ends_the_iterator(dataset):
 @pytest.mark.parametrize("process_count", [1, 2, 3])
 def test_eval_covers_every_example_once(demo_tokenizer, process_count):
     ds = tokenize_records([_record(i) for i in range(11)], demo_tokenizer, max_length=32)
-    per_process = [list(make_eval_batches(ds, 2, process_index=p, process_count=process_count))
-                   for p in range(process_count)]
+    per_process = [
+        list(make_eval_batches(ds, 2, process_index=p, process_count=process_count)) for p in range(process_count)
+    ]
     n_batches = num_eval_batches(ds, 2, process_count)
     assert all(len(b) == n_batches for b in per_process)
     indices = np.concatenate([b["index"] for batches in per_process for b in batches])

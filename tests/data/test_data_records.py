@@ -6,6 +6,7 @@ import gzip
 import json
 
 import pytest
+
 from rpo_jax.data import NoRecordsError, PreferenceRecord, RecordError, read_records, require_rewards
 from rpo_jax.data.records import detect_format
 
@@ -15,10 +16,20 @@ BAD = {"role": "assistant", "content": "five"}
 
 # The same content (a plain-string pair with rewards) in every format that carries plain strings.
 STRING_PAIR_WITH_REWARDS = {
-    "trl_standard": {"prompt": USER["content"], "chosen": "four", "rejected": "five",
-                     "score_chosen": 1.0, "score_rejected": 0.25},
-    "nemo": {"prompt": USER["content"], "chosen_response": "four", "rejected_response": "five",
-             "chosen_reward": 1.0, "rejected_reward": 0.25},
+    "trl_standard": {
+        "prompt": USER["content"],
+        "chosen": "four",
+        "rejected": "five",
+        "score_chosen": 1.0,
+        "score_rejected": 0.25,
+    },
+    "nemo": {
+        "prompt": USER["content"],
+        "chosen_response": "four",
+        "rejected_response": "five",
+        "chosen_reward": 1.0,
+        "rejected_reward": 0.25,
+    },
     "k_responses": {"prompt": USER["content"], "responses": ["four", "five"], "rewards": [1.0, 0.25]},
 }
 # The same conversational pair without rewards.
@@ -40,8 +51,10 @@ def _read_one(write_lines, tmp_path, obj, **kw) -> PreferenceRecord:
 def test_string_formats_give_the_same_canonical_record(write_lines, tmp_path, fmt):
     record = _read_one(write_lines, tmp_path, STRING_PAIR_WITH_REWARDS[fmt])
     assert record.prompt == ({"role": "user", "content": "what is two plus two"},)
-    assert record.responses == (({"role": "assistant", "content": "four"},),
-                                ({"role": "assistant", "content": "five"},))
+    assert record.responses == (
+        ({"role": "assistant", "content": "four"},),
+        ({"role": "assistant", "content": "five"},),
+    )
     assert record.rewards == (1.0, 0.25)
     assert record.conversational is False
     assert record.source == (str(tmp_path / "x.jsonl"), 1)
@@ -58,8 +71,12 @@ def test_conversational_formats_give_the_same_canonical_record(write_lines, tmp_
 
 def test_detected_formats_are_reported(write_lines, tmp_path):
     files = []
-    for name, obj in [("a", STRING_PAIR_WITH_REWARDS["nemo"]), ("b", CONVERSATIONAL_PAIR["trl_implicit"]),
-                      ("c", STRING_PAIR_WITH_REWARDS["k_responses"]), ("d", CONVERSATIONAL_PAIR["trl_conversational"])]:
+    for name, obj in [
+        ("a", STRING_PAIR_WITH_REWARDS["nemo"]),
+        ("b", CONVERSATIONAL_PAIR["trl_implicit"]),
+        ("c", STRING_PAIR_WITH_REWARDS["k_responses"]),
+        ("d", CONVERSATIONAL_PAIR["trl_conversational"]),
+    ]:
         files.append(write_lines(tmp_path / f"{name}.jsonl", [obj]))
     _, report = read_records(files)
     assert [report.formats[str(f)] for f in files] == ["nemo", "trl_implicit", "k_responses", "trl"]
@@ -76,8 +93,10 @@ def test_implicit_prompt_is_the_longest_common_prefix(write_lines, tmp_path):
 
 
 def test_k_responses_variable_k_and_multi_message_responses(write_lines, tmp_path):
-    lines = [{"prompt": "p one", "responses": ["a", "b", "c"], "rewards": [0.1, 0.2, 0.3]},
-             {"prompt": "p two", "responses": ["a", "b"], "rewards": [1, 2]}]
+    lines = [
+        {"prompt": "p one", "responses": ["a", "b", "c"], "rewards": [0.1, 0.2, 0.3]},
+        {"prompt": "p two", "responses": ["a", "b"], "rewards": [1, 2]},
+    ]
     records, _ = read_records(write_lines(tmp_path / "k.jsonl", lines))
     assert [r.num_responses for r in records] == [3, 2]
     assert records[1].rewards == (1.0, 2.0) and all(isinstance(x, float) for x in records[1].rewards)
@@ -88,8 +107,10 @@ def test_gz_parquet_and_directory_sources_give_the_same_records(write_lines, tmp
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"prompt": f"prompt {i}", "responses": [f"a{i}", f"b{i}", f"c{i}"], "rewards": [1.0, 0.5, float(i)]}
-            for i in range(5)]
+    rows = [
+        {"prompt": f"prompt {i}", "responses": [f"a{i}", f"b{i}", f"c{i}"], "rewards": [1.0, 0.5, float(i)]}
+        for i in range(5)
+    ]
     plain = write_lines(tmp_path / "plain.jsonl", rows)
     gz = tmp_path / "data.jsonl.gz"
     with gzip.open(gz, "wb") as f:
@@ -121,8 +142,7 @@ def test_declared_format_is_enforced(write_lines, tmp_path):
 # ---------------------------------------------------------------------------------------------- bad inputs
 
 _STD = {"prompt": "what is two plus two", "chosen": "four", "rejected": "five"}
-_NEMO = {"prompt": "q", "chosen_response": "a", "rejected_response": "b", "chosen_reward": 1.0,
-         "rejected_reward": 0.0}
+_NEMO = {"prompt": "q", "chosen_response": "a", "rejected_response": "b", "chosen_reward": 1.0, "rejected_reward": 0.0}
 _K = {"prompt": "q", "responses": ["a", "b", "c"], "rewards": [1.0, 0.5, 0.0]}
 
 BAD_LINES = {
@@ -132,23 +152,43 @@ BAD_LINES = {
     "missing_field": (_STD, {"prompt": "q", "chosen": "a"}, "rejected", "missing field"),
     "wrong_type_prompt": (_STD, {"prompt": 3, "chosen": "a", "rejected": "b"}, "prompt", "got int"),
     "wrong_type_response": (_STD, {"prompt": "q", "chosen": ["a"], "rejected": "b"}, "chosen", "expected str"),
-    "wrong_type_message": (_K, {"prompt": [{"role": "user"}], "responses": ["a", "b"]}, "prompt[0].content",
-                           "missing field"),
+    "wrong_type_message": (
+        _K,
+        {"prompt": [{"role": "user"}], "responses": ["a", "b"]},
+        "prompt[0].content",
+        "missing field",
+    ),
     "wrong_type_reward": (_NEMO, {**_NEMO, "chosen_reward": "1.0"}, "chosen_reward", "expected a number"),
     "bool_reward": (_NEMO, {**_NEMO, "rejected_reward": True}, "rejected_reward", "expected a number"),
-    "one_reward_only": (_NEMO, {k: v for k, v in _NEMO.items() if k != "rejected_reward"}, "rejected_reward",
-                        "missing field"),
+    "one_reward_only": (
+        _NEMO,
+        {k: v for k, v in _NEMO.items() if k != "rejected_reward"},
+        "rejected_reward",
+        "missing field",
+    ),
     "empty_prompt": (_STD, {"prompt": "  ", "chosen": "a", "rejected": "b"}, "prompt", "empty"),
     "empty_response": (_STD, {"prompt": "q", "chosen": "", "rejected": "b"}, "chosen", "empty"),
     "empty_k_response": (_K, {"prompt": "q", "responses": ["a", "\n"], "rewards": [1, 0]}, "responses[1]", "empty"),
-    "nan_reward": (_K, '{"prompt": "q", "responses": ["a", "b"], "rewards": [NaN, 1.0]}', "rewards[0]",
-                   "not finite"),
-    "inf_reward": (_NEMO, '{"prompt": "q", "chosen_response": "a", "rejected_response": "b", '
-                          '"chosen_reward": 1.0, "rejected_reward": -Infinity}', "rejected_reward", "not finite"),
-    "length_mismatch": (_K, {"prompt": "q", "responses": ["a", "b"], "rewards": [1.0, 0.5, 0.0]}, "rewards",
-                        "3 rewards for 2 responses"),
-    "fewer_than_two": (_K, {"prompt": "q", "responses": ["a"], "rewards": [1.0]}, "responses",
-                       "fewer than 2 responses"),
+    "nan_reward": (_K, '{"prompt": "q", "responses": ["a", "b"], "rewards": [NaN, 1.0]}', "rewards[0]", "not finite"),
+    "inf_reward": (
+        _NEMO,
+        '{"prompt": "q", "chosen_response": "a", "rejected_response": "b", '
+        '"chosen_reward": 1.0, "rejected_reward": -Infinity}',
+        "rejected_reward",
+        "not finite",
+    ),
+    "length_mismatch": (
+        _K,
+        {"prompt": "q", "responses": ["a", "b"], "rewards": [1.0, 0.5, 0.0]},
+        "rewards",
+        "3 rewards for 2 responses",
+    ),
+    "fewer_than_two": (
+        _K,
+        {"prompt": "q", "responses": ["a"], "rewards": [1.0]},
+        "responses",
+        "fewer than 2 responses",
+    ),
     "identical_pair": (_STD, {"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected", "identical"),
     "identical_nemo": (_NEMO, {**_NEMO, "rejected_response": "a"}, "rejected_response", "identical"),
     "identical_k": (_K, {"prompt": "q", "responses": ["a", "b", "a"]}, "responses", "responses 0 and 2"),
@@ -221,8 +261,9 @@ def test_rewards_are_never_invented(write_lines, tmp_path):
 
 
 def test_record_json_round_trip():
-    record = PreferenceRecord(prompt=(USER,), responses=((GOOD,), (BAD,)), rewards=(1.0, -2.5),
-                              conversational=True, source=("f.jsonl", 7))
+    record = PreferenceRecord(
+        prompt=(USER,), responses=((GOOD,), (BAD,)), rewards=(1.0, -2.5), conversational=True, source=("f.jsonl", 7)
+    )
     assert PreferenceRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
 
 
@@ -244,8 +285,13 @@ def test_empty_and_corrupt_files_are_problems(write_lines, tmp_path):
 
 def test_read_prompts_from_prompt_only_and_preference_files(write_lines, tmp_path):
     from rpo_jax.data import read_prompts
-    lines = [{"prompt": "plain"}, {"prompt": [USER], "anything": 1}, CONVERSATIONAL_PAIR["trl_implicit"],
-             STRING_PAIR_WITH_REWARDS["nemo"]]
+
+    lines = [
+        {"prompt": "plain"},
+        {"prompt": [USER], "anything": 1},
+        CONVERSATIONAL_PAIR["trl_implicit"],
+        STRING_PAIR_WITH_REWARDS["nemo"],
+    ]
     prompts, report = read_prompts(write_lines(tmp_path / "p.jsonl", lines))
     assert report.ok and report.num_records == 4
     assert prompts[0].prompt == ({"role": "user", "content": "plain"},) and not prompts[0].conversational
@@ -256,6 +302,7 @@ def test_read_prompts_from_prompt_only_and_preference_files(write_lines, tmp_pat
 
 def test_read_prompts_errors_name_file_line_field_and_skip_counts(write_lines, tmp_path):
     from rpo_jax.data import read_prompts
+
     path = write_lines(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": 3}, {"question": "x"}, "{not json"])
     with pytest.raises(RecordError, match=r"p\.jsonl:2: prompt: expected a string or a list of messages"):
         read_prompts(path)
@@ -268,6 +315,7 @@ def test_encode_prompt_is_the_prompt_part_of_encode_record():
     from transformers import AutoTokenizer
 
     from rpo_jax.data import demo_paths, encode_prompt, encode_record, read_prompts, read_records
+
     tok = AutoTokenizer.from_pretrained(demo_paths()["tokenizer"])
     records, _ = read_records(demo_paths()["test"])
     prompts, _ = read_prompts(demo_paths()["test"])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from rpo_jax.data.records import PreferenceRecord
 from rpo_jax.data.selection import holdout_split, to_pairs
 
@@ -15,8 +16,13 @@ BAD = {"role": "assistant", "content": "five"}
 
 
 def test_to_pairs_best_vs_worst_and_all_pairs():
-    r = PreferenceRecord(prompt=(USER,), responses=tuple(({"role": "assistant", "content": c},) for c in "abcd"),
-                         rewards=(0.5, 1.0, 0.0, 0.5), conversational=True, source=("f", 1))
+    r = PreferenceRecord(
+        prompt=(USER,),
+        responses=tuple(({"role": "assistant", "content": c},) for c in "abcd"),
+        rewards=(0.5, 1.0, 0.0, 0.5),
+        conversational=True,
+        source=("f", 1),
+    )
     (pair,) = to_pairs([r])
     assert [m[0]["content"] for m in pair.responses] == ["b", "c"] and pair.rewards == (1.0, 0.0)
     pairs = to_pairs([r], mode="all_pairs")
@@ -30,8 +36,12 @@ def test_to_pairs_best_vs_worst_and_all_pairs():
 
 
 def test_holdout_split_is_seeded_disjoint_complete_and_ordered():
-    records = [PreferenceRecord(prompt=(USER,), responses=((GOOD,), (BAD,)), rewards=None, conversational=True,
-                                source=("f", i)) for i in range(1, 41)]
+    records = [
+        PreferenceRecord(
+            prompt=(USER,), responses=((GOOD,), (BAD,)), rewards=None, conversational=True, source=("f", i)
+        )
+        for i in range(1, 41)
+    ]
     parts = holdout_split(records, 0.25, seed=5)
     lines = {k: [r.source[1] for r in v] for k, v in parts.items()}
     assert sorted(lines) == ["test", "train"] and (len(lines["train"]), len(lines["test"])) == (30, 10)
@@ -59,7 +69,9 @@ def test_package_names_map_to_their_modules():
 
 
 def test_records_prompts_and_selection_import_without_jax_grain_or_tfds():
-    code = ("import sys, rpo_jax.data.records, rpo_jax.data.prompts, rpo_jax.data.selection; "
-            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'grain', 'tensorflow_datasets'}); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, rpo_jax.data.records, rpo_jax.data.prompts, rpo_jax.data.selection; "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'grain', 'tensorflow_datasets'}); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

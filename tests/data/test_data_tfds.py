@@ -5,12 +5,19 @@ from __future__ import annotations
 import sys
 
 import pytest
+
 from rpo_jax.data import build_tfds, load_tfds_records, read_records, tfds_data_source
 
 
 def _rows(n: int, offset: int = 0) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": f"question {i} é"}], "responses": [f"a{i}", f"b{i}"],
-             "rewards": [1.0, float(i)]} for i in range(offset, offset + n)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"question {i} é"}],
+            "responses": [f"a{i}", f"b{i}"],
+            "rewards": [1.0, float(i)],
+        }
+        for i in range(offset, offset + n)
+    ]
 
 
 def test_given_split_files_round_trip(write_lines, tmp_path):

@@ -5,13 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rpo_jax.data import (PreferenceRecord, RecordError, default_buckets, read_records, tokenize_records,
-                          bucket_for, demo_paths)
+from rpo_jax.data import (
+    PreferenceRecord,
+    RecordError,
+    bucket_for,
+    default_buckets,
+    demo_paths,
+    read_records,
+    tokenize_records,
+)
 
 # The demo tokenizer's vocabulary written out by hand: 7 special tokens, then one token per character.
-DEMO_VOCAB = {t: i for i, t in enumerate(
-    ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-    + list(" 0123456789abcdefghijklmnopqrstuvwxyz:.,?!-'\n"))}
+DEMO_VOCAB = {
+    t: i
+    for i, t in enumerate(
+        ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+        + list(" 0123456789abcdefghijklmnopqrstuvwxyz:.,?!-'\n")
+    )
+}
 
 
 def chars(text: str) -> list[int]:
@@ -22,16 +33,23 @@ BOS, EOS, PAD, USER, ASSISTANT = (DEMO_VOCAB[t] for t in ("<bos>", "<eos>", "<pa
 
 
 def conv_record(prompt: str, responses: list[str], rewards=None, line: int = 1) -> PreferenceRecord:
-    return PreferenceRecord(prompt=({"role": "user", "content": prompt},),
-                            responses=tuple(({"role": "assistant", "content": r},) for r in responses),
-                            rewards=None if rewards is None else tuple(rewards), conversational=True,
-                            source=("mem.jsonl", line))
+    return PreferenceRecord(
+        prompt=({"role": "user", "content": prompt},),
+        responses=tuple(({"role": "assistant", "content": r},) for r in responses),
+        rewards=None if rewards is None else tuple(rewards),
+        conversational=True,
+        source=("mem.jsonl", line),
+    )
 
 
 def std_record(prompt: str, responses: list[str], line: int = 1) -> PreferenceRecord:
-    return PreferenceRecord(prompt=({"role": "user", "content": prompt},),
-                            responses=tuple(({"role": "assistant", "content": r},) for r in responses),
-                            rewards=None, conversational=False, source=("mem.jsonl", line))
+    return PreferenceRecord(
+        prompt=({"role": "user", "content": prompt},),
+        responses=tuple(({"role": "assistant", "content": r},) for r in responses),
+        rewards=None,
+        conversational=False,
+        source=("mem.jsonl", line),
+    )
 
 
 def test_default_buckets_and_bucket_choice():
@@ -90,8 +108,9 @@ def test_prompt_not_a_token_prefix_names_the_record(words_tokenizer):
     bad = std_record("the ca", ["t sat", " ran"], line=7)
     with pytest.raises(RecordError, match=r"mem\.jsonl:7: responses\[0\]: the prompt's tokens are not a prefix"):
         tokenize_records([bad], words_tokenizer, max_length=16)
-    ds = tokenize_records([std_record("the cat", [" sat", " ran"]), bad], words_tokenizer, max_length=16,
-                          on_error="skip")
+    ds = tokenize_records(
+        [std_record("the cat", [" sat", " ran"]), bad], words_tokenizer, max_length=16, on_error="skip"
+    )
     assert len(ds) == 1 and ds.report.num_skipped == 1 and ds.report.problems[0].line == 7
 
 
@@ -173,16 +192,18 @@ def _check_contract(batch, *, batch_size, k_max, buckets, with_rewards):
 
 
 def test_variable_k_pads_invalid_slots(demo_tokenizer):
-    records = [conv_record("sort: 1 2", ["1 2", "2 1"], rewards=[1, 0]),
-               conv_record("sort: 2 1 3", ["1 2 3", "3 2 1", "1 2", "x"], rewards=[1, .5, .8, 0]),
-               conv_record("sort: 5 4", ["4 5", "5 4", "4"], rewards=[1, .5, .4])]
+    records = [
+        conv_record("sort: 1 2", ["1 2", "2 1"], rewards=[1, 0]),
+        conv_record("sort: 2 1 3", ["1 2 3", "3 2 1", "1 2", "x"], rewards=[1, 0.5, 0.8, 0]),
+        conv_record("sort: 5 4", ["4 5", "5 4", "4"], rewards=[1, 0.5, 0.4]),
+    ]
     ds = tokenize_records(records, demo_tokenizer, max_length=64)
     assert ds.k_max == 4 and ds.has_rewards
     batch = ds.collate([0, 1, 2, None])
     _check_contract(batch, batch_size=4, k_max=4, buckets=ds.buckets, with_rewards=True)
     np.testing.assert_array_equal(batch["valid"], [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
     np.testing.assert_array_equal(batch["index"], [0, 1, 2, -1])
-    np.testing.assert_allclose(batch["rewards"][2], [1, .5, .4, 0])
+    np.testing.assert_allclose(batch["rewards"][2], [1, 0.5, 0.4, 0])
     with pytest.raises(ValueError, match="k_max=3 but a record has 4 responses"):
         tokenize_records(records, demo_tokenizer, max_length=64, k_max=3)
     assert tokenize_records(records, demo_tokenizer, max_length=64, k_max=6).collate([0])["tokens"].shape[1] == 6
@@ -193,11 +214,25 @@ def test_four_format_files_read_validate_and_batch(write_lines, tmp_path, words_
     u = {"role": "user", "content": "what is two plus two"}
     files = {
         "standard.jsonl": [{"prompt": "what is", "chosen": " four", "rejected": " five"}] * 3,
-        "conversational.jsonl": [{"prompt": [u], "chosen": [{"role": "assistant", "content": "four"}],
-                                  "rejected": [{"role": "assistant", "content": "five six"}]}] * 3,
-        "nemo.jsonl": [{"prompt": "two plus two", "chosen_response": " four", "rejected_response": " five",
-                        "chosen_reward": 1.0, "rejected_reward": 0.0}] * 3,
-        "k4.jsonl": [{"prompt": [u], "responses": ["four", "five", "six", "the cat"], "rewards": [1, .2, .1, 0]}] * 3,
+        "conversational.jsonl": [
+            {
+                "prompt": [u],
+                "chosen": [{"role": "assistant", "content": "four"}],
+                "rejected": [{"role": "assistant", "content": "five six"}],
+            }
+        ]
+        * 3,
+        "nemo.jsonl": [
+            {
+                "prompt": "two plus two",
+                "chosen_response": " four",
+                "rejected_response": " five",
+                "chosen_reward": 1.0,
+                "rejected_reward": 0.0,
+            }
+        ]
+        * 3,
+        "k4.jsonl": [{"prompt": [u], "responses": ["four", "five", "six", "the cat"], "rewards": [1, 0.2, 0.1, 0]}] * 3,
     }
     for name, lines in files.items():
         records, report = read_records(write_lines(tmp_path / name, lines))
@@ -205,7 +240,9 @@ def test_four_format_files_read_validate_and_batch(write_lines, tmp_path, words_
         ds = tokenize_records(records, words_tokenizer, max_length=32)
         k = 4 if name == "k4.jsonl" else 2
         batch = ds.collate([0, 1, 2])
-        _check_contract(batch, batch_size=3, k_max=k, buckets=ds.buckets, with_rewards=name in ("nemo.jsonl", "k4.jsonl"))
+        _check_contract(
+            batch, batch_size=3, k_max=k, buckets=ds.buckets, with_rewards=name in ("nemo.jsonl", "k4.jsonl")
+        )
         assert batch["valid"].all()
 
 
@@ -251,25 +288,33 @@ def test_smollm2_chat_template_masks(smollm2_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    record = PreferenceRecord(prompt=({"role": "user", "content": "Hi"},),
-                              responses=(({"role": "assistant", "content": "Hello!"},),
-                                         ({"role": "assistant", "content": "Go away."},)),
-                              rewards=None, conversational=True, source=("mem.jsonl", 1))
+    record = PreferenceRecord(
+        prompt=({"role": "user", "content": "Hi"},),
+        responses=(({"role": "assistant", "content": "Hello!"},), ({"role": "assistant", "content": "Go away."},)),
+        rewards=None,
+        conversational=True,
+        source=("mem.jsonl", 1),
+    )
     batch = tokenize_records([record], tok, max_length=128).collate([0])
-    expected_prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-                       "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    expected_prompt = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     for k, text in enumerate(["Hello!", "Go away."]):
         tokens, mask, att = batch["tokens"][0, k], batch["loss_mask"][0, k], batch["attention_mask"][0, k]
         assert tok.decode(tokens[att & ~mask]) == expected_prompt
         assert tok.decode(tokens[mask]) == text + "<|im_end|>\n"  # the template's end of turn; no second EOS
         assert mask.sum() == len(tok(text + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
         assert (tokens[~att] == tok.pad_token_id).all()
-    plain = PreferenceRecord(prompt=({"role": "user", "content": "The capital of France is"},),
-                             responses=(({"role": "assistant", "content": " Paris."},),
-                                        ({"role": "assistant", "content": " Rome."},)),
-                             rewards=None, conversational=False, source=("mem.jsonl", 2))
+    plain = PreferenceRecord(
+        prompt=({"role": "user", "content": "The capital of France is"},),
+        responses=(({"role": "assistant", "content": " Paris."},), ({"role": "assistant", "content": " Rome."},)),
+        rewards=None,
+        conversational=False,
+        source=("mem.jsonl", 2),
+    )
     batch = tokenize_records([plain], tok, max_length=64).collate([0])
     full = tok("The capital of France is Paris.")["input_ids"] + [tok.eos_token_id]
     n_prompt = len(tok("The capital of France is")["input_ids"])
-    np.testing.assert_array_equal(batch["tokens"][0, 0, :len(full)], full)
+    np.testing.assert_array_equal(batch["tokens"][0, 0, : len(full)], full)
     assert batch["loss_mask"][0, 0].nonzero()[0].tolist() == list(range(n_prompt, len(full)))

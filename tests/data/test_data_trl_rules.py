@@ -11,9 +11,14 @@ from rpo_jax.data import PreferenceRecord, RecordError, tokenize_records
 
 
 def std(prompt: str, responses: list[str], line: int = 1) -> PreferenceRecord:
-    return PreferenceRecord(prompt=({"role": "user", "content": prompt},),
-                            responses=tuple(({"role": "assistant", "content": r},) for r in responses),
-                            rewards=None, conversational=False, source=("mem.jsonl", line), labelled=True)
+    return PreferenceRecord(
+        prompt=({"role": "user", "content": prompt},),
+        responses=tuple(({"role": "assistant", "content": r},) for r in responses),
+        rewards=None,
+        conversational=False,
+        source=("mem.jsonl", line),
+        labelled=True,
+    )
 
 
 def test_keep_start_cuts_each_sequence_and_drops_prompts_that_fill_max_length(words_tokenizer):
@@ -40,10 +45,13 @@ def test_plain_string_eos_is_appended_once(words_tokenizer):
 
 
 def test_chat_template_response_gets_nothing_appended(words_tokenizer):
-    record = PreferenceRecord(prompt=({"role": "user", "content": "the cat"},),
-                              responses=(({"role": "assistant", "content": "sat"},),
-                                         ({"role": "assistant", "content": "ran"},)),
-                              rewards=None, conversational=True, labelled=True)
+    record = PreferenceRecord(
+        prompt=({"role": "user", "content": "the cat"},),
+        responses=(({"role": "assistant", "content": "sat"},), ({"role": "assistant", "content": "ran"},)),
+        rewards=None,
+        conversational=True,
+        labelled=True,
+    )
     template_without_eos = words_tokenizer.chat_template.replace("<|im_end|>", "")
     tok = words_tokenizer
     original = tok.chat_template
@@ -54,5 +62,6 @@ def test_chat_template_response_gets_nothing_appended(words_tokenizer):
         tok.chat_template = original
     ids = tok.convert_tokens_to_ids
     n = int(batch["attention_mask"][0, 0].sum())
-    assert batch["tokens"][0, 0, :n].tolist() == ids(["<bos>", "<|im_start|>", "user", "the", "cat",
-                                                      "<|im_start|>", "assistant", "sat"])
+    assert batch["tokens"][0, 0, :n].tolist() == ids(
+        ["<bos>", "<|im_start|>", "user", "the", "cat", "<|im_start|>", "assistant", "sat"]
+    )

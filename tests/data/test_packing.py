@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 
 from rpo_jax.data import PreferenceRecord, make_eval_batches, make_train_iterator, tokenize_records
-from rpo_jax.data.packing import (Packing, candidate_row_lengths, fill_ratio, pack_batch, packing_saves,
-                                  padded_row_count, real_tokens)
+from rpo_jax.data.packing import (
+    Packing,
+    candidate_row_lengths,
+    fill_ratio,
+    pack_batch,
+    packing_saves,
+    padded_row_count,
+    real_tokens,
+)
 from rpo_jax.data.tokenize import TokenizedExample, collate_examples
 
 
@@ -20,9 +27,13 @@ def record(i: int) -> PreferenceRecord:
     """A conversational record with K = 2, 3 or 4 responses of different lengths (digits of i)."""
     digits = " ".join(str(int(c)) for c in f"{i:03d}")
     responses = tuple(({"role": "assistant", "content": digits[: 2 * j + 1]},) for j in range(2 + i % 3))
-    return PreferenceRecord(prompt=({"role": "user", "content": f"sort: {digits}"},), responses=responses,
-                            rewards=tuple(float(j) for j in range(len(responses))), conversational=True,
-                            source=("mem.jsonl", i + 1))
+    return PreferenceRecord(
+        prompt=({"role": "user", "content": f"sort: {digits}"},),
+        responses=responses,
+        rewards=tuple(float(j) for j in range(len(responses))),
+        conversational=True,
+        source=("mem.jsonl", i + 1),
+    )
 
 
 def batch_of(prompts_and_responses, k_max, with_rewards=False):
@@ -33,16 +44,26 @@ def batch_of(prompts_and_responses, k_max, with_rewards=False):
             examples.append(None)
             continue
         prompt, responses = item
-        examples.append(TokenizedExample(i, tuple(np.asarray(prompt + r, np.int32) for r in responses),
-                                         (len(prompt),) * len(responses),
-                                         tuple(float(j) for j in range(len(responses))) if with_rewards else None))
+        examples.append(
+            TokenizedExample(
+                i,
+                tuple(np.asarray(prompt + r, np.int32) for r in responses),
+                (len(prompt),) * len(responses),
+                tuple(float(j) for j in range(len(responses))) if with_rewards else None,
+            )
+        )
     return collate_examples(examples, k_max=k_max, buckets=(8, 16, 32), pad_id=0, with_rewards=with_rewards)
 
 
 def random_batch(seed, ks=(2, 3, 4, 1, 4, 2)):
     rng = np.random.default_rng(seed)
-    items = [(rng.integers(1, 99, rng.integers(1, 7)).tolist(),
-              [rng.integers(1, 99, rng.integers(1, 10)).tolist() for _ in range(k)]) for k in ks]
+    items = [
+        (
+            rng.integers(1, 99, rng.integers(1, 7)).tolist(),
+            [rng.integers(1, 99, rng.integers(1, 10)).tolist() for _ in range(k)],
+        )
+        for k in ks
+    ]
     batch = batch_of(items + [None], k_max=4, with_rewards=True)
     batch["valid"][2, 1] = False  # a masked response
     return batch
@@ -104,7 +125,7 @@ def test_tokens_are_packed_once_and_a_shared_prompt_once_per_unit():
         expected += batch["tokens"][b, ks[0], :p].tolist() if len(ks) > 1 else []
         for k in ks:
             n = int(batch["attention_mask"][b, k].sum())
-            expected += batch["tokens"][b, k, p if len(ks) > 1 else 0:n].tolist()
+            expected += batch["tokens"][b, k, p if len(ks) > 1 else 0 : n].tolist()
     assert sorted(shared["tokens"][shared["attention_mask"]].tolist()) == sorted(expected)
     for packed in (plain, shared):
         for seg in packed["segment_ids"]:
@@ -162,12 +183,15 @@ def long_batch(lengths, prompt=50):
     """One example per row of ``lengths``: a ``prompt``-token prompt and responses making sequences of the given
     lengths, padded to the 512 bucket."""
     rng = np.random.default_rng(0)
-    items = [(rng.integers(1, 99, prompt).tolist(), [rng.integers(1, 99, n - prompt).tolist() for n in row])
-             for row in lengths]
-    examples = [TokenizedExample(i, tuple(np.asarray(p + r, np.int32) for r in rs), (len(p),) * len(rs), None)
-                for i, (p, rs) in enumerate(items)]
-    return collate_examples(examples, k_max=max(map(len, lengths)), buckets=(256, 512), pad_id=0,
-                            with_rewards=False)
+    items = [
+        (rng.integers(1, 99, prompt).tolist(), [rng.integers(1, 99, n - prompt).tolist() for n in row])
+        for row in lengths
+    ]
+    examples = [
+        TokenizedExample(i, tuple(np.asarray(p + r, np.int32) for r in rs), (len(p),) * len(rs), None)
+        for i, (p, rs) in enumerate(items)
+    ]
+    return collate_examples(examples, k_max=max(map(len, lengths)), buckets=(256, 512), pad_id=0, with_rewards=False)
 
 
 def test_automatic_row_length_takes_the_fewest_slots():
@@ -205,12 +229,14 @@ def test_micro_batch_layout_gives_each_slice_its_own_examples(micro_batches, fir
     scored tokens of the global examples g ≡ m (mod M), under ids 1 + (g // M)·K + k, at their own positions."""
     batch = random_batch(3, ks=(2, 3, 4, 1, 4, 2, 3, 2, 1, 4, 2))  # 12 examples with the padding one
     b_count, k_max = batch["valid"].shape
-    packed = pack_batch(batch, Packing(24, share_prompt=share_prompt), first_example=first_example,
-                        micro_batches=micro_batches)
+    packed = pack_batch(
+        batch, Packing(24, share_prompt=share_prompt), first_example=first_example, micro_batches=micro_batches
+    )
     assert packed["tokens"].shape[0] % micro_batches == 0
     for m in range(micro_batches):
-        ids, tokens, positions = (packed[key][m::micro_batches].reshape(-1)
-                                  for key in ("response_id", "tokens", "positions"))
+        ids, tokens, positions = (
+            packed[key][m::micro_batches].reshape(-1) for key in ("response_id", "tokens", "positions")
+        )
         expected = set()
         for b in range(b_count):
             g = first_example + b
@@ -234,8 +260,11 @@ def test_packing_is_deterministic_and_refuses_what_it_cannot_pack():
         pack_batch(batch_of([([1, 2, 3], [[4], [5, 6, 7, 8, 9, 10]])], k_max=2), Packing(8))
     other = batch_of([([1, 2, 3], [[4], [5, 6]])], k_max=2)
     other["tokens"][0, 1, 0] = 7  # response 1 has another prompt
-    with pytest.raises(ValueError, match=r"record 0\): data.share_prompt needs one prompt per example, but "
-                                         r"response 1's first 3 tokens differ"):
+    with pytest.raises(
+        ValueError,
+        match=r"record 0\): data.share_prompt needs one prompt per example, but "
+        r"response 1's first 3 tokens differ",
+    ):
         pack_batch(other, Packing(8, share_prompt=True))
     pack_batch(other, Packing(8))  # without sharing it packs
 

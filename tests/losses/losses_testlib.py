@@ -16,8 +16,16 @@ def sigmoid(x):
     return np.exp(log_sigmoid(x))
 
 
-def random_batch(seed: int, *, b: int = 4, k: int = 2, r: int | None = None, rewards: bool = True,
-                 valid: np.ndarray | None = None, scale: float = 3.0) -> PreferenceLogps:
+def random_batch(
+    seed: int,
+    *,
+    b: int = 4,
+    k: int = 2,
+    r: int | None = None,
+    rewards: bool = True,
+    valid: np.ndarray | None = None,
+    scale: float = 3.0,
+) -> PreferenceLogps:
     """A batch of plausible (negative) log-probs; rewards without ties; lengths 1..9."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 10, size=(b, k)).astype(np.int32)
@@ -52,15 +60,23 @@ def preferred_pairs(rewards, valid):
         if rewards is None:
             out.append([(0, 1)] if valid[b, 0] and valid[b, 1] else [])
         else:
-            out.append([(i, j) for i in range(k) for j in range(k)
-                        if valid[b, i] and valid[b, j] and rewards[b, i] > rewards[b, j]])
+            out.append(
+                [
+                    (i, j)
+                    for i in range(k)
+                    for j in range(k)
+                    if valid[b, i] and valid[b, j] and rewards[b, i] > rewards[b, j]
+                ]
+            )
     return out
 
 
 def all_ordered_pairs(valid):
     k = valid.shape[1]
-    return [[(i, j) for i in range(k) for j in range(k) if i != j and valid[b, i] and valid[b, j]]
-            for b in range(valid.shape[0])]
+    return [
+        [(i, j) for i in range(k) for j in range(k) if i != j and valid[b, i] and valid[b, j]]
+        for b in range(valid.shape[0])
+    ]
 
 
 def mean_over_pairs(pairs_per_example, pair_loss):

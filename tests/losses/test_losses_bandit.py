@@ -97,8 +97,10 @@ def test_mrpo_with_fixed_alpha_converges_to_virtual_reference_optimum():
     refs = np.stack([REF_LOGPS, _log_softmax(RNG.normal(size=N)), _log_softmax(2.0 * RNG.normal(size=N))], -1)
     # Independent virtual reference: fixed-rate clipping of references 1, 2 around reference 0, then the
     # weighted harmonic mean.
-    low, high = np.minimum((1 + epsilon) * refs[:, 0], (1 - epsilon) * refs[:, 0]), \
-        np.maximum((1 + epsilon) * refs[:, 0], (1 - epsilon) * refs[:, 0])
+    low, high = (
+        np.minimum((1 + epsilon) * refs[:, 0], (1 - epsilon) * refs[:, 0]),
+        np.maximum((1 + epsilon) * refs[:, 0], (1 - epsilon) * refs[:, 0]),
+    )
     clipped = refs.copy()
     clipped[:, 1:] = np.clip(refs[:, 1:], low[:, None], high[:, None])
     assert np.any(clipped != refs), "the clipping must bind somewhere for this test to mean something"

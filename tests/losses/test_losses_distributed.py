@@ -16,8 +16,14 @@ N_DEVICES = 8
 FIELDS = ("policy_logps", "ref_logps", "lengths", "rewards", "valid")
 # One loss of each kind: reward-aware pairwise/listwise, preference-only, batch-global (sft, aot), MRPO, combined.
 CASES = [
-    ("rpo_bwd_kl", {}), ("rpo_listwise", {}), ("dpo", {}), ("ipo", {}), ("aot", {}), ("mrpo", {}),
-    ("sft", {}), ([("rpo_sq", 1.0), ("sft", 0.1)], {}),
+    ("rpo_bwd_kl", {}),
+    ("rpo_listwise", {}),
+    ("dpo", {}),
+    ("ipo", {}),
+    ("aot", {}),
+    ("mrpo", {}),
+    ("sft", {}),
+    ([("rpo_sq", 1.0), ("sft", 0.1)], {}),
 ]
 
 
@@ -39,9 +45,14 @@ def _first_name(name):
 
 
 def _shard(batch):
-    return PreferenceLogps(*[None if getattr(batch, f) is None else
-                             np.asarray(getattr(batch, f)).reshape(N_DEVICES, -1, *np.shape(getattr(batch, f))[1:])
-                             for f in FIELDS])
+    return PreferenceLogps(
+        *[
+            None
+            if getattr(batch, f) is None
+            else np.asarray(getattr(batch, f)).reshape(N_DEVICES, -1, *np.shape(getattr(batch, f))[1:])
+            for f in FIELDS
+        ]
+    )
 
 
 def _assert_same_output(got, want):
@@ -51,8 +62,9 @@ def _assert_same_output(got, want):
         np.testing.assert_allclose(got.metrics[key], want.metrics[key], rtol=2e-5, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize("name,hp", CASES, ids=[str(_first_name(n)) + ("+" if not isinstance(n, str) else "")
-                                                for n, _ in CASES])
+@pytest.mark.parametrize(
+    "name,hp", CASES, ids=[str(_first_name(n)) + ("+" if not isinstance(n, str) else "") for n, _ in CASES]
+)
 def test_pmap_over_sharded_batch_is_the_global_mean(name, hp):
     batch = global_batch(_first_name(name))
     single = jax.jit(make_loss(name, **hp))(batch)
@@ -61,8 +73,9 @@ def test_pmap_over_sharded_batch_is_the_global_mean(name, hp):
     np.testing.assert_allclose(np.asarray(sharded.per_example).reshape(-1), single.per_example, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name,hp", CASES, ids=[str(_first_name(n)) + ("+" if not isinstance(n, str) else "")
-                                                for n, _ in CASES])
+@pytest.mark.parametrize(
+    "name,hp", CASES, ids=[str(_first_name(n)) + ("+" if not isinstance(n, str) else "") for n, _ in CASES]
+)
 def test_shard_map_values_and_gradients_match_single_device(name, hp):
     batch = global_batch(_first_name(name), seed=1)
     mesh = jax.make_mesh((N_DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -98,7 +111,8 @@ def test_pmap_gradients_carry_jax_pmap_psum_scaling():
     want = jax.grad(lambda x: loss(make_loss("dpo"), x, rest))(x)
     sharded = _shard(PreferenceLogps(x, *[getattr(rest, f) for f in FIELDS[1:]]))
     got = jax.pmap(jax.grad(lambda x, rest: loss(make_loss("dpo", axis_name="d"), x, rest)), axis_name="d")(
-        sharded.policy_logps, PreferenceLogps(None, *[getattr(sharded, f) for f in FIELDS[1:]]))
+        sharded.policy_logps, PreferenceLogps(None, *[getattr(sharded, f) for f in FIELDS[1:]])
+    )
     np.testing.assert_allclose(np.asarray(got).reshape(16, 3) / N_DEVICES, want, rtol=2e-5, atol=1e-8)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rpo_jax.losses import PreferenceLogps, make_loss, virtual_reference
-from tests.losses.losses_testlib import jit_loss, as_f64, log_sigmoid, random_batch
+from tests.losses.losses_testlib import as_f64, jit_loss, log_sigmoid, random_batch
 
 BETA = 0.2
 
@@ -114,8 +114,15 @@ def test_virtual_reference_k4_with_missing_responses():
         eps_y = eps * (len(idx) / 2) * m / m.sum()
         clipped = r.copy()
         clipped[:, 1] = np.clip(r[:, 1], r[:, 0] * (1 + eps_y), r[:, 0] * (1 - eps_y))
-        margins = np.array([np.mean([abs(r[i, k] - r[j, k]) for i in range(len(idx)) for j in range(len(idx)) if i != j])
-                            for k in range(2)]) + 1e-6
+        margins = (
+            np.array(
+                [
+                    np.mean([abs(r[i, k] - r[j, k]) for i in range(len(idx)) for j in range(len(idx)) if i != j])
+                    for k in range(2)
+                ]
+            )
+            + 1e-6
+        )
         alpha = margins / margins.sum()
         expected[b, idx] = -np.log(np.sum(alpha * np.exp(-clipped), -1))
     got = np.asarray(virtual_reference(np.asarray(batch.ref_logps, np.float32), valid, alpha=None, epsilon=eps))
@@ -125,8 +132,9 @@ def test_virtual_reference_k4_with_missing_responses():
 @pytest.mark.parametrize("loss_name", ["rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_listwise"])
 def test_mrpo_combiner_composes_with_every_rpo_distance(loss_name):
     batch = random_batch(7, b=4, k=3, r=3)
-    virtual = virtual_reference(np.asarray(batch.ref_logps), np.ones((4, 3), bool), alpha=(0.5, 0.25, 0.25),
-                                epsilon=0.1, epsilon_mode="fixed")
+    virtual = virtual_reference(
+        np.asarray(batch.ref_logps), np.ones((4, 3), bool), alpha=(0.5, 0.25, 0.25), epsilon=0.1, epsilon_mode="fixed"
+    )
     combined = jit_loss(loss_name, reference_combiner="mrpo", alpha=(0.5, 0.25, 0.25), epsilon_mode="fixed")(batch)
     single = jit_loss(loss_name)(PreferenceLogps(batch.policy_logps, np.asarray(virtual), batch.lengths, batch.rewards))
     np.testing.assert_allclose(combined.per_example, single.per_example, rtol=1e-6)
@@ -167,6 +175,7 @@ def test_loss_attributes():
 # ---------------------------------------------------------------------------------------------------------------
 # arwc="authors_code": the authors' two-reference weighting, against a direct transcription of their code.
 
+
 def _authors_code_mrpo_k2(policy, ref, beta, eta):
     """Per-example MRPO loss transcribed line by line from the authors' code, github.com/thaihungle/MRPO,
     src/llmtuner/train/dpo/trainer_mref.py (commit 4171095f), ``MRefDPOTrainer.get_batch_loss_metrics``: MRPO
@@ -199,8 +208,7 @@ def _authors_code_mrpo_k2(policy, ref, beta, eta):
     reference_rejected_logps = np.minimum(reference_rejected_logps, reference_rejected_logps2 * (1 - eta2))
     reference_rejected_logps0 = reference_rejected_logps + reference_rejected_logps2
     c = np.maximum(reference_rejected_logps, reference_rejected_logps2)
-    p12 = c + np.log(alpha * np.exp(reference_rejected_logps - c)
-                     + (1 - alpha) * np.exp(reference_rejected_logps2 - c))
+    p12 = c + np.log(alpha * np.exp(reference_rejected_logps - c) + (1 - alpha) * np.exp(reference_rejected_logps2 - c))
     reference_rejected_logps0 -= p12
     logits = (policy[:, 0] - policy[:, 1]) - (reference_chosen_logps0 - reference_rejected_logps0)
     return -log_sigmoid(beta * logits)
@@ -239,8 +247,9 @@ def test_mrpo_own_margin_is_not_the_authors_code_weighting():
     swapped = np.stack([np.abs(ref[:, 0, 1] - ref[:, 1, 1]), np.abs(ref[:, 0, 0] - ref[:, 1, 0])], 1)
     swapped = swapped / (swapped.sum(-1, keepdims=True) + 1e-6)
     swapped[:, 1] = 1 - swapped[:, 0]
-    np.testing.assert_allclose(_dpo(policy, _virtual(clipped, swapped)),
-                               _authors_code_mrpo_k2(policy, ref, BETA, 0.1), rtol=1e-9)
+    np.testing.assert_allclose(
+        _dpo(policy, _virtual(clipped, swapped)), _authors_code_mrpo_k2(policy, ref, BETA, 0.1), rtol=1e-9
+    )
     out = jit_loss("mrpo", beta=BETA)(batch)
     np.testing.assert_allclose(out.per_example, _dpo(policy, _virtual(clipped, own)), rtol=1e-5)
 
@@ -262,7 +271,8 @@ def test_authors_code_limits(mode):
     batch = _two_reference_batch(13)
     identical = np.repeat(np.asarray(batch.ref_logps)[..., :1], 2, axis=-1)
     out = jit_loss("mrpo", beta=BETA, epsilon_mode=mode, arwc="authors_code")(
-        PreferenceLogps(batch.policy_logps, identical))
+        PreferenceLogps(batch.policy_logps, identical)
+    )
     dpo = jit_loss("dpo", beta=BETA)(PreferenceLogps(batch.policy_logps, identical[..., 0]))
     np.testing.assert_allclose(out.per_example, dpo.per_example, rtol=1e-5)
     out = jit_loss("mrpo", beta=BETA, epsilon=0.0, epsilon_mode=mode, arwc="authors_code")(batch)
@@ -284,21 +294,30 @@ def test_authors_code_combiner_composes_with_rpo_k3(loss_name):
         eps_y = 0.1 * (len(idx) / 2) * m / m.sum()
         clipped = r.copy()
         clipped[:, 1] = np.clip(r[:, 1], r[:, 0] * (1 + eps_y), r[:, 0] * (1 - eps_y))
-        margins = [np.mean([abs(r[i, k] - r[j, k]) for i in range(len(idx)) for j in range(len(idx)) if i != j])
-                   for k in range(2)]
+        margins = [
+            np.mean([abs(r[i, k] - r[j, k]) for i in range(len(idx)) for j in range(len(idx)) if i != j])
+            for k in range(2)
+        ]
         alpha0 = margins[1] / (margins[0] + margins[1] + 1e-6)
         expected_virtual[b, idx] = -np.log(alpha0 * np.exp(-clipped[:, 0]) + (1 - alpha0) * np.exp(-clipped[:, 1]))
     got_virtual = np.asarray(virtual_reference(np.asarray(batch.ref_logps), valid, arwc="authors_code"))
     np.testing.assert_allclose(got_virtual[valid], expected_virtual[valid], rtol=1e-5)
     combined = jit_loss(loss_name, reference_combiner="mrpo", arwc="authors_code")(batch)
-    single = jit_loss(loss_name)(PreferenceLogps(batch.policy_logps, expected_virtual.astype(np.float32),
-                                                 batch.lengths, batch.rewards, batch.valid))
+    single = jit_loss(loss_name)(
+        PreferenceLogps(
+            batch.policy_logps, expected_virtual.astype(np.float32), batch.lengths, batch.rewards, batch.valid
+        )
+    )
     np.testing.assert_allclose(combined.per_example, single.per_example, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs", [{"name_or_weighted_list": "mrpo", "arwc": "authors_code"},
-                                    {"name_or_weighted_list": "rpo_sq", "reference_combiner": "mrpo",
-                                     "arwc": "authors_code"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name_or_weighted_list": "mrpo", "arwc": "authors_code"},
+        {"name_or_weighted_list": "rpo_sq", "reference_combiner": "mrpo", "arwc": "authors_code"},
+    ],
+)
 def test_authors_code_needs_exactly_two_references(kwargs):
     f = make_loss(**kwargs)
     assert f.spec.num_references == 2 and f.spec.min_references == 2
@@ -309,6 +328,10 @@ def test_authors_code_needs_exactly_two_references(kwargs):
     for fn in (f, jax.jit(f)):  # at the first call, also at trace time
         with pytest.raises(ValueError, match=r"ref_logps has R = 3 .*arwc='authors_code'.*exactly R = 2"):
             fn(batch)
-    assert make_loss(kwargs["name_or_weighted_list"], **{k: v for k, v in kwargs.items()
-                                                         if k not in ("name_or_weighted_list", "arwc")}
-                     ).spec.num_references is None
+    assert (
+        make_loss(
+            kwargs["name_or_weighted_list"],
+            **{k: v for k, v in kwargs.items() if k not in ("name_or_weighted_list", "arwc")},
+        ).spec.num_references
+        is None
+    )

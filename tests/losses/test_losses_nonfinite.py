@@ -11,7 +11,7 @@ from tests.losses.losses_testlib import check_every_case, jit_loss
 
 B, K = 4, 3
 VALID = np.array([[True, True, True], [True, True, False], [True, True, True], [True, False, True]])
-VALID_SLOT = (0, 1)    # a valid response of example 0 (neither its best nor its worst: it is in every kind of pair)
+VALID_SLOT = (0, 1)  # a valid response of example 0 (neither its best nor its worst: it is in every kind of pair)
 INVALID_SLOT = (1, 2)  # an invalid response of example 1
 
 
@@ -51,8 +51,9 @@ VALUES = [("nan", np.nan), ("+inf", np.inf), ("-inf", -np.inf)]
 # Each check below loops over its whole table in one test (check_every_case names each failing case by the id it
 # had as a parametrised item, e.g. "dpo-ref_logps-+inf"): 755 items of a few milliseconds each were mostly
 # pytest's own overhead. The compiled losses are shared through jit_loss, as before.
-CASES_AND_VALUES = [(f"{case_id}-{value_id}", (*case, value))
-                    for case_id, case in zip(IDS, CASES) for value_id, value in VALUES]
+CASES_AND_VALUES = [
+    (f"{case_id}-{value_id}", (*case, value)) for case_id, case in zip(IDS, CASES) for value_id, value in VALUES
+]
 
 
 def _out(name, batch):
@@ -80,11 +81,13 @@ def test_nan_in_a_valid_slot_reaches_the_policy_gradient():
     """A training step on a NaN example is not silently a step on the rest: the gradient of the affected
     example's valid policy slots is NaN too (examples whose inputs are all finite keep finite gradients unless
     the loss couples them, which the value test above already covers)."""
+
     def check(name, field, ref_index):
         batch = _set(_batch(name), field, ref_index, VALID_SLOT, np.nan)
         loss_fn = jit_loss(name)
-        grad = jax.grad(lambda x: loss_fn(PreferenceLogps(x, batch.ref_logps, batch.lengths, batch.rewards,
-                                                          batch.valid)).loss)(jnp.asarray(batch.policy_logps))
+        grad = jax.grad(
+            lambda x: loss_fn(PreferenceLogps(x, batch.ref_logps, batch.lengths, batch.rewards, batch.valid)).loss
+        )(jnp.asarray(batch.policy_logps))
         grad = np.asarray(grad)
         assert np.all(np.isnan(grad[VALID_SLOT[0]][VALID[VALID_SLOT[0]]])), (name, field, grad)
 
@@ -112,9 +115,9 @@ def test_nan_in_every_invalid_slot_keeps_gradients_finite_and_zero_there():
             for slot in zip(*np.nonzero(~VALID)):
                 batch = _set(batch, field, r, tuple(slot), np.nan)
         loss_fn = jit_loss(name)
-        value, grad = jax.value_and_grad(lambda x: loss_fn(PreferenceLogps(x, batch.ref_logps, batch.lengths,
-                                                                            batch.rewards, batch.valid)).loss)(
-            jnp.asarray(batch.policy_logps))
+        value, grad = jax.value_and_grad(
+            lambda x: loss_fn(PreferenceLogps(x, batch.ref_logps, batch.lengths, batch.rewards, batch.valid)).loss
+        )(jnp.asarray(batch.policy_logps))
         assert np.isfinite(float(value))
         assert np.all(np.isfinite(np.asarray(grad)))
         np.testing.assert_array_equal(np.asarray(grad)[~VALID], 0.0)

@@ -9,23 +9,42 @@ import numpy as np
 import pytest
 
 from rpo_jax.losses import PreferenceLogps, bwd_kl, make_loss, rpo_pairwise
-from tests.losses.losses_testlib import jit_loss, all_ordered_pairs, as_f64, log_sigmoid, mean_over_pairs, preferred_pairs, random_batch, sigmoid
+from tests.losses.losses_testlib import (
+    all_ordered_pairs,
+    as_f64,
+    jit_loss,
+    log_sigmoid,
+    mean_over_pairs,
+    preferred_pairs,
+    random_batch,
+    sigmoid,
+)
 
-VALID_K4 = np.array([[True, True, True, True], [True, False, True, True], [False, True, False, True],
-                     [True, False, False, False], [True, True, True, False]])
+VALID_K4 = np.array(
+    [
+        [True, True, True, True],
+        [True, False, True, True],
+        [False, True, False, True],
+        [True, False, False, False],
+        [True, True, True, False],
+    ]
+)
 
 
 def _with_garbage(batch: PreferenceLogps) -> PreferenceLogps:
     """Put NaN into every invalid slot: it must not leak into any value or gradient."""
     valid = np.asarray(batch.valid)
+
     def spoil(x):
         if x is None:
             return None
         x = np.array(x, np.float32)
         mask = valid if x.ndim == 2 else valid[..., None]
         return np.where(mask, x, np.nan).astype(np.float32)
-    return PreferenceLogps(spoil(batch.policy_logps), spoil(batch.ref_logps), batch.lengths,
-                           spoil(batch.rewards), batch.valid)
+
+    return PreferenceLogps(
+        spoil(batch.policy_logps), spoil(batch.ref_logps), batch.lengths, spoil(batch.rewards), batch.valid
+    )
 
 
 def pair_batch(seed=0):
@@ -44,6 +63,7 @@ def _loss(name, batch, **hp):
 # ---------------------------------------------------------------------------------------------------------------
 # Textbook formulas (K = 2, response 0 chosen).
 
+
 def textbook_pairs(batch, fn):
     policy, ref, lengths, _, _ = as_f64(batch)
     per_example = np.array([fn(policy[b], ref[b], lengths[b]) for b in range(policy.shape[0])])
@@ -57,8 +77,9 @@ def test_dpo_textbook_and_setting():
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(per_example, per_ex, rtol=1e-5)
     # RPO setting, other route: rpo_bwd_kl with an explicit reward gap so large that σ(η Δr*) = 1 in float32.
-    rewarded = PreferenceLogps(batch.policy_logps, batch.ref_logps, batch.lengths,
-                               np.tile(np.float32([1e4, 0.0]), (6, 1)))
+    rewarded = PreferenceLogps(
+        batch.policy_logps, batch.ref_logps, batch.lengths, np.tile(np.float32([1e4, 0.0]), (6, 1))
+    )
     np.testing.assert_allclose(_loss("rpo_bwd_kl", rewarded, beta=beta)[0], loss, rtol=1e-6)
     # RPO setting, direct: bwd_kl towards b = +∞ through the general pairwise function.
     policy, ref = jnp.asarray(batch.policy_logps), jnp.asarray(batch.ref_logps)
@@ -71,16 +92,19 @@ def test_dpo_textbook_and_setting():
 def test_cdpo_textbook_and_setting(eps):
     batch, beta = pair_batch(1), 0.2
     entropy = 0.0 if eps == 0 else -(eps * math.log(eps) + (1 - eps) * math.log(1 - eps))
+
     def label_smoothed(p, r, l):  # Mitchell's cDPO; TRL <= 0.x sigmoid + label_smoothing, OpenRLHF, NeMo
         z = beta * ((p[0] - p[1]) - (r[0] - r[1]))
         return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+
     expected, per_ex = textbook_pairs(batch, label_smoothed)
     loss, per_example = _loss("cdpo", batch, beta=beta, label_smoothing=eps)
     # cdpo reports the conventional label-smoothed value itself (not the KL, which is H(ε) lower).
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(per_example, per_ex, rtol=1e-5, atol=1e-6)
-    grad_cdpo = jax.grad(lambda x: jit_loss("cdpo", beta=beta, label_smoothing=eps)(
-        PreferenceLogps(x, batch.ref_logps)).loss)(jnp.asarray(batch.policy_logps))
+    grad_cdpo = jax.grad(
+        lambda x: jit_loss("cdpo", beta=beta, label_smoothing=eps)(PreferenceLogps(x, batch.ref_logps)).loss
+    )(jnp.asarray(batch.policy_logps))
     policy, ref, _, _, _ = as_f64(batch)
     z = beta * ((policy[:, 0] - policy[:, 1]) - (ref[:, 0] - ref[:, 1]))
     dz = (-(1 - eps) * sigmoid(-z) + eps * sigmoid(z)) * beta / policy.shape[0]
@@ -90,8 +114,9 @@ def test_cdpo_textbook_and_setting(eps):
         rewards = np.tile(np.float32([target, 0.0]), (6, 1))
         rewarded = PreferenceLogps(batch.policy_logps, batch.ref_logps, batch.lengths, rewards)
         np.testing.assert_allclose(_loss("rpo_bwd_kl", rewarded, beta=beta)[0], loss - entropy, rtol=1e-5)
-        grad_kl = jax.grad(lambda x: jit_loss("rpo_bwd_kl", beta=beta)(
-            PreferenceLogps(x, batch.ref_logps, None, rewards)).loss)(jnp.asarray(batch.policy_logps))
+        grad_kl = jax.grad(
+            lambda x: jit_loss("rpo_bwd_kl", beta=beta)(PreferenceLogps(x, batch.ref_logps, None, rewards)).loss
+        )(jnp.asarray(batch.policy_logps))
         # rpo_bwd_kl averages over both ordered pairs (0, 1) and (1, 0) — the same value by symmetry.
         np.testing.assert_allclose(grad_kl, grad_cdpo, rtol=1e-4, atol=1e-7)
 
@@ -99,9 +124,11 @@ def test_cdpo_textbook_and_setting(eps):
 def test_cdpo_k4_averages_the_label_smoothed_loss_over_preferred_pairs():
     batch, beta, eps = listwise_batch(6), 0.3, 0.2
     policy, ref, _, rewards, valid = as_f64(batch)
+
     def pair(b, i, j):
         z = beta * ((policy[b, i] - ref[b, i]) - (policy[b, j] - ref[b, j]))
         return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+
     per_ex, expected = mean_over_pairs(preferred_pairs(rewards, valid), pair)
     out = jit_loss("cdpo", beta=beta, label_smoothing=eps)(batch)
     np.testing.assert_allclose(out.loss, expected, rtol=1e-5)
@@ -115,20 +142,25 @@ def test_cdpo_at_zero_equals_dpo():
 
 def test_ipo_textbook_and_setting():
     batch, tau = pair_batch(3), 0.25
+
     def ipo(p, r, l):
         return (((p[0] - r[0]) / l[0] - (p[1] - r[1]) / l[1]) - 1 / (2 * tau)) ** 2
+
     expected, _ = textbook_pairs(batch, ipo)
     loss, _ = _loss("ipo", batch, beta=tau)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    rewarded = PreferenceLogps(batch.policy_logps, batch.ref_logps, batch.lengths,
-                               np.tile(np.float32([1 / (2 * tau), 0.0]), (6, 1)))
+    rewarded = PreferenceLogps(
+        batch.policy_logps, batch.ref_logps, batch.lengths, np.tile(np.float32([1 / (2 * tau), 0.0]), (6, 1))
+    )
     np.testing.assert_allclose(_loss("rpo_sq", rewarded, beta=1.0, length_normalize=True)[0], loss, rtol=1e-5)
 
 
 def test_simpo_textbook_and_setting():
     batch, beta, gamma = pair_batch(4), 2.0, 0.7
+
     def simpo(p, r, l):
         return -log_sigmoid(beta * (p[0] / l[0] - p[1] / l[1]) - gamma)
+
     expected, _ = textbook_pairs(batch, simpo)
     loss, _ = _loss("simpo", PreferenceLogps(batch.policy_logps, None, batch.lengths), beta=beta, gamma=gamma)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -143,12 +175,14 @@ def test_simpo_textbook_and_setting():
 def _rpo_textbook(batch, distance, beta, eta):
     policy, ref, _, rewards, valid = as_f64(batch)
     implicit = beta * (policy - ref)
+
     def d(b, i, j):
         a, t = implicit[b, i] - implicit[b, j], eta * (rewards[b, i] - rewards[b, j])
         if distance == "sq":
             return (a - t) ** 2
         p, q = (sigmoid(t), sigmoid(a)) if distance == "bwd_kl" else (sigmoid(a), sigmoid(t))
         return p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+
     return mean_over_pairs(all_ordered_pairs(valid), d)
 
 
@@ -166,8 +200,11 @@ def test_distill_dpo_is_rpo_sq_and_textbook():
     batch = listwise_batch(2)
     per_ex, expected = _rpo_textbook(batch, "sq", 0.3, 0.8)
     np.testing.assert_allclose(jit_loss("distill_dpo", beta=0.3, eta=0.8)(batch).loss, expected, rtol=1e-5)
-    np.testing.assert_allclose(jit_loss("distill_dpo", beta=0.3, eta=0.8)(batch).per_example,
-                               jit_loss("rpo_sq", beta=0.3, eta=0.8)(batch).per_example, rtol=1e-7)
+    np.testing.assert_allclose(
+        jit_loss("distill_dpo", beta=0.3, eta=0.8)(batch).per_example,
+        jit_loss("rpo_sq", beta=0.3, eta=0.8)(batch).per_example,
+        rtol=1e-7,
+    )
 
 
 def test_rpo_listwise_textbook_k4():
@@ -179,8 +216,10 @@ def test_rpo_listwise_textbook_k4():
         if v.sum() < 2:
             per_ex.append(0.0)
             continue
-        p = np.exp(eta * rewards[b, v]); p /= p.sum()
-        q = np.exp(beta * (policy[b, v] - ref[b, v])); q /= q.sum()
+        p = np.exp(eta * rewards[b, v])
+        p /= p.sum()
+        q = np.exp(beta * (policy[b, v] - ref[b, v]))
+        q /= q.sum()
         per_ex.append(np.sum(p * np.log(p / q)))
     out = jit_loss("rpo_listwise", beta=beta, eta=eta)(batch)
     np.testing.assert_allclose(out.per_example, per_ex, rtol=1e-5, atol=1e-7)
@@ -203,8 +242,10 @@ def test_dpo_k4_uses_preferred_pairs_and_excludes_ties():
     batch = PreferenceLogps(batch.policy_logps, batch.ref_logps, batch.lengths, rewards, batch.valid)
     policy, ref, _, rew, valid = as_f64(batch)
     beta = 0.1
+
     def dpo(b, i, j):
         return -log_sigmoid(beta * ((policy[b, i] - ref[b, i]) - (policy[b, j] - ref[b, j])))
+
     per_ex, expected = mean_over_pairs(preferred_pairs(rew, valid), dpo)
     out = jit_loss("dpo", beta=beta)(batch)
     np.testing.assert_allclose(out.loss, expected, rtol=1e-5)
@@ -215,17 +256,22 @@ def test_rloo_value_and_setting():
     batch = listwise_batch(5)
     policy, _, _, rewards, valid = as_f64(batch)
     beta, eta = 0.5, 2.0
-    per_ex, expected = mean_over_pairs(all_ordered_pairs(valid),
-                                       lambda b, i, j: (eta * (rewards[b, i] - rewards[b, j])) ** 2)
-    out = jit_loss("rloo", beta=beta, eta=eta)(PreferenceLogps(batch.policy_logps, None, batch.lengths,
-                                                                batch.rewards, batch.valid))
+    per_ex, expected = mean_over_pairs(
+        all_ordered_pairs(valid), lambda b, i, j: (eta * (rewards[b, i] - rewards[b, j])) ** 2
+    )
+    out = jit_loss("rloo", beta=beta, eta=eta)(
+        PreferenceLogps(batch.policy_logps, None, batch.lengths, batch.rewards, batch.valid)
+    )
     np.testing.assert_allclose(out.loss, expected, rtol=1e-5)
+
     # Setting: rpo_sq whose (constant) reference equals the current policy — same value and same gradient.
     def loss_rloo(x):
         return jit_loss("rloo", beta=beta, eta=eta)(PreferenceLogps(x, None, None, batch.rewards, batch.valid)).loss
+
     def loss_rpo(x):
         ref = jax.lax.stop_gradient(x)
         return jit_loss("rpo_sq", beta=beta, eta=eta)(PreferenceLogps(x, ref, None, batch.rewards, batch.valid)).loss
+
     x = jnp.where(jnp.asarray(batch.valid), jnp.nan_to_num(jnp.asarray(batch.policy_logps)), 0.0)
     np.testing.assert_allclose(jax.grad(loss_rloo)(x), jax.grad(loss_rpo)(x), rtol=1e-6, atol=1e-7)
 
@@ -255,8 +301,9 @@ def test_rloo_gradient_is_the_leave_one_out_estimator(k):
 def test_reference_free_rpo_drops_the_reference():
     batch = random_batch(7, b=4, k=3)
     with_ref = jit_loss("rpo_sq", reference_free=True)(batch)
-    zero_ref = jit_loss("rpo_sq")(PreferenceLogps(batch.policy_logps, np.zeros((4, 3), np.float32),
-                                                   batch.lengths, batch.rewards))
+    zero_ref = jit_loss("rpo_sq")(
+        PreferenceLogps(batch.policy_logps, np.zeros((4, 3), np.float32), batch.lengths, batch.rewards)
+    )
     np.testing.assert_allclose(with_ref.loss, zero_ref.loss, rtol=1e-7)
     assert not make_loss("rpo_sq", reference_free=True).requires_reference
 
@@ -268,9 +315,12 @@ def test_loss_gradient_is_math_md_dD_da_times_beta(distance):
     policy, ref, _, rewards, _ = as_f64(batch)
     a = beta * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1]))
     b = eta * (rewards[:, 0] - rewards[:, 1])
-    dd_da = {"sq": 2 * (a - b), "bwd_kl": sigmoid(a) - sigmoid(b), "fwd_kl": sigmoid(a) * sigmoid(-a) * (a - b)}[distance]
-    loss = lambda x: jit_loss(f"rpo_{distance}", beta=beta, eta=eta)(
-        PreferenceLogps(x, batch.ref_logps, None, batch.rewards)).loss
+    dd_da = {"sq": 2 * (a - b), "bwd_kl": sigmoid(a) - sigmoid(b), "fwd_kl": sigmoid(a) * sigmoid(-a) * (a - b)}[
+        distance
+    ]
+    loss = lambda x: (
+        jit_loss(f"rpo_{distance}", beta=beta, eta=eta)(PreferenceLogps(x, batch.ref_logps, None, batch.rewards)).loss
+    )
     grad = np.asarray(jax.grad(loss)(jnp.asarray(batch.policy_logps)))
     expected = beta * dd_da / 5
     np.testing.assert_allclose(grad, np.stack([expected, -expected], 1), rtol=1e-4, atol=1e-7)

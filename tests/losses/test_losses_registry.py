@@ -13,9 +13,31 @@ from rpo_jax.losses import LossOutput, LossSpec, PreferenceLogps, available_loss
 from tests.losses.losses_testlib import check_every_case, random_batch
 
 EXPECTED_NAMES = {
-    "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_listwise", "dpo", "cdpo", "ipo", "simpo", "distill_dpo", "rloo",
-    "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
-    "apo_down", "discopop", "sft", "sigmoid_norm", "mrpo", "multi_dpo",
+    "rpo_sq",
+    "rpo_bwd_kl",
+    "rpo_fwd_kl",
+    "rpo_listwise",
+    "dpo",
+    "cdpo",
+    "ipo",
+    "simpo",
+    "distill_dpo",
+    "rloo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+    "mrpo",
+    "multi_dpo",
 }
 REWARD_AWARE = {"rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_listwise", "distill_dpo", "rloo"}
 REFERENCE_FREE = {"simpo", "sft", "rloo"}
@@ -55,8 +77,15 @@ SPEC_FIELDS = [field.name for field in dataclasses.fields(LossSpec)]
 
 def assert_spec_matches_attributes(f):
     assert isinstance(f.spec, LossSpec)
-    assert SPEC_FIELDS == ["name", "requires_reference", "requires_rewards", "requires_lengths", "min_references",
-                           "num_references", "hparams"]
+    assert SPEC_FIELDS == [
+        "name",
+        "requires_reference",
+        "requires_rewards",
+        "requires_lengths",
+        "min_references",
+        "num_references",
+        "hparams",
+    ]
     for field in SPEC_FIELDS:
         assert getattr(f.spec, field) == getattr(f, field), field
 
@@ -75,9 +104,13 @@ def test_spec_of_a_weighted_combination():
     f = make_loss([("rpo_bwd_kl", 1.0), ("sft", 0.05)], beta=0.3)
     assert_spec_matches_attributes(f)
     assert f.spec == LossSpec(
-        name="1*rpo_bwd_kl+0.05*sft", requires_reference=True, requires_rewards=True, requires_lengths=True,
-        min_references=1, num_references=1, hparams={"rpo_bwd_kl": {**loss_hyperparameters("rpo_bwd_kl"),
-                                                                     "beta": 0.3}, "sft": {}},
+        name="1*rpo_bwd_kl+0.05*sft",
+        requires_reference=True,
+        requires_rewards=True,
+        requires_lengths=True,
+        min_references=1,
+        num_references=1,
+        hparams={"rpo_bwd_kl": {**loss_hyperparameters("rpo_bwd_kl"), "beta": 0.3}, "sft": {}},
     )
 
 
@@ -89,15 +122,18 @@ def test_spec_of_mrpo_with_three_weights():
         f.spec.num_references = 2
 
 
-@pytest.mark.parametrize("kwargs, count, given, needed", [
-    ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, 2, "config.references", "3"),
-    ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, 4, "config.references", "3"),
-    ({"name_or_weighted_list": "mrpo"}, 1, "online mode", "at least 2"),
-    ({"name_or_weighted_list": "multi_dpo"}, 0, "online mode", "at least 2"),
-    ({"name_or_weighted_list": "dpo"}, 2, "config.references", "1"),
-    ({"name_or_weighted_list": "dpo"}, 0, "config.references", "1"),
-    ({"name_or_weighted_list": "rpo_sq", "reference_combiner": "mrpo"}, 1, "config.references", "at least 2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, count, given, needed",
+    [
+        ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, 2, "config.references", "3"),
+        ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, 4, "config.references", "3"),
+        ({"name_or_weighted_list": "mrpo"}, 1, "online mode", "at least 2"),
+        ({"name_or_weighted_list": "multi_dpo"}, 0, "online mode", "at least 2"),
+        ({"name_or_weighted_list": "dpo"}, 2, "config.references", "1"),
+        ({"name_or_weighted_list": "dpo"}, 0, "config.references", "1"),
+        ({"name_or_weighted_list": "rpo_sq", "reference_combiner": "mrpo"}, 1, "config.references", "at least 2"),
+    ],
+)
 def test_check_reference_count_refuses_wrong_counts(kwargs, count, given, needed):
     spec = make_loss(**kwargs).spec
     expected = f"loss {spec.name!r} needs {needed} references; {given} gives {count}"
@@ -106,15 +142,18 @@ def test_check_reference_count_refuses_wrong_counts(kwargs, count, given, needed
     assert str(info.value) == expected
 
 
-@pytest.mark.parametrize("kwargs, counts", [
-    ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, [3]),
-    ({"name_or_weighted_list": "mrpo"}, [2, 3, 5]),
-    ({"name_or_weighted_list": "dpo"}, [1]),
-    ({"name_or_weighted_list": [("rpo_bwd_kl", 1.0), ("sft", 0.05)]}, [1]),
-    ({"name_or_weighted_list": "sft"}, [0, 1, 3]),
-    ({"name_or_weighted_list": "simpo"}, [0, 2]),
-    ({"name_or_weighted_list": "rpo_sq", "reference_free": True}, [0, 1, 4]),
-])
+@pytest.mark.parametrize(
+    "kwargs, counts",
+    [
+        ({"name_or_weighted_list": "mrpo", "alpha": (0.5, 0.3, 0.2)}, [3]),
+        ({"name_or_weighted_list": "mrpo"}, [2, 3, 5]),
+        ({"name_or_weighted_list": "dpo"}, [1]),
+        ({"name_or_weighted_list": [("rpo_bwd_kl", 1.0), ("sft", 0.05)]}, [1]),
+        ({"name_or_weighted_list": "sft"}, [0, 1, 3]),
+        ({"name_or_weighted_list": "simpo"}, [0, 2]),
+        ({"name_or_weighted_list": "rpo_sq", "reference_free": True}, [0, 1, 4]),
+    ],
+)
 def test_check_reference_count_accepts_right_counts_and_reference_free_losses(kwargs, counts):
     spec = make_loss(**kwargs).spec
     for count in counts:
@@ -133,29 +172,32 @@ def test_unknown_hyperparameter_lists_valid_ones():
         make_loss("sft", beta=0.1)
 
 
-@pytest.mark.parametrize("name,hp,match", [
-    ("dpo", {"beta": 0.0}, "beta.*> 0"),
-    ("dpo", {"beta": float("nan")}, "beta.*finite"),
-    ("dpo", {"beta": True}, "beta.*finite number"),
-    ("cdpo", {"label_smoothing": 0.5}, r"label_smoothing.*\[0.0, 0.5\)"),
-    ("exo_pair", {"label_smoothing": 0.0}, r"label_smoothing.*\(0.0, 1.0\)"),
-    ("rpo_sq", {"length_normalize": 1}, "length_normalize.*True or False"),
-    ("rpo_sq", {"reference_combiner": "mean"}, "reference_combiner.*primary.*mrpo"),
-    ("rpo_sq", {"alpha": (0.5, 0.5)}, "only apply with reference_combiner='mrpo'"),
-    ("rpo_sq", {"reference_free": True, "reference_combiner": "mrpo"}, "reference_free"),
-    ("mrpo", {"alpha": (0.5, 0.6)}, "alpha.*sum to 1"),
-    ("mrpo", {"alpha": (1.0,)}, "alpha.*R >= 2"),
-    ("mrpo", {"alpha": 0.5}, "alpha.*sequence"),
-    ("mrpo", {"epsilon": 1.5}, "epsilon"),
-    ("mrpo", {"epsilon_mode": "auto"}, "epsilon_mode.*adaptive.*fixed"),
-    ("mrpo", {"arwc": "paper"}, r"'arwc'.*\['own_margin', 'authors_code'\].*'paper'"),
-    ("rpo_bwd_kl", {"reference_combiner": "mrpo", "arwc": None}, r"'arwc'.*\['own_margin', 'authors_code'\]"),
-    ("mrpo", {"alpha": (0.5, 0.5), "arwc": "authors_code"}, r"'arwc' only applies.*alpha=None"),
-    ("rpo_sq", {"reference_combiner": "mrpo", "alpha": (0.5, 0.5), "arwc": "own_margin"}, r"'arwc' only applies"),
-    ("rpo_sq", {"arwc": "authors_code"}, r"\['arwc'\] only apply with reference_combiner='mrpo'"),
-    ("multi_dpo", {"arwc": "authors_code"}, r"no hyperparameter.*\['arwc'\]"),
-    ("discopop", {"discopop_tau": -1.0}, "discopop_tau"),
-])
+@pytest.mark.parametrize(
+    "name,hp,match",
+    [
+        ("dpo", {"beta": 0.0}, "beta.*> 0"),
+        ("dpo", {"beta": float("nan")}, "beta.*finite"),
+        ("dpo", {"beta": True}, "beta.*finite number"),
+        ("cdpo", {"label_smoothing": 0.5}, r"label_smoothing.*\[0.0, 0.5\)"),
+        ("exo_pair", {"label_smoothing": 0.0}, r"label_smoothing.*\(0.0, 1.0\)"),
+        ("rpo_sq", {"length_normalize": 1}, "length_normalize.*True or False"),
+        ("rpo_sq", {"reference_combiner": "mean"}, "reference_combiner.*primary.*mrpo"),
+        ("rpo_sq", {"alpha": (0.5, 0.5)}, "only apply with reference_combiner='mrpo'"),
+        ("rpo_sq", {"reference_free": True, "reference_combiner": "mrpo"}, "reference_free"),
+        ("mrpo", {"alpha": (0.5, 0.6)}, "alpha.*sum to 1"),
+        ("mrpo", {"alpha": (1.0,)}, "alpha.*R >= 2"),
+        ("mrpo", {"alpha": 0.5}, "alpha.*sequence"),
+        ("mrpo", {"epsilon": 1.5}, "epsilon"),
+        ("mrpo", {"epsilon_mode": "auto"}, "epsilon_mode.*adaptive.*fixed"),
+        ("mrpo", {"arwc": "paper"}, r"'arwc'.*\['own_margin', 'authors_code'\].*'paper'"),
+        ("rpo_bwd_kl", {"reference_combiner": "mrpo", "arwc": None}, r"'arwc'.*\['own_margin', 'authors_code'\]"),
+        ("mrpo", {"alpha": (0.5, 0.5), "arwc": "authors_code"}, r"'arwc' only applies.*alpha=None"),
+        ("rpo_sq", {"reference_combiner": "mrpo", "alpha": (0.5, 0.5), "arwc": "own_margin"}, r"'arwc' only applies"),
+        ("rpo_sq", {"arwc": "authors_code"}, r"\['arwc'\] only apply with reference_combiner='mrpo'"),
+        ("multi_dpo", {"arwc": "authors_code"}, r"no hyperparameter.*\['arwc'\]"),
+        ("discopop", {"discopop_tau": -1.0}, "discopop_tau"),
+    ],
+)
 def test_bad_hyperparameter_values(name, hp, match):
     with pytest.raises(ValueError, match=match):
         make_loss(name, **hp)
@@ -200,21 +242,29 @@ def test_length_normalised_losses_need_lengths(name):
         make_loss(name)(PreferenceLogps(batch.policy_logps, batch.ref_logps, None, batch.rewards))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("policy_logps", np.zeros((4,), np.float32), r"policy_logps must have shape \[B, K\]"),
-    ("policy_logps", np.zeros((4, 1), np.float32), "K = 1"),
-    ("policy_logps", np.zeros((4, 2), np.int32), "policy_logps must be floating point"),
-    ("ref_logps", np.zeros((4, 3), np.float32), r"ref_logps has shape \(4, 3\)"),
-    ("ref_logps", np.zeros((4, 2, 2, 1), np.float32), r"ref_logps has shape"),
-    ("lengths", np.zeros((4, 3), np.int32), r"lengths has shape \(4, 3\)"),
-    ("rewards", np.zeros((2, 2), np.float32), r"rewards has shape \(2, 2\)"),
-    ("valid", np.ones((4, 2), np.float32), "valid must be a bool array"),
-    ("valid", np.ones((4,), bool), r"valid has shape \(4,\)"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("policy_logps", np.zeros((4,), np.float32), r"policy_logps must have shape \[B, K\]"),
+        ("policy_logps", np.zeros((4, 1), np.float32), "K = 1"),
+        ("policy_logps", np.zeros((4, 2), np.int32), "policy_logps must be floating point"),
+        ("ref_logps", np.zeros((4, 3), np.float32), r"ref_logps has shape \(4, 3\)"),
+        ("ref_logps", np.zeros((4, 2, 2, 1), np.float32), r"ref_logps has shape"),
+        ("lengths", np.zeros((4, 3), np.int32), r"lengths has shape \(4, 3\)"),
+        ("rewards", np.zeros((2, 2), np.float32), r"rewards has shape \(2, 2\)"),
+        ("valid", np.ones((4, 2), np.float32), "valid must be a bool array"),
+        ("valid", np.ones((4,), bool), r"valid has shape \(4,\)"),
+    ],
+)
 def test_bad_shapes_and_dtypes_name_the_field(field, value, match):
     batch = random_batch(0)
-    fields = dict(policy_logps=batch.policy_logps, ref_logps=batch.ref_logps, lengths=batch.lengths,
-                  rewards=batch.rewards, valid=None)
+    fields = dict(
+        policy_logps=batch.policy_logps,
+        ref_logps=batch.ref_logps,
+        lengths=batch.lengths,
+        rewards=batch.rewards,
+        valid=None,
+    )
     fields[field] = value
     with pytest.raises(ValueError, match=match):
         make_loss("dpo")(PreferenceLogps(**fields))
@@ -235,14 +285,19 @@ def test_not_a_preference_logps():
 
 def test_loss_hyperparameters_lists_defaults():
     assert loss_hyperparameters("simpo") == {"beta": 2.0, "gamma": 1.0}
-    assert loss_hyperparameters("mrpo") == {"beta": 0.1, "alpha": None, "epsilon": 0.1, "epsilon_mode": "adaptive",
-                                            "arwc": "own_margin"}
-    assert loss_hyperparameters("multi_dpo") == {"beta": 0.1, "alpha": None, "epsilon": 0.1,
-                                                 "epsilon_mode": "adaptive"}
+    assert loss_hyperparameters("mrpo") == {
+        "beta": 0.1,
+        "alpha": None,
+        "epsilon": 0.1,
+        "epsilon_mode": "adaptive",
+        "arwc": "own_margin",
+    }
+    assert loss_hyperparameters("multi_dpo") == {"beta": 0.1, "alpha": None, "epsilon": 0.1, "epsilon_mode": "adaptive"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Combinations and metrics.
+
 
 def test_weighted_combination():
     batch = random_batch(3, b=5, k=2)
@@ -301,7 +356,8 @@ def test_metrics_k4_argmax_accuracy_and_gap_correlation():
         for i in range(4):
             for j in range(4):
                 if i != j and valid[b, i] and valid[b, j]:
-                    xs.append(implicit[b, i] - implicit[b, j]); ys.append(rewards[b, i] - rewards[b, j])
+                    xs.append(implicit[b, i] - implicit[b, j])
+                    ys.append(rewards[b, i] - rewards[b, j])
     np.testing.assert_allclose(out.metrics["rewards/gap_correlation"], np.corrcoef(xs, ys)[0, 1], rtol=1e-4)
 
 
@@ -317,7 +373,9 @@ def test_bfloat16_inputs_are_upcast():
     low = PreferenceLogps(jnp.asarray(batch.policy_logps, jnp.bfloat16), jnp.asarray(batch.ref_logps, jnp.bfloat16))
     out = make_loss("dpo")(low)
     assert out.loss.dtype == jnp.float32
-    ref = make_loss("dpo")(PreferenceLogps(np.asarray(low.policy_logps, np.float32), np.asarray(low.ref_logps, np.float32)))
+    ref = make_loss("dpo")(
+        PreferenceLogps(np.asarray(low.policy_logps, np.float32), np.asarray(low.ref_logps, np.float32))
+    )
     np.testing.assert_allclose(out.loss, ref.loss, rtol=1e-6)
 
 
@@ -372,7 +430,8 @@ def test_masked_responses_get_zero_gradient_and_no_nan():
         spoil = lambda x, mask: np.where(mask, x, np.nan).astype(np.float32)
         ref = spoil(batch.ref_logps, valid if np.ndim(batch.ref_logps) == 2 else valid[..., None])
         (value, out), grad = value_and_grad(name)(
-            jnp.asarray(spoil(batch.policy_logps, valid)), ref, batch.lengths, spoil(batch.rewards, valid), valid)
+            jnp.asarray(spoil(batch.policy_logps, valid)), ref, batch.lengths, spoil(batch.rewards, valid), valid
+        )
         assert np.isfinite(float(value)) and _finite_output(out)
         assert np.all(np.isfinite(grad))
         np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
@@ -387,7 +446,8 @@ def test_all_invalid_batch_is_zero_not_nan():
         batch = batch_for(name, seed=23, b=4, k=3)
         valid = np.zeros((4, 3), bool)
         (value, out), grad = value_and_grad(name)(
-            jnp.asarray(batch.policy_logps), batch.ref_logps, batch.lengths, batch.rewards, valid)
+            jnp.asarray(batch.policy_logps), batch.ref_logps, batch.lengths, batch.rewards, valid
+        )
         assert float(value) == 0.0 and _finite_output(out)
         np.testing.assert_array_equal(grad, 0.0)
 
@@ -396,12 +456,14 @@ def test_all_invalid_batch_is_zero_not_nan():
 
 def test_finite_at_gaps_of_1e4():
     """Log-probs and rewards 1e4 apart: every loss, metric and gradient stays finite."""
+
     def check(name):
         batch = batch_for(name, seed=24, b=4, k=3)
         policy = np.array([[0.0, -1e4, -5e3], [-1e4, 0.0, -2e3], [-1e4, -1e4, 0.0], [0.0, 0.0, -1e4]], np.float32)
         rewards = np.array([[1e4, -1e4, 0.0], [1e4, -1e4, 5.0], [-1e4, 0.0, 1e4], [0.0, 1e4, -1e4]], np.float32)
-        (value, out), grad = value_and_grad(name)(jnp.asarray(policy), batch.ref_logps, batch.lengths, rewards,
-                                                  np.ones((4, 3), bool))
+        (value, out), grad = value_and_grad(name)(
+            jnp.asarray(policy), batch.ref_logps, batch.lengths, rewards, np.ones((4, 3), bool)
+        )
         assert np.isfinite(float(value)) and _finite_output(out), out
         assert np.all(np.isfinite(grad)), grad
 
@@ -412,5 +474,8 @@ def test_losses_import_no_flax_and_no_model_code():
     import subprocess
     import sys
 
-    code = "import sys, rpo_jax.losses; bad = [m for m in sys.modules if m.split('.')[0] == 'flax' or m.startswith(('rpo_jax.models', 'rpo_jax.train', 'rpo_jax.data'))]; assert not bad, bad"
+    code = (
+        "import sys, rpo_jax.losses; bad = [m for m in sys.modules if m.split('.')[0] == 'flax' or "
+        "m.startswith(('rpo_jax.models', 'rpo_jax.train', 'rpo_jax.data'))]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

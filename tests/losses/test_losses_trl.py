@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from rpo_jax.losses import PreferenceLogps
-from tests.losses.losses_testlib import jit_loss, as_f64, log_sigmoid, mean_over_pairs, preferred_pairs, random_batch, sigmoid
+from tests.losses.losses_testlib import (
+    as_f64,
+    jit_loss,
+    log_sigmoid,
+    mean_over_pairs,
+    preferred_pairs,
+    random_batch,
+    sigmoid,
+)
 
 BETA = 0.3
 
@@ -43,9 +51,16 @@ def _trl_formula(name, c, r, hp):
 
 
 PAIR_CASES = [
-    ("hinge", {}), ("robust", {"label_smoothing": 0.2}), ("exo_pair", {"label_smoothing": 0.01}),
-    ("nca_pair", {}), ("bco_pair", {}), ("sppo_hard", {}), ("apo_zero", {}), ("apo_down", {}),
-    ("discopop", {"discopop_tau": 0.05}), ("discopop", {"discopop_tau": 0.5}),
+    ("hinge", {}),
+    ("robust", {"label_smoothing": 0.2}),
+    ("exo_pair", {"label_smoothing": 0.01}),
+    ("nca_pair", {}),
+    ("bco_pair", {}),
+    ("sppo_hard", {}),
+    ("apo_zero", {}),
+    ("apo_down", {}),
+    ("discopop", {"discopop_tau": 0.05}),
+    ("discopop", {"discopop_tau": 0.5}),
 ]
 
 
@@ -66,8 +81,9 @@ def test_pair_losses_k3_average_over_preferred_pairs(name, hp):
     batch = random_batch(12, b=4, k=3, valid=valid, scale=1.2)
     policy, ref, _, rewards, valid = as_f64(batch)
     scores = policy - ref
-    per_ex, expected = mean_over_pairs(preferred_pairs(rewards, valid),
-                                       lambda b, i, j: _trl_formula(name, scores[b, i], scores[b, j], hp))
+    per_ex, expected = mean_over_pairs(
+        preferred_pairs(rewards, valid), lambda b, i, j: _trl_formula(name, scores[b, i], scores[b, j], hp)
+    )
     out = jit_loss(name, beta=BETA, **hp)(batch)
     np.testing.assert_allclose(out.per_example, per_ex, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(out.loss, expected, rtol=2e-5)
@@ -84,8 +100,7 @@ def _trl_0_12_sigmoid(c, r, beta, label_smoothing):
     ``-F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing) - F.logsigmoid(-self.beta * logits) *
     self.label_smoothing`` with ``logits = (π_c − π_r) − (ref_c − ref_r)``."""
     logits = c - r
-    return (-log_sigmoid(beta * logits) * (1 - label_smoothing)
-            - log_sigmoid(-beta * logits) * label_smoothing)
+    return -log_sigmoid(beta * logits) * (1 - label_smoothing) - log_sigmoid(-beta * logits) * label_smoothing
 
 
 def test_trl_1_16_sigmoid_is_dpo_whatever_label_smoothing():
@@ -118,8 +133,10 @@ def test_sigmoid_norm_with_empty_response_clamps_length():
     batch = random_batch(14, b=3, k=2, rewards=False)
     lengths = np.array(batch.lengths)
     lengths[0, 1] = 0
-    policy = np.array(batch.policy_logps); policy[0, 1] = 0.0
-    ref = np.array(batch.ref_logps); ref[0, 1] = 0.0
+    policy = np.array(batch.policy_logps)
+    policy[0, 1] = 0.0
+    ref = np.array(batch.ref_logps)
+    ref[0, 1] = 0.0
     out = jit_loss("sigmoid_norm")(PreferenceLogps(policy, ref, lengths))
     expected0 = -log_sigmoid(0.1 * ((policy[0, 0] - ref[0, 0]) / lengths[0, 0]))
     np.testing.assert_allclose(out.per_example[0], expected0, rtol=1e-5)

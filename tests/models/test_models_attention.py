@@ -84,7 +84,8 @@ def test_splash_matches_xla_forward_and_gradients(kind, heads, kv_heads, window,
         return lambda q, k, v: jnp.sum(_real(spec, fn(q, k, v)) * probe)
 
     splash = lambda q, k, v: attention.splash_attention(  # noqa: E731
-        q, k, v, spec, window=window, scale=SCALE, softcap=softcap, interpret=True)
+        q, k, v, spec, window=window, scale=SCALE, softcap=softcap, interpret=True
+    )
     xla = lambda q, k, v: _reference(q, k, v, spec, window, softcap)  # noqa: E731
     np.testing.assert_allclose(_real(spec, splash(q, k, v)), _real(spec, xla(q, k, v)), atol=2e-6, rtol=1e-5)
     got = jax.grad(loss(splash), argnums=(0, 1, 2))(q, k, v)
@@ -111,12 +112,14 @@ def _with_parents():
     parent = np.array([[0] * 5 + [0] * 4 + [0] * 3 + [3] * 4, [0] * 10 + [1] * 6])
     pos = np.array([list(range(5)) + [5, 6, 7, 8] + [5, 6, 7] + [0] * 4, list(range(10)) + list(range(6))])
     valid = np.array([[True] * 12 + [False] * 4, [True] * 16])
-    return t, attention.MaskSpec(jnp.asarray(pos, jnp.int32), jnp.asarray(valid), jnp.asarray(seg, jnp.int32),
-                                 jnp.asarray(parent, jnp.int32))
+    return t, attention.MaskSpec(
+        jnp.asarray(pos, jnp.int32), jnp.asarray(valid), jnp.asarray(seg, jnp.int32), jnp.asarray(parent, jnp.int32)
+    )
 
 
-@pytest.mark.parametrize(("kind", "window"), [("causal", None), ("causal", 9), ("left_pad", None),
-                                               ("segments", 19), ("parents", 3)])
+@pytest.mark.parametrize(
+    ("kind", "window"), [("causal", None), ("causal", 9), ("left_pad", None), ("segments", 19), ("parents", 3)]
+)
 def test_cudnn_arguments_match_the_xla_path(kind, window):
     """The arguments given to jax.nn.dot_product_attention(implementation="cudnn"), run by its XLA implementation,
     give our XLA path's outputs (pins the mapping of causality, windows, padding, segments and parents)."""
@@ -163,16 +166,19 @@ def test_auto_picks_the_backend_kernel_only_when_it_expresses_the_call():
     assert attention.resolve("auto", **FACTS) == "xla"  # this CPU test run's own backend
 
 
-@pytest.mark.parametrize(("requested", "backend", "change", "message"), [
-    ("cudnn", "cpu", {}, "attention='cudnn': cuDNN flash attention needs an NVIDIA GPU (backend is 'cpu')"),
-    ("cudnn", "gpu", {"dtype": jnp.float32}, "needs bfloat16 or float16 compute (dtype is float32)"),
-    ("cudnn", "gpu", {"softcap": 50.0}, "has no attention-logit soft-cap"),
-    ("splash", "cpu", {}, "attention='splash': splash attention is a TPU kernel (backend is 'cpu')"),
-    ("splash", "tpu", {"has_parents": True}, "cannot express shared-prompt parent ids"),
-    ("splash", "tpu", {"seq_len": 200}, "row length (200) to be a multiple of 128"),
-    ("splash", "tpu", {"devices": 4}, "not partitioned over 4 (no shard_map yet)"),
-    ("flash", "gpu", {}, "attention='flash' is not one of ('auto', 'xla', 'cudnn', 'splash', 'blockwise')"),
-])
+@pytest.mark.parametrize(
+    ("requested", "backend", "change", "message"),
+    [
+        ("cudnn", "cpu", {}, "attention='cudnn': cuDNN flash attention needs an NVIDIA GPU (backend is 'cpu')"),
+        ("cudnn", "gpu", {"dtype": jnp.float32}, "needs bfloat16 or float16 compute (dtype is float32)"),
+        ("cudnn", "gpu", {"softcap": 50.0}, "has no attention-logit soft-cap"),
+        ("splash", "cpu", {}, "attention='splash': splash attention is a TPU kernel (backend is 'cpu')"),
+        ("splash", "tpu", {"has_parents": True}, "cannot express shared-prompt parent ids"),
+        ("splash", "tpu", {"seq_len": 200}, "row length (200) to be a multiple of 128"),
+        ("splash", "tpu", {"devices": 4}, "not partitioned over 4 (no shard_map yet)"),
+        ("flash", "gpu", {}, "attention='flash' is not one of ('auto', 'xla', 'cudnn', 'splash', 'blockwise')"),
+    ],
+)
 def test_an_explicit_kernel_that_cannot_run_is_a_one_line_error(requested, backend, change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         attention.resolve(requested, backend=backend, **{**FACTS, **change})
@@ -180,8 +186,17 @@ def test_an_explicit_kernel_that_cannot_run_is_a_one_line_error(requested, backe
 
 
 def test_attention_is_a_config_field_that_never_reaches_config_json():
-    config = ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                         num_heads=2, num_kv_heads=1, head_dim=4, attention="splash")
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        attention="splash",
+    )
     hf = config.to_hf_dict()
     assert "attention" not in hf and ModelConfig.from_hf_dict(hf).attention == "auto"
     with pytest.raises(ValueError, match=r"attention='flash' is not one of"):
@@ -189,8 +204,17 @@ def test_attention_is_a_config_field_that_never_reaches_config_json():
 
 
 def test_model_with_cudnn_on_cpu_fails_clearly():
-    config = ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                         num_heads=2, num_kv_heads=1, head_dim=4, attention="cudnn")
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        attention="cudnn",
+    )
     model = create_model(config, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="attention='cudnn': cuDNN flash attention needs an NVIDIA GPU"):
         model(jnp.zeros((1, 8), jnp.int32))
@@ -200,17 +224,40 @@ def test_model_with_cudnn_on_cpu_fails_clearly():
 def _gemma2_like(attention_impl, vocab=64):
     """Gemma 2 shape: sliding and global layers alternating, attention-logit and final soft-caps, GQA."""
     return ModelConfig(
-        model_type="gemma2", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
-        num_kv_heads=2, head_dim=16, norm_plus_one=True, sandwich_norms=True, scale_embeddings=True,
-        activation="gelu_tanh", query_pre_attn_scalar=16, attn_logit_softcap=3.0, final_logit_softcap=10.0,
-        sliding_window=11, layer_types=("sliding_attention", "full_attention", "sliding_attention"),
-        rope=(("full_attention", RopeSpec()), ("sliding_attention", RopeSpec())), attention=attention_impl,
+        model_type="gemma2",
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        norm_plus_one=True,
+        sandwich_norms=True,
+        scale_embeddings=True,
+        activation="gelu_tanh",
+        query_pre_attn_scalar=16,
+        attn_logit_softcap=3.0,
+        final_logit_softcap=10.0,
+        sliding_window=11,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+        rope=(("full_attention", RopeSpec()), ("sliding_attention", RopeSpec())),
+        attention=attention_impl,
     )
 
 
 def _llama_mqa(attention_impl):
-    return ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                       num_heads=4, num_kv_heads=1, head_dim=8, attention=attention_impl)
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=8,
+        attention=attention_impl,
+    )
 
 
 def _logps_and_grads(model, tokens, loss_mask, valid, seg):
@@ -263,8 +310,13 @@ def test_shared_prompt_equals_each_response_alone(make):
     parent = np.array([[0] * 6 + [0] * 7 + [0] * 4])
     pos = np.array([list(range(13)) + list(range(6, 10))])
     forward = nnx.jit(lambda m, tokens, **kw: m(tokens, **kw))
-    shared = forward(model, jnp.asarray(row, jnp.int32), positions=jnp.asarray(pos, jnp.int32),
-                   segment_ids=jnp.asarray(seg, jnp.int32), parent_ids=jnp.asarray(parent, jnp.int32))[0]
+    shared = forward(
+        model,
+        jnp.asarray(row, jnp.int32),
+        positions=jnp.asarray(pos, jnp.int32),
+        segment_ids=jnp.asarray(seg, jnp.int32),
+        parent_ids=jnp.asarray(parent, jnp.int32),
+    )[0]
     alone_a = forward(model, jnp.asarray(np.concatenate([prompt, a])[None], jnp.int32))[0]
     alone_b = forward(model, jnp.asarray(np.concatenate([prompt, b])[None], jnp.int32))[0]
     np.testing.assert_allclose(shared[:13], alone_a, rtol=1e-5, atol=1e-5)

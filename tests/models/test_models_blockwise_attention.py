@@ -50,9 +50,11 @@ def _qkv(seed, heads, kv_heads, hd=8, t=T):
 
 def _values_and_grads(fn, q, k, v, probe):
     """(fn(q, k, v), ∂/∂(q, k, v) of Σ fn(q, k, v) ⊙ probe), jitted."""
+
     def run(q, k, v, probe):
         out, pull = jax.vjp(fn, q, k, v)
         return out, pull(probe)
+
     return jax.jit(run)(q, k, v, probe)
 
 
@@ -77,9 +79,11 @@ def test_blockwise_equals_xla_on_every_mask_in_values_and_gradients():
         spec = _spec(kind)
         q, k, v, probe = _qkv(seed, heads, kv_heads)
         dense = lambda q, k, v: layers.dot_product_attention(  # noqa: E731
-            q, k, v, attention.dense_mask(spec, window), scale=SCALE, softcap=softcap)
+            q, k, v, attention.dense_mask(spec, window), scale=SCALE, softcap=softcap
+        )
         blockwise = lambda q, k, v: attention.blockwise_attention(  # noqa: E731
-            q, k, v, spec, window=window, scale=SCALE, softcap=softcap, block_size=block)
+            q, k, v, spec, window=window, scale=SCALE, softcap=softcap, block_size=block
+        )
         want, want_grads = _values_and_grads(dense, q, k, v, probe)
         got, got_grads = _values_and_grads(blockwise, q, k, v, probe)
         _assert_close(got, want, f"{name}: values")
@@ -102,8 +106,7 @@ def test_block_step_in_any_key_order_gives_the_same_state():
             block = slice(16 * j, 16 * (j + 1))
             key_spec = attention.MaskSpec(*(None if x is None else x[:, block] for x in spec))
             mask = attention.block_mask(slots, slots[block], spec, key_spec, None)
-            carry = attention.block_step(carry, qg, kt[:, :, block], vt[:, :, block], mask, scale=SCALE,
-                                         softcap=None)
+            carry = attention.block_step(carry, qg, kt[:, :, block], vt[:, :, block], mask, scale=SCALE, softcap=None)
         return attention.block_finish(carry).transpose(0, 3, 1, 2, 4).reshape(2, T, 4, 8)
 
     forward, backward = jax.jit(lambda: (run([0, 1, 2]), run([2, 1, 0])))()
@@ -124,10 +127,12 @@ def test_blockwise_temporaries_are_linear_in_the_row_length():
         step = jax.value_and_grad(lambda q, k, v, probe: jnp.sum(fn(q, k, v) * probe), argnums=(0, 1, 2))
         return jax.jit(step).lower(shape, shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
 
-    dense = temporaries(lambda q, k, v: layers.dot_product_attention(q, k, v, attention.dense_mask(spec),
-                                                                     scale=SCALE, softcap=None))
-    blockwise = temporaries(lambda q, k, v: attention.blockwise_attention(q, k, v, spec, window=None,
-                                                                          scale=SCALE, softcap=None))
+    dense = temporaries(
+        lambda q, k, v: layers.dot_product_attention(q, k, v, attention.dense_mask(spec), scale=SCALE, softcap=None)
+    )
+    blockwise = temporaries(
+        lambda q, k, v: attention.blockwise_attention(q, k, v, spec, window=None, scale=SCALE, softcap=None)
+    )
     assert dense >= t * t * heads * 4, f"dense temporaries {dense} B: less than its [H,T,T] float32 scores?"
     assert blockwise * 8 <= dense, f"blockwise temporaries {blockwise} B > 1/8 of dense {dense} B"
 
@@ -139,8 +144,10 @@ def test_auto_picks_blockwise_for_long_rows_where_no_kernel_applies():
     assert attention.resolve("auto", backend="cpu", seq_len=short, **facts) == "xla"
     assert attention.resolve("auto", backend="gpu", seq_len=long, **facts) == "blockwise"  # float32: no cuDNN
     assert attention.resolve("auto", backend="gpu", seq_len=long, **{**facts, "dtype": jnp.bfloat16}) == "cudnn"
-    assert attention.resolve("auto", backend="gpu", seq_len=long,
-                             **{**facts, "dtype": jnp.bfloat16, "softcap": 50.0}) == "blockwise"
+    assert (
+        attention.resolve("auto", backend="gpu", seq_len=long, **{**facts, "dtype": jnp.bfloat16, "softcap": 50.0})
+        == "blockwise"
+    )
     assert attention.resolve("auto", backend="tpu", seq_len=long, **{**facts, "has_parents": True}) == "blockwise"
     assert attention.resolve("blockwise", backend="cpu", seq_len=3, **{**facts, "has_parents": True}) == "blockwise"
 
@@ -158,13 +165,23 @@ def test_model_with_blockwise_equals_the_xla_model():
     weights = jnp.asarray(np.random.default_rng(4).normal(size=(2, t, 64)), jnp.float32)
 
     def logits_and_grads(impl):
-        config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                             num_heads=4, num_kv_heads=2, head_dim=8, attention=impl)
+        config = ModelConfig(
+            model_type="llama",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            attention=impl,
+        )
         model = create_model(config, rngs=nnx.Rngs(5))
 
         def loss(m):
-            out = m(args[0], attention_mask=jnp.asarray(valid), positions=args[1], segment_ids=args[2],
-                    parent_ids=args[3])
+            out = m(
+                args[0], attention_mask=jnp.asarray(valid), positions=args[1], segment_ids=args[2], parent_ids=args[3]
+            )
             return jnp.sum(jnp.where(jnp.asarray(valid)[..., None], out, 0) * weights) / t, out
 
         (_, out), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)

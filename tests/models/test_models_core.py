@@ -5,12 +5,11 @@ import json
 import shutil
 
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 from flax import nnx
-from tests.hf_fixtures import make_tiny_gemma, make_tiny_llama
 
 from rpo_jax.models import (
     DEFAULT_RULES,
@@ -24,6 +23,7 @@ from rpo_jax.models import (
 )
 from rpo_jax.models import sequence_logps as _sequence_logps
 from rpo_jax.models import token_logps as _token_logps
+from tests.hf_fixtures import make_tiny_gemma, make_tiny_llama
 
 # jit once per shape (eager op-by-op dispatch of a whole model is slow on CPU)
 token_logps = nnx.jit(_token_logps)
@@ -35,15 +35,19 @@ _forward = nnx.jit(lambda m, t, a: m(t, attention_mask=a))
 def llama_dir(tmp_path_factory):
     # vocab 250 and 3 kv heads: not divisible by tensor=2 (replicated fallback); hidden 48 divisible by 8.
     return make_tiny_llama(
-        tmp_path_factory.mktemp("llama"), vocab_size=250, hidden_size=48, num_attention_heads=6,
-        num_key_value_heads=3, intermediate_size=96,
+        tmp_path_factory.mktemp("llama"),
+        vocab_size=250,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        intermediate_size=96,
     )
 
 
 @pytest.fixture(scope="module")
 def gemma3_dir(tmp_path_factory):
     return make_tiny_gemma(
-        tmp_path_factory.mktemp("gemma3"), version=3, num_hidden_layers=6, sliding_window=3, final_logit_softcapping=4.0,
+        tmp_path_factory.mktemp("gemma3"), version=3, num_hidden_layers=6, sliding_window=3, final_logit_softcapping=4.0
     )
 
 
@@ -72,8 +76,9 @@ def test_left_right_padding_and_packing_match_unpadded(which, llama, gemma3):
     a, b = _seq(1, 6), _seq(2, 6)
 
     def run(tokens, mask, segments):
-        return np.asarray(token_logps(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
-                                      segment_ids=jnp.asarray(segments)))
+        return np.asarray(
+            token_logps(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask), segment_ids=jnp.asarray(segments))
+        )
 
     alone = run(np.stack([a, b]), np.ones((2, 6), bool), np.ones((2, 6), np.int32))
     pad = np.zeros(6, np.int32)
@@ -107,7 +112,12 @@ def test_partition_rules_and_non_divisible_fallback(llama):
     spec = logical_to_spec(("layers", "embed", "heads", "head_dim"), (2, 48, 6, 8), mesh)
     assert tuple(spec) == (None, "fsdp", "tensor", None)
     # 3 kv heads on tensor=2 and vocab 250 on tensor=2: replicated on that dimension only
-    assert tuple(logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 48, 3, 8), mesh)) == (None, "fsdp", None, None)
+    assert tuple(logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 48, 3, 8), mesh)) == (
+        None,
+        "fsdp",
+        None,
+        None,
+    )
     assert tuple(logical_to_spec(("vocab", "embed"), (250, 48), make_mesh((1, 2, 4)))) == (None, "fsdp")
 
 
@@ -127,8 +137,16 @@ def test_sharded_load_matches_unsharded(shape, llama, llama_dir):
 
 
 def test_create_model_sharded_equals_unsharded():
-    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=8)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
     plain = create_model(config, rngs=nnx.Rngs(3))
     sharded = create_model(config, rngs=nnx.Rngs(3), mesh=make_mesh((2, 2, 2)))
     assert sharded.layers.gate_proj[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -158,8 +176,9 @@ def test_sequence_logps_equals_log_softmax_gather(which, chunk, llama, gemma3):
     attn = np.ones_like(tokens, bool)
     attn[0, 9:] = False
     expected, count = _direct_logps(model, tokens, loss_mask, jnp.asarray(attn))
-    got, got_count = sequence_logps(model, jnp.asarray(tokens), jnp.asarray(loss_mask),
-                                    attention_mask=jnp.asarray(attn), vocab_chunk_size=chunk)
+    got, got_count = sequence_logps(
+        model, jnp.asarray(tokens), jnp.asarray(loss_mask), attention_mask=jnp.asarray(attn), vocab_chunk_size=chunk
+    )
     assert got.dtype == jnp.float32 and got_count.dtype == jnp.int32
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got_count), count)
@@ -240,7 +259,9 @@ def test_missing_and_unexpected_tensors_are_named(llama_dir, tmp_path):
 
     tensors = load_file(str(llama_dir / "model.safetensors"))
     d = _copy(llama_dir, tmp_path / "missing")
-    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}, str(d / "model.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}, str(d / "model.safetensors")
+    )
     with pytest.raises(ValueError, match=r"missing tensors \['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
         load_hf(d)
     d = _copy(llama_dir, tmp_path / "extra")
@@ -254,7 +275,11 @@ def test_shape_mismatch(llama_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = 64
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \[96, 48\], expected \[64, 48\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \[96, 48\], "
+        r"expected \[64, 48\]",
+    ):
         load_hf(d)
 
 
@@ -285,8 +310,17 @@ def test_unsupported_config_values(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
         load_hf(d)
     with pytest.raises(ValueError, match="remat"):
-        ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                    num_heads=2, num_kv_heads=1, head_dim=4, remat="sometimes")
+        ModelConfig(
+            model_type="llama",
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=4,
+            remat="sometimes",
+        )
 
 
 def test_traced_program_size_is_flat_in_depth():
@@ -294,11 +328,23 @@ def test_traced_program_size_is_flat_in_depth():
     (so compile time does not grow with depth)."""
 
     def num_eqns(layers, remat):
-        config = ModelConfig(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64,
-                             num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8, norm_plus_one=True,
-                             sandwich_norms=True, qk_norm=True, sliding_window=4, remat=remat,
-                             layer_types=("sliding_attention",) * (layers - 1) + ("full_attention",),
-                             rope=(("full_attention", RopeSpec(theta=1e6)), ("sliding_attention", RopeSpec())))
+        config = ModelConfig(
+            model_type="gemma3_text",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=layers,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            norm_plus_one=True,
+            sandwich_norms=True,
+            qk_norm=True,
+            sliding_window=4,
+            remat=remat,
+            layer_types=("sliding_attention",) * (layers - 1) + ("full_attention",),
+            rope=(("full_attention", RopeSpec(theta=1e6)), ("sliding_attention", RopeSpec())),
+        )
         model = create_model(config, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
         tokens = jnp.zeros((1, 8), jnp.int32)

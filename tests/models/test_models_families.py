@@ -23,27 +23,50 @@ WINDOW = dict(use_sliding_window=True, sliding_window=4)
 CASES = {
     "qwen2_bias_untied_gqa": ("qwen2", {}, dict(qkv_bias=True, tie_word_embeddings=False, num_kv_heads=2)),
     "qwen2_tied_windowed_mqa": (
-        "qwen2", dict(tie_word_embeddings=True, num_key_value_heads=1, num_hidden_layers=3, max_window_layers=1,
-                      **WINDOW),
-        dict(qkv_bias=True, tie_word_embeddings=True, num_kv_heads=1, sliding_window=4,
-             layer_types=(FULL_ATTENTION, SLIDING_ATTENTION, SLIDING_ATTENTION)),
+        "qwen2",
+        dict(tie_word_embeddings=True, num_key_value_heads=1, num_hidden_layers=3, max_window_layers=1, **WINDOW),
+        dict(
+            qkv_bias=True,
+            tie_word_embeddings=True,
+            num_kv_heads=1,
+            sliding_window=4,
+            layer_types=(FULL_ATTENTION, SLIDING_ATTENTION, SLIDING_ATTENTION),
+        ),
     ),
     "qwen2_head_dim": ("qwen2", dict(head_dim=24), dict(qkv_bias=True, head_dim=24)),
     "qwen3_qknorm_head_dim_gqa": ("qwen3", {}, dict(qk_norm=True, qkv_bias=False, head_dim=24, num_kv_heads=2)),
     "qwen3_tied_windowed_mqa": (
-        "qwen3", dict(tie_word_embeddings=True, num_key_value_heads=1, max_window_layers=0, sliding_window=5,
-                      use_sliding_window=True),
-        dict(qk_norm=True, tie_word_embeddings=True, num_kv_heads=1, sliding_window=5,
-             layer_types=(SLIDING_ATTENTION,) * 2),
+        "qwen3",
+        dict(
+            tie_word_embeddings=True,
+            num_key_value_heads=1,
+            max_window_layers=0,
+            sliding_window=5,
+            use_sliding_window=True,
+        ),
+        dict(
+            qk_norm=True,
+            tie_word_embeddings=True,
+            num_kv_heads=1,
+            sliding_window=5,
+            layer_types=(SLIDING_ATTENTION,) * 2,
+        ),
     ),
     "mistral_windowed_gqa": (
-        "mistral", dict(sliding_window=4), dict(sliding_window=4, layer_types=(SLIDING_ATTENTION,) * 2,
-                                                 num_kv_heads=2, qkv_bias=False, qk_norm=False),
+        "mistral",
+        dict(sliding_window=4),
+        dict(sliding_window=4, layer_types=(SLIDING_ATTENTION,) * 2, num_kv_heads=2, qkv_bias=False, qk_norm=False),
     ),
     "mistral_tied_mqa_head_dim": (
-        "mistral", dict(tie_word_embeddings=True, num_key_value_heads=1, head_dim=24),
-        dict(tie_word_embeddings=True, num_kv_heads=1, head_dim=24, sliding_window=None,
-             layer_types=(FULL_ATTENTION,) * 2),
+        "mistral",
+        dict(tie_word_embeddings=True, num_key_value_heads=1, head_dim=24),
+        dict(
+            tie_word_embeddings=True,
+            num_kv_heads=1,
+            head_dim=24,
+            sliding_window=None,
+            layer_types=(FULL_ATTENTION,) * 2,
+        ),
     ),
 }
 WINDOWED = [name for name, (_, overrides, _) in CASES.items() if "sliding_window" in overrides]
@@ -72,7 +95,7 @@ def _left_pad(prompts, t):
     tokens = np.zeros((len(prompts), t), np.int32)
     mask = np.zeros((len(prompts), t), bool)
     for i, p in enumerate(prompts):
-        tokens[i, t - len(p):], mask[i, t - len(p):] = p, True
+        tokens[i, t - len(p) :], mask[i, t - len(p) :] = p, True
     return tokens, mask
 
 
@@ -105,7 +128,10 @@ def test_family_matches_transformers(name, checkpoints, tokens, tmp_path):
         ref = torch_model.generate(
             torch.as_tensor(prompt_tokens, dtype=torch.long),
             attention_mask=torch.as_tensor(prompt_mask, dtype=torch.long),
-            max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0,
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         )[:, 9:].numpy()
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
 
@@ -176,7 +202,9 @@ def test_speed_paths_and_sharding_unchanged_for_a_windowed_qwen2(checkpoints, to
     np.testing.assert_allclose(np.asarray(windowed), np.asarray(plain), atol=1e-4, rtol=0)
     assert (np.asarray(count) == np.asarray(count2)).all() and int(count[0]) == 6
     grads = nnx.grad(lambda m: sequence_logps(m, toks, loss_mask)[0].sum())(fast)
-    assert np.isfinite(np.asarray(grads.layers.q_bias[...])).all() and float(jnp.abs(grads.layers.q_bias[...]).max()) > 0
+    assert (
+        np.isfinite(np.asarray(grads.layers.q_bias[...])).all() and float(jnp.abs(grads.layers.q_bias[...]).max()) > 0
+    )
 
     mesh = make_mesh((2, 2, 2))
     sharded, _ = load_hf(path, mesh=mesh)
@@ -204,8 +232,14 @@ def _hf_scores(model, tokens, mask):
     import torch
 
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
-                     attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits.float().numpy()
+        return (
+            model(
+                input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            )
+            .logits.float()
+            .numpy()
+        )
 
 
 @pytest.mark.parametrize("name", list(REWARD_CASES))
@@ -214,20 +248,21 @@ def test_reward_model_scores_and_round_trip(name, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     family, overrides, num_labels = REWARD_CASES[name]
-    path = make_tiny_family(tmp_path / name, family, task="sequence_classification", num_labels=num_labels,
-                            **overrides)
+    path = make_tiny_family(tmp_path / name, family, task="sequence_classification", num_labels=num_labels, **overrides)
     load = lambda p: AutoModelForSequenceClassification.from_pretrained(  # noqa: E731
-        str(p), dtype=torch.float32, attn_implementation="eager").eval()
+        str(p), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     theirs = load(path)
     model, config = load_reward_model(path)
     assert model.num_labels == num_labels and config.pad_token_id == 0
     rng = np.random.RandomState(4)
     rows = [rng.randint(3, 250, n) for n in (12, 5, 9)]
-    right = (np.stack([np.concatenate([r, np.zeros(12 - len(r), np.int64)]) for r in rows]).astype(np.int32),
-             np.stack([np.arange(12) < len(r) for r in rows]))
+    right = (
+        np.stack([np.concatenate([r, np.zeros(12 - len(r), np.int64)]) for r in rows]).astype(np.int32),
+        np.stack([np.arange(12) < len(r) for r in rows]),
+    )
     for tokens, mask in (_left_pad(rows, 12), right):
-        np.testing.assert_allclose(np.asarray(model(tokens, mask)), _hf_scores(theirs, tokens, mask), atol=TOL,
-                                   rtol=0)
+        np.testing.assert_allclose(np.asarray(model(tokens, mask)), _hf_scores(theirs, tokens, mask), atol=TOL, rtol=0)
     exported = load(save_reward_model(model, config, tmp_path / "export"))
     original, reloaded = _torch_state(theirs), _torch_state(exported)
     assert sorted(reloaded) == sorted(original)

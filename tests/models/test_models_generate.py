@@ -19,8 +19,9 @@ from tests.hf_fixtures import load_torch_model, make_tiny_gemma, make_tiny_llama
 
 CASES = {
     "llama_gqa": lambda d: make_tiny_llama(d),
-    "gemma2_sliding_softcaps": lambda d: make_tiny_gemma(d, version=2, sliding_window=4, attn_logit_softcapping=2.0,
-                                                         final_logit_softcapping=3.0),
+    "gemma2_sliding_softcaps": lambda d: make_tiny_gemma(
+        d, version=2, sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=3.0
+    ),
     "gemma3_pattern": lambda d: make_tiny_gemma(d, version=3, num_hidden_layers=6, sliding_window=4),
 }
 NEW = 10
@@ -30,16 +31,21 @@ def _left_pad(prompts, t):
     tokens = np.zeros((len(prompts), t), np.int32)
     mask = np.zeros((len(prompts), t), bool)
     for i, p in enumerate(prompts):
-        tokens[i, t - len(p):], mask[i, t - len(p):] = p, True
+        tokens[i, t - len(p) :], mask[i, t - len(p) :] = p, True
     return tokens, mask
 
 
 def _hf_greedy(torch_model, prompt, eos=None):
     import torch
 
-    out = torch_model.generate(torch.as_tensor(np.asarray(prompt)[None], dtype=torch.long), max_new_tokens=NEW,
-                               do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(prompt):].numpy()
+    out = torch_model.generate(
+        torch.as_tensor(np.asarray(prompt)[None], dtype=torch.long),
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +137,7 @@ def test_generate_argument_errors(llama):
 def _first_stop(row, stop_sequences):
     """Reference: the first j such that row[:j+1] ends with a stop sequence, or None (plain Python)."""
     for j in range(len(row)):
-        if any(j + 1 >= len(s) and list(row[j + 1 - len(s): j + 1]) == list(s) for s in stop_sequences):
+        if any(j + 1 >= len(s) and list(row[j + 1 - len(s) : j + 1]) == list(s) for s in stop_sequences):
             return j
     return None
 
@@ -180,17 +186,25 @@ class _PieceTokenizer:
 
 
 def test_truncate_at_stop_strings_hand_built():
-    tokens = np.array([[3, 4, 5, 5],    # "las"+"topper": "stop" overhangs both ends → ends at token 1
-                       [5, 1, 2, 5],    # "x"+"st"+"op" → token 2
-                       [6, 7, 8, 5],    # "s"+"to"+"pped" → token 2
-                       [5, 5, 5, 5],    # no stop string → unchanged
-                       [5, 1, 2, 5],    # ended at an EOS (token 1): "stop" lies beyond the mask → unchanged
-                       [1, 2, 9, 7]],   # "st"+"op" before the EOS "\n" (token 2) → token 1
-                      np.int32)
+    tokens = np.array(
+        [
+            [3, 4, 5, 5],  # "las"+"topper": "stop" overhangs both ends → ends at token 1
+            [5, 1, 2, 5],  # "x"+"st"+"op" → token 2
+            [6, 7, 8, 5],  # "s"+"to"+"pped" → token 2
+            [5, 5, 5, 5],  # no stop string → unchanged
+            [5, 1, 2, 5],  # ended at an EOS (token 1): "stop" lies beyond the mask → unchanged
+            [1, 2, 9, 7],
+        ],  # "st"+"op" before the EOS "\n" (token 2) → token 1
+        np.int32,
+    )
     mask = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], bool)
     logps = -np.arange(1, 25, dtype=np.float32).reshape(6, 4) * mask
-    out = GenerateOutput(tokens=jnp.asarray(tokens), mask=jnp.asarray(mask), logps=jnp.asarray(logps),
-                         lengths=jnp.asarray(mask.sum(1), jnp.int32))
+    out = GenerateOutput(
+        tokens=jnp.asarray(tokens),
+        mask=jnp.asarray(mask),
+        logps=jnp.asarray(logps),
+        lengths=jnp.asarray(mask.sum(1), jnp.int32),
+    )
     cut = truncate_at_stop_strings(out, _PieceTokenizer(), ["stop"], pad_token_id=7)
     lengths = np.array([2, 3, 3, 4, 2, 2])
     keep = np.arange(4)[None, :] < lengths[:, None]
@@ -204,10 +218,12 @@ def test_truncate_at_stop_strings_hand_built():
     # a stop string inside one token ("opp" in "topper", "stopped"); several stop strings: the first completed
     np.testing.assert_array_equal(
         np.asarray(truncate_at_stop_strings(out, _PieceTokenizer(), ["opp"], pad_token_id=0).lengths),
-        [2, 4, 3, 4, 2, 3])
+        [2, 4, 3, 4, 2, 3],
+    )
     np.testing.assert_array_equal(
         np.asarray(truncate_at_stop_strings(out, _PieceTokenizer(), ["xx", "stop"], pad_token_id=0).lengths),
-        [2, 3, 3, 2, 2, 2])
+        [2, 3, 3, 2, 2, 2],
+    )
     same = truncate_at_stop_strings(out, _PieceTokenizer(), ["zz"], pad_token_id=0)
     for field in ("tokens", "mask", "logps", "lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(same, field)), np.asarray(getattr(out, field)))
@@ -221,14 +237,18 @@ def _tiny_bpe_tokenizer():
     from tokenizers import Tokenizer, decoders, models, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = ["the stop sign stops the topper at last", "stopping is not the same as stepping on a top",
-              "a quick brown fox jumps over the lazy dog", "she sells sea shells by the sea shore"] * 5
+    corpus = [
+        "the stop sign stops the topper at last",
+        "stopping is not the same as stepping on a top",
+        "a quick brown fox jumps over the lazy dog",
+        "she sells sea shells by the sea shore",
+    ] * 5
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, show_progress=False,
-                                                            special_tokens=["<pad>", "<unk>", "<eos>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    backend.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=120, show_progress=False, special_tokens=["<pad>", "<unk>", "<eos>"])
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def _first_text_stop(prefix: str, pieces: list[str], stop: str):
@@ -249,8 +269,9 @@ def _straddling_stops(prompt_texts, rows_pieces):
             if not a.strip() or not b.strip() or stop in a or stop in b or stop in [c[0] for c in chosen]:
                 continue
             if _first_text_stop("", pieces, stop) == j and all(
-                    _first_text_stop(pt, ps, stop) == _first_text_stop("", ps, stop)
-                    for pt, ps in zip(prompt_texts, rows_pieces)):
+                _first_text_stop(pt, ps, stop) == _first_text_stop("", ps, stop)
+                for pt, ps in zip(prompt_texts, rows_pieces)
+            ):
                 chosen.append((stop, row, j))
                 break
     return chosen
@@ -260,24 +281,32 @@ def test_stop_strings_match_transformers(tmp_path):
     import torch
 
     tok = _tiny_bpe_tokenizer()
-    path = make_tiny_llama(tmp_path / "bpe_llama", vocab_size=len(tok), bos_token_id=None, eos_token_id=2,
-                           pad_token_id=0)
+    path = make_tiny_llama(
+        tmp_path / "bpe_llama", vocab_size=len(tok), bos_token_id=None, eos_token_id=2, pad_token_id=0
+    )
     model, _ = load_hf(path)
     torch_model = load_torch_model(path)
-    prompts = [np.asarray(tok(t, add_special_tokens=False)["input_ids"], np.int32)
-               for t in ("the stop", "she sells sea", "a quick brown fox jumps")]
+    prompts = [
+        np.asarray(tok(t, add_special_tokens=False)["input_ids"], np.int32)
+        for t in ("the stop", "she sells sea", "a quick brown fox jumps")
+    ]
     tokens, mask = _left_pad(prompts, max(map(len, prompts)))
     base = generate(model, tokens, mask, max_new_tokens=NEW, temperature=0.0)
     rows_pieces = [[tok.decode([int(t)]) for t in row] for row in np.asarray(base.tokens)]
     chosen = _straddling_stops([tok.decode(p.tolist()) for p in prompts], rows_pieces)
     assert len(chosen) >= 2, (rows_pieces, chosen)
     stop_strings = [stop for stop, _, _ in chosen]
-    out = generate(model, tokens, mask, max_new_tokens=NEW, temperature=0.0, stop_strings=stop_strings,
-                   tokenizer=tok)
+    out = generate(model, tokens, mask, max_new_tokens=NEW, temperature=0.0, stop_strings=stop_strings, tokenizer=tok)
     for i, p in enumerate(prompts):
-        ref = torch_model.generate(torch.as_tensor(p[None], dtype=torch.long), max_new_tokens=NEW, do_sample=False,
-                                   stop_strings=stop_strings, tokenizer=tok, pad_token_id=0,
-                                   eos_token_id=None)[0, len(p):].numpy()
+        ref = torch_model.generate(
+            torch.as_tensor(p[None], dtype=torch.long),
+            max_new_tokens=NEW,
+            do_sample=False,
+            stop_strings=stop_strings,
+            tokenizer=tok,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[0, len(p) :].numpy()
         n = len(ref)
         np.testing.assert_array_equal(np.asarray(out.tokens[i, :n]), ref)
         assert int(out.lengths[i]) == n and (np.asarray(out.tokens[i, n:]) == 0).all()
@@ -290,9 +319,14 @@ def test_stop_strings_match_transformers(tmp_path):
 def test_stop_argument_errors(llama):
     tokens, mask = np.ones((1, 3), np.int32), np.ones((1, 3), bool)
     kw = {"max_new_tokens": 2, "temperature": 0.0}
-    for bad, match in [([[]], r"stop_sequences\[0\] is empty"), ([[1, 2.0]], r"stop_sequences\[0\]\[1\]"),
-                       ([1, 2], "flat list"), ([[1], [True]], r"\[1\]\[0\]"), ([[10_000]], "vocabulary"),
-                       ("ab", "list of token-id lists")]:
+    for bad, match in [
+        ([[]], r"stop_sequences\[0\] is empty"),
+        ([[1, 2.0]], r"stop_sequences\[0\]\[1\]"),
+        ([1, 2], "flat list"),
+        ([[1], [True]], r"\[1\]\[0\]"),
+        ([[10_000]], "vocabulary"),
+        ("ab", "list of token-id lists"),
+    ]:
         with pytest.raises(ValueError, match=match):
             generate(llama, tokens, mask, stop_sequences=bad, **kw)
     with pytest.raises(ValueError, match="needs tokenizer"):
@@ -332,14 +366,24 @@ def _assert_same_generation(llama, sharded, tokens, mask, s_tokens, s_mask):
     letters = _LetterTokenizer()
     ref = generate(llama, tokens, mask, max_new_tokens=NEW, eos_token_id=7, temperature=0.0)
     stop = letters.decode(np.asarray(ref.tokens[0, 2:4]).tolist())
-    out = generate(sharded, s_tokens, s_mask, max_new_tokens=NEW, eos_token_id=7, temperature=0.0,
-                   stop_strings=[stop], tokenizer=letters)
+    out = generate(
+        sharded,
+        s_tokens,
+        s_mask,
+        max_new_tokens=NEW,
+        eos_token_id=7,
+        temperature=0.0,
+        stop_strings=[stop],
+        tokenizer=letters,
+    )
     cut = truncate_at_stop_strings(ref, letters, [stop], pad_token_id=0)
     assert int(cut.lengths[0]) <= 4
     for field in ("tokens", "mask", "lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(cut, field)))
-    assert out.tokens.sharding == generate(sharded, s_tokens, s_mask, max_new_tokens=NEW, eos_token_id=7,
-                                           temperature=0.0).tokens.sharding
+    assert (
+        out.tokens.sharding
+        == generate(sharded, s_tokens, s_mask, max_new_tokens=NEW, eos_token_id=7, temperature=0.0).tokens.sharding
+    )
 
 
 class _LetterTokenizer:
@@ -363,9 +407,23 @@ def test_sharded_generate_tensor_parallel_and_cache_layout(llama, llama_dir):
 
     sharded, tokens, mask, s_tokens, s_mask = _sharded_inputs(llama_dir, (1, 4, 2))
     _assert_same_generation(llama, sharded, tokens, mask, s_tokens, s_mask)
-    hlo = sys.modules["rpo_jax.models.generate"]._generate_jit.lower(
-        sharded, s_tokens, s_mask, jax.random.key(0), max_new_tokens=NEW, temperature=0.0, top_k=None, top_p=None,
-        eos_ids=(), pad_id=0).compile().as_text()
+    hlo = (
+        sys.modules["rpo_jax.models.generate"]
+        ._generate_jit.lower(
+            sharded,
+            s_tokens,
+            s_mask,
+            jax.random.key(0),
+            max_new_tokens=NEW,
+            temperature=0.0,
+            top_k=None,
+            top_p=None,
+            eos_ids=(),
+            pad_id=0,
+        )
+        .compile()
+        .as_text()
+    )
     c = sharded.config
     assert f"f32[{c.num_layers},2,{9 + NEW},{c.num_kv_heads // 2},{c.head_dim}]" in hlo
     assert f"f32[{c.num_layers},8,{9 + NEW},{c.num_kv_heads},{c.head_dim}]" not in hlo
@@ -387,8 +445,13 @@ def test_smollm2_greedy_matches_transformers(smollm2_dir):
     tokens, mask = _left_pad(prompts, max(map(len, prompts)))
     out = generate(model, tokens, mask, max_new_tokens=20, temperature=0.0, eos_token_id=tok.eos_token_id)
     for i, p in enumerate(prompts):
-        ref = torch_model.generate(torch.as_tensor(p[None], dtype=torch.long), max_new_tokens=20, do_sample=False,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(p):].numpy()
+        ref = torch_model.generate(
+            torch.as_tensor(p[None], dtype=torch.long),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0, len(p) :].numpy()
         n = len(ref) if tok.eos_token_id not in ref else int(np.argmax(ref == tok.eos_token_id)) + 1
         np.testing.assert_array_equal(np.asarray(out.tokens[i, :n]), ref[:n])
     assert "Paris" in tok.decode(np.asarray(out.tokens[0])[: int(out.lengths[0])].tolist())

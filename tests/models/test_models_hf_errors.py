@@ -10,9 +10,9 @@ import stat
 
 import numpy as np
 import pytest
-from tests.hf_fixtures import copy_checkpoint, edit_config, make_tiny_llama
 
 from rpo_jax.models import load_hf, load_reward_model, save_hf, save_reward_model
+from tests.hf_fixtures import copy_checkpoint, edit_config, make_tiny_llama
 
 LOADERS = {"load_hf": load_hf, "load_reward_model": load_reward_model}
 
@@ -39,8 +39,9 @@ def reward_dir(tmp_path_factory, llama_dir):
     del tensors["lm_head.weight"]
     tensors["score.weight"] = np.random.RandomState(0).normal(size=(1, 64)).astype(np.float32)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    edit_config(out, architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"},
-                label2id={"LABEL_0": 0})
+    edit_config(
+        out, architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}
+    )
     return out
 
 
@@ -63,27 +64,45 @@ def _raises(exc, fn, path, *fragments):
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_missing_directory_and_plain_file(loader, tmp_path):
-    _raises(FileNotFoundError, LOADERS[loader], tmp_path / "nope", f"checkpoint directory '{tmp_path / 'nope'}'",
-            "does not exist")
+    _raises(
+        FileNotFoundError,
+        LOADERS[loader],
+        tmp_path / "nope",
+        f"checkpoint directory '{tmp_path / 'nope'}'",
+        "does not exist",
+    )
     (tmp_path / "file").write_text("x")
-    _raises(NotADirectoryError, LOADERS[loader], tmp_path / "file", str(tmp_path / "file"), "is not a directory",
-            "expected a Hugging Face checkpoint directory")
+    _raises(
+        NotADirectoryError,
+        LOADERS[loader],
+        tmp_path / "file",
+        str(tmp_path / "file"),
+        "is not a directory",
+        "expected a Hugging Face checkpoint directory",
+    )
 
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_directory_without_config_json(loader, llama_dir, reward_dir, tmp_path):
     d = copy_checkpoint(reward_dir if loader == "load_reward_model" else llama_dir, tmp_path / "c")
     (d / "config.json").unlink()
-    _raises(FileNotFoundError, LOADERS[loader], d, f"{d}: config.json is missing", "expected", "found",
-            "model.safetensors")
+    _raises(
+        FileNotFoundError, LOADERS[loader], d, f"{d}: config.json is missing", "expected", "found", "model.safetensors"
+    )
 
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_directory_without_safetensors(loader, llama_dir, reward_dir, tmp_path):
     d = copy_checkpoint(reward_dir if loader == "load_reward_model" else llama_dir, tmp_path / "s")
     (d / "model.safetensors").unlink()
-    _raises(FileNotFoundError, LOADERS[loader], d, f"{d}: no model.safetensors or model.safetensors.index.json",
-            "found ['config.json', 'generation_config.json']", "expected")
+    _raises(
+        FileNotFoundError,
+        LOADERS[loader],
+        d,
+        f"{d}: no model.safetensors or model.safetensors.index.json",
+        "found ['config.json', 'generation_config.json']",
+        "expected",
+    )
 
 
 def test_index_naming_a_missing_shard(sharded_dir, tmp_path):
@@ -91,8 +110,13 @@ def test_index_naming_a_missing_shard(sharded_dir, tmp_path):
     index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     shard = sorted(set(index.values()))[-1]
     (d / shard).unlink()
-    _raises(FileNotFoundError, load_hf, d, f"{d / 'model.safetensors.index.json'}: shard {shard} is missing",
-            f"expected the file {d / shard}")
+    _raises(
+        FileNotFoundError,
+        load_hf,
+        d,
+        f"{d / 'model.safetensors.index.json'}: shard {shard} is missing",
+        f"expected the file {d / shard}",
+    )
 
 
 def test_broken_index_file(sharded_dir, tmp_path):
@@ -109,8 +133,13 @@ def test_broken_index_file(sharded_dir, tmp_path):
     other = next(s for s in sorted(set(moved.values())) if s != moved[name])
     moved[name] = other
     index_file.write_text(json.dumps({**good, "weight_map": moved}))
-    _raises(ValueError, load_hf, d, f"{d / other}: tensors ['{name}'] are missing",
-            "model.safetensors.index.json puts them in this shard")
+    _raises(
+        ValueError,
+        load_hf,
+        d,
+        f"{d / other}: tensors ['{name}'] are missing",
+        "model.safetensors.index.json puts them in this shard",
+    )
     # a tensor a shard holds but the index does not list
     unlisted = dict(good["weight_map"])
     name = "model.layers.1.input_layernorm.weight"
@@ -127,8 +156,13 @@ def test_broken_index_file(sharded_dir, tmp_path):
 def test_config_json_not_json(loader, llama_dir, reward_dir, tmp_path):
     d = copy_checkpoint(reward_dir if loader == "load_reward_model" else llama_dir, tmp_path / "j")
     (d / "config.json").write_text('{\n  "model_type": "llama",\n  "hidden_size": 64,\n}\n')
-    _raises(ValueError, LOADERS[loader], d, f"{d / 'config.json'}: not valid JSON",
-            "Expecting property name enclosed in double quotes at line 4, column 1")
+    _raises(
+        ValueError,
+        LOADERS[loader],
+        d,
+        f"{d / 'config.json'}: not valid JSON",
+        "Expecting property name enclosed in double quotes at line 4, column 1",
+    )
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -158,8 +192,10 @@ def test_config_json_missing_or_bad_required_fields(llama_dir, tmp_path):
 def test_gemma3_multimodal_text_config_required_fields():
     from rpo_jax.models import ModelConfig
 
-    hf = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "intermediate_size": 128,
-                                                  "num_hidden_layers": 2}}
+    hf = {
+        "model_type": "gemma3",
+        "text_config": {"model_type": "gemma3_text", "intermediate_size": 128, "num_hidden_layers": 2},
+    }
     with pytest.raises(ValueError, match=r"^cfg\.json: required field text_config\.hidden_size is missing"):
         ModelConfig.from_hf_dict(hf, source="cfg.json")
 
@@ -173,8 +209,9 @@ def test_unreadable_safetensors(loader, damage, llama_dir, reward_dir, tmp_path)
     d = copy_checkpoint(reward_dir if loader == "load_reward_model" else llama_dir, tmp_path / damage)
     f = d / "model.safetensors"
     data = f.read_bytes()
-    f.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"<html>not found</html>" * 20,
-                   "empty": b""}[damage])
+    f.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": b"<html>not found</html>" * 20, "empty": b""}[damage]
+    )
     _raises(ValueError, LOADERS[loader], d, f"{f}: not a readable safetensors file (", "expected a complete")
 
 
@@ -185,12 +222,23 @@ def test_missing_tensor_names_file_and_expected_shape(llama_dir, tmp_path):
     tensors = load_file(str(d / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(d / "model.safetensors"))
-    _raises(ValueError, load_hf, d, f"{d / 'model.safetensors'}: missing tensors ['model.layers.1.mlp.up_proj.weight']",
-            "expected shapes [[128, 64]]", str(d / "config.json"))
+    _raises(
+        ValueError,
+        load_hf,
+        d,
+        f"{d / 'model.safetensors'}: missing tensors ['model.layers.1.mlp.up_proj.weight']",
+        "expected shapes [[128, 64]]",
+        str(d / "config.json"),
+    )
     del tensors["lm_head.weight"]
     save_file(tensors, str(d / "model.safetensors"))
-    _raises(ValueError, load_hf, d, f"{d / 'model.safetensors'}: missing tensor lm_head.weight [256, 64]",
-            "tie_word_embeddings=False")
+    _raises(
+        ValueError,
+        load_hf,
+        d,
+        f"{d / 'model.safetensors'}: missing tensor lm_head.weight [256, 64]",
+        "tie_word_embeddings=False",
+    )
 
 
 def test_wrong_shape_and_dtype_name_file_tensor_and_expectation(llama_dir, tmp_path):
@@ -205,8 +253,13 @@ def test_wrong_shape_and_dtype_name_file_tensor_and_expectation(llama_dir, tmp_p
     _raises(ValueError, load_hf, d, f"{d / 'model.safetensors'}: tensor {name} has shape [16, 64], expected [32, 64]")
     tensors[name] = (good * 100).astype(np.int32)
     save_file(tensors, str(d / "model.safetensors"))
-    _raises(ValueError, load_hf, d, f"{d / 'model.safetensors'}: tensor {name} has dtype I32",
-            "expected a floating-point dtype")
+    _raises(
+        ValueError,
+        load_hf,
+        d,
+        f"{d / 'model.safetensors'}: tensor {name} has dtype I32",
+        "expected a floating-point dtype",
+    )
 
 
 # --------------------------------------------------------------------------------------------- architectures
@@ -215,28 +268,52 @@ def test_wrong_shape_and_dtype_name_file_tensor_and_expectation(llama_dir, tmp_p
 def test_architectures_contradicting_model_type(llama_dir, tmp_path):
     d = copy_checkpoint(llama_dir, tmp_path / "a")
     edit_config(d, architectures=["GemmaForCausalLM"])
-    _raises(ValueError, load_hf, d, f"{d / 'config.json'}: architectures=['GemmaForCausalLM'] contradicts "
-            "model_type='llama'", "GemmaForCausalLM goes with model_type 'gemma'",
-            "model_type 'llama' with LlamaForCausalLM")
+    _raises(
+        ValueError,
+        load_hf,
+        d,
+        f"{d / 'config.json'}: architectures=['GemmaForCausalLM'] contradicts model_type='llama'",
+        "GemmaForCausalLM goes with model_type 'gemma'",
+        "model_type 'llama' with LlamaForCausalLM",
+    )
 
 
 def test_unknown_and_wrong_task_architectures(llama_dir, reward_dir, tmp_path):
     d = copy_checkpoint(llama_dir, tmp_path / "u")
     edit_config(d, architectures=["PhiForCausalLM"])
-    _raises(ValueError, load_hf, d, f"{d / 'config.json'}: architectures=['PhiForCausalLM'] is not a supported "
-            "causal language model", "expected one of", "LlamaForCausalLM")
+    _raises(
+        ValueError,
+        load_hf,
+        d,
+        f"{d / 'config.json'}: architectures=['PhiForCausalLM'] is not a supported causal language model",
+        "expected one of",
+        "LlamaForCausalLM",
+    )
     edit_config(d, architectures="LlamaForCausalLM")
     _raises(ValueError, load_hf, d, f"{d / 'config.json'}: architectures='LlamaForCausalLM'", "expected a list")
     # a reward model given to the causal-LM loader, by its declared class and (undeclared) by its score head
-    _raises(ValueError, load_hf, reward_dir, f"{reward_dir / 'config.json'}: architectures="
-            "['LlamaForSequenceClassification'] is a sequence-classification (reward) model", "load_reward_model")
+    _raises(
+        ValueError,
+        load_hf,
+        reward_dir,
+        f"{reward_dir / 'config.json'}: architectures="
+        "['LlamaForSequenceClassification'] is a sequence-classification (reward) model",
+        "load_reward_model",
+    )
     r = copy_checkpoint(reward_dir, tmp_path / "r")
     edit_config(r, drop=("architectures",))
-    _raises(ValueError, load_hf, r, f"{r / 'model.safetensors'}: missing tensor lm_head.weight",
-            "score.weight is a sequence-classification head", "load_reward_model")
+    _raises(
+        ValueError,
+        load_hf,
+        r,
+        f"{r / 'model.safetensors'}: missing tensor lm_head.weight",
+        "score.weight is a sequence-classification head",
+        "load_reward_model",
+    )
     edit_config(r, tie_word_embeddings=True)
-    _raises(ValueError, load_hf, r, f"{r / 'model.safetensors'}: unexpected tensors ['score.weight']",
-            "load_reward_model")
+    _raises(
+        ValueError, load_hf, r, f"{r / 'model.safetensors'}: unexpected tensors ['score.weight']", "load_reward_model"
+    )
 
 
 def test_architectures_may_be_absent(llama_dir, llama, tmp_path):
@@ -289,6 +366,8 @@ def test_save_hf_refuses_a_file_and_a_stale_sharded_export(llama, sharded_dir, t
     with pytest.raises(NotADirectoryError, match=re.escape(f"{tmp_path / 'file'}: exists and is not a directory")):
         save_hf(model, config, tmp_path / "file")
     stale = copy_checkpoint(sharded_dir, tmp_path / "stale")
-    with pytest.raises(ValueError, match=re.escape(f"{stale}: holds another safetensors checkpoint")
-                       + r".*model\.safetensors\.index\.json"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{stale}: holds another safetensors checkpoint") + r".*model\.safetensors\.index\.json",
+    ):
         save_hf(model, config, stale)

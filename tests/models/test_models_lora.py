@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.hf_fixtures import hf_logits, load_torch_model, make_tiny_gemma, make_tiny_llama
-
 from rpo_jax.models import ModelConfig, create_model, generate, load_hf, make_mesh, save_hf, token_logps
 from rpo_jax.models.lora import (
     LoraConfig,
@@ -26,10 +24,19 @@ from rpo_jax.models.lora import (
     resolve_targets,
     save_peft_adapter,
 )
+from tests.hf_fixtures import hf_logits, load_torch_model, make_tiny_gemma, make_tiny_llama
 
 TOL = 1e-4
-CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=8)
+CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
 TOKENS = np.random.default_rng(0).integers(3, 64, size=(2, 7)).astype(np.int32)
 
 
@@ -51,8 +58,15 @@ def tiny_lora_model(targets="all-linear", rank=4, alpha=8.0, seed=1):
 
 
 def test_targets_all_linear_regex_and_names():
-    assert resolve_targets("all-linear", 2) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                "down_proj")
+    assert resolve_targets("all-linear", 2) == (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     assert resolve_targets(r".*\.(q_proj|v_proj)", 2) == ("q_proj", "v_proj")
     assert resolve_targets(("q_proj", "v_proj"), 2) == ("q_proj", "v_proj")
     assert resolve_targets(r".*mlp\..*", 2) == ("gate_proj", "up_proj", "down_proj")
@@ -207,10 +221,10 @@ def test_generation_samples_from_base_plus_adapters():
     out = generate(model, prompt, mask, max_new_tokens=5, temperature=1.0, rng=jax.random.key(0))
     full = jnp.concatenate([prompt, out.tokens], axis=1)
     forward = nnx.jit(token_logps)
-    adapted = np.asarray(forward(model, full))[:, TOKENS.shape[1]:]
+    adapted = np.asarray(forward(model, full))[:, TOKENS.shape[1] :]
     np.testing.assert_allclose(np.asarray(out.logps), adapted, atol=1e-4)
     with adapters_disabled(model):
-        base = np.asarray(forward(model, full))[:, TOKENS.shape[1]:]
+        base = np.asarray(forward(model, full))[:, TOKENS.shape[1] :]
     assert np.abs(base - adapted).max() > 1e-2
 
 
@@ -234,14 +248,16 @@ def test_adapters_sharded_like_the_weights_they_adapt(tmp_path):
     assert merged.layers.gate_proj[...].sharding.spec == P(None, "fsdp", "tensor")
     plain = tiny_lora_model()
     nnx.update(plain.lora, jax.device_get(nnx.state(model.lora)))
-    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, t: m(t))(model, TOKENS)), np.asarray(plain(TOKENS)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(nnx.jit(lambda m, t: m(t))(model, TOKENS)), np.asarray(plain(TOKENS)), atol=1e-5
+    )
     # a PEFT adapter loaded onto a sharded model lands in the same shardings
     save_peft_adapter(plain, tmp_path, base_model_name_or_path="tiny")
     loaded = load_peft_adapter(create_model(CONFIG, rngs=nnx.Rngs(0), mesh=mesh), tmp_path, mesh=mesh)
     assert loaded.lora.up_proj_lora_b[...].sharding.spec == P(None, None, "tensor")
-    np.testing.assert_array_equal(np.asarray(loaded.lora.up_proj_lora_b[...]),
-                                  np.asarray(plain.lora.up_proj_lora_b[...]))
+    np.testing.assert_array_equal(
+        np.asarray(loaded.lora.up_proj_lora_b[...]), np.asarray(plain.lora.up_proj_lora_b[...])
+    )
 
 
 # ---------------------------------------------------------------------------------------- PEFT in and out
@@ -262,14 +278,17 @@ def test_saved_adapter_loads_in_peft_with_equal_logits(checkpoint, tmp_path):
     import peft
 
     model, model_config = load_hf(checkpoint)
-    attach_lora(model, LoraConfig(rank=4, alpha=8.0, targets=r".*\.(q_proj|v_proj|o_proj|down_proj)"),
-                rngs=nnx.Rngs(3))
+    attach_lora(model, LoraConfig(rank=4, alpha=8.0, targets=r".*\.(q_proj|v_proj|o_proj|down_proj)"), rngs=nnx.Rngs(3))
     randomize_adapters(model, seed=8, std=0.1)
     ours = np.asarray(model(jnp.asarray(HF_TOKENS, jnp.int32)))
     out = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(checkpoint))
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "CAUSAL_LM",
-                                                                                             4, 8.0)
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == (
+        "LORA",
+        "CAUSAL_LM",
+        4,
+        8.0,
+    )
     assert config["target_modules"] == ["q_proj", "v_proj", "o_proj", "down_proj"]
     peft_model = peft.PeftModel.from_pretrained(load_torch_model(checkpoint), str(out)).eval()
     theirs = hf_logits(peft_model, HF_TOKENS)
@@ -285,8 +304,13 @@ def test_peft_adapter_loads_into_rpo_jax_with_equal_logits(checkpoint, tmp_path)
     import torch
 
     torch.manual_seed(0)
-    peft_config = peft.LoraConfig(r=3, lora_alpha=12, target_modules=["k_proj", "gate_proj", "up_proj"],
-                                  init_lora_weights=False, task_type="CAUSAL_LM")  # random non-zero B
+    peft_config = peft.LoraConfig(
+        r=3,
+        lora_alpha=12,
+        target_modules=["k_proj", "gate_proj", "up_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )  # random non-zero B
     peft_model = peft.get_peft_model(load_torch_model(checkpoint), peft_config).eval()
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     theirs = hf_logits(peft_model, HF_TOKENS)
@@ -299,8 +323,10 @@ def test_peft_adapter_loads_into_rpo_jax_with_equal_logits(checkpoint, tmp_path)
     from safetensors.numpy import load_file
 
     again = save_peft_adapter(model, tmp_path / "again", base_model_name_or_path=str(checkpoint))
-    original, ours = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")), load_file(
-        str(again / "adapter_model.safetensors"))
+    original, ours = (
+        load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")),
+        load_file(str(again / "adapter_model.safetensors")),
+    )
     assert sorted(original) == sorted(ours)
     for key in original:
         np.testing.assert_array_equal(ours[key], original[key])
@@ -308,16 +334,20 @@ def test_peft_adapter_loads_into_rpo_jax_with_equal_logits(checkpoint, tmp_path)
 
 def test_bad_peft_adapter_is_a_clear_error(tmp_path):
     model = create_model(CONFIG, rngs=nnx.Rngs(0))
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True})
+    )
     with pytest.raises(ValueError, match=r"adapter_config.json: field 'use_dora' = True is not supported"):
         load_peft_adapter(model, tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    )
     from safetensors.numpy import save_file
 
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 32), np.float32)},
-              str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 32), np.float32)},
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor .*layers.0.self_attn.q_proj.lora_B"):
         load_peft_adapter(model, tmp_path)
     assert getattr(model, "lora", None) is None  # a failed load leaves the model as it was

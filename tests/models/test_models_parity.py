@@ -9,22 +9,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.hf_fixtures import hf_logits, load_torch_model, make_tiny_gemma, make_tiny_llama, rewrite_config_t4
-
 from rpo_jax.models import load_hf, save_hf
+from tests.hf_fixtures import hf_logits, load_torch_model, make_tiny_gemma, make_tiny_llama, rewrite_config_t4
 
 TOL = 1e-4
 T = 16  # longer than every sliding window used below (4)
 
 LLAMA3_ROPE = dict(
-    rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
     original_max_position_embeddings=16,
 )
 
 # name → builder(out_dir). Each exercises one feature against transformers.
 CASES = {
     "llama_untied_gqa": lambda d: make_tiny_llama(d),
-    "llama_linear_rope": lambda d: make_tiny_llama(d, rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=4.0)),
+    "llama_linear_rope": lambda d: make_tiny_llama(
+        d, rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=4.0)
+    ),
     "llama3_rope_tied": lambda d: make_tiny_llama(d, tie_word_embeddings=True, rope_parameters=dict(LLAMA3_ROPE)),
     "llama_mqa": lambda d: make_tiny_llama(d, num_key_value_heads=1),
     "llama_head_dim_not_d_over_h": lambda d: make_tiny_llama(d, head_dim=24),
@@ -33,7 +38,11 @@ CASES = {
         d, version=2, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=4
     ),
     "gemma3_pattern_qknorm": lambda d: make_tiny_gemma(
-        d, version=3, num_hidden_layers=6, sliding_window=4, final_logit_softcapping=5.0,
+        d,
+        version=3,
+        num_hidden_layers=6,
+        sliding_window=4,
+        final_logit_softcapping=5.0,
         rope_parameters={
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
@@ -134,7 +143,9 @@ def test_bf16_checkpoint(tmp_path, tokens):
     assert _max_diff(model_bf16, tokens, hf_logits(path, tokens)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["llama_untied_gqa", "llama3_rope_tied", "gemma2_softcaps_sliding", "gemma3_multimodal_text_tower"])
+@pytest.mark.parametrize(
+    "name", ["llama_untied_gqa", "llama3_rope_tied", "gemma2_softcaps_sliding", "gemma3_multimodal_text_tower"]
+)
 def test_round_trip_through_save_hf(name, checkpoints, tokens, tmp_path):
     src = checkpoints(name)
     model, config = load_hf(src)

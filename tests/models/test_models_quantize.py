@@ -27,8 +27,16 @@ from rpo_jax.models.quantize import (
     quantize_base,
 )
 
-CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=8)
+CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
 TOKENS = np.random.default_rng(0).integers(3, 64, size=(2, 7)).astype(np.int32)
 Q_MAX = {"int8": 127, "int4": 7}
 PROJECTIONS = tuple(INPUT_AXES)
@@ -44,7 +52,7 @@ def closed_form(w: np.ndarray, name: str, dtype: str, block: int | None):
     last_in = INPUT_AXES[name]
     size = w.shape[last_in]
     block = size if block is None else block
-    shape = w.shape[:last_in] + (size // block, block) + w.shape[last_in + 1:]
+    shape = w.shape[:last_in] + (size // block, block) + w.shape[last_in + 1 :]
     absmax = np.abs(w.reshape(shape)).max(axis=last_in + 1, keepdims=True)
     s = (absmax / np.float32(Q_MAX[dtype] + 0.5)).astype(np.float32)
     s_full = np.broadcast_to(s, shape).reshape(w.shape)
@@ -124,8 +132,10 @@ def test_logits_equal_dequantized_model_and_stay_within_first_order_bound(dtype)
 
     jacobian = jax.jacrev(lambda p: nnx.merge(graphdef, p, rest)(TOKENS)[:, -1])(projections)  # d[N, V] / dW
     half_step = {n: closed_form(w, n, dtype, 8)[1] / 2 for n, w in weights.items()}
-    bound = sum(np.abs(np.asarray(jacobian["layers"][n][...])).reshape(*reference.shape[::2], -1)
-                @ half_step[n].reshape(-1) for n in weights)  # [N, V]
+    bound = sum(
+        np.abs(np.asarray(jacobian["layers"][n][...])).reshape(*reference.shape[::2], -1) @ half_step[n].reshape(-1)
+        for n in weights
+    )  # [N, V]
     delta = np.abs(logits[:, -1] - reference[:, -1])
     assert delta.max() > 0
     assert np.all(delta <= 1.05 * bound), float((delta / bound).max())
@@ -174,8 +184,16 @@ def test_adapter_gradients_on_quantized_base_equal_dequantized_float_model(remat
 def test_backward_pass_keeps_no_float_copy_of_the_weights():
     """With remat="none" the quantized base still recomputes each layer's ŵ in the backward pass: the compiled
     gradient's temporaries stay below the float projections' size (saving ŵ for every layer would exceed it)."""
-    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=512, num_layers=6,
-                         num_heads=4, num_kv_heads=4, head_dim=32)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=32,
+    )
     model = quantized_tiny("int8", block=32, config=config)
     attach_lora(model, LoraConfig(rank=2, alpha=2.0), rngs=nnx.Rngs(1))
     float_bytes = sum(4 * getattr(model.layers, n).size for n in PROJECTIONS)
@@ -193,8 +211,9 @@ def test_backward_pass_keeps_no_float_copy_of_the_weights():
 def test_generation_on_quantized_model_equals_dequantized_model():
     quantized, dense = lora_pair("int8")
     prompt, mask = jnp.asarray(TOKENS), jnp.ones(TOKENS.shape, bool)
-    outs = [generate(m, prompt, mask, max_new_tokens=5, temperature=1.0, rng=jax.random.key(0))
-            for m in (quantized, dense)]
+    outs = [
+        generate(m, prompt, mask, max_new_tokens=5, temperature=1.0, rng=jax.random.key(0)) for m in (quantized, dense)
+    ]
     np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
     np.testing.assert_allclose(np.asarray(outs[0].logps), np.asarray(outs[1].logps), atol=1e-5)
 
@@ -215,8 +234,9 @@ def test_codes_keep_the_weights_shardings_and_scales_follow():
     assert model.layers.gate_proj_scale[...].sharding.spec == P(None, "fsdp", "tensor")
     assert model.layers.o_proj_scale[...].sharding.spec == P(None, "tensor", None, "fsdp")
     plain = quantized_tiny("int8")
-    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, t: m(t))(model, TOKENS)), np.asarray(plain(TOKENS)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(nnx.jit(lambda m, t: m(t))(model, TOKENS)), np.asarray(plain(TOKENS)), atol=1e-5
+    )
 
 
 def test_abstract_model_quantizes_for_planning():
@@ -234,18 +254,33 @@ def test_parameter_bytes_exact(dtype, bits):
     model = create_model(CONFIG, rngs=nnx.Rngs(0))
     before = parameter_bytes(model)
     c = CONFIG
-    d, h, k, hd, f, nl, v = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
-                             c.num_layers, c.vocab_size)
+    d, h, k, hd, f, nl, v = (
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.num_layers,
+        c.vocab_size,
+    )
     projection_numel = nl * (d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f)
     other = (v * d + d + 2 * nl * d) + (0 if c.tie_word_embeddings else v * d)  # embed, final norm, layer norms
-    assert before == {"codes": 0, "scales": 0, "float": 4 * (projection_numel + other),
-                      "total": 4 * (projection_numel + other)}
+    assert before == {
+        "codes": 0,
+        "scales": 0,
+        "float": 4 * (projection_numel + other),
+        "total": 4 * (projection_numel + other),
+    }
     quantize_base(model, dtype, block_size=8)
     # one float32 scale per block of 8 along the last input axis (o_proj: per head, blocks of head_dim)
     scale_numel = projection_numel // 8
     after = parameter_bytes(model)
-    assert after == {"codes": projection_numel * bits // 8, "scales": 4 * scale_numel, "float": 4 * other,
-                     "total": projection_numel * bits // 8 + 4 * scale_numel + 4 * other}
+    assert after == {
+        "codes": projection_numel * bits // 8,
+        "scales": 4 * scale_numel,
+        "float": 4 * other,
+        "total": projection_numel * bits // 8 + 4 * scale_numel + 4 * other,
+    }
     assert sum(getattr(model.layers, n)[...].size for n in PROJECTIONS) == projection_numel
     if dtype == "int8":  # an int8 array holds one byte per code on every backend
         assert sum(getattr(model.layers, n)[...].nbytes for n in PROJECTIONS) == after["codes"]
@@ -284,8 +319,10 @@ def test_smollm2_quantized_logits_within_pinned_tolerance(smollm2_dir, dtype):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    messages = [{"role": "user", "content": "What is the capital of France?"},
-                {"role": "assistant", "content": "The capital of France is Paris."}]
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
     ids = tok.apply_chat_template(messages, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     tokens = jnp.asarray(np.asarray(ids, np.int32)[None])
@@ -295,8 +332,10 @@ def test_smollm2_quantized_logits_within_pinned_tolerance(smollm2_dir, dtype):
     quantize_base(model, dtype)
     logits = np.asarray(forward(model, tokens))
     delta = np.abs(logits - reference)
-    print(f"SmolLM2 {dtype}: max |dlogit| {delta.max():.4f} mean {delta.mean():.4f} "
-          f"argmax agreement {(logits.argmax(-1) == reference.argmax(-1)).mean():.3f}")
+    print(
+        f"SmolLM2 {dtype}: max |dlogit| {delta.max():.4f} mean {delta.mean():.4f} "
+        f"argmax agreement {(logits.argmax(-1) == reference.argmax(-1)).mean():.3f}"
+    )
     max_tol, mean_tol, agreement = SMOLLM2_TOLERANCE[dtype]
     assert delta.max() <= max_tol and delta.mean() <= mean_tol
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= agreement

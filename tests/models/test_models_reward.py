@@ -148,8 +148,10 @@ def test_load_reward_model_refuses_causal_lm_and_unknown_architectures(tmp_path)
     (causal / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForSequenceClassification"]}))
     with pytest.raises(ValueError, match=r"score\.weight is missing"):
         load_reward_model(causal)
-    for archs, pattern in ((["PhiForSequenceClassification"], "not a supported reward model"),
-                           ([], "expected exactly one of")):
+    for archs, pattern in (
+        (["PhiForSequenceClassification"], "not a supported reward model"),
+        ([], "expected exactly one of"),
+    ):
         (causal / "config.json").write_text(json.dumps({**cfg, "architectures": archs}))
         with pytest.raises(ValueError, match=pattern):
             load_reward_model(causal)
@@ -163,8 +165,7 @@ def test_reward_model_fn_matches_transformers_on_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
     from rpo_jax.data import demo_paths
-    from rpo_jax.models import load_reward_model, reward_model_fn
-    from rpo_jax.models import encode_conversation
+    from rpo_jax.models import encode_conversation, load_reward_model, reward_model_fn
 
     tokenizer = AutoTokenizer.from_pretrained(demo_paths()["tokenizer"])
     assert tokenizer.pad_token_id == PAD
@@ -186,8 +187,9 @@ def test_reward_model_fn_matches_transformers_on_chat_template(tmp_path):
     # truncation="left" scores the last max_length tokens
     left = reward_model_fn(model, tokenizer, max_length=8, batch_size=2, truncation="left")
     ids = np.array([encode_conversation(tokenizer, prompts[1], "5 6 7 8 9")[-8:]])
-    np.testing.assert_allclose(left(prompts[1:], [["5 6 7 8 9"]])[0, 0], hf_scores(path, ids, np.ones_like(ids))[0, 0],
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        left(prompts[1:], [["5 6 7 8 9"]])[0, 0], hf_scores(path, ids, np.ones_like(ids))[0, 0], atol=1e-4, rtol=0
+    )
 
 
 def test_judge_fn_on_demo_judge_hand_computed():
@@ -197,8 +199,11 @@ def test_judge_fn_on_demo_judge_hand_computed():
     fn = judge_fn(judge)
     prompts = [
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort: 3 1 2"}],
-        [{"role": "user", "content": "sort: 9 8"}, {"role": "assistant", "content": "8 9"},
-         {"role": "user", "content": "sort: 2 1"}],
+        [
+            {"role": "user", "content": "sort: 9 8"},
+            {"role": "assistant", "content": "8 9"},
+            {"role": "user", "content": "sort: 2 1"},
+        ],
     ]
     responses = [["1 2 3", "3 2 1", "1 2", "a b"], ["1 2"]]
     got = fn(prompts, responses)
@@ -221,19 +226,27 @@ def test_dataset_rewards_fn_looks_up_and_refuses_missing_rewards():
     with_rewards = PreferenceRecord(
         prompt=user,
         responses=(({"role": "assistant", "content": "1 2"},), ({"role": "assistant", "content": "2 1"},)),
-        rewards=(1.0, 0.5), conversational=True, source=("train.jsonl", 3),
+        rewards=(1.0, 0.5),
+        conversational=True,
+        source=("train.jsonl", 3),
     )
     fn = dataset_rewards_fn([with_rewards])
     np.testing.assert_array_equal(fn([list(user)], [["2 1", "1 2"]]), np.array([[0.5, 1.0]], np.float32))
     np.testing.assert_array_equal(fn(["sort: 2 1"], [["1 2"]]), np.array([[1.0]], np.float32))
     with pytest.raises(ValueError, match=r"responses\[0\]\[0\]: no record holds a reward"):
         fn([list(user)], [["2 2"]])
-    without = PreferenceRecord(prompt=user, responses=with_rewards.responses, rewards=None, conversational=True,
-                               source=("data/pairs.jsonl", 7))
+    without = PreferenceRecord(
+        prompt=user, responses=with_rewards.responses, rewards=None, conversational=True, source=("data/pairs.jsonl", 7)
+    )
     with pytest.raises(ValueError, match=r"data/pairs\.jsonl:7.*never invented|never invented.*data/pairs\.jsonl:7"):
         dataset_rewards_fn([with_rewards, without])
-    clash = PreferenceRecord(prompt=user, responses=with_rewards.responses, rewards=(0.9, 0.5), conversational=True,
-                             source=("other.jsonl", 2))
+    clash = PreferenceRecord(
+        prompt=user,
+        responses=with_rewards.responses,
+        rewards=(0.9, 0.5),
+        conversational=True,
+        source=("other.jsonl", 2),
+    )
     with pytest.raises(ValueError, match=r"other\.jsonl:2.*train\.jsonl:3"):
         dataset_rewards_fn([with_rewards, clash])
 
@@ -264,11 +277,21 @@ def test_created_reward_model_exports_to_transformers(tmp_path):
 
     from rpo_jax.models import ModelConfig, create_reward_model, save_reward_model
 
-    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=8, pad_token_id=PAD)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        pad_token_id=PAD,
+    )
     model = create_reward_model(config, num_labels=1, rngs=nnx.Rngs(1))
     assert not hasattr(model.backbone, "lm_head") and model.score[...].shape == (1, 32)
     out = save_reward_model(model, config, tmp_path / "rm")
     tokens, mask = padded_batch([6, 2, 4], 6, side="left", seed=2, vocab=64)
-    np.testing.assert_allclose(np.asarray(model(tokens, mask.astype(bool))), hf_scores(out, tokens, mask),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(model(tokens, mask.astype(bool))), hf_scores(out, tokens, mask), atol=1e-5, rtol=0
+    )

@@ -44,9 +44,15 @@ def test_smollm2_logits_match_transformers(smollm2_dir, chat_tokens):
     # the chunked log-prob of the assistant answer equals the log-softmax gather of the reference logits
     mask = np.zeros_like(tokens, bool)
     mask[0, -10:] = True
-    ref_lp = reference - np.log(np.exp(reference - reference.max(-1, keepdims=True)).sum(-1, keepdims=True)) - reference.max(-1, keepdims=True)
+    ref_lp = (
+        reference
+        - np.log(np.exp(reference - reference.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - reference.max(-1, keepdims=True)
+    )
     expected = (np.take_along_axis(ref_lp[0, :-1], tokens[0, 1:, None], -1)[:, 0] * mask[0, 1:]).sum()
-    got, count = nnx.jit(lambda m, t, l: sequence_logps(m, t, l, vocab_chunk_size=8192))(model, jnp.asarray(tokens), jnp.asarray(mask))
+    got, count = nnx.jit(lambda m, t, l: sequence_logps(m, t, l, vocab_chunk_size=8192))(
+        model, jnp.asarray(tokens), jnp.asarray(mask)
+    )
     assert int(count[0]) == 10
     np.testing.assert_allclose(float(got[0]), expected, atol=5e-3)
 
@@ -58,12 +64,12 @@ def test_smollm2_reward_model_scores_match_transformers(smollm2_dir, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rpo_jax.models import load_reward_model, reward_model_fn
-    from rpo_jax.models import encode_conversation
+    from rpo_jax.models import encode_conversation, load_reward_model, reward_model_fn
 
     torch.manual_seed(0)
-    hf = AutoModelForSequenceClassification.from_pretrained(str(smollm2_dir), num_labels=1, dtype=torch.float32,
-                                                            attn_implementation="eager").eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        str(smollm2_dir), num_labels=1, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     hf.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")

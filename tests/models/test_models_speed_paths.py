@@ -15,7 +15,7 @@ from rpo_jax.models import load_hf
 from rpo_jax.models import sequence_logps as _sequence_logps
 from rpo_jax.models.logprobs import score_window_start
 from rpo_jax.train.build.model import split_trainable
-from rpo_jax.train.core.performance import flops_per_token, train_flops_per_token
+from rpo_jax.train.runtime.performance import flops_per_token, train_flops_per_token
 from rpo_jax.train.step.logprobs import resolve_score_window
 from rpo_jax.train.step.steps import make_eval_step, make_train_step
 from tests.hf_fixtures import make_tiny_gemma, make_tiny_llama
@@ -25,8 +25,16 @@ sequence_logps = nnx.jit(_sequence_logps, static_argnames=("vocab_chunk_size", "
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return load_hf(make_tiny_llama(tmp_path_factory.mktemp("llama"), vocab_size=250, hidden_size=48,
-                                   num_attention_heads=6, num_key_value_heads=3, intermediate_size=96))
+    return load_hf(
+        make_tiny_llama(
+            tmp_path_factory.mktemp("llama"),
+            vocab_size=250,
+            hidden_size=48,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            intermediate_size=96,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +50,9 @@ def right_padded(prompt_lens, response_lens, t, seed=0, vocab=240):
     attention = np.zeros((n, t), bool)
     loss = np.zeros((n, t), bool)
     for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
-        tokens[i, :p + r] = rng.randint(3, vocab, size=p + r)
-        attention[i, :p + r] = True
-        loss[i, p:p + r] = True
+        tokens[i, : p + r] = rng.randint(3, vocab, size=p + r)
+        attention[i, : p + r] = True
+        loss[i, p : p + r] = True
     return jnp.asarray(tokens), jnp.asarray(attention), jnp.asarray(loss)
 
 
@@ -68,8 +76,9 @@ def test_scored_window_equals_full_head(which, chunk, llama, gemma2):
     tokens, attention, loss = right_padded(PROMPTS, RESPONSES, T, seed=1)
 
     def total(m, window):
-        logp, count = _sequence_logps(m, tokens, loss, attention_mask=attention, vocab_chunk_size=chunk,
-                                      score_window=window)
+        logp, count = _sequence_logps(
+            m, tokens, loss, attention_mask=attention, vocab_chunk_size=chunk, score_window=window
+        )
         return jnp.sum(logp * jnp.arange(1, 6)), (logp, count)
 
     grad = nnx.jit(nnx.grad(total, has_aux=True), static_argnums=1)
@@ -100,8 +109,9 @@ def test_window_of_t_minus_one_or_more_is_the_full_path(llama):
     tokens, attention, loss = right_padded(PROMPTS, RESPONSES, T, seed=3)
     full, _ = sequence_logps(model, tokens, loss, attention_mask=attention)
     for window in (T - 1, T + 5):
-        np.testing.assert_array_equal(sequence_logps(model, tokens, loss, attention_mask=attention,
-                                                     score_window=window)[0], full)
+        np.testing.assert_array_equal(
+            sequence_logps(model, tokens, loss, attention_mask=attention, score_window=window)[0], full
+        )
 
 
 def test_resolve_score_window_settings():
@@ -131,18 +141,24 @@ def test_train_flops_per_token_counts_the_head_only_where_computed(llama):
         assert train_flops_per_token(config, 128, num_references=refs) == pytest.approx(plain, rel=1e-12)
         expected = (3 + refs) * (2 * p_body + 4 * config.num_layers * 128 * attn + 2 * head * 64 / 128)
         assert train_flops_per_token(config, 128, num_references=refs, score_window=64) == pytest.approx(
-            expected, rel=1e-12)
+            expected, rel=1e-12
+        )
 
 
 def _batch(b=3, k=2, seed=4):
     prompts = [2, 7, 4, 1, 6, 3]
     responses = [5, 3, 6, 2, 4, 1]
-    tokens, attention, loss = right_padded(prompts[:b * k], responses[:b * k], 16, seed=seed)
+    tokens, attention, loss = right_padded(prompts[: b * k], responses[: b * k], 16, seed=seed)
     shape = lambda x: x.reshape(b, k, 16)  # noqa: E731
     loss_np = np.asarray(loss).reshape(b, k, 16)
-    return {"tokens": shape(tokens), "attention_mask": shape(attention), "loss_mask": shape(loss),
-            "lengths": jnp.asarray(loss_np.sum(-1).astype(np.int32)), "valid": jnp.ones((b, k), bool),
-            "rewards": jnp.asarray(np.random.RandomState(seed).normal(size=(b, k)).astype(np.float32))}
+    return {
+        "tokens": shape(tokens),
+        "attention_mask": shape(attention),
+        "loss_mask": shape(loss),
+        "lengths": jnp.asarray(loss_np.sum(-1).astype(np.int32)),
+        "valid": jnp.ones((b, k), bool),
+        "rewards": jnp.asarray(np.random.RandomState(seed).normal(size=(b, k)).astype(np.float32)),
+    }
 
 
 @pytest.mark.parametrize("micro_batches", [1, 3])
@@ -160,13 +176,30 @@ def test_train_and_eval_steps_with_window_equal_without(micro_batches, llama):
     ref_params = (jax.tree.map(lambda x: x * 0.9, params),)
     results = []
     for w in (None, window):
-        step = jax.jit(make_train_step(graphdef, rest, loss_fn, tx, compute_dtype=jnp.float32, micro_batches=micro_batches,
-                                       ref_graphdefs=((graphdef, rest),), score_window=w))
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                 "rng": jax.random.key_data(jax.random.key(0))}
+        step = jax.jit(
+            make_train_step(
+                graphdef,
+                rest,
+                loss_fn,
+                tx,
+                compute_dtype=jnp.float32,
+                micro_batches=micro_batches,
+                ref_graphdefs=((graphdef, rest),),
+                score_window=w,
+            )
+        )
+        state = {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(0)),
+        }
         new_state, metrics = step(state, batch, ref_params)
-        ev = jax.jit(make_eval_step(graphdef, rest, loss_fn, compute_dtype=jnp.float32,
-                                    ref_graphdefs=((graphdef, rest),), score_window=w))(params, batch, ref_params)
+        ev = jax.jit(
+            make_eval_step(
+                graphdef, rest, loss_fn, compute_dtype=jnp.float32, ref_graphdefs=((graphdef, rest),), score_window=w
+            )
+        )(params, batch, ref_params)
         results.append((new_state, metrics, ev))
     (s0, m0, e0), (s1, m1, e1) = results
     assert float(m0["loss"]) != pytest.approx(np.log(2.0), abs=1e-4)  # the reference differs from the policy

@@ -41,4 +41,10 @@ def test_every_command_explains_itself_with_dashed_flags(capsys):
 def test_dashed_flags_map_onto_absl_names():
     args = ["--from-trl=x.yaml", "--dump-hlo", "d", "--config.data.batch_size=4", "--from_trl=y", "--other-flag"]
     assert dashed_flags(args, {"from_trl", "dump_hlo"}) == [
-        "--from_trl=x.yaml", "--dump_hlo", "d", "--config.data.batch_size=4", "--from_trl=y", "--other-flag"]
+        "--from_trl=x.yaml",
+        "--dump_hlo",
+        "d",
+        "--config.data.batch_size=4",
+        "--from_trl=y",
+        "--other-flag",
+    ]

@@ -104,8 +104,9 @@ def test_validate_is_idempotent_and_the_config_frozen():
 
 
 def test_the_run_config_json_reads_back(tmp_path):
-    cfg = validate(with_values(data__pairs="best_worst", references=[{"path": "", "tokenizer": ""}],
-                               model__score_window="64"))
+    cfg = validate(
+        with_values(data__pairs="best_worst", references=[{"path": "", "tokenizer": ""}], model__score_window="64")
+    )
     record_run(cfg, tmp_path, "preference", {})
     again = validate(read_run_config(tmp_path))
     assert again == cfg and again.data.pairs == "best_vs_worst" and again.model.score_window == 64
@@ -114,52 +115,83 @@ def test_the_run_config_json_reads_back(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ one-line errors
-@pytest.mark.parametrize("values, message", [
-    ({"data__pairs": "bestworst"},
-     "config.data.pairs='bestworst': expected one of '', 'best_vs_worst', 'all_pairs' (aliases 'best_worst', 'all')"),
-    ({"loss__hparams": {"beta": -1}}, "config.loss.hparams.beta=-1: expected > 0"),
-    ({"train__stepz": 3}, "config.train.stepz: no such key; did you mean 'steps'? (keys of config.train: steps, "),
-    ({"data__batch_size": -4}, "config.data.batch_size=-4: expected ≥ 1"),
-    ({"train__steps": "ten"}, "config.train.steps='ten': expected an integer"),
-    ({"seed": True}, "config.seed=True: expected an integer"),
-    ({"train__resume": "sometimes"}, "config.train.resume='sometimes': expected one of 'auto', 'must', 'never', "),
-    ({"loss__name": "dpoo"}, "config.loss.name='dpoo': expected a loss of rpo_jax.losses.available_losses(); did "
-                             "you mean 'dpo'?"),
-    ({"loss__hparams": {"betta": 0.1}}, "config.loss.hparams.betta: no such hyperparameter of loss 'dpo'; did you "
-                                        "mean 'beta'?"),
-    ({"loss__extra": [["sft", 0.05, {"beta": 1.0}]]}, "config.loss.extra[0].hparams.beta: no such hyperparameter"),
-    ({"loss__extra": ["sft"]}, "config.loss.extra[0]='sft': expected [name, weight] or [name, weight, {hparams}]"),
-    ({"reward_model__pairs": "both"}, "config.reward_model.pairs='both': expected one of 'best_vs_worst', "),
-    ({"data__packing": "sometimes"}, "config.data.packing='sometimes': expected True, False or 'auto'"),
-    ({"data__packing": False, "data__share_prompt": True},
-     "config.data.share_prompt=True needs config.data.packing=True or 'auto'"),
-    ({"data__batch_size": 10, "data__micro_batches": 4},
-     "config.data.batch_size=10 is not divisible by config.data.micro_batches=4"),
-    ({"data__pack_length": 64, "data__max_length": 128}, "config.data.pack_length=64 is shorter than the longest"),
-    ({"model__score_window": "wide"}, "config.model.score_window='wide': expected 'auto', 'off' or a number"),
-    ({"model__lora__rank": -1}, "config.model.lora.rank=-1: expected ≥ 0"),
-    ({"model__lora__base_dtype": "int8"}, "config.model.lora.base_dtype='int8' quantizes the frozen base of LoRA"),
-    ({"model__lora__reference": "sft"}, "config.model.lora.reference='sft': expected one of 'base', 'initial'"),
-    ({"mode": "online", "reference_sync__every": 4},
-     "config.reference_sync.every=4: reference sync (TR-DPO) is a setting of preference training; "
-     "config.mode='online'"),
-    ({"reference_sync__every": 2, "reference_mode": "cache"},
-     "config.reference_sync.every=2 needs references scored in the step: reference_mode='cache'"),
-    ({"reference_sync__every": 2, "reference_sync__mix": 0.6, "model__lora__rank": 8},
-     "config.reference_sync.mix=0.6 with LoRA (config.model.lora): only mix=1 is exact"),
-    ({"reference_sync__every": 2, "loss__name": "simpo", "loss__hparams": {"beta": 2.0, "gamma": 0.5}},
-     "config.reference_sync.every=2: loss 'simpo' uses no reference"),
-    ({"reference_sync__mix": 0.0}, "config.reference_sync.mix=0.0: expected > 0"),
-    ({"mesh": {"data": -1, "fsdp": -1, "tensor": 1}}, "config.mesh={'data': -1, 'fsdp': -1, 'tensor': 1}: only one"),
-    ({"references": [{"path": "x", "toknizer": ""}]},
-     "config.references[0].toknizer: no such key; did you mean 'tokenizer'?"),
-    ({"optimizer__name": "nope"}, "config.optimizer.name='nope': not an optax optimizer"),
-    ({"mode": "online", "online__reward_judge": ""}, "config.online: set exactly one of reward_judge"),
-    ({"mode": "online", "online__reward_judge": "m:f", "online__num_samples": 1},
-     "config.online.num_samples=1: expected ≥ 2 for a preference loss"),
-    ({"mode": "reward_model", "data__truncation": "truncate_response"},
-     "config.data.truncation='truncate_response': reward-model training supports 'drop' and 'truncate_prompt'"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            {"data__pairs": "bestworst"},
+            "config.data.pairs='bestworst': expected one of '', 'best_vs_worst', 'all_pairs' "
+            "(aliases 'best_worst', 'all')",
+        ),
+        ({"loss__hparams": {"beta": -1}}, "config.loss.hparams.beta=-1: expected > 0"),
+        ({"train__stepz": 3}, "config.train.stepz: no such key; did you mean 'steps'? (keys of config.train: steps, "),
+        ({"data__batch_size": -4}, "config.data.batch_size=-4: expected ≥ 1"),
+        ({"train__steps": "ten"}, "config.train.steps='ten': expected an integer"),
+        ({"seed": True}, "config.seed=True: expected an integer"),
+        ({"train__resume": "sometimes"}, "config.train.resume='sometimes': expected one of 'auto', 'must', 'never', "),
+        (
+            {"loss__name": "dpoo"},
+            "config.loss.name='dpoo': expected a loss of rpo_jax.losses.available_losses(); did you mean 'dpo'?",
+        ),
+        (
+            {"loss__hparams": {"betta": 0.1}},
+            "config.loss.hparams.betta: no such hyperparameter of loss 'dpo'; did you mean 'beta'?",
+        ),
+        ({"loss__extra": [["sft", 0.05, {"beta": 1.0}]]}, "config.loss.extra[0].hparams.beta: no such hyperparameter"),
+        ({"loss__extra": ["sft"]}, "config.loss.extra[0]='sft': expected [name, weight] or [name, weight, {hparams}]"),
+        ({"reward_model__pairs": "both"}, "config.reward_model.pairs='both': expected one of 'best_vs_worst', "),
+        ({"data__packing": "sometimes"}, "config.data.packing='sometimes': expected True, False or 'auto'"),
+        (
+            {"data__packing": False, "data__share_prompt": True},
+            "config.data.share_prompt=True needs config.data.packing=True or 'auto'",
+        ),
+        (
+            {"data__batch_size": 10, "data__micro_batches": 4},
+            "config.data.batch_size=10 is not divisible by config.data.micro_batches=4",
+        ),
+        ({"data__pack_length": 64, "data__max_length": 128}, "config.data.pack_length=64 is shorter than the longest"),
+        ({"model__score_window": "wide"}, "config.model.score_window='wide': expected 'auto', 'off' or a number"),
+        ({"model__lora__rank": -1}, "config.model.lora.rank=-1: expected ≥ 0"),
+        ({"model__lora__base_dtype": "int8"}, "config.model.lora.base_dtype='int8' quantizes the frozen base of LoRA"),
+        ({"model__lora__reference": "sft"}, "config.model.lora.reference='sft': expected one of 'base', 'initial'"),
+        (
+            {"mode": "online", "reference_sync__every": 4},
+            "config.reference_sync.every=4: reference sync (TR-DPO) is a setting of preference training; "
+            "config.mode='online'",
+        ),
+        (
+            {"reference_sync__every": 2, "reference_mode": "cache"},
+            "config.reference_sync.every=2 needs references scored in the step: reference_mode='cache'",
+        ),
+        (
+            {"reference_sync__every": 2, "reference_sync__mix": 0.6, "model__lora__rank": 8},
+            "config.reference_sync.mix=0.6 with LoRA (config.model.lora): only mix=1 is exact",
+        ),
+        (
+            {"reference_sync__every": 2, "loss__name": "simpo", "loss__hparams": {"beta": 2.0, "gamma": 0.5}},
+            "config.reference_sync.every=2: loss 'simpo' uses no reference",
+        ),
+        ({"reference_sync__mix": 0.0}, "config.reference_sync.mix=0.0: expected > 0"),
+        (
+            {"mesh": {"data": -1, "fsdp": -1, "tensor": 1}},
+            "config.mesh={'data': -1, 'fsdp': -1, 'tensor': 1}: only one",
+        ),
+        (
+            {"references": [{"path": "x", "toknizer": ""}]},
+            "config.references[0].toknizer: no such key; did you mean 'tokenizer'?",
+        ),
+        ({"optimizer__name": "nope"}, "config.optimizer.name='nope': not an optax optimizer"),
+        ({"mode": "online", "online__reward_judge": ""}, "config.online: set exactly one of reward_judge"),
+        (
+            {"mode": "online", "online__reward_judge": "m:f", "online__num_samples": 1},
+            "config.online.num_samples=1: expected ≥ 2 for a preference loss",
+        ),
+        (
+            {"mode": "reward_model", "data__truncation": "truncate_response"},
+            "config.data.truncation='truncate_response': reward-model training supports 'drop' and 'truncate_prompt'",
+        ),
+    ],
+)
 def test_a_refused_value_is_one_line_naming_the_key_and_what_is_allowed(values, message):
     assert refusal(**values).startswith(message)
 
@@ -170,20 +202,23 @@ def test_a_config_that_is_not_a_mapping_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------ one spelling
-@pytest.mark.parametrize("values, key, expected", [
-    ({"data__pairs": "best_worst"}, "data.pairs", "best_vs_worst"),
-    ({"data__pairs": "all"}, "data.pairs", "all_pairs"),
-    ({"data__pairs": "all_pairs"}, "data.pairs", "all_pairs"),
-    ({"reward_model__pairs": "all"}, "reward_model.pairs", "all_pairs"),
-    ({"reward_model__pairs": "best_worst"}, "reward_model.pairs", "best_vs_worst"),
-    ({"data__packing": "true"}, "data.packing", True),
-    ({"data__packing": "auto"}, "data.packing", "auto"),
-    ({"data__packing": False}, "data.packing", False),
-    ({"data__packing": "false", "data__share_prompt": "False"}, "data.share_prompt", False),
-    ({"model__score_window": "64"}, "model.score_window", 64),
-    ({"model__score_window": ""}, "model.score_window", "off"),
-    ({"mesh": {"fsdp": -1}}, "mesh.data", 1),  # an axis a mesh leaves out has size 1 (make_mesh's reading)
-])
+@pytest.mark.parametrize(
+    "values, key, expected",
+    [
+        ({"data__pairs": "best_worst"}, "data.pairs", "best_vs_worst"),
+        ({"data__pairs": "all"}, "data.pairs", "all_pairs"),
+        ({"data__pairs": "all_pairs"}, "data.pairs", "all_pairs"),
+        ({"reward_model__pairs": "all"}, "reward_model.pairs", "all_pairs"),
+        ({"reward_model__pairs": "best_worst"}, "reward_model.pairs", "best_vs_worst"),
+        ({"data__packing": "true"}, "data.packing", True),
+        ({"data__packing": "auto"}, "data.packing", "auto"),
+        ({"data__packing": False}, "data.packing", False),
+        ({"data__packing": "false", "data__share_prompt": "False"}, "data.share_prompt", False),
+        ({"model__score_window": "64"}, "model.score_window", 64),
+        ({"model__score_window": ""}, "model.score_window", "off"),
+        ({"mesh": {"fsdp": -1}}, "mesh.data", 1),  # an axis a mesh leaves out has size 1 (make_mesh's reading)
+    ],
+)
 def test_aliases_and_command_line_strings_are_normalised(values, key, expected):
     value = validate(with_values(**values))
     for part in key.split("."):
@@ -213,9 +248,16 @@ def _identity(cfg, mode: str, *, before: bool = False) -> dict:
     return run_identity(cfg, mode, model_config, _Tokenizer(), objective=objective, data={"train": "fingerprint"})
 
 
-@pytest.mark.parametrize("recipe, mode", [("quickstart", "preference"), ("mrpo", "preference"),
-                                          ("online_demo", "online"), ("reward_model_demo", "reward_model"),
-                                          ("llama3_1_8b_v5p", "preference")])
+@pytest.mark.parametrize(
+    "recipe, mode",
+    [
+        ("quickstart", "preference"),
+        ("mrpo", "preference"),
+        ("online_demo", "online"),
+        ("reward_model_demo", "reward_model"),
+        ("llama3_1_8b_v5p", "preference"),
+    ],
+)
 def test_the_run_identity_is_the_same_from_the_config_dict_and_the_validated_config(recipe, mode):
     """The identity the jobs computed from a ConfigDict before the schema, byte for byte from the RunConfig
     (the config.json written by the preference job goes through `to_config_dict` too): work directories
@@ -233,12 +275,27 @@ def test_the_run_identity_is_the_same_from_the_config_dict_and_the_validated_con
 def test_the_default_identity_settings_are_as_recorded_before_the_schema():
     identity = _identity(validate(get_config()), "preference")
     assert identity["settings"] == {
-        "seed": 0, "batch_size": 16, "param_dtype": "float32",
-        "optimizer": {"name": "adamw", "learning_rate": 1e-3, "schedule": "cosine", "warmup_steps": 20,
-                      "warmup_ratio": 0.0, "end_lr_factor": 0.0, "weight_decay": 0.0, "weight_decay_mask": "matrices",
-                      "grad_clip_norm": 1.0, "kwargs": {}}}
-    assert identity["objective"] == {"loss": {"name": "rpo_bwd_kl", "hparams": {"beta": 0.1, "eta": 10.0},
-                                              "extra": [], "weight": 1.0}, "references": [], "iterations": 1}
+        "seed": 0,
+        "batch_size": 16,
+        "param_dtype": "float32",
+        "optimizer": {
+            "name": "adamw",
+            "learning_rate": 1e-3,
+            "schedule": "cosine",
+            "warmup_steps": 20,
+            "warmup_ratio": 0.0,
+            "end_lr_factor": 0.0,
+            "weight_decay": 0.0,
+            "weight_decay_mask": "matrices",
+            "grad_clip_norm": 1.0,
+            "kwargs": {},
+        },
+    }
+    assert identity["objective"] == {
+        "loss": {"name": "rpo_bwd_kl", "hparams": {"beta": 0.1, "eta": 10.0}, "extra": [], "weight": 1.0},
+        "references": [],
+        "iterations": 1,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ meaning of 0
@@ -253,8 +310,9 @@ def _toy_task(units: int, **train) -> Task:
     def advance(state, unit):
         return Unit({"params": {"w": state["params"]["w"] + 1.0}, "step": state["step"] + 1}, {"loss": 0.5})
 
-    return Task(mode="preference", run=run, identity={"toy": 1}, units=units, advance=advance,
-                evaluate=lambda params, unit: {})
+    return Task(
+        mode="preference", run=run, identity={"toy": 1}, units=units, advance=advance, evaluate=lambda params, unit: {}
+    )
 
 
 def _saved(workdir: pathlib.Path) -> list[int]:
@@ -301,8 +359,9 @@ def test_rpo_train_names_a_misspelt_override_in_one_line(tmp_path, capsys):
     assert info.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith("rpo-train: error: config.train.stepz: no such key; did you mean 'steps'? (keys of "
-                               "config.train: steps, ")
+    assert lines[0].startswith(
+        "rpo-train: error: config.train.stepz: no such key; did you mean 'steps'? (keys of config.train: steps, "
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -18,7 +18,7 @@ from rpo_jax.train.build.data import load_records
 from rpo_jax.train.build.optim import make_optimizer, make_schedule, weight_decay_mask
 from rpo_jax.train.build.state import build_loss
 from rpo_jax.train.config.defaults import base_config
-from rpo_jax.train.core.performance import flops_per_token
+from rpo_jax.train.runtime.performance import flops_per_token
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.py"))
 
@@ -66,15 +66,22 @@ def test_warmup_then_cosine_schedule_values():
 
 
 def test_weight_decay_spares_norms_and_vectors():
-    params = {"layers": {"attn_in_norm": jnp.ones((2, 4)), "q_proj": jnp.ones((2, 4, 4))}, "embed": jnp.ones((8, 4)),
-              "final_norm": jnp.ones((4,))}
+    params = {
+        "layers": {"attn_in_norm": jnp.ones((2, 4)), "q_proj": jnp.ones((2, 4, 4))},
+        "embed": jnp.ones((8, 4)),
+        "final_norm": jnp.ones((4,)),
+    }
     mask = weight_decay_mask("matrices")(params)
     assert mask == {"layers": {"attn_in_norm": False, "q_proj": True}, "embed": True, "final_norm": False}
-    tx, _ = make_optimizer({"name": "adamw", "learning_rate": 0.1, "weight_decay": 0.5, "schedule": "constant",
-                            "grad_clip_norm": None}, 10)
+    tx, _ = make_optimizer(
+        {"name": "adamw", "learning_rate": 0.1, "weight_decay": 0.5, "schedule": "constant", "grad_clip_norm": None}, 10
+    )
     state = tx.init(params)
-    zeros = {"layers": {"attn_in_norm": jnp.zeros((2, 4)), "q_proj": jnp.zeros((2, 4, 4))},
-             "embed": jnp.zeros((8, 4)), "final_norm": jnp.zeros((4,))}
+    zeros = {
+        "layers": {"attn_in_norm": jnp.zeros((2, 4)), "q_proj": jnp.zeros((2, 4, 4))},
+        "embed": jnp.zeros((8, 4)),
+        "final_norm": jnp.zeros((4,)),
+    }
     updates, _ = tx.update(zeros, state, params)
     # zero gradient: only decoupled weight decay moves parameters, by -lr·wd·p = -0.05 on matrices
     np.testing.assert_allclose(updates["embed"], -0.05)
@@ -101,9 +108,11 @@ def test_flops_per_token_formula():
 
 
 def test_data_pairs_counts_and_logs_records_whose_rewards_all_tie(tmp_path, caplog):
-    rows = [{"prompt": "p0", "responses": ["a", "b", "c"], "rewards": [1.0, 0.0, 0.5]},
-            {"prompt": "p1", "responses": ["a", "b", "c"], "rewards": [0.2, 0.2, 0.2]},  # all tie: no pair
-            {"prompt": "p2", "responses": ["a", "b"], "rewards": [0.0, 1.0]}]
+    rows = [
+        {"prompt": "p0", "responses": ["a", "b", "c"], "rewards": [1.0, 0.0, 0.5]},
+        {"prompt": "p1", "responses": ["a", "b", "c"], "rewards": [0.2, 0.2, 0.2]},  # all tie: no pair
+        {"prompt": "p2", "responses": ["a", "b"], "rewards": [0.0, 1.0]},
+    ]
     path = tmp_path / "k.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = base_config()
@@ -111,6 +120,10 @@ def test_data_pairs_counts_and_logs_records_whose_rewards_all_tie(tmp_path, capl
     with caplog.at_level("WARNING"):
         splits = load_records(cfg)
     # all_pairs: 3 pairs from the first record (1 > 0.5 > 0), 1 from the third, none from the tied one
-    assert [(r.source[1], r.rewards) for r in splits["train"]] == [(1, (1.0, 0.0)), (1, (1.0, 0.5)),
-                                                                    (1, (0.5, 0.0)), (3, (1.0, 0.0))]
+    assert [(r.source[1], r.rewards) for r in splits["train"]] == [
+        (1, (1.0, 0.0)),
+        (1, (1.0, 0.5)),
+        (1, (0.5, 0.0)),
+        (3, (1.0, 0.0)),
+    ]
     assert "train data: 1 of 3 records give no pair under data.pairs='all'" in caplog.text

@@ -43,8 +43,7 @@ def bucket_steps(workdir: str) -> list[int]:
     d = epath.Path(workdir) / "checkpoints"
     if not d.exists():
         return []
-    return sorted(int(p.name) for p in d.iterdir()
-                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
 
 
 def bucket_final_params(workdir: str):
@@ -52,8 +51,9 @@ def bucket_final_params(workdir: str):
     path = epath.Path(workdir) / "checkpoints" / str(max(bucket_steps(workdir))) / "params"
     checkpointer = ocp.StandardCheckpointer()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          checkpointer.metadata(path).item_metadata.tree)
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), checkpointer.metadata(path).item_metadata.tree
+    )
     return jax.tree.map(np.asarray, checkpointer.restore(path, target))
 
 
@@ -126,17 +126,21 @@ def test_arrow_files_and_save_to_disk_directories_in_a_bucket_read_like_local_on
 
     from rpo_jax.data import read_records, storage
 
-    rows = [json.loads(line) for line in
-            pathlib.Path(tiny_config(tmp_path / "demo").data.train).read_text().splitlines()[:6]]
+    rows = [
+        json.loads(line)
+        for line in pathlib.Path(tiny_config(tmp_path / "demo").data.train).read_text().splitlines()[:6]
+    ]
     ds = datasets.Dataset.from_list(rows)
     ds.save_to_disk(str(tmp_path / "single"))
     datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(tmp_path / "dd"))
     for name in ("single", "dd"):
         storage.copy_tree(tmp_path / name, f"{gcs_bucket}/{name}")
     arrow = "single/data-00000-of-00001.arrow"
-    for local, url in ((tmp_path / "single", f"{gcs_bucket}/single"),
-                       (tmp_path / "dd" / "test", f"{gcs_bucket}/dd/test"),
-                       (tmp_path / arrow, f"{gcs_bucket}/{arrow}")):
+    for local, url in (
+        (tmp_path / "single", f"{gcs_bucket}/single"),
+        (tmp_path / "dd" / "test", f"{gcs_bucket}/dd/test"),
+        (tmp_path / arrow, f"{gcs_bucket}/{arrow}"),
+    ):
         (here, _), (there, _) = read_records(str(local)), read_records(url)
         assert [(r.prompt, r.responses, r.rewards) for r in there] == [(r.prompt, r.responses, r.rewards) for r in here]
         assert len(there) == (2 if local.name == "test" else 6) and there[-1].source == (url, len(there))
@@ -149,15 +153,28 @@ def test_a_run_in_a_bucket_trains_evaluates_checkpoints_and_exports_like_a_local
     metrics (every step), TensorBoard, checkpoints, the reference cache and the export are in the bucket, and a
     second run reuses the cache from the bucket."""
     urls = upload_demo_slice(gcs_bucket, tmp_path / "data")
-    overrides = {"train.steps": 4, "train.eval_every": 2, "train.export_at_end": True,
-                 "metrics.tensorboard": True, "train.async_checkpointing": False}
+    overrides = {
+        "train.steps": 4,
+        "train.eval_every": 2,
+        "train.export_at_end": True,
+        "metrics.tensorboard": True,
+        "train.async_checkpointing": False,
+    }
     local_cfg = tiny_config(tmp_path / "data", **overrides)  # the same run on local disk, in the same kind of process
-    subprocess.run(train_command(write_config(local_cfg, tmp_path / "local.py"), tmp_path / "local"),
-                   env=subprocess_env(), check=True, capture_output=True)
+    subprocess.run(
+        train_command(write_config(local_cfg, tmp_path / "local.py"), tmp_path / "local"),
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+    )
     gs_cfg = tiny_config(tmp_path / "data", **overrides, **{"data.train": urls["train"], "data.eval": urls["eval"]})
     workdir = f"{gcs_bucket}/run"
-    done = subprocess.run(train_command(write_config(gs_cfg, tmp_path / "gs.py"), workdir), env=subprocess_env(),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        train_command(write_config(gs_cfg, tmp_path / "gs.py"), workdir),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     local, remote = read_metrics(tmp_path / "local"), bucket_metrics(workdir)
@@ -180,15 +197,27 @@ def test_a_run_in_a_bucket_trains_evaluates_checkpoints_and_exports_like_a_local
         assert (root / "export" / name).read_bytes() == (local_export / name).read_bytes()
 
     # a second run with the reference cache of the first, read from the bucket
-    again = tiny_config(tmp_path / "data", **{**overrides, "data.train": urls["train"], "data.eval": urls["eval"],
-                                              "train.export_at_end": False,
-                                              "reference_cache_dir": f"{workdir}/ref_cache"})
-    second = subprocess.run(train_command(write_config(again, tmp_path / "again.py"), f"{gcs_bucket}/run2"),
-                            env=subprocess_env(), capture_output=True, text=True)
+    again = tiny_config(
+        tmp_path / "data",
+        **{
+            **overrides,
+            "data.train": urls["train"],
+            "data.eval": urls["eval"],
+            "train.export_at_end": False,
+            "reference_cache_dir": f"{workdir}/ref_cache",
+        },
+    )
+    second = subprocess.run(
+        train_command(write_config(again, tmp_path / "again.py"), f"{gcs_bucket}/run2"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("reference cache hit") + second.stderr.count("reference cache hit") == 2
-    assert [r["train/loss"] for r in bucket_metrics(f"{gcs_bucket}/run2") if "train/loss" in r] == \
-        [r["train/loss"] for r in remote if "train/loss" in r]
+    assert [r["train/loss"] for r in bucket_metrics(f"{gcs_bucket}/run2") if "train/loss" in r] == [
+        r["train/loss"] for r in remote if "train/loss" in r
+    ]
     assert not (epath.Path(f"{gcs_bucket}/run2") / "ref_cache").exists()
 
     # rpo-export from the bucket run to the bucket: the bytes of the run's own export
@@ -207,11 +236,17 @@ def test_kill_9_then_the_same_command_resumes_from_the_bucket_bit_identically(gc
     parameters of an uninterrupted run, and metrics.jsonl in the bucket has one record per step."""
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 10, "train.checkpoint_every": 2})
     config_file = write_config(cfg, tmp_path / "c.py")
-    subprocess.run(train_command(config_file, f"{gcs_bucket}/whole"), env=subprocess_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        train_command(config_file, f"{gcs_bucket}/whole"), env=subprocess_env(), check=True, capture_output=True
+    )
     workdir = f"{gcs_bucket}/killed"
-    proc = subprocess.Popen(train_command(config_file, workdir), env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_command(config_file, workdir),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not any(s >= 4 for s in bucket_steps(workdir)):
         time.sleep(0.2)
@@ -222,5 +257,6 @@ def test_kill_9_then_the_same_command_resumes_from_the_bucket_bit_identically(gc
     subprocess.run(train_command(config_file, workdir), env=subprocess_env(), check=True, capture_output=True)
     assert_same_params(bucket_final_params(workdir), bucket_final_params(f"{gcs_bucket}/whole"))
     assert logged_steps(bucket_metrics(workdir)) == list(range(1, 11))
-    assert [r["train/loss"] for r in bucket_metrics(workdir) if "train/loss" in r] == \
-        [r["train/loss"] for r in bucket_metrics(f"{gcs_bucket}/whole") if "train/loss" in r]
+    assert [r["train/loss"] for r in bucket_metrics(workdir) if "train/loss" in r] == [
+        r["train/loss"] for r in bucket_metrics(f"{gcs_bucket}/whole") if "train/loss" in r
+    ]

@@ -16,8 +16,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
-                                reason="the settings are glibc's")
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="the settings are glibc's"
+)
 
 PAGES = 2048 * 16384 * 4 // 4096
 

@@ -20,13 +20,20 @@ from .trainer_testlib import read_metrics, tiny_config
 ONE = jax.devices()[:1]
 DEMO_TOKENIZER = pathlib.Path(demo_paths()["tokenizer"])
 # A ChatML-like template: other tokens, other lengths than the demo tokenizer's "<|user|>...<|assistant|>...<eos>"
-CHATML = ("{{ bos_token }}{% for message in messages %}{{ '<|im_start|><|' + message['role'] + '|>' + "
-          "message['content'] + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|im_start|><|assistant|>' }}{% endif %}")
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|><|' + message['role'] + '|>' + "
+    "message['content'] + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|><|assistant|>' }}{% endif %}"
+)
 
 
-def reversed_tokenizer(out_dir: pathlib.Path, *, chat_template: str | None = None,
-                       extra_special: tuple[str, ...] = (), eos_token: str | None = None) -> tuple[pathlib.Path, int]:
+def reversed_tokenizer(
+    out_dir: pathlib.Path,
+    *,
+    chat_template: str | None = None,
+    extra_special: tuple[str, ...] = (),
+    eos_token: str | None = None,
+) -> tuple[pathlib.Path, int]:
     """The demo character tokenizer with its V ids reversed (id i → V-1-i), plus `extra_special` tokens at ids
     V, V+1, ...; optionally another chat template and EOS. Returns (directory, V)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,8 +46,17 @@ def reversed_tokenizer(out_dir: pathlib.Path, *, chat_template: str | None = Non
         token["ids"] = [size - 1 - i for i in token["ids"]]
     for j, text in enumerate(extra_special):
         spec["model"]["vocab"][text] = size + j
-        spec["added_tokens"].append({"id": size + j, "content": text, "single_word": False, "lstrip": False,
-                                     "rstrip": False, "normalized": False, "special": True})
+        spec["added_tokens"].append(
+            {
+                "id": size + j,
+                "content": text,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
     (out_dir / "tokenizer.json").write_text(json.dumps(spec))
     config = json.loads((DEMO_TOKENIZER / "tokenizer_config.json").read_text())
     config["additional_special_tokens"] = list(config.get("additional_special_tokens", [])) + list(extra_special)
@@ -74,9 +90,14 @@ def qwen2_copy_of_policy(run, out_dir: pathlib.Path, vocab_size_of_tokenizer: in
     for key in ("attention_bias", "mlp_bias"):
         hf.pop(key, None)
     flip = lambda i: None if i is None else int(order[i])  # noqa: E731
-    hf.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False,
-              bos_token_id=flip(hf.get("bos_token_id")), eos_token_id=flip(hf.get("eos_token_id")),
-              pad_token_id=flip(hf.get("pad_token_id")))
+    hf.update(
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        use_sliding_window=False,
+        bos_token_id=flip(hf.get("bos_token_id")),
+        eos_token_id=flip(hf.get("eos_token_id")),
+        pad_token_id=flip(hf.get("pad_token_id")),
+    )
     (llama / "config.json").write_text(json.dumps(hf))
     return llama
 
@@ -88,16 +109,38 @@ def test_qwen2_reference_with_its_own_tokenizer_caches_transformers_log_probs(tm
     import torch
     from transformers import AutoModelForCausalLM
 
-    tok_dir, size = reversed_tokenizer(tmp_path / "qwen_tok", chat_template=CHATML,
-                                       extra_special=("<|im_start|>", "<|im_end|>"), eos_token="<|im_end|>")
-    qwen = make_tiny_family(tmp_path / "qwen", "qwen2", vocab_size=size + 2, hidden_size=32, intermediate_size=64,
-                            num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3,
-                            use_sliding_window=True, sliding_window=8, max_window_layers=1, pad_token_id=None,
-                            bos_token_id=None, eos_token_id=None)
-    cfg = tiny_config(tmp_path / "data", **{
-        "data.pairs": "best_worst", "reference_cache_dir": str(tmp_path / "cache"),
-        "loss.name": "mrpo", "loss.hparams": {"beta": 0.1, "alpha": None, "epsilon": 0.1},
-        "references": [{"path": "", "tokenizer": ""}, {"path": str(qwen), "tokenizer": str(tok_dir)}]})
+    tok_dir, size = reversed_tokenizer(
+        tmp_path / "qwen_tok",
+        chat_template=CHATML,
+        extra_special=("<|im_start|>", "<|im_end|>"),
+        eos_token="<|im_end|>",
+    )
+    qwen = make_tiny_family(
+        tmp_path / "qwen",
+        "qwen2",
+        vocab_size=size + 2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=3,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{
+            "data.pairs": "best_worst",
+            "reference_cache_dir": str(tmp_path / "cache"),
+            "loss.name": "mrpo",
+            "loss.hparams": {"beta": 0.1, "alpha": None, "epsilon": 0.1},
+            "references": [{"path": "", "tokenizer": ""}, {"path": str(qwen), "tokenizer": str(tok_dir)}],
+        },
+    )
     run = preference.build_run(cfg, tmp_path / "run", devices=ONE)
     assert run.model_config.model_type == "llama"
     reference = run.references[1]
@@ -108,8 +151,9 @@ def test_qwen2_reference_with_its_own_tokenizer_caches_transformers_log_probs(tm
     preference.fill_reference_cache(run)
     cache = run.ref_cache["eval"]
     assert cache.shape[-1] == 2
-    torch_model = AutoModelForCausalLM.from_pretrained(str(qwen), dtype=torch.float32,
-                                                       attn_implementation="eager").eval()
+    torch_model = AutoModelForCausalLM.from_pretrained(
+        str(qwen), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     checked = 0
     for e in reference.datasets["eval"].examples:
         for k, (seq, p) in enumerate(zip(e.sequences, e.prompt_lengths)):
@@ -132,17 +176,22 @@ def test_mrpo_with_a_function_equal_qwen2_reference_trains_exactly_like_dpo(tmp_
     run = preference.build_run(dpo, tmp_path / "probe", devices=ONE)
     tok_dir, size = reversed_tokenizer(tmp_path / "reversed_tok")
     qwen = qwen2_copy_of_policy(run, tmp_path / "qwen", size)
-    mrpo = tiny_config(tmp_path / "data", **common, **{
-        "loss.name": "mrpo", "loss.hparams": {"beta": 0.1, "alpha": None, "epsilon": 0.1},
-        "reference_cache_dir": str(tmp_path / "cache"),  # filled once below, reused by the training run
-        "references": [{"path": "", "tokenizer": ""}, {"path": str(qwen), "tokenizer": str(tok_dir)}]})
+    mrpo = tiny_config(
+        tmp_path / "data",
+        **common,
+        **{
+            "loss.name": "mrpo",
+            "loss.hparams": {"beta": 0.1, "alpha": None, "epsilon": 0.1},
+            "reference_cache_dir": str(tmp_path / "cache"),  # filled once below, reused by the training run
+            "references": [{"path": "", "tokenizer": ""}, {"path": str(qwen), "tokenizer": str(tok_dir)}],
+        },
+    )
     mixed = preference.build_run(mrpo, tmp_path / "mixed_probe", devices=ONE)
     ours, theirs = mixed.datasets["train"].examples[0], mixed.references[1].datasets["train"].examples[0]
     flipped = [size - 1 - t for t in ours.sequences[0]]
     assert list(theirs.sequences[0]) == flipped != list(ours.sequences[0])  # other ids, same text
     preference.fill_reference_cache(mixed)
-    np.testing.assert_allclose(mixed.ref_cache["train"][..., 1], mixed.ref_cache["train"][..., 0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mixed.ref_cache["train"][..., 1], mixed.ref_cache["train"][..., 0], rtol=1e-5, atol=1e-5)
 
     preference.train(dpo, tmp_path / "dpo", devices=ONE)
     preference.train(mrpo, tmp_path / "mrpo", devices=ONE)

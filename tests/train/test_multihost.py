@@ -16,25 +16,12 @@ import numpy as np
 import pytest
 
 from rpo_jax.data import make_train_iterator
-from rpo_jax.train.runtime import performance
 from rpo_jax.train.jobs import preference
+from rpo_jax.train.runtime import performance
 from rpo_jax.train.runtime.performance import Throughput, train_flops_per_token
 
-from .test_gcs import (
-    assert_same_params,
-    bucket_final_params,
-    bucket_metrics,
-    bucket_steps,
-    logged_steps,
-)
-from .trainer_testlib import (
-    final_params,
-    read_metrics,
-    subprocess_env,
-    tiny_config,
-    train_command,
-    write_config,
-)
+from .test_gcs import assert_same_params, bucket_final_params, bucket_metrics, bucket_steps, logged_steps
+from .trainer_testlib import final_params, read_metrics, subprocess_env, tiny_config, train_command, write_config
 
 
 def start_processes(config_file, workdir, n: int = 2, devices: int = 4) -> list[subprocess.Popen]:
@@ -42,10 +29,21 @@ def start_processes(config_file, workdir, n: int = 2, devices: int = 4) -> list[
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    return [subprocess.Popen(train_command(config_file, workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env=subprocess_env(devices=devices, RPO_JAX_COORDINATOR=f"localhost:{port}",
-                                                           RPO_JAX_NUM_PROCESSES=str(n), RPO_JAX_PROCESS_ID=str(i)))
-            for i in range(n)]
+    return [
+        subprocess.Popen(
+            train_command(config_file, workdir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(
+                devices=devices,
+                RPO_JAX_COORDINATOR=f"localhost:{port}",
+                RPO_JAX_NUM_PROCESSES=str(n),
+                RPO_JAX_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(n)
+    ]
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
@@ -54,9 +52,11 @@ def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
     return outs
 
 
-@pytest.mark.parametrize("mesh", [{"data": 1, "fsdp": 4, "tensor": 2},
-                                  pytest.param({"data": 1, "fsdp": 8, "tensor": 1}, marks=pytest.mark.slow)],
-                         ids=["fsdp4_tensor2", "fsdp8"])
+@pytest.mark.parametrize(
+    "mesh",
+    [{"data": 1, "fsdp": 4, "tensor": 2}, pytest.param({"data": 1, "fsdp": 8, "tensor": 1}, marks=pytest.mark.slow)],
+    ids=["fsdp4_tensor2", "fsdp8"],
+)
 def test_fsdp_and_tensor_across_two_processes_match_one_process(tmp_path, mesh):
     """Parameters and optimizer state sharded over devices of both processes (fsdp spans the processes; tensor
     inside each): losses and parameters after 3 steps equal 1 process × 8 devices with the same mesh. The
@@ -72,8 +72,11 @@ def test_fsdp_and_tensor_across_two_processes_match_one_process(tmp_path, mesh):
     multi = [m["train/loss"] for m in read_metrics(tmp_path / "multi") if "train/loss" in m]
     assert len(single) == 3
     np.testing.assert_allclose(multi, single, rtol=1e-6, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(final_params(tmp_path / "single")),
-                    jax.tree.leaves(final_params(tmp_path / "multi")), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(final_params(tmp_path / "single")),
+        jax.tree.leaves(final_params(tmp_path / "multi")),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -81,8 +84,10 @@ def test_fsdp_and_tensor_across_two_processes_match_one_process(tmp_path, mesh):
 def test_sigterm_to_one_process_saves_on_both_in_the_bucket_and_resumes_identically(gcs_bucket, tmp_path):
     """A preemption of one host: SIGTERM to process 1 only; both processes agree at the next step, save that step
     to the bucket and exit 0; the same command resumes both to the final parameters of an uninterrupted run."""
-    cfg = tiny_config(tmp_path / "data", **{"train.steps": 12, "train.checkpoint_every": 4,
-                                           "mesh": {"data": 1, "fsdp": 4, "tensor": 2}})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{"train.steps": 12, "train.checkpoint_every": 4, "mesh": {"data": 1, "fsdp": 4, "tensor": 2}},
+    )
     config_file = write_config(cfg, tmp_path / "config.py")
     finish(start_processes(config_file, f"{gcs_bucket}/whole"))
 
@@ -123,8 +128,15 @@ def test_a_run_on_8_devices_reports_mfu_per_chip(tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
     peak, chips = 1e11, 8
-    cfg = tiny_config(tmp_path / "data", **{"mesh": {"data": chips, "fsdp": 1, "tensor": 1}, "train.steps": 3,
-                                           "metrics.peak_flops": peak, "data.packing": False})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{
+            "mesh": {"data": chips, "fsdp": 1, "tensor": 1},
+            "train.steps": 3,
+            "metrics.peak_flops": peak,
+            "data.packing": False,
+        },
+    )
     preference.train(cfg, tmp_path / "run")
     run = preference.build_run(cfg, tmp_path / "other")
     batches = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)

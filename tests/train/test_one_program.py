@@ -38,8 +38,10 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 def signature(tree) -> dict[str, tuple]:
     """Path → (shape, dtype, sharding) of every leaf (arrays or ShapeDtypeStructs)."""
-    return {jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype), x.sharding)
-            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype), x.sharding)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def donation(program, args) -> dict[str, bool]:
@@ -74,22 +76,41 @@ def assert_same_program(name: str, trainer: tuple, planned: tuple, *, batch: str
 def trainer_programs(run) -> dict[str, tuple]:
     """The programs the trainer compiles for `run`, with the arguments of their first call."""
     ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
-    train_step, eval_step = jitted_steps(run.config, run, run.loss_fn, ref_graphdefs, run.score_window,
-                                         reference_sync=run.reference_sync)
+    train_step, eval_step = jitted_steps(
+        run.config, run, run.loss_fn, ref_graphdefs, run.score_window, reference_sync=run.reference_sync
+    )
     cfg = run.config
-    host = next(make_train_iterator(run.datasets["train"], local_batch_size(cfg.data.batch_size, run.mesh),
-                                    seed=cfg.seed, shuffle=cfg.data.shuffle))
+    host = next(
+        make_train_iterator(
+            run.datasets["train"],
+            local_batch_size(cfg.data.batch_size, run.mesh),
+            seed=cfg.seed,
+            shuffle=cfg.data.shuffle,
+        )
+    )
     eval_host = next(make_eval_batches(run.datasets["eval"], local_batch_size(cfg.data.eval_batch_size, run.mesh)))
     preference.fill_reference_cache(run)
-    out = {"train step": (train_step, (run.state, preference.train_batch(run, host),
-                                       preference.step_reference_params(run)))}
-    out["eval step"] = (eval_step, (run.state["params"], preference.device_batch(run, eval_host, "eval"),
-                                    preference.in_step_reference_params(run, run.state.get("reference"))))
+    out = {
+        "train step": (
+            train_step,
+            (run.state, preference.train_batch(run, host), preference.step_reference_params(run)),
+        )
+    }
+    out["eval step"] = (
+        eval_step,
+        (
+            run.state["params"],
+            preference.device_batch(run, eval_host, "eval"),
+            preference.in_step_reference_params(run, run.state.get("reference")),
+        ),
+    )
     if run.layout.scoring is Scoring.CACHED:
         for i, ref in enumerate(run.references):
             params = run.state["params"] if ref.params is None else ref.params
             out[f"reference {i} scorer (cache fill)"] = (
-                scorer(run.config, run, ref.graphdef, ref.rest, run.score_window), (params, None))
+                scorer(run.config, run, ref.graphdef, ref.rest, run.score_window),
+                (params, None),
+            )
     return out
 
 
@@ -98,16 +119,21 @@ VARIANTS = {
     "quickstart": ({}, Scoring.CACHED, Weights.OWN),
     "in_step": ({"reference_mode": "in_step"}, Scoring.IN_STEP, Weights.OWN),
     "tr_dpo_auto": ({"reference_sync.every": 2}, Scoring.IN_STEP, Weights.TRAIN_STATE),
-    "iterated_in_step": ({"reference_mode": "in_step", "train.iterations": 2}, Scoring.IN_STEP,
-                         Weights.TRAIN_STATE),
+    "iterated_in_step": ({"reference_mode": "in_step", "train.iterations": 2}, Scoring.IN_STEP, Weights.TRAIN_STATE),
     "lora": ({"model.lora.rank": 4}, Scoring.CACHED, Weights.POLICY_BASE),
     "lora_in_step": ({"model.lora.rank": 4, "reference_mode": "in_step"}, Scoring.IN_STEP, Weights.POLICY_BASE),
     "lora_tr_dpo": ({"model.lora.rank": 4, "reference_sync.every": 2}, Scoring.IN_STEP, Weights.TRAIN_STATE),
-    "qlora": ({"model.lora.rank": 4, "model.lora.base_dtype": "int8", "reference_mode": "in_step"},
-              Scoring.IN_STEP, Weights.POLICY_BASE),
+    "qlora": (
+        {"model.lora.rank": 4, "model.lora.base_dtype": "int8", "reference_mode": "in_step"},
+        Scoring.IN_STEP,
+        Weights.POLICY_BASE,
+    ),
     "packing_on": ({"data.packing": True, "reference_mode": "in_step"}, Scoring.IN_STEP, Weights.OWN),
-    "simpo_reference_free": ({"loss.name": "simpo", "loss.hparams": {"beta": 2.0, "gamma": 0.5}}, Scoring.NONE,
-                             Weights.OWN),
+    "simpo_reference_free": (
+        {"loss.name": "simpo", "loss.hparams": {"beta": 2.0, "gamma": 0.5}},
+        Scoring.NONE,
+        Weights.OWN,
+    ),
 }
 
 
@@ -117,8 +143,7 @@ def tiny_root(tmp_path_factory):
 
 
 def variant_config(root: pathlib.Path, overrides: dict):
-    cfg = tiny_config(root / "data", **{"model.dtype": "float32", "data.max_length": 64,
-                                        "data.max_prompt_length": 32})
+    cfg = tiny_config(root / "data", **{"model.dtype": "float32", "data.max_length": 64, "data.max_prompt_length": 32})
     return set_fields(cfg, overrides)
 
 
@@ -136,8 +161,12 @@ def test_the_plan_and_the_trainer_compile_the_same_programs(variant, tiny_root, 
     cfg = variant_config(tiny_root, overrides)
     run = preference.build_run(cfg, tmp_path / "run")
     assert (run.layout.scoring, run.layout.primary) == (scoring, weights)
-    plan = build_programs(plan_config(run, tiny_root, overrides), jax.devices(), responses=run.datasets["train"].k_max,
-                          rewards=run.datasets["train"].has_rewards)
+    plan = build_programs(
+        plan_config(run, tiny_root, overrides),
+        jax.devices(),
+        responses=run.datasets["train"].k_max,
+        rewards=run.datasets["train"].has_rewards,
+    )
     assert plan.layout == run.layout
     assert ("reference" in plan.programs[0].args[0]) == (weights is Weights.TRAIN_STATE)
     planned = {p.name: (p.jitted, p.args) for p in plan.programs}
@@ -160,13 +189,21 @@ def test_the_plan_and_the_trainer_compile_the_same_programs(variant, tiny_root, 
 def test_mrpo_plans_both_references(tiny_root, tmp_path):
     """MRPO (R = 2: the initial policy and a second checkpoint) in the step: both references are arguments of the
     train step, with their own parameters, in the plan as in the trainer."""
-    overrides = {"loss.name": "mrpo", "loss.hparams": {"beta": 0.1},
-                 "references": [{"path": "", "tokenizer": ""}, {"path": str(tiny_root / "base"), "tokenizer": ""}],
-                 "reference_mode": "in_step", "model.tokenizer": str(tiny_root / "base")}
+    overrides = {
+        "loss.name": "mrpo",
+        "loss.hparams": {"beta": 0.1},
+        "references": [{"path": "", "tokenizer": ""}, {"path": str(tiny_root / "base"), "tokenizer": ""}],
+        "reference_mode": "in_step",
+        "model.tokenizer": str(tiny_root / "base"),
+    }
     cfg = variant_config(tiny_root, overrides)
     run = preference.build_run(cfg, tmp_path / "run")
-    plan = build_programs(plan_config(run, tiny_root, overrides), jax.devices(), responses=run.datasets["train"].k_max,
-                          rewards=run.datasets["train"].has_rewards)
+    plan = build_programs(
+        plan_config(run, tiny_root, overrides),
+        jax.devices(),
+        responses=run.datasets["train"].k_max,
+        rewards=run.datasets["train"].has_rewards,
+    )
     assert plan.layout == run.layout and plan.layout.count == 2
     trained = trainer_programs(run)
     planned = {p.name: (p.jitted, p.args) for p in plan.programs}
@@ -213,4 +250,3 @@ def test_every_recipe_plans_the_trainers_reference_layout():
             plan.programs[0].jitted.lower(*plan.programs[0].args)
             checked += 1
     assert checked >= 8
-

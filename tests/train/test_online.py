@@ -18,9 +18,18 @@ from rpo_jax.train.jobs import online
 from rpo_jax.train.jobs.preference import train
 from tests.train.trainer_testlib import load_recipe, read_metrics, set_fields
 
-SFT_MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
-             "tie_word_embeddings": True, "max_position_embeddings": 128}
+SFT_MODEL = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 128,
+}
 
 
 def _quiet(c):
@@ -95,15 +104,18 @@ def test_import_object_errors():
             online.import_object(bad)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"online.reward_judge": ""}, "exactly one of reward_judge"),
-    ({"online.reward_model": "/somewhere"}, "exactly one of reward_judge"),
-    ({"online.prompts_per_iteration": 12}, "multiple of data.batch_size"),
-    ({"online.num_samples": 1}, r"online.num_samples=1: expected ≥ 2"),
-    ({"online.reference": "last"}, "online.reference"),
-    ({"online.sampler": "other"}, "online.sampler"),
-    ({"references": [{"path": "/x"}]}, "references\\[0\\] must have an empty path"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"online.reward_judge": ""}, "exactly one of reward_judge"),
+        ({"online.reward_model": "/somewhere"}, "exactly one of reward_judge"),
+        ({"online.prompts_per_iteration": 12}, "multiple of data.batch_size"),
+        ({"online.num_samples": 1}, r"online.num_samples=1: expected ≥ 2"),
+        ({"online.reference": "last"}, "online.reference"),
+        ({"online.sampler": "other"}, "online.sampler"),
+        ({"references": [{"path": "/x"}]}, "references\\[0\\] must have an empty path"),
+    ],
+)
 def test_bad_online_configs_fail_before_training(overrides, match):
     with pytest.raises(ValueError, match=match):
         online.build_online_run(online_config("", **{"model.init": dict(SFT_MODEL), **overrides}))
@@ -127,11 +139,21 @@ def test_rloo_online_step_gradient_is_the_rloo_estimator(sft_policy):
     leave-one-out estimator (1/B) Σ_b (1/K) Σ_k (r_bk − mean_{j≠k} r_bj) ∇ log π(y_bk), computed here from the
     samples with an independent log-prob."""
     beta, eta, k = 0.5, 2.0, 4
-    cfg = online_config(sft_policy, **{"loss.name": "rloo", "loss.hparams": {"beta": beta, "eta": eta},
-                                       "online.reference": "current", "online.num_samples": k,
-                                       "online.updates_per_iteration": 1, "data.batch_size": 16,
-                                       "optimizer.name": "sgd", "optimizer.learning_rate": 1.0,
-                                       "optimizer.schedule": "constant", "optimizer.grad_clip_norm": 0.0})
+    cfg = online_config(
+        sft_policy,
+        **{
+            "loss.name": "rloo",
+            "loss.hparams": {"beta": beta, "eta": eta},
+            "online.reference": "current",
+            "online.num_samples": k,
+            "online.updates_per_iteration": 1,
+            "data.batch_size": 16,
+            "optimizer.name": "sgd",
+            "optimizer.learning_rate": 1.0,
+            "optimizer.schedule": "constant",
+            "optimizer.grad_clip_norm": 0.0,
+        },
+    )
     run = online.build_online_run(cfg)
     params = run.state["params"]
     batch, stats = online.iteration_batch(run, params, 0)
@@ -140,8 +162,9 @@ def test_rloo_online_step_gradient_is_the_rloo_estimator(sft_policy):
     assert "ref_logps" not in batch  # rloo needs no reference: its baseline is the other samples
     advantage = rewards - (rewards.sum(1, keepdims=True) - rewards) / (k - 1)
 
-    estimator = jax.grad(lambda p: jnp.mean(jnp.sum(advantage * _independent_response_logps(run, p, batch), 1) / k)
-                         )(params)
+    estimator = jax.grad(lambda p: jnp.mean(jnp.sum(advantage * _independent_response_logps(run, p, batch), 1) / k))(
+        params
+    )
     before = jax.tree.map(np.asarray, params)
     state, _ = online.make_online_step(run)(jax.tree.map(jnp.copy, run.state), online.global_batch(run, batch))
     step_grad = jax.tree.map(lambda a, b: a - np.asarray(b), before, state["params"])  # = ∇L
@@ -158,20 +181,24 @@ def test_reference_modes_give_the_documented_reference_logps(sft_policy):
     moved = jax.tree.map(lambda x: x * 1.01, run.state["params"])
     batch, stats = online.iteration_batch(run, moved, 0)
     dev = online.global_batch(run, batch)
-    np.testing.assert_allclose(batch["ref_logps"], online.sample_logps(run.policy_scorer, run.initial_params, dev),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        batch["ref_logps"], online.sample_logps(run.policy_scorer, run.initial_params, dev), rtol=1e-6
+    )
     assert stats["kl_to_initial"] == pytest.approx(
-        float(np.mean(online.sample_logps(run.policy_scorer, moved, dev) - batch["ref_logps"])), rel=1e-5)
+        float(np.mean(online.sample_logps(run.policy_scorer, moved, dev) - batch["ref_logps"])), rel=1e-5
+    )
 
     run_prev = online.build_online_run(online_config(sft_policy, **{"online.reference": "previous_iterate"}))
     batch_prev, _ = online.iteration_batch(run_prev, moved, 0)
     np.testing.assert_array_equal(batch_prev["tokens"], batch["tokens"])  # same prompts, key and sampler
-    np.testing.assert_allclose(batch_prev["ref_logps"], online.sample_logps(run_prev.policy_scorer, moved, dev),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        batch_prev["ref_logps"], online.sample_logps(run_prev.policy_scorer, moved, dev), rtol=1e-6
+    )
 
     # current: DPO against sg(policy) is log 2 for every example, whatever the parameters
-    run_cur = online.build_online_run(online_config(sft_policy, **{"online.reference": "current", "loss.name": "dpo",
-                                                                   "loss.hparams": {"beta": 0.3}}))
+    run_cur = online.build_online_run(
+        online_config(sft_policy, **{"online.reference": "current", "loss.name": "dpo", "loss.hparams": {"beta": 0.3}})
+    )
     batch_cur, _ = online.iteration_batch(run_cur, moved, 0)
     assert "ref_logps" not in batch_cur
     minibatch = online.global_batch(run_cur, next(online.minibatches(batch_cur, 8, 1)))
@@ -189,8 +216,10 @@ def test_offline_sampler_draws_every_iteration_from_the_initial_policy(sft_polic
 
 
 def test_mrpo_online_stacks_a_second_fixed_reference(sft_policy):
-    cfg = online_config(sft_policy, **{"loss.name": "mrpo", "loss.hparams": {"beta": 0.1},
-                                       "references": [{"path": ""}, {"path": sft_policy}]})
+    cfg = online_config(
+        sft_policy,
+        **{"loss.name": "mrpo", "loss.hparams": {"beta": 0.1}, "references": [{"path": ""}, {"path": sft_policy}]},
+    )
     run = online.build_online_run(cfg)
     batch, _ = online.iteration_batch(run, run.state["params"], 0)
     assert batch["ref_logps"].shape == batch["rewards"].shape + (2,)
@@ -200,18 +229,27 @@ def test_mrpo_online_stacks_a_second_fixed_reference(sft_policy):
 def test_reward_model_as_the_reward_source(sft_policy, tmp_path):
     from rpo_jax.models import create_reward_model, load_reward_model, reward_model_fn, save_reward_model
     from rpo_jax.models.hf_io import load_hf
+
     _, mconfig = load_hf(sft_policy)
     rm = create_reward_model(mconfig, rngs=nnx.Rngs(0))
     tokenizer = load_tokenizer(demo_paths()["tokenizer"])
     save_reward_model(rm, mconfig, tmp_path / "rm", tokenizer=tokenizer)
-    cfg = online_config(sft_policy, **{"online.reward_judge": "", "online.reward_model": str(tmp_path / "rm"),
-                                       "online.eval_judge": "rpo_jax.data.demo:judge"})
+    cfg = online_config(
+        sft_policy,
+        **{
+            "online.reward_judge": "",
+            "online.reward_model": str(tmp_path / "rm"),
+            "online.eval_judge": "rpo_jax.data.demo:judge",
+        },
+    )
     run = online.build_online_run(cfg)
     batch, stats = online.iteration_batch(run, run.state["params"], 0)
     # the rewards are the reward model's scores of the decoded samples; the judge is logged beside them
     texts = online.decode_responses(run, *_generated(batch))
-    prompts = [online.prompt_for_reward(run.prompts["train"][i])
-               for i in online.prompt_order(len(run.prompts["train"]), 0, 16, cfg.seed)]
+    prompts = [
+        online.prompt_for_reward(run.prompts["train"][i])
+        for i in online.prompt_order(len(run.prompts["train"]), 0, 16, cfg.seed)
+    ]
     loaded, _ = load_reward_model(tmp_path / "rm")
     expected = reward_model_fn(loaded, tokenizer, max_length=64, batch_size=8)(prompts, texts)
     np.testing.assert_allclose(batch["rewards"], expected, rtol=1e-5, atol=1e-6)
@@ -227,15 +265,24 @@ def _generated(batch):
     mask = np.zeros(lengths.shape + (m,), bool)
     for p, k in np.ndindex(lengths.shape):
         pos = np.flatnonzero(batch["loss_mask"][p, k])
-        tokens[p, k, :len(pos)], mask[p, k, :len(pos)] = batch["tokens"][p, k, pos], True
+        tokens[p, k, : len(pos)], mask[p, k, : len(pos)] = batch["tokens"][p, k, pos], True
     return tokens, mask
 
 
 def test_online_iterations_improve_the_judge_reward(sft_policy, tmp_path):
-    cfg = online_config(sft_policy, **{"online.iterations": 12, "online.prompts_per_iteration": 32,
-                                       "data.batch_size": 16, "online.updates_per_iteration": 4,
-                                       "online.eval_prompts": 200, "online.eval_every": 100,
-                                       "optimizer.learning_rate": 2e-3, "train.export_at_end": True})
+    cfg = online_config(
+        sft_policy,
+        **{
+            "online.iterations": 12,
+            "online.prompts_per_iteration": 32,
+            "data.batch_size": 16,
+            "online.updates_per_iteration": 4,
+            "online.eval_prompts": 200,
+            "online.eval_every": 100,
+            "optimizer.learning_rate": 2e-3,
+            "train.export_at_end": True,
+        },
+    )
     result = online.train_online(cfg, tmp_path)
     assert result["iteration"] == 12
     # Paired comparison: the starting and the trained policy answer the same 200 held-out prompts with the
@@ -264,6 +311,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(sft_policy, tmp_path
     for name in ("full", "split"):
         exported[name] = export_workdir(tmp_path / name, tmp_path / f"export_{name}")
     from safetensors.numpy import load_file
+
     ta, tb = (load_file(str(exported[n] / "model.safetensors")) for n in ("full", "split"))
     for key in ta:
         np.testing.assert_array_equal(ta[key], tb[key])

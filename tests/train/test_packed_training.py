@@ -22,21 +22,41 @@ from rpo_jax.models.config import ModelConfig, RopeSpec
 from rpo_jax.models.model import create_model
 from rpo_jax.train.build.model import split_trainable
 from rpo_jax.train.config.defaults import base_config
-from rpo_jax.train.core.performance import batch_flops, train_flops_per_token
 from rpo_jax.train.jobs import preference
 from rpo_jax.train.runtime.packed_rows import AUTO_MIN_SAVING, packing_of, packing_setting, packing_with_references
+from rpo_jax.train.runtime.performance import batch_flops, train_flops_per_token
 from rpo_jax.train.step.logprobs import preference_inputs, response_logps
 
 from .test_multihost import finish, start_processes
 from .trainer_testlib import TINY_MODEL, load_recipe, read_metrics, set_fields, tiny_config, write_config
 
-GEMMA2 = ModelConfig(model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=4, attn_logit_softcap=50.0,
-                     final_logit_softcap=30.0, norm_plus_one=True, sandwich_norms=True,
-                     layer_types=("sliding_attention", "full_attention"),
-                     rope=(("full_attention", RopeSpec()), ("sliding_attention", RopeSpec(theta=100.0))))
-LLAMA = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                    num_heads=4, num_kv_heads=2, head_dim=8)
+GEMMA2 = ModelConfig(
+    model_type="gemma2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    sliding_window=4,
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+    norm_plus_one=True,
+    sandwich_norms=True,
+    layer_types=("sliding_attention", "full_attention"),
+    rope=(("full_attention", RopeSpec()), ("sliding_attention", RopeSpec(theta=100.0))),
+)
+LLAMA = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
 ROW = 24  # longer than any sequence below (≤ 8 + 11 tokens)
 LAYOUTS = {"packed": Packing(ROW), "shared": Packing(ROW, share_prompt=True)}
 
@@ -47,23 +67,29 @@ def examples(ks, seed, rewards=True):
     out = []
     for i, k in enumerate(ks):
         prompt = rng.integers(1, 64, rng.integers(1, 9))
-        seqs = tuple(np.concatenate([prompt, rng.integers(1, 64, rng.integers(1, 12))]).astype(np.int32)
-                     for _ in range(k))
-        out.append(TokenizedExample(i, seqs, (len(prompt),) * k, tuple(float((j * 7 + i) % 5) for j in range(k))
-                                    if rewards else None))
+        seqs = tuple(
+            np.concatenate([prompt, rng.integers(1, 64, rng.integers(1, 12))]).astype(np.int32) for _ in range(k)
+        )
+        out.append(
+            TokenizedExample(
+                i, seqs, (len(prompt),) * k, tuple(float((j * 7 + i) % 5) for j in range(k)) if rewards else None
+            )
+        )
     return out
 
 
 def pair_batch():
     """K = 2, no rewards (response 0 preferred), one padding example."""
-    return collate_examples(examples([2] * 5, seed=1, rewards=False) + [None], k_max=2, buckets=(16, 32),
-                            pad_id=0, with_rewards=False)
+    return collate_examples(
+        examples([2] * 5, seed=1, rewards=False) + [None], k_max=2, buckets=(16, 32), pad_id=0, with_rewards=False
+    )
 
 
 def list_batch():
     """Variable K (1–4) with rewards, a masked response (example 1, k = 1) and a padding example."""
-    batch = collate_examples(examples([2, 3, 4, 1, 4, 3], seed=2) + [None], k_max=4, buckets=(16, 32), pad_id=0,
-                             with_rewards=True)
+    batch = collate_examples(
+        examples([2, 3, 4, 1, 4, 3], seed=2) + [None], k_max=4, buckets=(16, 32), pad_id=0, with_rewards=True
+    )
     batch["valid"][1, 1] = False
     return batch
 
@@ -117,8 +143,14 @@ def test_response_logps_equal_in_every_layout(scored, model_name):
 
 # IPO at β = 0.5: ∂(h − 1/(2β))²/∂h ≈ −1/β, so at TRL's β = 0.1 the loss (≈ 25, whose float32 ulp is 2e-6) moves
 # by 1e-5 when the log-prob margin h moves by the float32 rounding of a log-prob sum (1e-6); β = 0.5 keeps it ≈ 1
-LOSSES = [("dpo", {}, "pair", 1), ("ipo", {"beta": 0.5}, "pair", 1), ("simpo", {}, "pair", 0),
-          ("rpo_sq", {}, "list", 1), ("rpo_listwise", {}, "list", 1), ("mrpo", {}, "list", 2)]
+LOSSES = [
+    ("dpo", {}, "pair", 1),
+    ("ipo", {"beta": 0.5}, "pair", 1),
+    ("simpo", {}, "pair", 0),
+    ("rpo_sq", {}, "list", 1),
+    ("rpo_listwise", {}, "list", 1),
+    ("mrpo", {}, "list", 2),
+]
 
 
 @pytest.mark.parametrize("name,hparams,data,num_refs", LOSSES, ids=[x[0] for x in LOSSES])
@@ -136,6 +168,7 @@ def test_losses_equal_in_every_layout(scored, name, hparams, data, num_refs):
         def loss(policy, inputs=inputs, ref=ref):
             out = loss_fn(preference_inputs(policy, inputs, ref))
             return out.loss, out.per_example
+
         (value, per_example), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(got["gemma2"]))
         results[layout] = (float(value), np.asarray(per_example), np.asarray(grad))
     value, per_example, grad = results["padded"]
@@ -156,8 +189,9 @@ def test_parameter_gradients_equal_in_every_layout(models):
     grads = {}
     for layout, b in layouts(batch).items():
         inputs = {k: jnp.asarray(v) for k, v in b.items()}
-        fn = jax.jit(jax.grad(lambda p, x: jnp.sum(cotangent * response_logps(graphdef, p, rest, x,
-                                                                              compute_dtype=jnp.float32))))
+        fn = jax.jit(
+            jax.grad(lambda p, x: jnp.sum(cotangent * response_logps(graphdef, p, rest, x, compute_dtype=jnp.float32)))
+        )
         grads[layout] = jax.tree.leaves(fn(params, inputs))
     assert max(float(jnp.abs(g).max()) for g in grads["padded"]) > 1e-3
     for layout in LAYOUTS:
@@ -170,17 +204,22 @@ def test_flops_count_the_packed_rows():
     window's share of the head."""
     assert batch_flops(LLAMA, (3, 24)) == 3 * 24 * train_flops_per_token(LLAMA, 24)
     assert batch_flops(LLAMA, (3, 24), score_window=8) == batch_flops(LLAMA, (3, 24))
-    assert batch_flops(LLAMA, (2, 4, 32), score_window=8) == 2 * 4 * 32 * train_flops_per_token(LLAMA, 32,
-                                                                                               score_window=8)
+    assert batch_flops(LLAMA, (2, 4, 32), score_window=8) == 2 * 4 * 32 * train_flops_per_token(
+        LLAMA, 32, score_window=8
+    )
 
 
 def train_losses(tmp_path, name, devices=None, **overrides):
-    cfg = tiny_config(tmp_path / "data", **{"train.steps": 3, "train.checkpoint_every": 0, "train.eval_every": 3,
-                                           "data.max_length": 128, **overrides})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{"train.steps": 3, "train.checkpoint_every": 0, "train.eval_every": 3, "data.max_length": 128, **overrides},
+    )
     preference.train(cfg, tmp_path / name, devices=devices)
     metrics = read_metrics(tmp_path / name)
-    return ([m["train/loss"] for m in metrics if "train/loss" in m],
-            [m["eval/loss"] for m in metrics if "eval/loss" in m])
+    return (
+        [m["train/loss"] for m in metrics if "train/loss" in m],
+        [m["eval/loss"] for m in metrics if "eval/loss" in m],
+    )
 
 
 def test_trainer_with_packing_and_shared_prompt_takes_the_padded_steps(tmp_path):
@@ -207,7 +246,15 @@ def test_bad_packing_settings_are_refused(tmp_path):
 
 def test_packing_settings():
     assert [packing_setting(v, "packing") for v in ("auto", "AUTO", True, "True", "1", False, "off", "")] == [
-        "auto", "auto", True, True, True, False, False, False]
+        "auto",
+        "auto",
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
     policy_data = {"train": object()}
     own = types.SimpleNamespace(name="other/ref", tokenizer_name="other/tok", datasets={"train": object()})
     same = types.SimpleNamespace(name="", tokenizer_name="tok", datasets=policy_data)
@@ -261,8 +308,12 @@ def test_two_processes_packing_their_own_rows_take_the_padded_steps(tmp_path):
     the cached step while process 1 compiled its own, and the two hung in the first step."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
-    common = {"train.steps": 3, "mesh": {"data": 1, "fsdp": 4, "tensor": 2}, "train.async_checkpointing": False,
-              "train.checkpoint_every": 0}
+    common = {
+        "train.steps": 3,
+        "mesh": {"data": 1, "fsdp": 4, "tensor": 2},
+        "train.async_checkpointing": False,
+        "train.checkpoint_every": 0,
+    }
     packed = tiny_config(tmp_path / "data", **common, **{"data.packing": True, "data.share_prompt": True})
     outs = finish(start_processes(write_config(packed, tmp_path / "config.py"), tmp_path / "multi"))
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -282,11 +333,20 @@ def test_online_scoring_and_updates_on_packed_rows(micro_batches):
     from rpo_jax.train.jobs import online
 
     cfg = load_recipe("online_demo")
-    for key, value in {"model.path": "", "model.init": dict(TINY_MODEL), "online.prompts_per_iteration": 8,
-                       "data.batch_size": 8, "online.max_new_tokens": 12, "online.eval_prompts": 0,
-                       "train.progress_bar": False, "metrics.tensorboard": False, "data.packing": True,
-                       "data.share_prompt": True, "online.reference": "initial",
-                       "data.micro_batches": micro_batches}.items():
+    for key, value in {
+        "model.path": "",
+        "model.init": dict(TINY_MODEL),
+        "online.prompts_per_iteration": 8,
+        "data.batch_size": 8,
+        "online.max_new_tokens": 12,
+        "online.eval_prompts": 0,
+        "train.progress_bar": False,
+        "metrics.tensorboard": False,
+        "data.packing": True,
+        "data.share_prompt": True,
+        "online.reference": "initial",
+        "data.micro_batches": micro_batches,
+    }.items():
         set_fields(cfg, {key: value})
     run = online.build_online_run(cfg)
     packing = run.packing
@@ -299,8 +359,9 @@ def test_online_scoring_and_updates_on_packed_rows(micro_batches):
         assert ("response_id" in inputs) == (layout is not None)
         logps = online.sample_logps(run.policy_scorer, run.initial_params, inputs)
         moved = {**run.state, "params": jax.tree.map(lambda x: x * 1.01, run.state["params"])}  # policy ≠ reference
-        state, metrics = step(jax.tree.map(jnp.copy, moved), online.global_batch(run, batch,
-                                                                                micro_batches=micro_batches))
+        state, metrics = step(
+            jax.tree.map(jnp.copy, moved), online.global_batch(run, batch, micro_batches=micro_batches)
+        )
         out[name] = (logps, float(metrics["loss"]), float(metrics["grad_norm"]))
     assert np.all(out["padded"][0][batch["valid"]] < 0) and out["padded"][2] > 1e-4
     np.testing.assert_allclose(out["packed"][0], out["padded"][0], atol=1e-5, rtol=0)

@@ -27,15 +27,23 @@ from rpo_jax.train.plan.slices import CHIPS, parse_slice, slice_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def write_recipe(tmp_path, init: dict, **fields) -> str:
     """A recipe file: a random-init model `init` (no checkpoint), bfloat16 compute, `fields` as overrides."""
     lines = "\n".join(f"    c.{k} = {v!r}" for k, v in fields.items())
     path = tmp_path / "recipe.py"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         from rpo_jax.train.config.defaults import base_config
         def get_config():
             c = base_config()
@@ -46,15 +54,27 @@ def write_recipe(tmp_path, init: dict, **fields) -> str:
             c.data.max_prompt_length = 32
             c.data.batch_size = 8
             c.data.eval_batch_size = 8
-        """) + lines + "\n    return c\n")
+        """)
+        + lines
+        + "\n    return c\n"
+    )
     return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ slices
-@pytest.mark.parametrize("name, chips, topology", [
-    ("v5p-8", 4, "v5:2x2x1"), ("v5p-64", 32, "v5:2x4x4"), ("v5p-256", 128, "v5:4x4x8"), ("v4-32", 16, "v4:2x2x4"),
-    ("v5litepod-16", 16, "v5e:4x4"), ("v5e-16", 16, "v5e:4x4"), ("v5e-4", 4, "v5e:2x2"), ("v6e-8", 8, "v6e:2x4"),
-])
+@pytest.mark.parametrize(
+    "name, chips, topology",
+    [
+        ("v5p-8", 4, "v5:2x2x1"),
+        ("v5p-64", 32, "v5:2x4x4"),
+        ("v5p-256", 128, "v5:4x4x8"),
+        ("v4-32", 16, "v4:2x2x4"),
+        ("v5litepod-16", 16, "v5e:4x4"),
+        ("v5e-16", 16, "v5e:4x4"),
+        ("v5e-4", 4, "v5e:2x2"),
+        ("v6e-8", 8, "v6e:2x4"),
+    ],
+)
 def test_accelerator_types_name_their_slices(name, chips, topology):
     slc = parse_slice(name)
     assert (slc.num_chips, slc.topology_name) == (chips, topology)
@@ -76,10 +96,15 @@ def test_unknown_accelerator_types_are_refused(name):
 
 
 def test_oom_messages_are_read():
-    assert oom_bytes("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
-                     "Used 120.50G of 95.74G hbm. Exceeded hbm capacity by 24.76G.") == (120.5 * 2**30, 95.74 * 2**30)
-    assert oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
-                     "(343.17G) exceeds available HBM (95.74G).", 2**30) == (344.17 * 2**30, 95.74 * 2**30)
+    assert oom_bytes(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+        "Used 120.50G of 95.74G hbm. Exceeded hbm capacity by 24.76G."
+    ) == (120.5 * 2**30, 95.74 * 2**30)
+    assert oom_bytes(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(343.17G) exceeds available HBM (95.74G).",
+        2**30,
+    ) == (344.17 * 2**30, 95.74 * 2**30)
     assert oom_bytes("INVALID_ARGUMENT: something else") is None
 
 
@@ -139,6 +164,7 @@ def test_abstract_train_state_holds_twelve_bytes_per_parameter(tmp_path):
     replicated; plus the scalars (step, Adam's count, the schedule's count: int32) and the RNG key (2 × uint32)."""
     recipe = write_recipe(tmp_path, TINY, mesh={"data": 1, "fsdp": 2, "tensor": 2})
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("recipe", recipe)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -156,8 +182,9 @@ def test_abstract_train_state_holds_twelve_bytes_per_parameter(tmp_path):
     assert plan.batch_bytes == (b * k * t * (4 + 1 + 1) + b * k * (4 + 1 + 4)) // 2  # batch rows over fsdp=2
 
 
-@pytest.mark.parametrize("topology, mesh", [("v5p-8", {"data": 1, "fsdp": 2, "tensor": 2}),
-                                            ("v5e-4", {"data": 1, "fsdp": -1, "tensor": 1})])
+@pytest.mark.parametrize(
+    "topology, mesh", [("v5p-8", {"data": 1, "fsdp": 2, "tensor": 2}), ("v5e-4", {"data": 1, "fsdp": -1, "tensor": 1})]
+)
 def test_small_llama_plan_compiles_and_fits(tmp_path, capsys, topology, mesh):
     recipe = write_recipe(tmp_path, TINY, mesh=mesh, reference_mode="in_step")
     assert run(["rpo-plan", "--config", recipe, "--topology", topology]) == 0
@@ -172,8 +199,14 @@ def test_small_llama_plan_compiles_and_fits(tmp_path, capsys, topology, mesh):
 def test_oversized_config_does_not_fit(tmp_path, capsys):
     """A 7.7-billion-parameter model on a v5e-4 (16 GiB per chip): 12 bytes per parameter over 4 chips alone
     need 21 GiB per chip."""
-    big = dict(TINY, hidden_size=8192, intermediate_size=32768, num_hidden_layers=8, num_attention_heads=64,
-               num_key_value_heads=8)
+    big = dict(
+        TINY,
+        hidden_size=8192,
+        intermediate_size=32768,
+        num_hidden_layers=8,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    )
     recipe = write_recipe(tmp_path, big, mesh={"data": 1, "fsdp": -1, "tensor": 1}, **{"loss.name": "simpo"})
     assert run(["rpo-plan", "--config", recipe, "--topology", "v5e-4"]) == 1
     out = capsys.readouterr().out
@@ -182,14 +215,19 @@ def test_oversized_config_does_not_fit(tmp_path, capsys):
     assert needed >= 12 * ModelConfig.from_hf_dict(big).num_params() / 4 / 2**30 * 0.99
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--topology", "v9-8"], "--topology='v9-8'"),
-    ([], "--config and --topology are required"),
-    (["--topology", "v5p-8", "--config.mesh.tensor=3"], "mesh"),
-    (["--topology", "v5p-8", "--config.model.architecture=no/such.json"], "no such file"),
-    (["--topology", "v5p-8", "--config.model.nope=1"],
-     "config.model.nope: no such key (keys of config.model: path, "),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--topology", "v9-8"], "--topology='v9-8'"),
+        ([], "--config and --topology are required"),
+        (["--topology", "v5p-8", "--config.mesh.tensor=3"], "mesh"),
+        (["--topology", "v5p-8", "--config.model.architecture=no/such.json"], "no such file"),
+        (
+            ["--topology", "v5p-8", "--config.model.nope=1"],
+            "config.model.nope: no such key (keys of config.model: path, ",
+        ),
+    ],
+)
 def test_bad_usage_exits_2(tmp_path, capsys, extra, message):
     recipe = write_recipe(tmp_path, TINY, mesh={"data": 1, "fsdp": -1, "tensor": 1})
     assert run(["rpo-plan", "--config", recipe, *extra]) == 2
@@ -198,10 +236,17 @@ def test_bad_usage_exits_2(tmp_path, capsys, extra, message):
 
 
 # ------------------------------------------------------------------------------------------------ bundled files
-@pytest.mark.parametrize("name, billions", [  # the parameter counts of the model cards
-    ("llama-3.2-1b-instruct", 1.24), ("llama-3.1-8b-instruct", 8.03), ("llama-3.1-70b-instruct", 70.6),
-    ("gemma-2-9b-it", 9.24), ("gemma-2-27b-it", 27.2), ("gemma-3-1b-it", 1.0),
-])
+@pytest.mark.parametrize(
+    "name, billions",
+    [  # the parameter counts of the model cards
+        ("llama-3.2-1b-instruct", 1.24),
+        ("llama-3.1-8b-instruct", 8.03),
+        ("llama-3.1-70b-instruct", 70.6),
+        ("gemma-2-9b-it", 9.24),
+        ("gemma-2-27b-it", 27.2),
+        ("gemma-3-1b-it", 1.0),
+    ],
+)
 def test_bundled_architectures(name, billions):
     path = ROOT / "configs" / "architectures" / f"{name}.json"
     mc = ModelConfig.from_hf_dict(json.loads(path.read_text()), source=str(path))
@@ -218,9 +263,11 @@ def test_activation_constraints_are_no_ops_without_a_mesh():
 def test_activation_spec_leaves_indivisible_dimensions_to_xla():
     mesh = make_mesh((1, 2, 4), jax.devices()[:8])
     assert activation_spec(("batch", None, "heads", None), (6, 5, 8, 16), mesh) == PartitionSpec(
-        "fsdp", None, "tensor", None)
+        "fsdp", None, "tensor", None
+    )
     assert activation_spec(("batch", "mlp"), (3, 6), mesh) == PartitionSpec(
-        PartitionSpec.UNCONSTRAINED, PartitionSpec.UNCONSTRAINED)
+        PartitionSpec.UNCONSTRAINED, PartitionSpec.UNCONSTRAINED
+    )
     x = jax.device_put(jnp.ones((6, 8)), NamedSharding(mesh, PartitionSpec()))
     y = jax.jit(lambda a: constrain(2 * a, ("batch", "mlp")))(x)
     assert y.sharding.spec == PartitionSpec("fsdp", "tensor")  # rows over fsdp, MLP width over tensor

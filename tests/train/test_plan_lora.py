@@ -23,14 +23,19 @@ def adapter_elements_per_chip(fsdp: int) -> int:
     split where its input axis is `embed` (q/k/v/gate/up_proj), B where its output axis is (o/down_proj); the
     rest is replicated (heads and mlp go to `tensor` = 1)."""
     d, f, h, k, hd, r, layers = 64, 128, 4, 2, 16, 4, 2
-    a = 5 * d * r // fsdp + h * hd * r + f * r                   # q, k, v, gate, up (split) + o + down
+    a = 5 * d * r // fsdp + h * hd * r + f * r  # q, k, v, gate, up (split) + o + down
     b = r * h * hd + 2 * r * k * hd + r * d // fsdp + 2 * r * f + r * d // fsdp  # q, k+v, o (split), gate+up, down
     return layers * (a + b)
 
 
 def test_qlora_plan_state_is_the_adapters_and_the_reference_is_free(tmp_path):
-    recipe = write_recipe(tmp_path, TINY, mesh={"data": 1, "fsdp": -1, "tensor": 1}, reference_mode="in_step",
-                          **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "model.lora.base_dtype": "int8"})
+    recipe = write_recipe(
+        tmp_path,
+        TINY,
+        mesh={"data": 1, "fsdp": -1, "tensor": 1},
+        reference_mode="in_step",
+        **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "model.lora.base_dtype": "int8"},
+    )
     plan = build_programs(load_recipe(recipe), slice_devices(parse_slice("v5p-8")))  # 4 chips: fsdp 4
     scalars = plan.state_bytes - 12 * adapter_elements_per_chip(4)
     assert 4 + 8 <= scalars <= 4 * 4 + 8  # step + rng, and one or more int32 optimizer counts
@@ -39,9 +44,18 @@ def test_qlora_plan_state_is_the_adapters_and_the_reference_is_free(tmp_path):
 
 
 def test_qlora_plan_compiles_and_fits(tmp_path, capsys):
-    recipe = write_recipe(tmp_path, TINY, mesh={"data": 1, "fsdp": -1, "tensor": 1}, reference_mode="cache",
-                          **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "model.lora.base_dtype": "int4",
-                             "model.lora.targets": "q_proj,v_proj"})
+    recipe = write_recipe(
+        tmp_path,
+        TINY,
+        mesh={"data": 1, "fsdp": -1, "tensor": 1},
+        reference_mode="cache",
+        **{
+            "model.lora.rank": 4,
+            "model.lora.alpha": 8.0,
+            "model.lora.base_dtype": "int4",
+            "model.lora.targets": "q_proj,v_proj",
+        },
+    )
     assert run(["rpo-plan", "--config", recipe, "--topology", "v5e-4"]) == 0
     out = capsys.readouterr().out
     assert "fits: needs " in out and "per chip on v5e-4" in out

@@ -27,8 +27,16 @@ def base(tmp_path_factory):
 
 
 def test_qlora_run_trains_adapters_on_fixed_codes_and_exports_the_trained_model(base):
-    cfg = lora_config(base, **{"model.lora.base_dtype": "int8", "train.steps": 3, "train.checkpoint_every": 3,
-                               "train.export_at_end": True, "reference_mode": "in_step"})
+    cfg = lora_config(
+        base,
+        **{
+            "model.lora.base_dtype": "int8",
+            "train.steps": 3,
+            "train.checkpoint_every": 3,
+            "train.export_at_end": True,
+            "reference_mode": "in_step",
+        },
+    )
     run = preference.build_run(cfg, base / "probe", devices=ONE)
     codes = {k: v for k, v in flat(run.rest).items() if v.dtype == np.int8}
     assert codes and all("lora" in k for k in flat(run.state["params"]))

@@ -35,14 +35,14 @@ def checkpoint_item(workdir: pathlib.Path, step: int, item: str = "state") -> di
     path = workdir / "checkpoints" / str(step) / item
     checkpointer = ocp.StandardCheckpointer()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          checkpointer.metadata(path).item_metadata.tree)
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), checkpointer.metadata(path).item_metadata.tree
+    )
     return jax.tree.map(np.asarray, checkpointer.restore(path, target))
 
 
 def sync_config(tmp_path, **overrides):
-    return tiny_config(tmp_path / "data", **{"optimizer.warmup_steps": 0, "optimizer.learning_rate": 1e-2,
-                                           **overrides})
+    return tiny_config(tmp_path / "data", **{"optimizer.warmup_steps": 0, "optimizer.learning_rate": 1e-2, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------ closed form
@@ -127,9 +127,16 @@ def test_resume_across_a_sync_is_bit_exact(tmp_path):
     """every=2, α=0.6, 6 steps: the checkpoint of step 3 holds the reference synced at step 2; resumed from it
     (checkpoints 4-6 removed), the run crosses the syncs at 4 and 6 and ends with the uninterrupted run's policy
     and reference, bit for bit."""
-    cfg = sync_config(tmp_path, **{"reference_sync.every": 2, "reference_sync.mix": 0.6,
-                                   "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
-                                   "train.async_checkpointing": False})
+    cfg = sync_config(
+        tmp_path,
+        **{
+            "reference_sync.every": 2,
+            "reference_sync.mix": 0.6,
+            "train.checkpoint_every": 1,
+            "train.keep_checkpoints": 10,
+            "train.async_checkpointing": False,
+        },
+    )
     workdir = tmp_path / "run"
     preference.train(cfg, workdir, devices=ONE)
     params, state = final_params(workdir), checkpoint_item(workdir, 6)
@@ -153,14 +160,24 @@ def test_iterated_in_step_training_resumes_exactly_inside_an_iteration(tmp_path)
     """train.iterations=3 × 2 steps with in-step references: the reference (the policy at step 4) is in the
     checkpoint of step 5, so resuming there — refused with cached references — ends bit for bit where the
     uninterrupted run does."""
-    cfg = sync_config(tmp_path, **{"train.steps": 2, "train.iterations": 3, "reference_mode": "in_step",
-                                   "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
-                                   "train.async_checkpointing": False})
+    cfg = sync_config(
+        tmp_path,
+        **{
+            "train.steps": 2,
+            "train.iterations": 3,
+            "reference_mode": "in_step",
+            "train.checkpoint_every": 1,
+            "train.keep_checkpoints": 10,
+            "train.async_checkpointing": False,
+        },
+    )
     workdir = tmp_path / "run"
     preference.train(cfg, workdir, devices=ONE)
     uninterrupted = final_params(workdir)
-    for ref5, theta4 in zip(jax.tree.leaves(checkpoint_item(workdir, 5)["reference"]),
-                            jax.tree.leaves(checkpoint_item(workdir, 4, "params"))):
+    for ref5, theta4 in zip(
+        jax.tree.leaves(checkpoint_item(workdir, 5)["reference"]),
+        jax.tree.leaves(checkpoint_item(workdir, 4, "params")),
+    ):
         np.testing.assert_array_equal(ref5, theta4)  # iteration 3's reference: the policy at its start
     shutil.rmtree(workdir / "checkpoints" / "6")
     preference.train(cfg, workdir, devices=ONE)
@@ -171,21 +188,31 @@ def test_iterated_in_step_training_resumes_exactly_inside_an_iteration(tmp_path)
 # ------------------------------------------------------------------------------------------------ refused
 def test_cached_references_are_refused(tmp_path):
     cfg = sync_config(tmp_path, **{"reference_sync.every": 2, "reference_mode": "cache"})
-    with pytest.raises(ValueError, match=r"^config.reference_sync.every=2 needs references scored in the step: "
-                                         r"reference_mode='cache'") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"^config.reference_sync.every=2 needs references scored in the step: "
+        r"reference_mode='cache'",
+    ) as info:
         preference.build_run(cfg, tmp_path / "run", devices=ONE)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"reference_sync.every": -1}, r"config.reference_sync.every=-1: expected ≥ 0$"),
-    ({"reference_sync.every": 2, "reference_sync.mix": 0.0}, r"config.reference_sync.mix=0.0: expected > 0.0$"),
-    ({"reference_sync.every": 2, "reference_sync.mix": 1.5}, r"config.reference_sync.mix=1.5: expected ≤ 1.0$"),
-    ({"reference_sync.every": 2, "loss.name": "simpo", "loss.hparams": {"beta": 2.0, "gamma": 0.5}},
-     r"config.reference_sync.every=2: loss 'simpo' uses no reference"),
-    ({"reference_sync.every": 2, "reference_sync.mix": 0.6, "model.lora.rank": 8},
-     r"config.reference_sync.mix=0.6 with LoRA \(config.model.lora\): only mix=1 is exact"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"reference_sync.every": -1}, r"config.reference_sync.every=-1: expected ≥ 0$"),
+        ({"reference_sync.every": 2, "reference_sync.mix": 0.0}, r"config.reference_sync.mix=0.0: expected > 0.0$"),
+        ({"reference_sync.every": 2, "reference_sync.mix": 1.5}, r"config.reference_sync.mix=1.5: expected ≤ 1.0$"),
+        (
+            {"reference_sync.every": 2, "loss.name": "simpo", "loss.hparams": {"beta": 2.0, "gamma": 0.5}},
+            r"config.reference_sync.every=2: loss 'simpo' uses no reference",
+        ),
+        (
+            {"reference_sync.every": 2, "reference_sync.mix": 0.6, "model.lora.rank": 8},
+            r"config.reference_sync.mix=0.6 with LoRA \(config.model.lora\): only mix=1 is exact",
+        ),
+    ],
+)
 def test_bad_settings_are_one_line_errors_naming_the_field(tmp_path, overrides, message):
     cfg = sync_config(tmp_path, **overrides)
     with pytest.raises(ValueError, match=f"^{message}") as info:
@@ -196,8 +223,11 @@ def test_bad_settings_are_one_line_errors_naming_the_field(tmp_path, overrides, 
 def test_a_primary_reference_of_other_shapes_is_refused():
     policy = {"w": np.zeros((4, 8), np.float32)}
     other = Reference("other/checkpoint", "fp", None, {"w": np.zeros((4, 6), np.float32)}, None, {}, "tok")
-    with pytest.raises(ValueError, match=r"^config.reference_sync with the primary reference config.references\[0\] "
-                                         r"\(other/checkpoint\): its parameters are not shaped as the policy's"):
+    with pytest.raises(
+        ValueError,
+        match=r"^config.reference_sync with the primary reference config.references\[0\] "
+        r"\(other/checkpoint\): its parameters are not shaped as the policy's",
+    ):
         preference.check_mixable(other, policy, "config.reference_sync")
     preference.check_mixable(dataclasses.replace(other, params={"w": np.ones((4, 8), np.float32)}), policy, "x")
 
@@ -206,8 +236,11 @@ def test_other_modes_refuse_reference_sync(tmp_path):
     from rpo_jax.train.cli.train import run_job
 
     cfg = sync_config(tmp_path, **{"mode": "online", "reference_sync.every": 4})
-    with pytest.raises(ValueError, match=r"^config.reference_sync.every=4: reference sync \(TR-DPO\) is a setting of "
-                                         r"preference training; config.mode='online'"):
+    with pytest.raises(
+        ValueError,
+        match=r"^config.reference_sync.every=4: reference sync \(TR-DPO\) is a setting of "
+        r"preference training; config.mode='online'",
+    ):
         run_job(cfg, str(tmp_path / "run"))
 
 
@@ -235,8 +268,14 @@ def test_lora_reference_is_a_second_adapter_set_copied_at_each_sync(tmp_path):
     batch = {k: v for k, v in ds.collate(list(range(8))).items() if k != "index"}
     treedef = jax.tree.structure(state["params"])
     as_tree = lambda leaves: jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in leaves])  # noqa: E731
-    score = lambda graphdef, params: np.asarray(make_scorer(graphdef, run.rest, run.mesh,  # noqa: E731
-                                                            compute_dtype=run.dtype)(as_tree(params), batch))
+    score = lambda graphdef, params: np.asarray(
+        make_scorer(
+            graphdef,
+            run.rest,
+            run.mesh,  # noqa: E731
+            compute_dtype=run.dtype,
+        )(as_tree(params), batch)
+    )
     base = score(adapters_off_graphdef(run.graphdef, as_tree(theta1), run.rest), theta1)
     np.testing.assert_array_equal(score(run.graphdef, ref1), base)
     assert np.abs(score(run.graphdef, theta1) - base).max() > 1e-5  # the policy's adapters have moved
@@ -260,25 +299,27 @@ def test_reference_and_policy_after_syncs_equal_trl(tmp_path):
 
     from tests.hf_fixtures import make_tiny_llama
 
-    from .test_trl_parity import (
-        dpo_config,
-        make_words_tokenizer,
-        records_of,
-        rpo_config,
-        trl_trainer,
-        write_jsonl,
-    )
+    from .test_trl_parity import dpo_config, make_words_tokenizer, records_of, rpo_config, trl_trainer, write_jsonl
 
     tok_dir = make_words_tokenizer(tmp_path / "tokenizer")
-    model_dir = make_tiny_llama(tmp_path / "llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=4,
-                                pad_token_id=0)
+    model_dir = make_tiny_llama(
+        tmp_path / "llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=4,
+        pad_token_id=0,
+    )
     for f in tok_dir.iterdir():
         (model_dir / f.name).write_bytes(f.read_bytes())
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     lines = records_of("standard", 20, seed=5)
-    args, fields = dpo_config(tmp_path, max_steps=5, max_length=20, sync_ref_model=True, ref_model_sync_steps=2,
-                              ref_model_mixup_alpha=0.6)
+    args, fields = dpo_config(
+        tmp_path, max_steps=5, max_length=20, sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.6
+    )
     trainer = trl_trainer(model_dir, tok, lines, args)
     trainer.train()
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -286,17 +327,23 @@ def test_reference_and_policy_after_syncs_equal_trl(tmp_path):
         module.save_pretrained(tmp_path / f"trl_{name}")
     assert len(history) == 5
 
-    cfg = rpo_config(fields, model_dir, write_jsonl(tmp_path / "train.jsonl", lines),
-                     **{"train.checkpoint_every": 1, "train.async_checkpointing": False,
-                        "train.keep_checkpoints": 10})
+    cfg = rpo_config(
+        fields,
+        model_dir,
+        write_jsonl(tmp_path / "train.jsonl", lines),
+        **{"train.checkpoint_every": 1, "train.async_checkpointing": False, "train.keep_checkpoints": 10},
+    )
     assert dict(cfg.reference_sync) == {"every": 2, "mix": 0.6} and cfg.reference_mode == "in_step"
     workdir = tmp_path / "run"
     preference.train(cfg, workdir, devices=ONE)
     ours_loss = [m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m]
     np.testing.assert_allclose(ours_loss, history, rtol=1e-4)
 
-    theirs_policy, theirs_ref, initial = (trainable_leaves(tmp_path / "trl_policy"),
-                                          trainable_leaves(tmp_path / "trl_reference"), trainable_leaves(model_dir))
+    theirs_policy, theirs_ref, initial = (
+        trainable_leaves(tmp_path / "trl_policy"),
+        trainable_leaves(tmp_path / "trl_reference"),
+        trainable_leaves(model_dir),
+    )
     ours_policy = [np.asarray(x) for x in jax.tree.leaves(final_params(workdir))]
     ours_ref = [np.asarray(x) for x in jax.tree.leaves(checkpoint_item(workdir, 5)["reference"])]
     moved = max(float(np.abs(a - b).max()) for a, b in zip(theirs_ref, initial))
@@ -305,21 +352,27 @@ def test_reference_and_policy_after_syncs_equal_trl(tmp_path):
         assert [x.shape for x in ours] == [x.shape for x in theirs]
         for a, b in zip(ours, theirs):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=what)
-        print(f"\n{what} after 5 steps with syncs at 2 and 4: max |rpo_jax - TRL| = "
-              f"{max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs)):.2e} (reference moved {moved:.2e})")
-    policies = [initial] + [[np.asarray(x) for x in jax.tree.leaves(checkpoint_item(workdir, k, "params"))]
-                            for k in range(1, 6)]
+        print(
+            f"\n{what} after 5 steps with syncs at 2 and 4: max |rpo_jax - TRL| = "
+            f"{max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs)):.2e} (reference moved {moved:.2e})"
+        )
+    policies = [initial] + [
+        [np.asarray(x) for x in jax.tree.leaves(checkpoint_item(workdir, k, "params"))] for k in range(1, 6)
+    ]
 
     def mixed(steps):
         ref = policies[0]
         for k in steps:
             ref = [r * np.float32(0.4) + t * np.float32(0.6) for r, t in zip(ref, policies[k])]
         return max(float(np.abs(a - b).max()) for a, b in zip(ref, theirs_ref))
+
     assert mixed((2, 4)) <= 1e-6  # the closed form of our recorded policies is TRL's reference
     wrong = {steps: mixed(steps) for steps in ((3, 5), (2,), (4,))}
     assert min(wrong.values()) > 2e-4, wrong  # other timings are further from TRL's than the tolerance
-    print("reference with other sync steps: max |difference to TRL| = "
-          + ", ".join(f"{steps}: {d:.1e}" for steps, d in wrong.items()))
+    print(
+        "reference with other sync steps: max |difference to TRL| = "
+        + ", ".join(f"{steps}: {d:.1e}" for steps, d in wrong.items())
+    )
 
 
 def trainable_leaves(model_dir: pathlib.Path) -> list[np.ndarray]:

@@ -22,13 +22,7 @@ from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.core.export import export_workdir, save_model
 from rpo_jax.train.jobs import reward_model
 
-from .trainer_testlib import (
-    TINY_MODEL,
-    demo_slice,
-    load_recipe,
-    read_metrics,
-    set_fields,
-)
+from .trainer_testlib import TINY_MODEL, demo_slice, load_recipe, read_metrics, set_fields
 
 ONE = jax.devices()[:1]  # in-process runs on one device: faster on a 2-core machine
 
@@ -45,9 +39,18 @@ def demo_config(**overrides):
 def tiny_config(data_dir: pathlib.Path, **overrides):
     """The demo recipe shrunk: hidden-32 Llama, 96 train / 24 eval records, a few steps."""
     train, evaluation = demo_slice(data_dir)
-    base = {"model.init": dict(TINY_MODEL), "data.train": train, "data.eval": evaluation, "data.batch_size": 8,
-            "data.eval_batch_size": 16, "train.steps": 4, "train.log_every": 1, "train.eval_every": 0,
-            "train.checkpoint_every": 2, "optimizer.warmup_steps": 0}
+    base = {
+        "model.init": dict(TINY_MODEL),
+        "data.train": train,
+        "data.eval": evaluation,
+        "data.batch_size": 8,
+        "data.eval_batch_size": 16,
+        "train.steps": 4,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.checkpoint_every": 2,
+        "optimizer.warmup_steps": 0,
+    }
     return demo_config(**{**base, **overrides})
 
 
@@ -65,9 +68,13 @@ def hf_scores(export_dir, tokenizer, prompts, responses) -> np.ndarray:
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(export_dir), dtype=torch.float32, attn_implementation="eager").eval()
-    texts = [tokenizer.apply_chat_template(list(p) + [{"role": "assistant", "content": r}], tokenize=False)
-             for p, rs in zip(prompts, responses) for r in rs]
+        str(export_dir), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    texts = [
+        tokenizer.apply_chat_template(list(p) + [{"role": "assistant", "content": r}], tokenize=False)
+        for p, rs in zip(prompts, responses)
+        for r in rs
+    ]
     enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     assert tokenizer.padding_side == "right"
     with torch.no_grad():
@@ -84,10 +91,13 @@ def _closed_form(c, r, w, lam, m):
 
 # --------------------------------------------------------------------------------------------- pairs
 def _record(responses, rewards=None, line=1):
-    return PreferenceRecord(prompt=({"role": "user", "content": "q"},),
-                            responses=tuple(({"role": "assistant", "content": x},) for x in responses),
-                            rewards=None if rewards is None else tuple(rewards), conversational=True,
-                            source=("f.jsonl", line))
+    return PreferenceRecord(
+        prompt=({"role": "user", "content": "q"},),
+        responses=tuple(({"role": "assistant", "content": x},) for x in responses),
+        rewards=None if rewards is None else tuple(rewards),
+        conversational=True,
+        source=("f.jsonl", line),
+    )
 
 
 def _texts(pairs):
@@ -116,8 +126,12 @@ def test_pairs_k2_without_rewards_keep_response_0_as_chosen():
 
 def test_k_above_2_without_rewards_is_an_error_naming_file_and_line(tmp_path):
     data = tmp_path / "k3.jsonl"
-    data.write_text(json.dumps({"prompt": "sort: 2 1", "responses": ["1 2", "2 1"]}) + "\n"
-                    + json.dumps({"prompt": "sort: 3 1", "responses": ["1 3", "3 1", "x"]}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "sort: 2 1", "responses": ["1 2", "2 1"]})
+        + "\n"
+        + json.dumps({"prompt": "sort: 3 1", "responses": ["1 3", "3 1", "x"]})
+        + "\n"
+    )
     with pytest.raises(ValueError, match=rf"{data}:2: rewards: 3 responses without rewards"):
         reward_pairs.preference_pairs(read_records([str(data)])[0], mode="all")
     cfg = tiny_config(tmp_path / "d", **{"data.train": str(data), "data.eval": ""})
@@ -129,8 +143,10 @@ def test_bad_settings_are_refused(tmp_path):
     k2 = tmp_path / "k2.jsonl"
     k2.write_text(json.dumps({"prompt": "sort: 2 1", "chosen": "1 2", "rejected": "2 1"}) + "\n")
     with pytest.raises(ValueError, match="margin_scale=0.5 needs rewards"):
-        reward_model.build_reward_run(tiny_config(tmp_path, **{"data.train": str(k2), "data.eval": "",
-                                                     "reward_model.margin_scale": 0.5}), devices=ONE)
+        reward_model.build_reward_run(
+            tiny_config(tmp_path, **{"data.train": str(k2), "data.eval": "", "reward_model.margin_scale": 0.5}),
+            devices=ONE,
+        )
     with pytest.raises(ValueError, match="truncate_response"):
         reward_model.build_reward_run(tiny_config(tmp_path, **{"data.truncation": "truncate_response"}), devices=ONE)
     with pytest.raises(ValueError, match="reward_model.pairs='both'"):
@@ -144,10 +160,13 @@ def test_training_sequences_are_reward_model_fn_conversations(tmp_path):
     for string prompts too, padded with the model's pad id; `truncate_prompt` keeps the last max_length tokens."""
     tok = load_tokenizer(demo_paths()["tokenizer"])
     records = read_records([demo_slice(tmp_path)[0]])[0][:5]
-    plain = PreferenceRecord(prompt=({"role": "user", "content": "sort: 2 1"},),
-                             responses=(({"role": "assistant", "content": "1 2"},),
-                                        ({"role": "assistant", "content": "2 1"},)),
-                             rewards=None, conversational=False, source=("s.jsonl", 1))
+    plain = PreferenceRecord(
+        prompt=({"role": "user", "content": "sort: 2 1"},),
+        responses=(({"role": "assistant", "content": "1 2"},), ({"role": "assistant", "content": "2 1"},)),
+        rewards=None,
+        conversational=False,
+        source=("s.jsonl", 1),
+    )
     pairs, _ = reward_pairs.preference_pairs(records + [plain], mode="all")
     ds = reward_pairs.tokenize_pairs(pairs, tok, max_length=64, pad_id=7)
     assert len(ds) == len(pairs)
@@ -158,7 +177,7 @@ def test_training_sequences_are_reward_model_fn_conversations(tmp_path):
             assert example.sequences[k].tolist() == want
     batch = ds.collate(list(range(4)))
     seq = ds.examples[0].sequences[0]
-    assert (batch["tokens"][0, 0, len(seq):] == 7).all() and batch["attention_mask"][0, 0].sum() == len(seq)
+    assert (batch["tokens"][0, 0, len(seq) :] == 7).all() and batch["attention_mask"][0, 0].sum() == len(seq)
     short = reward_pairs.tokenize_pairs(pairs, tok, max_length=12, pad_id=0, truncation="truncate_prompt")
     assert len(short) == len(pairs)
     full = reward_pairs.tokenize_pairs(pairs, tok, max_length=64, pad_id=0).examples[0].sequences[1].tolist()
@@ -169,17 +188,29 @@ def test_training_sequences_are_reward_model_fn_conversations(tmp_path):
 def test_train_step_is_the_bradley_terry_loss_of_the_scores_and_micro_batches_agree(tmp_path):
     """One jitted step: its loss is the closed form on the model's pair scores (float64), and accumulating two
     micro-batches gives the same update as one batch (equal weights per micro-batch)."""
-    cfg = tiny_config(tmp_path, **{"reward_model.center_coefficient": 0.1, "optimizer.name": "sgd",
-                                   "optimizer.learning_rate": 1.0, "optimizer.schedule": "constant"})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "reward_model.center_coefficient": 0.1,
+            "optimizer.name": "sgd",
+            "optimizer.learning_rate": 1.0,
+            "optimizer.schedule": "constant",
+        },
+    )
     run = reward_model.build_reward_run(cfg, devices=ONE)
     batch = reward_pairs.pair_batch(run.datasets["train"].collate(list(range(8))))
     model = nnx.merge(run.graphdef, run.state["params"], run.rest)
-    c, r = (np.asarray(x, np.float64) for x in reward_model.pair_scores(model, jnp.asarray(batch["tokens"]),
-                                                                        jnp.asarray(batch["attention_mask"])))
+    c, r = (
+        np.asarray(x, np.float64)
+        for x in reward_model.pair_scores(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
+    )
     new_params = []
     for micro in (1, 2):
-        step = jax.jit(reward_model.make_reward_train_step(run.graphdef, run.rest, run.tx, compute_dtype=jnp.float32,
-                                                           center_coefficient=0.1, micro_batches=micro))
+        step = jax.jit(
+            reward_model.make_reward_train_step(
+                run.graphdef, run.rest, run.tx, compute_dtype=jnp.float32, center_coefficient=0.1, micro_batches=micro
+            )
+        )
         state, metrics = step(jax.tree.map(jnp.copy, run.state), {k: jnp.asarray(v) for k, v in batch.items()})
         np.testing.assert_allclose(float(metrics["loss"]), _closed_form(c, r, np.ones(8), 0.1, 0.0), rtol=1e-5)
         np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(c > r))
@@ -194,8 +225,16 @@ def demo_run(tmp_path_factory):
     """The demo recipe on the full demo training data (short schedule), evaluated on 100 held-out prompts."""
     root = tmp_path_factory.mktemp("rm_demo")
     _, evaluation = demo_slice(root / "data", n_train=1, n_eval=60)
-    cfg = demo_config(**{"data.eval": evaluation, "data.max_length": 48, "train.steps": 100, "train.eval_every": 0,
-                         "train.log_every": 25, "train.checkpoint_every": 100})
+    cfg = demo_config(
+        **{
+            "data.eval": evaluation,
+            "data.max_length": 48,
+            "train.steps": 100,
+            "train.eval_every": 0,
+            "train.log_every": 25,
+            "train.checkpoint_every": 100,
+        }
+    )
     result = reward_model.train_reward_model(cfg, root / "run", devices=ONE)
     return cfg, root / "run", result
 
@@ -241,7 +280,9 @@ def test_export_scores_equal_training_scores_reward_model_fn_and_transformers(de
     ds = run.datasets["eval"]
     batch = ds.collate(list(range(8)))
     model = nnx.merge(run.graphdef, params, run.rest)
-    chosen, rejected = reward_model.pair_scores(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
+    chosen, rejected = reward_model.pair_scores(
+        model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"])
+    )
     for b, e in enumerate(ds.examples[:8]):
         pair = ds.records[e.index]
         fn = reward_model_fn(rm, tok, max_length=64, batch_size=8)
@@ -259,14 +300,22 @@ def eos_pad_runs(tmp_path_factory):
     tok.save_pretrained(root / "tok")
 
     def config(steps):
-        return tiny_config(root / "data", **{"model.tokenizer": str(root / "tok"), "train.steps": steps,
-                                             "optimizer.schedule": "constant"})
+        return tiny_config(
+            root / "data",
+            **{"model.tokenizer": str(root / "tok"), "train.steps": steps, "optimizer.schedule": "constant"},
+        )
 
     straight = reward_model.train_reward_model(config(4), root / "straight", devices=ONE)
     first = reward_model.train_reward_model(config(2), root / "resumed", devices=ONE)
     resumed = reward_model.train_reward_model(config(4), root / "resumed", devices=ONE)
-    return {"root": root, "config": config(4), "tokenizer": tok, "straight": straight, "first": first,
-            "resumed": resumed}
+    return {
+        "root": root,
+        "config": config(4),
+        "tokenizer": tok,
+        "straight": straight,
+        "first": first,
+        "resumed": resumed,
+    }
 
 
 def test_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(eos_pad_runs):
@@ -304,7 +353,8 @@ def test_pad_id_equal_to_eos_skips_the_trailing_eos_in_training_and_in_transform
     chosen, rejected = reward_model.pair_scores(rm, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
     ev_pairs = [run.datasets["eval"].records[e.index] for e in run.datasets["eval"].examples[:4]]
     want = reward_model_fn(rm, tok, max_length=64, batch_size=4)(
-        [[dict(m) for m in p.prompt] for p in ev_pairs], [[p.response_text(0), p.response_text(1)] for p in ev_pairs])
+        [[dict(m) for m in p.prompt] for p in ev_pairs], [[p.response_text(0), p.response_text(1)] for p in ev_pairs]
+    )
     np.testing.assert_allclose(np.stack([chosen, rejected], -1), want, atol=1e-5, rtol=0)
 
 
@@ -315,9 +365,19 @@ def test_rpo_train_runs_the_demo_config_and_rpo_export_re_exports(tmp_path):
     from rpo_jax.train.cli.train import run_job
 
     train, evaluation = demo_slice(tmp_path / "data", n_train=64, n_eval=16)
-    cfg = demo_config(**{"data.train": train, "data.eval": evaluation, "train.steps": 2, "train.log_every": 1,
-                         "train.eval_every": 1, "train.checkpoint_every": 1, "data.batch_size": 8,
-                         "model.init": dict(TINY_MODEL), "model.dtype": "bfloat16"})
+    cfg = demo_config(
+        **{
+            "data.train": train,
+            "data.eval": evaluation,
+            "train.steps": 2,
+            "train.log_every": 1,
+            "train.eval_every": 1,
+            "train.checkpoint_every": 1,
+            "data.batch_size": 8,
+            "model.init": dict(TINY_MODEL),
+            "model.dtype": "bfloat16",
+        }
+    )
     assert cfg.mode == "reward_model"
     result = run_job(cfg, str(tmp_path / "run"))
     assert result["step"] == 2 and 0.0 <= result["eval"]["accuracy"] <= 1.0
@@ -331,8 +391,10 @@ def test_rpo_train_runs_the_demo_config_and_rpo_export_re_exports(tmp_path):
     b, _ = load_reward_model(out)
     assert b.score[...].dtype == jnp.float32 and b.backbone.embed[...].dtype == jnp.float32  # master weights
     prompts, responses = conversations(read_records([evaluation])[0], 3)
-    np.testing.assert_array_equal(reward_model_fn(a, tok, max_length=64, batch_size=4)(prompts, responses),
-                                  reward_model_fn(b, tok, max_length=64, batch_size=4)(prompts, responses))
+    np.testing.assert_array_equal(
+        reward_model_fn(a, tok, max_length=64, batch_size=4)(prompts, responses),
+        reward_model_fn(b, tok, max_length=64, batch_size=4)(prompts, responses),
+    )
 
 
 def test_causal_lm_backbone_gets_a_fresh_head_and_a_reward_model_checkpoint_continues(tmp_path):
@@ -343,8 +405,16 @@ def test_causal_lm_backbone_gets_a_fresh_head_and_a_reward_model_checkpoint_cont
     from tests.hf_fixtures import make_tiny_llama
 
     tok_path = demo_paths()["tokenizer"]
-    lm = make_tiny_llama(tmp_path / "lm", vocab_size=52, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                         num_key_value_heads=1, pad_token_id=None, rms_norm_eps=1e-5)
+    lm = make_tiny_llama(
+        tmp_path / "lm",
+        vocab_size=52,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=None,
+        rms_norm_eps=1e-5,
+    )
     cfg = tiny_config(tmp_path / "data", **{"model.path": str(lm), "model.tokenizer": tok_path})
     run = reward_model.build_reward_run(cfg, devices=ONE)
     weights = load_file(str(lm / "model.safetensors"))
@@ -354,8 +424,9 @@ def test_causal_lm_backbone_gets_a_fresh_head_and_a_reward_model_checkpoint_cont
     assert model.score[...].shape == (1, 32) and run.model_config.pad_token_id == 0 == run.pad_id
     model.score.set_value(model.score[...] * 100.0)  # scores of order 1, so that the parity below means something
     _, params, _ = split_trainable(model)
-    export = save_model("reward_model", run.graphdef, params, run.rest, run.model_config, tmp_path / "export",
-                        run.tokenizer, run.mesh)
+    export = save_model(
+        "reward_model", run.graphdef, params, run.rest, run.model_config, tmp_path / "export", run.tokenizer, run.mesh
+    )
     assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
 
     cont = tiny_config(tmp_path / "data", **{"model.path": str(export), "model.tokenizer": tok_path})

@@ -16,9 +16,9 @@ import pytest
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.state import RunSetup, on_mesh
 from rpo_jax.train.config.defaults import base_config
-from rpo_jax.train.runtime import performance
 from rpo_jax.train.core.checkpoint import Checkpointer
 from rpo_jax.train.core.runner import NonFiniteError, ResumeError, Task, Unit, run_task
+from rpo_jax.train.runtime import performance
 from rpo_jax.train.runtime.performance import Throughput
 
 IDENTITY = {"mode": "preference", "model": {"architecture": {"hidden_size": 4}}, "objective": {"loss": "dpo"}}
@@ -49,19 +49,34 @@ def toy_task(units: int, log, *, stop_after: int | None = None, identity=IDENTIT
             os.kill(os.getpid(), signal.SIGTERM)
         w = state["params"]["w"] + 1.0
         bad = unit + 1 in nonfinite
-        metrics = {"w": w, "loss": jnp.float32(jnp.nan if bad else 0.5), "grad_norm": jnp.float32(1.0),
-                   "nonfinite": jnp.float32(bad)}
+        metrics = {
+            "w": w,
+            "loss": jnp.float32(jnp.nan if bad else 0.5),
+            "grad_norm": jnp.float32(1.0),
+            "nonfinite": jnp.float32(bad),
+        }
         return Unit({"params": {"w": w}, "step": state["step"] + 2}, metrics, {"items": 3.0})
 
     def evaluate(params, unit):
         log.append(("evaluate", unit))
         return {"w": float(params["w"])}
 
-    return Task(mode="preference", run=run, identity=identity, units=units, advance=advance, evaluate=evaluate,
-                data_state=lambda unit: {"position": unit},
-                restore_data=lambda data_state, unit: log.append(("restore", data_state["position"], unit)),
-                steps_per_unit=2, unit_name="iteration", metrics_prefix="toy", log_every=2, eval_every=3,
-                eval_at_start=True)
+    return Task(
+        mode="preference",
+        run=run,
+        identity=identity,
+        units=units,
+        advance=advance,
+        evaluate=evaluate,
+        data_state=lambda unit: {"position": unit},
+        restore_data=lambda data_state, unit: log.append(("restore", data_state["position"], unit)),
+        steps_per_unit=2,
+        unit_name="iteration",
+        metrics_prefix="toy",
+        log_every=2,
+        eval_every=3,
+        eval_at_start=True,
+    )
 
 
 def records(workdir, name="metrics.jsonl"):
@@ -70,8 +85,10 @@ def records(workdir, name="metrics.jsonl"):
 
 def values(workdir):
     """metrics.jsonl without the timing fields (and the wall clock of each record: `time`, `elapsed_s`)."""
-    return [{k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k and k not in ("time", "elapsed_s")}
-            for r in records(workdir)]
+    return [
+        {k: v for k, v in r.items() if "/perf/" not in k and "/memory/" not in k and k not in ("time", "elapsed_s")}
+        for r in records(workdir)
+    ]
 
 
 def steps_saved(workdir):
@@ -85,7 +102,13 @@ def test_cadence_checkpoints_and_result(tmp_path):
     assert [c[1] for c in log if c[0] == "advance"] == [0, 1, 2, 3, 4, 5]
     lines = records(tmp_path)
     assert [(r["step"], r.get("toy/w"), r.get("eval/w")) for r in lines] == [
-        (0, None, 0.0), (2, 2.0, None), (3, None, 3.0), (4, 4.0, None), (6, 6.0, None), (6, None, 6.0)]
+        (0, None, 0.0),
+        (2, 2.0, None),
+        (3, None, 3.0),
+        (4, 4.0, None),
+        (6, 6.0, None),
+        (6, None, 6.0),
+    ]
     assert all(r["toy/perf/step_time_s"] > 0 and r["toy/perf/items_per_s"] > 0 for r in lines if "toy/w" in r)
     assert not any("toy/nonfinite" in r for r in lines)  # the guard's flag is read, not logged
     assert steps_saved(tmp_path) == [4, 8, 12]  # every 2 units of 2 optimizer steps, and the last
@@ -110,8 +133,11 @@ def test_each_process_resumes_its_own_data_position_and_another_process_count_is
     from rpo_jax.train.core import runner
 
     def two_processes(data_state, metrics_lines):
-        return {"data": data_state, "metrics_lines": metrics_lines,
-                "data_of_processes": [data_state, {"position": -data_state["position"]}]}
+        return {
+            "data": data_state,
+            "metrics_lines": metrics_lines,
+            "data_of_processes": [data_state, {"position": -data_state["position"]}],
+        }
 
     monkeypatch.setattr(runner, "checkpointed_position", two_processes)
     run_task(toy_task(4, []), tmp_path)
@@ -141,8 +167,11 @@ def test_a_replayed_stretch_leaves_one_metrics_record_per_logged_step(tmp_path):
 def test_a_different_run_is_refused_and_its_checkpoints_are_kept(tmp_path):
     run_task(toy_task(4, []), tmp_path)
     other = {**IDENTITY, "objective": {"loss": "ipo"}}
-    with pytest.raises(ResumeError, match=r"holds checkpoints \(steps 4, 8\) of another run: "
-                                          r'objective.loss: "dpo" → "ipo"'):
+    with pytest.raises(
+        ResumeError,
+        match=r"holds checkpoints \(steps 4, 8\) of another run: "
+        r'objective.loss: "dpo" → "ipo"',
+    ):
         run_task(toy_task(6, [], identity=other), tmp_path)
     assert steps_saved(tmp_path) == [4, 8]
     assert json.loads((tmp_path / "run_identity.json").read_text()) == IDENTITY  # config and identity untouched
@@ -192,23 +221,29 @@ def test_checkpoints_that_all_fail_to_restore_are_an_error_not_a_fresh_start(tmp
 
 def test_a_nonfinite_step_stops_the_run_and_nothing_after_it_is_saved(tmp_path):
     log = []
-    with pytest.raises(NonFiniteError, match=r"iteration 3: non-finite training values \(loss=nan, grad_norm=1.0\); "
-                                             r"stopped \(config.train.on_nonfinite='stop'\); the newest checkpoint, "
-                                             r"step 4, is kept"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"iteration 3: non-finite training values \(loss=nan, grad_norm=1.0\); "
+        r"stopped \(config.train.on_nonfinite='stop'\); the newest checkpoint, "
+        r"step 4, is kept",
+    ):
         run_task(toy_task(6, log, nonfinite={3}), tmp_path)
     assert steps_saved(tmp_path) == [4]  # unit 4's checkpoint (step 8) would hold the diverged state
     assert [r["step"] for r in records(tmp_path)] == [0, 2]  # the guard stopped it before unit 3's evaluation
 
 
 def test_skip_step_counts_and_stops_after_too_many_in_a_row(tmp_path):
-    result = run_task(toy_task(6, [], nonfinite={2, 3}, on_nonfinite="skip_step", max_skipped_in_a_row=3),
-                      tmp_path / "a")
+    result = run_task(
+        toy_task(6, [], nonfinite={2, 3}, on_nonfinite="skip_step", max_skipped_in_a_row=3), tmp_path / "a"
+    )
     assert [r["toy/skipped_steps"] for r in records(tmp_path / "a") if "toy/w" in r] == [1.0, 2.0, 2.0]
     assert result["iteration"] == 6
-    with pytest.raises(NonFiniteError, match=r"iteration 4: .*stopped \(3 in a row, "
-                                             r"config.train.max_skipped_in_a_row=3\)"):
-        run_task(toy_task(6, [], nonfinite={2, 3, 4}, on_nonfinite="skip_step", max_skipped_in_a_row=3),
-                 tmp_path / "b")
+    with pytest.raises(
+        NonFiniteError,
+        match=r"iteration 4: .*stopped \(3 in a row, "
+        r"config.train.max_skipped_in_a_row=3\)",
+    ):
+        run_task(toy_task(6, [], nonfinite={2, 3, 4}, on_nonfinite="skip_step", max_skipped_in_a_row=3), tmp_path / "b")
 
 
 def test_sigterm_saves_the_unit_and_returns(tmp_path):

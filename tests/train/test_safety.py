@@ -37,8 +37,14 @@ from .trainer_testlib import (
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ONE = jax.devices()[:1]
 #: plain SGD with an absurd step and no clipping: the loss explodes at step 2 and the gradient is inf/NaN from 3 on
-DIVERGES = {"optimizer.name": "sgd", "optimizer.learning_rate": 1e6, "optimizer.schedule": "constant",
-            "optimizer.warmup_steps": 0, "optimizer.grad_clip_norm": 0.0, "optimizer.weight_decay": 0.0}
+DIVERGES = {
+    "optimizer.name": "sgd",
+    "optimizer.learning_rate": 1e6,
+    "optimizer.schedule": "constant",
+    "optimizer.warmup_steps": 0,
+    "optimizer.grad_clip_norm": 0.0,
+    "optimizer.weight_decay": 0.0,
+}
 
 
 def error_lines(stderr: str, program: str = "rpo-train") -> list[str]:
@@ -52,9 +58,10 @@ def test_resuming_a_run_with_another_model_is_refused_and_the_run_kept(tmp_path)
     first = write_config(tiny_config(tmp_path / "data", **{"train.steps": 4}), tmp_path / "first.py")
     subprocess.run(train_command(first, workdir), env=subprocess_env(), check=True, capture_output=True)
     config_before = (workdir / "config.json").read_text()
-    changed = write_config(tiny_config(tmp_path / "data", **{"train.steps": 6,
-                                                             "model.init": {**TINY_MODEL, "hidden_size": 48}}),
-                           tmp_path / "changed.py")
+    changed = write_config(
+        tiny_config(tmp_path / "data", **{"train.steps": 6, "model.init": {**TINY_MODEL, "hidden_size": 48}}),
+        tmp_path / "changed.py",
+    )
     result = subprocess.run(train_command(changed, workdir), env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
@@ -92,8 +99,9 @@ def test_divergence_stops_the_run_nonzero_and_keeps_the_last_good_checkpoint(tmp
 
 
 def test_skip_step_trains_on_with_the_bad_steps_counted(tmp_path):
-    cfg = tiny_config(tmp_path / "data", **DIVERGES, **{"train.on_nonfinite": "skip_step",
-                                                        "train.max_skipped_in_a_row": 100})
+    cfg = tiny_config(
+        tmp_path / "data", **DIVERGES, **{"train.on_nonfinite": "skip_step", "train.max_skipped_in_a_row": 100}
+    )
     result = preference.train(cfg, tmp_path / "run", devices=ONE)
     assert result["step"] == 6 and result["train"]["skipped_steps"] == 4.0  # steps 3-6
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(final_params(tmp_path / "run")))
@@ -128,8 +136,10 @@ def finished_run(tmp_path_factory):
 
 def test_exports_never_write_into_a_run(finished_run, tmp_path):
     config_before = (finished_run / "config.json").read_text()
-    for target, how in ((finished_run, "is the run directory"),
-                        (finished_run / "checkpoints" / "mine", "is inside the run directory")):
+    for target, how in (
+        (finished_run, "is the run directory"),
+        (finished_run / "checkpoints" / "mine", "is inside the run directory"),
+    ):
         with pytest.raises(ValueError, match=how):
             export_workdir(finished_run, target)
     assert (finished_run / "config.json").read_text() == config_before
@@ -170,23 +180,40 @@ def test_a_corrupted_run_exports_with_one_error_line_and_no_shutdown_noise(tmp_p
     for f in (workdir / "checkpoints").rglob("*"):
         if f.is_file() and "params" in f.parts and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
-    result = subprocess.run([sys.executable, "-c", "from rpo_jax.train.cli.export import export_main; export_main()",
-                             str(workdir), str(tmp_path / "out")], env=subprocess_env(), capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from rpo_jax.train.cli.export import export_main; export_main()",
+            str(workdir),
+            str(tmp_path / "out"),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     [line] = error_lines(result.stderr, "rpo-export")
     assert "no restorable checkpoint" in line
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.model.nope=1", "config.model.nope: no such key (keys of config.model: path, "),
-    ("--config.train.stepz=3", "config.train.stepz: no such key; did you mean 'steps'?"),
-    ("--config.data.batch_size=-4", "config.data.batch_size=-4: expected ≥ 1"),
-    ("--config=no/such/recipe.py", "No such file or directory: 'no/such/recipe.py'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model.nope=1", "config.model.nope: no such key (keys of config.model: path, "),
+        ("--config.train.stepz=3", "config.train.stepz: no such key; did you mean 'steps'?"),
+        ("--config.data.batch_size=-4", "config.data.batch_size=-4: expected ≥ 1"),
+        ("--config=no/such/recipe.py", "No such file or directory: 'no/such/recipe.py'"),
+    ],
+)
 def test_a_bad_config_on_the_command_line_is_one_error_line(tmp_path, override, message):
-    result = subprocess.run([sys.executable, "-m", "rpo_jax.train.cli", override, f"--workdir={tmp_path / 'run'}"],
-                            env=subprocess_env(), capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "rpo_jax.train.cli", override, f"--workdir={tmp_path / 'run'}"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     [line] = error_lines(result.stderr, "rpo-train")
     assert message in line and "Traceback" not in result.stderr
@@ -221,8 +248,20 @@ def test_chaos_three_kills_end_like_an_uninterrupted_run(tmp_path):
     chaos_resume = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chaos_resume)
     data = tiny_config(tmp_path / "data")
-    report = chaos_resume.chaos(tmp_path / "chaos", kills=3, seed=1, overrides={
-        "model.init": dict(TINY_MODEL), "data.train": data.data.train, "data.eval": data.data.eval,
-        "data.batch_size": 8, "data.eval_batch_size": 8, "train.steps": 30, "train.log_every": 3,
-        "train.eval_every": 10, "train.checkpoint_every": 4})
+    report = chaos_resume.chaos(
+        tmp_path / "chaos",
+        kills=3,
+        seed=1,
+        overrides={
+            "model.init": dict(TINY_MODEL),
+            "data.train": data.data.train,
+            "data.eval": data.data.eval,
+            "data.batch_size": 8,
+            "data.eval_batch_size": 8,
+            "train.steps": 30,
+            "train.log_every": 3,
+            "train.eval_every": 10,
+            "train.checkpoint_every": 4,
+        },
+    )
     assert report["ok"], report

@@ -6,7 +6,6 @@ import json
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -43,8 +42,11 @@ def direct_logps(graphdef, params, rest, batch) -> np.ndarray:
     mask = np.asarray(batch["attention_mask"]).reshape(b * k, t).copy()
     mask[:, 0] = True
     logits = np.asarray(model(jnp.asarray(flat_tokens), attention_mask=jnp.asarray(mask)), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     picked = np.take_along_axis(logp[:, :-1], flat_tokens[:, 1:, None], axis=-1)[..., 0]
     scored = np.asarray(batch["loss_mask"]).reshape(b * k, t)[:, 1:]
     return (picked * scored).sum(-1).reshape(b, k)
@@ -55,6 +57,7 @@ def test_train_step_loss_equals_direct_computation(tmp_path):
     run = preference.build_run(cfg, tmp_path / "run", devices=ONE)
     preference.fill_reference_cache(run)
     from rpo_jax.data import make_train_iterator
+
     it = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed)
     initial = jax.tree.map(np.asarray, run.state["params"])
     # the trainer's step: the output head only on the response window (config.model.score_window="auto")
@@ -65,8 +68,11 @@ def test_train_step_loss_equals_direct_computation(tmp_path):
     t = run.datasets["train"].collate(range(len(run.datasets["train"])))["tokens"].shape[-1]
     assert run.score_window < t - 1  # the window is narrower than the sequences: the test exercises it
     assert run.score_window == -(-max(spans) // 16) * 16
-    step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=jnp.float32,
-                                   score_window=run.score_window))
+    step = jax.jit(
+        make_train_step(
+            run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=jnp.float32, score_window=run.score_window
+        )
+    )
     state, _ = step(run.state, preference.train_batch(run, next(it)))
     batch = next(it)
     params_1 = jax.tree.map(np.asarray, state["params"])
@@ -75,13 +81,18 @@ def test_train_step_loss_equals_direct_computation(tmp_path):
     policy = direct_logps(run.graphdef, params_1, run.rest, batch)
     reference = direct_logps(run.graphdef, initial, run.rest, batch)
     assert not np.allclose(policy, reference)  # one update moved the policy off the reference
-    inputs = PreferenceLogps(policy_logps=jnp.asarray(policy, jnp.float32), ref_logps=jnp.asarray(reference, jnp.float32),
-                             lengths=jnp.asarray(batch["lengths"]), rewards=jnp.asarray(batch["rewards"]),
-                             valid=jnp.asarray(batch["valid"]))
+    inputs = PreferenceLogps(
+        policy_logps=jnp.asarray(policy, jnp.float32),
+        ref_logps=jnp.asarray(reference, jnp.float32),
+        lengths=jnp.asarray(batch["lengths"]),
+        rewards=jnp.asarray(batch["rewards"]),
+        valid=jnp.asarray(batch["valid"]),
+    )
     expected = make_loss("rpo_bwd_kl", beta=0.1, eta=10.0)(inputs)
     np.testing.assert_allclose(float(metrics["loss"]), float(expected.loss), rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(float(metrics["rewards/margins"]), float(expected.metrics["rewards/margins"]),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["rewards/margins"]), float(expected.metrics["rewards/margins"]), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_cached_and_in_step_references_give_the_same_losses(tmp_path):
@@ -104,6 +115,7 @@ def test_reference_cache_is_reused_with_identical_losses(tmp_path, monkeypatch):
 
     def no_compute(*args, **kwargs):
         raise AssertionError("the reference cache should have been reused")
+
     monkeypatch.setattr(preference, "compute_logps", no_compute)
     preference.train(cfg, tmp_path / "b", devices=ONE)
     assert sorted(p.name for p in shared.glob("*.npy")) == files
@@ -113,8 +125,10 @@ def test_reference_cache_is_reused_with_identical_losses(tmp_path, monkeypatch):
 
 
 def test_loss_goes_down_and_reward_accuracy_rises_on_demo_data(tmp_path):
-    cfg = tiny_config(tmp_path / "data", **{"train.steps": 40, "train.log_every": 10,
-                                           "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 5})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{"train.steps": 40, "train.log_every": 10, "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 5},
+    )
     run = preference.build_run(cfg, tmp_path / "before", devices=ONE)
     preference.fill_reference_cache(run)
     eval_step = jax.jit(make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=jnp.float32))
@@ -137,8 +151,10 @@ def test_sharded_8_devices_equal_1_device(tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
     params = {}
-    for name, mesh, devices in (("one", {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
-                                ("eight", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
+    for name, mesh, devices in (
+        ("one", {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+        ("eight", {"data": 2, "fsdp": 2, "tensor": 2}, None),
+    ):
         cfg = tiny_config(tmp_path / "data", **{"mesh": mesh, "train.steps": 3})
         preference.train(cfg, tmp_path / name, devices=devices)
         params[name] = final_params(tmp_path / name)
@@ -212,36 +228,50 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_pat
 
 
 def test_two_processes_match_one_process(tmp_path):
-    cfg = tiny_config(tmp_path / "data", **{"train.steps": 3, "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-                                           "train.async_checkpointing": False})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{"train.steps": 3, "mesh": {"data": -1, "fsdp": 1, "tensor": 1}, "train.async_checkpointing": False},
+    )
     config_file = write_config(cfg, tmp_path / "config.py")
-    subprocess.run(train_command(config_file, tmp_path / "single"), env=subprocess_env(devices=8), check=True,
-                   capture_output=True)
+    subprocess.run(
+        train_command(config_file, tmp_path / "single"), env=subprocess_env(devices=8), check=True, capture_output=True
+    )
     import socket
+
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(train_command(config_file, tmp_path / "multi"), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=subprocess_env(devices=4, RPO_JAX_COORDINATOR=f"localhost:{port}",
-                                       RPO_JAX_NUM_PROCESSES="2", RPO_JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            train_command(config_file, tmp_path / "multi"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(
+                devices=4, RPO_JAX_COORDINATOR=f"localhost:{port}", RPO_JAX_NUM_PROCESSES="2", RPO_JAX_PROCESS_ID=str(i)
+            ),
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     single = [m["train/loss"] for m in read_metrics(tmp_path / "single") if "train/loss" in m]
     multi = [m["train/loss"] for m in read_metrics(tmp_path / "multi") if "train/loss" in m]
     np.testing.assert_allclose(single, multi, rtol=1e-6, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(final_params(tmp_path / "single")),
-                    jax.tree.leaves(final_params(tmp_path / "multi"))):
+    for a, b in zip(
+        jax.tree.leaves(final_params(tmp_path / "single")), jax.tree.leaves(final_params(tmp_path / "multi"))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.export_at_end": True})
     preference.train(cfg, tmp_path / "run", devices=ONE)
     from rpo_jax.train.cli.export import export_main
+
     export_main([str(tmp_path / "run"), str(tmp_path / "exported")])
     for directory in (tmp_path / "run" / "export", tmp_path / "exported"):
         hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
@@ -249,23 +279,31 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
         ids = tok.apply_chat_template([{"role": "user", "content": "sort: 3 1 2"}], add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         from rpo_jax.models import load_hf
+
         ours, _ = load_hf(directory)
         with torch.no_grad():
             expected = hf(torch.tensor([ids])).logits.numpy()
         np.testing.assert_allclose(np.asarray(ours(jnp.asarray([ids], jnp.int32))), expected, atol=1e-4)
     a = final_params(tmp_path / "run")
     ours, _ = load_hf(tmp_path / "exported")
-    np.testing.assert_array_equal(np.asarray(a["embed"]["value"] if "value" in a["embed"] else a["embed"]),
-                                  np.asarray(ours.embed[...]))
+    np.testing.assert_array_equal(
+        np.asarray(a["embed"]["value"] if "value" in a["embed"] else a["embed"]), np.asarray(ours.embed[...])
+    )
 
 
 def test_mrpo_with_two_identical_references_trains_exactly_like_dpo(tmp_path):
     """MRPO's limit (identical references ⇒ DPO) through the whole trainer, with an [N, K, 2] cache."""
     common = {"data.pairs": "best_worst", "train.steps": 3}
     dpo = tiny_config(tmp_path / "data", **common, **{"loss.name": "dpo", "loss.hparams": {"beta": 0.1}})
-    mrpo = tiny_config(tmp_path / "data", **common, **{
-        "loss.name": "mrpo", "loss.hparams": {"beta": 0.1, "alpha": None, "epsilon": 0.1},
-        "references": [{"path": "", "tokenizer": ""}, {"path": "", "tokenizer": ""}]})
+    mrpo = tiny_config(
+        tmp_path / "data",
+        **common,
+        **{
+            "loss.name": "mrpo",
+            "loss.hparams": {"beta": 0.1, "alpha": None, "epsilon": 0.1},
+            "references": [{"path": "", "tokenizer": ""}, {"path": "", "tokenizer": ""}],
+        },
+    )
     preference.train(dpo, tmp_path / "dpo", devices=ONE)
     preference.train(mrpo, tmp_path / "mrpo", devices=ONE)
     # both references are the initial policy: one cache entry serves the two columns of [N, K, 2]
@@ -284,11 +322,19 @@ def test_reference_with_its_own_tokenizer_scores_the_response_text(tmp_path):
     export = tmp_path / "first" / "export"
     tokenizer_copy = tmp_path / "tokenizer_copy"
     import shutil
+
     shutil.copytree(export, tokenizer_copy, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    cfg = tiny_config(tmp_path / "data", **{
-        "train.steps": 1, "model.path": str(export), "model.tokenizer": str(export),
-        "loss.name": "rpo_sq", "loss.hparams": {"beta": 0.1, "eta": 1.0, "reference_combiner": "mrpo"},
-        "references": [{"path": "", "tokenizer": ""}, {"path": str(export), "tokenizer": str(tokenizer_copy)}]})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{
+            "train.steps": 1,
+            "model.path": str(export),
+            "model.tokenizer": str(export),
+            "loss.name": "rpo_sq",
+            "loss.hparams": {"beta": 0.1, "eta": 1.0, "reference_combiner": "mrpo"},
+            "references": [{"path": "", "tokenizer": ""}, {"path": str(export), "tokenizer": str(tokenizer_copy)}],
+        },
+    )
     run = preference.build_run(cfg, tmp_path / "second", devices=ONE)
     assert run.references[1].datasets is not run.datasets  # re-tokenized with the reference's own tokenizer
     preference.fill_reference_cache(run)
@@ -302,11 +348,21 @@ def _one_step(cfg, workdir, batch_index: int = 0):
     run = preference.build_run(cfg, workdir, devices=ONE)
     preference.fill_reference_cache(run)
     from rpo_jax.data import make_train_iterator
+
     it = make_train_iterator(run.datasets["train"], cfg.data.batch_size, seed=cfg.seed)
     for _ in range(batch_index + 1):
         batch = next(it)
-    step = jax.jit(make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
-                                   micro_batches=cfg.data.micro_batches, score_window=run.score_window))
+    step = jax.jit(
+        make_train_step(
+            run.graphdef,
+            run.rest,
+            run.loss_fn,
+            run.tx,
+            compute_dtype=run.dtype,
+            micro_batches=cfg.data.micro_batches,
+            score_window=run.score_window,
+        )
+    )
     state, metrics = step(run.state, preference.train_batch(run, batch))
     return float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.map(np.asarray, state["params"])
 
@@ -316,8 +372,7 @@ def test_output_head_on_the_response_window_trains_like_the_full_head(tmp_path):
     position): the same train losses and gradient norms, and the same eval metrics from the reference cache."""
     runs = {}
     for setting in ("auto", "off"):
-        cfg = tiny_config(tmp_path / "data", **{"model.score_window": setting, "train.steps": 3,
-                                                "train.eval_every": 2})
+        cfg = tiny_config(tmp_path / "data", **{"model.score_window": setting, "train.steps": 3, "train.eval_every": 2})
         preference.train(cfg, tmp_path / setting, devices=ONE)
         runs[setting] = read_metrics(tmp_path / setting)
     for key in ("train/loss", "train/grad_norm", "eval/loss", "eval/rewards/margins"):
@@ -329,10 +384,13 @@ def test_output_head_on_the_response_window_trains_like_the_full_head(tmp_path):
 
 def test_a_score_window_shorter_than_a_response_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="config.model.score_window=4 is shorter than the longest response"):
-        preference.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "4"}), tmp_path / "run", devices=ONE)
+        preference.build_run(
+            tiny_config(tmp_path / "data", **{"model.score_window": "4"}), tmp_path / "run", devices=ONE
+        )
     with pytest.raises(ValueError, match="config.model.score_window='wide': expected 'auto', 'off' or a number"):
-        preference.build_run(tiny_config(tmp_path / "data", **{"model.score_window": "wide"}), tmp_path / "run",
-                       devices=ONE)
+        preference.build_run(
+            tiny_config(tmp_path / "data", **{"model.score_window": "wide"}), tmp_path / "run", devices=ONE
+        )
 
 
 def test_gradient_accumulation_over_micro_batches_equals_the_full_batch(tmp_path):
@@ -367,6 +425,7 @@ def test_iterated_training_resets_the_reference_to_the_previous_iterate(tmp_path
         # the primary reference now equals the policy at the end of the previous iteration
         for a, b in zip(jax.tree.leaves(run.references[0].params), jax.tree.leaves(params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
     monkeypatch.setattr(preference, "reset_reference_to_policy", spy)
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.iterations": 3, "optimizer.warmup_steps": 0})
     result = preference.train(cfg, tmp_path / "run", devices=ONE)
@@ -387,9 +446,17 @@ def test_iterated_training_resumes_exactly_at_a_boundary_and_refuses_inside_an_i
 
     from rpo_jax.train.core.runner import ResumeError
 
-    cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.iterations": 3, "optimizer.warmup_steps": 0,
-                                           "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
-                                           "train.async_checkpointing": False})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{
+            "train.steps": 2,
+            "train.iterations": 3,
+            "optimizer.warmup_steps": 0,
+            "train.checkpoint_every": 1,
+            "train.keep_checkpoints": 10,
+            "train.async_checkpointing": False,
+        },
+    )
     workdir = tmp_path / "run"
     preference.train(cfg, workdir, devices=ONE)
     uninterrupted = final_params(workdir)
@@ -403,17 +470,22 @@ def test_iterated_training_resumes_exactly_at_a_boundary_and_refuses_inside_an_i
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("loss, hparams, extra, pairs", [
-    ("simpo", {"beta": 2.0, "gamma": 0.5}, [], "best_worst"),        # reference-free: no reference at all
-    ("ipo", {"beta": 0.1}, [], "best_worst"),                        # per-token normalised (needs lengths)
-    ("rloo", {"beta": 1.0, "eta": 1.0}, [], ""),                     # reference = stop-gradient policy
-    ("rpo_listwise", {"beta": 0.1, "eta": 5.0}, [], ""),
-    ("aot", {"beta": 0.1}, [], "best_worst"),
-    ("dpo", {"beta": 0.1}, [["sft", 0.05, {}]], "best_worst"),       # weighted combination
-])
+@pytest.mark.parametrize(
+    "loss, hparams, extra, pairs",
+    [
+        ("simpo", {"beta": 2.0, "gamma": 0.5}, [], "best_worst"),  # reference-free: no reference at all
+        ("ipo", {"beta": 0.1}, [], "best_worst"),  # per-token normalised (needs lengths)
+        ("rloo", {"beta": 1.0, "eta": 1.0}, [], ""),  # reference = stop-gradient policy
+        ("rpo_listwise", {"beta": 0.1, "eta": 5.0}, [], ""),
+        ("aot", {"beta": 0.1}, [], "best_worst"),
+        ("dpo", {"beta": 0.1}, [["sft", 0.05, {}]], "best_worst"),  # weighted combination
+    ],
+)
 def test_any_loss_from_make_loss_trains_from_the_config(tmp_path, loss, hparams, extra, pairs):
-    cfg = tiny_config(tmp_path / "data", **{"loss.name": loss, "loss.hparams": hparams, "loss.extra": extra,
-                                           "data.pairs": pairs, "train.steps": 2})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{"loss.name": loss, "loss.hparams": hparams, "loss.extra": extra, "data.pairs": pairs, "train.steps": 2},
+    )
     result = preference.train(cfg, tmp_path / "run", devices=ONE)
     assert np.isfinite(result["train"]["loss"]) and np.isfinite(result["eval"]["loss"])
     uses_reference = loss not in ("simpo", "rloo")

@@ -31,14 +31,39 @@ trl = pytest.importorskip("trl")
 ONE = jax.devices()[:1]
 
 #: Every supported field at a value other than TRL's default.
-EVERY_FIELD = dict(beta=0.25, loss_type=["sigmoid", "sft"], loss_weights=[0.8, 0.2], label_smoothing=0.0,
-                   discopop_tau=0.05, max_length=333, truncation_mode="keep_start", learning_rate=3e-5,
-                   per_device_train_batch_size=4, gradient_accumulation_steps=2, per_device_eval_batch_size=6,
-                   num_train_epochs=2.0, max_steps=-1, lr_scheduler_type="cosine", warmup_steps=0.1,
-                   weight_decay=0.05, max_grad_norm=0.5, seed=7, precompute_ref_log_probs=True,
-                   sync_ref_model=False, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, optim="adamw_torch",
-                   bf16=False, gradient_checkpointing=False, logging_steps=3, save_steps=40, eval_steps=20,
-                   save_total_limit=2, train_sampling_strategy="sequential")
+EVERY_FIELD = dict(
+    beta=0.25,
+    loss_type=["sigmoid", "sft"],
+    loss_weights=[0.8, 0.2],
+    label_smoothing=0.0,
+    discopop_tau=0.05,
+    max_length=333,
+    truncation_mode="keep_start",
+    learning_rate=3e-5,
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=2,
+    per_device_eval_batch_size=6,
+    num_train_epochs=2.0,
+    max_steps=-1,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.1,
+    weight_decay=0.05,
+    max_grad_norm=0.5,
+    seed=7,
+    precompute_ref_log_probs=True,
+    sync_ref_model=False,
+    adam_beta1=0.8,
+    adam_beta2=0.95,
+    adam_epsilon=1e-6,
+    optim="adamw_torch",
+    bf16=False,
+    gradient_checkpointing=False,
+    logging_steps=3,
+    save_steps=40,
+    eval_steps=20,
+    save_total_limit=2,
+    train_sampling_strategy="sequential",
+)
 
 
 def dumped(**fields) -> dict:
@@ -59,8 +84,12 @@ def check_every_field(cfg) -> None:
     assert dict(cfg.optimizer.kwargs) == {"b1": 0.8, "b2": 0.95, "eps": 1e-6}
     assert cfg.seed == 7 and cfg.reference_mode == "cache" and list(cfg.references) == []
     assert cfg.model.dtype == "float32" and cfg.model.remat == "none"
-    assert (cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.eval_every, cfg.train.keep_checkpoints) \
-        == (3, 40, 20, 2)
+    assert (cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.eval_every, cfg.train.keep_checkpoints) == (
+        3,
+        40,
+        20,
+        2,
+    )
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -83,28 +112,36 @@ def test_missing_fields_take_trl_defaults():
             assert defaults[key] == value, key  # the table is TRL 1.16's own defaults
     cfg, _ = trl_to_config({})
     assert (cfg.loss.name, cfg.loss.hparams.beta, cfg.data.max_length, cfg.data.batch_size) == ("dpo", 0.1, 1024, 8)
-    assert (cfg.optimizer.schedule, cfg.optimizer.learning_rate, cfg.seed, cfg.train.epochs) == ("linear", 1e-6, 42, 3.0)
+    assert (cfg.optimizer.schedule, cfg.optimizer.learning_rate, cfg.seed, cfg.train.epochs) == (
+        "linear",
+        1e-6,
+        42,
+        3.0,
+    )
     assert cfg.reference_mode == "in_step" and cfg.data.shuffle is True
     every = set(defaults)
     assert every <= set(TRL_DEFAULTS) | set(DEFAULT_ONLY) | NO_EFFECT  # every TRL 1.16 field is classified
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("ref_model_sync_steps", 64, "ref_model_sync_steps=64: applies only with sync_ref_model=True"),
-    ("max_prompt_length", 128, "max_prompt_length=128: not a field of TRL 1.16's DPOConfig"),
-    ("truncation_mode", "keep_end", "truncation_mode='keep_end': only 'keep_start'"),
-    ("use_weighting", True, "use_weighting=True: rpo_jax honours only TRL's default"),
-    ("f_divergence_type", "js_divergence", "f_divergence_type='js_divergence': rpo_jax honours only"),
-    ("fp16", True, "fp16=True: rpo_jax has no float16"),
-    ("label_smoothing", 0.1, "label_smoothing=0.1: no loss in loss_type=\\['sigmoid'\\] uses it"),
-    ("lr_scheduler_type", "polynomial", "lr_scheduler_type='polynomial': one of"),
-    ("not_a_field", 1, "not_a_field=1: not a field of TRL 1.16.0's DPOConfig"),
-    ("learning_rate", "fast", "learning_rate='fast': expected a number \\(TRL's default: 1e-06\\)"),
-    ("max_grad_norm", float("inf"), "max_grad_norm=inf: expected a finite number"),
-    ("max_steps", True, "max_steps=True: expected a finite number"),
-    ("precompute_ref_log_probs", "yes", "precompute_ref_log_probs='yes': expected true or false"),
-    ("truncation_mode", 1, "truncation_mode=1: expected a string"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("ref_model_sync_steps", 64, "ref_model_sync_steps=64: applies only with sync_ref_model=True"),
+        ("max_prompt_length", 128, "max_prompt_length=128: not a field of TRL 1.16's DPOConfig"),
+        ("truncation_mode", "keep_end", "truncation_mode='keep_end': only 'keep_start'"),
+        ("use_weighting", True, "use_weighting=True: rpo_jax honours only TRL's default"),
+        ("f_divergence_type", "js_divergence", "f_divergence_type='js_divergence': rpo_jax honours only"),
+        ("fp16", True, "fp16=True: rpo_jax has no float16"),
+        ("label_smoothing", 0.1, "label_smoothing=0.1: no loss in loss_type=\\['sigmoid'\\] uses it"),
+        ("lr_scheduler_type", "polynomial", "lr_scheduler_type='polynomial': one of"),
+        ("not_a_field", 1, "not_a_field=1: not a field of TRL 1.16.0's DPOConfig"),
+        ("learning_rate", "fast", "learning_rate='fast': expected a number \\(TRL's default: 1e-06\\)"),
+        ("max_grad_norm", float("inf"), "max_grad_norm=inf: expected a finite number"),
+        ("max_steps", True, "max_steps=True: expected a finite number"),
+        ("precompute_ref_log_probs", "yes", "precompute_ref_log_probs='yes': expected true or false"),
+        ("truncation_mode", 1, "truncation_mode=1: expected a string"),
+    ],
+)
 def test_unsupported_field_is_a_one_line_error_naming_it(tmp_path, field, value, message):
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump({"beta": 0.1, field: value}))
@@ -140,21 +177,34 @@ def test_overrides_apply_on_top_and_the_mapping_is_printed(tmp_path):
 def test_command_line_error_names_the_field(tmp_path):
     path = tmp_path / "dpo.json"
     path.write_text(json.dumps({"sync_ref_model": True, "precompute_ref_log_probs": True}))
-    proc = subprocess.run([sys.executable, "-m", "rpo_jax.train.cli", "--from-trl", str(path),
-                           f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rpo_jax.train.cli", "--from-trl", str(path), f"--workdir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (f"rpo-train: error: {path}: sync_ref_model=True: cannot be "
-                                                    "combined with precompute_ref_log_probs=True (the reference "
-                                                    "moves; TRL refuses it too)")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"rpo-train: error: {path}: sync_ref_model=True: cannot be "
+        "combined with precompute_ref_log_probs=True (the reference "
+        "moves; TRL refuses it too)"
+    )
 
 
 def test_sync_ref_model_maps_onto_reference_sync(tmp_path):
     """TR-DPO: sync_ref_model / ref_model_sync_steps / ref_model_mixup_alpha → reference_sync.every / .mix (off
     by TRL's default), in-step references; what TRL would refuse or ignore is a one-line error."""
     path = tmp_path / "dpo.json"
-    fields = dumped(**{**EVERY_FIELD, "precompute_ref_log_probs": False, "sync_ref_model": True,
-                       "ref_model_sync_steps": 64, "ref_model_mixup_alpha": 0.9})
+    fields = dumped(
+        **{
+            **EVERY_FIELD,
+            "precompute_ref_log_probs": False,
+            "sync_ref_model": True,
+            "ref_model_sync_steps": 64,
+            "ref_model_mixup_alpha": 0.9,
+        }
+    )
     path.write_text(json.dumps(fields))
     cfg, mapping = config_from_trl(path)
     assert dict(cfg.reference_sync) == {"every": 64, "mix": 0.9} and cfg.reference_mode == "in_step"
@@ -164,9 +214,11 @@ def test_sync_ref_model_maps_onto_reference_sync(tmp_path):
     assert shown["ref_model_sync_steps"] == "reference_sync.every=64"
     assert {m.field for m in mapping} == set(fields)
     assert trl_to_config({})[0].reference_sync.every == 0  # TRL's default: off
-    for bad, message in (({"ref_model_mixup_alpha": 0.0}, "ref_model_mixup_alpha=0.0: expected α in \\(0, 1\\]"),
-                         ({"ref_model_sync_steps": 0}, "ref_model_sync_steps=0: expected a whole number"),
-                         ({"precompute_ref_log_probs": True}, "sync_ref_model=True: cannot be combined")):
+    for bad, message in (
+        ({"ref_model_mixup_alpha": 0.0}, "ref_model_mixup_alpha=0.0: expected α in \\(0, 1\\]"),
+        ({"ref_model_sync_steps": 0}, "ref_model_sync_steps=0: expected a whole number"),
+        ({"precompute_ref_log_probs": True}, "sync_ref_model=True: cannot be combined"),
+    ):
         with pytest.raises(ValueError, match=f"^<DPOConfig>: {message}"):
             trl_to_config({"sync_ref_model": True, **bad})
 
@@ -175,10 +227,16 @@ def test_sync_ref_model_maps_onto_reference_sync(tmp_path):
 def scored_pairs(path: pathlib.Path) -> str:
     """8 TRL pairs with scores: 2 ties, 3 disagreeing with their labels."""
     scores = [(2, 1), (1, 1), (0, 3), (5, 2), (4, 4), (1, 2), (0, 1), (3, 0)]
-    lines = [{"prompt": [{"role": "user", "content": f"sort: {i} 1"}],
-              "chosen": [{"role": "assistant", "content": f"1 {i} 9"}],
-              "rejected": [{"role": "assistant", "content": f"9 {i} 1"}],
-              "score_chosen": c, "score_rejected": r} for i, (c, r) in enumerate(scores)]
+    lines = [
+        {
+            "prompt": [{"role": "user", "content": f"sort: {i} 1"}],
+            "chosen": [{"role": "assistant", "content": f"1 {i} 9"}],
+            "rejected": [{"role": "assistant", "content": f"9 {i} 1"}],
+            "score_chosen": c,
+            "score_rejected": r,
+        }
+        for i, (c, r) in enumerate(scores)
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return str(path)
 
@@ -186,14 +244,25 @@ def scored_pairs(path: pathlib.Path) -> str:
 @pytest.mark.parametrize("pairs_from, reaches", [("labels", False), ("rewards", True)])
 def test_trainer_counts_ties_and_disagreements_and_follows_pairs_from(tmp_path, caplog, pairs_from, reaches):
     train = scored_pairs(tmp_path / "scored.jsonl")
-    cfg = tiny_config(tmp_path / "data", **{"data.train": train, "data.eval": "", "loss.name": "dpo",
-                                             "loss.hparams": {"beta": 0.1}, "data.pairs_from": pairs_from,
-                                             "data.batch_size": 4})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{
+            "data.train": train,
+            "data.eval": "",
+            "loss.name": "dpo",
+            "loss.hparams": {"beta": 0.1},
+            "data.pairs_from": pairs_from,
+            "data.batch_size": 4,
+        },
+    )
     with caplog.at_level(logging.INFO, logger="rpo_jax"):
         run = preference.build_run(cfg, tmp_path / "run", devices=ONE)
-    assert run.preference_direction == {"pairs_from": pairs_from, "rewards_reach_loss": reaches,
-                                        "train": {"scored_pairs": 8, "ties": 2, "disagreements": 3}}
-    assert ("8 labelled pairs carry scores: 2 ties, 3 disagree with their labels" in caplog.text)
+    assert run.preference_direction == {
+        "pairs_from": pairs_from,
+        "rewards_reach_loss": reaches,
+        "train": {"scored_pairs": 8, "ties": 2, "disagreements": 3},
+    }
+    assert "8 labelled pairs carry scores: 2 ties, 3 disagree with their labels" in caplog.text
     batch = run.datasets["train"].collate(list(range(8)))
     assert ("rewards" in batch) is reaches
     task = preference.preference_task(run)
@@ -202,7 +271,7 @@ def test_trainer_counts_ties_and_disagreements_and_follows_pairs_from(tmp_path, 
 
 def test_reward_model_pairs_follow_labels_unless_pairs_from_rewards(tmp_path):
     from rpo_jax.data import read_records
-    from rpo_jax.train.jobs.reward_model import preference_pairs
+    from rpo_jax.data.reward_pairs import preference_pairs
 
     records, _ = read_records(scored_pairs(tmp_path / "scored.jsonl"))
     as_labelled, without = preference_pairs(records)
@@ -213,12 +282,15 @@ def test_reward_model_pairs_follow_labels_unless_pairs_from_rewards(tmp_path):
     assert len(flipped) == 1 and flipped[0].rewards == (3.0, 0.0)  # a disagreeing pair, turned round
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("dpo.yaml", "beta: [0.1\n", "not a readable DPOConfig \\(ParserError"),
-    ("dpo.json", "{\"beta\": }", "not a readable DPOConfig \\(JSONDecodeError"),
-    ("dpo.yaml", "- beta\n", "a DPOConfig file holds a mapping of fields, got list"),
-    ("dpo.toml", "beta = 0.1", "--from-trl reads a .json, .yaml or .yml DPOConfig, not '.toml'"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("dpo.yaml", "beta: [0.1\n", "not a readable DPOConfig \\(ParserError"),
+        ("dpo.json", '{"beta": }', "not a readable DPOConfig \\(JSONDecodeError"),
+        ("dpo.yaml", "- beta\n", "a DPOConfig file holds a mapping of fields, got list"),
+        ("dpo.toml", "beta = 0.1", "--from-trl reads a .json, .yaml or .yml DPOConfig, not '.toml'"),
+    ],
+)
 def test_unreadable_file_is_a_one_line_error_naming_it(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)

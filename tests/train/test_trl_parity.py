@@ -36,17 +36,29 @@ from tests.hf_fixtures import make_tiny_llama  # noqa: E402
 from .trainer_testlib import read_metrics, set_fields  # noqa: E402
 
 ONE = jax.devices()[:1]
-TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-               "logps/rejected")
-LOSS_SETTINGS = {"sigmoid": {"loss_type": ["sigmoid"]},
-                 "sigmoid+sft": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
-                 "ipo": {"loss_type": ["ipo"]},
-                 "sigmoid_norm": {"loss_type": ["sigmoid_norm"]}}
+TRL_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+LOSS_SETTINGS = {
+    "sigmoid": {"loss_type": ["sigmoid"]},
+    "sigmoid+sft": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    "ipo": {"loss_type": ["ipo"]},
+    "sigmoid_norm": {"loss_type": ["sigmoid_norm"]},
+}
 
-WORDS = ("the cat sat on mat dog ran a red blue green big small house tree bird sang what is two plus four five six "
-         "yes no hello there how are you i am fine thanks answer question color of sky sea grass").split()
-TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}"
-            "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+WORDS = (
+    "the cat sat on mat dog ran a red blue green big small house tree bird sang what is two plus four five six "
+    "yes no hello there how are you i am fine thanks answer question color of sky sea grass"
+).split()
+TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}"
+    "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+)
 
 
 def make_words_tokenizer(out: pathlib.Path) -> pathlib.Path:
@@ -59,8 +71,9 @@ def make_words_tokenizer(out: pathlib.Path) -> pathlib.Path:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     fast.chat_template = TEMPLATE
     fast.save_pretrained(out)
@@ -85,13 +98,21 @@ def records_of(kind: str, n: int, seed: int = 0, long_prompt_every: int = 0, lon
         if kind == "standard":
             out.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
         elif kind == "conversational":
-            out.append({"prompt": [{"role": "user", "content": prompt}],
-                        "chosen": [{"role": "assistant", "content": chosen}],
-                        "rejected": [{"role": "assistant", "content": rejected}]})
+            out.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
         else:
             user = {"role": "user", "content": prompt}
-            out.append({"chosen": [user, {"role": "assistant", "content": chosen}],
-                        "rejected": [user, {"role": "assistant", "content": rejected}]})
+            out.append(
+                {
+                    "chosen": [user, {"role": "assistant", "content": chosen}],
+                    "rejected": [user, {"role": "assistant", "content": rejected}],
+                }
+            )
     return out
 
 
@@ -103,11 +124,27 @@ def write_jsonl(path: pathlib.Path, lines: list[dict]) -> pathlib.Path:
 def dpo_config(tmp: pathlib.Path, **fields):
     """TRL's DPOConfig for a CPU float32 run with sequential batches (and the same fields as a dict, for
     `--from-trl`)."""
-    base = dict(output_dir=str(tmp / "trl_out"), use_cpu=True, bf16=False, gradient_checkpointing=False,
-                report_to=[], save_strategy="no", logging_steps=1, train_sampling_strategy="sequential",
-                per_device_train_batch_size=4, max_length=24, beta=0.1, learning_rate=1e-3,
-                lr_scheduler_type="linear", warmup_steps=1, weight_decay=0.01, max_grad_norm=1.0, seed=0,
-                max_steps=3, dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(tmp / "trl_out"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        train_sampling_strategy="sequential",
+        per_device_train_batch_size=4,
+        max_length=24,
+        beta=0.1,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        seed=0,
+        max_steps=3,
+        dataloader_num_workers=0,
+    )
     base.update(fields)
     return trl.DPOConfig(**base), base
 
@@ -122,8 +159,13 @@ def trl_trainer(model_dir, tokenizer, lines, args, ref_dir=None):
     from datasets import Dataset
 
     torch.manual_seed(0)
-    return trl.DPOTrainer(model=load_torch(model_dir), ref_model=None if ref_dir is None else load_torch(ref_dir),
-                          args=args, train_dataset=Dataset.from_list(lines), processing_class=tokenizer)
+    return trl.DPOTrainer(
+        model=load_torch(model_dir),
+        ref_model=None if ref_dir is None else load_torch(ref_dir),
+        args=args,
+        train_dataset=Dataset.from_list(lines),
+        processing_class=tokenizer,
+    )
 
 
 def trl_batch(trainer, indices):
@@ -153,12 +195,29 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trl_parity")
     tok_dir = make_words_tokenizer(root / "tokenizer")
-    model_dir = make_tiny_llama(root / "llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=4,
-                                pad_token_id=0)
-    ref_dir = make_tiny_llama(root / "reference", seed=1, vocab_size=64, hidden_size=32, intermediate_size=64,
-                              num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=4,
-                              pad_token_id=0)
+    model_dir = make_tiny_llama(
+        root / "llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=4,
+        pad_token_id=0,
+    )
+    ref_dir = make_tiny_llama(
+        root / "reference",
+        seed=1,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=4,
+        pad_token_id=0,
+    )
     for name in os.listdir(tok_dir):
         (model_dir / name).write_bytes((tok_dir / name).read_bytes())
     return model_dir, AutoTokenizer.from_pretrained(str(model_dir)), ref_dir
@@ -168,9 +227,19 @@ def rpo_config(trl_fields: dict, model_dir, train_file, **overrides):
     """`rpo-train --from-trl`'s mapping of the same DPOConfig, the model and data as `--config.*` overrides."""
     fields = {k: v for k, v in trl_fields.items() if k not in ("use_cpu",)}
     cfg, _ = trl_to_config(fields, source="test")
-    return set_fields(cfg, {"model.path": str(model_dir), "data.train": str(train_file), "data.eval": "",
-                            "train.progress_bar": False, "metrics.tensorboard": False, "metrics.peak_flops": 1e11,
-                            "train.checkpoint_every": 1000, **overrides})
+    return set_fields(
+        cfg,
+        {
+            "model.path": str(model_dir),
+            "data.train": str(train_file),
+            "data.eval": "",
+            "train.progress_bar": False,
+            "metrics.tensorboard": False,
+            "metrics.peak_flops": 1e11,
+            "train.checkpoint_every": 1000,
+            **overrides,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------ tokens
@@ -220,21 +289,31 @@ def step0(tiny, tmp_path_factory):
             reference = np.stack([x.numpy() for x in trainer.compute_ref_log_probs(trainer.ref_model, batch)], -1)
             loss = trainer.compute_loss(trainer.model, batch)
         theirs = {"loss": float(loss), **{k: trainer._metrics["train"][k][-1] for k in TRL_METRICS}}
-        cfg = rpo_config(fields, model_dir, train_file,
-                         **{"references": [{"path": str(ref_dir), "tokenizer": str(model_dir)}]})
+        cfg = rpo_config(
+            fields, model_dir, train_file, **{"references": [{"path": str(ref_dir), "tokenizer": str(model_dir)}]}
+        )
         if scored is None:  # the policy's and the reference's log-probs: the same for every loss
             run = preference.build_run(cfg, tmp / "run", devices=ONE)
             ds = run.datasets["train"]
             batch_ours = ds.collate(list(range(len(ds))))
             inputs = {k: v for k, v in batch_ours.items() if k != "index"}
-            logps = [np.asarray(make_scorer(graphdef, rest, run.mesh, compute_dtype=run.dtype)(params, inputs))
-                     for graphdef, params, rest in ((run.graphdef, run.state["params"], run.rest),
-                                                    (run.references[0].graphdef, run.references[0].params,
-                                                     run.references[0].rest))]
+            logps = [
+                np.asarray(make_scorer(graphdef, rest, run.mesh, compute_dtype=run.dtype)(params, inputs))
+                for graphdef, params, rest in (
+                    (run.graphdef, run.state["params"], run.rest),
+                    (run.references[0].graphdef, run.references[0].params, run.references[0].rest),
+                )
+            ]
             scored = (batch_ours, *logps)
         batch_ours, ours_policy, ours_reference = scored
-        result = build_loss(cfg)(PreferenceLogps(policy_logps=ours_policy, ref_logps=ours_reference,
-                                                 lengths=batch_ours["lengths"], valid=batch_ours["valid"]))
+        result = build_loss(cfg)(
+            PreferenceLogps(
+                policy_logps=ours_policy,
+                ref_logps=ours_reference,
+                lengths=batch_ours["lengths"],
+                valid=batch_ours["valid"],
+            )
+        )
         ours = {"loss": float(result.loss), **{k: float(result.metrics[k]) for k in TRL_METRICS}}
         out[name] = (theirs, ours, (policy, reference), (ours_policy, ours_reference))
     return out
@@ -245,8 +324,10 @@ def test_policy_and_reference_logps_per_example_equal_trl(step0):
         for what, a, b in zip(("policy", "reference"), ours, theirs):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-4, err_msg=f"{name} {what}")
     _, _, theirs, ours = step0["sigmoid"]
-    print(f"\nper-example log-probs: max |rpo_jax - TRL| = "
-          f"{max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs)):.2e}")
+    print(
+        f"\nper-example log-probs: max |rpo_jax - TRL| = "
+        f"{max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs)):.2e}"
+    )
     theirs, ours, _, _ = step0["sigmoid"]
     assert abs(theirs["rewards/margins"]) > 1e-3  # policy and reference differ: the metrics are not all zero
 
@@ -274,8 +355,7 @@ def check_three_steps(model_dir, tok, tmp_path, lines, **fields) -> None:
     theirs = {k: v.detach().numpy() for k, v in trainer.model.state_dict().items()}
     history = [h for h in trainer.state.log_history if "loss" in h]
 
-    cfg = rpo_config(fields, model_dir, write_jsonl(tmp_path / "train.jsonl", lines),
-                     **{"train.export_at_end": True})
+    cfg = rpo_config(fields, model_dir, write_jsonl(tmp_path / "train.jsonl", lines), **{"train.export_at_end": True})
     assert cfg.data.shuffle is False and cfg.optimizer.schedule == "linear" and cfg.train.steps == 3
     preference.train(cfg, tmp_path / "run", devices=ONE)
     export = tmp_path / "run" / "export"
@@ -287,8 +367,10 @@ def check_three_steps(model_dir, tok, tmp_path, lines, **fields) -> None:
     theirs = {k: v for k, v in theirs.items() if k in ours or k != "lm_head.weight"}  # tied: saved once
     for key, value in theirs.items():
         np.testing.assert_allclose(ours[key], value, rtol=0, atol=1e-4, err_msg=key)
-    print(f"\nparameters after 3 steps: max |rpo_jax - TRL| = "
-          f"{max(float(np.abs(ours[k] - theirs[k]).max()) for k in theirs):.2e} (moved up to {moved:.2e})")
+    print(
+        f"\nparameters after 3 steps: max |rpo_jax - TRL| = "
+        f"{max(float(np.abs(ours[k] - theirs[k]).max()) for k in theirs):.2e} (moved up to {moved:.2e})"
+    )
     logged = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
     assert len(logged) == 3 == len(history)
     for step, (ours_m, theirs_m) in enumerate(zip(logged, history)):
@@ -306,15 +388,23 @@ def check_three_steps(model_dir, tok, tmp_path, lines, **fields) -> None:
                 if key != "rewards/accuracies":
                     assert abs(ours_m[f"train/{key}"]) <= rounding, (step, key, ours_m[f"train/{key}"])
                 continue
-            np.testing.assert_allclose(ours_m[f"train/{key}"], theirs_m[key], rtol=1e-4, atol=1e-6,
-                                       err_msg=f"step {step} {key}")
+            np.testing.assert_allclose(
+                ours_m[f"train/{key}"], theirs_m[key], rtol=1e-4, atol=1e-6, err_msg=f"step {step} {key}"
+            )
     assert not tied and abs(history[-1]["rewards/margins"]) > 1e-3  # the last step compares every metric
 
 
 def test_three_adamw_steps_of_from_trl_equal_trl(tiny, tmp_path):
     model_dir, tok, _ = tiny
-    check_three_steps(model_dir, tok, tmp_path, records_of("standard", 12, seed=3), loss_type=["sigmoid", "sft"],
-                      loss_weights=[1.0, 0.5], max_length=20)
+    check_three_steps(
+        model_dir,
+        tok,
+        tmp_path,
+        records_of("standard", 12, seed=3),
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 0.5],
+        max_length=20,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ SmolLM2
@@ -324,8 +414,13 @@ def test_smollm2_token_ids_equal_trl(smollm2_dir, tmp_path, kind):
     from transformers import AutoTokenizer
 
     # SmolLM2's template adds a default system prompt: chat sequences are ~25 tokens longer than plain strings
-    check_token_ids(smollm2_dir, AutoTokenizer.from_pretrained(str(smollm2_dir)), tmp_path, kind,
-                    max_length=12 if kind == "standard" else 40)
+    check_token_ids(
+        smollm2_dir,
+        AutoTokenizer.from_pretrained(str(smollm2_dir)),
+        tmp_path,
+        kind,
+        max_length=12 if kind == "standard" else 40,
+    )
 
 
 def without_pad_embedding_freeze(checkpoint: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
@@ -351,6 +446,12 @@ def test_smollm2_three_adamw_steps_equal_trl(smollm2_dir, tmp_path):
     from transformers import AutoTokenizer
 
     checkpoint = without_pad_embedding_freeze(smollm2_dir, tmp_path / "smollm2")
-    check_three_steps(checkpoint, AutoTokenizer.from_pretrained(str(smollm2_dir)), tmp_path,
-                      records_of("conversational", 12, seed=4), loss_type=["sigmoid"], max_length=48,
-                      learning_rate=2e-3)
+    check_three_steps(
+        checkpoint,
+        AutoTokenizer.from_pretrained(str(smollm2_dir)),
+        tmp_path,
+        records_of("conversational", 12, seed=4),
+        loss_type=["sigmoid"],
+        max_length=48,
+        learning_rate=2e-3,
+    )

@@ -27,14 +27,28 @@ from .trainer_testlib import load_recipe, read_metrics, subprocess_env, tiny_con
 ONE = jax.devices()[:1]
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: what libtpu prints when JAX probes for a TPU on a machine without one
-LIBTPU_NOISE = ("libtpu", "Failed to find host bounds", "Source Location Trace", "INVALID_ARGUMENT", "TPU_WORKER",
-                "TPU_ACCELERATOR_TYPE")
+LIBTPU_NOISE = (
+    "libtpu",
+    "Failed to find host bounds",
+    "Source Location Trace",
+    "INVALID_ARGUMENT",
+    "TPU_WORKER",
+    "TPU_ACCELERATOR_TYPE",
+)
 
 
 def test_a_run_shows_its_progress_times_its_passes_and_ends_with_a_summary(tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="rpo_jax")
-    cfg = tiny_config(tmp_path / "data", **{"train.steps": 2, "train.eval_every": 1, "train.progress_bar": True,
-                                            "train.export_at_end": True, "metrics.tensorboard": True})
+    cfg = tiny_config(
+        tmp_path / "data",
+        **{
+            "train.steps": 2,
+            "train.eval_every": 1,
+            "train.progress_bar": True,
+            "train.export_at_end": True,
+            "metrics.tensorboard": True,
+        },
+    )
     workdir = tmp_path / "run"
     result = preference.train(cfg, workdir, devices=ONE)
     out, err = capsys.readouterr()
@@ -51,14 +65,19 @@ def test_a_run_shows_its_progress_times_its_passes_and_ends_with_a_summary(tmp_p
     assert f"wrote the Hugging Face model to {workdir / 'export'} in" in logged
 
     # the summary: where everything is, and the key final eval metrics
-    summary = out[out.index("rpo-train: done: step 2 of 2 in"):]
-    for line in (f"  export:      {workdir / 'export'}", f"  metrics:     {workdir / 'metrics.jsonl'}",
-                 f"  TensorBoard: {workdir / 'tensorboard'}", f"  checkpoint:  {workdir / 'checkpoints' / '2'}"):
+    summary = out[out.index("rpo-train: done: step 2 of 2 in") :]
+    for line in (
+        f"  export:      {workdir / 'export'}",
+        f"  metrics:     {workdir / 'metrics.jsonl'}",
+        f"  TensorBoard: {workdir / 'tensorboard'}",
+        f"  checkpoint:  {workdir / 'checkpoints' / '2'}",
+    ):
         assert line in summary
     assert result["export"] == str(workdir / "export") and (workdir / "checkpoints" / "2").is_dir()
     eval_line = next(line for line in summary.splitlines() if line.startswith("  eval:"))
-    assert eval_line.split()[1:] == [f"{k}={result['eval'][k]:.4g}" for k in ("loss", "rewards/accuracies",
-                                                                            "rewards/margins")]
+    assert eval_line.split()[1:] == [
+        f"{k}={result['eval'][k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins")
+    ]
 
     # metrics.jsonl: every record carries its wall clock (ISO 8601, UTC, seconds) and seconds since the start
     records = read_metrics(workdir)
@@ -73,9 +92,12 @@ def test_a_run_shows_its_progress_times_its_passes_and_ends_with_a_summary(tmp_p
 
     # rpo-export ends with one line saying what it wrote where
     from rpo_jax.train.cli.export import export_main
+
     export_main([str(workdir), str(tmp_path / "exported")])
-    assert capsys.readouterr().out.strip().splitlines()[-1] == \
-        f"rpo-export: wrote Hugging Face model to {tmp_path / 'exported'}"
+    assert (
+        capsys.readouterr().out.strip().splitlines()[-1]
+        == f"rpo-export: wrote Hugging Face model to {tmp_path / 'exported'}"
+    )
 
 
 def test_the_metric_writer_stamps_every_record(tmp_path):
@@ -109,6 +131,7 @@ def test_export_kinds_name_what_was_written():
 # ------------------------------------------------------------------------------------------------ libtpu noise
 def test_the_tpu_probe_is_skipped_only_where_no_tpu_or_gpu_can_be(monkeypatch):
     from jax._src import hardware_utils
+
     monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (0, None))
     nothing = lambda pattern: False  # noqa: E731
     assert not tpu_may_be_present({}, nothing) and cpu_without_tpu_probe({}, nothing)
@@ -130,8 +153,13 @@ def test_rpo_train_prints_no_libtpu_errors_on_a_machine_without_a_tpu(tmp_path):
     if not cpu_without_tpu_probe(env):
         pytest.skip("this machine may have a TPU or a GPU: JAX's own choice applies there")
     cfg = tiny_config(tmp_path / "data", **{"train.steps": 1, "train.checkpoint_every": 1})
-    done = subprocess.run(train_command(write_config(cfg, tmp_path / "tiny.py"), tmp_path / "run"), env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        train_command(write_config(cfg, tmp_path / "tiny.py"), tmp_path / "run"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert [n for n in LIBTPU_NOISE if n.lower() in done.stderr.lower()] == [], done.stderr[-3000:]
     assert "rpo-train: done: step 1 of 1" in done.stdout
@@ -140,8 +168,9 @@ def test_rpo_train_prints_no_libtpu_errors_on_a_machine_without_a_tpu(tmp_path):
 # ------------------------------------------------------------------------------------------------ tests, recipes
 def test_the_smollm2_parity_tests_take_the_suites_checkpoint_fixture():
     source = (ROOT / "tests" / "train" / "test_trl_parity.py").read_text()
-    tests = [f for f in ast.walk(ast.parse(source)) if isinstance(f, ast.FunctionDef)
-             and f.name.startswith("test_smollm2")]
+    tests = [
+        f for f in ast.walk(ast.parse(source)) if isinstance(f, ast.FunctionDef) and f.name.startswith("test_smollm2")
+    ]
     assert len(tests) == 2
     for test in tests:
         assert "smollm2_dir" in [a.arg for a in test.args.args], test.name
@@ -155,6 +184,10 @@ def test_the_smollm2_recipe_trains_on_a_users_file_and_the_demo_form_keeps_the_d
     assert recipe.reference_mode == default.reference_mode
     assert (recipe.data.max_length, recipe.data.max_prompt_length) == (1024, 512)  # TRL's DPOConfig defaults
     assert recipe.train.epochs > 0 and recipe.data.eval_fraction > 0  # any file size; held out unless data.eval
-    assert (demo.data.train, demo.data.eval, demo.data.pairs, demo.reference_mode) == ("demo", "demo", "best_worst",
-                                                                                       "in_step")
+    assert (demo.data.train, demo.data.eval, demo.data.pairs, demo.reference_mode) == (
+        "demo",
+        "demo",
+        "best_worst",
+        "in_step",
+    )
     assert (demo.data.max_length, demo.data.max_prompt_length, demo.train.steps) == (128, 64, 30)

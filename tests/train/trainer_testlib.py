@@ -13,9 +13,18 @@ import numpy as np
 from rpo_jax.data import demo_paths
 from rpo_jax.train.config.quickstart import get_config
 
-TINY_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": True, "max_position_embeddings": 128}
+TINY_MODEL = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 128,
+}
 
 
 def demo_slice(directory: pathlib.Path, n_train: int = 96, n_eval: int = 24) -> tuple[str, str]:
@@ -63,6 +72,7 @@ def set_fields(c, overrides: dict):
 def load_recipe(name: str):
     """`get_config()` of configs/NAME.py."""
     import importlib.util
+
     path = pathlib.Path(__file__).resolve().parents[2] / "configs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -77,23 +87,27 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
 def final_params(workdir: pathlib.Path):
     """The newest checkpoint's parameters as numpy arrays (restored onto this process's first device)."""
     import orbax.checkpoint as ocp
+
     ckpt_dir = workdir / "checkpoints"
     step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
     checkpointer = ocp.StandardCheckpointer()
     path = ckpt_dir / str(step) / "params"
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          checkpointer.metadata(path).item_metadata.tree)
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), checkpointer.metadata(path).item_metadata.tree
+    )
     return jax.tree.map(np.asarray, checkpointer.restore(path, target))
 
 
 # ------------------------------------------------------------------------------------- subprocess runs
 def write_config(cfg, path: pathlib.Path) -> pathlib.Path:
     (path.parent / (path.stem + ".json")).write_text(cfg.to_json())
-    path.write_text("import json, pathlib\nfrom ml_collections import ConfigDict\n\n"
-                    "def get_config():\n"
-                    f"    return ConfigDict(json.loads(pathlib.Path({str(path.parent / (path.stem + '.json'))!r})"
-                    ".read_text()))\n")
+    path.write_text(
+        "import json, pathlib\nfrom ml_collections import ConfigDict\n\n"
+        "def get_config():\n"
+        f"    return ConfigDict(json.loads(pathlib.Path({str(path.parent / (path.stem + '.json'))!r})"
+        ".read_text()))\n"
+    )
     return path
 
 
@@ -122,6 +136,7 @@ def save_tiny_base(root: pathlib.Path) -> pathlib.Path:
     from rpo_jax.models import make_mesh, save_hf
     from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
     from rpo_jax.train.build.model import load_policy
+
     cfg = tiny_config(root / "data")
     tok = load_tokenizer(tokenizer_path(cfg))
     model, mc = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), jax.devices()[:1]), jnp.float32)

@@ -40,10 +40,13 @@ def load_tokenizer(path: str):
     """A transformers tokenizer (one without a pad token pads with its EOS token). A directory without tokenizer
     files, or one transformers cannot load, is an error naming the directory and what is wrong."""
     from transformers import AutoTokenizer
+
     directory = pathlib.Path(path)
     if directory.is_dir() and not any((directory / name).exists() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
-                                "set config.model.tokenizer to a directory that has one")
+        raise FileNotFoundError(
+            f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
+            "set config.model.tokenizer to a directory that has one"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; name the directory and the reason
@@ -91,27 +94,42 @@ def load_records(cfg: ml_collections.ConfigDict, *, requires_rewards: bool = Fal
             splits[split] = [pair for pairs in per_record for pair in pairs]
             tied = sum(not pairs for pairs in per_record)
             if tied:
-                log.warning("%s data: %d of %d records give no pair under data.pairs=%r (all their rewards "
-                            "tie); they are left out", split, tied, len(recs), dc.pairs)
+                log.warning(
+                    "%s data: %d of %d records give no pair under data.pairs=%r (all their rewards "
+                    "tie); they are left out",
+                    split,
+                    tied,
+                    len(recs),
+                    dc.pairs,
+                )
     if requires_rewards:
         for recs in splits.values():
             if recs:
                 require_rewards(recs)
     if not splits["train"]:
-        raise ValueError(f"data.train={dc.train!r}: no training records left"
-                         + (f" after data.pairs={dc.pairs!r}" if dc.pairs else ""))
+        raise ValueError(
+            f"data.train={dc.train!r}: no training records left"
+            + (f" after data.pairs={dc.pairs!r}" if dc.pairs else "")
+        )
     return {k: v for k, v in splits.items() if v}
 
 
-def tokenize_splits(cfg: ml_collections.ConfigDict, records: Mapping[str, list], tokenizer
-                    ) -> dict[str, TokenizedDataset]:
+def tokenize_splits(
+    cfg: ml_collections.ConfigDict, records: Mapping[str, list], tokenizer
+) -> dict[str, TokenizedDataset]:
     """`tokenize_records` of every split with `config.data`'s lengths and truncation; a split left empty is a
     ValueError."""
     dc = cfg.data
     out = {}
     for split, recs in records.items():
-        ds = tokenize_records(recs, tokenizer, max_length=dc.max_length, max_prompt_length=dc.max_prompt_length or None,
-                              truncation=dc.truncation, on_error=dc.on_error)
+        ds = tokenize_records(
+            recs,
+            tokenizer,
+            max_length=dc.max_length,
+            max_prompt_length=dc.max_prompt_length or None,
+            truncation=dc.truncation,
+            on_error=dc.on_error,
+        )
         log.info("%s: %s", split, ds.report.summary())
         if len(ds) == 0:
             raise ValueError(f"data.{split}: no example left after tokenization ({ds.report.summary()})")

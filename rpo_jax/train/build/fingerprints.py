@@ -18,8 +18,10 @@ from rpo_jax.train.build.model import init_fields
 
 
 def _file_state(root: pathlib.Path) -> tuple:
-    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                 for f in sorted(root.glob("config.json")) + sorted(root.glob("*.safetensors")))
+    return tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(root.glob("config.json")) + sorted(root.glob("*.safetensors"))
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -52,8 +54,16 @@ def weights_fingerprint(path: str, cfg: ml_collections.ConfigDict, vocab_size: i
 
 def dataset_fingerprint(dataset: TokenizedDataset) -> str:
     """sha256 over the tokenized examples (ids, prompt lengths, record indices), K, buckets and max length."""
-    h = hashlib.sha256(json.dumps({"k_max": dataset.k_max, "max_length": dataset.max_length,
-                                   "num_records": dataset.num_records, "pad": dataset.pad_id}).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {
+                "k_max": dataset.k_max,
+                "max_length": dataset.max_length,
+                "num_records": dataset.num_records,
+                "pad": dataset.pad_id,
+            }
+        ).encode()
+    )
     for e in dataset.examples:
         h.update(np.int64(e.index).tobytes())
         h.update(np.asarray(e.prompt_lengths, np.int64).tobytes())

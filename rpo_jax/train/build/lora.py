@@ -38,12 +38,12 @@ def lora_enabled(cfg: ml_collections.ConfigDict) -> bool:
     return lora.rank != 0 or bool(lora.init_from)
 
 
-
 def lora_reference_is_base(cfg) -> bool:
     """Whether the primary reference of an empty path is the policy's base with its adapters off (LoRA with
     `config.model.lora.reference = "base"`, TRL's choice for a PEFT model without ref_model), rather than a copy
     of the initial policy (with LoRA: base + the adapters the run starts from, `"initial"`)."""
     return lora_enabled(cfg) and cfg.model.lora.reference == "base"
+
 
 def lora_targets(value) -> str | tuple[str, ...]:
     """`config.model.lora.targets` → `LoraConfig.targets`: "all-linear"; a comma-separated list of module names
@@ -64,12 +64,18 @@ def lora_settings(cfg) -> LoraConfig | None:
     cfg = validate(cfg)
     lora = cfg.model.lora
     if lora.init_from and not pathlib.Path(lora.init_from).is_dir():
-        raise ValueError(f"config.model.lora.init_from: {lora.init_from!r} is not a directory (expected a PEFT "
-                         f"adapter directory with {ADAPTER_CONFIG})")
+        raise ValueError(
+            f"config.model.lora.init_from: {lora.init_from!r} is not a directory (expected a PEFT "
+            f"adapter directory with {ADAPTER_CONFIG})"
+        )
     if not lora_enabled(cfg):
         return None
-    fields = {"rank": lora.rank or 1, "alpha": lora.alpha, "dropout": lora.dropout,
-              "targets": lora_targets(lora.targets)}
+    fields = {
+        "rank": lora.rank or 1,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "targets": lora_targets(lora.targets),
+    }
     try:
         return LoraConfig(**fields)
     except ValueError as e:  # LoraConfig says "lora.<field> ..."; name the config field
@@ -86,16 +92,19 @@ def adapter_settings(cfg: ml_collections.ConfigDict, num_layers: int) -> LoraCon
     adapter = read_peft_config(directory)
     where = f"config.model.lora.init_from={str(directory)!r} ({ADAPTER_CONFIG})"
     if lora.rank not in (LORA_DEFAULTS["rank"], adapter.rank):
-        raise ValueError(f"config.model.lora.rank={lora.rank} disagrees with {where}: r={adapter.rank}; set it to "
-                         f"{adapter.rank} or leave it at 0")
+        raise ValueError(
+            f"config.model.lora.rank={lora.rank} disagrees with {where}: r={adapter.rank}; set it to "
+            f"{adapter.rank} or leave it at 0"
+        )
     if float(lora.alpha) not in (LORA_DEFAULTS["alpha"], float(adapter.alpha)):
         raise ValueError(f"config.model.lora.alpha={lora.alpha} disagrees with {where}: lora_alpha={adapter.alpha}")
     if lora.targets != LORA_DEFAULTS["targets"]:
         mine = resolve_targets(lora_targets(lora.targets), num_layers)
         theirs = resolve_targets(adapter.targets, num_layers)
         if mine != theirs:
-            raise ValueError(f"config.model.lora.targets={lora.targets!r} selects {list(mine)} but {where} adapts "
-                             f"{list(theirs)}")
+            raise ValueError(
+                f"config.model.lora.targets={lora.targets!r} selects {list(mine)} but {where} adapts {list(theirs)}"
+            )
     return dataclasses.replace(adapter, dropout=lora_settings(cfg).dropout)
 
 
@@ -105,8 +114,9 @@ def quantized_base(model: Decoder, dtype: str) -> Decoder:
     try:
         from rpo_jax.models.quantize import quantize_base
     except ImportError as e:
-        raise ValueError(f"config.model.lora.base_dtype={dtype!r}: QLoRA needs rpo_jax.models.quantize, which is "
-                         f"not available ({e})") from None
+        raise ValueError(
+            f"config.model.lora.base_dtype={dtype!r}: QLoRA needs rpo_jax.models.quantize, which is not available ({e})"
+        ) from None
     return quantize_base(model, dtype)
 
 
@@ -131,7 +141,12 @@ def add_adapters(model: Decoder, cfg: ml_collections.ConfigDict, mesh, *, read_w
         model.lora.config = settings  # the adapter's rank, alpha and targets; this run's dropout
         return model
     try:
-        return attach_lora(model, settings, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(cfg.seed), 1)),
-                           param_dtype=param_dtype, mesh=mesh)
+        return attach_lora(
+            model,
+            settings,
+            rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(cfg.seed), 1)),
+            param_dtype=param_dtype,
+            mesh=mesh,
+        )
     except ValueError as e:
         raise ValueError(f"config.model.lora.targets: {e}") from None

@@ -45,13 +45,25 @@ def load_model(path: str, cfg: ml_collections.ConfigDict, mesh, dtype, vocab_siz
     `config.model.init` with seed `config.model.init_seed`; parameters placed on `mesh` by the sharding rules."""
     param_dtype = jnp.dtype(cfg.model.param_dtype)
     if path:
-        return load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=cfg.model.remat,
-                       scan_unroll=cfg.model.scan_unroll, attention=cfg.model.attention)
-    mconfig = ModelConfig.from_hf_dict(init_fields(cfg, vocab_size), source="config.model.init",
-                                       remat=cfg.model.remat, scan_unroll=cfg.model.scan_unroll,
-                                       attention=cfg.model.attention)
-    model = create_model(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype,
-                         mesh=mesh)
+        return load_hf(
+            path,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            mesh=mesh,
+            remat=cfg.model.remat,
+            scan_unroll=cfg.model.scan_unroll,
+            attention=cfg.model.attention,
+        )
+    mconfig = ModelConfig.from_hf_dict(
+        init_fields(cfg, vocab_size),
+        source="config.model.init",
+        remat=cfg.model.remat,
+        scan_unroll=cfg.model.scan_unroll,
+        attention=cfg.model.attention,
+    )
+    model = create_model(
+        mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype, mesh=mesh
+    )
     return model, mconfig
 
 
@@ -64,8 +76,10 @@ def load_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype):
 
 def _check_exportable(mconfig: ModelConfig, source: str) -> None:
     if mconfig.model_type not in REWARD_ARCHITECTURES.values():
-        raise ValueError(f"{source}: model_type {mconfig.model_type!r} has no Hugging Face sequence-classification "
-                         f"architecture to export to (supported: {sorted(REWARD_ARCHITECTURES.values())})")
+        raise ValueError(
+            f"{source}: model_type {mconfig.model_type!r} has no Hugging Face sequence-classification "
+            f"architecture to export to (supported: {sorted(REWARD_ARCHITECTURES.values())})"
+        )
 
 
 def build_reward_model(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype) -> tuple[RewardModel, ModelConfig]:
@@ -76,8 +90,9 @@ def build_reward_model(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype) -
     return model, mconfig
 
 
-def reward_model_without_adapters(cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype
-                                  ) -> tuple[RewardModel, ModelConfig]:
+def reward_model_without_adapters(
+    cfg: ml_collections.ConfigDict, tokenizer, mesh, dtype
+) -> tuple[RewardModel, ModelConfig]:
     """The reward model `config.model` describes, its parameters on `mesh` (float32 master weights by default):
 
     * `model.path` an `XForSequenceClassification` checkpoint → `load_reward_model` (continue training);
@@ -93,15 +108,20 @@ def reward_model_without_adapters(cfg: ml_collections.ConfigDict, tokenizer, mes
     if path and len(hf.get("architectures") or []) == 1 and hf["architectures"][0] in REWARD_ARCHITECTURES:
         return load_reward_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     if path:
-        overrides = {"tie_word_embeddings": True, "remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll,
-                     "attention": cfg.model.attention}
+        overrides = {
+            "tie_word_embeddings": True,
+            "remat": cfg.model.remat,
+            "scan_unroll": cfg.model.scan_unroll,
+            "attention": cfg.model.attention,
+        }
         if hf.get("pad_token_id") is None:
             overrides["pad_token_id"] = tokenizer.pad_token_id
         backbone, loaded = load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **overrides)
         mconfig = dataclasses.replace(loaded, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
         _check_exportable(mconfig, path)
-        model = RewardModel(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype,
-                            param_dtype=param_dtype, backbone=backbone)
+        model = RewardModel(
+            mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype, backbone=backbone
+        )
         if mesh is not None:
             model.score.set_value(jax.device_put(model.score[...], variable_sharding(model.score, mesh)))
         return model, mconfig
@@ -109,11 +129,17 @@ def reward_model_without_adapters(cfg: ml_collections.ConfigDict, tokenizer, mes
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if init.get(name) is None and getattr(tokenizer, name, None) is not None:
             init[name] = getattr(tokenizer, name)
-    mconfig = ModelConfig.from_hf_dict(init, source="config.model.init", remat=cfg.model.remat,
-                                       scan_unroll=cfg.model.scan_unroll, attention=cfg.model.attention)
+    mconfig = ModelConfig.from_hf_dict(
+        init,
+        source="config.model.init",
+        remat=cfg.model.remat,
+        scan_unroll=cfg.model.scan_unroll,
+        attention=cfg.model.attention,
+    )
     _check_exportable(mconfig, "config.model.init")
-    model = create_reward_model(mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype,
-                                param_dtype=param_dtype, mesh=mesh)
+    model = create_reward_model(
+        mconfig, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype, mesh=mesh
+    )
     return model, mconfig
 
 
@@ -147,8 +173,12 @@ def adapters_off_graphdef(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx
 
 
 # ------------------------------------------------------------------------------------------------ abstract state
-def architecture_of(cfg: ml_collections.ConfigDict, path: str | None = None, architecture: str | None = None,
-                    source: str = "config.model") -> ModelConfig:
+def architecture_of(
+    cfg: ml_collections.ConfigDict,
+    path: str | None = None,
+    architecture: str | None = None,
+    source: str = "config.model",
+) -> ModelConfig:
     """A model's `ModelConfig` without touching its weights (for `rpo-plan`) — by default the policy's:
     `architecture` (default `config.model.architecture`: a Hugging Face config.json) when set, else `path`'s
     (default `config.model.path`) config.json when it is a local directory, else `config.model.init` (which must
@@ -160,8 +190,10 @@ def architecture_of(cfg: ml_collections.ConfigDict, path: str | None = None, arc
     if architecture:
         file = pathlib.Path(architecture)
         if not file.is_file():
-            raise FileNotFoundError(f"{source}.architecture={str(file)!r}: no such file (expected a Hugging Face "
-                                    "config.json, e.g. configs/architectures/llama-3.1-8b-instruct.json)")
+            raise FileNotFoundError(
+                f"{source}.architecture={str(file)!r}: no such file (expected a Hugging Face "
+                "config.json, e.g. configs/architectures/llama-3.1-8b-instruct.json)"
+            )
         try:
             fields = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -170,15 +202,18 @@ def architecture_of(cfg: ml_collections.ConfigDict, path: str | None = None, arc
     if path:
         directory = pathlib.Path(path).expanduser()
         if not directory.is_dir():
-            raise ValueError(f"{source}.path={path!r} is not a local directory; name its architecture with "
-                             f"{source}.architecture=configs/architectures/<name>.json")
+            raise ValueError(
+                f"{source}.path={path!r} is not a local directory; name its architecture with "
+                f"{source}.architecture=configs/architectures/<name>.json"
+            )
         config_file, fields = read_config_json(directory)
         return ModelConfig.from_hf_dict(fields, source=str(config_file), **overrides)
     return ModelConfig.from_hf_dict(init_fields(cfg, None), source="config.model.init", **overrides)
 
 
-def abstract_params(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype,
-                    adapters: bool = False) -> tuple[nnx.GraphDef, Any, Any]:
+def abstract_params(
+    cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype, adapters: bool = False
+) -> tuple[nnx.GraphDef, Any, Any]:
     """(graphdef, trainable parameters, the rest) of a model built under `nnx.eval_shape` (nothing allocated),
     split with `split_trainable`; every leaf a `jax.ShapeDtypeStruct` (`config.model.param_dtype`) with its
     rule-based sharding on `mesh`. `adapters`: the policy with `config.model.lora`'s adapters (`add_adapters`:
@@ -192,9 +227,11 @@ def abstract_params(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(build)
     graphdef, params, rest = split_trainable(abstract)
-    return (graphdef, with_shardings(params, state_shardings(params, mesh)),
-            with_shardings(rest, state_shardings(rest, mesh)))
-
+    return (
+        graphdef,
+        with_shardings(params, state_shardings(params, mesh)),
+        with_shardings(rest, state_shardings(rest, mesh)),
+    )
 
 
 def with_shardings(tree: Any, shardings: Any) -> Any:

@@ -27,8 +27,9 @@ from rpo_jax.train.config.schema import WEIGHT_DECAY_OPTIMIZERS, OptimizerSectio
 from rpo_jax.train.config.validation import validate_section
 
 
-def make_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
-                  end_lr_factor: float = 0.0) -> optax.Schedule:
+def make_schedule(
+    learning_rate: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", end_lr_factor: float = 0.0
+) -> optax.Schedule:
     """Linear warm-up 0 → lr over `warmup_steps`, then cosine/linear decay to lr·end_lr_factor, or constant."""
     warmup_steps = max(0, min(int(warmup_steps), total_steps))
     decay_steps = max(1, total_steps - warmup_steps)
@@ -58,9 +59,11 @@ def weight_decay_mask(kind: str):
     if kind == "none":
         return lambda params: jax.tree.map(lambda _: False, params)
     if kind == "matrices":
+
         def is_matrix(path, p) -> bool:
             names = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path).lower()
             return getattr(p, "ndim", 0) >= 2 and not re.search(r"norm|scale|bias", names)
+
         return lambda params: jax.tree_util.tree_map_with_path(is_matrix, params)
     raise ValueError(f"optimizer.weight_decay_mask={kind!r}: expected 'matrices', 'all' or 'none'")
 
@@ -78,8 +81,11 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.Grad
     mask = weight_decay_mask(opt.weight_decay_mask)
     factory = getattr(optax, name)
     if name in WEIGHT_DECAY_OPTIMIZERS:
-        tx = factory(learning_rate=lr, weight_decay=wd, mask=mask, **kwargs) if name != "adafactor" else \
-            factory(learning_rate=lr, weight_decay_rate=wd or None, weight_decay_mask=mask, **kwargs)
+        tx = (
+            factory(learning_rate=lr, weight_decay=wd, mask=mask, **kwargs)
+            if name != "adafactor"
+            else factory(learning_rate=lr, weight_decay_rate=wd or None, weight_decay_mask=mask, **kwargs)
+        )
     else:  # the schema refuses a weight decay here
         tx = factory(learning_rate=lr, **kwargs)
     if opt.grad_clip_norm:

@@ -5,11 +5,13 @@ Every decision about a preference run's compiled programs is taken here, once, a
 
 - where the references live and when they are scored (`reference_layout` → `ReferenceLayout`):
 
-  | scoring | the primary reference's weights |
-  |---|---|
-  | `Scoring.CACHED`: log-probs `[N, K, R]` computed once before step 1 by one scorer per reference, then a batch input | `Weights.OWN`: a frozen copy (or another checkpoint), held beside the train state |
-  | `Scoring.IN_STEP`: scored inside every train / eval step | `Weights.TRAIN_STATE`: in the train state as `"reference"` (checkpointed, donated), moving with `config.reference_sync` (TR-DPO) or reset per iteration (`train.iterations > 1`) |
-  | `Scoring.NONE`: a reference-free loss | `Weights.POLICY_BASE`: the policy's own weights with its LoRA adapters switched off (nothing copied) |
+  - scoring: `Scoring.CACHED` — log-probs `[N, K, R]` computed once before step 1 by one scorer per
+    reference, then a batch input; `Scoring.IN_STEP` — scored inside every train / eval step; `Scoring.NONE` — a
+    reference-free loss;
+  - the primary reference's weights: `Weights.OWN` — a frozen copy (or another checkpoint), held beside the train
+    state; `Weights.TRAIN_STATE` — in the train state as `"reference"` (checkpointed, donated), moving with
+    `config.reference_sync` (TR-DPO) or reset per iteration (`train.iterations > 1`); `Weights.POLICY_BASE` — the
+    policy's own weights with its LoRA adapters switched off (nothing copied).
 
 - the train step (`jitted_steps`: the state donated, its shardings kept, metrics replicated), the eval step,
   the cache-fill scorers (`make_scorer`), the frozen rest (with LoRA the base) as an argument of every program,
@@ -30,43 +32,28 @@ import jax.numpy as jnp
 from rpo_jax.models.sharding import batch_sharding, make_mesh
 from rpo_jax.train.build.data import tokenizer_path
 from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
-from rpo_jax.train.build.model import (
-    abstract_params,
-    adapters_off_graphdef,
-    architecture_of,
-)
-from rpo_jax.train.build.state import (
-    RunSetup,
-    abstract_setup,
-    build_loss,
-    compute_dtype,
-)
+from rpo_jax.train.build.model import abstract_params, adapters_off_graphdef, architecture_of
+from rpo_jax.train.build.state import RunSetup, abstract_setup, build_loss, compute_dtype
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.runtime.global_batches import replicated
 from rpo_jax.train.step.logprobs import resolve_score_window
-from rpo_jax.train.step.steps import (
-    ReferenceSync,
-    WithFrozen,
-    make_eval_step,
-    make_scorer,
-    make_train_step,
-)
+from rpo_jax.train.step.steps import ReferenceSync, WithFrozen, make_eval_step, make_scorer, make_train_step
 
 
 class Scoring(enum.Enum):
     """When the references are scored."""
 
-    NONE = "none"          # a reference-free loss: no reference
-    CACHED = "cached"      # once, before step 1 (scorers); the step reads `ref_logps` from its batch
-    IN_STEP = "in_step"    # inside every train and eval step
+    NONE = "none"  # a reference-free loss: no reference
+    CACHED = "cached"  # once, before step 1 (scorers); the step reads `ref_logps` from its batch
+    IN_STEP = "in_step"  # inside every train and eval step
 
 
 class Weights(enum.Enum):
     """Where the primary reference's parameters live."""
 
-    OWN = "own"                    # its own frozen parameters (a copy of the initial policy, or a checkpoint)
-    TRAIN_STATE = "train_state"    # the train state's "reference": moves (TR-DPO) or is reset per iteration
-    POLICY_BASE = "policy_base"    # the policy's weights with the LoRA adapters off: no parameters of its own
+    OWN = "own"  # its own frozen parameters (a copy of the initial policy, or a checkpoint)
+    TRAIN_STATE = "train_state"  # the train state's "reference": moves (TR-DPO) or is reset per iteration
+    POLICY_BASE = "policy_base"  # the policy's weights with the LoRA adapters off: no parameters of its own
 
 
 class ReferenceLayout(NamedTuple):
@@ -74,7 +61,7 @@ class ReferenceLayout(NamedTuple):
 
     scoring: Scoring
     primary: Weights
-    count: int          # R (0 with Scoring.NONE)
+    count: int  # R (0 with Scoring.NONE)
     sync: ReferenceSync | None = None  # the primary's movement with Weights.TRAIN_STATE (every = 0: reset only)
 
     @property
@@ -117,36 +104,72 @@ def reference_layout(cfg, requires_reference: bool, sync: ReferenceSync | None) 
 def state_with_reference(state: dict, shardings: dict, reference: Any) -> tuple[dict, dict]:
     """The train state (and its shardings) with the primary reference's parameters as `"reference"`
     (`Weights.TRAIN_STATE`), kept in `reference`'s shardings."""
-    return ({**state, "reference": reference},
-            {**shardings, "reference": jax.tree.map(lambda x: x.sharding, reference)})
+    return (
+        {**state, "reference": reference},
+        {**shardings, "reference": jax.tree.map(lambda x: x.sharding, reference)},
+    )
 
 
-def jitted_steps(cfg, setup: RunSetup, loss_fn, ref_graphdefs: tuple, score_window: int | None,
-                 reference_sync: ReferenceSync | None = None) -> tuple[WithFrozen, WithFrozen]:
+def jitted_steps(
+    cfg,
+    setup: RunSetup,
+    loss_fn,
+    ref_graphdefs: tuple,
+    score_window: int | None,
+    reference_sync: ReferenceSync | None = None,
+) -> tuple[WithFrozen, WithFrozen]:
     """(train step, eval step) of preference training, jitted as the trainer runs them: the train step donates
     the state and keeps its shardings, metrics come back replicated. `setup` is a `RunSetup` (or `rpo-plan`'s
     abstract one); `ref_graphdefs` are the in-step references' `(graphdef, rest)`, empty with cached ones;
     `reference_sync`: the primary reference is the state's `"reference"` (`ReferenceLayout.sync`)."""
     chunk = cfg.model.vocab_chunk_size or None
-    step_fn = make_train_step(setup.graphdef, setup.rest, loss_fn, setup.tx, compute_dtype=setup.dtype,
-                              micro_batches=cfg.data.micro_batches, vocab_chunk_size=chunk,
-                              ref_graphdefs=ref_graphdefs, lr_schedule=setup.schedule, score_window=score_window,
-                              skip_nonfinite=cfg.train.on_nonfinite == "skip_step", reference_sync=reference_sync)
+    step_fn = make_train_step(
+        setup.graphdef,
+        setup.rest,
+        loss_fn,
+        setup.tx,
+        compute_dtype=setup.dtype,
+        micro_batches=cfg.data.micro_batches,
+        vocab_chunk_size=chunk,
+        ref_graphdefs=ref_graphdefs,
+        lr_schedule=setup.schedule,
+        score_window=score_window,
+        skip_nonfinite=cfg.train.on_nonfinite == "skip_step",
+        reference_sync=reference_sync,
+    )
     # the frozen rest (with LoRA: the base) is an argument of both programs, never a constant baked into them
-    train_step = WithFrozen(jax.jit(step_fn, donate_argnums=(0,),
-                                    out_shardings=(setup.state_shardings, replicated(setup.mesh))), setup.rest)
-    eval_step = WithFrozen(jax.jit(make_eval_step(setup.graphdef, setup.rest, loss_fn, compute_dtype=setup.dtype,
-                                                  vocab_chunk_size=chunk, ref_graphdefs=ref_graphdefs,
-                                                  score_window=score_window),
-                                   out_shardings=replicated(setup.mesh)), setup.rest)
+    train_step = WithFrozen(
+        jax.jit(step_fn, donate_argnums=(0,), out_shardings=(setup.state_shardings, replicated(setup.mesh))), setup.rest
+    )
+    eval_step = WithFrozen(
+        jax.jit(
+            make_eval_step(
+                setup.graphdef,
+                setup.rest,
+                loss_fn,
+                compute_dtype=setup.dtype,
+                vocab_chunk_size=chunk,
+                ref_graphdefs=ref_graphdefs,
+                score_window=score_window,
+            ),
+            out_shardings=replicated(setup.mesh),
+        ),
+        setup.rest,
+    )
     return train_step, eval_step
 
 
 def scorer(cfg, setup: RunSetup, graphdef, rest, score_window: int | None) -> WithFrozen:
     """The cache fill's program for one reference (`Scoring.CACHED`): its `[B, K]` log-probs replicated; `rest`
     None is the policy's (a reference sharing the policy's base, LoRA)."""
-    return make_scorer(graphdef, setup.rest if rest is None else rest, setup.mesh, compute_dtype=setup.dtype,
-                       vocab_chunk_size=cfg.model.vocab_chunk_size or None, score_window=score_window)
+    return make_scorer(
+        graphdef,
+        setup.rest if rest is None else rest,
+        setup.mesh,
+        compute_dtype=setup.dtype,
+        vocab_chunk_size=cfg.model.vocab_chunk_size or None,
+        score_window=score_window,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ programs
@@ -159,14 +182,21 @@ def abstract_batch(batch_size: int, responses: int, length: int, mesh, *, reward
     """The step's batch contract (rpo_jax.data.tokenize.collate_examples) as ShapeDtypeStructs sharded on the
     batch axis; `ref_shape` adds cached `ref_logps`."""
     b, k, t = batch_size, responses, length
-    spec = {"tokens": ((b, k, t), jnp.int32), "attention_mask": ((b, k, t), jnp.bool_),
-            "loss_mask": ((b, k, t), jnp.bool_), "lengths": ((b, k), jnp.int32), "valid": ((b, k), jnp.bool_)}
+    spec = {
+        "tokens": ((b, k, t), jnp.int32),
+        "attention_mask": ((b, k, t), jnp.bool_),
+        "loss_mask": ((b, k, t), jnp.bool_),
+        "lengths": ((b, k), jnp.int32),
+        "valid": ((b, k), jnp.bool_),
+    }
     if rewards:
         spec["rewards"] = ((b, k), jnp.float32)
     if ref_shape is not None:
         spec["ref_logps"] = (ref_shape, jnp.float32)
-    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
-            for name, (shape, dtype) in spec.items()}
+    return {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+        for name, (shape, dtype) in spec.items()
+    }
 
 
 @dataclasses.dataclass
@@ -174,7 +204,7 @@ class Program:
     name: str
     jitted: Any
     args: tuple
-    resident: int = 0        # bytes per chip held by the trainer meanwhile but not an argument of this program
+    resident: int = 0  # bytes per chip held by the trainer meanwhile but not an argument of this program
 
 
 @dataclasses.dataclass
@@ -190,7 +220,7 @@ class Plan:
     score_window: int | None
     mesh_shape: dict
     num_devices: int
-    batch_shape: tuple[int, int, int]   # (B, K, T) of the planned train batch
+    batch_shape: tuple[int, int, int]  # (B, K, T) of the planned train batch
 
     @property
     def in_step(self) -> bool:
@@ -209,8 +239,7 @@ def plan_score_window(cfg) -> int | None:
     return resolve_score_window(setting, 1)
 
 
-def reference_models(cfg, refs: list[dict], setup: RunSetup, layout: ReferenceLayout
-                     ) -> list[tuple[Any, Any, Any]]:
+def reference_models(cfg, refs: list[dict], setup: RunSetup, layout: ReferenceLayout) -> list[tuple[Any, Any, Any]]:
     """(graphdef, rest, abstract parameters) of each reference, as `rpo_jax.train.jobs.preference.build_references`
     makes them: for an empty path the initial policy (a copy of its parameters; with LoRA a copy of the adapters
     on the policy's base, rest None), or with `Weights.POLICY_BASE` the base with the adapters off (parameters and
@@ -245,21 +274,24 @@ def build_programs(cfg, devices: Sequence, responses: int = 2, *, rewards: bool 
     if cfg.data.batch_size % shards:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by data×fsdp={shards}")
     if cfg.data.batch_size % cfg.data.micro_batches:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
-                         f"data.micro_batches={cfg.data.micro_batches}")
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by data.micro_batches={cfg.data.micro_batches}"
+        )
     dtype = jnp.bfloat16 if cfg.model.dtype == "auto" else compute_dtype(cfg.model.dtype)
     loss_fn = build_loss(cfg)
     model_config = architecture_of(cfg)
-    setup = abstract_setup(cfg, model_config, mesh=mesh, dtype=dtype,
-                           total_steps=cfg.train.steps * max(1, cfg.train.iterations))
+    setup = abstract_setup(
+        cfg, model_config, mesh=mesh, dtype=dtype, total_steps=cfg.train.steps * max(1, cfg.train.iterations)
+    )
     layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     refs = ([dict(r) for r in cfg.references] or [{"path": ""}]) if layout.count else []
     if refs:
         loss_fn.spec.check_reference_count(len(refs), given="config.references")
-    if layout.in_step and any(r.get("path") and (r.get("tokenizer") or r["path"]) != tokenizer_path(cfg)
-                              for r in refs):
-        raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
-                         "use 'cache' for references with their own tokenizer")
+    if layout.in_step and any(r.get("path") and (r.get("tokenizer") or r["path"]) != tokenizer_path(cfg) for r in refs):
+        raise ValueError(
+            "reference_mode='in_step' needs references that share the policy's tokenizer; "
+            "use 'cache' for references with their own tokenizer"
+        )
     ref_models = reference_models(cfg, refs, setup, layout)
     ref_params = tuple(params for _, _, params in ref_models)
     step_refs = ref_params
@@ -279,24 +311,52 @@ def build_programs(cfg, devices: Sequence, responses: int = 2, *, rewards: bool 
     state_bytes = device_bytes(setup.state)
     held_outside = 0 if layout.in_step else device_bytes(ref_params)  # frozen references beside the state
     reference_bytes = device_bytes(ref_params)
-    programs = [Program("train step", train_step, (setup.state, batch, step_refs if layout.in_step else ()),
-                        resident=held_outside)]
+    programs = [
+        Program(
+            "train step", train_step, (setup.state, batch, step_refs if layout.in_step else ()), resident=held_outside
+        )
+    ]
     evaluates = bool(cfg.data.eval) or cfg.data.eval_fraction > 0 or cfg.data.train in ("", "demo")
     eb = cfg.data.eval_batch_size
     if evaluates:
         eval_ref = None if ref_shape is None else (eb, *ref_shape[1:])
-        eval_batch = abstract_batch(eb, k, t, mesh, rewards=rewards or loss_fn.spec.requires_rewards, ref_shape=eval_ref)
+        eval_batch = abstract_batch(
+            eb, k, t, mesh, rewards=rewards or loss_fn.spec.requires_rewards, ref_shape=eval_ref
+        )
         # the eval step scores the primary of the moment first (the state's "reference" when it lives there)
         eval_refs = ref_params if layout.in_step else ()
-        programs.append(Program("eval step", eval_step, (setup.state["params"], eval_batch, eval_refs),
-                                resident=state_bytes - device_bytes(setup.state["params"])
-                                - (device_bytes(ref_params[0]) if layout.in_state else 0) + held_outside))
+        programs.append(
+            Program(
+                "eval step",
+                eval_step,
+                (setup.state["params"], eval_batch, eval_refs),
+                resident=state_bytes
+                - device_bytes(setup.state["params"])
+                - (device_bytes(ref_params[0]) if layout.in_state else 0)
+                + held_outside,
+            )
+        )
     if layout.scoring is Scoring.CACHED:
         score_batch = abstract_batch(eb, k, t, mesh, rewards=False)
         for i, (graphdef, rest, params) in enumerate(ref_models):
             params = setup.state["params"] if params is None else params  # LoRA's base reference: the policy's
-            programs.append(Program(f"reference {i} scorer (cache fill)", scorer(cfg, setup, graphdef, rest, window),
-                                    (params, score_batch),
-                                    resident=state_bytes + held_outside - device_bytes(params)))
-    return Plan(programs, model_config, state_bytes, reference_bytes, device_bytes(batch), layout, window,
-                dict(mesh.shape), len(devices), (b, k, t))
+            programs.append(
+                Program(
+                    f"reference {i} scorer (cache fill)",
+                    scorer(cfg, setup, graphdef, rest, window),
+                    (params, score_batch),
+                    resident=state_bytes + held_outside - device_bytes(params),
+                )
+            )
+    return Plan(
+        programs,
+        model_config,
+        state_bytes,
+        reference_bytes,
+        device_bytes(batch),
+        layout,
+        window,
+        dict(mesh.shape),
+        len(devices),
+        (b, k, t),
+    )

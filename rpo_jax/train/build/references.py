@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 class Reference:
     """A frozen model that scores responses: its split nnx graph, parameters and tokenized data per split."""
 
-    name: str                      # checkpoint path, or "initial-policy"
-    fingerprint: str               # identifies the weights (checkpoint hash, or the policy's init config+seed)
+    name: str  # checkpoint path, or "initial-policy"
+    fingerprint: str  # identifies the weights (checkpoint hash, or the policy's init config+seed)
     graphdef: Any
     params: Any
     rest: Any
@@ -48,13 +48,27 @@ class Reference:
 
 def cache_key(reference: Reference, split: str) -> dict[str, Any]:
     ds = reference.datasets[split]
-    return {"reference": reference.name, "checkpoint": reference.fingerprint, "tokenizer": reference.tokenizer_name,
-            "data": dataset_fingerprint(ds), "max_length": ds.max_length, "split": split}
+    return {
+        "reference": reference.name,
+        "checkpoint": reference.fingerprint,
+        "tokenizer": reference.tokenizer_name,
+        "data": dataset_fingerprint(ds),
+        "max_length": ds.max_length,
+        "split": split,
+    }
 
 
-def compute_logps(scorer: Callable, params: Any, dataset: TokenizedDataset, batch_size: int, mesh, *,
-                  prepare: Callable[[dict], dict] | None = None, description: str = "reference log-probs",
-                  progress: bool = False) -> np.ndarray:
+def compute_logps(
+    scorer: Callable,
+    params: Any,
+    dataset: TokenizedDataset,
+    batch_size: int,
+    mesh,
+    *,
+    prepare: Callable[[dict], dict] | None = None,
+    description: str = "reference log-probs",
+    progress: bool = False,
+) -> np.ndarray:
     """`[N, K]` float32 sequence log-probs of every record's responses (NaN where absent or dropped).
 
     `scorer(params, global batch) -> logps [B, K]` replicated (`rpo_jax.train.step.steps.make_scorer`), so every process
@@ -69,6 +83,7 @@ def compute_logps(scorer: Callable, params: Any, dataset: TokenizedDataset, batc
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=batches, desc=description, unit="batch", dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -88,8 +103,9 @@ def compute_logps(scorer: Callable, params: Any, dataset: TokenizedDataset, batc
     return out
 
 
-def cached_logps(directory: storage.PathLike, reference: Reference, split: str,
-                 compute: Callable[[], np.ndarray]) -> np.ndarray:
+def cached_logps(
+    directory: storage.PathLike, reference: Reference, split: str, compute: Callable[[], np.ndarray]
+) -> np.ndarray:
     """The `[N, K]` log-probs of `reference` on `split`, from the cache `directory` (a local path or a URL) or
     computed (then stored: the key beside it first, the array last and whole, so a present array is complete)."""
     key = cache_key(reference, split)

@@ -23,7 +23,7 @@ from rpo_jax.train.runtime.global_batches import replicated
 
 # ------------------------------------------------------------------------------------------------ basics
 def compute_dtype(name: str):
-    """"auto" → float32 on CPU, bfloat16 on GPU/TPU; otherwise the named dtype."""
+    """ "auto" → float32 on CPU, bfloat16 on GPU/TPU; otherwise the named dtype."""
     if name == "auto":
         return jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
@@ -45,9 +45,14 @@ def on_mesh(tree: Any, mesh) -> Any:
     leaf (scalars such as the step or Adam's count) is replicated over the mesh. Every leaf comes back committed
     to its devices, as the jitted step's outputs are, so the step compiles once rather than twice."""
     devices = set(mesh.devices.flat)
-    return jax.tree.map(lambda x: jax.device_put(x, x.sharding)
-                        if getattr(x, "sharding", None) is not None and x.sharding.device_set == devices
-                        else jax.device_put(x, replicated(mesh)), tree)
+    return jax.tree.map(
+        lambda x: (
+            jax.device_put(x, x.sharding)
+            if getattr(x, "sharding", None) is not None and x.sharding.device_set == devices
+            else jax.device_put(x, replicated(mesh))
+        ),
+        tree,
+    )
 
 
 @dataclasses.dataclass
@@ -59,7 +64,7 @@ class RunSetup:
 
     config: ml_collections.ConfigDict
     mesh: Any
-    dtype: Any                      # compute dtype of the step
+    dtype: Any  # compute dtype of the step
     tokenizer: Any
     model_config: ModelConfig
     graphdef: Any
@@ -75,26 +80,44 @@ def optimizer_state_shardings(tx: optax.GradientTransformation, params: Any, mes
     parameter's sharding, anything else (counts) is replicated. (Left to itself, `jit(tx.init)` replicates the
     moments: zeros depend on no input, and XLA gives them no sharding — 8 bytes per parameter on every chip.)"""
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    return optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
-                                 transform_non_params=lambda _: replicated(mesh))
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        param_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
 
 
-def build_setup(cfg: ml_collections.ConfigDict, model: nnx.Module, model_config: ModelConfig, *, mesh, dtype,
-                tokenizer, total_steps: int) -> RunSetup:
+def build_setup(
+    cfg: ml_collections.ConfigDict,
+    model: nnx.Module,
+    model_config: ModelConfig,
+    *,
+    mesh,
+    dtype,
+    tokenizer,
+    total_steps: int,
+) -> RunSetup:
     """Split `model` into trainable parameters and the rest, build `config.optimizer` for `total_steps`, and place
     the initial train state (RNG from `config.seed`) on `mesh`."""
     graphdef, params, rest = split_trainable(model)
     tx, schedule = make_optimizer(cfg.optimizer, total_steps)
     opt_state = jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params, mesh))(params)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(cfg.seed))}
+    state = {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(cfg.seed)),
+    }
     state = on_mesh(state, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return RunSetup(cfg, mesh, dtype, tokenizer, model_config, graphdef, rest, state, shardings, tx, schedule)
 
 
-def abstract_setup(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype,
-                   total_steps: int) -> RunSetup:
+def abstract_setup(
+    cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype, total_steps: int
+) -> RunSetup:
     """`build_setup`'s RunSetup with abstract values (`abstract_params` of the policy, with its LoRA adapters when
     `config.model.lora` asks for them; the optimizer state's shapes with `optimizer_state_shardings`, the step and
     RNG replicated): every leaf of `state` (and of `rest`) a `jax.ShapeDtypeStruct` with a `NamedSharding`."""
@@ -102,8 +125,11 @@ def abstract_setup(cfg: ml_collections.ConfigDict, model_config: ModelConfig, *,
     tx, schedule = make_optimizer(cfg.optimizer, total_steps)
     opt_state = with_shardings(jax.eval_shape(tx.init, params), optimizer_state_shardings(tx, params, mesh))
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(cfg.seed)))
-    state = {"params": params, "opt_state": opt_state,
-             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
-             "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated(mesh))}
+    state = {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
+        "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated(mesh)),
+    }
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return RunSetup(cfg, mesh, dtype, None, model_config, graphdef, rest, state, shardings, tx, schedule)

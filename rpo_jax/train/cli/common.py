@@ -32,7 +32,7 @@ def _override_path(error: Exception) -> str | None:
     for arg in sys.argv[1:]:
         key = arg.split("=", 1)[0]
         if key.startswith("--config.") and name and key.rsplit(".", 1)[-1] == name.group(0):
-            return key[len("--config."):]
+            return key[len("--config.") :]
     return None
 
 
@@ -45,8 +45,10 @@ def unknown_field_error(error: Exception) -> ValueError:
         suggested = re.search(r'Did you mean "([^"]+)"', str(error))
         return ValueError(unknown_key_message(path, suggested.group(1) if suggested else None))
     name = " ".join(str(error).split()).strip("\"' ")
-    return ValueError(f"a --config.* override names a key the config does not have: {name!r} (every key, its "
-                      "default and meaning: rpo_jax/train/config/schema.py)")
+    return ValueError(
+        f"a --config.* override names a key the config does not have: {name!r} (every key, its "
+        "default and meaning: rpo_jax/train/config/schema.py)"
+    )
 
 
 def quiet_libraries() -> None:
@@ -69,11 +71,11 @@ def one_line_errors(program: str, workdir: str | None, verbose: bool):
         trace = traceback.format_exc()
         where = None
         if workdir:
-            from rpo_jax.train.core.workdir import (
-                add_to_error_log,  # a local path or a URL
-            )
+            from rpo_jax.train.core.workdir import add_to_error_log  # a local path or a URL
+
             where = add_to_error_log(
-                workdir, f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {program}\n{trace}\n")
+                workdir, f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {program}\n{trace}\n"
+            )
         if verbose:
             print(trace, file=sys.stderr, end="")
         message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
@@ -107,7 +109,12 @@ def help_text(program: str, doc: str, flag_values, module: str) -> str:
     """`--help` of an absl command: what it does (its module docstring), then its own flags (spelled with dashes)
     and the `--config.*` overrides."""
     listing = flag_values.module_help(module).replace(f"{module}:\n", "")
-    lines = [re.sub(r"^(\s*--(?:\[no\])?)(\w+):", lambda m: m.group(1) + m.group(2).replace("_", "-") + ":", line)
-             for line in listing.splitlines()]
-    return (f"usage: {program} [flags] [--config.KEY=VALUE ...]\n\n{doc.strip()}\n\nflags:\n" + "\n".join(lines)
-            + "\n  --config.KEY=VALUE: override any field of the recipe (e.g. --config.train.steps=100)\n")
+    lines = [
+        re.sub(r"^(\s*--(?:\[no\])?)(\w+):", lambda m: m.group(1) + m.group(2).replace("_", "-") + ":", line)
+        for line in listing.splitlines()
+    ]
+    return (
+        f"usage: {program} [flags] [--config.KEY=VALUE ...]\n\n{doc.strip()}\n\nflags:\n"
+        + "\n".join(lines)
+        + "\n  --config.KEY=VALUE: override any field of the recipe (e.g. --config.train.steps=100)\n"
+    )

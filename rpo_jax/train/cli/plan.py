@@ -40,15 +40,25 @@ def _flag_values(argv: Sequence[str], parse: bool = True) -> flags.FlagValues:
     values = flags.FlagValues()
     # sys_argv: config_flags reads the overrides to register from it (else from sys.argv, which is not `argv`
     # when rpo-plan runs in-process)
-    config_flags.DEFINE_config_file("config", None, "Recipe file (configs/NAME.py).", flag_values=values,
-                                    lock_config=True, sys_argv=list(argv))
-    flags.DEFINE_string("topology", None, "Cloud TPU accelerator type: v5p-64, v4-32, v5litepod-16 / v5e-16, "
-                        "v6e-8, ...", flag_values=values)
+    config_flags.DEFINE_config_file(
+        "config", None, "Recipe file (configs/NAME.py).", flag_values=values, lock_config=True, sys_argv=list(argv)
+    )
+    flags.DEFINE_string(
+        "topology",
+        None,
+        "Cloud TPU accelerator type: v5p-64, v4-32, v5litepod-16 / v5e-16, v6e-8, ...",
+        flag_values=values,
+    )
     flags.DEFINE_integer("responses", 2, "K: responses per example in the data (2 for pairs).", flag_values=values)
-    flags.DEFINE_bool("rewards", False, "The data carries per-response scores (they reach the step's metrics "
-                      "even when the loss does not use them).", flag_values=values)
-    flags.DEFINE_string("dump_hlo", "", "A directory: write each program's compiled HLO text there.",
-                        flag_values=values)
+    flags.DEFINE_bool(
+        "rewards",
+        False,
+        "The data carries per-response scores (they reach the step's metrics even when the loss does not use them).",
+        flag_values=values,
+    )
+    flags.DEFINE_string(
+        "dump_hlo", "", "A directory: write each program's compiled HLO text there.", flag_values=values
+    )
     if not parse:
         return values
     try:
@@ -85,8 +95,10 @@ def run(argv: Sequence[str]) -> int:
     if compiled:
         print(report(plan, compiled, slc, cfg))
     for e in failures:
-        print(f"rpo-plan: {e.program}: does not fit: needs {e.needed / GiB:.1f} GiB of {e.capacity / GiB:.1f} "
-              f"GiB per chip on {slc.accelerator}")
+        print(
+            f"rpo-plan: {e.program}: does not fit: needs {e.needed / GiB:.1f} GiB of {e.capacity / GiB:.1f} "
+            f"GiB per chip on {slc.accelerator}"
+        )
     return 1 if failures else 0
 
 

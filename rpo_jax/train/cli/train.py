@@ -33,17 +33,26 @@ _QUICKSTART = pathlib.Path(__file__).parent.parent / "config" / "quickstart.py"
 
 def _define_train_flags(argv: list[str]):
     try:  # sys_argv: the overrides to register (else read from sys.argv, which is not `argv` in-process)
-        config_flags.DEFINE_config_file("config", str(_QUICKSTART),
-                                        "Recipe file (configs/NAME.py); default: quickstart.", lock_config=True,
-                                        sys_argv=argv)
+        config_flags.DEFINE_config_file(
+            "config",
+            str(_QUICKSTART),
+            "Recipe file (configs/NAME.py); default: quickstart.",
+            lock_config=True,
+            sys_argv=argv,
+        )
     except (KeyError, AttributeError) as e:
         raise unknown_field_error(e) from e
     flags.DEFINE_string("workdir", "runs/quickstart", "Run directory: checkpoints, metrics, reference cache, export.")
-    flags.DEFINE_bool("precompute", False,
-                      "Preference training: only compute (or reuse) the reference log-prob cache, then exit.")
+    flags.DEFINE_bool(
+        "precompute", False, "Preference training: only compute (or reuse) the reference log-prob cache, then exit."
+    )
     flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (always kept in WORKDIR/errors.log).")
-    flags.DEFINE_string("from_trl", None, "A TRL 1.16 DPOConfig (.json/.yaml) mapped onto the --config recipe (the "
-                        "mapping is printed); --config.* overrides apply on top (rpo_jax.train.config.from_trl).")
+    flags.DEFINE_string(
+        "from_trl",
+        None,
+        "A TRL 1.16 DPOConfig (.json/.yaml) mapped onto the --config recipe (the "
+        "mapping is printed); --config.* overrides apply on top (rpo_jax.train.config.from_trl).",
+    )
 
 
 def _train(argv):
@@ -54,21 +63,26 @@ def _train(argv):
         cfg = flags.FLAGS.config
         if flags.FLAGS.from_trl:
             from rpo_jax.train.config.from_trl import apply_trl_config
-            cfg, mapping = apply_trl_config(flags.FLAGS.from_trl, cfg,
-                                            config_flags.get_override_values(flags.FLAGS["config"]))
+
+            cfg, mapping = apply_trl_config(
+                flags.FLAGS.from_trl, cfg, config_flags.get_override_values(flags.FLAGS["config"])
+            )
             print(mapping, flush=True)
         cfg = validate(cfg)  # once, at the boundary: one line naming the key for a bad value
         if cfg.cpu_reuse_memory:
             from rpo_jax.train.runtime.cpu_memory import reuse_cpu_step_memory
+
             reuse_cpu_step_memory()
         result = run_job(cfg, flags.FLAGS.workdir, precompute_only=flags.FLAGS.precompute)
         logging.info("done: %s", result)
 
 
 #: config.mode → (module, function) of its job; imported only after jax.distributed.initialize.
-JOBS = {PREFERENCE: ("rpo_jax.train.jobs.preference", "train"),
-        ONLINE: ("rpo_jax.train.jobs.online", "train_online"),
-        REWARD_MODEL: ("rpo_jax.train.jobs.reward_model", "train_reward_model")}
+JOBS = {
+    PREFERENCE: ("rpo_jax.train.jobs.preference", "train"),
+    ONLINE: ("rpo_jax.train.jobs.online", "train_online"),
+    REWARD_MODEL: ("rpo_jax.train.jobs.reward_model", "train_reward_model"),
+}
 
 
 def run_job(cfg, workdir: str, *, precompute_only: bool = False):

@@ -38,36 +38,90 @@ from rpo_jax.train.config.defaults import base_config
 TRL_VERSION = "1.16.0"
 
 #: TRL `loss_type` → rpo_jax loss name (TRL's formulas; `tests/losses/test_losses_trl.py` checks each).
-LOSS_NAMES = {"sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo", "exo_pair": "exo_pair", "nca_pair": "nca_pair",
-              "robust": "robust", "bco_pair": "bco_pair", "sppo_hard": "sppo_hard", "aot": "aot",
-              "aot_unpaired": "aot_unpaired", "apo_zero": "apo_zero", "apo_down": "apo_down",
-              "discopop": "discopop", "sft": "sft", "sigmoid_norm": "sigmoid_norm"}
+LOSS_NAMES = {
+    "sigmoid": "dpo",
+    "hinge": "hinge",
+    "ipo": "ipo",
+    "exo_pair": "exo_pair",
+    "nca_pair": "nca_pair",
+    "robust": "robust",
+    "bco_pair": "bco_pair",
+    "sppo_hard": "sppo_hard",
+    "aot": "aot",
+    "aot_unpaired": "aot_unpaired",
+    "apo_zero": "apo_zero",
+    "apo_down": "apo_down",
+    "discopop": "discopop",
+    "sft": "sft",
+    "sigmoid_norm": "sigmoid_norm",
+}
 
 #: TRL 1.16 (with transformers 5) defaults of every field `trl_to_config` maps.
 TRL_DEFAULTS: dict[str, Any] = {
-    "beta": 0.1, "loss_type": ["sigmoid"], "loss_weights": None, "label_smoothing": 0.0, "discopop_tau": 0.05,
-    "max_length": 1024, "truncation_mode": "keep_start", "learning_rate": 1e-6, "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1, "num_train_epochs": 3.0, "max_steps": -1,
-    "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 42,
-    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "optim": "adamw_torch_fused",
-    "precompute_ref_log_probs": False, "sync_ref_model": False, "ref_model_mixup_alpha": 0.6,
-    "ref_model_sync_steps": 512, "bf16": True, "fp16": False, "gradient_checkpointing": True,
-    "disable_dropout": True, "logging_steps": 10, "save_steps": 500, "eval_steps": None, "save_total_limit": None,
+    "beta": 0.1,
+    "loss_type": ["sigmoid"],
+    "loss_weights": None,
+    "label_smoothing": 0.0,
+    "discopop_tau": 0.05,
+    "max_length": 1024,
+    "truncation_mode": "keep_start",
+    "learning_rate": 1e-6,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "num_train_epochs": 3.0,
+    "max_steps": -1,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "seed": 42,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "optim": "adamw_torch_fused",
+    "precompute_ref_log_probs": False,
+    "sync_ref_model": False,
+    "ref_model_mixup_alpha": 0.6,
+    "ref_model_sync_steps": 512,
+    "bf16": True,
+    "fp16": False,
+    "gradient_checkpointing": True,
+    "disable_dropout": True,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "eval_steps": None,
+    "save_total_limit": None,
     "train_sampling_strategy": "random",
 }
 
 #: Fields honoured only at TRL's default (None, "", [] and {} count as the same empty default).
 DEFAULT_ONLY: dict[str, Any] = {
-    "ld_alpha": None, "f_divergence_type": "reverse_kl", "use_weighting": False, "router_aux_loss_coef": None,
-    "label_smoothing_factor": 0.0, "neftune_noise_alpha": None, "data_seed": None, "dataloader_drop_last": False,
-    "lr_scheduler_kwargs": None, "optim_args": None, "optim_target_modules": None,
-    "auto_find_batch_size": False, "fsdp": None, "fsdp_config": None,
-    "deepspeed": None, "model_init_kwargs": None, "use_liger_kernel": False,
-    "liger_kernel_config": None, "activation_checkpointing": False, "activation_checkpointing_kwargs": None,
+    "ld_alpha": None,
+    "f_divergence_type": "reverse_kl",
+    "use_weighting": False,
+    "router_aux_loss_coef": None,
+    "label_smoothing_factor": 0.0,
+    "neftune_noise_alpha": None,
+    "data_seed": None,
+    "dataloader_drop_last": False,
+    "lr_scheduler_kwargs": None,
+    "optim_args": None,
+    "optim_target_modules": None,
+    "auto_find_batch_size": False,
+    "fsdp": None,
+    "fsdp_config": None,
+    "deepspeed": None,
+    "model_init_kwargs": None,
+    "use_liger_kernel": False,
+    "liger_kernel_config": None,
+    "activation_checkpointing": False,
+    "activation_checkpointing_kwargs": None,
 }
 
 #: Fields that change nothing rpo_jax trains (logging, saving, hub, workers, speed-only switches).
-NO_EFFECT = frozenset("""
+NO_EFFECT = frozenset(
+    """
 output_dir run_name project report_to logging_dir logging_strategy logging_first_step logging_nan_inf_filter
 log_level log_level_replica log_on_each_node disable_tqdm save_strategy save_on_each_node save_only_model
 eval_strategy eval_delay eval_on_start eval_accumulation_steps eval_do_concat_batches eval_use_gather_object
@@ -82,12 +136,13 @@ trackio_bucket_id trackio_static_space_id use_cpu tf32 torch_compile torch_compi
 torch_empty_cache_steps padding_free pad_to_multiple_of precompute_ref_batch_size activation_offloading use_cache
 accelerator_config parallelism_config full_determinism trust_remote_code gradient_checkpointing_kwargs
 bf16_full_eval fp16_full_eval average_tokens_across_devices f_alpha_divergence_coef pad_token
-""".split())
+""".split()
+)
 
 #: Fields a TRL 1.16 DPOConfig does not have, with what to do instead.
 REMOVED = {
     "max_prompt_length": "not a field of TRL 1.16's DPOConfig (removed: TRL truncates prompt + completion to "
-                         "max_length only); drop it, or set --config.data.max_prompt_length yourself",
+    "max_length only); drop it, or set --config.data.max_prompt_length yourself",
     "max_completion_length": "not a field of TRL 1.16's DPOConfig (removed); drop it",
 }
 
@@ -101,7 +156,7 @@ class MappedField:
 
     field: str
     value: Any
-    target: str       # "loss.hparams.beta=0.1", or why nothing ("no effect: ...")
+    target: str  # "loss.hparams.beta=0.1", or why nothing ("no effect: ...")
 
     def __str__(self) -> str:
         return f"  {self.field}={self.value!r} → {self.target}"
@@ -121,6 +176,7 @@ def read_trl_config(path: str | pathlib.Path) -> dict[str, Any]:
     if path.suffix not in (".json", ".yaml", ".yml"):
         raise ValueError(f"{path}: --from-trl reads a .json, .yaml or .yml DPOConfig, not {path.suffix!r}")
     import yaml
+
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -174,8 +230,11 @@ def _losses(fields: Mapping[str, Any], fail: Callable[[str, str], None]) -> list
     weights = [1.0] * len(types) if weights is None else list(weights)
     if len(weights) != len(types):
         fail("loss_weights", f"{len(weights)} weights for {len(types)} loss types")
-    shared = {"beta": fields["beta"], "label_smoothing": fields["label_smoothing"],
-              "discopop_tau": fields["discopop_tau"]}
+    shared = {
+        "beta": fields["beta"],
+        "label_smoothing": fields["label_smoothing"],
+        "discopop_tau": fields["discopop_tau"],
+    }
     out = []
     for loss_type, weight in zip(types, weights):
         if loss_type not in LOSS_NAMES:
@@ -185,27 +244,38 @@ def _losses(fields: Mapping[str, Any], fail: Callable[[str, str], None]) -> list
         out.append((name, float(weight), {k: v for k, v in shared.items() if k in accepted}))
     for key in ("label_smoothing", "discopop_tau"):
         if not _is_default(fields[key], TRL_DEFAULTS[key]) and not any(key in hp for _, _, hp in out):
-            fail(key, f"no loss in loss_type={types} uses it (TRL 1.16 ignores it there; rpo_jax refuses a "
-                      "setting that does nothing; for conservative DPO use --config.loss.name=cdpo)")
+            fail(
+                key,
+                f"no loss in loss_type={types} uses it (TRL 1.16 ignores it there; rpo_jax refuses a "
+                "setting that does nothing; for conservative DPO use --config.loss.name=cdpo)",
+            )
     return out
 
 
 def _check_unsupported(fields: Mapping[str, Any], fail: Callable[[str, str], None]) -> None:
     if fields["sync_ref_model"]:
         if fields["precompute_ref_log_probs"]:
-            fail("sync_ref_model", "cannot be combined with precompute_ref_log_probs=True (the reference moves; TRL "
-                                   "refuses it too)")
+            fail(
+                "sync_ref_model",
+                "cannot be combined with precompute_ref_log_probs=True (the reference moves; TRL refuses it too)",
+            )
         if isinstance(fields["ref_model_sync_steps"], float) or fields["ref_model_sync_steps"] < 1:
             fail("ref_model_sync_steps", "expected a whole number of steps ≥ 1")
         if not 0 < fields["ref_model_mixup_alpha"] <= 1:
             fail("ref_model_mixup_alpha", "expected α in (0, 1] (α = 0 would leave the reference where it is)")
     for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
         if not fields["sync_ref_model"] and not _is_default(fields[key], TRL_DEFAULTS[key]):
-            fail(key, "applies only with sync_ref_model=True (TRL 1.16 ignores it otherwise; rpo_jax refuses a "
-                      "setting that does nothing)")
+            fail(
+                key,
+                "applies only with sync_ref_model=True (TRL 1.16 ignores it otherwise; rpo_jax refuses a "
+                "setting that does nothing)",
+            )
     if fields["truncation_mode"] != "keep_start":
-        fail("truncation_mode", "only 'keep_start' (TRL 1.16 deprecates 'keep_end'); rpo_jax's left truncation "
-                                "is --config.data.truncation=truncate_prompt")
+        fail(
+            "truncation_mode",
+            "only 'keep_start' (TRL 1.16 deprecates 'keep_end'); rpo_jax's left truncation "
+            "is --config.data.truncation=truncate_prompt",
+        )
     if fields["max_length"] is None:
         fail("max_length", "None (no truncation): rpo_jax needs a longest sequence length; set it")
     if fields["fp16"]:
@@ -230,9 +300,9 @@ def _set(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
-                  cfg: ml_collections.ConfigDict | None = None
-                  ) -> tuple[ml_collections.ConfigDict, list[MappedField]]:
+def trl_to_config(
+    fields: Mapping[str, Any], *, source: str = "<DPOConfig>", cfg: ml_collections.ConfigDict | None = None
+) -> tuple[ml_collections.ConfigDict, list[MappedField]]:
     """Map DPOConfig `fields` (missing ones at `TRL_DEFAULTS`) onto `cfg` (default `base_config()`).
 
     Returns `(config, mapping)`: the config with every mapped field set, and one `MappedField` per TRL field
@@ -277,8 +347,13 @@ def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
     cfg.loss.hparams = ml_collections.ConfigDict(main_hp)
     for key in ("beta", "label_smoothing", "discopop_tau"):
         users = [n for n, _, hp in losses if key in hp]
-        mapping.append(MappedField(key, given[key], f"hyperparameter of {', '.join(users)}" if users
-                                   else "unused by these losses (TRL's default)"))
+        mapping.append(
+            MappedField(
+                key,
+                given[key],
+                f"hyperparameter of {', '.join(users)}" if users else "unused by these losses (TRL's default)",
+            )
+        )
     put("max_length", data__max_length=int(given["max_length"]))
     put("truncation_mode", data__truncation="keep_start", data__max_prompt_length=0)
     put("learning_rate", optimizer__learning_rate=float(given["learning_rate"]))
@@ -316,8 +391,13 @@ def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
     put("sync_ref_model", references=[], reference_sync__every=sync_every)
     if given["sync_ref_model"]:  # TR-DPO: the same update at the same steps (rpo_jax.train.step.steps.sync_reference)
         put("ref_model_mixup_alpha", reference_sync__mix=float(given["ref_model_mixup_alpha"]))
-        mapping.append(MappedField("ref_model_sync_steps", given["ref_model_sync_steps"],
-                                   f"reference_sync.every={int(given['ref_model_sync_steps'])}"))
+        mapping.append(
+            MappedField(
+                "ref_model_sync_steps",
+                given["ref_model_sync_steps"],
+                f"reference_sync.every={int(given['ref_model_sync_steps'])}",
+            )
+        )
     put("bf16", model__dtype="auto" if given["bf16"] else "float32")  # auto: bfloat16 on TPU/GPU, f32 on CPU
     put("gradient_checkpointing", model__remat="full" if given["gradient_checkpointing"] else "none")
     put("logging_steps", train__log_every=max(1, math.ceil(float(given["logging_steps"]))))
@@ -326,19 +406,26 @@ def trl_to_config(fields: Mapping[str, Any], *, source: str = "<DPOConfig>",
         put("eval_steps", train__eval_every=max(1, math.ceil(float(given["eval_steps"]))))
     if given["save_total_limit"]:
         put("save_total_limit", train__keep_checkpoints=int(given["save_total_limit"]))
-    for key in ("fp16", "disable_dropout") + (() if given["sync_ref_model"] else ("ref_model_mixup_alpha",
-                                                                                  "ref_model_sync_steps")):
+    for key in ("fp16", "disable_dropout") + (
+        () if given["sync_ref_model"] else ("ref_model_mixup_alpha", "ref_model_sync_steps")
+    ):
         mapping.append(MappedField(key, given[key], "TRL's default: nothing to change"))
     for key in sorted(set(fields) & (NO_EFFECT | set(DEFAULT_ONLY))):
-        mapping.append(MappedField(key, fields[key], "no effect on what rpo_jax trains" if key in NO_EFFECT
-                                   else "TRL's default: nothing to change"))
+        mapping.append(
+            MappedField(
+                key,
+                fields[key],
+                "no effect on what rpo_jax trains" if key in NO_EFFECT else "TRL's default: nothing to change",
+            )
+        )
     return cfg, mapping
 
 
 def format_mapping(source: str, mapping: list[MappedField]) -> str:
     """The mapping as printed by `rpo-train --from-trl` (one header line, one line per field)."""
-    return "\n".join([f"rpo-train --from-trl {source} (TRL {TRL_VERSION} DPOConfig → rpo_jax config):"]
-                     + [str(m) for m in mapping])
+    return "\n".join(
+        [f"rpo-train --from-trl {source} (TRL {TRL_VERSION} DPOConfig → rpo_jax config):"] + [str(m) for m in mapping]
+    )
 
 
 def config_from_trl(path: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, list[MappedField]]:
@@ -346,8 +433,9 @@ def config_from_trl(path: str | pathlib.Path) -> tuple[ml_collections.ConfigDict
     return trl_to_config(read_trl_config(path), source=str(path))
 
 
-def apply_trl_config(path: str | pathlib.Path, cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]
-                     ) -> tuple[ml_collections.ConfigDict, str]:
+def apply_trl_config(
+    path: str | pathlib.Path, cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> tuple[ml_collections.ConfigDict, str]:
     """`rpo-train --from-trl`: a copy of `cfg` (the `--config` recipe) with the DPOConfig at `path` mapped onto
     it, then the command line's `--config.*` `overrides` (flat dotted keys) set again on top. Returns the config
     and the text to print (the mapping, then the overrides)."""

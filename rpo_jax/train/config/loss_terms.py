@@ -16,7 +16,7 @@ from rpo_jax.train.config.values import ConfigError
 
 
 def did_you_mean(name: Any, choices: Sequence[str]) -> str:
-    """"; did you mean 'x'?" for the closest of `choices` to `name`, or "" when none is close."""
+    """ "; did you mean 'x'?" for the closest of `choices` to `name`, or "" when none is close."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -40,15 +40,19 @@ def check_term(where: str, name: Any, hparams: Mapping[str, Any], name_key: str)
     hyperparameter of `hparams` it refuses (`where.hparams.KEY=V: ...`)."""
     if not isinstance(name, str) or name not in LOSSES:
         names = available_losses()
-        raise ConfigError(f"{name_key}={_show(name)}: expected a loss of rpo_jax.losses.available_losses()"
-                          f"{did_you_mean(name, names)} ({', '.join(names)})")
+        raise ConfigError(
+            f"{name_key}={_show(name)}: expected a loss of rpo_jax.losses.available_losses()"
+            f"{did_you_mean(name, names)} ({', '.join(names)})"
+        )
     definition = LOSSES[name]
     for key, value in hparams.items():
         if key not in definition.hparams:
             known = sorted(definition.hparams)
-            raise ConfigError(f"{where}.hparams.{key}: no such hyperparameter of loss {name!r}"
-                              f"{did_you_mean(key, known)} (hyperparameters of {name!r}: "
-                              f"{', '.join(known) or 'none'})")
+            raise ConfigError(
+                f"{where}.hparams.{key}: no such hyperparameter of loss {name!r}"
+                f"{did_you_mean(key, known)} (hyperparameters of {name!r}: "
+                f"{', '.join(known) or 'none'})"
+            )
         try:
             definition.hparams[key][1](key, value)
         except ValueError as e:
@@ -63,19 +67,26 @@ def extra_term(index: int, entry: Any) -> tuple[str, float, dict]:
     """`config.loss.extra[index]` (`[name, weight]` or `[name, weight, {hparams}]`) as (name, weight, hparams);
     a ConfigError naming it when it is not one."""
     where = f"config.loss.extra[{index}]"
-    ok = (isinstance(entry, (list, tuple)) and len(entry) in (2, 3) and isinstance(entry[0], str)
-          and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
-          and (len(entry) == 2 or isinstance(entry[2], Mapping)))
+    ok = (
+        isinstance(entry, (list, tuple))
+        and len(entry) in (2, 3)
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], (int, float))
+        and not isinstance(entry[1], bool)
+        and (len(entry) == 2 or isinstance(entry[2], Mapping))
+    )
     if not ok:
-        raise ConfigError(f"{where}={_show(entry)}: expected [name, weight] or [name, weight, {{hparams}}] "
-                          "(e.g. ['sft', 0.05, {}])")
+        raise ConfigError(
+            f"{where}={_show(entry)}: expected [name, weight] or [name, weight, {{hparams}}] (e.g. ['sft', 0.05, {{}}])"
+        )
     hparams = dict(entry[2]) if len(entry) == 3 else {}
     check_term(where, entry[0], hparams, f"{where}[0]")
     return entry[0], float(entry[1]), hparams
 
 
-def loss_terms(name: str, weight: float, hparams: Mapping[str, Any], extra: Sequence[Any]
-               ) -> list[tuple[str, float, dict]]:
+def loss_terms(
+    name: str, weight: float, hparams: Mapping[str, Any], extra: Sequence[Any]
+) -> list[tuple[str, float, dict]]:
     """`config.loss` as the weighted terms `make_loss` takes: the main term first (each term checked)."""
     check_term("config.loss", name, hparams, "config.loss.name")
     return [(name, float(weight), dict(hparams)), *(extra_term(i, e) for i, e in enumerate(extra))]

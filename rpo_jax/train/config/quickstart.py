@@ -11,9 +11,19 @@ from rpo_jax.train.config.defaults import base_config
 def get_config():
     c = base_config()
     c.model.path = ""
-    c.model.init = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-5,
-                    "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 256}
+    c.model.init = {
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 256,
+    }
     c.model.dtype = "auto"
     c.data.train = "demo"
     c.data.eval = "demo"

@@ -19,40 +19,23 @@ defaults. The meaning of 0 for a count is stated in its description.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import optax
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, model_serializer, model_validator
 
 from rpo_jax.data.tokenize import TRUNCATION_POLICIES
 from rpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from rpo_jax.train.config.loss_terms import loss_spec, loss_terms
-from rpo_jax.train.config.values import (
-    MODES,
-    PAIR_MODES,
-    ConfigError,
-    Packing,
-    parse_packing,
-    parse_pairs,
-    parse_score_window,
-)
+from rpo_jax.train.config.sections import MeshSection, MetricsSection, OnlineSection, RewardModelSection, Section
+from rpo_jax.train.config.values import MODES, ConfigError, Packing, parse_packing, parse_pairs, parse_score_window
 
 #: optax optimizers that take a decoupled weight decay (`config.optimizer.weight_decay`).
 WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor", "lamb", "novograd", "adamaxw", "nadamw")
-#: Mesh axes of `config.mesh` (`rpo_jax.models.sharding.MESH_AXES`).
-MESH_AXES = ("data", "fsdp", "tensor")
 
 PairsOrKeep = Annotated[Literal["", "best_vs_worst", "all_pairs"], BeforeValidator(parse_pairs)]
-Pairs = Annotated[Literal[PAIR_MODES], BeforeValidator(lambda v: parse_pairs(v, allow_keep=False))]
 PackingSetting = Annotated[Packing, BeforeValidator(parse_packing)]
 ScoreWindow = Annotated[Literal["auto", "off"] | Annotated[int, Field(ge=1)], BeforeValidator(parse_score_window)]
-
-
-class Section(BaseModel):
-    """A config group: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -65,28 +48,47 @@ class LoraSection(Section):
 
     rank: int = Field(0, ge=0, description="0: LoRA off (full fine-tuning); > 0: the adapters' rank r")
     alpha: float = Field(16.0, gt=0, description="the adapters' scale s = alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1, description="inverted dropout on each adapter's input during "
-                           "training steps, in [0, 1) (0: none)")
-    targets: str = Field("all-linear", min_length=1, description='"all-linear" (q,k,v,o,gate,up,down_proj) | '
-                         'comma-separated module names ("q_proj,v_proj", PEFT\'s target_modules list) | a regex '
-                         'fully matched against "model.layers.{i}.self_attn.q_proj"-style paths')
-    init_from: str = Field("", description="a PEFT adapter directory (adapter_config.json + "
-                           "adapter_model.safetensors, e.g. TRL SFT output) to start from (turns LoRA on): rank, "
-                           "alpha and targets come from it; any of them set here to other than its default must "
-                           "agree with the adapter's (else a one-line error). dropout stays this config's. "
-                           "Empty: fresh adapters")
-    reference: Literal["base", "initial"] = Field("base", description='the primary reference with LoRA: "base" '
-                                                  "(adapters off; TRL's choice for a PEFT model without ref_model)"
-                                                  ' | "initial" (base + the adapters the run starts from, e.g. '
-                                                  "init_from's SFT adapter; a copy of the adapters only)")
-    base_dtype: Literal["", "int8", "int4"] = Field("", description='"" (model.param_dtype) | "int8" | "int4": the '
-                                                    "frozen base stored quantized (QLoRA, rpo_jax.models.quantize)")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="inverted dropout on each adapter's input during training steps, in [0, 1) (0: none)",
+    )
+    targets: str = Field(
+        "all-linear",
+        min_length=1,
+        description='"all-linear" (q,k,v,o,gate,up,down_proj) | '
+        'comma-separated module names ("q_proj,v_proj", PEFT\'s target_modules list) | a regex '
+        'fully matched against "model.layers.{i}.self_attn.q_proj"-style paths',
+    )
+    init_from: str = Field(
+        "",
+        description="a PEFT adapter directory (adapter_config.json + "
+        "adapter_model.safetensors, e.g. TRL SFT output) to start from (turns LoRA on): rank, "
+        "alpha and targets come from it; any of them set here to other than its default must "
+        "agree with the adapter's (else a one-line error). dropout stays this config's. "
+        "Empty: fresh adapters",
+    )
+    reference: Literal["base", "initial"] = Field(
+        "base",
+        description='the primary reference with LoRA: "base" '
+        "(adapters off; TRL's choice for a PEFT model without ref_model)"
+        ' | "initial" (base + the adapters the run starts from, e.g. '
+        "init_from's SFT adapter; a copy of the adapters only)",
+    )
+    base_dtype: Literal["", "int8", "int4"] = Field(
+        "",
+        description='"" (model.param_dtype) | "int8" | "int4": the '
+        "frozen base stored quantized (QLoRA, rpo_jax.models.quantize)",
+    )
 
     @model_validator(mode="after")
     def _quantized_base_needs_lora(self):
         if self.base_dtype and not (self.rank or self.init_from):
-            raise ConfigError(f"config.model.lora.base_dtype={self.base_dtype!r} quantizes the frozen base of LoRA "
-                              "training; set config.model.lora.rank > 0 (or init_from)")
+            raise ConfigError(
+                f"config.model.lora.base_dtype={self.base_dtype!r} quantizes the frozen base of LoRA "
+                "training; set config.model.lora.rank > 0 (or init_from)"
+            )
         return self
 
 
@@ -95,37 +97,55 @@ class ModelSection(Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    path: str = Field("", description="Hugging Face directory / hub id; empty: random init from model.init "
-                      "(quickstart)")
-    architecture: str | None = Field(None, description="None, or the path of a Hugging Face config.json "
-                                     "describing model.path's architecture, used when model.path cannot be read (a "
-                                     "hub id on a machine without the hub, e.g. `rpo-plan`): "
-                                     "configs/architectures/<name>.json")
-    init: dict[str, Any] = Field(default_factory=lambda: {"model_type": "llama"},
-                                 description="Hugging Face-style config fields of a random init (free-form; "
-                                 "checked by rpo_jax.models when the model is built)")
+    path: str = Field(
+        "", description="Hugging Face directory / hub id; empty: random init from model.init (quickstart)"
+    )
+    architecture: str | None = Field(
+        None,
+        description="None, or the path of a Hugging Face config.json "
+        "describing model.path's architecture, used when model.path cannot be read (a "
+        "hub id on a machine without the hub, e.g. `rpo-plan`): "
+        "configs/architectures/<name>.json",
+    )
+    init: dict[str, Any] = Field(
+        default_factory=lambda: {"model_type": "llama"},
+        description="Hugging Face-style config fields of a random init (free-form; "
+        "checked by rpo_jax.models when the model is built)",
+    )
     init_seed: int = Field(0, ge=0, description="seed of the random init (0 is a seed like any other)")
-    tokenizer: str = Field("", description="tokenizer directory / hub id; empty: model.path (or the demo's "
-                           "character tokenizer)")
+    tokenizer: str = Field(
+        "", description="tokenizer directory / hub id; empty: model.path (or the demo's character tokenizer)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description='compute dtype: "auto" = float32 on CPU, bfloat16 on GPU/TPU')
+        "auto", description='compute dtype: "auto" = float32 on CPU, bfloat16 on GPU/TPU'
+    )
     param_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="master weights (and optimizer state) dtype")
-    remat: Literal[REMAT_POLICIES] = Field("none", description="rematerialisation policy of the layers "
-                                           "(rpo_jax.models.config.REMAT_POLICIES)")
-    scan_unroll: int = Field(1, ge=1, description="layers per iteration of the layer scan (speed only; same "
-                             "results)")
+        "float32", description="master weights (and optimizer state) dtype"
+    )
+    remat: Literal[REMAT_POLICIES] = Field(
+        "none", description="rematerialisation policy of the layers (rpo_jax.models.config.REMAT_POLICIES)"
+    )
+    scan_unroll: int = Field(1, ge=1, description="layers per iteration of the layer scan (speed only; same results)")
     attention: Literal[ATTENTION_IMPLEMENTATIONS] = Field(
-        "auto", description='attention implementation (speed only; README "Attention implementations"): "xla" '
+        "auto",
+        description='attention implementation (speed only; README "Attention implementations"): "xla" '
         '(dense masks), "blockwise" (online softmax over key blocks: memory linear in the row length), "cudnn" '
         '(NVIDIA GPUs), "splash" (TPUs); "auto" is the backend\'s fused kernel when it supports the model and '
-        "batch, else blockwise for rows of 512 tokens or more, else XLA")
-    vocab_chunk_size: int = Field(0, ge=0, description="> 0: chunked log-softmax over the vocabulary in chunks of "
-                                  "this many tokens (large V); 0: off (one log-softmax)")
-    score_window: ScoreWindow = Field("auto", description='logit positions per sequence given to the output head: '
-                                      '"auto" (the longest response of the data, rounded up to 16), "off" (every '
-                                      "position; also \"\", 0), or a number ≥ 1 that must cover the longest "
-                                      "response (checked against the data)")
+        "batch, else blockwise for rows of 512 tokens or more, else XLA",
+    )
+    vocab_chunk_size: int = Field(
+        0,
+        ge=0,
+        description="> 0: chunked log-softmax over the vocabulary in chunks of "
+        "this many tokens (large V); 0: off (one log-softmax)",
+    )
+    score_window: ScoreWindow = Field(
+        "auto",
+        description="logit positions per sequence given to the output head: "
+        '"auto" (the longest response of the data, rounded up to 16), "off" (every '
+        'position; also "", 0), or a number ≥ 1 that must cover the longest '
+        "response (checked against the data)",
+    )
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapters (config.model.lora)")
 
 
@@ -137,8 +157,10 @@ class ReferenceSpec(Section):
 
     path: str = Field("", description='Hugging Face directory / hub id of the reference; "" = the initial policy')
     tokenizer: str = Field("", description='its tokenizer; "" = the policy\'s when path is empty, else its path')
-    architecture: str | None = Field(None, description="None, or a Hugging Face config.json of path's "
-                                     "architecture (rpo-plan, when path cannot be read)")
+    architecture: str | None = Field(
+        None,
+        description="None, or a Hugging Face config.json of path's architecture (rpo-plan, when path cannot be read)",
+    )
 
     @model_serializer(mode="wrap")
     def _as_given(self, handler):
@@ -165,56 +187,89 @@ class DataSection(Section):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     train: str = Field("", description='file(s)/dir, comma-separated; "demo" (or ""): the bundled demo task')
-    eval: str = Field("", description="held-out file(s); empty: the demo test split when train is \"demo\", else "
-                      "eval_fraction of train (split by seed), else no evaluation")
-    eval_fraction: float = Field(0.0, ge=0, lt=1, description="the fraction of train held out for evaluation when "
-                                 "data.eval is empty; 0: none")
-    format: str = Field("", description='record format of every file; "" = detected per file (names: '
-                        "rpo_jax.data.FORMATS, checked when the files are read)")
-    pairs: PairsOrKeep = Field("", description='"" keeps the K responses | "best_vs_worst" | "all_pairs": derive '
-                               "pairs from K rewarded responses (rpo_jax.data.to_pairs; aliases \"best_worst\", "
-                               '"all"; a record whose rewards all tie gives none: counted, logged)')
+    eval: str = Field(
+        "",
+        description='held-out file(s); empty: the demo test split when train is "demo", else '
+        "eval_fraction of train (split by seed), else no evaluation",
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="the fraction of train held out for evaluation when data.eval is empty; 0: none"
+    )
+    format: str = Field(
+        "",
+        description='record format of every file; "" = detected per file (names: '
+        "rpo_jax.data.FORMATS, checked when the files are read)",
+    )
+    pairs: PairsOrKeep = Field(
+        "",
+        description='"" keeps the K responses | "best_vs_worst" | "all_pairs": derive '
+        'pairs from K rewarded responses (rpo_jax.data.to_pairs; aliases "best_worst", '
+        '"all"; a record whose rewards all tie gives none: counted, logged)',
+    )
     max_length: int = Field(512, ge=1, description="longest prompt + response in tokens")
-    max_prompt_length: int = Field(256, ge=0, description="longest prompt in tokens; 0: no limit of its own "
-                                   "(prompt + response ≤ max_length only)")
+    max_prompt_length: int = Field(
+        256, ge=0, description="longest prompt in tokens; 0: no limit of its own (prompt + response ≤ max_length only)"
+    )
     truncation: Literal[TRUNCATION_POLICIES] = Field(
-        "drop", description='what a too long record becomes: "drop" | "truncate_prompt" | "truncate_response" | '
+        "drop",
+        description='what a too long record becomes: "drop" | "truncate_prompt" | "truncate_response" | '
         '"keep_start" (TRL 1.16\'s: each prompt + response keeps its first max_length tokens; a prompt that fills '
-        "max_length drops the record, counted)")
+        "max_length drops the record, counted)",
+    )
     pairs_from: Literal["labels", "rewards"] = Field(
-        "labels", description='what orders a labelled pair (TRL / NeMo formats) for a preference-only loss: '
+        "labels",
+        description="what orders a labelled pair (TRL / NeMo formats) for a preference-only loss: "
         '"labels" (chosen over rejected, as TRL trains it; its scores only reach reward-aware losses) | "rewards" '
         "(the scores decide; ties contribute 0). K-response records have no labels: rewards rank them either way "
-        "(rpo_jax.data.selection.rewards_reach_loss)")
-    on_error: Literal["raise", "skip"] = Field("raise", description='a bad record: "raise" | "skip" (counted and '
-                                               "reported)")
-    batch_size: int = Field(8, ge=1, description="global batch (prompts; pairs for a reward model) per optimizer "
-                            "step")
-    micro_batches: int = Field(1, ge=1, description="gradient accumulation inside the step: the batch in this many "
-                               "micro-batches (1: none); divides batch_size")
-    packing: PackingSetting = Field("auto", description='rpo_jax.data.packing (README "Packing and shared '
-                                    'prompts"): "auto" packs a batch when that saves ≥ 25 % of its cost (padded '
-                                    "on a CPU mesh of several devices), True packs every batch, False never; the "
-                                    "same log-probs as padded batches; micro-batches are packed each in their own "
-                                    'rows. Command-line strings "true" / "false" / "auto" are accepted')
-    share_prompt: PackingSetting = Field("auto", description="one copy of an example's prompt before its K "
-                                         'responses in packed rows: "auto" (unless a reference has its own '
-                                         "tokenizer), True (such a reference is refused; needs packing), False")
-    pack_length: int = Field(0, ge=0, description="slots per packed row; 0: a length chosen per batch; else ≥ the "
-                             "longest sequence (data.max_length; online: max_prompt_length + "
-                             "online.max_new_tokens)")
+        "(rpo_jax.data.selection.rewards_reach_loss)",
+    )
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description='a bad record: "raise" | "skip" (counted and reported)'
+    )
+    batch_size: int = Field(8, ge=1, description="global batch (prompts; pairs for a reward model) per optimizer step")
+    micro_batches: int = Field(
+        1,
+        ge=1,
+        description="gradient accumulation inside the step: the batch in this many "
+        "micro-batches (1: none); divides batch_size",
+    )
+    packing: PackingSetting = Field(
+        "auto",
+        description='rpo_jax.data.packing (README "Packing and shared '
+        'prompts"): "auto" packs a batch when that saves ≥ 25 % of its cost (padded '
+        "on a CPU mesh of several devices), True packs every batch, False never; the "
+        "same log-probs as padded batches; micro-batches are packed each in their own "
+        'rows. Command-line strings "true" / "false" / "auto" are accepted',
+    )
+    share_prompt: PackingSetting = Field(
+        "auto",
+        description="one copy of an example's prompt before its K "
+        'responses in packed rows: "auto" (unless a reference has its own '
+        "tokenizer), True (such a reference is refused; needs packing), False",
+    )
+    pack_length: int = Field(
+        0,
+        ge=0,
+        description="slots per packed row; 0: a length chosen per batch; else ≥ the "
+        "longest sequence (data.max_length; online: max_prompt_length + "
+        "online.max_new_tokens)",
+    )
     eval_batch_size: int = Field(16, ge=1, description="examples per evaluation (and reference-cache) batch")
     shuffle: bool = Field(True, description="shuffle the train examples (per epoch, from seed); False: file order")
 
     @model_validator(mode="after")
     def _batches(self):
         if self.batch_size % self.micro_batches:
-            raise ConfigError(f"config.data.batch_size={self.batch_size} is not divisible by "
-                              f"config.data.micro_batches={self.micro_batches} (each micro-batch takes "
-                              "batch_size / micro_batches examples)")
+            raise ConfigError(
+                f"config.data.batch_size={self.batch_size} is not divisible by "
+                f"config.data.micro_batches={self.micro_batches} (each micro-batch takes "
+                "batch_size / micro_batches examples)"
+            )
         if self.share_prompt is True and self.packing is False:
-            raise ConfigError("config.data.share_prompt=True needs config.data.packing=True or 'auto' (the prompt "
-                              "is shared inside a packed row)")
+            raise ConfigError(
+                "config.data.share_prompt=True needs config.data.packing=True or 'auto' (the prompt "
+                "is shared inside a packed row)"
+            )
         return self
 
 
@@ -225,12 +280,16 @@ class LossSection(Section):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     name: str = Field("dpo", description="any name of rpo_jax.losses.available_losses()")
-    hparams: dict[str, Any] = Field(default_factory=lambda: {"beta": 0.1},
-                                    description="the loss's hyperparameters (rpo_jax.losses.loss_hyperparameters"
-                                    "(name) lists them; each checked by the loss registry, e.g. beta > 0)")
-    extra: list[Any] = Field(default_factory=list, strict=False,
-                             description='weighted extra terms: [["sft", 0.05, {}], ...] ([name, weight] or [name, '
-                             "weight, {hparams}])")
+    hparams: dict[str, Any] = Field(
+        default_factory=lambda: {"beta": 0.1},
+        description="the loss's hyperparameters (rpo_jax.losses.loss_hyperparameters"
+        "(name) lists them; each checked by the loss registry, e.g. beta > 0)",
+    )
+    extra: list[Any] = Field(
+        default_factory=list,
+        strict=False,
+        description='weighted extra terms: [["sft", 0.05, {}], ...] ([name, weight] or [name, weight, {hparams}])',
+    )
     weight: float = Field(1.0, description="the main term's weight (TRL's loss_weights[0])")
 
     @model_validator(mode="after")
@@ -248,32 +307,48 @@ class OptimizerSection(Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    name: str = Field("adamw", description='"adamw", or any optax optimizer by name ("adam", "sgd", "lion", '
-                      '"adafactor", ...)')
+    name: str = Field(
+        "adamw", description='"adamw", or any optax optimizer by name ("adam", "sgd", "lion", "adafactor", ...)'
+    )
     learning_rate: float = Field(1e-6, ge=0, description="peak learning rate")
     schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="after a linear warm-up from 0: cosine or linear decay to "
-        "learning_rate·end_lr_factor, or constant (transformers' schedules of the same names)")
+        "cosine",
+        description="after a linear warm-up from 0: cosine or linear decay to "
+        "learning_rate·end_lr_factor, or constant (transformers' schedules of the same names)",
+    )
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up; 0: none")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="> 0: warm up over ceil(warmup_ratio · total steps) "
-                                "instead of warmup_steps (TRL's warmup_ratio); 0: off")
-    end_lr_factor: float = Field(0.0, ge=0, description="final learning rate as a fraction of the peak "
-                                 "(cosine / linear)")
-    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (adamw, lion, ...), applied where "
-                                "weight_decay_mask allows; 0: none")
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="> 0: warm up over ceil(warmup_ratio · total steps) "
+        "instead of warmup_steps (TRL's warmup_ratio); 0: off",
+    )
+    end_lr_factor: float = Field(
+        0.0, ge=0, description="final learning rate as a fraction of the peak (cosine / linear)"
+    )
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description="decoupled weight decay (adamw, lion, ...), applied where weight_decay_mask allows; 0: none",
+    )
     weight_decay_mask: Literal["matrices", "all", "none"] = Field(
-        "matrices", description='"matrices": decay ≥2-D weights, not norms/biases/scalars | "all" | "none"')
+        "matrices", description='"matrices": decay ≥2-D weights, not norms/biases/scalars | "all" | "none"'
+    )
     grad_clip_norm: float | None = Field(1.0, ge=0, description="global-norm clipping threshold; 0 or None: off")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the optax "
-                                   "optimizer (b1, b2, eps, momentum, ...)")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments of the optax optimizer (b1, b2, eps, momentum, ...)"
+    )
 
     @model_validator(mode="after")
     def _an_optax_optimizer(self):
         if not callable(getattr(optax, self.name, None)):
             raise ConfigError(f"config.optimizer.name={self.name!r}: not an optax optimizer")
         if self.weight_decay and self.name not in WEIGHT_DECAY_OPTIMIZERS:
-            raise ConfigError(f"config.optimizer.weight_decay={self.weight_decay} is not supported by "
-                              f"optax.{self.name}; use one of {', '.join(WEIGHT_DECAY_OPTIMIZERS)} or set 0")
+            raise ConfigError(
+                f"config.optimizer.weight_decay={self.weight_decay} is not supported by "
+                f"optax.{self.name}; use one of {', '.join(WEIGHT_DECAY_OPTIMIZERS)} or set 0"
+            )
         return self
 
 
@@ -283,126 +358,58 @@ class TrainSection(Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    steps: int = Field(100, ge=0, description="optimizer steps (per iteration; unused by mode=\"online\"); 0: none "
-                       "(the initial model is evaluated, checkpointed and exported)")
-    epochs: float = Field(0.0, ge=0, description="> 0: train.steps = ceil(epochs · ceil(N / data.batch_size)) for "
-                          "the N train examples left after tokenization (TRL's count of num_train_epochs); 0: "
-                          "train.steps decides")
-    iterations: int = Field(1, ge=1, description="> 1: iterated training, the reference reset to the previous "
-                            "iterate every train.steps steps; 1: one pass")
-    log_every: int = Field(10, ge=1, description="units (steps; online: iterations) between metric records, and "
-                           "the last")
+    steps: int = Field(
+        100,
+        ge=0,
+        description='optimizer steps (per iteration; unused by mode="online"); 0: none '
+        "(the initial model is evaluated, checkpointed and exported)",
+    )
+    epochs: float = Field(
+        0.0,
+        ge=0,
+        description="> 0: train.steps = ceil(epochs · ceil(N / data.batch_size)) for "
+        "the N train examples left after tokenization (TRL's count of num_train_epochs); 0: "
+        "train.steps decides",
+    )
+    iterations: int = Field(
+        1,
+        ge=1,
+        description="> 1: iterated training, the reference reset to the previous "
+        "iterate every train.steps steps; 1: one pass",
+    )
+    log_every: int = Field(
+        10, ge=1, description="units (steps; online: iterations) between metric records, and the last"
+    )
     eval_every: int = Field(50, ge=0, description="units between evaluations; 0: only at the end")
-    checkpoint_every: int = Field(50, ge=0, description="units between checkpoints (and at the end); 0: no "
-                                  "periodic checkpoint — a run that exports at its end (export_at_end) keeps none, "
-                                  "one that does not is checkpointed at its end for rpo-export; SIGTERM still "
-                                  "saves")
+    checkpoint_every: int = Field(
+        50,
+        ge=0,
+        description="units between checkpoints (and at the end); 0: no "
+        "periodic checkpoint — a run that exports at its end (export_at_end) keeps none, "
+        "one that does not is checkpointed at its end for rpo-export; SIGTERM still "
+        "saves",
+    )
     keep_checkpoints: int = Field(3, ge=1, description="the newest checkpoints kept")
     async_checkpointing: bool = Field(True, description="save checkpoints in the background")
-    export_at_end: bool = Field(True, description="write WORKDIR/export (Hugging Face directory with tokenizer) "
-                                "at the end")
+    export_at_end: bool = Field(
+        True, description="write WORKDIR/export (Hugging Face directory with tokenizer) at the end"
+    )
     progress_bar: bool = Field(True, description="a progress bar on the main process")
     resume: Literal["auto", "must", "never", "force"] = Field(
-        "auto", description='a work directory with checkpoints of the same run (run_identity.json): "auto" resumes '
+        "auto",
+        description='a work directory with checkpoints of the same run (run_identity.json): "auto" resumes '
         'it, or starts fresh when there is none; "must" refuses to start fresh; "never" refuses a directory that '
         'has checkpoints; "force" resumes even when the run\'s identity changed (the differences are logged). A '
-        "different run's checkpoints are never resumed silently nor deleted")
+        "different run's checkpoints are never resumed silently nor deleted",
+    )
     on_nonfinite: Literal["stop", "skip_step"] = Field(
-        "stop", description='a NaN/inf loss or gradient norm: "stop" (exit non-zero, keep the last good '
-        'checkpoint, never save the bad state) | "skip_step" (no update, counted)')
-    max_skipped_in_a_row: int = Field(10, ge=1, description='"skip_step": stop after this many non-finite steps '
-                                      "(units) in a row")
-
-
-class OnlineSection(Section):
-    """mode="online": each iteration samples `num_samples` responses to `prompts_per_iteration` prompts of
-    data.train with the current policy, scores them with the reward source, and takes `updates_per_iteration`
-    optimizer steps of `loss` on them (mini-batches of data.batch_size prompts, cycled). train.steps is unused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-    iterations: int = Field(20, ge=1, description="online iterations (sample, score, update)")
-    prompts_per_iteration: int = Field(16, ge=1, description="prompts sampled per iteration; a multiple of "
-                                       "data.batch_size")
-    num_samples: int = Field(4, ge=1, description="K responses per prompt (≥ 2 for a preference loss)")
-    updates_per_iteration: int = Field(4, ge=1, description="optimizer steps per iteration")
-    max_new_tokens: int = Field(32, ge=1, description="longest sampled response in tokens")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0: greedy")
-    top_k: int = Field(0, ge=0, description="top-k filtering; 0: none")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus filtering; 1.0: none")
-    stop_strings: tuple[str, ...] = Field((), strict=False,
-                                          description="besides EOS: stop a response at any of these strings")
-    reference: Literal["initial", "previous_iterate", "current"] = Field(
-        "initial", description='"initial" | "previous_iterate" (reset every iteration) | "current" (the '
-        "stop-gradient of the policy)")
-    sampler: Literal["policy", "initial"] = Field("policy", description='"policy": online; "initial": every sample '
-                                                  "from the initial policy (offline)")
-    reward_judge: str = Field("", description='"module:function" judge(prompt_text, response_text) -> float, e.g. '
-                              '"rpo_jax.data.demo:judge" (exactly one of reward_judge and reward_model)')
-    reward_model: str = Field("", description="or: a Hugging Face sequence-classification reward model directory")
-    eval_judge: str = Field("", description='ground-truth judge logged at eval ("" = reward_judge); may differ '
-                            "from the training reward (a learned reward model)")
-    eval_prompts: int = Field(64, ge=0, description="held-out prompts (data.eval) sampled once each at eval; 0: no "
-                              "sampling at eval")
-    eval_every: int = Field(5, ge=0, description="iterations between evaluations; 0: only before the first and "
-                            "after the last")
-
-
-class RewardModelSection(Section):
-    """mode="reward_model" (rpo_jax.train.jobs.reward_model): a Bradley–Terry reward model on pairs from
-    config.data, exported as a Hugging Face XForSequenceClassification checkpoint. loss.*, references*,
-    reference_mode and data.max_prompt_length do not apply; data.truncation is "drop" or "truncate_prompt"."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-    pairs: Pairs = Field("all_pairs", description='with rewards: "all_pairs" (i, j) with r_i > r_j | '
-                         '"best_vs_worst" (aliases "all", "best_worst"); ties give none. K = 2 without rewards: '
-                         "response 0 chosen; K > 2 without: an error")
-    center_coefficient: float = Field(0.0, ge=0, description="TRL's center_rewards_coefficient: + λ·(s_chosen + "
-                                      "s_rejected)²; 0: off")
-    margin_scale: float = Field(0.0, ge=0, description="> 0: margin m = margin_scale·(r_chosen − r_rejected) in "
-                                "−log σ(Δs − m); 0: no margin")
-    label: int = Field(0, ge=0, description="the score column trained, counted from 0 (a fresh head has one "
-                       "label, 0)")
-
-
-class MeshSection(Section):
-    """The device mesh: sizes of the (data, fsdp, tensor) axes multiplying to the device count, one of them may
-    be -1 (filled in). A mesh given without an axis has size 1 there (as `rpo_jax.models.sharding.make_mesh`
-    reads it); no mesh at all is the default, {data: -1, fsdp: 1, tensor: 1}."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-    data: int = Field(-1, description="data-parallel axis size (batches split over data × fsdp); -1: the rest")
-    fsdp: int = Field(1, description="fully sharded axis (parameters' embed dimension); -1: the rest")
-    tensor: int = Field(1, description="tensor-parallel axis (heads, mlp, vocab); -1: the rest")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _missing_axis_is_one(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and data:  # MeshSection(): the defaults
-            return {**{axis: 1 for axis in MESH_AXES}, **data}
-        return data
-
-    @model_validator(mode="after")
-    def _sizes(self):
-        sizes = dict(self)
-        for axis, size in sizes.items():
-            if size == 0 or size < -1:
-                raise ConfigError(f"config.mesh.{axis}={size}: expected a size ≥ 1 or -1 (the rest)")
-        if list(sizes.values()).count(-1) > 1:
-            raise ConfigError(f"config.mesh={sizes}: only one axis may be -1")
-        return self
-
-
-class MetricsSection(Section):
-    """What is measured and where it is written."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-    peak_flops: float = Field(0.0, ge=0, description="one chip's peak FLOP/s (MFU = FLOP/s ÷ (peak × chips)); 0: "
-                              "measure a matmul at start-up")
-    tensorboard: bool = Field(True, description="also write TensorBoard files (WORKDIR/tensorboard)")
+        "stop",
+        description='a NaN/inf loss or gradient norm: "stop" (exit non-zero, keep the last good '
+        'checkpoint, never save the bad state) | "skip_step" (no update, counted)',
+    )
+    max_skipped_in_a_row: int = Field(
+        10, ge=1, description='"skip_step": stop after this many non-finite steps (units) in a row'
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -412,33 +419,46 @@ class RunConfig(Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    seed: int = Field(0, ge=0, description="seed of data order, held-out split, dropout and sampling (0 "
-                      "is a seed like any other)")
-    mode: Literal[MODES] = Field("preference", description='"preference": offline preference training; "online": '
-                                 'sample K per prompt, score, update (config.online); "reward_model": Bradley–Terry '
-                                 "reward model on pairs (config.reward_model)")
+    seed: int = Field(
+        0, ge=0, description="seed of data order, held-out split, dropout and sampling (0 is a seed like any other)"
+    )
+    mode: Literal[MODES] = Field(
+        "preference",
+        description='"preference": offline preference training; "online": '
+        'sample K per prompt, score, update (config.online); "reward_model": Bradley–Terry '
+        "reward model on pairs (config.reward_model)",
+    )
     model: ModelSection = Field(default_factory=ModelSection, description="the policy (config.model)")
     references: tuple[ReferenceSpec, ...] = Field(
-        (), strict=False, description="empty: one reference, a frozen copy of the initial policy; else R entries "
-        '{path, tokenizer, architecture}, index 0 the primary ("" path = the initial policy)')
+        (),
+        strict=False,
+        description="empty: one reference, a frozen copy of the initial policy; else R entries "
+        '{path, tokenizer, architecture}, index 0 the primary ("" path = the initial policy)',
+    )
     reference_mode: Literal["auto", "cache", "in_step"] = Field(
-        "auto", description='"cache" (precompute [N,K,R] once) | "in_step" | "auto" (cache; in_step when '
-        "reference_sync.every > 0)")
-    reference_cache_dir: str = Field("", description="where cached reference log-probs live; empty: "
-                                     "WORKDIR/ref_cache")
-    reference_sync: ReferenceSyncSection = Field(default_factory=ReferenceSyncSection,
-                                                 description="references that move (TR-DPO)")
+        "auto",
+        description='"cache" (precompute [N,K,R] once) | "in_step" | "auto" (cache; in_step when '
+        "reference_sync.every > 0)",
+    )
+    reference_cache_dir: str = Field("", description="where cached reference log-probs live; empty: WORKDIR/ref_cache")
+    reference_sync: ReferenceSyncSection = Field(
+        default_factory=ReferenceSyncSection, description="references that move (TR-DPO)"
+    )
     data: DataSection = Field(default_factory=DataSection, description="records, pairs, lengths, batches, packing")
     loss: LossSection = Field(default_factory=LossSection, description="the loss and its hyperparameters")
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection, description="optimizer and schedule")
     train: TrainSection = Field(default_factory=TrainSection, description="length, cadence, resume, divergence")
     online: OnlineSection = Field(default_factory=OnlineSection, description='mode="online" settings')
-    reward_model: RewardModelSection = Field(default_factory=RewardModelSection,
-                                             description='mode="reward_model" settings')
+    reward_model: RewardModelSection = Field(
+        default_factory=RewardModelSection, description='mode="reward_model" settings'
+    )
     mesh: MeshSection = Field(default_factory=MeshSection, description="the device mesh")
-    cpu_reuse_memory: bool = Field(True, description="CPU only: keep XLA:CPU's per-step temporary buffer mapped "
-                                   "between steps (rpo_jax.train.runtime.cpu_memory): 13-23 % faster steps here, "
-                                   "for a process that keeps its peak heap; rpo-train applies it at start-up")
+    cpu_reuse_memory: bool = Field(
+        True,
+        description="CPU only: keep XLA:CPU's per-step temporary buffer mapped "
+        "between steps (rpo_jax.train.runtime.cpu_memory): 13-23 % faster steps here, "
+        "for a process that keeps its peak heap; rpo-train applies it at start-up",
+    )
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="MFU peak, TensorBoard")
 
     @model_validator(mode="after")
@@ -448,18 +468,26 @@ class RunConfig(Section):
             return self
         where = f"config.reference_sync.every={every}"
         if self.mode != "preference":
-            raise ConfigError(f"{where}: reference sync (TR-DPO) is a setting of preference training; "
-                              f"config.mode={self.mode!r} does not use it (set it to 0)")
+            raise ConfigError(
+                f"{where}: reference sync (TR-DPO) is a setting of preference training; "
+                f"config.mode={self.mode!r} does not use it (set it to 0)"
+            )
         if self.reference_mode == "cache":
-            raise ConfigError(f"{where} needs references scored in the step: reference_mode='cache' would keep the "
-                              "log-probs of a reference that moves (stale); use reference_mode='in_step' or 'auto'")
+            raise ConfigError(
+                f"{where} needs references scored in the step: reference_mode='cache' would keep the "
+                "log-probs of a reference that moves (stale); use reference_mode='in_step' or 'auto'"
+            )
         if (self.model.lora.rank or self.model.lora.init_from) and mix != 1.0:
-            raise ConfigError(f"config.reference_sync.mix={mix} with LoRA (config.model.lora): only mix=1 is exact "
-                              "(the reference's adapters become a copy of the policy's); α·θ + (1 − α)·θ_ref of "
-                              "adapter factors is not the weight mix (B_mix·A_mix ≠ α·B·A + (1 − α)·B_ref·A_ref)")
+            raise ConfigError(
+                f"config.reference_sync.mix={mix} with LoRA (config.model.lora): only mix=1 is exact "
+                "(the reference's adapters become a copy of the policy's); α·θ + (1 − α)·θ_ref of "
+                "adapter factors is not the weight mix (B_mix·A_mix ≠ α·B·A + (1 − α)·B_ref·A_ref)"
+            )
         if not loss_spec(self.loss.terms()).requires_reference:
-            raise ConfigError(f"{where}: loss {self.loss.name!r} uses no reference, so there is none to move; set "
-                              "reference_sync.every=0")
+            raise ConfigError(
+                f"{where}: loss {self.loss.name!r} uses no reference, so there is none to move; set "
+                "reference_sync.every=0"
+            )
         return self
 
     @model_validator(mode="after")
@@ -473,8 +501,10 @@ class RunConfig(Section):
         else:
             longest, what = data.max_length, "config.data.max_length"
         if data.pack_length < longest:
-            raise ConfigError(f"config.data.pack_length={data.pack_length} is shorter than the longest sequence "
-                              f"({longest} tokens: {what}); use 0 (rows sized per batch) or more")
+            raise ConfigError(
+                f"config.data.pack_length={data.pack_length} is shorter than the longest sequence "
+                f"({longest} tokens: {what}); use 0 (rows sized per batch) or more"
+            )
         return self
 
     @model_validator(mode="after")
@@ -483,26 +513,36 @@ class RunConfig(Section):
             return self
         oc = self.online
         if bool(oc.reward_judge) == bool(oc.reward_model):
-            raise ConfigError("config.online: set exactly one of reward_judge ('module:function') and reward_model "
-                              f"(a reward-model directory); got reward_judge={oc.reward_judge!r}, "
-                              f"reward_model={oc.reward_model!r}")
+            raise ConfigError(
+                "config.online: set exactly one of reward_judge ('module:function') and reward_model "
+                f"(a reward-model directory); got reward_judge={oc.reward_judge!r}, "
+                f"reward_model={oc.reward_model!r}"
+            )
         if oc.prompts_per_iteration % self.data.batch_size:
-            raise ConfigError(f"config.online.prompts_per_iteration={oc.prompts_per_iteration}: expected a multiple "
-                              f"of data.batch_size={self.data.batch_size} (the mini-batch of an update)")
+            raise ConfigError(
+                f"config.online.prompts_per_iteration={oc.prompts_per_iteration}: expected a multiple "
+                f"of data.batch_size={self.data.batch_size} (the mini-batch of an update)"
+            )
         spec = loss_spec(self.loss.terms())
         if oc.num_samples < 2 and (spec.requires_rewards or spec.requires_reference):
-            raise ConfigError(f"config.online.num_samples={oc.num_samples}: expected ≥ 2 for a preference loss "
-                              f"({self.loss.name!r} compares samples)")
+            raise ConfigError(
+                f"config.online.num_samples={oc.num_samples}: expected ≥ 2 for a preference loss "
+                f"({self.loss.name!r} compares samples)"
+            )
         if self.references and self.references[0].path:
-            raise ConfigError(f"config.references[0] must have an empty path in online mode (path="
-                              f"{self.references[0].path!r}): the primary reference is config.online.reference; "
-                              "list fixed extra references (MRPO) after it")
+            raise ConfigError(
+                f"config.references[0] must have an empty path in online mode (path="
+                f"{self.references[0].path!r}): the primary reference is config.online.reference; "
+                "list fixed extra references (MRPO) after it"
+            )
         return self
 
     @model_validator(mode="after")
     def _reward_model(self):
         if self.mode == "reward_model" and self.data.truncation not in ("drop", "truncate_prompt"):
-            raise ConfigError(f"config.data.truncation={self.data.truncation!r}: reward-model training supports "
-                              "'drop' and 'truncate_prompt' (keep the last max_length tokens); 'truncate_response' "
-                              "would drop the token whose hidden state is scored")
+            raise ConfigError(
+                f"config.data.truncation={self.data.truncation!r}: reward-model training supports "
+                "'drop' and 'truncate_prompt' (keep the last max_length tokens); 'truncate_response' "
+                "would drop the token whose hidden state is scored"
+            )
         return self

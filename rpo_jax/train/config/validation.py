@@ -26,16 +26,25 @@ from rpo_jax.train.config.values import ConfigError
 
 #: pydantic error types → what was expected (`ctx` filled in).
 EXPECTED = {
-    "int_type": "expected an integer", "int_parsing": "expected an integer", "int_from_float": "expected an integer",
-    "float_type": "expected a number", "float_parsing": "expected a number",
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
     "finite_number": "expected a finite number",
-    "bool_type": "expected True or False", "bool_parsing": "expected True or False",
-    "string_type": "expected a string", "string_too_short": "expected a non-empty string",
-    "dict_type": "expected a mapping", "model_type": "expected a mapping of its keys",
+    "bool_type": "expected True or False",
+    "bool_parsing": "expected True or False",
+    "string_type": "expected a string",
+    "string_too_short": "expected a non-empty string",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping of its keys",
     "model_attributes_type": "expected a mapping of its keys",
-    "list_type": "expected a list", "tuple_type": "expected a list",
-    "greater_than": "expected > {gt}", "greater_than_equal": "expected ≥ {ge}",
-    "less_than": "expected < {lt}", "less_than_equal": "expected ≤ {le}",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "greater_than": "expected > {gt}",
+    "greater_than_equal": "expected ≥ {ge}",
+    "less_than": "expected < {lt}",
+    "less_than_equal": "expected ≤ {le}",
 }
 
 
@@ -177,9 +186,11 @@ def unknown_key_message(path: str, suggestion: str | None = None) -> str:
             # inside a free-form mapping (model.init, loss.hparams, optimizer.kwargs): the recipe decides its keys
             where = "config." + ".".join(parts[:i])
             hint = f"; did you mean {suggestion!r}?" if suggestion else ""
-            return (f"config.{path}: no such key in this recipe's {where}{hint} (a --config override sets a key "
-                    "the recipe has; set the whole mapping in the recipe to add one)")
+            return (
+                f"config.{path}: no such key in this recipe's {where}{hint} (a --config override sets a key "
+                "the recipe has; set the whole mapping in the recipe to add one)"
+            )
         if part not in current.model_fields:
-            return unknown_key_line("config." + ".".join(parts[:i + 1]), current)
+            return unknown_key_line("config." + ".".join(parts[: i + 1]), current)
         current = _inner(current.model_fields[part].annotation)
     return f"config.{path}: no such key"

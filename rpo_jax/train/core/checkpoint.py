@@ -27,13 +27,16 @@ class Checkpointer:
     `config.reference_sync`, iterated in-step training) and `data` (the data iterator's JSON state). `params`
     alone can be restored (export) without materialising the optimizer state or the reference."""
 
-    def __init__(self, directory: storage.PathLike, *, every_steps: int, keep: int = 3,
-                 asynchronous: bool = True):
+    def __init__(self, directory: storage.PathLike, *, every_steps: int, keep: int = 3, asynchronous: bool = True):
         self.directory = storage.location(directory)
         self.every_steps = max(1, int(every_steps))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=asynchronous, create=True,
-            cleanup_tmp_directories=True)
+            max_to_keep=keep,
+            save_interval_steps=1,
+            enable_async_checkpointing=asynchronous,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("params", "state", "data"))
 
     def all_steps(self) -> list[int]:
@@ -55,9 +58,15 @@ class Checkpointer:
         if not force and not self.should_save(step):
             return False
         rest = {k: v for k, v in state.items() if k != "params"}
-        return self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
-                                                               state=ocp.args.StandardSave(rest),
-                                                               data=ocp.args.JsonSave(data_state)), force=True)
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state["params"]),
+                state=ocp.args.StandardSave(rest),
+                data=ocp.args.JsonSave(data_state),
+            ),
+            force=True,
+        )
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, Any] | None:
         """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
@@ -66,8 +75,11 @@ class Checkpointer:
         in that sharding).
         """
         rest = {k: v for k, v in abstract_state.items() if k != "params"}
-        restored = self._restore_newest(params=ocp.args.StandardRestore(abstract_state["params"]),
-                                        state=ocp.args.StandardRestore(rest), data=ocp.args.JsonRestore())
+        restored = self._restore_newest(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            state=ocp.args.StandardRestore(rest),
+            data=ocp.args.JsonRestore(),
+        )
         if restored is None:
             return None
         step, items = restored
@@ -83,8 +95,13 @@ class Checkpointer:
             try:
                 return step, self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-                log.warning("checkpoint %s/%d could not be restored (%s: %s); trying an older one",
-                            self.directory, step, type(e).__name__, e)
+                log.warning(
+                    "checkpoint %s/%d could not be restored (%s: %s); trying an older one",
+                    self.directory,
+                    step,
+                    type(e).__name__,
+                    e,
+                )
         return None
 
     def close(self) -> None:

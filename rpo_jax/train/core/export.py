@@ -99,15 +99,20 @@ def adapter_saver(mode: str, base_model_name_or_path: str) -> Callable[..., path
     """`save(model, model_config, out_dir, tokenizer=None)` writing a policy's LoRA adapters as a PEFT directory
     (`save_peft_adapter`); a ValueError for a reward-model run (merged exports only, module docstring)."""
     if mode == "reward_model":
-        raise ValueError("--adapter: a reward-model run exports merged only (its score head is trained in full and "
-                         "is not part of a LoRA adapter); run rpo-export without --adapter")
+        raise ValueError(
+            "--adapter: a reward-model run exports merged only (its score head is trained in full and "
+            "is not part of a LoRA adapter); run rpo-export without --adapter"
+        )
 
     def save(model, model_config, out_dir, tokenizer=None):
         del model_config, tokenizer
         if getattr(model, "lora", None) is None:
-            raise ValueError("--adapter: this run trained no LoRA adapters (config.model.lora.rank = 0); run "
-                             "rpo-export without --adapter")
+            raise ValueError(
+                "--adapter: this run trained no LoRA adapters (config.model.lora.rank = 0); run "
+                "rpo-export without --adapter"
+            )
         return save_peft_adapter(model, out_dir, base_model_name_or_path)
+
     return save
 
 
@@ -132,14 +137,18 @@ def check_export_target(out_dir: storage.PathLike, *, adapter: bool = False):
     parents = [p for p in out.parents if not storage.is_url(out) or "/" in os.fspath(p).split("://", 1)[-1]]
     for parent in (out, *parents):
         if is_run_directory(parent) and out not in (parent / EXPORT, parent / EXPORT_ADAPTER):
-            raise ValueError(f"{out_dir}: {'is' if parent == out else 'is inside'} the run directory {parent}; "
-                             f"export into a directory outside it (or into {parent / EXPORT})")
+            raise ValueError(
+                f"{out_dir}: {'is' if parent == out else 'is inside'} the run directory {parent}; "
+                f"export into a directory outside it (or into {parent / EXPORT})"
+            )
     marker, weights = (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if adapter else ("config.json", "*.safetensors")
     if out.exists() and any(out.iterdir()):
         names = {p.name for p in out.iterdir()}
         if not out.is_dir() or marker not in names or not any(n.endswith(".safetensors") for n in names):
-            raise ValueError(f"{out_dir}: exists and is not an earlier export (no {marker} and {weights}); "
-                             "nothing was written: choose a new or empty directory")
+            raise ValueError(
+                f"{out_dir}: exists and is not an earlier export (no {marker} and {weights}); "
+                "nothing was written: choose a new or empty directory"
+            )
     return out
 
 
@@ -151,8 +160,9 @@ def _normal_permissions(root: pathlib.Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def upload_export(save: Callable[..., pathlib.Path], model, model_config: ModelConfig, out, tokenizer,
-                  last: str = "config.json") -> None:
+def upload_export(
+    save: Callable[..., pathlib.Path], model, model_config: ModelConfig, out, tokenizer, last: str = "config.json"
+) -> None:
     """Write the export to a local temporary directory, delete the earlier export at the URL `out` and upload
     the files, `last` (config.json) last (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="rpo_jax-export-") as local:
@@ -161,8 +171,18 @@ def upload_export(save: Callable[..., pathlib.Path], model, model_config: ModelC
         storage.copy_tree(local, out, last=last)
 
 
-def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out_dir: storage.PathLike, tokenizer,
-               mesh, *, adapter_base: str | None = None):
+def save_model(
+    mode: str,
+    graphdef,
+    params,
+    rest,
+    model_config: ModelConfig,
+    out_dir: storage.PathLike,
+    tokenizer,
+    mesh,
+    *,
+    adapter_base: str | None = None,
+):
     """Write the model `nnx.merge(graphdef, params, rest)` of a `mode` run to `out_dir` (see the module docstring:
     where it may write, atomically); with `adapter_base` (the base's path or hub id) only its LoRA adapters, as a
     PEFT directory (`adapter_saver`). Its parameters are gathered whole to every process first, process 0 writes,
@@ -175,8 +195,14 @@ def save_model(mode: str, graphdef, params, rest, model_config: ModelConfig, out
     start = time.perf_counter()
     params, rest = replicate(params, mesh), replicate(rest, mesh)  # rest: with LoRA the base, merged into W
     if jax.process_index() == 0 and storage.is_url(out):
-        upload_export(save, nnx.merge(graphdef, params, rest), model_config, out, tokenizer,
-                      last=ADAPTER_CONFIG if adapter else "config.json")
+        upload_export(
+            save,
+            nnx.merge(graphdef, params, rest),
+            model_config,
+            out,
+            tokenizer,
+            last=ADAPTER_CONFIG if adapter else "config.json",
+        )
     elif jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in (*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.previous-*")):
@@ -204,8 +230,17 @@ def save_adapter_at_end(mode: str, graphdef, params, rest, workdir: storage.Path
     no adapters to write (no LoRA, or a reward model: merged only)."""
     if not lora_enabled(cfg) or mode == "reward_model":
         return None
-    return save_model(mode, graphdef, params, rest, None, storage.as_path(workdir) / EXPORT_ADAPTER, None, mesh,
-                      adapter_base=cfg.model.path)
+    return save_model(
+        mode,
+        graphdef,
+        params,
+        rest,
+        None,
+        storage.as_path(workdir) / EXPORT_ADAPTER,
+        None,
+        mesh,
+        adapter_base=cfg.model.path,
+    )
 
 
 def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike, *, adapter: bool = False):
@@ -230,6 +265,14 @@ def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike, *, adap
         raise FileNotFoundError(f"{workdir / CHECKPOINTS}: no restorable checkpoint")
     step, params = restored
     log.info("exporting step %d of %s", step, workdir)
-    return save_model(mode, graphdef, params, rest, model_config, out_dir, tokenizer, mesh,
-                      adapter_base=cfg.model.path if adapter else None)
-
+    return save_model(
+        mode,
+        graphdef,
+        params,
+        rest,
+        model_config,
+        out_dir,
+        tokenizer,
+        mesh,
+        adapter_base=cfg.model.path if adapter else None,
+    )

@@ -47,23 +47,36 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=_json_value))
 
 
-def run_identity(cfg: ml_collections.ConfigDict, mode: str, model_config, tokenizer, *, objective: Mapping[str, Any],
-                 data: Mapping[str, str]) -> dict[str, Any]:
+def run_identity(
+    cfg: ml_collections.ConfigDict,
+    mode: str,
+    model_config,
+    tokenizer,
+    *,
+    objective: Mapping[str, Any],
+    data: Mapping[str, str],
+) -> dict[str, Any]:
     """The identity of a run (module docstring): `objective` and `data` (split → fingerprint) come from the
     mode; the rest from the config, the model config and the tokenizer."""
     architecture = {k: v for k, v in _plain(model_config).items() if k not in SPEED_ONLY}
     model = {"architecture": architecture, "weights": weights_fingerprint(cfg.model.path, cfg, len(tokenizer))}
     if lora_enabled(cfg):  # only then, so that the identities of full fine-tuning runs stay as they were
         model["lora"] = lora_identity(cfg)
-    return _plain({
-        "mode": mode,
-        "model": model,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "objective": dict(objective),
-        "data": dict(data),
-        "settings": {"seed": cfg.seed, "batch_size": cfg.data.batch_size, "param_dtype": cfg.model.param_dtype,
-                     "optimizer": cfg.optimizer},
-    })
+    return _plain(
+        {
+            "mode": mode,
+            "model": model,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "objective": dict(objective),
+            "data": dict(data),
+            "settings": {
+                "seed": cfg.seed,
+                "batch_size": cfg.data.batch_size,
+                "param_dtype": cfg.model.param_dtype,
+                "optimizer": cfg.optimizer,
+            },
+        }
+    )
 
 
 def lora_identity(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The metric writer: scalar metrics to the console, `WORKDIR/metrics.jsonl` and TensorBoard (main process only).
 
 What is measured lives elsewhere: loss metrics in `rpo_jax.losses`, speed and memory in
-`rpo_jax.train.core.performance`.
+`rpo_jax.train.runtime.performance`.
 
 Every record reaches metrics.jsonl. A local file is appended to and flushed per record. An object store has no
 append, so under a URL work directory (`gs://…`) the writer keeps the file's records in memory and uploads the
@@ -37,17 +37,25 @@ from rpo_jax.train.core.workdir import METRICS_FILE, metrics_records
 class MetricWriter:
     """Writes scalar metrics to the console, `metrics.jsonl` and TensorBoard event files (main process only)."""
 
-    def __init__(self, workdir: storage.PathLike, *, tensorboard: bool = True, console: bool = True,
-                 enabled: bool | None = None, upload_every_s: float = 30.0, started: float | None = None):
+    def __init__(
+        self,
+        workdir: storage.PathLike,
+        *,
+        tensorboard: bool = True,
+        console: bool = True,
+        enabled: bool | None = None,
+        upload_every_s: float = 30.0,
+        started: float | None = None,
+    ):
         self.started = time.time() if started is None else started  # `time.time()` at the run's start
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.console = console
         self.lines = 0  # records in metrics.jsonl (those already there included); a checkpoint records it
         self.upload_every_s = upload_every_s
-        self._jsonl = None        # the open file (local work directory)
-        self._records = None      # the whole file's text, kept to upload again (URL work directory)
-        self._uploaded = 0.0      # when the records were last uploaded
-        self._pending = False     # records not uploaded yet
+        self._jsonl = None  # the open file (local work directory)
+        self._records = None  # the whole file's text, kept to upload again (URL work directory)
+        self._uploaded = 0.0  # when the records were last uploaded
+        self._pending = False  # records not uploaded yet
         self._tb = None
         if not self.enabled:
             return
@@ -62,6 +70,7 @@ class MetricWriter:
             self._jsonl = open(self._path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(os.fspath(directory / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
@@ -71,8 +80,10 @@ class MetricWriter:
             return
         values = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}
         now = time.time()
-        when = {"time": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
-                "elapsed_s": round(now - self.started, 3)}
+        when = {
+            "time": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "elapsed_s": round(now - self.started, 3),
+        }
         line = json.dumps({"step": int(step), **when, **values}) + "\n"
         self.lines += 1
         if self._tb is not None:
@@ -88,8 +99,9 @@ class MetricWriter:
                 self.flush()
         if self.console:
             shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-            print(f"[step {step}] {shown}", file=sys.stderr if os.environ.get("RPO_JAX_QUIET") else sys.stdout,
-                  flush=True)
+            print(
+                f"[step {step}] {shown}", file=sys.stderr if os.environ.get("RPO_JAX_QUIET") else sys.stdout, flush=True
+            )
 
     def flush(self) -> None:
         """Make every record written so far durable: flushed to the local file, or the whole file uploaded."""

@@ -57,20 +57,9 @@ from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.core.export import save_adapter_at_end, save_model
 from rpo_jax.train.core.identity import identity_differences
 from rpo_jax.train.core.metrics import MetricWriter
-from rpo_jax.train.core.workdir import (
-    CHECKPOINTS,
-    EXPORT,
-    continue_metrics,
-    metrics_records,
-    read_identity,
-    record_run,
-)
+from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, continue_metrics, metrics_records, read_identity, record_run
 from rpo_jax.train.runtime.global_batches import local_batch_size
-from rpo_jax.train.runtime.performance import (
-    Throughput,
-    device_memory,
-    measure_matmul_peak,
-)
+from rpo_jax.train.runtime.performance import Throughput, device_memory, measure_matmul_peak
 
 RESUME_MODES = ("auto", "must", "never", "force")
 NONFINITE_POLICIES = ("stop", "skip_step")
@@ -82,6 +71,7 @@ class ResumeError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """A step's loss or gradient norm was NaN or infinite (`config.train.on_nonfinite`)."""
+
 
 log = logging.getLogger(__name__)
 
@@ -140,29 +130,30 @@ class Task:
     unit u is saved as step u·steps_per_unit, and a restored state resumes at unit step // steps_per_unit.
     """
 
-    mode: str                                            # "preference" | "online" | "reward_model" (the exporter)
-    run: RunSetup                                        # model, mesh, tokenizer, initial train state
-    identity: Mapping[str, Any]                          # what defines the run (`rpo_jax.train.core.identity`)
-    units: int                                           # units in the whole run
-    advance: Callable[[Any, int], Unit]                  # (state, units done) → the next unit
-    evaluate: Callable[[Any, int], dict[str, float]]     # (eval_input(state), units done) → eval metrics ({} when
-                                                         # no eval)
+    mode: str  # "preference" | "online" | "reward_model" (the exporter)
+    run: RunSetup  # model, mesh, tokenizer, initial train state
+    identity: Mapping[str, Any]  # what defines the run (`rpo_jax.train.core.identity`)
+    units: int  # units in the whole run
+    advance: Callable[[Any, int], Unit]  # (state, units done) → the next unit
+    evaluate: Callable[[Any, int], dict[str, float]]  # (eval_input(state), units done) → eval metrics ({} when
+    # no eval)
     eval_input: Callable[[Any], Any] = lambda state: state["params"]  # what of the train state evaluate reads
-    data_state: Callable[[int], Any] = lambda unit: {}   # JSON data position saved with the checkpoint of a unit
+    data_state: Callable[[int], Any] = lambda unit: {}  # JSON data position saved with the checkpoint of a unit
     restore_data: Callable[[Any, int], None] = lambda data_state, unit: None  # put the data back at it
     steps_per_unit: int = 1
-    unit_name: str = "step"                              # the result's key for the units done
-    metrics_prefix: str = "train"                        # "<prefix>/…" metrics of a unit; the result's key
+    unit_name: str = "step"  # the result's key for the units done
+    metrics_prefix: str = "train"  # "<prefix>/…" metrics of a unit; the result's key
     log_every: int = 1
-    eval_every: int = 0                                  # units between evaluations (0: only at the end)
-    eval_at_start: bool = False                          # also evaluate before the first unit (not on resume)
-    label: str = "rpo-train"                             # progress bar
-    progress_metric: str | None = None                   # a metric shown beside the progress bar
-    mfu_dtype: Any = None                                # units count FLOPs: MFU per chip against this dtype's peak
+    eval_every: int = 0  # units between evaluations (0: only at the end)
+    eval_at_start: bool = False  # also evaluate before the first unit (not on resume)
+    label: str = "rpo-train"  # progress bar
+    progress_metric: str | None = None  # a metric shown beside the progress bar
+    mfu_dtype: Any = None  # units count FLOPs: MFU per chip against this dtype's peak
 
 
-def sum_over_eval_batches(dataset: TokenizedDataset, batch_size: int, mesh,
-                          sums_of: Callable[[dict[str, np.ndarray]], Mapping[str, float]]) -> dict[str, float]:
+def sum_over_eval_batches(
+    dataset: TokenizedDataset, batch_size: int, mesh, sums_of: Callable[[dict[str, np.ndarray]], Mapping[str, float]]
+) -> dict[str, float]:
     """Σ over every batch of a whole split (`make_eval_batches`, this process feeding its share of the global
     `batch_size`) of `sums_of(host batch)`, a mapping of per-batch sums (a modes' evaluation divides them by
     its weight)."""
@@ -192,31 +183,47 @@ def resume_or_start(task: Task, ckpt: Checkpointer, workdir: storage.PathLike) -
         record_run(cfg, workdir, task.mode, task.identity)
         return task.run.state, 0, None
     if mode == "never":
-        raise ResumeError(f"{workdir} already holds checkpoints (steps {', '.join(map(str, steps))}); "
-                          "config.train.resume='never' starts only in a directory without them: use another --workdir")
+        raise ResumeError(
+            f"{workdir} already holds checkpoints (steps {', '.join(map(str, steps))}); "
+            "config.train.resume='never' starts only in a directory without them: use another --workdir"
+        )
     recorded = read_identity(workdir)
-    differences = (identity_differences(recorded, task.identity) if recorded is not None
-                   else ["run_identity.json is missing (a run directory written before rpo_jax recorded run "
-                         "identities, or not an rpo-train run)"])
+    differences = (
+        identity_differences(recorded, task.identity)
+        if recorded is not None
+        else [
+            "run_identity.json is missing (a run directory written before rpo_jax recorded run "
+            "identities, or not an rpo-train run)"
+        ]
+    )
     if differences and mode != "force":
-        raise ResumeError(f"{workdir} holds checkpoints (steps {', '.join(map(str, steps))}) of another run: "
-                          f"{'; '.join(differences)}. Use another --workdir, or --config.train.resume=force to "
-                          "continue these checkpoints with the new settings")
+        raise ResumeError(
+            f"{workdir} holds checkpoints (steps {', '.join(map(str, steps))}) of another run: "
+            f"{'; '.join(differences)}. Use another --workdir, or --config.train.resume=force to "
+            "continue these checkpoints with the new settings"
+        )
     if differences:
         log.warning("resuming %s with a changed run (config.train.resume='force'): %s", workdir, "; ".join(differences))
     restored = ckpt.restore_latest(abstract_like(task.run.state))
     if restored is None:
-        raise ResumeError(f"{ckpt.directory}: none of the checkpoints (steps {', '.join(map(str, steps))}) restores "
-                          "(see the warnings above); they are kept. Use another --workdir to start afresh")
+        raise ResumeError(
+            f"{ckpt.directory}: none of the checkpoints (steps {', '.join(map(str, steps))}) restores "
+            "(see the warnings above); they are kept. Use another --workdir to start afresh"
+        )
     _, state, saved = restored
-    if isinstance(saved, Mapping) and {"data", "metrics_lines"} <= set(saved) <= {"data", "metrics_lines",
-                                                                                 "data_of_processes"}:
+    if isinstance(saved, Mapping) and {"data", "metrics_lines"} <= set(saved) <= {
+        "data",
+        "metrics_lines",
+        "data_of_processes",
+    }:
         data_state, metrics_lines = saved["data"], saved["metrics_lines"]
         of_processes = saved.get("data_of_processes") or [data_state]
         if len(of_processes) != jax.process_count():
-            raise ResumeError(f"{ckpt.directory}: the checkpoint was written by {len(of_processes)} process(es), "
-                              f"this run has {jax.process_count()}; each process's data position is its own, so "
-                              f"resume with {len(of_processes)} process(es) (or use another --workdir)")
+            raise ResumeError(
+                f"{ckpt.directory}: the checkpoint was written by {len(of_processes)} process(es), "
+                f"this run has {jax.process_count()}; each process's data position is its own, so "
+                f"resume with {len(of_processes)} process(es) (or use another --workdir)"
+            )
         data_state = of_processes[jax.process_index()]
     else:  # a checkpoint from before the metrics count was recorded: keep every record, append after them
         data_state, metrics_lines = saved, metrics_records(workdir)
@@ -235,9 +242,9 @@ def json_of_every_process(value: Any) -> list[Any]:
     raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:raw.size] = raw
+    padded[: raw.size] = raw
     gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(gathered[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
+    return [json.loads(bytes(gathered[i, : int(n)]).decode()) for i, n in enumerate(sizes)]
 
 
 def checkpointed_position(data_state: Any, metrics_lines: int) -> dict[str, Any]:
@@ -279,37 +286,66 @@ class DivergenceGuard:
     def _raise(self, unit: int, metrics: Mapping[str, Any]) -> None:
         values = {k: float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        why = ("config.train.on_nonfinite='stop'" if self.policy == "stop" else
-               f"{self.in_a_row} in a row, config.train.max_skipped_in_a_row={self.limit}")
+        why = (
+            "config.train.on_nonfinite='stop'"
+            if self.policy == "stop"
+            else f"{self.in_a_row} in a row, config.train.max_skipped_in_a_row={self.limit}"
+        )
         latest = self.ckpt.latest_step()
         kept = f"the newest checkpoint, step {latest}, is kept" if latest is not None else "no checkpoint was saved"
-        raise NonFiniteError(f"{self.unit_name} {unit}: non-finite training values ({shown}); stopped ({why}); "
-                             f"{kept} and nothing after it was saved")
+        raise NonFiniteError(
+            f"{self.unit_name} {unit}: non-finite training values ({shown}); stopped ({why}); "
+            f"{kept} and nothing after it was saved"
+        )
 
 
 #: eval metrics the end-of-run summary shows, in this order, when the evaluation returns them (else its first few)
-SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "margin", "judge_reward", "reward",
-                   "kl_to_initial")
+SUMMARY_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "accuracy",
+    "margin",
+    "judge_reward",
+    "reward",
+    "kl_to_initial",
+)
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:" \
-                                                    f"{int(seconds % 60):02d}"
+    return (
+        f"{seconds:.1f} s"
+        if seconds < 120
+        else f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+    )
 
 
-def print_summary(task: Task, workdir: storage.PathLike, unit: int, seconds: float, *, checkpoint: int | None,
-                  eval_metrics: Mapping[str, float] | None = None, exported: str | None = None,
-                  adapter: str | None = None, preempted: bool = False) -> None:
+def print_summary(
+    task: Task,
+    workdir: storage.PathLike,
+    unit: int,
+    seconds: float,
+    *,
+    checkpoint: int | None,
+    eval_metrics: Mapping[str, float] | None = None,
+    exported: str | None = None,
+    adapter: str | None = None,
+    preempted: bool = False,
+) -> None:
     """The few lines that end a run (main process only; stdout, stderr under RPO_JAX_QUIET like the metric lines):
     what it did, the export (and a LoRA run's PEFT adapter), metrics.jsonl, TensorBoard, the newest checkpoint
     (`checkpoint`: its step, None for none) and the key final eval metrics (`SUMMARY_METRICS`)."""
     if jax.process_index() != 0:
         return
     from rpo_jax.train.core.workdir import METRICS_FILE
+
     workdir, cfg = storage.as_path(workdir), task.run.config
     done = f"{task.unit_name} {unit} of {task.units}"
-    what = (f"preempted at {done} after {_duration(seconds)}; run the same command again to resume" if preempted
-            else f"done: {done} in {_duration(seconds)}")
+    what = (
+        f"preempted at {done} after {_duration(seconds)}; run the same command again to resume"
+        if preempted
+        else f"done: {done} in {_duration(seconds)}"
+    )
     lines = [f"{task.label}: {what}"]
     if exported:
         lines.append(f"  export:      {exported}")
@@ -337,8 +373,12 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
     check_safety_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     every = cfg.train.checkpoint_every  # 0: no periodic checkpoint (config.train.checkpoint_every)
-    ckpt = Checkpointer(workdir / CHECKPOINTS, every_steps=max(1, every) * task.steps_per_unit,
-                        keep=cfg.train.keep_checkpoints, asynchronous=cfg.train.async_checkpointing)
+    ckpt = Checkpointer(
+        workdir / CHECKPOINTS,
+        every_steps=max(1, every) * task.steps_per_unit,
+        keep=cfg.train.keep_checkpoints,
+        asynchronous=cfg.train.async_checkpointing,
+    )
     writer = progress = preempted = newest = None
     try:
         state, unit, metrics_lines = resume_or_start(task, ckpt, workdir)
@@ -369,6 +409,7 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
             peak = cfg.metrics.peak_flops or measure_matmul_peak(task.mfu_dtype, repeats=2)
         if cfg.train.progress_bar and jax.process_index() == 0 and unit < task.units:
             from tqdm.auto import tqdm
+
             progress = tqdm(total=task.units, initial=unit, desc=task.label, dynamic_ncols=True)
         if task.eval_at_start and unit == 0:
             writer.write(0, evaluate(0), prefix="eval/")
@@ -429,10 +470,28 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
         return {prefix: last, "preempted_at": unit}
     exported = adapter = None
     if cfg.train.export_at_end:
-        exported = str(save_model(task.mode, run.graphdef, state["params"], run.rest, run.model_config,
-                                  workdir / EXPORT, run.tokenizer, run.mesh))
+        exported = str(
+            save_model(
+                task.mode,
+                run.graphdef,
+                state["params"],
+                run.rest,
+                run.model_config,
+                workdir / EXPORT,
+                run.tokenizer,
+                run.mesh,
+            )
+        )
         # LoRA runs: the adapters also as a PEFT directory, WORKDIR/export_adapter
         adapter = save_adapter_at_end(task.mode, run.graphdef, state["params"], run.rest, workdir, cfg, run.mesh)
-    print_summary(task, workdir, unit, time.time() - started, checkpoint=newest, eval_metrics=eval_metrics,
-                  exported=exported, adapter=adapter and str(adapter))
+    print_summary(
+        task,
+        workdir,
+        unit,
+        time.time() - started,
+        checkpoint=newest,
+        eval_metrics=eval_metrics,
+        exported=exported,
+        adapter=adapter and str(adapter),
+    )
     return {prefix: last, "eval": eval_metrics, task.unit_name: unit, "export": exported}

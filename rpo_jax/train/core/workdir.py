@@ -40,8 +40,7 @@ EXPORT_ADAPTER = "export_adapter"  # LoRA runs: the adapters as a PEFT directory
 ERRORS_FILE = "errors.log"
 
 
-def record_run(cfg, workdir: storage.PathLike, mode: str,
-               identity: Mapping[str, Any]) -> None:
+def record_run(cfg, workdir: storage.PathLike, mode: str, identity: Mapping[str, Any]) -> None:
     """Record `cfg` (with `mode`) in WORKDIR/config.json and the run's identity in WORKDIR/run_identity.json."""
     if jax.process_index() != 0:
         return

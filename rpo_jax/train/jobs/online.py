@@ -49,42 +49,25 @@ from flax import nnx
 from rpo_jax.data import PromptRecord, read_prompts
 from rpo_jax.data.online_batches import encode_prompts, left_pad, prompt_for_reward, prompt_order, sample_batch
 from rpo_jax.data.packing import Packing
-from rpo_jax.models import (
-    RewardFn,
-    generate,
-    judge_fn,
-    load_reward_model,
-    reward_model_fn,
-)
+from rpo_jax.models import RewardFn, generate, judge_fn, load_reward_model, reward_model_fn
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import data_paths, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import token_lists_fingerprint
 from rpo_jax.train.build.lora import lora_enabled
-from rpo_jax.train.build.model import (
-    adapters_off_graphdef,
-    load_model,
-    load_policy,
-    split_trainable,
-)
+from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import ONLINE
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task
-from rpo_jax.train.runtime.global_batches import (
-    local_batch_size,
-    replicate,
-    replicated,
-    to_global,
-)
+from rpo_jax.train.runtime.global_batches import local_batch_size, replicate, replicated, to_global
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of
 from rpo_jax.train.runtime.performance import attention_key_cost
 from rpo_jax.train.step.logprobs import cast_floating, resolve_score_window
 from rpo_jax.train.step.steps import WithFrozen, make_scorer, make_train_step
 
 log = logging.getLogger(__name__)
-
 
 
 # --------------------------------------------------------------------------------------------- reward sources
@@ -107,8 +90,9 @@ def make_reward_fn(cfg: ml_collections.ConfigDict, *, mesh=None, dtype=jnp.float
         return judge_fn(import_object(oc.reward_judge))
     model, _ = load_reward_model(oc.reward_model, dtype=dtype, mesh=mesh)
     tokenizer = load_tokenizer(oc.reward_model)
-    return reward_model_fn(model, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.data.eval_batch_size,
-                           truncation="left")
+    return reward_model_fn(
+        model, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.data.eval_batch_size, truncation="left"
+    )
 
 
 def make_judge_fn(cfg: ml_collections.ConfigDict) -> RewardFn | None:
@@ -129,15 +113,15 @@ class OnlineRun(RunSetup):
 
     loss_fn: Any
     initial_params: Any
-    policy_scorer: Scorer                              # response log-probs under the policy's graph
-    extra_references: list[tuple[Scorer, Any]]         # (scorer, params) of config.references[1:]
+    policy_scorer: Scorer  # response log-probs under the policy's graph
+    extra_references: list[tuple[Scorer, Any]]  # (scorer, params) of config.references[1:]
     prompts: dict[str, list[PromptRecord]]
     prompt_ids: dict[str, list[list[int]]]
     reward_fn: Callable
     judge_fn: Callable | None
     eos_ids: tuple[int, ...]
     pad_id: int
-    packing: Packing | None = None                     # config.data.packing: updates and scoring on packed rows
+    packing: Packing | None = None  # config.data.packing: updates and scoring on packed rows
     # LoRA with config.model.lora.reference = "base": the scorer of the base (adapters off; any adapter values,
     # the policy's are passed), the reference of online.reference = "initial"; None: the initial policy's
     base_scorer: Scorer | None = None
@@ -158,8 +142,10 @@ def sample_score_window(cfg: ml_collections.ConfigDict) -> int | None:
 
 def with_current_reference(loss_fn):
     """`loss_fn` with ℓ_ref = stop_gradient(ℓ_θ) (the `current` reference); its spec needs no reference model."""
+
     def wrapped(x):
         return loss_fn(dataclasses.replace(x, ref_logps=jax.lax.stop_gradient(x.policy_logps)))
+
     wrapped.spec = dataclasses.replace(loss_fn.spec, requires_reference=False)
     return wrapped
 
@@ -178,21 +164,28 @@ def eos_ids_of(tokenizer, model_config) -> tuple[int, ...]:
 def read_prompt_split(cfg, split: str, tokenizer) -> tuple[list[PromptRecord], list[list[int]]]:
     """The prompts of `split` ("train" or "eval") and their token ids (`encode_prompts`); no eval prompts when
     neither `data.eval` nor the demo gives any."""
-    spec = cfg.data.train if split == "train" else (cfg.data.eval or (cfg.data.train if cfg.data.train in ("", "demo")
-                                                                      else ""))
+    spec = (
+        cfg.data.train
+        if split == "train"
+        else (cfg.data.eval or (cfg.data.train if cfg.data.train in ("", "demo") else ""))
+    )
     if split == "eval" and not spec:
         return [], []
     prompts, report = read_prompts(data_paths(spec, split), on_error=cfg.data.on_error)
     if report.num_skipped:
         log.warning("%s prompts: %s", split, report.summary())
-    kept, ids, dropped = encode_prompts(prompts, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                        truncation=cfg.data.truncation)
+    kept, ids, dropped = encode_prompts(
+        prompts, tokenizer, max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation
+    )
     if dropped:
-        log.warning("%s prompts: dropped %d longer than data.max_prompt_length=%d", split, dropped,
-                    cfg.data.max_prompt_length)
+        log.warning(
+            "%s prompts: dropped %d longer than data.max_prompt_length=%d", split, dropped, cfg.data.max_prompt_length
+        )
     if split == "train" and not kept:
-        raise ValueError(f"data.train={spec!r}: no prompt left (dropped {dropped} longer than "
-                         f"data.max_prompt_length={cfg.data.max_prompt_length})")
+        raise ValueError(
+            f"data.train={spec!r}: no prompt left (dropped {dropped} longer than "
+            f"data.max_prompt_length={cfg.data.max_prompt_length})"
+        )
     return kept, ids
 
 
@@ -214,40 +207,68 @@ def build_online_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None
         prompts[split], prompt_ids[split] = read_prompt_split(cfg, split, tokenizer)
 
     model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
-    setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
-                        total_steps=cfg.online.iterations * cfg.online.updates_per_iteration)
+    setup = build_setup(
+        cfg,
+        model,
+        model_config,
+        mesh=mesh,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        total_steps=cfg.online.iterations * cfg.online.updates_per_iteration,
+    )
 
     def scorer(graphdef, rest) -> Scorer:
-        return make_scorer(graphdef, rest, mesh, compute_dtype=dtype,
-                           vocab_chunk_size=cfg.model.vocab_chunk_size or None, score_window=sample_score_window(cfg))
+        return make_scorer(
+            graphdef,
+            rest,
+            mesh,
+            compute_dtype=dtype,
+            vocab_chunk_size=cfg.model.vocab_chunk_size or None,
+            score_window=sample_score_window(cfg),
+        )
 
     extra = []
     if loss_fn.spec.requires_reference:
         for spec in cfg.references[1:]:
             if spec.tokenizer and spec.tokenizer != tokenizer_path(cfg):
-                raise ValueError(f"online mode: reference {spec.path!r} must share the policy's tokenizer (the "
-                                 "samples are scored as token ids)")
+                raise ValueError(
+                    f"online mode: reference {spec.path!r} must share the policy's tokenizer (the "
+                    "samples are scored as token ids)"
+                )
             graphdef, params, rest = split_trainable(load_model(spec.path, cfg, mesh, dtype)[0])
             extra.append((scorer(graphdef, rest), params))
-        loss_fn.spec.check_reference_count(1 + len(extra), given="online mode (online.reference + "
-                                                                 "config.references[1:])")
+        loss_fn.spec.check_reference_count(
+            1 + len(extra), given="online mode (online.reference + config.references[1:])"
+        )
     base_scorer = None
     if lora_enabled(cfg) and cfg.model.lora.reference == "base":
         base_scorer = scorer(adapters_off_graphdef(setup.graphdef, setup.state["params"], setup.rest), setup.rest)
-    return OnlineRun(**vars(setup), loss_fn=loss_fn, initial_params=jax.tree.map(jnp.copy, setup.state["params"]),
-                     policy_scorer=scorer(setup.graphdef, setup.rest), extra_references=extra, prompts=prompts,
-                     prompt_ids=prompt_ids, reward_fn=make_reward_fn(cfg, mesh=mesh, dtype=dtype),
-                     judge_fn=make_judge_fn(cfg), eos_ids=eos_ids_of(tokenizer, model_config),
-                     pad_id=int(tokenizer.pad_token_id), base_scorer=base_scorer,
-                     packing=packing_of(cfg, mesh, row_length=int(cfg.data.max_prompt_length)
-                                        + int(cfg.online.max_new_tokens), key_cost=attention_key_cost(
-                                            setup.model_config)))
+    return OnlineRun(
+        **vars(setup),
+        loss_fn=loss_fn,
+        initial_params=jax.tree.map(jnp.copy, setup.state["params"]),
+        policy_scorer=scorer(setup.graphdef, setup.rest),
+        extra_references=extra,
+        prompts=prompts,
+        prompt_ids=prompt_ids,
+        reward_fn=make_reward_fn(cfg, mesh=mesh, dtype=dtype),
+        judge_fn=make_judge_fn(cfg),
+        eos_ids=eos_ids_of(tokenizer, model_config),
+        pad_id=int(tokenizer.pad_token_id),
+        base_scorer=base_scorer,
+        packing=packing_of(
+            cfg,
+            mesh,
+            row_length=int(cfg.data.max_prompt_length) + int(cfg.online.max_new_tokens),
+            key_cost=attention_key_cost(setup.model_config),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------- pieces
 def _local_rows(x: np.ndarray) -> np.ndarray:
     n = x.shape[0] // jax.process_count()
-    return x[jax.process_index() * n:(jax.process_index() + 1) * n]
+    return x[jax.process_index() * n : (jax.process_index() + 1) * n]
 
 
 def global_batch(run: OnlineRun, batch: dict[str, np.ndarray], *, micro_batches: int = 1) -> dict[str, jax.Array]:
@@ -261,8 +282,9 @@ def global_batch(run: OnlineRun, batch: dict[str, np.ndarray], *, micro_batches:
     return to_global(local, run.mesh)
 
 
-def sample(run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samples: int, key: jax.Array
-           ) -> tuple[np.ndarray, np.ndarray]:
+def sample(
+    run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samples: int, key: jax.Array
+) -> tuple[np.ndarray, np.ndarray]:
     """K samples for each prompt from the policy with `params`: `(tokens, mask)` [P, K, max_new_tokens]."""
     oc = run.config.online
     flat = [p for p in prompt_ids for _ in range(num_samples)]
@@ -272,20 +294,36 @@ def sample(run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samp
     extra = {}
     if list(oc.stop_strings):
         extra = {"stop_strings": tuple(oc.stop_strings), "tokenizer": run.tokenizer}
-    out = generate(model, inputs["tokens"], inputs["mask"], max_new_tokens=int(oc.max_new_tokens),
-                   temperature=float(oc.temperature), top_k=int(oc.top_k) or None,
-                   top_p=float(oc.top_p) if oc.top_p < 1 else None, eos_token_id=list(run.eos_ids), rng=key,
-                   pad_token_id=run.pad_id, **extra)
+    out = generate(
+        model,
+        inputs["tokens"],
+        inputs["mask"],
+        max_new_tokens=int(oc.max_new_tokens),
+        temperature=float(oc.temperature),
+        top_k=int(oc.top_k) or None,
+        top_p=float(oc.top_p) if oc.top_p < 1 else None,
+        eos_token_id=list(run.eos_ids),
+        rng=key,
+        pad_token_id=run.pad_id,
+        **extra,
+    )
     gen_tokens, gen_mask = jax.device_get(replicate((out.tokens, out.mask), run.mesh))
     m = gen_tokens.shape[-1]
-    return (np.asarray(gen_tokens).reshape(len(prompt_ids), num_samples, m),
-            np.asarray(gen_mask).reshape(len(prompt_ids), num_samples, m))
+    return (
+        np.asarray(gen_tokens).reshape(len(prompt_ids), num_samples, m),
+        np.asarray(gen_mask).reshape(len(prompt_ids), num_samples, m),
+    )
 
 
 def decode_responses(run: OnlineRun, tokens: np.ndarray, mask: np.ndarray) -> list[list[str]]:
     """[P, K, M] generated tokens → response texts (special tokens such as EOS removed)."""
-    return [[run.tokenizer.decode(tokens[p, k][mask[p, k]].tolist(), skip_special_tokens=True)
-             for k in range(tokens.shape[1])] for p in range(tokens.shape[0])]
+    return [
+        [
+            run.tokenizer.decode(tokens[p, k][mask[p, k]].tolist(), skip_special_tokens=True)
+            for k in range(tokens.shape[1])
+        ]
+        for p in range(tokens.shape[0])
+    ]
 
 
 def sample_logps(scorer: Scorer, params, batch: dict[str, jax.Array]) -> np.ndarray:
@@ -299,8 +337,10 @@ def score(run: OnlineRun, prompts: Sequence[PromptRecord], texts: list[list[str]
     """Rewards [P, K] of the texts from a RewardFn."""
     rewards = np.asarray(fn([prompt_for_reward(p) for p in prompts], texts), np.float32)
     if rewards.shape != (len(texts), len(texts[0])) or not np.all(np.isfinite(rewards)):
-        raise ValueError(f"the reward function returned {rewards.shape} (finite: {np.all(np.isfinite(rewards))}); "
-                         f"expected finite [{len(texts)}, {len(texts[0])}]")
+        raise ValueError(
+            f"the reward function returned {rewards.shape} (finite: {np.all(np.isfinite(rewards))}); "
+            f"expected finite [{len(texts)}, {len(texts[0])}]"
+        )
     return rewards
 
 
@@ -308,8 +348,16 @@ def _kl_estimate(policy: np.ndarray, initial: np.ndarray, valid: np.ndarray) -> 
     return float(np.sum((policy - initial) * valid) / max(np.sum(valid), 1))
 
 
-def collect(run: OnlineRun, params, prompt_index: np.ndarray, split: str, num_samples: int, key: jax.Array, *,
-            sampler_params=None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def collect(
+    run: OnlineRun,
+    params,
+    prompt_index: np.ndarray,
+    split: str,
+    num_samples: int,
+    key: jax.Array,
+    *,
+    sampler_params=None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Sample, decode, score: (batch with rewards [P, K], statistics). `sampler_params` defaults to `params`."""
     prompts = [run.prompts[split][i] for i in prompt_index]
     ids = [run.prompt_ids[split][i] for i in prompt_index]
@@ -335,8 +383,11 @@ def evaluate_online(run: OnlineRun, params, iteration: int) -> dict[str, float]:
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(run.config.seed), 1), iteration)
     batch, stats = collect(run, params, np.arange(n), "eval", 1, key)
     device_batch = global_batch(run, batch)
-    kl = _kl_estimate(sample_logps(run.policy_scorer, params, device_batch),
-                      sample_logps(run.policy_scorer, run.initial_params, device_batch), batch["valid"])
+    kl = _kl_estimate(
+        sample_logps(run.policy_scorer, params, device_batch),
+        sample_logps(run.policy_scorer, run.initial_params, device_batch),
+        batch["valid"],
+    )
     if "judge_reward" not in stats:
         stats["judge_reward"] = stats["reward"]
     return {**stats, "kl_to_initial": kl}
@@ -351,8 +402,9 @@ def iteration_batch(run: OnlineRun, params, iteration: int) -> tuple[dict[str, n
     oc = run.config.online
     index = prompt_order(len(run.prompts["train"]), iteration, oc.prompts_per_iteration, run.config.seed)
     sampler = run.initial_params if oc.sampler == "initial" else params
-    batch, stats = collect(run, params, index, "train", oc.num_samples, _iteration_key(run, iteration),
-                           sampler_params=sampler)
+    batch, stats = collect(
+        run, params, index, "train", oc.num_samples, _iteration_key(run, iteration), sampler_params=sampler
+    )
     device_batch = global_batch(run, batch)
     start = sample_logps(run.policy_scorer, params, device_batch)
     initial = sample_logps(run.policy_scorer, run.initial_params, device_batch)
@@ -373,20 +425,28 @@ def minibatches(batch: dict[str, np.ndarray], size: int, count: int):
     n = next(iter(batch.values())).shape[0]
     for m in range(count):
         start = (m * size) % n
-        yield {k: v[start:start + size] for k, v in batch.items()}
+        yield {k: v[start : start + size] for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------------------------- train
 def make_online_step(run: OnlineRun):
     """The jit-compiled update (donated state): the trainer's step with the references in the batch."""
-    step_fn = make_train_step(run.graphdef, run.rest, run.loss_fn, run.tx, compute_dtype=run.dtype,
-                              micro_batches=run.config.data.micro_batches,
-                              vocab_chunk_size=run.config.model.vocab_chunk_size or None, lr_schedule=run.schedule,
-                              score_window=sample_score_window(run.config),
-                              skip_nonfinite=run.config.train.on_nonfinite == "skip_step")
+    step_fn = make_train_step(
+        run.graphdef,
+        run.rest,
+        run.loss_fn,
+        run.tx,
+        compute_dtype=run.dtype,
+        micro_batches=run.config.data.micro_batches,
+        vocab_chunk_size=run.config.model.vocab_chunk_size or None,
+        lr_schedule=run.schedule,
+        score_window=sample_score_window(run.config),
+        skip_nonfinite=run.config.train.on_nonfinite == "skip_step",
+    )
     # the frozen rest (with LoRA the base) is an argument of the program (WithFrozen), not a constant
-    return WithFrozen(jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings,
-                                                                           replicated(run.mesh))), run.rest)
+    return WithFrozen(
+        jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh))), run.rest
+    )
 
 
 def online_task(run: OnlineRun) -> Task:
@@ -406,24 +466,47 @@ def online_task(run: OnlineRun) -> Task:
             state, metrics = step_fn(state, global_batch(run, mb, micro_batches=int(cfg.data.micro_batches)))
             for k, v in jax.device_get(metrics).items():
                 sums[k] = sums.get(k, 0.0) + float(v) / updates
-        return Unit(state, {**stats, **sums, "perf/sample_time_s": t1 - t0,
-                            "perf/update_time_s": time.perf_counter() - t1})
+        return Unit(
+            state, {**stats, **sums, "perf/sample_time_s": t1 - t0, "perf/update_time_s": time.perf_counter() - t1}
+        )
 
     def restore_data(data_state, iteration: int) -> None:
         if int(data_state["iteration"]) != iteration:
-            raise ValueError(f"checkpoint at optimizer step {iteration * updates} records iteration "
-                             f"{data_state['iteration']}, not {iteration}: online.updates_per_iteration changed?")
+            raise ValueError(
+                f"checkpoint at optimizer step {iteration * updates} records iteration "
+                f"{data_state['iteration']}, not {iteration}: online.updates_per_iteration changed?"
+            )
 
     not_identity = ("iterations", "eval_prompts", "eval_every", "eval_judge")
-    identity = run_identity(cfg, ONLINE, run.model_config, run.tokenizer,
-                            objective={"loss": cfg.loss, "references": list(cfg.references),
-                                       "online": {k: v for k, v in dict(oc).items() if k not in not_identity}},
-                            data={split: token_lists_fingerprint(ids) for split, ids in run.prompt_ids.items()})
-    return Task(mode=ONLINE, run=run, identity=identity, units=int(oc.iterations), advance=advance,
-                evaluate=lambda params, iteration: evaluate_online(run, params, iteration),
-                data_state=lambda iteration: {"iteration": iteration}, restore_data=restore_data,
-                steps_per_unit=updates, unit_name="iteration", metrics_prefix="online", eval_every=oc.eval_every,
-                eval_at_start=True, label="rpo-train online", progress_metric="reward")
+    identity = run_identity(
+        cfg,
+        ONLINE,
+        run.model_config,
+        run.tokenizer,
+        objective={
+            "loss": cfg.loss,
+            "references": list(cfg.references),
+            "online": {k: v for k, v in dict(oc).items() if k not in not_identity},
+        },
+        data={split: token_lists_fingerprint(ids) for split, ids in run.prompt_ids.items()},
+    )
+    return Task(
+        mode=ONLINE,
+        run=run,
+        identity=identity,
+        units=int(oc.iterations),
+        advance=advance,
+        evaluate=lambda params, iteration: evaluate_online(run, params, iteration),
+        data_state=lambda iteration: {"iteration": iteration},
+        restore_data=restore_data,
+        steps_per_unit=updates,
+        unit_name="iteration",
+        metrics_prefix="online",
+        eval_every=oc.eval_every,
+        eval_at_start=True,
+        label="rpo-train online",
+        progress_metric="reward",
+    )
 
 
 def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> dict[str, Any]:

@@ -36,24 +36,10 @@ from rpo_jax.data import (
 )
 from rpo_jax.data.packing import Packing, is_packed, real_tokens
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train.build.data import (
-    load_records,
-    load_tokenizer,
-    tokenize_splits,
-    tokenizer_path,
-)
-from rpo_jax.train.build.fingerprints import (
-    checkpoint_fingerprint,
-    dataset_fingerprint,
-    weights_fingerprint,
-)
+from rpo_jax.train.build.data import load_records, load_tokenizer, tokenize_splits, tokenizer_path
+from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, dataset_fingerprint, weights_fingerprint
 from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
-from rpo_jax.train.build.model import (
-    adapters_off_graphdef,
-    load_model,
-    load_policy,
-    split_trainable,
-)
+from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
 from rpo_jax.train.build.programs import (
     ReferenceLayout,
     ReferenceSync,
@@ -69,20 +55,10 @@ from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import PREFERENCE
 from rpo_jax.train.core.identity import run_identity
-from rpo_jax.train.core.runner import (
-    ResumeError,
-    Task,
-    Unit,
-    run_task,
-    sum_over_eval_batches,
-)
+from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.core.workdir import REFERENCE_CACHE
 from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
-from rpo_jax.train.runtime.packed_rows import (
-    pack_local,
-    packing_of,
-    packing_with_references,
-)
+from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_with_references
 from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops
 from rpo_jax.train.step.logprobs import resolve_score_window
 
@@ -99,14 +75,14 @@ class PreferenceRun(RunSetup):
     loss_fn: Any
     datasets: dict[str, TokenizedDataset]
     references: list[Reference]
-    layout: ReferenceLayout               # where the references live and when they are scored (the one decision)
-    score_window: int | None              # output-head positions per sequence (config.model.score_window)
+    layout: ReferenceLayout  # where the references live and when they are scored (the one decision)
+    score_window: int | None  # output-head positions per sequence (config.model.score_window)
     ref_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split → [N, K, R] (cache mode)
     preference_direction: dict[str, Any] = dataclasses.field(default_factory=dict)  # `preference_direction`
     # not None: the primary reference's parameters live in the train state ("reference", checkpointed) and move
     # as it says (`hold_reference_in_state`); references[0].params is then None
     reference_sync: ReferenceSync | None = None
-    packing: Packing | None = None        # config.data.packing / share_prompt (`packing_of`); None: padded batches
+    packing: Packing | None = None  # config.data.packing / share_prompt (`packing_of`); None: padded batches
 
     @property
     def in_step_refs(self) -> bool:
@@ -121,8 +97,9 @@ def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, Token
     return resolve_score_window(cfg.model.score_window, span)
 
 
-def build_references(cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: Mapping[str, TokenizedDataset],
-                     loss_fn) -> list[Reference]:
+def build_references(
+    cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: Mapping[str, TokenizedDataset], loss_fn
+) -> list[Reference]:
     """The references of `config.references` (index 0 the primary; an empty path, or an empty list, is the
     initial policy), none for a reference-free loss. A reference with its own tokenizer gets the records tokenized
     with it."""
@@ -139,18 +116,28 @@ def build_references(cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: 
         own = datasets
         if tokenizer_name != tokenizer_path(cfg):
             tokenizer = load_tokenizer(tokenizer_name)
-            own = {split: tokenize_records(ds.records, tokenizer, max_length=cfg.data.max_length,
-                                           max_prompt_length=cfg.data.max_prompt_length or None,
-                                           truncation=cfg.data.truncation, k_max=ds.k_max, on_error=cfg.data.on_error)
-                   for split, ds in datasets.items()}
-        references.append(Reference(spec["path"], weights_fingerprint(spec["path"], cfg), graphdef, params, rest,
-                                    own, tokenizer_name))
+            own = {
+                split: tokenize_records(
+                    ds.records,
+                    tokenizer,
+                    max_length=cfg.data.max_length,
+                    max_prompt_length=cfg.data.max_prompt_length or None,
+                    truncation=cfg.data.truncation,
+                    k_max=ds.k_max,
+                    on_error=cfg.data.on_error,
+                )
+                for split, ds in datasets.items()
+            }
+        references.append(
+            Reference(spec["path"], weights_fingerprint(spec["path"], cfg), graphdef, params, rest, own, tokenizer_name)
+        )
     loss_fn.spec.check_reference_count(len(references), given="config.references")
     return references
 
 
-def initial_policy_reference(cfg: ml_collections.ConfigDict, setup: RunSetup,
-                             datasets: Mapping[str, TokenizedDataset]) -> Reference:
+def initial_policy_reference(
+    cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: Mapping[str, TokenizedDataset]
+) -> Reference:
     """The primary reference of an empty path. Without LoRA: the initial policy, a copy of its parameters.
 
     With LoRA (`config.model.lora.reference`): "base" (the default, TRL's for a PEFT model without ref_model) is
@@ -161,17 +148,38 @@ def initial_policy_reference(cfg: ml_collections.ConfigDict, setup: RunSetup,
     fingerprint = weights_fingerprint(cfg.model.path, cfg, len(setup.tokenizer))
     params = setup.state["params"]
     if not lora_enabled(cfg):
-        return Reference(INITIAL_POLICY, fingerprint, setup.graphdef, jax.tree.map(jnp.copy, params), setup.rest,
-                         datasets, tokenizer_path(cfg))
+        return Reference(
+            INITIAL_POLICY,
+            fingerprint,
+            setup.graphdef,
+            jax.tree.map(jnp.copy, params),
+            setup.rest,
+            datasets,
+            tokenizer_path(cfg),
+        )
     lora = cfg.model.lora
     if lora.base_dtype:
         fingerprint = f"{fingerprint}+base_dtype={lora.base_dtype}"
     if not lora_reference_is_base(cfg):  # "initial"
         adapter = checkpoint_fingerprint(lora.init_from) if lora.init_from else f"fresh-seed={cfg.seed}"
-        return Reference(INITIAL_POLICY, f"{fingerprint}+adapter={adapter}", setup.graphdef,
-                         jax.tree.map(jnp.copy, params), None, datasets, tokenizer_path(cfg))
-    return Reference(INITIAL_POLICY, fingerprint, adapters_off_graphdef(setup.graphdef, params, setup.rest), None,
-                     None, datasets, tokenizer_path(cfg))
+        return Reference(
+            INITIAL_POLICY,
+            f"{fingerprint}+adapter={adapter}",
+            setup.graphdef,
+            jax.tree.map(jnp.copy, params),
+            None,
+            datasets,
+            tokenizer_path(cfg),
+        )
+    return Reference(
+        INITIAL_POLICY,
+        fingerprint,
+        adapters_off_graphdef(setup.graphdef, params, setup.rest),
+        None,
+        None,
+        datasets,
+        tokenizer_path(cfg),
+    )
 
 
 def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> PreferenceRun:
@@ -189,24 +197,45 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         datasets = {split: dataclasses.replace(ds, has_rewards=False) for split, ds in datasets.items()}
     cfg = resolve_epochs(cfg, len(datasets["train"]))
     model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
-    setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
-                        total_steps=cfg.train.steps * max(1, cfg.train.iterations))
+    setup = build_setup(
+        cfg,
+        model,
+        model_config,
+        mesh=mesh,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        total_steps=cfg.train.steps * max(1, cfg.train.iterations),
+    )
     layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     references = build_references(cfg, setup, datasets, loss_fn)
     if layout.in_step and any(r.datasets is not datasets for r in references):
-        raise ValueError("reference_mode='in_step' needs references that share the policy's tokenizer; "
-                         "use 'cache' for references with their own tokenizer"
-                         + (" (config.reference_sync needs in-step references)" if layout.sync else ""))
+        raise ValueError(
+            "reference_mode='in_step' needs references that share the policy's tokenizer; "
+            "use 'cache' for references with their own tokenizer"
+            + (" (config.reference_sync needs in-step references)" if layout.sync else "")
+        )
     key_cost = attention_key_cost(model_config, num_references=len(references) if layout.in_step else 0)
-    packing = packing_with_references(packing_of(cfg, mesh, row_length=cfg.data.max_length, key_cost=key_cost),
-                                      cfg, references, datasets)
-    run = PreferenceRun(**vars(setup), workdir=storage.as_path(workdir), loss_fn=loss_fn, datasets=datasets,
-                        references=references, layout=layout, score_window=score_window_of(cfg, datasets),
-                        preference_direction=direction, packing=packing)
+    packing = packing_with_references(
+        packing_of(cfg, mesh, row_length=cfg.data.max_length, key_cost=key_cost), cfg, references, datasets
+    )
+    run = PreferenceRun(
+        **vars(setup),
+        workdir=storage.as_path(workdir),
+        loss_fn=loss_fn,
+        datasets=datasets,
+        references=references,
+        layout=layout,
+        score_window=score_window_of(cfg, datasets),
+        preference_direction=direction,
+        packing=packing,
+    )
     if layout.in_state:
         if references[0].params is not None:  # None: LoRA's base reference, the policy's own weights
-            check_mixable(references[0], setup.state["params"],
-                          "config.reference_sync" if layout.sync.every else "train.iterations > 1 (in-step)")
+            check_mixable(
+                references[0],
+                setup.state["params"],
+                "config.reference_sync" if layout.sync.every else "train.iterations > 1 (in-step)",
+            )
         hold_reference_in_state(run, layout.sync)
     return run
 
@@ -218,9 +247,11 @@ def check_mixable(primary: Reference, params: Any, setting: str) -> None:
     check of `build_run`)."""
     shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)  # noqa: E731
     if jax.tree.structure(primary.params) != jax.tree.structure(params) or shapes(primary.params) != shapes(params):
-        raise ValueError(f"{setting} with the primary reference config.references[0] ({primary.name}): its "
-                         "parameters are not shaped as the policy's (another architecture), and the policy's "
-                         "weights move into it (α·θ + (1 − α)·θ_ref, or a copy): it needs the policy's shapes")
+        raise ValueError(
+            f"{setting} with the primary reference config.references[0] ({primary.name}): its "
+            "parameters are not shaped as the policy's (another architecture), and the policy's "
+            "weights move into it (α·θ + (1 − α)·θ_ref, or a copy): it needs the policy's shapes"
+        )
 
 
 def hold_reference_in_state(run: PreferenceRun, sync: ReferenceSync) -> None:
@@ -242,8 +273,9 @@ def hold_reference_in_state(run: PreferenceRun, sync: ReferenceSync) -> None:
     run.reference_sync = sync
 
 
-def preference_direction(cfg: ml_collections.ConfigDict, records: Mapping[str, list], loss_uses_rewards: bool
-                         ) -> tuple[bool, dict[str, Any]]:
+def preference_direction(
+    cfg: ml_collections.ConfigDict, records: Mapping[str, list], loss_uses_rewards: bool
+) -> tuple[bool, dict[str, Any]]:
     """Whether the records' rewards reach the loss (`rewards_reach_loss` with `config.data.pairs_from`), and
     the run's record of it: `{"pairs_from", "rewards_reach_loss", split: {"scored_pairs", "ties",
     "disagreements"}}`. Ties and label/score disagreements among labelled pairs are logged (a warning when
@@ -258,12 +290,15 @@ def preference_direction(cfg: ml_collections.ConfigDict, records: Mapping[str, l
         if not counts.scored_pairs:
             continue
         if to_loss:
-            how = ("the scores reach the loss: a tie contributes nothing, a disagreeing pair trains the other way "
-                   "round" + ("" if loss_uses_rewards else " (data.pairs_from='rewards')"))
+            how = (
+                "the scores reach the loss: a tie contributes nothing, a disagreeing pair trains the other way "
+                "round" + ("" if loss_uses_rewards else " (data.pairs_from='rewards')")
+            )
         else:
             how = "trained as labelled (data.pairs_from='labels'; scores reach only reward-aware losses)"
         (log.warning if counts.ties or counts.disagreements else log.info)(
-            "%s data, labels vs scores: %s; %s", split, counts.summary(), how)
+            "%s data, labels vs scores: %s; %s", split, counts.summary(), how
+        )
     return to_loss, record
 
 
@@ -295,17 +330,30 @@ def fill_reference_cache(run: PreferenceRun) -> None:
     cfg = run.config
     per_process = local_batch_size(cfg.data.eval_batch_size, run.mesh)
     cache_dir = storage.as_path(cfg.reference_cache_dir or storage.as_path(run.workdir) / REFERENCE_CACHE)
-    scorers = [scorer(cfg, run, ref.graphdef, ref.rest, run.score_window if ref.datasets is run.datasets
-                      else score_window_of(cfg, ref.datasets))
-               for ref in run.references]
+    scorers = [
+        scorer(
+            cfg,
+            run,
+            ref.graphdef,
+            ref.rest,
+            run.score_window if ref.datasets is run.datasets else score_window_of(cfg, ref.datasets),
+        )
+        for ref in run.references
+    ]
     cache = {}
     for split, ds in run.datasets.items():
         columns = []
         for i, (ref, score) in enumerate(zip(run.references, scorers)):
             compute = lambda i=i, ref=ref, score=score: compute_logps(  # noqa: E731  (params None: the policy's)
-                score, run.state["params"] if ref.params is None else ref.params, ref.datasets[split], per_process,
-                run.mesh, prepare=lambda batch: pack_local(batch, run.packing, run.mesh),
-                description=f"reference {i} log-probs ({split} split)", progress=cfg.train.progress_bar)
+                score,
+                run.state["params"] if ref.params is None else ref.params,
+                ref.datasets[split],
+                per_process,
+                run.mesh,
+                prepare=lambda batch: pack_local(batch, run.packing, run.mesh),
+                description=f"reference {i} log-probs ({split} split)",
+                progress=cfg.train.progress_bar,
+            )
             columns.append(cached_logps(cache_dir, ref, split, compute))
         values = np.stack(columns, axis=-1)  # [N, K, R]
         check_cache_complete(values, ds, split)
@@ -320,8 +368,10 @@ def check_cache_complete(values: np.ndarray, ds: TokenizedDataset, split: str) -
         k = len(e.sequences)
         if np.isnan(values[e.index, :k]).any():
             file, line = ds.records[e.index].source
-            raise ValueError(f"{file}:{line}: a reference tokenizer dropped this record ({split}); raise "
-                             "data.max_length or use truncation='truncate_prompt'")
+            raise ValueError(
+                f"{file}:{line}: a reference tokenizer dropped this record ({split}); raise "
+                "data.max_length or use truncation='truncate_prompt'"
+            )
 
 
 def with_references(run: PreferenceRun, batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
@@ -337,8 +387,9 @@ def with_references(run: PreferenceRun, batch: dict[str, np.ndarray], split: str
     return {**batch, "ref_logps": ref}
 
 
-def device_batch(run: PreferenceRun, batch: dict[str, np.ndarray], split: str, *, micro_batches: int = 1
-                 ) -> dict[str, jax.Array]:
+def device_batch(
+    run: PreferenceRun, batch: dict[str, np.ndarray], split: str, *, micro_batches: int = 1
+) -> dict[str, jax.Array]:
     """A host batch of `split` (this process's rows) → a step's global input, cached references added, packed
     (`config.data.packing`) for a step that splits it into `micro_batches` (1: the eval step, the scorers)."""
     batch = pack_local(with_references(run, batch, split), run.packing, run.mesh, micro_batches=micro_batches)
@@ -357,7 +408,7 @@ def step_reference_params(run: PreferenceRun) -> tuple:
     live in the train state, the others only (the step reads the primary from the state)."""
     if not run.in_step_refs:
         return ()
-    return tuple(r.params for r in run.references[1 if run.reference_sync is not None else 0:])
+    return tuple(r.params for r in run.references[1 if run.reference_sync is not None else 0 :])
 
 
 def in_step_reference_params(run: PreferenceRun, reference: Any = None) -> tuple:
@@ -383,9 +434,14 @@ def reset_reference_to_policy(run: PreferenceRun, params, step: int) -> None:
     primary = run.references[0]
     if primary.datasets is not run.datasets:
         raise ValueError("train.iterations > 1 needs a primary reference with the policy's tokenizer")
-    run.references[0] = dataclasses.replace(primary, name=INITIAL_POLICY, graphdef=run.graphdef, rest=run.rest,
-                                            params=jax.tree.map(jnp.copy, params),
-                                            fingerprint=f"{primary.fingerprint}+iterate@{step}")
+    run.references[0] = dataclasses.replace(
+        primary,
+        name=INITIAL_POLICY,
+        graphdef=run.graphdef,
+        rest=run.rest,
+        params=jax.tree.map(jnp.copy, params),
+        fingerprint=f"{primary.fingerprint}+iterate@{step}",
+    )
     fill_reference_cache(run)
 
 
@@ -418,14 +474,21 @@ def restore_position(run: PreferenceRun, iterator, data_state, step: int) -> Non
     the initial policy). At an iteration boundary the reference is reset from the restored policy as in an
     uninterrupted run."""
     steps = run.config.train.steps
-    if (run.config.train.iterations > 1 and run.references and run.reference_sync is None and step > steps
-            and step % steps):
+    if (
+        run.config.train.iterations > 1
+        and run.references
+        and run.reference_sync is None
+        and step > steps
+        and step % steps
+    ):
         boundary = step - step % steps
-        raise ResumeError(f"{run.workdir}: the checkpoint restored is at step {step}, inside iteration "
-                          f"{step // steps + 1} of train.iterations={run.config.train.iterations}; its reference (the "
-                          f"policy at step {boundary}) is not in the checkpoint, so the run cannot continue exactly. "
-                          f"Remove the checkpoints after step {boundary} to resume from there (if it is kept), or "
-                          "use another --workdir (a run with reference_mode='in_step' checkpoints its reference)")
+        raise ResumeError(
+            f"{run.workdir}: the checkpoint restored is at step {step}, inside iteration "
+            f"{step // steps + 1} of train.iterations={run.config.train.iterations}; its reference (the "
+            f"policy at step {boundary}) is not in the checkpoint, so the run cannot continue exactly. "
+            f"Remove the checkpoints after step {boundary} to resume from there (if it is kept), or "
+            "use another --workdir (a run with reference_mode='in_step' checkpoints its reference)"
+        )
     iterator.set_state(data_state)
 
 
@@ -435,19 +498,30 @@ def preference_task(run: PreferenceRun) -> Task:
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
-    train_step, eval_step = jitted_steps(cfg, run, run.loss_fn, ref_graphdefs, run.score_window,
-                                         reference_sync=run.reference_sync)
+    train_step, eval_step = jitted_steps(
+        cfg, run, run.loss_fn, ref_graphdefs, run.score_window, reference_sync=run.reference_sync
+    )
     if run.packing is not None:  # the output head runs on every slot of the packed rows (no score window)
-        log.info("packing (config.data.packing): rows of %s, share_prompt=%s, %s",
-                 f"{run.packing.row_length} slots" if run.packing.row_length else "a length chosen per batch",
-                 run.packing.share_prompt, f"batches packed when that saves ≥ {run.packing.min_saving:.0%} of "
-                 "their slots" if run.packing.min_saving else "every batch packed")
+        log.info(
+            "packing (config.data.packing): rows of %s, share_prompt=%s, %s",
+            f"{run.packing.row_length} slots" if run.packing.row_length else "a length chosen per batch",
+            run.packing.share_prompt,
+            f"batches packed when that saves ≥ {run.packing.min_saving:.0%} of their slots"
+            if run.packing.min_saving
+            else "every batch packed",
+        )
     if run.score_window:
-        log.info("output head on %d logit positions per sequence of padded batches (config.model.score_window)",
-                 run.score_window)
+        log.info(
+            "output head on %d logit positions per sequence of padded batches (config.model.score_window)",
+            run.score_window,
+        )
     if run.reference_sync is not None and run.reference_sync.every:
-        log.info("reference sync (TR-DPO): after every %d optimizer steps the reference becomes %g·θ + %g·θ_ref",
-                 run.reference_sync.every, run.reference_sync.mix, 1.0 - run.reference_sync.mix)
+        log.info(
+            "reference sync (TR-DPO): after every %d optimizer steps the reference becomes %g·θ + %g·θ_ref",
+            run.reference_sync.every,
+            run.reference_sync.mix,
+            1.0 - run.reference_sync.mix,
+        )
 
     def advance(state, step: int) -> Unit:
         if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
@@ -458,34 +532,53 @@ def preference_task(run: PreferenceRun) -> Task:
         batch = next(iterator)
         inputs = train_batch(run, batch)
         # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process)
-        flops = batch_flops(run.model_config, inputs["tokens"].shape, num_references=len(ref_graphdefs),
-                            score_window=run.score_window)
+        flops = batch_flops(
+            run.model_config, inputs["tokens"].shape, num_references=len(ref_graphdefs), score_window=run.score_window
+        )
         tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
         state, metrics = train_step(state, inputs, step_reference_params(run))
         # packed or padded; real tokens per slot the step computes (> 1 where shared prompts saved slots)
         layout = {"packed": float(is_packed(inputs)), "tokens_per_slot": tokens / inputs["tokens"].size}
         return Unit(state, {**metrics, **layout}, {"tokens": tokens}, flops)
 
-    objective = {"loss": cfg.loss, "references": list(cfg.references),
-                 "preference_direction": run.preference_direction, "iterations": max(1, cfg.train.iterations)}
+    objective = {
+        "loss": cfg.loss,
+        "references": list(cfg.references),
+        "preference_direction": run.preference_direction,
+        "iterations": max(1, cfg.train.iterations),
+    }
     if run.reference_sync is not None:  # only then: the identities (and checkpoints) of other runs are unchanged
         objective["reference_in_checkpoint"] = True
         if run.reference_sync.every:
             objective["reference_sync"] = run.reference_sync._asdict()
-    identity = run_identity(cfg, PREFERENCE, run.model_config, run.tokenizer, objective=objective,
-                            data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
-    return Task(mode=PREFERENCE, run=run, identity=identity, units=cfg.train.steps * max(1, cfg.train.iterations),
-                advance=advance,
-                evaluate=lambda state, step: evaluate(run, state["params"], eval_step, state.get("reference")),
-                eval_input=lambda state: state,
-                data_state=lambda step: iterator.get_state(),
-                restore_data=lambda data_state, step: restore_position(run, iterator, data_state, step),
-                log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, label="rpo-train",
-                mfu_dtype=run.dtype)
+    identity = run_identity(
+        cfg,
+        PREFERENCE,
+        run.model_config,
+        run.tokenizer,
+        objective=objective,
+        data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()},
+    )
+    return Task(
+        mode=PREFERENCE,
+        run=run,
+        identity=identity,
+        units=cfg.train.steps * max(1, cfg.train.iterations),
+        advance=advance,
+        evaluate=lambda state, step: evaluate(run, state["params"], eval_step, state.get("reference")),
+        eval_input=lambda state: state,
+        data_state=lambda step: iterator.get_state(),
+        restore_data=lambda data_state, step: restore_position(run, iterator, data_state, step),
+        log_every=cfg.train.log_every,
+        eval_every=cfg.train.eval_every,
+        label="rpo-train",
+        mfu_dtype=run.dtype,
+    )
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precompute_only: bool = False,
-          devices=None) -> dict[str, Any]:
+def train(
+    cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, precompute_only: bool = False, devices=None
+) -> dict[str, Any]:
     """Run the configured preference training in `workdir`; returns the final train and eval metrics
     (`rpo_jax.train.core.runner.run_task`), or with `precompute_only` only the reference cache's shapes (nothing else
     is written to `workdir` then). `cfg` is validated first (`rpo_jax.train.config.validation.validate`)."""

@@ -40,12 +40,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from rpo_jax.data import (
-    PreferenceRecord,
-    TokenizedDataset,
-    label_score_counts,
-    make_train_iterator,
-)
+from rpo_jax.data import PreferenceRecord, TokenizedDataset, label_score_counts, make_train_iterator
 from rpo_jax.data.reward_pairs import pair_batch, preference_pairs, tokenize_pairs
 from rpo_jax.losses import bradley_terry_loss, bradley_terry_per_pair
 from rpo_jax.models import RewardModel
@@ -61,12 +56,7 @@ from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.runtime.global_batches import local_batch_size, replicated, to_global
 from rpo_jax.train.step.logprobs import cast_floating, training_dropout
-from rpo_jax.train.step.steps import (
-    WithFrozen,
-    accumulate_gradients,
-    apply_gradients,
-    dropout_rng,
-)
+from rpo_jax.train.step.steps import WithFrozen, accumulate_gradients, apply_gradients, dropout_rng
 
 log = logging.getLogger(__name__)
 #: `config.reward_model.pairs` as run identities recorded it before the schema normalised its spelling (so that
@@ -85,8 +75,9 @@ def pad_id_of(model: RewardModel, tokenizer) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- steps
-def pair_scores(model: RewardModel, tokens: jax.Array, attention_mask: jax.Array, label: int = 0
-                ) -> tuple[jax.Array, jax.Array]:
+def pair_scores(
+    model: RewardModel, tokens: jax.Array, attention_mask: jax.Array, label: int = 0
+) -> tuple[jax.Array, jax.Array]:
     """tokens, attention_mask [B, 2, T] (index 0 chosen, 1 rejected) → (chosen [B], rejected [B]) float32:
     `model(tokens, attention_mask)[:, label]` of each conversation (the scores `reward_model_fn` gives)."""
     b, k, t = tokens.shape
@@ -102,9 +93,18 @@ def _loss_inputs(graphdef, params, rest, batch, *, compute_dtype, label, dropout
         return pair_scores(model, batch["tokens"], batch["attention_mask"], label)
 
 
-def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, compute_dtype, label: int = 0,
-                           center_coefficient: float = 0.0, micro_batches: int = 1, lr_schedule=None,
-                           skip_nonfinite: bool = False):
+def make_reward_train_step(
+    graphdef,
+    rest,
+    tx: optax.GradientTransformation,
+    *,
+    compute_dtype,
+    label: int = 0,
+    center_coefficient: float = 0.0,
+    micro_batches: int = 1,
+    lr_schedule=None,
+    skip_nonfinite: bool = False,
+):
     """`train_step(state, batch, frozen=None) -> (state, metrics)`: Bradley–Terry loss on `batch` (tokens,
     attention_mask [B,2,T], weight [B], margin [B]), gradients accumulated over `micro_batches` slices, one optax
     update (`rpo_jax.train.step.steps.accumulate_gradients` / `apply_gradients`). `pairs` counts the batch's pairs.
@@ -112,18 +112,21 @@ def make_reward_train_step(graphdef, rest, tx: optax.GradientTransformation, *, 
     dropout masks come from `dropout_rng(state)`."""
 
     def micro_loss(params, base, mb, key):
-        chosen, rejected = _loss_inputs(graphdef, params, base, mb, compute_dtype=compute_dtype, label=label,
-                                        dropout_rng=key)
-        return bradley_terry_loss(chosen, rejected, mb["weight"], center_coefficient=center_coefficient,
-                                  margin=mb["margin"])
+        chosen, rejected = _loss_inputs(
+            graphdef, params, base, mb, compute_dtype=compute_dtype, label=label, dropout_rng=key
+        )
+        return bradley_terry_loss(
+            chosen, rejected, mb["weight"], center_coefficient=center_coefficient, margin=mb["margin"]
+        )
 
     value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state, batch, frozen=None):
         base = rest if frozen is None else frozen
         grad_fn = lambda params, mb, key: value_and_grad(params, base, mb, key)  # noqa: E731
-        loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches,
-                                                    rng=dropout_rng(state))
+        loss, metrics, grads = accumulate_gradients(
+            grad_fn, state["params"], batch, micro_batches, rng=dropout_rng(state)
+        )
         metrics = {**metrics, "pairs": jnp.sum(batch["weight"])}  # a count over the whole batch, not a mean
         return apply_gradients(state, grads, loss, metrics, tx, lr_schedule, skip_nonfinite=skip_nonfinite)
 
@@ -135,14 +138,21 @@ def make_reward_eval_step(graphdef, rest, *, compute_dtype, label: int = 0, cent
     Σ w·s_r (`frozen`: as `make_reward_train_step`'s)."""
 
     def eval_step(params, batch, frozen=None):
-        chosen, rejected = _loss_inputs(graphdef, params, rest if frozen is None else frozen, batch,
-                                        compute_dtype=compute_dtype, label=label)
+        chosen, rejected = _loss_inputs(
+            graphdef, params, rest if frozen is None else frozen, batch, compute_dtype=compute_dtype, label=label
+        )
         w = batch["weight"]
-        per_pair = bradley_terry_per_pair(chosen, rejected, center_coefficient=center_coefficient,
-                                          margin=batch["margin"])
-        return {"loss": jnp.sum(w * per_pair), "pairs": jnp.sum(w),
-                "accuracy": jnp.sum(w * (chosen > rejected)), "margin": jnp.sum(w * (chosen - rejected)),
-                "chosen_score": jnp.sum(w * chosen), "rejected_score": jnp.sum(w * rejected)}
+        per_pair = bradley_terry_per_pair(
+            chosen, rejected, center_coefficient=center_coefficient, margin=batch["margin"]
+        )
+        return {
+            "loss": jnp.sum(w * per_pair),
+            "pairs": jnp.sum(w),
+            "accuracy": jnp.sum(w * (chosen > rejected)),
+            "margin": jnp.sum(w * (chosen - rejected)),
+            "chosen_score": jnp.sum(w * chosen),
+            "rejected_score": jnp.sum(w * rejected),
+        }
 
     return eval_step
 
@@ -171,15 +181,21 @@ def load_pair_records(cfg: ml_collections.ConfigDict) -> dict[str, list[Preferen
         counts = label_score_counts(recs)
         if counts.scored_pairs:
             (log.warning if counts.ties or counts.disagreements else log.info)(
-                "%s data, labels vs scores: %s; %s", split, counts.summary(),
-                "trained as labelled (data.pairs_from='labels')" if pairs_from == "labels"
-                else "the scores decide: a tie gives no pair, a disagreeing pair trains the other way round")
+                "%s data, labels vs scores: %s; %s",
+                split,
+                counts.summary(),
+                "trained as labelled (data.pairs_from='labels')"
+                if pairs_from == "labels"
+                else "the scores decide: a tie gives no pair, a disagreeing pair trains the other way round",
+            )
         if without:
             log.info("%s: %d of %d records give no pair (tied rewards)", split, without, len(recs))
         if rm.margin_scale and any(p.rewards is None for p in pairs):
             first = next(p for p in pairs if p.rewards is None)
-            raise ValueError(f"{first.source[0]}:{first.source[1]}: reward_model.margin_scale="
-                             f"{rm.margin_scale} needs rewards, and this record has none")
+            raise ValueError(
+                f"{first.source[0]}:{first.source[1]}: reward_model.margin_scale="
+                f"{rm.margin_scale} needs rewards, and this record has none"
+            )
         if not pairs:
             raise ValueError(f"data.{split}: {len(recs)} records give no pair (every record's rewards are tied)")
         out[split] = pairs
@@ -188,13 +204,15 @@ def load_pair_records(cfg: ml_collections.ConfigDict) -> dict[str, list[Preferen
     return out
 
 
-def tokenize_pair_splits(cfg: ml_collections.ConfigDict, pairs: Mapping[str, Sequence[PreferenceRecord]], tokenizer,
-                         pad_id: int) -> dict[str, TokenizedDataset]:
+def tokenize_pair_splits(
+    cfg: ml_collections.ConfigDict, pairs: Mapping[str, Sequence[PreferenceRecord]], tokenizer, pad_id: int
+) -> dict[str, TokenizedDataset]:
     """`tokenize_pairs` of every split (`data.max_length`, `data.truncation`); a split left empty is an error."""
     out = {}
     for split, recs in pairs.items():
-        ds = tokenize_pairs(recs, tokenizer, max_length=cfg.data.max_length, pad_id=pad_id,
-                            truncation=cfg.data.truncation)
+        ds = tokenize_pairs(
+            recs, tokenizer, max_length=cfg.data.max_length, pad_id=pad_id, truncation=cfg.data.truncation
+        )
         log.info("%s: %d pairs; %s", split, len(recs), ds.report.summary())
         if len(ds) == 0:
             raise ValueError(f"data.{split}: no pair left after tokenization ({ds.report.summary()})")
@@ -215,16 +233,22 @@ def build_reward_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None
     if not 0 <= rm.label < model.num_labels:
         raise ValueError(f"reward_model.label={rm.label} but the model has {model.num_labels} label(s)")
     if len(tokenizer) > model_config.vocab_size:
-        raise ValueError(f"the tokenizer ({tokenizer_path(cfg)}) has {len(tokenizer)} tokens but the model's "
-                         f"vocab_size is {model_config.vocab_size}")
+        raise ValueError(
+            f"the tokenizer ({tokenizer_path(cfg)}) has {len(tokenizer)} tokens but the model's "
+            f"vocab_size is {model_config.vocab_size}"
+        )
     pad_id = pad_id_of(model, tokenizer)
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != pad_id:
-        log.warning("the model pads (and pools) with pad_token_id=%d but the tokenizer's pad id is %d: score with "
-                    "reward_model_fn, or pad with the model's pad_token_id in transformers", pad_id,
-                    tokenizer.pad_token_id)
+        log.warning(
+            "the model pads (and pools) with pad_token_id=%d but the tokenizer's pad id is %d: score with "
+            "reward_model_fn, or pad with the model's pad_token_id in transformers",
+            pad_id,
+            tokenizer.pad_token_id,
+        )
     datasets = tokenize_pair_splits(cfg, pairs, tokenizer, pad_id)
-    setup = build_setup(cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer,
-                        total_steps=cfg.train.steps)
+    setup = build_setup(
+        cfg, model, model_config, mesh=mesh, dtype=dtype, tokenizer=tokenizer, total_steps=cfg.train.steps
+    )
     return RewardRun(**vars(setup), datasets=datasets, pad_id=pad_id)
 
 
@@ -234,8 +258,11 @@ def evaluate_pairs(run: RewardRun, params, eval_step) -> dict[str, float]:
         return {}
     margin_scale = run.config.reward_model.margin_scale
     totals = sum_over_eval_batches(
-        run.datasets["eval"], run.config.data.eval_batch_size, run.mesh,
-        lambda batch: jax.device_get(eval_step(params, to_global(pair_batch(batch, margin_scale), run.mesh))))
+        run.datasets["eval"],
+        run.config.data.eval_batch_size,
+        run.mesh,
+        lambda batch: jax.device_get(eval_step(params, to_global(pair_batch(batch, margin_scale), run.mesh))),
+    )
     n = totals.pop("pairs", 0.0)
     if n == 0:
         return {}
@@ -247,28 +274,61 @@ def reward_model_task(run: RewardRun) -> Task:
     cfg, rm = run.config, run.config.reward_model
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    step_fn = make_reward_train_step(run.graphdef, run.rest, run.tx, compute_dtype=run.dtype, label=rm.label,
-                                     center_coefficient=rm.center_coefficient, micro_batches=cfg.data.micro_batches,
-                                     lr_schedule=run.schedule, skip_nonfinite=cfg.train.on_nonfinite == "skip_step")
+    step_fn = make_reward_train_step(
+        run.graphdef,
+        run.rest,
+        run.tx,
+        compute_dtype=run.dtype,
+        label=rm.label,
+        center_coefficient=rm.center_coefficient,
+        micro_batches=cfg.data.micro_batches,
+        lr_schedule=run.schedule,
+        skip_nonfinite=cfg.train.on_nonfinite == "skip_step",
+    )
     # the frozen rest (with LoRA the backbone's base) is an argument of the programs, not a constant
-    train_step = WithFrozen(jax.jit(step_fn, donate_argnums=(0,),
-                                    out_shardings=(run.state_shardings, replicated(run.mesh))), run.rest)
-    eval_step = WithFrozen(jax.jit(make_reward_eval_step(run.graphdef, run.rest, compute_dtype=run.dtype,
-                                                         label=rm.label, center_coefficient=rm.center_coefficient),
-                                   out_shardings=replicated(run.mesh)), run.rest)
+    train_step = WithFrozen(
+        jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh))), run.rest
+    )
+    eval_step = WithFrozen(
+        jax.jit(
+            make_reward_eval_step(
+                run.graphdef,
+                run.rest,
+                compute_dtype=run.dtype,
+                label=rm.label,
+                center_coefficient=rm.center_coefficient,
+            ),
+            out_shardings=replicated(run.mesh),
+        ),
+        run.rest,
+    )
 
     def advance(state, step: int) -> Unit:
         batch = pair_batch(next(iterator), rm.margin_scale)
         state, metrics = train_step(state, to_global(batch, run.mesh))
         return Unit(state, metrics, {"pairs": float(batch["weight"].sum()) * jax.process_count()})
 
-    identity = run_identity(cfg, REWARD_MODEL, run.model_config, run.tokenizer, objective=identity_objective(rm),
-                            data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()})
-    return Task(mode=REWARD_MODEL, run=run, identity=identity, units=cfg.train.steps, advance=advance,
-                evaluate=lambda params, step: evaluate_pairs(run, params, eval_step),
-                data_state=lambda step: iterator.get_state(),
-                restore_data=lambda data_state, step: iterator.set_state(data_state),
-                log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, label="rpo-train reward model")
+    identity = run_identity(
+        cfg,
+        REWARD_MODEL,
+        run.model_config,
+        run.tokenizer,
+        objective=identity_objective(rm),
+        data={split: dataset_fingerprint(ds) for split, ds in run.datasets.items()},
+    )
+    return Task(
+        mode=REWARD_MODEL,
+        run=run,
+        identity=identity,
+        units=cfg.train.steps,
+        advance=advance,
+        evaluate=lambda params, step: evaluate_pairs(run, params, eval_step),
+        data_state=lambda step: iterator.get_state(),
+        restore_data=lambda data_state, step: iterator.set_state(data_state),
+        log_every=cfg.train.log_every,
+        eval_every=cfg.train.eval_every,
+        label="rpo-train reward model",
+    )
 
 
 def identity_objective(rm) -> dict[str, Any]:
@@ -277,8 +337,7 @@ def identity_objective(rm) -> dict[str, Any]:
     return {"reward_model": {**dict(rm), "pairs": IDENTITY_PAIRS[rm.pairs]}}
 
 
-def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None
-                       ) -> dict[str, Any]:
+def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> dict[str, Any]:
     """Train a Bradley–Terry reward model (`config.mode = "reward_model"`); returns `{"train": last logged train
     metrics, "eval": final held-out metrics (loss, accuracy, margin, chosen_score, rejected_score, pairs),
     "step": steps done, "export": the export directory or None}`.

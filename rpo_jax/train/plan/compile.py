@@ -23,8 +23,9 @@ class DoesNotFit(Exception):
 
 
 _OOM_USED = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE)
-_OOM_TEMPS = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)",
-                        re.IGNORECASE)
+_OOM_TEMPS = re.compile(
+    r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", re.IGNORECASE
+)
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -35,8 +36,10 @@ def oom_bytes(message: str, argument_bytes: int = 0) -> tuple[float, float] | No
     for pattern, extra in ((_OOM_USED, 0), (_OOM_TEMPS, argument_bytes)):
         m = pattern.search(message)
         if m:
-            return (float(m.group(1)) * _UNIT[m.group(2).upper()] + extra,
-                    float(m.group(3)) * _UNIT[m.group(4).upper()])
+            return (
+                float(m.group(1)) * _UNIT[m.group(2).upper()] + extra,
+                float(m.group(3)) * _UNIT[m.group(4).upper()],
+            )
     return None
 
 
@@ -77,7 +80,15 @@ def compile_program(program: Program, num_devices: int, dump_dir: str = "") -> C
         with open(os.path.join(dump_dir, re.sub(r"\W+", "_", program.name).strip("_") + ".hlo.txt"), "w") as f:
             f.write(text)
     stats = analyze(text, num_devices)
-    return CompiledProgram(program.name, memory.argument_size_in_bytes, memory.output_size_in_bytes,
-                           memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-                           memory.generated_code_size_in_bytes, program.resident, stats.flops, stats.collectives,
-                           stats.unknown_loops)
+    return CompiledProgram(
+        program.name,
+        memory.argument_size_in_bytes,
+        memory.output_size_in_bytes,
+        memory.alias_size_in_bytes,
+        memory.temp_size_in_bytes,
+        memory.generated_code_size_in_bytes,
+        program.resident,
+        stats.flops,
+        stats.collectives,
+        stats.unknown_loops,
+    )

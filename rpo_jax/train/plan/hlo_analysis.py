@@ -27,8 +27,27 @@ import numpy as np
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
-_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
-          "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_BYTES = {
+    "pred": 1,
+    "s4": 1,
+    "u4": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*(.*)\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
@@ -38,16 +57,16 @@ _CALLEE = re.compile(r"\b(body|condition|calls|to_apply|branch_computations)=\{?
 @dataclasses.dataclass(frozen=True)
 class Instruction:
     name: str
-    shape: str           # the result type text, e.g. "bf16[8,128]{1,0}" or a tuple "(f32[2], s32[])"
+    shape: str  # the result type text, e.g. "bf16[8,128]{1,0}" or a tuple "(f32[2], s32[])"
     opcode: str
-    rest: str            # operands and attributes
+    rest: str  # operands and attributes
 
 
 @dataclasses.dataclass
 class Computation:
     name: str
     is_entry: bool
-    shapes: dict[str, str]                     # value name → its type text (parameters and instructions)
+    shapes: dict[str, str]  # value name → its type text (parameters and instructions)
     instructions: list[Instruction]
 
 
@@ -64,12 +83,15 @@ class CollectiveStats:
 
 def array_bytes(type_text: str) -> int:
     """Bytes of every array in a type text (a tuple's elements summed)."""
-    return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in _ARRAY.findall(type_text))
+    return sum(
+        _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in _ARRAY.findall(type_text)
+    )
 
 
 def largest_array_bytes(type_text: str) -> int:
-    sizes = [_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in _ARRAY.findall(type_text)]
+    sizes = [
+        _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in _ARRAY.findall(type_text)
+    ]
     return max(sizes, default=0)
 
 
@@ -106,8 +128,11 @@ def parse_module(text: str) -> dict[str, Computation]:
 
 def trip_count(condition: Computation) -> int | None:
     """N of a `counter < N` loop condition (a compare with direction=LT against one integer constant)."""
-    constants = {i.name: int(m.group(1)) for i in condition.instructions
-                 if i.opcode == "constant" and (m := re.match(r"(-?\d+)\)", i.rest))}
+    constants = {
+        i.name: int(m.group(1))
+        for i in condition.instructions
+        if i.opcode == "constant" and (m := re.match(r"(-?\d+)\)", i.rest))
+    }
     for inst in condition.instructions:
         if inst.opcode == "compare" and "direction=LT" in inst.rest:
             operands = re.findall(r"%([\w.\-]+)", inst.rest.split(")")[0])
@@ -194,8 +219,18 @@ def dot_flops(inst: Instruction, comp: Computation) -> int:
         w = window[int(d)] if int(d) < len(window) else {}
         size = w.get("size", rhs[rhs_labels.index(d)])
         n_in, n_out = lhs[lhs_labels.index(d)], out_dims[out_labels.index(d)]
-        per_output *= real_taps(n_in, n_out, size, w.get("stride", 1), w.get("pad_lo", 0), w.get("lhs_dilate", 1),
-                                w.get("rhs_dilate", 1)) / n_out
+        per_output *= (
+            real_taps(
+                n_in,
+                n_out,
+                size,
+                w.get("stride", 1),
+                w.get("pad_lo", 0),
+                w.get("lhs_dilate", 1),
+                w.get("rhs_dilate", 1),
+            )
+            / n_out
+        )
         outputs *= n_out
     return int(round(2 * out * features * per_output))
 
@@ -208,8 +243,12 @@ def _window(rest: str) -> list[dict[str, int]]:
     fields = dict(item.split("=", 1) for item in m.group(1).split() if "=" in item)
     dims = len(fields.get("size", "").split("x")) if "size" in fields else 0
     out = [{} for _ in range(dims)]
-    for key, name in (("size", "size"), ("stride", "stride"), ("lhs_dilate", "lhs_dilate"),
-                      ("rhs_dilate", "rhs_dilate")):
+    for key, name in (
+        ("size", "size"),
+        ("stride", "stride"),
+        ("lhs_dilate", "lhs_dilate"),
+        ("rhs_dilate", "rhs_dilate"),
+    ):
         if key in fields:
             for i, v in enumerate(fields[key].split("x")):
                 out[i][name] = int(v)
@@ -251,7 +290,7 @@ def analyze(text: str, num_devices: int) -> ModuleStats:
             if inst.opcode in ("dot", "convolution"):
                 flops += times * dot_flops(inst, comp)
                 continue
-            kind = inst.opcode[:-len("-start")] if inst.opcode.endswith("-start") else inst.opcode
+            kind = inst.opcode[: -len("-start")] if inst.opcode.endswith("-start") else inst.opcode
             if kind not in stats:
                 continue
             size = max([largest_array_bytes(inst.shape)] + [array_bytes(t) for t in _operand_types(inst, comp)])

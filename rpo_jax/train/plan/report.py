@@ -18,16 +18,25 @@ def estimate_step(compiled: CompiledProgram, model_flops: float, chip: Chip) -> 
     compute_s = compiled.flops / chip.peak_bf16_flops
     comm_s = sum(s.traffic_bytes for s in compiled.collectives.values()) / chip.ici_bytes_per_s
     step_s = compute_s + comm_s
-    return {"compute_s": compute_s, "comm_s": comm_s, "step_s": step_s,
-            "mfu": model_flops / (step_s * chip.peak_bf16_flops) if step_s else 0.0}
+    return {
+        "compute_s": compute_s,
+        "comm_s": comm_s,
+        "step_s": step_s,
+        "mfu": model_flops / (step_s * chip.peak_bf16_flops) if step_s else 0.0,
+    }
 
 
 def model_flops_per_chip(plan: Plan) -> float:
     """The FLOP model's count (`train_flops_per_token`) for the planned train batch, per chip."""
     b, k, t = plan.batch_shape
     refs = plan.layout.count if plan.layout.in_step else 0
-    return b * k * t * train_flops_per_token(plan.model_config, t, num_references=refs,
-                                             score_window=plan.score_window) / plan.num_devices
+    return (
+        b
+        * k
+        * t
+        * train_flops_per_token(plan.model_config, t, num_references=refs, score_window=plan.score_window)
+        / plan.num_devices
+    )
 
 
 def where_references_live(plan: Plan) -> str:
@@ -37,12 +46,14 @@ def where_references_live(plan: Plan) -> str:
         return "none (a reference-free loss)"
     scored = "scored in the step" if layout.in_step else "cached (scored once before step 1)"
     if layout.primary is Weights.TRAIN_STATE:
-        moves = (f"moving: reference_sync every {layout.sync.every} steps" if layout.sync.every
-                 else "reset per iteration")
+        moves = (
+            f"moving: reference_sync every {layout.sync.every} steps" if layout.sync.every else "reset per iteration"
+        )
         primary = f"in the train state ({moves})"
     else:
         primary = {Weights.OWN: "its own frozen weights", Weights.POLICY_BASE: "the policy's base, adapters off"}[
-            layout.primary]
+            layout.primary
+        ]
     return f"{layout.count} {scored}; the primary's weights: {primary}"
 
 
@@ -61,34 +72,47 @@ def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
     chip, train = slc.chip, compiled[0]  # the train step when it compiled, else the first program that did
     model_flops = model_flops_per_chip(plan)
     mc = plan.model_config
-    lines = [f"rpo-plan: {slc.accelerator} = {slc.num_chips} chips ({slc.topology_name}), mesh "
-             f"{plan.mesh_shape}; "
-             f"{mc.model_type} {mc.num_params() / 1e9:.2f}B parameters, {mc.num_layers} layers; "
-             f"references: {where_references_live(plan)}",
-             f"per chip: HBM {gib(chip.hbm_bytes)}"]
+    lines = [
+        f"rpo-plan: {slc.accelerator} = {slc.num_chips} chips ({slc.topology_name}), mesh "
+        f"{plan.mesh_shape}; "
+        f"{mc.model_type} {mc.num_params() / 1e9:.2f}B parameters, {mc.num_layers} layers; "
+        f"references: {where_references_live(plan)}",
+        f"per chip: HBM {gib(chip.hbm_bytes)}",
+    ]
     for c in compiled:
-        lines.append(f"  {c.name}: total {gib(c.total)} = arguments {gib(c.arguments)} + outputs not aliased "
-                     f"{gib(c.outputs - c.aliased)} + temporaries {gib(c.temporaries)} + code {gib(c.code)}"
-                     + (f" + held outside {gib(c.resident)}" if c.resident else ""))
-    lines.append(f"  of which: parameters + optimizer state {gib(plan.state_bytes)}, references "
-                 f"{gib(plan.reference_bytes)}{where_held(plan)}, "
-                 f"batch {gib(plan.batch_bytes)}, train-step temporaries {gib(train.temporaries)}")
-    lines.append(f"step FLOPs per chip: compiled HLO {train.flops:.3e} (matmuls, loops × trip counts); FLOP model "
-                 f"{model_flops:.3e} (train_flops_per_token); ratio {train.flops / model_flops:.2f}"
-                 + (f"; loops of unknown trip count counted once: {len(train.unknown_loops)}"
-                    if train.unknown_loops else ""))
+        lines.append(
+            f"  {c.name}: total {gib(c.total)} = arguments {gib(c.arguments)} + outputs not aliased "
+            f"{gib(c.outputs - c.aliased)} + temporaries {gib(c.temporaries)} + code {gib(c.code)}"
+            + (f" + held outside {gib(c.resident)}" if c.resident else "")
+        )
+    lines.append(
+        f"  of which: parameters + optimizer state {gib(plan.state_bytes)}, references "
+        f"{gib(plan.reference_bytes)}{where_held(plan)}, "
+        f"batch {gib(plan.batch_bytes)}, train-step temporaries {gib(train.temporaries)}"
+    )
+    lines.append(
+        f"step FLOPs per chip: compiled HLO {train.flops:.3e} (matmuls, loops × trip counts); FLOP model "
+        f"{model_flops:.3e} (train_flops_per_token); ratio {train.flops / model_flops:.2f}"
+        + (f"; loops of unknown trip count counted once: {len(train.unknown_loops)}" if train.unknown_loops else "")
+    )
     lines.append("collectives per train step, per chip (from the compiled HLO):")
     lines.append(f"  {'kind':<20}{'count':>8}{'GiB':>12}{'est. ms':>10}")
     for kind in COLLECTIVES:
         s = train.collectives[kind]
-        lines.append(f"  {kind:<20}{s.count:>8}{s.bytes / GiB:>12.3f}{1e3 * s.traffic_bytes / chip.ici_bytes_per_s:>10.2f}")
+        lines.append(
+            f"  {kind:<20}{s.count:>8}{s.bytes / GiB:>12.3f}{1e3 * s.traffic_bytes / chip.ici_bytes_per_s:>10.2f}"
+        )
     est = estimate_step(train, model_flops, chip)
-    lines.append(f"ESTIMATE (not a measurement; matmuls at the {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak, "
-                 f"collectives at {chip.ici_bytes_per_s * 8 / 1e9:.0f} Gbps ICI, no overlap): step "
-                 f"{est['step_s']:.2f} s (compute {est['compute_s']:.2f} s + communication {est['comm_s']:.2f} s), "
-                 f"MFU {100 * est['mfu']:.1f} %")
+    lines.append(
+        f"ESTIMATE (not a measurement; matmuls at the {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak, "
+        f"collectives at {chip.ici_bytes_per_s * 8 / 1e9:.0f} Gbps ICI, no overlap): step "
+        f"{est['step_s']:.2f} s (compute {est['compute_s']:.2f} s + communication {est['comm_s']:.2f} s), "
+        f"MFU {100 * est['mfu']:.1f} %"
+    )
     worst = max(compiled, key=lambda c: c.total)
     verdict = "fits" if worst.total <= chip.hbm_bytes else "does not fit"
-    lines.append(f"{verdict}: needs {gib(worst.total)} of {gib(chip.hbm_bytes)} per chip on {slc.accelerator} "
-                 f"({worst.name} of the programs compiled)")
+    lines.append(
+        f"{verdict}: needs {gib(worst.total)} of {gib(chip.hbm_bytes)} per chip on {slc.accelerator} "
+        f"({worst.name} of the programs compiled)"
+    )
     return "\n".join(lines)

@@ -26,13 +26,13 @@ class Chip:
     """Published figures of one TPU generation (per chip), from the Cloud TPU system-architecture pages (v4:
     also the TPU v4 paper for the ICI links)."""
 
-    generation: str          # libtpu topology prefix: "v4", "v5" (v5p), "v5e", "v6e"
-    megacore: bool           # two TensorCores driven as one device (v4, v5p)
-    mesh_dims: int           # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
+    generation: str  # libtpu topology prefix: "v4", "v5" (v5p), "v5e", "v6e"
+    megacore: bool  # two TensorCores driven as one device (v4, v5p)
+    mesh_dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
     hbm_bytes: float
     peak_bf16_flops: float
     hbm_bytes_per_s: float
-    ici_bytes_per_s: float   # all ICI links of a chip together
+    ici_bytes_per_s: float  # all ICI links of a chip together
 
 
 CHIPS = {
@@ -44,8 +44,19 @@ CHIPS = {
 #: accelerator-type prefixes → CHIPS key
 ALIASES = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}
 #: chips → slice shape (the shapes Cloud TPU provisions; larger v4/v5p slices are tori)
-SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+SHAPES_3D = {
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+    1024: (8, 8, 16),
+    2048: (8, 16, 16),
+    4096: (16, 16, 16),
+}
 SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 
 
@@ -74,8 +85,10 @@ def parse_slice(name: str) -> Slice:
     number counts TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e. ValueError for anything else."""
     m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name.strip().lower())
     if not m:
-        raise ValueError(f"--topology={name!r}: expected a Cloud TPU accelerator type such as v5p-64, v4-32, "
-                         "v5litepod-16 (v5e-16) or v6e-8")
+        raise ValueError(
+            f"--topology={name!r}: expected a Cloud TPU accelerator type such as v5p-64, v4-32, "
+            "v5litepod-16 (v5e-16) or v6e-8"
+        )
     chip = CHIPS[ALIASES[m.group(1)]]
     count = int(m.group(2))
     chips = count // 2 if chip.megacore else count
@@ -92,8 +105,12 @@ def libtpu_environment(slc: Slice):
     if tpu_may_be_present():
         yield
         return
-    values = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": slc.accelerator, "TPU_WORKER_ID": "0",
-              "TPU_WORKER_HOSTNAMES": "localhost"}
+    values = {
+        "TPU_SKIP_MDS_QUERY": "1",
+        "TPU_ACCELERATOR_TYPE": slc.accelerator,
+        "TPU_WORKER_ID": "0",
+        "TPU_WORKER_HOSTNAMES": "localhost",
+    }
     saved = {k: os.environ.get(k) for k in values}
     for k, v in values.items():
         os.environ.setdefault(k, v)
@@ -110,13 +127,19 @@ def libtpu_environment(slc: Slice):
 def slice_devices(slc: Slice) -> list:
     """One device per chip of the slice, from libtpu's topology description (no TPU needed)."""
     from jax.experimental import topologies
+
     # compiling needs no TPU: let several planners (or a planner beside a TPU job) load libtpu at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     bounds = (2, 2, 1) if slc.num_chips >= 4 else (1, 1, 1)
     with libtpu_environment(slc):
         topology = topologies.get_topology_desc(
-            platform="tpu", topology_name=slc.topology_name, chip_config_name="megacore" if slc.chip.megacore else
-            "default", chips_per_host_bounds=bounds, num_slices=1, wrap=slc.wrap)
+            platform="tpu",
+            topology_name=slc.topology_name,
+            chip_config_name="megacore" if slc.chip.megacore else "default",
+            chips_per_host_bounds=bounds,
+            num_slices=1,
+            wrap=slc.wrap,
+        )
     devices = list(topology.devices)
     if len(devices) != slc.num_chips:
         raise RuntimeError(f"{slc.accelerator}: libtpu describes {len(devices)} devices, expected {slc.num_chips}")

@@ -38,6 +38,7 @@ M_MMAP_MAX = -4
 
 def _backends_initialized() -> bool:
     from jax._src import xla_bridge  # no public equivalent
+
     return xla_bridge.backends_are_initialized()
 
 
@@ -61,8 +62,11 @@ def reuse_cpu_step_memory() -> bool:
         return False
     libc = _glibc()
     if libc is None:
-        log.info("CPU step memory reuse not applied: needs Linux with glibc (found %s, %s)",
-                 sys.platform, platform.libc_ver()[0] or "unknown libc")
+        log.info(
+            "CPU step memory reuse not applied: needs Linux with glibc (found %s, %s)",
+            sys.platform,
+            platform.libc_ver()[0] or "unknown libc",
+        )
         return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)  # only the CPU client reads it
     if (backend := jax.default_backend()) != "cpu":

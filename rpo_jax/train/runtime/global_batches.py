@@ -45,10 +45,12 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
         raise ValueError(f"data.batch_size={global_batch_size} must be divisible by the {n_proc} processes")
     rows = rows_on_this_process(global_batch_size, mesh)
     if rows != global_batch_size // n_proc:
-        raise ValueError(f"config.mesh={dict(mesh.shape)}: the batch axes data×fsdp={batch_shards} must split the "
-                         f"batch over the {n_proc} processes (this process's devices hold {rows} of its "
-                         f"{global_batch_size} rows, not {global_batch_size // n_proc}); make data×fsdp a multiple "
-                         "of the number of processes, with `tensor` inside one process")
+        raise ValueError(
+            f"config.mesh={dict(mesh.shape)}: the batch axes data×fsdp={batch_shards} must split the "
+            f"batch over the {n_proc} processes (this process's devices hold {rows} of its "
+            f"{global_batch_size} rows, not {global_batch_size // n_proc}); make data×fsdp a multiple "
+            "of the number of processes, with `tensor` inside one process"
+        )
     return global_batch_size // n_proc
 
 
@@ -77,7 +79,7 @@ def common_local_shapes(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     largest = np.max(multihost_utils.process_allgather(shapes), axis=0)
     out, at = {}, 0
     for k, a in arrays.items():
-        target = largest[at:at + a.ndim]
+        target = largest[at : at + a.ndim]
         at += a.ndim
         out[k] = np.pad(a, [(0, int(t) - n) for n, t in zip(a.shape, target)]) if tuple(target) != a.shape else a
     return out
@@ -86,5 +88,7 @@ def common_local_shapes(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble each process's local rows into global arrays sharded on the batch axis (every process's rows
     padded to common shapes first: `common_local_shapes`)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-            for k, v in common_local_shapes(batch).items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+        for k, v in common_local_shapes(batch).items()
+    }

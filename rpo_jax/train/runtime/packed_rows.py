@@ -40,8 +40,7 @@ def packing_setting(value, field: str) -> bool | str:
         raise ValueError(f"config.data.{field}={value!r}: {e}") from None
 
 
-def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, key_cost: float = 0.0
-               ) -> Packing | None:
+def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, key_cost: float = 0.0) -> Packing | None:
     """The run's `Packing` (None: padded batches).
 
     `config.data.packing`: True packs every batch; "auto" (the default) packs a batch when that saves at least
@@ -61,16 +60,25 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
         return None
     devices = math.prod(mesh.shape.values())
     if mode == "auto" and devices > 1 and jax.devices()[0].platform == "cpu":
-        log.info("config.data.packing='auto': padded batches, because XLA:CPU's in-process collective-permute in "
-                 "the packed step was seen to deadlock on %d CPU devices (set packing=True to pack anyway)", devices)
+        log.info(
+            "config.data.packing='auto': padded batches, because XLA:CPU's in-process collective-permute in "
+            "the packed step was seen to deadlock on %d CPU devices (set packing=True to pack anyway)",
+            devices,
+        )
         return None
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    return Packing(row_length=length, share_prompt=bool(share), row_multiple=max(1, shards // jax.process_count()),
-                   min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0, key_cost=key_cost)
+    return Packing(
+        row_length=length,
+        share_prompt=bool(share),
+        row_multiple=max(1, shards // jax.process_count()),
+        min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0,
+        key_cost=key_cost,
+    )
 
 
-def pack_local(batch: Mapping[str, np.ndarray], packing: Packing | None, mesh: Mesh, *, micro_batches: int = 1
-               ) -> dict[str, np.ndarray]:
+def pack_local(
+    batch: Mapping[str, np.ndarray], packing: Packing | None, mesh: Mesh, *, micro_batches: int = 1
+) -> dict[str, np.ndarray]:
     """This process's rows of a contract batch packed (response ids global: its first example's global index is
     `first_local_example`; rows laid out for a step taking `micro_batches` micro-batches), or the batch as it is
     when `packing` is None or it is already packed. With `packing.min_saving` the batch stays padded unless
@@ -79,8 +87,12 @@ def pack_local(batch: Mapping[str, np.ndarray], packing: Packing | None, mesh: M
     if packing is None or is_packed(batch):
         return dict(batch)
     b = np.asarray(batch["valid"]).shape[0]
-    packed = pack_batch(batch, dataclasses.replace(packing, min_saving=0.0),
-                        first_example=first_local_example(b, mesh), micro_batches=micro_batches)
+    packed = pack_batch(
+        batch,
+        dataclasses.replace(packing, min_saving=0.0),
+        first_example=first_local_example(b, mesh),
+        micro_batches=micro_batches,
+    )
     if not packing.min_saving:
         return packed
     saves = packing_saves(packed, batch, packing)
@@ -97,8 +109,12 @@ def first_local_example(local_batch: int, mesh: Mesh) -> int:
     return min(index[0].indices(global_batch)[0] for index in indices)
 
 
-def packing_with_references(packing: Packing | None, cfg: ml_collections.ConfigDict, references: Sequence,
-                            datasets: Mapping[str, TokenizedDataset]) -> Packing | None:
+def packing_with_references(
+    packing: Packing | None,
+    cfg: ml_collections.ConfigDict,
+    references: Sequence,
+    datasets: Mapping[str, TokenizedDataset],
+) -> Packing | None:
     """`packing` for the run's `references` (`Reference`s; `datasets`: the policy's split → data): a reference with
     its own tokenizer scores its own tokenization of the records, with other prompt tokens, while references are
     scored in the policy's packed layout — so with such a reference `share_prompt="auto"` is turned off (logged)
@@ -109,10 +125,15 @@ def packing_with_references(packing: Packing | None, cfg: ml_collections.ConfigD
     if not own:
         return packing
     if packing_setting(cfg.data.share_prompt, "share_prompt") == "auto":
-        log.info("config.data.share_prompt='auto': off, because reference %r has its own tokenizer (%s)",
-                 own[0].name, own[0].tokenizer_name)
+        log.info(
+            "config.data.share_prompt='auto': off, because reference %r has its own tokenizer (%s)",
+            own[0].name,
+            own[0].tokenizer_name,
+        )
         return dataclasses.replace(packing, share_prompt=False)
-    raise ValueError(f"config.data.share_prompt=True with reference {own[0].name!r}, which has its own tokenizer "
-                     f"({own[0].tokenizer_name}): it scores its own tokenization, not the policy's shared-prompt "
-                     "layout; use share_prompt='auto' or False (packing alone works with it) or the policy's "
-                     "tokenizer")
+    raise ValueError(
+        f"config.data.share_prompt=True with reference {own[0].name!r}, which has its own tokenizer "
+        f"({own[0].tokenizer_name}): it scores its own tokenization, not the policy's shared-prompt "
+        "layout; use share_prompt='auto' or False (packing alone works with it) or the policy's "
+        "tokenizer"
+    )

@@ -43,8 +43,9 @@ def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, scor
     head = config.vocab_size * config.hidden_size
     attn_dim = config.num_heads * config.head_dim
     head_fraction = 1.0 if score_window is None or score_window >= seq_len - 1 else score_window / seq_len
-    return (flops_per_token(body, config.num_layers, seq_len, attn_dim, num_references)
-            + head_fraction * flops_per_token(head, 0, seq_len, attn_dim, num_references))
+    return flops_per_token(
+        body, config.num_layers, seq_len, attn_dim, num_references
+    ) + head_fraction * flops_per_token(head, 0, seq_len, attn_dim, num_references)
 
 
 def attention_key_cost(config, *, num_references: int = 0) -> float:
@@ -55,8 +56,9 @@ def attention_key_cost(config, *, num_references: int = 0) -> float:
     return (two - one) / (2 * one - two)
 
 
-def batch_flops(config, tokens_shape: tuple[int, ...], *, num_references: int = 0,
-                score_window: int | None = None) -> float:
+def batch_flops(
+    config, tokens_shape: tuple[int, ...], *, num_references: int = 0, score_window: int | None = None
+) -> float:
     """FLOPs of one step on a global batch whose `tokens` have `tokens_shape`: `[B, K, T]` (padded: B·K·T
     slots at `train_flops_per_token(T, score_window)`) or `[R, T]` (packed rows, `rpo_jax.data.packing`: every
     one of the R·T slots is computed, the output head included — the score window does not apply)."""
@@ -97,8 +99,10 @@ def device_memory() -> dict[str, float]:
     except Exception:  # noqa: BLE001 - not every backend implements memory_stats
         stats = {}
     if "peak_bytes_in_use" in stats:
-        return {"memory/peak_gib": stats["peak_bytes_in_use"] / 2**30,
-                "memory/in_use_gib": stats.get("bytes_in_use", 0) / 2**30}
+        return {
+            "memory/peak_gib": stats["peak_bytes_in_use"] / 2**30,
+            "memory/in_use_gib": stats.get("bytes_in_use", 0) / 2**30,
+        }
     return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 

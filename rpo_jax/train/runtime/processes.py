@@ -15,10 +15,10 @@ chosen. A machine with a TPU or a GPU is left to JAX's own choice; `JAX_PLATFORM
 
 CPU processes exchange collectives through Gloo (`jax_cpu_collectives_implementation="gloo"`; MPI would need an
 MPI library and launcher). Gloo matches the messages of the processes' collectives in order, so every process
-must run the same programs on the same shapes: `rpo_jax.train.runtime.global_batches.to_global` pads each process's rows to the
-shapes of every process before they become global arrays, and the batch axes must split the batch across the
-processes (`rpo_jax.train.runtime.global_batches.local_batch_size`). A process that fails exits at once (`rpo_jax.train.cli`),
-so that the others stop with an error instead of waiting for it.
+must run the same programs on the same shapes: `rpo_jax.train.runtime.global_batches.to_global` pads each
+process's rows to the shapes of every process before they become global arrays, and the batch axes must split the
+batch across the processes (`rpo_jax.train.runtime.global_batches.local_batch_size`). A process that fails exits at
+once (`rpo_jax.train.cli`), so that the others stop with an error instead of waiting for it.
 
 Several CPU processes do not use JAX's persistent compilation cache (`consistent_compilation_cache`): JAX's cache
 keys differ per process and only process 0 writes entries, so on a warm cache process 0 runs programs loaded from
@@ -40,8 +40,17 @@ log = logging.getLogger(__name__)
 
 #: Environment variables that mean a TPU is (or should be) used: Cloud TPU VMs and GKE set the first ones.
 #: (Not TPU_LIBRARY_PATH: importing the libtpu package sets it, TPU or not.)
-TPU_ENVIRONMENT = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_NAME", "TPU_HOST_BOUNDS",
-                   "TPU_PROCESS_BOUNDS", "TPU_CHIPS_PER_PROCESS_BOUNDS", "TPU_VISIBLE_CHIPS", "JAX_FORCE_TPU_INIT")
+TPU_ENVIRONMENT = (
+    "TPU_ACCELERATOR_TYPE",
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_WORKER_ID",
+    "TPU_NAME",
+    "TPU_HOST_BOUNDS",
+    "TPU_PROCESS_BOUNDS",
+    "TPU_CHIPS_PER_PROCESS_BOUNDS",
+    "TPU_VISIBLE_CHIPS",
+    "JAX_FORCE_TPU_INIT",
+)
 
 
 def tpu_may_be_present(environ=None, exists=None) -> bool:
@@ -54,6 +63,7 @@ def tpu_may_be_present(environ=None, exists=None) -> bool:
         return True
     try:
         from jax._src import hardware_utils  # no public equivalent; what JAX's cloud_tpu_init reads
+
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except Exception:  # noqa: BLE001 - another JAX version: the checks above decide
         return False
@@ -64,8 +74,13 @@ def cpu_without_tpu_probe(environ=None, exists=None) -> bool:
     (`tpu_may_be_present`) and no GPU device file (/dev/nvidia*, /dev/kfd). Arguments as `tpu_may_be_present`."""
     environ = os.environ if environ is None else environ
     exists = exists or (lambda pattern: bool(glob.glob(pattern)))
-    return ("JAX_PLATFORMS" not in environ and sys.platform.startswith("linux")
-            and not tpu_may_be_present(environ, exists) and not exists("/dev/nvidia*") and not exists("/dev/kfd"))
+    return (
+        "JAX_PLATFORMS" not in environ
+        and sys.platform.startswith("linux")
+        and not tpu_may_be_present(environ, exists)
+        and not exists("/dev/nvidia*")
+        and not exists("/dev/kfd")
+    )
 
 
 def skip_absent_tpu() -> bool:
@@ -74,6 +89,7 @@ def skip_absent_tpu() -> bool:
     if jax.config.jax_platforms or not cpu_without_tpu_probe():
         return False
     from jax._src import xla_bridge  # no public equivalent
+
     if xla_bridge.backends_are_initialized():
         return False
     jax.config.update("jax_platforms", "cpu")
@@ -93,7 +109,8 @@ def initialize_from_environment() -> bool:
             coordinator_address=coordinator,
             num_processes=int(os.environ["RPO_JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["RPO_JAX_PROCESS_ID"]),
-            local_device_ids=[int(i) for i in local.split(",")] if local else None)
+            local_device_ids=[int(i) for i in local.split(",")] if local else None,
+        )
         consistent_compilation_cache()
         return True
     if _tpu_pod_hosts() > 1:
@@ -105,13 +122,19 @@ def initialize_from_environment() -> bool:
 def consistent_compilation_cache() -> bool:
     """Turn JAX's persistent compilation cache off in a multi-process CPU run (module docstring); returns whether
     it did. Call it before the first compilation (JAX decides once whether the cache is used)."""
-    if (jax.process_count() == 1 or jax.devices()[0].platform != "cpu"
-            or not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)):
+    if (
+        jax.process_count() == 1
+        or jax.devices()[0].platform != "cpu"
+        or not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+    ):
         return False
     jax.config.update("jax_enable_compilation_cache", False)
-    log.info("persistent compilation cache (%s) off: %d CPU processes would mix programs loaded from it (process "
-             "0's) with programs compiled afresh (the others'), which can deadlock their collectives",
-             jax.config.jax_compilation_cache_dir, jax.process_count())
+    log.info(
+        "persistent compilation cache (%s) off: %d CPU processes would mix programs loaded from it (process "
+        "0's) with programs compiled afresh (the others'), which can deadlock their collectives",
+        jax.config.jax_compilation_cache_dir,
+        jax.process_count(),
+    )
     return True
 
 

@@ -42,8 +42,10 @@ def resolve_score_window(setting: str | int | None, max_span: int, *, multiple: 
     if width == "auto":
         return -(-max_span // multiple) * multiple if max_span > 0 else None
     if width < max(max_span, 1):
-        raise ValueError(f"config.model.score_window={width} is shorter than the longest response in the data "
-                         f"({max_span} scored tokens); use 'auto' or at least {max_span}")
+        raise ValueError(
+            f"config.model.score_window={width} is shorter than the longest response in the data "
+            f"({max_span} scored tokens); use 'auto' or at least {max_span}"
+        )
     return width
 
 
@@ -55,9 +57,17 @@ def training_dropout(model: nnx.Module, key: jax.Array | None):
     return lora_dropout(model, key)
 
 
-def response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, *, compute_dtype,
-                   vocab_chunk_size: int | None = None, score_window: int | None = None,
-                   dropout_rng: jax.Array | None = None) -> jax.Array:
+def response_logps(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    rest: Any,
+    batch: Batch,
+    *,
+    compute_dtype,
+    vocab_chunk_size: int | None = None,
+    score_window: int | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
     """Σ log π over the response tokens of every response: `[B, K]` float32 (0 on invalid slots).
 
     `dropout_rng`: a training step's key for LoRA dropout (`training_dropout`); None everywhere else.
@@ -67,8 +77,15 @@ def response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch,
     `response_id`) goes through `packed_response_logps` (`score_window` does not apply there).
     """
     if "response_id" in batch:
-        return packed_response_logps(graphdef, params, rest, batch, compute_dtype=compute_dtype,
-                                     vocab_chunk_size=vocab_chunk_size, dropout_rng=dropout_rng)
+        return packed_response_logps(
+            graphdef,
+            params,
+            rest,
+            batch,
+            compute_dtype=compute_dtype,
+            vocab_chunk_size=vocab_chunk_size,
+            dropout_rng=dropout_rng,
+        )
     model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
     tokens = batch["tokens"]
     b, k, t = tokens.shape
@@ -76,33 +93,60 @@ def response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch,
     # Empty response slots are all padding: let their first token attend to itself so no softmax row is empty.
     attention_mask = flat(batch["attention_mask"]).at[:, 0].set(True)
     with training_dropout(model, dropout_rng):
-        logp, _ = sequence_logps(model, flat(tokens), flat(batch["loss_mask"]), attention_mask=attention_mask,
-                                 vocab_chunk_size=vocab_chunk_size or None, score_window=score_window or None)
+        logp, _ = sequence_logps(
+            model,
+            flat(tokens),
+            flat(batch["loss_mask"]),
+            attention_mask=attention_mask,
+            vocab_chunk_size=vocab_chunk_size or None,
+            score_window=score_window or None,
+        )
     return jnp.where(batch["valid"], logp.reshape(b, k), 0.0)
 
 
-def packed_response_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, *, compute_dtype,
-                          vocab_chunk_size: int | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
+def packed_response_logps(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    rest: Any,
+    batch: Batch,
+    *,
+    compute_dtype,
+    vocab_chunk_size: int | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
     """`response_logps` of a packed batch: rows tokens/positions/segment_ids/source/response_id (+ parent_ids
     with shared prompts) [R,T], valid [B,K]. policy[b, k] = Σ_{slots with response_id = 1 + b·K + k} log p, the
     per-slot log-probs from `packed_token_logps`; 0 on invalid slots, as in the padded path."""
     model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
     with training_dropout(model, dropout_rng):
-        logps = packed_token_logps(model, batch["tokens"], batch["source"], attention_mask=batch["attention_mask"],
-                                   positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                   parent_ids=batch.get("parent_ids"), vocab_chunk_size=vocab_chunk_size or None)
+        logps = packed_token_logps(
+            model,
+            batch["tokens"],
+            batch["source"],
+            attention_mask=batch["attention_mask"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            parent_ids=batch.get("parent_ids"),
+            vocab_chunk_size=vocab_chunk_size or None,
+        )
     b, k = batch["valid"].shape
     sums = segment_logp_sums(logps, batch["response_id"], b * k).reshape(b, k)
     return jnp.where(batch["valid"], sums, 0.0)
 
 
 def preference_inputs(policy_logps: jax.Array, batch: Batch, ref_logps: jax.Array | None) -> PreferenceLogps:
-    return PreferenceLogps(policy_logps=policy_logps, ref_logps=ref_logps, lengths=batch["lengths"],
-                           rewards=batch.get("rewards"), valid=batch["valid"])
+    return PreferenceLogps(
+        policy_logps=policy_logps,
+        ref_logps=ref_logps,
+        lengths=batch["lengths"],
+        rewards=batch.get("rewards"),
+        valid=batch["valid"],
+    )
 
 
-def step_reference_logps(logps: Callable, ref_graphdefs: tuple, ref_params: tuple, batch: Batch,
-                         policy: tuple[Any, Any] | None = None) -> jax.Array | None:
+def step_reference_logps(
+    logps: Callable, ref_graphdefs: tuple, ref_params: tuple, batch: Batch, policy: tuple[Any, Any] | None = None
+) -> jax.Array | None:
     """`[B,K,R]` log-probs of the in-step references, `logps(graphdef, params, rest, batch)` each (a forward
     only, under stop_gradient), or the cached `batch["ref_logps"]` (None if absent) when `ref_params` is empty.
 
@@ -113,5 +157,5 @@ def step_reference_logps(logps: Callable, ref_graphdefs: tuple, ref_params: tupl
         return batch.get("ref_logps")
     own = lambda x, i: policy[i] if x is None else x  # noqa: E731
     return jax.lax.stop_gradient(
-        jnp.stack([logps(gd, own(p, 0), own(r, 1), batch) for (gd, r), p in zip(ref_graphdefs, ref_params)],
-                  axis=-1))
+        jnp.stack([logps(gd, own(p, 0), own(r, 1), batch) for (gd, r), p in zip(ref_graphdefs, ref_params)], axis=-1)
+    )

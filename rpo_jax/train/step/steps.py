@@ -34,14 +34,33 @@ class WithFrozen:
         return self.jitted.lower(*args, frozen=self.frozen)
 
 
-def make_scorer(graphdef: nnx.GraphDef, rest: Any, mesh, *, compute_dtype, vocab_chunk_size: int | None = None,
-                score_window: int | None = None) -> Callable[[Any, Batch], jax.Array]:
+def make_scorer(
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    mesh,
+    *,
+    compute_dtype,
+    vocab_chunk_size: int | None = None,
+    score_window: int | None = None,
+) -> Callable[[Any, Batch], jax.Array]:
     """`scorer(params, batch) -> [B, K]` response log-probs (`response_logps`, jitted; `rest` an argument of
     the program, `WithFrozen`) of the model `graphdef` with `params`, replicated on every device of `mesh` (every
     process reads every row). One per model, shared by every batch (compiled once per length bucket)."""
-    return WithFrozen(jax.jit(lambda params, batch, frozen: response_logps(
-        graphdef, params, frozen, batch, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size,
-        score_window=score_window), out_shardings=replicated(mesh)), rest)
+    return WithFrozen(
+        jax.jit(
+            lambda params, batch, frozen: response_logps(
+                graphdef,
+                params,
+                frozen,
+                batch,
+                compute_dtype=compute_dtype,
+                vocab_chunk_size=vocab_chunk_size,
+                score_window=score_window,
+            ),
+            out_shardings=replicated(mesh),
+        ),
+        rest,
+    )
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> dict[str, jax.Array]:
@@ -54,6 +73,7 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> dict[str, jax.Array
         if b % micro_batches:
             raise ValueError(f"batch size {b} is not divisible by data.micro_batches={micro_batches}")
         return x.reshape(b // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+
     return jax.tree.map(split, dict(batch))
 
 
@@ -69,8 +89,9 @@ def dropout_rng(state: Mapping[str, Any]) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), DROPOUT_STREAM)
 
 
-def accumulate_gradients(grad_fn: GradFn, params: Any, batch: Batch, micro_batches: int, rng: jax.Array | None = None
-                         ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+def accumulate_gradients(
+    grad_fn: GradFn, params: Any, batch: Batch, micro_batches: int, rng: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
     """Gradient accumulation: `(loss, metrics, grads)` of `grad_fn(params, micro_batch) -> ((loss, metrics),
     grads)` averaged over `micro_batches` equal slices of `batch` (`split_micro_batches`), taken in a `lax.scan`
     so that only one micro-batch's activations are live at a time:
@@ -80,6 +101,7 @@ def accumulate_gradients(grad_fn: GradFn, params: Any, batch: Batch, micro_batch
     With M = 1 it is `grad_fn(params, batch)` itself. With `rng` (LoRA dropout), micro-batch m is
     `grad_fn(params, micro_batch, fold_in(rng, m))`.
     """
+
     def call(micro_batch, m):
         return grad_fn(params, micro_batch) if rng is None else grad_fn(params, micro_batch, jax.random.fold_in(rng, m))
 
@@ -93,15 +115,23 @@ def accumulate_gradients(grad_fn: GradFn, params: Any, batch: Batch, micro_batch
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss), metrics = jax.lax.scan(body, (zeros, jnp.float32(0)),
-                                          (split_micro_batches(batch, micro_batches), jnp.arange(micro_batches)))
+    (grads, loss), metrics = jax.lax.scan(
+        body, (zeros, jnp.float32(0)), (split_micro_batches(batch, micro_batches), jnp.arange(micro_batches))
+    )
     grads = jax.tree.map(lambda g: g / micro_batches, grads)
     return loss / micro_batches, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), grads
 
 
-def apply_gradients(state: dict[str, Any], grads: Any, loss: jax.Array, metrics: Mapping[str, jax.Array],
-                    tx: optax.GradientTransformation, lr_schedule=None, *, skip_nonfinite: bool = False
-                    ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+def apply_gradients(
+    state: dict[str, Any],
+    grads: Any,
+    loss: jax.Array,
+    metrics: Mapping[str, jax.Array],
+    tx: optax.GradientTransformation,
+    lr_schedule=None,
+    *,
+    skip_nonfinite: bool = False,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     """One optax update of the train state `{"params", "opt_state", "step", "rng"}` → `(new state, metrics)`;
     the metrics gain `loss`, `grad_norm` (global norm of the gradients before clipping), `learning_rate` (the
     schedule at this step, when given) and `nonfinite` (1.0 when the loss or the gradient norm is NaN/±inf, else
@@ -117,8 +147,12 @@ def apply_gradients(state: dict[str, Any], grads: Any, loss: jax.Array, metrics:
     if skip_nonfinite:
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
-    new_state = {"params": new_params, "opt_state": opt_state,
-                 "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], state["step"])}
+    new_state = {
+        "params": new_params,
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": jax.random.fold_in(state["rng"], state["step"]),
+    }
     metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
     if lr_schedule is not None:
         metrics["learning_rate"] = lr_schedule(state["step"])
@@ -152,14 +186,25 @@ def sync_reference(reference: Any, params: Any, step: jax.Array, sync: Reference
     def leaf(ref, theta):
         mixed = theta if alpha == 1.0 else ref * (1.0 - alpha) + theta * alpha
         return jnp.where(due, mixed.astype(ref.dtype), ref)
+
     return jax.tree.map(leaf, reference, params)
 
 
-def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[PreferenceLogps], LossOutput],
-                    tx: optax.GradientTransformation, *, compute_dtype, micro_batches: int = 1,
-                    vocab_chunk_size: int | None = None, ref_graphdefs: tuple = (), lr_schedule=None,
-                    score_window: int | None = None, skip_nonfinite: bool = False,
-                    reference_sync: ReferenceSync | None = None):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    loss_fn: Callable[[PreferenceLogps], LossOutput],
+    tx: optax.GradientTransformation,
+    *,
+    compute_dtype,
+    micro_batches: int = 1,
+    vocab_chunk_size: int | None = None,
+    ref_graphdefs: tuple = (),
+    lr_schedule=None,
+    score_window: int | None = None,
+    skip_nonfinite: bool = False,
+    reference_sync: ReferenceSync | None = None,
+):
     """Build `train_step(state, batch, ref_params, frozen=None) -> (state, metrics)` (jit it with donated state).
 
     `ref_params`: a tuple of R reference parameter pytrees scored in the step (the reference graphdefs are
@@ -173,9 +218,18 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
     entry of `ref_params` (which then holds the other R − 1), and after the update it moves as `sync_reference`
     says (`config.reference_sync`); the new state carries it on.
     """
+
     def logps(gd, params, rest_, mb, key=None):
-        return response_logps(gd, params, rest_, mb, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size,
-                              score_window=score_window, dropout_rng=key)
+        return response_logps(
+            gd,
+            params,
+            rest_,
+            mb,
+            compute_dtype=compute_dtype,
+            vocab_chunk_size=vocab_chunk_size,
+            score_window=score_window,
+            dropout_rng=key,
+        )
 
     def micro_loss(params, base, mb, ref, key):
         out = loss_fn(preference_inputs(logps(graphdef, params, base, mb, key), mb, ref))
@@ -191,27 +245,40 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefer
         def grad_fn(params, mb, key):  # the references are scored outside the differentiated function
             ref = step_reference_logps(logps, ref_graphdefs, ref_params, mb, policy=(params, base))
             return value_and_grad(params, base, mb, ref, key)
-        loss, metrics, grads = accumulate_gradients(grad_fn, state["params"], batch, micro_batches,
-                                                    rng=dropout_rng(state))
-        new_state, metrics = apply_gradients(state, grads, loss, metrics, tx, lr_schedule,
-                                             skip_nonfinite=skip_nonfinite)
+
+        loss, metrics, grads = accumulate_gradients(
+            grad_fn, state["params"], batch, micro_batches, rng=dropout_rng(state)
+        )
+        new_state, metrics = apply_gradients(
+            state, grads, loss, metrics, tx, lr_schedule, skip_nonfinite=skip_nonfinite
+        )
         if reference_sync is not None:
-            new_state["reference"] = sync_reference(state["reference"], new_state["params"], new_state["step"],
-                                                    reference_sync)
+            new_state["reference"] = sync_reference(
+                state["reference"], new_state["params"], new_state["step"], reference_sync
+            )
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[PreferenceLogps], LossOutput], *,
-                   compute_dtype, vocab_chunk_size: int | None = None, ref_graphdefs: tuple = (),
-                   score_window: int | None = None):
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    loss_fn: Callable[[PreferenceLogps], LossOutput],
+    *,
+    compute_dtype,
+    vocab_chunk_size: int | None = None,
+    ref_graphdefs: tuple = (),
+    score_window: int | None = None,
+):
     """Build `eval_step(params, batch, ref_params, frozen=None) -> (Σ weight·per_example, Σ weight, metrics)`;
     the weight of an example is 1 when any of its responses is valid (padding examples weigh 0). `score_window`:
     see `response_logps`; `ref_params`, `frozen`: as `make_train_step`'s (no dropout here)."""
+
     def logps(gd, p, r, b):
-        return response_logps(gd, p, r, b, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size,
-                              score_window=score_window)
+        return response_logps(
+            gd, p, r, b, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size, score_window=score_window
+        )
 
     def eval_step(params, batch, ref_params=(), frozen=None):
         base = rest if frozen is None else frozen
@@ -219,4 +286,5 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, loss_fn: Callable[[Prefere
         out = loss_fn(preference_inputs(logps(graphdef, params, base, batch), batch, ref))
         weight = jnp.any(batch["valid"], axis=-1).astype(jnp.float32)
         return jnp.sum(out.per_example * weight), jnp.sum(weight), out.metrics
+
     return eval_step

@@ -1,0 +1,134 @@
+"""The typed sections of the jobs other than preference training and of the run's surroundings: online RPO
+(`config.online`), reward models (`config.reward_model`), the device mesh (`config.mesh`) and metrics
+(`config.metrics`); the rest of the schema is `rpo_jax.train.config.schema`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from rpo_jax.train.config.values import PAIR_MODES, ConfigError, parse_pairs
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Pairs = Annotated[Literal[PAIR_MODES], BeforeValidator(lambda v: parse_pairs(v, allow_keep=False))]
+
+
+class Section(BaseModel):
+    """A config group: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class OnlineSection(Section):
+    """mode="online": each iteration samples `num_samples` responses to `prompts_per_iteration` prompts of
+    data.train with the current policy, scores them with the reward source, and takes `updates_per_iteration`
+    optimizer steps of `loss` on them (mini-batches of data.batch_size prompts, cycled). train.steps is unused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    iterations: int = Field(20, ge=1, description="online iterations (sample, score, update)")
+    prompts_per_iteration: int = Field(
+        16, ge=1, description="prompts sampled per iteration; a multiple of data.batch_size"
+    )
+    num_samples: int = Field(4, ge=1, description="K responses per prompt (≥ 2 for a preference loss)")
+    updates_per_iteration: int = Field(4, ge=1, description="optimizer steps per iteration")
+    max_new_tokens: int = Field(32, ge=1, description="longest sampled response in tokens")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0: greedy")
+    top_k: int = Field(0, ge=0, description="top-k filtering; 0: none")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus filtering; 1.0: none")
+    stop_strings: tuple[str, ...] = Field(
+        (), strict=False, description="besides EOS: stop a response at any of these strings"
+    )
+    reference: Literal["initial", "previous_iterate", "current"] = Field(
+        "initial",
+        description='"initial" | "previous_iterate" (reset every iteration) | "current" (the '
+        "stop-gradient of the policy)",
+    )
+    sampler: Literal["policy", "initial"] = Field(
+        "policy", description='"policy": online; "initial": every sample from the initial policy (offline)'
+    )
+    reward_judge: str = Field(
+        "",
+        description='"module:function" judge(prompt_text, response_text) -> float, e.g. '
+        '"rpo_jax.data.demo:judge" (exactly one of reward_judge and reward_model)',
+    )
+    reward_model: str = Field("", description="or: a Hugging Face sequence-classification reward model directory")
+    eval_judge: str = Field(
+        "",
+        description='ground-truth judge logged at eval ("" = reward_judge); may differ '
+        "from the training reward (a learned reward model)",
+    )
+    eval_prompts: int = Field(
+        64, ge=0, description="held-out prompts (data.eval) sampled once each at eval; 0: no sampling at eval"
+    )
+    eval_every: int = Field(
+        5, ge=0, description="iterations between evaluations; 0: only before the first and after the last"
+    )
+
+
+class RewardModelSection(Section):
+    """mode="reward_model" (rpo_jax.train.jobs.reward_model): a Bradley–Terry reward model on pairs from
+    config.data, exported as a Hugging Face XForSequenceClassification checkpoint. loss.*, references*,
+    reference_mode and data.max_prompt_length do not apply; data.truncation is "drop" or "truncate_prompt"."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    pairs: Pairs = Field(
+        "all_pairs",
+        description='with rewards: "all_pairs" (i, j) with r_i > r_j | '
+        '"best_vs_worst" (aliases "all", "best_worst"); ties give none. K = 2 without rewards: '
+        "response 0 chosen; K > 2 without: an error",
+    )
+    center_coefficient: float = Field(
+        0.0, ge=0, description="TRL's center_rewards_coefficient: + λ·(s_chosen + s_rejected)²; 0: off"
+    )
+    margin_scale: float = Field(
+        0.0, ge=0, description="> 0: margin m = margin_scale·(r_chosen − r_rejected) in −log σ(Δs − m); 0: no margin"
+    )
+    label: int = Field(0, ge=0, description="the score column trained, counted from 0 (a fresh head has one label, 0)")
+
+
+class MeshSection(Section):
+    """The device mesh: sizes of the (data, fsdp, tensor) axes multiplying to the device count, one of them may
+    be -1 (filled in). A mesh given without an axis has size 1 there (as `rpo_jax.models.sharding.make_mesh`
+    reads it); no mesh at all is the default, {data: -1, fsdp: 1, tensor: 1}."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    data: int = Field(-1, description="data-parallel axis size (batches split over data × fsdp); -1: the rest")
+    fsdp: int = Field(1, description="fully sharded axis (parameters' embed dimension); -1: the rest")
+    tensor: int = Field(1, description="tensor-parallel axis (heads, mlp, vocab); -1: the rest")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _missing_axis_is_one(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data:  # MeshSection(): the defaults
+            return {**{axis: 1 for axis in MESH_AXES}, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        sizes = dict(self)
+        for axis, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"config.mesh.{axis}={size}: expected a size ≥ 1 or -1 (the rest)")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"config.mesh={sizes}: only one axis may be -1")
+        return self
+
+
+class MetricsSection(Section):
+    """What is measured and where it is written."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    peak_flops: float = Field(
+        0.0, ge=0, description="one chip's peak FLOP/s (MFU = FLOP/s ÷ (peak × chips)); 0: measure a matmul at start-up"
+    )
+    tensorboard: bool = Field(True, description="also write TensorBoard files (WORKDIR/tensorboard)")
+
+
+#: Mesh axes of `config.mesh` (`rpo_jax.models.sharding.MESH_AXES`).
