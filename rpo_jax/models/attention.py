@@ -20,13 +20,14 @@
   `block_step` under `jax.checkpoint` with plain autodiff instead: 207 MiB, as every step's accumulator is kept).
   A query block visits only the key blocks at or before it (the mask is causal on slots): about half the FLOPs.
   Same values and gradients as "xla" to float32 rounding, fully masked rows included.
-* "auto": the fastest implementation that supports the call on the default backend — splash on TPU, cuDNN on
-  GPU when they express it (`resolve`); otherwise (CPU; GPU in float32 or with a soft-cap; TPU with parents or
-  rows not a multiple of 128) "blockwise" for rows of at least `BLOCKWISE_MIN_SEQ_LEN` = 512 tokens and "xla"
-  below. Measured on the 2-core CPU (tiny Llama, 2 layers, 4 query / 2 key-value heads of 16, 2 rows, forward +
-  backward, blocks of 128; blockwise vs xla): T=256 20 ms both (but 9 s of compilation against 6 s), T=512 48 vs
-  173 ms, T=1024 163 vs 982 ms, T=2048 0.66 vs 3.6 s. An explicit kernel that cannot run the call is a one-line
-  ValueError (never a silent fallback).
+* "auto": the fastest implementation that supports the call on the default backend — splash on TPU, cuDNN on GPU
+  when they express it (`resolve`); otherwise, on the CPU and GPUs (float32, a soft-cap), "blockwise" for rows of at
+  least `BLOCKWISE_MIN_SEQ_LEN` = 512 tokens and "xla" below; on a TPU where splash cannot run the call (parents,
+  rows not a multiple of 128, several devices), "xla" as before (blockwise has not been measured on a TPU; ask for
+  it with attention="blockwise"). Measured on the 2-core CPU (tiny Llama, 2 layers, 4 query / 2 key-value heads of
+  16, 2 rows, forward + backward, blocks of 128; blockwise vs xla): T=256 20 ms both (but 9 s of compilation against
+  6 s), T=512 48 vs 173 ms, T=1024 163 vs 982 ms, T=2048 0.66 vs 3.6 s. An explicit kernel that cannot run the call
+  is a one-line ValueError (never a silent fallback).
 
 Masks flow as a description (`MaskSpec`: positions, key validity, segment and parent ids) and each implementation
 builds what it needs: the XLA path the dense mask (`dense_mask`), blockwise one block pair's mask at a time
@@ -149,7 +150,7 @@ def unsupported_reason(
 def resolve(requested: str, *, backend: str | None = None, **facts) -> str:
     """The implementation to run: `requested` itself when it supports the call (`unsupported_reason` with
     `facts`), else a ValueError for an explicit kernel; "auto" → the backend's kernel when it supports the call,
-    else "blockwise" for rows of at least `BLOCKWISE_MIN_SEQ_LEN` tokens, else "xla"."""
+    else (CPU, GPU) "blockwise" for rows of at least `BLOCKWISE_MIN_SEQ_LEN` tokens, else "xla"."""
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"attention={requested!r} is not one of {IMPLEMENTATIONS}")
     backend = backend or jax.default_backend()
@@ -157,7 +158,8 @@ def resolve(requested: str, *, backend: str | None = None, **facts) -> str:
         kernel = _KERNEL_BY_BACKEND.get(backend)
         if kernel and unsupported_reason(kernel, backend=backend, **facts) is None:
             return kernel
-        return "blockwise" if facts["seq_len"] >= BLOCKWISE_MIN_SEQ_LEN else "xla"
+        long_rows = facts["seq_len"] >= BLOCKWISE_MIN_SEQ_LEN
+        return "blockwise" if long_rows and backend != "tpu" else "xla"
     reason = unsupported_reason(requested, backend=backend, **facts)
     if reason is not None:
         raise ValueError(f"attention={requested!r}: {reason}; use 'auto', 'xla' or 'blockwise'")

@@ -131,7 +131,7 @@ class ModelSection(Section):
         description='attention implementation (speed only; README "Attention implementations"): "xla" '
         '(dense masks), "blockwise" (online softmax over key blocks: memory linear in the row length), "cudnn" '
         '(NVIDIA GPUs), "splash" (TPUs); "auto" is the backend\'s fused kernel when it supports the model and '
-        "batch, else blockwise for rows of 512 tokens or more, else XLA",
+        "batch, else (CPU, GPU) blockwise for rows of 512 tokens or more, else XLA",
     )
     vocab_chunk_size: int = Field(
         0,
