@@ -79,15 +79,19 @@ class PreferenceRun(RunSetup):
     score_window: int | None  # output-head positions per sequence (config.model.score_window)
     ref_cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split → [N, K, R] (cache mode)
     preference_direction: dict[str, Any] = dataclasses.field(default_factory=dict)  # `preference_direction`
-    # not None: the primary reference's parameters live in the train state ("reference", checkpointed) and move
-    # as it says (`hold_reference_in_state`); references[0].params is then None
-    reference_sync: ReferenceSync | None = None
     packing: Packing | None = None  # config.data.packing / share_prompt (`packing_of`); None: padded batches
 
     @property
     def in_step_refs(self) -> bool:
         """References scored in the step (else their log-probs are cached)."""
         return self.layout.in_step
+
+    @property
+    def reference_sync(self) -> ReferenceSync | None:
+        """Not None when the primary reference's parameters live in the train state ("reference", checkpointed;
+        `hold_reference_in_state`) and move as it says (every = 0: reset per iteration only); references[0].params
+        is then None."""
+        return self.layout.sync if self.layout.in_state else None
 
 
 def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, TokenizedDataset]) -> int | None:
@@ -236,7 +240,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
                 setup.state["params"],
                 "config.reference_sync" if layout.sync.every else "train.iterations > 1 (in-step)",
             )
-        hold_reference_in_state(run, layout.sync)
+        hold_reference_in_state(run)
     return run
 
 
@@ -254,10 +258,10 @@ def check_mixable(primary: Reference, params: Any, setting: str) -> None:
         )
 
 
-def hold_reference_in_state(run: PreferenceRun, sync: ReferenceSync) -> None:
+def hold_reference_in_state(run: PreferenceRun) -> None:
     """Move the primary reference's parameters into the train state as `"reference"` (kept in their sharding,
-    the policy's for the initial policy; checkpointed and donated with the state) and set `run.reference_sync`;
-    `run.references[0].params` becomes None.
+    the policy's for the initial policy; checkpointed and donated with the state); `run.references[0].params`
+    becomes None.
 
     LoRA's base reference (adapters off, no parameters of its own) becomes a second adapter set on the policy's
     graphdef and base, all zeros: B·A = 0 adds exactly nothing, so it scores as the base does, and a sync
@@ -270,7 +274,6 @@ def hold_reference_in_state(run: PreferenceRun, sync: ReferenceSync) -> None:
         primary = dataclasses.replace(primary, graphdef=run.graphdef, rest=None)
     run.state, run.state_shardings = state_with_reference(run.state, run.state_shardings, reference)
     run.references[0] = dataclasses.replace(primary, params=None)
-    run.reference_sync = sync
 
 
 def preference_direction(
