@@ -295,27 +295,9 @@ def test_reference_and_policy_after_syncs_equal_trl(tmp_path):
     5), or at 2 or 4 only, is checked to be further than it from TRL's reference."""
     pytest.importorskip("torch")
     pytest.importorskip("trl")
-    from transformers import AutoTokenizer
+    from .test_trl_parity import dpo_config, records_of, rpo_config, tiny_policy, trl_trainer, write_jsonl
 
-    from tests.hf_fixtures import make_tiny_llama
-
-    from .test_trl_parity import dpo_config, make_words_tokenizer, records_of, rpo_config, trl_trainer, write_jsonl
-
-    tok_dir = make_words_tokenizer(tmp_path / "tokenizer")
-    model_dir = make_tiny_llama(
-        tmp_path / "llama",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=4,
-        pad_token_id=0,
-    )
-    for f in tok_dir.iterdir():
-        (model_dir / f.name).write_bytes(f.read_bytes())
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model_dir, tok = tiny_policy(tmp_path)
     lines = records_of("standard", 20, seed=5)
     args, fields = dpo_config(
         tmp_path, max_steps=5, max_length=20, sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.6

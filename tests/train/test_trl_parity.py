@@ -189,38 +189,36 @@ def rpo_examples(ds) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+#: The tiny Llama of the parity tests, on the words tokenizer's 64 ids.
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=4,
+    pad_token_id=0,
+)
+
+
+def tiny_policy(root: pathlib.Path):
+    """(checkpoint directory with the words tokenizer in it, that tokenizer): the policy of the parity tests."""
     from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("trl_parity")
     tok_dir = make_words_tokenizer(root / "tokenizer")
-    model_dir = make_tiny_llama(
-        root / "llama",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=4,
-        pad_token_id=0,
-    )
-    ref_dir = make_tiny_llama(
-        root / "reference",
-        seed=1,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=4,
-        pad_token_id=0,
-    )
+    model_dir = make_tiny_llama(root / "llama", **TINY_LLAMA)
     for name in os.listdir(tok_dir):
         (model_dir / name).write_bytes((tok_dir / name).read_bytes())
-    return model_dir, AutoTokenizer.from_pretrained(str(model_dir)), ref_dir
+    return model_dir, AutoTokenizer.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trl_parity")
+    model_dir, tokenizer = tiny_policy(root)
+    ref_dir = make_tiny_llama(root / "reference", seed=1, **TINY_LLAMA)
+    return model_dir, tokenizer, ref_dir
 
 
 def rpo_config(trl_fields: dict, model_dir, train_file, **overrides):
