@@ -298,16 +298,12 @@ def build_benchmark_run(cfg, workdir: pathlib.Path | str, *, devices=None):
 
 
 def trainer_steps(run):
-    """(train step, eval step) of `run`: the builder's `jitted_steps` with exactly the arguments
-    `rpo_jax.train.jobs.preference.preference_task` gives it (in-step references' graphdefs, the run's score
-    window and reference sync) — the programs `rpo-train` runs. tests/benchmarks checks that the lowered train
-    step is the trainer's, HLO for HLO."""
-    from rpo_jax.train.build.programs import jitted_steps
+    """(train step, eval step) of `run`: `rpo_jax.train.jobs.preference.run_steps`, the builder's `jitted_steps`
+    with the arguments `preference_task` gives it — the programs `rpo-train` runs. tests/benchmarks checks that the
+    lowered train step is the trainer's, HLO for HLO."""
+    from rpo_jax.train.jobs.preference import run_steps
 
-    ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
-    return jitted_steps(
-        run.config, run, run.loss_fn, ref_graphdefs, run.score_window, reference_sync=run.reference_sync
-    )
+    return run_steps(run)
 
 
 def host_batches(run, count: int = 1) -> list[dict[str, np.ndarray]]:

@@ -18,15 +18,7 @@ import jax
 import pytest
 
 from rpo_jax.data import make_eval_batches, make_train_iterator
-from rpo_jax.train.build.programs import (
-    Scoring,
-    Weights,
-    build_programs,
-    jitted_steps,
-    reference_layout,
-    reference_sync_of,
-    scorer,
-)
+from rpo_jax.train.build.programs import Scoring, Weights, build_programs, reference_layout, reference_sync_of, scorer
 from rpo_jax.train.build.state import build_loss
 from rpo_jax.train.jobs import preference
 from rpo_jax.train.runtime.global_batches import local_batch_size
@@ -75,10 +67,7 @@ def assert_same_program(name: str, trainer: tuple, planned: tuple, *, batch: str
 
 def trainer_programs(run) -> dict[str, tuple]:
     """The programs the trainer compiles for `run`, with the arguments of their first call."""
-    ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
-    train_step, eval_step = jitted_steps(
-        run.config, run, run.loss_fn, ref_graphdefs, run.score_window, reference_sync=run.reference_sync
-    )
+    train_step, eval_step = preference.run_steps(run)
     cfg = run.config
     host = next(
         make_train_iterator(

@@ -1,5 +1,6 @@
 """The data of a run: the tokenizer, data paths (`config.data.train` / `eval`, the bundled demo), records
-read and validated, pairs derived (`config.data.pairs`), and every split tokenized once.
+read and validated, pairs derived (`config.data.pairs`), whether the records' rewards reach the loss
+(`preference_direction`), and every split tokenized once.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import logging
 import pathlib
 from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -14,8 +16,10 @@ from rpo_jax.data import (
     TokenizedDataset,
     demo_paths,
     holdout_split,
+    label_score_counts,
     read_records,
     require_rewards,
+    rewards_reach_loss,
     to_pairs,
     tokenize_records,
 )
@@ -135,3 +139,32 @@ def tokenize_splits(
             raise ValueError(f"data.{split}: no example left after tokenization ({ds.report.summary()})")
         out[split] = ds
     return out
+
+
+def preference_direction(
+    cfg: ml_collections.ConfigDict, records: Mapping[str, list], loss_uses_rewards: bool
+) -> tuple[bool, dict[str, Any]]:
+    """Whether the records' rewards reach the loss (`rewards_reach_loss` with `config.data.pairs_from`), and
+    the run's record of it: `{"pairs_from", "rewards_reach_loss", split: {"scored_pairs", "ties",
+    "disagreements"}}`. Ties and label/score disagreements among labelled pairs are logged (a warning when
+    there are any), never passed over in silence."""
+    pairs_from = cfg.data.pairs_from
+    every = [r for recs in records.values() for r in recs]
+    to_loss = rewards_reach_loss(every, loss_uses_rewards=loss_uses_rewards, pairs_from=pairs_from)
+    record: dict[str, Any] = {"pairs_from": pairs_from, "rewards_reach_loss": to_loss}
+    for split, recs in records.items():
+        counts = label_score_counts(recs)
+        record[split] = counts.as_dict()
+        if not counts.scored_pairs:
+            continue
+        if to_loss:
+            how = (
+                "the scores reach the loss: a tie contributes nothing, a disagreeing pair trains the other way "
+                "round" + ("" if loss_uses_rewards else " (data.pairs_from='rewards')")
+            )
+        else:
+            how = "trained as labelled (data.pairs_from='labels'; scores reach only reward-aware losses)"
+        (log.warning if counts.ties or counts.disagreements else log.info)(
+            "%s data, labels vs scores: %s; %s", split, counts.summary(), how
+        )
+    return to_loss, record

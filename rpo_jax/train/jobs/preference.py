@@ -26,23 +26,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rpo_jax.data import (
-    TokenizedDataset,
-    label_score_counts,
-    make_train_iterator,
-    rewards_reach_loss,
-    storage,
-    tokenize_records,
-)
+from rpo_jax.data import TokenizedDataset, make_train_iterator, storage, tokenize_records
 from rpo_jax.data.packing import Packing, is_packed, real_tokens
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train.build.data import load_records, load_tokenizer, tokenize_splits, tokenizer_path
+from rpo_jax.train.build.data import load_records, load_tokenizer, preference_direction, tokenize_splits, tokenizer_path
 from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, dataset_fingerprint, weights_fingerprint
 from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
 from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
 from rpo_jax.train.build.programs import (
     ReferenceLayout,
     ReferenceSync,
+    WithFrozen,
     jitted_steps,
     reference_layout,
     reference_sync_of,
@@ -276,35 +270,6 @@ def hold_reference_in_state(run: PreferenceRun) -> None:
     run.references[0] = dataclasses.replace(primary, params=None)
 
 
-def preference_direction(
-    cfg: ml_collections.ConfigDict, records: Mapping[str, list], loss_uses_rewards: bool
-) -> tuple[bool, dict[str, Any]]:
-    """Whether the records' rewards reach the loss (`rewards_reach_loss` with `config.data.pairs_from`), and
-    the run's record of it: `{"pairs_from", "rewards_reach_loss", split: {"scored_pairs", "ties",
-    "disagreements"}}`. Ties and label/score disagreements among labelled pairs are logged (a warning when
-    there are any), never passed over in silence."""
-    pairs_from = cfg.data.pairs_from
-    every = [r for recs in records.values() for r in recs]
-    to_loss = rewards_reach_loss(every, loss_uses_rewards=loss_uses_rewards, pairs_from=pairs_from)
-    record: dict[str, Any] = {"pairs_from": pairs_from, "rewards_reach_loss": to_loss}
-    for split, recs in records.items():
-        counts = label_score_counts(recs)
-        record[split] = counts.as_dict()
-        if not counts.scored_pairs:
-            continue
-        if to_loss:
-            how = (
-                "the scores reach the loss: a tie contributes nothing, a disagreeing pair trains the other way "
-                "round" + ("" if loss_uses_rewards else " (data.pairs_from='rewards')")
-            )
-        else:
-            how = "trained as labelled (data.pairs_from='labels'; scores reach only reward-aware losses)"
-        (log.warning if counts.ties or counts.disagreements else log.info)(
-            "%s data, labels vs scores: %s; %s", split, counts.summary(), how
-        )
-    return to_loss, record
-
-
 def epoch_steps(cfg, num_train: int) -> int:
     """The run's optimizer steps (per iteration): `config.train.steps`, or with `config.train.epochs` > 0
     ceil(epochs · ceil(N / data.batch_size)) for the N train examples (TRL's step count for `num_train_epochs`:
@@ -495,15 +460,21 @@ def restore_position(run: PreferenceRun, iterator, data_state, step: int) -> Non
     iterator.set_state(data_state)
 
 
+def run_steps(run: PreferenceRun) -> tuple[WithFrozen, WithFrozen]:
+    """(train step, eval step) of `run` from the one program builder (`jitted_steps`): its in-step references'
+    graphdefs, score window and reference sync — the programs `rpo-train`, the benchmarks and the tests run."""
+    ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
+    return jitted_steps(
+        run.config, run, run.loss_fn, ref_graphdefs, run.score_window, reference_sync=run.reference_sync
+    )
+
+
 def preference_task(run: PreferenceRun) -> Task:
     """The run skeleton's task: one unit is one optimizer step on the next batch of the resumable iterator."""
     cfg = run.config
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    ref_graphdefs = tuple((r.graphdef, r.rest) for r in run.references) if run.in_step_refs else ()
-    train_step, eval_step = jitted_steps(
-        cfg, run, run.loss_fn, ref_graphdefs, run.score_window, reference_sync=run.reference_sync
-    )
+    train_step, eval_step = run_steps(run)
     if run.packing is not None:  # the output head runs on every slot of the packed rows (no score window)
         log.info(
             "packing (config.data.packing): rows of %s, share_prompt=%s, %s",
@@ -536,7 +507,10 @@ def preference_task(run: PreferenceRun) -> Task:
         inputs = train_batch(run, batch)
         # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process)
         flops = batch_flops(
-            run.model_config, inputs["tokens"].shape, num_references=len(ref_graphdefs), score_window=run.score_window
+            run.model_config,
+            inputs["tokens"].shape,
+            num_references=len(run.references) if run.in_step_refs else 0,
+            score_window=run.score_window,
         )
         tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
         state, metrics = train_step(state, inputs, step_reference_params(run))
