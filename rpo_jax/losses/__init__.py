@@ -1,8 +1,9 @@
 """Preference losses in pure JAX: RPO (every distance, pairwise/all-pairs/listwise), MRPO, DPO family, TRL losses,
-and the Bradley–Terry reward-model loss.
+ORPO and CPO, the unpaired KTO / APO-zero / BCO, and the Bradley–Terry reward-model loss.
 
 The public entry points are ``make_loss`` / ``available_losses``, the seam types ``PreferenceLogps`` /
-``LossOutput`` and ``LossSpec`` (``loss_fn.spec``, what a loss needs). The math follows ``MATH.md``: Sun et al.,
+``LossOutput`` and ``LossSpec`` (``loss_fn.spec``, what a loss needs), and for single labelled completions
+``UnpairedLogps`` (with BCO's running-moments state ``BCOState``). The math follows ``MATH.md``: Sun et al.,
 arXiv:2502.00203 (RPO) and Le et al., arXiv:2405.16388 (MRPO). This package imports no Flax and no model code.
 """
 
@@ -12,10 +13,12 @@ from rpo_jax.losses.presets import RPOSetting, run_rpo
 from rpo_jax.losses.references import arwc_weights, ctro_clip, primary_reference, virtual_reference
 from rpo_jax.losses.registry import available_losses, loss_hyperparameters, make_loss
 from rpo_jax.losses.rpo import implicit_rewards, rpo_listwise, rpo_pairwise
-from rpo_jax.losses.types import LossOutput, LossSpec, PreferenceLogps
+from rpo_jax.losses.types import BCOState, LossOutput, LossSpec, PreferenceLogps, UnpairedLogps
 
 __all__ = [
     "PreferenceLogps",
+    "UnpairedLogps",
+    "BCOState",
     "LossOutput",
     "LossSpec",
     "make_loss",

@@ -27,6 +27,7 @@ __all__ = [
     "preference_pair_mask",
     "all_pairs_mask",
     "best_worst_pair_mask",
+    "chosen_slot_mask",
     "nonfinite_examples",
     "poison_nonfinite",
 ]
@@ -43,6 +44,7 @@ class Requirements:
     min_references: int = 1  # R the reference axis must at least have (2 for MRPO)
     num_references: int | None = None  # exact R when known (e.g. len(alpha))
     num_references_reason: str | None = None  # why R is fixed, for the error message (default: the alpha weights)
+    sequence: bool = False  # sequence_logps and sequence_lengths (ORPO's NLL over prompt + response tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,8 @@ class PreparedBatch:
     """A validated batch: float32 arrays, invalid slots zeroed (so they cannot leak NaN), references constant.
 
     ``ref`` keeps the reference axis when the input had one: ``[B, K]`` or ``[B, K, R]``. ``nonfinite [B]`` bool:
-    the examples with a NaN/±inf in a valid slot of any field (``None`` only when built by hand).
+    the examples with a NaN/±inf in a valid slot of any field (``None`` only when built by hand). ``sequence`` and
+    ``sequence_lengths``: ``PreferenceLogps.sequence_logps`` / ``sequence_lengths`` (``None`` when absent).
     """
 
     policy: jax.Array
@@ -60,6 +63,8 @@ class PreparedBatch:
     valid: jax.Array
     num_responses: int
     nonfinite: jax.Array | None = None
+    sequence: jax.Array | None = None
+    sequence_lengths: jax.Array | None = None
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -88,7 +93,7 @@ def check_batch(batch: PreferenceLogps, req: Requirements) -> None:
     if num_k < 2:
         raise ValueError(f"PreferenceLogps.policy_logps has K = {num_k} responses per prompt; every loss needs K >= 2")
 
-    for field in ("lengths", "rewards", "valid"):
+    for field in ("lengths", "rewards", "valid", "sequence_logps", "sequence_lengths"):
         value = getattr(batch, field)
         if value is not None and _shape(value) != (num_b, num_k):
             raise ValueError(
@@ -99,6 +104,10 @@ def check_batch(batch: PreferenceLogps, req: Requirements) -> None:
         raise ValueError(f"PreferenceLogps.valid must be a bool array, got dtype {jnp.result_type(batch.valid)}")
     if batch.rewards is not None and not _is_float(batch.rewards):
         raise ValueError(f"PreferenceLogps.rewards must be floating point, got {jnp.result_type(batch.rewards)}")
+    if batch.sequence_logps is not None and not _is_float(batch.sequence_logps):
+        raise ValueError(
+            f"PreferenceLogps.sequence_logps must be floating point, got {jnp.result_type(batch.sequence_logps)}"
+        )
 
     if batch.ref_logps is not None:
         ref_shape = _shape(batch.ref_logps)
@@ -142,13 +151,23 @@ def check_batch(batch: PreferenceLogps, req: Requirements) -> None:
         raise ValueError(
             f"PreferenceLogps.lengths is None, but loss {name!r} normalises by response length; pass lengths [B, K]"
         )
+    if req.sequence:
+        for field in ("sequence_logps", "sequence_lengths"):
+            if getattr(batch, field) is None:
+                raise ValueError(
+                    f"PreferenceLogps.{field} is None, but loss {name!r} takes its NLL over the prompt + response "
+                    "tokens (as TRL's ORPOTrainer); pass sequence_logps and sequence_lengths [B, K], or use "
+                    "nll_tokens='response'"
+                )
 
 
 def nonfinite_examples(batch: PreferenceLogps, valid: jax.Array) -> jax.Array:
     """``[B]`` bool: examples with a NaN/±inf (after the float32 upcast) in a *valid* slot of ``policy_logps``,
-    ``ref_logps`` (any reference), ``lengths`` or ``rewards`` — every field present, used by the loss or not."""
+    ``ref_logps`` (any reference), ``lengths``, ``rewards``, ``sequence_logps`` or ``sequence_lengths`` — every
+    field present, used by the loss or not."""
     flags = jnp.zeros(valid.shape[:1], bool)
-    for x in (batch.policy_logps, batch.ref_logps, batch.lengths, batch.rewards):
+    fields = (batch.policy_logps, batch.ref_logps, batch.lengths, batch.rewards)
+    for x in fields + (batch.sequence_logps, batch.sequence_lengths):
         if x is None:
             continue
         bad = ~jnp.isfinite(jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)))
@@ -181,6 +200,8 @@ def prepare_batch(batch: PreferenceLogps) -> PreparedBatch:
         valid=valid,
         num_responses=num_k,
         nonfinite=nonfinite_examples(batch, valid),
+        sequence=clean(batch.sequence_logps),
+        sequence_lengths=clean(batch.sequence_lengths),
     )
 
 
@@ -238,3 +259,16 @@ def best_worst_pair_mask(prep: PreparedBatch) -> jax.Array:
     slots = jnp.arange(num_k)
     mask = (slots == best[:, None])[:, :, None] & (slots == worst[:, None])[:, None, :]
     return mask & preference_pair_mask(prep)
+
+
+def chosen_slot_mask(prep: PreparedBatch) -> jax.Array:
+    """``[B, K]``: each example's chosen response, the one an NLL term trains on (``sft``, ``orpo``, ``cpo``).
+
+    Response 0 without rewards; with rewards the valid response with the highest reward (ties to the lowest index;
+    also when it is the only valid one). Examples without a valid response have none.
+    """
+    num_k = prep.num_responses
+    if prep.rewards is None:
+        return prep.valid & (jnp.arange(num_k) == 0)[None, :]
+    best = jnp.argmax(jnp.where(prep.valid, prep.rewards, -jnp.finfo(jnp.float32).max), axis=-1)
+    return prep.valid & (jnp.arange(num_k)[None, :] == best[:, None])

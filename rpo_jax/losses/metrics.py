@@ -7,7 +7,9 @@ Metric names and meanings (all means over the global batch under ``axis_name``):
 * ``rewards/margins``: ``rewards/chosen − rewards/rejected``.
 * ``rewards/accuracies``: K = 2: fraction of pairs with ``r_θ(chosen) > r_θ(rejected)`` (TRL); K > 2: fraction of
   examples whose argmax implicit reward is the argmax explicit reward (over valid responses).
-* ``logps/chosen``, ``logps/rejected``: policy sequence log-probs of the preferred / dispreferred responses.
+* ``logps/chosen``, ``logps/rejected``: policy sequence log-probs of the preferred / dispreferred responses (the
+  summed log-probs, or the log-probs the loss compares when it says so: ``orpo``'s and length-normalised ``cpo``'s
+  per-token averages, as TRL logs them).
 * ``rewards/gap_correlation`` (reward-aware losses only): Pearson correlation between implicit gaps
   ``r_θ(y_i) − r_θ(y_j)`` and explicit gaps ``r*(y_i) − r*(y_j)`` over all valid ordered pairs in the global batch
   (ordered pairs make both gap distributions symmetric, so their means are exactly 0 and the correlation is
@@ -40,6 +42,8 @@ class ComponentResult:
     * ``pair_mask [B, K, K]``: the preference pairs the chosen/rejected metrics average over.
     * ``reward_aware``: also report ``rewards/gap_correlation``.
     * ``extra``: more metrics, ``name → (values [B], weights [B])``.
+    * ``logps [B, K]`` or ``None``: the log-probs the ``logps/*`` metrics report (``None``: the summed policy
+      log-probs ``prep.policy``).
     """
 
     per_example: jax.Array
@@ -48,6 +52,7 @@ class ComponentResult:
     pair_mask: jax.Array
     reward_aware: bool = False
     extra: dict[str, tuple[jax.Array, jax.Array]] = dataclasses.field(default_factory=dict)
+    logps: jax.Array | None = None
 
 
 def global_sum(value: Any, axis_name: str | None) -> Any:
@@ -71,7 +76,8 @@ def preference_metrics(result: ComponentResult, prep: PreparedBatch, axis_name: 
     """The TRL-named metrics (see the module docstring) of one component, as global means."""
     sg = jax.lax.stop_gradient
     implicit = None if result.implicit is None else sg(result.implicit)
-    policy, rewards = sg(prep.policy), None if prep.rewards is None else sg(prep.rewards)
+    policy = sg(prep.policy if result.logps is None else result.logps)
+    rewards = None if prep.rewards is None else sg(prep.rewards)
     mask = result.pair_mask
     ones = jnp.ones_like(mask, jnp.float32)
     metrics: dict[str, jax.Array] = {}

@@ -22,50 +22,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from rpo_jax.losses import presets, trl, validators
+from rpo_jax.losses import presets, trainer_losses, trl, validators
 from rpo_jax.losses import references as refs
 from rpo_jax.losses.batch import PreparedBatch, Requirements, check_batch, poison_nonfinite, prepare_batch
+from rpo_jax.losses.definition import Compute, LossDefinition
 from rpo_jax.losses.metrics import ComponentResult, global_mean, global_sum, preference_metrics
-from rpo_jax.losses.types import LossOutput, LossSpec, PreferenceLogps
+from rpo_jax.losses.types import BCOState, LossOutput, LossSpec, PreferenceLogps
 
 __all__ = ["make_loss", "available_losses", "loss_hyperparameters", "LOSSES", "LossDefinition"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loss definitions.
-
-Compute = Callable[[PreparedBatch, dict, "str | None"], ComponentResult]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossDefinition:
-    """A named loss: its hyperparameters ``name → (default, validator)``, requirements and computation."""
-
-    name: str
-    hparams: Mapping[str, tuple[Any, Callable[[str, Any], Any]]]
-    compute: Compute
-    requirements: Callable[[dict], Requirements]
-    formula: str
-    paper: str
-    cross_check: Callable[[dict, set], None] = lambda hp, given: None
-
-    def resolve(self, given: Mapping[str, Any]) -> dict:
-        unknown = sorted(set(given) - set(self.hparams))
-        if unknown:
-            raise ValueError(
-                f"loss {self.name!r} has no hyperparameter(s) {unknown}; valid hyperparameters: "
-                f"{sorted(self.hparams) or 'none'}"
-            )
-        resolved = {}
-        for key, (default, validate) in self.hparams.items():
-            resolved[key] = validate(key, given[key]) if key in given else default
-        self.cross_check(resolved, set(given))
-        return resolved
-
 
 MULTI_REFERENCE_OPTIONS = {
     "alpha": (None, validators.alpha),
@@ -102,7 +74,15 @@ def _needs(
     num_references=None,
     num_references_reason=None,
 ):
-    return Requirements(name, reference, rewards, lengths, min_references, num_references, num_references_reason)
+    return Requirements(
+        name,
+        reference=reference,
+        rewards=rewards,
+        lengths=lengths,
+        min_references=min_references,
+        num_references=num_references,
+        num_references_reason=num_references_reason,
+    )
 
 
 def _combiner_references(hp: dict) -> tuple[int, int | None, str | None]:
@@ -393,6 +373,8 @@ def _build() -> dict[str, LossDefinition]:
         "−log σ(β (c/|y_w| − r/|y_l|))",
         'TRL `loss_type="sigmoid_norm"` (length-normalised DPO)',
     )
+    for definition in trainer_losses.definitions():  # orpo, cpo; kto, apo_zero_unpaired, bco (unpaired)
+        d[definition.name] = definition
     return d
 
 
@@ -461,14 +443,16 @@ def _components(name_or_weighted_list: Any, hparams: dict) -> list[_Component]:
     return components
 
 
-def _merge_metrics(per_component: list[tuple[str, jax.Array, dict]]) -> dict[str, jax.Array]:
+def _merge_metrics(per_component: list[tuple[str, jax.Array, dict]], own_logps: set[str]) -> dict[str, jax.Array]:
+    """``own_logps``: the components whose ``logps/*`` are not the summed policy log-probs (``orpo``, ``cpo``)."""
     merged: dict[str, jax.Array] = {}
+    first = per_component[0][0]
     for name, _, metrics in per_component:
         for key, value in metrics.items():
             if key not in merged:
                 merged[key] = value
-            elif not key.startswith("logps/"):  # policy log-prob metrics are the same for every component
-                merged[f"{name}/{key}"] = value
+            elif not key.startswith("logps/") or {first, name} & own_logps:
+                merged[f"{name}/{key}"] = value  # summed policy log-probs are the same for every component
     if len(per_component) > 1:
         for name, loss, _ in per_component:
             merged[f"loss/{name}"] = loss
@@ -498,9 +482,22 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
       A pure function with attribute ``spec``, a ``LossSpec`` (its typed description), and, with the same values,
       attributes ``requires_reference``, ``requires_rewards``, ``requires_lengths`` (bools), ``num_references``
       (``None``: reference-free; else the R it needs when fixed by ``alpha``, or 1 for single-reference losses),
-      ``min_references`` (0, 1 or 2), ``name`` and ``hparams``.
+      ``min_references`` (0, 1 or 2), ``name``, ``hparams``, ``requires_sequence_logps``, ``unpaired``,
+      ``requires_kl_logps``, ``stateful``; and ``init_state()`` (``None`` for stateless losses).
+
+      The unpaired losses (``kto``, ``apo_zero_unpaired``, ``bco``; ``spec.unpaired``) take an ``UnpairedLogps``
+      instead: ``loss_fn(batch, state=None, *, update_state=True) -> LossOutput``; ``bco`` is stateful: pass
+      ``state`` (``loss_fn.init_state()`` first, then the previous ``LossOutput.state``). They cannot be combined.
     """
     components = _components(name_or_weighted_list, dict(hparams))
+    unpaired = [c.definition.name for c in components if c.definition.unpaired]
+    if unpaired and len(components) > 1:
+        raise ValueError(
+            f"loss {unpaired[0]!r} takes unpaired data (UnpairedLogps) and cannot be combined with other losses"
+        )
+    if unpaired:
+        only = components[0]
+        return _with_spec(trainer_losses.run_unpaired(only.definition, only.hparams, axis_name), components)
 
     def loss_fn(batch: PreferenceLogps) -> LossOutput:
         for component in components:
@@ -512,9 +509,11 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
         batch_poison = global_sum(jnp.sum(poison), axis_name)
         total_loss = batch_poison
         total_per_example = poison
-        reported = []
+        reported, own_logps = [], set()
         for component in components:
             result = component.definition.compute(prep, component.hparams, axis_name)
+            if result.logps is not None:
+                own_logps.add(component.definition.name)
             loss = global_mean(result.per_example, result.weight, axis_name)
             total_loss = total_loss + component.weight * loss
             total_per_example = total_per_example + component.weight * result.per_example
@@ -525,12 +524,18 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
                     preference_metrics(result, prep, axis_name),
                 )
             )
-        return LossOutput(loss=total_loss, per_example=total_per_example, metrics=_merge_metrics(reported))
+        return LossOutput(loss=total_loss, per_example=total_per_example, metrics=_merge_metrics(reported, own_logps))
 
+    return _with_spec(loss_fn, components)
+
+
+def _with_spec(loss_fn: Callable, components: list[_Component]) -> Callable:
+    """``loss_fn`` with its ``spec``, the spec's values as attributes, and ``init_state()``."""
     spec = _spec(components)
     loss_fn.spec = spec
     for field in dataclasses.fields(LossSpec):  # the documented attributes: the spec's values, set in one place
         setattr(loss_fn, field.name, getattr(spec, field.name))
+    loss_fn.init_state = BCOState.initial if spec.stateful else (lambda: None)
     loss_fn.__name__ = f"loss_{spec.name}"
     return loss_fn
 
@@ -538,6 +543,20 @@ def make_loss(name_or_weighted_list: str | Sequence, *, axis_name: str | None = 
 def _spec(components: list[_Component]) -> LossSpec:
     """The ``LossSpec`` of a (possibly weighted) combination of components."""
     reqs = [c.requirements for c in components]
+    if components[0].definition.unpaired:  # alone (make_loss refuses combinations)
+        (req,) = reqs
+        return LossSpec(
+            name=components[0].definition.name,
+            requires_reference=req.reference,
+            requires_rewards=False,
+            requires_lengths=False,
+            min_references=int(req.reference),
+            num_references=1 if req.reference else None,
+            hparams={components[0].definition.name: dict(components[0].hparams)},
+            unpaired=True,
+            requires_kl_logps=req.kl,
+            stateful=components[0].definition.stateful,
+        )
     min_references = max((r.min_references for r in reqs if r.reference), default=0)
     if len(components) == 1:
         name = components[0].definition.name
@@ -551,4 +570,5 @@ def _spec(components: list[_Component]) -> LossSpec:
         min_references=min_references,
         num_references=_num_references(reqs, min_references),
         hparams={c.definition.name: dict(c.hparams) for c in components},
+        requires_sequence_logps=any(r.sequence for r in reqs),
     )

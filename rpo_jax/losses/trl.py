@@ -40,7 +40,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from rpo_jax.losses.batch import PreparedBatch, best_worst_pair_mask, preference_pair_mask
+from rpo_jax.losses.batch import PreparedBatch, best_worst_pair_mask, chosen_slot_mask, preference_pair_mask
 from rpo_jax.losses.metrics import ComponentResult, global_sum
 from rpo_jax.losses.references import primary_reference
 from rpo_jax.losses.rpo import pair_mean
@@ -195,12 +195,7 @@ def sft_loss(prep: PreparedBatch, hp: dict, axis_name: str | None = None) -> Com
     when it is the only valid one). Examples without a valid chosen response get weight 0.
     """
     del hp
-    num_k = prep.num_responses
-    if prep.rewards is None:
-        chosen_slot = prep.valid & (jnp.arange(num_k) == 0)[None, :]
-    else:
-        best = jnp.argmax(jnp.where(prep.valid, prep.rewards, -jnp.finfo(jnp.float32).max), axis=-1)
-        chosen_slot = prep.valid & (jnp.arange(num_k)[None, :] == best[:, None])
+    chosen_slot = chosen_slot_mask(prep)
     has_chosen = jnp.any(chosen_slot, axis=-1)
     nll = -jnp.sum(_select(prep.policy, chosen_slot))
     tokens = jnp.sum(_select(prep.lengths, chosen_slot))

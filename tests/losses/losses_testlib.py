@@ -26,20 +26,32 @@ def random_batch(
     valid: np.ndarray | None = None,
     scale: float = 3.0,
 ) -> PreferenceLogps:
-    """A batch of plausible (negative) log-probs; rewards without ties; lengths 1..9."""
+    """A batch of plausible (negative) log-probs; rewards without ties; lengths 1..9; and the prompt + response
+    sequence log-probs (``sequence_logps``: the policy's plus 1..5 prompt tokens' log-probs) ORPO's NLL reads."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 10, size=(b, k)).astype(np.int32)
     policy = -rng.uniform(0.5, scale, size=(b, k)) * lengths
     ref_shape = (b, k) if r is None else (b, k, r)
     ref = -rng.uniform(0.5, scale, size=ref_shape) * (lengths if r is None else lengths[..., None])
     rew = rng.normal(size=(b, k)) if rewards else None
+    prompt_lengths = rng.integers(1, 6, size=(b, 1)).astype(np.int32)
+    prompt = -rng.uniform(0.5, scale, size=(b, 1)) * prompt_lengths
     return PreferenceLogps(
         policy_logps=policy.astype(np.float32),
         ref_logps=ref.astype(np.float32),
         lengths=lengths,
         rewards=None if rew is None else rew.astype(np.float32),
         valid=None if valid is None else np.asarray(valid, bool),
+        sequence_logps=(policy + prompt).astype(np.float32),
+        sequence_lengths=(lengths + prompt_lengths).astype(np.int32),
     )
+
+
+def paired_losses() -> list[str]:
+    """Every loss of ``available_losses()`` that takes a ``PreferenceLogps`` (not the unpaired KTO/BCO family)."""
+    from rpo_jax.losses import available_losses, make_loss
+
+    return [name for name in available_losses() if not make_loss(name).spec.unpaired]
 
 
 def as_f64(batch: PreferenceLogps):

@@ -38,9 +38,16 @@ EXPECTED_NAMES = {
     "sigmoid_norm",
     "mrpo",
     "multi_dpo",
+    "orpo",
+    "cpo",
+    "kto",
+    "apo_zero_unpaired",
+    "bco",
 }
+UNPAIRED = {"kto", "apo_zero_unpaired", "bco"}  # UnpairedLogps: tests/losses/test_losses_unpaired.py
+PAIRED_NAMES = EXPECTED_NAMES - UNPAIRED
 REWARD_AWARE = {"rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_listwise", "distill_dpo", "rloo"}
-REFERENCE_FREE = {"simpo", "sft", "rloo"}
+REFERENCE_FREE = {"simpo", "sft", "rloo", "orpo", "cpo"}
 MULTI_REFERENCE = {"mrpo", "multi_dpo"}
 
 
@@ -67,7 +74,7 @@ def test_requirement_attributes():
         assert f.requires_reference == (name not in REFERENCE_FREE)
         assert f.num_references == (None if name in REFERENCE_FREE | MULTI_REFERENCE else 1)
 
-    assert check_every_case(each_loss(sorted(EXPECTED_NAMES)), check) == len(EXPECTED_NAMES)
+    assert check_every_case(each_loss(sorted(PAIRED_NAMES)), check) == len(PAIRED_NAMES)
 
 
 # LossSpec: the typed description (loss_fn.spec) and the documented attributes carry the same values.
@@ -85,6 +92,10 @@ def assert_spec_matches_attributes(f):
         "min_references",
         "num_references",
         "hparams",
+        "requires_sequence_logps",
+        "unpaired",
+        "requires_kl_logps",
+        "stateful",
     ]
     for field in SPEC_FIELDS:
         assert getattr(f.spec, field) == getattr(f, field), field
@@ -231,7 +242,7 @@ def test_reference_losses_need_ref_logps():
         with pytest.raises(ValueError, match=r"PreferenceLogps\.ref_logps is None"):
             make_loss(name)(PreferenceLogps(batch.policy_logps, None, batch.lengths, batch.rewards))
 
-    names = sorted(EXPECTED_NAMES - REFERENCE_FREE)
+    names = sorted(PAIRED_NAMES - REFERENCE_FREE)
     assert check_every_case(each_loss(names), check) == len(names)
 
 
@@ -385,7 +396,7 @@ def test_bfloat16_inputs_are_upcast():
 HPARAMS_FOR_GRADS = {"hinge": {"beta": 0.1}}  # kinks of relu/sort stay away from the random test points
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
+@pytest.mark.parametrize("name", sorted(PAIRED_NAMES))
 def test_check_grads_second_order(name):
     batch = batch_for(name, seed=21, b=3, k=3)
     x = jnp.asarray(batch.policy_logps)
@@ -399,7 +410,7 @@ def test_check_grads_second_order(name):
         np.testing.assert_allclose(jax.grad(rloo)(x), jax.grad(f)(x), rtol=1e-6)
     else:
         loss_fn = make_loss(name, **HPARAMS_FOR_GRADS.get(name, {}))
-        f = jax.jit(lambda y: loss_fn(PreferenceLogps(y, batch.ref_logps, batch.lengths, batch.rewards)).loss)
+        f = jax.jit(lambda y: loss_fn(dataclasses.replace(batch, policy_logps=y)).loss)
     check_grads(f, (x,), order=2, modes=("rev",), eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
@@ -412,7 +423,8 @@ def value_and_grad(name):
         loss_fn = make_loss(name)
 
         def loss(x, ref, lengths, rewards, valid):
-            out = loss_fn(PreferenceLogps(x, ref, lengths, rewards, valid))
+            sequence = {"sequence_logps": x - 2.0, "sequence_lengths": lengths + 3}  # (orpo's NLL)
+            out = loss_fn(PreferenceLogps(x, ref, lengths, rewards, valid, **sequence))
             return out.loss, out
 
         _VALUE_AND_GRAD[name] = jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -438,7 +450,7 @@ def test_masked_responses_get_zero_gradient_and_no_nan():
         if name not in ("sft", "aot", "aot_unpaired"):  # (sft: still chosen; aot: per_example is by sorted rank)
             assert float(out.per_example[2]) == 0.0  # a single valid response has no pair
 
-    assert check_every_case(each_loss(sorted(EXPECTED_NAMES)), check) == len(EXPECTED_NAMES)
+    assert check_every_case(each_loss(sorted(PAIRED_NAMES)), check) == len(PAIRED_NAMES)
 
 
 def test_all_invalid_batch_is_zero_not_nan():
@@ -451,7 +463,7 @@ def test_all_invalid_batch_is_zero_not_nan():
         assert float(value) == 0.0 and _finite_output(out)
         np.testing.assert_array_equal(grad, 0.0)
 
-    assert check_every_case(each_loss(sorted(EXPECTED_NAMES)), check) == len(EXPECTED_NAMES)
+    assert check_every_case(each_loss(sorted(PAIRED_NAMES)), check) == len(PAIRED_NAMES)
 
 
 def test_finite_at_gaps_of_1e4():
@@ -467,7 +479,7 @@ def test_finite_at_gaps_of_1e4():
         assert np.isfinite(float(value)) and _finite_output(out), out
         assert np.all(np.isfinite(grad)), grad
 
-    assert check_every_case(each_loss(sorted(EXPECTED_NAMES)), check) == len(EXPECTED_NAMES)
+    assert check_every_case(each_loss(sorted(PAIRED_NAMES)), check) == len(PAIRED_NAMES)
 
 
 def test_losses_import_no_flax_and_no_model_code():
