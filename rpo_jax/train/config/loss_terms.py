@@ -105,6 +105,26 @@ def loss_spec(terms: list[tuple[str, float, dict]]):
     """The `LossSpec` of the terms (what the loss needs: references, rewards), or a ConfigError for a combination
     `make_loss` refuses."""
     try:
-        return build_terms(terms).spec
+        spec = build_terms(terms).spec
     except ValueError as e:
         raise ConfigError(f"config.loss: {' '.join(str(e).split())}") from None
+    refuse_inputs_not_fed(spec)
+    return spec
+
+
+def refuse_inputs_not_fed(spec) -> None:
+    """A ConfigError for a loss whose inputs rpo-train does not compute yet (issue 29), before any model loads:
+    the unpaired losses (`kto`, `apo_zero_unpaired`, `bco`: single labelled completions) and `orpo`'s NLL over
+    prompt + response tokens (`nll_tokens="sequence"`, TRL's, which needs per-sequence log-probs)."""
+    if spec.unpaired:
+        raise ConfigError(
+            f"config.loss.name={spec.name!r}: an unpaired loss (single completions labelled desirable or "
+            "undesirable, rpo_jax.losses.UnpairedLogps), which rpo-train does not train yet; it is available to "
+            "your own training loop through rpo_jax.losses.make_loss"
+        )
+    if spec.requires_sequence_logps:
+        raise ConfigError(
+            "config.loss: loss 'orpo' with nll_tokens='sequence' (TRL's NLL over prompt + response tokens) needs "
+            "per-sequence log-probs that rpo-train does not compute yet; set nll_tokens='response' (the NLL over "
+            "the response tokens, the ORPO authors' disable_prompt_loss=True)"
+        )
