@@ -131,9 +131,14 @@ def init_caches(config, prompt_kv, attention_mask, max_new_tokens: int):
     return caches, valid
 
 
-def _generate(
+def kv_cache_generate(
     model, tokens, attention_mask, key, *, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, stop_sequences=()
-):
+) -> GenerateOutput:
+    """`generate`'s traceable body, for a caller that jits it with more around it (the trainer's sampler,
+    `rpo_jax.train.build.programs.sampler`): a prefill over the left-padded prompts `tokens`/`attention_mask`
+    [N, T], then a `lax.scan` of `max_new_tokens` decode steps on the KV cache. Arguments as `generate`'s, already
+    validated: `eos_ids` a tuple of ids, `pad_id` an int, `stop_sequences` a tuple of token-id tuples; no stop
+    strings (applied afterwards on the host, `truncate_at_stop_strings`)."""
     config = model.config
     n, t = tokens.shape
     attention_mask = attention_mask.astype(bool)
@@ -201,7 +206,7 @@ def _generate(
 
 
 _generate_jit = nnx.jit(
-    _generate,
+    kv_cache_generate,
     static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_ids", "pad_id", "stop_sequences"),
 )
 

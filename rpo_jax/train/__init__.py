@@ -26,7 +26,7 @@ _ENTRIES = {
     "train_online": ("rpo_jax.train.jobs.online", "train_online"),
     "train_reward_model": ("rpo_jax.train.jobs.reward_model", "train_reward_model"),
     "export_workdir": ("rpo_jax.train.core.export", "export_workdir"),
-    "build_programs": ("rpo_jax.train.build.programs", "build_programs"),
+    "build_programs": ("rpo_jax.train.build.plans", "build_programs"),
 }
 __all__ = sorted(_ENTRIES)
 

@@ -187,6 +187,17 @@ def test_the_run_config_json_reads_back(tmp_path):
             "config.online.num_samples=1: expected ≥ 2 for a preference loss",
         ),
         (
+            {
+                "mode": "online",
+                "online__reward_judge": "m:f",
+                "model__path": "policy",
+                "loss__name": "mrpo",
+                "loss__hparams": {"beta": 0.1},
+                "references": [{"path": ""}, {"path": "other", "tokenizer": "other"}],
+            },
+            "config.references[1].tokenizer='other': online mode scores the samples as the policy's token ids",
+        ),
+        (
             {"mode": "reward_model", "data__truncation": "truncate_response"},
             "config.data.truncation='truncate_response': reward-model training supports 'drop' and 'truncate_prompt'",
         ),

@@ -15,15 +15,26 @@ import importlib.util
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 
 from rpo_jax.data import make_eval_batches, make_train_iterator
-from rpo_jax.train.build.programs import Scoring, Weights, build_programs, reference_layout, reference_sync_of, scorer
+from rpo_jax.data.reward_pairs import pair_batch
+from rpo_jax.train.build.plans import build_programs
+from rpo_jax.train.build.programs import (
+    Scoring,
+    Weights,
+    online_update_step,
+    reference_layout,
+    reference_sync_of,
+    reward_steps,
+    scorer,
+)
 from rpo_jax.train.build.state import build_loss
-from rpo_jax.train.jobs import preference
-from rpo_jax.train.runtime.global_batches import local_batch_size
+from rpo_jax.train.jobs import online, preference, reward_model
+from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
 
-from .trainer_testlib import save_tiny_base, set_fields, tiny_config
+from .trainer_testlib import load_recipe, save_tiny_base, set_fields, tiny_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -239,3 +250,139 @@ def test_every_recipe_plans_the_trainers_reference_layout():
             plan.programs[0].jitted.lower(*plan.programs[0].args)
             checked += 1
     assert checked >= 8
+
+
+# ------------------------------------------------------------------------------------------------ online
+#: online variants: (overrides, the reference layout expected: scoring, the primary's weights, count)
+ONLINE_VARIANTS = {
+    "initial": ({}, Scoring.CACHED, Weights.OWN, 1),
+    "previous_iterate": ({"online.reference": "previous_iterate"}, Scoring.CACHED, Weights.POLICY, 1),
+    "current_rloo": ({"online.reference": "current", "loss.name": "rloo"}, Scoring.NONE, Weights.OWN, 0),
+    "lora_base": ({"model.lora.rank": 4}, Scoring.CACHED, Weights.POLICY_BASE, 1),
+    "packing_on": ({"data.packing": True}, Scoring.CACHED, Weights.OWN, 1),
+    # MRPO: the initial policy and a second checkpoint (config.references[1], scored by its own scorer)
+    "mrpo_extra_reference": (
+        {"loss.name": "mrpo", "loss.hparams": {"beta": 0.1}, "references": "initial + base"},
+        Scoring.CACHED,
+        Weights.OWN,
+        2,
+    ),
+}
+
+
+def online_variant_config(root: pathlib.Path, overrides: dict):
+    """configs/online_demo.py on the tiny base checkpoint: 8 prompts × 2 samples per iteration, updates on all 8
+    prompts, one sample to each of 8 held-out prompts."""
+    c = load_recipe("online_demo")
+    c.model.path = str(root / "base")
+    c.model.dtype = "float32"
+    c.metrics.tensorboard = False
+    c.train.progress_bar = False
+    c.online.update({"iterations": 1, "prompts_per_iteration": 8, "num_samples": 2, "max_new_tokens": 8})
+    c.online.update({"updates_per_iteration": 1, "eval_prompts": 8})
+    c.data.batch_size = 8
+    if overrides.get("references") == "initial + base":
+        overrides = {**overrides, "references": [{"path": ""}, {"path": str(root / "base")}]}
+    return set_fields(c, overrides)
+
+
+def online_trainer_programs(run) -> dict[str, tuple]:
+    """The programs an online run compiles, with the arguments of their first call (iteration 0)."""
+    params = run.state["params"]
+    oc = run.config.online
+    train_ids = [
+        run.prompt_ids["train"][i]
+        for i in online.prompt_order(len(run.prompts["train"]), 0, oc.prompts_per_iteration, run.config.seed)
+    ]
+    flat = [p for p in train_ids for _ in range(oc.num_samples)]
+    tokens, mask = online.left_pad(flat, run.prompt_width, run.pad_id)
+    inputs = online.global_batch(run, {"tokens": tokens, "mask": mask})
+    key = online.iteration_key(run, 0)
+    batch, _ = online.iteration_batch(run, params, 0)
+    samples = online.global_batch(run, {k: v for k, v in batch.items() if k != "ref_logps"})
+    minibatch = next(online.minibatches(batch, run.config.data.batch_size, 1))
+    out = {
+        "update step": (
+            online_update_step(run.config, run, run.loss_fn),
+            (run.state, online.global_batch(run, minibatch, micro_batches=run.config.data.micro_batches)),
+        ),
+        "sampler": (run.sampler, (params, inputs["tokens"], inputs["mask"], key)),
+        "policy scorer (samples)": (run.policy_scorer, (params, samples)),
+    }
+    if run.base_scorer is not None:
+        out["base scorer (samples)"] = (run.base_scorer, (params, samples))
+    for i, (ref_scorer, ref_params) in enumerate(run.extra_references, start=1):
+        out[f"reference {i} scorer (samples)"] = (ref_scorer, (ref_params, samples))
+    eval_ids = run.prompt_ids["eval"][: oc.eval_prompts]
+    eval_tokens, eval_mask = online.left_pad(eval_ids, run.prompt_width, run.pad_id)
+    eval_inputs = online.global_batch(run, {"tokens": eval_tokens, "mask": eval_mask})
+    out["sampler (eval prompts)"] = (run.sampler, (params, eval_inputs["tokens"], eval_inputs["mask"], key))
+    eval_batch, _ = online.collect(run, params, np.arange(len(eval_ids)), "eval", 1, key)
+    out["policy scorer (eval samples)"] = (run.policy_scorer, (params, online.global_batch(run, eval_batch)))
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(ONLINE_VARIANTS))
+def test_online_plan_and_trainer_compile_the_same_programs(variant, tiny_root):
+    """`rpo-plan` on an online recipe plans what `build_online_run` / `online_task` compile: the update step, the
+    sampler (an iteration's prompts, the held-out prompts), the scorers of the samples; same arguments (structure,
+    shapes, dtypes, shardings; the sampler's key: shape and dtype), frozen rest and donation."""
+    overrides, scoring, weights, count = ONLINE_VARIANTS[variant]
+    cfg = online_variant_config(tiny_root, overrides)
+    run = online.build_online_run(cfg)
+    assert run.layout == (scoring, weights, count, None)
+    plan = build_programs(online_variant_config(tiny_root, overrides), jax.devices())
+    assert plan.layout == run.layout and plan.mode == "online"
+    planned = {p.name: (p.jitted, p.args) for p in plan.programs}
+    trained = online_trainer_programs(run)
+    assert sorted(planned) == sorted(trained)
+    packed = run.packing is not None
+    for name in planned:
+        if name.startswith("sampler"):
+            (t_prog, t_args), (p_prog, p_args) = trained[name], planned[name]
+            assert [signature(a) for a in t_args[:3]] == [signature(a) for a in p_args[:3]], name
+            assert (t_args[3].shape, t_args[3].dtype) == (p_args[3].shape, p_args[3].dtype), name
+            assert signature(t_prog.frozen) == signature(p_prog.frozen), name
+            continue
+        if "scorer" in name:  # params and the frozen rest; the samples: all but the shapes (padded to the longest)
+            (t_prog, (t_params, t_batch)), (p_prog, (p_params, p_batch)) = trained[name], planned[name]
+            assert signature(t_params) == signature(p_params), name
+            assert signature(t_prog.frozen) == signature(p_prog.frozen), name
+            if not packed:
+                assert signature(t_batch) == signature(p_batch), name
+            continue
+        assert_same_program(name, trained[name], planned[name], batch="skip" if packed else "full")
+    state, metrics = trained["update step"][0](*trained["update step"][1])
+    assert jax.numpy.isfinite(metrics["loss"])
+
+
+# ------------------------------------------------------------------------------------------------ reward model
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_reward_model_plan_and_trainer_compile_the_same_programs(lora, tiny_root, tmp_path):
+    """`rpo-plan` on a reward-model recipe plans `reward_steps` as `reward_model_task` runs them: the train step
+    (donated state) and the eval step, with the same abstract `RewardModel` (score head, LoRA on the backbone)."""
+    overrides = {"model.lora.rank": 4} if lora else {}
+    c = load_recipe("reward_model_demo")
+    c.model.path = str(tiny_root / "base")
+    c.data.train, c.data.eval = str(tiny_root / "data" / "train.jsonl"), str(tiny_root / "data" / "test.jsonl")
+    c.data.batch_size, c.data.eval_batch_size, c.data.max_length = 8, 8, 64
+    c.metrics.tensorboard, c.train.progress_bar = False, False
+    cfg = set_fields(c, overrides)
+    run = reward_model.build_reward_run(cfg)
+    plan = build_programs(cfg, jax.devices())
+    assert plan.mode == "reward_model" and plan.layout.count == 0
+    train_step, eval_step = reward_steps(run.config, run)
+    rm = run.config.reward_model
+    host = next(make_train_iterator(run.datasets["train"], local_batch_size(8, run.mesh), seed=0, shuffle=False))
+    eval_host = next(make_eval_batches(run.datasets["eval"], local_batch_size(8, run.mesh)))
+    trained = {
+        "train step": (train_step, (run.state, to_global(pair_batch(host, rm.margin_scale), run.mesh))),
+        "eval step": (eval_step, (run.state["params"], to_global(pair_batch(eval_host, rm.margin_scale), run.mesh))),
+    }
+    planned = {p.name: (p.jitted, p.args) for p in plan.programs}
+    assert sorted(planned) == sorted(trained)
+    full = run.datasets["train"].max_length == cfg.data.max_length
+    for name in planned:
+        assert_same_program(name, trained[name], planned[name], batch="full" if full else "layout")
+    state, metrics = train_step(*trained["train step"][1])
+    assert jax.numpy.isfinite(metrics["loss"])

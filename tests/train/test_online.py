@@ -13,6 +13,7 @@ from flax import nnx
 from rpo_jax.data import demo_paths, judge
 from rpo_jax.train.build.data import load_tokenizer
 from rpo_jax.train.build.model import load_model, split_trainable
+from rpo_jax.train.build.programs import online_update_step
 from rpo_jax.train.core.export import export_workdir
 from rpo_jax.train.jobs import online
 from rpo_jax.train.jobs.preference import train
@@ -166,7 +167,9 @@ def test_rloo_online_step_gradient_is_the_rloo_estimator(sft_policy):
         params
     )
     before = jax.tree.map(np.asarray, params)
-    state, _ = online.make_online_step(run)(jax.tree.map(jnp.copy, run.state), online.global_batch(run, batch))
+    state, _ = online_update_step(run.config, run, run.loss_fn)(
+        jax.tree.map(jnp.copy, run.state), online.global_batch(run, batch)
+    )
     step_grad = jax.tree.map(lambda a, b: a - np.asarray(b), before, state["params"])  # = ∇L
     flat_step, flat_est = jax.tree.leaves(step_grad), jax.tree.leaves(estimator)
     scale = max(float(np.max(np.abs(g))) for g in flat_est)
@@ -202,7 +205,7 @@ def test_reference_modes_give_the_documented_reference_logps(sft_policy):
     batch_cur, _ = online.iteration_batch(run_cur, moved, 0)
     assert "ref_logps" not in batch_cur
     minibatch = online.global_batch(run_cur, next(online.minibatches(batch_cur, 8, 1)))
-    _, metrics = online.make_online_step(run_cur)(run_cur.state, minibatch)
+    _, metrics = online_update_step(run_cur.config, run_cur, run_cur.loss_fn)(run_cur.state, minibatch)
     assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-6)
 
 

@@ -21,6 +21,7 @@ from rpo_jax.losses import make_loss
 from rpo_jax.models.config import ModelConfig, RopeSpec
 from rpo_jax.models.model import create_model
 from rpo_jax.train.build.model import split_trainable
+from rpo_jax.train.build.programs import online_update_step
 from rpo_jax.train.config.defaults import base_config
 from rpo_jax.train.jobs import preference
 from rpo_jax.train.runtime.packed_rows import AUTO_MIN_SAVING, packing_of, packing_setting, packing_with_references
@@ -351,7 +352,7 @@ def test_online_scoring_and_updates_on_packed_rows(micro_batches):
     run = online.build_online_run(cfg)
     packing = run.packing
     batch, _ = online.iteration_batch(run, run.state["params"], 0)  # reference log-probs scored on packed rows
-    step = online.make_online_step(run)
+    step = online_update_step(run.config, run, run.loss_fn)
     out = {}
     for name, layout in (("packed", packing), ("padded", None)):
         run.packing = layout

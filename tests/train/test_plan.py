@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rpo_jax.models.config import ModelConfig
 from rpo_jax.models.sharding import activation_spec, constrain, make_mesh
-from rpo_jax.train.build.programs import build_programs
+from rpo_jax.train.build.plans import build_programs
 from rpo_jax.train.cli.plan import run
 from rpo_jax.train.plan.compile import oom_bytes
 from rpo_jax.train.plan.hlo_analysis import analyze
@@ -194,6 +194,46 @@ def test_small_llama_plan_compiles_and_fits(tmp_path, capsys, topology, mesh):
     assert "fits: needs " in out and f"per chip on {topology}" in out
     assert "train step: total" in out and "all-gather" in out and "ESTIMATE" in out
     assert "references: 1 scored in the step" in out
+
+
+@pytest.mark.parametrize(
+    "fields, programs, references",
+    [
+        (
+            {"mode": "online", "online.reward_judge": "rpo_jax.data.demo:judge", "online.max_new_tokens": 16},
+            ["update step", "sampler", "policy scorer (samples)"],
+            "references: 1 scored per iteration, between sampling and the updates; the primary: the initial "
+            "policy's copy",
+        ),
+        (
+            {
+                "mode": "online",
+                "online.reward_judge": "rpo_jax.data.demo:judge",
+                "online.reference": "current",
+                "loss.name": "rloo",
+                "model.lora.rank": 8,
+            },
+            ["update step", "sampler", "policy scorer (samples)"],
+            "references: none (online.reference='current'",
+        ),
+        (
+            {"mode": "reward_model", "data.eval": "data/eval.jsonl"},
+            ["train step", "eval step"],
+            "references: none (a reward model)",
+        ),
+    ],
+    ids=["online", "online_rloo_lora", "reward_model"],
+)
+def test_online_and_reward_model_recipes_are_planned(tmp_path, capsys, fields, programs, references):
+    """rpo-plan plans every mode with the trainer's own programs (the online sampler with its KV cache, the
+    scorers of the samples, the update step; the reward model's steps) and exits 0 when they fit."""
+    recipe = write_recipe(tmp_path, TINY, mesh={"data": 1, "fsdp": -1, "tensor": 1}, **fields)
+    assert run(["rpo-plan", "--config", recipe, "--topology", "v5e-4"]) == 0
+    out = capsys.readouterr().out
+    for name in programs:
+        assert f"\n  {name}: total " in out, name
+    assert f"mode {fields['mode']}; {references}" in out
+    assert "fits: needs " in out
 
 
 def test_oversized_config_does_not_fit(tmp_path, capsys):

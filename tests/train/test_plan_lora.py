@@ -5,7 +5,7 @@ plan compiles and fits for a TPU slice on this CPU host (libtpu's topology descr
 
 import importlib.util
 
-from rpo_jax.train.build.programs import build_programs
+from rpo_jax.train.build.plans import build_programs
 from rpo_jax.train.cli.plan import run
 from rpo_jax.train.plan.slices import parse_slice, slice_devices
 from tests.train.test_plan import TINY, write_recipe

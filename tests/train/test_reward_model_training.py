@@ -21,6 +21,7 @@ from rpo_jax.train.build.model import split_trainable
 from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.core.export import export_workdir, save_model
 from rpo_jax.train.jobs import reward_model
+from rpo_jax.train.step import reward_steps
 
 from .trainer_testlib import TINY_MODEL, demo_slice, load_recipe, read_metrics, set_fields
 
@@ -202,12 +203,12 @@ def test_train_step_is_the_bradley_terry_loss_of_the_scores_and_micro_batches_ag
     model = nnx.merge(run.graphdef, run.state["params"], run.rest)
     c, r = (
         np.asarray(x, np.float64)
-        for x in reward_model.pair_scores(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
+        for x in reward_steps.pair_scores(model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
     )
     new_params = []
     for micro in (1, 2):
         step = jax.jit(
-            reward_model.make_reward_train_step(
+            reward_steps.make_reward_train_step(
                 run.graphdef, run.rest, run.tx, compute_dtype=jnp.float32, center_coefficient=0.1, micro_batches=micro
             )
         )
@@ -280,7 +281,7 @@ def test_export_scores_equal_training_scores_reward_model_fn_and_transformers(de
     ds = run.datasets["eval"]
     batch = ds.collate(list(range(8)))
     model = nnx.merge(run.graphdef, params, run.rest)
-    chosen, rejected = reward_model.pair_scores(
+    chosen, rejected = reward_steps.pair_scores(
         model, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"])
     )
     for b, e in enumerate(ds.examples[:8]):
@@ -350,7 +351,7 @@ def test_pad_id_equal_to_eos_skips_the_trailing_eos_in_training_and_in_transform
     prompts, responses = conversations(read_records([cfg.data.eval])[0], 4)
     ours = reward_model_fn(rm, tok, max_length=64, batch_size=4)(prompts, responses)
     np.testing.assert_allclose(ours, hf_scores(export, tok, prompts, responses), atol=1e-4, rtol=0)
-    chosen, rejected = reward_model.pair_scores(rm, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
+    chosen, rejected = reward_steps.pair_scores(rm, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))
     ev_pairs = [run.datasets["eval"].records[e.index] for e in run.datasets["eval"].examples[:4]]
     want = reward_model_fn(rm, tok, max_length=64, batch_size=4)(
         [[dict(m) for m in p.prompt] for p in ev_pairs], [[p.response_text(0), p.response_text(1)] for p in ev_pairs]

@@ -211,17 +211,45 @@ def architecture_of(
     return ModelConfig.from_hf_dict(init_fields(cfg, None), source="config.model.init", **overrides)
 
 
+def reward_labels_of(cfg: ml_collections.ConfigDict) -> int:
+    """The number of scores a reward model run's model gives (`RewardModel.num_labels`) without reading its
+    weights: an `XForSequenceClassification` config.json (`config.model.architecture`, else `model.path`'s) states
+    it (`id2label`, else `num_labels`, transformers' default 2); anything else starts a fresh one-label head."""
+    file = pathlib.Path(cfg.model.architecture) if cfg.model.architecture else None
+    if file is None and cfg.model.path and pathlib.Path(cfg.model.path).expanduser().is_dir():
+        file = read_config_json(pathlib.Path(cfg.model.path).expanduser())[0]
+    if file is None or not file.is_file():
+        return 1
+    hf = json.loads(file.read_text(encoding="utf-8"))
+    if len(hf.get("architectures") or []) != 1 or hf["architectures"][0] not in REWARD_ARCHITECTURES:
+        return 1
+    return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+
+
 def abstract_params(
-    cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype, adapters: bool = False
+    cfg: ml_collections.ConfigDict,
+    model_config: ModelConfig,
+    *,
+    mesh,
+    dtype,
+    adapters: bool = False,
+    reward_labels: int | None = None,
 ) -> tuple[nnx.GraphDef, Any, Any]:
     """(graphdef, trainable parameters, the rest) of a model built under `nnx.eval_shape` (nothing allocated),
     split with `split_trainable`; every leaf a `jax.ShapeDtypeStruct` (`config.model.param_dtype`) with its
-    rule-based sharding on `mesh`. `adapters`: the policy with `config.model.lora`'s adapters (`add_adapters`:
-    the parameters are then the adapters, the rest the frozen base)."""
+    rule-based sharding on `mesh`. `adapters`: with `config.model.lora`'s adapters (`add_adapters`: the
+    parameters are then the adapters, the rest the frozen base). `reward_labels`: a `RewardModel` with that many
+    labels (`build_reward_model`'s model: the adapters on its backbone, the score head trained in full)."""
     param_dtype = jnp.dtype(cfg.model.param_dtype)
 
     def build():
-        model = Decoder(model_config, rngs=nnx.Rngs(params=cfg.model.init_seed), dtype=dtype, param_dtype=param_dtype)
+        rngs = nnx.Rngs(params=cfg.model.init_seed)
+        if reward_labels is not None:
+            model = RewardModel(model_config, num_labels=reward_labels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            if adapters:
+                model.backbone = add_adapters(model.backbone, cfg, None, read_weights=False)
+            return model
+        model = Decoder(model_config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         return add_adapters(model, cfg, None, read_weights=False) if adapters else model
 
     with nnx.use_eager_sharding(False):

@@ -116,12 +116,21 @@ def build_setup(
 
 
 def abstract_setup(
-    cfg: ml_collections.ConfigDict, model_config: ModelConfig, *, mesh, dtype, total_steps: int
+    cfg: ml_collections.ConfigDict,
+    model_config: ModelConfig,
+    *,
+    mesh,
+    dtype,
+    total_steps: int,
+    reward_labels: int | None = None,
 ) -> RunSetup:
-    """`build_setup`'s RunSetup with abstract values (`abstract_params` of the policy, with its LoRA adapters when
-    `config.model.lora` asks for them; the optimizer state's shapes with `optimizer_state_shardings`, the step and
-    RNG replicated): every leaf of `state` (and of `rest`) a `jax.ShapeDtypeStruct` with a `NamedSharding`."""
-    graphdef, params, rest = abstract_params(cfg, model_config, mesh=mesh, dtype=dtype, adapters=True)
+    """`build_setup`'s RunSetup with abstract values (`abstract_params` of the policy — or with `reward_labels`
+    of a reward model — with its LoRA adapters when `config.model.lora` asks for them; the optimizer state's
+    shapes with `optimizer_state_shardings`, the step and RNG replicated): every leaf of `state` (and of `rest`) a
+    `jax.ShapeDtypeStruct` with a `NamedSharding`."""
+    graphdef, params, rest = abstract_params(
+        cfg, model_config, mesh=mesh, dtype=dtype, adapters=True, reward_labels=reward_labels
+    )
     tx, schedule = make_optimizer(cfg.optimizer, total_steps)
     opt_state = with_shardings(jax.eval_shape(tx.init, params), optimizer_state_shardings(tx, params, mesh))
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(cfg.seed)))

@@ -1,18 +1,23 @@
-"""`rpo-plan`: compile a recipe's train step for a Cloud TPU slice ahead of time, on a machine without TPUs, and
-report per chip what it needs (HBM), computes (FLOPs) and communicates (collectives).
+"""`rpo-plan`: compile a recipe's programs for a Cloud TPU slice ahead of time, on a machine without TPUs, and
+report per chip what they need (HBM), compute (FLOPs) and communicate (collectives).
 
     rpo-plan --config configs/llama3_1_8b_v5p.py --topology v5p-64 [--config.x=y ...] [--responses K]
 
 The slice's devices come from libtpu's topology description (`jax.experimental.topologies.get_topology_desc`,
-the megacore chip config on v4/v5p so that one device is one chip); the programs are the trainer's own
-(`rpo_jax.train.step`: the train step, the eval step when the config evaluates, the reference scorer when
-reference log-probs are cached), lowered with abstract arguments (`jax.ShapeDtypeStruct` with `NamedSharding`,
-from `rpo_jax.train.setup.abstract_setup`: nothing is loaded or allocated) and compiled by XLA:TPU.
+the megacore chip config on v4/v5p so that one device is one chip); the programs are the trainer's own, built by
+the one program builder (`rpo_jax.train.build.plans.build_programs`) the trainer uses, lowered with abstract
+arguments (`jax.ShapeDtypeStruct` with `NamedSharding`: nothing is loaded or allocated) and compiled by XLA:TPU.
+Which programs depends on `config.mode`:
 
-Shapes: the global batch is data.batch_size × K × data.max_length (K = `--responses`, the responses per
-example of the data, default 2; data.max_length is the largest length bucket), eval batches
-data.eval_batch_size × K × data.max_length; `model.score_window = "auto"` is planned at its worst case (the
-head on every position) since the data's longest response is not known here.
+- preference: the train step, the eval step when the config evaluates, the reference scorers when reference
+  log-probs are cached; the global batch is data.batch_size × K × data.max_length (K = `--responses`, the
+  responses per example of the data, default 2; data.max_length is the largest length bucket), eval batches
+  data.eval_batch_size × K × data.max_length; `model.score_window = "auto"` is planned at its worst case (the
+  head on every position) since the data's longest response is not known here;
+- online: the update step (data.batch_size prompts × online.num_samples samples of data.max_prompt_length +
+  online.max_new_tokens tokens), the sampler (online.prompts_per_iteration × num_samples prompts, and the
+  held-out prompts when the run evaluates) and the scorers of the samples;
+- reward_model: the train step and eval step on pairs of data.max_length tokens.
 
 Exit status: 0 when every program fits, 1 when one does not ("does not fit: needs X GiB of Y GiB per chip on
 TOPOLOGY"; XLA's compile-time out-of-memory error is the ground truth), 2 for bad usage (an unknown topology, a
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from rpo_jax.train.build.programs import build_programs
+from rpo_jax.train.build.plans import build_programs
 from rpo_jax.train.cli.common import dashed_flags, help_text, unknown_field_error
 from rpo_jax.train.plan.compile import DoesNotFit, compile_program
 from rpo_jax.train.plan.report import report
@@ -49,7 +54,9 @@ def _flag_values(argv: Sequence[str], parse: bool = True) -> flags.FlagValues:
         "Cloud TPU accelerator type: v5p-64, v4-32, v5litepod-16 / v5e-16, v6e-8, ...",
         flag_values=values,
     )
-    flags.DEFINE_integer("responses", 2, "K: responses per example in the data (2 for pairs).", flag_values=values)
+    flags.DEFINE_integer(
+        "responses", 2, "K: responses per example in the data (2 for pairs; mode=preference).", flag_values=values
+    )
     flags.DEFINE_bool(
         "rewards",
         False,

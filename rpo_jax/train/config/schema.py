@@ -535,6 +535,14 @@ class RunConfig(Section):
                 f"{self.references[0].path!r}): the primary reference is config.online.reference; "
                 "list fixed extra references (MRPO) after it"
             )
+        policy_tokenizer = self.model.tokenizer or self.model.path
+        for i, ref in enumerate(self.references[1:], start=1):
+            if ref.tokenizer and ref.tokenizer != policy_tokenizer:
+                raise ConfigError(
+                    f"config.references[{i}].tokenizer={ref.tokenizer!r}: online mode scores the samples as the "
+                    f"policy's token ids, so a reference shares the policy's tokenizer "
+                    f"({policy_tokenizer or 'the demo tokenizer'}); leave it empty"
+                )
         return self
 
     @model_validator(mode="after")

@@ -6,7 +6,8 @@ Iteration i (i = 0 … online.iterations − 1):
    per-epoch permutation drawn from `seed`; any preference or prompt-only file, see `rpo_jax.data.read_prompts`).
 2. **Samples**: K = `online.num_samples` responses per prompt from the sampler — the current policy (online), or
    the initial policy for every iteration when `online.sampler = "initial"` (offline data, same prompts and
-   updates) — with `rpo_jax.models.generate` (KV cache), ending at EOS, a stop string or `max_new_tokens`.
+   updates) — with the program builder's sampler (`rpo_jax.train.build.programs.sampler`: `generate`'s KV-cache
+   loop), ending at EOS, a stop string or `max_new_tokens`.
 3. **Rewards** r* [P, K] from the reward source: a judge function `online.reward_judge` or a Hugging Face reward
    model `online.reward_model`, on the decoded texts.
 4. **Reference** (index 0 of R): `initial` (the initial policy), `previous_iterate` (the policy at the start of
@@ -44,28 +45,34 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from rpo_jax.data import PromptRecord, read_prompts
 from rpo_jax.data.online_batches import encode_prompts, left_pad, prompt_for_reward, prompt_order, sample_batch
 from rpo_jax.data.packing import Packing
-from rpo_jax.models import RewardFn, generate, judge_fn, load_reward_model, reward_model_fn
+from rpo_jax.models import RewardFn, judge_fn, load_reward_model, reward_model_fn, truncate_at_stop_strings
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import data_paths, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import token_lists_fingerprint
-from rpo_jax.train.build.lora import lora_enabled
 from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
+from rpo_jax.train.build.programs import (
+    ReferenceLayout,
+    Weights,
+    online_layout,
+    online_score_window,
+    online_update_step,
+    sampler,
+    scorer,
+)
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import ONLINE
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task
-from rpo_jax.train.runtime.global_batches import local_batch_size, replicate, replicated, to_global
+from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of
 from rpo_jax.train.runtime.performance import attention_key_cost
-from rpo_jax.train.step.logprobs import cast_floating, resolve_score_window
-from rpo_jax.train.step.steps import WithFrozen, make_scorer, make_train_step
+from rpo_jax.train.step.steps import WithFrozen
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +128,11 @@ class OnlineRun(RunSetup):
     judge_fn: Callable | None
     eos_ids: tuple[int, ...]
     pad_id: int
+    layout: ReferenceLayout  # where the references live (`rpo_jax.train.build.programs.online_layout`)
+    sampler: WithFrozen  # `rpo_jax.train.build.programs.sampler`: (params, tokens, mask, key) -> GenerateOutput
     packing: Packing | None = None  # config.data.packing: updates and scoring on packed rows
-    # LoRA with config.model.lora.reference = "base": the scorer of the base (adapters off; any adapter values,
-    # the policy's are passed), the reference of online.reference = "initial"; None: the initial policy's
+    # Weights.POLICY_BASE (LoRA, lora.reference = "base"): the scorer of the base (adapters off; any adapter
+    # values, the policy's are passed), the reference of online.reference = "initial"; else None
     base_scorer: Scorer | None = None
 
     @property
@@ -133,11 +142,6 @@ class OnlineRun(RunSetup):
     @property
     def width(self) -> int:
         return self.prompt_width + int(self.config.online.max_new_tokens)
-
-
-def sample_score_window(cfg: ml_collections.ConfigDict) -> int | None:
-    """Output-head positions per sample (`config.model.score_window`; a response has ≤ max_new_tokens)."""
-    return resolve_score_window(cfg.model.score_window, int(cfg.online.max_new_tokens))
 
 
 def with_current_reference(loss_fn):
@@ -217,44 +221,35 @@ def build_online_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None
         total_steps=cfg.online.iterations * cfg.online.updates_per_iteration,
     )
 
-    def scorer(graphdef, rest) -> Scorer:
-        return make_scorer(
-            graphdef,
-            rest,
-            mesh,
-            compute_dtype=dtype,
-            vocab_chunk_size=cfg.model.vocab_chunk_size or None,
-            score_window=sample_score_window(cfg),
-        )
-
+    layout = online_layout(cfg, loss_fn.spec.requires_reference)
+    window = online_score_window(cfg)
     extra = []
-    if loss_fn.spec.requires_reference:
-        for spec in cfg.references[1:]:
-            if spec.tokenizer and spec.tokenizer != tokenizer_path(cfg):
-                raise ValueError(
-                    f"online mode: reference {spec.path!r} must share the policy's tokenizer (the "
-                    "samples are scored as token ids)"
-                )
+    if layout.count:
+        for spec in cfg.references[1:]:  # sharing the policy's tokenizer (the schema's rule)
             graphdef, params, rest = split_trainable(load_model(spec.path, cfg, mesh, dtype)[0])
-            extra.append((scorer(graphdef, rest), params))
+            extra.append((scorer(cfg, setup, graphdef, rest, window), params))
         loss_fn.spec.check_reference_count(
             1 + len(extra), given="online mode (online.reference + config.references[1:])"
         )
     base_scorer = None
-    if lora_enabled(cfg) and cfg.model.lora.reference == "base":
-        base_scorer = scorer(adapters_off_graphdef(setup.graphdef, setup.state["params"], setup.rest), setup.rest)
+    if layout.count and layout.primary is Weights.POLICY_BASE:
+        base = adapters_off_graphdef(setup.graphdef, setup.state["params"], setup.rest)
+        base_scorer = scorer(cfg, setup, base, setup.rest, window)
+    eos_ids, pad_id = eos_ids_of(tokenizer, model_config), int(tokenizer.pad_token_id)
     return OnlineRun(
         **vars(setup),
         loss_fn=loss_fn,
         initial_params=jax.tree.map(jnp.copy, setup.state["params"]),
-        policy_scorer=scorer(setup.graphdef, setup.rest),
+        policy_scorer=scorer(cfg, setup, setup.graphdef, setup.rest, window),
         extra_references=extra,
         prompts=prompts,
         prompt_ids=prompt_ids,
         reward_fn=make_reward_fn(cfg, mesh=mesh, dtype=dtype),
         judge_fn=make_judge_fn(cfg),
-        eos_ids=eos_ids_of(tokenizer, model_config),
-        pad_id=int(tokenizer.pad_token_id),
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        layout=layout,
+        sampler=sampler(cfg, setup, eos_ids, pad_id),
         base_scorer=base_scorer,
         packing=packing_of(
             cfg,
@@ -285,29 +280,17 @@ def global_batch(run: OnlineRun, batch: dict[str, np.ndarray], *, micro_batches:
 def sample(
     run: OnlineRun, params, prompt_ids: Sequence[Sequence[int]], num_samples: int, key: jax.Array
 ) -> tuple[np.ndarray, np.ndarray]:
-    """K samples for each prompt from the policy with `params`: `(tokens, mask)` [P, K, max_new_tokens]."""
-    oc = run.config.online
+    """K samples for each prompt from the policy with `params` (`run.sampler`, then `online.stop_strings` on the
+    host): `(tokens, mask)` [P, K, max_new_tokens]."""
     flat = [p for p in prompt_ids for _ in range(num_samples)]
     tokens, mask = left_pad(flat, run.prompt_width, run.pad_id)
     inputs = global_batch(run, {"tokens": tokens, "mask": mask})
-    model = nnx.merge(run.graphdef, cast_floating(params, run.dtype), run.rest)
-    extra = {}
-    if list(oc.stop_strings):
-        extra = {"stop_strings": tuple(oc.stop_strings), "tokenizer": run.tokenizer}
-    out = generate(
-        model,
-        inputs["tokens"],
-        inputs["mask"],
-        max_new_tokens=int(oc.max_new_tokens),
-        temperature=float(oc.temperature),
-        top_k=int(oc.top_k) or None,
-        top_p=float(oc.top_p) if oc.top_p < 1 else None,
-        eos_token_id=list(run.eos_ids),
-        rng=key,
-        pad_token_id=run.pad_id,
-        **extra,
-    )
-    gen_tokens, gen_mask = jax.device_get(replicate((out.tokens, out.mask), run.mesh))
+    out = run.sampler(params, inputs["tokens"], inputs["mask"], key)
+    if list(run.config.online.stop_strings):
+        out = truncate_at_stop_strings(
+            out, run.tokenizer, tuple(run.config.online.stop_strings), pad_token_id=run.pad_id
+        )
+    gen_tokens, gen_mask = jax.device_get((out.tokens, out.mask))
     m = gen_tokens.shape[-1]
     return (
         np.asarray(gen_tokens).reshape(len(prompt_ids), num_samples, m),
@@ -393,7 +376,8 @@ def evaluate_online(run: OnlineRun, params, iteration: int) -> dict[str, float]:
     return {**stats, "kl_to_initial": kl}
 
 
-def _iteration_key(run: OnlineRun, iteration: int) -> jax.Array:
+def iteration_key(run: OnlineRun, iteration: int) -> jax.Array:
+    """The sampling key of `iteration` (a function of `config.seed` and the iteration alone: resumable)."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(run.config.seed), 0), iteration)
 
 
@@ -403,17 +387,20 @@ def iteration_batch(run: OnlineRun, params, iteration: int) -> tuple[dict[str, n
     index = prompt_order(len(run.prompts["train"]), iteration, oc.prompts_per_iteration, run.config.seed)
     sampler = run.initial_params if oc.sampler == "initial" else params
     batch, stats = collect(
-        run, params, index, "train", oc.num_samples, _iteration_key(run, iteration), sampler_params=sampler
+        run, params, index, "train", oc.num_samples, iteration_key(run, iteration), sampler_params=sampler
     )
     device_batch = global_batch(run, batch)
     start = sample_logps(run.policy_scorer, params, device_batch)
     initial = sample_logps(run.policy_scorer, run.initial_params, device_batch)
     if oc.sampler == "policy":
         stats["kl_to_initial"] = _kl_estimate(start, initial, batch["valid"])
-    if run.loss_fn.spec.requires_reference:
-        if oc.reference == "initial" and run.base_scorer is not None:  # LoRA: the base, adapters off
-            initial = sample_logps(run.base_scorer, params, device_batch)
-        columns = [initial if oc.reference == "initial" else start]
+    if run.layout.count:
+        primary = {
+            Weights.OWN: lambda: initial,
+            Weights.POLICY: lambda: start,  # previous_iterate
+            Weights.POLICY_BASE: lambda: sample_logps(run.base_scorer, params, device_batch),  # adapters off
+        }[run.layout.primary]()
+        columns = [primary]
         columns += [sample_logps(scorer, params_r, device_batch) for scorer, params_r in run.extra_references]
         ref = np.stack(columns, -1) if len(columns) > 1 else columns[0]
         batch["ref_logps"] = ref.astype(np.float32)
@@ -429,33 +416,13 @@ def minibatches(batch: dict[str, np.ndarray], size: int, count: int):
 
 
 # --------------------------------------------------------------------------------------------- train
-def make_online_step(run: OnlineRun):
-    """The jit-compiled update (donated state): the trainer's step with the references in the batch."""
-    step_fn = make_train_step(
-        run.graphdef,
-        run.rest,
-        run.loss_fn,
-        run.tx,
-        compute_dtype=run.dtype,
-        micro_batches=run.config.data.micro_batches,
-        vocab_chunk_size=run.config.model.vocab_chunk_size or None,
-        lr_schedule=run.schedule,
-        score_window=sample_score_window(run.config),
-        skip_nonfinite=run.config.train.on_nonfinite == "skip_step",
-    )
-    # the frozen rest (with LoRA the base) is an argument of the program (WithFrozen), not a constant
-    return WithFrozen(
-        jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh))), run.rest
-    )
-
-
 def online_task(run: OnlineRun) -> Task:
     """The run skeleton's task: one unit is one iteration (sample, score, `updates_per_iteration` updates);
     checkpoints record the iteration, and a resumed run recomputes everything else from (seed, iteration,
     policy)."""
     cfg, oc = run.config, run.config.online
     updates = int(oc.updates_per_iteration)
-    step_fn = make_online_step(run)
+    step_fn = online_update_step(cfg, run, run.loss_fn)
 
     def advance(state, iteration: int) -> Unit:
         t0 = time.perf_counter()

@@ -16,9 +16,10 @@ Pipeline (every step reuses the trainer's parts):
    (the rightmost token that is not `pad_token_id`). Training, `reward_model_fn` and the exported checkpoint in
    transformers therefore score every sequence the same way — including tokenizers whose pad id equals the EOS
    id, where a trailing EOS is skipped by all three.
-4. **Loss** (`rpo_jax.losses.bradley_terry_loss`), a sharded jit step on the mesh with float32 master weights cast
-   to the compute dtype, gradient accumulation and the optax update shared with preference training
-   (`rpo_jax.train.step`); the run skeleton (`rpo_jax.train.core.runner`) does eval, checkpoints / resume and export.
+4. **Loss** (`rpo_jax.losses.bradley_terry_loss`): the steps of `rpo_jax.train.step.reward_steps`, jitted on the
+   mesh by the program builder (`rpo_jax.train.build.programs.reward_steps`, which `rpo-plan` compiles too) with
+   float32 master weights cast to the compute dtype, gradient accumulation and the optax update shared with
+   preference training; the run skeleton (`rpo_jax.train.core.runner`) does eval, checkpoints / resume and export.
 
 LoRA (`config.model.lora`): adapters on the backbone's projections, and the score head trained in full (a fresh
 head has nothing to adapt, and TRL/PEFT train a SEQ_CLS model's `score` as a module to save the same way); the
@@ -35,28 +36,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
-from flax import nnx
 
 from rpo_jax.data import PreferenceRecord, TokenizedDataset, label_score_counts, make_train_iterator
 from rpo_jax.data.reward_pairs import pair_batch, preference_pairs, tokenize_pairs
-from rpo_jax.losses import bradley_terry_loss, bradley_terry_per_pair
 from rpo_jax.models import RewardModel
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import load_records, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import dataset_fingerprint
 from rpo_jax.train.build.model import build_reward_model
+from rpo_jax.train.build.programs import reward_steps
 from rpo_jax.train.build.state import RunSetup, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import REWARD_MODEL
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
-from rpo_jax.train.runtime.global_batches import local_batch_size, replicated, to_global
-from rpo_jax.train.step.logprobs import cast_floating, training_dropout
-from rpo_jax.train.step.steps import WithFrozen, accumulate_gradients, apply_gradients, dropout_rng
+from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
 
 log = logging.getLogger(__name__)
 #: `config.reward_model.pairs` as run identities recorded it before the schema normalised its spelling (so that
@@ -72,89 +68,6 @@ def pad_id_of(model: RewardModel, tokenizer) -> int:
     if pad is None:
         raise ValueError("neither the reward model nor the tokenizer has a pad_token_id")
     return int(pad)
-
-
-# ------------------------------------------------------------------------------------------------- steps
-def pair_scores(
-    model: RewardModel, tokens: jax.Array, attention_mask: jax.Array, label: int = 0
-) -> tuple[jax.Array, jax.Array]:
-    """tokens, attention_mask [B, 2, T] (index 0 chosen, 1 rejected) → (chosen [B], rejected [B]) float32:
-    `model(tokens, attention_mask)[:, label]` of each conversation (the scores `reward_model_fn` gives)."""
-    b, k, t = tokens.shape
-    flat_mask = attention_mask.reshape(b * k, t)
-    flat_mask = flat_mask.at[:, 0].set(True)  # all-padding slots: no empty attention row (their weight is 0)
-    scores = model(tokens.reshape(b * k, t), flat_mask)[:, label].reshape(b, k)
-    return scores[:, 0], scores[:, 1]
-
-
-def _loss_inputs(graphdef, params, rest, batch, *, compute_dtype, label, dropout_rng=None):
-    model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
-    with training_dropout(model.backbone, dropout_rng):  # LoRA dropout in training steps only
-        return pair_scores(model, batch["tokens"], batch["attention_mask"], label)
-
-
-def make_reward_train_step(
-    graphdef,
-    rest,
-    tx: optax.GradientTransformation,
-    *,
-    compute_dtype,
-    label: int = 0,
-    center_coefficient: float = 0.0,
-    micro_batches: int = 1,
-    lr_schedule=None,
-    skip_nonfinite: bool = False,
-):
-    """`train_step(state, batch, frozen=None) -> (state, metrics)`: Bradley–Terry loss on `batch` (tokens,
-    attention_mask [B,2,T], weight [B], margin [B]), gradients accumulated over `micro_batches` slices, one optax
-    update (`rpo_jax.train.step.steps.accumulate_gradients` / `apply_gradients`). `pairs` counts the batch's pairs.
-    `frozen`: the rest as an argument (`rpo_jax.train.step.steps.WithFrozen`; with LoRA the backbone's base); LoRA
-    dropout masks come from `dropout_rng(state)`."""
-
-    def micro_loss(params, base, mb, key):
-        chosen, rejected = _loss_inputs(
-            graphdef, params, base, mb, compute_dtype=compute_dtype, label=label, dropout_rng=key
-        )
-        return bradley_terry_loss(
-            chosen, rejected, mb["weight"], center_coefficient=center_coefficient, margin=mb["margin"]
-        )
-
-    value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def train_step(state, batch, frozen=None):
-        base = rest if frozen is None else frozen
-        grad_fn = lambda params, mb, key: value_and_grad(params, base, mb, key)  # noqa: E731
-        loss, metrics, grads = accumulate_gradients(
-            grad_fn, state["params"], batch, micro_batches, rng=dropout_rng(state)
-        )
-        metrics = {**metrics, "pairs": jnp.sum(batch["weight"])}  # a count over the whole batch, not a mean
-        return apply_gradients(state, grads, loss, metrics, tx, lr_schedule, skip_nonfinite=skip_nonfinite)
-
-    return train_step
-
-
-def make_reward_eval_step(graphdef, rest, *, compute_dtype, label: int = 0, center_coefficient: float = 0.0):
-    """`eval_step(params, batch, frozen=None) -> sums`: Σ w·ℓ, Σ w, Σ w·[s_c > s_r], Σ w·(s_c − s_r), Σ w·s_c,
-    Σ w·s_r (`frozen`: as `make_reward_train_step`'s)."""
-
-    def eval_step(params, batch, frozen=None):
-        chosen, rejected = _loss_inputs(
-            graphdef, params, rest if frozen is None else frozen, batch, compute_dtype=compute_dtype, label=label
-        )
-        w = batch["weight"]
-        per_pair = bradley_terry_per_pair(
-            chosen, rejected, center_coefficient=center_coefficient, margin=batch["margin"]
-        )
-        return {
-            "loss": jnp.sum(w * per_pair),
-            "pairs": jnp.sum(w),
-            "accuracy": jnp.sum(w * (chosen > rejected)),
-            "margin": jnp.sum(w * (chosen - rejected)),
-            "chosen_score": jnp.sum(w * chosen),
-            "rejected_score": jnp.sum(w * rejected),
-        }
-
-    return eval_step
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -274,34 +187,7 @@ def reward_model_task(run: RewardRun) -> Task:
     cfg, rm = run.config, run.config.reward_model
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    step_fn = make_reward_train_step(
-        run.graphdef,
-        run.rest,
-        run.tx,
-        compute_dtype=run.dtype,
-        label=rm.label,
-        center_coefficient=rm.center_coefficient,
-        micro_batches=cfg.data.micro_batches,
-        lr_schedule=run.schedule,
-        skip_nonfinite=cfg.train.on_nonfinite == "skip_step",
-    )
-    # the frozen rest (with LoRA the backbone's base) is an argument of the programs, not a constant
-    train_step = WithFrozen(
-        jax.jit(step_fn, donate_argnums=(0,), out_shardings=(run.state_shardings, replicated(run.mesh))), run.rest
-    )
-    eval_step = WithFrozen(
-        jax.jit(
-            make_reward_eval_step(
-                run.graphdef,
-                run.rest,
-                compute_dtype=run.dtype,
-                label=rm.label,
-                center_coefficient=rm.center_coefficient,
-            ),
-            out_shardings=replicated(run.mesh),
-        ),
-        run.rest,
-    )
+    train_step, eval_step = reward_steps(cfg, run)
 
     def advance(state, step: int) -> Unit:
         batch = pair_batch(next(iterator), rm.margin_scale)

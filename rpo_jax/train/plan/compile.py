@@ -9,7 +9,7 @@ import dataclasses
 import os
 import re
 
-from rpo_jax.train.build.programs import Program, device_bytes
+from rpo_jax.train.build.plans import Program, device_bytes
 from rpo_jax.train.plan.hlo_analysis import analyze
 
 

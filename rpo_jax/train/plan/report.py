@@ -4,7 +4,9 @@ time and MFU, and the verdict (fits / does not fit).
 
 from __future__ import annotations
 
-from rpo_jax.train.build.programs import Plan, Weights
+from rpo_jax.train.build.plans import Plan
+from rpo_jax.train.build.programs import Weights
+from rpo_jax.train.config.values import ONLINE, REWARD_MODEL
 from rpo_jax.train.plan.compile import CompiledProgram
 from rpo_jax.train.plan.hlo_analysis import COLLECTIVES
 from rpo_jax.train.plan.slices import Chip, GiB, Slice
@@ -27,23 +29,32 @@ def estimate_step(compiled: CompiledProgram, model_flops: float, chip: Chip) -> 
 
 
 def model_flops_per_chip(plan: Plan) -> float:
-    """The FLOP model's count (`train_flops_per_token`) for the planned train batch, per chip."""
+    """The FLOP model's count (`train_flops_per_token`) for the planned train batch, per chip (a reward model has
+    no output head over the vocabulary: window 0)."""
     b, k, t = plan.batch_shape
     refs = plan.layout.count if plan.layout.in_step else 0
+    window = 0 if plan.mode == REWARD_MODEL else plan.score_window
     return (
-        b
-        * k
-        * t
-        * train_flops_per_token(plan.model_config, t, num_references=refs, score_window=plan.score_window)
-        / plan.num_devices
-    )
+        b * k * t * train_flops_per_token(plan.model_config, t, num_references=refs, score_window=window)
+    ) / plan.num_devices
 
 
-def where_references_live(plan: Plan) -> str:
+def where_references_live(plan: Plan, cfg) -> str:
     """The reference layout in words: how many, when scored, where the primary's weights are."""
     layout = plan.layout
+    if plan.mode == REWARD_MODEL:
+        return "none (a reward model)"
     if not layout.count:
+        if plan.mode == ONLINE and cfg.online.reference == "current":
+            return "none (online.reference='current': the stop-gradient of the policy being updated)"
         return "none (a reference-free loss)"
+    if plan.mode == ONLINE:
+        primary = {
+            Weights.OWN: "the initial policy's copy",
+            Weights.POLICY: "the policy's parameters at the iteration's start",
+            Weights.POLICY_BASE: "the policy's base, adapters off",
+        }[layout.primary]
+        return f"{layout.count} scored per iteration, between sampling and the updates; the primary: {primary}"
     scored = "scored in the step" if layout.in_step else "cached (scored once before step 1)"
     if layout.primary is Weights.TRAIN_STATE:
         moves = (
@@ -58,6 +69,8 @@ def where_references_live(plan: Plan) -> str:
 
 
 def where_held(plan: Plan) -> str:
+    if plan.mode == ONLINE and plan.reference_bytes:
+        return " (the initial policy's copy and the extra references, held beside the train state)"
     if plan.layout.in_state:
         return " (the primary's in the train state: counted in both)"
     return "" if plan.layout.in_step else " (held by the trainer, not the step)"
@@ -76,7 +89,7 @@ def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
         f"rpo-plan: {slc.accelerator} = {slc.num_chips} chips ({slc.topology_name}), mesh "
         f"{plan.mesh_shape}; "
         f"{mc.model_type} {mc.num_params() / 1e9:.2f}B parameters, {mc.num_layers} layers; "
-        f"references: {where_references_live(plan)}",
+        f"mode {plan.mode}; references: {where_references_live(plan, cfg)}",
         f"per chip: HBM {gib(chip.hbm_bytes)}",
     ]
     for c in compiled:
@@ -88,7 +101,7 @@ def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
     lines.append(
         f"  of which: parameters + optimizer state {gib(plan.state_bytes)}, references "
         f"{gib(plan.reference_bytes)}{where_held(plan)}, "
-        f"batch {gib(plan.batch_bytes)}, train-step temporaries {gib(train.temporaries)}"
+        f"batch {gib(plan.batch_bytes)}, {train.name} temporaries {gib(train.temporaries)}"
     )
     lines.append(
         f"step FLOPs per chip: compiled HLO {train.flops:.3e} (matmuls, loops × trip counts); FLOP model "
