@@ -2,7 +2,9 @@
 
 Read:      ``records, report = read_records(paths, format=None, on_error="raise", split=None)`` (files,
            directories, Hugging Face ``datasets`` objects or save_to_disk directories); prompts alone (online):
-           ``prompts, report = read_prompts(paths)``, ``encode_prompt(prompt, tokenizer)``
+           ``prompts, report = read_prompts(paths)``, ``encode_prompt(prompt, tokenizer)``; unpaired records
+           (KTO, BCO): ``read_unpaired_records(paths, unpair=False)``, ``unpair_records(pairs)``,
+           ``label_balance(records)``, ``kto_weight_advice(balance, ...)``, ``one_class_warning(balance)``
 Select:    ``to_pairs(records)``, ``holdout_split(records, fraction, seed=...)``, ``require_rewards(records)``;
            labels vs scores: ``label_score_counts(records)``, ``rewards_reach_loss(records, ...)``
 Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``
@@ -11,8 +13,8 @@ Pack:      ``make_train_iterator(..., packing=Packing(row_length, share_prompt=.
 TFDS:      ``build_tfds(data_dir, sources=... | splits=...)``; ``load_tfds_records(data_dir, split)``.
 Demo:      ``demo_paths()``, ``judge(prompt, response)``.
 
-Names are imported lazily (``rpo_jax.data.records``, ``.prompts`` and ``.selection`` need neither JAX nor grain
-nor tfds).
+Names are imported lazily (``rpo_jax.data.records``, ``.prompts``, ``.unpaired`` and ``.selection`` need neither JAX
+nor grain nor tfds).
 """
 
 import importlib
@@ -34,6 +36,15 @@ _EXPORTS = {
         "resolve_sources",
     ),
     "prompts": ("PromptRecord", "read_prompts"),
+    "unpaired": (
+        "LabelBalance",
+        "UnpairedRecord",
+        "kto_weight_advice",
+        "label_balance",
+        "one_class_warning",
+        "read_unpaired_records",
+        "unpair_records",
+    ),
     "selection": (
         "PAIRS_FROM",
         "LabelScoreCounts",

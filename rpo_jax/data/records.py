@@ -413,7 +413,8 @@ def _parse_k(obj: Mapping[str, Any]) -> tuple:
 
 
 def detect_format(obj: Mapping[str, Any]) -> str:
-    """The format of one JSON object from its keys (see the module docstring). Raises ValueError if none fits."""
+    """The format of one JSON object from its keys (see the module docstring). Raises ValueError if none fits
+    (saying so for an unpaired record, ``{prompt, completion, label}``: :mod:`rpo_jax.data.unpaired` reads those)."""
     if "responses" in obj:
         return "k_responses"
     if "chosen_response" in obj or "rejected_response" in obj:
@@ -422,6 +423,12 @@ def detect_format(obj: Mapping[str, Any]) -> str:
         if "prompt" not in obj:
             return "trl_implicit"
         return "trl_standard" if isinstance(obj["prompt"], str) else "trl_conversational"
+    if "completion" in obj or "label" in obj:
+        raise ValueError(
+            f"an unpaired record (keys {sorted(obj)}): read it with rpo_jax.data.read_unpaired_records "
+            "(rpo-data validate detects unpaired files); a preference loss needs one of the paired formats "
+            f"{FORMATS}"
+        )
     raise ValueError(f"unknown record format (keys {sorted(obj)}); expected one of {FORMATS}")
 
 
