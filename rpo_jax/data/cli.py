@@ -5,6 +5,11 @@ Reads every file (or directory of shards, ``.arrow`` file, Hugging Face ``save_t
 distribution, reward statistics, ties and label/score disagreements of labelled pairs (TRL/NeMo files with
 scores), and with a tokenizer the token-length percentiles and truncation counts, then every problem as
 ``file:line: field: message``. Exit status 1 when any record has a problem, 2 for bad usage, else 0.
+
+Unpaired files (``{prompt, completion, label}``, detected from the first record, or ``--unpaired``; paired files
+read as unpaired with ``--unpair``, as TRL's ``unpair_preference_dataset``) get the desirable / undesirable
+balance instead, TRL's KTO weight advice for ``--desirable-weight`` / ``--undesirable-weight`` (default 1) and a
+warning when every record has one label; warnings do not change the exit status (TRL trains on such data).
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ import numpy as np
 
 from rpo_jax.data.records import FORMATS, NoRecordsError, read_records
 from rpo_jax.data.selection import label_score_counts
+from rpo_jax.data.sources import iter_raw, resolve_sources
 from rpo_jax.data.tokenize import TRUNCATION_POLICIES
+from rpo_jax.data.unpaired import (
+    is_unpaired_object,
+    kto_weight_advice,
+    label_balance,
+    one_class_warning,
+    read_unpaired_records,
+)
 
 
 def _percentiles(values: Sequence[float], qs: Sequence[int] = (0, 50, 90, 99, 100)) -> str:
@@ -37,9 +50,23 @@ def validate(
     format: str | None = None,
     split: str | None = None,
     out: TextIO | None = None,
+    unpaired: bool | None = None,
+    unpair: bool = False,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
 ) -> int:
-    """Validate files and print a report to ``out`` (stdout); returns the exit status (0 clean, 1 problems)."""
+    """Validate files and print a report to ``out`` (stdout); returns the exit status (0 clean, 1 problems).
+
+    ``unpaired``: read unpaired records (None: with ``unpair``, or when no ``format`` is declared and the first
+    record of the first source is unpaired);
+    ``unpair``: paired sources too, each pair as two records; the weights: those the KTO advice is computed for.
+    """
     out = sys.stdout if out is None else out
+    if unpaired is None:
+        unpaired = unpair or (format is None and _first_record_is_unpaired(paths, split))
+    if unpaired:
+        weights = (desirable_weight, undesirable_weight)
+        return _validate_unpaired(paths, unpair=unpair, split=split, weights=weights, tokenizer=tokenizer, out=out)
     try:
         records, report = read_records(paths, format=format, on_error="skip", split=split)
     except NoRecordsError as e:  # every record bad: list them all like any other problems
@@ -110,6 +137,52 @@ def validate(
     return 0
 
 
+def _first_record_is_unpaired(paths: Sequence[str], split: str | None) -> bool:
+    for source in resolve_sources(paths, split=split):
+        for _, obj, _ in iter_raw(source):
+            if obj is not None:
+                return is_unpaired_object(obj)
+    return False
+
+
+def _validate_unpaired(
+    paths: Sequence[str],
+    *,
+    unpair: bool,
+    split: str | None,
+    weights: tuple[float, float],
+    tokenizer: str | None,
+    out: TextIO,
+) -> int:
+    try:
+        records, report = read_unpaired_records(paths, unpair=unpair, on_error="skip", split=split)
+    except NoRecordsError as e:
+        records, report = [], e.report
+    print(f"files: {len(report.files)}", file=out)
+    for f in report.files:
+        print(f"  {f}  [{report.formats.get(f, 'no valid record')}]", file=out)
+    print(f"records: {len(records)} valid (unpaired), {report.num_skipped} with problems", file=out)
+    conv = sum(r.conversational for r in records)
+    print(f"conversational: {conv}, plain strings: {len(records) - conv}", file=out)
+    balance = label_balance(records)
+    print(f"labels: {balance.summary()}", file=out)
+    advice = kto_weight_advice(balance, desirable_weight=weights[0], undesirable_weight=weights[1])
+    for warning in (one_class_warning(balance), advice):
+        if warning is not None:
+            print(f"  warning: {warning}", file=out)
+    if advice is None and records:
+        print(f"  KTO weights desirable_weight={weights[0]:g}, undesirable_weight={weights[1]:g}: in range", file=out)
+    if tokenizer is not None:
+        print("(--tokenizer: token checks of unpaired records are not implemented yet; skipped)", file=out)
+    if report.problems:
+        print(f"problems: {len(report.problems)}", file=out)
+        for p in report.problems:
+            print(f"  {p}", file=out)
+        return 1
+    print("problems: none", file=out)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rpo-data``."""
     parser = argparse.ArgumentParser(prog="rpo-data", description="rpo_jax preference data tools")
@@ -127,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="drop")
     v.add_argument("--format", choices=FORMATS + ("trl",), help="declare the format instead of detecting it")
     v.add_argument("--split", help="the split of a DatasetDict save_to_disk directory")
+    v.add_argument(
+        "--unpaired", action="store_true", default=None, help="read unpaired records {prompt, completion, label}"
+    )
+    v.add_argument("--unpair", action="store_true", help="read pairs as unpaired records (TRL's unpairing)")
+    v.add_argument("--desirable-weight", type=float, default=1.0, help="KTO desirable_weight for the advice")
+    v.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO undesirable_weight for the advice")
     args = parser.parse_args(argv)
     try:
         status = validate(
@@ -137,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             truncation=args.truncation,
             format=args.format,
             split=args.split,
+            unpaired=args.unpaired,
+            unpair=args.unpair,
+            desirable_weight=args.desirable_weight,
+            undesirable_weight=args.undesirable_weight,
         )
     except ValueError as e:  # missing file, unsupported suffix, no split chosen, bad option values
         print(f"rpo-data: error: {e}", file=sys.stderr)
