@@ -19,8 +19,7 @@ from jax.test_util import check_grads
 
 from rpo_jax.losses import BCOState, PreferenceLogps, UnpairedLogps, make_loss
 from tests.losses.losses_testlib import random_batch
-from tests.losses.test_losses_orpo_cpo import assert_metrics_equal
-from tests.losses.trl_trainer_testlib import run_kto, torch
+from tests.losses.trl_trainer_testlib import assert_metrics_equal, run_kto, torch
 
 KTO_MODEL_METRICS = {"entropy", "num_tokens", "logits/chosen", "logits/rejected"}
 

@@ -38,6 +38,22 @@ def trainer(cls, **attributes):
     return obj
 
 
+MODEL_METRICS = {"logits/chosen", "logits/rejected"}  # mean logits: the model's, not the loss's
+
+
+def assert_metrics_equal(ours: dict, trl_metrics: dict, skip=frozenset(MODEL_METRICS)) -> None:
+    """Every metric to 1e-6 relative; the differences ``rewards/margins`` and ORPO's ``log_odds_chosen`` relative
+    to the magnitude of what they subtract (rewards; average log-probs): a float32 difference of two numbers is
+    exact only to their magnitude, in TRL's float32 odds-ratio code as here."""
+    assert set(ours) >= set(trl_metrics) - set(skip)
+    operands = {"rewards/margins": ("rewards/chosen", "rewards/rejected"), "log_odds_chosen": ("logps/chosen",)}
+    for key, value in trl_metrics.items():
+        if key in skip:
+            continue
+        scale = max((abs(trl_metrics[k]) for k in operands.get(key, ())), default=0.0)
+        np.testing.assert_allclose(ours[key], value, rtol=1e-6, atol=max(1e-6 * scale, 1e-9), err_msg=key)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Paired token batches (ORPO, CPO): right-padded chosen/rejected sequences, prompt-masked labels, random logits.
 
