@@ -12,6 +12,7 @@ batch is left out there, everything else is compared.
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -20,10 +21,13 @@ import pytest
 
 from rpo_jax.data import make_eval_batches, make_train_iterator
 from rpo_jax.data.reward_pairs import pair_batch
+from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
 from rpo_jax.train.build.plans import build_programs
 from rpo_jax.train.build.programs import (
+    ReferenceLayout,
     Scoring,
     Weights,
+    online_layout,
     online_update_step,
     reference_layout,
     reference_sync_of,
@@ -223,33 +227,107 @@ def load(path: pathlib.Path):
     return module.get_config()
 
 
-def test_every_recipe_plans_the_trainers_reference_layout():
-    """Every preference recipe in configs/, abstractly from its architecture (no weights read), on one CPU
-    device: `build_programs` lowers its train step with the layout the trainer decides (`reference_layout`) —
-    the primary reference in the train state exactly when it moves or resets."""
-    checked = 0
+def test_in_step_references_of_another_tokenizer_are_refused_by_the_plan_and_the_trainer(tiny_root, tmp_path):
+    """The in-step step scores the policy's token ids: a reference with its own tokenizer is refused, in one place
+    (`reference_layout`), with the same line by rpo-plan and by the trainer, before any reference is loaded."""
+    overrides = {
+        "loss.name": "mrpo",
+        "loss.hparams": {"beta": 0.1},
+        "references": [{"path": ""}, {"path": str(tiny_root / "base"), "tokenizer": str(tiny_root / "other")}],
+        "reference_mode": "in_step",
+    }
+    message = "reference_mode='in_step' needs references that share the policy's tokenizer; use 'cache'"
+    with pytest.raises(ValueError, match=message):
+        preference.build_run(variant_config(tiny_root, overrides), tmp_path / "run")
+    cfg = variant_config(tiny_root, overrides)
+    cfg.model.init = {**cfg.model.init, "vocab_size": 64}
+    with pytest.raises(ValueError, match=message):
+        build_programs(cfg, jax.devices())
+
+
+def is_demo_export(path: str) -> bool:
+    return path.startswith("runs/") and path.endswith("/export")
+
+
+def demo_export_architecture(path: str, tmp_path: pathlib.Path) -> str:
+    """The architecture file of `runs/NAME/export`: recipe NAME's random init with the vocabulary of its
+    tokenizer (what that run exports)."""
+    source = load(CONFIGS / f"{path.split('/')[1]}.py")
+    fields = {"vocab_size": len(load_tokenizer(tokenizer_path(source))), **dict(source.model.init)}
+    arch = tmp_path / f"{path.split('/')[1]}.json"
+    arch.write_text(json.dumps(fields))
+    return str(arch)
+
+
+def plannable(cfg, tmp_path: pathlib.Path):
+    """`cfg` as rpo-plan can read it without weights, or None for a hub id without an architecture file (which
+    rpo-plan refuses, tested in test_plan.py): a random init states its vocabulary (the demo tokenizer's, which
+    the trainer takes from the tokenizer); a model that is an earlier demo run's export (`runs/NAME/export`) is
+    recipe NAME's random init, written as its architecture file."""
+    path = cfg.model.path
+    if is_demo_export(path):
+        cfg.model.architecture = demo_export_architecture(path, tmp_path)
+        cfg.model.tokenizer = tokenizer_path(load(CONFIGS / f"{path.split('/')[1]}.py"))
+    elif path and not cfg.model.architecture and not pathlib.Path(path).is_dir():
+        return None
+    elif not path and "vocab_size" not in cfg.model.init:
+        cfg.model.init = {**cfg.model.init, "vocab_size": len(load_tokenizer(tokenizer_path(cfg)))}
+    references = [dict(r) for r in cfg.references]
+    for r in references:
+        if is_demo_export(r.get("path", "")):
+            r["architecture"] = demo_export_architecture(r["path"], tmp_path)
+    cfg.references = references
+    cfg.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.micro_batches = 1, 1, 1
+    cfg.data.max_length = 32
+    if cfg.mode == "online":
+        cfg.online.prompts_per_iteration, cfg.online.max_new_tokens = 1, 8
+        cfg.data.max_prompt_length = 16
+    return cfg
+
+
+def expected_layouts(cfg):
+    """(reference_sync.every, the layout the trainer decides) for a recipe: preference with and without TR-DPO
+    (`reference_layout`), online (`online_layout`), a reward model (none)."""
+    loss_fn = build_loss(cfg)
+    if cfg.mode == "online":
+        return [(0, online_layout(cfg, loss_fn.spec.requires_reference))]
+    if cfg.mode == "reward_model":
+        return [(0, ReferenceLayout(Scoring.NONE, Weights.OWN, 0))]
+    syncs = (0, 8) if loss_fn.spec.requires_reference and cfg.reference_mode != "cache" else (0,)
+    out = []
+    for sync in syncs:
+        cfg.reference_sync.every = sync
+        try:
+            out.append((sync, reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))))
+        except ValueError as refusal:  # in the step with a reference of another tokenizer: refused by both
+            out.append((sync, refusal))
+    return out
+
+
+def test_every_recipe_plans_the_trainers_reference_layout(tmp_path):
+    """Every recipe in configs/ (every mode), abstractly from its architecture (no weights read), on one CPU
+    device: `build_programs` lowers its first program with the layout the trainer decides — the primary
+    reference in the train state exactly when it moves or resets."""
+    checked = set()
     for path in recipes():
-        cfg = load(path)
-        if cfg.mode != "preference":
+        cfg = plannable(load(path), tmp_path)
+        if cfg is None:
             continue
-        if cfg.model.path and not cfg.model.architecture and not pathlib.Path(cfg.model.path).is_dir():
-            continue  # a hub id without an architecture file: rpo-plan refuses it (tested in test_plan.py)
-        if not cfg.model.path and "vocab_size" not in cfg.model.init:
-            continue  # a random init whose vocabulary is its tokenizer's (rpo-plan needs it stated; the variants above)
-        cfg.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-        cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.micro_batches = 1, 1, 1
-        cfg.data.max_length = 32
-        loss_fn = build_loss(cfg)
-        for sync in (0, 8) if loss_fn.spec.requires_reference and cfg.reference_mode != "cache" else (0,):
+        for sync, expected in expected_layouts(cfg):
             cfg.reference_sync.every = sync
-            expected = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
+            if isinstance(expected, ValueError):
+                with pytest.raises(ValueError, match=str(expected).replace("(", r"\(").replace(")", r"\)")):
+                    build_programs(cfg, jax.devices()[:1])
+                continue
             plan = build_programs(cfg, jax.devices()[:1])
-            assert plan.layout == expected, (path.name, sync)
+            assert plan.layout == expected and plan.mode == cfg.mode, (path.name, sync)
             state = plan.programs[0].args[0]
             assert ("reference" in state) == expected.in_state, (path.name, sync)
             plan.programs[0].jitted.lower(*plan.programs[0].args)
-            checked += 1
-    assert checked >= 8
+            checked.add(path.name)
+    hub_ids_without_architecture = {"smollm2.py", "smollm2_demo.py"} - {p.name for p in recipes() if p.name in checked}
+    assert checked == {p.name for p in recipes()} - hub_ids_without_architecture
 
 
 # ------------------------------------------------------------------------------------------------ online

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from rpo_jax.models.sharding import batch_sharding, make_mesh
-from rpo_jax.train.build.data import tokenizer_path
 from rpo_jax.train.build.lora import lora_enabled
 from rpo_jax.train.build.model import abstract_params, adapters_off_graphdef, architecture_of, reward_labels_of
 from rpo_jax.train.build.programs import (
@@ -177,11 +176,6 @@ def preference_plan(cfg, mesh, dtype, responses: int, *, rewards: bool) -> Plan:
     refs = ([dict(r) for r in cfg.references] or [{"path": ""}]) if layout.count else []
     if refs:
         loss_fn.spec.check_reference_count(len(refs), given="config.references")
-    if layout.in_step and any(r.get("path") and (r.get("tokenizer") or r["path"]) != tokenizer_path(cfg) for r in refs):
-        raise ValueError(
-            "reference_mode='in_step' needs references that share the policy's tokenizer; "
-            "use 'cache' for references with their own tokenizer"
-        )
     ref_models = reference_models(cfg, refs, setup, layout)
     ref_params = tuple(params for _, _, params in ref_models)
     step_refs = ref_params

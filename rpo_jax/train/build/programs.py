@@ -32,6 +32,7 @@ import jax
 from flax import nnx
 
 from rpo_jax.models.generate import kv_cache_generate
+from rpo_jax.train.build.data import tokenizer_path
 from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
 from rpo_jax.train.build.state import RunSetup
 from rpo_jax.train.config.validation import validate
@@ -88,7 +89,8 @@ def reference_layout(cfg, requires_reference: bool, sync: ReferenceSync | None) 
 
     Scoring: none for a reference-free loss; in the step with `reference_mode="in_step"`, or with "auto" when the
     reference moves (`sync`: `config.reference_sync.every > 0`, whose cached log-probs would go stale); else
-    cached. The primary's weights: in the train state when they move, or when iterated training
+    cached; in the step, every reference shares the policy's tokenizer (the step scores the policy's token ids),
+    else a ValueError. The primary's weights: in the train state when they move, or when iterated training
     (`train.iterations > 1`) scores in the step (so a checkpoint holds the reference of the moment); else the
     policy's base with adapters off for LoRA with `lora.reference="base"`; else its own."""
     cfg = validate(cfg)  # reference_mode is one of the schema's values
@@ -96,6 +98,12 @@ def reference_layout(cfg, requires_reference: bool, sync: ReferenceSync | None) 
         return ReferenceLayout(Scoring.NONE, Weights.OWN, 0)
     count = max(1, len(cfg.references))
     in_step = cfg.reference_mode == "in_step" or (sync is not None and cfg.reference_mode == "auto")
+    if in_step and any(r.path and (r.tokenizer or r.path) != tokenizer_path(cfg) for r in cfg.references):
+        raise ValueError(
+            "reference_mode='in_step' needs references that share the policy's tokenizer; "
+            "use 'cache' for references with their own tokenizer"
+            + (" (config.reference_sync needs in-step references)" if sync is not None else "")
+        )
     scoring = Scoring.IN_STEP if in_step else Scoring.CACHED
     if sync is not None or (in_step and cfg.train.iterations > 1):
         return ReferenceLayout(scoring, Weights.TRAIN_STATE, count, sync or ReferenceSync())

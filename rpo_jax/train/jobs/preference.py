@@ -206,12 +206,6 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     )
     layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     references = build_references(cfg, setup, datasets, loss_fn)
-    if layout.in_step and any(r.datasets is not datasets for r in references):
-        raise ValueError(
-            "reference_mode='in_step' needs references that share the policy's tokenizer; "
-            "use 'cache' for references with their own tokenizer"
-            + (" (config.reference_sync needs in-step references)" if layout.sync else "")
-        )
     key_cost = attention_key_cost(model_config, num_references=len(references) if layout.in_step else 0)
     packing = packing_with_references(
         packing_of(cfg, mesh, row_length=cfg.data.max_length, key_cost=key_cost), cfg, references, datasets
