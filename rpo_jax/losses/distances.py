@@ -59,6 +59,7 @@ def fwd_kl(a: jax.Array, b: jax.Array) -> jax.Array:
     return bernoulli_kl(a, b)
 
 
+#: The RPO distances by name, `D(a ‖ b)` elementwise: `"sq"` (`squared`), `"bwd_kl"` (`bwd_kl`), `"fwd_kl"` (`fwd_kl`).
 DISTANCES: dict[str, Distance] = {"sq": squared, "bwd_kl": bwd_kl, "fwd_kl": fwd_kl}
 
 
