@@ -22,6 +22,8 @@ from flax import nnx
 from rpo_jax.models.reward import RewardModel
 
 Message = Mapping[str, str]
+#: What scores responses: `reward_fn(prompts, responses) -> np.ndarray [B, K] float32`, `prompts[b]` a list of chat
+#: messages (or a string: one user message), `responses[b]` a list of response strings (missing ones scored 0).
 RewardFn = Callable[[Sequence[Sequence[Message] | str], Sequence[Sequence[str]]], np.ndarray]
 
 
