@@ -30,6 +30,7 @@ import pathlib
 
 import numpy as np
 
+#: The bundled demo task: `train.jsonl`, `test.jsonl` and the character-level `tokenizer/`.
 DEMO_DIR = pathlib.Path(__file__).resolve().parent / "demo_data"
 SEED = 20240601
 NUM_TRAIN = 2000

@@ -89,6 +89,7 @@ __all__ = [
 Message = dict[str, str]
 Messages = tuple[Message, ...]
 
+#: The on-disk record formats `read_records` reads (detected from a record's keys, or declared with `format=`).
 FORMATS = ("trl_standard", "trl_conversational", "trl_implicit", "nemo", "k_responses")
 #: Formats whose two responses are labelled chosen / rejected (``PreferenceRecord.labelled``).
 PAIR_FORMATS = ("trl_standard", "trl_conversational", "trl_implicit", "nemo")

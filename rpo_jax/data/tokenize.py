@@ -51,6 +51,8 @@ import numpy as np
 from rpo_jax.data.records import ROLES, Messages, OnError, PreferenceRecord, Problem, RecordError
 
 Truncation = Literal["drop", "truncate_prompt", "truncate_response", "keep_start"]
+#: How a record longer than `max_length` is handled: dropped (counted), its prompt cut from the left, its
+#: responses cut from the right, or TRL 1.16's `keep_start` (the first `max_length` tokens of prompt + response).
 TRUNCATION_POLICIES = ("drop", "truncate_prompt", "truncate_response", "keep_start")
 
 
