@@ -45,11 +45,13 @@ from rpo_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION
 class GenerateOutput:
     """Result of `generate` (N prompts, M = max_new_tokens).
 
-    tokens [N,M] int32: sampled tokens, `pad_token_id` after the row's stop (EOS, stop sequence or stop string).
-    mask [N,M] bool: True on generated tokens up to and including the stopping token.
-    logps [N,M] float32: log p(token) under the model's unmodified distribution (temperature 1, no top-k/top-p),
-      0 where mask is False — the policy log-probs of the samples.
-    lengths [N] int32: mask.sum(-1).
+    Attributes:
+        tokens: `[N, M]` int32 sampled tokens, `pad_token_id` after the row's stop (EOS, stop sequence or stop
+            string).
+        mask: `[N, M]` bool, True on generated tokens up to and including the stopping token.
+        logps: `[N, M]` float32 log p(token) under the model's unmodified distribution (temperature 1, no
+            top-k / top-p), 0 where `mask` is False — the policy log-probs of the samples.
+        lengths: `[N]` int32, `mask.sum(-1)`.
     """
 
     tokens: jax.Array
@@ -59,11 +61,17 @@ class GenerateOutput:
 
 
 def filter_logits(logits: jax.Array, *, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-    """Sets logits outside the top-k / nucleus (top-p) set to -inf. logits [..., V] float32.
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf (top-k first, then top-p, as transformers).
 
-    top_k: keep the k largest (ties with the k-th kept). top_p: keep the smallest prefix of tokens sorted by
-    probability whose mass reaches top_p, i.e. token i is kept iff the mass strictly before it is < top_p
-    (the most likely token is always kept). Applied in that order, as transformers does.
+    Args:
+        logits: `[..., V]` float32.
+        top_k: keep the k largest (ties with the k-th kept); `None`: no top-k.
+        top_p: keep the smallest prefix of tokens sorted by probability whose mass reaches `top_p`, i.e. token i
+            is kept iff the mass strictly before it is < `top_p` (the most likely token is always kept); `None`
+            or 1: no nucleus filtering.
+
+    Returns:
+        `[..., V]` logits with the filtered-out entries at -inf.
     """
     if top_k is not None:
         k = min(int(top_k), logits.shape[-1])
@@ -285,9 +293,17 @@ def truncate_at_stop_strings(
     generation that stopped at j would have produced, for that row and every other one. The extra steps cost
     nothing more: a fixed-length scan runs them anyway.
 
-    output: GenerateOutput with [N,M] fields whose mask is a prefix (True then False). Cost: n decodes of up to
-    n tokens per row (prefix by prefix, since decoding is not in general additive over tokens).
-    Returns a new GenerateOutput; each field keeps its sharding when it is a jax.Array.
+    Cost: n decodes of up to n tokens per row (prefix by prefix, since decoding is not in general additive over
+    tokens).
+
+    Args:
+        output: a `GenerateOutput` with `[N, M]` fields whose mask is a prefix (True then False).
+        tokenizer: anything with `decode(list[int]) -> str` (a transformers tokenizer, a `tokenizers.Tokenizer`).
+        stop_strings: non-empty strings.
+        pad_token_id: what fills the slots after a row's new end.
+
+    Returns:
+        A new `GenerateOutput`; each field keeps its sharding when it is a `jax.Array`.
     """
     strings = _stop_strings_arg(stop_strings, tokenizer)
     tokens = np.array(jax.device_get(output.tokens), np.int32)
@@ -335,18 +351,31 @@ def generate(
 ) -> GenerateOutput:
     """Samples `max_new_tokens` continuations of left-padded prompts with a KV cache.
 
-    tokens [N,T] int32 left-padded, attention_mask [N,T] (True on real tokens). temperature = 0 is greedy
-    (argmax); otherwise logits / temperature, then top-k, then top-p filtering, then a categorical draw with
-    `rng` (required). Sequences stop at `eos_token_id` (an id or a list of ids; the EOS itself is kept and
-    marked in `mask`); later slots hold `pad_token_id` (default: the config's pad id, else 0).
+    `temperature = 0` is greedy (argmax); otherwise logits / temperature, then top-k, then top-p filtering, then a
+    categorical draw with `rng`. Whichever of EOS, stop sequence and stop string comes first ends a row; the
+    stopping token is kept (marked in `mask`) and later slots hold `pad_token_id`.
 
-    stop_sequences: token-id sequences, e.g. [[13, 13], [50256]]; a row stops once its generated tokens end with
-      one (checked in the graph; the stop tokens are kept, like EOS). Only generated tokens count, not the prompt.
-    stop_strings: strings, e.g. ["\n\n", "User:"], with `tokenizer` (anything with decode(list[int]) -> str); a
-      row stops at the first token whose decoded generated text contains one, even across token boundaries
-      (applied after the scan by `truncate_at_stop_strings`, which is exact — see there; the returned arrays are
-      then rebuilt from host copies, keeping their shardings).
-    Whichever of EOS, stop sequence and stop string comes first ends the row.
+    Args:
+        model: a `Decoder` (sharded or not: XLA propagates the prompts' batch sharding to the KV cache).
+        tokens: `[N, T]` int32 prompts, left-padded.
+        attention_mask: `[N, T]` bool, True on real tokens.
+        max_new_tokens: M, the tokens generated per row (the scan always runs M steps).
+        temperature: 0 for greedy decoding.
+        top_k: keep the k most likely tokens (`None`: all).
+        top_p: nucleus filtering (`None` or 1: none).
+        eos_token_id: an id or a list of ids that end a row (`None`: none).
+        rng: a `jax.random` key; required when `temperature > 0`.
+        pad_token_id: fills the slots after a row's end (default: the config's pad id, else 0).
+        stop_sequences: token-id sequences, e.g. `[[13, 13], [50256]]`; a row stops once its generated tokens end
+            with one (checked in the graph). Only generated tokens count, not the prompt.
+        stop_strings: strings, e.g. `["\\n\\n", "User:"]`, with `tokenizer`; a row stops at the first token whose
+            decoded generated text contains one, even across token boundaries (applied after the scan by
+            `truncate_at_stop_strings`, which is exact — see there; the returned arrays are then rebuilt from
+            host copies, keeping their shardings).
+        tokenizer: anything with `decode(list[int]) -> str`; needed with `stop_strings`.
+
+    Returns:
+        A `GenerateOutput`: `tokens`, `mask`, `logps` `[N, M]` and `lengths` `[N]`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
