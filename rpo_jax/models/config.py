@@ -174,17 +174,19 @@ class RopeSpec:
 class ModelConfig:
     """Architecture of a decoder-only transformer (Llama, Gemma 1, Gemma 2, Gemma 3 text, Qwen2, Qwen3, Mistral).
 
-    Family switches (all set by `from_hf_dict`):
-      norm_plus_one: Gemma RMSNorm multiplies by (1 + w) in float32; Llama multiplies by w after the cast.
-      scale_embeddings: embeddings multiplied by sqrt(hidden_size) cast to the compute dtype (Gemma).
-      sandwich_norms: extra RMSNorm after attention and after the MLP (Gemma 2 and 3).
-      qk_norm: RMSNorm on queries and keys per head (Gemma 3, Qwen3).
-      qkv_bias: biases on the query, key and value projections (Qwen2 / Qwen2.5), added after the matmul.
-      query_pre_attn_scalar: attention scale is query_pre_attn_scalar**-0.5 (else head_dim**-0.5).
-      layer_types: per layer "full_attention" or "sliding_attention" (window `sliding_window`, keys with
-        q_index - k_index < sliding_window). Mistral: every layer sliding when `sliding_window` is set; Qwen2/3:
-        layers i ≥ max_window_layers when use_sliding_window (transformers' `layer_types`).
-      rope: one RopeSpec per layer type (Gemma 3: local and global bases).
+    One frozen description serves every family; the family switches below are all set by `from_hf_dict`.
+
+    Attributes:
+        norm_plus_one: Gemma RMSNorm multiplies by (1 + w) in float32; Llama multiplies by w after the cast.
+        scale_embeddings: embeddings multiplied by sqrt(hidden_size) cast to the compute dtype (Gemma).
+        sandwich_norms: extra RMSNorm after attention and after the MLP (Gemma 2 and 3).
+        qk_norm: RMSNorm on queries and keys per head (Gemma 3, Qwen3).
+        qkv_bias: biases on the query, key and value projections (Qwen2 / Qwen2.5), added after the matmul.
+        query_pre_attn_scalar: attention scale is `query_pre_attn_scalar**-0.5` (else `head_dim**-0.5`).
+        layer_types: per layer "full_attention" or "sliding_attention" (window `sliding_window`, keys with
+            `q_index - k_index < sliding_window`). Mistral: every layer sliding when `sliding_window` is set;
+            Qwen2/3: layers i ≥ max_window_layers when use_sliding_window (transformers' `layer_types`).
+        rope: one `RopeSpec` per layer type (Gemma 3: local and global bases).
     """
 
     model_type: str
