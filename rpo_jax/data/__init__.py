@@ -7,7 +7,8 @@ Read:      ``records, report = read_records(paths, format=None, on_error="raise"
            ``label_balance(records)``, ``kto_weight_advice(balance, ...)``, ``one_class_warning(balance)``
 Select:    ``to_pairs(records)``, ``holdout_split(records, fraction, seed=...)``, ``require_rewards(records)``;
            labels vs scores: ``label_score_counts(records)``, ``rewards_reach_loss(records, ...)``
-Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``
+Tokenize:  ``dataset = tokenize_records(records, tokenizer, max_length=..., truncation="drop")``; unpaired records
+           (TRL's KTOTrainer recipe, mismatched completions for KTO): ``tokenize_unpaired(records, tokenizer, ...)``
 Iterate:   ``make_train_iterator(dataset, batch_size, seed=...)`` (resumable), ``make_eval_batches(dataset, B)``
 Pack:      ``make_train_iterator(..., packing=Packing(row_length, share_prompt=...))``; ``pack_batch(batch, packing)``
 TFDS:      ``build_tfds(data_dir, sources=... | splits=...)``; ``load_tfds_records(data_dir, split)``.
@@ -45,6 +46,7 @@ _EXPORTS = {
         "read_unpaired_records",
         "unpair_records",
     ),
+    "unpaired_tokenize": ("UnpairedDataset", "tokenize_unpaired"),
     "selection": (
         "PAIRS_FROM",
         "LabelScoreCounts",

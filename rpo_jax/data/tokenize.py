@@ -293,7 +293,7 @@ def _encode_many(
     return out
 
 
-def _truncate(
+def truncate_sequences(
     prompt: list[int],
     responses: list[list[int]],
     *,
@@ -303,7 +303,8 @@ def _truncate(
     source: tuple[str, int],
     report: TokenizeReport,
 ) -> tuple[list[int], list[list[int]]] | None:
-    """Apply the truncation policy; None means dropped (counted). RecordError for an unusable prompt."""
+    """Apply the truncation policy (module docstring) to a prompt and its responses: ``(prompt, responses)`` as
+    kept, or None when dropped (counted in ``report``). RecordError for an unusable prompt."""
     file, line = source
     longest = max(len(r) for r in responses)
     if truncation == "drop":
@@ -523,7 +524,7 @@ def tokenize_records(
             prompt, responses = enc
             report.prompt_lengths.append(len(prompt))
             report.sequence_lengths += [len(prompt) + len(r) for r in responses]
-            cut = _truncate(
+            cut = truncate_sequences(
                 prompt,
                 responses,
                 max_length=max_length,
