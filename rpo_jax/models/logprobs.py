@@ -26,13 +26,22 @@ def token_logps_from_hidden(
     final_logit_softcap: float | None = None,
     vocab_chunk_size: int | None = None,
 ) -> jax.Array:
-    """log softmax(softcap(hidden · Wᵀ))[target] in float32 (float64 for float64 inputs).
+    """`log softmax(softcap(hidden · Wᵀ))[target]` in float32 (float64 for float64 inputs).
 
-    hidden [N,T,D], unembedding rows W [V,D], targets [N,T] int → [N,T].
-    logp = z_target - logsumexp_v z_v with z = softcap(hidden·Wᵀ), accumulated in float32.
-    With `vocab_chunk_size` = C the logsumexp is accumulated over ⌊V/C⌋ row slices of W (lax.scan with a
-    running max and sum of exponentials; the body is rematerialised in the backward pass) plus one remainder
-    slice, so at most [N,T,C] logits exist at a time and W is never copied or padded.
+    `logp = z_target − logsumexp_v z_v` with `z = softcap(hidden · Wᵀ)`, accumulated in float32. With
+    `vocab_chunk_size` = C the logsumexp is accumulated over ⌊V/C⌋ row slices of W (`lax.scan` with a running max
+    and sum of exponentials; the body is rematerialised in the backward pass) plus one remainder slice, so at most
+    `[N, T, C]` logits exist at a time and W is never copied or padded.
+
+    Args:
+        hidden: `[N, T, D]` final-normed hidden states.
+        unembedding: `[V, D]` rows W of the output head.
+        targets: `[N, T]` int token ids to score.
+        final_logit_softcap: Gemma 2's soft-cap of the logits (`None`: none).
+        vocab_chunk_size: C > 0 for the chunked log-softmax; `None` or 0: one log-softmax over V.
+
+    Returns:
+        `[N, T]` log-probabilities of `targets`.
     """
     v, d = unembedding.shape
     hidden = hidden.astype(unembedding.dtype)
@@ -127,14 +136,27 @@ def sequence_logps(
     vocab_chunk_size: int | None = None,
     score_window: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(logp_sum [N] float32, count [N] int32) with logp_sum = Σ_{t≥1} loss_mask[t] · log p(tokens[t] | tokens[<t]).
+    """Sequence log-probabilities: `Σ_{t≥1} loss_mask[t] · log p(tokens[t] | tokens[<t])` per row.
 
-    Token t is scored with the logits at position t-1 (loss_mask[:, 0] is ignored). tokens/loss_mask [N,T].
-    `vocab_chunk_size` = C computes the log-softmax normaliser chunk by chunk (see `token_logps_from_hidden`).
-    `score_window` = W (static, 1 ≤ W < T-1; None or ≥ T-1: every position) unembeds only W positions per row,
-    from just before the row's first scored token (`windowed_token_logps`); same values as the full path when
-    every row's scored tokens lie within W consecutive positions. A row with a scored token outside its window
-    gets logp_sum = NaN (loudly wrong, never silently truncated).
+    Token t is scored with the logits at position t − 1 (`loss_mask[:, 0]` is ignored).
+
+    Args:
+        model: a `Decoder`.
+        tokens: `[N, T]` int32 token ids.
+        loss_mask: `[N, T]` bool, the tokens to score (a response's tokens).
+        attention_mask: `[N, T]` bool, real tokens (`None`: all); padding is masked as keys.
+        positions: `[N, T]` int32 positions (`None`: `cumsum(attention_mask) − 1` within each segment).
+        segment_ids: `[N, T]` int32 packed-sequence ids (`None`: one sequence per row).
+        parent_ids: `[N, T]` int32 shared-prompt parents (see `Decoder.hidden_states`).
+        vocab_chunk_size: C > 0 computes the log-softmax normaliser chunk by chunk (see
+            `token_logps_from_hidden`).
+        score_window: W (static, 1 ≤ W < T − 1; `None` or ≥ T − 1: every position) unembeds only W positions per
+            row, from just before the row's first scored token (`windowed_token_logps`); same values as the full
+            path when every row's scored tokens lie within W consecutive positions. A row with a scored token
+            outside its window gets `logp_sum = NaN` (loudly wrong, never silently truncated).
+
+    Returns:
+        `(logp_sum, count)`: `[N]` float32 sums and `[N]` int32 numbers of scored tokens.
     """
     mask = loss_mask.astype(bool).at[:, 0].set(False)
     count = jnp.sum(mask, axis=-1).astype(jnp.int32)
@@ -175,8 +197,20 @@ def token_logps(
     parent_ids: jax.Array | None = None,
     vocab_chunk_size: int | None = None,
 ) -> jax.Array:
-    """Per-token log p(tokens[t] | tokens[<t]) [N,T] float32, with 0 at t = 0 (`parent_ids`: shared prompts,
-    see `Decoder.hidden_states`)."""
+    """Per-token `log p(tokens[t] | tokens[<t])`, with 0 at t = 0.
+
+    Args:
+        model: a `Decoder`.
+        tokens: `[N, T]` int32 token ids.
+        attention_mask: `[N, T]` bool, real tokens (`None`: all).
+        positions: `[N, T]` int32 positions (`None`: from the attention mask and segments).
+        segment_ids: `[N, T]` int32 packed-sequence ids.
+        parent_ids: `[N, T]` int32 shared-prompt parents (see `Decoder.hidden_states`).
+        vocab_chunk_size: C > 0 for the chunked log-softmax (see `token_logps_from_hidden`).
+
+    Returns:
+        `[N, T]` float32 log-probabilities.
+    """
     hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
     logps = token_logps_from_hidden(
         hidden[:, :-1],
