@@ -61,11 +61,15 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
 
 
 def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types (sharding propagated by XLA) over `devices` (default:
-    every device of every process).
+    """A (data, fsdp, tensor) mesh with Auto axis types (sharding propagated by XLA).
 
-    `shape`: the three sizes, or `{axis: size}` as in `config.mesh` (a missing axis is 1); one size may be -1
-    (see `resolve_mesh_shape`).
+    Args:
+        shape: the three sizes, or `{axis: size}` as in `config.mesh` (a missing axis is 1); one size may be -1,
+            the rest of the devices (see `resolve_mesh_shape`).
+        devices: the devices to lay out (default: every device of every process).
+
+    Returns:
+        A `jax.sharding.Mesh` with axes `("data", "fsdp", "tensor")`.
     """
     devices = jax.devices() if devices is None else list(devices)
     named = shape if isinstance(shape, Mapping) else dict(zip(MESH_AXES, shape, strict=True))
@@ -76,8 +80,20 @@ def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=Non
 def logical_to_spec(
     logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules | None = None
 ) -> PartitionSpec:
-    """PartitionSpec for one array: each logical axis mapped by `rules`; mesh axes already used by an earlier
-    dimension, missing from the mesh, or not dividing the dimension are dropped (that dimension is replicated)."""
+    """The `PartitionSpec` of one array from its logical axis names.
+
+    Each logical axis is mapped by `rules`; mesh axes already used by an earlier dimension, missing from the mesh,
+    or not dividing the dimension are dropped (that dimension is replicated).
+
+    Args:
+        logical_axes: one logical name (or `None`) per dimension, e.g. `("embed", "mlp")`.
+        shape: the array's shape.
+        mesh: the device mesh.
+        rules: logical axis → mesh axis (or axes, or `None`); default `DEFAULT_RULES`.
+
+    Returns:
+        The `PartitionSpec`.
+    """
     return mapped_spec(logical_axes, shape, mesh, rules, indivisible=None)
 
 
@@ -111,14 +127,32 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules | None = 
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None):
-    """A pytree like `state` (of nnx Variables, concrete or abstract) with NamedShardings as values."""
+    """The rule-given sharding of every variable of a model state.
+
+    Args:
+        state: an `nnx.State` of Variables, concrete or abstract.
+        mesh: the device mesh.
+        rules: logical axis → mesh axis; default `DEFAULT_RULES`.
+
+    Returns:
+        A pytree like `state` with `NamedSharding`s as values.
+    """
     return jax.tree.map(
         lambda v: v.replace(variable_sharding(v, mesh, rules)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.Module:
-    """Moves every variable of `model` to its rule-given sharding on `mesh` (in place); returns the model."""
+    """Moves every variable of `model` to its rule-given sharding on `mesh`, in place.
+
+    Args:
+        model: an nnx module whose parameters carry logical axis names.
+        mesh: the device mesh.
+        rules: logical axis → mesh axis; default `DEFAULT_RULES`.
+
+    Returns:
+        The same model, sharded.
+    """
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
     nnx.update(model, jax.device_put(state, shardings))
