@@ -386,9 +386,20 @@ def create_model(
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules | None = None,
 ) -> Decoder:
-    """Randomly initialised `Decoder` (normal(0.02) weights, identity norms).
+    """A randomly initialised `Decoder` (normal(0.02) weights, identity norms).
 
-    Initialisation runs in one jit; with `mesh` its outputs are the rule-given shardings (jit out_shardings).
+    Initialisation runs in one jit; with `mesh` its outputs are the rule-given shardings (jit `out_shardings`).
+
+    Args:
+        config: the architecture.
+        rngs: the random streams, e.g. `nnx.Rngs(0)`.
+        dtype: the compute dtype.
+        param_dtype: the parameters' dtype (`None`: `dtype`).
+        mesh: place the parameters on this mesh by `rules` (`None`: the default device).
+        rules: logical axis → mesh axis; default `DEFAULT_RULES`.
+
+    Returns:
+        The `Decoder`.
     """
     key = rngs.params()
     build = lambda k: Decoder(config, rngs=nnx.Rngs(params=k), dtype=dtype, param_dtype=param_dtype)  # noqa: E731
