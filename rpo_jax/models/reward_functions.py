@@ -66,8 +66,16 @@ def last_user_text(prompt: Sequence[Message] | str, b: int = 0) -> str:
 
 
 def judge_fn(judge: Callable[[str, str], float]) -> RewardFn:
-    """A RewardFn scoring each response with `judge(last user message text, response)` (e.g.
-    `rpo_jax.data.judge`). A non-finite or non-numeric judgement is a ValueError naming [b][k]."""
+    """A `RewardFn` scoring each response with a judge function.
+
+    A non-finite or non-numeric judgement is a ValueError naming `[b][k]`.
+
+    Args:
+        judge: `judge(last user message text, response) -> float`, e.g. `rpo_jax.data.judge`.
+
+    Returns:
+        The `RewardFn`.
+    """
 
     def reward(prompts, responses) -> np.ndarray:
         _check_batch(prompts, responses)
@@ -95,12 +103,20 @@ def _prompt_key(messages: Sequence[Message]) -> tuple[tuple[str, str], ...]:
 
 
 def dataset_rewards_fn(records: Sequence[Any]) -> RewardFn:
-    """A RewardFn looking up the explicit rewards of `records` (`rpo_jax.data.PreferenceRecord`s, or an object
-    with a `records` attribute) by (prompt messages, response text).
+    """A `RewardFn` looking up the explicit rewards of `records` by (prompt messages, response text).
 
-    Raises ValueError now for records without rewards (naming file:line) and for the same (prompt, response)
-    carrying different rewards in two records; the returned function raises ValueError (naming [b][k]) for a
-    pair that no record holds — rewards are never invented.
+    Rewards are never invented: the returned function raises ValueError (naming `[b][k]`) for a pair that no
+    record holds.
+
+    Args:
+        records: `rpo_jax.data.PreferenceRecord`s, or an object with a `records` attribute.
+
+    Returns:
+        The `RewardFn`.
+
+    Raises:
+        ValueError: for records without rewards (naming file:line) and for the same (prompt, response) carrying
+            different rewards in two records.
     """
     recs = list(getattr(records, "records", records))
     if not recs:
@@ -155,8 +171,19 @@ def _bucket(length: int, max_length: int) -> int:
 
 
 def encode_conversation(tokenizer, prompt: Sequence[Message] | str, response: str, b: int = 0) -> list[int]:
-    """Token ids of the chat template of prompt + [assistant response] (no generation prompt, no extra special
-    tokens: the template supplies them), as transformers reward models are used."""
+    """Token ids of the chat template of prompt + [assistant response], as transformers reward models are used.
+
+    No generation prompt and no extra special tokens: the template supplies them.
+
+    Args:
+        tokenizer: a transformers tokenizer with a chat template.
+        prompt: chat messages, or a string (one user message).
+        response: the assistant's response text.
+        b: the row index named in errors.
+
+    Returns:
+        The token ids.
+    """
     messages = _as_messages(prompt, b) + [{"role": "assistant", "content": response}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -171,12 +198,22 @@ def reward_model_fn(
     label: int = 0,
     truncation: Literal["error", "left"] = "error",
 ) -> RewardFn:
-    """A RewardFn scoring each (prompt, response) with `model`: scores[:, label] of the chat template of
-    prompt + assistant response, right-padded with the model's pad_token_id into batches of `batch_size` rows
-    and lengths padded to powers of two (≤ max_length).
+    """A `RewardFn` scoring each (prompt, response) with a reward model.
 
-    A conversation longer than `max_length` tokens is a ValueError naming [b][k] (truncation="error") or keeps
-    its last `max_length` tokens (truncation="left"; the scored last token is kept).
+    The score is `scores[:, label]` of the chat template of prompt + assistant response, right-padded with the
+    model's `pad_token_id` into batches of `batch_size` rows and lengths padded to powers of two (≤ `max_length`).
+
+    Args:
+        model: a `RewardModel`.
+        tokenizer: its tokenizer (with a chat template).
+        max_length: the longest conversation in tokens.
+        batch_size: rows per scoring batch.
+        label: the score column.
+        truncation: `"error"`: a longer conversation is a ValueError naming `[b][k]`; `"left"`: keep its last
+            `max_length` tokens (the scored last token is kept).
+
+    Returns:
+        The `RewardFn`.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("reward_model_fn: the tokenizer has no chat_template")
