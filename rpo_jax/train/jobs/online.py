@@ -477,6 +477,15 @@ def online_task(run: OnlineRun) -> Task:
 
 
 def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> dict[str, Any]:
-    """Run `config.online.iterations` online iterations in `workdir`; returns `{"online": the last iteration's
-    metrics, "eval": the final evaluation, "iteration": iterations done, "export": the export directory}`."""
+    """Online RPO (`config.mode = "online"`): sample, score and update for `config.online.iterations` iterations.
+
+    Args:
+        cfg: the run configuration (a recipe's ConfigDict or a `RunConfig`; validated here).
+        workdir: the run directory (a local path or a `gs://` URL): resumed when it holds this run's checkpoints.
+        devices: the devices of the mesh (default: every device).
+
+    Returns:
+        `{"online": the last iteration's metrics, "eval": the final evaluation, "iteration": iterations done,
+        "export": the export directory}`.
+    """
     return run_task(online_task(build_online_run(cfg, devices=devices)), workdir)
