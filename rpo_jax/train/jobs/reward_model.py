@@ -224,13 +224,20 @@ def identity_objective(rm) -> dict[str, Any]:
 
 
 def train_reward_model(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> dict[str, Any]:
-    """Train a Bradley–Terry reward model (`config.mode = "reward_model"`); returns `{"train": last logged train
-    metrics, "eval": final held-out metrics (loss, accuracy, margin, chosen_score, rejected_score, pairs),
-    "step": steps done, "export": the export directory or None}`.
+    """Train a Bradley–Terry reward model (`config.mode = "reward_model"`).
 
     Writes WORKDIR/config.json (with mode "reward_model", so `rpo-export` exports a reward model),
     metrics.jsonl (+ TensorBoard), checkpoints/ (params, optimizer state, step, RNG, data iterator position;
     resumed from the newest that restores) and, with `train.export_at_end`, WORKDIR/export (a Hugging Face
     sequence-classification checkpoint with the tokenizer).
+
+    Args:
+        cfg: the run configuration (a recipe's ConfigDict or a `RunConfig`; validated here).
+        workdir: the run directory (a local path or a `gs://` URL): resumed when it holds this run's checkpoints.
+        devices: the devices of the mesh (default: every device).
+
+    Returns:
+        `{"train": last logged train metrics, "eval": final held-out metrics (loss, accuracy, margin,
+        chosen_score, rejected_score, pairs), "step": steps done, "export": the export directory or None}`.
     """
     return run_task(reward_model_task(build_reward_run(cfg, devices=devices)), workdir)
