@@ -54,5 +54,9 @@ def config_dict(section: BaseModel) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field of the run configuration at its default (`RunConfig()`), as a ConfigDict."""
+    """Every field of the run configuration at its default (`RunConfig()`).
+
+    Returns:
+        An `ml_collections.ConfigDict` that recipes (`configs/NAME.py`) start from and override.
+    """
     return config_dict(RunConfig())
