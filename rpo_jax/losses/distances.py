@@ -35,9 +35,16 @@ def _p_log_ratio(p: jax.Array, log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
 
 def bernoulli_kl(p_logit: jax.Array, q_logit: jax.Array) -> jax.Array:
-    """``KL(Bern σ(p_logit) ‖ Bern σ(q_logit))``, elementwise, in log space.
+    """`KL(Bern σ(p_logit) ‖ Bern σ(q_logit))`, elementwise, in log space.
 
-    ``= σ(p)·(log σ(p) − log σ(q)) + σ(−p)·(log σ(−p) − log σ(−q))``; ``p_logit = ±∞`` is allowed.
+    `= σ(p)·(log σ(p) − log σ(q)) + σ(−p)·(log σ(−p) − log σ(−q))`; `p_logit = ±∞` is allowed.
+
+    Args:
+        p_logit: the logit of the first Bernoulli (any shape).
+        q_logit: the logit of the second, the same shape (or broadcastable).
+
+    Returns:
+        The KL elementwise, float32.
     """
     log_p1, log_p0 = jax.nn.log_sigmoid(p_logit), jax.nn.log_sigmoid(-p_logit)
     log_q1, log_q0 = jax.nn.log_sigmoid(q_logit), jax.nn.log_sigmoid(-q_logit)
@@ -45,17 +52,41 @@ def bernoulli_kl(p_logit: jax.Array, q_logit: jax.Array) -> jax.Array:
 
 
 def squared(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``D_sq(a ‖ b) = (a − b)²`` (NVIDIA's code; a ½ would only rescale). ``∂D/∂a = 2(a − b)``."""
+    """`D_sq(a ‖ b) = (a − b)²` (NVIDIA's code; a ½ would only rescale). `∂D/∂a = 2(a − b)`.
+
+    Args:
+        a: the implicit reward gap (any shape).
+        b: the target gap, the same shape (or broadcastable).
+
+    Returns:
+        `D(a ‖ b)` elementwise, float32.
+    """
     return jnp.square(a - b)
 
 
 def bwd_kl(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``D_bwd(a ‖ b) = KL(Bern σ(b) ‖ Bern σ(a))``. ``∂D/∂a = σ(a) − σ(b)``; ``b = +∞`` gives ``−log σ(a)``."""
+    """`D_bwd(a ‖ b) = KL(Bern σ(b) ‖ Bern σ(a))`. `∂D/∂a = σ(a) − σ(b)`; `b = +∞` gives `−log σ(a)`.
+
+    Args:
+        a: the implicit reward gap (any shape).
+        b: the target gap, the same shape (or broadcastable).
+
+    Returns:
+        `D(a ‖ b)` elementwise, float32.
+    """
     return bernoulli_kl(b, a)
 
 
 def fwd_kl(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``D_fwd(a ‖ b) = KL(Bern σ(a) ‖ Bern σ(b))``. ``∂D/∂a = σ(a)σ(−a)(a − b)``; ``b`` must be finite."""
+    """`D_fwd(a ‖ b) = KL(Bern σ(a) ‖ Bern σ(b))`. `∂D/∂a = σ(a)σ(−a)(a − b)`; `b` must be finite.
+
+    Args:
+        a: the implicit reward gap (any shape).
+        b: the target gap, the same shape (or broadcastable).
+
+    Returns:
+        `D(a ‖ b)` elementwise, float32.
+    """
     return bernoulli_kl(a, b)
 
 
