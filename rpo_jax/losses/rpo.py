@@ -39,9 +39,19 @@ def implicit_rewards(
     beta: float,
     length_normalize: bool = False,
 ) -> jax.Array:
-    """``r_θ [B, K] = β · (ℓ_θ − ℓ_ref) / (|y| if length_normalize else 1)``; ``ref_logps=None``: reference-free.
+    """Implicit rewards `r_θ = β · (ℓ_θ − ℓ_ref) / (|y| if length_normalize else 1)`.
 
     Lengths are clamped at 1 (as TRL does), so empty responses give a finite reward.
+
+    Args:
+        policy_logps: `[B, K]` sequence log-probs `ℓ_θ` of the policy.
+        ref_logps: `[B, K]` sequence log-probs `ℓ_ref` of the reference; `None`: reference-free.
+        lengths: `[B, K]` response token counts `|y|` (needed with `length_normalize`).
+        beta: β > 0.
+        length_normalize: divide by `|y|`.
+
+    Returns:
+        `[B, K]` float32 implicit rewards.
     """
     log_ratio = policy_logps if ref_logps is None else policy_logps - ref_logps
     if length_normalize:
@@ -67,17 +77,17 @@ def pair_mean(pair_values: jax.Array, pair_mask: jax.Array) -> tuple[jax.Array, 
 def rpo_pairwise(
     implicit: jax.Array, target_gap: jax.Array, pair_mask: jax.Array, distance: Distance, *, margin: float = 0.0
 ) -> tuple[jax.Array, jax.Array]:
-    """Pairwise RPO: ``mean_{(i,j) ∈ mask} D(r_i − r_j − margin ‖ b_ij)``.
+    """Pairwise RPO: `mean_{(i,j) ∈ mask} D(r_i − r_j − margin ‖ b_ij)`.
 
     Args:
-      implicit: ``[B, K]`` implicit rewards ``r_θ``.
-      target_gap: ``[B, K, K]`` targets ``b_ij`` (or anything broadcastable to it, e.g. a scalar ``+∞``).
-      pair_mask: ``[B, K, K]`` bool, the pairs to average over.
-      distance: one of ``rpo_jax.losses.distances``.
-      margin: ``γ`` subtracted from every gap (SimPO's target margin).
+        implicit: `[B, K]` implicit rewards `r_θ`.
+        target_gap: `[B, K, K]` targets `b_ij` (or anything broadcastable to it, e.g. a scalar `+∞`).
+        pair_mask: `[B, K, K]` bool, the pairs to average over.
+        distance: one of `rpo_jax.losses.distances`.
+        margin: `γ` subtracted from every gap (SimPO's target margin).
 
     Returns:
-      ``(per_example [B], weight [B])``.
+        `(per_example [B], weight [B])`.
     """
     gaps = pairwise_differences(implicit) - margin
     target = jnp.broadcast_to(jnp.asarray(target_gap, jnp.float32), gaps.shape)
@@ -100,12 +110,17 @@ def masked_log_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def rpo_listwise(implicit: jax.Array, target_logits: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Listwise RPO: ``KL(p* ‖ q)`` with ``p* = softmax_k(target_logits)``, ``q = softmax_k(implicit)``.
+    """Listwise RPO: `KL(p* ‖ q)` with `p* = softmax_k(target_logits)`, `q = softmax_k(implicit)`.
 
-    Both softmaxes run over the valid responses only (NeMo-Aligner PR #311). ``target_logits`` is ``η r*``.
+    Both softmaxes run over the valid responses only (NeMo-Aligner PR #311).
+
+    Args:
+        implicit: `[B, K]` implicit rewards `r_θ`.
+        target_logits: `[B, K]`, `η r*`.
+        valid: `[B, K]` bool, which responses exist.
 
     Returns:
-      ``(per_example [B], weight [B])``; weight is 1 where at least two responses are valid.
+        `(per_example [B], weight [B])`; weight is 1 where at least two responses are valid.
     """
     log_q = masked_log_softmax(implicit, valid)
     log_p = masked_log_softmax(target_logits, valid)
