@@ -65,12 +65,29 @@ ARWC_MODES = ("own_margin", "authors_code")
 
 
 def primary_reference(ref_logps: jax.Array) -> jax.Array:
-    """``[B, K]``: reference 0 of ``[B, K, R]``, or ``ref_logps`` itself when it is ``[B, K]``."""
+    """The primary reference's log-probs.
+
+    Args:
+        ref_logps: `[B, K, R]` or `[B, K]` reference log-probs.
+
+    Returns:
+        `[B, K]`: reference 0 of `[B, K, R]`, or `ref_logps` itself when it is `[B, K]`.
+    """
     return ref_logps[..., 0] if ref_logps.ndim == 3 else ref_logps
 
 
 def ctro_clip(ref_logps: jax.Array, valid: jax.Array, epsilon: float, epsilon_mode: str) -> jax.Array:
-    """CTRO clipping of references ``1..R-1`` around reference 0. ``ref_logps [B, K, R]`` → ``[B, K, R]``."""
+    """CTRO clipping of references `1..R-1` around reference 0 (MRPO; see the module docstring).
+
+    Args:
+        ref_logps: `[B, K, R]` reference log-probs (index 0 = primary).
+        valid: `[B, K]` bool.
+        epsilon: the clipping rate ε.
+        epsilon_mode: `"adaptive"` (ε split over an example's responses as the authors' code does) or `"fixed"`.
+
+    Returns:
+        `[B, K, R]` with references `1..R-1` clipped into `[(1+ε_y)ℓ_0, (1−ε_y)ℓ_0]`.
+    """
     primary = ref_logps[..., 0]
     if epsilon_mode == "fixed":
         eps = jnp.full(primary.shape, epsilon, jnp.float32)
@@ -98,10 +115,18 @@ def arwc_margins(ref_logps: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def arwc_weights(ref_logps: jax.Array, valid: jax.Array, arwc: str = "own_margin") -> jax.Array:
-    """ARWC weights ``[B, R]`` from the margins ``M_k`` of ``arwc_margins`` (see the module docstring).
+    """ARWC weights from the margins `M_k` of `arwc_margins` (see the module docstring).
 
-    ``arwc="own_margin"``: ``α_k = (M_k + δ) / Σ_j (M_j + δ)``. ``arwc="authors_code"`` (``R = 2`` only, else
-    ``ValueError``): ``α_0 = M_1 / (M_0 + M_1 + δ)``, ``α_1 = 1 − α_0``.
+    `arwc="own_margin"`: `α_k = (M_k + δ) / Σ_j (M_j + δ)`. `arwc="authors_code"` (`R = 2` only, else
+    `ValueError`): `α_0 = M_1 / (M_0 + M_1 + δ)`, `α_1 = 1 − α_0`.
+
+    Args:
+        ref_logps: `[B, K, R]` unclipped reference log-probs.
+        valid: `[B, K]` bool.
+        arwc: `"own_margin"` or `"authors_code"`.
+
+    Returns:
+        `[B, R]` weights summing to 1 per example.
     """
     margins = arwc_margins(ref_logps, valid)
     if arwc == "own_margin":
@@ -128,15 +153,18 @@ def virtual_reference(
     epsilon_mode: str = "adaptive",
     arwc: str = "own_margin",
 ) -> jax.Array:
-    """MRPO virtual reference ``log π̃ [B, K] = −logsumexp_k(log α_k − ℓ̂_k)`` from ``ref_logps [B, K, R]``.
+    """MRPO virtual reference `log π̃ [B, K] = −logsumexp_k(log α_k − ℓ̂_k)` from `ref_logps [B, K, R]`.
 
     Args:
-      ref_logps: ``[B, K, R]`` float32 sequence log-probs of the ``R`` references (index 0 = primary).
-      valid: ``[B, K]`` bool.
-      alpha: ``R`` fixed weights (``≥ 0``, summing to 1), or ``None`` for per-example ARWC weights.
-      epsilon: CTRO clipping rate, or ``None`` for no clipping.
-      epsilon_mode: ``"adaptive"`` or ``"fixed"`` (see the module docstring).
-      arwc: ``"own_margin"`` or ``"authors_code"`` (``R = 2``): how ARWC turns margins into weights (``alpha=None``).
+        ref_logps: `[B, K, R]` float32 sequence log-probs of the `R` references (index 0 = primary).
+        valid: `[B, K]` bool.
+        alpha: `R` fixed weights (`≥ 0`, summing to 1), or `None` for per-example ARWC weights.
+        epsilon: CTRO clipping rate, or `None` for no clipping.
+        epsilon_mode: `"adaptive"` or `"fixed"` (see the module docstring).
+        arwc: `"own_margin"` or `"authors_code"` (`R = 2`): how ARWC turns margins into weights (`alpha=None`).
+
+    Returns:
+        `[B, K]` float32, the virtual reference's log-probs `log π̃`.
     """
     ref_logps = jax.lax.stop_gradient(ref_logps)
     if alpha is None:
