@@ -112,7 +112,16 @@ def reference_logps(
 
 
 def run_rpo(prep: PreparedBatch, setting: RPOSetting, reference: jax.Array | None) -> ComponentResult:
-    """Evaluate ``setting`` on ``prep``; ``reference [B, K]`` is used when ``setting.reference == "given"``."""
+    """Evaluate one point of the RPO family on a prepared batch.
+
+    Args:
+        prep: the prepared batch (`rpo_jax.losses.batch.prepare_batch`).
+        setting: the `RPOSetting` (distance, target, pairs, reference, length normalisation, margin).
+        reference: `[B, K]` reference log-probs, used when `setting.reference == "given"`.
+
+    Returns:
+        The component's per-example losses, weights and metrics.
+    """
     if setting.reference == "given":
         ref = reference
     elif setting.reference == "none":
