@@ -11,8 +11,17 @@ __all__ = ["bradley_terry_per_pair", "bradley_terry_loss"]
 def bradley_terry_per_pair(
     chosen: jax.Array, rejected: jax.Array, *, center_coefficient: float = 0.0, margin: jax.Array | float | None = None
 ) -> jax.Array:
-    """[P] float32: ℓ_p = −log σ(s_c,p − s_r,p − m_p) + λ·(s_c,p + s_r,p)²  (λ = center_coefficient, m = margin,
-    0 when None; `margin` is a scalar or [P])."""
+    """Per-pair Bradley–Terry losses `ℓ_p = −log σ(s_c,p − s_r,p − m_p) + λ·(s_c,p + s_r,p)²`.
+
+    Args:
+        chosen: `[P]` scores `s_c` of the chosen responses.
+        rejected: `[P]` scores `s_r` of the rejected responses.
+        center_coefficient: λ, TRL's `center_rewards_coefficient`.
+        margin: m, a scalar or `[P]`; `None`: 0.
+
+    Returns:
+        `[P]` float32 losses.
+    """
     chosen = jnp.asarray(chosen, jnp.float32)
     rejected = jnp.asarray(rejected, jnp.float32)
     diff = chosen - rejected
@@ -37,10 +46,16 @@ def bradley_terry_loss(
         ℓ_p  = −log σ(s_c,p − s_r,p − m_p) + λ·(s_c,p + s_r,p)²
         loss = Σ_p w_p ℓ_p / Σ_p w_p                   (0 when Σ_p w_p = 0)
 
-    `weight [P]` ≥ 0 (0 for padding pairs); `margin` m (scalar or [P]; None = 0) is the optional margin of Llama 2's
-    reward models; λ = `center_coefficient` is TRL's `center_rewards_coefficient` (keeps scores centred at 0).
-    Returns (loss, metrics) with the same weighted means of: `accuracy` [s_c > s_r] (ties count as wrong),
-    `margin` s_c − s_r, `chosen_score` s_c, `rejected_score` s_r, and `pairs` Σ w.
+    Args:
+        chosen: `[P]` scores `s_c` of the chosen responses.
+        rejected: `[P]` scores `s_r` of the rejected responses.
+        weight: `[P]` ≥ 0 (0 for padding pairs).
+        center_coefficient: λ, TRL's `center_rewards_coefficient` (keeps scores centred at 0).
+        margin: m, a scalar or `[P]` (`None`: 0), the optional margin of Llama 2's reward models.
+
+    Returns:
+        `(loss, metrics)`: the scalar loss and the same weighted means of `accuracy` `[s_c > s_r]` (ties count as
+        wrong), `margin` `s_c − s_r`, `chosen_score` `s_c`, `rejected_score` `s_r`, and `pairs` `Σ w`.
     """
     chosen = jnp.asarray(chosen, jnp.float32)
     rejected = jnp.asarray(rejected, jnp.float32)
