@@ -382,12 +382,26 @@ LOSSES: dict[str, LossDefinition] = _build()
 
 
 def available_losses() -> list[str]:
-    """Every loss name ``make_loss`` accepts."""
+    """Every loss name `make_loss` accepts.
+
+    Returns:
+        The names, in the registry's order (the RPO family first).
+    """
     return list(LOSSES)
 
 
 def loss_hyperparameters(name: str) -> dict[str, Any]:
-    """The hyperparameters of loss ``name`` with their defaults."""
+    """The hyperparameters of a loss with their defaults.
+
+    Args:
+        name: a name from `available_losses()`.
+
+    Returns:
+        `{hyperparameter: default}`.
+
+    Raises:
+        ValueError: for an unknown name (listing the valid ones).
+    """
     return {key: default for key, (default, _) in _definition(name).hparams.items()}
 
 
