@@ -52,7 +52,14 @@ CHAT_TEMPLATE = (
 
 
 def demo_paths(directory: str | pathlib.Path | None = None) -> dict[str, str]:
-    """Paths of the demo files: ``{"train", "test", "tokenizer"}`` (the bundled copy by default)."""
+    """Paths of the demo files.
+
+    Args:
+        directory: where the demo files are (`None`: the bundled copy, `DEMO_DIR`).
+
+    Returns:
+        `{"train": ..., "test": ..., "tokenizer": ...}`.
+    """
     d = pathlib.Path(directory) if directory is not None else DEMO_DIR
     return {"train": str(d / "train.jsonl"), "test": str(d / "test.jsonl"), "tokenizer": str(d / "tokenizer")}
 
@@ -67,7 +74,15 @@ def prompt_digits(prompt: str) -> list[str]:
 
 
 def judge(prompt: str, response: str) -> float:
-    """Ground-truth reward in [0, 1] of ``response`` to the demo ``prompt`` (formula in the module docstring)."""
+    """The demo task's ground-truth reward (formula in the module docstring).
+
+    Args:
+        prompt: a demo prompt, `"sort: 7 2 9 4"`.
+        response: the response text.
+
+    Returns:
+        The reward in [0, 1] (1 for the sorted digits).
+    """
     p = prompt_digits(prompt)
     r = response.split()
     if not r or not all(len(x) == 1 and x.isdigit() for x in r):
