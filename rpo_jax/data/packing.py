@@ -313,16 +313,22 @@ def write_unit(
 def pack_batch(
     batch: Mapping[str, np.ndarray], packing: Packing, *, first_example: int = 0, micro_batches: int = 1
 ) -> dict[str, np.ndarray]:
-    """The packed batch of a contract batch (module docstring): row arrays ``[R, T]`` and the example-level
-    arrays of ``batch`` (everything but tokens / attention_mask / loss_mask) unchanged.
+    """The packed batch of a contract batch (module docstring).
 
-    ``first_example``: the global index of the batch's first example (its process's offset); ``micro_batches``:
-    M, rows laid out for a step that splits the batch into M micro-batches (module docstring). With
-    ``packing.min_saving`` > 0, ``batch`` itself (a copy of the dict, not packed) when packing would not save
-    that fraction of its cost (:func:`packing_saves`).
+    Args:
+        batch: a contract batch `[B, K, T]`.
+        packing: the row length, shared prompts and the minimum saving.
+        first_example: the global index of the batch's first example (its process's offset).
+        micro_batches: M, rows laid out for a step that splits the batch into M micro-batches.
 
-    Raises ValueError naming the example (batch row and record index) when a sequence is longer than the row
-    length, or, with ``share_prompt``, when an example's responses do not share their prompt tokens.
+    Returns:
+        Row arrays `[R, T]` and the example-level arrays of `batch` (everything but tokens / attention_mask /
+        loss_mask) unchanged; with `packing.min_saving` > 0, `batch` itself (a copy of the dict, not packed)
+        when packing would not save that fraction of its cost (`packing_saves`).
+
+    Raises:
+        ValueError: naming the example (batch row and record index) when a sequence is longer than the row
+            length, or, with `share_prompt`, when an example's responses do not share their prompt tokens.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -364,20 +370,40 @@ def packing_saves(packed: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarr
 
 
 def is_packed(batch: Mapping[str, object]) -> bool:
-    """True for a batch from :func:`pack_batch` (it has ``response_id``)."""
+    """Whether a batch is packed.
+
+    Args:
+        batch: a batch.
+
+    Returns:
+        True for a batch from `pack_batch` (it has `response_id`).
+    """
     return "response_id" in batch
 
 
 def fill_ratio(packed: Mapping[str, np.ndarray]) -> float:
-    """Real tokens ÷ row slots of a packed batch (a contract batch: real tokens ÷ ``B·K·T`` slots)."""
+    """How full a batch is.
+
+    Args:
+        packed: a packed batch, or a contract batch.
+
+    Returns:
+        Real tokens ÷ row slots (a contract batch: real tokens ÷ `B·K·T` slots).
+    """
     mask = np.asarray(packed["attention_mask"])
     return float(mask.sum() / max(mask.size, 1))
 
 
 def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
-    """The tokens a batch trains on: Σ over valid responses of ``prompt + response`` tokens — for a packed batch
-    its ``sequence_lengths`` (a shared prompt counted once per response), so that the count is the same whichever
-    layout computes it."""
+    """The tokens a batch trains on, the same count whichever layout computes it.
+
+    Args:
+        batch: a contract or packed batch.
+
+    Returns:
+        Σ over valid responses of `prompt + response` tokens (for a packed batch its `sequence_lengths`: a
+        shared prompt counted once per response).
+    """
     if is_packed(batch):
         return int(np.sum(batch["sequence_lengths"]))
     valid = np.asarray(batch["valid"])[..., None]
