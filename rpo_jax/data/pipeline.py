@@ -42,7 +42,17 @@ def _process_defaults(process_index: int | None, process_count: int | None) -> t
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """``[N] int64``: the order of epoch ``epoch`` (``default_rng([seed, epoch]).permutation(N)``)."""
+    """The order in which an epoch visits the examples.
+
+    Args:
+        num_examples: N.
+        seed: the shuffle seed.
+        epoch: the epoch.
+        shuffle: False: `arange(N)`.
+
+    Returns:
+        `[N]` int64, `default_rng([seed, epoch]).permutation(N)`.
+    """
     if not shuffle:
         return np.arange(num_examples)
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
@@ -148,18 +158,23 @@ def make_train_iterator(
     process_count: int | None = None,
     packing: Packing | None = None,
 ) -> TrainIterator:
-    """A resumable iterator of training batches (contract batch, ``[B, K, T]`` with bucketed T).
+    """A resumable iterator of training batches (contract batch, `[B, K, T]` with bucketed T).
 
     Args:
-      dataset: from :func:`~rpo_jax.data.tokenize.tokenize_records`.
-      batch_size: B, examples per batch on this process.
-      seed: shuffle seed; epoch ``e`` uses ``default_rng([seed, e])``.
-      shuffle: False visits examples in order every epoch.
-      num_epochs: None repeats forever.
-      process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
-      packing: yield packed batches (module docstring); None: contract batches ``[B, K, T]``.
+        dataset: from `tokenize_records`.
+        batch_size: B, examples per batch on this process.
+        seed: shuffle seed; epoch `e` uses `default_rng([seed, e])`.
+        shuffle: False visits examples in order every epoch.
+        num_epochs: `None` repeats forever.
+        process_index: default `jax.process_index()`.
+        process_count: default `jax.process_count()`.
+        packing: yield packed batches (module docstring); `None`: contract batches `[B, K, T]`.
 
-    Raises ValueError when the dataset has fewer than ``batch_size * process_count`` examples.
+    Returns:
+        A `TrainIterator` (`get_state()` / `set_state()` for checkpoints).
+
+    Raises:
+        ValueError: when the dataset has fewer than `batch_size * process_count` examples.
     """
     process_index, process_count = _process_defaults(process_index, process_count)
     if batch_size < 1:
@@ -181,7 +196,16 @@ def make_train_iterator(
 
 
 def num_eval_batches(dataset: TokenizedDataset, batch_size: int, process_count: int = 1) -> int:
-    """``ceil(N / (B * P))``: batches each process yields in :func:`make_eval_batches`."""
+    """How many batches each process yields in `make_eval_batches`.
+
+    Args:
+        dataset: the tokenized split (N examples).
+        batch_size: B.
+        process_count: P.
+
+    Returns:
+        `ceil(N / (B * P))`.
+    """
     return max(1, math.ceil(len(dataset) / (batch_size * process_count)))
 
 
@@ -195,9 +219,18 @@ def make_eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example exactly once, in order, over all processes; the tail is padded with all-invalid examples.
 
-    Global batch ``s`` covers examples ``[s * P * B, (s + 1) * P * B)``; process ``p`` gets its ``p``-th
-    block of B. Padding examples have ``valid`` all False and ``index`` -1. Every process yields
-    :func:`num_eval_batches` batches. ``packing``: packed batches, as in :func:`make_train_iterator`.
+    Global batch `s` covers examples `[s * P * B, (s + 1) * P * B)`; process `p` gets its `p`-th block of B.
+    Padding examples have `valid` all False and `index` -1.
+
+    Args:
+        dataset: from `tokenize_records`.
+        batch_size: B, examples per batch on this process.
+        process_index: default `jax.process_index()`.
+        process_count: P, default `jax.process_count()`.
+        packing: packed batches, as in `make_train_iterator`; `None`: contract batches.
+
+    Yields:
+        `num_eval_batches` batches on every process.
     """
     process_index, process_count = _process_defaults(process_index, process_count)
     n = len(dataset)
