@@ -68,7 +68,15 @@ def read_prompts(
     A line is any JSON object with a ``prompt`` (a string or a list of messages; other fields are ignored, so
     every preference file is also a prompt file), or a TRL implicit-prompt record (its common prefix).
     ``on_error`` as in :func:`~rpo_jax.data.records.read_records`: ``"raise"`` names file, line and field;
-    ``"skip"`` counts, and raises :class:`~rpo_jax.data.problems.NoRecordsError` when no prompt is left.
+    `"skip"` counts, and raises `NoRecordsError` when no prompt is left.
+
+    Args:
+        paths: what `read_records` reads.
+        on_error: `"raise"` or `"skip"`.
+        split: a `DatasetDict`'s split.
+
+    Returns:
+        `(prompts, report)`.
     """
 
     def prompts_of(source: Source):
