@@ -414,8 +414,18 @@ def _parse_k(obj: Mapping[str, Any]) -> tuple:
 
 
 def detect_format(obj: Mapping[str, Any]) -> str:
-    """The format of one JSON object from its keys (see the module docstring). Raises ValueError if none fits
-    (saying so for an unpaired record, ``{prompt, completion, label}``: :mod:`rpo_jax.data.unpaired` reads those)."""
+    """The format of one JSON object, from its keys (see the module docstring).
+
+    Args:
+        obj: one decoded record.
+
+    Returns:
+        One of `FORMATS`.
+
+    Raises:
+        ValueError: if none fits (saying so for an unpaired record, `{prompt, completion, label}`:
+            `rpo_jax.data.unpaired` reads those).
+    """
     if "responses" in obj:
         return "k_responses"
     if "chosen_response" in obj or "rejected_response" in obj:
@@ -443,10 +453,18 @@ def _normalise_format(format: str | None) -> str | None:
 
 
 def parse_record(obj: Any, format: str, source: tuple[str, int]) -> PreferenceRecord:
-    """Parse one decoded JSON object in ``format`` into a :class:`PreferenceRecord`.
+    """Parse one decoded JSON object into a `PreferenceRecord`.
+
+    Args:
+        obj: the decoded object.
+        format: one of `FORMATS`.
+        source: `(file, line)`, named in errors and kept on the record.
+
+    Returns:
+        The record.
 
     Raises:
-      RecordError: naming ``source`` (file, line) and the field, for the first problem found.
+        RecordError: naming `source` (file, line) and the field, for the first problem found.
     """
     problems = record_problems(obj, format, source)
     if isinstance(problems, PreferenceRecord):
