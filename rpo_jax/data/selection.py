@@ -44,7 +44,17 @@ def to_pairs(
 
     ``best_vs_worst``: one pair per record (highest vs lowest reward; first index wins ties).
     ``all_pairs``: every (i, j) with ``rewards[i] > rewards[j]`` (tied pairs are left out), chosen first.
-    Records whose rewards are all equal give no pair. Raises ValueError for a record without rewards.
+    Records whose rewards are all equal give no pair.
+
+    Args:
+        records: records with rewards.
+        mode: `"best_vs_worst"` or `"all_pairs"`.
+
+    Returns:
+        The K = 2 records.
+
+    Raises:
+        ValueError: for a record without rewards.
     """
     out = []
     for r in records:
@@ -76,7 +86,18 @@ def holdout_split(
     train_split: str = "train",
     holdout_split: str = "test",
 ) -> dict[str, list[PreferenceRecord]]:
-    """``round(fraction * N)`` records picked by ``default_rng(seed)`` held out; both splits keep input order."""
+    """Hold out `round(fraction * N)` records picked by `default_rng(seed)`; both splits keep input order.
+
+    Args:
+        records: the N records.
+        fraction: the held-out fraction, in [0, 1).
+        seed: the seed of the pick.
+        train_split: the name of the rest.
+        holdout_split: the name of the held-out split.
+
+    Returns:
+        `{train_split: [...], holdout_split: [...]}`.
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}")
     n = len(records)
@@ -124,7 +145,14 @@ class LabelScoreCounts:
 
 
 def label_score_counts(records: Sequence[PreferenceRecord]) -> LabelScoreCounts:
-    """Count ties and label/score disagreements among labelled pairs with scores (see :class:`LabelScoreCounts`)."""
+    """Count ties and label/score disagreements among labelled pairs with scores.
+
+    Args:
+        records: the records.
+
+    Returns:
+        A `LabelScoreCounts`.
+    """
     ties, disagreements, scored = [], [], 0
     for r in records:
         if not r.labelled or r.rewards is None:
@@ -150,8 +178,16 @@ def rewards_reach_loss(records: Sequence[PreferenceRecord], *, loss_uses_rewards
       (K = 2 without rewards: response 0 preferred, as ever). A split mixing labelled pairs with K-response
       records that carry rewards cannot do both in one batch: a ValueError naming one file of each.
 
+    Args:
+        records: the split.
+        loss_uses_rewards: the loss is reward-aware.
+        pairs_from: `"labels"` or `"rewards"` (`config.data.pairs_from`).
+
+    Returns:
+        Whether the rewards reach the loss.
+
     Raises:
-      ValueError: an unknown ``pairs_from``, missing rewards under ``"rewards"``, or the mix above.
+        ValueError: an unknown `pairs_from`, missing rewards under `"rewards"`, or the mix above.
     """
     if pairs_from not in PAIRS_FROM:
         raise ValueError(f"data.pairs_from={pairs_from!r}: expected one of {PAIRS_FROM}")
