@@ -254,12 +254,15 @@ def resolve_sources(paths: Any, *, split: str | None = None) -> list[Source]:
     """Every source to read, in order (see the module docstring for the inputs and their names).
 
     Args:
-      paths: a path, a ``datasets`` object, a :class:`Source`, or a list of them.
-      split: the split of every ``DatasetDict`` (object or save_to_disk directory) that has none in its path.
+        paths: a path, a `datasets` object, a `Source`, or a list of them.
+        split: the split of every `DatasetDict` (object or save_to_disk directory) that has none in its path.
+
+    Returns:
+        The `Source`s.
 
     Raises:
-      ValueError: no input, a missing path, an unsupported file type, a directory without shards, a DatasetDict
-        without a split (listing the splits), an unknown split, or ``split`` given where no input has splits.
+        ValueError: no input, a missing path, an unsupported file type, a directory without shards, a DatasetDict
+            without a split (listing the splits), an unknown split, or `split` given where no input has splits.
     """
     items = source_list(paths)
     if not items:
@@ -284,10 +287,18 @@ def resolve_sources(paths: Any, *, split: str | None = None) -> list[Source]:
 
 
 def expand_sources(paths: Any, *, split: str | None = None) -> list[str]:
-    """The names of the sources to read (:func:`resolve_sources`): each file itself, a directory's ``*.jsonl``,
-    ``*.jsonl.gz``, ``*.parquet`` (sorted), a save_to_disk directory (``DIR/split`` for a DatasetDict's split).
+    """The names of the sources to read (`resolve_sources`).
 
-    Raises ValueError for a missing path, an unsupported suffix, or a directory without shards.
+    Args:
+        paths: a path, a `datasets` object, a `Source`, or a list of them.
+        split: the split of every `DatasetDict` that has none in its path.
+
+    Returns:
+        Each file itself, a directory's `*.jsonl`, `*.jsonl.gz`, `*.parquet` (sorted), a save_to_disk directory
+        (`DIR/split` for a DatasetDict's split).
+
+    Raises:
+        ValueError: for a missing path, an unsupported suffix, or a directory without shards.
     """
     return [s.name for s in resolve_sources(paths, split=split)]
 
