@@ -129,7 +129,16 @@ def build_tfds(
 
 
 def tfds_data_source(data_dir: str | os.PathLike, split: str, *, name: str = "default") -> Sequence[dict]:
-    """The prepared split as a random-access ``tfds`` data source (items ``{"record": bytes, "index": int}``)."""
+    """The prepared split as a random-access `tfds` data source.
+
+    Args:
+        data_dir: the TFDS data directory.
+        split: the split's name.
+        name: the builder config's name.
+
+    Returns:
+        The data source (items `{"record": bytes, "index": int}`).
+    """
     builder_dir = os.path.join(str(data_dir), BUILDER_NAME, name, str(RpoPreferences.VERSION))
     if not os.path.isdir(builder_dir):
         raise ValueError(f"{builder_dir}: no prepared dataset (run build_tfds first)")
@@ -137,7 +146,14 @@ def tfds_data_source(data_dir: str | os.PathLike, split: str, *, name: str = "de
 
 
 def records_from_data_source(source: Sequence[dict]) -> list[PreferenceRecord]:
-    """Decode every item of a data source from :func:`tfds_data_source` into records, in index order."""
+    """Decode every item of a data source from `tfds_data_source` into records, in index order.
+
+    Args:
+        source: the data source.
+
+    Returns:
+        The records.
+    """
     out = []
     for i in range(len(source)):
         item = source[i]
@@ -149,5 +165,14 @@ def records_from_data_source(source: Sequence[dict]) -> list[PreferenceRecord]:
 
 
 def load_tfds_records(data_dir: str | os.PathLike, split: str, *, name: str = "default") -> list[PreferenceRecord]:
-    """The records of a prepared split, in their original order."""
+    """The records of a prepared split, in their original order.
+
+    Args:
+        data_dir: the TFDS data directory.
+        split: the split's name.
+        name: the builder config's name.
+
+    Returns:
+        The records.
+    """
     return records_from_data_source(tfds_data_source(data_dir, split, name=name))
