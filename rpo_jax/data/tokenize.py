@@ -57,10 +57,17 @@ TRUNCATION_POLICIES = ("drop", "truncate_prompt", "truncate_response", "keep_sta
 
 
 def default_buckets(max_length: int, *, min_bucket: int = 16) -> tuple[int, ...]:
-    """Powers of two from ``min_bucket`` below ``max_length``, then ``max_length`` itself.
+    """Powers of two from `min_bucket` below `max_length`, then `max_length` itself.
 
     >>> default_buckets(100)
     (16, 32, 64, 100)
+
+    Args:
+        max_length: the longest sequence.
+        min_bucket: the smallest bucket.
+
+    Returns:
+        The bucket lengths, ascending.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
@@ -72,7 +79,18 @@ def default_buckets(max_length: int, *, min_bucket: int = 16) -> tuple[int, ...]
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= ``length``; ValueError when none fits."""
+    """The smallest bucket ≥ `length`.
+
+    Args:
+        length: a sequence length in tokens.
+        buckets: the static lengths T, ascending.
+
+    Returns:
+        The bucket.
+
+    Raises:
+        ValueError: when none fits.
+    """
     for b in sorted(buckets):
         if b >= length:
             return b
@@ -226,12 +244,19 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def encode_record(record: PreferenceRecord, tokenizer: Any) -> tuple[list[int], list[list[int]]]:
-    """Untruncated ``(prompt_ids, [response_ids_k (+EOS)])`` of one record (rule in the module docstring).
+    """The untruncated token ids of one record (rule in the module docstring).
+
+    Args:
+        record: the record.
+        tokenizer: a Hugging Face tokenizer (with a chat template for conversational records).
+
+    Returns:
+        `(prompt_ids, [response_ids_k (+EOS)])`.
 
     Raises:
-      RecordError: when the prompt's tokens are not a prefix of prompt + response's tokens, or the record is
-        conversational and the tokenizer has no chat template, or a message's role is unknown or ``tool``
-        without a chat template that knows it (:func:`check_roles`).
+        RecordError: when the prompt's tokens are not a prefix of prompt + response's tokens, or the record is
+            conversational and the tokenizer has no chat template, or a message's role is unknown or `tool`
+            without a chat template that knows it (`check_roles`).
     """
     texts, add_special_tokens = record_texts(record, tokenizer)
     ids = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
@@ -239,11 +264,18 @@ def encode_record(record: PreferenceRecord, tokenizer: Any) -> tuple[list[int], 
 
 
 def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
-    """Token ids of a prompt to generate from (a :class:`PromptRecord` or :class:`PreferenceRecord`).
+    """Token ids of a prompt to generate from.
 
     Conversational: the chat template with the generation prompt (the template writes the special tokens).
-    Standard: the prompt's text with the tokenizer's special tokens — the same ids :func:`encode_record` gives
-    a record's prompt.
+    Standard: the prompt's text with the tokenizer's special tokens — the same ids `encode_record` gives a
+    record's prompt.
+
+    Args:
+        prompt: a `PromptRecord` or `PreferenceRecord`.
+        tokenizer: a Hugging Face tokenizer.
+
+    Returns:
+        The token ids.
     """
     if prompt.conversational:
         if not getattr(tokenizer, "chat_template", None):
@@ -432,10 +464,21 @@ class TokenizedDataset:
 def collate_examples(
     examples: Sequence[TokenizedExample | None], *, k_max: int, buckets: Sequence[int], pad_id: int, with_rewards: bool
 ) -> dict[str, np.ndarray]:
-    """Pad examples into the contract batch (see :meth:`TokenizedDataset.collate`).
+    """Pad examples into the contract batch (see `TokenizedDataset.collate`).
 
-    Valid slots hold ``prompt + response`` right-padded with ``pad_id``; padded K slots and padding examples
-    are all-zero tokens with ``valid`` False. ``loss_mask[b, k, t]`` is True for ``prompt_len <= t < n``.
+    Valid slots hold `prompt + response` right-padded with `pad_id`; padded K slots and padding examples are
+    all-zero tokens with `valid` False. `loss_mask[b, k, t]` is True for `prompt_len <= t < n`.
+
+    Args:
+        examples: B examples; `None` for a padding example.
+        k_max: K, response slots per example.
+        buckets: the static lengths T; the batch takes the smallest that fits its longest sequence.
+        pad_id: the padding token id.
+        with_rewards: include the `rewards [B, K]` array.
+
+    Returns:
+        The batch: `tokens`, `attention_mask`, `loss_mask` `[B, K, T]`, `lengths`, `valid` (`rewards`) `[B, K]`,
+        `index [B]`.
     """
     batch_size = len(examples)
     longest = max((len(s) for e in examples if e is not None for s in e.sequences), default=1)
@@ -486,21 +529,23 @@ def tokenize_records(
     pad_id: int | None = None,
     on_error: OnError = "raise",
 ) -> TokenizedDataset:
-    """Tokenize a split of records into a :class:`TokenizedDataset`.
+    """Tokenize a split of records into a `TokenizedDataset`.
 
     Args:
-      records: the split (its order defines ``index``).
-      tokenizer: a Hugging Face tokenizer (``transformers.AutoTokenizer``), with an EOS token, a pad token (or
-        ``pad_id``) and, for conversational records, a chat template.
-      max_length: the longest ``prompt + response`` in tokens.
-      max_prompt_length: the longest prompt (None: only ``max_length`` applies).
-      truncation: ``"drop"`` | ``"truncate_prompt"`` | ``"truncate_response"`` | ``"keep_start"`` (module
-        docstring).
-      buckets: static sequence lengths T (default :func:`default_buckets`); the largest must be >= max_length.
-      k_max: K of every batch (default: the largest K among kept records); padded slots are invalid.
-      pad_id: overrides ``tokenizer.pad_token_id``.
-      on_error: ``"raise"`` the first problem (RecordError naming file, line, field) or ``"skip"`` records
-        with problems (counted in ``report.num_skipped``, listed in ``report.problems``).
+        records: the split (its order defines `index`).
+        tokenizer: a Hugging Face tokenizer (`transformers.AutoTokenizer`), with an EOS token, a pad token (or
+            `pad_id`) and, for conversational records, a chat template.
+        max_length: the longest `prompt + response` in tokens.
+        max_prompt_length: the longest prompt (`None`: only `max_length` applies).
+        truncation: `"drop"` | `"truncate_prompt"` | `"truncate_response"` | `"keep_start"` (module docstring).
+        buckets: static sequence lengths T (default `default_buckets`); the largest must be ≥ `max_length`.
+        k_max: K of every batch (default: the largest K among kept records); padded slots are invalid.
+        pad_id: overrides `tokenizer.pad_token_id`.
+        on_error: `"raise"` the first problem (`RecordError` naming file, line, field) or `"skip"` records with
+            problems (counted in `report.num_skipped`, listed in `report.problems`).
+
+    Returns:
+        The `TokenizedDataset` (its `report` counts kept, dropped, truncated and skipped records).
     """
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
