@@ -208,8 +208,15 @@ def unpair_records(
     """TRL's ``unpair_preference_dataset`` on labelled pairs: per block of ``batch_size`` pairs, every chosen
     response (label True), then every rejected one (label False), each with its pair's prompt and source.
 
+    Args:
+        records: labelled pairs.
+        batch_size: TRL's `map` batch size (the block).
+
+    Returns:
+        The unpaired records.
+
     Raises:
-      ValueError: a record that is not a labelled pair (K-response records, pairs built from rewards).
+        ValueError: a record that is not a labelled pair (K-response records, pairs built from rewards).
     """
     for r in records:
         if not (r.labelled and r.num_responses == 2):
@@ -280,7 +287,14 @@ class LabelBalance:
 
 
 def label_balance(records: Sequence[UnpairedRecord]) -> LabelBalance:
-    """The desirable / undesirable counts of ``records``."""
+    """The desirable / undesirable counts of unpaired records.
+
+    Args:
+        records: the records.
+
+    Returns:
+        A `LabelBalance`.
+    """
     desirable = sum(1 for r in records if r.label)
     return LabelBalance(desirable, len(records) - desirable)
 
@@ -293,6 +307,14 @@ def kto_weight_advice(
     As TRL (``_prepare_dataset``): ``n_D = max(desirable, 1)``, ``n_U = max(total − n_D, 1)``; no advice when
     ``n_D = n_U``; else the KTO paper's range ``λ_D n_D / (λ_U n_U) ∈ [1, 4/3]`` (arXiv:2402.01306, Eq. 8) solved
     for each weight, bounds rounded to 2 decimals, and the advice when *neither* weight is inside its bounds.
+
+    Args:
+        balance: the label balance.
+        desirable_weight: λ_D.
+        undesirable_weight: λ_U.
+
+    Returns:
+        The warning text, or `None`.
     """
     n_desirable = max(balance.desirable, 1)
     n_undesirable = max(balance.total - n_desirable, 1)
@@ -314,7 +336,14 @@ def kto_weight_advice(
 
 
 def one_class_warning(balance: LabelBalance) -> str | None:
-    """A warning when every record has the same label (None otherwise, and for no record at all)."""
+    """A warning when every record has the same label.
+
+    Args:
+        balance: the label balance.
+
+    Returns:
+        The warning text, or `None` (also for no record at all).
+    """
     if balance.total == 0 or (balance.desirable and balance.undesirable):
         return None
     label, other = ("desirable", "undesirable") if balance.desirable else ("undesirable", "desirable")
