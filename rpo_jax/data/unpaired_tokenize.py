@@ -184,6 +184,9 @@ def tokenize_unpaired(
       mismatched_block: B ≥ 2: add each example's mismatched sequence (K = 2) from blocks of B kept examples;
         None: one sequence per example (K = 1).
       on_error: ``"raise"`` the first problem, or ``"skip"`` records with problems (counted, listed).
+
+    Returns:
+      The `UnpairedDataset`.
     """
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
