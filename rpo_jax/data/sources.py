@@ -258,7 +258,7 @@ def resolve_sources(paths: Any, *, split: str | None = None) -> list[Source]:
         split: the split of every `DatasetDict` (object or save_to_disk directory) that has none in its path.
 
     Returns:
-        The `Source`s.
+        The sources, as `Source` objects.
 
     Raises:
         ValueError: no input, a missing path, an unsupported file type, a directory without shards, a DatasetDict

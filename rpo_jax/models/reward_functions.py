@@ -109,7 +109,7 @@ def dataset_rewards_fn(records: Sequence[Any]) -> RewardFn:
     record holds.
 
     Args:
-        records: `rpo_jax.data.PreferenceRecord`s, or an object with a `records` attribute.
+        records: `rpo_jax.data.PreferenceRecord` objects, or an object with a `records` attribute.
 
     Returns:
         The `RewardFn`.

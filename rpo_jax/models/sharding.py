@@ -135,7 +135,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None):
         rules: logical axis → mesh axis; default `DEFAULT_RULES`.
 
     Returns:
-        A pytree like `state` with `NamedSharding`s as values.
+        A pytree like `state` with a `NamedSharding` as each value.
     """
     return jax.tree.map(
         lambda v: v.replace(variable_sharding(v, mesh, rules)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
