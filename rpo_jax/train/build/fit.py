@@ -1,0 +1,200 @@
+"""Does a run fit? XLA's memory analysis of the compiled programs against what the machine has, before step 1.
+
+Every program a run compiles is measured by XLA itself (`compiled.memory_analysis()`: arguments, outputs,
+outputs aliased to donated arguments, temporaries, generated code) and read into a `ProgramMemory`. What the
+run needs at its peak is then compared with `config.train.memory_budget`
+(`rpo_jax.train.config.values.memory_budget_bytes`):
+
+- on an accelerator (GPU, TPU) per device: the largest program's arguments + outputs not aliased + temporaries +
+  code, plus what the trainer holds meanwhile outside it (`ProgramMemory.resident`), against the device's
+  `bytes_limit` (`memory_capacity`);
+- on the CPU, for the process: its resident set now (Python, the libraries, and every array already allocated:
+  parameters, optimizer state, references) plus the largest program's memory that is not allocated yet — its
+  temporaries, outputs not aliased, code and the batch — against the host's memory (`memory_capacity`: what is
+  available now plus what this process already holds, within its cgroup's limit).
+
+A run that does not fit stops with one line (`DoesNotFit`: what it needs, the budget, what there is, and which
+settings would lower the need) before anything is trained or written but the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Sequence
+
+import jax
+
+from rpo_jax.train.config.values import memory_budget_bytes
+
+GiB = 2**30
+
+
+# ------------------------------------------------------------------------------------------------ what there is
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """Memory a run can use: `bytes` per device on an accelerator, for the process on the CPU; `what` says which."""
+
+    bytes: int
+    what: str
+    host: bool  # the CPU: the process's resident set counts
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        out[name] = int(rest.split()[0]) * 1024
+    return out
+
+
+def cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 `memory.max`, v1 `memory.limit_in_bytes`), or None."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = pathlib.Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            return int(text)
+    return None
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (`/proc/self/statm`)."""
+    pages = int(pathlib.Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_capacity(devices: Sequence[jax.Device]) -> Capacity:
+    """What the run's devices have: an accelerator's `bytes_limit` (the smallest of `devices`); on the CPU the
+    host memory this process can use — the memory available now (`MemAvailable`) plus what the process already
+    holds, within its cgroup's limit."""
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices if d.platform != "cpu"]
+    if limits and all(limits):
+        kind = devices[0].device_kind
+        return Capacity(int(min(limits)), f"{min(limits) / GiB:.1f} GiB per device ({kind})", host=False)
+    info = _meminfo()
+    rss = resident_bytes()
+    usable = info["MemAvailable"] + rss
+    limit = cgroup_limit()
+    if limit is not None:
+        usable = min(usable, limit)
+    return Capacity(
+        usable, f"{usable / GiB:.1f} GiB of host memory (available now + this process's {rss / GiB:.1f} GiB)", True
+    )
+
+
+# ------------------------------------------------------------------------------------------------ what it needs
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+    """XLA's memory analysis of one compiled program (bytes per device), plus `resident`: what the trainer holds
+    meanwhile outside it."""
+
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    code: int
+    resident: int = 0
+
+    @property
+    def total(self) -> int:
+        """Peak bytes per device: arguments + outputs not aliased to arguments + temporaries + code, plus what
+        the trainer holds meanwhile outside the program."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.resident
+
+    @property
+    def to_allocate(self) -> int:
+        """What running it adds to arrays already allocated (its arguments): outputs not aliased + temporaries +
+        code."""
+        return self.outputs - self.aliased + self.temporaries + self.code
+
+
+def program_memory(name: str, compiled, *, resident: int = 0) -> ProgramMemory:
+    """`ProgramMemory` of a `jax.stages.Compiled`."""
+    m = compiled.memory_analysis()
+    return ProgramMemory(
+        name,
+        m.argument_size_in_bytes,
+        m.output_size_in_bytes,
+        m.alias_size_in_bytes,
+        m.temp_size_in_bytes,
+        m.generated_code_size_in_bytes,
+        resident,
+    )
+
+
+def run_need(
+    programs: Sequence[ProgramMemory], capacity: Capacity, resident_now: int | None = None, *, allocated: bool = True
+) -> int:
+    """The run's peak need: on an accelerator the largest program's `total`; on the CPU the process's resident
+    set now (`resident_now`, default measured) plus the largest `to_allocate` — or, when the programs' arguments
+    are not `allocated` yet (a plan: abstract arguments), the largest `total`."""
+    if not capacity.host:
+        return max(p.total for p in programs)
+    now = resident_bytes() if resident_now is None else resident_now
+    return now + max(p.to_allocate if allocated else p.total for p in programs)
+
+
+class DoesNotFit(ValueError):
+    """A run that needs more memory than its budget: the one line says what it needs, the budget, what there is
+    and which settings would lower the need."""
+
+
+def check_fit(
+    programs: Sequence[ProgramMemory],
+    capacity: Capacity,
+    setting: str,
+    *,
+    suggestions: Sequence[str] = (),
+    allocated: bool = True,
+) -> tuple[int, int | None]:
+    """(need, budget) of a run whose programs were measured (`run_need`; `allocated`: their arguments are live
+    arrays already); raises `DoesNotFit` when the need exceeds the budget of `setting`
+    (`config.train.memory_budget`). Budget None: the check is off."""
+    need = run_need(programs, capacity, allocated=allocated)
+    budget = memory_budget_bytes(setting, capacity.bytes)
+    if budget is not None and need > budget:
+        largest = max(programs, key=lambda p: p.to_allocate if capacity.host else p.total)
+        hint = f"; settings that lower it: {', '.join(suggestions)}" if suggestions else ""
+        raise DoesNotFit(
+            f"the run does not fit in memory: it needs {need / GiB:.2f} GiB ({largest.name}: temporaries "
+            f"{largest.temporaries / GiB:.2f} GiB) but config.train.memory_budget={setting!r} allows "
+            f"{budget / GiB:.2f} GiB of {capacity.what}{hint}"
+        )
+    return need, budget
+
+
+def memory_suggestions(cfg) -> list[str]:
+    """Overrides that lower a preference run's peak memory, from the config's own settings (the cheapest first):
+    blockwise attention (memory linear in the row length), more micro-batches (activations of fewer rows at
+    once), full rematerialisation (activations recomputed in the backward pass), cached references (no reference
+    forward pass in the step), shorter sequences."""
+    out = []
+    if cfg.model.attention not in ("blockwise", "cudnn", "splash"):
+        out.append("--config.model.attention=blockwise")
+    shards = max(cfg.mesh.data, 1) * max(cfg.mesh.fsdp, 1)  # -1 (the rest of the devices): at least 1
+    micro = int(cfg.data.micro_batches)
+    if cfg.data.batch_size % (2 * micro * shards) == 0:
+        out.append(f"--config.data.micro_batches={2 * micro}")
+    if cfg.model.remat == "none":
+        out.append("--config.model.remat=full")
+    if cfg.reference_mode == "in_step" and not cfg.reference_sync.every:
+        out.append("--config.reference_mode=cache")
+    if cfg.data.max_length > 256:
+        out.append(f"--config.data.max_length={cfg.data.max_length // 2}")
+    return out
+
+
+def check_program_fits(name: str, program, args: tuple, cfg, devices: Sequence[jax.Device], *, resident: int = 0):
+    """Compile `program` (a jitted step, `rpo_jax.train.step.steps.WithFrozen`) for `args` — the run's largest
+    arguments, already allocated — and `check_fit` it against `cfg.train.memory_budget` on `devices` (this
+    process's); returns (its `ProgramMemory`, need, budget, `Capacity`). The compiled executable stays in the
+    program's cache: a later call with the same shapes does not compile again."""
+    memory = program_memory(name, program.lower(*args).compile(), resident=resident)
+    capacity = memory_capacity(devices)
+    need, budget = check_fit([memory], capacity, cfg.train.memory_budget, suggestions=memory_suggestions(cfg))
+    return memory, need, budget, capacity
