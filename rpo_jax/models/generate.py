@@ -368,7 +368,7 @@ def generate(
         pad_token_id: fills the slots after a row's end (default: the config's pad id, else 0).
         stop_sequences: token-id sequences, e.g. `[[13, 13], [50256]]`; a row stops once its generated tokens end
             with one (checked in the graph). Only generated tokens count, not the prompt.
-        stop_strings: strings, e.g. `["\\n\\n", "User:"]`, with `tokenizer`; a row stops at the first token whose
+        stop_strings: strings, e.g. ``["\\n\\n", "User:"]``, with `tokenizer`; a row stops at the first token whose
             decoded generated text contains one, even across token boundaries (applied after the scan by
             `truncate_at_stop_strings`, which is exact — see there; the returned arrays are then rebuilt from
             host copies, keeping their shardings).
