@@ -4,7 +4,7 @@
     rpo-train --config configs/smollm2.py --workdir runs/smollm2 \
         --config.data.train=prefs.jsonl [--config.data.eval=heldout.jsonl]
 
-Any format rpo-train reads (README, "Data": prompt/chosen/rejected, TRL's conversational form, K rewarded
+Any format rpo-train reads (docs/guides/data.md: prompt/chosen/rejected, TRL's conversational form, K rewarded
 responses, ...). Lengths as TRL's DPOConfig defaults (prompt + response ≤ 1024 tokens, prompt ≤ 512; longer
 records are dropped and counted, `data.truncation` to cut them instead); 2 % of the file held out for evaluation
 unless `data.eval` names a file; one epoch; the reference's log-probs cached by a precompute pass (the package

@@ -15,7 +15,7 @@ Scheme (qwix `quantize`, `calibration_method="absmax"`, symmetric, no zero point
 (q_max = 127 for int8, 7 for int4; round half to even), so |ŵ − w| ≤ s / 2 = max|w| / (2·q_max + 1) per element.
 Blocks of 64 (QLoRA's block size; the largest divisor of the axis below 64 where 64 does not divide it,
 `block_length`) are the default: on SmolLM2-135M they cut the weights' error of one scale per output channel
-(`block_size=None`) by a quarter (README, "QLoRA"). Scales are float32 [L, *in / block, *out] (an input
+(`block_size=None`) by a quarter (docs/guides/lora.md, "QLoRA"). Scales are float32 [L, *in / block, *out] (an input
 axis other than the blocked one has size 1).
 
 Storage (`QuantizedLayers`): `<name>` is a `QuantizedWeight` (the integer codes, the float weight's shape and

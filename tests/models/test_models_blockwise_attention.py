@@ -118,7 +118,7 @@ def test_block_step_in_any_key_order_gives_the_same_state():
 
 def test_blockwise_temporaries_are_linear_in_the_row_length():
     """One 8,192-token row (H=2, hd=32): the compiled forward + backward of blockwise attention needs at most 1/8
-    of the dense path's temporaries (the README quotes the figures)."""
+    of the dense path's temporaries (docs/guides/models.md quotes the figures)."""
     n, t, heads, hd = 1, 8192, 2, 32
     spec = attention.MaskSpec(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t)))
     shape = jax.ShapeDtypeStruct((n, t, heads, hd), jnp.float32)

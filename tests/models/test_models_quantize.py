@@ -308,8 +308,8 @@ def test_exports_refuse_a_quantized_base_and_dequantize_base_is_explicit(tmp_pat
 # ------------------------------------------------------------------------------------------------ SmolLM2
 
 #: (max |Δlogit|, mean |Δlogit|, least argmax agreement) of the quantized SmolLM2-135M-Instruct against the float
-#: model on the chat below (blocks of 64): measured int8 1.491 / 0.235 / 1.000, int4 21.21 / 3.612 / 0.630 (README
-#: "QLoRA"), pinned with a margin of about 10 %
+#: model on the chat below (blocks of 64): measured int8 1.491 / 0.235 / 1.000, int4 21.21 / 3.612 / 0.630 (docs,
+#: guides/lora.md "QLoRA"), pinned with a margin of about 10 %
 SMOLLM2_TOLERANCE = {"int8": (1.65, 0.26, 0.95), "int4": (23.5, 4.0, 0.55)}
 
 

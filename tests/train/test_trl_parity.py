@@ -426,7 +426,7 @@ def without_pad_embedding_freeze(checkpoint: pathlib.Path, out: pathlib.Path) ->
 
     transformers builds `nn.Embedding(..., padding_idx=pad_token_id)`, whose input-side gradient for that row is
     always 0; SmolLM2's pad token is its EOS `<|im_end|>`, so under TRL the EOS input embedding never trains
-    (its tied output embedding does). rpo_jax trains it: a difference kept (README, "Migrating from TRL"), taken
+    (its tied output embedding does). rpo_jax trains it: a difference kept (docs/guides/migrating_from_trl.md), taken
     out here so that the rest of the training can be compared.
     """
     out.mkdir()

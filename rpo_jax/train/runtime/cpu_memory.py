@@ -16,7 +16,7 @@ back from the heap, already mapped, from the second step on:
 The cost: the process keeps its peak heap (its resident memory does not shrink after a step), and Python waits
 for each CPU computation instead of running ahead (a training loop blocks on its metrics anyway). Results are
 unchanged: only where the memory comes from. Computations over several CPU devices still run on worker
-threads and gain nothing. Measured (`benchmarks/train_step.py`, README §Throughput): the cached SmolLM2-135M step
+threads and gain nothing. Measured (`benchmarks/train_step.py`, docs/benchmarks.md): the cached SmolLM2-135M step
 goes from 130–141 to 163–172 tokens/s, its kernel time from 2.1 s to 0.03 s per step.
 """
 
