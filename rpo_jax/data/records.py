@@ -414,17 +414,14 @@ def _parse_k(obj: Mapping[str, Any]) -> tuple:
 
 
 def detect_format(obj: Mapping[str, Any]) -> str:
-    """The format of one JSON object, from its keys (see the module docstring).
+    """The format of one JSON object, from its keys (see the module docstring). ValueError if none fits (saying so
+    for an unpaired record, `{prompt, completion, label}`: `rpo_jax.data.unpaired` reads those).
 
     Args:
         obj: one decoded record.
 
     Returns:
         One of `FORMATS`.
-
-    Raises:
-        ValueError: if none fits (saying so for an unpaired record, `{prompt, completion, label}`:
-            `rpo_jax.data.unpaired` reads those).
     """
     if "responses" in obj:
         return "k_responses"
@@ -453,7 +450,8 @@ def _normalise_format(format: str | None) -> str | None:
 
 
 def parse_record(obj: Any, format: str, source: tuple[str, int]) -> PreferenceRecord:
-    """Parse one decoded JSON object into a `PreferenceRecord`.
+    """Parse one decoded JSON object into a `PreferenceRecord` (a `RecordError` naming `source` and the field for
+    the first problem found).
 
     Args:
         obj: the decoded object.
@@ -462,9 +460,6 @@ def parse_record(obj: Any, format: str, source: tuple[str, int]) -> PreferenceRe
 
     Returns:
         The record.
-
-    Raises:
-        RecordError: naming `source` (file, line) and the field, for the first problem found.
     """
     problems = record_problems(obj, format, source)
     if isinstance(problems, PreferenceRecord):
