@@ -61,13 +61,6 @@ def default_buckets(max_length: int, *, min_bucket: int = 16) -> tuple[int, ...]
 
     >>> default_buckets(100)
     (16, 32, 64, 100)
-
-    Args:
-        max_length: the longest sequence.
-        min_bucket: the smallest bucket.
-
-    Returns:
-        The bucket lengths, ascending.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
@@ -79,18 +72,7 @@ def default_buckets(max_length: int, *, min_bucket: int = 16) -> tuple[int, ...]
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket ≥ `length`.
-
-    Args:
-        length: a sequence length in tokens.
-        buckets: the static lengths T, ascending.
-
-    Returns:
-        The bucket.
-
-    Raises:
-        ValueError: when none fits.
-    """
+    """The smallest bucket ≥ `length`; ValueError when none fits."""
     for b in sorted(buckets):
         if b >= length:
             return b
@@ -244,14 +226,14 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def encode_record(record: PreferenceRecord, tokenizer: Any) -> tuple[list[int], list[list[int]]]:
-    """The untruncated token ids of one record (rule in the module docstring).
+    """The untruncated `(prompt_ids, [response_ids_k (+EOS)])` of one record (rule in the module docstring).
 
     Args:
         record: the record.
         tokenizer: a Hugging Face tokenizer (with a chat template for conversational records).
 
     Returns:
-        `(prompt_ids, [response_ids_k (+EOS)])`.
+        The prompt's ids and each response's ids.
 
     Raises:
         RecordError: when the prompt's tokens are not a prefix of prompt + response's tokens, or the record is
@@ -477,8 +459,7 @@ def collate_examples(
         with_rewards: include the `rewards [B, K]` array.
 
     Returns:
-        The batch: `tokens`, `attention_mask`, `loss_mask` `[B, K, T]`, `lengths`, `valid` (`rewards`) `[B, K]`,
-        `index [B]`.
+        `tokens`, `attention_mask`, `loss_mask` `[B, K, T]`, `lengths`, `valid` (`rewards`) `[B, K]`, `index [B]`.
     """
     batch_size = len(examples)
     longest = max((len(s) for e in examples if e is not None for s in e.sequences), default=1)
