@@ -24,11 +24,11 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(DOCS / "ext"))
 sys.path.insert(0, str(ROOT))
 
-# Executed pages run in fresh kernels that inherit this environment: the suite's reduced settings, one CPU device,
-# no display.
+# Executed pages run in fresh kernels that inherit this environment: the suite's reduced settings, one CPU device.
 os.environ.setdefault("RPO_JAX_SMOKE", "1")
 os.environ.setdefault("RPO_JAX_SMOKE_DIR", tempfile.mkdtemp(prefix="rpo_jax_docs_"))
-os.environ.setdefault("MPLBACKEND", "Agg")
+# figures shown inline on the page (the test suite runs the same notebooks with MPLBACKEND=Agg)
+os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = ""
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
