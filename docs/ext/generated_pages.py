@@ -274,6 +274,8 @@ def _needs(name: str) -> str:
         needs.append("lengths")
     if getattr(spec, "requires_sequence_logps", False):
         needs.append("sequence_logps")
+    if getattr(spec, "requires_kl_logps", False):
+        needs.append("kl_policy_logps, kl_ref_logps (mismatched completions)")
     if getattr(spec, "stateful", False):
         needs.append("a state (`loss_fn.init_state()`)")
     return ", ".join(needs) or "policy_logps only"
