@@ -19,7 +19,7 @@ from jax.test_util import check_grads
 
 from rpo_jax.losses import BCOState, PreferenceLogps, UnpairedLogps, make_loss
 from tests.losses.losses_testlib import random_batch
-from tests.losses.trl_trainer_testlib import assert_metrics_equal, run_kto, torch
+from tests.losses.trl_trainer_testlib import TrlRunningMoments, assert_metrics_equal, run_kto, torch
 
 KTO_MODEL_METRICS = {"entropy", "num_tokens", "logits/chosen", "logits/rejected"}
 
@@ -128,25 +128,6 @@ def test_kto_with_the_kl_estimate_at_or_below_zero_is_apo_zero_unpaired():
 
 
 # BCO against TRL's BCOTrainer (last shipped: huggingface/trl 3b0ecdf8, trl/experimental/bco/bco_trainer.py) -----
-
-
-class TrlRunningMoments:
-    """TRL's ``RunningMoments`` on one process, written here from its source: mean 0, variance 1 and count 1e-24 at
-    the start; each batch's float32 mean and biased variance merged in (Chan et al.), the moments kept as Python
-    floats."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
-
-    def update(self, xs):
-        n = xs.numel()
-        batch_var, batch_mean = (t.float() for t in torch.var_mean(xs, unbiased=False))
-        gap = batch_mean - self.mean
-        total = self.count + n
-        merged = self.var * self.count + gap**2 * self.count * n / total + batch_var * n
-        self.mean += (gap * n / total).item()
-        self.var = (merged / total).item()
-        self.count = total
 
 
 def trl_bco_step(batch: UnpairedLogps, running: TrlRunningMoments, beta: float, do_train: bool = True):

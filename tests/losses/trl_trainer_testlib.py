@@ -203,3 +203,26 @@ def run_kto(policy, ref, kl_policy, kl_ref, labels, *, loss_type="kto", beta=0.1
     loss.backward()
     metrics = {key: values[-1] for key, values in obj._metrics["train"].items()}
     return float(loss), metrics, policy_t.grad.numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BCO: TRL's last BCOTrainer (huggingface/trl 3b0ecdf8, trl/experimental/bco/bco_trainer.py; TRL 1.16 ships none).
+
+
+class TrlRunningMoments:
+    """TRL's ``RunningMoments`` on one process, written here from its source: mean 0, variance 1 and count 1e-24 at
+    the start; each batch's float32 mean and biased variance merged in (Chan et al.), the moments kept as Python
+    floats."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    def update(self, xs):
+        n = xs.numel()
+        batch_var, batch_mean = (t.float() for t in torch.var_mean(xs, unbiased=False))
+        gap = batch_mean - self.mean
+        total = self.count + n
+        merged = self.var * self.count + gap**2 * self.count * n / total + batch_var * n
+        self.mean += (gap * n / total).item()
+        self.var = (merged / total).item()
+        self.count = total

@@ -102,11 +102,7 @@ def trainer_programs(run) -> dict[str, tuple]:
     }
     out["eval step"] = (
         eval_step,
-        (
-            run.state["params"],
-            preference.device_batch(run, eval_host, "eval"),
-            preference.in_step_reference_params(run, run.state.get("reference")),
-        ),
+        preference.eval_arguments(run, run.state, preference.device_batch(run, eval_host, "eval")),
     )
     if run.layout.scoring is Scoring.CACHED:
         for i, ref in enumerate(run.references):
@@ -117,6 +113,9 @@ def trainer_programs(run) -> dict[str, tuple]:
             )
     return out
 
+
+#: unpaired records from the demo's: each record's best and worst response, desirable and undesirable, file order
+UNPAIRED = {"data.pairs": "best_vs_worst", "data.unpair": True, "data.shuffle": False}
 
 #: quickstart variants: (overrides, the reference layout expected: scoring, the primary's weights)
 VARIANTS = {
@@ -138,6 +137,26 @@ VARIANTS = {
         Scoring.NONE,
         Weights.OWN,
     ),
+    # TRL's other trainers: KTO (unpaired rows with mismatched completions, K = 2, labels), BCO (K = 1, its running
+    # moments in the train state), ORPO (every position scored for its prompt + response NLL; no reference)
+    "kto": ({**UNPAIRED, "loss.name": "kto", "loss.hparams": {"beta": 0.1}}, Scoring.CACHED, Weights.OWN),
+    "kto_in_step_lora": (
+        {
+            **UNPAIRED,
+            "loss.name": "kto",
+            "loss.hparams": {"beta": 0.1},
+            "reference_mode": "in_step",
+            "model.lora.rank": 4,
+        },
+        Scoring.IN_STEP,
+        Weights.POLICY_BASE,
+    ),
+    "bco_micro_batches": (
+        {**UNPAIRED, "loss.name": "bco", "loss.hparams": {"beta": 0.1}, "data.micro_batches": 2},
+        Scoring.CACHED,
+        Weights.OWN,
+    ),
+    "orpo": ({"loss.name": "orpo", "loss.hparams": {"beta": 0.1}}, Scoring.NONE, Weights.OWN),
 }
 
 
@@ -279,6 +298,8 @@ def plannable(cfg, tmp_path: pathlib.Path):
     cfg.references = references
     cfg.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
     cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.micro_batches = 1, 1, 1
+    if build_loss(cfg).spec.requires_kl_logps:  # kto: a record's mismatched completion is another record's
+        cfg.data.batch_size = 2
     cfg.data.max_length = 32
     if cfg.mode == "online":
         cfg.online.prompts_per_iteration, cfg.online.max_new_tokens = 1, 8

@@ -132,7 +132,7 @@ def test_loss_goes_down_and_reward_accuracy_rises_on_demo_data(tmp_path):
     run = preference.build_run(cfg, tmp_path / "before", devices=ONE)
     preference.fill_reference_cache(run)
     eval_step = jax.jit(make_eval_step(run.graphdef, run.rest, run.loss_fn, compute_dtype=jnp.float32))
-    before = preference.evaluate(run, run.state["params"], eval_step)
+    before = preference.evaluate(run, run.state, eval_step)
     after = preference.train(cfg, tmp_path / "run", devices=ONE)["eval"]
     assert after["loss"] < 0.8 * before["loss"], (before, after)
     assert after["rewards/gap_correlation"] > 0.5, after

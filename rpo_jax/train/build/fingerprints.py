@@ -53,7 +53,8 @@ def weights_fingerprint(path: str, cfg: ml_collections.ConfigDict, vocab_size: i
 
 
 def dataset_fingerprint(dataset: TokenizedDataset) -> str:
-    """sha256 over the tokenized examples (ids, prompt lengths, record indices), K, buckets and max length."""
+    """sha256 over the tokenized examples (ids, prompt lengths, record indices), K, buckets and max length (and
+    an unpaired dataset's labels)."""
     h = hashlib.sha256(
         json.dumps(
             {
@@ -70,6 +71,10 @@ def dataset_fingerprint(dataset: TokenizedDataset) -> str:
         for s in e.sequences:
             h.update(np.asarray(s, np.int32).tobytes())
             h.update(b"|")
+    labels = getattr(dataset, "labels", None)  # unpaired records (`UnpairedDataset`): their labels too
+    if labels is not None:
+        h.update(b"labels")
+        h.update(np.asarray(labels, bool).tobytes())
     return h.hexdigest()
 
 

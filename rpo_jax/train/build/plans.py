@@ -23,6 +23,7 @@ from rpo_jax.train.build.programs import (
     RunSetup,
     Scoring,
     Weights,
+    batch_responses,
     jitted_steps,
     online_layout,
     online_score_window,
@@ -32,6 +33,7 @@ from rpo_jax.train.build.programs import (
     reward_steps,
     sampler,
     scorer,
+    state_with_loss_state,
     state_with_reference,
 )
 from rpo_jax.train.build.state import abstract_setup, build_loss, compute_dtype
@@ -46,9 +48,11 @@ def device_bytes(tree: Any) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def abstract_batch(batch_size: int, responses: int, length: int, mesh, *, rewards: bool, ref_shape=None) -> dict:
+def abstract_batch(
+    batch_size: int, responses: int, length: int, mesh, *, rewards: bool, ref_shape=None, labels: bool = False
+) -> dict:
     """The step's batch contract (rpo_jax.data.tokenize.collate_examples) as ShapeDtypeStructs sharded on the
-    batch axis; `ref_shape` adds cached `ref_logps`."""
+    batch axis; `ref_shape` adds cached `ref_logps`, `labels` unpaired records' `labels [B]`."""
     b, k, t = batch_size, responses, length
     spec = {
         "tokens": ((b, k, t), jnp.int32),
@@ -61,6 +65,8 @@ def abstract_batch(batch_size: int, responses: int, length: int, mesh, *, reward
         spec["rewards"] = ((b, k), jnp.float32)
     if ref_shape is not None:
         spec["ref_logps"] = (ref_shape, jnp.float32)
+    if labels:
+        spec["labels"] = ((b,), jnp.bool_)
     return {
         name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
         for name, (shape, dtype) in spec.items()
@@ -172,6 +178,8 @@ def preference_plan(cfg, mesh, dtype, responses: int, *, rewards: bool) -> Plan:
     setup = abstract_setup(
         cfg, model_config, mesh=mesh, dtype=dtype, total_steps=cfg.train.steps * max(1, cfg.train.iterations)
     )
+    state, shardings = state_with_loss_state(setup.state, setup.state_shardings, loss_fn, mesh, abstract=True)
+    setup = dataclasses.replace(setup, state=state, state_shardings=shardings)
     layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     refs = ([dict(r) for r in cfg.references] or [{"path": ""}]) if layout.count else []
     if refs:
@@ -184,12 +192,15 @@ def preference_plan(cfg, mesh, dtype, responses: int, *, rewards: bool) -> Plan:
         setup = dataclasses.replace(setup, state=state, state_shardings=shardings)
         ref_models[0] = (ref_models[0][0], ref_models[0][1], None)
         step_refs = ref_params[1:]
-    window = plan_score_window(cfg)
-    b, t, k = cfg.data.batch_size, cfg.data.max_length, responses
+    window = None if loss_fn.spec.requires_sequence_logps else plan_score_window(cfg)
+    b, t, k = cfg.data.batch_size, cfg.data.max_length, batch_responses(loss_fn.spec, responses)
+    unpaired = loss_fn.spec.unpaired
     ref_shape = None
     if layout.scoring is Scoring.CACHED:
         ref_shape = (b, k, len(refs)) if (len(refs) > 1 or loss_fn.spec.num_references) else (b, k)
-    batch = abstract_batch(b, k, t, mesh, rewards=rewards or loss_fn.spec.requires_rewards, ref_shape=ref_shape)
+    batch = abstract_batch(
+        b, k, t, mesh, rewards=rewards or loss_fn.spec.requires_rewards, ref_shape=ref_shape, labels=unpaired
+    )
     ref_graphdefs = tuple((graphdef, rest) for graphdef, rest, _ in ref_models) if layout.in_step else ()
     train_step, eval_step = jitted_steps(cfg, setup, loss_fn, ref_graphdefs, window, layout.sync)
     state_bytes = device_bytes(setup.state)
@@ -204,7 +215,7 @@ def preference_plan(cfg, mesh, dtype, responses: int, *, rewards: bool) -> Plan:
     if evaluates(cfg):
         eval_ref = None if ref_shape is None else (eb, *ref_shape[1:])
         eval_batch = abstract_batch(
-            eb, k, t, mesh, rewards=rewards or loss_fn.spec.requires_rewards, ref_shape=eval_ref
+            eb, k, t, mesh, rewards=rewards or loss_fn.spec.requires_rewards, ref_shape=eval_ref, labels=unpaired
         )
         # the eval step scores the primary of the moment first (the state's "reference" when it lives there)
         eval_refs = ref_params if layout.in_step else ()
@@ -212,7 +223,8 @@ def preference_plan(cfg, mesh, dtype, responses: int, *, rewards: bool) -> Plan:
             Program(
                 "eval step",
                 eval_step,
-                (setup.state["params"], eval_batch, eval_refs),
+                (setup.state["params"], eval_batch, eval_refs)
+                + ((setup.state["loss_state"],) if loss_fn.spec.stateful else ()),
                 resident=state_bytes
                 - device_bytes(setup.state["params"])
                 - (device_bytes(ref_params[0]) if layout.in_state else 0)

@@ -29,6 +29,7 @@ import enum
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from rpo_jax.models.generate import kv_cache_generate
@@ -40,6 +41,7 @@ from rpo_jax.train.runtime.global_batches import replicated
 from rpo_jax.train.step.logprobs import cast_floating, resolve_score_window
 from rpo_jax.train.step.reward_steps import make_reward_eval_step, make_reward_train_step
 from rpo_jax.train.step.steps import ReferenceSync, WithFrozen, make_eval_step, make_scorer, make_train_step
+from rpo_jax.train.step.unpaired_steps import make_unpaired_eval_step, make_unpaired_train_step, state_dict
 
 
 class Scoring(enum.Enum):
@@ -120,6 +122,29 @@ def state_with_reference(state: dict, shardings: dict, reference: Any) -> tuple[
     )
 
 
+def batch_responses(spec, responses: int) -> int:
+    """K of a preference run's batches: for an unpaired loss 2 (own and mismatched completion, `kto`) or 1, else
+    `responses` (the data's)."""
+    if spec.unpaired:
+        return 2 if spec.requires_kl_logps else 1
+    return responses
+
+
+def state_with_loss_state(state: dict, shardings: dict, loss_fn, mesh, *, abstract: bool = False) -> tuple[dict, dict]:
+    """The train state (and its shardings) with a stateful loss's initial state as `"loss_state"` (`bco`: its
+    `BCOState` fields, float32 scalars replicated on `mesh`; `abstract`: ShapeDtypeStructs, for `rpo-plan`);
+    unchanged for a stateless loss."""
+    if not loss_fn.spec.stateful:
+        return state, shardings
+    sharding = replicated(mesh)
+    initial = state_dict(loss_fn.init_state())
+    if abstract:
+        loss_state = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding) for k in initial}
+    else:
+        loss_state = {k: jax.device_put(v, sharding) for k, v in initial.items()}
+    return {**state, "loss_state": loss_state}, {**shardings, "loss_state": {k: sharding for k in initial}}
+
+
 def jitted_steps(
     cfg,
     setup: RunSetup,
@@ -131,9 +156,18 @@ def jitted_steps(
     """(train step, eval step) of preference training, jitted as the trainer runs them: the train step donates
     the state and keeps its shardings, metrics come back replicated. `setup` is a `RunSetup` (or `rpo-plan`'s
     abstract one); `ref_graphdefs` are the in-step references' `(graphdef, rest)`, empty with cached ones;
-    `reference_sync`: the primary reference is the state's `"reference"` (`ReferenceLayout.sync`)."""
+    `reference_sync`: the primary reference is the state's `"reference"` (`ReferenceLayout.sync`).
+
+    The loss decides the step: an unpaired loss's (`rpo_jax.train.step.unpaired_steps`: one labelled completion
+    per row, `state["loss_state"]` for a stateful loss), or the preference step, with each sequence's prompt +
+    response log-probs for `orpo`'s NLL (`spec.requires_sequence_logps`: every position, no score window)."""
     chunk = cfg.model.vocab_chunk_size or None
-    step_fn = make_train_step(
+    make_train, make_eval, extra = make_train_step, make_eval_step, {}
+    if loss_fn.spec.unpaired:
+        make_train, make_eval = make_unpaired_train_step, make_unpaired_eval_step
+    elif loss_fn.spec.requires_sequence_logps:
+        extra, score_window = {"sequence_nll": True}, None
+    step_fn = make_train(
         setup.graphdef,
         setup.rest,
         loss_fn,
@@ -146,8 +180,9 @@ def jitted_steps(
         score_window=score_window,
         skip_nonfinite=cfg.train.on_nonfinite == "skip_step",
         reference_sync=reference_sync,
+        **extra,
     )
-    eval_fn = make_eval_step(
+    eval_fn = make_eval(
         setup.graphdef,
         setup.rest,
         loss_fn,
@@ -155,6 +190,7 @@ def jitted_steps(
         vocab_chunk_size=chunk,
         ref_graphdefs=ref_graphdefs,
         score_window=score_window,
+        **extra,
     )
     return jitted_train_step(setup, step_fn), jitted_eval_step(setup, eval_fn)
 

@@ -34,6 +34,7 @@ import ml_collections
 
 from rpo_jax.losses import loss_hyperparameters
 from rpo_jax.train.config.defaults import base_config
+from rpo_jax.train.config.from_trl_trainers import DPO_ONLY, TRAINER_KEY, TRAINER_NAMES, TRAINERS, TrainerFields
 
 TRL_VERSION = "1.16.0"
 
@@ -252,7 +253,59 @@ def _losses(fields: Mapping[str, Any], fail: Callable[[str, str], None]) -> list
     return out
 
 
-def _check_unsupported(fields: Mapping[str, Any], fail: Callable[[str, str], None]) -> None:
+def _dpo_losses(given: Mapping[str, Any], fail: Callable[[str, str], None]):
+    """DPOConfig's `LossMapping` (`rpo_jax.train.config.from_trl_trainers`): `_losses` and the lines of
+    loss_type, loss_weights and the hyperparameters."""
+    losses = _losses(given, fail)
+    (main, weight, _), extra = losses[0], losses[1:]
+    lines = [
+        ("loss_type", f"loss.name={main!r}, loss.extra={[[n, w, hp] for n, w, hp in extra]!r}"),
+        ("loss_weights", f"loss.weight={weight!r}"),
+    ]
+    for key in ("beta", "label_smoothing", "discopop_tau"):
+        users = [n for n, _, hp in losses if key in hp]
+        lines.append(
+            (key, f"hyperparameter of {', '.join(users)}" if users else "unused by these losses (TRL's default)")
+        )
+    return losses, lines
+
+
+DPO = TrainerFields(
+    config="DPOConfig",
+    defaults=TRL_DEFAULTS,
+    default_only=DEFAULT_ONLY,
+    no_effect=NO_EFFECT,
+    losses=_dpo_losses,
+    references=True,
+    truncation={"keep_start": "data.truncation='keep_start', data.max_prompt_length=0"},
+)
+
+
+def trainer_fields(trainer: str) -> TrainerFields:
+    """The `TrainerFields` of a trainer name (`TRAINER_NAMES`): DPOConfig's tables as they are; another trainer's
+    own fields over the TrainingArguments part of DPOConfig's (`DPO_ONLY` left out)."""
+    if trainer == "dpo":
+        return DPO
+    spec = TRAINERS[trainer]
+    return dataclasses.replace(
+        spec,
+        defaults={**{k: v for k, v in TRL_DEFAULTS.items() if k not in DPO_ONLY}, **spec.defaults},
+        default_only={**{k: v for k, v in DEFAULT_ONLY.items() if k not in DPO_ONLY}, **spec.default_only},
+        no_effect=(NO_EFFECT - DPO_ONLY) | spec.no_effect,
+    )
+
+
+def _check_references(fields: Mapping[str, Any], fail: Callable[[str, str], None]) -> None:
+    """`precompute_ref_log_probs` / `sync_ref_model` / `ref_model_*` (a trainer with a reference)."""
+    if not fields.get("sync_ref_model", False):
+        for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+            if key in fields and not _is_default(fields[key], TRL_DEFAULTS[key]):
+                fail(
+                    key,
+                    "applies only with sync_ref_model=True (TRL 1.16 ignores it otherwise; rpo_jax refuses a "
+                    "setting that does nothing)",
+                )
+        return
     if fields["sync_ref_model"]:
         if fields["precompute_ref_log_probs"]:
             fail(
@@ -263,18 +316,16 @@ def _check_unsupported(fields: Mapping[str, Any], fail: Callable[[str, str], Non
             fail("ref_model_sync_steps", "expected a whole number of steps ≥ 1")
         if not 0 < fields["ref_model_mixup_alpha"] <= 1:
             fail("ref_model_mixup_alpha", "expected α in (0, 1] (α = 0 would leave the reference where it is)")
-    for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
-        if not fields["sync_ref_model"] and not _is_default(fields[key], TRL_DEFAULTS[key]):
-            fail(
-                key,
-                "applies only with sync_ref_model=True (TRL 1.16 ignores it otherwise; rpo_jax refuses a "
-                "setting that does nothing)",
-            )
-    if fields["truncation_mode"] != "keep_start":
+
+
+def _check_training(fields: Mapping[str, Any], fail: Callable[[str, str], None], spec: TrainerFields) -> None:
+    """The TrainingArguments fields, `max_length`, `truncation_mode` and `disable_dropout` of every trainer."""
+    if "truncation_mode" in fields and fields["truncation_mode"] not in spec.truncation:
         fail(
             "truncation_mode",
-            "only 'keep_start' (TRL 1.16 deprecates 'keep_end'); rpo_jax's left truncation "
-            "is --config.data.truncation=truncate_prompt",
+            f"only {' or '.join(repr(m) for m in spec.truncation)}"
+            + (" (TRL 1.16 deprecates 'keep_end')" if spec is DPO else "")
+            + "; rpo_jax's left truncation is --config.data.truncation=truncate_prompt",
         )
     if fields["max_length"] is None:
         fail("max_length", "None (no truncation): rpo_jax needs a longest sequence length; set it")
@@ -303,36 +354,50 @@ def _set(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
 def trl_to_config(
     fields: Mapping[str, Any], *, source: str = "<DPOConfig>", cfg: ml_collections.ConfigDict | None = None
 ) -> tuple[ml_collections.ConfigDict, list[MappedField]]:
-    """Map DPOConfig `fields` (missing ones at `TRL_DEFAULTS`) onto `cfg` (default `base_config()`).
+    """Map a TRL trainer config's `fields` (missing ones at TRL's defaults) onto `cfg` (default `base_config()`).
 
-    Returns `(config, mapping)`: the config with every mapped field set, and one `MappedField` per TRL field
-    (mapped ones first, in `TRL_DEFAULTS` order, then the file's fields without effect).
+    The trainer is `fields["trainer"]` (`kto | orpo | cpo | bco | dpo`, default `dpo`: a DPOConfig, fields at
+    `TRL_DEFAULTS`; the others: `rpo_jax.train.config.from_trl_trainers`). Returns `(config, mapping)`: the config
+    with every mapped field set, and one `MappedField` per TRL field (mapped ones first, then the file's fields
+    without effect).
 
     Raises:
       TrlConfigError: `source: FIELD=VALUE: why` for the first field rpo_jax cannot honour or does not know.
     """
     cfg = base_config() if cfg is None else cfg
     fields = dict(fields)  # values are coerced below; the caller's mapping stays as it was
+    named = TRAINER_KEY in fields
+    trainer = fields.pop(TRAINER_KEY, "dpo")
 
     def fail(field: str, why: str) -> None:
         shown = f"={fields[field]!r}" if field in fields else ""
         raise TrlConfigError(f"{source}: {field}{shown}: {why}")
 
+    if trainer not in TRAINER_NAMES:
+        raise TrlConfigError(f"{source}: {TRAINER_KEY}={trainer!r}: expected one of {', '.join(TRAINER_NAMES)}")
+    spec = trainer_fields(trainer)
+    defaults, default_only = spec.defaults, spec.default_only
+    # transformers 5 writes gradient_checkpointing's value under its new name too (`to_dict()` of any TRL config)
+    mirrored = fields.get("activation_checkpointing") == fields.get("gradient_checkpointing", True) is True
     for key, value in fields.items():
-        if key in REMOVED:
+        if key == "activation_checkpointing" and mirrored:
+            continue
+        if key in REMOVED and spec is DPO:
             fail(key, REMOVED[key])
-        if key in DEFAULT_ONLY and not _is_default(value, DEFAULT_ONLY[key]):
-            fail(key, f"rpo_jax honours only TRL's default ({DEFAULT_ONLY[key]!r})")
-        if key not in TRL_DEFAULTS and key not in DEFAULT_ONLY and key not in NO_EFFECT and key != "warmup_ratio":
-            fail(key, f"not a field of TRL {TRL_VERSION}'s DPOConfig")
-        if key in TRL_DEFAULTS:
+        if key in default_only and not _is_default(value, default_only[key]):
+            fail(key, f"rpo_jax honours only TRL's default ({default_only[key]!r})")
+        if key not in defaults and key not in default_only and key not in spec.no_effect and key != "warmup_ratio":
+            fail(key, f"not a field of {spec.origin or f'TRL {TRL_VERSION}'}'s {spec.config}")
+        if key in defaults:
             try:
-                fields[key] = _coerce(value, TRL_DEFAULTS[key])
+                fields[key] = _coerce(value, defaults[key])
             except ValueError as e:
-                fail(key, f"{e} (TRL's default: {TRL_DEFAULTS[key]!r})")
-    given = {**TRL_DEFAULTS, **{k: v for k, v in fields.items() if k in TRL_DEFAULTS}}
-    _check_unsupported(given, fail)
-    losses = _losses(given, fail)
+                fail(key, f"{e} (TRL's default: {defaults[key]!r})")
+    given = {**defaults, **{k: v for k, v in fields.items() if k in defaults}}
+    if spec.references:
+        _check_references(given, fail)
+    _check_training(given, fail, spec)
+    losses, loss_lines = spec.losses(given, fail)
     mapping: list[MappedField] = []
 
     def put(field: str, **targets: Any) -> None:
@@ -342,20 +407,21 @@ def trl_to_config(
         mapping.append(MappedField(field, given.get(field, fields.get(field)), text))
 
     (main, main_weight, main_hp), extra = losses[0], losses[1:]
-    put("loss_type", loss__name=main, loss__extra=[[n, w, hp] for n, w, hp in extra])
-    put("loss_weights", loss__weight=main_weight)
+    cfg.loss.name, cfg.loss.weight, cfg.loss.extra = main, main_weight, [[n, w, hp] for n, w, hp in extra]
     cfg.loss.hparams = ml_collections.ConfigDict(main_hp)
-    for key in ("beta", "label_smoothing", "discopop_tau"):
-        users = [n for n, _, hp in losses if key in hp]
+    if named:
+        mapping.append(MappedField(TRAINER_KEY, trainer, f"{spec.config} fields: loss.name={main!r}"))
+    mapping += [MappedField(field, given[field], text) for field, text in loss_lines]
+    truncation = {"data__truncation": "keep_start", "data__max_prompt_length": 0}
+    if "truncation_mode" in defaults:
+        put("max_length", data__max_length=int(given["max_length"]))
+        for dotted, value in truncation.items():
+            _set(cfg, dotted.replace("__", "."), value)
         mapping.append(
-            MappedField(
-                key,
-                given[key],
-                f"hyperparameter of {', '.join(users)}" if users else "unused by these losses (TRL's default)",
-            )
+            MappedField("truncation_mode", given["truncation_mode"], spec.truncation[given["truncation_mode"]])
         )
-    put("max_length", data__max_length=int(given["max_length"]))
-    put("truncation_mode", data__truncation="keep_start", data__max_prompt_length=0)
+    else:  # the trainer keeps the start of prompt + completion (no truncation_mode field)
+        put("max_length", data__max_length=int(given["max_length"]), **truncation)
     put("learning_rate", optimizer__learning_rate=float(given["learning_rate"]))
     accumulation = int(given["gradient_accumulation_steps"])
     # one TRL process; for a run on N GPUs, --config.data.batch_size=N × this
@@ -386,10 +452,16 @@ def trl_to_config(
     put("adam_beta2", optimizer__kwargs__b2=float(given["adam_beta2"]))
     put("adam_epsilon", optimizer__kwargs__eps=float(given["adam_epsilon"]))
     put("seed", seed=int(given["seed"]))
-    put("precompute_ref_log_probs", reference_mode="cache" if given["precompute_ref_log_probs"] else "in_step")
-    sync_every = int(given["ref_model_sync_steps"]) if given["sync_ref_model"] else 0
-    put("sync_ref_model", references=[], reference_sync__every=sync_every)
-    if given["sync_ref_model"]:  # TR-DPO: the same update at the same steps (rpo_jax.train.step.steps.sync_reference)
+    syncs = "sync_ref_model" in defaults and given["sync_ref_model"]
+    if spec.references:
+        mode = "cache" if given["precompute_ref_log_probs"] else "in_step"
+        if "sync_ref_model" in defaults:
+            put("precompute_ref_log_probs", reference_mode=mode)
+            sync_every = int(given["ref_model_sync_steps"]) if syncs else 0
+            put("sync_ref_model", references=[], reference_sync__every=sync_every)
+        else:
+            put("precompute_ref_log_probs", reference_mode=mode, references=[])
+    if syncs:  # TR-DPO: the same update at the same steps (rpo_jax.train.step.steps.sync_reference)
         put("ref_model_mixup_alpha", reference_sync__mix=float(given["ref_model_mixup_alpha"]))
         mapping.append(
             MappedField(
@@ -404,18 +476,29 @@ def trl_to_config(
     put("save_steps", train__checkpoint_every=max(1, math.ceil(float(given["save_steps"]))))
     if given["eval_steps"]:
         put("eval_steps", train__eval_every=max(1, math.ceil(float(given["eval_steps"]))))
+    elif "eval_steps" in fields:
+        mapping.append(MappedField("eval_steps", fields["eval_steps"], "unset: the recipe's train.eval_every"))
     if given["save_total_limit"]:
         put("save_total_limit", train__keep_checkpoints=int(given["save_total_limit"]))
-    for key in ("fp16", "disable_dropout") + (
-        () if given["sync_ref_model"] else ("ref_model_mixup_alpha", "ref_model_sync_steps")
-    ):
+    elif "save_total_limit" in fields:
+        mapping.append(
+            MappedField("save_total_limit", fields["save_total_limit"], "unset: the recipe's keep_checkpoints")
+        )
+    unsynced = ("ref_model_mixup_alpha", "ref_model_sync_steps") if "sync_ref_model" in defaults and not syncs else ()
+    for key in ("fp16", "disable_dropout") + unsynced:
         mapping.append(MappedField(key, given[key], "TRL's default: nothing to change"))
-    for key in sorted(set(fields) & (NO_EFFECT | set(DEFAULT_ONLY))):
+    if mirrored:
+        mapping.append(
+            MappedField("activation_checkpointing", True, "gradient_checkpointing's (transformers 5's name)")
+        )
+    for key in sorted(
+        set(fields) & (spec.no_effect | set(default_only)) - ({"activation_checkpointing"} if mirrored else set())
+    ):
         mapping.append(
             MappedField(
                 key,
                 fields[key],
-                "no effect on what rpo_jax trains" if key in NO_EFFECT else "TRL's default: nothing to change",
+                "no effect on what rpo_jax trains" if key in spec.no_effect else "TRL's default: nothing to change",
             )
         )
     return cfg, mapping
@@ -423,8 +506,10 @@ def trl_to_config(
 
 def format_mapping(source: str, mapping: list[MappedField]) -> str:
     """The mapping as printed by `rpo-train --from-trl` (one header line, one line per field)."""
+    trainer = next((m.value for m in mapping if m.field == TRAINER_KEY), "dpo")
+    config = trainer_fields(trainer).config
     return "\n".join(
-        [f"rpo-train --from-trl {source} (TRL {TRL_VERSION} DPOConfig → rpo_jax config):"] + [str(m) for m in mapping]
+        [f"rpo-train --from-trl {source} (TRL {TRL_VERSION} {config} → rpo_jax config):"] + [str(m) for m in mapping]
     )
 
 

@@ -108,23 +108,71 @@ def loss_spec(terms: list[tuple[str, float, dict]]):
         spec = build_terms(terms).spec
     except ValueError as e:
         raise ConfigError(f"config.loss: {' '.join(str(e).split())}") from None
-    refuse_inputs_not_fed(spec)
     return spec
 
 
-def refuse_inputs_not_fed(spec) -> None:
-    """A ConfigError for a loss whose inputs rpo-train does not compute yet (issue 29), before any model loads:
-    the unpaired losses (`kto`, `apo_zero_unpaired`, `bco`: single labelled completions) and `orpo`'s NLL over
-    prompt + response tokens (`nll_tokens="sequence"`, TRL's, which needs per-sequence log-probs)."""
+def check_loss_inputs(cfg) -> None:
+    """The rules between `config.loss` and the rest of a `RunConfig` for the losses whose inputs are not the
+    responses' log-probs alone (a ConfigError naming the key, before any model loads):
+
+    * unpaired losses (`kto`, `apo_zero_unpaired`, `bco`: single completions labelled desirable or undesirable,
+      `rpo_jax.losses.UnpairedLogps`) train in `mode="preference"` on unpaired records (`data.unpair=True` reads
+      labelled pairs, or the pairs `data.pairs` derives from rewards, as two of them) with the policy's
+      tokenizer; `kto`'s mismatched completions come from the record before in file order within each micro-batch
+      of `data.batch_size / data.micro_batches` ≥ 2 records (TRL's `KTOTrainer`: sequential sampling, a
+      per-device batch > 1);
+    * `orpo` with `nll_tokens="sequence"` (TRL's NLL over prompt + response tokens) scores every position of
+      padded batches in `mode="preference"`: no numeric `model.score_window`, no `data.packing=True`.
+    """
+    spec = loss_spec(cfg.loss.terms())
+    data, name = cfg.data, f"loss {cfg.loss.name!r}"
+    if data.unpair and not spec.unpaired:
+        raise ConfigError(
+            f"config.data.unpair=True reads labelled pairs as unpaired records, which only the unpaired losses "
+            f"(kto, apo_zero_unpaired, bco) train on; {name} takes the pairs themselves (set data.unpair=False)"
+        )
     if spec.unpaired:
-        raise ConfigError(
-            f"config.loss.name={spec.name!r}: an unpaired loss (single completions labelled desirable or "
-            "undesirable, rpo_jax.losses.UnpairedLogps), which rpo-train does not train yet; it is available to "
-            "your own training loop through rpo_jax.losses.make_loss"
-        )
+        if cfg.mode != "preference":
+            raise ConfigError(f"config.mode={cfg.mode!r}: {name} trains on unpaired records in mode='preference' only")
+        if data.pairs and not data.unpair:
+            raise ConfigError(
+                f"config.data.pairs={data.pairs!r}: {name} trains on unpaired records; pairs derived from rewards "
+                "become unpaired records with data.unpair=True (best desirable, worst undesirable)"
+            )
+        policy = cfg.model.tokenizer or cfg.model.path
+        for i, ref in enumerate(cfg.references):
+            if ref.path and (ref.tokenizer or ref.path) != policy:
+                own = policy or "the demo tokenizer"
+                raise ConfigError(
+                    f"config.references[{i}].tokenizer={ref.tokenizer or ref.path!r}: {name} scores its reference "
+                    f"on the policy's tokens; give the reference the policy's tokenizer ({own})"
+                )
+    if spec.requires_kl_logps:
+        block = data.batch_size // data.micro_batches
+        if block < 2:
+            raise ConfigError(
+                f"config.data.batch_size={data.batch_size}: {name} pairs each record with another record's "
+                f"completion of its micro-batch, which needs data.batch_size / data.micro_batches ≥ 2 (got {block}; "
+                "TRL's KTOTrainer refuses per_device_train_batch_size ≤ 1)"
+            )
+        if data.shuffle:
+            raise ConfigError(
+                f"config.data.shuffle=True: {name} pairs each record with the completion of the record before it "
+                "in file order, within each micro-batch (TRL's KTOTrainer requires "
+                "train_sampling_strategy='sequential'); set data.shuffle=False (shuffle the file beforehand), or use "
+                "'apo_zero_unpaired' (KTO without the KL term)"
+            )
     if spec.requires_sequence_logps:
-        raise ConfigError(
-            "config.loss: loss 'orpo' with nll_tokens='sequence' (TRL's NLL over prompt + response tokens) needs "
-            "per-sequence log-probs that rpo-train does not compute yet; set nll_tokens='response' (the NLL over "
-            "the response tokens, the ORPO authors' disable_prompt_loss=True)"
-        )
+        where = "loss 'orpo' with nll_tokens='sequence' (TRL's NLL over prompt + response tokens)"
+        if cfg.mode != "preference":
+            raise ConfigError(f"config.mode={cfg.mode!r}: {where} trains in mode='preference' only")
+        if isinstance(cfg.model.score_window, int):
+            raise ConfigError(
+                f"config.model.score_window={cfg.model.score_window}: {where} scores every position; use 'auto' "
+                "or 'off'"
+            )
+        if data.packing is True:
+            raise ConfigError(
+                f"config.data.packing=True: {where} needs each sequence's prompt tokens, which packed rows do not "
+                "mark; use packing='auto' or False (padded batches), or nll_tokens='response'"
+            )

@@ -26,7 +26,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, model_serializer, model
 
 from rpo_jax.data.tokenize import TRUNCATION_POLICIES
 from rpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
-from rpo_jax.train.config.loss_terms import loss_spec, loss_terms
+from rpo_jax.train.config.loss_terms import check_loss_inputs, loss_spec, loss_terms
 from rpo_jax.train.config.sections import MeshSection, MetricsSection, OnlineSection, RewardModelSection, Section
 from rpo_jax.train.config.values import MODES, ConfigError, Packing, parse_packing, parse_pairs, parse_score_window
 
@@ -253,6 +253,12 @@ class DataSection(Section):
         description="slots per packed row; 0: a length chosen per batch; else ≥ the "
         "longest sequence (data.max_length; online: max_prompt_length + "
         "online.max_new_tokens)",
+    )
+    unpair: bool = Field(
+        False,
+        description="unpaired losses (kto, apo_zero_unpaired, bco): read labelled pairs as two unpaired records "
+        "each, the chosen desirable and the rejected undesirable (TRL's unpair_preference_dataset, which KTOTrainer "
+        "applies to paired data); False: a file of pairs is refused",
     )
     eval_batch_size: int = Field(16, ge=1, description="examples per evaluation (and reference-cache) batch")
     shuffle: bool = Field(True, description="shuffle the train examples (per epoch, from seed); False: file order")
@@ -488,6 +494,11 @@ class RunConfig(Section):
                 f"{where}: loss {self.loss.name!r} uses no reference, so there is none to move; set "
                 "reference_sync.every=0"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _loss_inputs(self):
+        check_loss_inputs(self)
         return self
 
     @model_validator(mode="after")

@@ -149,6 +149,8 @@ class Task:
     label: str = "rpo-train"  # progress bar
     progress_metric: str | None = None  # a metric shown beside the progress bar
     mfu_dtype: Any = None  # units count FLOPs: MFU per chip against this dtype's peak
+    log_filter: Callable[[dict[str, float]], dict[str, float]] = lambda metrics: metrics  # a unit's logged metrics
+    # (read on the host) as written: e.g. without the metrics of a label the step had no row of (unpaired losses)
 
 
 def sum_over_eval_batches(
@@ -431,6 +433,7 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
                 if unit % task.log_every == 0 or unit == task.units:
                     guard.check()
                     last = {k: float(v) for k, v in jax.device_get(dict(metrics)).items() if k != "nonfinite"}
+                    last = task.log_filter(last)
                     if cfg.train.on_nonfinite == "skip_step":
                         last["skipped_steps"] = float(guard.skipped)
                     last.update(throughput.read())

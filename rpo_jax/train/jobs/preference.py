@@ -32,6 +32,7 @@ from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import load_records, load_tokenizer, preference_direction, tokenize_splits, tokenizer_path
 from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, dataset_fingerprint, weights_fingerprint
 from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
+from rpo_jax.train.build.loss_inputs import in_micro_batch_order, packing_for_loss, unpaired_datasets
 from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
 from rpo_jax.train.build.programs import (
     ReferenceLayout,
@@ -41,6 +42,7 @@ from rpo_jax.train.build.programs import (
     reference_layout,
     reference_sync_of,
     scorer,
+    state_with_loss_state,
     state_with_reference,
 )
 from rpo_jax.train.build.references import Reference, cached_logps, compute_logps
@@ -55,6 +57,7 @@ from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_with_references
 from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops
 from rpo_jax.train.step.logprobs import resolve_score_window
+from rpo_jax.train.step.unpaired_steps import drop_empty_labels, label_means, label_sums
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +191,14 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     dtype = compute_dtype(cfg.model.dtype)
     loss_fn = build_loss(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
-    records = load_records(cfg, requires_rewards=loss_fn.spec.requires_rewards)
-    rewards_to_loss, direction = preference_direction(cfg, records, loss_fn.spec.requires_rewards)
-    datasets = tokenize_splits(cfg, records, tokenizer)
-    if not rewards_to_loss:  # labelled pairs train as labelled: their scores stay out of the batch
-        datasets = {split: dataclasses.replace(ds, has_rewards=False) for split, ds in datasets.items()}
+    if loss_fn.spec.unpaired:  # kto, apo_zero_unpaired, bco: labelled completions (`build.loss_inputs`)
+        datasets, direction = unpaired_datasets(cfg, tokenizer, loss_fn), {}
+    else:
+        records = load_records(cfg, requires_rewards=loss_fn.spec.requires_rewards)
+        rewards_to_loss, direction = preference_direction(cfg, records, loss_fn.spec.requires_rewards)
+        datasets = tokenize_splits(cfg, records, tokenizer)
+        if not rewards_to_loss:  # labelled pairs train as labelled: their scores stay out of the batch
+            datasets = {split: dataclasses.replace(ds, has_rewards=False) for split, ds in datasets.items()}
     cfg = resolve_epochs(cfg, len(datasets["train"]))
     model, model_config = load_policy(cfg, tokenizer, mesh, dtype)
     setup = build_setup(
@@ -204,12 +210,14 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         tokenizer=tokenizer,
         total_steps=cfg.train.steps * max(1, cfg.train.iterations),
     )
+    setup.state, setup.state_shardings = state_with_loss_state(setup.state, setup.state_shardings, loss_fn, mesh)
     layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     references = build_references(cfg, setup, datasets, loss_fn)
     key_cost = attention_key_cost(model_config, num_references=len(references) if layout.in_step else 0)
     packing = packing_with_references(
         packing_of(cfg, mesh, row_length=cfg.data.max_length, key_cost=key_cost), cfg, references, datasets
     )
+    packing = packing_for_loss(packing, loss_fn.spec)
     run = PreferenceRun(
         **vars(setup),
         workdir=storage.as_path(workdir),
@@ -217,7 +225,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         datasets=datasets,
         references=references,
         layout=layout,
-        score_window=score_window_of(cfg, datasets),
+        score_window=None if loss_fn.spec.requires_sequence_logps else score_window_of(cfg, datasets),
         preference_direction=direction,
         packing=packing,
     )
@@ -361,8 +369,12 @@ def device_batch(
 
 def train_batch(run: PreferenceRun, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A host batch of the train split → the train step's input: packed rows laid out per micro-batch
-    (`config.data.micro_batches`, which the step splits the batch into)."""
-    return device_batch(run, batch, "train", micro_batches=int(run.config.data.micro_batches))
+    (`config.data.micro_batches`, which the step splits the batch into); unpaired records in micro-batch order
+    (micro-batch m: the m-th block of consecutive records, as TRL's per-device batches)."""
+    micro_batches = int(run.config.data.micro_batches)
+    if run.loss_fn.spec.unpaired:
+        batch = in_micro_batch_order(batch, micro_batches)
+    return device_batch(run, batch, "train", micro_batches=micro_batches)
 
 
 def step_reference_params(run: PreferenceRun) -> tuple:
@@ -408,23 +420,31 @@ def reset_reference_to_policy(run: PreferenceRun, params, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ eval
-def evaluate(run: PreferenceRun, params, eval_step, reference: Any = None) -> dict[str, float]:
-    """Loss and metrics over the whole eval split: each batch's means weighted by its examples with a valid
-    response (batches of padding only are left out). `reference`: the train state's `"reference"` when the
-    primary reference lives there (evaluated against the reference of the moment, as TRL's synced ref_model)."""
+def eval_arguments(run: PreferenceRun, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple:
+    """The eval step's arguments for a device `batch`: the train state's parameters, the batch, the in-step
+    references' parameters (`in_step_reference_params`, the state's `"reference"` first when it lives there) and,
+    for a stateful loss (`bco`), the state's `"loss_state"`."""
+    args = (state["params"], batch, in_step_reference_params(run, state.get("reference")))
+    return args + ((state["loss_state"],) if run.loss_fn.spec.stateful else ())
+
+
+def evaluate(run: PreferenceRun, state: dict[str, Any], eval_step) -> dict[str, float]:
+    """Loss and metrics over the whole eval split of the train `state`: each batch's means weighted by its examples
+    with a valid response (batches of padding only are left out), an unpaired loss's per-label metrics by the
+    rows of the label (`label_sums` / `label_means`). The references are those of the moment (`eval_arguments`:
+    a reference in the train state is evaluated as it is, as TRL's synced ref_model)."""
     if "eval" not in run.datasets:
         return {}
-    ref_params = in_step_reference_params(run, reference)
 
     def sums_of(batch):
-        loss, weight, metrics = jax.device_get(eval_step(params, device_batch(run, batch, "eval"), ref_params))
+        loss, weight, metrics = jax.device_get(eval_step(*eval_arguments(run, state, device_batch(run, batch, "eval"))))
         if weight == 0:
             return {}
-        return {"loss": loss, "weight": weight, **{k: float(v) * float(weight) for k, v in metrics.items()}}
+        return {"loss": loss, "weight": weight, **label_sums(metrics, weight)}
 
     totals = sum_over_eval_batches(run.datasets["eval"], run.config.data.eval_batch_size, run.mesh, sums_of)
     weight = totals.pop("weight", 0.0)
-    return {k: v / weight for k, v in totals.items()} if weight else {}
+    return label_means(totals, weight) if weight else {}
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -536,7 +556,7 @@ def preference_task(run: PreferenceRun) -> Task:
         identity=identity,
         units=cfg.train.steps * max(1, cfg.train.iterations),
         advance=advance,
-        evaluate=lambda state, step: evaluate(run, state["params"], eval_step, state.get("reference")),
+        evaluate=lambda state, step: evaluate(run, state, eval_step),
         eval_input=lambda state: state,
         data_state=lambda step: iterator.get_state(),
         restore_data=lambda data_state, step: restore_position(run, iterator, data_state, step),
@@ -544,6 +564,7 @@ def preference_task(run: PreferenceRun) -> Task:
         eval_every=cfg.train.eval_every,
         label="rpo-train",
         mfu_dtype=run.dtype,
+        log_filter=drop_empty_labels,
     )
 
 

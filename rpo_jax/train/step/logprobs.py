@@ -14,7 +14,7 @@ from flax import nnx
 
 from rpo_jax.losses import PreferenceLogps
 from rpo_jax.models import sequence_logps
-from rpo_jax.models.logprobs import packed_token_logps, segment_logp_sums
+from rpo_jax.models.logprobs import packed_token_logps, segment_logp_sums, token_logps
 from rpo_jax.models.lora import lora_dropout
 from rpo_jax.train.config.values import parse_score_window
 
@@ -134,13 +134,51 @@ def packed_response_logps(
     return jnp.where(batch["valid"], sums, 0.0)
 
 
-def preference_inputs(policy_logps: jax.Array, batch: Batch, ref_logps: jax.Array | None) -> PreferenceLogps:
+def response_and_sequence_logps(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    rest: Any,
+    batch: Batch,
+    *,
+    compute_dtype,
+    vocab_chunk_size: int | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(response sums `[B, K]`, sequence sums `[B, K]`, sequence token counts `[B, K]`) of a padded batch from one
+    forward over every position (no score window): the per-token log-probs Σ'd over the loss mask (as
+    `response_logps`) and over every non-padding token after the first — the prompt's too, TRL's `ORPOTrainer`
+    NLL tokens (`PreferenceLogps.sequence_logps` / `sequence_lengths`). Invalid slots are 0."""
+    model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
+    tokens = batch["tokens"]
+    b, k, t = tokens.shape
+    flat = lambda x: x.reshape(b * k, t)  # noqa: E731
+    attention = flat(batch["attention_mask"])
+    with training_dropout(model, dropout_rng):
+        per_token = token_logps(
+            model, flat(tokens), attention_mask=attention.at[:, 0].set(True), vocab_chunk_size=vocab_chunk_size
+        )
+    first = jnp.arange(t)[None, :] > 0  # token 0 is never predicted
+    response = flat(batch["loss_mask"]).astype(bool) & first
+    sequence = attention.astype(bool) & first
+    sums = lambda mask: jnp.sum(jnp.where(mask, per_token, 0.0), axis=-1).reshape(b, k)  # noqa: E731
+    valid = batch["valid"]
+    counts = jnp.sum(sequence, axis=-1).reshape(b, k).astype(jnp.float32)
+    return tuple(jnp.where(valid, x, 0.0) for x in (sums(response), sums(sequence), counts))
+
+
+def preference_inputs(
+    policy_logps: jax.Array, batch: Batch, ref_logps: jax.Array | None, sequence: tuple | None = None
+) -> PreferenceLogps:
+    """The loss's `PreferenceLogps` of a batch; `sequence`: `(sequence_logps, sequence_lengths)` `[B, K]` of
+    `response_and_sequence_logps`, for ORPO's NLL over prompt + response tokens."""
     return PreferenceLogps(
         policy_logps=policy_logps,
         ref_logps=ref_logps,
         lengths=batch["lengths"],
         rewards=batch.get("rewards"),
         valid=batch["valid"],
+        sequence_logps=None if sequence is None else sequence[0],
+        sequence_lengths=None if sequence is None else sequence[1],
     )
 
 

@@ -16,7 +16,13 @@ from flax import nnx
 
 from rpo_jax.losses import LossOutput, PreferenceLogps
 from rpo_jax.train.runtime.global_batches import replicated
-from rpo_jax.train.step.logprobs import Batch, preference_inputs, response_logps, step_reference_logps
+from rpo_jax.train.step.logprobs import (
+    Batch,
+    preference_inputs,
+    response_and_sequence_logps,
+    response_logps,
+    step_reference_logps,
+)
 
 
 class WithFrozen:
@@ -159,6 +165,20 @@ def apply_gradients(
     return new_state, metrics
 
 
+def policy_inputs(
+    graphdef, params, base, batch: Batch, ref, key, sequence_nll: bool, logps: Callable, compute_dtype, vocab_chunk_size
+) -> PreferenceLogps:
+    """The loss's `PreferenceLogps` of a micro-batch: the policy's response log-probs (`logps(graphdef, params,
+    base, batch[, key])`), or with `sequence_nll` also its prompt + response ones (`response_and_sequence_logps`)."""
+    if not sequence_nll:
+        policy = logps(graphdef, params, base, batch) if key is None else logps(graphdef, params, base, batch, key)
+        return preference_inputs(policy, batch, ref)
+    policy, sequence, counts = response_and_sequence_logps(
+        graphdef, params, base, batch, compute_dtype=compute_dtype, vocab_chunk_size=vocab_chunk_size, dropout_rng=key
+    )
+    return preference_inputs(policy, batch, ref, (sequence, counts))
+
+
 class ReferenceSync(NamedTuple):
     """The primary reference held in the train state (`state["reference"]`, parameters shaped as the policy's)
     and how it moves: every `every` optimizer steps it becomes `mix·θ + (1 − mix)·θ_ref` (`sync_reference`);
@@ -204,6 +224,7 @@ def make_train_step(
     score_window: int | None = None,
     skip_nonfinite: bool = False,
     reference_sync: ReferenceSync | None = None,
+    sequence_nll: bool = False,
 ):
     """Build `train_step(state, batch, ref_params, frozen=None) -> (state, metrics)` (jit it with donated state).
 
@@ -217,6 +238,8 @@ def make_train_step(
     `reference_sync`: the primary reference (graphdef `ref_graphdefs[0]`) is the state's `"reference"`, not an
     entry of `ref_params` (which then holds the other R − 1), and after the update it moves as `sync_reference`
     says (`config.reference_sync`); the new state carries it on.
+    `sequence_nll`: the policy's forward also gives each sequence's prompt + response log-probs
+    (`response_and_sequence_logps`, every position: `score_window` does not apply), for `orpo`'s NLL.
     """
 
     def logps(gd, params, rest_, mb, key=None):
@@ -232,7 +255,9 @@ def make_train_step(
         )
 
     def micro_loss(params, base, mb, ref, key):
-        out = loss_fn(preference_inputs(logps(graphdef, params, base, mb, key), mb, ref))
+        out = loss_fn(
+            policy_inputs(graphdef, params, base, mb, ref, key, sequence_nll, logps, compute_dtype, vocab_chunk_size)
+        )
         return out.loss, out.metrics
 
     value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
@@ -270,10 +295,11 @@ def make_eval_step(
     vocab_chunk_size: int | None = None,
     ref_graphdefs: tuple = (),
     score_window: int | None = None,
+    sequence_nll: bool = False,
 ):
     """Build `eval_step(params, batch, ref_params, frozen=None) -> (Σ weight·per_example, Σ weight, metrics)`;
     the weight of an example is 1 when any of its responses is valid (padding examples weigh 0). `score_window`:
-    see `response_logps`; `ref_params`, `frozen`: as `make_train_step`'s (no dropout here)."""
+    see `response_logps`; `ref_params`, `frozen`, `sequence_nll`: as `make_train_step`'s (no dropout here)."""
 
     def logps(gd, p, r, b):
         return response_logps(
@@ -283,7 +309,11 @@ def make_eval_step(
     def eval_step(params, batch, ref_params=(), frozen=None):
         base = rest if frozen is None else frozen
         ref = step_reference_logps(logps, ref_graphdefs, ref_params, batch, policy=(params, base))
-        out = loss_fn(preference_inputs(logps(graphdef, params, base, batch), batch, ref))
+        out = loss_fn(
+            policy_inputs(
+                graphdef, params, base, batch, ref, None, sequence_nll, logps, compute_dtype, vocab_chunk_size
+            )
+        )
         weight = jnp.any(batch["valid"], axis=-1).astype(jnp.float32)
         return jnp.sum(out.per_example * weight), jnp.sum(weight), out.metrics
 
