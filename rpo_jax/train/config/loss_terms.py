@@ -139,6 +139,11 @@ def check_loss_inputs(cfg) -> None:
                 f"config.data.pairs={data.pairs!r}: {name} trains on unpaired records; pairs derived from rewards "
                 "become unpaired records with data.unpair=True (best desirable, worst undesirable)"
             )
+        if data.format and not data.pairs:
+            raise ConfigError(
+                f"config.data.format={data.format!r}: {name} reads unpaired records, whose files are recognised as "
+                "such (and labelled pairs with data.unpair=True); leave data.format empty"
+            )
         policy = cfg.model.tokenizer or cfg.model.path
         for i, ref in enumerate(cfg.references):
             if ref.path and (ref.tokenizer or ref.path) != policy:
