@@ -53,7 +53,10 @@ def test_unpaired_losses_refuse_what_they_cannot_train_with():
     )
     _refused(_config("dpo", data__unpair=True), "config.data.unpair=True reads labelled pairs as unpaired records")
     _refused(_config("bco", data__format="trl_standard"), "config.data.format='trl_standard': loss 'bco' reads")
-    assert validate(_config("bco", data__format="k_responses", data__pairs="best_vs_worst", data__unpair=True)).data.unpair
+    _refused(_config("bco", data__unpair_block=8), "config.data.unpair_block=8: the blocks of data.unpair=True's")
+    assert validate(
+        _config("bco", data__format="k_responses", data__pairs="best_vs_worst", data__unpair=True)
+    ).data.unpair
 
 
 def test_orpo_sequence_nll_scores_every_position_of_padded_batches():

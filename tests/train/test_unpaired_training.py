@@ -149,6 +149,11 @@ def test_a_file_of_pairs_needs_data_unpair_and_then_trains_unpaired(tmp_path):
     train = run.datasets["train"]
     assert len(train) == 16 and train.k_max == 2 and (train.balance.desirable, train.balance.undesirable) == (8, 8)
     assert [r.label for r in train.records] == [True] * 8 + [False] * 8  # TRL's unpair order
+    blocks = unpaired_config(tmp_path, **{"data.train": str(pairs), "data.eval": "", "data.unpair": True})
+    blocks.data.unpair_block = 4  # 4 pairs' desirable completions, then their undesirable ones
+    records = preference.build_run(blocks, tmp_path / "blocks", devices=ONE).datasets["train"].records
+    assert [r.label for r in records] == ([True] * 4 + [False] * 4) * 2
+    assert [r.prompt_text for r in records[:8]] == [f"sort: {i} 1" for i in (2, 3, 4, 5) * 2]
 
 
 def test_a_file_of_one_label_trains_with_a_warning(tmp_path, caplog):

@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 def read_unpaired_split(cfg: ml_collections.ConfigDict, spec: str, split: str) -> list:
     """The unpaired records of `spec` (`config.data.train` / `.eval`; "demo": the demo's file of `split`).
 
-    With `data.pairs`, the records' pairs derived from their rewards (best ≻ worst, or every scored pair), each an
-    undesirable and a desirable record (`unpair_records`, TRL's block order); else unpaired files as they are and,
-    with `data.unpair`, files of labelled pairs split the same way. A file of pairs without `data.unpair` is a
+    With `data.pairs`, the records' pairs derived from their rewards (best ≻ worst, or every scored pair), each a
+    desirable and an undesirable record (`unpair_records`: blocks of `data.unpair_block` pairs, each block's
+    desirable records then its undesirable ones, TRL's order at 1000); else unpaired files as they are and, with
+    `data.unpair`, files of labelled pairs split the same way. A file of pairs without `data.unpair` is a
     ValueError naming it."""
     dc = cfg.data
     paths = data_paths(spec, split)
@@ -53,9 +54,9 @@ def read_unpaired_split(cfg: ml_collections.ConfigDict, spec: str, split: str) -
         pairs = [dataclasses.replace(p, labelled=True) for r in records for p in to_pairs([r], mode=mode)]
         if len(pairs) < len(records) and mode == "best_vs_worst":
             log.warning("%s data: %d records give no pair (their rewards tie)", split, len(records) - len(pairs))
-        out = unpair_records(pairs)
+        out = unpair_records(pairs, batch_size=dc.unpair_block)
     else:
-        out, report = read_unpaired_records(paths, unpair=True, on_error=dc.on_error)
+        out, report = read_unpaired_records(paths, unpair=True, on_error=dc.on_error, batch_size=dc.unpair_block)
         paired = [name for name, fmt in report.formats.items() if fmt != UNPAIRED_FORMAT]
         if paired and not dc.unpair:
             raise ValueError(

@@ -131,6 +131,11 @@ def check_loss_inputs(cfg) -> None:
             f"config.data.unpair=True reads labelled pairs as unpaired records, which only the unpaired losses "
             f"(kto, apo_zero_unpaired, bco) train on; {name} takes the pairs themselves (set data.unpair=False)"
         )
+    if data.unpair_block != 1000 and not data.unpair:
+        raise ConfigError(
+            f"config.data.unpair_block={data.unpair_block}: the blocks of data.unpair=True's order; set "
+            "data.unpair=True or leave it at 1000"
+        )
     if spec.unpaired:
         if cfg.mode != "preference":
             raise ConfigError(f"config.mode={cfg.mode!r}: {name} trains on unpaired records in mode='preference' only")

@@ -260,6 +260,13 @@ class DataSection(Section):
         "each, the chosen desirable and the rejected undesirable (TRL's unpair_preference_dataset, which KTOTrainer "
         "applies to paired data); False: a file of pairs is refused",
     )
+    unpair_block: int = Field(
+        1000,
+        ge=1,
+        description="with data.unpair: pairs per block of the unpaired order, each block's desirable records then "
+        "its undesirable ones (1000: TRL's, datasets.map's batch; batch_size / 2 mixes the labels in every batch of "
+        "a file-order run)",
+    )
     eval_batch_size: int = Field(16, ge=1, description="examples per evaluation (and reference-cache) batch")
     shuffle: bool = Field(True, description="shuffle the train examples (per epoch, from seed); False: file order")
 
