@@ -21,11 +21,13 @@ application-default credentials.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gzip
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 
 from etils import epath
@@ -106,6 +108,39 @@ def local_copy(path: PathLike) -> Iterator[str]:
         else:
             source.copy(target)
         yield os.fspath(target)
+
+
+#: names of weight files, which `cached_copy` leaves where they are by default
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+_copies: dict[tuple[str, tuple[str, ...]], str] = {}
+_copies_lock = threading.Lock()
+
+
+def cached_copy(url: PathLike, *, skip_suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> str:
+    """A local directory holding the files directly under the directory `url` (not in its subdirectories), except
+    those whose names end in `skip_suffixes` (weights): each file read whole, once per process; the copy lives in a
+    temporary directory removed when the process exits. A local path is returned as it is. For small files read
+    by libraries that need a local directory: tokenizers (`AutoTokenizer.from_pretrained`), PEFT adapters. A
+    URL with no such file is a FileNotFoundError naming it."""
+    if not is_url(url):
+        return os.fspath(url)
+    key = (os.fspath(url).rstrip("/"), tuple(skip_suffixes))
+    with _copies_lock:
+        if key in _copies:
+            return _copies[key]
+        source = as_path(key[0])
+        try:
+            files = [p for p in source.iterdir() if not p.name.endswith(skip_suffixes) and p.is_file()]
+        except (FileNotFoundError, NotADirectoryError):
+            files = []
+        if not files:
+            raise FileNotFoundError(f"{key[0]}: no such directory, or no file in it to read")
+        local = tempfile.mkdtemp(prefix="rpo_jax_files_")
+        atexit.register(shutil.rmtree, local, True)
+        for file in files:
+            (epath.Path(local) / file.name).write_bytes(file.read_bytes())
+        _copies[key] = local
+        return local
 
 
 def remove_tree(path: PathLike) -> None:

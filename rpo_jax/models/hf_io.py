@@ -1,26 +1,34 @@
-"""Hugging Face checkpoints ↔ `Decoder`: a declarative key table, `load_hf` (sharded, slice-wise) and `save_hf`.
+"""Hugging Face checkpoints → `Decoder`: a declarative key table and `load_hf` (sharded, slice-wise); the way
+back, `save_hf`, streams tensors into sharded safetensors (`rpo_jax.models.hf_export`).
 
 Only safetensors are read (no pickle, no remote code). With a mesh every tensor is built with
 `jax.make_array_from_callback`, each device reading only its own slice through `safe_open(...).get_slice`,
-so the model is never gathered on one device.
+so the model is never gathered on one device. A checkpoint directory may be a URL (`gs://bucket/model`, any
+fsspec URL): config.json and the index are read whole, each safetensors header once per process, and each
+device's slice by byte range (`rpo_jax.models.safetensors_io`) — a process reads its devices' slices and the
+headers, nothing else (a slice shared by several of its devices is read once).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import pathlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from rpo_jax.models.config import ModelConfig, check_architectures
 from rpo_jax.models.model import Decoder
+from rpo_jax.models.safetensors_io import RecordingSlice, RemoteSafetensors, headers_of, is_url
 from rpo_jax.models.sharding import Rules, state_shardings
 
 # ----------------------------------------------------------------------------------------------- key table
@@ -148,7 +156,8 @@ def _read_block(slice_reader, transform: str, ours_shape: Sequence[int], index: 
     raise ValueError(f"unknown transform {transform!r}")
 
 
-def _to_hf_layout(array: np.ndarray, transform: str) -> np.ndarray:
+def to_hf_layout(array, transform: str):
+    """`array` (numpy or jax, our layout) in Hugging Face's layout (the inverse of the `KeyRule` transform)."""
     if transform == "identity":
         return array
     if transform == "transpose":
@@ -168,8 +177,11 @@ def _to_hf_layout(array: np.ndarray, transform: str) -> np.ndarray:
 
 
 def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
-    """A local directory as is; otherwise a hub id downloaded with `huggingface_hub.snapshot_download`."""
+    """A local directory as is; a URL (`gs://…`) as an `epath.Path` (read through fsspec, nothing downloaded);
+    otherwise a hub id downloaded with `huggingface_hub.snapshot_download`."""
     s = str(path_or_repo_id)
+    if is_url(s):
+        return epath.Path(s.rstrip("/"))
     path = pathlib.Path(s).expanduser()
     if path.is_dir():
         return path
@@ -191,7 +203,10 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
 
 
 def _listing(directory: pathlib.Path) -> str:
-    names = sorted(p.name for p in directory.iterdir())
+    try:
+        names = sorted(p.name for p in directory.iterdir())
+    except OSError:  # a URL prefix with no object under it
+        names = []
     return f"found {names[:12]}{' ...' if len(names) > 12 else ''}" if names else "the directory is empty"
 
 
@@ -236,10 +251,12 @@ def read_config_json(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, A
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def _open_safetensors(path: pathlib.Path):
+def _open_safetensors(path: pathlib.Path, header=None):
     from safetensors import safe_open
 
     try:
+        if is_url(path):
+            return RemoteSafetensors(os.fspath(path), header=header)
         return safe_open(str(path), framework="np")
     except Exception as e:  # SafetensorError (truncated, garbage), OSError (a directory, unreadable)
         reason = " ".join(str(e).split()) or type(e).__name__
@@ -296,7 +313,14 @@ class SafetensorsIndex:
                     f"{index_file}: shard {name} is missing ({len(listed)} tensors of weight_map, e.g. {listed[0]}, "
                     f"are in it); expected the file {directory / name}"
                 )
-            self.handles[name] = _open_safetensors(directory / name)
+        headers = [None] * len(files)
+        if is_url(directory):  # every shard's header in two concurrent rounds (once per process)
+            try:
+                headers = headers_of([os.fspath(directory / name) for name in files])
+            except ValueError as e:
+                raise ValueError(f"{e}") from None
+        for name, header in zip(files, headers, strict=True):
+            self.handles[name] = _open_safetensors(directory / name, header)
         if weight_map is None:
             weight_map = {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
         else:
@@ -342,6 +366,52 @@ def _names(names: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- load
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+@functools.cache
+def _reading_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="rpo_jax-read")
+
+
+def _read_blocks(rule, readers, shape, sharding, num_layers, per_tensor_shape, pool) -> dict[tuple, np.ndarray]:
+    """index key → the block (file dtype, our layout) of every distinct index this process's devices hold of one
+    parameter (all of it without a sharding): a block several local devices share is read once; with `pool`,
+    the byte runs of all blocks of each tensor are read at once, merged where they touch, the tensors concurrently
+    (`RemoteSlice.prefetch`)."""
+    if sharding is None:
+        indices = [tuple(slice(None) for _ in shape)]
+    else:
+        indices = list(
+            {_index_key(i): i for i in sharding.addressable_devices_indices_map(tuple(shape)).values()}.values()
+        )
+    jobs = []
+    for index in indices:
+        layers = range(*index[0].indices(num_layers)) if rule.stacked else [None]
+        jobs += [(index, i) for i in layers]
+
+    def one(job, readers=readers):
+        index, layer = job
+        if layer is None:
+            return _read_block(readers[0], rule.transform, per_tensor_shape, index)
+        return _read_block(readers[layer], rule.transform, per_tensor_shape, index[1:])
+
+    if pool is not None:  # learn the blocks every job reads, then read each tensor's blocks at once (merged)
+        recorders = [RecordingSlice(r.get_shape()) for r in readers]
+        for job in jobs:
+            one(job, recorders)
+        list(pool.map(lambda rr: rr[0].prefetch(rr[1].indices), zip(readers, recorders, strict=True)))
+    blocks = list(map(one, jobs))
+    for reader in readers if pool is not None else ():
+        reader.forget()
+    out: dict[tuple, list] = {}
+    for (index, layer), block in zip(jobs, blocks, strict=True):
+        out.setdefault(_index_key(index), []).append(block)
+    return {
+        key: (np.stack(parts) if rule.stacked else parts[0]) if parts else np.zeros((0,), np.float32)
+        for key, parts in out.items()
+    } | {_index_key(i): np.zeros((0,) + tuple(shape[1:]), np.float32) for i in indices if _index_key(i) not in out}
 
 
 def load_hf(
@@ -445,125 +515,23 @@ def load_hf(
     flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
 
     values: dict[tuple[str, ...], jax.Array] = {}
+    pool = _reading_pool() if is_url(directory) else None  # a bucket: every block of a parameter at once
     for rule in table:
         target = flat_abstract[rule.path]
         names = hf_names(rule)
         readers = [tensors.get_slice(n) for n in names]
 
-        def read(index, rule=rule, readers=readers, per_tensor_shape=per_tensor_shape(rule)):
-            if rule.stacked:
-                layers = range(*index[0].indices(config.num_layers))
-                blocks = [_read_block(readers[i], rule.transform, per_tensor_shape, index[1:]) for i in layers]
-                block = np.stack(blocks) if blocks else np.zeros((0,), np.float32)
-            else:
-                block = _read_block(readers[0], rule.transform, per_tensor_shape, index)
-            return np.ascontiguousarray(block.astype(param_dtype))
+        sharding = flat_shardings[rule.path].get_value() if mesh is not None else None
+        cache = _read_blocks(rule, readers, target.shape, sharding, config.num_layers, per_tensor_shape(rule), pool)
+
+        def read(index, cache=cache):
+            return np.ascontiguousarray(cache[_index_key(index)].astype(param_dtype))
 
         if mesh is None:
-            full = tuple(slice(None) for _ in target.shape)
-            values[rule.path] = jnp.asarray(read(full))
+            values[rule.path] = jnp.asarray(read(tuple(slice(None) for _ in target.shape)))
         else:
-            sharding = flat_shardings[rule.path].get_value()
             values[rule.path] = jax.make_array_from_callback(target.shape, sharding, read)
+        cache.clear()
 
     state = nnx.from_flat_state([(path, var.replace(values[path])) for path, var in flat_abstract.items()])
     return nnx.merge(graphdef, state), config
-
-
-# ----------------------------------------------------------------------------------------------- save
-
-
-def save_hf(
-    model: Decoder,
-    config: ModelConfig,
-    out_dir: str | os.PathLike,
-    tokenizer=None,
-    *,
-    extra_tensors: Mapping[str, np.ndarray] | None = None,
-) -> pathlib.Path:
-    """Writes `config.json` (transformers-5 format) + `model.safetensors` (+ tokenizer files) to `out_dir`.
-
-    `extra_tensors` (name → array) are written as they are next to the decoder's tensors (e.g. a reward
-    model's `score.weight`); a name that collides with a decoder tensor is a ValueError.
-
-    Tensors are stored in the model's parameter dtype with Hugging Face names for `XForCausalLM` (a Gemma 3
-    multimodal checkpoint is exported as its text tower, `Gemma3ForCausalLM`).
-
-    `out_dir` is created (with its parents) when missing; an existing directory is written into, unless it holds
-    another safetensors checkpoint (a `model.safetensors.index.json` or shards, which loaders would read instead:
-    ValueError). Every file written gets the process's normal mode, 0o666 & ~umask (the safetensors writer alone
-    would leave `model.safetensors` at 0o600).
-    """
-    from safetensors.numpy import save_file
-
-    quantized = [
-        n for n, v in vars(model.layers).items() if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)
-    ]
-    if quantized:
-        raise ValueError(
-            f"save_hf: the base is quantized ({', '.join(quantized[:2])}, ...: rpo_jax.models.quantize) "
-            "and is not written as a float checkpoint; call quantize.dequantize_base(model) first to "
-            "export the quantized weights explicitly"
-        )
-    out = pathlib.Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: exists and is not a directory; save_hf writes a checkpoint directory")
-    out.mkdir(parents=True, exist_ok=True)
-    stale = sorted(  # the index first
-        (
-            p.name
-            for p in out.iterdir()
-            if p.name == "model.safetensors.index.json"
-            or (p.name.endswith(".safetensors") and p.name != "model.safetensors")
-        ),
-        key=lambda name: (not name.endswith(".json"), name),
-    )
-    if stale:
-        raise ValueError(
-            f"{out}: holds another safetensors checkpoint {_names(stale)}, which loaders would read instead of the "
-            "model.safetensors written here; expected a new or empty directory (or one with a single-file export)"
-        )
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    table = key_table(config) + ([] if config.tie_word_embeddings else [LM_HEAD_RULE])
-    tensors: dict[str, np.ndarray] = {}
-    for rule in table:
-        array = np.asarray(jax.device_get(flat[rule.path].get_value()))
-        name = rule.hf_name if rule.path == ("lm_head",) else "model." + rule.hf_name
-        if rule.stacked:
-            for i in range(config.num_layers):
-                tensors[name.format(i=i)] = np.ascontiguousarray(_to_hf_layout(array[i], rule.transform))
-        else:
-            tensors[name] = np.ascontiguousarray(_to_hf_layout(array, rule.transform))
-    for name, array in (extra_tensors or {}).items():
-        if name in tensors:
-            raise ValueError(f"save_hf: extra tensor {name!r} collides with a decoder tensor")
-        tensors[name] = np.ascontiguousarray(np.asarray(array))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf = config.to_hf_dict()
-    hf["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
-        str(model.param_dtype), "float32"
-    )
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    written = [out / "model.safetensors", out / "config.json"]
-    if tokenizer is not None:
-        saved = tokenizer.save_pretrained(str(out))
-        written += [pathlib.Path(f) for f in (saved or ()) if isinstance(f, (str, os.PathLike))]
-    mode = default_file_mode()
-    for path in written:
-        if path.is_file() and not path.is_symlink():
-            os.chmod(path, mode)
-    return out
-
-
-def default_file_mode() -> int:
-    """0o666 & ~umask: the mode `open()` gives a new file in this process. Read from /proc (Linux) so that the
-    umask is never changed; elsewhere set and restored at once (to the most restrictive value meanwhile)."""
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0o077)
-    os.umask(umask)
-    return 0o666 & ~umask

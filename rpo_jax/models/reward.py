@@ -22,7 +22,6 @@ The transformer is the ordinary `Decoder` (`hidden_states`); only the score head
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from rpo_jax.models.config import SEQUENCE_CLASSIFICATION_ARCHITECTURES, ModelConfig
-from rpo_jax.models.hf_io import SafetensorsIndex, load_hf, read_config_json, resolve_checkpoint_dir, save_hf
+from rpo_jax.models.hf_export import DEFAULT_MAX_SHARD_SIZE, save_hf
+from rpo_jax.models.hf_io import SafetensorsIndex, load_hf, read_config_json, resolve_checkpoint_dir
 from rpo_jax.models.model import Decoder
 from rpo_jax.models.sharding import Rules, shard_model, variable_sharding
 
@@ -247,10 +247,16 @@ def load_reward_model(
 
 
 def save_reward_model(
-    model: RewardModel, config: ModelConfig, out_dir: str | os.PathLike, tokenizer=None
-) -> pathlib.Path:
-    """Writes a Hugging Face sequence-classification checkpoint (`config.json` + `model.safetensors` (+
-    tokenizer files)) that `AutoModelForSequenceClassification.from_pretrained` loads with the same scores.
+    model: RewardModel,
+    config: ModelConfig,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> pathlib.Path | str:
+    """Writes a Hugging Face sequence-classification checkpoint (`config.json` + safetensors weights, sharded past
+    `max_shard_size` (+ tokenizer files); streamed like `save_hf`, local or a URL) that
+    `AutoModelForSequenceClassification.from_pretrained` loads with the same scores.
 
     Tensors keep the parameter dtype; config.json gets the `XForSequenceClassification` architecture,
     `id2label` / `label2id` from `model.labels` and `config.tie_word_embeddings`.
@@ -259,13 +265,18 @@ def save_reward_model(
         raise ValueError(f"save_reward_model: model_type {config.model_type!r} has no sequence-classification export")
     if backbone_config(config) != model.backbone.config:
         raise ValueError("save_reward_model: `config` does not describe `model` (backbone configs differ)")
-    weight = np.asarray(jax.device_get(model.score[...]))
-    out = save_hf(model.backbone, backbone_config(config), out_dir, tokenizer, extra_tensors={SCORE_TENSOR: weight})
-    config_file = out / "config.json"
-    hf = json.loads(config_file.read_text())
-    hf["architectures"] = [_ARCHITECTURE_OF[config.model_type]]
-    hf["tie_word_embeddings"] = config.tie_word_embeddings
-    hf["id2label"] = {str(i): name for i, name in enumerate(model.labels)}
-    hf["label2id"] = {name: i for i, name in enumerate(model.labels)}
-    config_file.write_text(json.dumps(hf, indent=2) + "\n")
-    return out
+    updates = {
+        "architectures": [_ARCHITECTURE_OF[config.model_type]],
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "id2label": {str(i): name for i, name in enumerate(model.labels)},
+        "label2id": {name: i for i, name in enumerate(model.labels)},
+    }
+    return save_hf(
+        model.backbone,
+        backbone_config(config),
+        out_dir,
+        tokenizer,
+        extra_tensors={SCORE_TENSOR: model.score[...]},
+        max_shard_size=max_shard_size,
+        config_updates=updates,
+    )

@@ -162,7 +162,7 @@ def test_an_export_is_atomic_and_gets_normal_permissions(finished_run, tmp_path,
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def interrupted(model, config, out_dir, tokenizer=None):
+    def interrupted(model, config, out_dir, tokenizer=None, **_):
         (pathlib.Path(out_dir) / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt  # killed while writing
 

@@ -20,6 +20,7 @@ from rpo_jax.data import (
     read_records,
     require_rewards,
     rewards_reach_loss,
+    storage,
     to_pairs,
     tokenize_records,
 )
@@ -41,18 +42,21 @@ def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
 
 
 def load_tokenizer(path: str):
-    """A transformers tokenizer (one without a pad token pads with its EOS token). A directory without tokenizer
-    files, or one transformers cannot load, is an error naming the directory and what is wrong."""
+    """A transformers tokenizer (one without a pad token pads with its EOS token) from a local directory, a hub id
+    or a URL (`gs://…`: the directory's files but weights read whole once per process, `storage.cached_copy`). A
+    directory without tokenizer files, or one transformers cannot load, is an error naming the directory and what
+    is wrong."""
     from transformers import AutoTokenizer
 
-    directory = pathlib.Path(path)
+    local = storage.cached_copy(path)  # a URL (gs://…): its small files read whole, once per process
+    directory = pathlib.Path(local)
     if directory.is_dir() and not any((directory / name).exists() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
             "set config.model.tokenizer to a directory that has one"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(local)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; name the directory and the reason
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: the tokenizer does not load ({type(e).__name__}: {reason})") from e

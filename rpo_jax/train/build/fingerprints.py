@@ -4,51 +4,34 @@ identity (`rpo_jax.train.core.identity`) and the reference cache's keys.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import pathlib
 
 import ml_collections
 import numpy as np
 
 from rpo_jax.data import TokenizedDataset
+from rpo_jax.models.safetensors_io import is_url
+from rpo_jax.train.build.checkpoint_digest import digest
 from rpo_jax.train.build.model import init_fields
 
 
-def _file_state(root: pathlib.Path) -> tuple:
-    return tuple(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
-        for f in sorted(root.glob("config.json")) + sorted(root.glob("*.safetensors"))
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _checkpoint_digest(root: str, state: tuple) -> str:
-    del state  # part of the cache key only: a file rewritten in place is hashed again
-    h = hashlib.sha256()
-    path = pathlib.Path(root)
-    for f in sorted(path.glob("config.json")) + sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 over config.json and the bytes of every safetensors file of a checkpoint directory (computed once
-    per process for files whose sizes and modification times have not changed)."""
-    root = pathlib.Path(path).resolve()
-    return _checkpoint_digest(str(root), _file_state(root))
+def checkpoint_fingerprint(path: str | os.PathLike, method: str = "full") -> str:
+    """The checkpoint directory `path` (local or a URL) named by `method` (`checkpoint_digest.digest`): "full",
+    sha256 over config.json and the bytes of every safetensors file (computed once per process for files whose
+    sizes and versions have not changed), or "fingerprint" (headers, sizes and sampled bytes)."""
+    return digest(path, method)
 
 
 def weights_fingerprint(path: str, cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> str:
-    """What identifies a model's weights: the checkpoint's bytes (`checkpoint_fingerprint`), or the random init's
-    fields and seed (`config.model.init`, `config.model.init_seed`) when `path` is empty."""
+    """What identifies a model's weights: the checkpoint (`checkpoint_fingerprint` by
+    `config.train.verify_weights`: a local directory or a URL), or the random init's fields and seed
+    (`config.model.init`, `config.model.init_seed`) when `path` is empty; a hub id is named by itself."""
     if path:
-        return checkpoint_fingerprint(path) if os.path.isdir(path) else path
+        if os.path.isdir(path) or is_url(path):
+            return checkpoint_fingerprint(path, getattr(cfg.train, "verify_weights", "fingerprint"))
+        return path
     return json.dumps({"init": init_fields(cfg, vocab_size), "seed": cfg.model.init_seed}, sort_keys=True)
 
 

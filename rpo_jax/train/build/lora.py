@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from rpo_jax.data import storage
 from rpo_jax.models import Decoder
 from rpo_jax.models.lora import (
     ADAPTER_CONFIG,
@@ -63,7 +64,7 @@ def lora_settings(cfg) -> LoraConfig | None:
     `adapter_settings`."""
     cfg = validate(cfg)
     lora = cfg.model.lora
-    if lora.init_from and not pathlib.Path(lora.init_from).is_dir():
+    if lora.init_from and not storage.is_url(lora.init_from) and not pathlib.Path(lora.init_from).is_dir():
         raise ValueError(
             f"config.model.lora.init_from: {lora.init_from!r} is not a directory (expected a PEFT "
             f"adapter directory with {ADAPTER_CONFIG})"
@@ -83,14 +84,22 @@ def lora_settings(cfg) -> LoraConfig | None:
         raise ValueError(f"config.model.lora.{field}: {str(e).split(': ', 1)[-1] if ': ' in str(e) else e}") from None
 
 
+def adapter_directory(init_from: str) -> str:
+    """`config.model.lora.init_from` as a local directory: a URL's adapter (adapter_config.json and
+    adapter_model.safetensors, small) read whole once per process (`storage.cached_copy`); a local one as is."""
+    try:
+        return storage.cached_copy(init_from, skip_suffixes=())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.model.lora.init_from: {e}") from None
+
+
 def adapter_settings(cfg: ml_collections.ConfigDict, num_layers: int) -> LoraConfig:
     """The `LoraConfig` of `config.model.lora.init_from`'s adapter (its rank, alpha and targets, this config's
     dropout). A field of `config.model.lora` set to other than its default that disagrees with the adapter is a
     one-line ValueError naming both."""
     lora = cfg.model.lora
-    directory = pathlib.Path(lora.init_from)
-    adapter = read_peft_config(directory)
-    where = f"config.model.lora.init_from={str(directory)!r} ({ADAPTER_CONFIG})"
+    adapter = read_peft_config(pathlib.Path(adapter_directory(lora.init_from)))
+    where = f"config.model.lora.init_from={lora.init_from!r} ({ADAPTER_CONFIG})"
     if lora.rank not in (LORA_DEFAULTS["rank"], adapter.rank):
         raise ValueError(
             f"config.model.lora.rank={lora.rank} disagrees with {where}: r={adapter.rank}; set it to "
@@ -137,7 +146,7 @@ def add_adapters(model: Decoder, cfg: ml_collections.ConfigDict, mesh, *, read_w
     if lora.init_from:
         settings = adapter_settings(cfg, model.config.num_layers)
     if lora.init_from and read_weights:
-        load_peft_adapter(model, lora.init_from, param_dtype=param_dtype, mesh=mesh)
+        load_peft_adapter(model, adapter_directory(lora.init_from), param_dtype=param_dtype, mesh=mesh)
         model.lora.config = settings  # the adapter's rank, alpha and targets; this run's dropout
         return model
     try:

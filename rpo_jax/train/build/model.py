@@ -24,6 +24,7 @@ from rpo_jax.models import Decoder, ModelConfig, create_model, create_reward_mod
 from rpo_jax.models.hf_io import read_config_json, resolve_checkpoint_dir
 from rpo_jax.models.lora import adapters_disabled
 from rpo_jax.models.reward import REWARD_ARCHITECTURES, RewardModel
+from rpo_jax.models.safetensors_io import is_url
 from rpo_jax.models.sharding import state_shardings, variable_sharding
 from rpo_jax.train.build.lora import add_adapters
 
@@ -183,7 +184,7 @@ def architecture_of(
     `architecture` (default `config.model.architecture`: a Hugging Face config.json) when set, else `path`'s
     (default `config.model.path`) config.json when it is a local directory, else `config.model.init` (which must
     then state vocab_size). A hub id without an architecture file is a ValueError naming `source` (the planner
-    downloads nothing)."""
+    downloads nothing; a URL's config.json is read)."""
     if path is None:
         path, architecture = cfg.model.path, cfg.model.architecture
     overrides = {"remat": cfg.model.remat, "scan_unroll": cfg.model.scan_unroll, "attention": cfg.model.attention}
@@ -199,6 +200,9 @@ def architecture_of(
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
         return ModelConfig.from_hf_dict(fields, source=str(file), **overrides)
+    if path and is_url(path):  # a bucket: its config.json (small) read, no weight
+        config_file, fields = read_config_json(resolve_checkpoint_dir(path))
+        return ModelConfig.from_hf_dict(fields, source=str(config_file), **overrides)
     if path:
         directory = pathlib.Path(path).expanduser()
         if not directory.is_dir():
@@ -216,7 +220,9 @@ def reward_labels_of(cfg: ml_collections.ConfigDict) -> int:
     weights: an `XForSequenceClassification` config.json (`config.model.architecture`, else `model.path`'s) states
     it (`id2label`, else `num_labels`, transformers' default 2); anything else starts a fresh one-label head."""
     file = pathlib.Path(cfg.model.architecture) if cfg.model.architecture else None
-    if file is None and cfg.model.path and pathlib.Path(cfg.model.path).expanduser().is_dir():
+    if file is None and cfg.model.path and is_url(cfg.model.path):
+        file = read_config_json(resolve_checkpoint_dir(cfg.model.path))[0]
+    elif file is None and cfg.model.path and pathlib.Path(cfg.model.path).expanduser().is_dir():
         file = read_config_json(pathlib.Path(cfg.model.path).expanduser())[0]
     if file is None or not file.is_file():
         return 1

@@ -27,7 +27,14 @@ from pydantic import BeforeValidator, ConfigDict, Field, model_serializer, model
 from rpo_jax.data.tokenize import TRUNCATION_POLICIES
 from rpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from rpo_jax.train.config.loss_terms import check_loss_inputs, loss_spec, loss_terms
-from rpo_jax.train.config.sections import MeshSection, MetricsSection, OnlineSection, RewardModelSection, Section
+from rpo_jax.train.config.sections import (
+    ExportSection,
+    MeshSection,
+    MetricsSection,
+    OnlineSection,
+    RewardModelSection,
+    Section,
+)
 from rpo_jax.train.config.values import MODES, ConfigError, Packing, parse_packing, parse_pairs, parse_score_window
 
 #: optax optimizers that take a decoupled weight decay (`config.optimizer.weight_decay`).
@@ -423,6 +430,12 @@ class TrainSection(Section):
     max_skipped_in_a_row: int = Field(
         10, ge=1, description='"skip_step": stop after this many non-finite steps (units) in a row'
     )
+    verify_weights: Literal["fingerprint", "full"] = Field(
+        "fingerprint",
+        description='how the run identity names the starting weights: "fingerprint" (config.json, safetensors '
+        "headers, file sizes and sampled bytes of every tensor: milliseconds, and what it misses is in the README) "
+        '| "full" (sha256 of every byte: reads the whole checkpoint on every process at every start)',
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -473,6 +486,7 @@ class RunConfig(Section):
         "for a process that keeps its peak heap; rpo-train applies it at start-up",
     )
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="MFU peak, TensorBoard")
+    export: ExportSection = Field(default_factory=ExportSection, description="how exports are written (shards)")
 
     @model_validator(mode="after")
     def _reference_sync(self):

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from rpo_jax.models.hf_export import DEFAULT_MAX_SHARD_SIZE, parse_size
 from rpo_jax.train.config.values import PAIR_MODES, ConfigError, parse_pairs
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -129,6 +130,30 @@ class MetricsSection(Section):
         0.0, ge=0, description="one chip's peak FLOP/s (MFU = FLOP/s ÷ (peak × chips)); 0: measure a matmul at start-up"
     )
     tensorboard: bool = Field(True, description="also write TensorBoard files (WORKDIR/tensorboard)")
+
+
+def parse_shard_size(value: Any) -> str:
+    """`config.export.max_shard_size`: a size string ("5GB", "500MB", "2GiB") kept as written, or a byte count
+    (a positive int, kept as its decimal string); a ConfigError naming the key otherwise."""
+    try:
+        parse_size(value, "config.export.max_shard_size")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return str(value).strip()
+
+
+class ExportSection(Section):
+    """How exports are written (rpo_jax.train.core.export; rpo_jax.models.hf_export streams them tensor by tensor
+    into Hugging Face's sharded safetensors layout)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    max_shard_size: Annotated[str, BeforeValidator(parse_shard_size)] = Field(
+        DEFAULT_MAX_SHARD_SIZE,
+        description='largest safetensors shard of an export, a size string ("5GB", "500MB": powers of 10, as '
+        'transformers reads it; "2GiB": powers of 2) or bytes; more weights than this are split into '
+        "model-0000i-of-0000n.safetensors + model.safetensors.index.json; default save_pretrained's",
+    )
 
 
 #: Mesh axes of `config.mesh` (`rpo_jax.models.sharding.MESH_AXES`).

@@ -11,16 +11,21 @@ PEFT adapter directory (`adapter=True`: `rpo-export RUN OUT --adapter`, and WORK
 of a run) that `peft.PeftModel.from_pretrained(base, OUT)` loads. A reward model's LoRA run exports merged only:
 its score head is trained in full, which a PEFT LoRA adapter of the backbone cannot carry.
 
+The weights are streamed (`rpo_jax.models.hf_export`): one piece of one tensor at a time is gathered to process 0,
+which writes it into Hugging Face's sharded layout (`config.export.max_shard_size`, default save_pretrained's):
+no process ever holds the whole model in host memory; every process takes part in the gathers.
+
 An export never writes into a run's work directory (its config, checkpoints, metrics), except into the run's own
-WORKDIR/export; it is written to a temporary directory beside the target and renamed into place at the end, so
-an interrupted export leaves the previous one (or nothing), never half of one. An existing target is replaced only
-when it is an earlier export (config.json and *.safetensors, nothing else of a run); its files get the process's
-normal permissions.
+WORKDIR/export; it is written to a hidden temporary directory beside the target (`.NAME.partial-*`) and renamed
+into place at the end, so an interrupted export leaves the previous one (or nothing), never half of one. An
+existing target is replaced only when it is an earlier export (config.json and *.safetensors, nothing else of a
+run); its files get the process's normal permissions.
 
 The target may be a URL (`gs://bucket/exports/m`, through `rpo_jax.data.storage`). An object store has no
-rename, so there the export is written to a local temporary directory, the earlier export's objects are
-deleted and the files are uploaded with config.json last: an interrupted upload leaves a directory without
-config.json, which loaders reject (and which a later export refuses to replace until it is deleted).
+rename, so there the earlier export's objects are deleted and the new files are streamed to the bucket with
+config.json last, the completion marker: an interrupted export leaves a directory without config.json, which
+loaders reject (and which a later export refuses to replace until it is deleted). A PEFT adapter (small) is
+written locally and uploaded, adapter_config.json last.
 
 Every export is logged (main process): what it writes and where when it starts, and the time it took at the end.
 """
@@ -28,6 +33,7 @@ Every export is logged (main process): what it writes and where when it starts, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -42,6 +48,7 @@ from jax.experimental import multihost_utils
 
 from rpo_jax.data import storage
 from rpo_jax.models import ModelConfig, save_hf, save_reward_model
+from rpo_jax.models.hf_export import DEFAULT_MAX_SHARD_SIZE
 from rpo_jax.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_lora, save_peft_adapter
 from rpo_jax.models.quantize import dequantize_base, is_quantized
 from rpo_jax.models.sharding import make_mesh
@@ -61,13 +68,13 @@ log = logging.getLogger(__name__)
 class Exporter:
     """How a mode's model is exported: `build(config, tokenizer, mesh, dtype) -> (model, ModelConfig)` makes the
     model the run trained (its parameters are then replaced by the checkpoint's), `save(model, model_config,
-    out_dir, tokenizer=...)` writes it."""
+    out_dir, tokenizer=..., max_shard_size=...)` writes it (called on every process; process 0 writes)."""
 
     build: Callable[..., tuple[nnx.Module, ModelConfig]]
     save: Callable[..., pathlib.Path]
 
 
-def save_policy(model, model_config: ModelConfig, out_dir, tokenizer=None) -> pathlib.Path:
+def save_policy(model, model_config: ModelConfig, out_dir, tokenizer=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE):
     """`save_hf` of a policy; one with LoRA adapters is saved merged (`merge_lora`). A quantized base (QLoRA) is
     dequantized first (`dequantize_base`, in `model`, the export's own copy): the export is the model the run
     trained, ŵ + (alpha / rank)·B·A."""
@@ -75,17 +82,19 @@ def save_policy(model, model_config: ModelConfig, out_dir, tokenizer=None) -> pa
         dequantize_base(model)
     if getattr(model, "lora", None) is not None:
         model = merge_lora(model)
-    return save_hf(model, model_config, out_dir, tokenizer=tokenizer)
+    return save_hf(model, model_config, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 
-def save_merged_reward_model(model, model_config: ModelConfig, out_dir, tokenizer=None) -> pathlib.Path:
+def save_merged_reward_model(
+    model, model_config: ModelConfig, out_dir, tokenizer=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE
+):
     """`save_reward_model`; LoRA adapters on the backbone are merged into it first (in `model`, which is the
     export's own copy)."""
     if is_quantized(model.backbone):
         dequantize_base(model.backbone)
     if getattr(model.backbone, "lora", None) is not None:
         model.backbone = merge_lora(model.backbone)
-    return save_reward_model(model, model_config, out_dir, tokenizer=tokenizer)
+    return save_reward_model(model, model_config, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 
 EXPORTERS: dict[str, Exporter] = {
@@ -182,44 +191,55 @@ def save_model(
     mesh,
     *,
     adapter_base: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ):
     """Write the model `nnx.merge(graphdef, params, rest)` of a `mode` run to `out_dir` (see the module docstring:
-    where it may write, atomically); with `adapter_base` (the base's path or hub id) only its LoRA adapters, as a
-    PEFT directory (`adapter_saver`). Its parameters are gathered whole to every process first, process 0 writes,
-    every process waits for it."""
+    where it may write, atomically, streamed into shards of `max_shard_size`); with `adapter_base` (the base's path
+    or hub id) only its LoRA adapters, as a PEFT directory (`adapter_saver`: the adapters, small, are gathered whole
+    first). Every process calls it; process 0 writes, every process waits for it."""
     adapter = adapter_base is not None
-    save = adapter_saver(mode, adapter_base) if adapter else exporter_of(mode).save
     out = check_export_target(out_dir, adapter=adapter)
-    if jax.process_index() == 0:
+    writer = jax.process_index() == 0
+    if writer:
         log.info("exporting the %s to %s", export_kind(mode, adapter), out)
     start = time.perf_counter()
-    params, rest = replicate(params, mesh), replicate(rest, mesh)  # rest: with LoRA the base, merged into W
-    if jax.process_index() == 0 and storage.is_url(out):
-        upload_export(
-            save,
-            nnx.merge(graphdef, params, rest),
-            model_config,
-            out,
-            tokenizer,
-            last=ADAPTER_CONFIG if adapter else "config.json",
-        )
-    elif jax.process_index() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in (*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.previous-*")):
-            shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
-        partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if adapter:
+        save = adapter_saver(mode, adapter_base)
+        params = replicate(params, mesh)  # the adapters; the frozen base (rest) is not read
+    else:
+        save = functools.partial(exporter_of(mode).save, max_shard_size=max_shard_size)
+    model = nnx.merge(graphdef, params, rest)
+    if storage.is_url(out):
+        if adapter and writer:
+            upload_export(save, model, model_config, out, tokenizer, last=ADAPTER_CONFIG)
+        elif not adapter:
+            if writer:
+                storage.remove_tree(out)
+            multihost_utils.sync_global_devices("rpo_jax_export_target")
+            save(model, model_config, os.fspath(out), tokenizer=tokenizer)  # config.json last: the marker
+    elif adapter and not writer:
+        pass
+    else:
+        partial = None
+        if writer:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            for stale in (*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.previous-*")):
+                shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
+            partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
-            save(nnx.merge(graphdef, params, rest), model_config, partial, tokenizer=tokenizer)
-            _normal_permissions(partial)
-            previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
-            if out.exists():
-                os.replace(out, previous)
-            os.replace(partial, out)
-            shutil.rmtree(previous, ignore_errors=True)
+            save(model, model_config, partial or out, tokenizer=tokenizer)  # only the writer touches the path
+            if writer:
+                _normal_permissions(partial)
+                previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
+                if out.exists():
+                    os.replace(out, previous)
+                os.replace(partial, out)
+                shutil.rmtree(previous, ignore_errors=True)
         finally:
-            shutil.rmtree(partial, ignore_errors=True)
+            if partial is not None:
+                shutil.rmtree(partial, ignore_errors=True)
     multihost_utils.sync_global_devices("rpo_jax_export")
-    if jax.process_index() == 0:
+    if writer:
         log.info("wrote the %s to %s in %.1f s", export_kind(mode, adapter), out, time.perf_counter() - start)
     return out if storage.is_url(out) else pathlib.Path(out_dir)
 
@@ -275,4 +295,5 @@ def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike, *, adap
         tokenizer,
         mesh,
         adapter_base=cfg.model.path if adapter else None,
+        max_shard_size=cfg.export.max_shard_size,
     )

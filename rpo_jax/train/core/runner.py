@@ -483,6 +483,7 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
                 workdir / EXPORT,
                 run.tokenizer,
                 run.mesh,
+                max_shard_size=cfg.export.max_shard_size,
             )
         )
         # LoRA runs: the adapters also as a PEFT directory, WORKDIR/export_adapter
