@@ -433,11 +433,26 @@ def load_hf(
     `extra_tensors`: names of checkpoint tensors the caller reads itself (e.g. a reward model's `score.weight`);
     they are not loaded here and not reported as unexpected. `task`: what config.json's `architectures` must
     declare, "causal_lm" (`CAUSAL_LM_ARCHITECTURES`) or "sequence_classification" (for `load_reward_model`).
-    Every broken input is an error naming its directory or file, what is wrong and what was expected: a missing
-    directory, config.json or safetensors file (FileNotFoundError); a config.json that is not a JSON object or
-    lacks a required field, `architectures` contradicting `model_type` or naming another task, unknown model
-    types, unreadable (truncated) safetensors, missing / unexpected tensors, wrong shapes or non-float dtypes and
-    pickles (ValueError).
+    Every broken input is an error naming its directory or file, what is wrong and what was expected.
+
+    Args:
+        path_or_repo_id: a local directory, a URL (`gs://…`), or a hub id `"owner/name"`.
+        dtype: the compute dtype.
+        param_dtype: the storage dtype (default `dtype`).
+        mesh: create each parameter directly in its `rules` sharding on this mesh.
+        rules: logical axis → mesh axis; default `DEFAULT_RULES`.
+        extra_tensors: checkpoint tensors the caller reads itself (not loaded, not reported as unexpected).
+        task: `"causal_lm"` or `"sequence_classification"`, what `architectures` must declare.
+        **config_overrides: `ModelConfig` fields to replace, e.g. `remat="full"`.
+
+    Returns:
+        `(model, config)`: the `Decoder` and its `ModelConfig`.
+
+    Raises:
+        FileNotFoundError: a missing directory, config.json or safetensors file.
+        ValueError: a config.json that is not a JSON object or lacks a required field, `architectures`
+            contradicting `model_type` or naming another task, unknown model types, unreadable (truncated)
+            safetensors, missing / unexpected tensors, wrong shapes or non-float dtypes, pickles.
     """
     directory = resolve_checkpoint_dir(path_or_repo_id)
     config_file, hf_config = read_config_json(directory)
