@@ -352,6 +352,19 @@ def save_hf(
     A local `out_dir` is created (with its parents) when missing; an existing directory is written into, unless
     it holds safetensors files or an index this export does not write (which loaders would read instead: a
     ValueError naming them). Files get the process's normal mode, 0o666 & ~umask. config.json is written last.
+
+    Args:
+        model: the `Decoder`.
+        config: its `ModelConfig`.
+        out_dir: a local directory or a URL.
+        tokenizer: also save this tokenizer's files (`None`: none).
+        extra_tensors: name → array, written after the decoder's tensors.
+        max_shard_size: bytes (or `"50GB"`-style) per safetensors shard.
+        config_updates: fields merged into config.json.
+        piece_bytes: how much of a tensor is gathered to the host at a time.
+
+    Returns:
+        `out_dir`.
     """
     quantized = [
         n for n, v in vars(model.layers).items() if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)
