@@ -133,8 +133,20 @@ def create_reward_model(
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules | None = None,
 ) -> RewardModel:
-    """A randomly initialised RewardModel (backbone as `Decoder.__init__`, score N(0, 0.02²)); with `mesh`
-    every parameter is moved to its rule-given sharding."""
+    """A randomly initialised `RewardModel` (backbone as `Decoder.__init__`, score N(0, 0.02²)).
+
+    Args:
+        config: the backbone's architecture.
+        num_labels: the score head's outputs.
+        rngs: the random streams, e.g. `nnx.Rngs(0)`.
+        dtype: the compute dtype.
+        param_dtype: the parameters' dtype (`None`: `dtype`).
+        mesh: move every parameter to its rule-given sharding on this mesh.
+        rules: logical axis → mesh axis; default `DEFAULT_RULES`.
+
+    Returns:
+        The `RewardModel`.
+    """
     model = RewardModel(config, num_labels=num_labels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     return shard_model(model, mesh, rules) if mesh is not None else model
 
@@ -168,9 +180,22 @@ def load_reward_model(
     """Loads a Hugging Face `XForSequenceClassification` reward model (see `REWARD_ARCHITECTURES`).
 
     The decoder is read by `load_hf` (same key table, sharding and dtypes); the head is `score.weight
-    [num_labels, D]`. Raises ValueError naming the file for: no or an unknown `architectures` entry, a
-    causal-LM checkpoint (no score head), a missing / mis-shaped `score.weight`, label-count mismatches, and
-    every broken directory, config.json or safetensors file `load_hf` reports.
+    [num_labels, D]`.
+
+    Args:
+        path: a local directory or a URL.
+        dtype: the compute dtype.
+        param_dtype: the storage dtype (default `dtype`).
+        mesh: create each parameter in its `rules` sharding on this mesh.
+        rules: logical axis → mesh axis; default `DEFAULT_RULES`.
+
+    Returns:
+        `(model, config)`: the `RewardModel` and its backbone's `ModelConfig`.
+
+    Raises:
+        ValueError: naming the file, for no or an unknown `architectures` entry, a causal-LM checkpoint (no score
+            head), a missing / mis-shaped `score.weight`, label-count mismatches, and every broken directory,
+            config.json or safetensors file `load_hf` reports.
     """
     directory = resolve_checkpoint_dir(path)
     config_file, hf = read_config_json(directory)
@@ -260,6 +285,16 @@ def save_reward_model(
 
     Tensors keep the parameter dtype; config.json gets the `XForSequenceClassification` architecture,
     `id2label` / `label2id` from `model.labels` and `config.tie_word_embeddings`.
+
+    Args:
+        model: the `RewardModel`.
+        config: its backbone's `ModelConfig`.
+        out_dir: a local directory or a URL.
+        tokenizer: also save this tokenizer's files (`None`: none).
+        max_shard_size: bytes (or `"50GB"`-style) per safetensors shard.
+
+    Returns:
+        `out_dir`.
     """
     if config.model_type not in _ARCHITECTURE_OF:
         raise ValueError(f"save_reward_model: model_type {config.model_type!r} has no sequence-classification export")
