@@ -264,9 +264,18 @@ def save_adapter_at_end(mode: str, graphdef, params, rest, workdir: storage.Path
 
 
 def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike, *, adapter: bool = False):
-    """`rpo-export`: the newest restorable checkpoint of the run directory `workdir` as a Hugging Face directory
-    (a policy, merged when it has LoRA adapters, or a sequence-classification reward model for a
-    `mode="reward_model"` run); with `adapter`, a LoRA run's adapters as a PEFT directory."""
+    """`rpo-export`: the newest restorable checkpoint of a run directory as a Hugging Face directory.
+
+    Args:
+        workdir: the run directory (local or a URL).
+        out_dir: a new or empty directory, or an earlier export; not inside a run directory other than
+            `WORKDIR/export`.
+        adapter: write a LoRA run's adapters as a PEFT directory instead of the merged model.
+
+    Returns:
+        The directory written: a policy (merged when it has LoRA adapters), a sequence-classification reward model
+        for a `mode="reward_model"` run, or with `adapter` the PEFT adapter.
+    """
     workdir = storage.as_path(workdir)
     check_export_target(out_dir, adapter=adapter)  # before anything is loaded
     cfg = validate(read_run_config(workdir))  # what the run recorded (its mode included), checked
