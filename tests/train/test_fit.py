@@ -98,7 +98,8 @@ def test_a_run_over_its_budget_stops_with_one_line():
         check_fit(programs, capacity, "1GB", suggestions=["--config.model.remat=full"])
     assert str(e.value) == (
         "the run does not fit in memory: it needs 5.00 GiB (train step: temporaries 3.00 GiB) but "
-        "config.train.memory_budget='1GB' allows 0.93 GiB of 8.0 GiB per device (test); settings that lower it: --config.model.remat=full"
+        "config.train.memory_budget='1GB' allows 0.93 GiB of 8.0 GiB per device (test); settings that lower it: "
+        "--config.model.remat=full"
     )
 
 
@@ -110,13 +111,13 @@ def test_host_capacity_counts_this_process_and_what_is_available():
 
 def test_a_run_over_its_budget_stops_before_step_1_and_writes_nothing(tmp_path, caplog):
     """The trainer's fit check: the train step compiled for the largest batch, the process's need against the
-    budget; `memory_budget="1GB"` (below what the process itself holds) stops before the reference cache, the
+    budget; `memory_budget="100MB"` (below what the process itself holds) stops before the reference cache, the
     checkpoints or the work directory exist; the default budget logs the need and trains."""
     from rpo_jax.train.jobs.preference import train
 
     from .trainer_testlib import tiny_config
 
-    cfg = tiny_config(tmp_path / "data", **{"train.memory_budget": "1GB", "train.steps": 1})
+    cfg = tiny_config(tmp_path / "data", **{"train.memory_budget": "100MB", "train.steps": 1})
     with pytest.raises(DoesNotFit, match=r"^the run does not fit in memory: it needs \d+\.\d\d GiB \(train step: "):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

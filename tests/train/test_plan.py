@@ -236,6 +236,22 @@ def test_online_and_reward_model_recipes_are_planned(tmp_path, capsys, fields, p
     assert "fits: needs " in out
 
 
+def test_this_machine_is_a_target(tmp_path, capsys):
+    """`--topology cpu`: the programs compiled by this machine's XLA, the run's need (the process's memory now plus
+    the largest program) against config.train.memory_budget of the host memory; a budget below it exits 1; a GPU
+    target on a machine without one is bad usage (2)."""
+    recipe = write_recipe(tmp_path, TINY, mesh={"data": 1, "fsdp": -1, "tensor": 1})
+    assert run(["rpo-plan", "--config", recipe, "--topology", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "rpo-plan: this machine's CPU" in out and "GiB of host memory" in out and "  train step: total " in out
+    need = out.split("fits: needs ")[1].split(" for the process")[0]
+    assert need.endswith("GiB") and float(need.split()[0]) > 0.1  # the process itself: Python, jax, XLA
+    assert run(["rpo-plan", "--config", recipe, "--topology", "cpu", "--config.train.memory_budget=1MB"]) == 1
+    assert "does not fit: needs " in capsys.readouterr().out
+    assert run(["rpo-plan", "--config", recipe, "--topology", "gpu"]) == 2
+    assert "rpo-plan: error: --topology=gpu: this machine has no GPU device" in capsys.readouterr().err
+
+
 def test_oversized_config_does_not_fit(tmp_path, capsys):
     """A 7.7-billion-parameter model on a v5e-4 (16 GiB per chip): 12 bytes per parameter over 4 chips alone
     need 21 GiB per chip."""

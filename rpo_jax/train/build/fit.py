@@ -189,12 +189,34 @@ def memory_suggestions(cfg) -> list[str]:
     return out
 
 
-def check_program_fits(name: str, program, args: tuple, cfg, devices: Sequence[jax.Device], *, resident: int = 0):
-    """Compile `program` (a jitted step, `rpo_jax.train.step.steps.WithFrozen`) for `args` — the run's largest
-    arguments, already allocated — and `check_fit` it against `cfg.train.memory_budget` on `devices` (this
-    process's); returns (its `ProgramMemory`, need, budget, `Capacity`). The compiled executable stays in the
-    program's cache: a later call with the same shapes does not compile again."""
-    memory = program_memory(name, program.lower(*args).compile(), resident=resident)
+def local_devices(mesh) -> list[jax.Device]:
+    """This process's devices of `mesh` (the ones whose memory it can read)."""
+    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def check_programs_fit(programs: Sequence[tuple], cfg, devices: Sequence[jax.Device]):
+    """Compile each `(name, program, args, resident)` — a jitted step (`rpo_jax.train.step.steps.WithFrozen`) with
+    the run's largest arguments, already allocated, and the bytes the run holds outside them meanwhile — and
+    `check_fit` the run against `cfg.train.memory_budget` on `devices` (this process's); returns (the
+    `ProgramMemory`s, need, budget, `Capacity`). Each compiled executable stays in its program's cache: a later
+    call with the same shapes does not compile again."""
+    memories = [
+        program_memory(name, program.lower(*args).compile(), resident=resident)
+        for name, program, args, resident in programs
+    ]
     capacity = memory_capacity(devices)
-    need, budget = check_fit([memory], capacity, cfg.train.memory_budget, suggestions=memory_suggestions(cfg))
-    return memory, need, budget, capacity
+    need, budget = check_fit(memories, capacity, cfg.train.memory_budget, suggestions=memory_suggestions(cfg))
+    return memories, need, budget, capacity
+
+
+def log_fit(log, memories: Sequence[ProgramMemory], need: int, budget: int | None, capacity: Capacity) -> None:
+    """The fit check's result in the run's log: the need, the largest program's temporaries, the budget."""
+    largest = max(memories, key=lambda m: m.temporaries)
+    log.info(
+        "fit check: the run needs %.2f GiB (%s: temporaries %.2f GiB); budget %s of %s",
+        need / GiB,
+        largest.name,
+        largest.temporaries / GiB,
+        "off" if budget is None else f"{budget / GiB:.2f} GiB",
+        capacity.what,
+    )

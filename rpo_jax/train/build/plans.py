@@ -115,7 +115,7 @@ def plan_score_window(cfg) -> int | None:
 
 
 def reference_models(cfg, refs: list[dict], setup: RunSetup, layout: ReferenceLayout) -> list[tuple[Any, Any, Any]]:
-    """(graphdef, rest, abstract parameters) of each reference, as `rpo_jax.train.jobs.preference.build_references`
+    """(graphdef, rest, abstract parameters) of each reference, as `rpo_jax.train.build.references.build_references`
     makes them: for an empty path the initial policy (a copy of its parameters; with LoRA a copy of the adapters
     on the policy's base, rest None), or with `Weights.POLICY_BASE` the base with the adapters off (parameters and
     rest None: the policy's own); else the model its `architecture` file (or local config.json) describes, in

@@ -19,18 +19,27 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rpo_jax.data import TokenizedDataset, make_eval_batches, num_eval_batches, storage
-from rpo_jax.train.build.fingerprints import dataset_fingerprint
+from rpo_jax.data import TokenizedDataset, make_eval_batches, num_eval_batches, storage, tokenize_records
+from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
+from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, dataset_fingerprint, weights_fingerprint
+from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
+from rpo_jax.train.build.model import adapters_off_graphdef, load_model, split_trainable
+from rpo_jax.train.build.state import RunSetup
 from rpo_jax.train.runtime.global_batches import replicate, to_global
 
 log = logging.getLogger(__name__)
+
+#: The name of the reference that is the initial policy (an empty `config.references[i].path`).
+INITIAL_POLICY = "initial-policy"
 
 
 @dataclasses.dataclass
@@ -124,3 +133,89 @@ def cached_logps(
         storage.write_atomically(path, buffer.getvalue())
     multihost_utils.sync_global_devices(f"ref_cache_{digest}")
     return values
+
+
+# ------------------------------------------------------------------------------------------------ building
+def build_references(
+    cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: Mapping[str, TokenizedDataset], loss_fn
+) -> list[Reference]:
+    """The references of `config.references` (index 0 the primary; an empty path, or an empty list, is the
+    initial policy), none for a reference-free loss. A reference with its own tokenizer gets the records tokenized
+    with it."""
+    if not loss_fn.spec.requires_reference:
+        return []
+    references = []
+    for spec in [dict(s) for s in cfg.references] or [{"path": "", "tokenizer": ""}]:
+        if not spec.get("path"):
+            references.append(initial_policy_reference(cfg, setup, datasets))
+            continue
+        model, _ = load_model(spec["path"], cfg, setup.mesh, setup.dtype)
+        graphdef, params, rest = split_trainable(model)
+        tokenizer_name = spec.get("tokenizer") or spec["path"]
+        own = datasets
+        if tokenizer_name != tokenizer_path(cfg):
+            tokenizer = load_tokenizer(tokenizer_name)
+            own = {
+                split: tokenize_records(
+                    ds.records,
+                    tokenizer,
+                    max_length=cfg.data.max_length,
+                    max_prompt_length=cfg.data.max_prompt_length or None,
+                    truncation=cfg.data.truncation,
+                    k_max=ds.k_max,
+                    on_error=cfg.data.on_error,
+                )
+                for split, ds in datasets.items()
+            }
+        references.append(
+            Reference(spec["path"], weights_fingerprint(spec["path"], cfg), graphdef, params, rest, own, tokenizer_name)
+        )
+    loss_fn.spec.check_reference_count(len(references), given="config.references")
+    return references
+
+
+def initial_policy_reference(
+    cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: Mapping[str, TokenizedDataset]
+) -> Reference:
+    """The primary reference of an empty path. Without LoRA: the initial policy, a copy of its parameters.
+
+    With LoRA (`config.model.lora.reference`): "base" (the default, TRL's for a PEFT model without ref_model) is
+    the policy's own weights with the adapters switched off — `adapters_off_graphdef`, with parameters and rest
+    None: the step (and the cache fill) use the policy's, nothing is copied; it is the base without any adapter,
+    also when the run starts from `init_from`'s. "initial": base + the adapters the run starts from (a copy of
+    the adapters only; rest None, the policy's)."""
+    fingerprint = weights_fingerprint(cfg.model.path, cfg, len(setup.tokenizer))
+    params = setup.state["params"]
+    if not lora_enabled(cfg):
+        return Reference(
+            INITIAL_POLICY,
+            fingerprint,
+            setup.graphdef,
+            jax.tree.map(jnp.copy, params),
+            setup.rest,
+            datasets,
+            tokenizer_path(cfg),
+        )
+    lora = cfg.model.lora
+    if lora.base_dtype:
+        fingerprint = f"{fingerprint}+base_dtype={lora.base_dtype}"
+    if not lora_reference_is_base(cfg):  # "initial"
+        adapter = checkpoint_fingerprint(lora.init_from) if lora.init_from else f"fresh-seed={cfg.seed}"
+        return Reference(
+            INITIAL_POLICY,
+            f"{fingerprint}+adapter={adapter}",
+            setup.graphdef,
+            jax.tree.map(jnp.copy, params),
+            None,
+            datasets,
+            tokenizer_path(cfg),
+        )
+    return Reference(
+        INITIAL_POLICY,
+        fingerprint,
+        adapters_off_graphdef(setup.graphdef, params, setup.rest),
+        None,
+        None,
+        datasets,
+        tokenizer_path(cfg),
+    )

@@ -19,6 +19,11 @@ Which programs depends on `config.mode`:
   held-out prompts when the run evaluates) and the scorers of the samples;
 - reward_model: the train step and eval step on pairs of data.max_length tokens.
 
+`--topology cpu` (or `gpu` on a machine with GPUs) plans for this machine instead: the same programs compiled
+by its own XLA backend, and the run's need — as the trainer's fit check before step 1 computes it
+(`rpo_jax.train.build.fit`: on the CPU the process's memory now plus every array and the largest program's
+temporaries) — against `config.train.memory_budget` of what the machine has.
+
 Exit status: 0 when every program fits, 1 when one does not ("does not fit: needs X GiB of Y GiB per chip on
 TOPOLOGY"; XLA's compile-time out-of-memory error is the ground truth), 2 for bad usage (an unknown topology, a
 bad config) with one line on stderr.
@@ -29,14 +34,21 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
+from rpo_jax.train.build.fit import memory_capacity, run_need
 from rpo_jax.train.build.plans import build_programs
 from rpo_jax.train.cli.common import dashed_flags, help_text, unknown_field_error
+from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.values import memory_budget_bytes
 from rpo_jax.train.plan.compile import DoesNotFit, compile_program
-from rpo_jax.train.plan.report import report
+from rpo_jax.train.plan.report import report, report_local
 from rpo_jax.train.plan.slices import GiB, parse_slice, slice_devices
+
+#: `--topology` values that plan for this machine's own devices instead of a TPU slice
+LOCAL_TARGETS = ("cpu", "gpu")
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -51,7 +63,8 @@ def _flag_values(argv: Sequence[str], parse: bool = True) -> flags.FlagValues:
     flags.DEFINE_string(
         "topology",
         None,
-        "Cloud TPU accelerator type: v5p-64, v4-32, v5litepod-16 / v5e-16, v6e-8, ...",
+        "Cloud TPU accelerator type: v5p-64, v4-32, v5litepod-16 / v5e-16, v6e-8, ...; or cpu / gpu: this "
+        "machine's own devices (its memory, config.train.memory_budget)",
         flag_values=values,
     )
     flags.DEFINE_integer(
@@ -83,6 +96,8 @@ def run(argv: Sequence[str]) -> int:
     """rpo-plan's body: the exit status (0 fits, 1 does not fit, 2 bad usage)."""
     try:
         values = _flag_values(argv)
+        if values.topology in LOCAL_TARGETS:
+            return run_local(values)
         cfg, slc = values.config, parse_slice(values.topology)
         devices = slice_devices(slc)
         plan = build_programs(cfg, devices, values.responses, rewards=values.rewards)
@@ -107,6 +122,29 @@ def run(argv: Sequence[str]) -> int:
             f"GiB per chip on {slc.accelerator}"
         )
     return 1 if failures else 0
+
+
+def local_devices(platform: str) -> list:
+    """This machine's devices of `platform` ("cpu", "gpu"); a ValueError when it has none."""
+    try:
+        return jax.devices(platform)
+    except RuntimeError:
+        raise ValueError(f"--topology={platform}: this machine has no {platform.upper()} device") from None
+
+
+def run_local(values: flags.FlagValues) -> int:
+    """rpo-plan for this machine (`--topology cpu` / `gpu`): the programs compiled by its own XLA backend, the run's
+    need against `config.train.memory_budget` as the trainer's fit check computes it (`rpo_jax.train.build.fit`),
+    without the TPU figures (FLOP peak, ICI). Raises ValueError for bad usage."""
+    cfg = values.config
+    devices = local_devices(values.topology)
+    plan = build_programs(cfg, devices, values.responses, rewards=values.rewards)
+    capacity = memory_capacity(devices)
+    compiled = [compile_program(program, len(devices), values.dump_hlo) for program in plan.programs]
+    need = run_need(compiled, capacity, allocated=False)
+    budget = memory_budget_bytes(validate(cfg).train.memory_budget, capacity.bytes)
+    print(report_local(plan, compiled, capacity, need, budget, values.topology))
+    return 1 if budget is not None and need > budget else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -35,7 +35,16 @@ from rpo_jax.train.config.sections import (
     RewardModelSection,
     Section,
 )
-from rpo_jax.train.config.values import MODES, ConfigError, Packing, parse_packing, parse_pairs, parse_score_window
+from rpo_jax.train.config.values import (
+    AUTO_MEMORY_FRACTION,
+    MODES,
+    ConfigError,
+    Packing,
+    parse_memory_budget,
+    parse_packing,
+    parse_pairs,
+    parse_score_window,
+)
 
 #: optax optimizers that take a decoupled weight decay (`config.optimizer.weight_decay`).
 WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor", "lamb", "novograd", "adamaxw", "nadamw")
@@ -373,6 +382,14 @@ class OptimizerSection(Section):
 
 
 # ------------------------------------------------------------------------------------------------ training
+def checked_memory_budget(value: Any) -> str:
+    """`config.train.memory_budget` (`parse_memory_budget`), its refusal a ConfigError naming the key."""
+    try:
+        return parse_memory_budget(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 class TrainSection(Section):
     """Length and cadence of a run, and its safety settings (rpo_jax.train.core.runner)."""
 
@@ -429,6 +446,13 @@ class TrainSection(Section):
     )
     max_skipped_in_a_row: int = Field(
         10, ge=1, description='"skip_step": stop after this many non-finite steps (units) in a row'
+    )
+    memory_budget: Annotated[str, BeforeValidator(checked_memory_budget)] = Field(
+        "auto",
+        description="memory the run may use, checked before step 1 against XLA's memory analysis of its compiled "
+        "programs (rpo_jax.train.build.fit; per device on an accelerator, for the process on the CPU): "
+        f'"auto" ({AUTO_MEMORY_FRACTION:.0%} of what the machine has), a fraction of it ("0.8"), a size ("12GB": '
+        'powers of 10; "12GiB": powers of 2), or 0: no check',
     )
     verify_weights: Literal["fingerprint", "full"] = Field(
         "fingerprint",

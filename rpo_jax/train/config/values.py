@@ -8,12 +8,14 @@ older spellings accepted as aliases and normalised; `data.packing` / `data.share
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 # `config.data.pairs` ("" keeps the K responses) and `config.reward_model.pairs` take `rpo_jax.data.to_pairs`'s
 # modes, `PAIR_MODES`; their older spellings `PAIR_ALIASES` (recipes and `--from-trl` wrote them) are accepted
 # and normalised (`rpo_jax.data.reward_pairs`, which pairs a reward model's records, spells them so too).
 from rpo_jax.data.reward_pairs import PAIR_ALIASES, PAIR_MODES
+from rpo_jax.models.hf_export import parse_size
 
 #: `config.mode`: what trains (one job each in rpo_jax.train.jobs).
 PREFERENCE, ONLINE, REWARD_MODEL = "preference", "online", "reward_model"
@@ -75,3 +77,44 @@ def parse_score_window(value: Any) -> str | int:
     if width < 1:
         raise ValueError("expected 'auto', 'off' or a number ≥ 1")
     return width
+
+
+#: `train.memory_budget="auto"`: this fraction of what the machine has.
+AUTO_MEMORY_FRACTION = 0.9
+_FRACTION = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+
+
+def parse_memory_budget(value: Any, field: str = "config.train.memory_budget") -> str:
+    """A `train.memory_budget` value → its canonical text, or a ValueError naming `field`: `"auto"`
+    (`AUTO_MEMORY_FRACTION` of what the machine has), `"0"` (no check), a fraction of what it has in (0, 1]
+    (`"0.8"`), or a size (`rpo_jax.models.hf_export.parse_size`: "12GB", powers of 10 as transformers reads sizes;
+    "1.5GiB", powers of 2)."""
+    expected = "expected 'auto', 0 (no check), a fraction such as 0.8, or a size such as '12GB' or '12GiB'"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{field}={value!r}: {expected}")
+    text = str(value).strip()
+    if text.lower() == "auto":
+        return "auto"
+    if _FRACTION.fullmatch(text):
+        if float(text) > 1:
+            raise ValueError(
+                f"{field}={value!r}: a number without a unit is a fraction of the memory, in (0, 1]; write a size "
+                "with its unit, e.g. '12GB'"
+            )
+        return "0" if float(text) == 0 else text
+    try:
+        parse_size(text, field)
+    except ValueError:
+        raise ValueError(f"{field}={value!r}: {expected}") from None
+    return text
+
+
+def memory_budget_bytes(setting: str, capacity: int) -> int | None:
+    """Bytes a run may use under `setting` (`parse_memory_budget`'s text) on a machine with `capacity` bytes;
+    None when the check is off (`"0"`)."""
+    text = parse_memory_budget(setting)
+    if text == "auto":
+        return int(AUTO_MEMORY_FRACTION * capacity)
+    if _FRACTION.fullmatch(text):
+        return None if float(text) == 0 else int(float(text) * capacity)
+    return parse_size(text)

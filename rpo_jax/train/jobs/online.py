@@ -53,6 +53,7 @@ from rpo_jax.models import RewardFn, judge_fn, load_reward_model, reward_model_f
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import data_paths, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import token_lists_fingerprint
+from rpo_jax.train.build.fit import check_programs_fit, local_devices, log_fit
 from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
 from rpo_jax.train.build.programs import (
     ReferenceLayout,
@@ -66,7 +67,7 @@ from rpo_jax.train.build.programs import (
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
-from rpo_jax.train.config.values import ONLINE
+from rpo_jax.train.config.values import ONLINE, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task
 from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
@@ -416,6 +417,42 @@ def minibatches(batch: dict[str, np.ndarray], size: int, count: int):
 
 
 # --------------------------------------------------------------------------------------------- train
+def largest_samples(run: OnlineRun, prompts: int) -> dict[str, np.ndarray]:
+    """`prompts` × K samples as long as an iteration can make them (prompts of data.max_prompt_length tokens,
+    responses of online.max_new_tokens), with rewards and zero reference log-probs: the largest update batch."""
+    k, width, start = int(run.config.online.num_samples), run.width, run.prompt_width
+    loss_mask = np.zeros((prompts, k, width), bool)
+    loss_mask[..., start:] = True
+    batch = {
+        "tokens": np.full((prompts, k, width), run.pad_id, np.int32),
+        "attention_mask": np.ones((prompts, k, width), bool),
+        "loss_mask": loss_mask,
+        "lengths": np.full((prompts, k), width - start, np.int32),
+        "valid": np.ones((prompts, k), bool),
+        "rewards": np.zeros((prompts, k), np.float32),
+    }
+    if run.layout.count:
+        batch["ref_logps"] = np.zeros((prompts, k, run.layout.count) if run.layout.count > 1 else (prompts, k))
+        batch["ref_logps"] = batch["ref_logps"].astype(np.float32)
+    return batch
+
+
+def check_memory(run: OnlineRun, update_step) -> None:
+    """The fit check before the first iteration (`rpo_jax.train.build.fit`): the sampler on an iteration's
+    prompts and the update step on its largest mini-batch, compiled, against `config.train.memory_budget`."""
+    cfg, oc = run.config, run.config.online
+    rows = int(oc.prompts_per_iteration) * int(oc.num_samples)
+    tokens, mask = left_pad([[run.pad_id] * run.prompt_width] * rows, run.prompt_width, run.pad_id)
+    inputs = global_batch(run, {"tokens": tokens, "mask": mask})
+    update = global_batch(run, largest_samples(run, cfg.data.batch_size), micro_batches=int(cfg.data.micro_batches))
+    programs = [
+        ("update step", update_step, (run.state, update), 0),
+        ("sampler", run.sampler, (run.state["params"], inputs["tokens"], inputs["mask"], iteration_key(run, 0)), 0),
+    ]
+    log.info("fit check: compiling the sampler and the update step for an iteration's largest batches")
+    log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh)))
+
+
 def online_task(run: OnlineRun) -> Task:
     """The run skeleton's task: one unit is one iteration (sample, score, `updates_per_iteration` updates);
     checkpoints record the iteration, and a resumed run recomputes everything else from (seed, iteration,
@@ -423,6 +460,8 @@ def online_task(run: OnlineRun) -> Task:
     cfg, oc = run.config, run.config.online
     updates = int(oc.updates_per_iteration)
     step_fn = online_update_step(cfg, run, run.loss_fn)
+    if memory_budget_bytes(cfg.train.memory_budget, 1) is not None:
+        check_memory(run, step_fn)
 
     def advance(state, iteration: int) -> Unit:
         t0 = time.perf_counter()

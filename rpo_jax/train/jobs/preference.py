@@ -26,14 +26,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rpo_jax.data import TokenizedDataset, make_train_iterator, storage, tokenize_records
+from rpo_jax.data import TokenizedDataset, make_train_iterator, storage
 from rpo_jax.data.packing import Packing, is_packed, real_tokens
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train.build.data import load_records, load_tokenizer, preference_direction, tokenize_splits, tokenizer_path
-from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, dataset_fingerprint, weights_fingerprint
-from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
+from rpo_jax.train.build.data import (
+    largest_batch,
+    load_records,
+    load_tokenizer,
+    preference_direction,
+    tokenize_splits,
+    tokenizer_path,
+)
+from rpo_jax.train.build.fingerprints import dataset_fingerprint
+from rpo_jax.train.build.fit import check_programs_fit, local_devices, log_fit
 from rpo_jax.train.build.loss_inputs import in_micro_batch_order, packing_for_loss, unpaired_datasets
-from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
+from rpo_jax.train.build.model import load_policy
+from rpo_jax.train.build.plans import device_bytes
 from rpo_jax.train.build.programs import (
     ReferenceLayout,
     ReferenceSync,
@@ -45,11 +53,11 @@ from rpo_jax.train.build.programs import (
     state_with_loss_state,
     state_with_reference,
 )
-from rpo_jax.train.build.references import Reference, cached_logps, compute_logps
+from rpo_jax.train.build.references import INITIAL_POLICY, Reference, build_references, cached_logps, compute_logps
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
-from rpo_jax.train.config.values import PREFERENCE
+from rpo_jax.train.config.values import PREFERENCE, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.core.workdir import REFERENCE_CACHE
@@ -60,8 +68,6 @@ from rpo_jax.train.step.logprobs import resolve_score_window
 from rpo_jax.train.step.unpaired_steps import drop_empty_labels, label_means, label_sums
 
 log = logging.getLogger(__name__)
-
-INITIAL_POLICY = "initial-policy"
 
 
 @dataclasses.dataclass
@@ -96,91 +102,6 @@ def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, Token
     split, so train, eval and the reference cache share one W and one compilation per length bucket)."""
     span = max((ds.max_scored_span for ds in datasets.values()), default=0)
     return resolve_score_window(cfg.model.score_window, span)
-
-
-def build_references(
-    cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: Mapping[str, TokenizedDataset], loss_fn
-) -> list[Reference]:
-    """The references of `config.references` (index 0 the primary; an empty path, or an empty list, is the
-    initial policy), none for a reference-free loss. A reference with its own tokenizer gets the records tokenized
-    with it."""
-    if not loss_fn.spec.requires_reference:
-        return []
-    references = []
-    for spec in [dict(s) for s in cfg.references] or [{"path": "", "tokenizer": ""}]:
-        if not spec.get("path"):
-            references.append(initial_policy_reference(cfg, setup, datasets))
-            continue
-        model, _ = load_model(spec["path"], cfg, setup.mesh, setup.dtype)
-        graphdef, params, rest = split_trainable(model)
-        tokenizer_name = spec.get("tokenizer") or spec["path"]
-        own = datasets
-        if tokenizer_name != tokenizer_path(cfg):
-            tokenizer = load_tokenizer(tokenizer_name)
-            own = {
-                split: tokenize_records(
-                    ds.records,
-                    tokenizer,
-                    max_length=cfg.data.max_length,
-                    max_prompt_length=cfg.data.max_prompt_length or None,
-                    truncation=cfg.data.truncation,
-                    k_max=ds.k_max,
-                    on_error=cfg.data.on_error,
-                )
-                for split, ds in datasets.items()
-            }
-        references.append(
-            Reference(spec["path"], weights_fingerprint(spec["path"], cfg), graphdef, params, rest, own, tokenizer_name)
-        )
-    loss_fn.spec.check_reference_count(len(references), given="config.references")
-    return references
-
-
-def initial_policy_reference(
-    cfg: ml_collections.ConfigDict, setup: RunSetup, datasets: Mapping[str, TokenizedDataset]
-) -> Reference:
-    """The primary reference of an empty path. Without LoRA: the initial policy, a copy of its parameters.
-
-    With LoRA (`config.model.lora.reference`): "base" (the default, TRL's for a PEFT model without ref_model) is
-    the policy's own weights with the adapters switched off — `adapters_off_graphdef`, with parameters and rest
-    None: the step (and the cache fill) use the policy's, nothing is copied; it is the base without any adapter,
-    also when the run starts from `init_from`'s. "initial": base + the adapters the run starts from (a copy of
-    the adapters only; rest None, the policy's)."""
-    fingerprint = weights_fingerprint(cfg.model.path, cfg, len(setup.tokenizer))
-    params = setup.state["params"]
-    if not lora_enabled(cfg):
-        return Reference(
-            INITIAL_POLICY,
-            fingerprint,
-            setup.graphdef,
-            jax.tree.map(jnp.copy, params),
-            setup.rest,
-            datasets,
-            tokenizer_path(cfg),
-        )
-    lora = cfg.model.lora
-    if lora.base_dtype:
-        fingerprint = f"{fingerprint}+base_dtype={lora.base_dtype}"
-    if not lora_reference_is_base(cfg):  # "initial"
-        adapter = checkpoint_fingerprint(lora.init_from) if lora.init_from else f"fresh-seed={cfg.seed}"
-        return Reference(
-            INITIAL_POLICY,
-            f"{fingerprint}+adapter={adapter}",
-            setup.graphdef,
-            jax.tree.map(jnp.copy, params),
-            None,
-            datasets,
-            tokenizer_path(cfg),
-        )
-    return Reference(
-        INITIAL_POLICY,
-        fingerprint,
-        adapters_off_graphdef(setup.graphdef, params, setup.rest),
-        None,
-        None,
-        datasets,
-        tokenizer_path(cfg),
-    )
 
 
 def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None) -> PreferenceRun:
@@ -483,12 +404,13 @@ def run_steps(run: PreferenceRun) -> tuple[WithFrozen, WithFrozen]:
     )
 
 
-def preference_task(run: PreferenceRun) -> Task:
-    """The run skeleton's task: one unit is one optimizer step on the next batch of the resumable iterator."""
+def preference_task(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen] | None = None) -> Task:
+    """The run skeleton's task: one unit is one optimizer step on the next batch of the resumable iterator
+    (`steps`: `run_steps(run)`, made here when not given)."""
     cfg = run.config
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    train_step, eval_step = run_steps(run)
+    train_step, eval_step = steps or run_steps(run)
     if run.packing is not None:  # the output head runs on every slot of the packed rows (no score window)
         log.info(
             "packing (config.data.packing): rows of %s, share_prompt=%s, %s",
@@ -575,7 +497,28 @@ def train(
     (`rpo_jax.train.core.runner.run_task`), or with `precompute_only` only the reference cache's shapes (nothing else
     is written to `workdir` then). `cfg` is validated first (`rpo_jax.train.config.validation.validate`)."""
     run = build_run(cfg, workdir, devices=devices)
+    steps = run_steps(run)
+    if not precompute_only:
+        check_memory(run, steps[0])
     fill_reference_cache(run)
     if precompute_only:
         return {"reference_cache": {k: list(v.shape) for k, v in run.ref_cache.items()}}
-    return run_task(preference_task(run), workdir)
+    return run_task(preference_task(run, steps), workdir)
+
+
+def check_memory(run: PreferenceRun, train_step: WithFrozen) -> None:
+    """The fit check before step 1 (`rpo_jax.train.build.fit`): the train step compiled for the run's largest
+    batch (`largest_batch`; cached reference log-probs as zeros of their shape) against `train.memory_budget`. A
+    run that does not fit stops here (`DoesNotFit`), before the cache fill or anything else is written."""
+    cfg = run.config
+    if memory_budget_bytes(cfg.train.memory_budget, 1) is None:
+        return
+    host = largest_batch(run.datasets["train"], local_batch_size(cfg.data.batch_size, run.mesh))
+    probe, held = run, 0
+    if run.references and not run.in_step_refs:  # filled after the check
+        shape = (run.datasets["train"].num_records, host["valid"].shape[1], len(run.references))
+        probe = dataclasses.replace(run, ref_cache={"train": np.zeros(shape, np.float32)})
+        held = sum(device_bytes(r.params) for r in run.references if r.params is not None)
+    args = (run.state, train_batch(probe, host), step_reference_params(run))
+    log.info("fit check: compiling the train step for the largest batch (%s tokens)", args[1]["tokens"].shape)
+    log_fit(log, *check_programs_fit([("train step", train_step, args, held)], cfg, local_devices(run.mesh)))

@@ -42,14 +42,15 @@ from rpo_jax.data import PreferenceRecord, TokenizedDataset, label_score_counts,
 from rpo_jax.data.reward_pairs import pair_batch, preference_pairs, tokenize_pairs
 from rpo_jax.models import RewardModel
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train.build.data import load_records, load_tokenizer, tokenizer_path
+from rpo_jax.train.build.data import largest_batch, load_records, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import dataset_fingerprint
+from rpo_jax.train.build.fit import check_programs_fit, local_devices, log_fit
 from rpo_jax.train.build.model import build_reward_model
 from rpo_jax.train.build.programs import reward_steps
 from rpo_jax.train.build.state import RunSetup, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
-from rpo_jax.train.config.values import REWARD_MODEL
+from rpo_jax.train.config.values import REWARD_MODEL, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
@@ -188,6 +189,13 @@ def reward_model_task(run: RewardRun) -> Task:
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
     train_step, eval_step = reward_steps(cfg, run)
+    if memory_budget_bytes(cfg.train.memory_budget, 1) is not None:  # the fit check (rpo_jax.train.build.fit)
+        largest = to_global(pair_batch(largest_batch(run.datasets["train"], per_process), rm.margin_scale), run.mesh)
+        log.info("fit check: compiling the train step for the largest batch (%s tokens)", largest["tokens"].shape)
+        log_fit(
+            log,
+            *check_programs_fit([("train step", train_step, (run.state, largest), 0)], cfg, local_devices(run.mesh)),
+        )
 
     def advance(state, step: int) -> Unit:
         batch = pair_batch(next(iterator), rm.margin_scale)

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 
+from rpo_jax.train.build.fit import ProgramMemory, program_memory
 from rpo_jax.train.build.plans import Program, device_bytes
 from rpo_jax.train.plan.hlo_analysis import analyze
 
@@ -43,24 +44,14 @@ def oom_bytes(message: str, argument_bytes: int = 0) -> tuple[float, float] | No
     return None
 
 
-@dataclasses.dataclass
-class CompiledProgram:
-    name: str
-    arguments: int
-    outputs: int
-    aliased: int
-    temporaries: int
-    code: int
-    resident: int
-    flops: float
-    collectives: dict
-    unknown_loops: list
+@dataclasses.dataclass(frozen=True)
+class CompiledProgram(ProgramMemory):
+    """A program's memory (`rpo_jax.train.build.fit.ProgramMemory`: XLA's memory analysis per device) with what
+    its HLO computes and communicates: matmul FLOPs and collectives (loops × trip counts)."""
 
-    @property
-    def total(self) -> int:
-        """Peak bytes per chip: arguments + outputs not aliased to arguments + temporaries + code, plus what the
-        trainer holds meanwhile outside the program."""
-        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.resident
+    flops: float = 0.0
+    collectives: dict = dataclasses.field(default_factory=dict)
+    unknown_loops: list = dataclasses.field(default_factory=list)
 
 
 def compile_program(program: Program, num_devices: int, dump_dir: str = "") -> CompiledProgram:
@@ -73,22 +64,13 @@ def compile_program(program: Program, num_devices: int, dump_dir: str = "") -> C
         if found is None:
             raise
         raise DoesNotFit(program.name, found[0] + program.resident, found[1]) from None
-    memory = compiled.memory_analysis()
     text = compiled.as_text()
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
         with open(os.path.join(dump_dir, re.sub(r"\W+", "_", program.name).strip("_") + ".hlo.txt"), "w") as f:
             f.write(text)
     stats = analyze(text, num_devices)
+    memory = program_memory(program.name, compiled, resident=program.resident)
     return CompiledProgram(
-        program.name,
-        memory.argument_size_in_bytes,
-        memory.output_size_in_bytes,
-        memory.alias_size_in_bytes,
-        memory.temp_size_in_bytes,
-        memory.generated_code_size_in_bytes,
-        program.resident,
-        stats.flops,
-        stats.collectives,
-        stats.unknown_loops,
+        **vars(memory), flops=stats.flops, collectives=stats.collectives, unknown_loops=stats.unknown_loops
     )
