@@ -4,6 +4,7 @@ time and MFU, and the verdict (fits / does not fit).
 
 from __future__ import annotations
 
+from rpo_jax.train.build.fit import Capacity
 from rpo_jax.train.build.plans import Plan
 from rpo_jax.train.build.programs import Weights
 from rpo_jax.train.config.values import ONLINE, REWARD_MODEL
@@ -128,4 +129,30 @@ def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
         f"{verdict}: needs {gib(worst.total)} of {gib(chip.hbm_bytes)} per chip on {slc.accelerator} "
         f"({worst.name} of the programs compiled)"
     )
+    return "\n".join(lines)
+
+
+def report_local(
+    plan: Plan, compiled: list[CompiledProgram], capacity: Capacity, need: int, budget, target: str
+) -> str:
+    """The plan for this machine's devices (`rpo-plan --topology cpu|gpu`): each program's memory, the run's need
+    against the budget of `config.train.memory_budget`, the verdict."""
+    mc = plan.model_config
+    lines = [
+        f"rpo-plan: this machine's {target.upper()} ({plan.num_devices} device(s)), mesh {plan.mesh_shape}; "
+        f"{mc.model_type} {mc.num_params() / 1e9:.2f}B parameters, {mc.num_layers} layers; mode {plan.mode}",
+        f"memory: {capacity.what}",
+    ]
+    for c in compiled:
+        lines.append(
+            f"  {c.name}: total {gib(c.total)} = arguments {gib(c.arguments)} + outputs not aliased "
+            f"{gib(c.outputs - c.aliased)} + temporaries {gib(c.temporaries)} + code {gib(c.code)}"
+            + (f" + held outside {gib(c.resident)}" if c.resident else "")
+        )
+    per = "for the process (its memory now + the largest program's total)" if capacity.host else "per device"
+    if budget is None:
+        lines.append(f"needs {gib(need)} {per}; config.train.memory_budget=0: not checked")
+    else:
+        verdict = "fits" if need <= budget else "does not fit"
+        lines.append(f"{verdict}: needs {gib(need)} {per} of a budget of {gib(budget)}")
     return "\n".join(lines)
