@@ -1,6 +1,6 @@
 """The run identity's name for a checkpoint's weights (`rpo_jax.train.build.checkpoint_digest`,
 `config.train.verify_weights`): cheap by default on a 2 GB checkpoint, a tensor rewritten in place detected, and
-exactly the blind spot the README names (an element edited in the middle of a tensor) caught only by "full"."""
+exactly the blind spot the docs name (an element edited in the middle of a tensor) caught only by "full"."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_sample_ranges_closed_form():
 def test_the_default_fingerprint_is_fast_sees_a_tensor_rewritten_and_misses_one_element(tmp_path):
     """2 GiB checkpoint: the default fingerprint takes < 1 s (the full hash's time printed beside it); one tensor
     rewritten in place changes it; one float edited in the middle of a tensor, away from the sampled bytes, leaves
-    it as it was — the README's blind spot — and changes the full hash."""
+    it as it was — the documented blind spot — and changes the full hash."""
     root = tmp_path / "ckpt"
     data_start, per_tensor = make_sparse_checkpoint(root)
     start = time.perf_counter()

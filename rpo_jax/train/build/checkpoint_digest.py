@@ -8,7 +8,7 @@
 * "full": sha256 over config.json and every byte of every `*.safetensors` file (the identity before
   verify_weights existed, unchanged): the whole checkpoint read on every process at every start.
 
-What "fingerprint" cannot see (README, "Run identity"): a change to a tensor's values that keeps the file's size
+What "fingerprint" cannot see (docs/guides/tpu_pods.md): a change to a tensor's values that keeps the file's size
 and header and leaves its sampled bytes alone — e.g. a few elements edited in place in the middle of a tensor, or
 two tensors of one shape and dtype swapped between the same offsets that happen to agree in the sampled bytes. A
 tensor rewritten as a whole (fine-tuned, re-initialised, re-quantized, converted) changes its sampled bytes.

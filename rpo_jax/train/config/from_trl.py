@@ -17,8 +17,8 @@ would in TRL, so the mapped run is the run TRL would do. Every field is one of:
 * unknown (not a TRL 1.16 `DPOConfig` field): a ValueError naming it.
 
 `--config.*` overrides apply on top of the mapped config (the model and the data come from them: a
-`DPOConfig` names neither). The differences rpo_jax keeps from TRL are listed in the README ("Migrating from
-TRL"): the order of shuffled batches, and the rows of a gradient-accumulation micro-batch.
+`DPOConfig` names neither). The differences rpo_jax keeps from TRL are listed in
+docs/guides/migrating_from_trl.md: the order of shuffled batches, and the rows of a gradient-accumulation micro-batch.
 """
 
 from __future__ import annotations
