@@ -216,7 +216,7 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     remat: RematPolicy = "none"
-    scan_unroll: int = 1  # layers per iteration of the layer scan (speed knob; any value gives the same results)
+    scan_unroll: int = 1  # layers per scan iteration (speed knob, same results; 1 under remat: model.scan_unroll)
     attention: str = "auto"  # "auto" | "xla" | "cudnn" | "splash" | "blockwise" (rpo_jax.models.attention; speed knob)
 
     def __post_init__(self):

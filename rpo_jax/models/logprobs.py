@@ -17,6 +17,21 @@ import jax.numpy as jnp
 
 from rpo_jax.models import layers
 
+#: `vocab_chunk_size=None` chunks the vocabulary when one head's float32 logits [N,T,V] would take more than this
+#: many bytes: unchunked, the log-softmax and its gradient keep about two such arrays (SmolLM2-135M's packed step of
+#: 4,096 slots: 1.5 of its 3.0 GiB of temporaries with remat="full"), chunked only [N,T,C] ones.
+AUTO_CHUNK_LOGITS_BYTES = 256 * 2**20
+AUTO_VOCAB_CHUNK = 8192  # the chunk (rows of the unembedding) of the automatic chunking
+
+
+def auto_vocab_chunk(positions: int, vocab: int) -> int | None:
+    """The vocabulary chunk that `vocab_chunk_size=None` means for `positions` (N·T) logit rows over `vocab`:
+    `AUTO_VOCAB_CHUNK` when their float32 logits pass `AUTO_CHUNK_LOGITS_BYTES` and the vocabulary is larger than
+    a chunk, else None (one log-softmax over V, as every head below the limit computes it)."""
+    if positions * vocab * 4 > AUTO_CHUNK_LOGITS_BYTES and vocab > AUTO_VOCAB_CHUNK:
+        return AUTO_VOCAB_CHUNK
+    return None
+
 
 def token_logps_from_hidden(
     hidden: jax.Array,
@@ -38,12 +53,15 @@ def token_logps_from_hidden(
         unembedding: `[V, D]` rows W of the output head.
         targets: `[N, T]` int token ids to score.
         final_logit_softcap: Gemma 2's soft-cap of the logits (`None`: none).
-        vocab_chunk_size: C > 0 for the chunked log-softmax; `None` or 0: one log-softmax over V.
+        vocab_chunk_size: C > 0 for the chunked log-softmax; 0 (or C ≥ V): one log-softmax over V; `None`:
+            `auto_vocab_chunk` (chunked only where the logits would pass `AUTO_CHUNK_LOGITS_BYTES`).
 
     Returns:
         `[N, T]` log-probabilities of `targets`.
     """
     v, d = unembedding.shape
+    if vocab_chunk_size is None:
+        vocab_chunk_size = auto_vocab_chunk(targets.size, v)
     hidden = hidden.astype(unembedding.dtype)
     acc = jnp.promote_types(unembedding.dtype, jnp.float32)  # float32 (float64 when given float64)
 
@@ -55,7 +73,7 @@ def token_logps_from_hidden(
     z_target = layers.softcap(
         jnp.einsum("ntd,ntd->nt", hidden, w_target, preferred_element_type=acc), final_logit_softcap
     )
-    if vocab_chunk_size is None or vocab_chunk_size >= v:
+    if not vocab_chunk_size or vocab_chunk_size >= v:
         return z_target - jax.nn.logsumexp(logits(unembedding), axis=-1)
 
     c = int(vocab_chunk_size)

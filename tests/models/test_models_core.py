@@ -237,6 +237,72 @@ def test_remat_policies_keep_values_and_gradients(llama_dir):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_large_logits_are_chunked_automatically():
+    """`vocab_chunk_size=None` keeps one log-softmax below `AUTO_CHUNK_LOGITS_BYTES` of float32 logits (bit for bit
+    the unchunked path: small runs compute exactly what they did) and chunks by `AUTO_VOCAB_CHUNK` above it: the
+    gradient's temporaries (XLA's memory analysis) are a few [N·T, C] arrays instead of two or more [N·T, V] ones,
+    values and gradients equal to float32 rounding."""
+    from rpo_jax.models.logprobs import AUTO_CHUNK_LOGITS_BYTES, AUTO_VOCAB_CHUNK, auto_vocab_chunk
+
+    v, d = 4 * AUTO_VOCAB_CHUNK, 16
+    big = AUTO_CHUNK_LOGITS_BYTES // (4 * v) + 1  # positions whose logits pass the limit
+    assert auto_vocab_chunk(big, v) == AUTO_VOCAB_CHUNK and auto_vocab_chunk(big - 1, v) is None
+    assert auto_vocab_chunk(10**9, AUTO_VOCAB_CHUNK) is None  # nothing to chunk
+    rng = np.random.RandomState(0)
+    w = jnp.asarray(rng.normal(size=(v, d)).astype(np.float32) / 4)
+
+    def program(n, chunk):
+        hidden = jnp.asarray(np.random.RandomState(n).normal(size=(1, n, d)).astype(np.float32))
+        targets = jnp.asarray(np.random.RandomState(n + 1).randint(0, v, size=(1, n)))
+        f = lambda h, w: token_logps_from_hidden(h, w, targets, vocab_chunk_size=chunk).sum()  # noqa: E731
+        fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+        return fn, (hidden, w), fn.lower(hidden, w).compile().memory_analysis().temp_size_in_bytes
+
+    small = 64
+    auto, args, _ = program(small, None)
+    off, _, _ = program(small, 0)
+    for a, b in zip(jax.tree.leaves(auto(*args)), jax.tree.leaves(off(*args))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    auto, args, auto_temps = program(big, None)
+    off, _, off_temps = program(big, 0)
+    chunk_logits, all_logits = big * AUTO_VOCAB_CHUNK * 4, big * v * 4  # bytes of [N·T, C] and [N·T, V] float32
+    assert auto_temps <= 5 * chunk_logits and off_temps >= 2 * all_logits  # here C = V / 4
+    for a, b in zip(jax.tree.leaves(auto(*args)), jax.tree.leaves(off(*args))):
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_remat_saves_memory_whatever_the_scan_unroll():
+    """An unrolled scan of rematerialised layers is scheduled as one block (every layer's recomputed activations
+    alive together), so the model scans them one at a time whenever remat is on: XLA's memory analysis of the
+    gradient gives the same temporaries for scan_unroll = 1 and = the depth, less than half those without remat."""
+    from rpo_jax.models.model import scan_unroll
+
+    layers, tokens = 8, jnp.zeros((4, 128), jnp.int32)
+
+    def temporaries(remat, unroll):
+        config = ModelConfig(
+            model_type="llama",
+            vocab_size=64,
+            hidden_size=64,
+            intermediate_size=256,
+            num_layers=layers,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            remat=remat,
+            scan_unroll=unroll,
+        )
+        assert scan_unroll(config) == (1 if remat != "none" else unroll)
+        graphdef, state = nnx.split(create_model(config, rngs=nnx.Rngs(0)))
+        fn = lambda s: _sequence_logps(nnx.merge(graphdef, s), tokens, jnp.ones(tokens.shape, bool))[0].sum()  # noqa
+        return jax.jit(jax.grad(fn)).lower(state).compile().memory_analysis().temp_size_in_bytes
+
+    full = temporaries("full", layers)
+    assert full == temporaries("full", 1)
+    assert 2 * full < temporaries("none", layers)
+
+
 # --------------------------------------------------------------------------------------- errors
 
 
