@@ -63,3 +63,52 @@ def test_not_applied_once_backends_have_started():
     late = _run("late")
     assert not late["applied"] and late["async"]
     assert min(late["faults"][1:]) > 0.5 * PAGES
+
+
+GUARD_SCRIPT = r"""
+import json, os
+import jax, jax.numpy as jnp
+from rpo_jax.train.runtime.cpu_memory import HeapGuard, reuse_cpu_step_memory
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+applied = reuse_cpu_step_memory()
+guard = HeapGuard()
+f = jax.jit(lambda a, b, c: jnp.sum((a @ b) @ c))
+out = {"applied": applied, "enabled": guard.enabled, "trimmed": [], "rss": []}
+for n in (4096, 4096, 32768, 32768):  # temporaries of 32 MiB, then 256 MiB: the heap grows in step 3
+    a, b, c = jnp.ones((2048, 256)), jnp.ones((256, n)), jnp.ones((n, 8))
+    float(f(a, b, c))
+    before = rss()
+    out["trimmed"].append(guard.after_step())
+    out["rss"].append([before, rss()])
+print(json.dumps(out))
+"""
+
+
+def test_heap_guard_trims_only_a_heap_that_grew_in_a_step():
+    """`HeapGuard` on glibc's real heap (CPU step memory reuse applied): steps whose buffer the heap already holds
+    leave it alone; the step whose larger buffer grew the heap is followed by a trim that returns the free pages
+    (that buffer, now free) to the kernel; the next step of that size takes it again without a trim."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    run = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["applied"] and out["enabled"]
+    assert out["trimmed"] == [False, False, True, False]
+    before, after = out["rss"][2]
+    assert before - after > 128 * 2**20  # most of the 256 MiB buffer left the resident set
+
+
+def test_heap_guard_policy():
+    """The guard's rule on given heap sizes: no trim after its first step, nor for growth up to `HEAP_GROWTH` past
+    the largest size after any earlier step (a trimmed heap growing back to it included); a trim after a step that
+    grew it more; nothing when disabled."""
+    from rpo_jax.train.runtime.cpu_memory import HEAP_GROWTH, HeapGuard, HeapStats
+
+    gib = 2**30
+    sizes = iter([1 * gib, 3 * gib, 2 * gib, 3 * gib + HEAP_GROWTH, 5 * gib, 5 * gib])
+    released = []
+    guard = HeapGuard(True, stats=lambda: HeapStats(next(sizes), 0, 0, 0), release=lambda: released.append(1) or True)
+    assert [guard.after_step() for _ in range(6)] == [False, True, False, False, True, False]
+    assert guard.trims == 2 == len(released) and guard.largest == 5 * gib
+    off = HeapGuard(False, stats=lambda: HeapStats(10 * gib, 0, 0, 0), release=lambda: released.append(1) or True)
+    assert not off.after_step() and not off.after_step() and len(released) == 2

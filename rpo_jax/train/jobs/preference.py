@@ -61,6 +61,7 @@ from rpo_jax.train.config.values import PREFERENCE, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.core.workdir import REFERENCE_CACHE
+from rpo_jax.train.runtime.cpu_memory import HeapGuard, release_free_memory, reuse_applied
 from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_with_references
 from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops
@@ -215,9 +216,21 @@ def resolve_epochs(cfg: RunConfig, num_train: int) -> RunConfig:
 
 # ------------------------------------------------------------------------------------------------ references
 def fill_reference_cache(run: PreferenceRun) -> None:
-    """Precompute `[N, K, R]` reference log-probs for every split (cached under WORKDIR/ref_cache)."""
+    """Precompute `[N, K, R]` reference log-probs for every split (cached under WORKDIR/ref_cache). Then, unless
+    iterated training scores again (`train.iterations > 1`), the frozen references' parameters are let go (nothing
+    reads them again; `params` None) and, with the CPU step memory reuse, the heap's free pages go back to the
+    kernel (the scorers' buffers, those parameters: the train step's buffer is of another size)."""
     if not run.references or run.in_step_refs:
         return
+    run.ref_cache = reference_cache_of(run)
+    if run.config.train.iterations <= 1:
+        run.references = [dataclasses.replace(r, params=None) if r.params is not None else r for r in run.references]
+    if reuse_applied():
+        release_free_memory()
+
+
+def reference_cache_of(run: PreferenceRun) -> dict[str, np.ndarray]:
+    """split → `[N, K, R]` log-probs of the run's references (cached under WORKDIR/ref_cache)."""
     cfg = run.config
     per_process = local_batch_size(cfg.data.eval_batch_size, run.mesh)
     cache_dir = storage.as_path(cfg.reference_cache_dir or storage.as_path(run.workdir) / REFERENCE_CACHE)
@@ -249,7 +262,7 @@ def fill_reference_cache(run: PreferenceRun) -> None:
         values = np.stack(columns, axis=-1)  # [N, K, R]
         check_cache_complete(values, ds, split)
         cache[split] = values
-    run.ref_cache = cache
+    return cache
 
 
 def check_cache_complete(values: np.ndarray, ds: TokenizedDataset, split: str) -> None:
@@ -433,6 +446,8 @@ def preference_task(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen] | N
             1.0 - run.reference_sync.mix,
         )
 
+    heap = HeapGuard()
+
     def advance(state, step: int) -> Unit:
         if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
             if run.reference_sync is not None:
@@ -450,6 +465,7 @@ def preference_task(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen] | N
         )
         tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
         state, metrics = train_step(state, inputs, step_reference_params(run))
+        heap.after_step()  # a step's buffer that the heap could not reuse is not kept (cpu_memory.HeapGuard)
         # packed or padded; real tokens per slot the step computes (> 1 where shared prompts saved slots)
         layout = {"packed": float(is_packed(inputs)), "tokens_per_slot": tokens / inputs["tokens"].size}
         return Unit(state, {**metrics, **layout}, {"tokens": tokens}, flops)

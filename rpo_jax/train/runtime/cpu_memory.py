@@ -18,18 +18,32 @@ for each CPU computation instead of running ahead (a training loop blocks on its
 unchanged: only where the memory comes from. Computations over several CPU devices still run on worker
 threads and gain nothing. Measured (`benchmarks/train_step.py`, docs/benchmarks.md): the cached SmolLM2-135M step
 goes from 130–141 to 163–172 tokens/s, its kernel time from 2.1 s to 0.03 s per step.
+
+What a never-trimmed heap can strand (`HeapGuard`). Programs of different temporaries (a padded and a packed step,
+packed rows of several shapes, the reference cache's scorer, the eval step) take their buffers from the same heap:
+one freed buffer serves the next whenever it is large enough — 8, 10, 12, 16 packed rows run in ascending order
+leave the heap at the largest buffer, not at their sum. But an allocation that lands inside a freed buffer between
+two steps splits it, and the next step's buffer goes on top: the heap grows by a whole buffer, which stays
+resident unused. Seen on SmolLM2-135M (30 layers, padded and packed steps alternating, remat="full", a loaded
+machine): 5.97 → 6.79 → 8.77 GiB over steps 2–4, where the same run on a quiet machine stayed at 6.0 GiB.
+`HeapGuard` returns the free pages of a heap that grew during a step (other than the run's first) to the kernel
+(`malloc_trim`): the next step faults its buffer in once more, and stranded buffers never pile up.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import platform
 import sys
+from collections.abc import Callable
 
 import jax
 
 log = logging.getLogger(__name__)
+
+_applied = False  # set by reuse_cpu_step_memory
 
 # <malloc.h> parameter numbers (glibc).
 M_TRIM_THRESHOLD = -1
@@ -76,4 +90,89 @@ def reuse_cpu_step_memory() -> bool:
         log.warning("CPU step memory reuse: glibc rejected mallopt; XLA:CPU's temporaries stay mmapped per step")
         return False
     log.info("CPU step memory reuse applied: synchronous CPU dispatch, large blocks kept on glibc's heap")
+    global _applied
+    _applied = True
     return True
+
+
+def reuse_applied() -> bool:
+    """Whether `reuse_cpu_step_memory` applied its settings in this process (the heap then keeps freed memory)."""
+    return _applied
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeapStats:
+    """glibc's heap (`mallinfo2`, all arenas), bytes: `size` of the heap (sbrk'd and arena heaps), `in_use`,
+    `free` (inside it), `mmapped` (blocks mapped on their own)."""
+
+    size: int
+    in_use: int
+    free: int
+    mmapped: int
+
+
+def heap_stats() -> HeapStats | None:
+    """`HeapStats` now (None without glibc ≥ 2.33's mallinfo2)."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    m = libc.mallinfo2()
+    return HeapStats(int(m.arena), int(m.uordblks), int(m.fordblks), int(m.hblkhd))
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the kernel (`malloc_trim(0)`: the top of the heap and whole free pages
+    inside it); False without glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+#: a heap that grows by more than this during a step is trimmed after it (`HeapGuard`)
+HEAP_GROWTH = 64 * 2**20
+
+
+class HeapGuard:
+    """After every step (`after_step`): when glibc's heap has grown more than `HEAP_GROWTH` past the largest size
+    it had after any earlier step — a buffer went on top of the heap instead of into a freed one — release the
+    heap's free pages (`release_free_memory`). So a stranded buffer stays resident only until the step that
+    stranded it ends, while a heap that only takes back the size it had before (after a trim, the next step of
+    the largest buffer) is left alone. `enabled` (default `reuse_applied()`) False — glibc trims the heap itself
+    then — or no glibc: nothing. `stats` / `release`: for tests."""
+
+    def __init__(
+        self,
+        enabled: bool | None = None,
+        stats: Callable[[], HeapStats | None] = heap_stats,
+        release: Callable[[], bool] = release_free_memory,
+    ):
+        self.enabled = reuse_applied() if enabled is None else enabled
+        self.stats, self.release = stats, release
+        self.largest: int | None = None  # the heap's largest size after a step so far
+        self.trims = 0
+
+    def after_step(self) -> bool:
+        """Check the heap after a step; True when it was trimmed."""
+        if not self.enabled or (now := self.stats()) is None:
+            return False
+        trimmed = self.largest is not None and now.size > self.largest + HEAP_GROWTH and self.release()
+        if trimmed:
+            self.trims += 1
+            log.info(
+                "CPU step memory: the heap grew by %.2f GiB past its largest size in a step (a freed buffer could "
+                "not take the new one); returned its %.2f GiB of free pages to the kernel",
+                (now.size - self.largest) / 2**30,
+                now.free / 2**30,
+            )
+        self.largest = max(self.largest or 0, now.size)
+        return trimmed
