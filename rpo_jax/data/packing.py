@@ -45,7 +45,13 @@ padded length T_pad and the values of ``128 · {1, 2, 3, 4, 6, 8, 12, ...}`` bet
 T_pad: the T whose layout costs least, ``R·T·(1 + key_cost·T)`` — slots, each attending to T keys (ties: the
 shorter rows).
 Since T = T_pad is a candidate and R ≤ B·K there (M = 1), the chosen rows never cost more than the padded
-batch's B·K rows of T_pad.
+batch's B·K rows of T_pad. Memory: with ``max_slots`` > 0 a row length whose rows take more than that many slots
+(R·T per micro-batch: a step's activations and logits grow with its slots) is passed over while another fits
+(the cheapest of those that fit; if none does, the one of fewest slots), and among layouts of equal cost the one
+of fewer slots is taken.
+
+Shapes. Every [R, T] a packer returns is one of :func:`shape_ladder`'s for the run (its batch size, K, length
+buckets and settings): at most (row lengths) × (row counts) shapes, a compiled step each, whatever the data.
 ``min_saving`` > 0 makes :func:`pack_batch` keep a batch padded unless packing saves at least that fraction of
 the cost of its B·K rows of T_pad (the packed step runs the output head on every slot, the padded one on a score
 window).
@@ -75,6 +81,8 @@ class Packing:
       key_cost: c, the cost of one attention key relative to the rest of a slot's work, so that a row of T slots
         costs T·(1 + c·T) when the row length is chosen (dense attention over the row; 0: slots only). The
         trainer sets it from the model's FLOPs (`rpo_jax.train.runtime.performance.attention_key_cost`).
+      max_slots: the most slots (R·T) of one micro-batch's rows when the row length is chosen (module docstring,
+        "Row shape"): a memory limit, e.g. from `rpo_jax.train.runtime.memory.SlotMemory.max_slots`; 0: none.
     """
 
     row_length: int
@@ -82,6 +90,7 @@ class Packing:
     row_multiple: int = 1
     min_saving: float = 0.0
     key_cost: float = 0.0
+    max_slots: int = 0
 
     def __post_init__(self):
         if self.row_length != 0 and self.row_length < 2:
@@ -92,6 +101,8 @@ class Packing:
             raise ValueError(f"packing min_saving must be in [0, 1), got {self.min_saving}")
         if self.key_cost < 0.0:
             raise ValueError(f"packing key_cost must be >= 0, got {self.key_cost}")
+        if self.max_slots < 0:
+            raise ValueError(f"packing max_slots must be >= 0 (0: no limit), got {self.max_slots}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,12 +264,50 @@ def layout_at(groups: Sequence[Examples], packing: Packing, row_length: int, row
 
 def choose_layout(groups: Sequence[Examples], packing: Packing, padded_length: int, row_cap: int) -> Layout:
     """The fixed ``row_length``'s layout, or with ``row_length = 0`` the cheapest one over
-    :func:`candidate_row_lengths`: least ``R·T·(1 + key_cost·T)`` (ties: the shorter rows)."""
+    :func:`candidate_row_lengths`: least ``R·T·(1 + key_cost·T)`` (ties: fewer slots, then the shorter rows) among
+    those within ``max_slots`` (all of them without a limit; the one of fewest slots when none fits)."""
     if packing.row_length:
         return layout_at(groups, packing, packing.row_length, row_cap)
     longest = max((len(p.tokens) for examples in groups for _, pieces, _ in examples for p in pieces), default=0)
     layouts = [layout_at(groups, packing, t, row_cap) for t in candidate_row_lengths(longest, padded_length)]
-    return min(layouts, key=lambda lay: (layout_cost((lay.rows, lay.row_length), packing.key_cost), lay.row_length))
+    if packing.max_slots:
+        fitting = [lay for lay in layouts if lay.rows * lay.row_length <= packing.max_slots]
+        layouts = fitting or [min(layouts, key=lambda lay: (lay.rows * lay.row_length, lay.row_length))]
+    return min(
+        layouts,
+        key=lambda lay: (
+            layout_cost((lay.rows, lay.row_length), packing.key_cost),
+            lay.rows * lay.row_length,
+            lay.row_length,
+        ),
+    )
+
+
+def row_counts(multiple: int, cap: int) -> list[int]:
+    """Every R :func:`padded_row_count` gives with this ``multiple`` and ``cap``: the ladder's values below the cap,
+    and the cap."""
+    out, used = [], 1
+    while (rows := padded_row_count(used, multiple, cap)) < cap:
+        out.append(rows)
+        used = rows + 1
+    return out + [cap]
+
+
+def shape_ladder(
+    batch_size: int, k_max: int, buckets: Sequence[int], packing: Packing, *, micro_batches: int = 1
+) -> list[tuple[int, int]]:
+    """Every ``tokens`` shape [R, T] that :func:`pack_batch` can give a batch of ``batch_size`` examples of at most
+    ``k_max`` responses padded to one of ``buckets`` (the data's length buckets), laid out for ``micro_batches``:
+    T a fixed ``row_length`` or any :func:`candidate_row_lengths` of a bucket, R = M·R_m with R_m one of
+    :func:`row_counts` up to the micro-batch's padded sequence count. Sorted; its length bounds the packed
+    programs a run compiles."""
+    per_group = -(-batch_size // micro_batches) * k_max
+    cap = -(-per_group // packing.row_multiple) * packing.row_multiple
+    if packing.row_length:
+        lengths = {packing.row_length}
+    else:
+        lengths = {t for b in buckets for t in candidate_row_lengths(0, max(int(b), 2))}
+    return sorted((micro_batches * r, t) for t in lengths for r in row_counts(packing.row_multiple, cap))
 
 
 def layout_cost(shape: Sequence[int], key_cost: float) -> float:

@@ -19,6 +19,8 @@ from rpo_jax.data.packing import (
     packing_saves,
     padded_row_count,
     real_tokens,
+    row_counts,
+    shape_ladder,
 )
 from rpo_jax.data.tokenize import TokenizedExample, collate_examples
 
@@ -210,6 +212,42 @@ def test_automatic_row_length_takes_the_fewest_slots():
     # with attention counted, 2 rows of 512 cost 1024·(1 + 512c), 3 of 384 cost 1152·(1 + 384c): equal at c = 1/640
     for key_cost, shape in ((0.0015, (2, 512)), (0.0017, (3, 384))):
         assert pack_batch(batch, Packing(0, share_prompt=True, key_cost=key_cost))["tokens"].shape == shape
+
+
+def test_max_slots_limits_the_rows_chosen():
+    """The worked example above (shared prompt: 2 rows of 512 = 1024 slots, or 3 of 384 = 1152): a limit of 1100
+    slots leaves 512 in; a limit of 1000 fits neither, so the layout of fewest slots is kept (2 × 512); without a
+    shared prompt the cheapest, 3 × 384 = 1152 slots, fits 1200 but not 1100, where rows of 512 (1536) do not
+    either: 3 × 384 stays. Equal costs: the fewer slots."""
+    batch = long_batch([[300, 250], [200, 100]])
+    for limit, shape in ((1100, (2, 512)), (1000, (2, 512))):
+        assert pack_batch(batch, Packing(0, share_prompt=True, max_slots=limit))["tokens"].shape == shape
+    for limit in (1200, 1100):
+        assert pack_batch(batch, Packing(0, max_slots=limit))["tokens"].shape == (3, 384)
+    # 3 × 384 (cost 1152·(1 + 384c)) against 2 × 512 (1024·(1 + 512c)): with c = 1/640 equal, the fewer slots win
+    assert pack_batch(batch, Packing(0, share_prompt=True, key_cost=1 / 640))["tokens"].shape == (2, 512)
+    with pytest.raises(ValueError, match="max_slots"):
+        Packing(0, max_slots=-1)
+
+
+def test_every_packed_shape_is_on_the_ladder_and_the_ladder_is_bounded():
+    """Random batches (B = 8 examples, the last one padding, of up to K = 4 responses, buckets 8 / 16 / 32) packed
+    with every setting give only shapes of `shape_ladder`, whose size is (row lengths) × (row counts): the 3
+    buckets × the counts 1, 2, 3, 4, 6, 8, 12, 16, 24, 32 (the cap: B·K) — 30 at most, however many batches."""
+    assert row_counts(1, 24) == [1, 2, 3, 4, 6, 8, 12, 16, 24] and row_counts(4, 24) == [4, 8, 12, 16, 24]
+    assert row_counts(2, 10) == [2, 4, 6, 8, 10]
+    for packing, micro in ((Packing(0), 1), (Packing(0, share_prompt=True), 1), (Packing(32), 1), (Packing(0), 2)):
+        ladder = shape_ladder(8, 4, (8, 16, 32), packing, micro_batches=micro)
+        lengths = {t for _, t in ladder}
+        assert len(ladder) == len(lengths) * len(row_counts(1, 32 // micro)) <= 30
+        for seed in range(20):
+            batch = random_batch(seed, ks=tuple(int(k) for k in np.random.default_rng(seed).integers(1, 5, 7)))
+            assert batch["valid"].shape[0] == 8
+            packed = pack_batch(batch, packing, micro_batches=micro)
+            assert tuple(packed["tokens"].shape) in ladder
+    assert shape_ladder(16, 2, (256, 512, 1024), Packing(0)) == sorted(
+        (r, t) for t in (128, 256, 384, 512, 768, 1024) for r in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    )
 
 
 def test_min_saving_keeps_batches_padded_unless_packing_saves_enough():
