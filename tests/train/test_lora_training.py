@@ -433,7 +433,8 @@ def test_checkpoints_hold_adapters_and_the_run_identity_the_lora_settings(lora_r
 
     identity = json.loads((workdir / "run_identity.json").read_text())
     assert identity["model"]["lora"]["rank"] == 4 and identity["model"]["lora"]["targets"] == "q_proj,v_proj,down_proj"
-    assert len(identity["model"]["weights"]) == 64  # the base checkpoint's sha256
+    kind, digest = identity["model"]["weights"].split(":")  # the base checkpoint's default fingerprint (sha256)
+    assert kind == "fingerprint" and len(digest) == 64
     from tests.train.trainer_testlib import final_params
 
     saved = flat(final_params(workdir))

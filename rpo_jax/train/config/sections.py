@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from rpo_jax.models.hf_export import DEFAULT_MAX_SHARD_SIZE, parse_size
-from rpo_jax.train.config.values import PAIR_MODES, ConfigError, parse_pairs
+from rpo_jax.train.config.values import AUTO_MEMORY_FRACTION, PAIR_MODES, ConfigError, parse_memory_budget, parse_pairs
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Pairs = Annotated[Literal[PAIR_MODES], BeforeValidator(lambda v: parse_pairs(v, allow_keep=False))]
@@ -153,6 +153,87 @@ class ExportSection(Section):
         description='largest safetensors shard of an export, a size string ("5GB", "500MB": powers of 10, as '
         'transformers reads it; "2GiB": powers of 2) or bytes; more weights than this are split into '
         "model-0000i-of-0000n.safetensors + model.safetensors.index.json; default save_pretrained's",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ training
+def checked_memory_budget(value: Any) -> str:
+    """`config.train.memory_budget` (`parse_memory_budget`), its refusal a ConfigError naming the key."""
+    try:
+        return parse_memory_budget(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+class TrainSection(Section):
+    """Length and cadence of a run, and its safety settings (rpo_jax.train.core.runner)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    steps: int = Field(
+        100,
+        ge=0,
+        description='optimizer steps (per iteration; unused by mode="online"); 0: none '
+        "(the initial model is evaluated, checkpointed and exported)",
+    )
+    epochs: float = Field(
+        0.0,
+        ge=0,
+        description="> 0: train.steps = ceil(epochs · ceil(N / data.batch_size)) for "
+        "the N train examples left after tokenization (TRL's count of num_train_epochs); 0: "
+        "train.steps decides",
+    )
+    iterations: int = Field(
+        1,
+        ge=1,
+        description="> 1: iterated training, the reference reset to the previous "
+        "iterate every train.steps steps; 1: one pass",
+    )
+    log_every: int = Field(
+        10, ge=1, description="units (steps; online: iterations) between metric records, and the last"
+    )
+    eval_every: int = Field(50, ge=0, description="units between evaluations; 0: only at the end")
+    checkpoint_every: int = Field(
+        50,
+        ge=0,
+        description="units between checkpoints (and at the end); 0: no "
+        "periodic checkpoint — a run that exports at its end (export_at_end) keeps none, "
+        "one that does not is checkpointed at its end for rpo-export; SIGTERM still "
+        "saves",
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="the newest checkpoints kept")
+    async_checkpointing: bool = Field(True, description="save checkpoints in the background")
+    export_at_end: bool = Field(
+        True, description="write WORKDIR/export (Hugging Face directory with tokenizer) at the end"
+    )
+    progress_bar: bool = Field(True, description="a progress bar on the main process")
+    resume: Literal["auto", "must", "never", "force"] = Field(
+        "auto",
+        description='a work directory with checkpoints of the same run (run_identity.json): "auto" resumes '
+        'it, or starts fresh when there is none; "must" refuses to start fresh; "never" refuses a directory that '
+        'has checkpoints; "force" resumes even when the run\'s identity changed (the differences are logged). A '
+        "different run's checkpoints are never resumed silently nor deleted",
+    )
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop",
+        description='a NaN/inf loss or gradient norm: "stop" (exit non-zero, keep the last good '
+        'checkpoint, never save the bad state) | "skip_step" (no update, counted)',
+    )
+    max_skipped_in_a_row: int = Field(
+        10, ge=1, description='"skip_step": stop after this many non-finite steps (units) in a row'
+    )
+    memory_budget: Annotated[str, BeforeValidator(checked_memory_budget)] = Field(
+        "auto",
+        description="memory the run may use, checked before step 1 against XLA's memory analysis of its compiled "
+        "programs (rpo_jax.train.build.fit; per device on an accelerator, for the process on the CPU): "
+        f'"auto" ({AUTO_MEMORY_FRACTION:.0%} of what the machine has), a fraction of it ("0.8"), a size ("12GB": '
+        'powers of 10; "12GiB": powers of 2), or 0: no check',
+    )
+    verify_weights: Literal["fingerprint", "full"] = Field(
+        "fingerprint",
+        description='how the run identity names the starting weights: "fingerprint" (config.json, safetensors '
+        "headers, file sizes and sampled bytes of every tensor: milliseconds, and what it misses is in the README) "
+        '| "full" (sha256 of every byte: reads the whole checkpoint on every process at every start)',
     )
 
 
