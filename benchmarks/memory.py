@@ -23,9 +23,10 @@ tokens/s is the trainer's own `train/perf/tokens_per_s` (prompt + response token
 the steps after the first, so a compilation of a new shape after step 1 counts), the peak the watched process's
 (its tree's RSS sampled every 0.2 s, and the kernel's `ru_maxrss` of the child), the export at the end included.
 TRL (`--trl`): TRL 1.16's `DPOTrainer` on the same file and checkpoint, float32, `per_device_train_batch_size` =
-`data.batch_size`, its defaults otherwise (reference model in the step, no gradient checkpointing, lengths 1024
-/ 512 as the recipe), as many steps as rpo-train, real tokens (attention-mask ones) / s over the steps after the
-first. Rounds (`--rounds`) run every mode once each, in turn, so all see the same machine.
+`data.batch_size`, no gradient checkpointing (TRL 1.16's DPOConfig turns it on by default:
+`--trl-checkpointing`), its defaults otherwise (reference model in the step, lengths 1024 / 512 as the recipe),
+as many steps as rpo-train, real tokens (attention-mask ones) / s over the steps after the first. Rounds
+(`--rounds`) run every mode once each, in turn, so all see the same machine.
 
 `--breakdown`: where the memory goes in the default mode, from XLA's memory analysis: every program the run
 compiles (the train step once per distinct batch shape of the epoch, the eval step, the reference cache's scorer)
@@ -170,6 +171,7 @@ def child_env() -> dict:
 def trl_run(args, data: pathlib.Path, steps: int, workdir: pathlib.Path) -> dict:
     """TRL's DPOTrainer on `data` in a watched child (`trl_child`)."""
     command = [sys.executable, __file__, "--trl-child", str(data), args.model, str(args.batch_size), str(steps)]
+    command.append("checkpointing" if args.trl_checkpointing else "")
     log = workdir.with_suffix(".log")
     with open(log, "w") as out:
         seen = rss_watch.watch(command, limit_gib=args.limit_gib, stdout=out, stderr=subprocess.STDOUT)
@@ -184,7 +186,7 @@ def trl_run(args, data: pathlib.Path, steps: int, workdir: pathlib.Path) -> dict
     }
 
 
-def trl_child(data: str, model_dir: str, batch_size: int, steps: int) -> None:
+def trl_child(data: str, model_dir: str, batch_size: int, steps: int, checkpointing: bool = False) -> None:
     """Train TRL 1.16's DPOTrainer for `steps` steps on `data` (float32 CPU, its defaults otherwise); print
     `TRL: {"tokens_per_s": ..., "step_s": ...}` over the steps after the first."""
     import tempfile
@@ -224,6 +226,7 @@ def trl_child(data: str, model_dir: str, batch_size: int, steps: int) -> None:
             seed=0,
             dataloader_num_workers=0,
             logging_steps=steps,
+            gradient_checkpointing=checkpointing,  # TRL 1.16's DPOConfig default: True; the issue's run: False
         )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         Counting(
@@ -301,12 +304,12 @@ def breakdown_child(recipe: str, overrides: list[str], data: str) -> None:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--trl-child"]:
-        return trl_child(argv[1], argv[2], int(argv[3]), int(argv[4]))
+        return trl_child(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5:6] == ["checkpointing"])
     if argv[:1] == ["--breakdown-child"]:
         recipe, data, *overrides = argv[1:]
         return breakdown_child(recipe, overrides, data)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", nargs="+", default=["padded", "default"], choices=list(MODES), help="rpo-train modes")
+    p.add_argument("--modes", nargs="*", default=["padded", "default"], choices=list(MODES), help="rpo-train modes")
     p.add_argument(
         "--mode",
         action="append",
@@ -316,6 +319,9 @@ def main(argv=None):
         "'remat=--config.model.remat=full' (repeatable)",
     )
     p.add_argument("--trl", action="store_true", help="also TRL's DPOTrainer (config.model.path a checkpoint)")
+    p.add_argument(
+        "--trl-checkpointing", action="store_true", help="TRL with gradient checkpointing (its DPOConfig default)"
+    )
     p.add_argument("--pairs", type=int, default=20, help="records of the file")
     p.add_argument("--max-length", type=int, default=None, help="longest sequence (default 512; --long: 2048)")
     p.add_argument("--long", action="store_true", help="every sequence --max-length tokens (default 2048)")

@@ -37,6 +37,7 @@ from rpo_jax.train.build.data import tokenizer_path
 from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
 from rpo_jax.train.build.state import RunSetup
 from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.values import vocab_chunk_argument
 from rpo_jax.train.runtime.global_batches import replicated
 from rpo_jax.train.step.logprobs import cast_floating, resolve_score_window
 from rpo_jax.train.step.reward_steps import make_reward_eval_step, make_reward_train_step
@@ -161,7 +162,7 @@ def jitted_steps(
     The loss decides the step: an unpaired loss's (`rpo_jax.train.step.unpaired_steps`: one labelled completion
     per row, `state["loss_state"]` for a stateful loss), or the preference step, with each sequence's prompt +
     response log-probs for `orpo`'s NLL (`spec.requires_sequence_logps`: every position, no score window)."""
-    chunk = cfg.model.vocab_chunk_size or None
+    chunk = vocab_chunk_argument(cfg.model.vocab_chunk_size)
     make_train, make_eval, extra = make_train_step, make_eval_step, {}
     if loss_fn.spec.unpaired:
         make_train, make_eval = make_unpaired_train_step, make_unpaired_eval_step
@@ -217,7 +218,7 @@ def scorer(cfg, setup: RunSetup, graphdef, rest, score_window: int | None) -> Wi
         setup.rest if rest is None else rest,
         setup.mesh,
         compute_dtype=setup.dtype,
-        vocab_chunk_size=cfg.model.vocab_chunk_size or None,
+        vocab_chunk_size=vocab_chunk_argument(cfg.model.vocab_chunk_size),
         score_window=score_window,
     )
 
@@ -256,7 +257,7 @@ def online_update_step(cfg, setup: RunSetup, loss_fn) -> WithFrozen:
         setup.tx,
         compute_dtype=setup.dtype,
         micro_batches=cfg.data.micro_batches,
-        vocab_chunk_size=cfg.model.vocab_chunk_size or None,
+        vocab_chunk_size=vocab_chunk_argument(cfg.model.vocab_chunk_size),
         lr_schedule=setup.schedule,
         score_window=online_score_window(cfg),
         skip_nonfinite=cfg.train.on_nonfinite == "skip_step",

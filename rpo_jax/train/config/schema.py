@@ -36,7 +36,15 @@ from rpo_jax.train.config.sections import (
     Section,
     TrainSection,
 )
-from rpo_jax.train.config.values import MODES, ConfigError, Packing, parse_packing, parse_pairs, parse_score_window
+from rpo_jax.train.config.values import (
+    MODES,
+    ConfigError,
+    Packing,
+    parse_packing,
+    parse_pairs,
+    parse_score_window,
+    parse_vocab_chunk,
+)
 
 #: optax optimizers that take a decoupled weight decay (`config.optimizer.weight_decay`).
 WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor", "lamb", "novograd", "adamaxw", "nadamw")
@@ -44,6 +52,7 @@ WEIGHT_DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor", "lamb", "novograd", "ad
 PairsOrKeep = Annotated[Literal["", "best_vs_worst", "all_pairs"], BeforeValidator(parse_pairs)]
 PackingSetting = Annotated[Packing, BeforeValidator(parse_packing)]
 ScoreWindow = Annotated[Literal["auto", "off"] | Annotated[int, Field(ge=1)], BeforeValidator(parse_score_window)]
+VocabChunk = Annotated[Literal["auto"] | Annotated[int, Field(ge=0)], BeforeValidator(parse_vocab_chunk)]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -133,7 +142,7 @@ class ModelSection(Section):
     remat: Literal[REMAT_POLICIES] = Field(
         "none", description="rematerialisation policy of the layers (rpo_jax.models.config.REMAT_POLICIES)"
     )
-    scan_unroll: int = Field(1, ge=1, description="layers per iteration of the layer scan (speed only; same results)")
+    scan_unroll: int = Field(1, ge=1, description="layers per scan iteration (speed only, same results; 1 with remat)")
     attention: Literal[ATTENTION_IMPLEMENTATIONS] = Field(
         "auto",
         description='attention implementation (speed only; README "Attention implementations"): "xla" '
@@ -141,11 +150,11 @@ class ModelSection(Section):
         '(NVIDIA GPUs), "splash" (TPUs); "auto" is the backend\'s fused kernel when it supports the model and '
         "batch, else (CPU, GPU) blockwise for rows of 512 tokens or more, else XLA",
     )
-    vocab_chunk_size: int = Field(
-        0,
-        ge=0,
-        description="> 0: chunked log-softmax over the vocabulary in chunks of "
-        "this many tokens (large V); 0: off (one log-softmax)",
+    vocab_chunk_size: VocabChunk = Field(
+        "auto",
+        description="log-softmax over the vocabulary in chunks of this many rows of the head (≥ V: one); 0: off "
+        '(one log-softmax); "auto": chunks of 8192 where a head\'s float32 logits pass 256 MiB '
+        "(rpo_jax.models.logprobs.auto_vocab_chunk)",
     )
     score_window: ScoreWindow = Field(
         "auto",

@@ -61,6 +61,28 @@ def parse_packing(value: Any) -> Packing:
     raise ValueError("expected True, False or 'auto'")
 
 
+def parse_vocab_chunk(value: Any) -> str | int:
+    """A `model.vocab_chunk_size` value → "auto" or a chunk of vocabulary rows ≥ 0 (0: off, one log-softmax)."""
+    if isinstance(value, bool):
+        raise ValueError("expected 'auto' or a number ≥ 0")
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        chunk = int(text)
+    except ValueError:
+        raise ValueError("expected 'auto' or a number ≥ 0") from None
+    if chunk < 0:
+        raise ValueError("expected 'auto' or a number ≥ 0 (0: off)")
+    return chunk
+
+
+def vocab_chunk_argument(setting: str | int) -> int | None:
+    """The `vocab_chunk_size` argument of `rpo_jax.models.logprobs` for a `model.vocab_chunk_size` setting:
+    None for "auto" (`auto_vocab_chunk` decides per head), else the number (0: one log-softmax over V)."""
+    return None if setting == "auto" else int(setting)
+
+
 def parse_score_window(value: Any) -> str | int:
     """A `model.score_window` value → "auto", "off" (also "", 0, "none", None) or a number of positions ≥ 1."""
     if isinstance(value, bool):

@@ -98,7 +98,7 @@ def response_logps(
             flat(tokens),
             flat(batch["loss_mask"]),
             attention_mask=attention_mask,
-            vocab_chunk_size=vocab_chunk_size or None,
+            vocab_chunk_size=vocab_chunk_size,
             score_window=score_window or None,
         )
     return jnp.where(batch["valid"], logp.reshape(b, k), 0.0)
@@ -127,7 +127,7 @@ def packed_response_logps(
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
             parent_ids=batch.get("parent_ids"),
-            vocab_chunk_size=vocab_chunk_size or None,
+            vocab_chunk_size=vocab_chunk_size,
         )
     b, k = batch["valid"].shape
     sums = segment_logp_sums(logps, batch["response_id"], b * k).reshape(b, k)
