@@ -87,6 +87,10 @@ def test_need_on_the_cpu_is_the_resident_set_plus_the_largest_allocation():
     assert run_need(programs, device) == 235  # b: 10 + 200 + 20 + 5 (a: 100 + 0 + 50 + 5 = 155)
     # a plan (nothing allocated yet): the largest total on top of the process
     assert run_need(programs, host, resident_now=1000, allocated=False) == 1000 + 235
+    # 8 devices in the process (simulated CPU devices): each runs the program's per-device buffers, code once
+    eight = Capacity(10**9, "host", host=True, devices=8)
+    assert run_need(programs, eight, resident_now=1000) == 1000 + 8 * 220 + 5
+    assert run_need(programs, eight, resident_now=1000, allocated=False) == 1000 + 8 * 230 + 5
 
 
 def test_a_run_over_its_budget_stops_with_one_line():

@@ -20,13 +20,17 @@ settings would lower the need) before anything is trained or written but the log
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 
 from rpo_jax.train.config.values import memory_budget_bytes
+
+log = logging.getLogger(__name__)
 
 GiB = 2**30
 
@@ -34,11 +38,14 @@ GiB = 2**30
 # ------------------------------------------------------------------------------------------------ what there is
 @dataclasses.dataclass(frozen=True)
 class Capacity:
-    """Memory a run can use: `bytes` per device on an accelerator, for the process on the CPU; `what` says which."""
+    """Memory a run can use: `bytes` per device on an accelerator, for the process on the CPU; `what` says which.
+    On the CPU `devices` is the process's device count: each runs its own copy of a program's per-device
+    buffers in the process's memory (8 simulated devices: 8 sets of temporaries)."""
 
     bytes: int
     what: str
     host: bool  # the CPU: the process's resident set counts
+    devices: int = 1
 
 
 def _meminfo() -> dict[str, int]:
@@ -82,7 +89,10 @@ def memory_capacity(devices: Sequence[jax.Device]) -> Capacity:
     if limit is not None:
         usable = min(usable, limit)
     return Capacity(
-        usable, f"{usable / GiB:.1f} GiB of host memory (available now + this process's {rss / GiB:.1f} GiB)", True
+        usable,
+        f"{usable / GiB:.1f} GiB of host memory (available now + this process's {rss / GiB:.1f} GiB)",
+        True,
+        max(len(devices), 1),
     )
 
 
@@ -131,17 +141,25 @@ def run_need(
     programs: Sequence[ProgramMemory], capacity: Capacity, resident_now: int | None = None, *, allocated: bool = True
 ) -> int:
     """The run's peak need: on an accelerator the largest program's `total`; on the CPU the process's resident
-    set now (`resident_now`, default measured) plus the largest `to_allocate` — or, when the programs' arguments
-    are not `allocated` yet (a plan: abstract arguments), the largest `total`."""
+    set now (`resident_now`, default measured) plus the largest `to_allocate` once per device of the process
+    (`Capacity.devices`; the generated code once) — or, when the programs' arguments are not `allocated` yet (a
+    plan: abstract arguments), the largest `total` so. (8 simulated devices running a step with 12 MiB of
+    temporaries per device grow the process by 185 MiB, one device by 27 MiB.)"""
     if not capacity.host:
         return max(p.total for p in programs)
     now = resident_bytes() if resident_now is None else resident_now
-    return now + max(p.to_allocate if allocated else p.total for p in programs)
+    per_device = lambda p: (p.to_allocate if allocated else p.total) - p.code  # noqa: E731
+    return now + max(capacity.devices * per_device(p) + p.code for p in programs)
 
 
 class DoesNotFit(ValueError):
     """A run that needs more memory than its budget: the one line says what it needs, the budget, what there is
-    and which settings would lower the need."""
+    and which settings would lower the need (`need`, `budget`: bytes; `held`: the part of the need that no setting
+    of the step lowers — the process's resident set on the CPU, the step's arguments on an accelerator)."""
+
+    def __init__(self, message: str, need: int = 0, budget: int = 0, held: int = 0):
+        super().__init__(message)
+        self.need, self.budget, self.held = need, budget, held
 
 
 def check_fit(
@@ -155,15 +173,23 @@ def check_fit(
     """(need, budget) of a run whose programs were measured (`run_need`; `allocated`: their arguments are live
     arrays already); raises `DoesNotFit` when the need exceeds the budget of `setting`
     (`config.train.memory_budget`). Budget None: the check is off."""
-    need = run_need(programs, capacity, allocated=allocated)
+    now = resident_bytes() if capacity.host else 0
+    need = run_need(programs, capacity, now, allocated=allocated)
     budget = memory_budget_bytes(setting, capacity.bytes)
     if budget is not None and need > budget:
+        if capacity.host:
+            held = now + (0 if allocated else capacity.devices * max(p.arguments for p in programs))
+        else:
+            held = max(p.arguments + p.resident for p in programs)
         largest = max(programs, key=lambda p: p.to_allocate if capacity.host else p.total)
         hint = f"; settings that lower it: {', '.join(suggestions)}" if suggestions else ""
         raise DoesNotFit(
             f"the run does not fit in memory: it needs {need / GiB:.2f} GiB ({largest.name}: temporaries "
             f"{largest.temporaries / GiB:.2f} GiB) but config.train.memory_budget={setting!r} allows "
-            f"{budget / GiB:.2f} GiB of {capacity.what}{hint}"
+            f"{budget / GiB:.2f} GiB of {capacity.what}{hint}",
+            need,
+            budget,
+            held,
         )
     return need, budget
 
@@ -187,6 +213,87 @@ def memory_suggestions(cfg) -> list[str]:
     if cfg.data.max_length > 256:
         out.append(f"--config.data.max_length={cfg.data.max_length // 2}")
     return out
+
+
+def lighter_settings(cfg, shards: int, backend: str | None = None) -> list[dict[str, object]]:
+    """The settings a run that does not fit tries, in turn, before it gives up: rungs of a ladder, each the one
+    before plus one more setting that lowers the step's memory without changing its results (the run identity
+    leaves them out, `rpo_jax.train.core.identity`), the cheapest in speed first —
+
+    1. `model.attention="blockwise"` (memory linear in the row length; exact) where the configured attention is
+       XLA's dense one: "xla", or "auto" on the CPU (GPUs and TPUs keep their kernels);
+    2. `model.remat="full"` (each layer's activations recomputed in the backward pass) when it is "none";
+    3. `data.micro_batches` doubled while each micro-batch keeps at least one example per data shard (`shards`:
+       data × fsdp) — gradient accumulation, the same mean gradient up to float rounding.
+
+    Settings that change what is trained (cached references, shorter sequences) are never chosen for the user:
+    `memory_suggestions` names them in the error."""
+    backend = backend or jax.default_backend()
+    rungs, rung = [], {}
+    if cfg.model.attention == "xla" or (cfg.model.attention == "auto" and backend == "cpu"):
+        rung = {**rung, "model.attention": "blockwise"}
+        rungs.append(rung)
+    if cfg.model.remat == "none":
+        rung = {**rung, "model.remat": "full"}
+        rungs.append(rung)
+    micro = int(cfg.data.micro_batches)
+    while cfg.data.batch_size % (2 * micro * shards) == 0:
+        micro *= 2
+        rung = {**rung, "data.micro_batches": micro}
+        rungs.append(rung)
+    return rungs
+
+
+def settings_flags(settings: dict[str, object]) -> str:
+    """`{"model.remat": "full"}` → "--config.model.remat=full" (the overrides that select `settings`)."""
+    return " ".join(f"--config.{key}={value}" for key, value in settings.items())
+
+
+Run = TypeVar("Run")
+
+
+def fitting_run(run: Run, check: Callable[[Run], Any], lighten: Callable[[dict], Run], cfg, shards: int) -> Run:
+    """The first of `run` and `lighten(settings)` for each rung of `lighter_settings(cfg, shards)` that
+    `check` passes (it raises `DoesNotFit` otherwise); the choice is logged with the overrides that select it.
+    When none fits, the `DoesNotFit` of the configured settings, with what the lightest rung still needs."""
+    try:
+        check(run)
+        return run
+    except DoesNotFit as configured:
+        first = configured
+    if first.held >= first.budget:  # the arrays (the process) alone pass the budget: no step setting helps
+        raise DoesNotFit(
+            f"{first} (what the run holds outside the step, {first.held / GiB:.2f} GiB, passes the budget already: "
+            "no lighter setting of the step can fit)",
+            first.need,
+            first.budget,
+            first.held,
+        )
+    tried = None
+    for settings in lighter_settings(cfg, shards):
+        log.info("fit check: trying %s", settings_flags(settings))
+        candidate = lighten(settings)
+        try:
+            check(candidate)
+        except DoesNotFit as lighter:
+            tried = (settings, lighter)
+            continue
+        log.warning(
+            "fit check: the configured settings need %.2f GiB, over the budget of %.2f GiB; running with %s "
+            "instead (the same results; put them in the config to skip this search)",
+            first.need / GiB,
+            first.budget / GiB,
+            settings_flags(settings),
+        )
+        return candidate
+    if tried is None:
+        raise first
+    settings, lighter = tried
+    raise DoesNotFit(
+        f"{first} (tried: {settings_flags(settings)} still needs {lighter.need / GiB:.2f} GiB)",
+        first.need,
+        first.budget,
+    )
 
 
 def local_devices(mesh) -> list[jax.Device]:

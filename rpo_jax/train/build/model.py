@@ -173,6 +173,17 @@ def adapters_off_graphdef(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx
         return split_trainable(model)[0]
 
 
+def with_speed_settings(graphdef: nnx.GraphDef, params: Any, rest: Any, **settings) -> nnx.GraphDef:
+    """The graphdef of the model `(graphdef, params, rest)` with speed-only `ModelConfig` fields changed
+    (`settings`: remat, attention, scan_unroll — `rpo_jax.train.core.identity.SPEED_ONLY`): the same variables
+    (merge it with the same `params` and `rest`), the same results, another program. A reward model's backbone
+    takes them. Nothing is copied (the values may be abstract)."""
+    model = nnx.merge(graphdef, params, rest)
+    decoder = model.backbone if isinstance(model, RewardModel) else model
+    decoder.config = dataclasses.replace(decoder.config, **settings)
+    return nnx.graphdef(model)
+
+
 # ------------------------------------------------------------------------------------------------ abstract state
 def architecture_of(
     cfg: ml_collections.ConfigDict,

@@ -158,6 +158,21 @@ def validate(cfg: Any) -> RunConfig:
         raise ValueError(one_line(e)) from None
 
 
+def with_settings(cfg: RunConfig, settings: Mapping[str, Any]) -> RunConfig:
+    """`cfg` with the dotted keys of `settings` replaced ({"model.remat": "full", "data.micro_batches": 2}),
+    validated as `validate` validates a config (a bad value is the same one-line `ValueError`)."""
+    values = cfg.model_dump(mode="json")
+    for key, value in settings.items():
+        *sections, name = key.split(".")
+        owner = values
+        for section in sections:
+            owner = owner[section]
+        if name not in owner:
+            raise ValueError(f"config.{key}: no such key")
+        owner[name] = value
+    return validate(values)
+
+
 def validate_section(section: type[BaseModel], values: Any, prefix: str) -> BaseModel:
     """One section of the config (`prefix`: its key path, "config.optimizer") from a mapping, checked as
     `validate` checks it."""

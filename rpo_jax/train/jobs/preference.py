@@ -38,9 +38,9 @@ from rpo_jax.train.build.data import (
     tokenizer_path,
 )
 from rpo_jax.train.build.fingerprints import dataset_fingerprint
-from rpo_jax.train.build.fit import check_programs_fit, local_devices, log_fit
+from rpo_jax.train.build.fit import check_programs_fit, fitting_run, local_devices, log_fit
 from rpo_jax.train.build.loss_inputs import in_micro_batch_order, packing_for_loss, unpaired_datasets
-from rpo_jax.train.build.model import load_policy
+from rpo_jax.train.build.model import load_policy, with_speed_settings
 from rpo_jax.train.build.plans import device_bytes
 from rpo_jax.train.build.programs import (
     ReferenceLayout,
@@ -56,7 +56,7 @@ from rpo_jax.train.build.programs import (
 from rpo_jax.train.build.references import INITIAL_POLICY, Reference, build_references, cached_logps, compute_logps
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
-from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.validation import validate, with_settings
 from rpo_jax.train.config.values import PREFERENCE, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
@@ -515,11 +515,49 @@ def train(
     run = build_run(cfg, workdir, devices=devices)
     steps = run_steps(run)
     if not precompute_only:
-        check_memory(run, steps[0])
+        run, steps = fitting_preference_run(run, steps)
     fill_reference_cache(run)
     if precompute_only:
         return {"reference_cache": {k: list(v.shape) for k, v in run.ref_cache.items()}}
     return run_task(preference_task(run, steps), workdir)
+
+
+def fitting_preference_run(
+    run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]
+) -> tuple[PreferenceRun, tuple[WithFrozen, WithFrozen]]:
+    """`(run, steps)` that pass the fit check (`check_memory`): the configured ones, else the first rung of
+    `rpo_jax.train.build.fit.lighter_settings` that fits (`fitting_run`: logged), else `DoesNotFit`."""
+
+    def lighten(settings):
+        lighter = lighter_run(run, settings)
+        return lighter, run_steps(lighter)
+
+    shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    check = lambda candidate: check_memory(candidate[0], candidate[1][0])  # noqa: E731
+    return fitting_run((run, steps), check, lighten, run.config, shards)
+
+
+def lighter_run(run: PreferenceRun, settings: Mapping[str, Any]) -> PreferenceRun:
+    """`run` with result-preserving `settings` (`rpo_jax.train.build.fit.lighter_settings`: "model.attention",
+    "model.remat", "data.micro_batches") in its config, and the policy's and every reference's graphdef (the
+    model ones, `with_speed_settings`); the same arrays."""
+    model = {key.removeprefix("model."): value for key, value in settings.items() if key.startswith("model.")}
+
+    def graphdef_of(graphdef, params, rest):
+        return with_speed_settings(graphdef, params, rest, **model) if model else graphdef
+
+    def reference_graphdef(r: Reference):
+        params = run.state.get("reference") if r.params is None else r.params  # None: let go after its cache fill
+        return r.graphdef if params is None else graphdef_of(r.graphdef, params, r.rest)
+
+    references = [dataclasses.replace(r, graphdef=reference_graphdef(r)) for r in run.references]
+    return dataclasses.replace(
+        run,
+        config=with_settings(run.config, settings),
+        model_config=dataclasses.replace(run.model_config, **model),
+        graphdef=graphdef_of(run.graphdef, run.state["params"], run.rest),
+        references=references,
+    )
 
 
 def check_memory(run: PreferenceRun, train_step: WithFrozen) -> None:
