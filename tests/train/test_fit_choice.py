@@ -155,14 +155,69 @@ def test_a_long_row_run_switches_to_blockwise_attention_and_trains_as_the_dense_
     budget = (dense + blockwise) // 2  # the same process: its resident set is part of both needs
     del run
 
-    cfg = tiny_config(tmp_path / "data", **overrides, **{"train.memory_budget": f"{budget}B"})
+    cfg = tiny_config(
+        tmp_path / "data", **overrides, **{"train.memory_budget": f"{budget}B", "train.export_at_end": True}
+    )
     with caplog.at_level(logging.INFO):
-        train(cfg, tmp_path / "chosen")
+        train(cfg, tmp_path / "chosen")  # the export checks the model's config against the run's
     warning = next(
         r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "fit check" in r.getMessage()
     )
     assert "running with --config.model.attention=blockwise instead" in warning
     train(tiny_config(tmp_path / "data", **overrides, **{"train.memory_budget": "0"}), tmp_path / "dense")
+    chosen = [m["train/loss"] for m in read_metrics(tmp_path / "chosen") if "train/loss" in m]
+    reference = [m["train/loss"] for m in read_metrics(tmp_path / "dense") if "train/loss" in m]
+    assert len(chosen) == 2
+    np.testing.assert_allclose(chosen, reference, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_long_row_reward_model_run_switches_to_blockwise_attention_and_trains_as_the_dense_run(tmp_path, caplog):
+    """The same ladder in reward-model training: a budget between the dense and the blockwise step's needs (each
+    read from the one-line refusal of a budget of 1 byte) makes the run choose blockwise, with the dense run's
+    losses."""
+    from rpo_jax.train.jobs import reward_model
+
+    from .test_reward_model_training import tiny_config as reward_config
+
+    data = _long_rows(tmp_path / "long")
+    overrides = {
+        "data.train": data,
+        "data.eval": "",
+        "data.eval_fraction": 0.0,
+        "data.max_length": 1280,
+        "data.max_prompt_length": 256,
+        "data.truncation": "drop",
+        "model.attention": "xla",
+        "model.init.max_position_embeddings": 2048,
+        "model.init.num_attention_heads": 4,
+        "model.init.num_key_value_heads": 2,
+        "model.init.head_dim": 8,
+        "train.steps": 2,
+        "train.checkpoint_every": 0,
+    }
+
+    def need(**more):
+        with pytest.raises(DoesNotFit) as e:
+            config = reward_config(tmp_path / "data", **{**overrides, **more})
+            reward_model.train_reward_model(config, tmp_path / "probe")
+        return e.value.need
+
+    dense, blockwise = (
+        need(**{"train.memory_budget": "1B"}),
+        need(**{"train.memory_budget": "1B", "model.attention": "blockwise"}),
+    )
+    assert dense - blockwise > 0.5 * GiB, (dense / GiB, blockwise / GiB)
+    budget = {"train.memory_budget": f"{(dense + blockwise) // 2}B"}
+    with caplog.at_level(logging.INFO):
+        reward_model.train_reward_model(reward_config(tmp_path / "data", **overrides, **budget), tmp_path / "chosen")
+    warning = next(
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "fit check" in r.getMessage()
+    )
+    assert "running with --config.model.attention=blockwise instead" in warning
+    reward_model.train_reward_model(
+        reward_config(tmp_path / "data", **overrides, **{"train.memory_budget": "0"}), tmp_path / "dense"
+    )
     chosen = [m["train/loss"] for m in read_metrics(tmp_path / "chosen") if "train/loss" in m]
     reference = [m["train/loss"] for m in read_metrics(tmp_path / "dense") if "train/loss" in m]
     assert len(chosen) == 2

@@ -44,12 +44,12 @@ from rpo_jax.models import RewardModel
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import largest_batch, load_records, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import dataset_fingerprint
-from rpo_jax.train.build.fit import check_programs_fit, local_devices, log_fit
-from rpo_jax.train.build.model import build_reward_model
+from rpo_jax.train.build.fit import check_programs_fit, fitting_run, local_devices, log_fit
+from rpo_jax.train.build.model import build_reward_model, with_speed_settings
 from rpo_jax.train.build.programs import reward_steps
 from rpo_jax.train.build.state import RunSetup, build_setup, compute_dtype
 from rpo_jax.train.config.schema import RunConfig
-from rpo_jax.train.config.validation import validate
+from rpo_jax.train.config.validation import validate, with_settings
 from rpo_jax.train.config.values import REWARD_MODEL, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
@@ -183,19 +183,42 @@ def evaluate_pairs(run: RewardRun, params, eval_step) -> dict[str, float]:
     return {**{k: v / n for k, v in totals.items()}, "pairs": n}
 
 
+def fitting_reward_run(run: RewardRun, per_process: int) -> tuple[RewardRun, tuple]:
+    """`(run, (train step, eval step))` that pass the fit check (`rpo_jax.train.build.fit`): the train step
+    compiled for the largest pairs against `config.train.memory_budget` — the configured settings, else the first
+    rung of `lighter_settings` that fits (`fitting_run`, logged), else `DoesNotFit`."""
+    cfg = run.config
+    if memory_budget_bytes(cfg.train.memory_budget, 1) is None:
+        return run, reward_steps(cfg, run)
+    host = pair_batch(largest_batch(run.datasets["train"], per_process), cfg.reward_model.margin_scale)
+    largest = to_global(host, run.mesh)
+    log.info("fit check: compiling the train step for the largest batch (%s tokens)", largest["tokens"].shape)
+
+    def check(candidate):
+        programs = [("train step", candidate[1][0], (candidate[0].state, largest), 0)]
+        log_fit(log, *check_programs_fit(programs, candidate[0].config, local_devices(run.mesh)))
+
+    def lighten(settings):
+        model = {key.removeprefix("model."): value for key, value in settings.items() if key.startswith("model.")}
+        lighter = dataclasses.replace(
+            run,
+            config=with_settings(cfg, settings),
+            model_config=dataclasses.replace(run.model_config, **model),
+            graphdef=with_speed_settings(run.graphdef, run.state["params"], run.rest, **model),
+        )
+        return lighter, reward_steps(lighter.config, lighter)
+
+    shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    return fitting_run((run, reward_steps(cfg, run)), check, lighten, cfg, shards)
+
+
 def reward_model_task(run: RewardRun) -> Task:
     """The run skeleton's task: one unit is one optimizer step on the next batch of pairs."""
     cfg, rm = run.config, run.config.reward_model
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    train_step, eval_step = reward_steps(cfg, run)
-    if memory_budget_bytes(cfg.train.memory_budget, 1) is not None:  # the fit check (rpo_jax.train.build.fit)
-        largest = to_global(pair_batch(largest_batch(run.datasets["train"], per_process), rm.margin_scale), run.mesh)
-        log.info("fit check: compiling the train step for the largest batch (%s tokens)", largest["tokens"].shape)
-        log_fit(
-            log,
-            *check_programs_fit([("train step", train_step, (run.state, largest), 0)], cfg, local_devices(run.mesh)),
-        )
+    run, (train_step, eval_step) = fitting_reward_run(run, per_process)
+    cfg = run.config
 
     def advance(state, step: int) -> Unit:
         batch = pair_batch(next(iterator), rm.margin_scale)
