@@ -112,3 +112,19 @@ def test_heap_guard_policy():
     assert guard.trims == 2 == len(released) and guard.largest == 5 * gib
     off = HeapGuard(False, stats=lambda: HeapStats(10 * gib, 0, 0, 0), release=lambda: released.append(1) or True)
     assert not off.after_step() and not off.after_step() and len(released) == 2
+
+
+def test_heap_guard_releases_free_pages_before_a_new_shape():
+    """Before the first step of a batch shape not seen before (not the run's first shape) the free pages of a heap
+    holding more than `HEAP_GROWTH` free are released; a shape seen before, a heap with little free, or a disabled
+    guard: nothing."""
+    from rpo_jax.train.runtime.cpu_memory import HEAP_GROWTH, HeapGuard, HeapStats
+
+    free = iter([2 * HEAP_GROWTH, HEAP_GROWTH // 2, 3 * HEAP_GROWTH])
+    released = []
+    guard = HeapGuard(True, stats=lambda: HeapStats(0, 0, next(free), 0), release=lambda: released.append(1) or True)
+    shapes = [(8, 512), (8, 512), (6, 640), (6, 640), (8, 512), (4, 1024), (2, 2048)]
+    assert [guard.before_step(s) for s in shapes] == [False, False, True, False, False, False, True]
+    assert len(released) == 2 == guard.trims
+    off = HeapGuard(False, stats=lambda: HeapStats(0, 0, 10 * HEAP_GROWTH, 0), release=lambda: released.append(1))
+    assert not off.before_step((1,)) and not off.before_step((2,)) and len(released) == 2

@@ -27,7 +27,11 @@ two steps splits it, and the next step's buffer goes on top: the heap grows by a
 resident unused. Seen on SmolLM2-135M (30 layers, padded and packed steps alternating, remat="full", a loaded
 machine): 5.97 → 6.79 → 8.77 GiB over steps 2–4, where the same run on a quiet machine stayed at 6.0 GiB.
 `HeapGuard` returns the free pages of a heap that grew during a step (other than the run's first) to the kernel
-(`malloc_trim`): the next step faults its buffer in once more, and stranded buffers never pile up.
+(`malloc_trim`): the next step faults its buffer in once more, and stranded buffers never pile up. And before the
+first step of a batch shape not seen before (another program, another buffer size) it returns the heap's free
+pages too, so that the new buffer, if no freed one can take it, is not added on top of resident free ones: the
+peak is the largest step's buffer, not the sum of two (one extra page-faulting step per new shape, a bounded
+ladder of them).
 """
 
 from __future__ import annotations
@@ -160,6 +164,25 @@ class HeapGuard:
         self.stats, self.release = stats, release
         self.largest: int | None = None  # the heap's largest size after a step so far
         self.trims = 0
+        self.shapes: set = set()  # the batch shapes stepped so far (`before_step`)
+
+    def before_step(self, shape) -> bool:
+        """Before a step on a batch of `shape` (any hashable key of its program): when that shape is new (not the
+        run's first) and the heap holds more than `HEAP_GROWTH` free, release its free pages; True when it did."""
+        new = shape not in self.shapes
+        self.shapes.add(shape)
+        if not self.enabled or not new or len(self.shapes) == 1 or (now := self.stats()) is None:
+            return False
+        trimmed = now.free > HEAP_GROWTH and self.release()
+        if trimmed:
+            self.trims += 1
+            log.info(
+                "CPU step memory: a batch of a new shape %s; returned the heap's %.2f GiB of free pages to the "
+                "kernel first, so that its buffer is not added on top of them",
+                shape,
+                now.free / 2**30,
+            )
+        return trimmed
 
     def after_step(self) -> bool:
         """Check the heap after a step; True when it was trimmed."""
