@@ -82,7 +82,7 @@ class Packing:
         costs T·(1 + c·T) when the row length is chosen (dense attention over the row; 0: slots only). The
         trainer sets it from the model's FLOPs (`rpo_jax.train.runtime.performance.attention_key_cost`).
       max_slots: the most slots (R·T) of one micro-batch's rows when the row length is chosen (module docstring,
-        "Row shape"): a memory limit, e.g. from `rpo_jax.train.runtime.memory.SlotMemory.max_slots`; 0: none.
+        "Row shape"): a memory limit; 0: none. (The trainer does not set it yet: its fit check bounds memory.)
     """
 
     row_length: int
