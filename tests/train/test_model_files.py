@@ -299,18 +299,21 @@ def test_two_processes_read_their_slices_from_a_bucket_and_export_shards(tmp_pat
     an index) in the bucket: each process's load equals the local load bit for bit, and the object bytes the
     emulator served each process are exactly its distinct local shards (file dtype) + the safetensors headers +
     config.json and the index — about half the checkpoint each. Then both export it (streamed, process 0 writing)
-    into 40 KB shards: byte for byte the single-process export, and transformers loads it equal to the original."""
+    to the bucket in 40 KB shards: byte for byte the single-process export (no INCOMPLETE marker left), and
+    transformers loads it equal to the original."""
     local = make_tiny_llama(tmp_path / "ckpt", max_shard_size="40KB")
     files = sorted(local.glob("*.safetensors"))
     assert len(files) > 4
     with counting_emulator(tmp_path, processes=3) as (envs, counts):
         url = upload(local, envs[0])
-        procs = _start_workers(
-            envs[1:], lambda i: [url, str(local), str(tmp_path / "export"), str(tmp_path / f"result{i}.json"), "40KB"]
-        )
+        target = url.rsplit("/", 1)[0] + "/export"
+        procs = _start_workers(envs[1:], lambda i: [url, str(local), target, str(tmp_path / f"result{i}.json"), "40KB"])
         outs = finish(procs)
         assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
         served = [served_bytes(counts, env)["bytes"] for env in envs[1:]]
+        from rpo_jax.data import storage
+
+        storage.copy_tree(target, tmp_path / "export")  # what the two processes exported to the bucket
     headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)
     small = (local / "config.json").stat().st_size + (local / "model.safetensors.index.json").stat().st_size
     total = sum(f.stat().st_size for f in files)
