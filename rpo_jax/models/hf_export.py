@@ -241,6 +241,7 @@ def host_pieces(tensor: ExportTensor, *, fetch: bool, piece_bytes: int = GATHER_
             values = np.asarray(piece)[position - start :]
             del piece
             yield values
+            del values  # before the next piece is gathered: one piece on the host at a time
         else:
             piece.block_until_ready()
             del piece

@@ -163,6 +163,80 @@ def test_the_export_layout_is_save_pretrained_s(tmp_path):
     assert sorted(p.name for p in single.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_a_reward_model_s_sharded_export_is_save_pretrained_s(tmp_path):
+    """A LlamaForSequenceClassification saved by transformers with max_shard_size="10KB", loaded as a reward model
+    and exported with the same size: the same index (weight_map with score.weight, metadata) and every tensor bit
+    for bit."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    from rpo_jax.models import load_reward_model, save_reward_model
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForSequenceClassification(
+        transformers.LlamaConfig(
+            vocab_size=52,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=0,
+            num_labels=1,
+            tie_word_embeddings=False,
+        )
+    ).to(torch.float32)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="10KB")
+    model, config = load_reward_model(tmp_path / "hf")
+    out = save_reward_model(model, config, tmp_path / "ours", max_shard_size="10KB")
+    theirs = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert json.loads((out / "model.safetensors.index.json").read_text()) == theirs
+    assert "score.weight" in theirs["weight_map"] and len(set(theirs["weight_map"].values())) > 4
+    for shard in sorted(set(theirs["weight_map"].values())):
+        a, b = load_file(str(tmp_path / "hf" / shard)), load_file(str(out / shard))
+        assert sorted(a) == sorted(b)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_a_merged_lora_export_is_sharded_with_peft_s_merged_weights(tmp_path):
+    """A PEFT LoRA adapter (peft, real) on a transformers checkpoint, merged by peft (merge_and_unload) and by our
+    export (`save_policy`: load_hf + load_peft_adapter, streamed with max_shard_size="40KB"): our shards and index
+    hold every tensor of peft's merged model (the merge's float32 arithmetic within 1e-6), the index's total_size
+    their bytes, and transformers loads our shards to the same weights."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from safetensors.numpy import load_file
+
+    from rpo_jax.models.lora import load_peft_adapter
+    from rpo_jax.train.core.export import save_policy
+
+    base = make_tiny_llama(tmp_path / "base")
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], init_lora_weights=False)
+    peft.get_peft_model(load_torch_model(base), lora).save_pretrained(str(tmp_path / "adapter"))
+    merged = peft.PeftModel.from_pretrained(load_torch_model(base), str(tmp_path / "adapter")).merge_and_unload()
+    theirs = {k: v.detach().numpy() for k, v in merged.state_dict().items()}
+    model, config = load_hf(base)
+    load_peft_adapter(model, tmp_path / "adapter")
+    out = save_policy(model, config, tmp_path / "ours", max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(theirs) and len(set(index["weight_map"].values())) > 4
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in theirs.values())
+    ours = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        ours |= load_file(str(out / shard))
+    loaded = load_torch_model(out).state_dict()
+    for name, value in theirs.items():
+        np.testing.assert_allclose(ours[name], value, atol=1e-6, rtol=0, err_msg=name)
+        np.testing.assert_array_equal(loaded[name].numpy(), ours[name])
+    assert not np.array_equal(
+        ours["model.layers.0.self_attn.q_proj.weight"],
+        load_file(str(base / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"],
+    )
+
+
 def test_max_shard_size_default_and_units_are_transformers():
     import inspect
 
@@ -225,18 +299,21 @@ def test_two_processes_read_their_slices_from_a_bucket_and_export_shards(tmp_pat
     an index) in the bucket: each process's load equals the local load bit for bit, and the object bytes the
     emulator served each process are exactly its distinct local shards (file dtype) + the safetensors headers +
     config.json and the index — about half the checkpoint each. Then both export it (streamed, process 0 writing)
-    into 40 KB shards: byte for byte the single-process export, and transformers loads it equal to the original."""
+    to the bucket in 40 KB shards: byte for byte the single-process export (no INCOMPLETE marker left), and
+    transformers loads it equal to the original."""
     local = make_tiny_llama(tmp_path / "ckpt", max_shard_size="40KB")
     files = sorted(local.glob("*.safetensors"))
     assert len(files) > 4
     with counting_emulator(tmp_path, processes=3) as (envs, counts):
         url = upload(local, envs[0])
-        procs = _start_workers(
-            envs[1:], lambda i: [url, str(local), str(tmp_path / "export"), str(tmp_path / f"result{i}.json"), "40KB"]
-        )
+        target = url.rsplit("/", 1)[0] + "/export"
+        procs = _start_workers(envs[1:], lambda i: [url, str(local), target, str(tmp_path / f"result{i}.json"), "40KB"])
         outs = finish(procs)
         assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
         served = [served_bytes(counts, env)["bytes"] for env in envs[1:]]
+        from rpo_jax.data import storage
+
+        storage.copy_tree(target, tmp_path / "export")  # what the two processes exported to the bucket
     headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)
     small = (local / "config.json").stat().st_size + (local / "model.safetensors.index.json").stat().st_size
     total = sum(f.stat().st_size for f in files)
@@ -271,6 +348,7 @@ from rpo_jax.models import ModelConfig, create_model
 from rpo_jax.models.hf_export import abstract_tensors
 from rpo_jax.train.build.model import split_trainable
 from rpo_jax.train.core.export import save_model
+from rpo_jax.train.runtime.cpu_memory import release_free_memory
 
 fields = dict(model_type="llama", vocab_size=32768, hidden_size=512, intermediate_size=4096, num_hidden_layers=6,
               num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
@@ -289,6 +367,7 @@ def status(key):
 out, mode = sys.argv[1], sys.argv[2]
 if mode == "measure":
     save_model("preference", graphdef, params, rest, config, out + "-warm", None, mesh, max_shard_size="20MB")
+    release_free_memory()  # what the allocator kept of the first export's pieces goes back: not in the baseline
     rss = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak RSS (VmHWM) := current RSS

@@ -194,6 +194,52 @@ def test_small_llama_plan_compiles_and_fits(tmp_path, capsys, topology, mesh):
     assert "fits: needs " in out and f"per chip on {topology}" in out
     assert "train step: total" in out and "all-gather" in out and "ESTIMATE" in out
     assert "references: 1 scored in the step" in out
+    assert "\nexport: " in out and "the writing process (process 0) needs " in out
+
+
+def test_the_export_s_files_and_host_memory_are_save_pretrained_s_and_the_largest_piece(tmp_path):
+    """What rpo-plan says an export writes: the files transformers' save_pretrained writes for the same model and
+    max_shard_size (a real LlamaForCausalLM saved), its index's total_size; the writing process's extra host memory
+    is the largest tensor when it is under 16 MiB (TINY's embedding, 512 × 64 float32), else a 16 MiB piece
+    (a 1 GiB MLP matrix: 512 rows of 32 KiB), once more per local CPU device; a reward model adds its score head."""
+    import types
+
+    import torch
+    import transformers
+
+    from rpo_jax.train.config.defaults import base_config
+    from rpo_jax.train.plan.report import export_line, export_needs
+
+    def config(size):
+        c = base_config()
+        c.model.param_dtype, c.export.max_shard_size = "float32", size
+        return c
+
+    tiny = ModelConfig.from_hf_dict(TINY)
+    for size in ("100KB", "300KB", "50GB"):
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=False))
+        hf.to(torch.float32).save_pretrained(tmp_path / size, max_shard_size=size)
+        files = sorted(p.name for p in (tmp_path / size).glob("*.safetensors"))
+        cfg = config(size)
+        needs = export_needs(types.SimpleNamespace(model_config=tiny, mode="preference"), cfg)
+        assert needs["files"] == len(files), (size, files)
+        if len(files) > 1:
+            index = json.loads((tmp_path / size / "model.safetensors.index.json").read_text())
+            assert needs["bytes"] == index["metadata"]["total_size"]
+    assert needs["bytes"] == 4 * tiny.num_params()
+    assert needs["largest"] == needs["piece"] == needs["host"] == 512 * 64 * 4
+    cpu = export_needs(types.SimpleNamespace(model_config=tiny, mode="preference"), cfg, local_cpu_devices=4)
+    assert cpu["host"] == 5 * 512 * 64 * 4
+    big = ModelConfig.from_hf_dict(
+        dict(TINY, hidden_size=8192, intermediate_size=32768, num_attention_heads=64, num_key_value_heads=8)
+    )
+    cfg = config("50GB")
+    needs = export_needs(types.SimpleNamespace(model_config=big, mode="preference"), cfg)
+    assert needs["largest"] == 32768 * 8192 * 4 and needs["piece"] == needs["host"] == 16 * 2**20
+    line = export_line(types.SimpleNamespace(model_config=big, mode="preference"), cfg, local_cpu_devices=2)
+    assert "needs 48.0 MiB beyond what it holds (the largest piece gathered, 16.0 MiB" in line
+    rm = export_needs(types.SimpleNamespace(model_config=tiny, mode="reward_model"), cfg)  # a fresh 1-label head
+    assert rm["bytes"] == 4 * (tiny.num_params() + tiny.hidden_size)
 
 
 @pytest.mark.parametrize(
@@ -244,6 +290,8 @@ def test_this_machine_is_a_target(tmp_path, capsys):
     assert run(["rpo-plan", "--config", recipe, "--topology", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "rpo-plan: this machine's CPU" in out and "GiB of host memory" in out and "  train step: total " in out
+    devices = len(jax.devices("cpu"))
+    assert f"once in host memory + once per local CPU device ({devices})" in out
     need = out.split("fits: needs ")[1].split(" for the process")[0]
     assert need.endswith("GiB") and float(need.split()[0]) > 0.1  # the process itself: Python, jax, XLA
     assert run(["rpo-plan", "--config", recipe, "--topology", "cpu", "--config.train.memory_budget=1MB"]) == 1

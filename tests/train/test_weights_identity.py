@@ -1,11 +1,10 @@
 """The run identity's name for a checkpoint's weights (`rpo_jax.train.build.checkpoint_digest`,
-`config.train.verify_weights`): cheap by default on a 2 GB checkpoint, a tensor rewritten in place detected, and
+`config.train.verify_weights`): on a 2 GB checkpoint a tensor rewritten in place detected by the default, and
 exactly the blind spot the docs name (an element edited in the middle of a tensor) caught only by "full"."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import ml_collections
 import numpy as np
@@ -37,20 +36,15 @@ def test_sample_ranges_closed_form():
     assert sample_ranges(5, 5) == []
 
 
-def test_the_default_fingerprint_is_fast_sees_a_tensor_rewritten_and_misses_one_element(tmp_path):
-    """2 GiB checkpoint: the default fingerprint takes < 1 s (the full hash's time printed beside it); one tensor
-    rewritten in place changes it; one float edited in the middle of a tensor, away from the sampled bytes, leaves
-    it as it was — the documented blind spot — and changes the full hash."""
+def test_the_default_fingerprint_sees_a_tensor_rewritten_and_misses_one_element(tmp_path):
+    """2 GiB checkpoint: one tensor rewritten in place changes the default fingerprint; one float edited in the
+    middle of a tensor, away from the sampled bytes, leaves it as it was — the documented blind spot — and changes
+    the full hash. (Its time beside the full hash's: `python benchmarks/model_files.py identity`.)"""
     root = tmp_path / "ckpt"
     data_start, per_tensor = make_sparse_checkpoint(root)
-    start = time.perf_counter()
     before = digest(root)
-    fingerprint_s = time.perf_counter() - start
-    start = time.perf_counter()
     full_before = digest(root, "full")
-    full_s = time.perf_counter() - start
-    print(f"identity of a 2 GiB checkpoint: fingerprint {fingerprint_s:.3f} s, full sha256 {full_s:.2f} s")
-    assert fingerprint_s < 1.0 and before.startswith("fingerprint:")
+    assert before.startswith("fingerprint:") and not full_before.startswith("fingerprint:")
 
     tensor = 100
     offset = data_start + tensor * per_tensor

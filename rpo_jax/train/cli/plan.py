@@ -143,7 +143,7 @@ def run_local(values: flags.FlagValues) -> int:
     compiled = [compile_program(program, len(devices), values.dump_hlo) for program in plan.programs]
     need = run_need(compiled, capacity, allocated=False)
     budget = memory_budget_bytes(validate(cfg).train.memory_budget, capacity.bytes)
-    print(report_local(plan, compiled, capacity, need, budget, values.topology))
+    print(report_local(plan, compiled, capacity, need, budget, values.topology, cfg))
     return 1 if budget is not None and need > budget else 0
 
 

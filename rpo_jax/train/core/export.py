@@ -22,10 +22,11 @@ existing target is replaced only when it is an earlier export (config.json and *
 run); its files get the process's normal permissions.
 
 The target may be a URL (`gs://bucket/exports/m`, through `rpo_jax.data.storage`). An object store has no
-rename, so there the earlier export's objects are deleted and the new files are streamed to the bucket with
-config.json last, the completion marker: an interrupted export leaves a directory without config.json, which
-loaders reject (and which a later export refuses to replace until it is deleted). A PEFT adapter (small) is
-written locally and uploaded, adapter_config.json last.
+rename, so there the earlier export's objects are deleted, an `INCOMPLETE` object is written first, the new files
+are streamed to the bucket with config.json last — the completion marker — and `INCOMPLETE` is deleted at the
+end: an interrupted export leaves a directory without config.json, which loaders reject, holding `INCOMPLETE`,
+by which a later export recognises it as its own remains and replaces it. A PEFT adapter (small) is written
+locally and uploaded the same way, adapter_config.json last.
 
 Every export is logged (main process): what it writes and where when it starts, and the time it took at the end.
 """
@@ -62,6 +63,10 @@ from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, EXPORT_ADAPTER, is_r
 from rpo_jax.train.runtime.global_batches import replicate
 
 log = logging.getLogger(__name__)
+
+#: the object an export to a URL writes first and deletes last (module docstring): its directory is an export
+#: that was interrupted (no config.json), which a later export may replace.
+INCOMPLETE = ".rpo_jax-export-incomplete"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +146,8 @@ def check_export_target(out_dir: storage.PathLike, *, adapter: bool = False):
     """The resolved `out_dir` (a `pathlib.Path`, or an `epath.Path` for a URL), or a ValueError when writing an
     export there would touch a run or other files: `out_dir` is, or is inside, a run's work directory (other than
     that run's WORKDIR/export or WORKDIR/export_adapter), or it is an existing directory that holds something
-    other than an earlier export (of a PEFT adapter with `adapter`)."""
+    other than an earlier export (of a PEFT adapter with `adapter`) or an interrupted export to a URL
+    (`INCOMPLETE`)."""
     out = storage.as_path(out_dir) if storage.is_url(out_dir) else pathlib.Path(out_dir).resolve()
     parents = [p for p in out.parents if not storage.is_url(out) or "/" in os.fspath(p).split("://", 1)[-1]]
     for parent in (out, *parents):
@@ -153,7 +159,8 @@ def check_export_target(out_dir: storage.PathLike, *, adapter: bool = False):
     marker, weights = (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if adapter else ("config.json", "*.safetensors")
     if out.exists() and any(out.iterdir()):
         names = {p.name for p in out.iterdir()}
-        if not out.is_dir() or marker not in names or not any(n.endswith(".safetensors") for n in names):
+        earlier = marker in names and any(n.endswith(".safetensors") for n in names)
+        if not out.is_dir() or not (earlier or storage.is_url(out) and INCOMPLETE in names):
             raise ValueError(
                 f"{out_dir}: exists and is not an earlier export (no {marker} and {weights}); "
                 "nothing was written: choose a new or empty directory"
@@ -173,11 +180,23 @@ def upload_export(
     save: Callable[..., pathlib.Path], model, model_config: ModelConfig, out, tokenizer, last: str = "config.json"
 ) -> None:
     """Write the export to a local temporary directory, delete the earlier export at the URL `out` and upload
-    the files, `last` (config.json) last (see the module docstring)."""
+    the files, `last` (config.json) last, between `begin_upload` and `end_upload` (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="rpo_jax-export-") as local:
         save(model, model_config, pathlib.Path(local), tokenizer=tokenizer)
-        storage.remove_tree(out)
+        begin_upload(out)
         storage.copy_tree(local, out, last=last)
+        end_upload(out)
+
+
+def begin_upload(out) -> None:
+    """Before an export's files go to the URL `out`: the earlier export deleted, `INCOMPLETE` written."""
+    storage.remove_tree(out)
+    storage.write_atomically(storage.as_path(out) / INCOMPLETE, "an export to this directory has not finished\n")
+
+
+def end_upload(out) -> None:
+    """After the last file (the completion marker) of an export to the URL `out`: `INCOMPLETE` deleted."""
+    (storage.as_path(out) / INCOMPLETE).unlink()
 
 
 def save_model(
@@ -214,9 +233,11 @@ def save_model(
             upload_export(save, model, model_config, out, tokenizer, last=ADAPTER_CONFIG)
         elif not adapter:
             if writer:
-                storage.remove_tree(out)
+                begin_upload(out)
             multihost_utils.sync_global_devices("rpo_jax_export_target")
             save(model, model_config, os.fspath(out), tokenizer=tokenizer)  # config.json last: the marker
+            if writer:
+                end_upload(out)
     elif adapter and not writer:
         pass
     else:

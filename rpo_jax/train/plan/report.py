@@ -4,7 +4,12 @@ time and MFU, and the verdict (fits / does not fit).
 
 from __future__ import annotations
 
+import numpy as np
+
+from rpo_jax.models.hf_export import abstract_tensors, export_memory, parse_size, piece_size, shard_plan
+from rpo_jax.models.reward import SCORE_TENSOR
 from rpo_jax.train.build.fit import Capacity
+from rpo_jax.train.build.model import reward_labels_of
 from rpo_jax.train.build.plans import Plan
 from rpo_jax.train.build.programs import Weights
 from rpo_jax.train.config.values import ONLINE, REWARD_MODEL
@@ -81,6 +86,39 @@ def gib(x: float) -> str:
     return f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 2**20:.1f} MiB"
 
 
+def export_needs(plan: Plan, cfg, local_cpu_devices: int = 0) -> dict[str, int]:
+    """What the run's export writes and needs (`rpo_jax.models.hf_export`, streamed): {"files" (safetensors files
+    at `config.export.max_shard_size`), "bytes" (weights, in `config.model.param_dtype`), "largest" (the largest
+    tensor), "piece" (the largest piece gathered at once), "host" (extra host memory of the writing process:
+    `export_memory`, the piece once on the host and once per local CPU device)}. A reward model's export has its
+    score head [labels, hidden] after the decoder; a LoRA run's is merged, of the base's shapes."""
+    dtype = np.dtype(cfg.model.param_dtype)
+    mc = plan.model_config
+    extra = {SCORE_TENSOR: (reward_labels_of(cfg), mc.hidden_size)} if plan.mode == REWARD_MODEL else None
+    tensors = abstract_tensors(mc, dtype, extra)
+    return {
+        "files": len(shard_plan(tensors, cfg.export.max_shard_size)),
+        "bytes": sum(t.nbytes for t in tensors),
+        "largest": max(t.nbytes for t in tensors),
+        "piece": max(piece_size(t) for t in tensors),
+        "host": export_memory(tensors, local_cpu_devices),
+    }
+
+
+def export_line(plan: Plan, cfg, local_cpu_devices: int = 0) -> str:
+    """The export in one line (`export_needs`)."""
+    e = export_needs(plan, cfg, local_cpu_devices)
+    files = "1 model.safetensors" if e["files"] == 1 else f"{e['files']} shards + index"
+    per_device = f" + once per local CPU device ({local_cpu_devices})" if local_cpu_devices else ""
+    return (
+        f"export: {gib(e['bytes'])} of weights ({cfg.model.param_dtype}) in {files} "
+        f"(export.max_shard_size={cfg.export.max_shard_size}, {parse_size(cfg.export.max_shard_size)} bytes); "
+        f"host memory: the writing process (process 0) needs {gib(e['host'])} beyond what it holds (the largest "
+        f"piece gathered, {gib(e['piece'])}, once in host memory{per_device}; largest tensor {gib(e['largest'])}), "
+        "the other processes none"
+    )
+
+
 def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
     """The plan printed per chip."""
     chip, train = slc.chip, compiled[0]  # the train step when it compiled, else the first program that did
@@ -129,14 +167,15 @@ def report(plan: Plan, compiled: list[CompiledProgram], slc: Slice, cfg) -> str:
         f"{verdict}: needs {gib(worst.total)} of {gib(chip.hbm_bytes)} per chip on {slc.accelerator} "
         f"({worst.name} of the programs compiled)"
     )
+    lines.append(export_line(plan, cfg))
     return "\n".join(lines)
 
 
 def report_local(
-    plan: Plan, compiled: list[CompiledProgram], capacity: Capacity, need: int, budget, target: str
+    plan: Plan, compiled: list[CompiledProgram], capacity: Capacity, need: int, budget, target: str, cfg
 ) -> str:
     """The plan for this machine's devices (`rpo-plan --topology cpu|gpu`): each program's memory, the run's need
-    against the budget of `config.train.memory_budget`, the verdict."""
+    against the budget of `config.train.memory_budget`, the verdict, the export's host memory."""
     mc = plan.model_config
     lines = [
         f"rpo-plan: this machine's {target.upper()} ({plan.num_devices} device(s)), mesh {plan.mesh_shape}; "
@@ -155,4 +194,5 @@ def report_local(
     else:
         verdict = "fits" if need <= budget else "does not fit"
         lines.append(f"{verdict}: needs {gib(need)} {per} of a budget of {gib(budget)}")
+    lines.append(export_line(plan, cfg, plan.num_devices if capacity.host else 0))
     return "\n".join(lines)
