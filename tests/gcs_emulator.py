@@ -100,7 +100,12 @@ if COUNTS or FAIL_EVERY or EXTRA_PORTS:
     objects.download = download_counted
     from gcp_storage_emulator import server as emulator_server  # after: its routes read objects.download
 
-    emulator_server.server.HTTPServer = emulator_server.server.ThreadingHTTPServer  # concurrent range reads
+    class Server(emulator_server.server.ThreadingHTTPServer):  # concurrent range reads
+        # socketserver's listen backlog of 5 overflows under two processes' concurrent range reads: the kernel
+        # then drops handshakes ("SYN flooding" in dmesg) and clients wait out TCP's retransmission back-off
+        request_queue_size = 256
+
+    emulator_server.server.HTTPServer = Server
 
     start = emulator_server.Server.start
 
