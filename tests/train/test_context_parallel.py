@@ -90,7 +90,8 @@ def _check(context, data, layouts=("padded", "packed", "shared")):
 @pytest.mark.slow
 def test_context_4_equals_one_device_on_lists():
     """K ≤ 4 lists (listwise RPO, MRPO with two references) at context = 4 × data = 2, padded and shared-prompt
-    batches (every layout and context size: the next test; the model alone: tests/models/test_models_ring_attention.py)."""
+    batches (every layout and context size: the next test; the model alone:
+    tests/models/test_models_ring_attention.py)."""
     _check(4, "list", layouts=("padded", "shared"))
 
 
