@@ -376,9 +376,10 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = layers.default_positions(attention_mask, segment_ids, (n, t))
         spec = attention.MaskSpec(positions, attention_mask, segment_ids, parent_ids)
-        mesh = context_mesh(tokens)
+        mesh = ring_attention.context_mesh(tokens)
         if mesh is not None:
-            return self._context_hidden_states(tokens, spec, mesh)
+            x, slots = self._context_hidden_states(tokens, spec, mesh)
+            return x[:, np.argsort(slots)]
         interpret = attention.interpret_mode()
         implementation = attention.resolve(
             c.attention,
@@ -400,10 +401,10 @@ class Decoder(nnx.Module):
         x, _ = self.run_layers(x, positions, mask, window_mask)
         return x
 
-    def _context_hidden_states(self, tokens: jax.Array, spec: attention.MaskSpec, mesh) -> jax.Array:
-        """`hidden_states` with the row split over the mesh's context axis (C devices): the row is put in the
-        zig-zag layout (`ring_attention.zigzag_slots`: T a multiple of 2C), every layer runs on T/C tokens per
-        device with ring attention, and the final hidden states come back in the row's own order."""
+    def _context_hidden_states(self, tokens: jax.Array, spec: attention.MaskSpec, mesh):
+        """(hidden [N,T,D] in the zig-zag layout, slots [T] numpy int32) with the row split over the mesh's
+        context axis (C devices): the row is put in the zig-zag layout (`ring_attention.zigzag_slots`: T a
+        multiple of 2C) and every layer runs on T/C tokens per device with ring attention."""
         c = self.config
         if c.attention not in ("auto", "xla", "blockwise"):
             raise ValueError(
@@ -414,7 +415,30 @@ class Decoder(nnx.Module):
         laid = attention.MaskSpec(*(None if x is None else x[:, slots] for x in spec))
         x = self.embed_tokens(tokens[:, slots])
         x, _ = self.run_layers(x, laid.positions, None, None, kernel=("ring", laid, False, (mesh, jnp.asarray(slots))))
-        return x[:, np.argsort(slots)]
+        return x, slots
+
+    def context_hidden_states(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        parent_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, np.ndarray]:
+        """On a mesh with a context axis: (final-normed hidden states [N,T,D] in the zig-zag layout, still split
+        over the context devices, and slots [T]: the row slot of each laid-out position). `hidden_states` is
+        hidden[:, argsort(slots)]; per-token work (the output head) can run in the layout, one shard per device.
+        Arguments as in `hidden_states`."""
+        n, t = tokens.shape
+        mesh = ring_attention.context_mesh(tokens)
+        if mesh is None:
+            raise ValueError("context_hidden_states needs tokens on a mesh with a context axis of more than 1")
+        if positions is None:
+            positions = layers.default_positions(attention_mask, segment_ids, (n, t))
+        if parent_ids is not None and segment_ids is None:
+            raise ValueError("parent_ids needs segment_ids (a parent is a segment id)")
+        spec = attention.MaskSpec(positions, attention_mask, segment_ids, parent_ids)
+        return self._context_hidden_states(tokens, spec, mesh)
 
     def __call__(
         self,
@@ -426,14 +450,6 @@ class Decoder(nnx.Module):
     ) -> jax.Array:
         """tokens [N,T] int32 → logits [N,T,V] float32 (arguments as in `hidden_states`)."""
         return self.unembed(self.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids))
-
-
-def context_mesh(x: jax.Array):
-    """The mesh `x` is computed on when it has a context axis of more than one device (ring attention), else
-    None (no mesh, one device, or no sequence split)."""
-    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    shape = getattr(mesh, "shape", None) or {}
-    return mesh if shape.get(ring_attention.CONTEXT_AXIS, 1) > 1 else None
 
 
 def create_model(

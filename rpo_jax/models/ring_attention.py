@@ -40,6 +40,14 @@ CONTEXT_AXIS = "context"
 
 
 # ----------------------------------------------------------------------------------------------- layout
+def context_mesh(x: jax.Array):
+    """The mesh `x` is computed on when it has a context axis of more than one device (ring attention), else
+    None (no mesh, one device, or no sequence split). Read from `jax.typeof(x)` inside a jitted function."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    shape = getattr(mesh, "shape", None) or {}
+    return mesh if shape.get(CONTEXT_AXIS, 1) > 1 else None
+
+
 def zigzag_slots(length: int, shards: int) -> np.ndarray:
     """[length] int32: the slot (index in the row) of each token in the zig-zag layout, device-major.
 
