@@ -184,6 +184,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules | N
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def sequence_is_split(x: jax.Array) -> bool:
+    """Whether `x` is computed on a mesh with a context axis of more than one device (the sequence dimension of
+    activations split over it: ring attention). Then [N,T] must not be merged into one row dimension (its
+    sharding would be lost: XLA would gather the whole sequence on every device)."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    shape = getattr(mesh, "shape", None) or {}
+    return shape.get("context", 1) > 1
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules | None = None) -> NamedSharding:
     """Sharding of a [N, ...] batch array: the leading axis over the mesh axes of the `batch` rule."""
     target = dict(DEFAULT_RULES if rules is None else rules).get("batch")
