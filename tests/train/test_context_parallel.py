@@ -17,7 +17,7 @@ from rpo_jax.data.packing import Packing, pack_batch
 from rpo_jax.losses import make_loss
 from rpo_jax.models import make_mesh
 from rpo_jax.train.step.logprobs import preference_inputs, response_logps
-from tests.train.test_packed_training import GEMMA2, list_batch, pair_batch, split
+from tests.train.test_packed_training import GEMMA2, list_batch, pair_batch, split, train_losses
 
 ROW = 32  # packed rows: a multiple of 2 × context for context ≤ 8 (the zig-zag layout's chunks)
 LAYOUTS = {"packed": Packing(ROW), "shared": Packing(ROW, share_prompt=True)}
@@ -99,3 +99,16 @@ def test_context_4_equals_one_device_on_lists():
 @pytest.mark.parametrize("context,data", [(c, d) for c in (2, 4, 8) for d in ("list", "pair")])
 def test_context_equals_one_device(context, data):
     _check(context, data)
+
+
+@pytest.mark.slow
+def test_trainer_with_a_context_axis_takes_the_one_device_steps(tmp_path):
+    """`rpo-train` (the demo slice, cached references, evaluation) with mesh {data: 4, context: 2}: the losses and
+    the eval loss of mesh {data: 8}."""
+    base, base_eval = train_losses(tmp_path, "data", **{"data.packing": False})
+    ctx, ctx_eval = train_losses(
+        tmp_path, "context", **{"data.packing": False, "mesh": {"data": 4, "fsdp": 1, "tensor": 1, "context": 2}}
+    )
+    assert len(base) == 3 and len(base_eval) == 1
+    np.testing.assert_allclose(ctx, base, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ctx_eval, base_eval, atol=1e-5, rtol=0)
