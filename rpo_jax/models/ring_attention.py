@@ -219,8 +219,8 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_block_size(local_length: int, block_size: int | None = None) -> int:
-    """The block of the ring's inner loops: the largest divisor of `local_length` (T/C) not above `block_size`
-    (None: `attention.blockwise_block_size()`), so that blocks never need padding."""
+    """The block of the ring's inner loops: the largest divisor of `local_length` (T/C) not above `block_size`,
+    so that blocks never need padding (`block_size` None: the blockwise default, `attention.blockwise_block_size`)."""
     limit = min(block_size or attention.blockwise_block_size(), local_length)
     return max(d for d in range(1, limit + 1) if local_length % d == 0)
 
@@ -372,9 +372,9 @@ def context_attention(
     block_size: int | None = None,
     axis_name: str = CONTEXT_AXIS,
 ) -> jax.Array:
-    """Ring attention on global arrays: the row dimension split over `axis_name` of `mesh` (`jax.shard_map`s of
-    the forward and backward rings under one custom VJP), rows over the mesh's data / fsdp axes and heads over
-    tensor where they divide. Same results as `ring_attention` inside a shard_map.
+    """Ring attention on global arrays: the row dimension split over `axis_name` of `mesh` (one `jax.shard_map`
+    for the forward ring and one for the backward ring, under one custom VJP), rows over the mesh's data / fsdp
+    axes and heads over tensor where they divide. Same results as `ring_attention` inside a shard_map.
 
     q [N,T,H,hd], k/v [N,T,K,hd], spec fields [N,T], slots [T] (the row in its layout: `zigzag_slots` for causal
     load balance, or any order) → [N,T,H,hd] in the same layout. T must be a multiple of the context size.
