@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rpo_jax.models.config import RopeSpec
-from rpo_jax.models.sharding import constrain
+from rpo_jax.models.sharding import constrain, sequence_is_split
 
 # Large finite negative used for masked attention logits (finite so fully masked rows give no NaN).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -193,21 +193,23 @@ def gated_mlp(
     factors (A, B) by projection name ("gate_proj", "up_proj", "down_proj"); each adds `lora_delta` to its product.
     """
     lead, d = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d)
+    split = sequence_is_split(x)  # a context mesh: keep [N,T] (merged rows would lose the sequence's sharding)
+    x2 = x if split else x.reshape(-1, d)
+    rows = ("batch", "sequence") if split else ("batch",)
     adapters = adapters or {}
 
     def matmul(y, w, name):
         return y @ w if name not in adapters else y @ w + lora_delta(y, *adapters[name])
 
-    g = constrain(matmul(x2, gate, "gate_proj"), ("batch", "mlp"))  # activation shardings: no-ops without a mesh
-    u = constrain(matmul(x2, up, "up_proj"), ("batch", "mlp"))
+    g = constrain(matmul(x2, gate, "gate_proj"), (*rows, "mlp"))  # activation shardings: no-ops without a mesh
+    u = constrain(matmul(x2, up, "up_proj"), (*rows, "mlp"))
     if activation == "silu":
         h = swiglu(g, u)  # fewer saved activations for the backward pass (see `swiglu`)
     elif activation == "gelu_tanh":
         h = jax.nn.gelu(g, approximate=True) * u
     else:
         raise ValueError(f"unknown activation {activation!r}")
-    return constrain(matmul(h, down, "down_proj"), ("batch", None)).reshape(*lead, down.shape[-1])
+    return constrain(matmul(h, down, "down_proj"), (*rows, None)).reshape(*lead, down.shape[-1])
 
 
 def lora_delta(
@@ -226,7 +228,8 @@ def lora_delta(
     n_in = a.ndim - 1
     lead = x.shape[: x.ndim - n_in]
     rank, out = a.shape[-1], b.shape[1:]
-    low = x.reshape(-1, a.size // rank) @ a.reshape(-1, rank)
+    rows = lead if sequence_is_split(x) else (-1,)  # a context mesh: leading axes kept (see `gated_mlp`)
+    low = x.reshape(*rows, a.size // rank) @ a.reshape(-1, rank)
     return (low @ b.reshape(rank, -1)).reshape(*lead, *out)
 
 
@@ -234,6 +237,8 @@ def project_in(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [N,T,D] · w [D,heads,hd] → [N,T,heads,hd], as one 2-D matmul."""
     n, t, d = x.shape
     _, heads, hd = w.shape
+    if sequence_is_split(x):  # a context mesh: no [N·T] rows (see `gated_mlp`)
+        return jnp.einsum("ntd,dhk->nthk", x, w)
     return (x.reshape(n * t, d) @ w.reshape(d, heads * hd)).reshape(n, t, heads, hd)
 
 
@@ -241,6 +246,8 @@ def project_out(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [N,T,heads,hd] · w [heads,hd,D] → [N,T,D], as one 2-D matmul."""
     n, t, heads, hd = x.shape
     d = w.shape[-1]
+    if sequence_is_split(x):  # a context mesh: no [N·T] rows (see `gated_mlp`)
+        return jnp.einsum("nthk,hkd->ntd", x, w)
     return (x.reshape(n * t, heads * hd) @ w.reshape(heads * hd, d)).reshape(n, t, d)
 
 

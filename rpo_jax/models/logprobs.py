@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rpo_jax.models import layers
+from rpo_jax.models import layers, ring_attention
+from rpo_jax.models.sharding import constrain
 
 #: `vocab_chunk_size=None` chunks the vocabulary when one head's float32 logits [N,T,V] would take more than this
 #: many bytes: unchunked, the log-softmax and its gradient keep about two such arrays (SmolLM2-135M's packed step of
@@ -179,7 +181,8 @@ def sequence_logps(
     mask = loss_mask.astype(bool).at[:, 0].set(False)
     count = jnp.sum(mask, axis=-1).astype(jnp.int32)
     t = tokens.shape[1]
-    if score_window is None or score_window >= t - 1:
+    # on a context mesh the head runs on every position, one shard per device (`context_token_logps`)
+    if score_window is None or score_window >= t - 1 or ring_attention.context_mesh(tokens) is not None:
         logps = token_logps(
             model,
             tokens,
@@ -229,6 +232,13 @@ def token_logps(
     Returns:
         `[N, T]` float32 log-probabilities.
     """
+    if ring_attention.context_mesh(tokens) is not None:
+        n, t = tokens.shape
+        source = jnp.broadcast_to(jnp.maximum(jnp.arange(t, dtype=jnp.int32) - 1, 0), (n, t))
+        logps = context_token_logps(
+            model, tokens, source, (attention_mask, positions, segment_ids, parent_ids), vocab_chunk_size
+        )
+        return logps.at[:, 0].set(0.0)
     hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
     logps = token_logps_from_hidden(
         hidden[:, :-1],
@@ -258,6 +268,9 @@ def packed_token_logps(
     for a response's first token). Slots that score nothing carry any value; `segment_logp_sums` drops them.
     The output head runs on every slot of the rows (no score window: packed rows hold little padding).
     """
+    if ring_attention.context_mesh(tokens) is not None:
+        mask = (attention_mask, positions, segment_ids, parent_ids)
+        return context_token_logps(model, tokens, source, mask, vocab_chunk_size)
     hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
     hidden = jnp.take_along_axis(hidden, source[:, :, None].astype(jnp.int32), axis=1)
     return token_logps_from_hidden(
@@ -267,6 +280,28 @@ def packed_token_logps(
         final_logit_softcap=model.config.final_logit_softcap,
         vocab_chunk_size=vocab_chunk_size,
     )
+
+
+def context_token_logps(model, tokens: jax.Array, source: jax.Array, mask: tuple, vocab_chunk_size) -> jax.Array:
+    """[N,T] float32 log p(tokens[n, t] | hidden[n, source[n, t]]) on a mesh with a context axis: the hidden
+    states stay in the zig-zag layout split over the context devices (`Decoder.context_hidden_states`), each
+    device gathers the source hidden state of its own tokens and runs the output head on its T/C positions
+    (vocabulary chunking as on one device); only the [N,T] log-probs are put back in the row's order.
+
+    mask = (attention_mask, positions, segment_ids, parent_ids) as in `Decoder.hidden_states`.
+    """
+    hidden, slots = model.context_hidden_states(tokens, *mask)
+    back = np.argsort(slots)
+    at = jnp.asarray(back, jnp.int32)[source[:, slots].astype(jnp.int32)]  # layout position of each source slot
+    hidden = constrain(jnp.take_along_axis(hidden, at[:, :, None], axis=1), ("batch", "sequence", None))
+    logps = token_logps_from_hidden(
+        hidden,
+        model.unembedding(),
+        tokens[:, slots],
+        final_logit_softcap=model.config.final_logit_softcap,
+        vocab_chunk_size=vocab_chunk_size,
+    )
+    return logps[:, back]
 
 
 def segment_logp_sums(token_logps: jax.Array, response_id: jax.Array, num_responses: int) -> jax.Array:

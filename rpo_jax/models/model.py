@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import nnx
 
-from rpo_jax.models import attention, layers
+from rpo_jax.models import attention, layers, ring_attention
 from rpo_jax.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, embedding_scale
 from rpo_jax.models.sharding import Rules, constrain, state_shardings
 
@@ -129,10 +130,11 @@ def decoder_layer(
         return out if name not in adapters else out + layers.lora_delta(y, *adapters[name])
 
     h = norm(x, w["attn_in_norm"])
-    # activation shardings (no-ops without a mesh): rows over data×fsdp, heads over tensor
-    q = constrain(linear(h, "q_proj", layers.project_in), ("batch", None, "heads", None))
-    k = constrain(linear(h, "k_proj", layers.project_in), ("batch", None, "kv_heads", None))
-    v = constrain(linear(h, "v_proj", layers.project_in), ("batch", None, "kv_heads", None))
+    # activation shardings (no-ops without a mesh): rows over data×fsdp, heads over tensor, the sequence over
+    # context (a mesh with a context axis: ring attention)
+    q = constrain(linear(h, "q_proj", layers.project_in), ("batch", "sequence", "heads", None))
+    k = constrain(linear(h, "k_proj", layers.project_in), ("batch", "sequence", "kv_heads", None))
+    v = constrain(linear(h, "v_proj", layers.project_in), ("batch", "sequence", "kv_heads", None))
     if c.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if c.qk_norm:
@@ -145,8 +147,8 @@ def decoder_layer(
         v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
         new_cache, k, v = (k_all, v_all), k_all.astype(dtype), v_all.astype(dtype)
     attn = attend(q, k, v)
-    attn = constrain(attn, ("batch", None, "heads", None))
-    attn = constrain(linear(attn, "o_proj", layers.project_out), ("batch", None, None))
+    attn = constrain(attn, ("batch", "sequence", "heads", None))
+    attn = constrain(linear(attn, "o_proj", layers.project_out), ("batch", "sequence", None))
     if c.sandwich_norms:
         attn = norm(attn, w["attn_out_norm"])
     x = x + attn
@@ -155,7 +157,7 @@ def decoder_layer(
     mlp = layers.gated_mlp(h, w["gate_proj"], w["up_proj"], w["down_proj"], c.activation, adapters)
     if c.sandwich_norms:
         mlp = norm(mlp, w["mlp_out_norm"])
-    return constrain(x + mlp, ("batch", None, None)), new_cache
+    return constrain(x + mlp, ("batch", "sequence", None)), new_cache
 
 
 def xla_attend(config: ModelConfig, mask: jax.Array) -> Callable:
@@ -172,21 +174,38 @@ def xla_attend(config: ModelConfig, mask: jax.Array) -> Callable:
 
 
 def kernel_attend(
-    config: ModelConfig, implementation: str, spec: attention.MaskSpec, is_sliding: jax.Array, interpret: bool
+    config: ModelConfig,
+    implementation: str,
+    spec: attention.MaskSpec,
+    is_sliding: jax.Array,
+    interpret: bool,
+    context: tuple | None = None,
 ) -> Callable:
     """attend(q, k, v) by a fused kernel (`attention.attend`) for one layer of the scan: the sliding window when
     the (scanned, traced) `is_sliding` says so — a `lax.cond` between the two kernels when the model mixes global
-    and sliding layers."""
+    and sliding layers. implementation="ring": `ring_attention.context_attention` with `context` = (mesh, slots
+    [T] of the row's layout)."""
     c = config
-    run = functools.partial(
-        attention.attend,
-        implementation,
-        spec=spec,
-        mask=None,
-        scale=c.attention_scale,
-        softcap=c.attn_logit_softcap,
-        interpret=interpret,
-    )
+    if implementation == "ring":
+        mesh, slots = context
+        run = functools.partial(
+            ring_attention.context_attention,
+            spec=spec,
+            slots=slots,
+            mesh=mesh,
+            scale=c.attention_scale,
+            softcap=c.attn_logit_softcap,
+        )
+    else:
+        run = functools.partial(
+            attention.attend,
+            implementation,
+            spec=spec,
+            mask=None,
+            scale=c.attention_scale,
+            softcap=c.attn_logit_softcap,
+            interpret=interpret,
+        )
     kinds = set(c.layer_types)
     if kinds == {FULL_ATTENTION}:
         return functools.partial(run, window=None)
@@ -224,7 +243,7 @@ class Decoder(nnx.Module):
     # ----------------------------------------------------------------- pieces reused by generation / log-probs
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[N,T] → [N,T,D] in the compute dtype (× sqrt(D) cast to dtype for Gemma)."""
-        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), ("batch", None, None))
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), ("batch", "sequence", None))
         if self.config.scale_embeddings:
             x = x * jnp.asarray(embedding_scale(self.config), self.dtype)
         return x
@@ -268,8 +287,9 @@ class Decoder(nnx.Module):
     ):
         """Scans all layers. x [N,T,D]; mask/window_mask [N,T,S] bool (window_mask = mask ∧ sliding window).
 
-        `kernel` = (implementation, mask description, Pallas interpret mode): attention by that fused kernel
-        (`attention.attend`, "cudnn" / "splash" / "blockwise") instead of the dense masks (then None); no caches.
+        `kernel` = (implementation, mask description, Pallas interpret mode[, (mesh, slots)]): attention by that
+        fused kernel (`attention.attend`, "cudnn" / "splash" / "blockwise"; "ring" with the mesh and the row's
+        slots) instead of the dense masks (then None); no caches.
 
         Decoding with `kv_caches`: layer type ("full_attention" / "sliding_attention", one entry per type the model
         has) → (k, v) [L_type,N,S_type,K,hd], stacked over that type's layers in order; each layer writes its new
@@ -292,7 +312,7 @@ class Decoder(nnx.Module):
             p, is_sliding, r, j = xs
             if caches is None:
                 if kernel is not None:
-                    attend = kernel_attend(c, *kernel[:2], is_sliding, kernel[2])
+                    attend = kernel_attend(c, *kernel[:2], is_sliding, *kernel[2:])
                 else:
                     attend = xla_attend(c, mask if window_mask is None else jnp.where(is_sliding, window_mask, mask))
                 h, kv = decoder_layer(c, h, p, attend, cos_tab[r], sin_tab[r], return_kv=return_kv)
@@ -356,6 +376,10 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = layers.default_positions(attention_mask, segment_ids, (n, t))
         spec = attention.MaskSpec(positions, attention_mask, segment_ids, parent_ids)
+        mesh = ring_attention.context_mesh(tokens)
+        if mesh is not None:
+            x, slots = self._context_hidden_states(tokens, spec, mesh)
+            return x[:, np.argsort(slots)]
         interpret = attention.interpret_mode()
         implementation = attention.resolve(
             c.attention,
@@ -376,6 +400,45 @@ class Decoder(nnx.Module):
             window_mask = mask & layers.sliding_window_mask(positions, positions, c.sliding_window)
         x, _ = self.run_layers(x, positions, mask, window_mask)
         return x
+
+    def _context_hidden_states(self, tokens: jax.Array, spec: attention.MaskSpec, mesh):
+        """(hidden [N,T,D] in the zig-zag layout, slots [T] numpy int32) with the row split over the mesh's
+        context axis (C devices): the row is put in the zig-zag layout (`ring_attention.zigzag_slots`: T a
+        multiple of 2C) and every layer runs on T/C tokens per device with ring attention."""
+        c = self.config
+        if c.attention not in ("auto", "xla", "blockwise"):
+            raise ValueError(
+                f"attention={c.attention!r} does not compose with mesh.context > 1 yet (ring attention runs XLA "
+                "blocks per shard); use 'auto'"
+            )
+        slots = ring_attention.zigzag_slots(tokens.shape[1], mesh.shape[ring_attention.CONTEXT_AXIS])
+        laid = attention.MaskSpec(*(None if x is None else x[:, slots] for x in spec))
+        x = self.embed_tokens(tokens[:, slots])
+        x, _ = self.run_layers(x, laid.positions, None, None, kernel=("ring", laid, False, (mesh, jnp.asarray(slots))))
+        return x, slots
+
+    def context_hidden_states(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        parent_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, np.ndarray]:
+        """On a mesh with a context axis: (final-normed hidden states [N,T,D] in the zig-zag layout, still split
+        over the context devices, and slots [T]: the row slot of each laid-out position). `hidden_states` is
+        hidden[:, argsort(slots)]; per-token work (the output head) can run in the layout, one shard per device.
+        Arguments as in `hidden_states`."""
+        n, t = tokens.shape
+        mesh = ring_attention.context_mesh(tokens)
+        if mesh is None:
+            raise ValueError("context_hidden_states needs tokens on a mesh with a context axis of more than 1")
+        if positions is None:
+            positions = layers.default_positions(attention_mask, segment_ids, (n, t))
+        if parent_ids is not None and segment_ids is None:
+            raise ValueError("parent_ids needs segment_ids (a parent is a segment id)")
+        spec = attention.MaskSpec(positions, attention_mask, segment_ids, parent_ids)
+        return self._context_hidden_states(tokens, spec, mesh)
 
     def __call__(
         self,

@@ -15,26 +15,27 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 #: logical axis → mesh axis (or tuple of mesh axes, or None = replicated).
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("sequence", "context"),
 )
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
-def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Sizes for (data, fsdp, tensor) from `{axis: size}` (a missing axis is 1); at most one size may be -1,
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int, int, int]:
+    """Sizes for (data, fsdp, tensor, context) from `{axis: size}` (a missing axis is 1); at most one size may be -1,
     filled so that the product is `num_devices`."""
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
@@ -61,20 +62,23 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
 
 
 def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types (sharding propagated by XLA).
+    """A (data, fsdp, tensor[, context]) mesh with Auto axis types (sharding propagated by XLA).
 
     Args:
-        shape: the three sizes, or `{axis: size}` as in `config.mesh` (a missing axis is 1); one size may be -1,
-            the rest of the devices (see `resolve_mesh_shape`).
+        shape: the sizes in `MESH_AXES` order (three or four), or `{axis: size}` as in `config.mesh` (a missing
+            axis is 1); one size may be -1, the rest of the devices (see `resolve_mesh_shape`).
         devices: the devices to lay out (default: every device of every process).
 
     Returns:
-        A `jax.sharding.Mesh` with axes `("data", "fsdp", "tensor")`.
+        A `jax.sharding.Mesh` with axes `("data", "fsdp", "tensor")`, and `"context"` last when its size is more
+        than 1 (the sequence split of ring attention; without it every mesh is as before the context axis).
     """
     devices = jax.devices() if devices is None else list(devices)
-    named = shape if isinstance(shape, Mapping) else dict(zip(MESH_AXES, shape, strict=True))
+    named = shape if isinstance(shape, Mapping) else dict(zip(MESH_AXES[: len(shape)], shape, strict=True))
     sizes = resolve_mesh_shape(named, len(devices))
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axes = MESH_AXES if sizes[3] > 1 else MESH_AXES[:3]
+    sizes = sizes[: len(axes)]
+    return jax.make_mesh(sizes, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def logical_to_spec(
@@ -178,6 +182,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules | N
         return x
     spec = activation_spec(logical_axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def sequence_is_split(x: jax.Array) -> bool:
+    """Whether `x` is computed on a mesh with a context axis of more than one device (the sequence dimension of
+    activations split over it: ring attention). Then [N,T] must not be merged into one row dimension (its
+    sharding would be lost: XLA would gather the whole sequence on every device)."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    shape = getattr(mesh, "shape", None) or {}
+    return shape.get("context", 1) > 1
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules | None = None) -> NamedSharding:

@@ -11,91 +11,31 @@ import numpy as np
 from flax import nnx
 
 from rpo_jax.models import ModelConfig, attention, create_model, layers
-
-T = 48
-SCALE = 0.3
-TOL = 1e-5  # max |blockwise - dense| ≤ TOL · max(1, max |dense|)
-
-
-def _spec(kind: str, t: int = T) -> attention.MaskSpec:
-    """Two rows per mask kind; "left_pad" has fully masked queries (the padding before the first real token) and
-    a row that is all padding; "parents" shares a prompt between two responses (positions continue the prompt)."""
-    slots = np.arange(t)[None, :]
-    valid = seg = parent = pos = None
-    if kind == "right_pad":
-        valid = slots < np.array([[30], [t]])
-    elif kind == "left_pad":
-        valid = slots >= np.array([[11], [t]])
-    elif kind == "segments":  # three / two packed sequences, then padding
-        valid = slots < np.array([[44], [37]])
-        seg = (slots >= np.array([[9], [20]])).astype(np.int32) + (slots >= np.array([[25], [t]]))
-    elif kind == "parents":  # prompt 10, response A 14, response B 12 (both continue the prompt), padding
-        seg = np.array([[0] * 10 + [1] * 14 + [2] * 12 + [3] * 12, [0] * 15 + [1] * 25 + [2] * 8])
-        parent = np.array([[0] * 10 + [0] * 14 + [0] * 12 + [3] * 12, [0] * 15 + [0] * 25 + [2] * 8])
-        pos = np.array([list(range(24)) + list(range(10, 22)) + [0] * 12, list(range(40)) + [0] * 8])
-        valid = np.array([[True] * 36 + [False] * 12, [True] * 40 + [False] * 8])
-    elif kind != "causal":
-        raise ValueError(kind)
-    as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
-    valid = None if valid is None else jnp.asarray(valid)
-    positions = layers.default_positions(valid, as_int(seg), (2, t)) if pos is None else as_int(pos)
-    return attention.MaskSpec(positions, valid, as_int(seg), as_int(parent))
-
-
-def _qkv(seed, heads, kv_heads, hd=8, t=T):
-    rng = np.random.default_rng(seed)
-    draw = lambda h: jnp.asarray(rng.normal(size=(2, t, h, hd)), jnp.float32)  # noqa: E731
-    return draw(heads), draw(kv_heads), draw(kv_heads), draw(heads)
-
-
-def _values_and_grads(fn, q, k, v, probe):
-    """(fn(q, k, v), ∂/∂(q, k, v) of Σ fn(q, k, v) ⊙ probe), jitted."""
-
-    def run(q, k, v, probe):
-        out, pull = jax.vjp(fn, q, k, v)
-        return out, pull(probe)
-
-    return jax.jit(run)(q, k, v, probe)
-
-
-def _assert_close(got, want, what):
-    err = float(jnp.max(jnp.abs(got - want)))
-    bound = TOL * max(1.0, float(jnp.max(jnp.abs(want))))
-    assert err <= bound and not bool(jnp.isnan(got).any()), f"{what}: max |blockwise - xla| = {err:.3g} > {bound:.3g}"
-
-
-CASES = [  # (name, mask kind, H, K, window, soft-cap, block): every mask piece, GQA and MQA, blocks ∤ T
-    ("plain causal, H=K=4, block 16 | 48", "causal", 4, 4, None, None, 16),
-    ("padding + soft-cap 2, GQA K=2, block 20 ∤ 48", "right_pad", 4, 2, None, 2.0, 20),
-    ("fully masked rows + window 9 + soft-cap 3, MQA K=1", "left_pad", 4, 1, 9, 3.0, 16),
-    ("packed segments + sliding window 7, block 13", "segments", 4, 2, 7, None, 13),
-    ("shared-prompt parents, K=2", "parents", 4, 2, None, None, 16),
-    ("parents + window 5 on positions, K=1, block 64 > T", "parents", 4, 1, 5, None, 64),
-]
+from tests.models.attention_testlib import CASES, SCALE, T, assert_close, make_spec, random_qkv, values_and_grads
 
 
 def test_blockwise_equals_xla_on_every_mask_in_values_and_gradients():
     for seed, (name, kind, heads, kv_heads, window, softcap, block) in enumerate(CASES):
-        spec = _spec(kind)
-        q, k, v, probe = _qkv(seed, heads, kv_heads)
+        spec = make_spec(kind)
+        q, k, v, probe = random_qkv(seed, heads, kv_heads)
         dense = lambda q, k, v: layers.dot_product_attention(  # noqa: E731
             q, k, v, attention.dense_mask(spec, window), scale=SCALE, softcap=softcap
         )
         blockwise = lambda q, k, v: attention.blockwise_attention(  # noqa: E731
             q, k, v, spec, window=window, scale=SCALE, softcap=softcap, block_size=block
         )
-        want, want_grads = _values_and_grads(dense, q, k, v, probe)
-        got, got_grads = _values_and_grads(blockwise, q, k, v, probe)
-        _assert_close(got, want, f"{name}: values")
+        want, want_grads = values_and_grads(dense, q, k, v, probe)
+        got, got_grads = values_and_grads(blockwise, q, k, v, probe)
+        assert_close(got, want, f"{name}: values")
         for arg, g, w in zip("qkv", got_grads, want_grads):
-            _assert_close(g, w, f"{name}: ∂/∂{arg}")
+            assert_close(g, w, f"{name}: ∂/∂{arg}")
 
 
 def test_block_step_in_any_key_order_gives_the_same_state():
     """Masked keys add nothing and each step rescales what came before: key blocks taken in reverse order (as a
     ring's shards may arrive) give the same output as in order, and as the dense path."""
-    spec = _spec("segments")
-    q, k, v, _ = _qkv(7, 4, 2)
+    spec = make_spec("segments")
+    q, k, v, _ = random_qkv(7, 4, 2)
     qg = q.reshape(2, T, 2, 2, 8).transpose(0, 2, 3, 1, 4)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     slots = jnp.arange(T, dtype=jnp.int32)
@@ -112,8 +52,8 @@ def test_block_step_in_any_key_order_gives_the_same_state():
     forward, backward = jax.jit(lambda: (run([0, 1, 2]), run([2, 1, 0])))()
     dense = layers.dot_product_attention(q, k, v, attention.dense_mask(spec), scale=SCALE, softcap=None)
     real = spec.valid[:, :, None, None]  # (padding queries see no key here: 0, not the dense path's fallback)
-    _assert_close(jnp.where(real, forward, 0), jnp.where(real, dense, 0), "key blocks in order")
-    _assert_close(jnp.where(real, backward, 0), jnp.where(real, dense, 0), "key blocks in reverse")
+    assert_close(jnp.where(real, forward, 0), jnp.where(real, dense, 0), "key blocks in order")
+    assert_close(jnp.where(real, backward, 0), jnp.where(real, dense, 0), "key blocks in reverse")
 
 
 def test_blockwise_temporaries_are_linear_in_the_row_length():
@@ -191,7 +131,7 @@ def test_model_with_blockwise_equals_the_xla_model():
 
     got, got_grads = logits_and_grads("blockwise")
     want, want_grads = logits_and_grads("xla")
-    _assert_close(got, want, "logits")
+    assert_close(got, want, "logits")
     want_leaves = jax.tree.leaves(want_grads)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), want_leaves, strict=True):
-        _assert_close(g, w, f"gradient {jax.tree_util.keystr(path)}")
+        assert_close(g, w, f"gradient {jax.tree_util.keystr(path)}")

@@ -108,7 +108,7 @@ def test_left_right_padding_and_packing_match_unpadded(which, llama, gemma3):
 def test_partition_rules_and_non_divisible_fallback(llama):
     model, config = llama
     mesh = make_mesh((1, 4, 2))
-    assert dict(DEFAULT_RULES)["embed"] == "fsdp" and dict(DEFAULT_RULES)["heads"] == "tensor"
+    assert dict(DEFAULT_RULES)["embed"] == ("fsdp", "context") and dict(DEFAULT_RULES)["heads"] == "tensor"
     spec = logical_to_spec(("layers", "embed", "heads", "head_dim"), (2, 48, 6, 8), mesh)
     assert tuple(spec) == (None, "fsdp", "tensor", None)
     # 3 kv heads on tensor=2 and vocab 250 on tensor=2: replicated on that dimension only

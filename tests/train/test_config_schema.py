@@ -174,7 +174,7 @@ def test_the_run_config_json_reads_back(tmp_path):
         ({"reference_sync__mix": 0.0}, "config.reference_sync.mix=0.0: expected > 0"),
         (
             {"mesh": {"data": -1, "fsdp": -1, "tensor": 1}},
-            "config.mesh={'data': -1, 'fsdp': -1, 'tensor': 1}: only one",
+            "config.mesh={'data': -1, 'fsdp': -1, 'tensor': 1, 'context': 1}: only one",
         ),
         (
             {"references": [{"path": "x", "toknizer": ""}]},

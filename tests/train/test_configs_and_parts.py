@@ -38,8 +38,9 @@ def test_recipe_loads_and_builds_its_loss(path):
 
 
 def test_mesh_shape_fills_minus_one_and_refuses_bad_shapes():
-    assert resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1)
-    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+    assert resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1, 1)
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2, 1)
+    assert resolve_mesh_shape({"data": -1, "context": 4}, 8) == (2, 1, 1, 4)
     with pytest.raises(ValueError, match="multiply to 4"):
         resolve_mesh_shape({"data": 2, "fsdp": 2}, 8)
     with pytest.raises(ValueError, match="only one axis"):

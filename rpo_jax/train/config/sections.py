@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from rpo_jax.models.hf_export import DEFAULT_MAX_SHARD_SIZE, parse_size
 from rpo_jax.train.config.values import AUTO_MEMORY_FRACTION, PAIR_MODES, ConfigError, parse_memory_budget, parse_pairs
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 Pairs = Annotated[Literal[PAIR_MODES], BeforeValidator(lambda v: parse_pairs(v, allow_keep=False))]
 
 
@@ -93,8 +93,8 @@ class RewardModelSection(Section):
 
 
 class MeshSection(Section):
-    """The device mesh: sizes of the (data, fsdp, tensor) axes multiplying to the device count, one of them may
-    be -1 (filled in). A mesh given without an axis has size 1 there (as `rpo_jax.models.sharding.make_mesh`
+    """The device mesh: sizes of the (data, fsdp, tensor, context) axes multiplying to the device count, one of
+    them may be -1 (filled in). A mesh given without an axis has size 1 there (as `rpo_jax.models.sharding.make_mesh`
     reads it); no mesh at all is the default, {data: -1, fsdp: 1, tensor: 1}."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -102,6 +102,11 @@ class MeshSection(Section):
     data: int = Field(-1, description="data-parallel axis size (batches split over data × fsdp); -1: the rest")
     fsdp: int = Field(1, description="fully sharded axis (parameters' embed dimension); -1: the rest")
     tensor: int = Field(1, description="tensor-parallel axis (heads, mlp, vocab); -1: the rest")
+    context: int = Field(
+        1,
+        description="context-parallel axis: every row's tokens split over this many devices, attention across them "
+        "by ring attention (row lengths a multiple of 2 × context); 1: off; -1: the rest",
+    )
 
     @model_validator(mode="before")
     @classmethod
