@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rpo_jax.models.reward_functions import Message, RewardFn, last_user_text
 
@@ -170,9 +171,11 @@ def decoder_next_token_logps(model, *, pad_id: int, batch_size: int) -> Callable
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be ≥ 1")
 
+    graphdef, state = nnx.split(model)  # the weights an argument of the program, not constants in it
+
     @jax.jit
-    def last_logps(tokens, mask, last):
-        logits = model(tokens, mask)
+    def last_logps(state, tokens, mask, last):
+        logits = nnx.merge(graphdef, state)(tokens, mask)
         return jax.nn.log_softmax(logits[jnp.arange(tokens.shape[0]), last].astype(jnp.float32), axis=-1)
 
     def run(token_lists):
@@ -186,7 +189,7 @@ def decoder_next_token_logps(model, *, pad_id: int, batch_size: int) -> Callable
             for i, x in enumerate(chunk):
                 tokens[i, : len(x)], mask[i, : len(x)], last[i] = x, True, len(x) - 1
             mask[len(chunk) :, 0] = True  # filler rows: one token, discarded
-            out.append(np.asarray(last_logps(tokens, mask, last))[: len(chunk)])
+            out.append(np.asarray(last_logps(state, tokens, mask, last))[: len(chunk)])
         return np.concatenate(out, axis=0)
 
     return run
