@@ -42,9 +42,12 @@ def get_config():
     c.train.eval_every = 100
     c.train.checkpoint_every = 100
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    # at the end: 64 held-out prompts answered by the trained and the initial policy, judged by the demo's judge
+    # at the end: the 200 held-out prompts answered 4 times each by the trained and by the initial policy, judged by
+    # the demo's judge (the initial policy's samples made once, before step 1)
     c.eval.generation.every = c.train.steps
     c.eval.generation.judge = "rpo_jax.data.demo:judge"
     c.eval.generation.baseline = "initial"
+    c.eval.generation.num_prompts = 200
+    c.eval.generation.samples_per_prompt = 4
     c.eval.generation.max_new_tokens = 24
     return c

@@ -86,11 +86,18 @@ def select_prompts(
     records: Sequence[Any], tokenizer, cfg, gen, *, seed: int, want_chosen: bool, where: str
 ) -> EvalPrompts:
     """`EvalPrompts` from records (`PromptRecord`s, or `PreferenceRecord`s which also give the chosen response):
-    encoded (`encode_prompts`), then a fixed subset of `gen.num_prompts` drawn with `seed` (all when fewer)."""
+    each prompt once (its first record), encoded (`encode_prompts`), then a fixed subset of `gen.num_prompts`
+    drawn with `seed` (all when fewer)."""
     if want_chosen and not all(hasattr(r, "responses") for r in records):
         raise ValueError(f"{where}: baseline 'chosen' needs preference records (responses), not prompts alone")
-    prompts = [PromptRecord(r.prompt, r.conversational, r.source) for r in records]
-    keep = {id(p): r for p, r in zip(prompts, records)}
+    seen, unique = set(), []
+    for r in records:  # each prompt once (unpaired records, several files)
+        key = tuple((m["role"], m["content"]) for m in r.prompt)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    prompts = [PromptRecord(r.prompt, r.conversational, r.source) for r in unique]
+    keep = {id(p): r for p, r in zip(prompts, unique)}
     kept, ids, dropped = encode_prompts(
         prompts, tokenizer, max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation
     )
