@@ -12,8 +12,8 @@ judges (`reward_judge`, `llm_judge`: `rpo_jax.models.judges`) and their statisti
 from rpo_jax.models.config import ModelConfig, RopeSpec
 from rpo_jax.models.generate import GenerateOutput, filter_logits, generate, truncate_at_stop_strings
 from rpo_jax.models.hf_export import save_hf
-from rpo_jax.models.judges import Judgment, PairJudge, decoder_next_token_logps, llm_judge, position_bias, reward_judge
 from rpo_jax.models.hf_io import load_hf
+from rpo_jax.models.judges import Judgment, PairJudge, decoder_next_token_logps, llm_judge, position_bias, reward_judge
 from rpo_jax.models.logprobs import sequence_logps, token_logps, token_logps_from_hidden
 from rpo_jax.models.model import Decoder, create_model
 from rpo_jax.models.reward import RewardModel, create_reward_model, load_reward_model, save_reward_model
