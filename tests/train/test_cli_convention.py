@@ -1,5 +1,5 @@
-"""One command-line convention: `rpo-train`, `rpo-plan`, `rpo-export`, `rpo-data` and `rpo-eval` each answer `--help` with what
-they do and their flags, spelled with dashes (absl's underscore spelling stays accepted)."""
+"""One command-line convention: `rpo-train`, `rpo-plan`, `rpo-export`, `rpo-data` and `rpo-eval` each answer
+`--help` with what they do and their flags, spelled with dashes (absl's underscore spelling stays accepted)."""
 
 from __future__ import annotations
 
