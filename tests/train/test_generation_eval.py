@@ -195,3 +195,64 @@ def test_one_and_eight_devices_give_the_same_judgments(exported, tmp_path):
         assert result.returncode == 0, result.stderr
         outs.append((out / "samples.jsonl").read_text())
     assert outs[0] == outs[1]
+
+
+@pytest.mark.slow
+def test_smollm2_as_llm_judge_runs_end_to_end(exported, smollm2_dir, tmp_path):
+    """SmolLM2-135M-Instruct judges the tiny model's samples against the demo's chosen responses in both orders:
+    every preference and the position bias in range, and both recorded per prompt."""
+    out = tmp_path / "out"
+    result = run_eval(
+        "--policy",
+        str(exported),
+        "--baseline",
+        "chosen",
+        "--prompts",
+        "demo",
+        "--judge",
+        f"llm:{smollm2_dir}",
+        "--out",
+        str(out),
+        "--num-prompts",
+        "6",
+        "--max-new-tokens",
+        "12",
+        "--max-prompt-length",
+        "32",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["win_rate"] <= 1 and -1 <= summary["position_bias"] <= 1
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(0 <= r["preference"] <= 1 and 0 <= r["first_position"] <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_in_training_evaluation_resumes_without_duplicated_records(tmp_path):
+    """`kill -9` of rpo-train while it evaluates at step 3 (after its checkpoint at step 2); the same command again
+    resumes, and metrics.jsonl and the generation files hold each record once."""
+    import os
+    import signal
+    import time
+
+    from tests.train.trainer_testlib import train_command, write_config
+
+    workdir = tmp_path / "run"
+    command = train_command(write_config(gen_config(tmp_path), tmp_path / "cfg.py"), workdir)
+    log = tmp_path / "log.txt"
+    env = subprocess_env(RPO_JAX_QUIET="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 300
+    while "evaluating at step 3" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, log.read_text()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    seen = [(r["step"], tuple(sorted(k.split("/")[0] for k in r if "/" in k))) for r in read_metrics(workdir)]
+    assert len(seen) == len(set(seen)), seen
+    assert [r["step"] for r in read_metrics(workdir) if "eval/generation/win_rate" in r] == [3, 6]
+    for step in (3, 6):
+        assert len((workdir / "generations" / f"step_{step}.jsonl").read_text().splitlines()) == 8

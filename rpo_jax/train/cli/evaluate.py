@@ -115,10 +115,7 @@ def evaluate_models(args: argparse.Namespace) -> dict:
         ).texts
         if other.setup.tokenizer.get_vocab() == policy.setup.tokenizer.get_vocab():  # the same token ids
             valid = s.mask.any(-1)
-            kl = kl_estimate(
-                sample_logps(policy, params, prompts.ids, s)[valid],
-                sample_logps(other, other_params, prompts.ids, s)[valid],
-            )
+            kl = kl_estimate(s.logps[valid], sample_logps(other, other_params, prompts.ids, s)[valid])
     policy_ids = [[row[m].tolist() for row, m in zip(s.tokens[p], s.mask[p])] for p in range(len(s.texts))]
     metrics, rows, arrays = judge_samples(
         prompts,

@@ -49,5 +49,5 @@ def get_config():
     c.eval.generation.baseline = "initial"
     c.eval.generation.num_prompts = 200
     c.eval.generation.samples_per_prompt = 4
-    c.eval.generation.max_new_tokens = 24
+    c.eval.generation.max_new_tokens = 16  # the longest ideal answer is 15 characters, then EOS
     return c

@@ -18,8 +18,9 @@ Per evaluation:
 4. **Judgment**: sample s of the policy against sample s of the baseline (the chosen response for every s).
 5. **Statistics**: `win_rate` (ties 0.5) with its paired bootstrap 95 % interval over prompts, `lc_win_rate`,
    `length_ratio` (lengths in the policy tokenizer's tokens), `reward` and `baseline_reward` (reward judges) with the
-   reward's interval, `kl` (Σ log π − log π_ref over the policy's sampled tokens, both scored by the scorer;
-   π_ref the initial policy in training, the baseline model in rpo-eval when it shares the tokenizer),
+   reward's interval, `kl` (Σ log π − log π_ref over the policy's sampled tokens: log π from the sampler, log π_ref
+   from the scorer; π_ref the initial policy in training, the baseline model in rpo-eval when it shares the
+   tokenizer),
    `distinct_2` (bigrams of the policy's token ids), `position_bias` (LLM judges).
 
 Records (one JSON line per prompt and sample): prompt, policy and baseline responses, their lengths, the
@@ -166,11 +167,13 @@ def _global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 @dataclasses.dataclass
 class Samples:
-    """`[P][S]` response texts, `tokens`/`mask` `[P, S, M]` (the generated ids) and `lengths [P, S]`."""
+    """`[P][S]` response texts, `tokens`/`mask` `[P, S, M]` (the generated ids) and `logps [P, S]` (Σ log π of
+    each sample's tokens under the sampling model's unmodified distribution, from the sampler)."""
 
     texts: list[list[str]]
     tokens: np.ndarray
     mask: np.ndarray
+    logps: np.ndarray
 
 
 def generate(g: Generator, params, ids: Sequence[Sequence[int]], samples: int, key: jax.Array) -> Samples:
@@ -183,15 +186,16 @@ def generate(g: Generator, params, ids: Sequence[Sequence[int]], samples: int, k
     out = g.sample_fn(params, inputs["tokens"], inputs["mask"], key)
     if g.stop_strings:
         out = truncate_at_stop_strings(out, g.setup.tokenizer, g.stop_strings, pad_token_id=g.pad_id)
-    gen_tokens, gen_mask = (np.asarray(x)[:n] for x in jax.device_get((out.tokens, out.mask)))
+    gen_tokens, gen_mask, logps = (np.asarray(x)[:n] for x in jax.device_get((out.tokens, out.mask, out.logps)))
     m = gen_tokens.shape[-1]
     gen_tokens, gen_mask = gen_tokens.reshape(len(ids), samples, m), gen_mask.reshape(len(ids), samples, m)
+    logps = np.where(gen_mask, logps.reshape(len(ids), samples, m), 0.0).sum(-1)
     decode = g.setup.tokenizer.decode
     texts = [
         [decode(gen_tokens[p, s][gen_mask[p, s]].tolist(), skip_special_tokens=True) for s in range(samples)]
         for p in range(len(ids))
     ]
-    return Samples(texts, gen_tokens, gen_mask)
+    return Samples(texts, gen_tokens, gen_mask, logps)
 
 
 def sample_logps(g: Generator, params, ids: Sequence[Sequence[int]], s: Samples) -> np.ndarray:
@@ -403,14 +407,8 @@ class TrainingEval:
         s = generate(
             self.generator, params, self.prompts.ids, int(gen.samples_per_prompt), sampling_key(self.cfg.seed, 0, step)
         )
-        kl = (
-            kl_estimate(
-                sample_logps(self.generator, params, self.prompts.ids, s)[s.mask.any(-1)],
-                sample_logps(self.generator, self.initial_params, self.prompts.ids, s)[s.mask.any(-1)],
-            )
-            if s.mask.any()
-            else 0.0
-        )
+        valid = s.mask.any(-1)  # Σ log π from the sampler, Σ log π_ref from the scorer
+        kl = kl_estimate(s.logps[valid], sample_logps(self.generator, self.initial_params, self.prompts.ids, s)[valid])
         policy_ids = [[row[m].tolist() for row, m in zip(s.tokens[p], s.mask[p])] for p in range(len(s.texts))]
         metrics, records, _ = judge_samples(
             self.prompts,
