@@ -127,14 +127,22 @@ def evaluate_models(args: argparse.Namespace) -> dict:
         kl=kl,
         policy_ids=policy_ids,
     )
-    out = storage.as_path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {**metrics, "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(gen).items()}}
     summary["settings"].update(policy=args.policy, seed=cfg.seed)
-    storage.write_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_jsonl(out / "samples.jsonl", rows)
-    plot_evaluation(out / "evaluation.png", metrics, arrays["policy_lengths"], arrays["baseline_lengths"])
+    if jax_process_index() == 0:  # the main process writes
+        out = storage.as_path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        storage.write_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_jsonl(out / "samples.jsonl", rows)
+        plot_evaluation(out / "evaluation.png", metrics, arrays["policy_lengths"], arrays["baseline_lengths"])
     return summary
+
+
+def jax_process_index() -> int:
+    """This process's index (only the main process prints)."""
+    import jax
+
+    return jax.process_index()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     quiet_libraries()
     with one_line_errors("rpo-eval", None, args.verbose):
+        from rpo_jax.train.runtime.processes import initialize_from_environment
+
+        initialize_from_environment()  # no TPU probe on a machine without one; several processes when described
         summary = evaluate_models(args)
+        if jax_process_index() != 0:
+            return
         print(
             f"rpo-eval: win rate {summary['win_rate']:.3f} [{summary['win_rate_ci_low']:.3f}, "
             f"{summary['win_rate_ci_high']:.3f}] (LC {summary['lc_win_rate']:.3f}) over "
