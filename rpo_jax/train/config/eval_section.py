@@ -48,7 +48,9 @@ class GenerationEvalSection(Section):
     judge_template: str = Field(
         "", description='"llm:" judges: a prompt template file with {prompt}, {response_a}, {response_b}; "": built in'
     )
-    bootstrap_seed: int = Field(0, ge=0, description="seed of the paired bootstrap's resampling")
+    bootstrap_seed: int = Field(
+        0, ge=0, description="seed of the paired bootstrap's resampling (0 is a seed like any other)"
+    )
     plot: bool = Field(True, description="WORKDIR/generations/win_rate.png at the end (needs matplotlib)")
 
     @model_validator(mode="after")

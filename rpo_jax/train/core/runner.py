@@ -317,6 +317,9 @@ SUMMARY_METRICS = (
     "judge_reward",
     "reward",
     "kl_to_initial",
+    "generation/win_rate",
+    "generation/win_rate_ci_low",
+    "generation/win_rate_ci_high",
 )
 
 
