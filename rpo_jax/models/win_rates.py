@@ -83,11 +83,11 @@ def lc_win_rate(prefs: np.ndarray | Sequence, length_diff: np.ndarray | Sequence
         P(policy preferred | d) = σ(θ₀ + θ₁ · tanh(d / s)),   d = len(policy) − len(baseline) (tokens),
         s = the standard deviation of d over the evaluation,
 
-    fitted by maximum likelihood (`scipy.optimize.minimize`, L-BFGS-B, |θ| ≤ 20); the LC win rate is the model's
-    preference at zero length difference, σ(θ₀). AlpacaEval 2's model also has per-instruction difficulty terms,
-    which one policy against one baseline cannot identify; they are left out. When d does not vary (s = 0: e.g.
-    equal lengths) the length term is not identifiable and is dropped: σ(θ₀) is then the mean preference, the
-    raw win rate.
+    fitted by maximum likelihood (`scipy.optimize.minimize`, L-BFGS-B, θ₀ and θ₁ bounded to [−20, 20]); the LC
+    win rate is the model's preference at zero length difference, σ(θ₀). AlpacaEval 2's model also has
+    per-instruction difficulty terms, which one policy against one baseline cannot identify; they are left out.
+    When d does not vary (s = 0: e.g. equal lengths) the length term is not identifiable and is dropped: σ(θ₀) is
+    then the mean preference, the raw win rate.
 
     Args:
         prefs: `[N]` or `[N, S]` preferences in [0, 1].
