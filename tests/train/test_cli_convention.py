@@ -1,5 +1,5 @@
-"""One command-line convention: `rpo-train`, `rpo-plan`, `rpo-export` and `rpo-data` each answer `--help` with what
-they do and their flags, spelled with dashes (absl's underscore spelling stays accepted)."""
+"""One command-line convention: `rpo-train`, `rpo-plan`, `rpo-export`, `rpo-data` and `rpo-eval` each answer
+`--help` with what they do and their flags, spelled with dashes (absl's underscore spelling stays accepted)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import pytest
 
 from rpo_jax.data import cli as data_cli
+from rpo_jax.train.cli import evaluate as eval_cli
 from rpo_jax.train.cli import export as export_cli
 from rpo_jax.train.cli import plan as plan_cli
 from rpo_jax.train.cli import train as train_cli
@@ -26,6 +27,7 @@ def test_every_command_explains_itself_with_dashed_flags(capsys):
     plan = help_of(lambda: plan_cli.main(["rpo-plan", "--help"]), capsys)
     export = help_of(lambda: export_cli.export_main(["--help"]), capsys)
     data = help_of(lambda: data_cli.main(["--help"]), capsys)
+    evaluate = help_of(lambda: eval_cli.main(["--help"]), capsys)
     assert train.startswith("usage: rpo-train") and "the reference cache" in train
     for flag in ("--workdir", "--from-trl", "--[no]precompute", "--config.KEY=VALUE"):
         assert flag in train, flag
@@ -34,7 +36,10 @@ def test_every_command_explains_itself_with_dashed_flags(capsys):
         assert flag in plan, flag
     assert export.startswith("usage: rpo-export") and "--adapter" in export and "Hugging Face" in export
     assert data.startswith("usage: rpo-data") and "validate" in data
-    for text in (train, plan, export, data):  # flags of more than one word are spelled with dashes
+    assert evaluate.startswith("usage: rpo-eval") and "win rate" in evaluate
+    for flag in ("--policy", "--baseline", "--prompts", "--judge", "--out", "--judge-template"):
+        assert flag in evaluate, flag
+    for text in (train, plan, export, data, evaluate):  # flags of more than one word are spelled with dashes
         assert not re.search(r"--(\[no\])?[a-z]+_[a-z_]+", text.split("Exit status")[0]), text
 
 

@@ -55,6 +55,7 @@ def tiny_config(data_dir: pathlib.Path, **overrides):
     c.train.export_at_end = False
     c.metrics.peak_flops = 1e11
     c.metrics.tensorboard = False
+    c.eval.generation.every = 0  # the quickstart's generation eval: tests/train/test_generation_eval.py
     return set_fields(c, overrides)
 
 

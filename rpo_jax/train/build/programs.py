@@ -265,12 +265,13 @@ def online_update_step(cfg, setup: RunSetup, loss_fn) -> WithFrozen:
     return jitted_train_step(setup, step_fn)
 
 
-def sampler(cfg, setup: RunSetup, eos_ids: tuple[int, ...], pad_id: int) -> WithFrozen:
+def sampler(cfg, setup: RunSetup, eos_ids: tuple[int, ...], pad_id: int, sampling=None) -> WithFrozen:
     """The online sampler: `sample(params, tokens, attention_mask, key) -> GenerateOutput` (tokens, mask, logps
     [N, online.max_new_tokens], lengths [N], replicated) — the policy merged from `params` (cast to the compute
     dtype inside the program) and the frozen rest, then `kv_cache_generate` with `config.online`'s temperature,
-    top-k, top-p and `max_new_tokens`. Stop strings are applied afterwards on the host."""
-    oc = cfg.online
+    top-k, top-p and `max_new_tokens` (or those of `sampling`, a section with the same keys:
+    `config.eval.generation`). Stop strings are applied afterwards on the host."""
+    oc = cfg.online if sampling is None else sampling
     graphdef, dtype = setup.graphdef, setup.dtype
     settings = {
         "max_new_tokens": int(oc.max_new_tokens),

@@ -26,6 +26,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, model_serializer, model
 
 from rpo_jax.data.tokenize import TRUNCATION_POLICIES
 from rpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from rpo_jax.train.config.eval_section import EvalSection
 from rpo_jax.train.config.loss_terms import check_loss_inputs, loss_spec, loss_terms
 from rpo_jax.train.config.sections import (
     ExportSection,
@@ -430,6 +431,7 @@ class RunConfig(Section):
         "for a process that keeps its peak heap; rpo-train applies it at start-up",
     )
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="MFU peak, TensorBoard")
+    eval: EvalSection = Field(default_factory=EvalSection, description="generation-based evaluation (win rates)")
     export: ExportSection = Field(default_factory=ExportSection, description="how exports are written (shards)")
 
     @model_validator(mode="after")
@@ -519,6 +521,16 @@ class RunConfig(Section):
                     f"policy's token ids, so a reference shares the policy's tokenizer "
                     f"({policy_tokenizer or 'the demo tokenizer'}); leave it empty"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _generation_eval(self):
+        if self.eval.generation.every and self.mode != "preference":
+            raise ConfigError(
+                f"config.eval.generation.every={self.eval.generation.every}: generation-based evaluation runs in "
+                f"preference training; config.mode={self.mode!r} (online mode: config.online.eval_*; or rpo-eval "
+                "on the export)"
+            )
         return self
 
     @model_validator(mode="after")

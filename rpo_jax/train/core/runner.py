@@ -151,6 +151,12 @@ class Task:
     mfu_dtype: Any = None  # units count FLOPs: MFU per chip against this dtype's peak
     log_filter: Callable[[dict[str, float]], dict[str, float]] = lambda metrics: metrics  # a unit's logged metrics
     # (read on the host) as written: e.g. without the metrics of a label the step had no row of (unpaired losses)
+    # a second evaluation on its own cadence (config.eval.generation): (eval_input(state), unit) → metrics logged
+    # under eval/ beside evaluate's, every side_eval_every units (0: never) and at the end; side_eval_done(): after
+    # the final evaluation (the plot over training)
+    side_eval: Callable[[Any, int], dict[str, float]] | None = None
+    side_eval_every: int = 0
+    side_eval_done: Callable[[], None] = lambda: None
 
 
 def sum_over_eval_batches(
@@ -311,6 +317,9 @@ SUMMARY_METRICS = (
     "judge_reward",
     "reward",
     "kl_to_initial",
+    "generation/win_rate",
+    "generation/win_rate_ci_low",
+    "generation/win_rate_ci_high",
 )
 
 
@@ -388,12 +397,14 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
         writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, started=started)
         guard = DivergenceGuard(cfg, ckpt, task.unit_name)
 
-        def evaluate(at: int) -> dict[str, float]:
+        def evaluate(at: int, *, main: bool = True, side: bool = False) -> dict[str, float]:
             if progress is not None:
                 progress.clear()  # the log lines on lines of their own, the bar drawn again below them
             log.info("evaluating at %s %d", task.unit_name, at)
             start = time.perf_counter()
-            metrics = task.evaluate(task.eval_input(state), at)
+            metrics = task.evaluate(task.eval_input(state), at) if main else {}
+            if side and task.side_eval is not None:
+                metrics = {**metrics, **task.side_eval(task.eval_input(state), at)}
             log.info("evaluation at %s %d done in %.1f s", task.unit_name, at, time.perf_counter() - start)
             if progress is not None:
                 progress.refresh()
@@ -443,9 +454,11 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
                     progress.update(1)
                     if task.progress_metric in last:
                         progress.set_postfix({task.progress_metric: f"{last[task.progress_metric]:.3f}"})
-                if task.eval_every and unit % task.eval_every == 0 and unit != task.units:
+                main_due = bool(task.eval_every) and unit % task.eval_every == 0
+                side_due = bool(task.side_eval_every) and unit % task.side_eval_every == 0
+                if (main_due or side_due) and unit != task.units:
                     guard.check()
-                    writer.write(unit, evaluate(unit), prefix="eval/")
+                    writer.write(unit, evaluate(unit, main=main_due, side=side_due), prefix="eval/")
                     throughput.restart()
                 if unit < task.units and every:
                     save()
@@ -459,8 +472,10 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
             # and metrics.jsonl keeps one final record; with checkpoint_every = 0 only for rpo-export (no export)
             if every or not cfg.train.export_at_end:
                 save(force=True)
-            eval_metrics = evaluate(unit)
+            eval_metrics = evaluate(unit, side=bool(task.side_eval_every))
             writer.write(unit, eval_metrics, prefix="eval/")
+            writer.flush()
+            task.side_eval_done()
         newest = ckpt.latest_step()  # for the summary (once the last save is done, as close() waits anyway)
     finally:
         if progress is not None:

@@ -417,9 +417,12 @@ def run_steps(run: PreferenceRun) -> tuple[WithFrozen, WithFrozen]:
     )
 
 
-def preference_task(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen] | None = None) -> Task:
+def preference_task(
+    run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen] | None = None, generation_eval=None
+) -> Task:
     """The run skeleton's task: one unit is one optimizer step on the next batch of the resumable iterator
-    (`steps`: `run_steps(run)`, made here when not given)."""
+    (`steps`: `run_steps(run)`, made here when not given; `generation_eval`: a
+    `rpo_jax.train.jobs.generation_eval.TrainingEval`, run every `config.eval.generation.every` steps)."""
     cfg = run.config
     per_process = local_batch_size(cfg.data.batch_size, run.mesh)
     iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
@@ -504,6 +507,9 @@ def preference_task(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen] | N
         label="rpo-train",
         mfu_dtype=run.dtype,
         log_filter=drop_empty_labels,
+        side_eval=None if generation_eval is None else lambda state, step: generation_eval(state["params"], step),
+        side_eval_every=int(cfg.eval.generation.every) if generation_eval is not None else 0,
+        side_eval_done=generation_eval.done if generation_eval is not None else lambda: None,
     )
 
 
@@ -520,7 +526,9 @@ def train(
     fill_reference_cache(run)
     if precompute_only:
         return {"reference_cache": {k: list(v.shape) for k, v in run.ref_cache.items()}}
-    return run_task(preference_task(run, steps), workdir)
+    from rpo_jax.train.jobs.generation_eval import build_training_eval  # config.eval.generation (None when off)
+
+    return run_task(preference_task(run, steps, build_training_eval(run)), workdir)
 
 
 def fitting_preference_run(
