@@ -16,8 +16,9 @@ from flax import nnx
 
 from rpo_jax.losses import make_loss
 from rpo_jax.models import ModelConfig
-from rpo_jax.train.build.model import abstract_params, split_trainable, with_shardings
+from rpo_jax.train.build.model import abstract_params, split_trainable, with_shardings, with_speed_settings
 from rpo_jax.train.build.optim import make_optimizer
+from rpo_jax.train.config.validation import with_settings
 from rpo_jax.train.runtime.global_batches import replicated
 
 
@@ -73,6 +74,27 @@ class RunSetup:
     state_shardings: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
+
+
+def model_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` fields of dotted config `settings` ({"model.remat": "full", "data.micro_batches": 2} →
+    {"remat": "full"})."""
+    return {key.removeprefix("model."): value for key, value in settings.items() if key.startswith("model.")}
+
+
+def lighter_setup(setup: RunSetup, settings: dict[str, Any]) -> RunSetup:
+    """`setup` (any mode's run) with result-preserving `settings` (`rpo_jax.train.build.fit.lighter_settings`) in
+    its config, its model config and its policy's graphdef (`with_speed_settings`); the same arrays."""
+    model = model_settings(settings)
+    graphdef = setup.graphdef
+    if model:
+        graphdef = with_speed_settings(graphdef, setup.state["params"], setup.rest, **model)
+    return dataclasses.replace(
+        setup,
+        config=with_settings(setup.config, settings),
+        model_config=dataclasses.replace(setup.model_config, **model),
+        graphdef=graphdef,
+    )
 
 
 def optimizer_state_shardings(tx: optax.GradientTransformation, params: Any, mesh) -> Any:

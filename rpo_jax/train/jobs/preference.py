@@ -54,9 +54,9 @@ from rpo_jax.train.build.programs import (
     state_with_reference,
 )
 from rpo_jax.train.build.references import INITIAL_POLICY, Reference, build_references, cached_logps, compute_logps
-from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
+from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype, lighter_setup, model_settings
 from rpo_jax.train.config.schema import RunConfig
-from rpo_jax.train.config.validation import validate, with_settings
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import PREFERENCE, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
@@ -548,25 +548,18 @@ def fitting_preference_run(
 
 def lighter_run(run: PreferenceRun, settings: Mapping[str, Any]) -> PreferenceRun:
     """`run` with result-preserving `settings` (`rpo_jax.train.build.fit.lighter_settings`: "model.attention",
-    "model.remat", "data.micro_batches") in its config, and the policy's and every reference's graphdef (the
-    model ones, `with_speed_settings`); the same arrays."""
-    model = {key.removeprefix("model."): value for key, value in settings.items() if key.startswith("model.")}
-
-    def graphdef_of(graphdef, params, rest):
-        return with_speed_settings(graphdef, params, rest, **model) if model else graphdef
+    "model.remat", "data.micro_batches"): `lighter_setup`, and every reference's graphdef with the model ones
+    (`with_speed_settings`); the same arrays."""
+    model = model_settings(settings)
 
     def reference_graphdef(r: Reference):
         params = run.state.get("reference") if r.params is None else r.params  # None: let go after its cache fill
-        return r.graphdef if params is None else graphdef_of(r.graphdef, params, r.rest)
+        if not model or params is None:
+            return r.graphdef
+        return with_speed_settings(r.graphdef, params, r.rest, **model)
 
     references = [dataclasses.replace(r, graphdef=reference_graphdef(r)) for r in run.references]
-    return dataclasses.replace(
-        run,
-        config=with_settings(run.config, settings),
-        model_config=dataclasses.replace(run.model_config, **model),
-        graphdef=graphdef_of(run.graphdef, run.state["params"], run.rest),
-        references=references,
-    )
+    return dataclasses.replace(lighter_setup(run, settings), references=references)
 
 
 def check_memory(run: PreferenceRun, train_step: WithFrozen) -> None:

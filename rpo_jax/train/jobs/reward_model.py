@@ -45,11 +45,11 @@ from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import largest_batch, load_records, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import dataset_fingerprint
 from rpo_jax.train.build.fit import check_programs_fit, fitting_run, local_devices, log_fit
-from rpo_jax.train.build.model import build_reward_model, with_speed_settings
+from rpo_jax.train.build.model import build_reward_model
 from rpo_jax.train.build.programs import reward_steps
-from rpo_jax.train.build.state import RunSetup, build_setup, compute_dtype
+from rpo_jax.train.build.state import RunSetup, build_setup, compute_dtype, lighter_setup
 from rpo_jax.train.config.schema import RunConfig
-from rpo_jax.train.config.validation import validate, with_settings
+from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import REWARD_MODEL, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
@@ -199,13 +199,7 @@ def fitting_reward_run(run: RewardRun, per_process: int) -> tuple[RewardRun, tup
         log_fit(log, *check_programs_fit(programs, candidate[0].config, local_devices(run.mesh)))
 
     def lighten(settings):
-        model = {key.removeprefix("model."): value for key, value in settings.items() if key.startswith("model.")}
-        lighter = dataclasses.replace(
-            run,
-            config=with_settings(cfg, settings),
-            model_config=dataclasses.replace(run.model_config, **model),
-            graphdef=with_speed_settings(run.graphdef, run.state["params"], run.rest, **model),
-        )
+        lighter = lighter_setup(run, settings)
         return lighter, reward_steps(lighter.config, lighter)
 
     shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
