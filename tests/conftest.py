@@ -48,7 +48,7 @@ def smollm2_dir() -> pathlib.Path:
 def gcs_emulator():
     """A local GCS API (tests/gcs_emulator.py) for the whole session; its environment is set in this process
     (so processes started by the tests inherit it). Yields that environment."""
-    from tests.gcs_emulator import start_emulator, use_in_this_process
+    from tests.gcs_emulator import restore_environment, start_emulator, use_in_this_process
 
     proc, env = start_emulator()
     saved = {k: os.environ.get(k) for k in env}
@@ -58,11 +58,7 @@ def gcs_emulator():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environment(saved)
 
 
 @pytest.fixture

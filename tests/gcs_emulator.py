@@ -231,3 +231,12 @@ def use_in_this_process(env: dict[str, str]) -> None:
 
     for protocol in ("gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {}).update(token="anon", use_listings_cache=False)
+
+
+def restore_environment(saved: dict[str, str | None]) -> None:
+    """Put back the variables `saved` before `use_in_this_process` ({name: value, None: it was unset})."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

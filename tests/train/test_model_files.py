@@ -21,7 +21,7 @@ import pytest
 
 from rpo_jax.models import load_hf, make_mesh, save_hf
 from rpo_jax.models.safetensors_io import RangeReader, byte_runs, headers_of, merge_runs
-from tests.gcs_emulator import served_bytes, start_counting_emulator, use_in_this_process
+from tests.gcs_emulator import restore_environment, served_bytes, start_counting_emulator, use_in_this_process
 from tests.hf_fixtures import load_torch_model, make_tiny_llama
 
 from .trainer_testlib import subprocess_env
@@ -45,11 +45,7 @@ def counting_emulator(tmp_path, processes: int = 1, fail_every: int = 0):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environment(saved)
         import gcsfs
 
         gcsfs.GCSFileSystem.clear_instance_cache()
