@@ -4,6 +4,8 @@
     python benchmarks/train_step.py --config configs/smollm2_demo.py --config.data.batch_size=4 \
         --k 2 --prompt-len 64 --response-len 64 --reference both --peer trl
     python benchmarks/train_step.py --lora 8,64 --config.data.batch_size=2 --steps 3 --warmup 1
+    python benchmarks/train_step.py --reference cached --vary model.remat=none,full --k 2 --prompt-len 128 \
+        --response-len 192 --config.data.batch_size=4   # modes differing in one field, alternating
     python benchmarks/train_step.py --config configs/quickstart.py --k 4 --prompt-len 16 --response-len 16 \
         --steps 1 --warmup 1                             # seconds, a smoke run
 
@@ -93,6 +95,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each mode per round)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each mode first")
     p.add_argument("--devices", type=int, default=1, help="devices of the run's mesh (0: all local devices)")
+    p.add_argument(
+        "--vary",
+        default="",
+        metavar="KEY=V1,V2,...",
+        help="modes that differ in one config field (e.g. model.remat=none,full), alternating, each with the "
+        "one --reference mode given (in_step or cached)",
+    )
     args, cfg, given = common.parse_args(p, argv, common.SMOLLM2_SHAPE)
     if args.peer == "trl" and (not cfg.model.path or args.k != 2 or cfg.loss.name != "dpo" or args.lora):
         p.error(
@@ -122,7 +131,12 @@ def main(argv=None):
 
     from rpo_jax.train.build.state import build_loss
 
-    if not build_loss(cfg).spec.requires_reference:
+    if args.vary:
+        try:
+            modes = vary_modes(args.vary, args.reference, build_loss(cfg).spec.requires_reference)
+        except ValueError as e:
+            p.error(str(e))
+    elif not build_loss(cfg).spec.requires_reference:
         modes = {"no reference": {}}
     else:
         both = {"in_step": {"reference_mode": "in_step"}, "cached": {"reference_mode": "cache"}}
@@ -208,13 +222,35 @@ def main(argv=None):
             f"{res['kernel_s_per_step']:.2f} s kernel time per step"
         )
     print(f"peak memory {memory:.2f} GiB ({where}, the whole run)")
-    if len(results) == 2:
+    if set(results) == {"in_step", "cached"}:
         speedup = results["in_step"]["step_time_s"] / results["cached"]["step_time_s"]
         print(f"cached vs in-step: {speedup:.2f}× faster steps")
     if peer is not None:
         results["trl"] = summarize_trl(peer, runs, first["tokens"])
     print(json.dumps(results))
     return results
+
+
+def vary_modes(vary: str, reference: str, requires_reference: bool) -> dict[str, dict]:
+    """`--vary KEY=V1,V2,...` → one mode per value ({"KEY=V1": {KEY: V1}, ...}), each with the single reference
+    mode `reference` (in_step → reference_mode "in_step", cached → "cache"). Values are parsed as Python literals
+    where they are one (`8`, `False`), else kept as strings (`full`)."""
+    import ast
+
+    key, sep, values = vary.partition("=")
+    if not sep or not key or not values:
+        raise ValueError(f"--vary {vary!r}: expected KEY=V1,V2,... (e.g. model.remat=none,full)")
+    if requires_reference and reference == "both":
+        raise ValueError("--vary needs one --reference mode (in_step or cached), not both")
+
+    def literal(text: str):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+    fixed = {"reference_mode": "in_step" if reference == "in_step" else "cache"} if requires_reference else {}
+    return {f"{key}={v}": {**fixed, key: literal(v)} for v in values.split(",")}
 
 
 def common_peak(dtype, repeats: int = 5) -> float:

@@ -131,3 +131,22 @@ def test_a_run_over_its_budget_stops_before_step_1_and_writes_nothing(tmp_path, 
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fit check: the run needs"))
     need = float(line.split("needs ")[1].split(" GiB")[0])
     assert need * GiB > resident_bytes() * 0.5  # the process's own memory is part of the need
+
+
+def test_the_fit_check_compiles_the_eval_step_for_the_eval_splits_largest_batch(tmp_path, caplog):
+    """An eval batch 12× the train batch: the eval step is the run's largest program, and the fit check says so
+    (its temporaries are what the log line names), before step 1 — not when the first evaluation comes."""
+    from rpo_jax.train.jobs.preference import build_run, check_memory, run_steps
+
+    from .trainer_testlib import tiny_config
+
+    cfg = tiny_config(tmp_path / "data", **{"data.eval_batch_size": 96, "train.steps": 1})
+    run = build_run(cfg, tmp_path / "run")
+    with caplog.at_level("INFO"):
+        check_memory(run, run_steps(run))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit check:")]
+    assert "and the eval step for the eval split's ((96, 4, 64) tokens)" in lines[0], lines[0]  # K = 4
+    assert "(eval step: temporaries" in lines[1], lines[1]
+    cfg = tiny_config(tmp_path / "data", **{"data.eval_batch_size": 96, "train.steps": 1, "train.memory_budget": "1B"})
+    with pytest.raises(DoesNotFit, match=r"\(eval step: "):
+        check_memory(build_run(cfg, tmp_path / "run2"), run_steps(run))

@@ -152,6 +152,12 @@ def run_need(
     return now + max(capacity.devices * per_device(p) + p.code for p in programs)
 
 
+def largest_program(programs: Sequence[ProgramMemory], capacity: Capacity) -> ProgramMemory:
+    """The program that sets the run's need (`run_need`): the most to allocate on the CPU, the largest total on
+    an accelerator."""
+    return max(programs, key=lambda p: p.to_allocate if capacity.host else p.total)
+
+
 class DoesNotFit(ValueError):
     """A run that needs more memory than its budget: the one line says what it needs, the budget, what there is
     and which settings would lower the need (`need`, `budget`: bytes; `held`: the part of the need that no setting
@@ -181,7 +187,7 @@ def check_fit(
             held = now + (0 if allocated else capacity.devices * max(p.arguments for p in programs))
         else:
             held = max(p.arguments + p.resident for p in programs)
-        largest = max(programs, key=lambda p: p.to_allocate if capacity.host else p.total)
+        largest = largest_program(programs, capacity)
         hint = f"; settings that lower it: {', '.join(suggestions)}" if suggestions else ""
         raise DoesNotFit(
             f"the run does not fit in memory: it needs {need / GiB:.2f} GiB ({largest.name}: temporaries "
@@ -317,8 +323,9 @@ def check_programs_fit(programs: Sequence[tuple], cfg, devices: Sequence[jax.Dev
 
 
 def log_fit(log, memories: Sequence[ProgramMemory], need: int, budget: int | None, capacity: Capacity) -> None:
-    """The fit check's result in the run's log: the need, the largest program's temporaries, the budget."""
-    largest = max(memories, key=lambda m: m.temporaries)
+    """The fit check's result in the run's log: the need, the temporaries of the program that sets it, the
+    budget."""
+    largest = largest_program(memories, capacity)
     log.info(
         "fit check: the run needs %.2f GiB (%s: temporaries %.2f GiB); budget %s of %s",
         need / GiB,

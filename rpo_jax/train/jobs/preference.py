@@ -542,7 +542,7 @@ def fitting_preference_run(
         return lighter, run_steps(lighter)
 
     shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-    check = lambda candidate: check_memory(candidate[0], candidate[1][0])  # noqa: E731
+    check = lambda candidate: check_memory(*candidate)  # noqa: E731
     return fitting_run((run, steps), check, lighten, run.config, shards)
 
 
@@ -562,19 +562,43 @@ def lighter_run(run: PreferenceRun, settings: Mapping[str, Any]) -> PreferenceRu
     return dataclasses.replace(lighter_setup(run, settings), references=references)
 
 
-def check_memory(run: PreferenceRun, train_step: WithFrozen) -> None:
+def check_memory(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]) -> None:
     """The fit check before step 1 (`rpo_jax.train.build.fit`): the train step compiled for the run's largest
-    batch (`largest_batch`; cached reference log-probs as zeros of their shape) against `train.memory_budget`. A
-    run that does not fit stops here (`DoesNotFit`), before the cache fill or anything else is written."""
+    batch and the eval step for the eval split's (`largest_batch`; cached reference log-probs as zeros of their
+    shape) against `train.memory_budget`. A run that does not fit stops here (`DoesNotFit`), before the cache
+    fill or anything else is written."""
     cfg = run.config
     if memory_budget_bytes(cfg.train.memory_budget, 1) is None:
         return
-    host = largest_batch(run.datasets["train"], local_batch_size(cfg.data.batch_size, run.mesh))
+    train_step, eval_step = steps
+    sizes = {"train": cfg.data.batch_size, "eval": cfg.data.eval_batch_size}
+    largest = {
+        split: largest_batch(run.datasets[split], local_batch_size(size, run.mesh))
+        for split, size in sizes.items()
+        if split in run.datasets
+    }
     probe, held = run, 0
     if run.references and not run.in_step_refs:  # filled after the check
-        shape = (run.datasets["train"].num_records, host["valid"].shape[1], len(run.references))
-        probe = dataclasses.replace(run, ref_cache={"train": np.zeros(shape, np.float32)})
+        probe = dataclasses.replace(
+            run,
+            ref_cache={
+                split: np.zeros(
+                    (run.datasets[split].num_records, host["valid"].shape[1], len(run.references)), np.float32
+                )
+                for split, host in largest.items()
+            },
+        )
         held = sum(device_bytes(r.params) for r in run.references if r.params is not None)
-    args = (run.state, train_batch(probe, host), step_reference_params(run))
-    log.info("fit check: compiling the train step for the largest batch (%s tokens)", args[1]["tokens"].shape)
-    log_fit(log, *check_programs_fit([("train step", train_step, args, held)], cfg, local_devices(run.mesh)))
+    train_args = (run.state, train_batch(probe, largest["train"]), step_reference_params(run))
+    programs = [("train step", train_step, train_args, held)]
+    if "eval" in largest:
+        eval_args = eval_arguments(run, run.state, device_batch(probe, largest["eval"], "eval"))
+        programs.append(("eval step", eval_step, eval_args, held))
+    log.info(
+        "fit check: compiling the train step for the largest batch (%s tokens)%s",
+        train_args[1]["tokens"].shape,
+        f" and the eval step for the eval split's ({programs[1][2][1]['tokens'].shape} tokens)"
+        if len(programs) > 1
+        else "",
+    )
+    log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh)))
