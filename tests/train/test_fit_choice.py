@@ -222,3 +222,67 @@ def test_a_long_row_reward_model_run_switches_to_blockwise_attention_and_trains_
     reference = [m["train/loss"] for m in read_metrics(tmp_path / "dense") if "train/loss" in m]
     assert len(chosen) == 2
     np.testing.assert_allclose(chosen, reference, rtol=1e-5)
+
+
+def distinct_characters(prompt: str, response: str) -> float:
+    """A reward that varies between a random model's samples: the response's distinct characters / 10."""
+    return len(set(response)) / 10
+
+
+@pytest.mark.slow
+def test_an_online_run_over_its_budget_switches_to_blockwise_attention_and_trains_as_the_dense_run(tmp_path, caplog):
+    """The ladder in online training: prompts left-padded to 1,000 tokens make the dense update step and sampler
+    large; a budget between the configured and the blockwise run's needs (each read from the refusal of a budget
+    of 1 byte) makes the run choose blockwise attention for its update step and its sampler — with the
+    configured run's samples, rewards and losses."""
+    from rpo_jax.train.jobs import online
+
+    from .test_online import online_config
+
+    overrides = {
+        "model.path": "",
+        "model.init": {
+            "model_type": "llama",
+            "vocab_size": 128,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 2048,
+        },
+        "model.attention": "xla",
+        "data.max_prompt_length": 1000,
+        "data.max_length": 1020,
+        "online.iterations": 1,
+        "online.prompts_per_iteration": 8,
+        "data.batch_size": 8,
+        "online.updates_per_iteration": 1,
+        "train.checkpoint_every": 0,
+        "online.reward_judge": f"{__name__}:distinct_characters",
+    }
+
+    def need(**more):
+        with pytest.raises(DoesNotFit) as e:
+            online.train_online(online_config("", **{**overrides, **more}), tmp_path / "probe")
+        return e.value.need
+
+    dense, blockwise = (
+        need(**{"train.memory_budget": "1B"}),
+        need(**{"train.memory_budget": "1B", "model.attention": "blockwise"}),
+    )
+    assert dense - blockwise > 0.3 * GiB, (dense / GiB, blockwise / GiB)
+    budget = {"train.memory_budget": f"{(dense + blockwise) // 2}B"}
+    with caplog.at_level(logging.INFO):
+        online.train_online(online_config("", **overrides, **budget), tmp_path / "chosen")
+    warning = next(
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "fit check" in r.getMessage()
+    )
+    assert "running with --config.model.attention=blockwise instead" in warning
+    online.train_online(online_config("", **overrides, **{"train.memory_budget": "0"}), tmp_path / "dense")
+    keys = ("online/loss", "online/reward", "online/response_length")
+    chosen = [[m[k] for k in keys] for m in read_metrics(tmp_path / "chosen") if "online/loss" in m]
+    reference = [[m[k] for k in keys] for m in read_metrics(tmp_path / "dense") if "online/loss" in m]
+    assert len(chosen) == 1 and chosen[0][1] > 0 and abs(chosen[0][0]) > 1e-3  # samples that differ in reward
+    np.testing.assert_allclose(chosen, reference, rtol=1e-5)

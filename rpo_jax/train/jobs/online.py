@@ -53,7 +53,7 @@ from rpo_jax.models import RewardFn, judge_fn, load_reward_model, reward_model_f
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import data_paths, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import token_lists_fingerprint
-from rpo_jax.train.build.fit import check_programs_fit, local_devices, log_fit
+from rpo_jax.train.build.fit import check_programs_fit, fitting_run, local_devices, log_fit
 from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
 from rpo_jax.train.build.programs import (
     ReferenceLayout,
@@ -64,7 +64,7 @@ from rpo_jax.train.build.programs import (
     sampler,
     scorer,
 )
-from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype
+from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype, lighter_setup
 from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import ONLINE, memory_budget_bytes
@@ -453,15 +453,47 @@ def check_memory(run: OnlineRun, update_step) -> None:
     log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh)))
 
 
+def fitting_online_run(run: OnlineRun) -> tuple[OnlineRun, WithFrozen]:
+    """`(run, update step)` that pass the fit check (`check_memory`): the configured ones, else the first rung of
+    `rpo_jax.train.build.fit.lighter_settings` that fits (`fitting_run`: logged), else `DoesNotFit`. With
+    `train.memory_budget` off, the configured ones unchecked."""
+    steps = (run, online_update_step(run.config, run, run.loss_fn))
+    if memory_budget_bytes(run.config.train.memory_budget, 1) is None:
+        return steps
+
+    def lighten(settings):
+        lighter = lighter_online_run(run, settings)
+        return lighter, online_update_step(lighter.config, lighter, lighter.loss_fn)
+
+    shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    return fitting_run(steps, lambda candidate: check_memory(*candidate), lighten, run.config, shards)
+
+
+def lighter_online_run(run: OnlineRun, settings: dict[str, Any]) -> OnlineRun:
+    """`run` with result-preserving `settings` (`rpo_jax.train.build.fit.lighter_settings`): `lighter_setup`, and
+    the programs built from the policy's graphdef again — the sampler, the policy's scorer and, with LoRA, the
+    base's. The other references' scorers keep their settings (forward passes outside the fit check)."""
+    lighter = lighter_setup(run, settings)
+    cfg, window = lighter.config, online_score_window(lighter.config)
+    base_scorer = None
+    if run.base_scorer is not None:
+        base = adapters_off_graphdef(lighter.graphdef, lighter.state["params"], lighter.rest)
+        base_scorer = scorer(cfg, lighter, base, lighter.rest, window)
+    return dataclasses.replace(
+        lighter,
+        policy_scorer=scorer(cfg, lighter, lighter.graphdef, lighter.rest, window),
+        sampler=sampler(cfg, lighter, run.eos_ids, run.pad_id),
+        base_scorer=base_scorer,
+    )
+
+
 def online_task(run: OnlineRun) -> Task:
     """The run skeleton's task: one unit is one iteration (sample, score, `updates_per_iteration` updates);
     checkpoints record the iteration, and a resumed run recomputes everything else from (seed, iteration,
     policy)."""
+    run, step_fn = fitting_online_run(run)
     cfg, oc = run.config, run.config.online
     updates = int(oc.updates_per_iteration)
-    step_fn = online_update_step(cfg, run, run.loss_fn)
-    if memory_budget_bytes(cfg.train.memory_budget, 1) is not None:
-        check_memory(run, step_fn)
 
     def advance(state, iteration: int) -> Unit:
         t0 = time.perf_counter()
