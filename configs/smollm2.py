@@ -23,9 +23,9 @@ def get_config():
     c.model.path = LOCAL if os.path.isdir(LOCAL) else "HuggingFaceTB/SmolLM2-135M-Instruct"
     c.model.dtype = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
     # Each layer's activations recomputed in the backward pass: on real lengths (512-token pairs, batch 4) the step's
-    # temporaries fall from 8.6 to ~2.5 GiB and, with packing, the run's peak from 18.5 to 5.9 GiB at more real
-    # tokens/s than padded batches without it (docs/benchmarks.md, "Real data in memory"). With remat the layer
-    # scan is not unrolled (rpo_jax.models.model: unrolled copies of a rematerialised layer keep their activations).
+    # temporaries fall from 8.6 to 1.3 GiB and, with packing, the run's peak to 5.0 GiB (padded without remat: 10.9
+    # GiB) at 0.92x its real tokens/s (docs/benchmarks.md, "Real data in memory"). With remat the layer scan is not
+    # unrolled (rpo_jax.models.model: unrolled copies of a rematerialised layer keep their activations).
     c.model.remat = "full"
     c.data.train = "data/train.jsonl"
     c.data.eval_fraction = 0.02  # used when data.eval is empty

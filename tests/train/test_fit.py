@@ -145,7 +145,7 @@ def test_the_fit_check_compiles_the_eval_step_for_the_eval_splits_largest_batch(
     with caplog.at_level("INFO"):
         check_memory(run, run_steps(run))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit check:")]
-    assert "and the eval step for the eval split's ((96, 4, 64) tokens)" in lines[0], lines[0]  # K = 4
+    assert "and the eval step for (96, 4, 64) tokens" in lines[0], lines[0]  # K = 4
     assert "(eval step: temporaries" in lines[1], lines[1]
     cfg = tiny_config(tmp_path / "data", **{"data.eval_batch_size": 96, "train.steps": 1, "train.memory_budget": "1B"})
     with pytest.raises(DoesNotFit, match=r"\(eval step: "):

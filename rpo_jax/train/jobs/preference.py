@@ -579,26 +579,17 @@ def check_memory(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]) -> No
     }
     probe, held = run, 0
     if run.references and not run.in_step_refs:  # filled after the check
-        probe = dataclasses.replace(
-            run,
-            ref_cache={
-                split: np.zeros(
-                    (run.datasets[split].num_records, host["valid"].shape[1], len(run.references)), np.float32
-                )
-                for split, host in largest.items()
-            },
-        )
+        shapes = {
+            s: (run.datasets[s].num_records, b["valid"].shape[1], len(run.references)) for s, b in largest.items()
+        }
+        probe = dataclasses.replace(run, ref_cache={s: np.zeros(shape, np.float32) for s, shape in shapes.items()})
         held = sum(device_bytes(r.params) for r in run.references if r.params is not None)
-    train_args = (run.state, train_batch(probe, largest["train"]), step_reference_params(run))
-    programs = [("train step", train_step, train_args, held)]
+    programs = [
+        ("train step", train_step, (run.state, train_batch(probe, largest["train"]), step_reference_params(run)), held)
+    ]
     if "eval" in largest:
         eval_args = eval_arguments(run, run.state, device_batch(probe, largest["eval"], "eval"))
         programs.append(("eval step", eval_step, eval_args, held))
-    log.info(
-        "fit check: compiling the train step for the largest batch (%s tokens)%s",
-        train_args[1]["tokens"].shape,
-        f" and the eval step for the eval split's ({programs[1][2][1]['tokens'].shape} tokens)"
-        if len(programs) > 1
-        else "",
-    )
+    what = " and ".join(f"the {name} for {args[1]['tokens'].shape} tokens" for name, _, args, _ in programs)
+    log.info("fit check: compiling %s (the largest batches)", what)
     log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh)))

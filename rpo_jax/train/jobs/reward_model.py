@@ -185,18 +185,27 @@ def evaluate_pairs(run: RewardRun, params, eval_step) -> dict[str, float]:
 
 def fitting_reward_run(run: RewardRun, per_process: int) -> tuple[RewardRun, tuple]:
     """`(run, (train step, eval step))` that pass the fit check (`rpo_jax.train.build.fit`): the train step
-    compiled for the largest pairs against `config.train.memory_budget` — the configured settings, else the first
-    rung of `lighter_settings` that fits (`fitting_run`, logged), else `DoesNotFit`."""
+    compiled for the largest pairs and the eval step for the eval split's against `config.train.memory_budget` —
+    the configured settings, else the first rung of `lighter_settings` that fits (`fitting_run`, logged), else
+    `DoesNotFit`."""
     cfg = run.config
     if memory_budget_bytes(cfg.train.memory_budget, 1) is None:
         return run, reward_steps(cfg, run)
-    host = pair_batch(largest_batch(run.datasets["train"], per_process), cfg.reward_model.margin_scale)
-    largest = to_global(host, run.mesh)
-    log.info("fit check: compiling the train step for the largest batch (%s tokens)", largest["tokens"].shape)
+    sizes = {"train": per_process, "eval": local_batch_size(cfg.data.eval_batch_size, run.mesh)}
+    largest = {
+        split: to_global(pair_batch(largest_batch(run.datasets[split], size), cfg.reward_model.margin_scale), run.mesh)
+        for split, size in sizes.items()
+        if split in run.datasets
+    }
+    what = " and ".join(f"the {split} step for {batch['tokens'].shape} tokens" for split, batch in largest.items())
+    log.info("fit check: compiling %s (the largest batches)", what)
 
     def check(candidate):
-        programs = [("train step", candidate[1][0], (candidate[0].state, largest), 0)]
-        log_fit(log, *check_programs_fit(programs, candidate[0].config, local_devices(run.mesh)))
+        (setup, (train_step, eval_step)) = candidate
+        programs = [("train step", train_step, (setup.state, largest["train"]), 0)]
+        if "eval" in largest:
+            programs.append(("eval step", eval_step, (setup.state["params"], largest["eval"]), 0))
+        log_fit(log, *check_programs_fit(programs, setup.config, local_devices(run.mesh)))
 
     def lighten(settings):
         lighter = lighter_setup(run, settings)
