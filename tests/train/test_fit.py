@@ -150,3 +150,30 @@ def test_the_fit_check_compiles_the_eval_step_for_the_eval_splits_largest_batch(
     cfg = tiny_config(tmp_path / "data", **{"data.eval_batch_size": 96, "train.steps": 1, "train.memory_budget": "1B"})
     with pytest.raises(DoesNotFit, match=r"\(eval step: "):
         check_memory(build_run(cfg, tmp_path / "run2"), run_steps(run))
+
+
+def test_an_online_fit_check_compiles_the_evaluations_sampler_when_it_samples_more_rows(tmp_path, caplog):
+    """Online evaluation samples one response to each of `online.eval_prompts` (200) in one call, more rows than
+    an iteration's 8 prompts × 2 samples: the fit check compiles the sampler for those rows too."""
+    from rpo_jax.train.jobs import online
+
+    from .test_online import online_config
+    from .trainer_testlib import TINY_MODEL
+
+    overrides = {
+        "model.path": "",
+        "model.init": dict(TINY_MODEL),
+        "online.prompts_per_iteration": 8,
+        "online.num_samples": 2,
+        "data.batch_size": 8,
+        "train.memory_budget": "1B",
+    }
+    for eval_prompts, compiled in ((200, "and the eval sampler for (200, 32) tokens"), (16, "(16, 32) tokens (the")):
+        caplog.clear()
+        with caplog.at_level("INFO"), pytest.raises(DoesNotFit):
+            online.train_online(online_config("", **overrides, **{"online.eval_prompts": eval_prompts}), tmp_path)
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fit check: compiling"))
+        assert line.startswith(
+            "fit check: compiling the update step for (8, 2, 52) tokens and the sampler for (16, 32)"
+        )
+        assert compiled in line, line  # 16 evaluation rows: the iteration's sampler program covers them

@@ -355,13 +355,17 @@ def collect(
     return batch, stats
 
 
+def eval_prompt_count(run: OnlineRun) -> int:
+    """The held-out prompts `evaluate_online` samples: `online.eval_prompts` (at most the split's), rounded down to
+    a multiple of the data shards and processes (0: no evaluation)."""
+    n = min(int(run.config.online.eval_prompts), len(run.prompts["eval"]))
+    shards = np.lcm(run.mesh.shape["data"] * run.mesh.shape["fsdp"], jax.process_count())
+    return int(n - n % shards)
+
+
 def evaluate_online(run: OnlineRun, params, iteration: int) -> dict[str, float]:
     """Judge reward, training reward, KL to the initial policy and length of one sample per held-out prompt."""
-    n = min(int(run.config.online.eval_prompts), len(run.prompts["eval"]))
-    if n == 0:
-        return {}
-    shards = np.lcm(run.mesh.shape["data"] * run.mesh.shape["fsdp"], jax.process_count())
-    n -= n % shards
+    n = eval_prompt_count(run)
     if n == 0:
         return {}
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(run.config.seed), 1), iteration)
@@ -439,17 +443,21 @@ def largest_samples(run: OnlineRun, prompts: int) -> dict[str, np.ndarray]:
 
 def check_memory(run: OnlineRun, update_step) -> None:
     """The fit check before the first iteration (`rpo_jax.train.build.fit`): the sampler on an iteration's
-    prompts and the update step on its largest mini-batch, compiled, against `config.train.memory_budget`."""
+    prompts (and on the evaluation's, `evaluate_online`, when they are more rows) and the update step on its
+    largest mini-batch, compiled, against `config.train.memory_budget`."""
     cfg, oc = run.config, run.config.online
-    rows = int(oc.prompts_per_iteration) * int(oc.num_samples)
-    tokens, mask = left_pad([[run.pad_id] * run.prompt_width] * rows, run.prompt_width, run.pad_id)
-    inputs = global_batch(run, {"tokens": tokens, "mask": mask})
     update = global_batch(run, largest_samples(run, cfg.data.batch_size), micro_batches=int(cfg.data.micro_batches))
-    programs = [
-        ("update step", update_step, (run.state, update), 0),
-        ("sampler", run.sampler, (run.state["params"], inputs["tokens"], inputs["mask"], iteration_key(run, 0)), 0),
-    ]
-    log.info("fit check: compiling the sampler and the update step for an iteration's largest batches")
+    programs = [("update step", update_step, (run.state, update), 0)]
+    rows = {"sampler": int(oc.prompts_per_iteration) * int(oc.num_samples), "eval sampler": eval_prompt_count(run)}
+    for name, n in rows.items():
+        if n and (name == "sampler" or n > rows["sampler"]):
+            tokens, mask = left_pad([[run.pad_id] * run.prompt_width] * n, run.prompt_width, run.pad_id)
+            inputs = global_batch(run, {"tokens": tokens, "mask": mask})
+            args = (run.state["params"], inputs["tokens"], inputs["mask"], iteration_key(run, 0))
+            programs.append((name, run.sampler, args, 0))
+    shape = lambda x: (x["tokens"] if isinstance(x, dict) else x).shape  # noqa: E731  (a batch, or prompt tokens)
+    what = [f"the {name} for {shape(args[1])} tokens" for name, _, args, _ in programs]
+    log.info("fit check: compiling %s (the largest batches)", " and ".join(what))
     log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh)))
 
 
