@@ -121,16 +121,18 @@ def test_score_window_auto_is_every_position_on_a_context_mesh(tmp_path):
 @pytest.mark.slow
 def test_a_score_window_on_a_context_mesh_gives_the_one_device_values():
     """`sequence_logps(score_window=W)` on mesh {data 4, context 2} (where the window is not used: every device
-    unembeds its own T/C positions) equals one device's windowed and full values for rows whose scored tokens
-    lie in the window: the setting changes memory, never values."""
+    unembeds its own T/C positions) equals one device's full values, and its windowed values for the rows whose
+    scored tokens lie in the window; a row whose do not is NaN on one device (`sequence_logps`: loudly wrong) and
+    its full value on the context mesh (nothing is truncated there)."""
     _needs_8_devices()
     graphdef, params, rest = split(GEMMA2, 0)
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, 64, (8, 32)).astype(np.int32)
     loss_mask = np.zeros((8, 32), bool)
-    for n in range(8):  # scored tokens within 12 positions of each row
+    for n in range(7):  # scored tokens within 12 positions of each row but the last
         start = int(rng.integers(2, 20))
         loss_mask[n, start : start + int(rng.integers(1, 12))] = True
+    loss_mask[7, 2:30] = True  # 28 scored tokens: outside a window of 16 (NaN on one device)
     attention_mask = np.ones((8, 32), bool)
 
     def logps(p, t, m, a, window):
@@ -144,5 +146,6 @@ def test_a_score_window_on_a_context_mesh_gives_the_one_device_values():
         (params, *map(jnp.asarray, args)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     )
     context = np.asarray(jax.jit(logps, static_argnums=4)(*on_mesh, 16))
-    np.testing.assert_allclose(windowed, full, rtol=1e-5, atol=0)
-    np.testing.assert_allclose(context, full, rtol=1e-5, atol=0)
+    assert np.isnan(windowed[7]) and np.all(np.isfinite(full))
+    np.testing.assert_allclose(windowed[:7], full[:7], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(context, full, rtol=1e-5, atol=0)  # every row, the last one too: no window used
