@@ -3,8 +3,8 @@
 _PROCESS_ID set: on the mesh {data 2, fsdp 2, context 2} whose context axis spans the two processes
 (`make_mesh(..., processes={"context": 2})`, checked device by device), `context_steps` — per-response
 log-probs and DPO gradients with the reference in the step for padded, packed and shared-prompt batches of the
-Gemma-2-style model, and two SGD train steps on the shared-prompt batch. Process 0 writes the results; the test compares them with
-`context_steps(None)` on one device.
+Gemma-2-style model, and two SGD train steps on the shared-prompt batch. Process 0 writes the results; the test
+compares them with `context_steps(None)` on one device.
 """
 
 from __future__ import annotations
