@@ -40,10 +40,10 @@ def _needs_8_devices():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base_dtype", ["", "int8"], ids=["lora", "qlora"])
-def test_lora_and_qlora_with_a_context_axis_take_the_one_device_steps(tmp_path, base_dtype):
-    """LoRA (and QLoRA: the base stored int8) on a saved base, the base (adapters off) as the cached reference:
-    three steps' losses and the eval loss at mesh {data 4, context 2} equal mesh {data 8}'s."""
+@pytest.mark.parametrize("base_dtype,reference_mode", [("", "in_step"), ("int8", "cache")], ids=["lora", "qlora"])
+def test_lora_and_qlora_with_a_context_axis_take_the_one_device_steps(tmp_path, base_dtype, reference_mode):
+    """LoRA with the base (adapters off) as the reference scored in the step, and QLoRA (the base stored int8)
+    with it cached: three steps' losses and the eval loss at mesh {data 4, context 2} equal mesh {data 8}'s."""
     _needs_8_devices()
     base = save_tiny_base(tmp_path)
     runs = {}
@@ -52,6 +52,7 @@ def test_lora_and_qlora_with_a_context_axis_take_the_one_device_steps(tmp_path, 
             base,
             **{
                 "model.lora.base_dtype": base_dtype,
+                "reference_mode": reference_mode,
                 "data.packing": False,
                 "data.max_length": 128,
                 "train.steps": 3,
