@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -61,13 +62,20 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
     return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=None, processes: Mapping[str, int] | None = None
+) -> Mesh:
     """A (data, fsdp, tensor[, context]) mesh with Auto axis types (sharding propagated by XLA).
 
     Args:
         shape: the sizes in `MESH_AXES` order (three or four), or `{axis: size}` as in `config.mesh` (a missing
             axis is 1); one size may be -1, the rest of the devices (see `resolve_mesh_shape`).
         devices: the devices to lay out (default: every device of every process).
+        processes: `{axis: n}`, how many processes each axis spans (a missing axis: 1; the n multiply to the
+            number of processes the devices belong to, and each divides its axis's size), e.g. `{"context": 2}`
+            on 2 processes puts the two context shards of every row in different processes and every other axis
+            inside one process (`process_mesh`). None: `jax.make_mesh`'s order, in which the first axes (data,
+            then fsdp, ...) span the processes and `context`, the last, stays inside one process when it can.
 
     Returns:
         A `jax.sharding.Mesh` with axes `("data", "fsdp", "tensor")`, and `"context"` last when its size is more
@@ -77,8 +85,42 @@ def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1), devices=Non
     named = shape if isinstance(shape, Mapping) else dict(zip(MESH_AXES[: len(shape)], shape, strict=True))
     sizes = resolve_mesh_shape(named, len(devices))
     axes = MESH_AXES if sizes[3] > 1 else MESH_AXES[:3]
-    sizes = sizes[: len(axes)]
-    return jax.make_mesh(sizes, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+    types = (AxisType.Auto,) * len(axes)
+    if processes is None:
+        return jax.make_mesh(sizes[: len(axes)], axes, axis_types=types, devices=devices)
+    return Mesh(process_mesh(sizes, processes, devices).reshape(sizes[: len(axes)]), axes, axis_types=types)
+
+
+def process_mesh(sizes: Sequence[int], processes: Mapping[str, int], devices: Sequence) -> np.ndarray:
+    """The `[data, fsdp, tensor, context]` array of `devices` in which axis a spans `processes[a]` processes:
+    every axis of size s is split s = n·m, n across processes (outer) × m inside one (inner), laid out by
+    `jax.experimental.mesh_utils.create_hybrid_device_mesh` with processes as its granules (each process's own
+    devices in `jax.make_mesh`'s order inside it).
+
+    Args:
+        sizes: the four axis sizes (`resolve_mesh_shape`).
+        processes: `{axis: n}` (a missing axis is 1).
+        devices: the devices, of `prod(n)` processes with the same number of devices each.
+    """
+    from jax.experimental import mesh_utils
+
+    unknown = set(processes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh processes: unknown axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    outer = [int(processes.get(axis, 1)) for axis in MESH_AXES]
+    wanted = dict(zip(MESH_AXES, outer))
+    count = len({d.process_index for d in devices})
+    if any(n < 1 for n in outer) or math.prod(outer) != count:
+        raise ValueError(f"mesh processes {wanted}: sizes ≥ 1 multiplying to the {count} processes of the devices")
+    for axis, size, n in zip(MESH_AXES, sizes, outer):
+        if size % n:
+            raise ValueError(f"mesh processes: {axis}={size} cannot span {n} processes (not a multiple)")
+    inner = [size // n for size, n in zip(sizes, outer)]
+    if len(devices) != count * math.prod(inner):
+        raise ValueError(
+            f"mesh processes {wanted}: every one of the {count} processes needs {math.prod(inner)} devices"
+        )
+    return mesh_utils.create_hybrid_device_mesh(inner, outer, devices, process_is_granule=True)
 
 
 def logical_to_spec(

@@ -155,3 +155,25 @@ def test_context_mesh_refuses_what_does_not_compose():
     model = create_model(GEMMA2_STYLE, rngs=nnx.Rngs(0), mesh=mesh)
     with pytest.raises(ValueError, match=r"row length 12 is not a multiple of 2 × context \(8\)"):
         nnx.jit(lambda m, x: m(x))(model, odd)
+
+
+def test_make_mesh_processes_lays_axes_over_processes():
+    """`make_mesh(processes=...)` on one process: every axis inside it (the order of `jax.make_mesh`), and the
+    settings it cannot honour are one-line errors naming them (the 2-process layout, context shard c on process c:
+    tests/train/test_context_parallel.py::test_context_across_two_processes_equals_one_device)."""
+    mesh = make_mesh({"data": 4, "context": 2}, processes={"context": 1})
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 1, "context": 2}
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in make_mesh({"data": 4, "context": 2}).devices.flat]
+    assert dict(make_mesh({"data": 8}, processes={}).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    for processes, match in (
+        ({"context": 2}, r"^mesh processes \{.*'context': 2\}: sizes ≥ 1 multiplying to the 1 processes"),
+        ({"sequence": 1}, r"^mesh processes: unknown axes \['sequence'\]"),
+        ({"context": 0}, r"sizes ≥ 1 multiplying to the 1 processes"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            make_mesh({"data": 4, "context": 2}, processes=processes)
+    with pytest.raises(ValueError, match=r"^mesh processes: data=3 cannot span 2 processes"):
+        from rpo_jax.models.sharding import process_mesh
+
+        fake = [type("Device", (), {"process_index": i // 3, "id": i})() for i in range(6)]
+        process_mesh((3, 2, 1, 1), {"data": 2}, fake)

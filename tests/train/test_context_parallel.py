@@ -17,6 +17,8 @@ from rpo_jax.data.packing import Packing, pack_batch
 from rpo_jax.losses import make_loss
 from rpo_jax.models import make_mesh
 from rpo_jax.train.step.logprobs import preference_inputs, response_logps
+from tests.train.context_worker import context_steps
+from tests.train.test_multihost import finish, start_workers
 from tests.train.test_packed_training import GEMMA2, list_batch, pair_batch, split, train_losses
 
 ROW = 32  # packed rows: a multiple of 2 × context for context ≤ 8 (the zig-zag layout's chunks)
@@ -112,3 +114,24 @@ def test_trainer_with_a_context_axis_takes_the_one_device_steps(tmp_path):
     assert len(base) == 3 and len(base_eval) == 1
     np.testing.assert_allclose(ctx, base, atol=1e-5, rtol=0)
     np.testing.assert_allclose(ctx_eval, base_eval, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_context_across_two_processes_equals_one_device(tmp_path):
+    """2 processes × 4 CPU devices (Gloo), mesh {data 2, fsdp 2, context 2} with the context axis across the
+    processes (`make_mesh(processes={"context": 2})`; the worker checks that context shard c of every row is on
+    process c): per-response log-probs and DPO gradients (reference in the step) for padded, packed and
+    shared-prompt batches, and the losses and parameters of two SGD train steps on the shared-prompt batch, equal
+    one device's (tests/train/context_worker.py)."""
+    result = tmp_path / "context.npz"
+    procs = start_workers(["-m", "tests.train.context_worker", str(result)])
+    finish(procs)
+    got = dict(np.load(result))
+    want = context_steps(None)
+    assert sorted(got) == sorted(want)
+    assert {k.split("/")[1] for k in want} == {"logps", "grad", "loss", "params"}
+    for key in want:
+        _close(got[key], want[key], f"2 processes, {key}")
+    assert float(want["shared/loss/1"]) < float(want["shared/loss/0"])  # the steps train
+    for layout in ("padded", "packed", "shared"):  # gradients of a size the 1e-5 bound tests (max 0.108)
+        assert max(float(np.abs(v).max()) for k, v in want.items() if k.startswith(f"{layout}/grad/")) > 1e-2

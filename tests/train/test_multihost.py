@@ -6,9 +6,11 @@ peak × chips)."""
 
 from __future__ import annotations
 
+import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -23,15 +25,24 @@ from rpo_jax.train.runtime.performance import Throughput, train_flops_per_token
 from .test_gcs import assert_same_params, bucket_final_params, bucket_metrics, bucket_steps, logged_steps
 from .trainer_testlib import final_params, read_metrics, subprocess_env, tiny_config, train_command, write_config
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
 
 def start_processes(config_file, workdir, n: int = 2, devices: int = 4) -> list[subprocess.Popen]:
     """`n` rpo-train processes of one run, `devices` CPU devices each, coordinated on a free localhost port."""
+    return start_workers(train_command(config_file, workdir)[1:], n, devices)
+
+
+def start_workers(args: list[str], n: int = 2, devices: int = 4) -> list[subprocess.Popen]:
+    """`n` processes `python ARGS...` (from the repository root) of one jax.distributed group, `devices` CPU
+    devices each, coordinated on a free localhost port (`rpo_jax.train.runtime.processes`' variables)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     return [
         subprocess.Popen(
-            train_command(config_file, workdir),
+            [sys.executable, *args],
+            cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -26,6 +26,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, model_serializer, model
 
 from rpo_jax.data.tokenize import TRUNCATION_POLICIES
 from rpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from rpo_jax.train.config.context_checks import check_context
 from rpo_jax.train.config.eval_section import EvalSection
 from rpo_jax.train.config.loss_terms import check_loss_inputs, loss_spec, loss_terms
 from rpo_jax.train.config.sections import (
@@ -466,6 +467,11 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _loss_inputs(self):
         check_loss_inputs(self)
+        return self
+
+    @model_validator(mode="after")
+    def _context(self):
+        check_context(self)
         return self
 
     @model_validator(mode="after")

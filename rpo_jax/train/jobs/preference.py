@@ -98,9 +98,13 @@ class PreferenceRun(RunSetup):
         return self.layout.sync if self.layout.in_state else None
 
 
-def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, TokenizedDataset]) -> int | None:
+def score_window_of(cfg: ml_collections.ConfigDict, datasets: Mapping[str, TokenizedDataset], mesh) -> int | None:
     """The run's static `score_window` (`config.model.score_window`) for `datasets` (one tokenization: every
-    split, so train, eval and the reference cache share one W and one compilation per length bucket)."""
+    split, so train, eval and the reference cache share one W and one compilation per length bucket). None (every
+    position) on a `mesh` with a context axis: each device runs the head on its own T/C positions there
+    (`rpo_jax.models.logprobs.context_token_logps`; a numeric window is refused at validation)."""
+    if mesh.shape.get("context", 1) > 1:
+        return None
     span = max((ds.max_scored_span for ds in datasets.values()), default=0)
     return resolve_score_window(cfg.model.score_window, span)
 
@@ -147,7 +151,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         datasets=datasets,
         references=references,
         layout=layout,
-        score_window=None if loss_fn.spec.requires_sequence_logps else score_window_of(cfg, datasets),
+        score_window=None if loss_fn.spec.requires_sequence_logps else score_window_of(cfg, datasets, mesh),
         preference_direction=direction,
         packing=packing,
     )
@@ -240,7 +244,7 @@ def reference_cache_of(run: PreferenceRun) -> dict[str, np.ndarray]:
             run,
             ref.graphdef,
             ref.rest,
-            run.score_window if ref.datasets is run.datasets else score_window_of(cfg, ref.datasets),
+            run.score_window if ref.datasets is run.datasets else score_window_of(cfg, ref.datasets, run.mesh),
         )
         for ref in run.references
     ]

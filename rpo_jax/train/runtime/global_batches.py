@@ -49,7 +49,8 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
             f"config.mesh={dict(mesh.shape)}: the batch axes data×fsdp={batch_shards} must split the "
             f"batch over the {n_proc} processes (this process's devices hold {rows} of its "
             f"{global_batch_size} rows, not {global_batch_size // n_proc}); make data×fsdp a multiple "
-            "of the number of processes, with `tensor` inside one process"
+            "of the number of processes, with `tensor` and `context` inside one process (every process reads rows of "
+            "its own: rows split over processes by their context shards would need the same rows on each)"
         )
     return global_batch_size // n_proc
 
