@@ -233,6 +233,9 @@ def read_run(workdir: pathlib.Path) -> dict:
             "preference": [r["preference"] for r in records],
             "policy_length": [r["policy_length"] for r in records],
             "baseline_length": [r["baseline_length"] for r in records],
+            "policy_reward": [r["policy_reward"] for r in records],
+            # the judge reward of the policy's answer minus π₀'s answer to the same prompt (paired)
+            "reward_gain": [r["policy_reward"] - r["baseline_reward"] for r in records],
         },
         "trajectory": [
             {
@@ -255,8 +258,8 @@ def run_arm(
 
     workdir = out / "runs" / arm / f"seed{seed}"
     done = workdir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    if done.exists():  # the run's own files are read again: a result.json of an older script version still fits
+        return {**json.loads(done.read_text()), **read_run(workdir)}
     if workdir.exists():  # an unfinished run: start it again from scratch
         import shutil
 
@@ -308,6 +311,8 @@ def summarize(results: list[dict]) -> dict[str, dict]:
             "lc_win_rate": lc_win_rate(prefs, lp - lb),
             "length_ratio": length_ratio(lp, lb),
             "wins_ties_losses": tuple(float(np.mean(prefs == v)) for v in (1.0, 0.5, 0.0)),
+            "reward_gain": float(paired(runs, "reward_gain").mean()),
+            "reward_gain_ci": paired_bootstrap_ci(paired(runs, "reward_gain")),
             "win_rate_over_seeds": mean_std([r["generation"]["win_rate"] for r in runs]),
             "kl": mean_std([r["generation"]["kl"] for r in runs]),
             "num_prompts": int(prefs.shape[0]),
@@ -321,9 +326,9 @@ def summarize(results: list[dict]) -> dict[str, dict]:
 
 
 def compare(results: list[dict]) -> list[dict]:
-    """The `COMPARISONS` whose two arms ran: Δ win rate (arm − against) with its paired-bootstrap 95 % interval
-    over prompts (each prompt's seeds together) and the verdict: better / worse when the interval excludes 0, else
-    no claim."""
+    """The `COMPARISONS` whose two arms ran: Δ win rate against π₀ (arm − against) and Δ judge reward (of the two
+    policies' answers to the same prompts), each with its paired-bootstrap 95 % interval over prompts (each prompt's
+    seeds together) and a verdict: better / worse when the interval excludes 0, else no claim."""
     from rpo_jax.models.win_rates import paired_bootstrap_ci
 
     arms = {r["arm"] for r in results}
@@ -331,12 +336,29 @@ def compare(results: list[dict]) -> list[dict]:
     for arm, other, why in COMPARISONS:
         if arm not in arms or other not in arms:
             continue
-        diff = paired([r for r in results if r["arm"] == arm], "preference", [r for r in results if r["arm"] == other])
+        mine, theirs = [r for r in results if r["arm"] == arm], [r for r in results if r["arm"] == other]
+        diff = paired(mine, "preference", theirs)
         low, high = paired_bootstrap_ci(diff)
-        verdict = "better" if low > 0 else "worse" if high < 0 else "no claim (interval contains 0)"
-        rows.append({"arm": arm, "against": other, "what": why, "delta": float(diff.mean()), "ci": (low, high)})
-        rows[-1]["verdict"] = verdict
+        gain = paired(mine, "policy_reward", theirs)
+        rows.append(
+            {
+                "arm": arm,
+                "against": other,
+                "what": why,
+                "delta": float(diff.mean()),
+                "ci": (low, high),
+                "verdict": verdict(low, high),
+                "reward_delta": float(gain.mean()),
+                "reward_ci": paired_bootstrap_ci(gain),
+            }
+        )
+        rows[-1]["reward_verdict"] = verdict(*rows[-1]["reward_ci"])
     return rows
+
+
+def verdict(low: float, high: float) -> str:
+    """better / worse when a difference's interval excludes 0, else no claim."""
+    return "better" if low > 0 else "worse" if high < 0 else "no claim (interval contains 0)"
 
 
 def write_table(table: dict, comparisons: list[dict], path: pathlib.Path, header: str) -> None:
@@ -344,11 +366,11 @@ def write_table(table: dict, comparisons: list[dict], path: pathlib.Path, header
         header,
         "",
         "| arm | what changes | win rate vs π₀ [95 % CI] | per seed | wins / ties / losses | LC win rate | "
-        "length ratio | KL(π‖π₀) | judge reward ↑ |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "length ratio | KL(π‖π₀) | judge reward − π₀'s [95 % CI] | judge reward ↑ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     initial = np.mean([s["initial_judge_reward"][0] for s in table.values()])
-    rows.append(f"| initial (SFT) policy π₀ | — | 0.5 | | | 0.5 | 1 | 0 | {initial:.3f} |")
+    rows.append(f"| initial (SFT) policy π₀ | — | 0.5 | | | 0.5 | 1 | 0 | 0 | {initial:.3f} |")
     for arm, s in table.items():
         fmt = lambda k, d=3: f"{s[k][0]:.{d}f} ± {s[k][1]:.{d}f}"  # noqa: E731
         low, high = s["win_rate_ci"]
@@ -356,14 +378,20 @@ def write_table(table: dict, comparisons: list[dict], path: pathlib.Path, header
             f"| `{arm}` | {ARMS[arm][0]} | {s['win_rate']:.3f} [{low:.3f}, {high:.3f}] | "
             f"{fmt('win_rate_over_seeds')} | {' / '.join(f'{x:.2f}' for x in s['wins_ties_losses'])} | "
             f"{s['lc_win_rate']:.3f} | {s['length_ratio']:.2f} | {fmt('kl', 2)} | "
+            f"{s['reward_gain']:+.3f} [{s['reward_gain_ci'][0]:+.3f}, {s['reward_gain_ci'][1]:+.3f}] | "
             f"{fmt('judge_reward')} |"
         )
     if comparisons:
-        rows += ["", "| comparison | Δ win rate [95 % CI] | verdict |", "|---|---|---|"]
+        rows += [
+            "",
+            "| comparison | Δ win rate vs π₀ [95 % CI] | verdict | Δ judge reward [95 % CI] | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for c in comparisons:
             rows.append(
                 f"| {c['what']} (`{c['arm']}` − `{c['against']}`) | {c['delta']:+.3f} "
-                f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['verdict']} |"
+                f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['verdict']} | {c['reward_delta']:+.3f} "
+                f"[{c['reward_ci'][0]:+.3f}, {c['reward_ci'][1]:+.3f}] | {c['reward_verdict']} |"
             )
     path.write_text("\n".join(rows) + "\n")
 
@@ -512,9 +540,11 @@ def main(argv=None) -> dict:
         "the judge prefers the higher reward (a tie: 0.5). Win rate: pooled over seeds, with the paired-bootstrap "
         "95 % interval over prompts (a prompt's seeds resampled together; it does not include the seed-to-seed "
         "spread, which 'per seed' gives as mean ± std); the fractions of prompts won, tied (equal judge rewards) and "
-        "lost; LC win rate and length ratio of the same samples; KL(π‖π₀) "
+        "lost; LC win rate and length ratio of the same samples; the judge reward of the policy's answer minus π₀'s "
+        "(paired, with its bootstrap interval); KL(π‖π₀) "
         "estimated from the policy's samples and judge reward: mean ± std over seeds. Comparisons: the paired "
-        "difference of two arms' win rates (same seeds, prompts and π₀ samples) with its bootstrap interval."
+        "difference of two arms' win rates (same seeds, prompts and π₀ samples) and of their judge rewards, each "
+        "with its bootstrap interval."
     )
     write_table(table, comparisons, out / "results.md", header)
     (out / "results.json").write_text(

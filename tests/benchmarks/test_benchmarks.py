@@ -125,6 +125,8 @@ def test_judge_ablation_arms_and_paired_comparisons():
             "preference": list(prefs),
             "policy_length": [3] * n,
             "baseline_length": [3] * n,
+            "policy_reward": list(prefs * 2),
+            "reward_gain": list(prefs * 2 - 1),
         }
         generation = {"win_rate": float(np.mean(prefs)), "kl": 1.0}
         final = {"judge_reward": 0.5, "kl_to_initial": 1.0, "response_length": 3.0, "reward": 0.5}
@@ -152,6 +154,9 @@ def test_judge_ablation_arms_and_paired_comparisons():
     assert row["delta"] == pytest.approx((a - b).mean())
     assert row["ci"] == pytest.approx(paired_bootstrap_ci(a - b))
     assert row["ci"][0] > 0 and row["verdict"] == "better"
+    assert row["reward_delta"] == pytest.approx(2 * (a - b).mean())
+    assert row["reward_ci"] == pytest.approx(paired_bootstrap_ci(2 * (a - b))) and row["reward_verdict"] == "better"
+    assert table["online_mrpo"]["reward_gain_ci"] == pytest.approx(paired_bootstrap_ci(2 * a - 1))
 
 
 def test_accelerator_check_reduced_runs_on_cpu(capsys):
