@@ -534,8 +534,9 @@ def main(argv=None) -> dict:
     header = (
         f"Ground-truth-judge ablation ({'smoke' if args.smoke else 'default'} size: "
         f"{size['iterations']} iterations × {size['updates']} updates, {size['prompts']} prompts per "
-        f"iteration, seeds {seeds}; {len(results)} runs; set-up {setup_s:.0f} s, total {total / 60:.1f} min "
-        f"on {os.cpu_count()} CPU cores). Every final policy and the initial policy π₀ answer each of "
+        f"iteration, seeds {seeds}; {len(results)} runs taking {sum(r['seconds'] for r in results) / 60:.1f} min "
+        f"together; this invocation {total / 60:.1f} min with set-up {setup_s:.0f} s, runs finished earlier read "
+        f"back; {os.cpu_count()} CPU cores). Every final policy and the initial policy π₀ answer each of "
         f"{size['eval_prompts']} held-out prompts once (temperature 1, the same π₀ sample for every arm of a seed); "
         "the judge prefers the higher reward (a tie: 0.5). Win rate: pooled over seeds, with the paired-bootstrap "
         "95 % interval over prompts (a prompt's seeds resampled together; it does not include the seed-to-seed "
