@@ -350,6 +350,8 @@ def compare(results: list[dict]) -> list[dict]:
                 "verdict": verdict(low, high),
                 "reward_delta": float(gain.mean()),
                 "reward_ci": paired_bootstrap_ci(gain),
+                # the training seeds' own differences: the intervals resample prompts, not training runs
+                "per_seed": [float(x) for x in diff.mean(axis=0)],
             }
         )
         rows[-1]["reward_verdict"] = verdict(*rows[-1]["reward_ci"])
@@ -384,13 +386,15 @@ def write_table(table: dict, comparisons: list[dict], path: pathlib.Path, header
     if comparisons:
         rows += [
             "",
-            "| comparison | Δ win rate vs π₀ [95 % CI] | verdict | Δ judge reward [95 % CI] | verdict |",
-            "|---|---|---|---|---|",
+            "| comparison | Δ win rate vs π₀ [95 % CI] | verdict | seeds with Δ > 0 | Δ judge reward [95 % CI] | "
+            "verdict |",
+            "|---|---|---|---|---|---|",
         ]
         for c in comparisons:
             rows.append(
                 f"| {c['what']} (`{c['arm']}` − `{c['against']}`) | {c['delta']:+.3f} "
-                f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['verdict']} | {c['reward_delta']:+.3f} "
+                f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['verdict']} | "
+                f"{sum(x > 0 for x in c['per_seed'])} of {len(c['per_seed'])} | {c['reward_delta']:+.3f} "
                 f"[{c['reward_ci'][0]:+.3f}, {c['reward_ci'][1]:+.3f}] | {c['reward_verdict']} |"
             )
     path.write_text("\n".join(rows) + "\n")
@@ -455,6 +459,19 @@ def plot(results: list[dict], table: dict, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def compact(results: list[dict]) -> dict:
+    """`{"prompts": [...], "runs": [...]}` for results.json: each run's per-prompt `prompt` an index into one list of
+    prompts, rewards rounded to 1e-4 (the statistics are computed before, from the runs' own files)."""
+    prompts = list(dict.fromkeys(p for r in results for p in r["per_prompt"]["prompt"]))
+    index = {p: i for i, p in enumerate(prompts)}
+    runs = []
+    for r in results:
+        per_prompt = {k: [round(x, 4) for x in v] if "reward" in k else v for k, v in r["per_prompt"].items()}
+        per_prompt["prompt"] = [index[p] for p in r["per_prompt"]["prompt"]]
+        runs.append({**r, "per_prompt": per_prompt})
+    return {"prompts": prompts, "runs": runs}
 
 
 def replot(out: pathlib.Path) -> None:
@@ -545,7 +562,8 @@ def main(argv=None) -> dict:
         "(paired, with its bootstrap interval); KL(π‖π₀) "
         "estimated from the policy's samples and judge reward: mean ± std over seeds. Comparisons: the paired "
         "difference of two arms' win rates (same seeds, prompts and π₀ samples) and of their judge rewards, each "
-        "with its bootstrap interval."
+        "with its bootstrap interval over prompts, and in how many seeds the win-rate difference is positive (the "
+        "intervals do not include the seed-to-seed spread of training)."
     )
     write_table(table, comparisons, out / "results.md", header)
     (out / "results.json").write_text(
@@ -556,9 +574,9 @@ def main(argv=None) -> dict:
                 "total_seconds": total,
                 "table": table,
                 "comparisons": comparisons,
-                "runs": results,
+                **compact(results),
             },
-            indent=1,
+            separators=(",", ":"),
         )
     )
     plot(results, table, out / "reward_vs_kl.png")

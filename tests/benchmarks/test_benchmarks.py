@@ -154,6 +154,7 @@ def test_judge_ablation_arms_and_paired_comparisons():
     assert row["delta"] == pytest.approx((a - b).mean())
     assert row["ci"] == pytest.approx(paired_bootstrap_ci(a - b))
     assert row["ci"][0] > 0 and row["verdict"] == "better"
+    assert row["per_seed"] == pytest.approx((a - b).mean(axis=0))
     assert row["reward_delta"] == pytest.approx(2 * (a - b).mean())
     assert row["reward_ci"] == pytest.approx(paired_bootstrap_ci(2 * (a - b))) and row["reward_verdict"] == "better"
     assert table["online_mrpo"]["reward_gain_ci"] == pytest.approx(paired_bootstrap_ci(2 * a - 1))
