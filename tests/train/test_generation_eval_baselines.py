@@ -168,3 +168,27 @@ def test_the_baseline_cache_is_read_on_resume_and_remade_when_its_key_differs(tm
     preference.train(cfg, workdir)  # a finished run started again evaluates once more
     assert baseline_file(workdir) == (key, generated)
     assert [r["baseline"] for r in records(workdir, 6)] == [g[0] for g in generated]
+
+
+def test_online_chosen_baseline_and_a_run_without_held_out_prompts(tmp_path):
+    """Online mode, baseline = "chosen": the records' baselines are the held-out file's chosen responses of their
+    prompts; without a held-out split (no data.eval, a training file) the evaluation is a one-line error."""
+    from rpo_jax.train.jobs.online import train_online
+    from tests.train.test_generation_eval import online_gen_config
+
+    policy = save_tiny_base(tmp_path / "base") / "base"
+    workdir = tmp_path / "run"
+    cfg = online_gen_config(
+        policy,
+        tmp_path,
+        **{"eval.generation.baseline": "chosen", "online.iterations": 1, "eval.generation.plot": False},
+    )
+    train_online(cfg, workdir)
+    raw = [json.loads(x) for x in pathlib.Path(cfg.data.eval).read_text().splitlines()]
+    chosen = {json.dumps(r["prompt"]): r["responses"][int(np.argmax(r["rewards"]))] for r in raw}
+    rows = records(workdir, 1)
+    assert len(rows) == 8 and [r["baseline"] for r in rows] == [chosen[json.dumps(r["prompt"])] for r in rows]
+
+    cfg = online_gen_config(policy, tmp_path, **{"data.eval": "", "online.iterations": 1})
+    with pytest.raises(ValueError, match=r"no held-out split: set data\.eval, or config\.eval\.generation\.prompts"):
+        train_online(cfg, tmp_path / "no_eval")

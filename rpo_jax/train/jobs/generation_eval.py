@@ -482,9 +482,10 @@ def training_eval(setup, workdir, eos_ids: tuple[int, ...], initial_params, held
     if gen.prompts:
         held_out = read_eval_records(gen.prompts, want_chosen=want_chosen, on_error=cfg.data.on_error), gen.prompts
     elif held_out is None:
+        split = "data.eval" if cfg.mode == "online" else "data.eval or data.eval_fraction"
         raise ValueError(
-            "config.eval.generation.prompts='' but the run has no held-out split: set data.eval or "
-            "data.eval_fraction, or config.eval.generation.prompts"
+            f"config.eval.generation.prompts='' but the run has no held-out split: set {split}, or "
+            "config.eval.generation.prompts"
         )
     records, where = held_out
     prompts = select_prompts(records, setup.tokenizer, cfg, gen, seed=cfg.seed, want_chosen=want_chosen, where=where)
