@@ -9,6 +9,7 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
@@ -93,6 +94,70 @@ def test_command_line_is_rpo_trains():
     assert (arm.online.max_new_tokens, arm.loss.name, arm.model.path) == (64, "rpo_sq", "P")
     with pytest.raises(SystemExit):
         judge_ablation.parse(["--set", "online.max_new_tokens=64"])  # the old syntax is gone
+
+
+def test_judge_ablation_arms_and_paired_comparisons():
+    """The ablation's arms evaluate with the win-rate module after the last iteration (π₀ as the baseline, sampled
+    as in training); the R = 1 arm on MRPO's second reference validates; the pooled win rate, its interval and the
+    paired differences of two arms are the win-rate module's on the per-prompt preferences."""
+    import judge_ablation
+
+    from rpo_jax.models.win_rates import paired_bootstrap_ci
+    from rpo_jax.train.config.validation import validate
+
+    _, recipe, given = judge_ablation.parse(["--smoke"])
+    size = judge_ablation.SIZES["smoke"]
+    pieces = {"policy": "P", "judge": judge_ablation.JUDGE, "second_reference": "S"}
+    cfg = validate(judge_ablation.arm_config("online_rpo_bwd_ref2", 0, size, pieces, recipe, given))
+    gen = cfg.eval.generation
+    assert (gen.every, gen.baseline, gen.judge, gen.num_prompts) == (size["iterations"], "initial", pieces["judge"], 16)
+    assert gen.max_new_tokens == cfg.online.max_new_tokens and gen.temperature == cfg.online.temperature
+    assert [r.path for r in cfg.references] == ["", "S"]
+    assert tuple(cfg.loss.hparams["alpha"]) == (0.0, 1.0) and cfg.loss.hparams["epsilon"] is None
+
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i}" for i in range(40)]
+
+    def run(arm, seed, prefs):
+        n = len(prefs)
+        per_prompt = {
+            "prompt": prompts,
+            "preference": list(prefs),
+            "policy_length": [3] * n,
+            "baseline_length": [3] * n,
+            "policy_reward": list(prefs * 2),
+            "reward_gain": list(prefs * 2 - 1),
+        }
+        generation = {"win_rate": float(np.mean(prefs)), "kl": 1.0}
+        final = {"judge_reward": 0.5, "kl_to_initial": 1.0, "response_length": 3.0, "reward": 0.5}
+        trajectory = [{"judge_reward": 0.4}]
+        return {
+            "arm": arm,
+            "seed": seed,
+            "per_prompt": per_prompt,
+            "generation": generation,
+            "final": final,
+            "trajectory": trajectory,
+        }
+
+    a = rng.integers(1, 3, size=(40, 2)) / 2  # preferences 0.5 (a tie) or 1: better than b's 0 or 1
+    b = rng.integers(0, 2, size=(40, 2)) * 1.0
+    results = [run("online_mrpo", s, a[:, s]) for s in range(2)] + [run("online_rpo_bwd", s, b[:, s]) for s in range(2)]
+    results.append(run("online_rpo_bwd", 2, b[:, 0]))  # a seed the other arm lacks: not in the paired difference
+    table = judge_ablation.summarize(results)
+    assert table["online_mrpo"]["win_rate"] == pytest.approx(a.mean())
+    assert table["online_mrpo"]["win_rate_ci"] == pytest.approx(paired_bootstrap_ci(a))
+    assert table["online_mrpo"]["lc_win_rate"] == pytest.approx(a.mean())  # equal lengths: LC = raw
+    assert table["online_mrpo"]["wins_ties_losses"] == pytest.approx(((a == 1).mean(), (a == 0.5).mean(), 0.0))
+    (row,) = judge_ablation.compare(results)
+    assert (row["arm"], row["against"]) == ("online_mrpo", "online_rpo_bwd")
+    assert row["delta"] == pytest.approx((a - b).mean())
+    assert row["ci"] == pytest.approx(paired_bootstrap_ci(a - b))
+    assert row["ci"][0] > 0 and row["verdict"] == "better"
+    assert row["per_seed"] == pytest.approx((a - b).mean(axis=0))
+    assert row["reward_delta"] == pytest.approx(2 * (a - b).mean())
+    assert row["reward_ci"] == pytest.approx(paired_bootstrap_ci(2 * (a - b))) and row["reward_verdict"] == "better"
+    assert table["online_mrpo"]["reward_gain_ci"] == pytest.approx(paired_bootstrap_ci(2 * a - 1))
 
 
 def test_accelerator_check_reduced_runs_on_cpu(capsys):

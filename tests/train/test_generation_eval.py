@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
+from rpo_jax.data.demo import judge as demo_judge
 from rpo_jax.train.cli import evaluate as eval_cli
 from rpo_jax.train.jobs import preference
 from rpo_jax.train.jobs.generation_eval import TrainingEval
-from tests.train.trainer_testlib import read_metrics, save_tiny_base, subprocess_env, tiny_config
+from tests.train.trainer_testlib import demo_slice, read_metrics, save_tiny_base, subprocess_env, tiny_config
 
 KEYS = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "length_ratio", "kl", "reward")
 JUDGE = "rpo_jax.data.demo:judge"
@@ -256,3 +257,95 @@ def test_kill_9_during_an_in_training_evaluation_resumes_without_duplicated_reco
     assert [r["step"] for r in read_metrics(workdir) if "eval/generation/win_rate" in r] == [3, 6]
     for step in (3, 6):
         assert len((workdir / "generations" / f"step_{step}.jsonl").read_text().splitlines()) == 8
+
+
+# --------------------------------------------------------------------------------------------- online runs
+def user_text(prompt) -> str:
+    """A record's prompt as the demo judge reads it: the last user message of a conversation, else the text."""
+    return prompt if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"][-1]
+
+
+def online_gen_config(policy, tmp_path, **overrides):
+    """configs/online_demo.py on a tiny policy: 2 iterations × 2 updates, a generation eval every iteration."""
+    from tests.train.trainer_testlib import load_recipe, set_fields
+
+    train, evaluation = demo_slice(tmp_path / "data")
+    c = load_recipe("online_demo")
+    c.model.path = str(policy)
+    c.data.train, c.data.eval = train, evaluation
+    c.data.batch_size = 8
+    c.online.iterations = 2
+    c.online.prompts_per_iteration = 8
+    c.online.updates_per_iteration = 2
+    c.online.max_new_tokens = 12
+    c.online.eval_every = 0
+    c.online.eval_prompts = 8
+    c.train.checkpoint_every = 1
+    c.train.progress_bar = False
+    c.train.export_at_end = False
+    c.train.async_checkpointing = False
+    c.metrics.tensorboard = False
+    c.metrics.peak_flops = 1e11
+    fields = {
+        "eval.generation.every": 1,
+        "eval.generation.judge": JUDGE,
+        "eval.generation.num_prompts": 8,
+        "eval.generation.max_new_tokens": 12,
+        **overrides,
+    }
+    return set_fields(c, fields)
+
+
+def test_online_training_logs_generation_metrics_records_and_resumes_without_duplicates(
+    exported, tmp_path, monkeypatch
+):
+    """config.eval.generation in online mode: eval/generation/… at every iteration (the metrics' step) and the
+    end, step_N.jsonl whose mean preference is the win rate; an evaluation that crashes (after the checkpoint of
+    iteration 1) is done again on resume, once."""
+    from rpo_jax.train.jobs.online import train_online
+
+    workdir = tmp_path / "run"
+    cfg = online_gen_config(exported, tmp_path)
+    calls = {"n": 0}
+    original = TrainingEval.__call__
+
+    def crashing(self, params, step):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("killed during the evaluation")
+        return original(self, params, step)
+
+    monkeypatch.setattr(TrainingEval, "__call__", crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_online(cfg, workdir)
+    train_online(cfg, workdir)
+    metrics = read_metrics(workdir)
+    seen = [(r["step"], tuple(sorted(k.split("/")[0] for k in r if "/" in k))) for r in metrics]
+    assert len(seen) == len(set(seen)), seen
+    records = [r for r in metrics if "eval/generation/win_rate" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        for k in KEYS:
+            assert f"eval/generation/{k}" in r, k
+        assert r["eval/generation/win_rate_ci_low"] <= r["eval/generation/win_rate"]
+        assert r["eval/generation/win_rate"] <= r["eval/generation/win_rate_ci_high"]
+    for r in records:
+        lines = [json.loads(x) for x in (workdir / "generations" / f"step_{r['step']}.jsonl").read_text().splitlines()]
+        assert len(lines) == 8 and all(x["step"] == r["step"] for x in lines)
+        assert r["eval/generation/win_rate"] == pytest.approx(sum(x["preference"] for x in lines) / 8)
+        # the demo judge's rewards, recomputed here from the records' texts
+        assert r["eval/generation/reward"] == pytest.approx(
+            sum(demo_judge(user_text(x["prompt"]), x["policy"]) for x in lines) / 8
+        )
+    assert (workdir / "generations" / "win_rate.png").stat().st_size > 0
+
+
+def test_reward_model_mode_refuses_a_generation_eval(tmp_path):
+    from rpo_jax.train.config.validation import validate
+
+    with pytest.raises(ValueError, match="trains no policy that writes"):
+        validate(
+            tiny_config(
+                tmp_path, **{"mode": "reward_model", "eval.generation.every": 1, "eval.generation.judge": JUDGE}
+            )
+        )

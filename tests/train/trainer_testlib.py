@@ -129,16 +129,17 @@ def steps_saved(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
-def save_tiny_base(root: pathlib.Path) -> pathlib.Path:
+def save_tiny_base(root: pathlib.Path, **overrides) -> pathlib.Path:
     """`root` with a tiny random Llama saved as a Hugging Face checkpoint in `root/base` (the demo tokenizer with
-    it) and the demo slice in `root/data`: the frozen base of the LoRA / QLoRA trainer tests."""
+    it) and the demo slice in `root/data`: the frozen base of the LoRA / QLoRA trainer tests. `overrides`: fields
+    of `tiny_config` (e.g. `{"model.init_seed": 7}`: other weights)."""
     import jax.numpy as jnp
 
     from rpo_jax.models import make_mesh, save_hf
     from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
     from rpo_jax.train.build.model import load_policy
 
-    cfg = tiny_config(root / "data")
+    cfg = tiny_config(root / "data", **overrides)
     tok = load_tokenizer(tokenizer_path(cfg))
     model, mc = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), jax.devices()[:1]), jnp.float32)
     save_hf(model, mc, root / "base", tokenizer=tok)

@@ -5,6 +5,7 @@ read and validated, pairs derived (`config.data.pairs`), whether the records' re
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pathlib
 from collections.abc import Mapping
@@ -66,6 +67,17 @@ def load_tokenizer(path: str):
 
 
 # ------------------------------------------------------------------------------------------------ data
+def import_object(spec: str) -> Any:
+    """`"package.module:name"` → the object (a judge function)."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"{spec!r}: expected 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{spec!r}: cannot import ({e})") from e
+
+
 def data_paths(spec: str, split: str) -> list[str]:
     """`config.data.train` / `.eval` → files: comma-separated paths, or "" / "demo" for the bundled demo task
     (its train file for `split="train"`, its test file otherwise)."""

@@ -282,3 +282,14 @@ def abstract_params(
 def with_shardings(tree: Any, shardings: Any) -> Any:
     """`jax.ShapeDtypeStruct`s of `tree`'s leaves (arrays or abstract values) carrying `shardings`' leaves."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def eos_ids_of(tokenizer, model_config) -> tuple[int, ...]:
+    """Every id that ends a sample: the tokenizer's EOS and the model config's (one or several)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    cfg_eos = model_config.eos_token_id
+    if cfg_eos is not None:
+        ids |= {int(i) for i in (cfg_eos if isinstance(cfg_eos, tuple) else (cfg_eos,))}
+    if not ids:
+        raise ValueError("online sampling needs an EOS id: the tokenizer and the model config have none")
+    return tuple(sorted(ids))

@@ -19,7 +19,10 @@ class GenerationEvalSection(Section):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     every: int = Field(
-        0, ge=0, description="optimizer steps between evaluations; 0: off (when on, the run's end is always included)"
+        0,
+        ge=0,
+        description="optimizer steps between evaluations (online mode: iterations); 0: off (when on, the run's end is "
+        "always included)",
     )
     prompts: str = Field(
         "",

@@ -531,11 +531,10 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _generation_eval(self):
-        if self.eval.generation.every and self.mode != "preference":
+        if self.eval.generation.every and self.mode not in ("preference", "online"):
             raise ConfigError(
                 f"config.eval.generation.every={self.eval.generation.every}: generation-based evaluation runs in "
-                f"preference training; config.mode={self.mode!r} (online mode: config.online.eval_*; or rpo-eval "
-                "on the export)"
+                f"preference and online training; config.mode={self.mode!r} trains no policy that writes"
             )
         return self
 

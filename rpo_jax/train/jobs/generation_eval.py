@@ -1,8 +1,9 @@
 """Generation-based evaluation: the policy answers held-out prompts, a judge compares each answer with a
 baseline's, and the statistics of `rpo_jax.models.win_rates` say whether the policy writes better responses.
 
-Used in preference training (`config.eval.generation`: every `every` steps and at the end, metrics
-`eval/generation/…`, records in WORKDIR/generations/step_N.jsonl) and by `rpo-eval` (`rpo_jax.train.cli.evaluate`).
+Used in preference and online training (`config.eval.generation`: every `every` steps — iterations in online
+mode — and at the end, metrics `eval/generation/…`, records in WORKDIR/generations/step_N.jsonl) and by `rpo-eval`
+(`rpo_jax.train.cli.evaluate`).
 
 Per evaluation:
 
@@ -325,8 +326,7 @@ def model_generator(path: str, cfg, gen, mesh, dtype) -> tuple[Generator, Any]:
     from types import SimpleNamespace
 
     from rpo_jax.train.build.data import load_tokenizer
-    from rpo_jax.train.build.model import load_model, split_trainable
-    from rpo_jax.train.jobs.online import eos_ids_of
+    from rpo_jax.train.build.model import eos_ids_of, load_model, split_trainable
 
     if not storage.as_path(path).is_dir():
         raise ValueError(f"{path}: not a model directory")
@@ -444,50 +444,69 @@ class TrainingEval:
 
 
 def build_training_eval(run) -> TrainingEval | None:
-    """The `TrainingEval` of a preference run (`config.eval.generation.every` > 0; None when off): prompts,
-    judge, generator and the baseline's samples (cached), made before the first step while `run.state` holds the
-    initial policy."""
+    """The `TrainingEval` of a preference run (`config.eval.generation.every` > 0; None when off), made before the
+    first step while `run.state` holds the initial policy."""
     import jax.numpy as jnp
 
-    from rpo_jax.train.jobs.judging import make_judge
-    from rpo_jax.train.jobs.online import eos_ids_of
+    from rpo_jax.train.build.model import eos_ids_of
 
-    cfg = run.config
-    gen = cfg.eval.generation
-    if not gen.every:
+    if not run.config.eval.generation.every:
         return None
+    held_out = (run.datasets["eval"].records, "the held-out split") if "eval" in run.datasets else None
+    return training_eval(
+        run,
+        run.workdir,
+        eos_ids_of(run.tokenizer, run.model_config),
+        jax.tree.map(jnp.copy, run.state["params"]),
+        held_out,
+    )
+
+
+def training_eval(setup, workdir, eos_ids: tuple[int, ...], initial_params, held_out) -> TrainingEval:
+    """The `TrainingEval` of a run (preference or online): prompts, judge, generator and the baseline's samples
+    (cached in WORKDIR/generations).
+
+    Args:
+        setup: the run (`RunSetup`: config, graphdef, rest, mesh, dtype, tokenizer).
+        workdir: the run directory.
+        eos_ids: the ids that end a sample.
+        initial_params: the initial trainable parameters (π_ref of the KL estimate; the "initial" baseline).
+        held_out: `(records, where)` of the run's held-out split (`PromptRecord`s or preference records), or None
+            when it has none (then `config.eval.generation.prompts` must name a file).
+    """
+    from rpo_jax.train.jobs.judging import make_judge
+
+    cfg = setup.config
+    gen = cfg.eval.generation
     want_chosen = gen.baseline == "chosen"
     if gen.prompts:
-        records, where = (
-            read_eval_records(gen.prompts, want_chosen=want_chosen, on_error=cfg.data.on_error),
-            gen.prompts,
-        )
-    elif "eval" in run.datasets:
-        records, where = run.datasets["eval"].records, "the held-out split"
-    else:
+        held_out = read_eval_records(gen.prompts, want_chosen=want_chosen, on_error=cfg.data.on_error), gen.prompts
+    elif held_out is None:
+        split = "data.eval" if cfg.mode == "online" else "data.eval or data.eval_fraction"
         raise ValueError(
-            "config.eval.generation.prompts='' but the run has no held-out split: set data.eval or "
-            "data.eval_fraction, or config.eval.generation.prompts"
+            f"config.eval.generation.prompts='' but the run has no held-out split: set {split}, or "
+            "config.eval.generation.prompts"
         )
-    prompts = select_prompts(records, run.tokenizer, cfg, gen, seed=cfg.seed, want_chosen=want_chosen, where=where)
+    records, where = held_out
+    prompts = select_prompts(records, setup.tokenizer, cfg, gen, seed=cfg.seed, want_chosen=want_chosen, where=where)
     judge = make_judge(
         gen.judge,
         cfg,
-        mesh=run.mesh,
-        dtype=run.dtype,
+        mesh=setup.mesh,
+        dtype=setup.dtype,
         template=gen.judge_template,
         batch_size=int(cfg.data.eval_batch_size),
     )
-    generator = make_generator(cfg, run, gen, eos_ids_of(run.tokenizer, run.model_config))
-    initial = jax.tree.map(jnp.copy, run.state["params"])
-    directory = storage.as_path(run.workdir) / GENERATIONS
-    baseline = baseline_texts(gen.baseline, cfg, gen, prompts, generator, initial, directory)
+    generator = make_generator(cfg, setup, gen, eos_ids)
+    directory = storage.as_path(workdir) / GENERATIONS
+    baseline = baseline_texts(gen.baseline, cfg, gen, prompts, generator, initial_params, directory)
     log.info(
-        "generation eval: %d prompts × %d samples against %r, judge %s, every %d steps",
+        "generation eval: %d prompts × %d samples against %r, judge %s, every %d %s",
         len(prompts.ids),
         gen.samples_per_prompt,
         gen.baseline,
         gen.judge,
         gen.every,
+        "iterations" if cfg.mode == "online" else "steps",
     )
-    return TrainingEval(cfg, run.workdir, generator, prompts, judge, baseline, initial)
+    return TrainingEval(cfg, workdir, generator, prompts, judge, baseline, initial_params)

@@ -57,7 +57,7 @@ def make_judge(spec: str, cfg, *, mesh, dtype, template: str = "", batch_size: i
     Returns:
         The judge.
     """
-    from rpo_jax.train.jobs.online import import_object
+    from rpo_jax.train.build.data import import_object
 
     if not spec:
         raise ValueError("no judge: give a 'module:function', a reward-model directory or 'llm:DIR'")

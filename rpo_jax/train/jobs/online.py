@@ -22,7 +22,9 @@ after i − 1 iterations; `eval/…` at step i describes the policy after i iter
 reward of the samples), `judge_reward` (the ground truth `online.eval_judge`, when it differs from the training
 reward), `kl_to_initial` = mean over samples of log π_i(y) − log π_0(y) (an unbiased estimate of KL(π_i ‖ π_0)
 when the samples come from π_i at temperature 1 without top-k/top-p; not logged for offline runs),
-`response_length`, and the loss metrics averaged over the M updates. Evaluation before the first iteration,
+`response_length`, and the loss metrics averaged over the M updates. `config.eval.generation` (every `every`
+iterations and after the last) adds judged win rates against a baseline (`eval/generation/…`,
+WORKDIR/generations/step_N.jsonl; `rpo_jax.train.jobs.generation_eval`). Evaluation before the first iteration,
 every `online.eval_every` iterations and after the last samples one response to each of `online.eval_prompts`
 held-out prompts from the current policy and logs the same quantities (`eval/…`).
 
@@ -34,7 +36,6 @@ and samples are functions of (seed, iteration, policy), so a resumed run continu
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import time
@@ -51,10 +52,10 @@ from rpo_jax.data.online_batches import encode_prompts, left_pad, prompt_for_rew
 from rpo_jax.data.packing import Packing
 from rpo_jax.models import RewardFn, judge_fn, load_reward_model, reward_model_fn, truncate_at_stop_strings
 from rpo_jax.models.sharding import make_mesh
-from rpo_jax.train.build.data import data_paths, load_tokenizer, tokenizer_path
+from rpo_jax.train.build.data import data_paths, import_object, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import token_lists_fingerprint
 from rpo_jax.train.build.fit import check_programs_fit, fitting_run, local_devices, log_fit
-from rpo_jax.train.build.model import adapters_off_graphdef, load_model, load_policy, split_trainable
+from rpo_jax.train.build.model import adapters_off_graphdef, eos_ids_of, load_model, load_policy, split_trainable
 from rpo_jax.train.build.programs import (
     ReferenceLayout,
     Weights,
@@ -79,17 +80,6 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- reward sources
-def import_object(spec: str) -> Any:
-    """`"package.module:name"` → the object (a judge function)."""
-    module, sep, name = spec.partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"{spec!r}: expected 'package.module:function'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{spec!r}: cannot import ({e})") from e
-
-
 def make_reward_fn(cfg: ml_collections.ConfigDict, *, mesh=None, dtype=jnp.float32) -> RewardFn:
     """The training reward of `config.online`: the judge `reward_judge`, else the reward model `reward_model`
     (the schema requires exactly one of them in online mode)."""
@@ -155,25 +145,18 @@ def with_current_reference(loss_fn):
     return wrapped
 
 
-def eos_ids_of(tokenizer, model_config) -> tuple[int, ...]:
-    """Every id that ends a sample: the tokenizer's EOS and the model config's (one or several)."""
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    cfg_eos = model_config.eos_token_id
-    if cfg_eos is not None:
-        ids |= {int(i) for i in (cfg_eos if isinstance(cfg_eos, tuple) else (cfg_eos,))}
-    if not ids:
-        raise ValueError("online sampling needs an EOS id: the tokenizer and the model config have none")
-    return tuple(sorted(ids))
+def split_spec(cfg, split: str) -> str:
+    """The data spec of `split` ("train" or "eval"): `data.train`, or `data.eval` — the demo's held-out split
+    when training on the demo — ("" when there is none)."""
+    if split == "train":
+        return cfg.data.train
+    return cfg.data.eval or (cfg.data.train if cfg.data.train in ("", "demo") else "")
 
 
 def read_prompt_split(cfg, split: str, tokenizer) -> tuple[list[PromptRecord], list[list[int]]]:
     """The prompts of `split` ("train" or "eval") and their token ids (`encode_prompts`); no eval prompts when
     neither `data.eval` nor the demo gives any."""
-    spec = (
-        cfg.data.train
-        if split == "train"
-        else (cfg.data.eval or (cfg.data.train if cfg.data.train in ("", "demo") else ""))
-    )
+    spec = split_spec(cfg, split)
     if split == "eval" and not spec:
         return [], []
     prompts, report = read_prompts(data_paths(spec, split), on_error=cfg.data.on_error)
@@ -495,11 +478,31 @@ def lighter_online_run(run: OnlineRun, settings: dict[str, Any]) -> OnlineRun:
     )
 
 
-def online_task(run: OnlineRun) -> Task:
+def generation_eval(run: OnlineRun, workdir):
+    """`config.eval.generation` of an online run (`rpo_jax.train.jobs.generation_eval.TrainingEval`; None when
+    `every` = 0): its prompts are `eval.generation.prompts`, else the held-out split's (preference records when
+    the baseline is the data's chosen response), π_ref of its KL the initial policy."""
+    from rpo_jax.train.jobs.generation_eval import read_eval_records, training_eval
+
+    cfg = run.config
+    if not cfg.eval.generation.every:
+        return None
+    held_out = None
+    if cfg.eval.generation.baseline == "chosen" and split_spec(cfg, "eval"):
+        records = read_eval_records(split_spec(cfg, "eval"), want_chosen=True, on_error=cfg.data.on_error)
+        held_out = records, "the held-out split"
+    elif run.prompts["eval"]:
+        held_out = run.prompts["eval"], "the held-out split"
+    return training_eval(run, workdir, run.eos_ids, run.initial_params, held_out)
+
+
+def online_task(run: OnlineRun, generation_eval=None, update_step: WithFrozen | None = None) -> Task:
     """The run skeleton's task: one unit is one iteration (sample, score, `updates_per_iteration` updates);
     checkpoints record the iteration, and a resumed run recomputes everything else from (seed, iteration,
-    policy)."""
-    run, step_fn = fitting_online_run(run)
+    policy). `generation_eval` (a `rpo_jax.train.jobs.generation_eval.TrainingEval`) runs every
+    `config.eval.generation.every` iterations and after the last. `update_step`: the run's, when the fit check
+    (`fitting_online_run`) built it already; else built here."""
+    step_fn = update_step or online_update_step(run.config, run, run.loss_fn)
     cfg, oc = run.config, run.config.online
     updates = int(oc.updates_per_iteration)
 
@@ -552,6 +555,9 @@ def online_task(run: OnlineRun) -> Task:
         eval_at_start=True,
         label="rpo-train online",
         progress_metric="reward",
+        side_eval=generation_eval,
+        side_eval_every=int(cfg.eval.generation.every) if generation_eval is not None else 0,
+        side_eval_done=generation_eval.done if generation_eval is not None else lambda: None,
     )
 
 
@@ -567,4 +573,6 @@ def train_online(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
         `{"online": the last iteration's metrics, "eval": the final evaluation, "iteration": iterations done,
         "export": the export directory}`.
     """
-    return run_task(online_task(build_online_run(cfg, devices=devices)), workdir)
+    run = build_online_run(cfg, devices=devices)
+    run, update_step = fitting_online_run(run)  # the evaluation's sampler is built from the run that fits
+    return run_task(online_task(run, generation_eval(run, workdir), update_step), workdir)
