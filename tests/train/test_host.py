@@ -114,17 +114,21 @@ def test_heap_guard_policy():
     assert not off.after_step() and not off.after_step() and len(released) == 2
 
 
-def test_heap_guard_releases_free_pages_before_a_new_shape():
-    """Before the first step of a batch shape not seen before (not the run's first shape) the free pages of a heap
-    holding more than `HEAP_GROWTH` free are released; a shape seen before, a heap with little free, or a disabled
-    guard: nothing."""
+def test_heap_guard_releases_free_pages_before_a_larger_batch():
+    """Before a step on a batch of more elements than the previous step's — a new larger shape, or a larger one
+    seen before (the padded [4, 2, 512] batch after packed [6, 512] ones: its buffer does not fit in the freed
+    one) — the free pages of a heap holding more than `HEAP_GROWTH` free are released; the same or a smaller
+    batch, a heap with little free, or a disabled guard: nothing."""
     from rpo_jax.train.runtime.cpu_memory import HEAP_GROWTH, HeapGuard, HeapStats
 
     free = iter([2 * HEAP_GROWTH, HEAP_GROWTH // 2, 3 * HEAP_GROWTH])
     released = []
     guard = HeapGuard(True, stats=lambda: HeapStats(0, 0, next(free), 0), release=lambda: released.append(1) or True)
-    shapes = [(8, 512), (8, 512), (6, 640), (6, 640), (8, 512), (4, 1024), (2, 2048)]
-    assert [guard.before_step(s) for s in shapes] == [False, False, True, False, False, False, True]
+    shapes = [(4, 2, 512), (6, 512), (4, 2, 512), (6, 512), (8, 512), (8, 512), (6, 640), (2, 2048), (4, 1024)]
+    # more elements than the batch before: (4, 2, 512) after (6, 512) — released, 2 × HEAP_GROWTH free; (8, 512)
+    # after (6, 512) — only HEAP_GROWTH / 2 free; (2, 2048) after (6, 640) — released; not the equal (8, 512),
+    # (4, 1024) nor the smaller (6, 512), (6, 640)
+    assert [guard.before_step(s) for s in shapes] == [False, False, True, False, False, False, False, True, False]
     assert len(released) == 2 == guard.trims
     off = HeapGuard(False, stats=lambda: HeapStats(0, 0, 10 * HEAP_GROWTH, 0), release=lambda: released.append(1))
     assert not off.before_step((1,)) and not off.before_step((2,)) and len(released) == 2

@@ -471,7 +471,7 @@ def preference_task(
             score_window=run.score_window,
         )
         tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
-        heap.before_step(inputs["tokens"].shape)  # a new shape's buffer goes not on top of freed ones
+        heap.before_step(inputs["tokens"].shape)  # a larger batch's buffer goes not on top of freed ones
         state, metrics = train_step(state, inputs, step_reference_params(run))
         heap.after_step()  # a step's buffer that the heap could not reuse is not kept (cpu_memory.HeapGuard)
         # packed or padded; real tokens per slot the step computes (> 1 where shared prompts saved slots)

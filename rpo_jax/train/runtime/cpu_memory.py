@@ -27,11 +27,11 @@ two steps splits it, and the next step's buffer goes on top: the heap grows by a
 resident unused. Seen on SmolLM2-135M (30 layers, padded and packed steps alternating, remat="full", a loaded
 machine): 5.97 → 6.79 → 8.77 GiB over steps 2–4, where the same run on a quiet machine stayed at 6.0 GiB.
 `HeapGuard` returns the free pages of a heap that grew during a step (other than the run's first) to the kernel
-(`malloc_trim`): the next step faults its buffer in once more, and stranded buffers never pile up. And before the
-first step of a batch shape not seen before (another program, another buffer size) it returns the heap's free
-pages too, so that the new buffer, if no freed one can take it, is not added on top of resident free ones: the
-peak is the largest step's buffer, not the sum of two (one extra page-faulting step per new shape, a bounded
-ladder of them).
+(`malloc_trim`): the next step faults its buffer in once more, and stranded buffers never pile up. And before a
+step on a batch of more elements than the previous step's (another program, a larger buffer — a new shape, or a
+padded batch after packed ones) it returns the heap's free pages too, so that the new buffer, which no freed one
+can take, is not added on top of resident free ones: the peak is the largest step's buffer, not the sum of two
+(one page-faulting step per switch to a larger batch; the same or a smaller one reuses the freed buffer).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import math
 import platform
 import sys
 from collections.abc import Callable
@@ -164,22 +165,26 @@ class HeapGuard:
         self.stats, self.release = stats, release
         self.largest: int | None = None  # the heap's largest size after a step so far
         self.trims = 0
-        self.shapes: set = set()  # the batch shapes stepped so far (`before_step`)
+        self.previous: tuple | None = None  # the last step's batch shape (`before_step`)
 
-    def before_step(self, shape) -> bool:
-        """Before a step on a batch of `shape` (any hashable key of its program): when that shape is new (not the
-        run's first) and the heap holds more than `HEAP_GROWTH` free, release its free pages; True when it did."""
-        new = shape not in self.shapes
-        self.shapes.add(shape)
-        if not self.enabled or not new or len(self.shapes) == 1 or (now := self.stats()) is None:
+    def before_step(self, shape: tuple[int, ...]) -> bool:
+        """Before a step on a batch of `shape`: when it has more elements than the previous step's batch (whose
+        freed buffer is then likely too small to take the new one — a padded [4, 2, 512] step after packed
+        [6, 512] ones, or a new larger shape) and the heap holds more than `HEAP_GROWTH` free, release the free
+        pages, so that the new buffer is not added on top of them; True when it did. A step of the same or fewer
+        elements reuses the freed buffer: nothing."""
+        previous, self.previous = self.previous, tuple(shape)
+        larger = previous is not None and math.prod(shape) > math.prod(previous)
+        if not self.enabled or not larger or (now := self.stats()) is None:
             return False
         trimmed = now.free > HEAP_GROWTH and self.release()
         if trimmed:
             self.trims += 1
             log.info(
-                "CPU step memory: a batch of a new shape %s; returned the heap's %.2f GiB of free pages to the "
+                "CPU step memory: a batch of %s after one of %s; returned the heap's %.2f GiB of free pages to the "
                 "kernel first, so that its buffer is not added on top of them",
                 shape,
+                previous,
                 now.free / 2**30,
             )
         return trimmed
