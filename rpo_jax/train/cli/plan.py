@@ -2,7 +2,7 @@
 report per chip what they need (HBM), compute (FLOPs) and communicate (collectives).
 
     rpo-plan --config configs/llama3_1_8b_v5p.py --topology v5p-64 [--config.x=y ...] [--responses K]
-    rpo-plan --config configs/llama3_1_8b_v5p.py --topology v5p-64 --search [--search-limit 3]
+    rpo-plan --config configs/llama3_1_8b_v5p.py --topology v5p-64 --search [--search-limit 2]
 
 The slice's devices come from libtpu's topology description (`jax.experimental.topologies.get_topology_desc`,
 the megacore chip config on v4/v5p so that one device is one chip); the programs are the trainer's own, built by
@@ -94,7 +94,7 @@ def _flag_values(argv: Sequence[str], parse: bool = True) -> flags.FlagValues:
         flag_values=values,
     )
     flags.DEFINE_integer(
-        "search_limit", 3, "--search: at most this many candidates compiled (after pruning).", flag_values=values
+        "search_limit", 2, "--search: at most this many candidates compiled (after pruning).", flag_values=values
     )
     if not parse:
         return values
