@@ -29,6 +29,7 @@ from rpo_jax.train.plan.search import (
     candidates,
     factorizations,
     indivisible,
+    memory_estimate,
     memory_lower_bound,
     optimizer_bytes_per_parameter,
     prune,
@@ -104,6 +105,26 @@ def test_memory_lower_bound_is_below_what_xla_compiled():
     raw = recipe_config("configs/llama3_1_8b_v5p.py")
     bound = memory_lower_bound(Candidate(1, 8, 4, 1, "full", 4), validate(raw), architecture_of(raw), 2, 8.0)
     assert 0.3 * 21.51 * GiB < bound < 21.51 * GiB
+
+
+@pytest.mark.parametrize(
+    "recipe, candidate, compiled_gib",
+    [
+        ("llama3_1_8b_v5p", Candidate(1, 8, 4, 1, "full", 4), 21.51),
+        ("llama3_1_8b_v5p", Candidate(4, 4, 1, 2, "dots_saveable", 2), 74.18),
+        ("llama3_1_8b_v5p", Candidate(1, 16, 1, 2, "dots_saveable", 2), 55.45),
+        ("llama3_1_8b_v5p", Candidate(8, 1, 1, 4, "dots_saveable", 2), 102.21),
+        ("llama3_1_8b_long_v5p", Candidate(8, 1, 1, 4, "dots_saveable", 4), 102.37),
+        ("llama3_1_8b_long_v5p", Candidate(4, 1, 2, 4, "none", 8), 112.64),
+    ],
+)
+def test_memory_estimate_is_near_what_xla_compiled(recipe, candidate, compiled_gib):
+    """The compile order's estimate against XLA:TPU's train-step totals per chip on v5p-64 (rpo-plan --search,
+    2026-12-07): within 20 %; the lower bound below each."""
+    raw = recipe_config(f"configs/{recipe}.py")
+    cfg, mc = validate(raw), architecture_of(raw)
+    assert memory_estimate(candidate, cfg, mc, 2, 8.0) / GiB == pytest.approx(compiled_gib, rel=0.2)
+    assert memory_lower_bound(candidate, cfg, mc, 2, 8.0) / GiB < compiled_gib
 
 
 def test_memory_prunes_what_cannot_fit():

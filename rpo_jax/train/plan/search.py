@@ -14,8 +14,9 @@ micro-batches. Most are rejected before anything is compiled (`prune`), in this 
 
 then the survivors are ordered by an analytic step-time proxy (`step_time_proxy`: the FLOP model with remat's
 recomputation at the chip's peak, plus the weight gathers, tensor-parallel all-reduces, ring hops and gradient
-all-reduce at the ICI bandwidth), those whose rough memory estimate (`memory_estimate`: the bound plus one
-layer's dense attention probabilities, the logits, one layer's backward) exceeds 90 % of the HBM last, and at
+all-reduce at the ICI bandwidth), those whose rough memory estimate (`memory_estimate`: what each policy keeps
+per layer, the gradients, one layer's backward, the logits, dense attention's probabilities) exceeds 90 % of the
+HBM last, and at
 most `limit` of them are compiled — every program of the plan, the train step first. The compiled ones that fit
 are ranked by the plan's own estimate (`estimate_step` on the compiled HLO).
 """
@@ -160,24 +161,35 @@ def memory_lower_bound(c: Candidate, cfg, mc: ModelConfig, responses: int, optim
 
 
 def memory_estimate(c: Candidate, cfg, mc: ModelConfig, responses: int, optimizer_bytes: float) -> float:
-    """A rough estimate for the compile order, not a bound: the bound, plus what it leaves out that grows with the
-    tokens — "none" keeps every layer's elementwise activations too (3 × n × (D + F / tensor) × b per layer), one
-    layer's backward in float32 (n × (4·D + 3·F / tensor) × 4), the output head's chunk of logits and their
-    gradient (2 × n × min(vocab_chunk_size, V) / tensor × 4; "auto": 8192) and, with dense attention (context =
-    1), one layer's probabilities and their gradient (2 × n × H / tensor × T × 4) — and a reference copy."""
+    """A rough estimate for the compile order, not a bound, n = `tokens_per_chip`, b the compute dtype's bytes,
+    s = fsdp × context × tensor: the train state, float32 gradients (P × 4 / s) and a reference copy (P × param
+    bytes / s); per layer and token what the policy keeps — "full" D × b, the "dots" policies (3·D + (H·hd + 2·K·hd +
+    2·F) / tensor) × b (the projections' outputs, the attention and MLP outputs, the carry), "none" 3 × that (the
+    elementwise activations too; the factor read off a compiled step: 112.6 GiB for the long recipe at data 4 ×
+    tensor 2 × context 4, 8 micro-batches) — times L × n; one layer's backward in float32 (n × (4·D + 3·F / tensor)
+    × 4); the output head's chunk of logits and their gradient (2 × n × min(vocab_chunk_size, V) / tensor × 4;
+    "auto": 8192) and, with dense attention (context = 1), one layer's probabilities and their gradient (2 × n ×
+    H / tensor × T × 4). Against XLA on v5p-64: 24.1 GiB for the 8B recipe's own setting (compiled: 21.5), 70 GiB
+    for its data 4 × fsdp 4 × context 2 with dots_saveable and 2 micro-batches (74.2)."""
     n = tokens_per_chip(c, cfg, responses)
     d, f, t = mc.hidden_size, mc.intermediate_size / c.tensor, max(row_lengths(cfg))
     b = jnp.dtype(cfg.model.dtype).itemsize
+    lora = cfg.model.lora.rank or cfg.model.lora.init_from
+    shards = c.fsdp * c.context * c.tensor
+    p = mc.num_params()
+    state = 0.0 if lora else p * (jnp.dtype(cfg.model.param_dtype).itemsize + optimizer_bytes + 4) / shards
+    reference = p * jnp.dtype(cfg.model.param_dtype).itemsize / shards
+    per_token = d
+    if c.remat != "full":
+        qkv = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim / c.tensor
+        per_token = (3 * d + qkv + 2 * f) * (3 if c.remat == "none" else 1)
     extra = n * (4 * d + 3 * f) * 4
     chunk = cfg.model.vocab_chunk_size
     chunk = mc.vocab_size if not chunk else 8192 if chunk == "auto" else min(chunk, mc.vocab_size)
     extra += 2 * n * chunk / c.tensor * 4
-    if c.remat == "none":
-        extra += mc.num_layers * 3 * n * (d + f) * b
     if c.context == 1:
         extra += 2 * n * mc.num_heads / c.tensor * t * 4
-    reference = mc.num_params() * jnp.dtype(cfg.model.param_dtype).itemsize / (c.fsdp * c.context * c.tensor)
-    return memory_lower_bound(c, cfg, mc, responses, optimizer_bytes) + extra + reference
+    return state + reference + mc.num_layers * n * per_token * b + extra
 
 
 #: the step's FLOPs over the FLOP model's, per remat policy, for the compile order: "full" runs the forward twice
