@@ -34,6 +34,6 @@ def get_config():
     c.train.log_every = 10
     c.train.eval_every = 250
     c.train.checkpoint_every = 250
-    c.mesh = {"data": 1, "fsdp": -1, "tensor": 4}
+    c.mesh = {"data": 1, "fsdp": -1, "tensor": 4, "context": 1}
     c.metrics.peak_flops = 459e12  # one TPU v5p chip's bf16 peak; MFU = FLOP/s ÷ (peak × chips)
     return c

@@ -177,6 +177,25 @@ def test_the_run_config_json_reads_back(tmp_path):
             "config.mesh={'data': -1, 'fsdp': -1, 'tensor': 1, 'context': 1}: only one",
         ),
         (
+            {"mesh": {"context": 4}, "data__max_length": 100},
+            "config.data.max_length=100 is not a multiple of 2 × config.mesh.context = 8",
+        ),
+        (
+            {"mesh": {"context": 2}, "data__max_length": 64, "data__pack_length": 66},
+            "config.data.pack_length=66 is not a multiple of 2 × config.mesh.context = 4",
+        ),
+        (
+            {
+                "mode": "online",
+                "online__reward_judge": "m:f",
+                "mesh": {"context": 2},
+                "data__max_prompt_length": 30,
+                "online__max_new_tokens": 4,
+            },
+            "config.data.max_prompt_length + config.online.max_new_tokens=34 is not a multiple of 2 × "
+            "config.mesh.context = 4",
+        ),
+        (
             {"references": [{"path": "x", "toknizer": ""}]},
             "config.references[0].toknizer: no such key; did you mean 'tokenizer'?",
         ),

@@ -2,6 +2,7 @@
 report per chip what they need (HBM), compute (FLOPs) and communicate (collectives).
 
     rpo-plan --config configs/llama3_1_8b_v5p.py --topology v5p-64 [--config.x=y ...] [--responses K]
+    rpo-plan --config configs/llama3_1_8b_v5p.py --topology v5p-64 --search [--search-limit 2]
 
 The slice's devices come from libtpu's topology description (`jax.experimental.topologies.get_topology_desc`,
 the megacore chip config on v4/v5p so that one device is one chip); the programs are the trainer's own, built by
@@ -24,6 +25,12 @@ by its own XLA backend, and the run's need — as the trainer's fit check before
 (`rpo_jax.train.build.fit`: on the CPU the process's memory now plus every array and the largest program's
 temporaries) — against `config.train.memory_budget` of what the machine has.
 
+`--search`: instead of the recipe's own mesh (data / fsdp / tensor / context), remat policy and micro-batches,
+search them (`rpo_jax.train.plan.search`: candidates rejected by divisibility and by a memory lower bound before
+anything is compiled, at most `--search-limit` of the rest compiled) and print the ones that fit ranked by
+estimated step time, with the `--config.*` overrides that select each; the best one's whole report first. Exit
+status 0 when one fits, 1 when none of those compiled does.
+
 Exit status: 0 when every program fits, 1 when one does not ("does not fit: needs X GiB of Y GiB per chip on
 TOPOLOGY"; XLA's compile-time out-of-memory error is the ground truth), 2 for bad usage (an unknown topology, a
 bad config) with one line on stderr.
@@ -45,6 +52,7 @@ from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import memory_budget_bytes
 from rpo_jax.train.plan.compile import DoesNotFit, compile_program
 from rpo_jax.train.plan.report import report, report_local
+from rpo_jax.train.plan.search import ranked, search, table
 from rpo_jax.train.plan.slices import GiB, parse_slice, slice_devices
 
 #: `--topology` values that plan for this machine's own devices instead of a TPU slice
@@ -79,16 +87,29 @@ def _flag_values(argv: Sequence[str], parse: bool = True) -> flags.FlagValues:
     flags.DEFINE_string(
         "dump_hlo", "", "A directory: write each program's compiled HLO text there.", flag_values=values
     )
+    flags.DEFINE_bool(
+        "search",
+        False,
+        "Search the mesh, remat policy and micro-batches that fit the slice, ranked by estimated step time.",
+        flag_values=values,
+    )
+    flags.DEFINE_integer(
+        "search_limit", 2, "--search: at most this many candidates compiled (after pruning).", flag_values=values
+    )
     if not parse:
         return values
     try:
-        values(dashed_flags(list(argv), {"dump_hlo"}))
+        values(dashed_flags(list(argv), {"dump_hlo", "search_limit"}))
     except (KeyError, AttributeError) as e:  # an override naming no field of the config
         raise unknown_field_error(e) from e
     if values.config is None or not values.topology:
         raise ValueError("--config and --topology are required (rpo-plan --config CONFIG --topology v5p-64)")
     if values.responses < 1:
         raise ValueError(f"--responses={values.responses}: expected a positive number")
+    if values.search and values.search_limit < 1:
+        raise ValueError(f"--search_limit={values.search_limit}: expected a positive number")
+    if values.search and values.topology in LOCAL_TARGETS:
+        raise ValueError(f"--search plans a TPU slice (--topology v5p-64, ...), not --topology={values.topology}")
     return values
 
 
@@ -100,6 +121,8 @@ def run(argv: Sequence[str]) -> int:
             return run_local(values)
         cfg, slc = values.config, parse_slice(values.topology)
         devices = slice_devices(slc)
+        if values.search:
+            return run_search(argv, values, slc, devices)
         plan = build_programs(cfg, devices, values.responses, rewards=values.rewards)
     except (ValueError, OSError, KeyError, AttributeError, TypeError, flags.Error) as e:
         print(f"rpo-plan: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -122,6 +145,29 @@ def run(argv: Sequence[str]) -> int:
             f"GiB per chip on {slc.accelerator}"
         )
     return 1 if failures else 0
+
+
+def run_search(argv: Sequence[str], values: flags.FlagValues, slc, devices) -> int:
+    """`rpo-plan --search`: the candidates that fit `slc`, ranked (`rpo_jax.train.plan.search`); the best one's
+    report, then the table. Each candidate's config is the command line's with its overrides added."""
+
+    def config_for(overrides: Sequence[str]):
+        return _flag_values([*argv, *overrides]).config
+
+    pruned, results = search(
+        config_for,
+        slc,
+        devices,
+        values.responses,
+        values.rewards,
+        values.search_limit,
+        progress=lambda line: print(line, flush=True),
+    )
+    best = ranked(results)
+    if best:
+        print(report(best[0].plan, best[0].compiled, slc, config_for(best[0].candidate.overrides)))
+    print(table(results, slc))
+    return 0 if best else 1
 
 
 def local_devices(platform: str) -> list:

@@ -492,6 +492,29 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _context_rows(self):
+        """mesh.context = C > 1 cuts every row into 2C chunks (the zig-zag layout of ring attention): the row
+        lengths set here (data.max_length, or the online rows; data.pack_length when set) must be multiples of 2C.
+        Checked here, before anything is built; context = -1 is known only with the devices (the layout's error)."""
+        shards = self.mesh.context
+        if shards <= 1:
+            return self
+        if self.mode == "online":
+            longest = self.data.max_prompt_length + self.online.max_new_tokens
+            rows = [(longest, "config.data.max_prompt_length + config.online.max_new_tokens")]
+        else:
+            rows = [(self.data.max_length, "config.data.max_length")]
+        if self.data.pack_length and self.data.packing is not False:
+            rows.append((self.data.pack_length, "config.data.pack_length"))
+        for length, what in rows:
+            if length % (2 * shards):
+                raise ConfigError(
+                    f"{what}={length} is not a multiple of 2 × config.mesh.context = {2 * shards} (ring attention "
+                    "cuts every row into 2 × context chunks)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _online(self):
         if self.mode != "online":
             return self

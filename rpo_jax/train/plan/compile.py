@@ -54,11 +54,11 @@ class CompiledProgram(ProgramMemory):
     unknown_loops: list = dataclasses.field(default_factory=list)
 
 
-def compile_program(program: Program, num_devices: int, dump_dir: str = "") -> CompiledProgram:
-    """Lower and compile `program` for the slice (its HLO text written to `dump_dir` when given); raises
-    DoesNotFit on XLA's out-of-memory error."""
+def compile_program(program: Program, num_devices: int, dump_dir: str = "", lowered=None) -> CompiledProgram:
+    """Lower (unless `lowered` is given) and compile `program` for the slice (its HLO text written to `dump_dir`
+    when given); raises DoesNotFit on XLA's out-of-memory error."""
     try:
-        compiled = program.jitted.lower(*program.args).compile()
+        compiled = (lowered if lowered is not None else program.jitted.lower(*program.args)).compile()
     except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory as a runtime error with this text
         found = oom_bytes(str(e), device_bytes(program.args))
         if found is None:
