@@ -58,6 +58,7 @@ from rpo_jax.train.core.export import save_adapter_at_end, save_model
 from rpo_jax.train.core.identity import identity_differences
 from rpo_jax.train.core.metrics import MetricWriter
 from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, continue_metrics, metrics_records, read_identity, record_run
+from rpo_jax.train.runtime.cpu_memory import release_free_memory
 from rpo_jax.train.runtime.global_batches import local_batch_size
 from rpo_jax.train.runtime.performance import Throughput, device_memory, measure_matmul_peak
 
@@ -488,6 +489,7 @@ def run_task(task: Task, workdir: storage.PathLike) -> dict[str, Any]:
         return {prefix: last, "preempted_at": unit}
     exported = adapter = None
     if cfg.train.export_at_end:
+        release_free_memory()  # the steps' freed buffers (CPU step memory reuse) go back before the export's copies
         exported = str(
             save_model(
                 task.mode,
