@@ -20,8 +20,8 @@ def get_config():
     c.model.architecture = "configs/architectures/llama-3.1-8b-instruct.json"
     c.model.dtype = "bfloat16"
     # What "auto" is on a multi-chip TPU slice (splash is not partitioned over devices: rpo_jax.models.attention),
-    # written out because rpo-plan resolves "auto" on its own host (a CPU: blockwise). With mesh.context > 1 the
-    # ring runs whatever this says.
+    # written out: the README's context=1 figure was planned with it (before rpo-plan traced "auto" for the slice
+    # rather than its CPU host). With mesh.context > 1 the ring runs whatever this says.
     c.model.attention = "xla"
     c.model.remat = "full"  # one [tokens, 4096] residual per layer kept: 4 GiB per chip at 16,384 tokens per chip
     c.model.vocab_chunk_size = 16384

@@ -63,6 +63,32 @@ BLOCKWISE_MIN_SEQ_LEN = 512  # "auto" takes "blockwise" over "xla" from this row
 
 
 _INTERPRET = contextvars.ContextVar("rpo_jax_pallas_interpret", default=False)
+_TARGET: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("rpo_jax_target", default=None)
+
+
+@contextlib.contextmanager
+def target_backend(platform: str, device_count: int):
+    """Within this block models are traced for `device_count` devices of `platform` ("tpu", "gpu", "cpu") whatever
+    JAX's default backend and device count are: "auto" attention (which depends on both) and the blockwise block
+    size resolve as they would there. `rpo-plan` compiles for a TPU slice on a CPU host inside it, so that the plan
+    is the program the slice runs. Read when a model is traced."""
+    token = _TARGET.set((platform, device_count))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def current_backend() -> str:
+    """The platform models are traced for: `target_backend`'s inside that block, else JAX's default backend."""
+    target = _TARGET.get()
+    return target[0] if target else jax.default_backend()
+
+
+def current_device_count() -> int:
+    """The devices models are traced for: `target_backend`'s inside that block, else `jax.device_count()`."""
+    target = _TARGET.get()
+    return target[1] if target else jax.device_count()
 
 
 @contextlib.contextmanager
@@ -153,7 +179,7 @@ def resolve(requested: str, *, backend: str | None = None, **facts) -> str:
     else (CPU, GPU) "blockwise" for rows of at least `BLOCKWISE_MIN_SEQ_LEN` tokens, else "xla"."""
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"attention={requested!r} is not one of {IMPLEMENTATIONS}")
-    backend = backend or jax.default_backend()
+    backend = backend or current_backend()
     if requested == "auto":
         kernel = _KERNEL_BY_BACKEND.get(backend)
         if kernel and unsupported_reason(kernel, backend=backend, **facts) is None:
@@ -458,9 +484,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_block_size(backend: str | None = None) -> int:
-    """The default block of "blockwise" on `backend` (default: JAX's): 128 on the CPU (measured fastest there:
-    a 128×128 score block per head stays in cache), 512 on accelerators (fewer, larger loop steps; not measured)."""
-    return BLOCKWISE_BLOCK_SIZES.get(backend or jax.default_backend(), 512)
+    """The default block of "blockwise" on `backend` (default: `current_backend`): 128 on the CPU (measured
+    fastest there: a 128×128 score block per head stays in cache), 512 on accelerators (fewer, larger loop steps;
+    not measured)."""
+    return BLOCKWISE_BLOCK_SIZES.get(backend or current_backend(), 512)
 
 
 def blockwise_attention(

@@ -388,7 +388,7 @@ class Decoder(nnx.Module):
             has_parents=parent_ids is not None,
             softcap=c.attn_logit_softcap,
             interpret=interpret,
-            devices=jax.device_count(),
+            devices=attention.current_device_count(),
         )
         x = self.embed_tokens(tokens)
         if implementation != "xla":

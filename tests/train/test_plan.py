@@ -376,3 +376,28 @@ def test_activation_spec_leaves_indivisible_dimensions_to_xla():
     y = jax.jit(lambda a: constrain(2 * a, ("batch", "mlp")))(x)
     assert y.sharding.spec == PartitionSpec("fsdp", "tensor")  # rows over fsdp, MLP width over tensor
     np.testing.assert_array_equal(y, 2 * np.ones((6, 8)))
+
+
+def test_auto_attention_is_planned_as_the_slice_resolves_it_not_as_this_cpu_host(tmp_path, capsys):
+    """On this CPU host "auto" takes blockwise attention for rows of 512 tokens or more; a multi-chip TPU slice
+    takes XLA's dense attention (splash runs on one device only). The plan of a v5e-4 with "auto" and 1,024-token
+    rows is therefore the plan with "xla" — the program the slice runs — not the blockwise one."""
+    from rpo_jax.models.attention import resolve, target_backend
+
+    facts = {"dtype": "bfloat16", "seq_len": 1024, "has_parents": False, "softcap": None}
+    assert resolve("auto", backend="cpu", **facts) == "blockwise"
+    with target_backend("tpu", 4):
+        assert resolve("auto", devices=4, **facts) == "xla"
+
+    def train_step_line(attention: str) -> str:
+        recipe = write_recipe(
+            tmp_path,
+            TINY,
+            mesh={"data": 1, "fsdp": -1, "tensor": 1},
+            **{"data.max_length": 1024, "data.max_prompt_length": 512, "model.attention": attention},
+        )
+        assert run(["rpo-plan", "--config", recipe, "--topology", "v5e-4"]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "train step: total" in line)
+
+    auto, xla, blockwise = (train_step_line(a) for a in ("auto", "xla", "blockwise"))
+    assert auto == xla != blockwise

@@ -45,6 +45,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+from rpo_jax.models.attention import target_backend
 from rpo_jax.train.build.fit import memory_capacity, run_need
 from rpo_jax.train.build.plans import build_programs
 from rpo_jax.train.cli.common import dashed_flags, help_text, unknown_field_error
@@ -121,6 +122,16 @@ def run(argv: Sequence[str]) -> int:
             return run_local(values)
         cfg, slc = values.config, parse_slice(values.topology)
         devices = slice_devices(slc)
+    except (ValueError, OSError, KeyError, AttributeError, TypeError, flags.Error) as e:
+        print(f"rpo-plan: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    with target_backend(devices[0].platform, len(devices)):  # "auto" attention as on the slice, not this host
+        return run_slice(argv, values, cfg, slc, devices)
+
+
+def run_slice(argv: Sequence[str], values: flags.FlagValues, cfg, slc, devices) -> int:
+    """rpo-plan for a TPU slice (`run`'s body there): the plan's programs compiled, reported, the exit status."""
+    try:
         if values.search:
             return run_search(argv, values, slc, devices)
         plan = build_programs(cfg, devices, values.responses, rewards=values.rewards)
