@@ -192,8 +192,7 @@ def test_the_run_config_json_reads_back(tmp_path):
                 "data__max_prompt_length": 30,
                 "online__max_new_tokens": 4,
             },
-            "config.data.max_prompt_length + config.online.max_new_tokens=34 is not a multiple of 2 × "
-            "config.mesh.context = 4",
+            "config.mode='online' does not compose with config.mesh.context=2",
         ),
         (
             {"references": [{"path": "x", "toknizer": ""}]},

@@ -494,16 +494,13 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _context_rows(self):
         """mesh.context = C > 1 cuts every row into 2C chunks (the zig-zag layout of ring attention): the row
-        lengths set here (data.max_length, or the online rows; data.pack_length when set) must be multiples of 2C.
-        Checked here, before anything is built; context = -1 is known only with the devices (the layout's error)."""
+        lengths set here (data.max_length; data.pack_length when set) must be multiples of 2C. Checked here, before
+        anything is built; context = -1 is known only with the devices (the layout's error). Online mode does not
+        compose with a context axis at all (`context_checks`)."""
         shards = self.mesh.context
-        if shards <= 1:
+        if shards <= 1 or self.mode == "online":
             return self
-        if self.mode == "online":
-            longest = self.data.max_prompt_length + self.online.max_new_tokens
-            rows = [(longest, "config.data.max_prompt_length + config.online.max_new_tokens")]
-        else:
-            rows = [(self.data.max_length, "config.data.max_length")]
+        rows = [(self.data.max_length, "config.data.max_length")]
         if self.data.pack_length and self.data.packing is not False:
             rows.append((self.data.pack_length, "config.data.pack_length"))
         for length, what in rows:
