@@ -35,6 +35,21 @@ def gen_config(tmp_path, **overrides):
     )
 
 
+def crash_first_evaluation(monkeypatch) -> None:
+    """The first generation evaluation of the process raises "killed during the evaluation" (a crash inside it);
+    later ones run."""
+    calls = {"n": 0}
+    original = TrainingEval.__call__
+
+    def crashing(self, params, step):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("killed during the evaluation")
+        return original(self, params, step)
+
+    monkeypatch.setattr(TrainingEval, "__call__", crashing)
+
+
 def test_training_logs_generation_metrics_and_records(tmp_path):
     workdir = tmp_path / "run"
     preference.train(gen_config(tmp_path), workdir)
@@ -60,16 +75,7 @@ def test_an_interrupted_evaluation_resumes_without_duplicated_records(tmp_path, 
     started again resumes at step 2 and metrics.jsonl holds one record per step and prefix."""
     workdir = tmp_path / "run"
     cfg = gen_config(tmp_path)
-    calls = {"n": 0}
-    original = TrainingEval.__call__
-
-    def crashing(self, params, step):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("killed during the evaluation")
-        return original(self, params, step)
-
-    monkeypatch.setattr(TrainingEval, "__call__", crashing)
+    crash_first_evaluation(monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         preference.train(cfg, workdir)
     preference.train(cfg, workdir)
@@ -306,16 +312,7 @@ def test_online_training_logs_generation_metrics_records_and_resumes_without_dup
 
     workdir = tmp_path / "run"
     cfg = online_gen_config(exported, tmp_path)
-    calls = {"n": 0}
-    original = TrainingEval.__call__
-
-    def crashing(self, params, step):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("killed during the evaluation")
-        return original(self, params, step)
-
-    monkeypatch.setattr(TrainingEval, "__call__", crashing)
+    crash_first_evaluation(monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         train_online(cfg, workdir)
     train_online(cfg, workdir)

@@ -11,25 +11,14 @@ import numpy as np
 import pytest
 
 from rpo_jax.train.jobs import preference
-from rpo_jax.train.jobs.generation_eval import TrainingEval
+from tests.train.test_generation_eval import crash_first_evaluation
+from tests.train.test_generation_eval import gen_config as generation_eval_config
 from tests.train.trainer_testlib import read_metrics, save_tiny_base, tiny_config
-
-JUDGE = "rpo_jax.data.demo:judge"
 
 
 def gen_config(tmp_path, **overrides):
-    return tiny_config(
-        tmp_path / "data",
-        **{
-            "eval.generation.every": 3,
-            "eval.generation.judge": JUDGE,
-            "eval.generation.num_prompts": 8,
-            "eval.generation.samples_per_prompt": 1,
-            "eval.generation.max_new_tokens": 12,
-            "eval.generation.plot": False,
-            **overrides,
-        },
-    )
+    """`test_generation_eval.gen_config` without the PNG."""
+    return generation_eval_config(tmp_path, **{"eval.generation.plot": False, **overrides})
 
 
 def records(workdir: pathlib.Path, step: int) -> list[dict]:
@@ -144,16 +133,7 @@ def test_the_baseline_cache_is_read_on_resume_and_remade_when_its_key_differs(tm
     settings is generated again, the same samples as the first time."""
     workdir = tmp_path / "run"
     cfg = gen_config(tmp_path)
-    original = TrainingEval.__call__
-    calls = {"n": 0}
-
-    def crashing(self, params, step):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("killed during the evaluation")
-        return original(self, params, step)
-
-    monkeypatch.setattr(TrainingEval, "__call__", crashing)
+    crash_first_evaluation(monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         preference.train(cfg, workdir)
     path = workdir / "generations" / "baseline.jsonl"
