@@ -438,9 +438,6 @@ def check_memory(run: OnlineRun, update_step) -> None:
             inputs = global_batch(run, {"tokens": tokens, "mask": mask})
             args = (run.state["params"], inputs["tokens"], inputs["mask"], iteration_key(run, 0))
             programs.append((name, run.sampler, args, 0))
-    shape = lambda x: (x["tokens"] if isinstance(x, dict) else x).shape  # noqa: E731  (a batch, or prompt tokens)
-    what = [f"the {name} for {shape(args[1])} tokens" for name, _, args, _ in programs]
-    log.info("fit check: compiling %s (the largest batches)", " and ".join(what))
     log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh)))
 
 

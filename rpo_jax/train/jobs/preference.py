@@ -594,6 +594,4 @@ def check_memory(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]) -> No
     if "eval" in largest:
         eval_args = eval_arguments(run, run.state, device_batch(probe, largest["eval"], "eval"))
         programs.append(("eval step", eval_step, eval_args, held))
-    what = " and ".join(f"the {name} for {args[1]['tokens'].shape} tokens" for name, _, args, _ in programs)
-    log.info("fit check: compiling %s (the largest batches)", what)
     log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh)))

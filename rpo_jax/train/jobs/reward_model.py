@@ -197,8 +197,6 @@ def fitting_reward_run(run: RewardRun, per_process: int) -> tuple[RewardRun, tup
         for split, size in sizes.items()
         if split in run.datasets
     }
-    what = " and ".join(f"the {split} step for {batch['tokens'].shape} tokens" for split, batch in largest.items())
-    log.info("fit check: compiling %s (the largest batches)", what)
 
     def check(candidate):
         (setup, (train_step, eval_step)) = candidate
