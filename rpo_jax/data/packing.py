@@ -53,13 +53,14 @@ of fewer slots is taken.
 Shapes. Every [R, T] a packer returns is one of :func:`shape_ladder`'s for the run (its batch size, K, length
 buckets and settings): at most (row lengths) × (row counts) shapes, a compiled step each, whatever the data.
 ``min_saving`` > 0 makes :func:`pack_batch` keep a batch padded unless packing saves at least that fraction of
-the cost of its B·K rows of T_pad (the packed step runs the output head on every slot, the padded one on a score
-window).
+the cost of its B·K rows of T_pad (:func:`batch_cost`: slots, attention and the output head's positions — the
+packed step's head runs on the scored slots, the padded one's on a score window of each sequence).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -83,6 +84,12 @@ class Packing:
         trainer sets it from the model's FLOPs (`rpo_jax.train.runtime.performance.attention_key_cost`).
       max_slots: the most slots (R·T) of one micro-batch's rows when the row length is chosen (module docstring,
         "Row shape"): a memory limit; 0: none. (The trainer does not set it yet: its fit check bounds memory.)
+      head_cost: h, the cost of the output head at one position relative to a slot's at no keys; it weighs the
+        head's positions in ``min_saving``'s comparison (:func:`batch_cost`): the packed step runs the head on the
+        scored slots, a padded batch on ``score_window`` positions per sequence. 0: slots only. (The trainer sets
+        it from the model's FLOPs: `rpo_jax.train.runtime.performance.head_cost`.)
+      score_window: the padded batches' head positions per sequence (`config.model.score_window` resolved);
+        0: every position after the first.
     """
 
     row_length: int
@@ -91,6 +98,8 @@ class Packing:
     min_saving: float = 0.0
     key_cost: float = 0.0
     max_slots: int = 0
+    head_cost: float = 0.0
+    score_window: int = 0
 
     def __post_init__(self):
         if self.row_length != 0 and self.row_length < 2:
@@ -103,6 +112,10 @@ class Packing:
             raise ValueError(f"packing key_cost must be >= 0, got {self.key_cost}")
         if self.max_slots < 0:
             raise ValueError(f"packing max_slots must be >= 0 (0: no limit), got {self.max_slots}")
+        if self.head_cost < 0.0:
+            raise ValueError(f"packing head_cost must be >= 0, got {self.head_cost}")
+        if self.score_window < 0:
+            raise ValueError(f"packing score_window must be >= 0 (0: every position), got {self.score_window}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,12 +423,24 @@ def pack_batch(
     return packed if not packing.min_saving or packing_saves(packed, batch, packing) else dict(batch)
 
 
+def batch_cost(batch: Mapping[str, np.ndarray], packing: Packing) -> float:
+    """The cost of a step on ``batch``: its :func:`layout_cost` (``packing.key_cost``) plus ``packing.head_cost`` ×
+    the positions the output head runs on — a packed batch's scored slots (:func:`scored_tokens`; the step
+    rounds them up to a chunk per device), a padded batch's ``score_window`` positions of each of its B·K
+    sequences (every position after the first when 0 or longer)."""
+    shape = np.shape(batch["tokens"])
+    if is_packed(batch):
+        head = scored_tokens(batch)
+    else:
+        per_sequence = shape[-1] - 1
+        head = math.prod(shape[:-1]) * (min(packing.score_window, per_sequence) or per_sequence)
+    return layout_cost(shape, packing.key_cost) + packing.head_cost * head
+
+
 def packing_saves(packed: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], packing: Packing) -> bool:
-    """True when ``packed``'s rows cost at most ``(1 − packing.min_saving)`` of the contract ``batch``'s B·K rows of
-    T_pad (:func:`layout_cost` with ``packing.key_cost``)."""
-    return layout_cost(np.shape(packed["tokens"]), packing.key_cost) <= (1.0 - packing.min_saving) * layout_cost(
-        np.shape(batch["tokens"]), packing.key_cost
-    )
+    """True when a step on ``packed`` costs at most ``(1 − packing.min_saving)`` of one on the contract ``batch``
+    (:func:`batch_cost`: the rows' slots and attention, and the output head's positions)."""
+    return batch_cost(packed, packing) <= (1.0 - packing.min_saving) * batch_cost(batch, packing)
 
 
 def is_packed(batch: Mapping[str, object]) -> bool:
@@ -457,3 +482,19 @@ def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
         return int(np.sum(batch["sequence_lengths"]))
     valid = np.asarray(batch["valid"])[..., None]
     return int(np.sum(np.asarray(batch["attention_mask"]) & valid))
+
+
+def scored_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """The tokens a batch's losses score, the same count whichever layout holds them.
+
+    Args:
+        batch: a contract or packed batch.
+
+    Returns:
+        Σ over valid responses of their scored tokens (`loss_mask` after position 0; for a packed batch the
+        slots with a `response_id`).
+    """
+    if is_packed(batch):
+        return int(np.sum(np.asarray(batch["response_id"]) > 0))
+    scored = np.asarray(batch["loss_mask"])[..., 1:].astype(bool) & np.asarray(batch["valid"])[..., None]
+    return int(np.sum(scored))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rpo_jax.models import layers, ring_attention
-from rpo_jax.models.sharding import constrain
+from rpo_jax.models.sharding import batch_shard_count, constrain
 
 #: `vocab_chunk_size=None` chunks the vocabulary when one head's float32 logits [N,T,V] would take more than this
 #: many bytes: unchunked, the log-softmax and its gradient keep about two such arrays (SmolLM2-135M's packed step of
@@ -266,7 +266,8 @@ def packed_token_logps(
     Entry (n, t) is log softmax(unembed(hidden[n, source[n, t]]))[tokens[n, t]]: the token at slot t predicted
     from the slot holding the previous token of its own sequence (`source`: t-1, or a shared prompt's last slot
     for a response's first token). Slots that score nothing carry any value; `segment_logp_sums` drops them.
-    The output head runs on every slot of the rows (no score window: packed rows hold little padding).
+    The output head runs on every slot of the rows; `scored_token_logps` runs it on the scored slots only (the
+    trainer's packed steps, except on a context mesh, where this function splits the rows over the devices).
     """
     if ring_attention.context_mesh(tokens) is not None:
         mask = (attention_mask, positions, segment_ids, parent_ids)
@@ -280,6 +281,76 @@ def packed_token_logps(
         final_logit_softcap=model.config.final_logit_softcap,
         vocab_chunk_size=vocab_chunk_size,
     )
+
+
+#: positions of the output head per step of `scored_token_logps`' loop: the loop stops after the chunk holding a
+#: group's last scored slot, so at most SCORED_CHUNK − 1 positions per group are unembedded for nothing
+SCORED_CHUNK = 256
+
+
+def scored_token_logps(
+    model,
+    tokens: jax.Array,
+    source: jax.Array,
+    response_id: jax.Array,
+    *,
+    attention_mask: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    parent_ids: jax.Array | None = None,
+    vocab_chunk_size: int | None = None,
+    groups: int | None = None,
+    chunk: int = SCORED_CHUNK,
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probs of the scored slots of packed rows (`rpo_jax.data.packing`), the output head run on those only:
+    `(logps, ids)`, both `[G, L']`, for `segment_logp_sums(logps, ids, ...)`.
+
+    The R rows are taken as G groups of L = R/G·T slots (group g: rows g·R/G .. (g+1)·R/G − 1; G = `groups`,
+    default `batch_shard_count(tokens)`, so a group is one device's rows and nothing below leaves its device).
+    Each group's scored slots (`response_id` > 0) are moved to its front in slot order (a stable sort; a
+    response's slots stay consecutive), with the hidden state that predicts each (`source`, as
+    `packed_token_logps`) and its token. The output head then runs chunk by chunk (`chunk` positions of every
+    group at a time, L' = L rounded up to a chunk) in a `lax.scan` whose steps after the last chunk holding a
+    scored slot of any group are skipped (`lax.cond`; rematerialised in the backward pass): the head's FLOPs
+    follow the scored slots, ⌈max_g scored_g / chunk⌉·chunk per group, not the R·T slots, and no shape depends
+    on how many slots are scored, so nothing is compiled per batch. Entries past a group's scored slots have
+    id 0 (their log-probs, 0 or not, are never added up).
+    """
+    hidden = model.hidden_states(tokens, attention_mask, positions, segment_ids, parent_ids)
+    r, t, d = hidden.shape
+    groups = groups or batch_shard_count(tokens)
+    groups = groups if r % groups == 0 else 1
+    length = r // groups * t
+    padded = -(-length // chunk) * chunk
+
+    def grouped(x):  # [R, T] → [G, L'], a group's rows one after another, padding at the end
+        return jnp.pad(x.reshape(groups, length), ((0, 0), (0, padded - length)))
+
+    row_start = (jnp.arange(r, dtype=jnp.int32) % (r // groups) * t)[:, None]  # the group slot of each row's slot 0
+    ids = grouped(response_id.astype(jnp.int32))
+    order = jnp.argsort(ids == 0, axis=-1, stable=True)  # scored slots first, in slot order
+    pick = lambda x: jnp.take_along_axis(grouped(x), order, axis=1)  # noqa: E731
+    ids, targets, at = pick(response_id.astype(jnp.int32)), pick(tokens), pick(row_start + source.astype(jnp.int32))
+    hidden = constrain(hidden.reshape(groups, length, d), ("batch", None, None))
+    hidden = jnp.take_along_axis(hidden, at[:, :, None], axis=1)  # [G, L', D]: the predicting hidden states
+    chunks = padded // chunk
+    needed = -(-jnp.max(jnp.sum(ids > 0, axis=1)) // chunk)  # chunks holding a scored slot of some group
+    unembedding = model.unembedding()
+
+    def head(h, tgt):
+        return token_logps_from_hidden(
+            h, unembedding, tgt, final_logit_softcap=model.config.final_logit_softcap, vocab_chunk_size=vocab_chunk_size
+        ).astype(jnp.float32)
+
+    def body(_, x):
+        i, h, tgt = x
+        skip = lambda h, tgt: jnp.zeros(tgt.shape, jnp.float32)  # noqa: E731
+        return None, jax.lax.cond(i < needed, head, skip, h, tgt)
+
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    split = lambda x: x.reshape(groups, chunks, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    _, logps = jax.lax.scan(body, None, (jnp.arange(chunks), split(hidden), split(targets)))
+    return logps.swapaxes(0, 1).reshape(groups, padded), ids
 
 
 def context_token_logps(model, tokens: jax.Array, source: jax.Array, mask: tuple, vocab_chunk_size) -> jax.Array:
@@ -304,19 +375,23 @@ def context_token_logps(model, tokens: jax.Array, source: jax.Array, mask: tuple
     return logps[:, back]
 
 
-def segment_logp_sums(token_logps: jax.Array, response_id: jax.Array, num_responses: int) -> jax.Array:
+def segment_logp_sums(
+    token_logps: jax.Array, response_id: jax.Array, num_responses: int, *, width: int | None = None
+) -> jax.Array:
     """[num_responses] float32: out[i] = Σ_{slots with response_id = i + 1} token_logps (id 0: not scored).
 
-    token_logps/response_id [N,T] (`packed_token_logps`, the packer's `response_id`); a response's slots lie in
-    one row. Summed as the padded path sums a sequence: each response's T-slot window from its first slot
-    (`segment_min` of the slot index) is gathered into a row [num_responses, T] and reduced with `jnp.sum` over
-    it (a tree reduction; a scatter-add would accumulate ~10³ terms one by one, with rounding errors growing
-    with the length: several × the padded path's on long responses).
+    token_logps/response_id [N,T] (`packed_token_logps` with the packer's `response_id`, or `scored_token_logps`'
+    groups); a response's slots are consecutive, within `width` (default T) of its first one. Summed as the
+    padded path sums a sequence: each response's `width`-slot window from its first slot (`segment_min` of the
+    slot index) is gathered into a row [num_responses, width] and reduced with `jnp.sum` over it (a tree
+    reduction; a scatter-add would accumulate ~10³ terms one by one, with rounding errors growing with the
+    length: several × the padded path's on long responses).
     """
     n, t = token_logps.shape
+    width = min(width or t, t)
     values, ids = token_logps.reshape(-1).astype(jnp.float32), response_id.reshape(-1)
     first = jax.ops.segment_min(jnp.arange(n * t), ids, num_segments=num_responses + 1)[1:]
-    window = jnp.minimum(first, n * t - 1)[:, None] + jnp.arange(t)  # [num_responses, T] flat slots
+    window = jnp.minimum(first, n * t - 1)[:, None] + jnp.arange(width)  # [num_responses, width] flat slots
     inside = jnp.minimum(window, n * t - 1)
     member = (window < n * t) & (ids[inside] == jnp.arange(1, num_responses + 1)[:, None])
     return jnp.sum(jnp.where(member, values[inside], 0.0), axis=-1)

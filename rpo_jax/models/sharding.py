@@ -226,6 +226,19 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules | N
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def batch_shard_count(x: jax.Array) -> int:
+    """How many devices' shares the first dimension of `x` ("batch": rows over data×fsdp) is split into on the
+    mesh its computation runs on (read from `jax.typeof(x)`, as `constrain`); 1 without such a mesh or when the
+    batch axes do not divide it."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True):
+        return 1
+    axes = activation_spec(("batch",), x.shape[:1], mesh)[0]
+    if axes is None or axes is PartitionSpec.UNCONSTRAINED:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def sequence_is_split(x: jax.Array) -> bool:
     """Whether `x` is computed on a mesh with a context axis of more than one device (the sequence dimension of
     activations split over it: ring attention). Then [N,T] must not be merged into one row dimension (its

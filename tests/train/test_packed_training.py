@@ -19,6 +19,7 @@ from rpo_jax.data.packing import Packing, pack_batch, real_tokens
 from rpo_jax.data.tokenize import TokenizedExample, collate_examples
 from rpo_jax.losses import make_loss
 from rpo_jax.models.config import ModelConfig, RopeSpec
+from rpo_jax.models.logprobs import packed_token_logps, scored_token_logps, segment_logp_sums
 from rpo_jax.models.model import create_model
 from rpo_jax.train.build.model import split_trainable
 from rpo_jax.train.build.programs import online_update_step
@@ -140,6 +141,46 @@ def test_response_logps_equal_in_every_layout(scored, model_name):
             np.testing.assert_allclose(by_layout[name][model_name], padded, atol=1e-5, rtol=0)
         slots = {name: int(np.sum(by_layout[name]["batch"]["attention_mask"])) for name in LAYOUTS}
         assert slots["packed"] == real_tokens(batch) > slots["shared"]  # every valid token once; a prompt once
+
+
+@pytest.mark.parametrize("groups,chunk", [(1, 8), (2, 8), (3, 16), (1, 256)])
+def test_scored_slot_head_equals_the_head_on_every_slot(models, groups, chunk):
+    """`scored_token_logps` (the output head on each group's scored slots, `chunk` at a time, the chunks past the
+    last scored slot skipped) gives the per-response sums and parameter gradients of `packed_token_logps` (the
+    head on every slot) to 1e-5, in G = 1, 2 or 3 groups of rows, on the Gemma-2-style model (final soft-cap)."""
+    graphdef, params, rest = models["gemma2"]
+    batch = list_batch()
+    packed = {k: jnp.asarray(v) for k, v in pack_batch(batch, Packing(ROW, share_prompt=True, row_multiple=6)).items()}
+    r, t = packed["tokens"].shape
+    assert r % groups == 0
+    ids = np.asarray(packed["response_id"]).reshape(groups, -1)
+    scored = int((ids > 0).sum(1).max())
+    if chunk < 256:  # some chunks are skipped: fewer than all of them hold a scored slot
+        assert -(-scored // chunk) < -(-ids.shape[1] // chunk)
+    rows = {k: packed[k] for k in ("attention_mask", "positions", "segment_ids", "parent_ids")}
+    num = batch["valid"].size
+
+    def sums(p, scored_only):
+        model = nnx.merge(graphdef, p, rest)
+        if scored_only:
+            logps, ids = scored_token_logps(
+                model, packed["tokens"], packed["source"], packed["response_id"], groups=groups, chunk=chunk, **rows
+            )
+            return segment_logp_sums(logps, ids, num, width=t)
+        logps = packed_token_logps(model, packed["tokens"], packed["source"], **rows)
+        return segment_logp_sums(logps, packed["response_id"], num)
+
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=num), jnp.float32)
+    results = {}
+    for scored_only in (False, True):
+        per_response = jax.jit(lambda p, s=scored_only: sums(p, s))(params)
+        grads = jax.jit(jax.grad(lambda p, s=scored_only: jnp.sum(cotangent * sums(p, s))))(params)
+        results[scored_only] = (np.asarray(per_response), jax.tree.leaves(grads))
+    every, every_grads = results[False]
+    assert np.all(every[batch["valid"].reshape(-1)] < 0) and max(np.abs(g).max() for g in every_grads) > 1e-3
+    np.testing.assert_allclose(results[True][0], every, atol=1e-5, rtol=0)
+    for a, b in zip(results[True][1], every_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
 # IPO at β = 0.5: ∂(h − 1/(2β))²/∂h ≈ −1/β, so at TRL's β = 0.1 the loss (≈ 25, whose float32 ulp is 2e-6) moves

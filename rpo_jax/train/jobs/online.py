@@ -73,7 +73,7 @@ from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task
 from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of
-from rpo_jax.train.runtime.performance import attention_key_cost
+from rpo_jax.train.runtime.performance import attention_key_cost, head_cost
 from rpo_jax.train.step.steps import WithFrozen
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,8 @@ def build_online_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None
             mesh,
             row_length=int(cfg.data.max_prompt_length) + int(cfg.online.max_new_tokens),
             key_cost=attention_key_cost(setup.model_config),
+            head_cost=head_cost(setup.model_config),
+            score_window=online_score_window(cfg),
         ),
     )
 

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from rpo_jax.data import TokenizedDataset, make_train_iterator, storage
-from rpo_jax.data.packing import Packing, is_packed, real_tokens
+from rpo_jax.data.packing import Packing, is_packed, real_tokens, scored_tokens
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import (
     largest_batch,
@@ -64,7 +64,7 @@ from rpo_jax.train.core.workdir import REFERENCE_CACHE
 from rpo_jax.train.runtime.cpu_memory import HeapGuard, release_free_memory, reuse_applied
 from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_with_references
-from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops
+from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops, head_cost
 from rpo_jax.train.step.logprobs import resolve_score_window
 from rpo_jax.train.step.unpaired_steps import drop_empty_labels, label_means, label_sums
 
@@ -139,11 +139,17 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     setup.state, setup.state_shardings = state_with_loss_state(setup.state, setup.state_shardings, loss_fn, mesh)
     layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     references = build_references(cfg, setup, datasets, loss_fn)
-    key_cost = attention_key_cost(model_config, num_references=len(references) if layout.in_step else 0)
-    packing = packing_with_references(
-        packing_of(cfg, mesh, row_length=cfg.data.max_length, key_cost=key_cost), cfg, references, datasets
+    step_references = len(references) if layout.in_step else 0
+    score_window = None if loss_fn.spec.requires_sequence_logps else score_window_of(cfg, datasets, mesh)
+    packing = packing_of(
+        cfg,
+        mesh,
+        row_length=cfg.data.max_length,
+        key_cost=attention_key_cost(model_config, num_references=step_references),
+        head_cost=head_cost(model_config, num_references=step_references),
+        score_window=score_window,
     )
-    packing = packing_for_loss(packing, loss_fn.spec)
+    packing = packing_for_loss(packing_with_references(packing, cfg, references, datasets), loss_fn.spec)
     run = PreferenceRun(
         **vars(setup),
         workdir=storage.as_path(workdir),
@@ -151,7 +157,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         datasets=datasets,
         references=references,
         layout=layout,
-        score_window=None if loss_fn.spec.requires_sequence_logps else score_window_of(cfg, datasets, mesh),
+        score_window=score_window,
         preference_direction=direction,
         packing=packing,
     )
@@ -454,6 +460,8 @@ def preference_task(
         )
 
     heap = HeapGuard()
+    # the packed step's output head runs on the scored slots, except on a context mesh (every slot)
+    context = run.mesh.shape.get("context", 1) > 1
 
     def advance(state, step: int) -> Unit:
         if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
@@ -463,12 +471,14 @@ def preference_task(
                 reset_reference_to_policy(run, state["params"], step)
         batch = next(iterator)
         inputs = train_batch(run, batch)
+        scored_head = is_packed(inputs) and not context
         # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process)
         flops = batch_flops(
             run.model_config,
             inputs["tokens"].shape,
             num_references=len(run.references) if run.in_step_refs else 0,
             score_window=run.score_window,
+            head_positions=scored_tokens(batch) * jax.process_count() if scored_head else None,
         )
         tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
         heap.before_step(inputs["tokens"].shape)  # a larger batch's buffer goes not on top of freed ones

@@ -25,10 +25,11 @@ from rpo_jax.train.config.values import parse_packing
 
 log = logging.getLogger(__name__)
 
-AUTO_MIN_SAVING = 0.25
-"""`packing="auto"` packs a batch when its rows cost at most 3/4 of the padded batch's (`rpo_jax.data.packing.
-layout_cost`): the packed step runs the output head on every slot, the padded one on its score window only, and
-the head is up to ~20 % of a small model's FLOPs per slot (SmolLM2-135M, Gemma 2B; ~7 % for Llama 3 8B)."""
+AUTO_MIN_SAVING = 0.05
+"""`packing="auto"` packs a batch when a step on its rows costs at most 95 % of one on the padded batch
+(`rpo_jax.data.packing.batch_cost`: slots, attention over each row, and the output head's positions — the scored
+slots of packed rows, the score window of each padded sequence). The 5 % margin stands for what the cost leaves
+out: the packed step's sort and gathers of the scored slots, and a compilation for each new row shape."""
 
 
 def packing_setting(value, field: str) -> bool | str:
@@ -40,7 +41,15 @@ def packing_setting(value, field: str) -> bool | str:
         raise ValueError(f"config.data.{field}={value!r}: {e}") from None
 
 
-def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, key_cost: float = 0.0) -> Packing | None:
+def packing_of(
+    cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+    *,
+    row_length: int,
+    key_cost: float = 0.0,
+    head_cost: float = 0.0,
+    score_window: int | None = None,
+) -> Packing | None:
     """The run's `Packing` (None: padded batches).
 
     `config.data.packing`: True packs every batch; "auto" (the default) packs a batch when that saves at least
@@ -50,7 +59,9 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
     `packing_with_references`). Rows are sized per batch (`rpo_jax.data.packing.choose_layout`) unless
     `config.data.pack_length` > 0 fixes them, to at least
     `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens);
-    `key_cost`: the model's `rpo_jax.train.runtime.performance.attention_key_cost`, which weighs longer rows' attention.
+    `key_cost`: the model's `rpo_jax.train.runtime.performance.attention_key_cost`, which weighs longer rows' attention;
+    `head_cost` (`performance.head_cost`) and `score_window` (the padded batches' head positions per sequence, None:
+    every position) weigh the output head in "auto"'s comparison (`rpo_jax.data.packing.batch_cost`).
     The settings are checked by the schema (`validate`: a value that is not a setting, `share_prompt=True`
     without packing, a `pack_length` below the mode's longest sequence).
     """
@@ -73,6 +84,9 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
         row_multiple=max(1, shards // jax.process_count()),
         min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0,
         key_cost=key_cost,
+        # on a context mesh both layouts run the head on every position: the slots alone compare them
+        head_cost=head_cost if mesh.shape.get("context", 1) == 1 else 0.0,
+        score_window=score_window or 0,
     )
 
 

@@ -39,31 +39,52 @@ def flops_per_token(matmul_params: int, num_layers: int, seq_len: int, attn_dim:
 def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, score_window: int | None = None) -> float:
     """FLOPs per token of the trainer's step for a model `config` (a `ModelConfig`): the output head counted
     only on the W = `score_window` positions it runs on (every position when None or W ≥ T−1)."""
-    body = config.num_params(include_embeddings=False)
-    head = config.vocab_size * config.hidden_size
-    attn_dim = config.num_heads * config.head_dim
     head_fraction = 1.0 if score_window is None or score_window >= seq_len - 1 else score_window / seq_len
-    return flops_per_token(
-        body, config.num_layers, seq_len, attn_dim, num_references
-    ) + head_fraction * flops_per_token(head, 0, seq_len, attn_dim, num_references)
+    head = flops_per_token(config.vocab_size * config.hidden_size, 0, seq_len, 0, num_references)
+    return decoder_flops_per_slot(config, seq_len, num_references=num_references) + head_fraction * head
+
+
+def decoder_flops_per_slot(config, seq_len: int, *, num_references: int = 0) -> float:
+    """The step's FLOPs per slot of a row of `seq_len` slots without the output head: `train_flops_per_token`
+    less its unembedding, `a + b·seq_len`."""
+    attn_dim = config.num_heads * config.head_dim
+    body = config.num_params(include_embeddings=False)
+    return flops_per_token(body, config.num_layers, seq_len, attn_dim, num_references)
 
 
 def attention_key_cost(config, *, num_references: int = 0) -> float:
-    """c: the FLOPs of one more attention key per token over the FLOPs of a token at no keys, from
-    `train_flops_per_token(T) = a + b·T` (head on every slot): c = b / a. A packed row of T slots then costs
-    ∝ T·(1 + c·T) (`rpo_jax.data.packing.Packing.key_cost`)."""
-    one, two = (train_flops_per_token(config, t, num_references=num_references) for t in (1, 2))
-    return (two - one) / (2 * one - two)
+    """c: the FLOPs of one more attention key per slot over a slot's FLOPs at no keys, the output head left out
+    (`decoder_flops_per_slot(T) = a + b·T`: c = b / a). A packed row of T slots then costs ∝ T·(1 + c·T)
+    (`rpo_jax.data.packing.Packing.key_cost`)."""
+    a = decoder_flops_per_slot(config, 0, num_references=num_references)
+    return (decoder_flops_per_slot(config, 1, num_references=num_references) - a) / a
+
+
+def head_cost(config, *, num_references: int = 0) -> float:
+    """h: the output head's FLOPs at one position (6·V·D, plus 2·V·D per in-step reference) over a slot's
+    decoder FLOPs at no keys (`decoder_flops_per_slot(0)`); `rpo_jax.data.packing.Packing.head_cost`."""
+    head = flops_per_token(config.vocab_size * config.hidden_size, 0, 0, 0, num_references)
+    return head / decoder_flops_per_slot(config, 0, num_references=num_references)
 
 
 def batch_flops(
-    config, tokens_shape: tuple[int, ...], *, num_references: int = 0, score_window: int | None = None
+    config,
+    tokens_shape: tuple[int, ...],
+    *,
+    num_references: int = 0,
+    score_window: int | None = None,
+    head_positions: int | None = None,
 ) -> float:
     """FLOPs of one step on a global batch whose `tokens` have `tokens_shape`: `[B, K, T]` (padded: B·K·T
-    slots at `train_flops_per_token(T, score_window)`) or `[R, T]` (packed rows, `rpo_jax.data.packing`: every
-    one of the R·T slots is computed, the output head included — the score window does not apply)."""
+    slots at `train_flops_per_token(T, score_window)`) or `[R, T]` (packed rows, `rpo_jax.data.packing`: the
+    decoder on every one of the R·T slots, the output head on `head_positions` of them — the scored slots, where
+    the packed step runs it (`rpo_jax.models.logprobs.scored_token_logps`, which rounds each device's count up to
+    a 256-slot chunk) — or on every slot when None)."""
     seq_len = tokens_shape[-1]
     slots = math.prod(tokens_shape)
+    if len(tokens_shape) == 2 and head_positions is not None:
+        head = flops_per_token(config.vocab_size * config.hidden_size, 0, seq_len, 0, num_references)
+        return slots * decoder_flops_per_slot(config, seq_len, num_references=num_references) + head_positions * head
     window = score_window if len(tokens_shape) == 3 else None
     return slots * train_flops_per_token(config, seq_len, num_references=num_references, score_window=window)
 
