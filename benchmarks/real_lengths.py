@@ -20,7 +20,7 @@ of GiB). Each mode is a run of its own, built as `rpo-train` builds it, and diff
   longest sequence, the output head on the trainer's score window (`config.model.score_window`, "auto");
 * packed: `data.packing=True, data.share_prompt=False`: rows whose length is chosen per batch as the trainer
   chooses it (`data.pack_length=0`: the cheapest of 128·{1, 2, 3, 4, 6, ...} up to the bucket, attention
-  weighed by `attention_key_cost`), the head on every slot;
+  weighed by `attention_key_cost`), the head on the scored slots (`rpo_jax.models.logprobs.scored_token_logps`);
 * shared: `data.packing=True, data.share_prompt=True`: packed with one copy of each example's prompt before its
   K responses.
 

@@ -26,7 +26,7 @@ from rpo_jax.train.build.programs import online_update_step
 from rpo_jax.train.config.defaults import base_config
 from rpo_jax.train.jobs import preference
 from rpo_jax.train.runtime.packed_rows import AUTO_MIN_SAVING, packing_of, packing_setting, packing_with_references
-from rpo_jax.train.runtime.performance import batch_flops, train_flops_per_token
+from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops, head_cost, train_flops_per_token
 from rpo_jax.train.step.logprobs import preference_inputs, response_logps
 
 from .test_multihost import finish, start_processes
@@ -242,9 +242,21 @@ def test_parameter_gradients_equal_in_every_layout(models):
 
 
 def test_flops_count_the_packed_rows():
-    """FLOPs of a packed step are R·T slots at T keys, the head on every slot; padded ones B·K·T with the score
-    window's share of the head."""
+    """FLOPs of a packed step are R·T slots at T keys, the head on `head_positions` of them (every slot when not
+    given); padded ones B·K·T with the score window's share of the head. The packing costs in closed form:
+    c = 12·L·d_attn / (6·P') and h = 6·V·D / (6·P'), with or without in-step references (each adds a third of
+    both numerator and denominator)."""
     assert batch_flops(LLAMA, (3, 24)) == 3 * 24 * train_flops_per_token(LLAMA, 24)
+    body = LLAMA.num_params(include_embeddings=False)
+    head, attn = LLAMA.vocab_size * LLAMA.hidden_size, LLAMA.num_heads * LLAMA.head_dim
+    for refs in (0, 2):
+        per_slot = (3 + refs) * (2 * body + 4 * LLAMA.num_layers * 24 * attn)
+        expected = 3 * 24 * per_slot + 40 * (3 + refs) * 2 * head
+        assert batch_flops(LLAMA, (3, 24), num_references=refs, head_positions=40) == pytest.approx(expected, 1e-12)
+        assert attention_key_cost(LLAMA, num_references=refs) == pytest.approx(
+            2 * LLAMA.num_layers * attn / body, rel=1e-12
+        )
+        assert head_cost(LLAMA, num_references=refs) == pytest.approx(head / body, rel=1e-12)
     assert batch_flops(LLAMA, (3, 24), score_window=8) == batch_flops(LLAMA, (3, 24))
     assert batch_flops(LLAMA, (2, 4, 32), score_window=8) == 2 * 4 * 32 * train_flops_per_token(
         LLAMA, 32, score_window=8

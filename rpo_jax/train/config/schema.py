@@ -254,9 +254,9 @@ class DataSection(Section):
     )
     packing: PackingSetting = Field(
         "auto",
-        description='rpo_jax.data.packing (README "Packing and shared '
-        'prompts"): "auto" packs a batch when that saves ≥ 25 % of its cost (padded '
-        "on a CPU mesh of several devices), True packs every batch, False never; the "
+        description="rpo_jax.data.packing (docs: concepts/packing): "
+        '"auto" packs a batch when that saves ≥ 5 % of its cost — slots, attention and the output head\'s '
+        "positions (padded on a CPU mesh of several devices), True packs every batch, False never; the "
         "same log-probs as padded batches; micro-batches are packed each in their own "
         'rows. Command-line strings "true" / "false" / "auto" are accepted',
     )

@@ -442,7 +442,8 @@ def preference_task(
             "packing (config.data.packing): rows of %s, share_prompt=%s, %s",
             f"{run.packing.row_length} slots" if run.packing.row_length else "a length chosen per batch",
             run.packing.share_prompt,
-            f"batches packed when that saves ≥ {run.packing.min_saving:.0%} of their slots"
+            f"batches packed when that saves ≥ {run.packing.min_saving:.0%} of their cost (slots, attention and the "
+            "output head's positions; the head on the scored slots of packed rows)"
             if run.packing.min_saving
             else "every batch packed",
         )
