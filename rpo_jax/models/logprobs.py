@@ -283,6 +283,24 @@ def packed_token_logps(
     )
 
 
+#: `scored_token_logps` pays when the output head is at least this share of a slot's decoder FLOPs (V·D / P',
+#: `head_share`): SmolLM2-135M 0.27, Llama 3 8B 0.08; below it (the quickstart's tiny model: 0.008) its sort,
+#: gathers and loop cost more than the head they skip, and `packed_token_logps` runs the head on every slot
+SCORED_HEAD_MIN_SHARE = 0.05
+
+
+def head_share(config) -> float:
+    """V·D / P': the output head's FLOPs at one position over a slot's decoder matmul FLOPs (P' the parameters
+    of every matmul but the head; `rpo_jax.train.runtime.performance.head_cost` without attention)."""
+    return config.vocab_size * config.hidden_size / config.num_params(include_embeddings=False)
+
+
+def unembeds_scored_slots(config) -> bool:
+    """Whether the packed steps run the output head on the scored slots only (`scored_token_logps`): when
+    `head_share(config)` ≥ `SCORED_HEAD_MIN_SHARE`."""
+    return head_share(config) >= SCORED_HEAD_MIN_SHARE
+
+
 #: positions of the output head per step of `scored_token_logps`' loop: the loop stops after the chunk holding a
 #: group's last scored slot, so at most SCORED_CHUNK − 1 positions per group are unembedded for nothing
 SCORED_CHUNK = 256

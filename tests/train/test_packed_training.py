@@ -5,6 +5,7 @@ takes the same steps as without."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import types
 
@@ -19,7 +20,13 @@ from rpo_jax.data.packing import Packing, pack_batch, real_tokens
 from rpo_jax.data.tokenize import TokenizedExample, collate_examples
 from rpo_jax.losses import make_loss
 from rpo_jax.models.config import ModelConfig, RopeSpec
-from rpo_jax.models.logprobs import packed_token_logps, scored_token_logps, segment_logp_sums
+from rpo_jax.models.logprobs import (
+    head_share,
+    packed_token_logps,
+    scored_token_logps,
+    segment_logp_sums,
+    unembeds_scored_slots,
+)
 from rpo_jax.models.model import create_model
 from rpo_jax.train.build.model import split_trainable
 from rpo_jax.train.build.programs import online_update_step
@@ -257,6 +264,9 @@ def test_flops_count_the_packed_rows():
             2 * LLAMA.num_layers * attn / body, rel=1e-12
         )
         assert head_cost(LLAMA, num_references=refs) == pytest.approx(head / body, rel=1e-12)
+    # the scored-slot head only where the head is ≥ 5 % of a slot's decoder matmuls (here 0.13; with 4 tokens 0.008)
+    assert head_share(LLAMA) == pytest.approx(head / body, rel=1e-12) and unembeds_scored_slots(LLAMA)
+    assert not unembeds_scored_slots(dataclasses.replace(LLAMA, vocab_size=4))
     assert batch_flops(LLAMA, (3, 24), score_window=8) == batch_flops(LLAMA, (3, 24))
     assert batch_flops(LLAMA, (2, 4, 32), score_window=8) == 2 * 4 * 32 * train_flops_per_token(
         LLAMA, 32, score_window=8

@@ -51,6 +51,7 @@ from rpo_jax.data import PromptRecord, read_prompts
 from rpo_jax.data.online_batches import encode_prompts, left_pad, prompt_for_reward, prompt_order, sample_batch
 from rpo_jax.data.packing import Packing
 from rpo_jax.models import RewardFn, judge_fn, load_reward_model, reward_model_fn, truncate_at_stop_strings
+from rpo_jax.models.logprobs import unembeds_scored_slots
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import data_paths, import_object, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import token_lists_fingerprint
@@ -240,7 +241,7 @@ def build_online_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None
             mesh,
             row_length=int(cfg.data.max_prompt_length) + int(cfg.online.max_new_tokens),
             key_cost=attention_key_cost(setup.model_config),
-            head_cost=head_cost(setup.model_config),
+            head_cost=head_cost(setup.model_config) if unembeds_scored_slots(setup.model_config) else 0.0,
             score_window=online_score_window(cfg),
         ),
     )

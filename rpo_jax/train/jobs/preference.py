@@ -28,6 +28,7 @@ import numpy as np
 
 from rpo_jax.data import TokenizedDataset, make_train_iterator, storage
 from rpo_jax.data.packing import Packing, is_packed, real_tokens, scored_tokens
+from rpo_jax.models.logprobs import unembeds_scored_slots
 from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import (
     largest_batch,
@@ -146,7 +147,8 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
         mesh,
         row_length=cfg.data.max_length,
         key_cost=attention_key_cost(model_config, num_references=step_references),
-        head_cost=head_cost(model_config, num_references=step_references),
+        # the head's positions weigh only where the packed step unembeds the scored slots alone
+        head_cost=head_cost(model_config, num_references=step_references) if unembeds_scored_slots(model_config) else 0,
         score_window=score_window,
     )
     packing = packing_for_loss(packing_with_references(packing, cfg, references, datasets), loss_fn.spec)
@@ -461,8 +463,8 @@ def preference_task(
         )
 
     heap = HeapGuard()
-    # the packed step's output head runs on the scored slots, except on a context mesh (every slot)
-    context = run.mesh.shape.get("context", 1) > 1
+    # the packed step's output head runs on the scored slots, except for a small head or on a context mesh
+    scored_slots = unembeds_scored_slots(run.model_config) and run.mesh.shape.get("context", 1) == 1
 
     def advance(state, step: int) -> Unit:
         if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
@@ -472,7 +474,7 @@ def preference_task(
                 reset_reference_to_policy(run, state["params"], step)
         batch = next(iterator)
         inputs = train_batch(run, batch)
-        scored_head = is_packed(inputs) and not context
+        scored_head = is_packed(inputs) and scored_slots
         # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process)
         flops = batch_flops(
             run.model_config,

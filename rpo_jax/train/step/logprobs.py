@@ -14,7 +14,13 @@ from flax import nnx
 
 from rpo_jax.losses import PreferenceLogps
 from rpo_jax.models import ring_attention, sequence_logps
-from rpo_jax.models.logprobs import packed_token_logps, scored_token_logps, segment_logp_sums, token_logps
+from rpo_jax.models.logprobs import (
+    packed_token_logps,
+    scored_token_logps,
+    segment_logp_sums,
+    token_logps,
+    unembeds_scored_slots,
+)
 from rpo_jax.models.lora import lora_dropout
 from rpo_jax.train.config.values import parse_score_window
 
@@ -116,8 +122,9 @@ def packed_response_logps(
 ) -> jax.Array:
     """`response_logps` of a packed batch: rows tokens/positions/segment_ids/source/response_id (+ parent_ids
     with shared prompts) [R,T], valid [B,K]. policy[b, k] = Σ_{slots with response_id = 1 + b·K + k} log p, the
-    per-slot log-probs of `scored_token_logps` (the output head on the scored slots only), or on a context mesh
-    of `packed_token_logps`; 0 on invalid slots, as in the padded path."""
+    per-slot log-probs of `scored_token_logps` (the output head on the scored slots only), or of
+    `packed_token_logps` for a model whose head is small (`unembeds_scored_slots`) or on a context mesh; 0 on
+    invalid slots, as in the padded path."""
     model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
     rows = dict(
         attention_mask=batch["attention_mask"],
@@ -127,9 +134,9 @@ def packed_response_logps(
         vocab_chunk_size=vocab_chunk_size,
     )
     with training_dropout(model, dropout_rng):
-        if ring_attention.context_mesh(batch["tokens"]) is None:
+        if ring_attention.context_mesh(batch["tokens"]) is None and unembeds_scored_slots(model.config):
             logps, ids = scored_token_logps(model, batch["tokens"], batch["source"], batch["response_id"], **rows)
-        else:  # the rows split over the context devices: the head on each device's own slots
+        else:  # a small head, or the rows split over the context devices: the head on every slot
             logps = packed_token_logps(model, batch["tokens"], batch["source"], **rows)
             ids = batch["response_id"]
     b, k = batch["valid"].shape
