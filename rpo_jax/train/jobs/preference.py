@@ -28,7 +28,6 @@ import numpy as np
 
 from rpo_jax.data import TokenizedDataset, make_train_iterator, storage
 from rpo_jax.data.packing import Packing, is_packed, real_tokens
-from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import (
     largest_batch,
     load_records,
@@ -62,7 +61,7 @@ from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.core.workdir import REFERENCE_CACHE
 from rpo_jax.train.runtime.cpu_memory import HeapGuard, release_free_memory, reuse_applied
-from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
+from rpo_jax.train.runtime.global_batches import config_mesh, local_batch_size, process_rows, to_global
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_with_references
 from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops
 from rpo_jax.train.step.logprobs import resolve_score_window
@@ -113,7 +112,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     """Data, policy, references, optimizer and initial state (`devices`: a subset to run on; default all). `cfg`
     is validated first (`rpo_jax.train.config.validation.validate`); the run holds the typed config."""
     cfg = validate(cfg)
-    mesh = make_mesh(dict(cfg.mesh), devices)
+    mesh = config_mesh(cfg.mesh, devices)
     dtype = compute_dtype(cfg.model.dtype)
     loss_fn = build_loss(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -428,8 +427,10 @@ def preference_task(
     (`steps`: `run_steps(run)`, made here when not given; `generation_eval`: a
     `rpo_jax.train.jobs.generation_eval.TrainingEval`, run every `config.eval.generation.every` steps)."""
     cfg = run.config
-    per_process = local_batch_size(cfg.data.batch_size, run.mesh)
-    iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    per_process, rows = local_batch_size(cfg.data.batch_size, run.mesh), process_rows(run.mesh)
+    iterator = make_train_iterator(
+        run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle, **rows.iterator_args()
+    )
     train_step, eval_step = steps or run_steps(run)
     if run.packing is not None:  # the output head runs on every slot of the packed rows (no score window)
         log.info(
@@ -470,7 +471,7 @@ def preference_task(
             num_references=len(run.references) if run.in_step_refs else 0,
             score_window=run.score_window,
         )
-        tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
+        tokens = float(real_tokens(batch)) * rows.count  # prompt + response tokens, whatever the layout
         heap.before_step(inputs["tokens"].shape)  # a larger batch's buffer goes not on top of freed ones
         state, metrics = train_step(state, inputs, step_reference_params(run))
         heap.after_step()  # a step's buffer that the heap could not reuse is not kept (cpu_memory.HeapGuard)

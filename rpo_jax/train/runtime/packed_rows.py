@@ -19,9 +19,9 @@ from jax.sharding import Mesh
 
 from rpo_jax.data import TokenizedDataset
 from rpo_jax.data.packing import Packing, is_packed, pack_batch, packing_saves
-from rpo_jax.models.sharding import batch_sharding
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import parse_packing
+from rpo_jax.train.runtime.global_batches import process_rows
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def packing_of(cfg: ml_collections.ConfigDict, mesh: Mesh, *, row_length: int, k
     return Packing(
         row_length=length,
         share_prompt=bool(share),
-        row_multiple=max(1, shards // jax.process_count()),
+        row_multiple=max(1, shards // process_rows(mesh).count),
         min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0,
         key_cost=key_cost,
     )
@@ -103,10 +103,9 @@ def pack_local(
 
 def first_local_example(local_batch: int, mesh: Mesh) -> int:
     """The global index of this process's first example when every process feeds `local_batch` rows of a batch
-    sharded on the batch axes (`to_global`): the lowest row its devices hold."""
-    global_batch = local_batch * jax.process_count()
-    indices = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,)).values()
-    return min(index[0].indices(global_batch)[0] for index in indices)
+    sharded on the batch axes (`to_global`): its row group's first row (`process_rows`; processes of one group
+    pack the same rows with the same ids)."""
+    return process_rows(mesh).index * local_batch
 
 
 def packing_with_references(
