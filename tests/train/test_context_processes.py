@@ -35,14 +35,16 @@ def test_processes_holding_the_same_shards_feed_the_same_rows():
     ids=["interleaved", "overlapping", "unequal", "missing"],
 )
 def test_shards_that_are_not_blocks_are_one_line(held):
-    with pytest.raises(ValueError, match=r"^config\.mesh: the processes' devices hold batch shards .* processes$"):
+    with pytest.raises(
+        ValueError, match=r"^config\.mesh: the processes' devices hold batch shards .* with config\.mesh\.processes$"
+    ):
         row_groups(held, 4)
 
 
 def test_one_process_feeds_every_row_and_processes_setting_is_checked(tmp_path):
     """With one process every mesh is one row group; `config.mesh.processes` (per axis, all 1 by default) is
-    refused naming the key for a count below 1 or one that does not divide its axis, and (at the mesh) for counts
-    not multiplying to the processes of the run."""
+    refused naming the key for an unknown axis, a count below 1 or one that does not divide its axis, and (at the
+    mesh) for counts not multiplying to the processes of the run."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
     assert process_rows(config_mesh({"data": 2, "fsdp": 2, "tensor": 2})) == RowGroup(0, 1)
@@ -54,7 +56,8 @@ def test_one_process_feeds_every_row_and_processes_setting_is_checked(tmp_path):
         process_rows(config_mesh({**WHOLE, "processes": {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}})).count == 1
     )
     for processes, match in [
-        ({"context": 0}, r"^config\.mesh\.processes\.context=0: expected .*1"),
+        ({"context": 0}, r"^config\.mesh\.processes\.context=0: expected ≥ 1$"),
+        ({"seq": 2}, r"^config\.mesh\.processes\.seq: no such key \(keys of config\.mesh\.processes: data, fsdp, "),
         ({"tensor": 4}, r"^config\.mesh\.processes\.tensor=4: config\.mesh\.tensor=2 is not a multiple of 4$"),
     ]:
         with pytest.raises(ValueError, match=match):
