@@ -19,7 +19,7 @@ from flax import nnx
 
 from rpo_jax.data import make_eval_batches
 from rpo_jax.losses import make_loss
-from rpo_jax.models import create_model, make_mesh
+from rpo_jax.models import create_model
 from rpo_jax.models.config import ModelConfig
 from rpo_jax.models.layers import lora_delta
 from rpo_jax.models.lora import (
@@ -38,6 +38,7 @@ from rpo_jax.train.build.references import compute_logps
 from rpo_jax.train.cli.export import export_main
 from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.jobs import online, preference, reward_model
+from rpo_jax.train.runtime.global_batches import config_mesh
 from rpo_jax.train.runtime.packed_rows import pack_local
 from rpo_jax.train.step.logprobs import preference_inputs, response_logps, step_reference_logps
 from rpo_jax.train.step.steps import make_scorer, make_train_step
@@ -305,7 +306,7 @@ def lora_config(base: pathlib.Path, **overrides) -> ml_collections.ConfigDict:
 
 def base_logps(base: pathlib.Path, cfg, batch) -> np.ndarray:
     """Response log-probs of the plain base checkpoint (no adapters anywhere)."""
-    model, _ = load_model(str(base / "base"), cfg, make_mesh(dict(cfg.mesh), ONE), jnp.float32)
+    model, _ = load_model(str(base / "base"), cfg, config_mesh(cfg.mesh, ONE), jnp.float32)
     graphdef, params, rest = split_trainable(model)
     return np.asarray(
         jax.jit(lambda p, b: response_logps(graphdef, p, rest, b, compute_dtype=jnp.float32))(params, batch)
@@ -419,7 +420,7 @@ def lora_run(base):
 
 def trained_policy(cfg, workdir):
     tok = load_tokenizer(tokenizer_path(cfg))
-    model, _ = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), ONE), jnp.float32)
+    model, _ = load_policy(cfg, tok, config_mesh(cfg.mesh, ONE), jnp.float32)
     graphdef, params, rest = split_trainable(model)
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=1, asynchronous=False)
     step, params = ckpt.restore_params(abstract_like(params))
@@ -556,7 +557,7 @@ def test_our_peft_writer_and_reader_round_trip_through_the_trainer(base, tmp_pat
     """save_peft_adapter of a trained-looking adapter → init_from → the same policy logits (exact file round trip)."""
     cfg = lora_config(base)
     tok = load_tokenizer(tokenizer_path(cfg))
-    model, _ = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), ONE), jnp.float32)
+    model, _ = load_policy(cfg, tok, config_mesh(cfg.mesh, ONE), jnp.float32)
     for name in model.lora.targets:
         b = model.lora.factors(name)[1]
         b[...] = 0.05 * jax.random.normal(jax.random.key(3), b.shape)
@@ -564,7 +565,7 @@ def test_our_peft_writer_and_reader_round_trip_through_the_trainer(base, tmp_pat
     again, _ = load_policy(
         set_fields(lora_config(base), {"model.lora.rank": 0, "model.lora.init_from": str(tmp_path / "adapter")}),
         tok,
-        make_mesh(dict(cfg.mesh), ONE),
+        config_mesh(cfg.mesh, ONE),
         jnp.float32,
     )
     np.testing.assert_allclose(np.asarray(again(TOKENS)), np.asarray(model(TOKENS)), atol=1e-6)

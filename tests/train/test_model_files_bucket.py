@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from rpo_jax.models import load_hf, make_mesh
+from rpo_jax.models import load_hf
 from rpo_jax.models.lora import save_peft_adapter
 from rpo_jax.train.core.export import INCOMPLETE
+from rpo_jax.train.runtime.global_batches import config_mesh
 
 from .trainer_testlib import save_tiny_base, set_fields, subprocess_env, tiny_config
 
@@ -126,7 +127,7 @@ def test_a_tokenizer_a_base_and_a_lora_adapter_are_read_from_a_bucket(gcs_bucket
     root = save_tiny_base(tmp_path / "base")
     base = root / "base"
     cfg = tiny_config(root / "data", **{"model.path": str(base), "model.lora.rank": 4, "model.lora.alpha": 8.0})
-    mesh = make_mesh(dict(cfg.mesh), jax.devices()[:1])
+    mesh = config_mesh(cfg.mesh, jax.devices()[:1])
     tok = load_tokenizer(str(base))
     model, _ = load_policy(cfg, tok, mesh, jnp.float32)
     for name in model.lora.targets:  # adapters that change the logits

@@ -135,12 +135,13 @@ def save_tiny_base(root: pathlib.Path, **overrides) -> pathlib.Path:
     of `tiny_config` (e.g. `{"model.init_seed": 7}`: other weights)."""
     import jax.numpy as jnp
 
-    from rpo_jax.models import make_mesh, save_hf
+    from rpo_jax.models import save_hf
     from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
     from rpo_jax.train.build.model import load_policy
+    from rpo_jax.train.runtime.global_batches import config_mesh
 
     cfg = tiny_config(root / "data", **overrides)
     tok = load_tokenizer(tokenizer_path(cfg))
-    model, mc = load_policy(cfg, tok, make_mesh(dict(cfg.mesh), jax.devices()[:1]), jnp.float32)
+    model, mc = load_policy(cfg, tok, config_mesh(cfg.mesh, jax.devices()[:1]), jnp.float32)
     save_hf(model, mc, root / "base", tokenizer=tok)
     return root

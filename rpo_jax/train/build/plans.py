@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rpo_jax.models.sharding import batch_sharding, make_mesh
+from rpo_jax.models.sharding import batch_sharding
 from rpo_jax.train.build.lora import lora_enabled
 from rpo_jax.train.build.model import abstract_params, adapters_off_graphdef, architecture_of, reward_labels_of
 from rpo_jax.train.build.programs import (
@@ -39,7 +39,7 @@ from rpo_jax.train.build.programs import (
 from rpo_jax.train.build.state import abstract_setup, build_loss, compute_dtype
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import ONLINE, PREFERENCE, REWARD_MODEL
-from rpo_jax.train.runtime.global_batches import replicated
+from rpo_jax.train.runtime.global_batches import config_mesh, replicated
 from rpo_jax.train.step.logprobs import resolve_score_window
 
 
@@ -150,7 +150,7 @@ def build_programs(cfg, devices: Sequence, responses: int = 2, *, rewards: bool 
     the loss does not need them; a reward-aware loss always takes them. The plan's dtype is bfloat16 for
     `model.dtype="auto"` (an accelerator's choice)."""
     cfg = validate(cfg)
-    mesh = make_mesh(dict(cfg.mesh), devices)
+    mesh = config_mesh(cfg.mesh, devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.data.batch_size % shards:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by data×fsdp={shards}")

@@ -34,7 +34,7 @@ from rpo_jax.train.build.fingerprints import checkpoint_fingerprint, dataset_fin
 from rpo_jax.train.build.lora import lora_enabled, lora_reference_is_base
 from rpo_jax.train.build.model import adapters_off_graphdef, load_model, split_trainable
 from rpo_jax.train.build.state import RunSetup
-from rpo_jax.train.runtime.global_batches import replicate, to_global
+from rpo_jax.train.runtime.global_batches import process_rows, replicate, to_global
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def compute_logps(
     the progress bar (`progress`: shown on the main process only).
     """
     out = np.full((dataset.num_records, dataset.k_max), np.nan, np.float32)
-    batches = num_eval_batches(dataset, batch_size, jax.process_count())
+    rows = process_rows(mesh)  # processes of one row group feed the same rows; every row is scored once
+    batches = num_eval_batches(dataset, batch_size, rows.count)
     log.info("%s: scoring %d records in %d batches", description, dataset.num_records, batches)
     bar = None
     if progress and jax.process_index() == 0:
@@ -96,7 +97,7 @@ def compute_logps(
         bar = tqdm(total=batches, desc=description, unit="batch", dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        for batch in make_eval_batches(dataset, batch_size):
+        for batch in make_eval_batches(dataset, batch_size, **rows.iterator_args()):
             device_batch = to_global(prepare(batch) if prepare is not None else batch, mesh)
             values = scorer(params, device_batch)
             index, valid = replicate((device_batch["index"], device_batch["valid"]), mesh)

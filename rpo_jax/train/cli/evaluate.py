@@ -75,7 +75,6 @@ def config_of(args: argparse.Namespace):
 def evaluate_models(args: argparse.Namespace) -> dict:
     """Run the evaluation `args` describe and write OUT; returns the summary."""
     from rpo_jax.data import storage
-    from rpo_jax.models.sharding import make_mesh
     from rpo_jax.models.win_rates import kl_estimate
     from rpo_jax.train.build.state import compute_dtype
     from rpo_jax.train.jobs.generation_eval import (
@@ -90,10 +89,11 @@ def evaluate_models(args: argparse.Namespace) -> dict:
         write_jsonl,
     )
     from rpo_jax.train.jobs.judging import make_judge, plot_evaluation
+    from rpo_jax.train.runtime.global_batches import config_mesh
 
     cfg = config_of(args)
     gen = cfg.eval.generation
-    mesh, dtype = make_mesh(dict(cfg.mesh)), compute_dtype(cfg.model.dtype)
+    mesh, dtype = config_mesh(cfg.mesh), compute_dtype(cfg.model.dtype)
     chosen = gen.baseline == "chosen"
     if not chosen and not storage.as_path(gen.baseline).is_dir():
         raise ValueError(f"--baseline {gen.baseline}: not a model directory nor 'chosen'")

@@ -92,10 +92,24 @@ class RewardModelSection(Section):
     label: int = Field(0, ge=0, description="the score column trained, counted from 0 (a fresh head has one label, 0)")
 
 
+class MeshProcesses(Section):
+    """How many processes (hosts) each mesh axis spans, `rpo_jax.models.sharding.make_mesh(processes=...)`: axis a
+    of size s is split into `processes.a` processes × s / `processes.a` devices inside each. All 1 (the default):
+    `jax.make_mesh`'s order, in which the first axes (data, then fsdp, ...) span the processes; otherwise the counts
+    multiply to the number of processes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    data: int = Field(1, ge=1, description="processes the data axis spans")
+    fsdp: int = Field(1, ge=1, description="processes the fsdp axis spans")
+    tensor: int = Field(1, ge=1, description="processes the tensor axis spans")
+    context: int = Field(1, ge=1, description="processes the context axis spans (its ring's hops then cross hosts)")
+
+
 class MeshSection(Section):
     """The device mesh: sizes of the (data, fsdp, tensor, context) axes multiplying to the device count, one of
-    them may be -1 (filled in). A mesh given without an axis has size 1 there (as `rpo_jax.models.sharding.make_mesh`
-    reads it); no mesh at all is the default, {data: -1, fsdp: 1, tensor: 1}."""
+    them may be -1 (filled in), and which axes span processes. A mesh given without an axis has size 1 there (as
+    `rpo_jax.models.sharding.make_mesh` reads it); no mesh at all is the default, {data: -1, fsdp: 1, tensor: 1}."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -107,6 +121,11 @@ class MeshSection(Section):
         description="context-parallel axis: every row's tokens split over this many devices, attention across them "
         "by ring attention (row lengths a multiple of 2 × context); 1: off; -1: the rest",
     )
+    processes: MeshProcesses = Field(
+        default_factory=MeshProcesses,
+        description="how many processes each mesh axis spans (e.g. processes.context=2 on 2 hosts: the two context "
+        "shards of every row on different hosts, which then feed the same rows); all 1: jax.make_mesh's order",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -117,12 +136,18 @@ class MeshSection(Section):
 
     @model_validator(mode="after")
     def _sizes(self):
-        sizes = dict(self)
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
         for axis, size in sizes.items():
             if size == 0 or size < -1:
                 raise ConfigError(f"config.mesh.{axis}={size}: expected a size ≥ 1 or -1 (the rest)")
         if list(sizes.values()).count(-1) > 1:
             raise ConfigError(f"config.mesh={sizes}: only one axis may be -1")
+        for axis in MESH_AXES:
+            n, size = getattr(self.processes, axis), sizes[axis]
+            if size != -1 and size % n:
+                raise ConfigError(
+                    f"config.mesh.processes.{axis}={n}: config.mesh.{axis}={size} is not a multiple of {n}"
+                )
         return self
 
 

@@ -52,7 +52,6 @@ from rpo_jax.models import ModelConfig, save_hf, save_reward_model
 from rpo_jax.models.hf_export import DEFAULT_MAX_SHARD_SIZE
 from rpo_jax.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_lora, save_peft_adapter
 from rpo_jax.models.quantize import dequantize_base, is_quantized
-from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import load_tokenizer, tokenizer_path
 from rpo_jax.train.build.lora import lora_enabled
 from rpo_jax.train.build.model import build_reward_model, load_policy, split_trainable
@@ -60,7 +59,7 @@ from rpo_jax.train.build.state import compute_dtype
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.core.checkpoint import Checkpointer, abstract_like
 from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, EXPORT_ADAPTER, is_run_directory, read_run_config
-from rpo_jax.train.runtime.global_batches import replicate
+from rpo_jax.train.runtime.global_batches import config_mesh, replicate
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +283,18 @@ def save_adapter_at_end(mode: str, graphdef, params, rest, workdir: storage.Path
     )
 
 
+def export_mesh(mesh) -> dict:
+    """`config.mesh` of the run being exported, for this export: without `processes` when the export runs in one
+    process (the run's layout across processes does not apply to one; the axis sizes still do)."""
+    fields = dict(mesh)
+    spans = dict(fields.pop("processes", None) or {})
+    if jax.process_count() > 1:
+        return {**fields, "processes": spans}
+    if any(n != 1 for n in spans.values()):
+        log.info("config.mesh.processes=%s: not used by an export in one process", spans)
+    return fields
+
+
 def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike, *, adapter: bool = False):
     """`rpo-export`: the newest restorable checkpoint of a run directory as a Hugging Face directory.
 
@@ -303,7 +314,7 @@ def export_workdir(workdir: storage.PathLike, out_dir: storage.PathLike, *, adap
     mode = cfg.mode
     if adapter:
         adapter_saver(mode, cfg.model.path)  # a reward-model run: the error before anything is loaded
-    mesh = make_mesh(dict(cfg.mesh))
+    mesh = config_mesh(export_mesh(cfg.mesh))
     dtype = compute_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     model, model_config = exporter_of(mode).build(cfg, tokenizer, mesh, dtype)

@@ -59,7 +59,7 @@ from rpo_jax.train.core.identity import identity_differences
 from rpo_jax.train.core.metrics import MetricWriter
 from rpo_jax.train.core.workdir import CHECKPOINTS, EXPORT, continue_metrics, metrics_records, read_identity, record_run
 from rpo_jax.train.runtime.cpu_memory import release_free_memory
-from rpo_jax.train.runtime.global_batches import local_batch_size
+from rpo_jax.train.runtime.global_batches import local_batch_size, process_rows
 from rpo_jax.train.runtime.performance import Throughput, device_memory, measure_matmul_peak
 
 RESUME_MODES = ("auto", "must", "never", "force")
@@ -167,7 +167,7 @@ def sum_over_eval_batches(
     `batch_size`) of `sums_of(host batch)`, a mapping of per-batch sums (a modes' evaluation divides them by
     its weight)."""
     totals: dict[str, float] = {}
-    for batch in make_eval_batches(dataset, local_batch_size(batch_size, mesh)):
+    for batch in make_eval_batches(dataset, local_batch_size(batch_size, mesh), **process_rows(mesh).iterator_args()):
         for k, v in sums_of(batch).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return totals

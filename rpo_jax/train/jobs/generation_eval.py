@@ -49,7 +49,7 @@ from rpo_jax.models.win_rates import distinct_n, kl_estimate, lc_win_rate, lengt
 from rpo_jax.train.build.data import data_paths
 from rpo_jax.train.build.programs import sampler, scorer
 from rpo_jax.train.build.state import RunSetup
-from rpo_jax.train.runtime.global_batches import to_global
+from rpo_jax.train.runtime.global_batches import batch_multiple, local_rows, to_global
 from rpo_jax.train.step.logprobs import resolve_score_window
 
 log = logging.getLogger(__name__)
@@ -156,14 +156,12 @@ def make_generator(cfg, setup, gen, eos_ids: tuple[int, ...]) -> Generator:
 
 
 def _shards(mesh) -> int:
-    return int(np.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()))
+    return batch_multiple(mesh)
 
 
 def _global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Rows every process holds whole → global arrays, each process feeding its share."""
-    n = next(iter(batch.values())).shape[0] // jax.process_count()
-    i = jax.process_index()
-    return to_global({k: v[i * n : (i + 1) * n] for k, v in batch.items()}, mesh)
+    """Rows every process holds whole → global arrays, each process feeding its share (`local_rows`)."""
+    return to_global(local_rows(batch, mesh), mesh)
 
 
 @dataclasses.dataclass

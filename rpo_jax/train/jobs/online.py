@@ -51,8 +51,6 @@ from rpo_jax.data import PromptRecord, read_prompts
 from rpo_jax.data.online_batches import encode_prompts, left_pad, prompt_for_reward, prompt_order, sample_batch
 from rpo_jax.data.packing import Packing
 from rpo_jax.models import RewardFn, judge_fn, load_reward_model, reward_model_fn, truncate_at_stop_strings
-from rpo_jax.models.logprobs import unembeds_scored_slots
-from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import data_paths, import_object, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import token_lists_fingerprint
 from rpo_jax.train.build.fit import check_programs_fit, fitting_run, local_devices, log_fit
@@ -72,9 +70,8 @@ from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import ONLINE, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task
-from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
+from rpo_jax.train.runtime.global_batches import batch_multiple, config_mesh, local_rows, to_global
 from rpo_jax.train.runtime.packed_rows import pack_local, packing_of
-from rpo_jax.train.runtime.performance import attention_key_cost, head_cost
 from rpo_jax.train.step.steps import WithFrozen
 
 log = logging.getLogger(__name__)
@@ -182,7 +179,7 @@ def build_online_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None
     """Prompts, policy, references, reward source, optimizer and initial state of an online run. `cfg` is
     validated first (`rpo_jax.train.config.validation.validate`; the online settings' rules are the schema's)."""
     cfg = validate(cfg)
-    mesh = make_mesh(dict(cfg.mesh), devices)
+    mesh = config_mesh(cfg.mesh, devices)
     dtype = compute_dtype(cfg.model.dtype)
     loss_fn = build_loss(cfg)
     if cfg.online.reference == "current":
@@ -240,25 +237,18 @@ def build_online_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None
             cfg,
             mesh,
             row_length=int(cfg.data.max_prompt_length) + int(cfg.online.max_new_tokens),
-            key_cost=attention_key_cost(setup.model_config),
-            head_cost=head_cost(setup.model_config) if unembeds_scored_slots(setup.model_config) else 0.0,
+            model_config=setup.model_config,
             score_window=online_score_window(cfg),
         ),
     )
 
 
 # --------------------------------------------------------------------------------------------- pieces
-def _local_rows(x: np.ndarray) -> np.ndarray:
-    n = x.shape[0] // jax.process_count()
-    return x[jax.process_index() * n : (jax.process_index() + 1) * n]
-
-
 def global_batch(run: OnlineRun, batch: dict[str, np.ndarray], *, micro_batches: int = 1) -> dict[str, jax.Array]:
     """A batch every process holds whole ([P, ...] rows) → global arrays, each process feeding its share (a
     training batch — it has a loss_mask — packed with `config.data.packing`: the updates and the log-probs of
     the samples are computed on packed rows; `micro_batches`: the update step's, which splits the batch)."""
-    local_batch_size(next(iter(batch.values())).shape[0], run.mesh)  # divisibility check with a clear error
-    local = {k: _local_rows(v) for k, v in batch.items()}
+    local = local_rows(batch, run.mesh)  # the divisibility check with a clear error first
     if "loss_mask" in local:
         local = pack_local(local, run.packing, run.mesh, micro_batches=micro_batches)
     return to_global(local, run.mesh)
@@ -343,9 +333,9 @@ def collect(
 
 def eval_prompt_count(run: OnlineRun) -> int:
     """The held-out prompts `evaluate_online` samples: `online.eval_prompts` (at most the split's), rounded down to
-    a multiple of the data shards and processes (0: no evaluation)."""
+    a multiple of the data×fsdp shards (`batch_multiple`; 0: no evaluation)."""
     n = min(int(run.config.online.eval_prompts), len(run.prompts["eval"]))
-    shards = np.lcm(run.mesh.shape["data"] * run.mesh.shape["fsdp"], jax.process_count())
+    shards = batch_multiple(run.mesh)
     return int(n - n % shards)
 
 

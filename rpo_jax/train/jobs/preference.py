@@ -28,8 +28,6 @@ import numpy as np
 
 from rpo_jax.data import TokenizedDataset, make_train_iterator, storage
 from rpo_jax.data.packing import Packing, is_packed, real_tokens, scored_tokens
-from rpo_jax.models.logprobs import unembeds_scored_slots
-from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import (
     largest_batch,
     load_records,
@@ -63,9 +61,9 @@ from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import ResumeError, Task, Unit, run_task, sum_over_eval_batches
 from rpo_jax.train.core.workdir import REFERENCE_CACHE
 from rpo_jax.train.runtime.cpu_memory import HeapGuard, release_free_memory, reuse_applied
-from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
-from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_with_references
-from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops, head_cost
+from rpo_jax.train.runtime.global_batches import config_mesh, local_batch_size, process_rows, to_global
+from rpo_jax.train.runtime.packed_rows import pack_local, packing_of, packing_summary, packing_with_references
+from rpo_jax.train.runtime.performance import batch_flops
 from rpo_jax.train.step.logprobs import resolve_score_window
 from rpo_jax.train.step.unpaired_steps import drop_empty_labels, label_means, label_sums
 
@@ -114,7 +112,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     """Data, policy, references, optimizer and initial state (`devices`: a subset to run on; default all). `cfg`
     is validated first (`rpo_jax.train.config.validation.validate`); the run holds the typed config."""
     cfg = validate(cfg)
-    mesh = make_mesh(dict(cfg.mesh), devices)
+    mesh = config_mesh(cfg.mesh, devices)
     dtype = compute_dtype(cfg.model.dtype)
     loss_fn = build_loss(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -140,15 +138,14 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, dev
     setup.state, setup.state_shardings = state_with_loss_state(setup.state, setup.state_shardings, loss_fn, mesh)
     layout = reference_layout(cfg, loss_fn.spec.requires_reference, reference_sync_of(cfg))
     references = build_references(cfg, setup, datasets, loss_fn)
-    step_references = len(references) if layout.in_step else 0
     score_window = None if loss_fn.spec.requires_sequence_logps else score_window_of(cfg, datasets, mesh)
+    refs = len(references) if layout.in_step else 0
     packing = packing_of(
         cfg,
         mesh,
         row_length=cfg.data.max_length,
-        key_cost=attention_key_cost(model_config, num_references=step_references),
-        # the head's positions weigh only where the packed step unembeds the scored slots alone
-        head_cost=head_cost(model_config, num_references=step_references) if unembeds_scored_slots(model_config) else 0,
+        model_config=model_config,
+        num_references=refs,
         score_window=score_window,
     )
     packing = packing_for_loss(packing_with_references(packing, cfg, references, datasets), loss_fn.spec)
@@ -436,19 +433,13 @@ def preference_task(
     (`steps`: `run_steps(run)`, made here when not given; `generation_eval`: a
     `rpo_jax.train.jobs.generation_eval.TrainingEval`, run every `config.eval.generation.every` steps)."""
     cfg = run.config
-    per_process = local_batch_size(cfg.data.batch_size, run.mesh)
-    iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    per_process, rows = local_batch_size(cfg.data.batch_size, run.mesh), process_rows(run.mesh)
+    iterator = make_train_iterator(
+        run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle, **rows.iterator_args()
+    )
     train_step, eval_step = steps or run_steps(run)
-    if run.packing is not None:  # the output head runs on every slot of the packed rows (no score window)
-        log.info(
-            "packing (config.data.packing): rows of %s, share_prompt=%s, %s",
-            f"{run.packing.row_length} slots" if run.packing.row_length else "a length chosen per batch",
-            run.packing.share_prompt,
-            f"batches packed when that saves ≥ {run.packing.min_saving:.0%} of their cost (slots, attention and the "
-            "output head's positions; the head on the scored slots of packed rows)"
-            if run.packing.min_saving
-            else "every batch packed",
-        )
+    if run.packing is not None:
+        log.info("packing (config.data.packing): %s", packing_summary(run.packing))
     if run.score_window:
         log.info(
             "output head on %d logit positions per sequence of padded batches (config.model.score_window)",
@@ -463,8 +454,6 @@ def preference_task(
         )
 
     heap = HeapGuard()
-    # the packed step's output head runs on the scored slots, except for a small head or on a context mesh
-    scored_slots = unembeds_scored_slots(run.model_config) and run.mesh.shape.get("context", 1) == 1
 
     def advance(state, step: int) -> Unit:
         if cfg.train.iterations > 1 and step > 0 and step % cfg.train.steps == 0 and run.references:
@@ -474,16 +463,16 @@ def preference_task(
                 reset_reference_to_policy(run, state["params"], step)
         batch = next(iterator)
         inputs = train_batch(run, batch)
-        scored_head = is_packed(inputs) and scored_slots
-        # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process)
+        # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process);
+        # the head on the scored slots of packed rows where the step unembeds those alone (`Packing.head_cost`)
         flops = batch_flops(
             run.model_config,
             inputs["tokens"].shape,
             num_references=len(run.references) if run.in_step_refs else 0,
             score_window=run.score_window,
-            head_positions=scored_tokens(batch) * jax.process_count() if scored_head else None,
+            head_positions=scored_tokens(batch) * rows.count if is_packed(inputs) and run.packing.head_cost else None,
         )
-        tokens = float(real_tokens(batch)) * jax.process_count()  # prompt + response tokens, whatever the layout
+        tokens = float(real_tokens(batch)) * rows.count  # prompt + response tokens, whatever the layout
         heap.before_step(inputs["tokens"].shape)  # a larger batch's buffer goes not on top of freed ones
         state, metrics = train_step(state, inputs, step_reference_params(run))
         heap.after_step()  # a step's buffer that the heap could not reuse is not kept (cpu_memory.HeapGuard)

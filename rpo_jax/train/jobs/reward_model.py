@@ -41,7 +41,6 @@ import ml_collections
 from rpo_jax.data import PreferenceRecord, TokenizedDataset, label_score_counts, make_train_iterator
 from rpo_jax.data.reward_pairs import pair_batch, preference_pairs, tokenize_pairs
 from rpo_jax.models import RewardModel
-from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.data import largest_batch, load_records, load_tokenizer, tokenizer_path
 from rpo_jax.train.build.fingerprints import dataset_fingerprint
 from rpo_jax.train.build.fit import check_programs_fit, fitting_run, local_devices, log_fit
@@ -53,7 +52,7 @@ from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import REWARD_MODEL, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
 from rpo_jax.train.core.runner import Task, Unit, run_task, sum_over_eval_batches
-from rpo_jax.train.runtime.global_batches import local_batch_size, to_global
+from rpo_jax.train.runtime.global_batches import config_mesh, local_batch_size, process_rows, to_global
 
 log = logging.getLogger(__name__)
 #: `config.reward_model.pairs` as run identities recorded it before the schema normalised its spelling (so that
@@ -139,7 +138,7 @@ def build_reward_run(cfg: RunConfig | ml_collections.ConfigDict, *, devices=None
     (`rpo_jax.train.config.validation.validate`)."""
     cfg = validate(cfg)
     rm = cfg.reward_model
-    mesh = make_mesh(dict(cfg.mesh), devices)
+    mesh = config_mesh(cfg.mesh, devices)
     dtype = compute_dtype(cfg.model.dtype)
     pairs = load_pair_records(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -216,15 +215,17 @@ def fitting_reward_run(run: RewardRun, per_process: int) -> tuple[RewardRun, tup
 def reward_model_task(run: RewardRun) -> Task:
     """The run skeleton's task: one unit is one optimizer step on the next batch of pairs."""
     cfg, rm = run.config, run.config.reward_model
-    per_process = local_batch_size(cfg.data.batch_size, run.mesh)
-    iterator = make_train_iterator(run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    per_process, rows = local_batch_size(cfg.data.batch_size, run.mesh), process_rows(run.mesh)
+    iterator = make_train_iterator(
+        run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle, **rows.iterator_args()
+    )
     run, (train_step, eval_step) = fitting_reward_run(run, per_process)
     cfg = run.config
 
     def advance(state, step: int) -> Unit:
         batch = pair_batch(next(iterator), rm.margin_scale)
         state, metrics = train_step(state, to_global(batch, run.mesh))
-        return Unit(state, metrics, {"pairs": float(batch["weight"].sum()) * jax.process_count()})
+        return Unit(state, metrics, {"pairs": float(batch["weight"].sum()) * rows.count})
 
     identity = run_identity(
         cfg,

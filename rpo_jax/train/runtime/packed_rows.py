@@ -19,9 +19,11 @@ from jax.sharding import Mesh
 
 from rpo_jax.data import TokenizedDataset
 from rpo_jax.data.packing import Packing, is_packed, pack_batch, packing_saves
-from rpo_jax.models.sharding import batch_sharding
+from rpo_jax.models.logprobs import unembeds_scored_slots
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import parse_packing
+from rpo_jax.train.runtime.global_batches import process_rows
+from rpo_jax.train.runtime.performance import attention_key_cost, head_cost
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ def packing_of(
     mesh: Mesh,
     *,
     row_length: int,
-    key_cost: float = 0.0,
-    head_cost: float = 0.0,
+    model_config=None,
+    num_references: int = 0,
     score_window: int | None = None,
 ) -> Packing | None:
     """The run's `Packing` (None: padded batches).
@@ -59,9 +61,11 @@ def packing_of(
     `packing_with_references`). Rows are sized per batch (`rpo_jax.data.packing.choose_layout`) unless
     `config.data.pack_length` > 0 fixes them, to at least
     `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens);
-    `key_cost`: the model's `rpo_jax.train.runtime.performance.attention_key_cost`, which weighs longer rows' attention;
-    `head_cost` (`performance.head_cost`) and `score_window` (the padded batches' head positions per sequence, None:
-    every position) weigh the output head in "auto"'s comparison (`rpo_jax.data.packing.batch_cost`).
+    `model_config` (a `ModelConfig`; None: slots alone) and the `num_references` scored in the step give the costs
+    `rpo_jax.data.packing.batch_cost` weighs in "auto"'s comparison: `performance.attention_key_cost` (longer rows'
+    attention) and, where the packed step unembeds only the scored slots (`unembeds_scored_slots`; not on a
+    context mesh, where both layouts run the head on every position), `performance.head_cost` with `score_window`
+    (the padded batches' head positions per sequence, None: every position).
     The settings are checked by the schema (`validate`: a value that is not a setting, `share_prompt=True`
     without packing, a `pack_length` below the mode's longest sequence).
     """
@@ -78,16 +82,30 @@ def packing_of(
         )
         return None
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    scored_head = model_config is not None and unembeds_scored_slots(model_config) and mesh.shape.get("context", 1) == 1
     return Packing(
         row_length=length,
         share_prompt=bool(share),
-        row_multiple=max(1, shards // jax.process_count()),
+        row_multiple=max(1, shards // process_rows(mesh).count),
         min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0,
-        key_cost=key_cost,
-        # on a context mesh both layouts run the head on every position: the slots alone compare them
-        head_cost=head_cost if mesh.shape.get("context", 1) == 1 else 0.0,
+        key_cost=0.0 if model_config is None else attention_key_cost(model_config, num_references=num_references),
+        head_cost=head_cost(model_config, num_references=num_references) if scored_head else 0.0,
         score_window=score_window or 0,
     )
+
+
+def packing_summary(packing: Packing) -> str:
+    """One line for the run's log: the row length, shared prompts, when a batch is packed, and where the packed
+    step runs the output head."""
+    rows = f"{packing.row_length} slots" if packing.row_length else "a length chosen per batch"
+    when = (
+        f"batches packed when that saves ≥ {packing.min_saving:.0%} of their cost (slots, attention and the output "
+        "head's positions)"
+        if packing.min_saving
+        else "every batch packed"
+    )
+    head = "the scored slots" if packing.head_cost else "every slot"
+    return f"rows of {rows}, share_prompt={packing.share_prompt}, {when}; the output head on {head} of packed rows"
 
 
 def pack_local(
@@ -117,10 +135,9 @@ def pack_local(
 
 def first_local_example(local_batch: int, mesh: Mesh) -> int:
     """The global index of this process's first example when every process feeds `local_batch` rows of a batch
-    sharded on the batch axes (`to_global`): the lowest row its devices hold."""
-    global_batch = local_batch * jax.process_count()
-    indices = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,)).values()
-    return min(index[0].indices(global_batch)[0] for index in indices)
+    sharded on the batch axes (`to_global`): its row group's first row (`process_rows`; processes of one group
+    pack the same rows with the same ids)."""
+    return process_rows(mesh).index * local_batch
 
 
 def packing_with_references(

@@ -16,8 +16,9 @@ chosen. A machine with a TPU or a GPU is left to JAX's own choice; `JAX_PLATFORM
 CPU processes exchange collectives through Gloo (`jax_cpu_collectives_implementation="gloo"`; MPI would need an
 MPI library and launcher). Gloo matches the messages of the processes' collectives in order, so every process
 must run the same programs on the same shapes: `rpo_jax.train.runtime.global_batches.to_global` pads each
-process's rows to the shapes of every process before they become global arrays, and the batch axes must split the
-batch across the processes (`rpo_jax.train.runtime.global_batches.local_batch_size`). A process that fails exits at
+process's rows to the shapes of every process before they become global arrays, and each process feeds the rows
+of its row group (`rpo_jax.train.runtime.global_batches.process_rows`: processes holding the same batch shards feed
+the same rows). A process that fails exits at
 once (`rpo_jax.train.cli`), so that the others stop with an error instead of waiting for it.
 
 Several CPU processes do not use JAX's persistent compilation cache (`consistent_compilation_cache`): JAX's cache
