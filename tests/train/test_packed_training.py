@@ -28,6 +28,7 @@ from rpo_jax.models.logprobs import (
     unembeds_scored_slots,
 )
 from rpo_jax.models.model import create_model
+from rpo_jax.models.sharding import make_mesh
 from rpo_jax.train.build.model import split_trainable
 from rpo_jax.train.build.programs import online_update_step
 from rpo_jax.train.config.defaults import base_config
@@ -334,11 +335,23 @@ def test_packing_settings():
 
 
 def test_auto_packing_is_the_default():
-    """The default config packs ("auto": batches that save ≥ 25 % of their slots) and shares prompts."""
+    """The default config packs ("auto": batches that save ≥ 5 % of their cost) and shares prompts; with the model's
+    config the costs are its FLOPs' (`attention_key_cost`, and `head_cost` where the scored-slot head runs)."""
     cfg = base_config()
     assert (cfg.data.packing, cfg.data.share_prompt, cfg.data.pack_length) == ("auto", "auto", 0)
-    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1})
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
     assert packing_of(cfg, mesh, row_length=512) == Packing(0, share_prompt=True, min_saving=AUTO_MIN_SAVING)
+    costed = packing_of(cfg, mesh, row_length=512, model_config=LLAMA, num_references=1, score_window=8)
+    assert costed == Packing(
+        0,
+        share_prompt=True,
+        min_saving=AUTO_MIN_SAVING,
+        key_cost=attention_key_cost(LLAMA, num_references=1),
+        head_cost=head_cost(LLAMA, num_references=1),
+        score_window=8,
+    )
+    small_head = dataclasses.replace(LLAMA, vocab_size=4)
+    assert packing_of(cfg, mesh, row_length=512, model_config=small_head).head_cost == 0.0
     cfg.data.packing = True
     assert packing_of(cfg, mesh, row_length=512) == Packing(0, share_prompt=True)
     cfg.data.packing, cfg.data.share_prompt = "auto", False
