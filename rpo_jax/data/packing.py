@@ -87,7 +87,7 @@ class Packing:
       head_cost: h, the cost of the output head at one position relative to a slot's at no keys; it weighs the
         head's positions in ``min_saving``'s comparison (:func:`batch_cost`): the packed step runs the head on the
         scored slots, a padded batch on ``score_window`` positions per sequence. 0: slots only. (The trainer sets
-        it from the model's FLOPs, `rpo_jax.train.runtime.performance.head_cost`, where its packed step unembeds
+        it from the model's FLOPs, `rpo_jax.models.logprobs.head_share`, where its packed step unembeds
         the scored slots alone, `rpo_jax.models.logprobs.unembeds_scored_slots`, and to 0 elsewhere.)
       score_window: the padded batches' head positions per sequence (`config.model.score_window` resolved);
         0: every position after the first.

@@ -290,8 +290,9 @@ SCORED_HEAD_MIN_SHARE = 0.05
 
 
 def head_share(config) -> float:
-    """V·D / P': the output head's FLOPs at one position over a slot's decoder matmul FLOPs (P' the parameters
-    of every matmul but the head; `rpo_jax.train.runtime.performance.head_cost` without attention)."""
+    """V·D / P': the output head's FLOPs at one position over a slot's decoder FLOPs at no keys (P' the parameters
+    of every matmul but the head; the same with in-step references, which add a forward of both); the packing
+    cost `rpo_jax.data.packing.Packing.head_cost`."""
     return config.vocab_size * config.hidden_size / config.num_params(include_embeddings=False)
 
 
@@ -347,8 +348,8 @@ def scored_token_logps(
     row_start = (jnp.arange(r, dtype=jnp.int32) % (r // groups) * t)[:, None]  # the group slot of each row's slot 0
     ids = grouped(response_id.astype(jnp.int32))
     order = jnp.argsort(ids == 0, axis=-1, stable=True)  # scored slots first, in slot order
-    pick = lambda x: jnp.take_along_axis(grouped(x), order, axis=1)  # noqa: E731
-    ids, targets, at = pick(response_id.astype(jnp.int32)), pick(tokens), pick(row_start + source.astype(jnp.int32))
+    pick = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
+    ids, targets, at = pick(ids), pick(grouped(tokens)), pick(grouped(row_start + source.astype(jnp.int32)))
     hidden = constrain(hidden.reshape(groups, length, d), ("batch", None, None))
     hidden = jnp.take_along_axis(hidden, at[:, :, None], axis=1)  # [G, L', D]: the predicting hidden states
     chunks = padded // chunk

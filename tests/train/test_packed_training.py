@@ -34,7 +34,13 @@ from rpo_jax.train.build.programs import online_update_step
 from rpo_jax.train.config.defaults import base_config
 from rpo_jax.train.jobs import preference
 from rpo_jax.train.runtime.packed_rows import AUTO_MIN_SAVING, packing_of, packing_setting, packing_with_references
-from rpo_jax.train.runtime.performance import attention_key_cost, batch_flops, head_cost, train_flops_per_token
+from rpo_jax.train.runtime.performance import (
+    attention_key_cost,
+    batch_flops,
+    decoder_flops_per_slot,
+    head_flops_per_position,
+    train_flops_per_token,
+)
 from rpo_jax.train.step.logprobs import preference_inputs, response_logps
 
 from .test_multihost import finish, start_processes
@@ -264,7 +270,11 @@ def test_flops_count_the_packed_rows():
         assert attention_key_cost(LLAMA, num_references=refs) == pytest.approx(
             2 * LLAMA.num_layers * attn / body, rel=1e-12
         )
-        assert head_cost(LLAMA, num_references=refs) == pytest.approx(head / body, rel=1e-12)
+        head_flops = head_flops_per_position(LLAMA, num_references=refs)
+        assert head_flops == pytest.approx((3 + refs) * 2 * head, rel=1e-12)
+        assert head_flops / decoder_flops_per_slot(LLAMA, 0, num_references=refs) == pytest.approx(
+            head_share(LLAMA), rel=1e-12
+        )
     # the scored-slot head only where the head is ≥ 5 % of a slot's decoder matmuls (here 0.13; with 4 tokens 0.008)
     assert head_share(LLAMA) == pytest.approx(head / body, rel=1e-12) and unembeds_scored_slots(LLAMA)
     assert not unembeds_scored_slots(dataclasses.replace(LLAMA, vocab_size=4))
@@ -336,7 +346,7 @@ def test_packing_settings():
 
 def test_auto_packing_is_the_default():
     """The default config packs ("auto": batches that save ≥ 5 % of their cost) and shares prompts; with the model's
-    config the costs are its FLOPs' (`attention_key_cost`, and `head_cost` where the scored-slot head runs)."""
+    config the costs are its FLOPs' (`attention_key_cost`, and `head_share` where the scored-slot head runs)."""
     cfg = base_config()
     assert (cfg.data.packing, cfg.data.share_prompt, cfg.data.pack_length) == ("auto", "auto", 0)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
@@ -347,7 +357,7 @@ def test_auto_packing_is_the_default():
         share_prompt=True,
         min_saving=AUTO_MIN_SAVING,
         key_cost=attention_key_cost(LLAMA, num_references=1),
-        head_cost=head_cost(LLAMA, num_references=1),
+        head_cost=head_share(LLAMA),
         score_window=8,
     )
     small_head = dataclasses.replace(LLAMA, vocab_size=4)

@@ -19,11 +19,11 @@ from jax.sharding import Mesh
 
 from rpo_jax.data import TokenizedDataset
 from rpo_jax.data.packing import Packing, is_packed, pack_batch, packing_saves
-from rpo_jax.models.logprobs import unembeds_scored_slots
+from rpo_jax.models.logprobs import head_share, unembeds_scored_slots
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import parse_packing
 from rpo_jax.train.runtime.global_batches import process_rows
-from rpo_jax.train.runtime.performance import attention_key_cost, head_cost
+from rpo_jax.train.runtime.performance import attention_key_cost
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def packing_of(
     `model_config` (a `ModelConfig`; None: slots alone) and the `num_references` scored in the step give the costs
     `rpo_jax.data.packing.batch_cost` weighs in "auto"'s comparison: `performance.attention_key_cost` (longer rows'
     attention) and, where the packed step unembeds only the scored slots (`unembeds_scored_slots`; not on a
-    context mesh, where both layouts run the head on every position), `performance.head_cost` with `score_window`
+    context mesh, where both layouts run the head on every position), `head_share` with `score_window`
     (the padded batches' head positions per sequence, None: every position).
     The settings are checked by the schema (`validate`: a value that is not a setting, `share_prompt=True`
     without packing, a `pack_length` below the mode's longest sequence).
@@ -89,7 +89,7 @@ def packing_of(
         row_multiple=max(1, shards // process_rows(mesh).count),
         min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0,
         key_cost=0.0 if model_config is None else attention_key_cost(model_config, num_references=num_references),
-        head_cost=head_cost(model_config, num_references=num_references) if scored_head else 0.0,
+        head_cost=head_share(model_config) if scored_head else 0.0,
         score_window=score_window or 0,
     )
 

@@ -40,8 +40,13 @@ def train_flops_per_token(config, seq_len: int, *, num_references: int = 0, scor
     """FLOPs per token of the trainer's step for a model `config` (a `ModelConfig`): the output head counted
     only on the W = `score_window` positions it runs on (every position when None or W ≥ T−1)."""
     head_fraction = 1.0 if score_window is None or score_window >= seq_len - 1 else score_window / seq_len
-    head = flops_per_token(config.vocab_size * config.hidden_size, 0, seq_len, 0, num_references)
+    head = head_flops_per_position(config, num_references=num_references)
     return decoder_flops_per_slot(config, seq_len, num_references=num_references) + head_fraction * head
+
+
+def head_flops_per_position(config, *, num_references: int = 0) -> float:
+    """The output head's FLOPs at one position: 6·V·D, plus 2·V·D per in-step reference."""
+    return flops_per_token(config.vocab_size * config.hidden_size, 0, 0, 0, num_references)
 
 
 def decoder_flops_per_slot(config, seq_len: int, *, num_references: int = 0) -> float:
@@ -60,13 +65,6 @@ def attention_key_cost(config, *, num_references: int = 0) -> float:
     return (decoder_flops_per_slot(config, 1, num_references=num_references) - a) / a
 
 
-def head_cost(config, *, num_references: int = 0) -> float:
-    """h: the output head's FLOPs at one position (6·V·D, plus 2·V·D per in-step reference) over a slot's
-    decoder FLOPs at no keys (`decoder_flops_per_slot(0)`); `rpo_jax.data.packing.Packing.head_cost`."""
-    head = flops_per_token(config.vocab_size * config.hidden_size, 0, 0, 0, num_references)
-    return head / decoder_flops_per_slot(config, 0, num_references=num_references)
-
-
 def batch_flops(
     config,
     tokens_shape: tuple[int, ...],
@@ -83,7 +81,7 @@ def batch_flops(
     seq_len = tokens_shape[-1]
     slots = math.prod(tokens_shape)
     if len(tokens_shape) == 2 and head_positions is not None:
-        head = flops_per_token(config.vocab_size * config.hidden_size, 0, seq_len, 0, num_references)
+        head = head_flops_per_position(config, num_references=num_references)
         return slots * decoder_flops_per_slot(config, seq_len, num_references=num_references) + head_positions * head
     window = score_window if len(tokens_shape) == 3 else None
     return slots * train_flops_per_token(config, seq_len, num_references=num_references, score_window=window)
