@@ -117,6 +117,28 @@ def _long_rows(directory, n: int = 8, length: int = 1000):
 
 
 @pytest.mark.slow
+def budget_between_dense_and_blockwise(train, margin: float) -> dict:
+    """`{"train.memory_budget": ...}` halfway between what `train(overrides)` needs as configured and with
+    blockwise attention, each read from its refusal of a budget of 1 byte; the two must differ by `margin`."""
+
+    def need(**more):
+        with pytest.raises(DoesNotFit) as e:
+            train({"train.memory_budget": "1B", **more})
+        return e.value.need
+
+    dense, blockwise = need(), need(**{"model.attention": "blockwise"})
+    assert dense - blockwise > margin, (dense / GiB, blockwise / GiB)
+    return {"train.memory_budget": f"{(dense + blockwise) // 2}B"}
+
+
+def assert_chose_blockwise(caplog) -> None:
+    """The fit check's warning says the run took blockwise attention instead of the configured one."""
+    warning = next(
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "fit check" in r.getMessage()
+    )
+    assert "running with --config.model.attention=blockwise instead" in warning
+
+
 def test_a_long_row_run_switches_to_blockwise_attention_and_trains_as_the_dense_run(tmp_path, caplog):
     """Rows of ~1,200 tokens: the dense step's [N, H, T, T] scores make its need ≥ 0.5 GiB more than the blockwise
     step's; a budget halfway between makes the trainer choose blockwise attention (logged), and the run's losses
@@ -160,10 +182,7 @@ def test_a_long_row_run_switches_to_blockwise_attention_and_trains_as_the_dense_
     )
     with caplog.at_level(logging.INFO):
         train(cfg, tmp_path / "chosen")  # the export checks the model's config against the run's
-    warning = next(
-        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "fit check" in r.getMessage()
-    )
-    assert "running with --config.model.attention=blockwise instead" in warning
+    assert_chose_blockwise(caplog)
     train(tiny_config(tmp_path / "data", **overrides, **{"train.memory_budget": "0"}), tmp_path / "dense")
     chosen = [m["train/loss"] for m in read_metrics(tmp_path / "chosen") if "train/loss" in m]
     reference = [m["train/loss"] for m in read_metrics(tmp_path / "dense") if "train/loss" in m]
@@ -197,27 +216,14 @@ def test_a_long_row_reward_model_run_switches_to_blockwise_attention_and_trains_
         "train.checkpoint_every": 0,
     }
 
-    def need(**more):
-        with pytest.raises(DoesNotFit) as e:
-            config = reward_config(tmp_path / "data", **{**overrides, **more})
-            reward_model.train_reward_model(config, tmp_path / "probe")
-        return e.value.need
+    def train(more, workdir="probe"):
+        reward_model.train_reward_model(reward_config(tmp_path / "data", **{**overrides, **more}), tmp_path / workdir)
 
-    dense, blockwise = (
-        need(**{"train.memory_budget": "1B"}),
-        need(**{"train.memory_budget": "1B", "model.attention": "blockwise"}),
-    )
-    assert dense - blockwise > 0.5 * GiB, (dense / GiB, blockwise / GiB)
-    budget = {"train.memory_budget": f"{(dense + blockwise) // 2}B"}
+    budget = budget_between_dense_and_blockwise(train, 0.5 * GiB)
     with caplog.at_level(logging.INFO):
-        reward_model.train_reward_model(reward_config(tmp_path / "data", **overrides, **budget), tmp_path / "chosen")
-    warning = next(
-        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "fit check" in r.getMessage()
-    )
-    assert "running with --config.model.attention=blockwise instead" in warning
-    reward_model.train_reward_model(
-        reward_config(tmp_path / "data", **overrides, **{"train.memory_budget": "0"}), tmp_path / "dense"
-    )
+        train(budget, "chosen")
+    assert_chose_blockwise(caplog)
+    train({"train.memory_budget": "0"}, "dense")
     chosen = [m["train/loss"] for m in read_metrics(tmp_path / "chosen") if "train/loss" in m]
     reference = [m["train/loss"] for m in read_metrics(tmp_path / "dense") if "train/loss" in m]
     assert len(chosen) == 2
@@ -263,24 +269,14 @@ def test_an_online_run_over_its_budget_switches_to_blockwise_attention_and_train
         "online.reward_judge": f"{__name__}:distinct_characters",
     }
 
-    def need(**more):
-        with pytest.raises(DoesNotFit) as e:
-            online.train_online(online_config("", **{**overrides, **more}), tmp_path / "probe")
-        return e.value.need
+    def train(more, workdir="probe"):
+        online.train_online(online_config("", **{**overrides, **more}), tmp_path / workdir)
 
-    dense, blockwise = (
-        need(**{"train.memory_budget": "1B"}),
-        need(**{"train.memory_budget": "1B", "model.attention": "blockwise"}),
-    )
-    assert dense - blockwise > 0.3 * GiB, (dense / GiB, blockwise / GiB)
-    budget = {"train.memory_budget": f"{(dense + blockwise) // 2}B"}
+    budget = budget_between_dense_and_blockwise(train, 0.3 * GiB)
     with caplog.at_level(logging.INFO):
-        online.train_online(online_config("", **overrides, **budget), tmp_path / "chosen")
-    warning = next(
-        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "fit check" in r.getMessage()
-    )
-    assert "running with --config.model.attention=blockwise instead" in warning
-    online.train_online(online_config("", **overrides, **{"train.memory_budget": "0"}), tmp_path / "dense")
+        train(budget, "chosen")
+    assert_chose_blockwise(caplog)
+    train({"train.memory_budget": "0"}, "dense")
     keys = ("online/loss", "online/reward", "online/response_length")
     chosen = [[m[k] for k in keys] for m in read_metrics(tmp_path / "chosen") if "online/loss" in m]
     reference = [[m[k] for k in keys] for m in read_metrics(tmp_path / "dense") if "online/loss" in m]

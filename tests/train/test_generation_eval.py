@@ -50,16 +50,21 @@ def crash_first_evaluation(monkeypatch) -> None:
     monkeypatch.setattr(TrainingEval, "__call__", crashing)
 
 
-def test_training_logs_generation_metrics_and_records(tmp_path):
-    workdir = tmp_path / "run"
-    preference.train(gen_config(tmp_path), workdir)
-    records = [r for r in read_metrics(workdir) if "eval/generation/win_rate" in r]
-    assert [r["step"] for r in records] == [3, 6]
+def assert_generation_records(records) -> None:
+    """Every generation metric (`KEYS`) in each logged record, the win rate inside its interval."""
     for r in records:
         for k in KEYS:
             assert f"eval/generation/{k}" in r, k
         assert r["eval/generation/win_rate_ci_low"] <= r["eval/generation/win_rate"]
         assert r["eval/generation/win_rate"] <= r["eval/generation/win_rate_ci_high"]
+
+
+def test_training_logs_generation_metrics_and_records(tmp_path):
+    workdir = tmp_path / "run"
+    preference.train(gen_config(tmp_path), workdir)
+    records = [r for r in read_metrics(workdir) if "eval/generation/win_rate" in r]
+    assert [r["step"] for r in records] == [3, 6]
+    assert_generation_records(records)
     lines = [json.loads(x) for x in (workdir / "generations" / "step_6.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and {"prompt", "policy", "baseline", "preference", "policy_reward"} <= set(lines[0])
     # the win rate is the records' mean preference
@@ -321,11 +326,7 @@ def test_online_training_logs_generation_metrics_records_and_resumes_without_dup
     assert len(seen) == len(set(seen)), seen
     records = [r for r in metrics if "eval/generation/win_rate" in r]
     assert [r["step"] for r in records] == [1, 2]
-    for r in records:
-        for k in KEYS:
-            assert f"eval/generation/{k}" in r, k
-        assert r["eval/generation/win_rate_ci_low"] <= r["eval/generation/win_rate"]
-        assert r["eval/generation/win_rate"] <= r["eval/generation/win_rate_ci_high"]
+    assert_generation_records(records)
     for r in records:
         lines = [json.loads(x) for x in (workdir / "generations" / f"step_{r['step']}.jsonl").read_text().splitlines()]
         assert len(lines) == 8 and all(x["step"] == r["step"] for x in lines)
