@@ -23,8 +23,8 @@ def get_config():
     c.model.path = LOCAL if os.path.isdir(LOCAL) else "HuggingFaceTB/SmolLM2-135M-Instruct"
     c.model.dtype = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
     # Each layer's activations recomputed in the backward pass: on real lengths (512-token pairs, batch 4) the step's
-    # temporaries fall from 8.6 to 1.3 GiB and, with packing, the run's peak to 4.7-4.8 GiB (padded without remat: 10.7
-    # GiB) at 0.98-1.10x its real tokens/s (docs/benchmarks.md, "Real data in memory"). With remat the layer scan is not
+    # temporaries fall from 8.6 to about 1.1 GiB and, with packing, the run's peak to 4.6-5.1 GiB (padded without remat:
+    # 10.8 GiB) at 1.18x its real tokens/s (docs/benchmarks.md, "Real data in memory"). With remat the layer scan is not
     # unrolled (rpo_jax.models.model: unrolled copies of a rematerialised layer keep their activations).
     c.model.remat = "full"
     c.data.train = "data/train.jsonl"

@@ -41,9 +41,11 @@ or to ``row_multiple · ⌈B_m·K / row_multiple⌉`` (the padded sequence count
 micro-batch) when that is smaller.
 
 Row shape. A fixed ``row_length`` gives T. With ``row_length = 0`` T is chosen per batch among the batch's own
-padded length T_pad and the values of ``128 · {1, 2, 3, 4, 6, 8, 12, ...}`` between its longest sequence and
-T_pad: the T whose layout costs least, ``R·T·(1 + key_cost·T)`` — slots, each attending to T keys (ties: the
-shorter rows).
+padded length T_pad, the values of ``128 · {1, 2, 3, 4, 6, 8, 12, ...}`` from its longest sequence up to
+T_max = max(T_pad, ``max_row_length``), and T_max (rows longer than the batch's sequences hold more of its
+examples whole, e.g. a pair of 500-token sequences sharing a 200-token prompt in one row of 1,024 rather than
+two of 512): the T whose layout costs least, ``R·T·(1 + key_cost·T)`` — slots, each attending to T keys (ties:
+the shorter rows).
 Since T = T_pad is a candidate and R ≤ B·K there (M = 1), the chosen rows never cost more than the padded
 batch's B·K rows of T_pad. Memory: with ``max_slots`` > 0 a row length whose rows take more than that many slots
 (R·T per micro-batch: a step's activations and logits grow with its slots) is passed over while another fits
@@ -74,7 +76,9 @@ class Packing:
 
     Attributes:
       row_length: T, slots per row (at least the longest ``prompt + response``); 0: chosen per batch (module
-        docstring, "Row shape"), at most the batch's own padded length.
+        docstring, "Row shape"), at most the larger of the batch's own padded length and ``max_row_length``.
+      max_row_length: with ``row_length`` 0, the longest rows a batch may take beyond its own padded length (the
+        trainer: the mode's longest sequence, e.g. ``data.max_length``); 0: the batch's padded length.
       share_prompt: one copy of an example's prompt before its responses (``parent_ids``).
       row_multiple: R is a multiple of this (the batch shards one process feeds: data × fsdp / processes).
       min_saving: keep a batch padded (return it unchanged) unless its packed rows save at least this fraction of
@@ -95,6 +99,7 @@ class Packing:
 
     row_length: int
     share_prompt: bool = False
+    max_row_length: int = 0
     row_multiple: int = 1
     min_saving: float = 0.0
     key_cost: float = 0.0
@@ -105,6 +110,8 @@ class Packing:
     def __post_init__(self):
         if self.row_length != 0 and self.row_length < 2:
             raise ValueError(f"packing row_length must be 0 (the batch's length) or >= 2, got {self.row_length}")
+        if self.max_row_length < 0:
+            raise ValueError(f"packing max_row_length must be >= 0 (0: the batch's length), got {self.max_row_length}")
         if self.row_multiple < 1:
             raise ValueError(f"packing row_multiple must be >= 1, got {self.row_multiple}")
         if not 0.0 <= self.min_saving < 1.0:
@@ -241,15 +248,16 @@ def padded_row_count(used: int, multiple: int, cap: int | None = None) -> int:
 ROW_LENGTH_STEP = 128  # automatic row lengths are ROW_LENGTH_STEP · {1, 2, 3, 4, 6, 8, 12, ...} (or T_pad)
 
 
-def candidate_row_lengths(longest: int, padded_length: int) -> list[int]:
-    """Row lengths tried when ``Packing.row_length`` is 0: ``128·m`` (m on the ladder) in [longest, T_pad), and
-    T_pad itself."""
-    out, value = [], ROW_LENGTH_STEP
-    while value < padded_length:
+def candidate_row_lengths(longest: int, padded_length: int, max_row_length: int = 0) -> list[int]:
+    """Row lengths tried when ``Packing.row_length`` is 0, ascending: ``128·m`` (m on the ladder) in [longest,
+    T_max) with T_max = max(T_pad, ``max_row_length``), T_pad itself and T_max."""
+    longest_row = max(padded_length, max_row_length)
+    out, value = {padded_length, longest_row}, ROW_LENGTH_STEP
+    while value < longest_row:
         if value >= longest:
-            out.append(value)
+            out.add(value)
         value = ladder_value(value + 1, ROW_LENGTH_STEP)
-    return out + [padded_length]
+    return sorted(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +291,8 @@ def choose_layout(groups: Sequence[Examples], packing: Packing, padded_length: i
     if packing.row_length:
         return layout_at(groups, packing, packing.row_length, row_cap)
     longest = max((len(p.tokens) for examples in groups for _, pieces, _ in examples for p in pieces), default=0)
-    layouts = [layout_at(groups, packing, t, row_cap) for t in candidate_row_lengths(longest, padded_length)]
+    lengths = candidate_row_lengths(longest, padded_length, packing.max_row_length)
+    layouts = [layout_at(groups, packing, t, row_cap) for t in lengths]
     if packing.max_slots:
         fitting = [lay for lay in layouts if lay.rows * lay.row_length <= packing.max_slots]
         layouts = fitting or [min(layouts, key=lambda lay: (lay.rows * lay.row_length, lay.row_length))]
@@ -320,7 +329,7 @@ def shape_ladder(
     if packing.row_length:
         lengths = {packing.row_length}
     else:
-        lengths = {t for b in buckets for t in candidate_row_lengths(0, max(int(b), 2))}
+        lengths = {t for b in buckets for t in candidate_row_lengths(0, max(int(b), 2), packing.max_row_length)}
     return sorted((micro_batches * r, t) for t in lengths for r in row_counts(packing.row_multiple, cap))
 
 

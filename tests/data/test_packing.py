@@ -179,6 +179,11 @@ def test_candidate_row_lengths():
     assert candidate_row_lengths(1025, 2048) == [1536, 2048]
     assert candidate_row_lengths(10, 200) == [128, 200] and candidate_row_lengths(90, 100) == [100]
     assert candidate_row_lengths(0, 128) == [128]
+    # rows up to max_row_length past the batch's own T_pad, which stays a candidate
+    assert candidate_row_lengths(300, 512, 1024) == [384, 512, 768, 1024]
+    assert candidate_row_lengths(10, 200, 1024) == [128, 200, 256, 384, 512, 768, 1024]
+    assert candidate_row_lengths(10, 200, 1000) == [128, 200, 256, 384, 512, 768, 1000]
+    assert candidate_row_lengths(300, 512, 300) == candidate_row_lengths(300, 512)  # below T_pad: T_pad's
 
 
 def long_batch(lengths, prompt=50):
@@ -214,6 +219,28 @@ def test_automatic_row_length_takes_the_fewest_slots():
         assert pack_batch(batch, Packing(0, share_prompt=True, key_cost=key_cost))["tokens"].shape == shape
 
 
+def test_rows_may_be_longer_than_the_batch_up_to_max_row_length():
+    """The worked example above (T_pad 512) with `max_row_length` 1024 (candidates 384, 512, 768, 1024). Shared
+    prompt: the units 500 and 250 take one row of 768 (750 tokens) = 768 slots, fewer than 2 × 512 = 1024. Plain:
+    example 0's two sequences (300 + 250 = 550) are one unit once a row holds them, example 1's (200 + 100) another;
+    at 1024 both share one row = 1024 slots, fewer than 3 × 384 = 1152 (at 768: 550 + 300 > 768, two rows). With
+    c = 1/640, one row of 1024 costs 1024·(1 + 1024/640) = 2662.4 and three of 384 1152·1.6 = 1843.2 (two of 512
+    1536·1.8, two of 768 1536·2.2): 3 × 384 again. A limit below T_pad changes nothing; every token is in a row."""
+    batch = long_batch([[300, 250], [200, 100]])
+    shared = pack_batch(batch, Packing(0, share_prompt=True, max_row_length=1024))
+    assert shared["tokens"].shape == (1, 768) and fill_ratio(shared) == 750 / 768
+    plain = pack_batch(batch, Packing(0, max_row_length=1024))
+    assert plain["tokens"].shape == (1, 1024) and fill_ratio(plain) == 850 / 1024
+    assert np.array_equal(
+        np.sort(plain["tokens"][plain["attention_mask"]]), np.sort(batch["tokens"][batch["attention_mask"]])
+    )
+    assert pack_batch(batch, Packing(0, max_row_length=1024, key_cost=1 / 640))["tokens"].shape == (3, 384)
+    assert pack_batch(batch, Packing(0, max_row_length=300))["tokens"].shape == (3, 384)
+    assert pack_batch(batch, Packing(512, max_row_length=1024))["tokens"].shape == (3, 512)  # a fixed length is kept
+    with pytest.raises(ValueError, match="max_row_length"):
+        Packing(0, max_row_length=-1)
+
+
 def test_max_slots_limits_the_rows_chosen():
     """The worked example above (shared prompt: 2 rows of 512 = 1024 slots, or 3 of 384 = 1152): a limit of 1100
     slots leaves 512 in; a limit of 1000 fits neither, so the layout of fewest slots is kept (2 × 512); without a
@@ -233,13 +260,21 @@ def test_max_slots_limits_the_rows_chosen():
 def test_every_packed_shape_is_on_the_ladder_and_the_ladder_is_bounded():
     """Random batches (B = 8 examples, the last one padding, of up to K = 4 responses, buckets 8 / 16 / 32) packed
     with every setting give only shapes of `shape_ladder`, whose size is (row lengths) × (row counts): the 3
-    buckets × the counts 1, 2, 3, 4, 6, 8, 12, 16, 24, 32 (the cap: B·K) — 30 at most, however many batches."""
+    buckets (and 64 with `max_row_length` 64) × the counts 1, 2, 3, 4, 6, 8, 12, 16, 24, 32 (the cap: B·K) — 40 at
+    most, however many batches."""
     assert row_counts(1, 24) == [1, 2, 3, 4, 6, 8, 12, 16, 24] and row_counts(4, 24) == [4, 8, 12, 16, 24]
     assert row_counts(2, 10) == [2, 4, 6, 8, 10]
-    for packing, micro in ((Packing(0), 1), (Packing(0, share_prompt=True), 1), (Packing(32), 1), (Packing(0), 2)):
+    settings = (
+        (Packing(0), 1),
+        (Packing(0, share_prompt=True), 1),
+        (Packing(32), 1),
+        (Packing(0), 2),
+        (Packing(0, share_prompt=True, max_row_length=64), 1),
+    )
+    for packing, micro in settings:
         ladder = shape_ladder(8, 4, (8, 16, 32), packing, micro_batches=micro)
         lengths = {t for _, t in ladder}
-        assert len(ladder) == len(lengths) * len(row_counts(1, 32 // micro)) <= 30
+        assert len(ladder) == len(lengths) * len(row_counts(1, 32 // micro)) <= 40
         for seed in range(20):
             batch = random_batch(seed, ks=tuple(int(k) for k in np.random.default_rng(seed).integers(1, 5, 7)))
             assert batch["valid"].shape[0] == 8
@@ -247,6 +282,10 @@ def test_every_packed_shape_is_on_the_ladder_and_the_ladder_is_bounded():
             assert tuple(packed["tokens"].shape) in ladder
     assert shape_ladder(16, 2, (256, 512, 1024), Packing(0)) == sorted(
         (r, t) for t in (128, 256, 384, 512, 768, 1024) for r in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    )
+    # rows up to max_row_length: the row lengths of the largest bucket, whatever the data's buckets
+    assert shape_ladder(16, 2, (256, 512), Packing(0, max_row_length=1024)) == shape_ladder(
+        16, 2, (256, 512, 1024), Packing(0)
     )
 
 

@@ -177,3 +177,44 @@ def test_an_online_fit_check_compiles_the_evaluations_sampler_when_it_samples_mo
             "fit check: compiling the update step for (8, 2, 52) tokens and the sampler for (16, 32)"
         )
         assert compiled in line, line  # 16 evaluation rows: the iteration's sampler program covers them
+
+
+def test_the_fit_check_compiles_the_train_programs_of_the_first_steps(tmp_path, caplog):
+    """Packed batches of several shapes (`data.packing=True`, rows chosen per batch): the fit check compiles the
+    train step once for each distinct input of the run's steps — the shapes `train_batch` gives each batch of the
+    run's iterator, in order of first use; not the split's largest batch, since the run is shorter than
+    `FIT_LOOKAHEAD_STEPS` — and the steps then run without a single backend compilation."""
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    from rpo_jax.train.jobs import preference
+
+    from .trainer_testlib import tiny_config
+
+    cfg = tiny_config(tmp_path / "data", **{"data.packing": True, "train.steps": 6})
+    run = preference.build_run(cfg, tmp_path / "run")
+    train_step, eval_step = preference.run_steps(run)
+    with caplog.at_level("INFO"):
+        preference.check_memory(run, (train_step, eval_step))
+    preference.fill_reference_cache(run)
+    iterator = preference.train_iterator(run)
+    batches = [preference.train_batch(run, next(iterator)) for _ in range(cfg.train.steps)]
+    shapes = list(dict.fromkeys(tuple(b["tokens"].shape) for b in batches))
+    assert len(shapes) >= 2 and all(len(s) == 2 for s in shapes), shapes  # packed rows of several shapes
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fit check: compiling"))
+    expected = f"the train step for {', '.join(map(str, shapes))} tokens and the eval step for ("
+    assert expected in line and line.endswith("(the train batches of the first 6 steps, the largest eval batch)")
+    compiles = []
+
+    def count(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        state = run.state
+        for batch in batches:
+            state, _ = train_step(state, batch, preference.step_reference_params(run))
+        jax.block_until_ready(state)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == []

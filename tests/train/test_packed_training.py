@@ -345,16 +345,19 @@ def test_packing_settings():
 
 
 def test_auto_packing_is_the_default():
-    """The default config packs ("auto": batches that save ≥ 5 % of their cost) and shares prompts; with the model's
-    config the costs are its FLOPs' (`attention_key_cost`, and `head_share` where the scored-slot head runs)."""
+    """The default config packs ("auto": batches that save ≥ 5 % of their cost) and shares prompts, rows up to the
+    mode's longest sequence (`row_length`); with the model's config the costs are its FLOPs' (`attention_key_cost`,
+    and `head_share` where the scored-slot head runs)."""
     cfg = base_config()
     assert (cfg.data.packing, cfg.data.share_prompt, cfg.data.pack_length) == ("auto", "auto", 0)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    assert packing_of(cfg, mesh, row_length=512) == Packing(0, share_prompt=True, min_saving=AUTO_MIN_SAVING)
+    auto = Packing(0, share_prompt=True, max_row_length=512, min_saving=AUTO_MIN_SAVING)
+    assert packing_of(cfg, mesh, row_length=512) == auto
     costed = packing_of(cfg, mesh, row_length=512, model_config=LLAMA, num_references=1, score_window=8)
     assert costed == Packing(
         0,
         share_prompt=True,
+        max_row_length=512,
         min_saving=AUTO_MIN_SAVING,
         key_cost=attention_key_cost(LLAMA, num_references=1),
         head_cost=head_share(LLAMA),
@@ -363,9 +366,9 @@ def test_auto_packing_is_the_default():
     small_head = dataclasses.replace(LLAMA, vocab_size=4)
     assert packing_of(cfg, mesh, row_length=512, model_config=small_head).head_cost == 0.0
     cfg.data.packing = True
-    assert packing_of(cfg, mesh, row_length=512) == Packing(0, share_prompt=True)
+    assert packing_of(cfg, mesh, row_length=512) == Packing(0, share_prompt=True, max_row_length=512)
     cfg.data.packing, cfg.data.share_prompt = "auto", False
-    assert packing_of(cfg, mesh, row_length=512) == Packing(0, min_saving=AUTO_MIN_SAVING)
+    assert packing_of(cfg, mesh, row_length=512) == Packing(0, max_row_length=512, min_saving=AUTO_MIN_SAVING)
     cfg.data.packing = "false"  # as the command line gives it
     assert packing_of(cfg, mesh, row_length=512) is None
 

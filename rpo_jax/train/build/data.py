@@ -189,7 +189,8 @@ def preference_direction(
 def largest_batch(dataset, size: int) -> dict:
     """The batch of `dataset`'s `size` examples with the most tokens (padding examples when it has fewer): the
     longest length bucket and the most packed rows — the largest batch of a run, which the fit check before step 1
-    compiles (`rpo_jax.train.build.fit`). Every process picks the same examples."""
+    compiles (`rpo_jax.train.build.fit`; for a preference run's train split only when the run is longer than the
+    steps whose batches it compiles). Every process picks the same examples."""
     tokens = [sum(len(s) for s in example.sequences) for example in dataset.examples]
     positions = sorted(range(len(tokens)), key=lambda i: -tokens[i])[:size]
     return dataset.collate(positions + [None] * (size - len(positions)))

@@ -307,16 +307,21 @@ def local_devices(mesh) -> list[jax.Device]:
     return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
 
 
-def check_programs_fit(programs: Sequence[tuple], cfg, devices: Sequence[jax.Device]):
+def check_programs_fit(
+    programs: Sequence[tuple], cfg, devices: Sequence[jax.Device], batches: str = "the largest batches"
+):
     """Compile each `(name, program, args, resident)` — a jitted step (`rpo_jax.train.step.steps.WithFrozen`) with
-    the run's largest arguments, already allocated (`args[1]` its batch, or a sampler's prompt tokens; logged),
-    and the bytes the run holds outside them meanwhile — and `check_fit` the run against
-    `cfg.train.memory_budget` on `devices` (this process's); returns (the `ProgramMemory`s, need, budget,
-    `Capacity`). Each compiled executable stays in its program's cache: a later call with the same shapes does
-    not compile again."""
+    arguments the run will call it with, already allocated (`args[1]` its batch, or a sampler's prompt tokens;
+    logged, with `batches` saying which they are), and the bytes the run holds outside them meanwhile — and
+    `check_fit` the run against `cfg.train.memory_budget` on `devices` (this process's); returns (the
+    `ProgramMemory`s, need, budget, `Capacity`). Each compiled executable stays in its program's cache: a later
+    call with the same shapes does not compile again."""
     shape = lambda batch: (batch["tokens"] if isinstance(batch, dict) else batch).shape  # noqa: E731
-    what = " and ".join(f"the {name} for {shape(args[1])} tokens" for name, _, args, _ in programs)
-    log.info("fit check: compiling %s (the largest batches)", what)
+    shapes: dict[str, list] = {}
+    for name, _, args, _ in programs:
+        shapes.setdefault(name, []).append(str(shape(args[1])))
+    what = " and ".join(f"the {name} for {', '.join(each)} tokens" for name, each in shapes.items())
+    log.info("fit check: compiling %s (%s)", what, batches)
     memories = [
         program_memory(name, program.lower(*args).compile(), resident=resident)
         for name, program, args, resident in programs

@@ -417,6 +417,32 @@ def restore_position(run: PreferenceRun, iterator, data_state, step: int) -> Non
     iterator.set_state(data_state)
 
 
+def train_iterator(run: PreferenceRun):
+    """The run's resumable iterator of this process's host batches of the train split, from the start."""
+    cfg = run.config
+    per_process, rows = local_batch_size(cfg.data.batch_size, run.mesh), process_rows(run.mesh)
+    return make_train_iterator(
+        run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle, **rows.iterator_args()
+    )
+
+
+def distinct_inputs(batches) -> list[dict[str, jax.Array]]:
+    """One of each distinct step input among `batches` (its arrays' names, shapes and dtypes: one compiled program
+    each), in order of first appearance."""
+    inputs = {}
+    for batch in batches:
+        inputs.setdefault(tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())), batch)
+    return list(inputs.values())
+
+
+def first_step_batches(run: PreferenceRun, probe: PreferenceRun, steps: int):
+    """The train step's inputs of the run's first `steps` batches, one at a time (`train_batch` of `probe`, whose
+    reference cache may be zeros of its shape)."""
+    iterator = train_iterator(run)
+    for _ in range(steps):
+        yield train_batch(probe, next(iterator))
+
+
 def run_steps(run: PreferenceRun) -> tuple[WithFrozen, WithFrozen]:
     """(train step, eval step) of `run` from the one program builder (`jitted_steps`): its in-step references'
     graphdefs, score window and reference sync — the programs `rpo-train`, the benchmarks and the tests run."""
@@ -433,10 +459,8 @@ def preference_task(
     (`steps`: `run_steps(run)`, made here when not given; `generation_eval`: a
     `rpo_jax.train.jobs.generation_eval.TrainingEval`, run every `config.eval.generation.every` steps)."""
     cfg = run.config
-    per_process, rows = local_batch_size(cfg.data.batch_size, run.mesh), process_rows(run.mesh)
-    iterator = make_train_iterator(
-        run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle, **rows.iterator_args()
-    )
+    rows = process_rows(run.mesh)
+    iterator = train_iterator(run)
     train_step, eval_step = steps or run_steps(run)
     if run.packing is not None:
         log.info("packing (config.data.packing): %s", packing_summary(run.packing))
@@ -568,11 +592,17 @@ def lighter_run(run: PreferenceRun, settings: Mapping[str, Any]) -> PreferenceRu
     return dataclasses.replace(lighter_setup(run, settings), references=references)
 
 
+FIT_LOOKAHEAD_STEPS = 64  # the fit check compiles the train step for each distinct input of this many first steps
+
+
 def check_memory(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]) -> None:
-    """The fit check before step 1 (`rpo_jax.train.build.fit`): the train step compiled for the run's largest
-    batch and the eval step for the eval split's (`largest_batch`; cached reference log-probs as zeros of their
-    shape) against `train.memory_budget`. A run that does not fit stops here (`DoesNotFit`), before the cache
-    fill or anything else is written."""
+    """The fit check before step 1 (`rpo_jax.train.build.fit`) against `train.memory_budget`: the train step
+    compiled for each distinct input of the run's first `FIT_LOOKAHEAD_STEPS` steps (`first_step_batches`, from
+    the run's start also when it resumes: the programs those steps run — packed or padded, each row shape — and
+    then call without compiling), for the
+    split's largest batch too when the run is longer (`largest_batch`: the bound for the steps after), and the
+    eval step for the eval split's largest batch (cached reference log-probs as zeros of their shape). A run that
+    does not fit stops here (`DoesNotFit`), before the cache fill or anything else is written."""
     cfg = run.config
     if memory_budget_bytes(cfg.train.memory_budget, 1) is None:
         return
@@ -590,10 +620,15 @@ def check_memory(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]) -> No
         }
         probe = dataclasses.replace(run, ref_cache={s: np.zeros(shape, np.float32) for s, shape in shapes.items()})
         held = sum(device_bytes(r.params) for r in run.references if r.params is not None)
-    programs = [
-        ("train step", train_step, (run.state, train_batch(probe, largest["train"]), step_reference_params(run)), held)
-    ]
+    units = cfg.train.steps * max(1, cfg.train.iterations)
+    inputs = distinct_inputs(first_step_batches(run, probe, min(units, FIT_LOOKAHEAD_STEPS)))
+    if units > FIT_LOOKAHEAD_STEPS:
+        inputs = distinct_inputs([*inputs, train_batch(probe, largest["train"])])
+    programs = [("train step", train_step, (run.state, x, step_reference_params(run)), held) for x in inputs]
     if "eval" in largest:
         eval_args = eval_arguments(run, run.state, device_batch(probe, largest["eval"], "eval"))
         programs.append(("eval step", eval_step, eval_args, held))
-    log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh)))
+    batches = f"the train batches of the first {min(units, FIT_LOOKAHEAD_STEPS)} steps"
+    batches += ", the largest train batch" if units > FIT_LOOKAHEAD_STEPS else ""
+    batches += ", the largest eval batch" if "eval" in largest else ""
+    log_fit(log, *check_programs_fit(programs, cfg, local_devices(run.mesh), batches))

@@ -58,9 +58,10 @@ def packing_of(
     `AUTO_MIN_SAVING` of its cost, except on a CPU mesh of several devices, where it is off (logged: XLA:CPU's
     in-process collective-permute in the packed step was seen to deadlock there); False: never. `share_prompt`
     True or "auto" shares prompts in packed rows ("auto" turns it off for a reference with its own tokenizer:
-    `packing_with_references`). Rows are sized per batch (`rpo_jax.data.packing.choose_layout`) unless
-    `config.data.pack_length` > 0 fixes them, to at least
-    `row_length`, the mode's longest sequence (preference: data.max_length; online: prompt width + new tokens);
+    `packing_with_references`). Rows are sized per batch (`rpo_jax.data.packing.choose_layout`), at most
+    `row_length` (`Packing.max_row_length`) — the mode's longest sequence (preference: data.max_length; online:
+    prompt width + new tokens) — or the batch's padded length, unless `config.data.pack_length` > 0 fixes them
+    (to at least `row_length`);
     `model_config` (a `ModelConfig`; None: slots alone) and the `num_references` scored in the step give the costs
     `rpo_jax.data.packing.batch_cost` weighs in "auto"'s comparison: `performance.attention_key_cost` (longer rows'
     attention) and, where the packed step unembeds only the scored slots (`unembeds_scored_slots`; not on a
@@ -86,6 +87,7 @@ def packing_of(
     return Packing(
         row_length=length,
         share_prompt=bool(share),
+        max_row_length=row_length,
         row_multiple=max(1, shards // process_rows(mesh).count),
         min_saving=AUTO_MIN_SAVING if mode == "auto" else 0.0,
         key_cost=0.0 if model_config is None else attention_key_cost(model_config, num_references=num_references),
@@ -97,7 +99,11 @@ def packing_of(
 def packing_summary(packing: Packing) -> str:
     """One line for the run's log: the row length, shared prompts, when a batch is packed, and where the packed
     step runs the output head."""
-    rows = f"{packing.row_length} slots" if packing.row_length else "a length chosen per batch"
+    rows = (
+        f"{packing.row_length} slots"
+        if packing.row_length
+        else f"a length chosen per batch (at most {packing.max_row_length} slots or the batch's padded length)"
+    )
     when = (
         f"batches packed when that saves ≥ {packing.min_saving:.0%} of their cost (slots, attention and the output "
         "head's positions)"
