@@ -186,6 +186,7 @@ def test_the_fit_check_compiles_the_train_programs_of_the_first_steps(tmp_path, 
     `FIT_LOOKAHEAD_STEPS` — and the steps then run without a single backend compilation."""
     from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
+    from rpo_jax.train.build.data import train_iterator
     from rpo_jax.train.jobs import preference
 
     from .trainer_testlib import tiny_config
@@ -196,7 +197,7 @@ def test_the_fit_check_compiles_the_train_programs_of_the_first_steps(tmp_path, 
     with caplog.at_level("INFO"):
         preference.check_memory(run, (train_step, eval_step))
     preference.fill_reference_cache(run)
-    iterator = preference.train_iterator(run)
+    iterator = train_iterator(run.datasets["train"], cfg, run.mesh)
     batches = [preference.train_batch(run, next(iterator)) for _ in range(cfg.train.steps)]
     shapes = list(dict.fromkeys(tuple(b["tokens"].shape) for b in batches))
     assert len(shapes) >= 2 and all(len(s) == 2 for s in shapes), shapes  # packed rows of several shapes

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
@@ -18,6 +19,7 @@ from rpo_jax.data import (
     demo_paths,
     holdout_split,
     label_score_counts,
+    make_train_iterator,
     read_records,
     require_rewards,
     rewards_reach_loss,
@@ -25,7 +27,9 @@ from rpo_jax.data import (
     to_pairs,
     tokenize_records,
 )
+from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.values import parse_pairs
+from rpo_jax.train.runtime.global_batches import local_batch_size, process_rows
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +198,39 @@ def largest_batch(dataset, size: int) -> dict:
     tokens = [sum(len(s) for s in example.sequences) for example in dataset.examples]
     positions = sorted(range(len(tokens)), key=lambda i: -tokens[i])[:size]
     return dataset.collate(positions + [None] * (size - len(positions)))
+
+
+def train_iterator(dataset, cfg: ml_collections.ConfigDict, mesh):
+    """The run's resumable iterator of this process's host batches of `dataset` (the train split), from the start:
+    `config.data.batch_size` over the processes that feed distinct rows (`process_rows`), `config.seed`'s order."""
+    per_process, rows = local_batch_size(cfg.data.batch_size, mesh), process_rows(mesh)
+    return make_train_iterator(dataset, per_process, seed=cfg.seed, shuffle=cfg.data.shuffle, **rows.iterator_args())
+
+
+def distinct_inputs(batches: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One of each distinct step input among `batches` (its arrays' names, shapes and dtypes: one compiled program
+    each), in order of first appearance; the others are let go as they come."""
+    inputs = {}
+    for batch in batches:
+        inputs.setdefault(tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items())), batch)
+    return list(inputs.values())
+
+
+def epoch_steps(cfg, num_train: int) -> int:
+    """The run's optimizer steps (per iteration): `config.train.steps`, or with `config.train.epochs` > 0
+    ceil(epochs · ceil(N / data.batch_size)) for the N train examples (TRL's step count for `num_train_epochs`:
+    ceil(ceil(N / per-device batch) / accumulation))."""
+    epochs = float(cfg.train.epochs)
+    if epochs <= 0:
+        return int(cfg.train.steps)
+    return math.ceil(epochs * math.ceil(num_train / cfg.data.batch_size))
+
+
+def resolve_epochs(cfg: RunConfig, num_train: int) -> RunConfig:
+    """`cfg` with `config.train.steps` = `epoch_steps(cfg, num_train)` when `config.train.epochs` > 0 (logged; a
+    new frozen config), else `cfg` itself."""
+    if float(cfg.train.epochs) <= 0:
+        return cfg
+    steps = epoch_steps(cfg, num_train)
+    log.info("train.epochs=%g over %d examples: train.steps=%d", cfg.train.epochs, num_train, steps)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})

@@ -302,6 +302,10 @@ def fitting_run(run: Run, check: Callable[[Run], Any], lighten: Callable[[dict],
     )
 
 
+#: a preference run's fit check compiles the train step for each distinct input of this many first steps
+FIT_LOOKAHEAD_STEPS = 64
+
+
 def local_devices(mesh) -> list[jax.Device]:
     """This process's devices of `mesh` (the ones whose memory it can read)."""
     return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]

@@ -15,8 +15,8 @@ and a resume anywhere continues exactly.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -26,18 +26,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rpo_jax.data import TokenizedDataset, make_train_iterator, storage
+from rpo_jax.data import TokenizedDataset, storage
 from rpo_jax.data.packing import Packing, is_packed, real_tokens, scored_tokens
 from rpo_jax.train.build.data import (
+    distinct_inputs,
     largest_batch,
     load_records,
     load_tokenizer,
     preference_direction,
+    resolve_epochs,
     tokenize_splits,
     tokenizer_path,
+    train_iterator,
 )
 from rpo_jax.train.build.fingerprints import dataset_fingerprint
-from rpo_jax.train.build.fit import check_programs_fit, fitting_run, local_devices, log_fit
+from rpo_jax.train.build.fit import FIT_LOOKAHEAD_STEPS, check_programs_fit, fitting_run, local_devices, log_fit
 from rpo_jax.train.build.loss_inputs import in_micro_batch_order, packing_for_loss, unpaired_datasets
 from rpo_jax.train.build.model import load_policy, with_speed_settings
 from rpo_jax.train.build.plans import device_bytes
@@ -54,7 +57,6 @@ from rpo_jax.train.build.programs import (
 )
 from rpo_jax.train.build.references import INITIAL_POLICY, Reference, build_references, cached_logps, compute_logps
 from rpo_jax.train.build.state import RunSetup, build_loss, build_setup, compute_dtype, lighter_setup, model_settings
-from rpo_jax.train.config.schema import RunConfig
 from rpo_jax.train.config.validation import validate
 from rpo_jax.train.config.values import PREFERENCE, memory_budget_bytes
 from rpo_jax.train.core.identity import run_identity
@@ -201,26 +203,6 @@ def hold_reference_in_state(run: PreferenceRun) -> None:
         primary = dataclasses.replace(primary, graphdef=run.graphdef, rest=None)
     run.state, run.state_shardings = state_with_reference(run.state, run.state_shardings, reference)
     run.references[0] = dataclasses.replace(primary, params=None)
-
-
-def epoch_steps(cfg, num_train: int) -> int:
-    """The run's optimizer steps (per iteration): `config.train.steps`, or with `config.train.epochs` > 0
-    ceil(epochs · ceil(N / data.batch_size)) for the N train examples (TRL's step count for `num_train_epochs`:
-    ceil(ceil(N / per-device batch) / accumulation))."""
-    epochs = float(cfg.train.epochs)
-    if epochs <= 0:
-        return int(cfg.train.steps)
-    return math.ceil(epochs * math.ceil(num_train / cfg.data.batch_size))
-
-
-def resolve_epochs(cfg: RunConfig, num_train: int) -> RunConfig:
-    """`cfg` with `config.train.steps` = `epoch_steps(cfg, num_train)` when `config.train.epochs` > 0 (logged; a
-    new frozen config), else `cfg` itself."""
-    if float(cfg.train.epochs) <= 0:
-        return cfg
-    steps = epoch_steps(cfg, num_train)
-    log.info("train.epochs=%g over %d examples: train.steps=%d", cfg.train.epochs, num_train, steps)
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -417,32 +399,6 @@ def restore_position(run: PreferenceRun, iterator, data_state, step: int) -> Non
     iterator.set_state(data_state)
 
 
-def train_iterator(run: PreferenceRun):
-    """The run's resumable iterator of this process's host batches of the train split, from the start."""
-    cfg = run.config
-    per_process, rows = local_batch_size(cfg.data.batch_size, run.mesh), process_rows(run.mesh)
-    return make_train_iterator(
-        run.datasets["train"], per_process, seed=cfg.seed, shuffle=cfg.data.shuffle, **rows.iterator_args()
-    )
-
-
-def distinct_inputs(batches) -> list[dict[str, jax.Array]]:
-    """One of each distinct step input among `batches` (its arrays' names, shapes and dtypes: one compiled program
-    each), in order of first appearance."""
-    inputs = {}
-    for batch in batches:
-        inputs.setdefault(tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())), batch)
-    return list(inputs.values())
-
-
-def first_step_batches(run: PreferenceRun, probe: PreferenceRun, steps: int):
-    """The train step's inputs of the run's first `steps` batches, one at a time (`train_batch` of `probe`, whose
-    reference cache may be zeros of its shape)."""
-    iterator = train_iterator(run)
-    for _ in range(steps):
-        yield train_batch(probe, next(iterator))
-
-
 def run_steps(run: PreferenceRun) -> tuple[WithFrozen, WithFrozen]:
     """(train step, eval step) of `run` from the one program builder (`jitted_steps`): its in-step references'
     graphdefs, score window and reference sync — the programs `rpo-train`, the benchmarks and the tests run."""
@@ -460,7 +416,7 @@ def preference_task(
     `rpo_jax.train.jobs.generation_eval.TrainingEval`, run every `config.eval.generation.every` steps)."""
     cfg = run.config
     rows = process_rows(run.mesh)
-    iterator = train_iterator(run)
+    iterator = train_iterator(run.datasets["train"], cfg, run.mesh)
     train_step, eval_step = steps or run_steps(run)
     if run.packing is not None:
         log.info("packing (config.data.packing): %s", packing_summary(run.packing))
@@ -592,14 +548,11 @@ def lighter_run(run: PreferenceRun, settings: Mapping[str, Any]) -> PreferenceRu
     return dataclasses.replace(lighter_setup(run, settings), references=references)
 
 
-FIT_LOOKAHEAD_STEPS = 64  # the fit check compiles the train step for each distinct input of this many first steps
-
-
 def check_memory(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]) -> None:
     """The fit check before step 1 (`rpo_jax.train.build.fit`) against `train.memory_budget`: the train step
-    compiled for each distinct input of the run's first `FIT_LOOKAHEAD_STEPS` steps (`first_step_batches`, from
-    the run's start also when it resumes: the programs those steps run — packed or padded, each row shape — and
-    then call without compiling), for the
+    compiled for each distinct input of the run's first `FIT_LOOKAHEAD_STEPS` steps (from the run's start, also
+    when it resumes: the programs those steps run — packed or padded, each row shape — and then call without
+    compiling), for the
     split's largest batch too when the run is longer (`largest_batch`: the bound for the steps after), and the
     eval step for the eval split's largest batch (cached reference log-probs as zeros of their shape). A run that
     does not fit stops here (`DoesNotFit`), before the cache fill or anything else is written."""
@@ -621,7 +574,8 @@ def check_memory(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]) -> No
         probe = dataclasses.replace(run, ref_cache={s: np.zeros(shape, np.float32) for s, shape in shapes.items()})
         held = sum(device_bytes(r.params) for r in run.references if r.params is not None)
     units = cfg.train.steps * max(1, cfg.train.iterations)
-    inputs = distinct_inputs(first_step_batches(run, probe, min(units, FIT_LOOKAHEAD_STEPS)))
+    first = itertools.islice(train_iterator(run.datasets["train"], cfg, run.mesh), min(units, FIT_LOOKAHEAD_STEPS))
+    inputs = distinct_inputs(train_batch(probe, b) for b in first)
     if units > FIT_LOOKAHEAD_STEPS:
         inputs = distinct_inputs([*inputs, train_batch(probe, largest["train"])])
     programs = [("train step", train_step, (run.state, x, step_reference_params(run)), held) for x in inputs]
