@@ -200,7 +200,7 @@ def largest_batch(dataset, size: int) -> dict:
     return dataset.collate(positions + [None] * (size - len(positions)))
 
 
-def train_iterator(dataset, cfg: ml_collections.ConfigDict, mesh):
+def train_iterator(dataset: TokenizedDataset, cfg: RunConfig, mesh):
     """The run's resumable iterator of this process's host batches of `dataset` (the train split), from the start:
     `config.data.batch_size` over the processes that feed distinct rows (`process_rows`), `config.seed`'s order."""
     per_process, rows = local_batch_size(cfg.data.batch_size, mesh), process_rows(mesh)

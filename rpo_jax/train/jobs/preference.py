@@ -552,10 +552,10 @@ def check_memory(run: PreferenceRun, steps: tuple[WithFrozen, WithFrozen]) -> No
     """The fit check before step 1 (`rpo_jax.train.build.fit`) against `train.memory_budget`: the train step
     compiled for each distinct input of the run's first `FIT_LOOKAHEAD_STEPS` steps (from the run's start, also
     when it resumes: the programs those steps run — packed or padded, each row shape — and then call without
-    compiling), for the
-    split's largest batch too when the run is longer (`largest_batch`: the bound for the steps after), and the
-    eval step for the eval split's largest batch (cached reference log-probs as zeros of their shape). A run that
-    does not fit stops here (`DoesNotFit`), before the cache fill or anything else is written."""
+    compiling), for the split's largest batch too when the run is longer (`largest_batch`: the bound for the steps
+    after), and the eval step for the eval split's largest batch (cached reference log-probs as zeros of their
+    shape). A run that does not fit stops here (`DoesNotFit`), before the cache fill or anything else is
+    written."""
     cfg = run.config
     if memory_budget_bytes(cfg.train.memory_budget, 1) is None:
         return
