@@ -197,7 +197,7 @@ def test_the_fit_check_compiles_the_train_programs_of_the_first_steps(tmp_path, 
     with caplog.at_level("INFO"):
         preference.check_memory(run, (train_step, eval_step))
     preference.fill_reference_cache(run)
-    iterator = train_iterator(run.datasets["train"], cfg, run.mesh)
+    iterator = train_iterator(run.datasets["train"], run.config, run.mesh)
     batches = [preference.train_batch(run, next(iterator)) for _ in range(cfg.train.steps)]
     shapes = list(dict.fromkeys(tuple(b["tokens"].shape) for b in batches))
     assert len(shapes) >= 2 and all(len(s) == 2 for s in shapes), shapes  # packed rows of several shapes
