@@ -333,20 +333,13 @@ def step_arguments(run, batch: dict[str, np.ndarray]) -> tuple[dict, tuple]:
 
 
 def step_flops(run, inputs: dict) -> float:
-    """FLOPs of one train step on `inputs`, counted as the trainer counts them (`batch_flops` of the global
-    batch's shape, the in-step references, the score window of padded batches, the scored slots of packed ones
-    where the step unembeds those alone)."""
-    from rpo_jax.train.runtime.performance import batch_flops
+    """FLOPs of one train step on `inputs`, counted by the trainer's own `step_flops` (the global batch's shape,
+    the in-step references, the score window of padded batches, the scored slots of packed ones where the step
+    unembeds those alone)."""
+    from rpo_jax.data.packing import scored_tokens
+    from rpo_jax.train.jobs.preference import step_flops as trainer_step_flops
 
-    refs = len(run.references) if run.in_step_refs else 0
-    scored = "response_id" in inputs and run.packing is not None and run.packing.head_cost
-    return batch_flops(
-        run.model_config,
-        inputs["tokens"].shape,
-        num_references=refs,
-        score_window=run.score_window,
-        head_positions=int(np.sum(np.asarray(inputs["response_id"]) > 0)) if scored else None,
-    )
+    return trainer_step_flops(run, inputs, scored_tokens(inputs))
 
 
 def layout_text(inputs: dict) -> str:

@@ -399,6 +399,19 @@ def restore_position(run: PreferenceRun, iterator, data_state, step: int) -> Non
     iterator.set_state(data_state)
 
 
+def step_flops(run: PreferenceRun, inputs: Mapping[str, Any], scored: int) -> float:
+    """FLOPs of one train step on the global batch `inputs` whose losses score `scored` tokens (`batch_flops`):
+    its in-step references, the score window of padded batches, and for packed rows the output head on the
+    scored slots where the step unembeds those alone (`Packing.head_cost` > 0), on every slot otherwise."""
+    return batch_flops(
+        run.model_config,
+        inputs["tokens"].shape,
+        num_references=len(run.references) if run.in_step_refs else 0,
+        score_window=run.score_window,
+        head_positions=scored if is_packed(inputs) and run.packing.head_cost else None,
+    )
+
+
 def run_steps(run: PreferenceRun) -> tuple[WithFrozen, WithFrozen]:
     """(train step, eval step) of `run` from the one program builder (`jitted_steps`): its in-step references'
     graphdefs, score window and reference sync — the programs `rpo-train`, the benchmarks and the tests run."""
@@ -443,15 +456,8 @@ def preference_task(
                 reset_reference_to_policy(run, state["params"], step)
         batch = next(iterator)
         inputs = train_batch(run, batch)
-        # FLOPs of the whole step over all processes, from the global batch's shape (the same on every process);
-        # the head on the scored slots of packed rows where the step unembeds those alone (`Packing.head_cost`)
-        flops = batch_flops(
-            run.model_config,
-            inputs["tokens"].shape,
-            num_references=len(run.references) if run.in_step_refs else 0,
-            score_window=run.score_window,
-            head_positions=scored_tokens(batch) * rows.count if is_packed(inputs) and run.packing.head_cost else None,
-        )
+        # FLOPs of the whole step over all processes (the global batch's shape and scored slots)
+        flops = step_flops(run, inputs, scored_tokens(batch) * rows.count)
         tokens = float(real_tokens(batch)) * rows.count  # prompt + response tokens, whatever the layout
         heap.before_step(inputs["tokens"].shape)  # a larger batch's buffer goes not on top of freed ones
         state, metrics = train_step(state, inputs, step_reference_params(run))
